@@ -1,0 +1,537 @@
+#!/usr/bin/env python3
+"""harness on-device agent: time ONNX inference with onnxruntime and report raw samples as JSON.
+
+This file is shipped to the device and run there on its own. It depends on the Python
+standard library, numpy and onnxruntime only, and runs on Python 3.8+ (edge boards run old
+Pythons), so it must not import harness or devices.
+
+Three commands, each answering in JSON on stdout:
+
+    ort_agent.py measure --model PATH [--sha256 HEX] [--settings JSON]   one measurement
+    ort_agent.py fingerprint                                             what this device is
+    ort_agent.py worker                                                  persistent worker
+
+The worker reads one JSON request per line on stdin and answers one JSON object per line on
+stdout ({"op": "measure" | "fingerprint" | "ping" | "exit", "id": ..., ...}); it opens no
+socket and exits when stdin closes, so a dropped host connection leaves no process behind.
+
+Every failure is a JSON object too: {"error": {"kind": KIND, "message": TEXT}} with KIND one of
+TRANSFER, LOAD, RUNTIME, TIMEOUT, DEVICE_LOST, THERMAL, USER.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+
+AGENT_VERSION = "1.0"
+
+ERROR_KINDS = ("TRANSFER", "LOAD", "RUNTIME", "TIMEOUT", "DEVICE_LOST", "THERMAL", "USER")
+
+# Settings a request may carry, with their defaults. Timing defaults suit a NAS search:
+# one thread (stable, comparable across devices), enough runs for a sound median.
+DEFAULT_SETTINGS = {
+    "intra_op_threads": 1,
+    "inter_op_threads": 1,
+    "graph_optimization_level": "all",
+    "execution_mode": "sequential",
+    "provider": "CPUExecutionProvider",
+    "warmup_runs": 10,
+    "min_runs": 50,
+    "min_time_ms": 1000.0,
+    "max_time_ms": 20000.0,
+    "seed": 0,
+    "input_shapes": None,
+    "cpu_affinity": None,
+}
+
+OPT_LEVELS = ("disabled", "basic", "extended", "all")
+EXECUTION_MODES = ("sequential", "parallel")
+
+# onnxruntime type strings -> numpy dtype names.
+ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+
+
+class AgentError(Exception):
+    """A failure with a typed kind, reported as {"error": {"kind", "message"}}."""
+
+    def __init__(self, kind, message):
+        Exception.__init__(self, message)
+        assert kind in ERROR_KINDS, kind
+        self.kind = kind
+        self.message = message
+
+    def to_json(self):
+        return {"error": {"kind": self.kind, "message": self.message}}
+
+
+# ---------------------------------------------------------------- device facts
+
+def _read(path):
+    try:
+        with open(path) as handle:
+            return handle.read().strip().strip("\x00")
+    except (OSError, ValueError):
+        return None
+
+
+def _read_int(path):
+    text = _read(path)
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def cpu_model():
+    """The CPU's name from /proc/cpuinfo (x86 'model name', ARM 'Hardware'/'Model'/'CPU part')."""
+    info = _read("/proc/cpuinfo") or ""
+    fields = {}
+    parts = set()
+    for line in info.splitlines():
+        if ":" not in line:
+            continue
+        key, value = line.split(":", 1)
+        key, value = key.strip(), value.strip()
+        if key == "CPU part":
+            parts.add(value)
+        fields.setdefault(key, value)
+    for key in ("model name", "Hardware", "Model", "Processor", "cpu model"):
+        if fields.get(key):
+            return fields[key]
+    if parts:
+        return "ARM parts " + ",".join(sorted(parts))
+    return platform.processor() or platform.machine()
+
+
+def board_model():
+    """Board or machine model: device tree on ARM boards, DMI on x86, else None."""
+    model = _read("/proc/device-tree/model")
+    if model:
+        return model
+    vendor = _read("/sys/devices/virtual/dmi/id/sys_vendor")
+    product = _read("/sys/devices/virtual/dmi/id/product_name")
+    if product:
+        return (vendor + " " + product) if vendor else product
+    return None
+
+
+def cpu_frequencies():
+    """Per-core cpufreq facts where readable: governor and max/current frequency in kHz."""
+    cores = []
+    for path in sorted(glob.glob("/sys/devices/system/cpu/cpu[0-9]*"),
+                       key=lambda p: int(p.rsplit("cpu", 1)[1])):
+        cpu = int(path.rsplit("cpu", 1)[1])
+        cores.append({
+            "cpu": cpu,
+            "governor": _read(path + "/cpufreq/scaling_governor"),
+            "max_khz": _read_int(path + "/cpufreq/cpuinfo_max_freq"),
+            "cur_khz": _read_int(path + "/cpufreq/scaling_cur_freq"),
+        })
+    return cores
+
+
+def thermal_zones():
+    """Temperatures of every readable thermal zone, in degrees Celsius."""
+    zones = []
+    for path in sorted(glob.glob("/sys/class/thermal/thermal_zone*")):
+        temp = _read_int(path + "/temp")
+        if temp is None:
+            continue
+        zones.append({
+            "zone": os.path.basename(path),
+            "type": _read(path + "/type"),
+            "temp_c": temp / 1000.0 if abs(temp) > 200 else float(temp),
+        })
+    return zones
+
+
+def _package_version(name):
+    try:
+        module = __import__(name)
+        return getattr(module, "__version__", "unknown")
+    except Exception:  # a missing or broken package is a fact to report, not a crash
+        return None
+
+
+def fingerprint():
+    """What this device is (identity: stable, part of the cache key) and its state now."""
+    uname = platform.uname()
+    cores = cpu_frequencies()
+    ort_version = _package_version("onnxruntime")
+    providers = None
+    if ort_version is not None:
+        import onnxruntime
+        providers = list(onnxruntime.get_available_providers())
+    identity = {
+        "system": uname.system,
+        "machine": uname.machine,
+        "kernel": uname.release,
+        "board": board_model(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_max_khz": sorted(set(c["max_khz"] for c in cores if c["max_khz"])),
+        "python": platform.python_implementation() + " " + platform.python_version(),
+        "onnxruntime": ort_version,
+        "numpy": _package_version("numpy"),
+        "providers": providers,
+    }
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    state = {
+        "governors": sorted(set(c["governor"] for c in cores if c["governor"])),
+        "thermal": thermal_zones(),
+        "loadavg": load,
+        "affinity": _affinity(),
+    }
+    return {"identity": identity, "state": state, "agent_version": AGENT_VERSION}
+
+
+def _affinity():
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return None
+
+
+# ---------------------------------------------------------------- settings and inputs
+
+def parse_settings(raw):
+    """Merge a request's settings over the defaults; reject unknown keys and bad values."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise AgentError("USER", "settings must be a JSON object, got %r" % (raw,))
+    unknown = sorted(set(raw) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise AgentError("USER", "unknown settings %s; known: %s"
+                         % (", ".join(unknown), ", ".join(sorted(DEFAULT_SETTINGS))))
+    settings = dict(DEFAULT_SETTINGS)
+    settings.update(raw)
+    for key in ("intra_op_threads", "inter_op_threads", "warmup_runs", "min_runs", "seed"):
+        value = settings[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise AgentError("USER", "setting %s must be a whole number >= 0, got %r" % (key, value))
+    for key in ("min_time_ms", "max_time_ms"):
+        value = settings[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise AgentError("USER", "setting %s must be a number >= 0, got %r" % (key, value))
+    if settings["min_runs"] < 1:
+        raise AgentError("USER", "setting min_runs must be at least 1")
+    if settings["max_time_ms"] < settings["min_time_ms"]:
+        raise AgentError("USER", "max_time_ms (%s) is below min_time_ms (%s)"
+                         % (settings["max_time_ms"], settings["min_time_ms"]))
+    if settings["graph_optimization_level"] not in OPT_LEVELS:
+        raise AgentError("USER", "graph_optimization_level must be one of %s, got %r"
+                         % (", ".join(OPT_LEVELS), settings["graph_optimization_level"]))
+    if settings["execution_mode"] not in EXECUTION_MODES:
+        raise AgentError("USER", "execution_mode must be one of %s, got %r"
+                         % (", ".join(EXECUTION_MODES), settings["execution_mode"]))
+    shapes = settings["input_shapes"]
+    if shapes is not None:
+        if not isinstance(shapes, dict) or not all(
+                isinstance(dims, list) and all(isinstance(d, int) and d > 0 for d in dims)
+                for dims in shapes.values()):
+            raise AgentError("USER", "input_shapes must map input names to lists of positive "
+                             "whole numbers, got %r" % (shapes,))
+    cpus = settings["cpu_affinity"]
+    if cpus is not None and (not isinstance(cpus, list) or not cpus
+                             or not all(isinstance(c, int) and c >= 0 for c in cpus)):
+        raise AgentError("USER", "cpu_affinity must be a non-empty list of CPU numbers, got %r"
+                         % (cpus,))
+    return settings
+
+
+def resolve_shape(name, model_dims, given):
+    """The concrete shape of one input: the model's static dims, or the request's for symbolic ones."""
+    if given is None:
+        if any(not isinstance(d, int) or d <= 0 for d in model_dims):
+            raise AgentError("USER", "input %r has symbolic dims %r; pass its shape in settings "
+                             "input_shapes, e.g. {%r: [1, 3, 224, 224]}" % (name, model_dims, name))
+        return list(model_dims)
+    if len(given) != len(model_dims):
+        raise AgentError("USER", "input %r has rank %d in the model but input_shapes gives %r"
+                         % (name, len(model_dims), given))
+    for model_dim, dim in zip(model_dims, given):
+        if isinstance(model_dim, int) and model_dim > 0 and model_dim != dim:
+            raise AgentError("USER", "input %r has shape %r in the model but input_shapes gives %r"
+                             % (name, model_dims, given))
+    return list(given)
+
+
+def make_inputs(session, settings):
+    """Random inputs from a fixed seed for every graph input, shapes and dtypes from the model."""
+    import numpy
+
+    rng = numpy.random.RandomState(settings["seed"])
+    given = settings["input_shapes"] or {}
+    names = [i.name for i in session.get_inputs()]
+    stray = sorted(set(given) - set(names))
+    if stray:
+        raise AgentError("USER", "input_shapes names %s, but the model's inputs are %s"
+                         % (", ".join(stray), ", ".join(names)))
+    feeds = {}
+    described = []
+    for node in session.get_inputs():
+        dtype = ORT_DTYPES.get(node.type)
+        if dtype is None:
+            raise AgentError("USER", "input %r has type %s, which the agent cannot generate"
+                             % (node.name, node.type))
+        shape = resolve_shape(node.name, list(node.shape), given.get(node.name))
+        if dtype.startswith("float"):
+            value = rng.standard_normal(shape).astype(dtype)
+        elif dtype == "bool":
+            value = rng.random_sample(shape) < 0.5
+        else:
+            value = rng.randint(0, 2, size=shape).astype(dtype)
+        feeds[node.name] = value
+        described.append({"name": node.name, "shape": shape, "dtype": dtype})
+    return feeds, described
+
+
+# ---------------------------------------------------------------- measurement
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_model_file(path, sha256):
+    if not isinstance(path, str) or not path:
+        raise AgentError("USER", "request needs 'model': the path of an ONNX file on the device")
+    if not os.path.isfile(path):
+        raise AgentError("TRANSFER", "model file %s is not on the device; put it there again" % path)
+    if sha256 is not None:
+        actual = file_sha256(path)
+        if actual != sha256:
+            raise AgentError("TRANSFER", "model file %s has sha256 %s, expected %s: the copy on "
+                             "the device is damaged or stale; put it again" % (path, actual, sha256))
+
+
+def import_onnxruntime():
+    try:
+        import numpy  # noqa: F401  (onnxruntime needs it; say so if it is missing)
+        import onnxruntime
+    except ImportError as exc:
+        raise AgentError("LOAD", "cannot import %s on this device (%s, Python %s): install it with "
+                         "'%s -m pip install onnxruntime numpy'"
+                         % (getattr(exc, "name", None) or "onnxruntime", exc,
+                            platform.python_version(), sys.executable))
+    return onnxruntime
+
+
+def session_options(ort, settings):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings["intra_op_threads"]
+    options.inter_op_num_threads = settings["inter_op_threads"]
+    options.graph_optimization_level = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[settings["graph_optimization_level"]]
+    options.execution_mode = {
+        "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
+        "parallel": ort.ExecutionMode.ORT_PARALLEL,
+    }[settings["execution_mode"]]
+    options.log_severity_level = 3
+    return options
+
+
+def measure(model, sha256=None, settings=None):
+    """Load the model, run it once, warm up, then time runs until both min_runs and min_time_ms
+    are met or max_time_ms is reached. Returns the raw per-run times in milliseconds."""
+    settings = parse_settings(settings)
+    check_model_file(model, sha256)
+    ort = import_onnxruntime()
+    if settings["provider"] not in ort.get_available_providers():
+        raise AgentError("USER", "execution provider %s is not available here; available: %s"
+                         % (settings["provider"], ", ".join(ort.get_available_providers())))
+    controlled = {"intra_op_threads": settings["intra_op_threads"],
+                  "inter_op_threads": settings["inter_op_threads"]}
+    if settings["cpu_affinity"] is not None:
+        if not hasattr(os, "sched_setaffinity"):
+            raise AgentError("USER", "cpu_affinity is not supported on this system")
+        try:
+            os.sched_setaffinity(0, settings["cpu_affinity"])
+        except (OSError, ValueError) as exc:
+            raise AgentError("USER", "cannot pin to CPUs %r: %s" % (settings["cpu_affinity"], exc))
+    controlled["affinity"] = _affinity()
+    thermal_before = thermal_zones()
+
+    started = time.perf_counter()
+    try:
+        session = ort.InferenceSession(model, session_options(ort, settings),
+                                       providers=[settings["provider"]])
+    except Exception as exc:
+        raise AgentError("LOAD", "onnxruntime %s cannot load %s: %s"
+                         % (ort.__version__, model, _one_line(exc)))
+    load_ms = (time.perf_counter() - started) * 1e3
+
+    feeds, inputs = make_inputs(session, settings)
+    outputs = [o.name for o in session.get_outputs()]
+    clock = time.perf_counter
+    try:
+        started = clock()
+        session.run(outputs, feeds)
+        first_run_ms = (clock() - started) * 1e3
+        for _ in range(settings["warmup_runs"]):
+            session.run(outputs, feeds)
+        samples = []
+        min_runs = settings["min_runs"]
+        min_time = settings["min_time_ms"] / 1e3
+        max_time = settings["max_time_ms"] / 1e3
+        loop_start = clock()
+        while True:
+            started = clock()
+            session.run(outputs, feeds)
+            ended = clock()
+            samples.append(ended - started)
+            elapsed = ended - loop_start
+            if (len(samples) >= min_runs and elapsed >= min_time) or elapsed >= max_time:
+                break
+    except AgentError:
+        raise
+    except Exception as exc:
+        raise AgentError("RUNTIME", "inference failed: %s" % _one_line(exc))
+    return {
+        "agent_version": AGENT_VERSION,
+        "load_ms": load_ms,
+        "first_run_ms": first_run_ms,
+        "warmup_runs": settings["warmup_runs"],
+        "samples_ms": [round(s * 1e3, 6) for s in samples],
+        "loop_ms": elapsed * 1e3,
+        "capped": len(samples) < min_runs or elapsed < min_time,
+        "inputs": inputs,
+        "settings": settings,
+        "controlled": controlled,
+        "runtime": {"name": "onnxruntime", "version": ort.__version__,
+                    "provider": settings["provider"]},
+        "thermal_before": thermal_before,
+        "thermal_after": thermal_zones(),
+        "fingerprint": fingerprint(),
+    }
+
+
+def _one_line(exc):
+    text = " ".join(str(exc).split())
+    return text[:2000] or type(exc).__name__
+
+
+# ---------------------------------------------------------------- entry points
+
+def handle(request):
+    """Answer one worker request (a dict); failures come back as error objects."""
+    try:
+        if not isinstance(request, dict):
+            raise AgentError("USER", "a request must be a JSON object")
+        op = request.get("op")
+        if op == "measure":
+            result = measure(request.get("model"), request.get("sha256"), request.get("settings"))
+        elif op == "fingerprint":
+            result = fingerprint()
+        elif op == "ping":
+            result = {"pong": True, "agent_version": AGENT_VERSION, "pid": os.getpid()}
+        else:
+            raise AgentError("USER", "unknown op %r; ops: measure, fingerprint, ping, exit" % (op,))
+    except AgentError as exc:
+        result = exc.to_json()
+    except Exception as exc:  # an agent bug must still answer in JSON
+        result = AgentError("RUNTIME", "agent failure: %s: %s"
+                            % (type(exc).__name__, _one_line(exc))).to_json()
+    if isinstance(request, dict) and "id" in request:
+        result["id"] = request["id"]
+    return result
+
+
+def _private_stdout():
+    """Keep the real stdout for our JSON and send fd 1 to stderr, so stray prints from native
+    libraries cannot corrupt the protocol."""
+    sys.stdout.flush()
+    channel = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return channel
+
+
+def _emit(channel, obj):
+    channel.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    channel.flush()
+
+
+def serve(stdin, channel):
+    """Persistent worker: one JSON request per line in, one JSON answer per line out."""
+    _emit(channel, {"ready": True, "agent_version": AGENT_VERSION, "pid": os.getpid(),
+                    "python": platform.python_version()})
+    for line in stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            request = json.loads(line)
+        except ValueError as exc:
+            _emit(channel, AgentError("USER", "request is not JSON: %s" % exc).to_json())
+            continue
+        if isinstance(request, dict) and request.get("op") == "exit":
+            _emit(channel, {"bye": True, "id": request.get("id")})
+            return
+        _emit(channel, handle(request))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="ort_agent.py", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command")
+    one = commands.add_parser("measure", help="one measurement, one JSON object")
+    one.add_argument("--model", required=True)
+    one.add_argument("--sha256")
+    one.add_argument("--settings", default="{}", help="JSON object of settings")
+    commands.add_parser("fingerprint", help="print this device's fingerprint")
+    commands.add_parser("worker", help="serve JSON requests line by line on stdin/stdout")
+    commands.add_parser("version", help="print the agent version")
+    args = parser.parse_args(argv)
+    channel = _private_stdout()
+    if args.command == "worker":
+        serve(sys.stdin, channel)
+        return 0
+    if args.command == "fingerprint":
+        _emit(channel, handle({"op": "fingerprint"}))
+        return 0
+    if args.command == "version":
+        _emit(channel, {"agent_version": AGENT_VERSION, "python": platform.python_version()})
+        return 0
+    if args.command == "measure":
+        try:
+            settings = json.loads(args.settings)
+        except ValueError as exc:
+            _emit(channel, AgentError("USER", "--settings is not JSON: %s" % exc).to_json())
+            return 2
+        result = handle({"op": "measure", "model": args.model, "sha256": args.sha256,
+                         "settings": settings})
+        _emit(channel, result)
+        return 1 if "error" in result else 0
+    _emit(channel, AgentError("USER", "no command given; use measure, fingerprint or worker")
+          .to_json())
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The host side of our on-device agent: deploy it, talk to it, check what it says.
+
+`AgentClient` works over any Transport. It puts the agent on the device under a name made of
+its content hash (so it is sent again only when it changed), keeps one persistent worker per
+device for a session (Python start-up and the onnxruntime import are paid once), and turns
+every answer into either a validated dict or a typed DeviceError. A worker that dies is
+restarted and the job retried once; a timeout kills the worker on the device and is not
+retried, since it counts from the lease.
+"""
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import agents
+from agents.ort_agent import AGENT_VERSION
+from devices.errors import (AgentProtocolError, DeviceError, DeviceLost, MeasurementTimeout,
+                            TransferError, error_from_agent)
+from devices.transport import RemoteProcess, Transport
+
+log = logging.getLogger("harness")
+
+AGENT_SOURCE = Path(agents.__file__).with_name("ort_agent.py")
+ISOLATION_MODES = ("worker", "process")
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_ms(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)
+
+
+class AgentClient:
+    """Runs the agent on one device. `isolation="worker"` keeps one agent process open for the
+    session; `"process"` starts a fresh one per request, so a crash cannot affect the next."""
+
+    def __init__(self, transport: Transport, isolation: str = "worker"):
+        if isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
+        self.transport = transport
+        self.isolation = isolation
+        self.agent_version = AGENT_VERSION
+        self._agent_path: Optional[str] = None
+        self._worker: Optional[RemoteProcess] = None
+        self._next_id = 0
+
+    @property
+    def device(self) -> str:
+        return self.transport.name
+
+    @property
+    def worker_pid(self) -> Optional[int]:
+        """The pid of the running worker on the device, if one is running."""
+        return self._worker.pid if self._worker is not None else None
+
+    # ------------------------------------------------------------ public operations
+
+    def fingerprint(self, deadline: float) -> Dict[str, object]:
+        """The device's identity and state, from the agent plus what the transport knows."""
+        answer = self._call({"op": "fingerprint"}, deadline)
+        identity = answer.get("identity")
+        if not isinstance(identity, dict):
+            raise AgentProtocolError(f"fingerprint answer has no identity: {str(answer)[:300]}",
+                                     device=self.device)
+        identity = dict(identity, **self.transport.fingerprint())
+        return dict(answer, identity=identity)
+
+    def measure(self, model_path: str, settings: Dict[str, object],
+                deadline: float) -> Dict[str, object]:
+        """Put the model on the device (by content hash) and time it there. Returns the
+        agent's validated result; raises a DeviceError subclass on any failure."""
+        sha = file_sha256(model_path)
+        remote = self._put(model_path, f"models/{sha}.onnx", force=False)
+        request = {"op": "measure", "model": remote, "sha256": sha, "settings": settings}
+        try:
+            answer = self._call(request, deadline)
+        except TransferError as exc:
+            log.warning("%s: %s; sending the model again", self.device, exc.message)
+            self._put(model_path, f"models/{sha}.onnx", force=True)
+            answer = self._call(request, deadline)
+        return self._validate_measurement(answer)
+
+    def close(self) -> None:
+        """Stop the worker (politely, then by force) and close the transport."""
+        if self._worker is not None:
+            try:
+                self._worker.write_line(json.dumps({"op": "exit"}))
+                self._worker.read_line(timeout=2.0)
+            except DeviceError:
+                pass
+            self._worker.kill()
+            self._worker = None
+        self.transport.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _put(self, local_path: str, remote_name: str, force: bool) -> str:
+        return self.transport.put(local_path, remote_name, force=force)
+
+    def _agent(self) -> str:
+        if self._agent_path is None:
+            digest = file_sha256(str(AGENT_SOURCE))[:16]
+            self._agent_path = self._put(str(AGENT_SOURCE), f"agent/ort_agent-{digest}.py",
+                                         force=False)
+        return self._agent_path
+
+    def _call(self, request: Dict[str, object], deadline: float) -> Dict[str, object]:
+        """One request; a worker or process that dies is restarted and the request retried once."""
+        for attempt in (1, 2):
+            try:
+                if self.isolation == "worker":
+                    answer = self._worker_call(request, deadline)
+                else:
+                    answer = self._process_call(request, deadline)
+                break
+            except DeviceLost as exc:
+                if attempt == 2:
+                    raise
+                log.warning("%s: %s; restarting the agent and retrying once", self.device,
+                            exc.message)
+        if "error" in answer:
+            raise error_from_agent(answer["error"], device=self.device)
+        return answer
+
+    def _remaining(self, deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise MeasurementTimeout("the time allowed since the device was leased ran out "
+                                     "before the agent was asked", device=self.device)
+        return remaining
+
+    def _start_worker(self, deadline: float) -> RemoteProcess:
+        argv = self.transport.python + ["-u", self._agent(), "worker"]
+        worker = self.transport.spawn(argv)
+        try:
+            hello = self._parse(worker.read_line(self._remaining(deadline)), worker)
+        except DeviceLost as exc:
+            worker.kill()
+            raise DeviceLost(f"the agent did not start: {exc.message}; stderr: "
+                             f"{worker.stderr_tail()[-1500:]!r}", device=self.device,
+                             fix=f"check that '{' '.join(self.transport.python)}' on the device "
+                                 f"is Python 3.8+ with numpy and onnxruntime") from None
+        except DeviceError:
+            worker.kill()
+            raise
+        if hello.get("ready") is not True or hello.get("agent_version") != AGENT_VERSION:
+            worker.kill()
+            raise AgentProtocolError(f"agent greeting was {str(hello)[:300]}, expected "
+                                     f"ready with agent_version {AGENT_VERSION}",
+                                     device=self.device)
+        log.debug("%s: agent worker %s started", self.device, worker.pid)
+        return worker
+
+    def _worker_call(self, request: Dict[str, object], deadline: float) -> Dict[str, object]:
+        if self._worker is None or self._worker.exit_code() is not None:
+            if self._worker is not None:
+                self._worker.kill()
+            self._worker = self._start_worker(deadline)
+        worker = self._worker
+        self._next_id += 1
+        request = dict(request, id=self._next_id)
+        try:
+            worker.write_line(json.dumps(request))
+            answer = self._parse(worker.read_line(self._remaining(deadline)), worker)
+        except DeviceError as exc:
+            # Whatever went wrong, this worker's state is unknown: kill it on the device.
+            self._worker = None
+            stderr = worker.stderr_tail()
+            worker.kill()
+            if isinstance(exc, DeviceLost) and stderr.strip():
+                exc.message += f"; agent stderr: {stderr.strip()[-1500:]}"
+            raise
+        if answer.get("id") != self._next_id:
+            self._worker = None
+            worker.kill()
+            raise AgentProtocolError(f"agent answered request {answer.get('id')!r}, expected "
+                                     f"{self._next_id}", device=self.device)
+        return answer
+
+    def _process_call(self, request: Dict[str, object], deadline: float) -> Dict[str, object]:
+        argv: List[str] = self.transport.python + [self._agent()]
+        if request["op"] == "fingerprint":
+            argv += ["fingerprint"]
+        else:
+            argv += ["measure", "--model", str(request["model"]), "--sha256",
+                     str(request["sha256"]), "--settings", json.dumps(request["settings"])]
+        code, out, err = self.transport.run(argv, timeout=self._remaining(deadline))
+        lines = [line for line in out.splitlines() if line.strip()]
+        if not lines:
+            if code < 0 or code > 128:
+                raise DeviceLost(f"the agent died with exit code {code}; stderr: "
+                                 f"{err.strip()[-1500:]!r}", device=self.device)
+            raise AgentProtocolError(f"the agent printed nothing (exit code {code}); stderr: "
+                                     f"{err.strip()[-1500:]!r}", device=self.device)
+        return self._parse(lines[-1], None, stderr=err)
+
+    def _parse(self, line: str, worker: Optional[RemoteProcess],
+               stderr: Optional[str] = None) -> Dict[str, object]:
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            if stderr is None and worker is not None:
+                stderr = worker.stderr_tail()
+            raise AgentProtocolError(f"the agent printed {line[:300]!r} instead of a JSON "
+                                     f"object; stderr: {(stderr or '').strip()[-800:]!r}",
+                                     device=self.device)
+        return answer
+
+    def _validate_measurement(self, answer: Dict[str, object]) -> Dict[str, object]:
+        problems = []
+        samples = answer.get("samples_ms")
+        if not isinstance(samples, list) or not samples or not all(_is_ms(s) for s in samples):
+            problems.append("samples_ms is not a non-empty list of times in ms")
+        for key in ("load_ms", "first_run_ms", "loop_ms"):
+            if not _is_ms(answer.get(key)):
+                problems.append(f"{key} is not a time in ms")
+        for key in ("fingerprint", "runtime", "settings"):
+            if not isinstance(answer.get(key), dict):
+                problems.append(f"{key} is missing")
+        if answer.get("agent_version") != AGENT_VERSION:
+            problems.append(f"agent_version is {answer.get('agent_version')!r}, "
+                            f"expected {AGENT_VERSION!r}")
+        if problems:
+            raise AgentProtocolError("the agent's measurement is malformed: " + "; ".join(problems),
+                                     device=self.device)
+        identity = answer["fingerprint"].get("identity")
+        if isinstance(identity, dict):
+            answer["fingerprint"]["identity"] = dict(identity, **self.transport.fingerprint())
+        return answer

@@ -1,0 +1,54 @@
+"""The Transport protocol: the few things the host needs from any device.
+
+A transport moves files to the device (`put`), runs a command there to completion (`run`) or
+as a long-lived process we talk to line by line (`spawn`), says what it knows of the device
+(`fingerprint`) and releases its resources (`close`). Everything device-specific (SSH, ADB,
+getprop, thermal files) sits behind it.
+"""
+from typing import Dict, List, Optional, Protocol, Tuple
+
+
+class RemoteProcess(Protocol):
+    """A process on the device with a line-based stdin/stdout channel."""
+
+    pid: Optional[int]
+
+    def write_line(self, line: str) -> None:
+        """Send one line (a newline is added). Raises DeviceLost if the process is gone."""
+
+    def read_line(self, timeout: float) -> str:
+        """The next stdout line without its newline. Raises MeasurementTimeout when no line
+        comes within `timeout` seconds, DeviceLost when the process closed its stdout."""
+
+    def stderr_tail(self) -> str:
+        """The last few KiB the process wrote to stderr (for error messages)."""
+
+    def exit_code(self) -> Optional[int]:
+        """The exit status once the process has ended, else None."""
+
+    def kill(self) -> None:
+        """Kill the process and everything it started on the device; idempotent."""
+
+
+class Transport(Protocol):
+    """How the host reaches one device."""
+
+    name: str
+    python: List[str]  # the command that runs a Python 3.8+ with numpy and onnxruntime there
+
+    def put(self, local_path: str, remote_name: str, force: bool = False) -> str:
+        """Copy a file to the device's working folder under `remote_name` unless a file of
+        that name is already there (names are content hashes); returns its path there."""
+
+    def run(self, argv: List[str], timeout: float) -> Tuple[int, str, str]:
+        """Run argv on the device; (exit code, stdout, stderr). Kills it after `timeout` s
+        and raises MeasurementTimeout."""
+
+    def spawn(self, argv: List[str]) -> RemoteProcess:
+        """Start argv on the device with a line channel on its stdin/stdout."""
+
+    def fingerprint(self) -> Dict[str, object]:
+        """What the transport knows of the device beyond the agent's view (may be empty)."""
+
+    def close(self) -> None:
+        """Release connections; processes we started on the device are killed."""

@@ -1,0 +1,169 @@
+"""The `harness` command.
+
+    harness profile --space MODULE:ATTR --device NAME --samples N [--seed S] [--json]
+    harness cache stats | export FILE | import FILE
+"""
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from devices.errors import DeviceError
+from harness.cache import Cache
+from harness.errors import HarnessError
+from harness.measurement import STATISTICS, Measurement
+from harness.paths import default_cache_path
+
+log = logging.getLogger("harness")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harness", description="Device-in-the-loop latency profiling for hardware-aware NAS.")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress (-v) or everything (-vv) to stderr")
+    parser.add_argument("--cache", help="cache file (default: $HARNESS_HOME/cache.sqlite)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    profile = commands.add_parser("profile", help="measure sampled subnets of a space on a device")
+    profile.add_argument("--space", default="harness.spaces:ProxylessSpace",
+                         help="MODULE:ATTR of a model space (default: %(default)s)")
+    profile.add_argument("--device", default="local", help="device name (default: %(default)s)")
+    profile.add_argument("--samples", type=int, default=8, help="how many samples (default: 8)")
+    profile.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    profile.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    profile.add_argument("--statistic", choices=STATISTICS, default="median")
+    profile.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default 1)")
+    profile.add_argument("--min-runs", type=int, help="timed runs at least (default 50)")
+    profile.add_argument("--min-time-ms", type=float, help="timed loop at least (default 1000)")
+    profile.add_argument("--max-time-ms", type=float, help="timed loop at most (default 20000)")
+    profile.add_argument("--isolation", choices=("worker", "process"), default="worker",
+                         help="persistent agent worker, or a fresh process per measurement")
+    profile.add_argument("--timeout", type=float, default=300.0,
+                         help="seconds one measurement may take from the device lease")
+    profile.add_argument("--refresh", action="store_true", help="measure even if cached")
+
+    cache = commands.add_parser("cache", help="inspect, export or import the cache")
+    actions = cache.add_subparsers(dest="action", required=True)
+    stats = actions.add_parser("stats", help="counts of what the cache holds")
+    stats.add_argument("--json", action="store_true")
+    export = actions.add_parser("export", help="write the cache as JSON Lines")
+    export.add_argument("file")
+    imported = actions.add_parser("import", help="add a JSON Lines export to the cache")
+    imported.add_argument("file")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "profile":
+            return _profile(args)
+        return _cache(args)
+    except (HarnessError, DeviceError) as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("harness: interrupted; what was measured is in the cache, so a rerun resumes",
+              file=sys.stderr)
+        return 130
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from harness.profiler import LatencyProfiler
+    from harness.space import load_space, random_samples
+
+    space = load_space(args.space)
+    if not callable(getattr(space, "dummy_input", None)):
+        raise HarnessError(f"space {args.space} has no dummy_input() to tell its input shape",
+                           fix="add dummy_input() to the space, or use LatencyProfiler from Python")
+    if args.samples < 1:
+        raise HarnessError("--samples must be at least 1", fix="pass --samples 8, for example")
+    settings: Dict[str, Any] = {}
+    for option, key in (("threads", "intra_op_threads"), ("min_runs", "min_runs"),
+                        ("min_time_ms", "min_time_ms"), ("max_time_ms", "max_time_ms")):
+        if getattr(args, option) is not None:
+            settings[key] = getattr(args, option)
+    if "min_time_ms" in settings and "max_time_ms" not in settings:
+        settings["max_time_ms"] = max(20000.0, settings["min_time_ms"] * 2)
+    samples = random_samples(space, args.samples, seed=args.seed)
+    started = time.monotonic()
+    with LatencyProfiler(space, space.dummy_input(), device=args.device,
+                         statistic=args.statistic, settings=settings, cache=args.cache,
+                         isolation=args.isolation, timeout_s=args.timeout,
+                         refresh=args.refresh) as profiler:
+        results = profiler.measure_many(samples, progress=False if args.json else None)
+        counters = dict(profiler.counters)
+    elapsed = time.monotonic() - started
+    if args.json:
+        print(json.dumps([dict(m.to_dict(), sample=s) for s, m in zip(samples, results)],
+                         indent=1))
+    else:
+        print(render_table(results, args.statistic))
+        graphs = len({m.graph_hash for m in results})
+        measured = sum(m.source == "measured" for m in results)
+        print(f"\n{len(results)} samples, {graphs} distinct architectures: {measured} measured, "
+              f"{len(results) - measured} from the cache; {counters.get('exports', 0)} exported; "
+              f"{elapsed:.1f} s on {args.device}")
+        unstable = [i for i, m in enumerate(results) if m.flags]
+        if unstable:
+            print(f"flagged: samples {', '.join(map(str, unstable))} (see flags); rerun them "
+                  f"with --refresh on an idle device, or raise --min-time-ms")
+    return 0
+
+
+def render_table(results: List[Measurement], statistic: str = "median") -> str:
+    """A readable table, one row per measurement."""
+    header = ["#", "graph", statistic + " ms", "p90 ms", "p99 ms", "CV", "n", "load ms",
+              "source", "flags"]
+    rows = [header]
+    for i, m in enumerate(results):
+        rows.append([str(i), m.graph_hash[:12], f"{m.statistic(statistic):.4g}", f"{m.p90:.4g}",
+                     f"{m.p99:.4g}", f"{m.cv:.1%}", str(m.n),
+                     f"{m.load_ms:.1f}" if m.load_ms is not None else "-", m.source,
+                     "; ".join(m.flags) or "ok"])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    lines = []
+    for r, row in enumerate(rows):
+        cells = [cell.rjust(w) if 1 < c < 8 else cell.ljust(w)
+                 for c, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if r == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    path = args.cache or default_cache_path()
+    with Cache(path) as cache:
+        if args.action == "stats":
+            stats = cache.stats()
+            if args.json:
+                print(json.dumps(stats, indent=1))
+                return 0
+            print(f"cache {stats['path']} ({stats['size_bytes'] / 1e6:.2f} MB, schema "
+                  f"{stats['schema_version']})")
+            print(f"  measurements: {stats['measurements']} ({stats['distinct_keys']} distinct keys)")
+            print(f"  samples indexed: {stats['samples_indexed']}")
+            print(f"  devices: {stats['devices']}")
+            for row in stats["per_device"]:
+                latest = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["latest"]))
+                print(f"    {row['device']}: {row['measurements']} measurements of "
+                      f"{row['graphs']} graphs, latest {latest}")
+        elif args.action == "export":
+            counts = cache.export_jsonl(args.file)
+            print(f"exported {counts['measurement']} measurements, {counts['sample']} samples, "
+                  f"{counts['device']} devices to {args.file}")
+        else:
+            counts = cache.import_jsonl(args.file)
+            print(f"imported {counts['measurement']} new measurements, {counts['sample']} "
+                  f"samples, {counts['device']} devices from {args.file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Device leases: exactly one measurement runs on a device at a time.
+
+A lease is an exclusive `flock` on `$HARNESS_HOME/leases/NAME.lock`, so two profilers, two
+processes or two users of one home never share a device. The kernel drops the lock when its
+holder dies, so a lease held by a dead process expires by itself. The time a measurement may
+take counts from the moment the lease is granted (`acquired_at`), never from the queue.
+"""
+import fcntl
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from harness.errors import HarnessError
+
+log = logging.getLogger("harness")
+
+
+class DeviceBusy(HarnessError):
+    """The device stayed leased by someone else for longer than we were willing to wait."""
+
+
+class DeviceLease:
+    """Context manager holding the exclusive lease of one device."""
+
+    def __init__(self, home: Path, device: str, wait_s: float = 3600.0):
+        self.path = Path(home) / "leases" / f"{device}.lock"
+        self.device = device
+        self.wait_s = wait_s
+        self.acquired_at: Optional[float] = None  # time.monotonic() when granted
+        self._handle = None
+
+    def __enter__(self) -> "DeviceLease":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        started = time.monotonic()
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - started
+                if waited >= self.wait_s:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "unknown"
+                    handle.close()
+                    raise DeviceBusy(f"device {self.device!r} stayed leased for {waited:.0f} s "
+                                     f"(holder: {holder})",
+                                     fix="wait for the other profiling run to finish, or stop it")
+                if delay >= 0.1:
+                    log.debug("waiting for the lease on %s", self.device)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._handle = handle
+        self.acquired_at = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None

@@ -1,0 +1,286 @@
+"""Profilers: a metric for any sample of a model space, `profile(sample) -> float`.
+
+`LatencyProfiler` puts a real device in the loop. One `profile(sample)` call, top to bottom:
+
+1. validate the sample against the space (InvalidSample names the label and the choices);
+2. answer from memory if this profiler has seen the sample;
+3. find the sample's graph hash in the cache's sample index, or freeze, export and hash it;
+4. look the measurement up by (graph hash, input shapes, runtime settings, device
+   fingerprint, agent version): a hit answers without touching the device;
+5. otherwise lease the device, put the model there and let the agent time it; the
+   Measurement is stored and its statistic (median by default, in ms) returned.
+
+A failure raises a typed error and stores nothing.
+"""
+import json
+import logging
+import os
+import tempfile
+import time
+import weakref
+from abc import ABC, abstractmethod
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+
+import torch
+
+from agents.ort_agent import DEFAULT_SETTINGS, AgentError, parse_settings
+from devices.agent_client import AgentClient
+from devices.errors import BadRequest
+from devices.registry import open_transport
+from harness.cache import Cache, MeasurementKey, canonical_json, digest
+from harness.errors import HarnessError
+from harness.export import OPSET, DummyInput, ExportedModel, export_sample, input_signature
+from harness.farm import DeviceLease
+from harness.measurement import STATISTICS, Measurement
+from harness.paths import default_cache_path, harness_home
+from harness.space import (ModelSpace, Sample, SampleValidator, checked_search_space,
+                           sample_key, space_fingerprint)
+
+log = logging.getLogger("harness")
+
+# Settings that change what is measured (part of the cache key). The timing-loop settings
+# (warm-up, run counts and times, input seed) change only how precisely, and are recorded in
+# each Measurement instead.
+RUNTIME_SETTINGS = ("intra_op_threads", "inter_op_threads", "graph_optimization_level",
+                    "execution_mode", "provider", "input_shapes", "cpu_affinity")
+
+
+class Profiler(ABC):
+    """Computes a metric for samples of one model space: the interface a search filters on."""
+
+    @abstractmethod
+    def profile(self, sample: Mapping[str, Any]) -> float:
+        """The metric of one sample."""
+
+
+def resolve_settings(overrides: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The agent's defaults with `overrides` applied, checked as the agent would check them."""
+    try:
+        return parse_settings(dict(overrides or {}))
+    except AgentError as exc:
+        raise BadRequest(exc.message) from None
+
+
+class LatencyProfiler(Profiler):
+    """Latency in milliseconds of samples of `space` on a real device.
+
+    device: "local" (this machine) or a registered device name.
+    statistic: which statistic `profile()` returns: median (default), mean, p90, p99, min, max.
+    settings: agent settings (threads, optimisation level, warm-up, min_runs, min_time_ms,
+        max_time_ms, ...); see agents.ort_agent.DEFAULT_SETTINGS.
+    cache: a Cache, a path, or None for $HARNESS_HOME/cache.sqlite.
+    isolation: "worker" keeps one agent process per device session; "process" starts a fresh
+        one per measurement (crash isolation at ~150 ms more per measurement).
+    timeout_s: how long one measurement may take, counted from when the device is leased.
+    refresh: measure again even when the cache has a result (the old one is kept).
+    """
+
+    def __init__(self, space: ModelSpace, dummy_input: DummyInput, device: str = "local",
+                 statistic: str = "median", *, settings: Optional[Mapping[str, Any]] = None,
+                 cache: Union[Cache, str, Path, None] = None, isolation: str = "worker",
+                 timeout_s: float = 300.0, refresh: bool = False,
+                 home: Union[str, Path, None] = None):
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        self.space = space
+        self.device = device
+        self.statistic = statistic
+        self.isolation = isolation
+        self.timeout_s = float(timeout_s)
+        self.refresh = refresh
+        self.home = harness_home(home)
+        self.settings = resolve_settings(settings)
+        self._runtime_settings = {"runtime": "onnxruntime",
+                                  **{k: self.settings[k] for k in RUNTIME_SETTINGS}}
+        self._settings_key = digest(self._runtime_settings)
+        self._validate = SampleValidator(checked_search_space(space))
+        self._dummy_input = dummy_input
+        self.input_signature = input_signature(dummy_input)
+        self._input_sig = canonical_json(self.input_signature)
+        self._space_fp = space_fingerprint(space, {"inputs": self.input_signature,
+                                                   "opset": OPSET, "torch": torch.__version__})
+        if isinstance(cache, Cache):
+            self.cache = cache
+        else:
+            self.cache = Cache(cache if cache is not None else default_cache_path(self.home))
+        self.counters: Counter = Counter()  # exports, measurements, cache_hits
+        self._memo: Dict[tuple, float] = {}  # sample values in label order -> statistic
+        self._client: Optional[AgentClient] = None
+        self._device_identity: Optional[Dict[str, Any]] = None
+        self._device_fp: Optional[str] = None
+        self._staging = tempfile.TemporaryDirectory(prefix="harness-models-")
+        self._finalizer = weakref.finalize(self, self._staging.cleanup)
+
+    # ------------------------------------------------------------ the public calls
+
+    def profile(self, sample: Mapping[str, Any]) -> float:
+        """The chosen statistic (ms) of the sample's latency on the device."""
+        memo_key = self._validate.values(sample)
+        value = self._memo.get(memo_key)
+        if value is not None:
+            return value
+        if not self.refresh:
+            if self._device_fp is None:
+                self._learn_device()  # also loads every cached result of this space
+                value = self._memo.get(memo_key)
+                if value is not None:
+                    self.counters["cache_hits"] += 1
+                    return value
+            canonical = dict(zip(self._validate.labels, memo_key))
+            key = sample_key(canonical)
+            graph = self.cache.lookup_sample(self._space_fp, self._input_sig, key)
+            if graph is not None:
+                value = self.cache.get_statistic(self._key(graph), self.statistic)
+                if value is not None:
+                    self.counters["cache_hits"] += 1
+                    self._memo[memo_key] = value
+                    return value
+        return self._measure(dict(zip(self._validate.labels, memo_key))).statistic(self.statistic)
+
+    def measure(self, sample: Mapping[str, Any]) -> Measurement:
+        """The full Measurement (raw samples, statistics, provenance, source)."""
+        return self._measure(self._validate(sample))
+
+    def profile_many(self, samples: Iterable[Mapping[str, Any]],
+                     progress: Optional[bool] = None) -> List[float]:
+        """profile() over many samples, in input order; an architecture is measured once."""
+        return [m.statistic(self.statistic) for m in self.measure_many(samples, progress)]
+
+    def measure_many(self, samples: Iterable[Mapping[str, Any]],
+                     progress: Optional[bool] = None) -> List[Measurement]:
+        """measure() over many samples, in input order, with a progress bar on a terminal.
+        Everything measured before a failure stays in the cache, so a rerun resumes."""
+        from tqdm import tqdm
+
+        samples = list(samples)
+        disable = (not progress) if progress is not None else None
+        results = []
+        with tqdm(total=len(samples), unit="subnet", desc=f"profiling on {self.device}",
+                  disable=disable, leave=False) as bar:
+            for sample in samples:
+                results.append(self.measure(sample))
+                bar.set_postfix_str(f"{results[-1].median:.3g} ms {results[-1].source}")
+                bar.update()
+        return results
+
+    def graph_hash(self, sample: Mapping[str, Any]) -> str:
+        """The sample's graph hash (from the sample index, or by exporting it)."""
+        canonical = self._validate(sample)
+        graph = self.cache.lookup_sample(self._space_fp, self._input_sig, sample_key(canonical))
+        return graph if graph is not None else self._export(canonical).graph_hash
+
+    def close(self) -> None:
+        """Stop the agent on the device and release temporary files."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._finalizer()
+
+    def __enter__(self) -> "LatencyProfiler":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ the steps
+
+    def _measure(self, sample: Sample) -> Measurement:
+        key = sample_key(sample)
+        memo_key = tuple(sample.values())
+        exported: Optional[ExportedModel] = None
+        graph = self.cache.lookup_sample(self._space_fp, self._input_sig, key)
+        if graph is None:
+            exported = self._export(sample)
+            graph = exported.graph_hash
+        if not self.refresh:
+            cached = self.cache.get(self._key(graph))
+            if cached is not None:
+                self.counters["cache_hits"] += 1
+                self._memo[memo_key] = cached.statistic(self.statistic)
+                return cached
+        if exported is None:
+            exported = self._export(sample)
+        measurement = self._measure_on_device(exported)
+        identity = measurement.device_fingerprint
+        device_fp = digest(identity)
+        if device_fp != self._device_fp:  # the device changed under us (say, a new runtime)
+            log.warning("%s: device fingerprint changed during the session", self.device)
+            self._device_identity, self._device_fp = identity, device_fp
+            self.cache.put_device(device_fp, identity)
+        self.cache.put(self._key(exported.graph_hash), measurement)
+        self._memo[memo_key] = measurement.statistic(self.statistic)
+        return measurement
+
+    def _export(self, sample: Sample) -> ExportedModel:
+        exported = export_sample(self.space, sample, self._dummy_input)
+        self.counters["exports"] += 1
+        self.cache.put_sample(self._space_fp, self._input_sig, sample_key(sample),
+                              exported.graph_hash)
+        return exported
+
+    def _key(self, graph: str) -> MeasurementKey:
+        if self._device_fp is None:
+            self._learn_device()
+        return MeasurementKey(graph, self._input_sig, self._settings_key, self._device_fp,
+                              self._agent().agent_version)
+
+    def _agent(self) -> AgentClient:
+        if self._client is None:
+            self._client = AgentClient(open_transport(self.device, self.home), self.isolation)
+        return self._client
+
+    def _learn_device(self) -> None:
+        """Ask the device who it is (once per session): its identity is in every cache key."""
+        with DeviceLease(self.home, self.device) as lease:
+            answer = self._agent().fingerprint(deadline=lease.acquired_at + self.timeout_s)
+        self._device_identity = answer["identity"]
+        self._device_fp = digest(self._device_identity)
+        self.cache.put_device(self._device_fp, self._device_identity)
+        log.info("%s: %s, onnxruntime %s", self.device, self._device_identity.get("cpu_model"),
+                 self._device_identity.get("onnxruntime"))
+        if not self.refresh:
+            known = self.cache.statistics_by_sample(
+                self._space_fp, self._input_sig, self._settings_key, self._device_fp,
+                self._agent().agent_version, self.statistic)
+            for text, value in known.items():
+                sample = json.loads(text)
+                self._memo[tuple(sample[label] for label in self._validate.labels)] = value
+
+    def _measure_on_device(self, exported: ExportedModel) -> Measurement:
+        path = Path(self._staging.name) / f"{exported.sha256}.onnx"
+        path.write_bytes(exported.onnx_bytes)
+        try:
+            with DeviceLease(self.home, self.device) as lease:
+                started = time.monotonic()
+                result = self._agent().measure(str(path), self.settings,
+                                               deadline=lease.acquired_at + self.timeout_s)
+                wall_ms = (time.monotonic() - started) * 1e3
+        finally:
+            path.unlink(missing_ok=True)
+        self.counters["measurements"] += 1
+        fingerprint = result["fingerprint"]
+        provenance = {
+            "capped": result.get("capped", False),
+            "loop_ms": result["loop_ms"],
+            "wall_ms": wall_ms,
+            "warmup_runs": result.get("warmup_runs"),
+            "runtime": result["runtime"],
+            "controlled": result.get("controlled", {}),
+            "inputs": result.get("inputs", []),
+            "thermal_before": result.get("thermal_before", []),
+            "thermal_after": result.get("thermal_after", []),
+            "device_state": fingerprint.get("state", {}),
+            "model_sha256": exported.sha256,
+            "model_bytes": len(exported.onnx_bytes),
+            "isolation": self.isolation,
+            "host_pid": os.getpid(),
+        }
+        return Measurement(samples_ms=tuple(result["samples_ms"]), source="measured",
+                           device=self.device, graph_hash=exported.graph_hash,
+                           load_ms=result["load_ms"], first_run_ms=result["first_run_ms"],
+                           input_signature=tuple(self.input_signature),
+                           settings=result["settings"],
+                           device_fingerprint=fingerprint["identity"],
+                           agent_version=result["agent_version"], provenance=provenance)
