@@ -4,7 +4,8 @@ measurement.
 The export uses the TorchScript exporter at a fixed opset so that the same architecture gives
 the same graph. The graph hash covers what decides latency (ops, their order and wiring,
 attributes, tensor shapes and types, graph inputs and outputs, opsets) and ignores what does
-not: weight values and every name. Integer initializers (shapes, axes, indices) and Constant
+not: weight values and every name (including how the exporter happened to share equal
+weights between layers). Integer initializers (shapes, axes, indices) and Constant
 node values are hashed by value, since they are part of the architecture, not weights.
 """
 import hashlib
@@ -151,6 +152,14 @@ def _attribute(attr: onnx.AttributeProto, names: Dict[str, str]) -> Any:
 def _canonical_graph(graph: onnx.GraphProto, names: Dict[str, str]) -> List[Any]:
     """The graph as a list of items with every value renamed by order of first appearance."""
     initializers = {t.name: t for t in graph.initializer}
+    # The exporter shares initializers that happen to be equal (say, two all-zero biases)
+    # through Identity nodes, so their number depends on the weights: read each such
+    # Identity's output as an initializer of its own.
+    aliases = [node for node in graph.node if node.op_type == "Identity"
+               and node.domain in ("", "ai.onnx") and node.input[0] in initializers]
+    for node in aliases:
+        initializers[node.output[0]] = initializers[node.input[0]]
+    aliased = {id(node) for node in aliases}
     items: List[Any] = []
 
     def name(value: str) -> str:
@@ -166,6 +175,8 @@ def _canonical_graph(graph: onnx.GraphProto, names: Dict[str, str]) -> List[Any]
         if value.name not in initializers:
             items.append(["input", name(value.name), _type(value.type)])
     for node in graph.node:
+        if id(node) in aliased:
+            continue
         inputs = [name(v) for v in node.input]
         attributes = [[a.name, _attribute(a, names)]
                       for a in sorted(node.attribute, key=lambda a: a.name)]

@@ -253,10 +253,10 @@ class LatencyProfiler(Profiler):
         path.write_bytes(exported.onnx_bytes)
         try:
             with DeviceLease(self.home, self.device) as lease:
-                started = time.monotonic()
+                leased_at = time.time()
                 result = self._agent().measure(str(path), self.settings,
                                                deadline=lease.acquired_at + self.timeout_s)
-                wall_ms = (time.monotonic() - started) * 1e3
+                released_at = time.time()
         finally:
             path.unlink(missing_ok=True)
         self.counters["measurements"] += 1
@@ -264,7 +264,8 @@ class LatencyProfiler(Profiler):
         provenance = {
             "capped": result.get("capped", False),
             "loop_ms": result["loop_ms"],
-            "wall_ms": wall_ms,
+            "wall_ms": (released_at - leased_at) * 1e3,
+            "lease": [leased_at, released_at],
             "warmup_runs": result.get("warmup_runs"),
             "runtime": result["runtime"],
             "controlled": result.get("controlled", {}),

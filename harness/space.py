@@ -19,6 +19,8 @@ from operator import itemgetter
 from typing import (Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Protocol,
                     Sequence, Tuple)
 
+import numpy as np
+
 from harness.errors import HarnessError, InvalidSample
 
 Sample = Dict[str, Any]
@@ -67,10 +69,10 @@ class SampleValidator:
         self.choices = {label: list(values) for label, values in search_space.items()}
         self.labels = tuple(self.choices)
         self._tables = [{c: c for c in values} for values in self.choices.values()]
-        # bool is an int in Python, so True finds 1 in a table: labels with bool choices get
-        # their types compared too.
+        # bool is an int in Python (True == 1 == 1.0), so a table finds 1 for True and True
+        # for 1: labels with a choice equal to 0 or 1 get their bool-ness compared too.
         self._bool_labels = [i for i, values in enumerate(self.choices.values())
-                             if any(isinstance(c, bool) for c in values)]
+                             if any(c in (0, 1) for c in values if c is not None)]
         self._getter = (itemgetter(*self.labels) if len(self.labels) > 1
                         else (lambda sample, label=self.labels[0]: (sample[label],)))
 
@@ -116,7 +118,7 @@ class SampleValidator:
 
 
 def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy's bool too
+    return isinstance(value, (bool, np.bool_))
 
 
 def validate_sample(search_space: Mapping[str, Sequence[Any]], sample: Mapping[str, Any]) -> Sample:
@@ -193,8 +195,14 @@ def load_space(spec: str) -> ModelSpace:
                            fix="name one of the module's spaces: " + ", ".join(
                                n for n in dir(module) if not n.startswith("_")
                                and hasattr(getattr(module, n), "search_space"))) from None
-    space = target() if inspect.isclass(target) or (
-        callable(target) and not hasattr(target, "search_space")) else target
+    space = target
+    if inspect.isclass(target) or (callable(target) and not hasattr(target, "search_space")):
+        try:
+            space = target()
+        except Exception as exc:
+            raise HarnessError(f"cannot create the space {spec}(): {type(exc).__name__}: {exc}",
+                               fix="point --space at a space that needs no arguments, or at "
+                                   "a module-level instance") from exc
     if not (callable(getattr(space, "search_space", None)) and callable(getattr(space, "freeze", None))):
         raise HarnessError(f"{spec} is not a model space (it needs search_space() and freeze())",
                            fix="point --space at a class or object implementing harness.space.ModelSpace")

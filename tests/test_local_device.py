@@ -1,0 +1,156 @@
+"""The local transport and the agent client: deployment, worker life cycle, typed failures."""
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+from devices import (AgentClient, AgentProtocolError, DeviceLost, LoadError,
+                     LocalTransport, MeasurementTimeout)
+from devices.agent_client import file_sha256
+from tests.conftest import FAST
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); read its state.
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def transport(tmp_path):
+    transport = LocalTransport(tmp_path / "device")
+    yield transport
+    transport.close()
+
+
+def later(seconds: float) -> float:
+    return time.monotonic() + seconds
+
+
+def test_put_is_by_name_and_skips_what_is_there(transport, tiny_model):
+    first = transport.put(str(tiny_model), "models/a.onnx")
+    os.utime(first, (0, 0))
+    assert transport.put(str(tiny_model), "models/a.onnx") == first
+    assert os.stat(first).st_mtime == 0  # not copied again
+    transport.put(str(tiny_model), "models/a.onnx", force=True)
+    assert os.stat(first).st_mtime > 0
+
+
+def test_run_timeout_kills_the_whole_process_group(transport, tmp_path):
+    pidfile = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              "child = subprocess.Popen(['sleep', '60']); "
+              f"open({str(pidfile)!r}, 'w').write(str(child.pid)); time.sleep(60)")
+    with pytest.raises(MeasurementTimeout):
+        transport.run([sys.executable, "-c", script], timeout=1.5)
+    assert wait_gone(int(pidfile.read_text())), "the grandchild survived the timeout"
+
+
+def test_measure_through_the_worker(transport, tiny_model):
+    client = AgentClient(transport)
+    result = client.measure(str(tiny_model), FAST, later(60))
+    pid = client.worker_pid
+    again = client.measure(str(tiny_model), FAST, later(60))
+    assert client.worker_pid == pid, "one worker serves the session"
+    assert len(result["samples_ms"]) >= 5 and len(again["samples_ms"]) >= 5
+    sha = file_sha256(str(tiny_model))
+    assert (transport.workdir / "models" / f"{sha}.onnx").exists()
+    agents = list((transport.workdir / "agent").glob("ort_agent-*.py"))
+    assert len(agents) == 1
+    client.close()
+    assert wait_gone(pid)
+
+
+def test_process_isolation_gives_the_same_kind_of_answer(transport, tiny_model):
+    client = AgentClient(transport, isolation="process")
+    result = client.measure(str(tiny_model), FAST, later(60))
+    assert client.worker_pid is None
+    assert len(result["samples_ms"]) >= 5
+    assert client.fingerprint(later(60))["identity"]["transport"] == "local"
+
+
+def test_a_dead_worker_is_restarted_and_the_job_retried_once(transport, tiny_model):
+    client = AgentClient(transport)
+    client.fingerprint(later(60))
+    victim = client.worker_pid
+    slow = dict(FAST, min_time_ms=3000.0, max_time_ms=10000.0)
+    killer = threading.Timer(1.0, os.kill, (victim, 9))
+    killer.start()
+    result = client.measure(str(tiny_model), slow, later(60))
+    killer.join()
+    assert not alive(victim)
+    assert client.worker_pid not in (None, victim)
+    assert result["loop_ms"] >= 3000.0
+
+
+def test_a_timeout_kills_the_worker_and_the_next_job_gets_a_new_one(transport, tiny_model):
+    client = AgentClient(transport)
+    client.fingerprint(later(60))
+    victim = client.worker_pid
+    slow = dict(FAST, min_time_ms=20000.0, max_time_ms=30000.0)
+    started = time.monotonic()
+    with pytest.raises(MeasurementTimeout) as caught:
+        client.measure(str(tiny_model), slow, later(1.5))
+    assert time.monotonic() - started < 10
+    assert caught.value.kind == "TIMEOUT" and "fix:" in str(caught.value)
+    assert wait_gone(victim), "the timed-out worker is still running"
+    assert len(client.measure(str(tiny_model), FAST, later(60))["samples_ms"]) >= 5
+
+
+def test_a_damaged_model_on_the_device_is_sent_again(transport, tiny_model):
+    client = AgentClient(transport)
+    sha = file_sha256(str(tiny_model))
+    damaged = transport.workdir / "models" / f"{sha}.onnx"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"half a file")
+    result = client.measure(str(tiny_model), FAST, later(60))
+    assert len(result["samples_ms"]) >= 5
+    assert file_sha256(str(damaged)) == sha
+
+
+def test_an_agent_printing_garbage_is_a_protocol_error(tmp_path, tiny_model):
+    transport = LocalTransport(tmp_path / "device",
+                               python=[sys.executable, "-c", "print('Welcome to BoardOS!')"])
+    client = AgentClient(transport)
+    with pytest.raises(AgentProtocolError) as caught:
+        client.measure(str(tiny_model), FAST, later(30))
+    assert "Welcome to BoardOS!" in str(caught.value)
+    client.close()
+
+
+def test_an_agent_that_cannot_start_is_device_lost_with_its_stderr(tmp_path, tiny_model):
+    transport = LocalTransport(tmp_path / "device",
+                               python=[sys.executable, "-c", "import sys; sys.exit('no python3.8 here')"])
+    client = AgentClient(transport)
+    with pytest.raises(DeviceLost) as caught:
+        client.measure(str(tiny_model), FAST, later(30))
+    assert "no python3.8 here" in str(caught.value)
+
+
+def test_a_device_without_onnxruntime_says_what_to_install(tmp_path, tiny_model):
+    # -S drops site-packages: this Python has no numpy and no onnxruntime, like a bare board.
+    client = AgentClient(LocalTransport(tmp_path / "device", python=[sys.executable, "-S"]))
+    identity = client.fingerprint(later(30))["identity"]
+    assert identity["onnxruntime"] is None
+    with pytest.raises(LoadError) as caught:
+        client.measure(str(tiny_model), FAST, later(30))
+    assert "pip install onnxruntime" in str(caught.value)
+    client.close()
