@@ -395,8 +395,10 @@ def measure(model, sha256=None, settings=None):
         started = clock()
         session.run(outputs, feeds)
         first_run_ms = (clock() - started) * 1e3
+        started = clock()
         for _ in range(settings["warmup_runs"]):
             session.run(outputs, feeds)
+        warmup_ms = (clock() - started) * 1e3
         samples = []
         min_runs = settings["min_runs"]
         min_time = settings["min_time_ms"] / 1e3
@@ -419,6 +421,7 @@ def measure(model, sha256=None, settings=None):
         "load_ms": load_ms,
         "first_run_ms": first_run_ms,
         "warmup_runs": settings["warmup_runs"],
+        "warmup_ms": warmup_ms,
         "samples_ms": [round(s * 1e3, 6) for s in samples],
         "loop_ms": elapsed * 1e3,
         "capped": len(samples) < min_runs or elapsed < min_time,

@@ -76,11 +76,12 @@ class AgentClient:
         identity = dict(identity, **self.transport.fingerprint())
         return dict(answer, identity=identity)
 
-    def measure(self, model_path: str, settings: Dict[str, object],
-                deadline: float) -> Dict[str, object]:
+    def measure(self, model_path: str, settings: Dict[str, object], deadline: float,
+                sha256: Optional[str] = None) -> Dict[str, object]:
         """Put the model on the device (by content hash) and time it there. Returns the
-        agent's validated result; raises a DeviceError subclass on any failure."""
-        sha = file_sha256(model_path)
+        agent's validated result; raises a DeviceError subclass on any failure. `sha256`
+        spares hashing the file again when the caller knows it."""
+        sha = sha256 or file_sha256(model_path)
         remote = self._put(model_path, f"models/{sha}.onnx", force=False)
         request = {"op": "measure", "model": remote, "sha256": sha, "settings": settings}
         try:

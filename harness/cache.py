@@ -207,30 +207,23 @@ class Cache:
 
     # ------------------------------------------------------------ measurements
 
-    def get_statistic(self, key: MeasurementKey, statistic: str) -> Optional[float]:
-        """One statistic of the newest measurement under `key` (the fast path of profile())."""
-        if statistic not in STATISTICS:
-            raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-        rows = self._query("read a measurement",
-                           f"SELECT {statistic} FROM measurements WHERE {_KEY_WHERE} "
-                           "ORDER BY created_at DESC LIMIT 1", key.values())
-        return rows[0][0] if rows else None
-
     def statistics_by_sample(self, space_fp: str, input_sig: str, settings_key: str,
-                             device_fp: str, agent_version: str,
-                             statistic: str) -> Dict[str, float]:
+                             device_fp: str, agent_version: str, statistic: str,
+                             sample: Optional[str] = None) -> Dict[str, float]:
         """{sample key: statistic of its newest measurement} for every indexed sample of a
-        space that has a measurement under these settings, device and agent: one query that
-        lets a profiler answer a whole resumed sweep from memory."""
+        space (or just `sample`) that has a measurement under these settings, device and
+        agent: one query that lets a profiler answer a whole resumed sweep from memory."""
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        one = "AND s.sample = ? " if sample is not None else ""
         rows = self._query(
             "read measurements",
             f"SELECT s.sample, m.{statistic} FROM samples s JOIN measurements m "
             "ON m.graph_hash = s.graph_hash AND m.input_sig = s.input_sig "
-            "WHERE s.space_fp = ? AND s.input_sig = ? AND m.settings_key = ? "
+            f"WHERE s.space_fp = ? AND s.input_sig = ? {one}AND m.settings_key = ? "
             "AND m.device_fp = ? AND m.agent_version = ? ORDER BY m.created_at",
-            (space_fp, input_sig, settings_key, device_fp, agent_version))
+            (space_fp, input_sig, *((sample,) if sample is not None else ()), settings_key,
+             device_fp, agent_version))
         return dict(rows)  # newest last, so newest wins
 
     def get(self, key: MeasurementKey) -> Optional[Measurement]:

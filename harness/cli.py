@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--json", action="store_true", help="print JSON instead of a table")
     profile.add_argument("--statistic", choices=STATISTICS, default="median")
     profile.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default 1)")
+    profile.add_argument("--cpus", help="pin the agent to these CPUs, e.g. 1 or 4-7 or 0,2")
     profile.add_argument("--min-runs", type=int, help="timed runs at least (default 50)")
     profile.add_argument("--min-time-ms", type=float, help="timed loop at least (default 1000)")
     profile.add_argument("--max-time-ms", type=float, help="timed loop at most (default 20000)")
@@ -88,6 +89,8 @@ def _profile(args: argparse.Namespace) -> int:
                         ("min_time_ms", "min_time_ms"), ("max_time_ms", "max_time_ms")):
         if getattr(args, option) is not None:
             settings[key] = getattr(args, option)
+    if args.cpus:
+        settings["cpu_affinity"] = parse_cpus(args.cpus)
     if "min_time_ms" in settings and "max_time_ms" not in settings:
         settings["max_time_ms"] = max(20000.0, settings["min_time_ms"] * 2)
     samples = random_samples(space, args.samples, seed=args.seed)
@@ -114,6 +117,18 @@ def _profile(args: argparse.Namespace) -> int:
             print(f"flagged: samples {', '.join(map(str, unstable))} (see flags); rerun them "
                   f"with --refresh on an idle device, or raise --min-time-ms")
     return 0
+
+
+def parse_cpus(text: str) -> List[int]:
+    """'4-7' or '0,2' or '1' -> a list of CPU numbers."""
+    cpus: List[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            cpus.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise HarnessError(f"--cpus {text!r} is not a CPU list", fix="write it like 1, 4-7 or 0,2") from None
+    return cpus
 
 
 def render_table(results: List[Measurement], statistic: str = "median") -> str:

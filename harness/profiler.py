@@ -110,6 +110,7 @@ class LatencyProfiler(Profiler):
         self._client: Optional[AgentClient] = None
         self._device_identity: Optional[Dict[str, Any]] = None
         self._device_fp: Optional[str] = None
+        self._last_export_ms: Optional[float] = None
         self._staging = tempfile.TemporaryDirectory(prefix="harness-models-")
         self._finalizer = weakref.finalize(self, self._staging.cleanup)
 
@@ -128,15 +129,13 @@ class LatencyProfiler(Profiler):
                 if value is not None:
                     self.counters["cache_hits"] += 1
                     return value
-            canonical = dict(zip(self._validate.labels, memo_key))
-            key = sample_key(canonical)
-            graph = self.cache.lookup_sample(self._space_fp, self._input_sig, key)
-            if graph is not None:
-                value = self.cache.get_statistic(self._key(graph), self.statistic)
-                if value is not None:
-                    self.counters["cache_hits"] += 1
-                    self._memo[memo_key] = value
-                    return value
+            # Measured by another process since this one loaded the cache?
+            key = sample_key(dict(zip(self._validate.labels, memo_key)))
+            value = self._cached_statistics(key).get(key)
+            if value is not None:
+                self.counters["cache_hits"] += 1
+                self._memo[memo_key] = value
+                return value
         return self._measure(dict(zip(self._validate.labels, memo_key))).statistic(self.statistic)
 
     def measure(self, sample: Mapping[str, Any]) -> Measurement:
@@ -214,7 +213,9 @@ class LatencyProfiler(Profiler):
         return measurement
 
     def _export(self, sample: Sample) -> ExportedModel:
+        started = time.perf_counter()
         exported = export_sample(self.space, sample, self._dummy_input)
+        self._last_export_ms = (time.perf_counter() - started) * 1e3
         self.counters["exports"] += 1
         self.cache.put_sample(self._space_fp, self._input_sig, sample_key(sample),
                               exported.graph_hash)
@@ -241,12 +242,14 @@ class LatencyProfiler(Profiler):
         log.info("%s: %s, onnxruntime %s", self.device, self._device_identity.get("cpu_model"),
                  self._device_identity.get("onnxruntime"))
         if not self.refresh:
-            known = self.cache.statistics_by_sample(
-                self._space_fp, self._input_sig, self._settings_key, self._device_fp,
-                self._agent().agent_version, self.statistic)
-            for text, value in known.items():
+            for text, value in self._cached_statistics().items():
                 sample = json.loads(text)
                 self._memo[tuple(sample[label] for label in self._validate.labels)] = value
+
+    def _cached_statistics(self, sample: Optional[str] = None) -> Dict[str, float]:
+        return self.cache.statistics_by_sample(
+            self._space_fp, self._input_sig, self._settings_key, self._device_fp,
+            self._agent().agent_version, self.statistic, sample=sample)
 
     def _measure_on_device(self, exported: ExportedModel) -> Measurement:
         path = Path(self._staging.name) / f"{exported.sha256}.onnx"
@@ -255,7 +258,8 @@ class LatencyProfiler(Profiler):
             with DeviceLease(self.home, self.device) as lease:
                 leased_at = time.time()
                 result = self._agent().measure(str(path), self.settings,
-                                               deadline=lease.acquired_at + self.timeout_s)
+                                               deadline=lease.acquired_at + self.timeout_s,
+                                               sha256=exported.sha256)
                 released_at = time.time()
         finally:
             path.unlink(missing_ok=True)
@@ -267,12 +271,14 @@ class LatencyProfiler(Profiler):
             "wall_ms": (released_at - leased_at) * 1e3,
             "lease": [leased_at, released_at],
             "warmup_runs": result.get("warmup_runs"),
+            "warmup_ms": result.get("warmup_ms"),
             "runtime": result["runtime"],
             "controlled": result.get("controlled", {}),
             "inputs": result.get("inputs", []),
             "thermal_before": result.get("thermal_before", []),
             "thermal_after": result.get("thermal_after", []),
             "device_state": fingerprint.get("state", {}),
+            "export_ms": self._last_export_ms,
             "model_sha256": exported.sha256,
             "model_bytes": len(exported.onnx_bytes),
             "isolation": self.isolation,
