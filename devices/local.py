@@ -146,7 +146,15 @@ class LocalTransport:
         return process
 
     def fingerprint(self) -> Dict[str, object]:
-        return {"transport": "local"}
+        return {}
+
+    def remove(self, remote_names: List[str], timeout: float = 60.0) -> None:
+        for name in remote_names:
+            target = self.workdir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
 
     def close(self) -> None:
         for process in self._processes:

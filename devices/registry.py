@@ -1,20 +1,223 @@
-"""Device names to transports.
+"""Device names to transports, and the registry file `$HARNESS_HOME/devices.toml`.
 
-`local` (this machine) is built in; registered devices (devices.toml) come with the SSH and
-ADB transports.
+`local` (this machine) is built in. Registered devices look like
+
+    [devices.rpi4]
+    transport = "ssh"
+    address = "pi@10.0.0.7"          # user@host[:port]
+    key = "~/.ssh/id_ed25519"        # optional: else the SSH agent's or the default keys
+    jump = "me@bastion.lab"          # optional jump host
+    python = "python3"               # the board's Python 3.8+ with numpy and onnxruntime
+    workdir = ".cache/harness"       # per-user working folder (relative to $HOME)
+    kind = "rpi4"                    # optional: devices of one kind form a pool
 """
+import os
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import paramiko
+import tomli_w
 
 from devices.errors import BadRequest
 from devices.local import LocalTransport
+from devices.ssh import (Endpoint, HostKeyChanged, SSHConnection, SSHTransport, fetch_host_key,
+                         host_entry, key_fingerprint)
 from devices.transport import Transport
 
 BUILTIN_DEVICES = ("local",)
+TRANSPORTS = ("ssh",)
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class DeviceConfig:
+    """One registered device, as stored in devices.toml."""
+
+    name: str
+    transport: str
+    address: str
+    key: Optional[str] = None
+    jump: Optional[str] = None
+    python: str = "python3"
+    workdir: str = ".cache/harness"
+    kind: Optional[str] = None
+    connect_timeout: float = 10.0
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    def to_toml(self) -> Dict[str, object]:
+        data = {k: v for k, v in asdict(self).items() if v is not None and k not in ("name", "extra")}
+        data.update(self.extra)
+        return data
+
+
+def registry_path(home: Path) -> Path:
+    return Path(home) / "devices.toml"
+
+
+def known_hosts_path(home: Path) -> Path:
+    return Path(home) / "known_hosts"
+
+
+def check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name) or name in BUILTIN_DEVICES:
+        raise BadRequest(f"{name!r} cannot name a device",
+                         fix="use letters, digits, '.', '_' or '-' (not 'local'), e.g. rpi4-1")
+
+
+def load_devices(home: Path) -> Dict[str, DeviceConfig]:
+    """Every registered device; a malformed file is an error naming the file and the fix."""
+    path = registry_path(home)
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"{path} is not valid TOML: {exc}",
+                         fix=f"correct {path} by hand, or move it aside and add the devices "
+                             f"again") from None
+    devices = {}
+    known = {f for f in DeviceConfig.__dataclass_fields__ if f not in ("name", "extra")}
+    for name, entry in (data.get("devices") or {}).items():
+        if not isinstance(entry, dict) or "transport" not in entry or "address" not in entry:
+            raise BadRequest(f"{path}: device {name!r} needs 'transport' and 'address'",
+                             fix=f"correct the [devices.{name}] table in {path}")
+        fields = {k: v for k, v in entry.items() if k in known}
+        extra = {k: v for k, v in entry.items() if k not in known}
+        devices[name] = DeviceConfig(name=name, extra=extra, **fields)
+    return devices
+
+
+def save_devices(home: Path, devices: Dict[str, DeviceConfig]) -> None:
+    path = registry_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + f".{os.getpid()}.part")
+    partial.write_text(tomli_w.dumps({"devices": {n: d.to_toml() for n, d in
+                                                  sorted(devices.items())}}))
+    os.replace(partial, path)
+
+
+def add_device(home: Path, config: DeviceConfig, replace: bool = False) -> None:
+    check_name(config.name)
+    if config.transport not in TRANSPORTS:
+        raise BadRequest(f"unknown transport {config.transport!r}",
+                         fix=f"use one of: {', '.join(TRANSPORTS)}")
+    if config.transport == "ssh":
+        Endpoint.parse(config.address)
+        if config.jump:
+            Endpoint.parse(config.jump)
+    devices = load_devices(home)
+    if config.name in devices and not replace:
+        raise BadRequest(f"a device named {config.name!r} is already registered",
+                         fix=f"remove it first ('harness devices remove {config.name}') or "
+                             f"pick another name")
+    devices[config.name] = config
+    save_devices(home, devices)
+
+
+def remove_device(home: Path, name: str) -> DeviceConfig:
+    devices = load_devices(home)
+    if name not in devices:
+        raise BadRequest(f"no device named {name!r} is registered",
+                         fix="see 'harness devices list'")
+    config = devices.pop(name)
+    save_devices(home, devices)
+    return config
+
+
+def get_device(home: Path, name: str) -> DeviceConfig:
+    devices = load_devices(home)
+    if name not in devices:
+        known = ", ".join([*BUILTIN_DEVICES, *sorted(devices)])
+        raise BadRequest(f"no device named {name!r}; known devices: {known}",
+                         fix=f"register it with 'harness devices add {name} --ssh USER@HOST', "
+                             f"or use one of the known devices")
+    return devices[name]
 
 
 def open_transport(name: str, home: Path) -> Transport:
     """The transport for a device name; `home` is $HARNESS_HOME."""
     if name == "local":
         return LocalTransport(Path(home) / "devices" / "local", name="local")
-    raise BadRequest(f"no device named {name!r}; known devices: {', '.join(BUILTIN_DEVICES)}",
-                     fix="use device='local', or register the device first")
+    config = get_device(home, name)
+    return SSHTransport(name, Endpoint.parse(config.address),
+                        known_hosts=known_hosts_files(home), key_file=config.key,
+                        jump=Endpoint.parse(config.jump) if config.jump else None,
+                        python=config.python, workdir=config.workdir,
+                        connect_timeout=config.connect_timeout)
+
+
+def known_hosts_files(home: Path) -> List[Path]:
+    """Where host keys are looked up: harness's own file, then the user's."""
+    return [known_hosts_path(home), Path("~/.ssh/known_hosts").expanduser()]
+
+
+@dataclass
+class TrustResult:
+    entry: str
+    key_type: str
+    fingerprint: str
+    status: str  # "added", "already trusted", "replaced", "declined"
+
+
+def trust_device(home: Path, name: str, confirm: Callable[[str, str, str], bool],
+                 replace: bool = False) -> List[TrustResult]:
+    """Show and record the host keys of a device (and of its jump host) in
+    $HARNESS_HOME/known_hosts. `confirm(entry, type, fingerprint)` decides; a key that differs
+    from a recorded one is refused unless `replace`."""
+    config = get_device(home, name)
+    target = Endpoint.parse(config.address)
+    jump = Endpoint.parse(config.jump) if config.jump else None
+    results = []
+    if jump is not None:
+        results.append(_trust(home, name, jump, fetch_host_key(jump.host, jump.port,
+                                                               config.connect_timeout),
+                              confirm, replace))
+        if results[-1].status == "declined":
+            return results
+        hop = SSHConnection(name, jump, known_hosts_files(home), key_file=config.key,
+                            connect_timeout=config.connect_timeout)
+        try:
+            channel = hop.client.get_transport().open_channel(
+                "direct-tcpip", (target.host, target.port), ("127.0.0.1", 0))
+            key = fetch_host_key(target.host, target.port, config.connect_timeout, sock=channel)
+        finally:
+            hop.close()
+    else:
+        key = fetch_host_key(target.host, target.port, config.connect_timeout)
+    results.append(_trust(home, name, target, key, confirm, replace))
+    return results
+
+
+def _trust(home: Path, name: str, endpoint: Endpoint, key: paramiko.PKey,
+           confirm: Callable[[str, str, str], bool], replace: bool) -> TrustResult:
+    path = known_hosts_path(home)
+    entry = host_entry(endpoint.host, endpoint.port)
+    keys = paramiko.HostKeys(str(path)) if path.exists() else paramiko.HostKeys()
+    known = keys.lookup(entry) or {}
+    fingerprint = key_fingerprint(key)
+    result = TrustResult(entry, key.get_name(), fingerprint, "added")
+    recorded = known.get(key.get_name())
+    if recorded is not None and recorded == key:
+        result.status = "already trusted"
+        return result
+    if known and not replace:
+        old = ", ".join(f"{t} {key_fingerprint(k)}" for t, k in known.items())
+        raise HostKeyChanged(f"REFUSED: {entry} now offers {key.get_name()} {fingerprint}, but "
+                             f"{path} records {old}. The key changed: someone may be "
+                             f"intercepting the connection, or the board was reinstalled",
+                             device=name,
+                             fix=f"only if you know the board was reinstalled, run 'harness "
+                                 f"devices trust {name} --replace'")
+    if not confirm(entry, key.get_name(), fingerprint):
+        result.status = "declined"
+        return result
+    if known:
+        del keys[entry]
+        result.status = "replaced"
+    keys.add(entry, key.get_name(), key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys.save(str(path))
+    return result

@@ -2,7 +2,9 @@
 
 A transport moves files to the device (`put`), runs a command there to completion (`run`) or
 as a long-lived process we talk to line by line (`spawn`), says what it knows of the device
-(`fingerprint`) and releases its resources (`close`). Everything device-specific (SSH, ADB,
+beyond the agent's view (`fingerprint`), deletes what we left there (`remove`) and releases
+its resources (`close`). `spawn` and `remove` extend DESIGN.md's four calls: the persistent
+agent worker and `harness devices clean` need them on every transport. Everything device-specific (SSH, ADB,
 getprop, thermal files) sits behind it.
 """
 from typing import Dict, List, Optional, Protocol, Tuple
@@ -49,6 +51,9 @@ class Transport(Protocol):
 
     def fingerprint(self) -> Dict[str, object]:
         """What the transport knows of the device beyond the agent's view (may be empty)."""
+
+    def remove(self, remote_names: List[str], timeout: float = 60.0) -> None:
+        """Delete files or folders in the device's working folder (`harness devices clean`)."""
 
     def close(self) -> None:
         """Release connections; processes we started on the device are killed."""

@@ -2,6 +2,8 @@
 
     harness profile --space MODULE:ATTR --device NAME --samples N [--seed S] [--json]
     harness cache stats | export FILE | import FILE
+    harness devices add NAME --ssh USER@HOST[:PORT] [--key FILE] [--jump USER@HOST] [--kind K]
+    harness devices list | check NAME | trust NAME [--yes] [--replace] | remove NAME | clean NAME
 """
 import argparse
 import json
@@ -46,6 +48,29 @@ def _parser() -> argparse.ArgumentParser:
                          help="seconds one measurement may take from the device lease")
     profile.add_argument("--refresh", action="store_true", help="measure even if cached")
 
+    devices = commands.add_parser("devices", help="register, check and trust devices")
+    verbs = devices.add_subparsers(dest="action", required=True)
+    add = verbs.add_parser("add", help="register a device")
+    add.add_argument("name")
+    add.add_argument("--ssh", required=True, metavar="USER@HOST[:PORT]")
+    add.add_argument("--key", help="private key file (default: SSH agent and default keys)")
+    add.add_argument("--jump", metavar="USER@HOST[:PORT]", help="jump host")
+    add.add_argument("--python", default="python3", help="Python on the device (python3)")
+    add.add_argument("--workdir", default=".cache/harness",
+                     help="working folder on the device, relative to $HOME (.cache/harness)")
+    add.add_argument("--kind", help="device kind, for pools of like devices")
+    add.add_argument("--connect-timeout", type=float, default=10.0)
+    verbs.add_parser("list", help="registered devices")
+    for verb, text in (("check", "prove the data path: agent, runtime, a tiny model"),
+                       ("remove", "forget a device"),
+                       ("clean", "delete the agent and models harness put on the device")):
+        verbs.add_parser(verb, help=text).add_argument("name")
+    trust = verbs.add_parser("trust", help="show and record a device's SSH host key")
+    trust.add_argument("name")
+    trust.add_argument("--yes", action="store_true", help="record without asking")
+    trust.add_argument("--replace", action="store_true",
+                       help="replace a recorded key that changed (board reinstalled)")
+
     cache = commands.add_parser("cache", help="inspect, export or import the cache")
     actions = cache.add_subparsers(dest="action", required=True)
     stats = actions.add_parser("stats", help="counts of what the cache holds")
@@ -64,6 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "profile":
             return _profile(args)
+        if args.command == "devices":
+            return _devices(args)
         return _cache(args)
     except (HarnessError, DeviceError) as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
@@ -150,6 +177,68 @@ def render_table(results: List[Measurement], statistic: str = "median") -> str:
         if r == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from devices import registry
+    from devices.check import check_device
+    from harness.paths import harness_home
+
+    home = harness_home()
+    if args.action == "add":
+        registry.add_device(home, registry.DeviceConfig(
+            name=args.name, transport="ssh", address=args.ssh, key=args.key, jump=args.jump,
+            python=args.python, workdir=args.workdir, kind=args.kind,
+            connect_timeout=args.connect_timeout))
+        print(f"added {args.name} ({args.ssh}); next: 'harness devices trust {args.name}', "
+              f"then 'harness devices check {args.name}'")
+    elif args.action == "list":
+        print(f"{'name':<16} {'transport':<9} {'address':<28} kind")
+        print(f"{'local':<16} {'local':<9} {'this machine':<28} -")
+        for config in registry.load_devices(home).values():
+            via = f" via {config.jump}" if config.jump else ""
+            print(f"{config.name:<16} {config.transport:<9} {config.address + via:<28} "
+                  f"{config.kind or '-'}")
+    elif args.action == "remove":
+        registry.remove_device(home, args.name)
+        print(f"removed {args.name} (its host key stays in {registry.known_hosts_path(home)})")
+    elif args.action == "trust":
+        def confirm(entry: str, key_type: str, fingerprint: str) -> bool:
+            print(f"{entry} offers {key_type} {fingerprint}")
+            if args.yes:
+                return True
+            if not sys.stdin.isatty():
+                raise HarnessError("not recording a host key without confirmation",
+                                   fix="compare the fingerprint with the board's own "
+                                       "(ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub) and rerun "
+                                       "with --yes")
+            return input("record this key? [y/N] ").strip().lower() in ("y", "yes")
+
+        for result in registry.trust_device(home, args.name, confirm, replace=args.replace):
+            print(f"{result.entry}: {result.key_type} {result.fingerprint}: {result.status}")
+    elif args.action == "check":
+        transport = registry.open_transport(args.name, home)
+        report = check_device(transport)
+        identity = report.identity
+        for label, key in (("python", "python"), ("onnxruntime", "onnxruntime"),
+                           ("numpy", "numpy"), ("cpu", "cpu_model"), ("cores", "cpu_count"),
+                           ("board", "board"), ("kernel", "kernel")):
+            if identity:
+                print(f"{label:>12}: {identity.get(key) or 'missing'}")
+        if report.median_ms is not None:
+            print(f"{'tiny model':>12}: {report.median_ms:.3f} ms median")
+        for problem in report.problems:
+            print(f"problem: {problem}")
+        print(f"{args.name}: {'ok' if report.ok else 'NOT ready'}")
+        return 0 if report.ok else 1
+    elif args.action == "clean":
+        transport = registry.open_transport(args.name, home)
+        try:
+            transport.remove(["models", "agent"])
+        finally:
+            transport.close()
+        print(f"removed the agent and models harness put on {args.name}")
+    return 0
 
 
 def _cache(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ def test_miss_then_hit(profiler, tiny):
     first = profiler.measure(sample)
     assert first.source == "measured" and first.n >= 5
     assert first.device == "local" and first.agent_version == "1.0"
-    assert first.device_fingerprint["transport"] == "local"
+    assert first.device_fingerprint["cpu_count"] >= 1
     assert first.provenance["model_sha256"] and first.provenance["runtime"]["name"] == "onnxruntime"
     assert profiler.profile(sample) == first.median
     again = profiler.measure(sample)

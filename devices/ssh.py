@@ -1,0 +1,485 @@
+"""The `ssh` transport: edge boards reached over SSH with paramiko.
+
+- Host keys are verified with paramiko's RejectPolicy against $HARNESS_HOME/known_hosts and
+  the user's ~/.ssh/known_hosts. An unknown key is refused (HostKeyUnknown names
+  `harness devices trust NAME`); a changed key is refused loudly (HostKeyChanged) and never
+  replaced here.
+- Key authentication only (a key file, the SSH agent's keys or the default keys); an optional
+  jump host; connect timeout and keep-alive; one reconnect on a dropped connection.
+- Every remote argument is quoted (shlex.quote): names from users never reach a shell raw.
+- Remote commands run under a small wrapper that reports their pid first, so a timeout kills
+  the whole process group on the board (over a fresh connection if the old one is gone).
+"""
+import base64
+import hashlib
+import logging
+import posixpath
+import shlex
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import paramiko
+
+from devices.errors import (BadRequest, DeviceError, DeviceLost, MeasurementTimeout,
+                            TransferError)
+
+log = logging.getLogger("harness")
+
+PID_MARK = "@@harness-pid"
+STDERR_TAIL_BYTES = 8192
+# The wrapper prints the pid of the process that then becomes the command (exec keeps the
+# pid); sshd started the session in a process group of its own, which the kill takes down.
+WRAPPER = f'echo "{PID_MARK} $$"; exec "$@"'
+
+
+class HostKeyUnknown(DeviceError):
+    kind = "USER"
+
+
+class HostKeyChanged(DeviceError):
+    kind = "USER"
+
+
+class AuthenticationFailed(DeviceError):
+    kind = "USER"
+
+
+def key_fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH-style SHA256 fingerprint of a public key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def host_entry(host: str, port: int) -> str:
+    """How known_hosts names a host: 'host' on port 22, '[host]:port' otherwise."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """user@host:port of an SSH server."""
+
+    user: str
+    host: str
+    port: int = 22
+
+    @classmethod
+    def parse(cls, text: str, default_user: Optional[str] = None) -> "Endpoint":
+        user, at, rest = text.rpartition("@")
+        if not at:
+            user, rest = default_user or "", text
+        host, port = rest, 22
+        if rest.startswith("["):
+            host, _, after = rest[1:].partition("]")
+            port = int(after[1:]) if after.startswith(":") else 22
+        elif rest.count(":") == 1:
+            host, port_text = rest.split(":")
+            port = int(port_text)
+        if not host or not user:
+            raise BadRequest(f"SSH address {text!r} needs a user and a host",
+                             fix="write it as user@host or user@host:port")
+        return cls(user, host, port)
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.host}" + (f":{self.port}" if self.port != 22 else "")
+
+
+class SSHConnection:
+    """One authenticated, host-key-verified SSH connection (possibly through a jump host)."""
+
+    def __init__(self, name: str, endpoint: Endpoint, known_hosts: List[Path],
+                 key_file: Optional[str] = None, jump: Optional[Endpoint] = None,
+                 connect_timeout: float = 10.0, keepalive_s: int = 5):
+        self.name = name
+        self.endpoint = endpoint
+        self.known_hosts = known_hosts
+        self.key_file = str(Path(key_file).expanduser()) if key_file else None
+        self.jump = jump
+        self.connect_timeout = connect_timeout
+        self.keepalive_s = keepalive_s
+        self._jump_client: Optional[paramiko.SSHClient] = None
+        self.client = self._connect()
+
+    def _new_client(self) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        for path in self.known_hosts:
+            if path.exists():
+                client.load_system_host_keys(str(path))  # read only: never written back
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        return client
+
+    def _open(self, client: paramiko.SSHClient, endpoint: Endpoint, sock=None) -> None:
+        try:
+            client.connect(endpoint.host, endpoint.port, username=endpoint.user,
+                           key_filename=self.key_file, timeout=self.connect_timeout,
+                           banner_timeout=self.connect_timeout,
+                           auth_timeout=self.connect_timeout, allow_agent=True,
+                           look_for_keys=self.key_file is None, sock=sock)
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyChanged(
+                f"REFUSED: the host key of {endpoint.host}:{endpoint.port} has CHANGED: "
+                f"known {exc.expected_key.get_name()} {key_fingerprint(exc.expected_key)}, "
+                f"offered {exc.key.get_name()} {key_fingerprint(exc.key)}. Someone may be "
+                f"intercepting the connection, or the board was reinstalled",
+                device=self.name,
+                fix=f"check with the board's owner; only if it was reinstalled, run "
+                    f"'harness devices trust {self.name} --replace'") from None
+        except paramiko.AuthenticationException as exc:
+            raise AuthenticationFailed(
+                f"{endpoint} refused our key ({exc})", device=self.name,
+                fix=f"install your public key on the board (ssh-copy-id {endpoint.user}@"
+                    f"{endpoint.host}) or pass --key to 'harness devices add'") from None
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise HostKeyUnknown(
+                    f"the host key of {endpoint.host}:{endpoint.port} is not known, so the "
+                    f"connection was refused", device=self.name,
+                    fix=f"run 'harness devices trust {self.name}' to see its fingerprint and "
+                        f"record it") from None
+            raise DeviceLost(f"SSH to {endpoint} failed: {exc}", device=self.name) from None
+        except (OSError, EOFError) as exc:
+            raise DeviceLost(f"cannot reach {endpoint.host}:{endpoint.port}: {exc}",
+                             device=self.name,
+                             fix="check that the board is on, its address is right and sshd "
+                                 "runs there") from None
+
+    def _connect(self) -> paramiko.SSHClient:
+        sock = None
+        if self.jump is not None:
+            self._jump_client = self._new_client()
+            self._open(self._jump_client, self.jump)
+            try:
+                sock = self._jump_client.get_transport().open_channel(
+                    "direct-tcpip", (self.endpoint.host, self.endpoint.port), ("127.0.0.1", 0),
+                    timeout=self.connect_timeout)
+            except (paramiko.SSHException, OSError) as exc:
+                self._jump_client.close()
+                raise DeviceLost(f"jump host {self.jump} cannot reach {self.endpoint.host}:"
+                                 f"{self.endpoint.port}: {exc}", device=self.name) from None
+        client = self._new_client()
+        self._open(client, self.endpoint, sock=sock)
+        client.get_transport().set_keepalive(self.keepalive_s)
+        return client
+
+    @property
+    def alive(self) -> bool:
+        transport = self.client.get_transport()
+        return transport is not None and transport.is_active()
+
+    def close(self) -> None:
+        self.client.close()
+        if self._jump_client is not None:
+            self._jump_client.close()
+
+
+class SSHProcess:
+    """A command on the board with a line channel; see devices.transport.RemoteProcess."""
+
+    def __init__(self, transport: "SSHTransport", channel: paramiko.Channel):
+        self._transport = transport
+        self._channel = channel
+        self._buffer = b""
+        self._stderr = bytearray()
+        self.pid: Optional[int] = None
+        self._reader = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._reader.start()
+
+    def _drain_stderr(self) -> None:
+        try:
+            while True:
+                chunk = self._channel.recv_stderr(4096)
+                if not chunk:
+                    return
+                self._stderr += chunk
+                del self._stderr[:-STDERR_TAIL_BYTES]
+        except (OSError, EOFError, paramiko.SSHException):
+            return
+
+    def read_pid(self, timeout: float) -> None:
+        line = self.read_line(timeout)
+        if not line.startswith(PID_MARK):
+            raise DeviceLost(f"the remote wrapper printed {line[:200]!r} instead of its pid",
+                             device=self._transport.name)
+        self.pid = int(line.split()[1])
+
+    def write_line(self, line: str) -> None:
+        try:
+            self._channel.sendall(line.encode() + b"\n")
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise DeviceLost(f"the SSH channel to the agent is gone ({exc or type(exc).__name__})",
+                             device=self._transport.name) from None
+
+    def _receive(self, deadline: float, timeout: float) -> bytes:
+        """The next chunk of stdout (b"" at its end), waiting until `deadline` at most."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MeasurementTimeout(f"no answer from the agent within {timeout:.1f} s",
+                                         device=self._transport.name)
+            self._channel.settimeout(min(remaining, 1.0))
+            try:
+                return self._channel.recv(1 << 16)
+            except socket.timeout:
+                if not self._transport.connection_alive():
+                    raise DeviceLost("the SSH connection dropped while waiting for the agent",
+                                     device=self._transport.name) from None
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                raise DeviceLost(f"the SSH connection failed: {exc or type(exc).__name__}",
+                                 device=self._transport.name) from None
+
+    def read_line(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            chunk = self._receive(deadline, timeout)
+            if not chunk:
+                raise DeviceLost(f"the remote agent closed its output (exit code "
+                                 f"{self.wait(min(deadline, time.monotonic() + 2))})",
+                                 device=self._transport.name)
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode(errors="replace")
+
+    def read_to_end(self, deadline: float, timeout: float) -> str:
+        """All remaining stdout, until the command closes it."""
+        while True:
+            chunk = self._receive(deadline, timeout)
+            if not chunk:
+                text, self._buffer = self._buffer.decode(errors="replace"), b""
+                return text
+            self._buffer += chunk
+
+    def wait(self, deadline: float) -> Optional[int]:
+        """The exit status, waiting until `deadline` at most (None if it has not come)."""
+        if self._channel.status_event.wait(max(deadline - time.monotonic(), 0)):
+            return self._channel.exit_status
+        return None
+
+    def stderr_tail(self) -> str:
+        return bytes(self._stderr).decode(errors="replace")
+
+    def exit_code(self) -> Optional[int]:
+        if self._channel.exit_status_ready():
+            return self._channel.recv_exit_status()
+        return None
+
+    def kill(self) -> None:
+        if self.pid is not None and self.exit_code() is None:
+            self._transport.kill_remote(self.pid)
+        self.close_channel()
+
+    def close_channel(self) -> None:
+        self._channel.close()
+        self._reader.join(timeout=2)
+
+
+class SSHTransport:
+    """An edge board over SSH; see the module docstring."""
+
+    def __init__(self, name: str, endpoint: Endpoint, known_hosts: List[Path],
+                 key_file: Optional[str] = None, jump: Optional[Endpoint] = None,
+                 python: str = "python3", workdir: str = ".cache/harness",
+                 connect_timeout: float = 10.0, keepalive_s: int = 5):
+        self.name = name
+        self.endpoint = endpoint
+        self.python = shlex.split(python)
+        self._workdir = workdir
+        self._settings = dict(known_hosts=known_hosts, key_file=key_file, jump=jump,
+                              connect_timeout=connect_timeout, keepalive_s=keepalive_s)
+        self._connection: Optional[SSHConnection] = None
+        self._sftp: Optional[paramiko.SFTPClient] = None
+        self._home: Optional[str] = None
+        self._processes: List[SSHProcess] = []
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------ connection
+
+    def connection(self, fresh: bool = False) -> SSHConnection:
+        """The live connection; reconnects when it dropped (or when `fresh`)."""
+        with self._lock:
+            if self._connection is not None and (fresh or not self._connection.alive):
+                log.info("%s: reconnecting to %s", self.name, self.endpoint)
+                self._drop()
+            if self._connection is None:
+                self._connection = SSHConnection(self.name, self.endpoint, **self._settings)
+            return self._connection
+
+    def connection_alive(self) -> bool:
+        return self._connection is not None and self._connection.alive
+
+    def _drop(self) -> None:
+        if self._sftp is not None:
+            try:
+                self._sftp.close()
+            except Exception:
+                pass
+            self._sftp = None
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _retrying(self, what: str, operation):
+        """Run operation(connection) and, if the connection dropped, reconnect once and retry."""
+        for attempt in (1, 2):
+            connection = self.connection()
+            try:
+                return operation(connection)
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                if isinstance(exc, (socket.timeout, TimeoutError)) or attempt == 2:
+                    raise DeviceLost(f"{what} failed over SSH: {exc or type(exc).__name__}",
+                                     device=self.name) from None
+                log.warning("%s: %s failed (%s); reconnecting once", self.name, what, exc)
+                with self._lock:
+                    self._drop()
+
+    @property
+    def workdir(self) -> str:
+        """The absolute working folder on the board (relative paths are under $HOME)."""
+        if self._home is None:
+            self._home = self._retrying("finding the home folder",
+                                        lambda c: self._sftp_client(c).normalize("."))
+        return posixpath.join(self._home, self._workdir)
+
+    def _sftp_client(self, connection: SSHConnection) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            self._sftp = connection.client.open_sftp()
+        return self._sftp
+
+    # ------------------------------------------------------------ Transport protocol
+
+    def put(self, local_path: str, remote_name: str, force: bool = False) -> str:
+        target = posixpath.join(self.workdir, remote_name)
+
+        def upload(connection: SSHConnection) -> str:
+            sftp = self._sftp_client(connection)
+            if not force:
+                try:
+                    if stat.S_ISREG(sftp.stat(target).st_mode):
+                        return target
+                except FileNotFoundError:
+                    pass
+            self._makedirs(sftp, posixpath.dirname(target))
+            partial = f"{target}.{int(time.time() * 1e6)}.part"
+            try:
+                sftp.put(local_path, partial)
+                sftp.posix_rename(partial, target)
+            except PermissionError as exc:
+                raise TransferError(f"cannot write {target} on the board: {exc}",
+                                    device=self.name) from None
+            except OSError as exc:
+                if isinstance(exc, (socket.timeout, EOFError)) or "Socket" in str(exc):
+                    raise
+                raise TransferError(f"upload of {local_path} to {target} failed: {exc}",
+                                    device=self.name) from None
+            return target
+
+        return self._retrying(f"upload of {Path(local_path).name}", upload)
+
+    @staticmethod
+    def _makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
+        missing = []
+        while path not in ("", "/"):
+            try:
+                sftp.stat(path)
+                break
+            except FileNotFoundError:
+                missing.append(path)
+                path = posixpath.dirname(path)
+        for folder in reversed(missing):
+            try:
+                sftp.mkdir(folder)
+            except OSError:
+                sftp.stat(folder)  # made meanwhile by someone else: fine; else raise
+
+    def command_line(self, argv: List[str]) -> str:
+        """argv as one shell command, every argument quoted, under the pid-reporting wrapper."""
+        return " ".join(shlex.quote(a) for a in ["sh", "-c", WRAPPER, "harness", *argv])
+
+    def _exec(self, argv: List[str]) -> SSHProcess:
+        def start(connection: SSHConnection) -> SSHProcess:
+            channel = connection.client.get_transport().open_session()
+            channel.exec_command(self.command_line(argv))
+            return SSHProcess(self, channel)
+
+        return self._retrying(f"starting {Path(argv[-1]).name if argv else 'a command'}", start)
+
+    def run(self, argv: List[str], timeout: float) -> Tuple[int, str, str]:
+        deadline = time.monotonic() + timeout
+        process = self._exec(argv)
+        try:
+            process.read_pid(max(deadline - time.monotonic(), 0.001))
+            out = process.read_to_end(deadline, timeout)
+            code = process.wait(deadline)
+            if code is None:
+                raise MeasurementTimeout("no exit status", device=self.name)
+        except MeasurementTimeout:
+            process.kill()
+            raise MeasurementTimeout(f"{' '.join(argv[:3])}... ran longer than {timeout:.1f} s "
+                                     f"and was killed on the board", device=self.name) from None
+        finally:
+            process.close_channel()
+        return code, out, process.stderr_tail()
+
+    def spawn(self, argv: List[str]) -> SSHProcess:
+        process = self._exec(argv)
+        process.read_pid(self._settings["connect_timeout"] + 20)
+        self._processes.append(process)
+        return process
+
+    def kill_remote(self, pid: int) -> None:
+        """Kill a process we started and its process group on the board. Uses a fresh
+        connection when the old one is gone, so nothing is left running there."""
+        script = ('pgid=$(cut -d" " -f5 "/proc/$1/stat" 2>/dev/null); '
+                  'if [ -n "$pgid" ] && [ "$pgid" -gt 1 ] && [ "$pgid" != "$(cut -d" " -f5 /proc/$$/stat)" ]; '
+                  'then kill -KILL -- "-$pgid" 2>/dev/null; fi; kill -KILL "$1" 2>/dev/null; true')
+        command = " ".join(shlex.quote(a) for a in ["sh", "-c", script, "harness", str(pid)])
+
+        def kill(connection: SSHConnection) -> None:
+            _, out, _ = connection.client.exec_command(command, timeout=15)
+            out.channel.recv_exit_status()
+
+        try:
+            self._retrying(f"killing process {pid}", kill)
+        except DeviceError as exc:
+            log.warning("%s: could not kill process %d on the board: %s", self.name, pid, exc)
+
+    def fingerprint(self) -> Dict[str, object]:
+        return {}
+
+    def remove(self, remote_names: List[str], timeout: float = 60.0) -> None:
+        """Delete files or folders under the working folder (for `harness devices clean`)."""
+        paths = [posixpath.join(self.workdir, name) for name in remote_names]
+        code, _, err = self.run(["rm", "-rf", "--", *paths], timeout)
+        if code != 0:
+            raise TransferError(f"cannot remove {', '.join(paths)} on the board: {err.strip()}",
+                                device=self.name)
+
+    def close(self) -> None:
+        for process in self._processes:
+            try:
+                process.kill()
+            except DeviceError:
+                pass
+        self._processes.clear()
+        with self._lock:
+            self._drop()
+
+
+def fetch_host_key(host: str, port: int, timeout: float = 10.0, sock=None) -> paramiko.PKey:
+    """The key a server offers, read without authenticating (for `harness devices trust`)."""
+    try:
+        if sock is None:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        transport = paramiko.Transport(sock)
+        try:
+            transport.start_client(timeout=timeout)
+            return transport.get_remote_server_key()
+        finally:
+            transport.close()
+    except (OSError, paramiko.SSHException, EOFError) as exc:
+        raise DeviceLost(f"cannot read the host key of {host}:{port}: {exc}",
+                         fix="check that the board is on and sshd runs there") from None

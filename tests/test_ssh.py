@@ -1,0 +1,229 @@
+"""SSH devices against a real OpenSSH server: on loopback, through a fault-injecting relay,
+and on test boards in network namespaces."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import paramiko
+import pytest
+
+from devices import registry
+from devices.errors import AgentProtocolError, DeviceLost, LoadError, MeasurementTimeout
+from devices.ssh import HostKeyChanged, HostKeyUnknown, key_fingerprint
+from harness import Cache, LatencyProfiler, random_samples
+from tests.conftest import FAST, onnx_file
+from tests.relay import FaultRelay
+from tests.ssh_fixtures import (board, client_key, leftovers, loop, needs_root, register,  # noqa: F401
+                                sshd, testfarm)
+
+pytestmark = needs_root
+
+SLOW = dict(FAST, min_time_ms=4000.0, max_time_ms=8000.0)
+
+
+def profiler(tiny, device, **kwargs):
+    return LatencyProfiler(tiny, tiny.dummy_input(), device=device,
+                           settings=kwargs.pop("settings", FAST), **kwargs)
+
+
+def measurements(home) -> int:
+    with Cache(home / "cache.sqlite") as cache:
+        return cache.stats()["measurements"]
+
+
+def test_profile_over_ssh_then_cached(tiny, home, loop):
+    samples = random_samples(tiny, 2, seed=1)
+    with profiler(tiny, "loop") as p:
+        first = [p.measure(s) for s in samples]
+        assert [m.source for m in first] == ["measured", "measured"]
+        assert first[0].device == "loop" and first[0].device_fingerprint["onnxruntime"]
+    models = sorted((loop / "models").iterdir())
+    assert len(models) == 2 and len(list((loop / "agent").iterdir())) == 1
+    stamps = [m.stat().st_mtime for m in models]
+    with profiler(tiny, "loop", refresh=True) as p:
+        assert p.measure(samples[0]).source == "measured"
+    assert [m.stat().st_mtime for m in models] == stamps, "a model on the board was sent again"
+    with profiler(tiny, "loop") as p:
+        assert p.measure(samples[1]).source == "cached"
+    assert leftovers(loop) == []
+
+
+def test_process_isolation_over_ssh(tiny, loop):
+    with profiler(tiny, "loop", isolation="process") as p:
+        assert p.measure(random_samples(tiny, 1, seed=2)[0]).n >= 5
+
+
+def test_unknown_host_key_is_refused_and_names_trust(tiny, home, sshd, client_key, tmp_path):
+    register(home, "stranger", f"root@127.0.0.1:{sshd.port}", client_key, tmp_path / "w",
+             trust=False)
+    with profiler(tiny, "stranger") as p, pytest.raises(HostKeyUnknown) as caught:
+        p.profile(random_samples(tiny, 1)[0])
+    assert "harness devices trust stranger" in str(caught.value)
+    assert measurements(home) == 0
+
+
+def test_trust_shows_the_real_fingerprint_and_records_it(home, sshd, client_key, tmp_path):
+    register(home, "fresh", f"root@127.0.0.1:{sshd.port}", client_key, tmp_path / "w",
+             trust=False)
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "devices", "trust", "fresh",
+                          "--yes"], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, HARNESS_HOME=str(home))).stdout
+    expected = subprocess.run(["ssh-keygen", "-lf", f"{sshd.host_key}.pub"], capture_output=True,
+                              text=True, check=True).stdout.split()[1]
+    assert expected in out and "added" in out
+    assert f"[127.0.0.1]:{sshd.port}" in (home / "known_hosts").read_text()
+    # Asking again changes nothing; without a terminal or --yes nothing is recorded.
+    assert registry.trust_device(home, "fresh", lambda *_: False)[0].status == "already trusted"
+
+
+def test_a_changed_host_key_is_refused_loudly_and_never_replaced_silently(
+        tiny, home, sshd, client_key, tmp_path):
+    register(home, "moved", f"root@127.0.0.1:{sshd.port}", client_key, tmp_path / "w",
+             trust=False)
+    impostor = paramiko.Ed25519Key.from_private_key_file(str(client_key))  # any other key
+    keys = paramiko.HostKeys()
+    keys.add(f"[127.0.0.1]:{sshd.port}", impostor.get_name(), impostor)
+    keys.save(str(home / "known_hosts"))
+    before = (home / "known_hosts").read_text()
+    with profiler(tiny, "moved") as p, pytest.raises(HostKeyChanged) as caught:
+        p.profile(random_samples(tiny, 1)[0])
+    assert "CHANGED" in str(caught.value) and key_fingerprint(impostor) in str(caught.value)
+    with pytest.raises(HostKeyChanged, match="--replace"):
+        registry.trust_device(home, "moved", lambda *_: True)
+    assert (home / "known_hosts").read_text() == before
+    assert registry.trust_device(home, "moved", lambda *_: True, replace=True)[0].status == "replaced"
+    with profiler(tiny, "moved") as p:
+        assert p.profile(random_samples(tiny, 1)[0]) > 0
+
+
+def test_arguments_never_reach_a_shell_unquoted(tiny, home, sshd, client_key, tmp_path):
+    marker = tmp_path / "pwned"
+    workdir = tmp_path / f"it's a $(touch {marker}) `touch {marker}` dir; touch {marker}"
+    register(home, "quoted", f"root@127.0.0.1:{sshd.port}", client_key, workdir)
+    with profiler(tiny, "quoted") as p:
+        assert p.profile(random_samples(tiny, 1)[0]) > 0
+    assert (workdir / "models").is_dir()
+    assert not marker.exists()
+    testfarm.kill_all(testfarm.processes_mentioning(str(workdir)))
+
+
+def test_check_reports_a_board_without_onnxruntime(home, sshd, client_key, tmp_path):
+    register(home, "bare", f"root@127.0.0.1:{sshd.port}", client_key, tmp_path / "w",
+             python=f"{sys.executable} -S")
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "devices", "check", "bare"],
+                          capture_output=True, text=True, env=dict(os.environ, HARNESS_HOME=str(home)))
+    assert proc.returncode == 1
+    assert "onnxruntime: missing" in proc.stdout
+    assert "-m pip install onnxruntime numpy" in proc.stdout and "NOT ready" in proc.stdout
+
+
+def test_check_a_good_board(home, loop):
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "devices", "check", "loop"],
+                          capture_output=True, text=True, env=dict(os.environ, HARNESS_HOME=str(home)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "tiny model:" in proc.stdout and "loop: ok" in proc.stdout
+    clean = subprocess.run([sys.executable, "-m", "harness.cli", "devices", "clean", "loop"],
+                           capture_output=True, text=True, env=dict(os.environ, HARNESS_HOME=str(home)))
+    assert clean.returncode == 0 and not (loop / "agent").exists()
+
+
+def test_an_agent_printing_garbage(tiny, home, sshd, client_key, tmp_path):
+    register(home, "noisy", f"root@127.0.0.1:{sshd.port}", client_key, tmp_path / "w",
+             python="sh -c 'echo Welcome to BoardOS; sleep 1'")
+    with profiler(tiny, "noisy") as p, pytest.raises(AgentProtocolError, match="BoardOS"):
+        p.profile(random_samples(tiny, 1)[0])
+    assert measurements(home) == 0
+
+
+def test_a_model_the_board_cannot_load(home, loop, tmp_path):
+    from onnx import TensorProto, helper
+    from devices import AgentClient
+    model = onnx_file(tmp_path / "alien.onnx",
+                      [helper.make_node("Warp", ["x"], ["y"], domain="com.example.alien")],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    client = AgentClient(registry.open_transport("loop", home))
+    try:
+        with pytest.raises(LoadError, match="cannot load"):
+            client.measure(str(model), FAST, time.monotonic() + 60)
+    finally:
+        client.close()
+
+
+def test_a_timeout_kills_the_agent_on_the_board(tiny, home, loop):
+    with profiler(tiny, "loop", settings=SLOW, timeout_s=2.0) as p:
+        with pytest.raises(MeasurementTimeout):
+            p.profile(random_samples(tiny, 1)[0])
+        assert leftovers(loop, seconds=5) == []
+    assert measurements(home) == 0
+
+
+@pytest.fixture
+def relayed(home, sshd, client_key, tmp_path):
+    relay = FaultRelay(("127.0.0.1", sshd.port))
+    workdir = tmp_path / "relayed work"
+    register(home, "relayed", f"root@127.0.0.1:{relay.port}", client_key, workdir)
+    yield relay, workdir
+    relay.close()
+    testfarm.kill_all(testfarm.processes_mentioning(str(workdir)))
+
+
+def test_added_latency_still_measures(tiny, relayed):
+    relay, _ = relayed
+    relay.delay_s = 0.02
+    with profiler(tiny, "relayed") as p:
+        assert p.measure(random_samples(tiny, 1, seed=3)[0]).source == "measured"
+
+
+def test_a_stalled_connection_times_out_and_leaves_nothing_running(tiny, home, relayed):
+    relay, workdir = relayed
+    with profiler(tiny, "relayed", settings=SLOW, timeout_s=4.0) as p:
+        threading.Timer(1.5, relay.stall).start()
+        with pytest.raises(MeasurementTimeout):
+            p.profile(random_samples(tiny, 1, seed=5)[0])
+        assert leftovers(workdir, seconds=10) == []
+    assert measurements(home) == 0
+
+
+def test_a_cut_connection_reconnects_and_retries_once(tiny, home, relayed):
+    relay, workdir = relayed
+    with profiler(tiny, "relayed", settings=dict(FAST, min_time_ms=2500.0, max_time_ms=5000.0)) as p:
+        threading.Timer(1.0, relay.cut).start()
+        measured = p.measure(random_samples(tiny, 1, seed=6)[0])
+        assert measured.source == "measured" and measured.provenance["loop_ms"] >= 2500
+    assert measurements(home) == 1
+    assert leftovers(workdir) == []
+
+
+def test_sshd_killed_mid_measurement(tiny, home, loop, sshd):
+    with profiler(tiny, "loop", settings=SLOW, timeout_s=30.0) as p:
+        p.graph_hash(random_samples(tiny, 1, seed=7)[0])
+        threading.Timer(1.5, sshd.kill_everything).start()
+        started = time.monotonic()
+        with pytest.raises(DeviceLost, match="cannot reach|connection"):
+            p.profile(random_samples(tiny, 1, seed=7)[0])
+        assert time.monotonic() - started < 30
+    assert measurements(home) == 0
+
+
+def test_profile_on_a_board_in_a_network_namespace(tiny, home, board):
+    with profiler(tiny, "board7") as p:
+        measured = p.measure(random_samples(tiny, 1, seed=8)[0])
+    assert measured.source == "measured" and measured.device == "board7"
+    assert leftovers(board.workdir) == []
+
+
+def test_link_cut_mid_run_is_a_typed_error_and_caches_nothing(tiny, home, board):
+    with profiler(tiny, "board7", settings=SLOW, timeout_s=5.0) as p:
+        p.graph_hash(random_samples(tiny, 1, seed=9)[0])
+        threading.Timer(1.5, board.link, (False,)).start()
+        with pytest.raises((MeasurementTimeout, DeviceLost)):
+            p.profile(random_samples(tiny, 1, seed=9)[0])
+    assert measurements(home) == 0
+    board.link(True)
+    with profiler(tiny, "board7") as p:
+        assert p.measure(random_samples(tiny, 1, seed=10)[0]).source == "measured"
+    assert leftovers(board.workdir, seconds=30) == []
