@@ -89,10 +89,15 @@ def export_onnx(module: torch.nn.Module, dummy_input: DummyInput, opset: int = O
     return buffer.getvalue()
 
 
+def export_module(module: torch.nn.Module, dummy_input: DummyInput) -> ExportedModel:
+    """Export and hash one module."""
+    onnx_bytes = export_onnx(module, dummy_input)
+    return ExportedModel(onnx_bytes, graph_hash(onnx_bytes), hashlib.sha256(onnx_bytes).hexdigest())
+
+
 def export_sample(space: Any, sample: Dict[str, Any], dummy_input: DummyInput) -> ExportedModel:
     """Freeze, export and hash one validated sample."""
-    onnx_bytes = export_onnx(freeze(space, sample), dummy_input)
-    return ExportedModel(onnx_bytes, graph_hash(onnx_bytes), hashlib.sha256(onnx_bytes).hexdigest())
+    return export_module(freeze(space, sample), dummy_input)
 
 
 # ---------------------------------------------------------------- canonical graph hash

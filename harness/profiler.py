@@ -31,7 +31,8 @@ from devices.errors import BadRequest
 from devices.registry import open_transport
 from harness.cache import Cache, MeasurementKey, canonical_json, digest
 from harness.errors import HarnessError
-from harness.export import OPSET, DummyInput, ExportedModel, export_sample, input_signature
+from harness.export import (OPSET, DummyInput, ExportedModel, export_module, export_sample,
+                            input_signature)
 from harness.farm import DeviceLease
 from harness.measurement import STATISTICS, Measurement
 from harness.paths import default_cache_path, harness_home
@@ -164,6 +165,23 @@ class LatencyProfiler(Profiler):
                 bar.update()
         return results
 
+    def measure_module(self, module: torch.nn.Module, dummy_input: DummyInput) -> Measurement:
+        """Latency of any module (a block of a lookup table, say) on this profiler's device,
+        through the same cache, keyed by its own graph hash and input shapes."""
+        started = time.perf_counter()
+        exported = export_module(module.eval(), dummy_input)
+        self._last_export_ms = (time.perf_counter() - started) * 1e3
+        input_sig = canonical_json(input_signature(dummy_input))
+        key = self._key(exported.graph_hash, input_sig)
+        if not self.refresh:
+            cached = self.cache.get(key)
+            if cached is not None:
+                self.counters["cache_hits"] += 1
+                return cached
+        measurement = self._measure_on_device(exported, input_signature(dummy_input))
+        self._store(measurement, input_sig)
+        return measurement
+
     def graph_hash(self, sample: Mapping[str, Any]) -> str:
         """The sample's graph hash (from the sample index, or by exporting it)."""
         canonical = self._validate(sample)
@@ -201,16 +219,19 @@ class LatencyProfiler(Profiler):
                 return cached
         if exported is None:
             exported = self._export(sample)
-        measurement = self._measure_on_device(exported)
+        measurement = self._measure_on_device(exported, self.input_signature)
+        self._store(measurement, self._input_sig)
+        self._memo[memo_key] = measurement.statistic(self.statistic)
+        return measurement
+
+    def _store(self, measurement: Measurement, input_sig: str) -> None:
         identity = measurement.device_fingerprint
         device_fp = digest(identity)
         if device_fp != self._device_fp:  # the device changed under us (say, a new runtime)
             log.warning("%s: device fingerprint changed during the session", self.device)
             self._device_identity, self._device_fp = identity, device_fp
             self.cache.put_device(device_fp, identity)
-        self.cache.put(self._key(exported.graph_hash), measurement)
-        self._memo[memo_key] = measurement.statistic(self.statistic)
-        return measurement
+        self.cache.put(self._key(measurement.graph_hash, input_sig), measurement)
 
     def _export(self, sample: Sample) -> ExportedModel:
         started = time.perf_counter()
@@ -221,11 +242,11 @@ class LatencyProfiler(Profiler):
                               exported.graph_hash)
         return exported
 
-    def _key(self, graph: str) -> MeasurementKey:
+    def _key(self, graph: str, input_sig: Optional[str] = None) -> MeasurementKey:
         if self._device_fp is None:
             self._learn_device()
-        return MeasurementKey(graph, self._input_sig, self._settings_key, self._device_fp,
-                              self._agent().agent_version)
+        return MeasurementKey(graph, input_sig or self._input_sig, self._settings_key,
+                              self._device_fp, self._agent().agent_version)
 
     def _agent(self) -> AgentClient:
         if self._client is None:
@@ -251,7 +272,8 @@ class LatencyProfiler(Profiler):
             self._space_fp, self._input_sig, self._settings_key, self._device_fp,
             self._agent().agent_version, self.statistic, sample=sample)
 
-    def _measure_on_device(self, exported: ExportedModel) -> Measurement:
+    def _measure_on_device(self, exported: ExportedModel,
+                           signature: List[Dict[str, Any]]) -> Measurement:
         path = Path(self._staging.name) / f"{exported.sha256}.onnx"
         path.write_bytes(exported.onnx_bytes)
         try:
@@ -287,7 +309,7 @@ class LatencyProfiler(Profiler):
         return Measurement(samples_ms=tuple(result["samples_ms"]), source="measured",
                            device=self.device, graph_hash=exported.graph_hash,
                            load_ms=result["load_ms"], first_run_ms=result["first_run_ms"],
-                           input_signature=tuple(self.input_signature),
+                           input_signature=tuple(signature),
                            settings=result["settings"],
                            device_fingerprint=fingerprint["identity"],
                            agent_version=result["agent_version"], provenance=provenance)

@@ -8,12 +8,18 @@ at toy size, for tests and quick trials.
 
 Labels: `stageS.depth`, `stageS.blockB.kernel`, `stageS.blockB.expand`, `stageS.blockB.skip`.
 Blocks beyond a stage's depth are not built, so samples that differ only in their labels
-build the same architecture (and share one graph hash and one measurement).
+build the same architecture (and share one graph hash and one measurement). The spaces are
+additive (see harness.additive): FLOPs, parameters and latency lookup tables are summed per
+block.
 """
+import functools
+import itertools
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from harness.additive import AdditiveTerm, Block, chosen_blocks
 
 Stage = Tuple[int, int, int]  # (output channels, max depth, stride of the first block)
 
@@ -87,22 +93,58 @@ class MobileSpace:
                     space[f"stage{s}.block{b}.skip"] = [True, False]
         return space
 
-    def freeze(self, sample: Dict[str, Any]) -> nn.Module:
-        layers: List[nn.Module] = _conv_bn(3, self.stem_channels, 3, 2)
-        layers.append(MBConv(self.stem_channels, self.first_channels, 3, 1, 1, False))
+    def additive_terms(self, input_shape: Sequence[int]) -> List[AdditiveTerm]:
+        """The subnet as a sequence of slots (stem, one per block position, head); see
+        harness.additive. freeze() builds from these very terms."""
+        n, _, height, width = input_shape
+
+        def fixed(key: str, build, shape) -> AdditiveTerm:
+            return AdditiveTerm((), {(): Block(f"{key}|in{list(shape)}", build, tuple(shape))})
+
+        terms = [fixed("stem", lambda: nn.Sequential(
+            *_conv_bn(3, self.stem_channels, 3, 2),
+            MBConv(self.stem_channels, self.first_channels, 3, 1, 1, False)),
+            (n, 3, height, width))]
+        height, width = -(-height // 2), -(-width // 2)
         cin = self.first_channels
         for s, (cout, max_depth, stride) in enumerate(self.stages, 1):
-            depth = sample.get(f"stage{s}.depth", max_depth)
-            for b in range(depth):
-                layers.append(MBConv(cin, cout, sample[f"stage{s}.block{b}.kernel"],
-                                     sample[f"stage{s}.block{b}.expand"],
-                                     stride if b == 0 else 1,
-                                     bool(sample.get(f"stage{s}.block{b}.skip", False))))
-                cin = cout
-        layers += _conv_bn(cin, self.head_channels, 1, 1)
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.head_channels,
-                                                                    self.num_classes)]
-        return nn.Sequential(*layers).eval()
+            depth_label = f"stage{s}.depth" if len(self._depths(max_depth)) > 1 else None
+            for b in range(max_depth):
+                block_stride = stride if b == 0 else 1
+                block_cin = cin if b == 0 else cout
+                shape = (n, block_cin, height, width)
+                labels = ([depth_label] if depth_label else []) + [
+                    f"stage{s}.block{b}.kernel", f"stage{s}.block{b}.expand"] + (
+                    [f"stage{s}.block{b}.skip"] if b > 0 else [])
+                choices = [self._depths(max_depth)] if depth_label else []
+                choices += [self.kernels, self.expands] + ([[True, False]] if b > 0 else [])
+                blocks = {}
+                for values in itertools.product(*choices):
+                    named = dict(zip(labels, values))
+                    if depth_label and named[depth_label] <= b:
+                        blocks[values] = None
+                        continue
+                    kernel = named[f"stage{s}.block{b}.kernel"]
+                    expand = named[f"stage{s}.block{b}.expand"]
+                    skip = bool(named.get(f"stage{s}.block{b}.skip", False))
+                    blocks[values] = Block(
+                        f"mbconv|{block_cin}>{cout}|k{kernel}|e{expand}|s{block_stride}|"
+                        f"skip{int(skip)}|in{list(shape)}",
+                        functools.partial(MBConv, block_cin, cout, kernel, expand,
+                                          block_stride, skip), shape)
+                terms.append(AdditiveTerm(tuple(labels), blocks))
+                if b == 0:
+                    height, width = -(-height // stride), -(-width // stride)
+            cin = cout
+        head_shape = (n, cin, height, width)
+        terms.append(fixed("head", lambda: nn.Sequential(
+            *_conv_bn(cin, self.head_channels, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(self.head_channels, self.num_classes)), head_shape))
+        return terms
+
+    def freeze(self, sample: Dict[str, Any]) -> nn.Module:
+        terms = self.additive_terms((1, 3, self.input_size, self.input_size))
+        return nn.Sequential(*[block.build() for block in chosen_blocks(terms, sample)]).eval()
 
 
 class ProxylessSpace(MobileSpace):

@@ -1,0 +1,164 @@
+"""Search integration: strategies, Filter modes, chained constraints, one-shot penalties, LUT."""
+import pytest
+import torch
+
+from harness import LatencyProfiler, random_samples
+from harness.counting import FlopsProfiler, NumParamsProfiler
+from harness.lut import LatencyLUT
+from harness.search import (Chain, ExpectationProfilerPenalty, Filter, Random, RangeProfilerFilter,
+                            RegularizedEvolution, SampleProfilerPenalty, SearchExhausted,
+                            run_search)
+from harness.space import sample_key
+from harness.spaces import TinySpace
+from tests.conftest import FAST
+
+
+@pytest.fixture
+def space():
+    return TinySpace()
+
+
+@pytest.fixture
+def flops(space):
+    return FlopsProfiler(space, space.dummy_input())
+
+
+def test_random_is_seeded_and_dedups(space):
+    a = [Random(space, seed=1).propose() for _ in range(1)]
+    assert a == [Random(space, seed=1).propose()]
+    strategy = Random(space, seed=2)
+    keys = [sample_key(strategy.propose()) for _ in range(300)]
+    assert len(set(keys)) == 300
+
+
+def test_filter_discards_and_chain_checks_the_cheap_constraint_first(space, flops):
+    limit = sorted(flops.profile(s) for s in random_samples(space, 200, seed=0))[100]
+    expensive_calls = []
+
+    def expensive(sample):
+        assert flops.profile(sample) < limit, "a sample that fails the FLOPs filter got through"
+        expensive_calls.append(sample)
+        return True
+
+    first, second = Filter(lambda s: flops.profile(s) < limit), Filter(expensive)
+    result = run_search(Chain(Random(space, seed=3), first, second), lambda s: 1.0, budget=20)
+    assert len(result.history) == 20
+    assert first.rejected > 0 and first.passed == 20 == len(expensive_calls)
+
+
+def test_latency_filter_after_a_flops_filter_never_touches_the_device_for_violators(space, flops):
+    limit = sorted(flops.profile(s) for s in random_samples(space, 200, seed=0))[60]
+    with LatencyProfiler(space, space.dummy_input(), settings=FAST) as latency:
+        cheap = Filter(lambda s: flops.profile(s) < limit)
+        on_device = Filter(lambda s: latency.profile(s) < 1e9)
+        run_search(Chain(Random(space, seed=4), cheap, on_device), lambda s: 0.0, budget=5)
+        assert cheap.rejected > 0
+        assert latency.counters["exports"] == 5 and latency.counters["measurements"] <= 5
+
+
+def test_bad_metric_mode_teaches_the_strategy(space, flops):
+    limit = sorted(flops.profile(s) for s in random_samples(space, 200, seed=0))[50]
+    evolution = RegularizedEvolution(space, population_size=10, sample_size=3, seed=5)
+    gate = Filter(lambda s: flops.profile(s) < limit, metric_for_invalid=-1.0)
+    result = run_search(Chain(evolution, gate), lambda s: flops.profile(s) / limit, budget=30)
+    assert gate.rejected > 0
+    assert all(metric < 1 for _, metric in result.history)
+    assert any(metric == -1.0 for _, metric in evolution.population) or gate.rejected >= 10
+
+
+def test_filter_gives_up_after_patience(space):
+    with pytest.raises(SearchExhausted, match="rejected 25 samples in a row"):
+        run_search(Chain(Random(space, seed=6), Filter(lambda s: False, patience=25)),
+                   lambda s: 0.0, budget=5)
+
+
+def test_evolution_beats_random_on_a_simple_objective(space, flops):
+    objective = lambda s: -flops.profile(s)  # noqa: E731  (smallest model wins)
+    evolved = run_search(RegularizedEvolution(space, population_size=10, sample_size=5, seed=7),
+                         objective, budget=120)
+    best_possible = -min(flops.profile(s) for s in random_samples(space, 3000, seed=8))
+    assert evolved.best[1] >= best_possible * 1.001 or evolved.best[1] == best_possible
+
+
+def test_expected_cost_gradient_moves_architecture_towards_cheaper_choices(space, flops):
+    choices = flops.additive.choices
+    alphas = {label: torch.zeros(len(values), requires_grad=True) for label, values in choices.items()}
+    penalty = ExpectationProfilerPenalty(flops, baseline=2e5, scale=1.0, nonlinear="positive")
+    optimizer = torch.optim.SGD(list(alphas.values()), lr=0.5)
+    history = []
+    for _ in range(5):
+        probs = {label: torch.softmax(alpha, 0).double() for label, alpha in alphas.items()}
+        loss, details = penalty(torch.tensor(0.0, dtype=torch.float64), probs)
+        optimizer.zero_grad()
+        loss.backward()
+        for label, alpha in alphas.items():
+            # A residual skip is an addition: no multiply-accumulates, so no gradient.
+            assert (alpha.grad.abs().sum() > 0) != label.endswith(".skip"), label
+        optimizer.step()
+        history.append(details["penalty"])
+    assert history == sorted(history, reverse=True) and history[-1] < history[0]
+    kernel = torch.softmax(alphas["stage2.block0.kernel"], 0)
+    assert kernel[0] > kernel[1] > kernel[2]  # 3x3 is now likelier than 7x7
+    expand = torch.softmax(alphas["stage1.block0.expand"], 0)
+    assert expand[0] > expand[1]              # expansion 1 over 3
+
+
+def test_expectation_accepts_nni_style_distributions_and_matches_brute_force(space, flops):
+    uniform = {label: {v: 1 / len(values) for v in values}
+               for label, values in flops.additive.choices.items()}
+    penalty = ExpectationProfilerPenalty(flops, baseline=1.0, aggregate="mul", scale=1.0)
+    loss, details = penalty(torch.tensor(1.0, dtype=torch.float64), uniform)
+    from harness.space import enumerate_samples
+    brute = [flops.profile(s) for s in enumerate_samples(space)]
+    assert details["penalty"] == pytest.approx(sum(brute) / len(brute))
+    assert float(loss) == pytest.approx(details["penalty"])  # 1 * (1 + (E/1 - 1)) ** 1
+    with pytest.raises(TypeError, match="expected cost"):
+        ExpectationProfilerPenalty(object(), 1.0)(0.0, uniform)
+
+
+def test_sample_penalty_and_range_filter(space, flops):
+    sample = random_samples(space, 1, seed=9)[0]
+    value = flops.profile(sample)
+    loss, details = SampleProfilerPenalty(flops, baseline=value / 2, nonlinear="positive")(
+        torch.tensor(0.5), sample)
+    assert float(loss) == pytest.approx(1.5) and details["normalized_penalty"] == pytest.approx(1.0)
+    loss, _ = SampleProfilerPenalty(flops, baseline=value * 2, nonlinear="negative")(0.5, sample)
+    assert float(loss) == pytest.approx(0.0)
+    assert RangeProfilerFilter(flops, value - 1, value + 1)(sample)
+    assert not RangeProfilerFilter(flops, max=value - 1)(sample)
+    assert RangeProfilerFilter(NumParamsProfiler(space, space.dummy_input()), min=1)(sample)
+
+
+def test_latency_lookup_table_on_the_device(space):
+    with LatencyProfiler(space, space.dummy_input(), settings=FAST) as latency:
+        lut = LatencyLUT.build(space, space.dummy_input(), latency)
+        blocks = len(lut.block_ms)
+        # stem + head + (3 kernels x 2 expansions) per block 0 and x2 skips per block 1,
+        # less stage 1's block 1 without skip, the same module at the same shape as block 0.
+        assert blocks == 2 + 2 * (3 * 2) + 2 * (3 * 2 * 2) - 3 * 2
+        sample = random_samples(space, 1, seed=10)[0]
+        assert lut.profile(sample) > 0
+        report = lut.additivity_error(random_samples(space, 3, seed=11), latency)
+        assert report["samples"] == 3 and report["max_abs_error"] >= report["mean_abs_error"] >= 0
+        measured = latency.counters["measurements"]
+        again = LatencyLUT.build(space, space.dummy_input(), latency)  # all from the cache
+        assert latency.counters["measurements"] == measured
+        assert again.block_ms == lut.block_ms
+    probs = {label: torch.full((len(v),), 1 / len(v), dtype=torch.float64, requires_grad=True)
+             for label, v in lut.additive.choices.items()}
+    expected = lut.expected(probs)
+    expected.backward()
+    assert probs["stage1.block0.kernel"].grad is not None
+
+
+def test_lut_round_trip(space, tmp_path):
+    with LatencyProfiler(space, space.dummy_input(), settings=FAST) as latency:
+        lut = LatencyLUT.build(space, space.dummy_input(), latency)
+    lut.save(tmp_path / "lut.json")
+    loaded = LatencyLUT.load(tmp_path / "lut.json", space, space.dummy_input())
+    sample = random_samples(space, 1, seed=12)[0]
+    assert loaded.profile(sample) == lut.profile(sample)
+    (tmp_path / "bad.json").write_text("{}")
+    from harness.errors import HarnessError
+    with pytest.raises(HarnessError, match="cannot read the lookup table"):
+        LatencyLUT.load(tmp_path / "bad.json", space, space.dummy_input())
