@@ -8,6 +8,7 @@ A model space is any object with
 and optionally `dummy_input()` (an input for the CLI) and `config()` (a dict of constructor
 settings that change the architecture, for the space fingerprint). Choices must be JSON
 scalars (int, float, str, bool or None) so that samples have one canonical text form.
+An NNI 3.0 `ModelSpace` works as it is: its labels come from `simplify()`.
 """
 import hashlib
 import importlib
@@ -39,9 +40,28 @@ class ModelSpace(Protocol):
 _SCALARS = (int, float, str, bool, type(None))
 
 
+def raw_search_space(space: Any) -> Mapping[str, Sequence[Any]]:
+    """{label: choices} of a harness space, or of an NNI 3.0 ModelSpace (through its
+    `simplify()`: every mutable must be categorical, like nni.choice or LayerChoice)."""
+    if callable(getattr(space, "search_space", None)):
+        return space.search_space()
+    if callable(getattr(space, "simplify", None)) and callable(getattr(space, "freeze", None)):
+        choices = {}
+        for label, mutable in space.simplify().items():
+            values = getattr(mutable, "values", None)
+            if values is None:
+                raise HarnessError(f"NNI label {label!r} is a {type(mutable).__name__}, not a "
+                                   f"categorical choice", fix="profile spaces whose mutables are "
+                                   "nni.choice / LayerChoice / ValueChoice over a list")
+            choices[label] = list(values)
+        return choices
+    raise HarnessError(f"{type(space).__name__} is not a model space",
+                       fix="give it search_space() and freeze(sample), or pass an NNI ModelSpace")
+
+
 def checked_search_space(space: ModelSpace) -> Dict[str, List[Any]]:
     """The space's labels and choices, checked once: non-empty, distinct JSON scalars."""
-    raw = space.search_space()
+    raw = raw_search_space(space)
     if not isinstance(raw, Mapping) or not raw:
         raise HarnessError(f"{type(space).__name__}.search_space() returned {raw!r}",
                            fix="return a non-empty dict {label: [choices]}")
@@ -203,7 +223,9 @@ def load_space(spec: str) -> ModelSpace:
             raise HarnessError(f"cannot create the space {spec}(): {type(exc).__name__}: {exc}",
                                fix="point --space at a space that needs no arguments, or at "
                                    "a module-level instance") from exc
-    if not (callable(getattr(space, "search_space", None)) and callable(getattr(space, "freeze", None))):
+    if not callable(getattr(space, "freeze", None)) or not (
+            callable(getattr(space, "search_space", None))
+            or callable(getattr(space, "simplify", None))):
         raise HarnessError(f"{spec} is not a model space (it needs search_space() and freeze())",
                            fix="point --space at a class or object implementing harness.space.ModelSpace")
     return space

@@ -162,3 +162,19 @@ def test_lut_round_trip(space, tmp_path):
     from harness.errors import HarnessError
     with pytest.raises(HarnessError, match="cannot read the lookup table"):
         LatencyLUT.load(tmp_path / "bad.json", space, space.dummy_input())
+
+
+def test_latency_constrained_search_script(tmp_path, home):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "scripts" / "latency_constrained_search.py"
+    png = tmp_path / "front.png"
+    proc = subprocess.run([sys.executable, str(script), "--space", "harness.spaces:TinySpace",
+                           "--latency-ms", "1000", "--budget", "4", "--strategy", "random",
+                           "--min-time-ms", "5", "--png", str(png)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, HARNESS_HOME=str(home)))
+    assert proc.returncode == 0, proc.stderr
+    assert "4 samples within 1000.0 ms on local" in proc.stdout and "best sample" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
