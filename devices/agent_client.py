@@ -84,13 +84,19 @@ class AgentClient:
         sha = sha256 or file_sha256(model_path)
         remote = self._put(model_path, f"models/{sha}.onnx", force=False)
         request = {"op": "measure", "model": remote, "sha256": sha, "settings": settings}
+        # Device-specific control (phones: wait to cool, thermal zones before and after).
+        prepare = getattr(self.transport, "prepare_measurement", None)
+        prepared = prepare(deadline) if prepare is not None else None
         try:
             answer = self._call(request, deadline)
         except TransferError as exc:
             log.warning("%s: %s; sending the model again", self.device, exc.message)
             self._put(model_path, f"models/{sha}.onnx", force=True)
             answer = self._call(request, deadline)
-        return self._validate_measurement(answer)
+        answer = self._validate_measurement(answer)
+        if prepared is not None:
+            answer["device_control"] = self.transport.finish_measurement(prepared)
+        return answer
 
     def close(self) -> None:
         """Stop the worker (politely, then by force) and close the transport."""
@@ -108,6 +114,10 @@ class AgentClient:
 
     def _put(self, local_path: str, remote_name: str, force: bool) -> str:
         return self.transport.put(local_path, remote_name, force=force)
+
+    def _python(self) -> List[str]:
+        """The device's Python, behind the transport's prefix (phones: taskset to big cores)."""
+        return list(getattr(self.transport, "command_prefix", [])) + self.transport.python
 
     def _agent(self) -> str:
         if self._agent_path is None:
@@ -142,7 +152,7 @@ class AgentClient:
         return remaining
 
     def _start_worker(self, deadline: float) -> RemoteProcess:
-        argv = self.transport.python + ["-u", self._agent(), "worker"]
+        argv = self._python() + ["-u", self._agent(), "worker"]
         worker = self.transport.spawn(argv)
         try:
             hello = self._parse(worker.read_line(self._remaining(deadline)), worker)
@@ -150,8 +160,9 @@ class AgentClient:
             worker.kill()
             raise DeviceLost(f"the agent did not start: {exc.message}; stderr: "
                              f"{worker.stderr_tail()[-1500:]!r}", device=self.device,
-                             fix=f"check that '{' '.join(self.transport.python)}' on the device "
-                                 f"is Python 3.8+ with numpy and onnxruntime") from None
+                             fix=getattr(self.transport, "missing_runtime_fix", None) or
+                             f"check that '{' '.join(self.transport.python)}' on the device "
+                             f"is Python 3.8+ with numpy and onnxruntime") from None
         except DeviceError:
             worker.kill()
             raise
@@ -190,7 +201,7 @@ class AgentClient:
         return answer
 
     def _process_call(self, request: Dict[str, object], deadline: float) -> Dict[str, object]:
-        argv: List[str] = self.transport.python + [self._agent()]
+        argv: List[str] = self._python() + [self._agent()]
         if request["op"] == "fingerprint":
             argv += ["fingerprint"]
         else:
@@ -199,6 +210,10 @@ class AgentClient:
         code, out, err = self.transport.run(argv, timeout=self._remaining(deadline))
         lines = [line for line in out.splitlines() if line.strip()]
         if not lines:
+            if code in (126, 127):  # the shell could not find or execute the Python
+                raise DeviceLost(f"cannot run '{' '.join(self.transport.python)}' on the "
+                                 f"device: {err.strip()[-500:]!r}", device=self.device,
+                                 fix=getattr(self.transport, "missing_runtime_fix", None))
             if code < 0 or code > 128:
                 raise DeviceLost(f"the agent died with exit code {code}; stderr: "
                                  f"{err.strip()[-1500:]!r}", device=self.device)

@@ -14,7 +14,6 @@ from onnx import TensorProto, helper
 
 from devices.agent_client import AgentClient
 from devices.errors import DeviceError
-from devices.transport import Transport
 
 CHECK_SETTINGS = {"warmup_runs": 2, "min_runs": 10, "min_time_ms": 20.0, "max_time_ms": 2000.0}
 
@@ -45,15 +44,16 @@ def tiny_model(path: Path) -> Path:
     return path
 
 
-def check_device(transport: Transport, timeout_s: float = 120.0) -> CheckReport:
-    """Run the checks; never raises for a device problem, reports it instead."""
+def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
+    """Run the checks through an AgentClient or PerfTestClient; never raises for a device
+    problem, reports it instead."""
+    transport = client.transport
     report = CheckReport(device=transport.name)
     python = " ".join(transport.python)
-    client = AgentClient(transport, isolation="process")
     try:
         identity = client.fingerprint(deadline=time.monotonic() + timeout_s)["identity"]
         report.identity = identity
-        for package in ("numpy", "onnxruntime"):
+        for package in (("numpy", "onnxruntime") if isinstance(client, AgentClient) else ()):
             if identity.get(package) is None:
                 report.problems.append(
                     f"{package} is not installed for {python} ({identity.get('python')}) on "

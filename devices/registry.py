@@ -10,6 +10,13 @@
     python = "python3"               # the board's Python 3.8+ with numpy and onnxruntime
     workdir = ".cache/harness"       # per-user working folder (relative to $HOME)
     kind = "rpi4"                    # optional: devices of one kind form a pool
+
+    [devices.pixel7]
+    transport = "adb"
+    address = "2A1B0C3D"             # serial (or host:port for Wi-Fi ADB)
+    agent = "python"                 # "python" (e.g. Termux) or "perf-test"
+    perf_test = "~/android/onnxruntime_perf_test"   # host path of an Android build (perf-test)
+    max_temp_c = 45.0                # wait until the hottest CPU zone is below this
 """
 import os
 import re
@@ -21,14 +28,18 @@ from typing import Callable, Dict, List, Optional
 import paramiko
 import tomli_w
 
+from devices.adb import AdbTransport
+from devices.agent_client import AgentClient
 from devices.errors import BadRequest
 from devices.local import LocalTransport
+from devices.perf_test import PerfTestClient
 from devices.ssh import (Endpoint, HostKeyChanged, SSHConnection, SSHTransport, fetch_host_key,
                          host_entry, key_fingerprint)
 from devices.transport import Transport
 
 BUILTIN_DEVICES = ("local",)
-TRANSPORTS = ("ssh",)
+TRANSPORTS = ("ssh", "adb")
+AGENTS = ("python", "perf-test")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -42,9 +53,15 @@ class DeviceConfig:
     key: Optional[str] = None
     jump: Optional[str] = None
     python: str = "python3"
-    workdir: str = ".cache/harness"
+    workdir: Optional[str] = None   # default: .cache/harness (ssh), /data/local/tmp/harness (adb)
     kind: Optional[str] = None
     connect_timeout: float = 10.0
+    adb_port: int = 5037
+    agent: str = "python"
+    perf_test: Optional[str] = None
+    max_temp_c: Optional[float] = None
+    cool_timeout_s: float = 120.0
+    pin_big_cores: bool = True
     extra: Dict[str, object] = field(default_factory=dict)
 
     def to_toml(self) -> Dict[str, object]:
@@ -108,6 +125,16 @@ def add_device(home: Path, config: DeviceConfig, replace: bool = False) -> None:
         Endpoint.parse(config.address)
         if config.jump:
             Endpoint.parse(config.jump)
+    if config.agent not in AGENTS:
+        raise BadRequest(f"unknown agent {config.agent!r}", fix=f"use one of: {', '.join(AGENTS)}")
+    if config.agent == "perf-test":
+        if config.transport != "adb" or not config.perf_test:
+            raise BadRequest("agent 'perf-test' needs an adb device and --perf-test PATH",
+                             fix="pass the host path of your Android onnxruntime_perf_test build")
+        if not Path(config.perf_test).expanduser().is_file():
+            raise BadRequest(f"no onnxruntime_perf_test at {config.perf_test}",
+                             fix="build it for Android (onnxruntime's build.sh --android) and "
+                                 "give its path")
     devices = load_devices(home)
     if config.name in devices and not replace:
         raise BadRequest(f"a device named {config.name!r} is already registered",
@@ -142,11 +169,27 @@ def open_transport(name: str, home: Path) -> Transport:
     if name == "local":
         return LocalTransport(Path(home) / "devices" / "local", name="local")
     config = get_device(home, name)
+    if config.transport == "adb":
+        return AdbTransport(name, config.address, server_port=config.adb_port,
+                            python=config.python,
+                            workdir=config.workdir or "/data/local/tmp/harness",
+                            pin_big_cores=config.pin_big_cores, max_temp_c=config.max_temp_c,
+                            cool_timeout_s=config.cool_timeout_s)
     return SSHTransport(name, Endpoint.parse(config.address),
                         known_hosts=known_hosts_files(home), key_file=config.key,
                         jump=Endpoint.parse(config.jump) if config.jump else None,
-                        python=config.python, workdir=config.workdir,
+                        python=config.python, workdir=config.workdir or ".cache/harness",
                         connect_timeout=config.connect_timeout)
+
+
+def open_client(name: str, home: Path, isolation: str = "worker"):
+    """What measures on the device: our agent, or onnxruntime_perf_test (agent = "perf-test")."""
+    transport = open_transport(name, home)
+    if name != "local":
+        config = get_device(home, name)
+        if config.agent == "perf-test":
+            return PerfTestClient(transport, str(Path(config.perf_test).expanduser()))
+    return AgentClient(transport, isolation)
 
 
 def known_hosts_files(home: Path) -> List[Path]:

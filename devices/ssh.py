@@ -6,9 +6,9 @@
   replaced here.
 - Key authentication only (a key file, the SSH agent's keys or the default keys); an optional
   jump host; connect timeout and keep-alive; one reconnect on a dropped connection.
-- Every remote argument is quoted (shlex.quote): names from users never reach a shell raw.
-- Remote commands run under a small wrapper that reports their pid first, so a timeout kills
-  the whole process group on the board (over a fresh connection if the old one is gone).
+- Every remote argument is quoted and commands run under a wrapper that reports their pid
+  (devices.remote_shell), so a timeout kills the whole process group on the board (over a
+  fresh connection if the old one is gone).
 """
 import base64
 import hashlib
@@ -27,14 +27,11 @@ import paramiko
 
 from devices.errors import (BadRequest, DeviceError, DeviceLost, MeasurementTimeout,
                             TransferError)
+from devices.remote_shell import PID_MARK, kill_line, wrapped
 
 log = logging.getLogger("harness")
 
-PID_MARK = "@@harness-pid"
 STDERR_TAIL_BYTES = 8192
-# The wrapper prints the pid of the process that then becomes the command (exec keeps the
-# pid); sshd started the session in a process group of its own, which the kill takes down.
-WRAPPER = f'echo "{PID_MARK} $$"; exec "$@"'
 
 
 class HostKeyUnknown(DeviceError):
@@ -395,14 +392,10 @@ class SSHTransport:
             except OSError:
                 sftp.stat(folder)  # made meanwhile by someone else: fine; else raise
 
-    def command_line(self, argv: List[str]) -> str:
-        """argv as one shell command, every argument quoted, under the pid-reporting wrapper."""
-        return " ".join(shlex.quote(a) for a in ["sh", "-c", WRAPPER, "harness", *argv])
-
     def _exec(self, argv: List[str]) -> SSHProcess:
         def start(connection: SSHConnection) -> SSHProcess:
             channel = connection.client.get_transport().open_session()
-            channel.exec_command(self.command_line(argv))
+            channel.exec_command(wrapped(argv))  # sshd gives it a process group
             return SSHProcess(self, channel)
 
         return self._retrying(f"starting {Path(argv[-1]).name if argv else 'a command'}", start)
@@ -433,10 +426,7 @@ class SSHTransport:
     def kill_remote(self, pid: int) -> None:
         """Kill a process we started and its process group on the board. Uses a fresh
         connection when the old one is gone, so nothing is left running there."""
-        script = ('pgid=$(cut -d" " -f5 "/proc/$1/stat" 2>/dev/null); '
-                  'if [ -n "$pgid" ] && [ "$pgid" -gt 1 ] && [ "$pgid" != "$(cut -d" " -f5 /proc/$$/stat)" ]; '
-                  'then kill -KILL -- "-$pgid" 2>/dev/null; fi; kill -KILL "$1" 2>/dev/null; true')
-        command = " ".join(shlex.quote(a) for a in ["sh", "-c", script, "harness", str(pid)])
+        command = kill_line(pid)
 
         def kill(connection: SSHConnection) -> None:
             _, out, _ = connection.client.exec_command(command, timeout=15)

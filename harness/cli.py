@@ -52,12 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     verbs = devices.add_subparsers(dest="action", required=True)
     add = verbs.add_parser("add", help="register a device")
     add.add_argument("name")
-    add.add_argument("--ssh", required=True, metavar="USER@HOST[:PORT]")
+    via = add.add_mutually_exclusive_group(required=True)
+    via.add_argument("--ssh", metavar="USER@HOST[:PORT]", help="an SSH board")
+    via.add_argument("--adb", metavar="SERIAL", help="an Android phone (serial or host:port)")
+    add.add_argument("--adb-port", type=int, default=5037, help="adb server port (5037)")
+    add.add_argument("--agent", choices=("python", "perf-test"), default="python",
+                     help="phones: our Python agent (e.g. Termux) or onnxruntime_perf_test")
+    add.add_argument("--perf-test", metavar="PATH",
+                     help="host path of an Android build of onnxruntime_perf_test")
+    add.add_argument("--max-temp", type=float, metavar="C",
+                     help="phones: wait until the hottest CPU zone is below this")
     add.add_argument("--key", help="private key file (default: SSH agent and default keys)")
     add.add_argument("--jump", metavar="USER@HOST[:PORT]", help="jump host")
     add.add_argument("--python", default="python3", help="Python on the device (python3)")
-    add.add_argument("--workdir", default=".cache/harness",
-                     help="working folder on the device, relative to $HOME (.cache/harness)")
+    add.add_argument("--workdir", help="working folder on the device (.cache/harness under "
+                                          "$HOME on boards, /data/local/tmp/harness on phones)")
     add.add_argument("--kind", help="device kind, for pools of like devices")
     add.add_argument("--connect-timeout", type=float, default=10.0)
     verbs.add_parser("list", help="registered devices")
@@ -187,11 +196,14 @@ def _devices(args: argparse.Namespace) -> int:
     home = harness_home()
     if args.action == "add":
         registry.add_device(home, registry.DeviceConfig(
-            name=args.name, transport="ssh", address=args.ssh, key=args.key, jump=args.jump,
-            python=args.python, workdir=args.workdir, kind=args.kind,
-            connect_timeout=args.connect_timeout))
-        print(f"added {args.name} ({args.ssh}); next: 'harness devices trust {args.name}', "
-              f"then 'harness devices check {args.name}'")
+            name=args.name, transport="ssh" if args.ssh else "adb",
+            address=args.ssh or args.adb, key=args.key, jump=args.jump, python=args.python,
+            workdir=args.workdir, kind=args.kind, connect_timeout=args.connect_timeout,
+            adb_port=args.adb_port, agent=args.agent, perf_test=args.perf_test,
+            max_temp_c=args.max_temp))
+        first = f"'harness devices trust {args.name}', then " if args.ssh else ""
+        print(f"added {args.name} ({args.ssh or args.adb}); next: {first}"
+              f"'harness devices check {args.name}'")
     elif args.action == "list":
         print(f"{'name':<16} {'transport':<9} {'address':<28} kind")
         print(f"{'local':<16} {'local':<9} {'this machine':<28} -")
@@ -217,12 +229,14 @@ def _devices(args: argparse.Namespace) -> int:
         for result in registry.trust_device(home, args.name, confirm, replace=args.replace):
             print(f"{result.entry}: {result.key_type} {result.fingerprint}: {result.status}")
     elif args.action == "check":
-        transport = registry.open_transport(args.name, home)
-        report = check_device(transport)
+        report = check_device(registry.open_client(args.name, home, isolation="process"))
         identity = report.identity
         for label, key in (("python", "python"), ("onnxruntime", "onnxruntime"),
                            ("numpy", "numpy"), ("cpu", "cpu_model"), ("cores", "cpu_count"),
-                           ("board", "board"), ("kernel", "kernel")):
+                           ("board", "board"), ("kernel", "kernel"), ("model", "android_model"),
+                           ("soc", "soc"), ("sdk", "sdk"), ("runtime", "runtime")):
+            if identity and key not in identity:
+                continue
             if identity:
                 print(f"{label:>12}: {identity.get(key) or 'missing'}")
         if report.median_ms is not None:

@@ -28,7 +28,7 @@ import torch
 from agents.ort_agent import DEFAULT_SETTINGS, AgentError, parse_settings
 from devices.agent_client import AgentClient
 from devices.errors import BadRequest
-from devices.registry import open_transport
+from devices.registry import open_client
 from harness.cache import Cache, MeasurementKey, canonical_json, digest
 from harness.errors import HarnessError
 from harness.export import (OPSET, DummyInput, ExportedModel, export_module, export_sample,
@@ -250,7 +250,7 @@ class LatencyProfiler(Profiler):
 
     def _agent(self) -> AgentClient:
         if self._client is None:
-            self._client = AgentClient(open_transport(self.device, self.home), self.isolation)
+            self._client = open_client(self.device, self.home, self.isolation)
         return self._client
 
     def _learn_device(self) -> None:
@@ -300,6 +300,8 @@ class LatencyProfiler(Profiler):
             "thermal_before": result.get("thermal_before", []),
             "thermal_after": result.get("thermal_after", []),
             "device_state": fingerprint.get("state", {}),
+            "device_control": result.get("device_control"),
+            "extra_flags": (result.get("device_control") or {}).get("flags", []),
             "export_ms": self._last_export_ms,
             "model_sha256": exported.sha256,
             "model_bytes": len(exported.onnx_bytes),
