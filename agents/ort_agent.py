@@ -27,7 +27,7 @@ import platform
 import sys
 import time
 
-AGENT_VERSION = "1.0"
+AGENT_VERSION = "1.1"
 
 ERROR_KINDS = ("TRANSFER", "LOAD", "RUNTIME", "TIMEOUT", "DEVICE_LOST", "THERMAL", "USER")
 
@@ -358,9 +358,65 @@ def session_options(ort, settings):
     return options
 
 
-def measure(model, sha256=None, settings=None):
+class DeviceLock(object):
+    """An exclusive flock on a file on the device, held while measuring, so that two hosts
+    (or two users) never measure on one device at once. The kernel frees it if we die."""
+
+    def __init__(self, path, wait_s):
+        self.path = path
+        self.wait_s = wait_s
+        self.handle = None
+
+    def __enter__(self):
+        if not self.path:
+            return self
+        import fcntl
+        try:  # shared by every user of the device: create it writable for all
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            self.handle = os.fdopen(descriptor, "r+")
+        except (IOError, OSError):
+            try:  # another user's lock file: a read-only descriptor locks just as well
+                self.handle = open(self.path, "r")
+            except (IOError, OSError) as exc:
+                raise AgentError("USER", "cannot open the device lock %s: %s" % (self.path, exc))
+        started = time.time()
+        while True:
+            try:
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except (IOError, OSError):
+                if time.time() - started >= self.wait_s:
+                    self.handle.seek(0)
+                    holder = self.handle.read().strip()
+                    self.handle.close()
+                    raise AgentError("TIMEOUT", "the device stayed locked by another "
+                                     "measurement (%s) for %.0f s" % (holder or "unknown",
+                                                                      self.wait_s))
+                time.sleep(0.05)
+        if self.handle.mode == "r+":
+            self.handle.seek(0)
+            self.handle.truncate()
+            self.handle.write("pid %d on %s\n" % (os.getpid(), platform.node()))
+            self.handle.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            import fcntl
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+def measure(model, sha256=None, settings=None, lock=None, lock_wait_s=600.0):
     """Load the model, run it once, warm up, then time runs until both min_runs and min_time_ms
-    are met or max_time_ms is reached. Returns the raw per-run times in milliseconds."""
+    are met or max_time_ms is reached. Returns the raw per-run times in milliseconds. With
+    `lock`, holds an exclusive lock on that file on the device while measuring."""
+    with DeviceLock(lock, lock_wait_s):
+        return _measure(model, sha256, settings)
+
+
+def _measure(model, sha256=None, settings=None):
     settings = parse_settings(settings)
     check_model_file(model, sha256)
     ort = import_onnxruntime()
@@ -450,7 +506,8 @@ def handle(request):
             raise AgentError("USER", "a request must be a JSON object")
         op = request.get("op")
         if op == "measure":
-            result = measure(request.get("model"), request.get("sha256"), request.get("settings"))
+            result = measure(request.get("model"), request.get("sha256"), request.get("settings"),
+                             request.get("lock"), float(request.get("lock_wait_s", 600.0)))
         elif op == "fingerprint":
             result = fingerprint()
         elif op == "ping":
@@ -507,6 +564,7 @@ def main(argv=None):
     one.add_argument("--model", required=True)
     one.add_argument("--sha256")
     one.add_argument("--settings", default="{}", help="JSON object of settings")
+    one.add_argument("--lock", help="file on the device to hold an exclusive lock on")
     commands.add_parser("fingerprint", help="print this device's fingerprint")
     commands.add_parser("worker", help="serve JSON requests line by line on stdin/stdout")
     commands.add_parser("version", help="print the agent version")
@@ -528,7 +586,7 @@ def main(argv=None):
             _emit(channel, AgentError("USER", "--settings is not JSON: %s" % exc).to_json())
             return 2
         result = handle({"op": "measure", "model": args.model, "sha256": args.sha256,
-                         "settings": settings})
+                         "settings": settings, "lock": args.lock})
         _emit(channel, result)
         return 1 if "error" in result else 0
     _emit(channel, AgentError("USER", "no command given; use measure, fingerprint or worker")

@@ -134,8 +134,10 @@ class AdbTransport:
     def __init__(self, name: str, serial: str, server_port: int = 5037,
                  python: str = "python3", workdir: str = "/data/local/tmp/harness",
                  pin_big_cores: bool = True, max_temp_c: Optional[float] = None,
-                 cool_timeout_s: float = 120.0):
+                 cool_timeout_s: float = 120.0,
+                 lock_path: str = "/data/local/tmp/harness-device.lock"):
         self.name = name
+        self.lock_path = lock_path  # shared by every host and user of the phone
         self.serial = serial
         self.server_port = server_port
         self.python = shlex.split(python)

@@ -83,7 +83,9 @@ class AgentClient:
         spares hashing the file again when the caller knows it."""
         sha = sha256 or file_sha256(model_path)
         remote = self._put(model_path, f"models/{sha}.onnx", force=False)
-        request = {"op": "measure", "model": remote, "sha256": sha, "settings": settings}
+        request = {"op": "measure", "model": remote, "sha256": sha, "settings": settings,
+                   "lock": getattr(self.transport, "lock_path", None),
+                   "lock_wait_s": max(deadline - time.monotonic() - 1.0, 0.0)}
         # Device-specific control (phones: wait to cool, thermal zones before and after).
         prepare = getattr(self.transport, "prepare_measurement", None)
         prepared = prepare(deadline) if prepare is not None else None
@@ -207,6 +209,8 @@ class AgentClient:
         else:
             argv += ["measure", "--model", str(request["model"]), "--sha256",
                      str(request["sha256"]), "--settings", json.dumps(request["settings"])]
+            if request.get("lock"):
+                argv += ["--lock", str(request["lock"])]
         code, out, err = self.transport.run(argv, timeout=self._remaining(deadline))
         lines = [line for line in out.splitlines() if line.strip()]
         if not lines:

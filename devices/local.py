@@ -104,8 +104,10 @@ class LocalProcess:
 class LocalTransport:
     """This machine as a device. `workdir` plays the device's working folder."""
 
-    def __init__(self, workdir: Path, name: str = "local", python: Optional[List[str]] = None):
+    def __init__(self, workdir: Path, name: str = "local", python: Optional[List[str]] = None,
+                 lock_path: Optional[str] = "/tmp/harness-device-local.lock"):
         self.name = name
+        self.lock_path = lock_path  # on this machine, seen by every user and every home
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.python = list(python) if python else [sys.executable]

@@ -10,6 +10,7 @@
     python = "python3"               # the board's Python 3.8+ with numpy and onnxruntime
     workdir = ".cache/harness"       # per-user working folder (relative to $HOME)
     kind = "rpi4"                    # optional: devices of one kind form a pool
+    lock = "/tmp/harness-device.lock"  # device-wide lock file, shared by all users (default)
 
     [devices.pixel7]
     transport = "adb"
@@ -62,6 +63,7 @@ class DeviceConfig:
     max_temp_c: Optional[float] = None
     cool_timeout_s: float = 120.0
     pin_big_cores: bool = True
+    lock: Optional[str] = None      # device-wide lock file (default per transport)
     extra: Dict[str, object] = field(default_factory=dict)
 
     def to_toml(self) -> Dict[str, object]:
@@ -154,6 +156,15 @@ def remove_device(home: Path, name: str) -> DeviceConfig:
     return config
 
 
+def devices_of_kind(home: Path, kind: str) -> List[str]:
+    """Names of the registered devices of one kind."""
+    names = sorted(n for n, d in load_devices(home).items() if d.kind == kind)
+    if not names:
+        raise BadRequest(f"no registered device is of kind {kind!r}",
+                         fix=f"register some with 'harness devices add NAME ... --kind {kind}'")
+    return names
+
+
 def get_device(home: Path, name: str) -> DeviceConfig:
     devices = load_devices(home)
     if name not in devices:
@@ -174,12 +185,14 @@ def open_transport(name: str, home: Path) -> Transport:
                             python=config.python,
                             workdir=config.workdir or "/data/local/tmp/harness",
                             pin_big_cores=config.pin_big_cores, max_temp_c=config.max_temp_c,
-                            cool_timeout_s=config.cool_timeout_s)
+                            cool_timeout_s=config.cool_timeout_s,
+                            lock_path=config.lock or "/data/local/tmp/harness-device.lock")
     return SSHTransport(name, Endpoint.parse(config.address),
                         known_hosts=known_hosts_files(home), key_file=config.key,
                         jump=Endpoint.parse(config.jump) if config.jump else None,
                         python=config.python, workdir=config.workdir or ".cache/harness",
-                        connect_timeout=config.connect_timeout)
+                        connect_timeout=config.connect_timeout,
+                        lock_path=config.lock or "/tmp/harness-device.lock")
 
 
 def open_client(name: str, home: Path, isolation: str = "worker"):

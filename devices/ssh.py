@@ -280,8 +280,10 @@ class SSHTransport:
     def __init__(self, name: str, endpoint: Endpoint, known_hosts: List[Path],
                  key_file: Optional[str] = None, jump: Optional[Endpoint] = None,
                  python: str = "python3", workdir: str = ".cache/harness",
-                 connect_timeout: float = 10.0, keepalive_s: int = 5):
+                 connect_timeout: float = 10.0, keepalive_s: int = 5,
+                 lock_path: str = "/tmp/harness-device.lock"):
         self.name = name
+        self.lock_path = lock_path  # shared by every user of the board
         self.endpoint = endpoint
         self.python = shlex.split(python)
         self._workdir = workdir

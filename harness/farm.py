@@ -1,4 +1,4 @@
-"""Device leases: exactly one measurement runs on a device at a time.
+"""Device leases and pool health: exactly one measurement runs on a device at a time.
 
 A lease is an exclusive `flock` on `$HARNESS_HOME/leases/NAME.lock`, so two profilers, two
 processes or two users of one home never share a device. The kernel drops the lock when its
@@ -8,9 +8,10 @@ take counts from the moment the lease is granted (`acquired_at`), never from the
 import fcntl
 import logging
 import os
+import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
 from harness.errors import HarnessError
 
@@ -66,3 +67,47 @@ class DeviceLease:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+
+class DeviceHealth:
+    """Strikes and quarantine for the devices of a pool.
+
+    A device that fails (lost, timed out, too hot, garbled) gets a strike; after
+    `max_strikes` in a row it is quarantined for `quarantine_s` seconds, then probed again by
+    being offered the next job. A success clears its strikes."""
+
+    def __init__(self, devices: List[str], max_strikes: int = 3, quarantine_s: float = 60.0):
+        self.devices = list(devices)
+        self.max_strikes = max_strikes
+        self.quarantine_s = quarantine_s
+        self.strikes: Dict[str, int] = {d: 0 for d in devices}
+        self.until: Dict[str, float] = {d: 0.0 for d in devices}
+        self._lock = threading.Lock()
+
+    def available(self) -> List[str]:
+        now = time.monotonic()
+        with self._lock:
+            return [d for d in self.devices if self.until[d] <= now]
+
+    def strike(self, device: str, error: Exception) -> None:
+        with self._lock:
+            self.strikes[device] += 1
+            if self.strikes[device] >= self.max_strikes:
+                self.until[device] = time.monotonic() + self.quarantine_s
+                self.strikes[device] = 0
+                log.warning("%s quarantined for %.0f s after %d failures in a row (last: %s)",
+                            device, self.quarantine_s, self.max_strikes, error)
+
+    def ok(self, device: str) -> None:
+        with self._lock:
+            self.strikes[device] = 0
+            self.until[device] = 0.0
+
+
+def try_lease(home: Path, device: str) -> Optional[DeviceLease]:
+    """The device's lease if it is free right now, else None."""
+    lease = DeviceLease(home, device, wait_s=0.0)
+    try:
+        return lease.__enter__()
+    except DeviceBusy:
+        return None

@@ -15,25 +15,28 @@ A failure raises a typed error and stores nothing.
 import json
 import logging
 import os
+import queue
 import tempfile
+import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from agents.ort_agent import DEFAULT_SETTINGS, AgentError, parse_settings
 from devices.agent_client import AgentClient
-from devices.errors import BadRequest
-from devices.registry import open_client
+from devices.errors import (AgentProtocolError, BadRequest, DeviceError, DeviceLost,
+                            MeasurementTimeout, ThermalError)
+from devices.registry import devices_of_kind, open_client
 from harness.cache import Cache, MeasurementKey, canonical_json, digest
 from harness.errors import HarnessError
 from harness.export import (OPSET, DummyInput, ExportedModel, export_module, export_sample,
                             input_signature)
-from harness.farm import DeviceLease
+from harness.farm import DeviceHealth, DeviceLease, try_lease
 from harness.measurement import STATISTICS, Measurement
 from harness.paths import default_cache_path, harness_home
 from harness.space import (ModelSpace, Sample, SampleValidator, checked_search_space,
@@ -44,6 +47,9 @@ log = logging.getLogger("harness")
 # Settings that change what is measured (part of the cache key). The timing-loop settings
 # (warm-up, run counts and times, input seed) change only how precisely, and are recorded in
 # each Measurement instead.
+# Failures that say the device (not the model) is in trouble: strike it and fail over.
+FAILOVER_ERRORS = (DeviceLost, MeasurementTimeout, ThermalError, AgentProtocolError)
+
 RUNTIME_SETTINGS = ("intra_op_threads", "inter_op_threads", "graph_optimization_level",
                     "execution_mode", "provider", "input_shapes", "cpu_affinity")
 
@@ -67,7 +73,8 @@ def resolve_settings(overrides: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
 class LatencyProfiler(Profiler):
     """Latency in milliseconds of samples of `space` on a real device.
 
-    device: "local" (this machine) or a registered device name.
+    device: "local" (this machine), a registered device name, or "kind:K" for a pool of every
+        registered device of kind K (jobs go to whichever is free, and fail over).
     statistic: which statistic `profile()` returns: median (default), mean, p90, p99, min, max.
     settings: agent settings (threads, optimisation level, warm-up, min_runs, min_time_ms,
         max_time_ms, ...); see agents.ort_agent.DEFAULT_SETTINGS.
@@ -76,13 +83,16 @@ class LatencyProfiler(Profiler):
         one per measurement (crash isolation at ~150 ms more per measurement).
     timeout_s: how long one measurement may take, counted from when the device is leased.
     refresh: measure again even when the cache has a result (the old one is kept).
+    max_strikes, quarantine_s: a device of a pool that fails max_strikes times in a row is
+        left alone for quarantine_s seconds (its jobs fail over to the others), then retried.
     """
 
     def __init__(self, space: ModelSpace, dummy_input: DummyInput, device: str = "local",
                  statistic: str = "median", *, settings: Optional[Mapping[str, Any]] = None,
                  cache: Union[Cache, str, Path, None] = None, isolation: str = "worker",
                  timeout_s: float = 300.0, refresh: bool = False,
-                 home: Union[str, Path, None] = None):
+                 home: Union[str, Path, None] = None, max_strikes: int = 3,
+                 quarantine_s: float = 60.0):
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         self.space = space
@@ -108,7 +118,13 @@ class LatencyProfiler(Profiler):
             self.cache = Cache(cache if cache is not None else default_cache_path(self.home))
         self.counters: Counter = Counter()  # exports, measurements, cache_hits
         self._memo: Dict[tuple, float] = {}  # sample values in label order -> statistic
-        self._client: Optional[AgentClient] = None
+        # A name, or "kind:K" for every registered device of kind K (a pool).
+        self.devices = (devices_of_kind(self.home, device[len("kind:"):])
+                        if device.startswith("kind:") else [device])
+        self.health = DeviceHealth(self.devices, max_strikes=max_strikes,
+                                   quarantine_s=quarantine_s)
+        self._clients: Dict[str, AgentClient] = {}
+        self._lock = threading.RLock()  # pool threads share counters, memo and clients
         self._device_identity: Optional[Dict[str, Any]] = None
         self._device_fp: Optional[str] = None
         self._last_export_ms: Optional[float] = None
@@ -150,20 +166,150 @@ class LatencyProfiler(Profiler):
 
     def measure_many(self, samples: Iterable[Mapping[str, Any]],
                      progress: Optional[bool] = None) -> List[Measurement]:
-        """measure() over many samples, in input order, with a progress bar on a terminal.
-        Everything measured before a failure stays in the cache, so a rerun resumes."""
+        """measure() over many samples, results in input order, with a progress bar (and ETA)
+        on a terminal. Cached samples are answered first; the rest are exported in a
+        background thread while the devices measure (on `local` the host is the device, so
+        there export and measurement take turns), every device of a pool works in parallel,
+        and samples of one architecture are measured once. Everything measured is stored as
+        it completes, so a sweep cut short resumes from the cache. The first failure is
+        raised once the other jobs have finished."""
         from tqdm import tqdm
 
-        samples = list(samples)
-        disable = (not progress) if progress is not None else None
-        results = []
-        with tqdm(total=len(samples), unit="subnet", desc=f"profiling on {self.device}",
-                  disable=disable, leave=False) as bar:
-            for sample in samples:
-                results.append(self.measure(sample))
-                bar.set_postfix_str(f"{results[-1].median:.3g} ms {results[-1].source}")
-                bar.update()
-        return results
+        samples = [self._validate(sample) for sample in samples]
+        results: List[Optional[Measurement]] = [None] * len(samples)
+        pending = []
+        for index, sample in enumerate(samples):
+            cached = None if self.refresh else self._cached_measurement(sample)
+            if cached is not None:
+                results[index] = cached
+            else:
+                pending.append(index)
+        with tqdm(total=len(samples), initial=len(samples) - len(pending), unit="subnet",
+                  desc=f"profiling on {self.device}", disable=(not progress) if progress
+                  is not None else None, leave=False) as bar:
+            if pending and self.devices == ["local"]:
+                for index in pending:
+                    results[index] = self._measure(samples[index])
+                    bar.update()
+            elif pending:
+                self._run_pool(samples, pending, results, bar)
+        return results  # type: ignore[return-value]
+
+    def _cached_measurement(self, sample: Sample) -> Optional[Measurement]:
+        graph = self.cache.lookup_sample(self._space_fp, self._input_sig, sample_key(sample))
+        cached = self.cache.get(self._key(graph)) if graph is not None else None
+        if cached is not None:
+            with self._lock:
+                self.counters["cache_hits"] += 1
+                self._memo[tuple(sample.values())] = cached.statistic(self.statistic)
+        return cached
+
+    def _run_pool(self, samples: List[Sample], pending: List[int],
+                  results: List[Optional[Measurement]], bar: Any) -> None:
+        """Export in one thread, measure in one thread per device; see measure_many."""
+        self._key("")  # learn the device before the threads start
+        jobs: "queue.Queue[Tuple[int, ExportedModel, List[str]]]" = queue.Queue(
+            maxsize=2 * len(self.devices))
+        twins: Dict[str, List[int]] = {}   # graph hash -> indices waiting for its result
+        errors: Dict[int, Exception] = {}
+        state = {"outstanding": 0, "exported_all": False}
+        done = threading.Condition(self._lock)
+
+        finished: Dict[str, Tuple[Optional[Measurement], Optional[Exception]]] = {}
+
+        def finish(indices: List[int], measurement: Optional[Measurement],
+                   error: Optional[Exception], graph: Optional[str] = None) -> None:
+            with done:
+                if graph is not None:
+                    finished[graph] = (measurement, error)
+                for position, index in enumerate(indices):
+                    if error is not None:
+                        errors[index] = error
+                    else:
+                        results[index] = measurement if position == 0 else \
+                            measurement.with_source("cached")
+                        self._memo[tuple(samples[index].values())] = \
+                            measurement.statistic(self.statistic)
+                state["outstanding"] -= 1
+                bar.update(len(indices))
+                done.notify_all()
+
+        def export_all() -> None:
+            for index in pending:
+                try:
+                    exported = self._export(samples[index])
+                except Exception as exc:  # a broken subnet fails alone
+                    with done:
+                        state["outstanding"] += 1
+                    finish([index], None, exc)
+                    continue
+                with done:
+                    if exported.graph_hash in finished:  # its twin is measured already
+                        measurement, error = finished[exported.graph_hash]
+                        state["outstanding"] += 1
+                        finish([index], measurement and measurement.with_source("cached"), error)
+                        continue
+                    if exported.graph_hash in twins:
+                        twins[exported.graph_hash].append(index)
+                        continue
+                    twins[exported.graph_hash] = [index]
+                    state["outstanding"] += 1
+                jobs.put((index, exported, []))
+            with done:
+                state["exported_all"] = True
+                done.notify_all()
+
+        def work(device: str) -> None:
+            while True:
+                with done:
+                    if state["exported_all"] and state["outstanding"] == 0:
+                        return
+                if device not in self.health.available():
+                    if not self.health.available():  # the whole pool is down: fail what is left
+                        try:
+                            index, exported, _ = jobs.get(timeout=0.2)
+                        except queue.Empty:
+                            continue
+                        finish(twins[exported.graph_hash], None, DeviceLost(
+                            f"every device of {self.device} is quarantined"),
+                            exported.graph_hash)
+                    else:
+                        time.sleep(0.2)
+                    continue
+                try:
+                    index, exported, tried = jobs.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if device in tried:  # failed here already: leave it to another device
+                    jobs.put((index, exported, tried))
+                    time.sleep(0.2)
+                    continue
+                try:
+                    measurement = self._measure_on_device(exported, self.input_signature, device)
+                    self._store(measurement, self._input_sig)
+                except FAILOVER_ERRORS as exc:
+                    tried = tried + [device]
+                    if len(set(tried)) < len(self.devices):
+                        log.warning("%s failed (%s); the job goes to another device", device,
+                                    exc.message)
+                        jobs.put((index, exported, tried))
+                        continue
+                    finish(twins[exported.graph_hash], None, exc, exported.graph_hash)
+                    continue
+                except Exception as exc:  # the model's fault: no other device will do better
+                    finish(twins[exported.graph_hash], None, exc, exported.graph_hash)
+                    continue
+                finish(twins[exported.graph_hash], measurement, None, exported.graph_hash)
+
+        threads = [threading.Thread(target=export_all, name="harness-export", daemon=True)]
+        threads += [threading.Thread(target=work, args=(d,), name=f"harness-{d}", daemon=True)
+                    for d in self.devices]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[min(errors)]
 
     def measure_module(self, module: torch.nn.Module, dummy_input: DummyInput) -> Measurement:
         """Latency of any module (a block of a lookup table, say) on this profiler's device,
@@ -190,9 +336,9 @@ class LatencyProfiler(Profiler):
 
     def close(self) -> None:
         """Stop the agent on the device and release temporary files."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
         self._finalizer()
 
     def __enter__(self) -> "LatencyProfiler":
@@ -248,15 +394,30 @@ class LatencyProfiler(Profiler):
         return MeasurementKey(graph, input_sig or self._input_sig, self._settings_key,
                               self._device_fp, self._agent().agent_version)
 
-    def _agent(self) -> AgentClient:
-        if self._client is None:
-            self._client = open_client(self.device, self.home, self.isolation)
-        return self._client
+    def _agent(self, device: Optional[str] = None) -> AgentClient:
+        name = device or self.devices[0]
+        with self._lock:
+            if name not in self._clients:
+                self._clients[name] = open_client(name, self.home, self.isolation)
+            return self._clients[name]
 
     def _learn_device(self) -> None:
-        """Ask the device who it is (once per session): its identity is in every cache key."""
-        with DeviceLease(self.home, self.device) as lease:
-            answer = self._agent().fingerprint(deadline=lease.acquired_at + self.timeout_s)
+        """Ask the device who it is (once per session): its identity is in every cache key.
+        In a pool, the first device that answers speaks for the kind."""
+        answer, errors = None, []
+        for name in self.health.available() or self.devices:
+            try:
+                with DeviceLease(self.home, name) as lease:
+                    answer = self._agent(name).fingerprint(
+                        deadline=lease.acquired_at + self.timeout_s)
+                break
+            except FAILOVER_ERRORS as exc:
+                self.health.strike(name, exc)
+                errors.append(exc)
+                if len(self.devices) == 1:
+                    raise
+        if answer is None:
+            raise errors[-1]
         self._device_identity = answer["identity"]
         self._device_fp = digest(self._device_identity)
         self.cache.put_device(self._device_fp, self._device_identity)
@@ -272,20 +433,52 @@ class LatencyProfiler(Profiler):
             self._space_fp, self._input_sig, self._settings_key, self._device_fp,
             self._agent().agent_version, self.statistic, sample=sample)
 
-    def _measure_on_device(self, exported: ExportedModel,
-                           signature: List[Dict[str, Any]]) -> Measurement:
-        path = Path(self._staging.name) / f"{exported.sha256}.onnx"
+    def _lease(self, device: Optional[str], tried: List[str]) -> Tuple[str, DeviceLease]:
+        """A leased device: `device` itself, or a free one of the pool not yet tried (waiting
+        for the first if all are busy)."""
+        if device is not None:
+            return device, DeviceLease(self.home, device).__enter__()
+        candidates = [d for d in self.health.available() if d not in tried]
+        if not candidates:
+            raise DeviceLost(f"no device of {self.device} is available: "
+                             f"{', '.join(tried) or 'all'} failed or quarantined",
+                             fix="check the devices ('harness devices check NAME')")
+        for name in candidates:
+            lease = try_lease(self.home, name)
+            if lease is not None:
+                return name, lease
+        return candidates[0], DeviceLease(self.home, candidates[0]).__enter__()
+
+    def _measure_on_device(self, exported: ExportedModel, signature: List[Dict[str, Any]],
+                           device: Optional[str] = None) -> Measurement:
+        """Measure on `device`, or on whichever device of the pool is free, failing over to
+        the others when one is lost, times out, is too hot or answers garbage."""
+        path = Path(self._staging.name) / f"{exported.sha256}.{threading.get_ident()}.onnx"
         path.write_bytes(exported.onnx_bytes)
+        tried: List[str] = []
         try:
-            with DeviceLease(self.home, self.device) as lease:
-                leased_at = time.time()
-                result = self._agent().measure(str(path), self.settings,
-                                               deadline=lease.acquired_at + self.timeout_s,
-                                               sha256=exported.sha256)
-                released_at = time.time()
+            while True:
+                name, lease = self._lease(device, tried)
+                try:
+                    leased_at = time.time()
+                    result = self._agent(name).measure(str(path), self.settings,
+                                                       deadline=lease.acquired_at + self.timeout_s,
+                                                       sha256=exported.sha256)
+                    released_at = time.time()
+                    self.health.ok(name)
+                    break
+                except FAILOVER_ERRORS as exc:
+                    self.health.strike(name, exc)
+                    tried.append(name)
+                    if device is not None or len(tried) >= len(self.devices):
+                        raise
+                    log.warning("%s failed (%s); failing over", name, exc.message)
+                finally:
+                    lease.__exit__(None, None, None)
         finally:
             path.unlink(missing_ok=True)
-        self.counters["measurements"] += 1
+        with self._lock:
+            self.counters["measurements"] += 1
         fingerprint = result["fingerprint"]
         provenance = {
             "capped": result.get("capped", False),
@@ -309,7 +502,7 @@ class LatencyProfiler(Profiler):
             "host_pid": os.getpid(),
         }
         return Measurement(samples_ms=tuple(result["samples_ms"]), source="measured",
-                           device=self.device, graph_hash=exported.graph_hash,
+                           device=name, graph_hash=exported.graph_hash,
                            load_ms=result["load_ms"], first_run_ms=result["first_run_ms"],
                            input_signature=tuple(signature),
                            settings=result["settings"],

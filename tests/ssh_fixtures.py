@@ -31,7 +31,8 @@ def register(home: Path, name: str, address: str, key: Path, workdir: Path, trus
              python: str = sys.executable) -> None:
     registry.add_device(home, registry.DeviceConfig(
         name=name, transport="ssh", address=address, key=str(key), python=python,
-        workdir=str(workdir), kind="testboard", connect_timeout=5.0))
+        workdir=str(workdir), kind="testboard", connect_timeout=5.0,
+        lock=str(workdir) + ".lock"))
     if trust:
         registry.trust_device(home, name, lambda *_: True)
 

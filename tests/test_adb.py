@@ -52,7 +52,7 @@ def add_phone(home, phone, tmp_path, name="pixel", **kwargs):
     registry.add_device(home, registry.DeviceConfig(
         name=name, transport="adb", address=phone.serial, adb_port=SERVER_PORT,
         python=kwargs.pop("python", sys.executable), workdir=str(tmp_path / "data-local-tmp"),
-        **kwargs))
+        lock=str(tmp_path / "device.lock"), **kwargs))
 
 
 def stored(home) -> int:

@@ -20,7 +20,7 @@ def test_miss_then_hit(profiler, tiny):
     sample = random_samples(tiny, 1, seed=1)[0]
     first = profiler.measure(sample)
     assert first.source == "measured" and first.n >= 5
-    assert first.device == "local" and first.agent_version == "1.0"
+    assert first.device == "local" and first.agent_version == "1.1"
     assert first.device_fingerprint["cpu_count"] >= 1
     assert first.provenance["model_sha256"] and first.provenance["runtime"]["name"] == "onnxruntime"
     assert profiler.profile(sample) == first.median
