@@ -4,6 +4,7 @@
     harness cache stats | export FILE | import FILE
     harness devices add NAME --ssh USER@HOST[:PORT] [--key FILE] [--jump USER@HOST] [--kind K]
     harness devices list | check NAME | trust NAME [--yes] [--replace] | remove NAME | clean NAME
+    harness farm serve [--address HEAD:PORT] [--node-ip IP]
 """
 import argparse
 import json
@@ -47,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--timeout", type=float, default=300.0,
                          help="seconds one measurement may take from the device lease")
     profile.add_argument("--refresh", action="store_true", help="measure even if cached")
+    profile.add_argument("--farm", metavar="ADDRESS",
+                         help="a Ray farm's head (HOST:PORT); --device must be kind:K")
+
+    farm = commands.add_parser("farm", help="serve this host's devices to a Ray farm")
+    farm_verbs = farm.add_subparsers(dest="action", required=True)
+    serve = farm_verbs.add_parser("serve", help="start a Ray node offering this host's devices")
+    serve.add_argument("--address", help="the head's HOST:PORT (omit to start the head)")
+    serve.add_argument("--port", type=int, default=26380, help="head port (26380)")
+    serve.add_argument("--node-ip", default="127.0.0.1",
+                       help="this host's address as the other hosts reach it")
 
     devices = commands.add_parser("devices", help="register, check and trust devices")
     verbs = devices.add_subparsers(dest="action", required=True)
@@ -100,6 +111,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _profile(args)
         if args.command == "devices":
             return _devices(args)
+        if args.command == "farm":
+            from harness.paths import harness_home
+            from harness.ray_farm import serve
+            return serve(harness_home(), args.address, args.port, args.node_ip)
         return _cache(args)
     except (HarnessError, DeviceError) as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
@@ -134,7 +149,7 @@ def _profile(args: argparse.Namespace) -> int:
     with LatencyProfiler(space, space.dummy_input(), device=args.device,
                          statistic=args.statistic, settings=settings, cache=args.cache,
                          isolation=args.isolation, timeout_s=args.timeout,
-                         refresh=args.refresh) as profiler:
+                         refresh=args.refresh, farm=args.farm) as profiler:
         results = profiler.measure_many(samples, progress=False if args.json else None)
         counters = dict(profiler.counters)
     elapsed = time.monotonic() - started

@@ -85,6 +85,8 @@ class LatencyProfiler(Profiler):
     refresh: measure again even when the cache has a result (the old one is kept).
     max_strikes, quarantine_s: a device of a pool that fails max_strikes times in a row is
         left alone for quarantine_s seconds (its jobs fail over to the others), then retried.
+    farm: the address of a Ray farm (see harness.ray_farm); with device="kind:K", every device
+        of kind K on every host of the farm measures, results land in this cache.
     """
 
     def __init__(self, space: ModelSpace, dummy_input: DummyInput, device: str = "local",
@@ -92,7 +94,7 @@ class LatencyProfiler(Profiler):
                  cache: Union[Cache, str, Path, None] = None, isolation: str = "worker",
                  timeout_s: float = 300.0, refresh: bool = False,
                  home: Union[str, Path, None] = None, max_strikes: int = 3,
-                 quarantine_s: float = 60.0):
+                 quarantine_s: float = 60.0, farm: Optional[str] = None):
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         self.space = space
@@ -118,12 +120,20 @@ class LatencyProfiler(Profiler):
             self.cache = Cache(cache if cache is not None else default_cache_path(self.home))
         self.counters: Counter = Counter()  # exports, measurements, cache_hits
         self._memo: Dict[tuple, float] = {}  # sample values in label order -> statistic
-        # A name, or "kind:K" for every registered device of kind K (a pool).
-        self.devices = (devices_of_kind(self.home, device[len("kind:"):])
-                        if device.startswith("kind:") else [device])
+        self._clients: Dict[str, AgentClient] = {}
+        self._farm = None
+        if farm is not None:  # a multi-host farm on Ray: one slot per device it offers
+            if not device.startswith("kind:"):
+                raise BadRequest(f"a farm profiles kinds of devices, not {device!r}",
+                                 fix="pass device='kind:K' with farm=...")
+            from harness.ray_farm import RayFarmClient
+            self._farm = RayFarmClient(farm, device[len("kind:"):], self.timeout_s, isolation)
+            self.devices = [f"{device}#{slot}" for slot in range(self._farm.slots())]
+        else:  # a name, or "kind:K" for every registered device of kind K (a pool)
+            self.devices = (devices_of_kind(self.home, device[len("kind:"):])
+                            if device.startswith("kind:") else [device])
         self.health = DeviceHealth(self.devices, max_strikes=max_strikes,
                                    quarantine_s=quarantine_s)
-        self._clients: Dict[str, AgentClient] = {}
         self._lock = threading.RLock()  # pool threads share counters, memo and clients
         self._device_identity: Optional[Dict[str, Any]] = None
         self._device_fp: Optional[str] = None
@@ -395,6 +405,8 @@ class LatencyProfiler(Profiler):
                               self._device_fp, self._agent().agent_version)
 
     def _agent(self, device: Optional[str] = None) -> AgentClient:
+        if self._farm is not None:
+            return self._farm
         name = device or self.devices[0]
         with self._lock:
             if name not in self._clients:
@@ -500,9 +512,10 @@ class LatencyProfiler(Profiler):
             "model_bytes": len(exported.onnx_bytes),
             "isolation": self.isolation,
             "host_pid": os.getpid(),
+            "farm_host": result.get("host"),
         }
         return Measurement(samples_ms=tuple(result["samples_ms"]), source="measured",
-                           device=name, graph_hash=exported.graph_hash,
+                           device=result.get("device") or name, graph_hash=exported.graph_hash,
                            load_ms=result["load_ms"], first_run_ms=result["first_run_ms"],
                            input_signature=tuple(signature),
                            settings=result["settings"],
