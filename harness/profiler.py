@@ -27,13 +27,12 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from agents.ort_agent import DEFAULT_SETTINGS, AgentError, parse_settings
+from agents.ort_agent import AgentError, parse_settings
 from devices.agent_client import AgentClient
-from devices.errors import (AgentProtocolError, BadRequest, DeviceError, DeviceLost,
+from devices.errors import (AgentProtocolError, BadRequest, DeviceLost,
                             MeasurementTimeout, ThermalError)
 from devices.registry import devices_of_kind, open_client
 from harness.cache import Cache, MeasurementKey, canonical_json, digest
-from harness.errors import HarnessError
 from harness.export import (OPSET, DummyInput, ExportedModel, export_module, export_sample,
                             input_signature)
 from harness.farm import DeviceHealth, DeviceLease, try_lease

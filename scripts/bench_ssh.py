@@ -9,27 +9,18 @@ Overhead = wall time - export - model load - first run - warm-up - timed loop.
 Usage: sudo python3 scripts/bench_ssh.py [--rounds N]
 """
 import argparse
-import importlib.machinery
-import importlib.util
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchlib import load_testfarm  # also puts the repository on sys.path
 
 from devices import registry  # noqa: E402
 from harness import LatencyProfiler, random_samples  # noqa: E402
 from harness.spaces import ProxylessSpace  # noqa: E402
 
-
-def load_testfarm():
-    loader = importlib.machinery.SourceFileLoader("testfarm", str(ROOT / "scripts" / "testfarm"))
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("testfarm", loader))
-    loader.exec_module(module)
-    return module
 
 
 def overhead_ms(profiler: LatencyProfiler, sample: dict) -> float:
