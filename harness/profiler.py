@@ -7,10 +7,12 @@
 3. find the sample's graph hash in the cache's sample index, or freeze, export and hash it;
 4. look the measurement up by (graph hash, input shapes, runtime settings, device
    fingerprint, agent version): a hit answers without touching the device;
-5. otherwise lease the device, put the model there and let the agent time it; the
-   Measurement is stored and its statistic (median by default, in ms) returned.
+5. otherwise lease the device (in a pool, a free one; on failure, the next), put the model
+   there and let the agent time it; the Measurement is stored and its statistic (median by
+   default, in ms) returned.
 
-A failure raises a typed error and stores nothing.
+A failure raises a typed error and stores nothing. `measure_many` runs the same steps over
+many samples, exporting ahead and measuring on every device of a pool in parallel.
 """
 import json
 import logging
@@ -43,12 +45,12 @@ from harness.space import (ModelSpace, Sample, SampleValidator, checked_search_s
 
 log = logging.getLogger("harness")
 
-# Settings that change what is measured (part of the cache key). The timing-loop settings
-# (warm-up, run counts and times, input seed) change only how precisely, and are recorded in
-# each Measurement instead.
 # Failures that say the device (not the model) is in trouble: strike it and fail over.
 FAILOVER_ERRORS = (DeviceLost, MeasurementTimeout, ThermalError, AgentProtocolError)
 
+# Settings that change what is measured (part of the cache key). The timing-loop settings
+# (warm-up, run counts and times, input seed) change only how precisely, and are recorded in
+# each Measurement instead.
 RUNTIME_SETTINGS = ("intra_op_threads", "inter_op_threads", "graph_optimization_level",
                     "execution_mode", "provider", "input_shapes", "cpu_affinity")
 
