@@ -158,11 +158,17 @@ class AdbTransport:
 
     # ------------------------------------------------------------ reaching the phone
 
-    def _client(self) -> adbutils.AdbClient:
-        client = adbutils.AdbClient(host="127.0.0.1", port=self.server_port, socket_timeout=30)
+    def _server_listening(self) -> bool:
         try:
-            client.server_version()
-        except (adbutils.AdbError, OSError):
+            socket.create_connection(("127.0.0.1", self.server_port), timeout=2).close()
+            return True
+        except OSError:
+            return False
+
+    def _client(self) -> adbutils.AdbClient:
+        # Start the server ourselves when its port is closed: adbutils would otherwise start
+        # one on the default port, whatever port this device uses.
+        if not self._server_listening():
             adb = shutil.which("adb")
             if adb is None:
                 raise DeviceLost("no adb server runs and no adb binary is installed",
@@ -172,12 +178,13 @@ class AdbTransport:
             log.info("%s: starting the adb server on port %d", self.name, self.server_port)
             subprocess.run([adb, "-P", str(self.server_port), "start-server"],
                            capture_output=True, timeout=60)
-        return client
+        return adbutils.AdbClient(host="127.0.0.1", port=self.server_port, socket_timeout=30)
 
     def device(self) -> adbutils.AdbDevice:
         """The phone, attached and authorised, or DeviceLost saying why not."""
-        if self._device is not None:
+        if self._device is not None and self._server_listening():
             return self._device
+        self._device = None  # (re)start our server and find the phone again
         client = self._client()
         states = {d.serial: d.state for d in client.list()}
         if states.get(self.serial) != "device" and ":" in self.serial:
