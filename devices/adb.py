@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import adbutils
 
 from devices.errors import DeviceLost, MeasurementTimeout, ThermalError, TransferError
-from devices.remote_shell import EXIT_MARK, PID_MARK, kill_line, quoted, wrapped
+from devices.remote_shell import EXIT_MARK, kill_line, pid_from, quoted, wrapped
 
 log = logging.getLogger("harness")
 
@@ -54,11 +54,7 @@ class AdbProcess:
         self.pid: Optional[int] = None
 
     def read_pid(self, timeout: float) -> None:
-        line = self.read_line(timeout)
-        if not line.startswith(PID_MARK):
-            raise DeviceLost(f"the phone's shell printed {line[:200]!r} instead of our pid",
-                             device=self._transport.name)
-        self.pid = int(line.split()[1])
+        self.pid = pid_from(self.read_line(timeout), self._transport.name)
 
     def write_line(self, line: str) -> None:
         try:

@@ -54,6 +54,7 @@ class AgentClient:
         self._agent_path: Optional[str] = None
         self._worker: Optional[RemoteProcess] = None
         self._next_id = 0
+        self._facts: Optional[Dict[str, object]] = None
 
     @property
     def device(self) -> str:
@@ -73,7 +74,7 @@ class AgentClient:
         if not isinstance(identity, dict):
             raise AgentProtocolError(f"fingerprint answer has no identity: {str(answer)[:300]}",
                                      device=self.device)
-        identity = dict(identity, **self.transport.fingerprint())
+        identity = dict(identity, **self._transport_facts())
         return dict(answer, identity=identity)
 
     def measure(self, model_path: str, settings: Dict[str, object], deadline: float,
@@ -116,6 +117,13 @@ class AgentClient:
 
     def _put(self, local_path: str, remote_name: str, force: bool) -> str:
         return self.transport.put(local_path, remote_name, force=force)
+
+    def _transport_facts(self) -> Dict[str, object]:
+        """What the transport knows of the device (getprop on phones), asked once a session:
+        on a phone each fact is an adb round trip, and none changes while it is attached."""
+        if self._facts is None:
+            self._facts = dict(self.transport.fingerprint())
+        return self._facts
 
     def _python(self) -> List[str]:
         """The device's Python, behind the transport's prefix (phones: taskset to big cores)."""
@@ -258,5 +266,5 @@ class AgentClient:
                                      device=self.device)
         identity = answer["fingerprint"].get("identity")
         if isinstance(identity, dict):
-            answer["fingerprint"]["identity"] = dict(identity, **self.transport.fingerprint())
+            answer["fingerprint"]["identity"] = dict(identity, **self._transport_facts())
         return answer

@@ -7,6 +7,8 @@ timeout can kill the command's whole process group on the device.
 import shlex
 from typing import List, Optional
 
+from devices.errors import DeviceLost
+
 PID_MARK = "@@harness-pid"
 EXIT_MARK = "@@harness-exit"
 
@@ -24,6 +26,14 @@ def wrapped(argv: List[str], stderr_file: Optional[str] = None, report_exit: boo
     script += f'echo "{PID_MARK} $$"; '
     script += f'"$@"; echo "{EXIT_MARK} $?"' if report_exit else 'exec "$@"'
     return quoted(["sh", "-c", script, stderr_file or "harness", *argv])
+
+
+def pid_from(line: str, device: str) -> int:
+    """The pid in the wrapper's first line; DeviceLost when the device printed else."""
+    if not line.startswith(PID_MARK):
+        raise DeviceLost(f"the device's shell printed {line[:200]!r} instead of our pid",
+                         device=device)
+    return int(line.split()[1])
 
 
 def kill_line(pid: int) -> str:

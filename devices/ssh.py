@@ -27,7 +27,7 @@ import paramiko
 
 from devices.errors import (BadRequest, DeviceError, DeviceLost, MeasurementTimeout,
                             TransferError)
-from devices.remote_shell import PID_MARK, kill_line, wrapped
+from devices.remote_shell import kill_line, pid_from, wrapped
 
 log = logging.getLogger("harness")
 
@@ -198,11 +198,7 @@ class SSHProcess:
             return
 
     def read_pid(self, timeout: float) -> None:
-        line = self.read_line(timeout)
-        if not line.startswith(PID_MARK):
-            raise DeviceLost(f"the remote wrapper printed {line[:200]!r} instead of its pid",
-                             device=self._transport.name)
-        self.pid = int(line.split()[1])
+        self.pid = pid_from(self.read_line(timeout), self._transport.name)
 
     def write_line(self, line: str) -> None:
         try:

@@ -111,3 +111,13 @@ def try_lease(home: Path, device: str) -> Optional[DeviceLease]:
         return lease.__enter__()
     except DeviceBusy:
         return None
+
+
+def lease_any(home: Path, devices: List[str]) -> DeviceLease:
+    """A held lease on the first free device of `devices`, or, when all are busy, on the
+    first once it frees. Release it with `lease.__exit__(None, None, None)`."""
+    for device in devices:
+        lease = try_lease(home, device)
+        if lease is not None:
+            return lease
+    return DeviceLease(home, devices[0]).__enter__()

@@ -37,7 +37,7 @@ from devices.registry import devices_of_kind, open_client
 from harness.cache import Cache, MeasurementKey, canonical_json, digest
 from harness.export import (OPSET, DummyInput, ExportedModel, export_module, export_sample,
                             input_signature)
-from harness.farm import DeviceHealth, DeviceLease, try_lease
+from harness.farm import DeviceHealth, DeviceLease, lease_any
 from harness.measurement import STATISTICS, Measurement
 from harness.paths import default_cache_path, harness_home
 from harness.space import (ModelSpace, Sample, SampleValidator, checked_search_space,
@@ -361,34 +361,29 @@ class LatencyProfiler(Profiler):
     # ------------------------------------------------------------ the steps
 
     def _measure(self, sample: Sample) -> Measurement:
-        key = sample_key(sample)
-        memo_key = tuple(sample.values())
-        exported: Optional[ExportedModel] = None
-        graph = self.cache.lookup_sample(self._space_fp, self._input_sig, key)
-        if graph is None:
-            exported = self._export(sample)
-            graph = exported.graph_hash
-        if not self.refresh:
-            cached = self.cache.get(self._key(graph))
+        cached = None if self.refresh else self._cached_measurement(sample)
+        if cached is not None:
+            return cached
+        exported = self._export(sample)  # also puts sample -> graph hash in the index
+        if not self.refresh:  # the same architecture, measured under other labels?
+            cached = self._cached_measurement(sample)
             if cached is not None:
-                self.counters["cache_hits"] += 1
-                self._memo[memo_key] = cached.statistic(self.statistic)
                 return cached
-        if exported is None:
-            exported = self._export(sample)
         measurement = self._measure_on_device(exported, self.input_signature)
         self._store(measurement, self._input_sig)
-        self._memo[memo_key] = measurement.statistic(self.statistic)
+        self._memo[tuple(sample.values())] = measurement.statistic(self.statistic)
         return measurement
 
     def _store(self, measurement: Measurement, input_sig: str) -> None:
+        """Store under the fingerprint of the device that measured."""
         identity = measurement.device_fingerprint
         device_fp = digest(identity)
-        if device_fp != self._device_fp:  # the device changed under us (say, a new runtime)
-            log.warning("%s: device fingerprint changed during the session", self.device)
-            self._device_identity, self._device_fp = identity, device_fp
+        if device_fp != self._device_fp:
             self.cache.put_device(device_fp, identity)
-        self.cache.put(self._key(measurement.graph_hash, input_sig), measurement)
+            if len(self.devices) == 1:  # the device changed under us (say, a new runtime)
+                log.warning("%s: device fingerprint changed during the session", self.device)
+                self._device_identity, self._device_fp = identity, device_fp
+        self.cache.put(self._key(measurement.graph_hash, input_sig, device_fp), measurement)
 
     def _export(self, sample: Sample) -> ExportedModel:
         started = time.perf_counter()
@@ -399,11 +394,13 @@ class LatencyProfiler(Profiler):
                               exported.graph_hash)
         return exported
 
-    def _key(self, graph: str, input_sig: Optional[str] = None) -> MeasurementKey:
+    def _key(self, graph: str, input_sig: Optional[str] = None,
+             device_fp: Optional[str] = None) -> MeasurementKey:
+        """The cache key of a graph; the device is the session's unless `device_fp` says."""
         if self._device_fp is None:
             self._learn_device()
         return MeasurementKey(graph, input_sig or self._input_sig, self._settings_key,
-                              self._device_fp, self._agent().agent_version)
+                              device_fp or self._device_fp, self._agent().agent_version)
 
     def _agent(self, device: Optional[str] = None) -> AgentClient:
         if self._farm is not None:
@@ -449,18 +446,14 @@ class LatencyProfiler(Profiler):
     def _lease(self, device: Optional[str], tried: List[str]) -> Tuple[str, DeviceLease]:
         """A leased device: `device` itself, or a free one of the pool not yet tried (waiting
         for the first if all are busy)."""
-        if device is not None:
-            return device, DeviceLease(self.home, device).__enter__()
-        candidates = [d for d in self.health.available() if d not in tried]
+        candidates = [device] if device is not None else [
+            d for d in self.health.available() if d not in tried]
         if not candidates:
             raise DeviceLost(f"no device of {self.device} is available: "
                              f"{', '.join(tried) or 'all'} failed or quarantined",
                              fix="check the devices ('harness devices check NAME')")
-        for name in candidates:
-            lease = try_lease(self.home, name)
-            if lease is not None:
-                return name, lease
-        return candidates[0], DeviceLease(self.home, candidates[0]).__enter__()
+        lease = lease_any(self.home, candidates)
+        return lease.device, lease
 
     def _measure_on_device(self, exported: ExportedModel, signature: List[Dict[str, Any]],
                            device: Optional[str] = None) -> Measurement:

@@ -82,14 +82,12 @@ def _on_host(kind: str, timeout_s: float, isolation: str, work) -> Dict[str, Any
     """Lease a free local device of `kind` and run `work(name, client, deadline)`; failures
     come back as {"error": ...} so the caller can raise the right typed error."""
     from devices.registry import devices_of_kind, open_client
-    from harness.farm import DeviceLease, try_lease
+    from harness.farm import lease_any
 
     home = harness_home()
+    name = None
     try:
-        names = devices_of_kind(home, kind)
-        lease = next((l for l in (try_lease(home, n) for n in names) if l is not None), None)
-        if lease is None:
-            lease = DeviceLease(home, names[0]).__enter__()
+        lease = lease_any(home, devices_of_kind(home, kind))
         name = lease.device
         try:
             if name not in _CLIENTS:
@@ -99,7 +97,9 @@ def _on_host(kind: str, timeout_s: float, isolation: str, work) -> Dict[str, Any
             lease.__exit__(None, None, None)
         return dict(result, device=name, host=platform.node())
     except DeviceError as exc:
-        _CLIENTS.pop(locals().get("name", ""), None)
+        client = _CLIENTS.pop(name, None)  # start afresh with that device next time
+        if client is not None:
+            client.close()
         return {"error": {"kind": exc.kind, "message": exc.message, "fix": exc.fix}}
     except HarnessError as exc:
         return {"error": {"kind": "USER", "message": exc.message, "fix": exc.fix}}
