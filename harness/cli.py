@@ -1,6 +1,8 @@
 """The `harness` command.
 
     harness profile --space MODULE:ATTR --device NAME --samples N [--seed S] [--json]
+                    [--fallback nn-meter [--predictor P] [--offline]]
+    harness calibrate --device NAME --space MODULE:ATTR --samples N [--holdout M] [--predictor P]
     harness cache stats | export FILE | import FILE
     harness devices add NAME --ssh USER@HOST[:PORT] [--key FILE] [--jump USER@HOST] [--kind K]
     harness devices list | check NAME | trust NAME [--yes] [--replace] | remove NAME | clean NAME
@@ -9,8 +11,10 @@
 import argparse
 import json
 import logging
+import math
 import sys
 import time
+from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence
 
 from devices.errors import DeviceError
@@ -38,11 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     profile.add_argument("--json", action="store_true", help="print JSON instead of a table")
     profile.add_argument("--statistic", choices=STATISTICS, default="median")
-    profile.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default 1)")
-    profile.add_argument("--cpus", help="pin the agent to these CPUs, e.g. 1 or 4-7 or 0,2")
-    profile.add_argument("--min-runs", type=int, help="timed runs at least (default 50)")
-    profile.add_argument("--min-time-ms", type=float, help="timed loop at least (default 1000)")
-    profile.add_argument("--max-time-ms", type=float, help="timed loop at most (default 20000)")
+    _add_timing_options(profile)
     profile.add_argument("--isolation", choices=("worker", "process"), default="worker",
                          help="persistent agent worker, or a fresh process per measurement")
     profile.add_argument("--timeout", type=float, default=300.0,
@@ -50,6 +50,31 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--refresh", action="store_true", help="measure even if cached")
     profile.add_argument("--farm", metavar="ADDRESS",
                          help="a Ray farm's head (HOST:PORT); --device must be kind:K")
+    profile.add_argument("--fallback", choices=("error", "nn-meter"), default="error",
+                         help="when the device is unreachable: fail, or predict with nn-Meter "
+                              "(calibrated for the device if 'harness calibrate' ran)")
+    profile.add_argument("--predictor", metavar="NAME_OR_FOLDER",
+                         help="nn-Meter predictor for an uncalibrated device")
+    profile.add_argument("--offline", action="store_true",
+                         help="do not contact the device: cache or prediction only")
+
+    calibrate = commands.add_parser(
+        "calibrate", help="measure subnets and kernels, fit nn-Meter to a device, report accuracy")
+    calibrate.add_argument("--device", required=True, help="device name")
+    calibrate.add_argument("--space", default="harness.spaces:ProxylessSpace",
+                           help="MODULE:ATTR of a model space (default: %(default)s)")
+    calibrate.add_argument("--samples", type=int, required=True,
+                           help="training subnets to measure")
+    calibrate.add_argument("--holdout", type=int, default=20,
+                           help="held-out subnets to measure for the report (default 20)")
+    calibrate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    calibrate.add_argument("--predictor", metavar="NAME_OR_FOLDER",
+                           help="an official nn-Meter predictor to compare (and to correct "
+                                "when no kernel predictors are built)")
+    calibrate.add_argument("--no-kernels", action="store_true",
+                           help="only correct --predictor; do not build kernel predictors")
+    calibrate.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_timing_options(calibrate)
 
     farm = commands.add_parser("farm", help="serve this host's devices to a Ray farm")
     farm_verbs = farm.add_subparsers(dest="action", required=True)
@@ -102,6 +127,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_timing_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default 1)")
+    parser.add_argument("--cpus", help="pin the agent to these CPUs, e.g. 1 or 4-7 or 0,2")
+    parser.add_argument("--min-runs", type=int, help="timed runs at least (default 50)")
+    parser.add_argument("--min-time-ms", type=float, help="timed loop at least (default 1000)")
+    parser.add_argument("--max-time-ms", type=float, help="timed loop at most (default 20000)")
+
+
+def _settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """Agent settings from the timing options."""
+    settings: Dict[str, Any] = {}
+    for option, key in (("threads", "intra_op_threads"), ("min_runs", "min_runs"),
+                        ("min_time_ms", "min_time_ms"), ("max_time_ms", "max_time_ms")):
+        if getattr(args, option) is not None:
+            settings[key] = getattr(args, option)
+    if args.cpus:
+        settings["cpu_affinity"] = parse_cpus(args.cpus)
+    if "min_time_ms" in settings and "max_time_ms" not in settings:
+        settings["max_time_ms"] = max(20000.0, settings["min_time_ms"] * 2)
+    return settings
+
+
+def _space_with_input(spec: str) -> Any:
+    from harness.space import load_space
+
+    space = load_space(spec)
+    if not callable(getattr(space, "dummy_input", None)):
+        raise HarnessError(f"space {spec} has no dummy_input() to tell its input shape",
+                           fix="add dummy_input() to the space, or use the Python API")
+    return space
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
@@ -109,6 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "profile":
             return _profile(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
         if args.command == "devices":
             return _devices(args)
         if args.command == "farm":
@@ -127,29 +186,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from harness.profiler import LatencyProfiler
-    from harness.space import load_space, random_samples
+    from harness.space import random_samples
 
-    space = load_space(args.space)
-    if not callable(getattr(space, "dummy_input", None)):
-        raise HarnessError(f"space {args.space} has no dummy_input() to tell its input shape",
-                           fix="add dummy_input() to the space, or use LatencyProfiler from Python")
+    space = _space_with_input(args.space)
     if args.samples < 1:
         raise HarnessError("--samples must be at least 1", fix="pass --samples 8, for example")
-    settings: Dict[str, Any] = {}
-    for option, key in (("threads", "intra_op_threads"), ("min_runs", "min_runs"),
-                        ("min_time_ms", "min_time_ms"), ("max_time_ms", "max_time_ms")):
-        if getattr(args, option) is not None:
-            settings[key] = getattr(args, option)
-    if args.cpus:
-        settings["cpu_affinity"] = parse_cpus(args.cpus)
-    if "min_time_ms" in settings and "max_time_ms" not in settings:
-        settings["max_time_ms"] = max(20000.0, settings["min_time_ms"] * 2)
     samples = random_samples(space, args.samples, seed=args.seed)
     started = time.monotonic()
+    fallback = "nn-meter" if args.offline else args.fallback
     with LatencyProfiler(space, space.dummy_input(), device=args.device,
-                         statistic=args.statistic, settings=settings, cache=args.cache,
+                         statistic=args.statistic, settings=_settings(args), cache=args.cache,
                          isolation=args.isolation, timeout_s=args.timeout,
-                         refresh=args.refresh, farm=args.farm) as profiler:
+                         refresh=args.refresh, farm=args.farm, fallback=fallback,
+                         predictor=args.predictor, offline=args.offline) as profiler:
         results = profiler.measure_many(samples, progress=False if args.json else None)
         counters = dict(profiler.counters)
     elapsed = time.monotonic() - started
@@ -159,14 +208,42 @@ def _profile(args: argparse.Namespace) -> int:
     else:
         print(render_table(results, args.statistic))
         graphs = len({m.graph_hash for m in results})
-        measured = sum(m.source == "measured" for m in results)
-        print(f"\n{len(results)} samples, {graphs} distinct architectures: {measured} measured, "
-              f"{len(results) - measured} from the cache; {counters.get('exports', 0)} exported; "
-              f"{elapsed:.1f} s on {args.device}")
+        sources = Counter(m.source for m in results)
+        print(f"\n{len(results)} samples, {graphs} distinct architectures: "
+              f"{sources['measured']} measured, {sources['cached']} from the cache, "
+              f"{sources['predicted']} predicted by nn-Meter; {counters.get('exports', 0)} "
+              f"exported; {elapsed:.1f} s on {args.device}")
         unstable = [i for i, m in enumerate(results) if m.flags]
         if unstable:
             print(f"flagged: samples {', '.join(map(str, unstable))} (see flags); rerun them "
                   f"with --refresh on an idle device, or raise --min-time-ms")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from harness.accuracy import render_report
+    from harness.calibrate import calibrate
+
+    space = _space_with_input(args.space)
+    result = calibrate(space, space.dummy_input(), args.device, args.samples, args.holdout,
+                       space_name=args.space, seed=args.seed, predictor=args.predictor,
+                       build_kernels=False if args.no_kernels else None,
+                       settings=_settings(args), cache=args.cache,
+                       progress=False if args.json else None)
+    calibration = result.calibration
+    if args.json:
+        print(json.dumps({"folder": str(result.folder), "report": result.report,
+                          "intercept": calibration.intercept, "slope": calibration.slope,
+                          "png": str(result.png) if result.png else None}, indent=1))
+        return 0
+    print(f"accuracy on {args.holdout} held-out subnets of {args.space} measured on "
+          f"{args.device}:\n")
+    print(render_report(result.report))
+    print(f"\ncorrection: measured = {math.exp(calibration.intercept):.4g} * "
+          f"predicted^{calibration.slope:.4f}, fitted on {args.samples} subnets")
+    print(f"stored in {result.folder} (the nn-Meter fallback for {args.device} uses it)")
+    if result.png:
+        print(f"scatter: {result.png}")
     return 0
 
 

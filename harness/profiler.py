@@ -55,6 +55,9 @@ RUNTIME_SETTINGS = ("intra_op_threads", "inter_op_threads", "graph_optimization_
                     "execution_mode", "provider", "input_shapes", "cpu_affinity")
 
 
+FALLBACKS = ("error", "nn-meter")
+
+
 class Profiler(ABC):
     """Computes a metric for samples of one model space: the interface a search filters on."""
 
@@ -88,6 +91,14 @@ class LatencyProfiler(Profiler):
         left alone for quarantine_s seconds (its jobs fail over to the others), then retried.
     farm: the address of a Ray farm (see harness.ray_farm); with device="kind:K", every device
         of kind K on every host of the farm measures, results land in this cache.
+    fallback: what to do when the device cannot be reached (DeviceLost): "error" raises,
+        "nn-meter" answers with an nn-Meter prediction instead: corrected by the device's
+        calibration (`harness calibrate`) if there is one, else `predictor` raw. Predicted
+        results have source "predicted", name predictor and calibration, and are never
+        stored in the cache.
+    predictor: the nn-Meter predictor (official name, or folder) for an uncalibrated device.
+    offline: never contact the device; answer from the cache (under the device identity its
+        calibration recorded) or by prediction. Needs fallback="nn-meter".
     """
 
     def __init__(self, space: ModelSpace, dummy_input: DummyInput, device: str = "local",
@@ -95,9 +106,23 @@ class LatencyProfiler(Profiler):
                  cache: Union[Cache, str, Path, None] = None, isolation: str = "worker",
                  timeout_s: float = 300.0, refresh: bool = False,
                  home: Union[str, Path, None] = None, max_strikes: int = 3,
-                 quarantine_s: float = 60.0, farm: Optional[str] = None):
+                 quarantine_s: float = 60.0, farm: Optional[str] = None,
+                 fallback: str = "error", predictor: Union[str, Path, None] = None,
+                 offline: bool = False):
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+        if offline and fallback != "nn-meter":
+            raise BadRequest("an offline profiler can only predict",
+                             fix="pass fallback='nn-meter' (and calibrate the device first)")
+        self.fallback = fallback
+        self.offline = offline
+        self._fallback_predictor = predictor
+        self._predictor: Optional[Any] = None  # the NnMeterProfiler, made on first need
+        self._predictions: Dict[tuple, Measurement] = {}
+        self._unreachable_until = 0.0  # predict without retrying the device until then
+        self._retry_s = float(quarantine_s)
         self.space = space
         self.device = device
         self.statistic = statistic
@@ -150,6 +175,15 @@ class LatencyProfiler(Profiler):
         value = self._memo.get(memo_key)
         if value is not None:
             return value
+        if self._predicting():
+            return self.measure(sample).statistic(self.statistic)
+        try:
+            return self._profile_on_device(memo_key)
+        except DeviceLost as exc:
+            return self._fall_back(dict(zip(self._validate.labels, memo_key)),
+                                   exc).statistic(self.statistic)
+
+    def _profile_on_device(self, memo_key: tuple) -> float:
         if not self.refresh:
             if self._device_fp is None:
                 self._learn_device()  # also loads every cached result of this space
@@ -168,7 +202,13 @@ class LatencyProfiler(Profiler):
 
     def measure(self, sample: Mapping[str, Any]) -> Measurement:
         """The full Measurement (raw samples, statistics, provenance, source)."""
-        return self._measure(self._validate(sample))
+        canonical = self._validate(sample)
+        if self._predicting():
+            return self._fall_back(canonical, None)
+        try:
+            return self._measure(canonical)
+        except DeviceLost as exc:
+            return self._fall_back(canonical, exc)
 
     def profile_many(self, samples: Iterable[Mapping[str, Any]],
                      progress: Optional[bool] = None) -> List[float]:
@@ -183,11 +223,24 @@ class LatencyProfiler(Profiler):
         there export and measurement take turns), every device of a pool works in parallel,
         and samples of one architecture are measured once. Everything measured is stored as
         it completes, so a sweep cut short resumes from the cache. The first failure is
-        raised once the other jobs have finished."""
+        raised once the other jobs have finished; with fallback="nn-meter", samples left
+        unmeasured because the devices were lost are predicted."""
+        samples = [self._validate(sample) for sample in samples]
+        if self._predicting():
+            return [self._fall_back(sample, None) for sample in samples]
+        results: List[Optional[Measurement]] = [None] * len(samples)
+        try:
+            self._measure_all(samples, results, progress)
+        except DeviceLost as exc:
+            for index, sample in enumerate(samples):
+                if results[index] is None:
+                    results[index] = self._fall_back(sample, exc)
+        return results  # type: ignore[return-value]
+
+    def _measure_all(self, samples: List[Sample], results: List[Optional[Measurement]],
+                     progress: Optional[bool]) -> None:
         from tqdm import tqdm
 
-        samples = [self._validate(sample) for sample in samples]
-        results: List[Optional[Measurement]] = [None] * len(samples)
         pending = []
         for index, sample in enumerate(samples):
             cached = None if self.refresh else self._cached_measurement(sample)
@@ -204,7 +257,6 @@ class LatencyProfiler(Profiler):
                     bar.update()
             elif pending:
                 self._run_pool(samples, pending, results, bar)
-        return results  # type: ignore[return-value]
 
     def _cached_measurement(self, sample: Sample) -> Optional[Measurement]:
         graph = self.cache.lookup_sample(self._space_fp, self._input_sig, sample_key(sample))
@@ -357,6 +409,68 @@ class LatencyProfiler(Profiler):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ------------------------------------------------------------ the nn-Meter fallback
+
+    def _predicting(self) -> bool:
+        """Answer by prediction without trying the device: offline, or the device was lost
+        less than quarantine_s ago (a search then does not wait on a dead device per sample)."""
+        return self.offline or time.monotonic() < self._unreachable_until
+
+    def _fall_back(self, sample: Sample, cause: Optional[DeviceLost]) -> Measurement:
+        """The answer when the device cannot be reached: raise (fallback "error"), or a cached
+        measurement under the identity the device's calibration recorded, or a prediction."""
+        if cause is not None:
+            if self.fallback != "nn-meter":
+                raise cause
+            if not self._unreachable_until:
+                log.warning("%s is unreachable (%s); answering with nn-Meter predictions, "
+                            "retrying the device every %.0f s", self.device, cause.message,
+                            self._retry_s)
+            self._unreachable_until = time.monotonic() + self._retry_s
+        memo_key = tuple(sample.values())
+        if memo_key in self._predictions:
+            return self._predictions[memo_key]
+        predictor = self._nn_meter(cause)
+        calibration = predictor.calibration
+        graph = self.cache.lookup_sample(self._space_fp, self._input_sig, sample_key(sample))
+        exported = None
+        if graph is None:
+            exported = self._export(sample)
+            graph = exported.graph_hash
+        if calibration is not None and not self.refresh and \
+                calibration.settings_key == self._settings_key:
+            cached = self.cache.get(MeasurementKey(graph, self._input_sig, self._settings_key,
+                                                   calibration.device_fingerprint,
+                                                   calibration.agent_version))
+            if cached is not None:
+                self.counters["cache_hits"] += 1
+                return cached
+        predicted = predictor.predict_exported(exported or self._export(sample))
+        self.counters["predictions"] += 1
+        self._predictions[memo_key] = predicted
+        return predicted
+
+    def _nn_meter(self, cause: Optional[DeviceLost]) -> Any:
+        """The NnMeterProfiler of the fallback: calibrated for the device if it was."""
+        if self._predictor is None:
+            from harness.calibrate import load_calibration
+            from harness.predict import NnMeterProfiler, PredictorError
+
+            calibration = next((found for found in (load_calibration(name, self.home)
+                                                    for name in self.devices) if found), None)
+            if calibration is None and self._fallback_predictor is None:
+                why = "is unreachable" if cause is not None else "is offline"
+                raise PredictorError(
+                    f"{self.device} {why}, and there is no nn-Meter calibration for it or "
+                    "predictor to fall back on",
+                    fix=f"run 'harness calibrate --device {self.devices[0]} --space ...' while "
+                        "it is reachable, or pass predictor=NAME_OR_FOLDER") from cause
+            self._predictor = NnMeterProfiler(
+                self.space, self._dummy_input,
+                predictor=None if calibration is not None else self._fallback_predictor,
+                calibration=calibration, device=self.device)
+        return self._predictor
 
     # ------------------------------------------------------------ the steps
 

@@ -1,0 +1,400 @@
+"""Calibrate nn-Meter to a device from real measurements (`harness calibrate`).
+
+One calibration, step by step:
+1. draw `samples` training subnets and `holdout` held-out subnets of a space (distinct
+   architectures, none shared between the two sets) and measure them all on the device;
+2. with enough training subnets, build device-specific kernel predictors in nn-Meter's own
+   format: detect the kernels of the training subnets with nn-Meter's kernel detector, build
+   each distinct kernel configuration as a one-kernel model, measure it on the device through
+   the same transports and cache, and train one regressor per kernel type with nn-Meter's
+   builder (`build_predictor_by_data`);
+3. fit a correction of the base predictor (those kernel predictors, else the official
+   predictor given) on the training subnets: log(measured) = a + b log(predicted), or a pure
+   scale factor (b = 1) when that scores better in leave-one-out validation;
+4. report the accuracy on the held-out subnets before and after (harness.accuracy), and store
+   everything under $HARNESS_HOME/calibrations/<device>/, where the fallback of a
+   LatencyProfiler for that device finds it.
+"""
+import json
+import logging
+import math
+import os
+import pickle
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from harness.accuracy import accuracy_metrics, save_scatter
+from harness.export import DummyInput, export_sample
+from harness.paths import harness_home
+from harness.predict import (FUSION_RULES, KernelPredictors, PredictorError, import_nn_meter,
+                             load_predictor)
+from harness.profiler import LatencyProfiler
+from harness.space import ModelSpace, random_samples, sample_key
+
+log = logging.getLogger("harness")
+
+CALIBRATION_FILE = "calibration.json"
+KERNELS_FOLDER = "kernels"
+FORMAT_VERSION = 1
+
+# Fewer training subnets than this give too few kernel configurations to train nn-Meter's
+# regressors on; calibration then corrects the given official predictor only.
+MIN_SUBNETS_FOR_KERNELS = 8
+
+# What onnxruntime's CPU provider fuses (graph optimisation "all"): a convolution with the
+# batch norm and activation after it. nn-Meter's detector groups kernels by these rules.
+ORT_CPU_FUSION_RULES = {
+    "BF_conv_bn": {"obey": True}, "BF_conv_relu": {"obey": True},
+    "BF_dwconv_bn": {"obey": True}, "BF_dwconv_relu": {"obey": True},
+    "BF_bn_relu": {"obey": True},
+}
+
+# nn-Meter's builder takes regressor hyper-parameters per kernel type from a table keyed by
+# backend; its default (for types missing there) uses max_features="auto", which current
+# scikit-learn rejects. The tflite_cpu rows cover every kernel type built here.
+BUILDER_BACKEND = "tflite_cpu"
+
+
+def calibrations_folder(home: Union[str, Path, None] = None) -> Path:
+    return harness_home(home) / "calibrations"
+
+
+@dataclass
+class Calibration:
+    """A per-device correction of an nn-Meter predictor: predicted -> exp(a) * predicted^b,
+    with what it was fitted on (device identity, settings, space) and its held-out report."""
+
+    device: str
+    base_predictor: str          # folder of the corrected predictor
+    base_predictor_digest: str
+    intercept: float             # a
+    slope: float                 # b
+    kind: str                    # "scale" (b = 1) or "log-linear"
+    device_fingerprint: str      # digest of the device identity when calibrated
+    agent_version: str
+    settings_key: str
+    space: str
+    input_signature: List[Dict[str, Any]]
+    n_train: int
+    n_holdout: int
+    report: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def predictor_folder(self) -> Path:
+        return Path(self.base_predictor)
+
+    def correct(self, predicted_ms: float) -> float:
+        """The corrected prediction (ms) for a raw nn-Meter prediction."""
+        if not predicted_ms > 0:
+            raise PredictorError(f"nn-Meter predicted {predicted_ms} ms; a log-linear "
+                                 "correction needs a positive prediction",
+                                 fix="the model's kernels are unknown to the predictor; "
+                                     "calibrate with a space that contains them")
+        return math.exp(self.intercept + self.slope * math.log(predicted_ms))
+
+    def describe(self) -> Dict[str, Any]:
+        return {"device": self.device, "kind": self.kind, "intercept": self.intercept,
+                "slope": self.slope, "created_at": self.created_at, "n_train": self.n_train}
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / CALIBRATION_FILE
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
+        os.replace(temporary, path)
+        return path
+
+
+def load_calibration(device: str, home: Union[str, Path, None] = None) -> Optional[Calibration]:
+    """The stored calibration of `device`, or None if it was never calibrated."""
+    path = calibrations_folder(home) / device / CALIBRATION_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        calibration = Calibration(**data)
+        if calibration.format_version != FORMAT_VERSION:
+            raise ValueError(f"format version {calibration.format_version}")
+        float(calibration.intercept), float(calibration.slope)
+    except (ValueError, TypeError) as exc:
+        raise PredictorError(f"calibration file {path} is unreadable ({exc})",
+                             fix=f"run 'harness calibrate --device {device} ...' again "
+                                 f"(it replaces the file)") from None
+    return calibration
+
+
+def fit_log_linear(predicted: Sequence[float], measured: Sequence[float],
+                   free_slope: bool = True) -> Tuple[float, float]:
+    """Least-squares fit of log(measured) = a + b log(predicted): (a, b); with
+    free_slope=False, b is 1 (a pure scale factor)."""
+    x = np.log(np.asarray(predicted, dtype=float))
+    y = np.log(np.asarray(measured, dtype=float))
+    if not free_slope or len(x) < 3 or np.ptp(x) == 0:
+        return float(np.mean(y - x)), 1.0
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(intercept), float(slope)
+
+
+def fit_correction(predicted: Sequence[float], measured: Sequence[float]) -> Tuple[float, float, str]:
+    """The correction for a device: (a, b, kind). A log-linear fit has two parameters, and
+    on few or noisy subnets its slope chases the noise; so both it and a pure scale factor
+    are scored by leave-one-out RMSPE on the training subnets, and the better one is kept."""
+    x = np.asarray(predicted, dtype=float)
+    y = np.asarray(measured, dtype=float)
+    scores = {}
+    for kind, free in (("scale", False), ("log-linear", True)):
+        errors = []
+        for left_out in range(len(x)):
+            keep = np.arange(len(x)) != left_out
+            a, b = fit_log_linear(x[keep], y[keep], free)
+            errors.append(math.exp(a) * x[left_out] ** b / y[left_out] - 1)
+        scores[kind] = float(np.sqrt(np.mean(np.square(errors))))
+    kind = min(scores, key=scores.get)  # type: ignore[arg-type]
+    a, b = fit_log_linear(x, y, kind == "log-linear")
+    log.info("correction: leave-one-out RMSPE %s; kept %s", scores, kind)
+    return a, b, kind
+
+
+# ---------------------------------------------------------------- kernels as models
+
+class _Binary(torch.nn.Module):
+    def __init__(self, relu: bool):
+        super().__init__()
+        self.relu = relu
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = a + b
+        return torch.relu(out) if self.relu else out
+
+
+def kernel_model(kernel: Mapping[str, Any]) -> Optional[Tuple[torch.nn.Module, DummyInput]]:
+    """A one-kernel model for a kernel nn-Meter detected (shapes in its NHWC convention),
+    with its input; None for kernel types harness cannot build."""
+    op = kernel["op"]
+    shapes = kernel.get("input_tensors") or []
+    first = shapes[0] if shapes else []
+    if len(first) == 4:
+        _, height, width, channels = first
+        image = torch.zeros(1, channels, height, width)
+    relu = op.endswith("-relu") or op == "relu"
+    layers: List[torch.nn.Module] = []
+    if op.startswith("conv") or op.startswith("dwconv"):
+        size, stride = kernel["ks"][-1], (kernel.get("strides") or [1, 1])[-1]
+        groups = channels if op.startswith("dwconv") else 1
+        cout = channels if op.startswith("dwconv") else kernel["cout"]
+        layers.append(torch.nn.Conv2d(channels, cout, size, stride, size // 2, groups=groups))
+        if "-bn" in op:
+            layers.append(torch.nn.BatchNorm2d(cout))
+    elif op in ("bn", "bn-relu"):
+        layers.append(torch.nn.BatchNorm2d(channels))
+    elif op in ("add", "add-relu") and len(first) == 4:
+        return _Binary(relu).eval(), (image, image.clone())
+    elif op in ("gap", "global-avgpool"):
+        layers.append(torch.nn.AdaptiveAvgPool2d(1))
+    elif op in ("maxpool", "avgpool"):
+        size, stride = kernel["ks"][-1], (kernel.get("strides") or [1, 1])[-1]
+        pool = torch.nn.MaxPool2d if op == "maxpool" else torch.nn.AvgPool2d
+        layers.append(pool(size, stride, size // 2))
+    elif op in ("fc", "fc-relu"):
+        layers.append(torch.nn.Linear(kernel["cin"], kernel["cout"]))
+        image = torch.zeros(1, kernel["cin"])
+    elif op == "hswish" and len(first) == 4:
+        layers.append(torch.nn.Hardswish())
+    elif op != "relu" or len(first) != 4:
+        return None
+    if relu:
+        layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers).eval(), image
+
+
+def kernel_features(kernel: Mapping[str, Any]) -> Optional[Tuple[str, List[float]]]:
+    """(kernel predictor name, features) exactly as nn-Meter computes them when predicting."""
+    from nn_meter.predictor.prediction.extract_feature import get_predict_features
+    from nn_meter.predictor.prediction.utils import get_kernel_name
+
+    found = get_predict_features([dict(kernel)])
+    if not found:
+        return None
+    ((op, features),) = found[0].items()
+    return get_kernel_name(op), list(features)
+
+
+def builder_config(kernel_type: str, features: List[float]) -> Dict[str, float]:
+    """nn-Meter builder's config for a kernel, from its prediction features (so training and
+    prediction see the same numbers)."""
+    from nn_meter.builder.kernel_predictor_builder.predictor_builder.extract_feature import \
+        feature_for_kernel
+
+    names = feature_for_kernel[kernel_type]
+    return {name: value for name, value in zip(names, features)}
+
+
+def measure_kernels(profiler: LatencyProfiler, onnx_models: List[bytes],
+                    fusion_rules: Path) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Every distinct kernel of the models, measured on the profiler's device: nn-Meter's
+    builder data, {kernel type: {id: {"config", "model", "latency" ("avg +- std" ms)}}}."""
+
+    detector = KernelPredictors("detector", fusion_rules.parent, {}, fusion_rules, "")
+    distinct: Dict[Tuple[str, Tuple[float, ...]], Mapping[str, Any]] = {}
+    skipped: Dict[str, int] = {}
+    for onnx_bytes in onnx_models:
+        for kernel in detector.kernels(onnx_bytes):
+            named = kernel_features(kernel)
+            if named is None or kernel_model(kernel) is None:
+                skipped[kernel["op"]] = skipped.get(kernel["op"], 0) + 1
+                continue
+            distinct.setdefault((named[0], tuple(named[1])), kernel)
+    if skipped:
+        log.warning("kernels without a predictor (left to the correction): %s", skipped)
+    data: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for number, ((kernel_type, features), kernel) in enumerate(sorted(
+            distinct.items(), key=lambda item: (item[0][0], item[0][1]))):
+        module, inputs = kernel_model(kernel)  # type: ignore[misc]
+        measurement = profiler.measure_module(module, inputs)
+        data.setdefault(kernel_type, {})[f"{kernel_type}_{number}"] = {
+            "config": builder_config(kernel_type, list(features)),
+            "model": kernel["op"], "graph_hash": measurement.graph_hash,
+            "latency": f"{measurement.median} +- {measurement.stdev}"}
+    log.info("measured %d distinct kernels: %s", len(distinct),
+             {kind: len(items) for kind, items in data.items()})
+    return data
+
+
+def build_kernel_predictors(kernel_data: Dict[str, Dict[str, Dict[str, Any]]],
+                            folder: Path) -> Path:
+    """Train one regressor per kernel type with nn-Meter's builder and write an nn-Meter
+    predictor folder (<type>.pkl, fusion_rules.json, and the measured data as kernels.json)."""
+    import_nn_meter()
+    from nn_meter.builder.backend_meta.utils import read_profiled_results
+    from nn_meter.builder.kernel_predictor_builder import build_predictor_by_data
+
+    staging = Path(tempfile.mkdtemp(prefix=".kernels-", dir=folder.parent))
+    try:
+        profiled = read_profiled_results(kernel_data)
+        for kernel_type in sorted(profiled):
+            with warnings.catch_warnings():  # out-of-bag scores of types with few configs
+                warnings.simplefilter("ignore", UserWarning)
+                predictor, _, _ = build_predictor_by_data(kernel_type, profiled, BUILDER_BACKEND,
+                                                          final_predictor=True)
+            with open(staging / f"{kernel_type}.pkl", "wb") as handle:
+                pickle.dump(predictor, handle)
+        (staging / FUSION_RULES).write_text(json.dumps(ORT_CPU_FUSION_RULES, indent=1))
+        (staging / "kernels.json").write_text(json.dumps(kernel_data, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+# ---------------------------------------------------------------- the whole calibration
+
+@dataclass
+class CalibrationResult:
+    calibration: Calibration
+    folder: Path
+    report: Dict[str, Dict[str, float]]
+    holdout_points: Dict[str, List[Tuple[float, float]]]  # series -> (predicted, measured)
+    png: Optional[Path]
+
+
+def _distinct_samples(space: ModelSpace, dummy_input: DummyInput, count: int, seed: int,
+                      avoid: set) -> List[Tuple[Dict[str, Any], bytes, str]]:
+    """`count` samples of distinct architectures not in `avoid`: (sample, onnx, graph hash)."""
+    chosen: List[Tuple[Dict[str, Any], bytes, str]] = []
+    attempt = 0
+    while len(chosen) < count:
+        for sample in random_samples(space, count - len(chosen), seed=seed * 1000 + attempt):
+            exported = export_sample(space, sample, dummy_input)
+            if exported.graph_hash not in avoid:
+                avoid.add(exported.graph_hash)
+                chosen.append((sample, exported.onnx_bytes, exported.graph_hash))
+        attempt += 1
+        if attempt > 20:
+            raise PredictorError(f"the space has fewer than the {count} distinct "
+                                 "architectures asked for", fix="ask for fewer samples")
+    return chosen
+
+
+def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: int,
+              holdout: int = 20, *, space_name: str = "", seed: int = 0,
+              predictor: Union[str, Path, None] = None, build_kernels: Optional[bool] = None,
+              settings: Optional[Mapping[str, Any]] = None,
+              home: Union[str, Path, None] = None, cache: Any = None,
+              plot: bool = True, progress: Optional[bool] = None) -> CalibrationResult:
+    """Calibrate nn-Meter to `device` (see the module docstring); returns what was stored."""
+    import_nn_meter()
+    if samples < 2 or holdout < 2:
+        raise PredictorError("calibration needs at least 2 training and 2 held-out subnets",
+                             fix="pass --samples 100 --holdout 20, for example")
+    if build_kernels is None:
+        build_kernels = samples >= MIN_SUBNETS_FOR_KERNELS
+    if not build_kernels and predictor is None:
+        raise PredictorError(f"{samples} training subnets are too few to build kernel "
+                             f"predictors (at least {MIN_SUBNETS_FOR_KERNELS}), and no official "
+                             "predictor was given to correct",
+                             fix=f"pass --samples {MIN_SUBNETS_FOR_KERNELS} or more, or "
+                                 "--predictor NAME_OR_FOLDER")
+    official = load_predictor(predictor) if predictor is not None else None
+    folder = calibrations_folder(home) / device
+    folder.mkdir(parents=True, exist_ok=True)
+
+    seen: set = set()
+    train = _distinct_samples(space, dummy_input, samples, seed, seen)
+    held = _distinct_samples(space, dummy_input, holdout, seed + 1, seen)
+    with LatencyProfiler(space, dummy_input, device, settings=settings, home=home,
+                         cache=cache) as profiler:
+        measured = profiler.measure_many([s for s, _, _ in train + held], progress=progress)
+        truth = [m.median for m in measured]
+        if build_kernels:
+            rules = folder / ".fusion_rules.json"
+            rules.write_text(json.dumps(ORT_CPU_FUSION_RULES))
+            kernel_data = measure_kernels(profiler, [onnx for _, onnx, _ in train], rules)
+            rules.unlink()
+            base = load_predictor(build_kernel_predictors(kernel_data, folder / KERNELS_FOLDER))
+        else:
+            base = official  # type: ignore[assignment]
+        key = profiler._key("")
+    assert base is not None
+    models = [onnx for _, onnx, _ in train + held]
+    raw = [base.predict(onnx) for onnx in models]
+    if not all(value > 0 for value in raw):
+        raise PredictorError(f"the predictor {base.name} predicts 0 ms for some subnets: it "
+                             "has no regressor for their kernels",
+                             fix="use a predictor built for this kind of model")
+    intercept, slope, kind = fit_correction(raw[:samples], truth[:samples])
+    calibration = Calibration(
+        device=device, base_predictor=str(base.folder), base_predictor_digest=base.digest,
+        intercept=intercept, slope=slope, kind=kind, device_fingerprint=key.device_fp,
+        agent_version=key.agent_version, settings_key=key.settings_key, space=space_name,
+        input_signature=[dict(x) for x in profiler.input_signature], n_train=samples,
+        n_holdout=holdout)
+    held_truth = truth[samples:]
+    series: Dict[str, List[float]] = {}
+    if official is not None:
+        series[f"nn-Meter {official.name}"] = [official.predict(onnx) for onnx in
+                                               models[samples:]]
+    series[f"nn-Meter {'device kernels' if build_kernels else base.name}"] = raw[samples:]
+    series["calibrated"] = [calibration.correct(value) for value in raw[samples:]]
+    report = {name: accuracy_metrics(values, held_truth) for name, values in series.items()}
+    calibration.report = report
+    calibration.save(folder)
+    points = {name: list(zip(values, held_truth)) for name, values in series.items()}
+    (folder / "holdout.json").write_text(json.dumps(
+        {"samples": [sample_key(s) for s, _, _ in held], "measured_ms": held_truth,
+         "predicted_ms": series}, indent=1))
+    png = save_scatter(points, folder / "accuracy.png",
+                       f"nn-Meter on {device}: {holdout} held-out subnets") if plot else None
+    log.info("calibration of %s stored in %s", device, folder)
+    return CalibrationResult(calibration, folder, report, points, png)

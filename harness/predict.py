@@ -1,0 +1,259 @@
+"""nn-Meter latency predictions: `NnMeterProfiler`, and loading nn-Meter predictors.
+
+nn-Meter predicts a model's latency as the sum of its kernels' latencies: a kernel detector
+splits the graph into the kernels a runtime fuses (conv-bn-relu, dwconv, add, ...) by a
+device's fusion rules, and one regressor per kernel type (a scikit-learn RandomForest pickle)
+predicts each kernel from its configuration. A predictor is a folder holding those pickles
+and `fusion_rules.json`: an official one (say `cortexA76cpu_tflite21`) that the user placed in
+nn-Meter's data folder, or one `harness calibrate` built from a device's own measurements.
+
+What nn-Meter 2.0 needs around it here:
+- it imports only with setuptools < 81 (it uses pkg_resources): `pip install 'harness[nn-meter]'`;
+- its torch path is broken on current torch, so models go through our ONNX export, cleaned of
+  the `Constant` and initializer-`Identity` nodes its ONNX converter cannot read;
+- it would download official predictors on first use, which hangs on a closed network, so
+  harness loads predictor folders itself and never downloads;
+- the official pickles are scikit-learn 0.23 ones, loaded through harness.sklearn_pickle.
+"""
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import onnx
+import torch
+
+from harness.errors import HarnessError
+from harness.export import DummyInput, ExportedModel, export_sample, input_signature
+from harness.measurement import Measurement
+from harness.profiler import Profiler
+from harness.sklearn_pickle import LegacyPickleError, load_kernel_predictor
+from harness.space import ModelSpace, SampleValidator, checked_search_space
+
+log = logging.getLogger("harness")
+
+NN_METER_INSTALL = ("pip install 'harness[nn-meter]' (nn-meter 2.0, and setuptools<81 for "
+                    "the pkg_resources it imports)")
+FUSION_RULES = "fusion_rules.json"
+
+
+class PredictorError(HarnessError):
+    """An nn-Meter predictor cannot be found, loaded or used."""
+
+
+def import_nn_meter() -> Any:
+    """The nn_meter package, with its chatty stdout logger turned down to errors."""
+    try:
+        import nn_meter
+    except ImportError as exc:  # not installed, or setuptools >= 81 (no pkg_resources)
+        raise PredictorError(f"nn-Meter cannot be imported ({exc})", fix=NN_METER_INSTALL) from None
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("nn-Meter").setLevel(logging.ERROR)
+    return nn_meter
+
+
+def nn_meter_data_folder() -> Path:
+    """Where nn-Meter keeps official predictors: `<data_folder>/predictor/<name>/`, with
+    data_folder from ~/.nn_meter/config/settings.yaml (default ~/.nn_meter/data)."""
+    from nn_meter.utils import get_user_data_folder
+
+    import_nn_meter()
+    return Path(get_user_data_folder()) / "predictor"
+
+
+def official_predictors() -> Dict[str, Dict[str, Any]]:
+    """nn-Meter's official predictors by name: kernel list and download address."""
+    nn_meter = import_nn_meter()
+    return {entry["name"]: entry for entry in nn_meter.list_latency_predictors()}
+
+
+@dataclass
+class KernelPredictors:
+    """A loaded nn-Meter predictor: one regressor per kernel type plus the fusion rules."""
+
+    name: str
+    folder: Path
+    predictors: Dict[str, Any]
+    fusion_rules: Path
+    digest: str  # sha256 over the folder's files: which predictor, exactly
+    _nn_meter: Any = field(default=None, repr=False)
+
+    def predict_kernels(self, kernels: List[Dict[str, Any]]) -> float:
+        """Predicted latency (ms) of a model given its detected kernels."""
+        from nn_meter.predictor.prediction.predict_by_kernel import nn_predict
+
+        return float(nn_predict(self.predictors, kernels))
+
+    def kernels(self, onnx_bytes: bytes) -> List[Dict[str, Any]]:
+        """The kernels nn-Meter's detector finds in a model under these fusion rules."""
+        from nn_meter.ir_converter.utils import onnx_model_to_graph
+        from nn_meter.kernel_detector import KernelDetector
+
+        import_nn_meter()
+        try:
+            graph = onnx_model_to_graph(onnx_for_nn_meter(onnx_bytes))
+            detector = KernelDetector(str(self.fusion_rules))
+            detector.load_graph(graph)
+            return detector.get_kernels()
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise PredictorError(f"nn-Meter could not read the model's graph "
+                                 f"({type(exc).__name__}: {exc})",
+                                 fix="nn-Meter knows Conv/BN/ReLU/Add/Pool/Gemm-style CNNs; "
+                                     "measure this model on a device instead") from None
+
+    def predict(self, onnx_bytes: bytes) -> float:
+        """Predicted latency (ms) of an ONNX model."""
+        return self.predict_kernels(self.kernels(onnx_bytes))
+
+    def describe(self) -> Dict[str, str]:
+        return {"name": self.name, "folder": str(self.folder), "digest": self.digest}
+
+
+def onnx_for_nn_meter(onnx_bytes: bytes) -> onnx.ModelProto:
+    """The model as nn-Meter's ONNX converter can read it: `Constant` nodes become
+    initializers (it expects every node to have shapes), and `Identity` nodes that only alias
+    an initializer (the exporter's weight sharing) are bypassed."""
+    model = onnx.load_from_string(onnx_bytes)
+    graph = model.graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    aliases: Dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and \
+                node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            initializers.add(tensor.name)
+        elif node.op_type == "Identity" and node.input[0] in initializers:
+            aliases[node.output[0]] = node.input[0]
+        else:
+            kept.append(node)
+    for node in kept:
+        for index, name in enumerate(node.input):
+            if name in aliases:
+                node.input[index] = aliases[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
+
+
+def _folder_digest(folder: Path) -> str:
+    hasher = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".pkl", ".json"):
+            hasher.update(path.name.encode() + b"\0" + path.read_bytes())
+    return hasher.hexdigest()
+
+
+def load_predictor(predictor: Union[str, Path]) -> KernelPredictors:
+    """Load an nn-Meter predictor: a folder path, or the name of an official predictor placed
+    in nn-Meter's data folder. Never downloads; a missing or broken file is a PredictorError
+    that says which file and where it belongs."""
+    nn_meter = import_nn_meter()
+    as_path = Path(predictor).expanduser()
+    expected: List[str] = []
+    where_from = "rebuild it with 'harness calibrate'"
+    if as_path.is_dir():
+        folder, name = as_path, as_path.name
+    elif isinstance(predictor, Path) or "/" in str(predictor) or str(predictor).startswith("."):
+        raise PredictorError(f"predictor folder {as_path} does not exist",
+                             fix="pass an existing folder, or the name of an official nn-Meter "
+                                 "predictor")
+    else:
+        name = str(predictor)
+        official = official_predictors()
+        if name not in official:
+            raise PredictorError(f"unknown nn-Meter predictor {name!r}",
+                                 fix="use one of " + ", ".join(sorted(official)) +
+                                     ", or a folder path")
+        folder = nn_meter_data_folder() / name
+        expected = list(official[name]["kernel_predictors"])
+        where_from = (f"download {official[name]['download']} on a machine with internet "
+                      f"access and unzip it into {folder.parent} (harness never downloads)")
+    missing = [f"{kernel}.pkl" for kernel in expected if not (folder / f"{kernel}.pkl").is_file()]
+    if not (folder / FUSION_RULES).is_file():
+        missing.append(FUSION_RULES)
+    pickles = sorted(folder.glob("*.pkl")) if folder.is_dir() else []
+    if missing or not pickles:
+        raise PredictorError(f"nn-Meter predictor {name!r} is incomplete in {folder}: missing "
+                             + (", ".join(missing) if missing else "kernel predictors (*.pkl)"),
+                             fix=where_from)
+    try:
+        rules = json.loads((folder / FUSION_RULES).read_text())
+        if not isinstance(rules, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise PredictorError(f"{folder / FUSION_RULES} is not valid fusion rules ({exc})",
+                             fix=where_from) from None
+    kernels = {}
+    for path in pickles:
+        try:
+            kernels[path.stem] = load_kernel_predictor(path)
+        except LegacyPickleError as exc:
+            raise PredictorError(str(exc), fix=where_from) from None
+    log.info("nn-Meter predictor %s: %d kernel predictors from %s", name, len(kernels), folder)
+    return KernelPredictors(name, folder, kernels, folder / FUSION_RULES, _folder_digest(folder),
+                            nn_meter)
+
+
+class NnMeterProfiler(Profiler):
+    """Predicted latency (ms) of samples of `space`, by an nn-Meter predictor.
+
+    predictor: the name of an official nn-Meter predictor placed in nn-Meter's data folder,
+        or a predictor folder (one `harness calibrate` built, say).
+    calibration: a harness.calibrate.Calibration whose correction is applied to every
+        prediction (the one `harness calibrate` stored for a device), or None for nn-Meter's
+        raw prediction.
+    Results are `Measurement`s with source "predicted" that name the predictor and the
+    calibration; they are kept in memory only, never in the measurement cache.
+    """
+
+    def __init__(self, space: ModelSpace, dummy_input: DummyInput,
+                 predictor: Union[str, Path, KernelPredictors, None] = None,
+                 calibration: Any = None, device: str = "nn-meter"):
+        if predictor is None and calibration is None:
+            raise PredictorError("NnMeterProfiler needs a predictor or a calibration",
+                                 fix="pass predictor='cortexA76cpu_tflite21' (placed in "
+                                     "nn-Meter's data folder) or a calibration")
+        if predictor is None:
+            predictor = calibration.predictor_folder
+        self.space = space
+        self.device = device
+        self.calibration = calibration
+        self.predictor = (predictor if isinstance(predictor, KernelPredictors)
+                          else load_predictor(predictor))
+        self._validate = SampleValidator(checked_search_space(space))
+        self._dummy_input = dummy_input
+        self.input_signature = input_signature(dummy_input)
+        self._memo: Dict[tuple, Measurement] = {}
+
+    def profile(self, sample: Mapping[str, Any]) -> float:
+        """The predicted latency (ms) of one sample."""
+        return self.measure(sample).median
+
+    def measure(self, sample: Mapping[str, Any]) -> Measurement:
+        """The prediction as a Measurement with source "predicted"."""
+        canonical = self._validate(sample)
+        memo_key = tuple(canonical.values())
+        if memo_key not in self._memo:
+            self._memo[memo_key] = self.predict_exported(
+                export_sample(self.space, canonical, self._dummy_input))
+        return self._memo[memo_key]
+
+    def predict_exported(self, exported: ExportedModel) -> Measurement:
+        """The prediction for an already exported model."""
+        raw_ms = self.predictor.predict(exported.onnx_bytes)
+        value = raw_ms if self.calibration is None else self.calibration.correct(raw_ms)
+        provenance = {"predictor": self.predictor.describe(), "uncalibrated_ms": raw_ms,
+                      "calibration": None if self.calibration is None
+                      else self.calibration.describe()}
+        return Measurement(samples_ms=(value,), source="predicted", device=self.device,
+                           graph_hash=exported.graph_hash,
+                           input_signature=tuple(self.input_signature),
+                           settings={"runtime": "nn-meter"}, provenance=provenance)
+
+

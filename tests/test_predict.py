@@ -1,0 +1,263 @@
+"""nn-Meter: migrated official pickles, bad predictor files, calibration on a real device,
+and the offline fallback of LatencyProfiler.
+
+Everything is real: nn-Meter 2.0's kernel detector, predictor and builder, scikit-learn
+forests, onnxruntime measurements through our agent, OpenSSH for the unreachable device.
+"""
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nn_meter", reason="nn-Meter runs from .venv-extras (scripts/test)")
+from sklearn.ensemble import RandomForestRegressor  # noqa: E402
+
+from devices.errors import DeviceLost  # noqa: E402
+from harness.cache import Cache  # noqa: E402
+from harness.calibrate import (ORT_CPU_FUSION_RULES, calibrate, fit_correction,  # noqa: E402
+                               load_calibration)
+from harness.export import export_sample  # noqa: E402
+from harness.predict import (NnMeterProfiler, PredictorError, load_predictor,  # noqa: E402
+                             onnx_for_nn_meter)
+from harness.profiler import LatencyProfiler  # noqa: E402
+from harness.sklearn_pickle import LegacyPickleError, load_kernel_predictor  # noqa: E402
+from harness.space import random_samples  # noqa: E402
+from tests.conftest import FAST  # noqa: E402
+from tests.legacy_sklearn import old_pickle_bytes  # noqa: E402
+from tests.ssh_fixtures import client_key, loop, needs_root, sshd  # noqa: E402,F401
+
+# The kernel predictors of nn-Meter's official cortexA76cpu_tflite21 predictor, with the
+# number of features nn-Meter computes for each.
+OFFICIAL_KERNELS = {"conv-bn-relu": 7, "dwconv-bn-relu": 7, "fc": 4, "global-avgpool": 2,
+                    "hswish": 2, "relu": 2, "se": 2, "split": 2, "add": 3, "addrelu": 3,
+                    "maxpool": 5, "avgpool": 5, "bn": 2, "bnrelu": 2, "channelshuffle": 2,
+                    "concat": 6}
+CALIBRATION_SETTINGS = {"warmup_runs": 3, "min_runs": 10, "min_time_ms": 30.0,
+                        "max_time_ms": 3000.0}
+
+
+def forest(features: int, seed: int = 0) -> RandomForestRegressor:
+    """A small forest on kernel-like data: latency grows with the first features."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(1, 64, size=(60, features))
+    y = 0.01 + x[:, : min(3, features)].prod(axis=1) * 1e-4
+    return RandomForestRegressor(n_estimators=8, max_features=None, random_state=seed).fit(x, y)
+
+
+def official_folder(root, name="cortexA76cpu_tflite21"):
+    """A predictor folder as nn-Meter's official zip unpacks it: 0.23 pickles + rules."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    for kernel, features in OFFICIAL_KERNELS.items():
+        (folder / f"{kernel}.pkl").write_bytes(old_pickle_bytes(forest(features)))
+    (folder / "fusion_rules.json").write_text(json.dumps(ORT_CPU_FUSION_RULES))
+    return folder
+
+
+# ---------------------------------------------------------------- migrated pickles
+
+def test_old_pickle_fails_plainly_and_loads_migrated_with_identical_predictions(tmp_path):
+    model = forest(7)
+    path = tmp_path / "conv-bn-relu.pkl"
+    path.write_bytes(old_pickle_bytes(model))
+    with pytest.raises(ValueError, match="incompatible dtype"):  # what users hit today
+        pickle.loads(path.read_bytes())
+    migrated = load_kernel_predictor(path)
+    probe = np.random.default_rng(5).uniform(0, 80, size=(500, 7))
+    assert np.array_equal(migrated.predict(probe), model.predict(probe))
+    assert migrated.n_features_in_ == 7
+    # Pickled again, it is a plain current pickle.
+    again = pickle.loads(pickle.dumps(migrated))
+    assert type(again.estimators_[0].tree_).__name__ == "Tree"
+    assert np.array_equal(again.predict(probe), model.predict(probe))
+
+
+def test_current_pickles_load_unchanged(tmp_path):
+    model = forest(4)
+    path = tmp_path / "fc.pkl"
+    path.write_bytes(pickle.dumps(model))
+    probe = np.random.default_rng(1).uniform(0, 80, size=(50, 4))
+    assert np.array_equal(load_kernel_predictor(path).predict(probe), model.predict(probe))
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "EOFError"),
+    (b"not a pickle at all", "UnpicklingError"),
+    (pickle.dumps({"weights": [1, 2]}), "no predict()"),
+])
+def test_broken_pickles_name_the_file(tmp_path, content, problem):
+    path = tmp_path / "add.pkl"
+    path.write_bytes(content)
+    with pytest.raises(LegacyPickleError, match=problem) as caught:
+        load_kernel_predictor(path)
+    assert str(path) in str(caught.value)
+
+
+# ---------------------------------------------------------------- predictor folders
+
+@pytest.fixture
+def data_folder(tmp_path, monkeypatch):
+    """nn-Meter's data folder for official predictors, and no downloads allowed."""
+    import nn_meter.predictor.utils as nn_meter_utils
+    import harness.predict as predict
+
+    folder = tmp_path / "nn_meter_data" / "predictor"
+    folder.mkdir(parents=True)
+    monkeypatch.setattr(predict, "nn_meter_data_folder", lambda: folder)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("harness must never download a predictor")
+    monkeypatch.setattr(nn_meter_utils, "download_from_url", no_download)
+    return folder
+
+
+def test_official_predictor_by_name_matches_nn_meters_own_predict(tiny, data_folder):
+    from nn_meter import nnMeterPredictor
+
+    official_folder(data_folder)
+    profiler = NnMeterProfiler(tiny, tiny.dummy_input(), predictor="cortexA76cpu_tflite21")
+    sample = random_samples(tiny, 1, seed=4)[0]
+    result = profiler.measure(sample)
+    assert result.source == "predicted"
+    assert result.provenance["predictor"]["name"] == "cortexA76cpu_tflite21"
+    assert result.provenance["calibration"] is None
+    # nn-Meter's own API, on the same kernels and rules, gives the same number.
+    loaded = load_predictor(data_folder / "cortexA76cpu_tflite21")
+    exported = export_sample(tiny, sample, tiny.dummy_input())
+    own = nnMeterPredictor(loaded.predictors, str(loaded.fusion_rules)).predict(
+        onnx_for_nn_meter(exported.onnx_bytes), "onnx")
+    assert result.median == pytest.approx(own, rel=1e-12) and own > 0
+    assert profiler.profile(sample) == result.median
+
+
+def test_missing_official_predictor_says_where_to_put_it(tiny, data_folder):
+    with pytest.raises(PredictorError) as caught:
+        NnMeterProfiler(tiny, tiny.dummy_input(), predictor="cortexA76cpu_tflite21")
+    text = str(caught.value)
+    assert str(data_folder / "cortexA76cpu_tflite21") in text
+    assert "fusion_rules.json" in text and "conv-bn-relu.pkl" in text
+    assert "https://github.com/microsoft/nn-Meter/releases" in text  # where to get it
+    assert "never downloads" in text
+
+
+def test_unknown_predictor_names_the_known_ones(tiny, data_folder):
+    with pytest.raises(PredictorError, match="cortexA76cpu_tflite21"):
+        load_predictor("pixel9_tpu")
+    with pytest.raises(PredictorError, match="does not exist"):
+        load_predictor(str(data_folder / "nowhere"))
+
+
+def test_bad_files_in_a_predictor_folder(tmp_path, data_folder):
+    folder = official_folder(tmp_path)
+    (folder / "fusion_rules.json").write_text("{not json")
+    with pytest.raises(PredictorError, match="fusion_rules.json is not valid"):
+        load_predictor(folder)
+    (folder / "fusion_rules.json").write_text("{}")
+    (folder / "se.pkl").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(PredictorError, match="se.pkl"):
+        load_predictor(folder)
+    (folder / "se.pkl").unlink()
+    (folder / "fusion_rules.json").unlink()
+    with pytest.raises(PredictorError, match="missing fusion_rules.json"):
+        load_predictor(folder)
+
+
+# ---------------------------------------------------------------- calibration
+
+def test_correction_keeps_a_scale_when_the_slope_is_noise():
+    rng = np.random.default_rng(0)
+    predicted = rng.uniform(10, 12, size=30)
+    measured = 0.7 * predicted * rng.uniform(0.9, 1.1, size=30)
+    intercept, slope, kind = fit_correction(predicted, measured)
+    assert kind == "scale" and slope == 1.0
+    assert np.exp(intercept) == pytest.approx(0.7, rel=0.05)
+    wide = rng.uniform(1, 100, size=30)
+    intercept, slope, kind = fit_correction(wide, 2.0 * wide ** 0.8)
+    assert kind == "log-linear" and slope == pytest.approx(0.8)
+
+
+def test_calibration_on_local_beats_the_uncalibrated_predictor(tiny, home, tmp_path):
+    official = official_folder(tmp_path)
+    result = calibrate(tiny, tiny.dummy_input(), "local", samples=14, holdout=8,
+                       predictor=str(official), settings=CALIBRATION_SETTINGS, progress=False)
+    report = result.report
+    assert set(report) == {"nn-Meter cortexA76cpu_tflite21", "nn-Meter device kernels",
+                           "calibrated"}
+    for metrics in report.values():
+        assert metrics["n"] == 8 and 0 <= metrics["acc10"] <= 1
+    assert report["calibrated"]["rmspe"] < report["nn-Meter device kernels"]["rmspe"]
+    assert report["calibrated"]["rmspe"] < report["nn-Meter cortexA76cpu_tflite21"]["rmspe"]
+    # Stored under $HARNESS_HOME: the correction, a PNG, and kernel predictors in nn-Meter's
+    # own format (nn-Meter's own loader reads them).
+    folder = home / "calibrations" / "local"
+    assert result.folder == folder and (folder / "accuracy.png").stat().st_size > 10_000
+    calibration = load_calibration("local")
+    assert calibration.kind in ("scale", "log-linear") and calibration.n_train == 14
+    from nn_meter.predictor.utils import loading_customized_predictor
+    kernels, rules = loading_customized_predictor({
+        "name": "local", "package_location": str(folder / "kernels"),
+        "kernel_predictors": ["conv-bn-relu", "dwconv-bn-relu"]})
+    assert {"conv-bn-relu", "dwconv-bn-relu", "fc"} <= set(kernels)
+    measured_kernels = json.loads((folder / "kernels" / "kernels.json").read_text())
+    assert sum(map(len, measured_kernels.values())) >= 10
+    # The kernels were measured through the profiler: they are in the measurement cache.
+    with Cache(home / "cache.sqlite") as cache:
+        assert cache.stats()["measurements"] >= 22 + 10
+
+
+def test_corrupt_calibration_file_is_a_clear_error(home):
+    folder = home / "calibrations" / "local"
+    folder.mkdir(parents=True)
+    (folder / "calibration.json").write_text('{"device": "local"}')
+    with pytest.raises(PredictorError, match="harness calibrate --device local"):
+        load_calibration("local")
+
+
+# ---------------------------------------------------------------- the fallback
+
+@needs_root
+def test_unreachable_device_falls_back_to_its_calibration(tiny, home, loop, sshd):
+    result = calibrate(tiny, tiny.dummy_input(), "loop", samples=8, holdout=3,
+                       settings=CALIBRATION_SETTINGS, progress=False)
+    with Cache(home / "cache.sqlite") as cache:
+        stored = cache.stats()["measurements"]
+    sshd.stop()  # the board is gone
+    fresh = random_samples(tiny, 3, seed=99)
+    with LatencyProfiler(tiny, tiny.dummy_input(), "loop", settings=CALIBRATION_SETTINGS,
+                         fallback="error") as strict:
+        with pytest.raises(DeviceLost):
+            strict.profile(fresh[0])
+    with LatencyProfiler(tiny, tiny.dummy_input(), "loop", settings=CALIBRATION_SETTINGS,
+                         fallback="nn-meter") as profiler:
+        predicted = profiler.measure(fresh[0])
+        assert predicted.source == "predicted"
+        assert predicted.provenance["calibration"]["device"] == "loop"
+        expected = NnMeterProfiler(tiny, tiny.dummy_input(),
+                                   calibration=result.calibration).profile(fresh[0])
+        assert predicted.median == pytest.approx(expected)
+        assert profiler.profile(fresh[0]) == pytest.approx(expected)
+        # A subnet measured during calibration still answers from the cache, as measured.
+        trained = json.loads((result.folder / "holdout.json").read_text())["samples"][0]
+        assert profiler.measure(json.loads(trained)).source == "cached"
+        many = profiler.measure_many(fresh)
+        assert [m.source for m in many] == ["predicted"] * 3
+        assert profiler.counters["measurements"] == 0
+    with Cache(home / "cache.sqlite") as cache:  # no prediction was stored as a measurement
+        assert cache.stats()["measurements"] == stored
+
+
+def test_offline_profiler_never_contacts_the_device(tiny, home, tmp_path):
+    official = official_folder(tmp_path)
+    with pytest.raises(Exception, match="fallback='nn-meter'"):
+        LatencyProfiler(tiny, tiny.dummy_input(), "nowhere", offline=True)
+    # "nowhere" is not even registered: offline, only the predictor is used.
+    with LatencyProfiler(tiny, tiny.dummy_input(), "nowhere", fallback="nn-meter",
+                         predictor=str(official), offline=True) as profiler:
+        values = profiler.profile_many(random_samples(tiny, 4, seed=1))
+        assert all(v > 0 for v in values)
+        assert profiler.counters["predictions"] == 4 and not profiler._clients
+    with LatencyProfiler(tiny, tiny.dummy_input(), "nowhere", fallback="nn-meter",
+                         offline=True) as bare:
+        with pytest.raises(PredictorError, match="harness calibrate --device nowhere"):
+            bare.profile(random_samples(tiny, 1)[0])
