@@ -11,8 +11,10 @@ from devices.errors import (AgentProtocolError, BadRequest, DeviceError, DeviceL
                             InferenceError, LoadError, MeasurementTimeout, ThermalError,
                             TransferError)
 from harness.cache import Cache
+from harness.counting import FlopsProfiler, NumParamsProfiler
 from harness.errors import CacheError, ExportError, HarnessError, InvalidSample
 from harness.measurement import Measurement
+from harness.predict import NnMeterProfiler, PredictorError
 from harness.profiler import LatencyProfiler, Profiler
 from harness.space import ModelSpace, enumerate_samples, random_samples, validate_sample
 
@@ -20,7 +22,8 @@ logging.getLogger("harness").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
-__all__ = ["LatencyProfiler", "Profiler", "Measurement", "Cache", "ModelSpace",
+__all__ = ["LatencyProfiler", "Profiler", "FlopsProfiler", "NumParamsProfiler",
+           "NnMeterProfiler", "PredictorError", "Measurement", "Cache", "ModelSpace",
            "random_samples", "enumerate_samples", "validate_sample", "HarnessError",
            "InvalidSample", "ExportError", "CacheError", "DeviceError",
            "TransferError", "LoadError", "InferenceError", "MeasurementTimeout", "DeviceLost",

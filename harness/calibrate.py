@@ -10,7 +10,8 @@ One calibration, step by step:
    builder (`build_predictor_by_data`);
 3. fit a correction of the base predictor (those kernel predictors, else the official
    predictor given) on the training subnets: log(measured) = a + b log(predicted), or a pure
-   scale factor (b = 1) when that scores better in leave-one-out validation;
+   scale factor (b = 1, robust to outliers) when that scores better in leave-one-out
+   validation;
 4. report the accuracy on the held-out subnets before and after (harness.accuracy), and store
    everything under $HARNESS_HOME/calibrations/<device>/, where the fallback of a
    LatencyProfiler for that device finds it.
@@ -30,6 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from harness.accuracy import accuracy_metrics, save_scatter
 from harness.export import DummyInput, export_sample
@@ -135,20 +137,23 @@ def load_calibration(device: str, home: Union[str, Path, None] = None) -> Option
 
 def fit_log_linear(predicted: Sequence[float], measured: Sequence[float],
                    free_slope: bool = True) -> Tuple[float, float]:
-    """Least-squares fit of log(measured) = a + b log(predicted): (a, b); with
-    free_slope=False, b is 1 (a pure scale factor)."""
+    """Fit log(measured) = a + b log(predicted): (a, b). With a free slope, least squares;
+    else b = 1 and a is the median log ratio (a scale factor that a minority of outliers,
+    such as subnets measured while the device ran slow, cannot pull away)."""
     x = np.log(np.asarray(predicted, dtype=float))
     y = np.log(np.asarray(measured, dtype=float))
     if not free_slope or len(x) < 3 or np.ptp(x) == 0:
-        return float(np.mean(y - x)), 1.0
+        return float(np.median(y - x)), 1.0
     slope, intercept = np.polyfit(x, y, 1)
     return float(intercept), float(slope)
 
 
-def fit_correction(predicted: Sequence[float], measured: Sequence[float]) -> Tuple[float, float, str]:
+def fit_correction(predicted: Sequence[float],
+                   measured: Sequence[float]) -> Tuple[float, float, str]:
     """The correction for a device: (a, b, kind). A log-linear fit has two parameters, and
-    on few or noisy subnets its slope chases the noise; so both it and a pure scale factor
-    are scored by leave-one-out RMSPE on the training subnets, and the better one is kept."""
+    on few or noisy subnets its slope chases the noise; so both it and a scale factor are
+    scored by leave-one-out validation on the training subnets (+-10% accuracy, nn-Meter's
+    metric, then RMSPE), and the better one is kept."""
     x = np.asarray(predicted, dtype=float)
     y = np.asarray(measured, dtype=float)
     scores = {}
@@ -158,10 +163,12 @@ def fit_correction(predicted: Sequence[float], measured: Sequence[float]) -> Tup
             keep = np.arange(len(x)) != left_out
             a, b = fit_log_linear(x[keep], y[keep], free)
             errors.append(math.exp(a) * x[left_out] ** b / y[left_out] - 1)
-        scores[kind] = float(np.sqrt(np.mean(np.square(errors))))
+        errors_array = np.abs(errors)
+        scores[kind] = (-float(np.mean(errors_array <= 0.10)),
+                        float(np.sqrt(np.mean(errors_array ** 2))))
     kind = min(scores, key=scores.get)  # type: ignore[arg-type]
     a, b = fit_log_linear(x, y, kind == "log-linear")
-    log.info("correction: leave-one-out RMSPE %s; kept %s", scores, kind)
+    log.info("correction: leave-one-out (-acc10, RMSPE) %s; kept %s", scores, kind)
     return a, b, kind
 
 
@@ -239,8 +246,8 @@ def builder_config(kernel_type: str, features: List[float]) -> Dict[str, float]:
     return {name: value for name, value in zip(names, features)}
 
 
-def measure_kernels(profiler: LatencyProfiler, onnx_models: List[bytes],
-                    fusion_rules: Path) -> Dict[str, Dict[str, Dict[str, Any]]]:
+def measure_kernels(profiler: LatencyProfiler, onnx_models: List[bytes], fusion_rules: Path,
+                    progress: Optional[bool] = None) -> Dict[str, Dict[str, Dict[str, Any]]]:
     """Every distinct kernel of the models, measured on the profiler's device: nn-Meter's
     builder data, {kernel type: {id: {"config", "model", "latency" ("avg +- std" ms)}}}."""
 
@@ -257,8 +264,10 @@ def measure_kernels(profiler: LatencyProfiler, onnx_models: List[bytes],
     if skipped:
         log.warning("kernels without a predictor (left to the correction): %s", skipped)
     data: Dict[str, Dict[str, Dict[str, Any]]] = {}
-    for number, ((kernel_type, features), kernel) in enumerate(sorted(
-            distinct.items(), key=lambda item: (item[0][0], item[0][1]))):
+    ordered = sorted(distinct.items(), key=lambda item: (item[0][0], item[0][1]))
+    for number, ((kernel_type, features), kernel) in enumerate(tqdm(
+            ordered, unit="kernel", desc=f"kernels on {profiler.device}", leave=False,
+            disable=(not progress) if progress is not None else None)):
         module, inputs = kernel_model(kernel)  # type: ignore[misc]
         measurement = profiler.measure_module(module, inputs)
         data.setdefault(kernel_type, {})[f"{kernel_type}_{number}"] = {
@@ -360,7 +369,8 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
         if build_kernels:
             rules = folder / ".fusion_rules.json"
             rules.write_text(json.dumps(ORT_CPU_FUSION_RULES))
-            kernel_data = measure_kernels(profiler, [onnx for _, onnx, _ in train], rules)
+            kernel_data = measure_kernels(profiler, [onnx for _, onnx, _ in train], rules,
+                                          progress)
             rules.unlink()
             base = load_predictor(build_kernel_predictors(kernel_data, folder / KERNELS_FOLDER))
         else:
@@ -391,6 +401,9 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     calibration.report = report
     calibration.save(folder)
     points = {name: list(zip(values, held_truth)) for name, values in series.items()}
+    (folder / "training.json").write_text(json.dumps(
+        {"samples": [sample_key(s) for s, _, _ in train], "measured_ms": truth[:samples],
+         "predicted_ms": raw[:samples]}, indent=1))
     (folder / "holdout.json").write_text(json.dumps(
         {"samples": [sample_key(s) for s, _, _ in held], "measured_ms": held_truth,
          "predicted_ms": series}, indent=1))

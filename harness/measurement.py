@@ -116,6 +116,8 @@ class Measurement:
             flags.append("unstable: iqr/median >= 0.1")
         if self.n < FEW_SAMPLES and self.source != "predicted":
             flags.append(f"few samples: {self.n}")
+        if self.source == "predicted" and not self.provenance.get("calibration"):
+            flags.append("uncalibrated prediction")
         if self.provenance.get("capped"):
             flags.append("capped: max_time_ms reached before min_runs/min_time_ms")
         flags.extend(self.provenance.get("extra_flags", ()))

@@ -18,12 +18,11 @@ What nn-Meter 2.0 needs around it here:
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Union
 
 import onnx
-import torch
 
 from harness.errors import HarnessError
 from harness.export import DummyInput, ExportedModel, export_sample, input_signature
@@ -78,7 +77,6 @@ class KernelPredictors:
     predictors: Dict[str, Any]
     fusion_rules: Path
     digest: str  # sha256 over the folder's files: which predictor, exactly
-    _nn_meter: Any = field(default=None, repr=False)
 
     def predict_kernels(self, kernels: List[Dict[str, Any]]) -> float:
         """Predicted latency (ms) of a model given its detected kernels."""
@@ -153,7 +151,7 @@ def load_predictor(predictor: Union[str, Path]) -> KernelPredictors:
     """Load an nn-Meter predictor: a folder path, or the name of an official predictor placed
     in nn-Meter's data folder. Never downloads; a missing or broken file is a PredictorError
     that says which file and where it belongs."""
-    nn_meter = import_nn_meter()
+    import_nn_meter()
     as_path = Path(predictor).expanduser()
     expected: List[str] = []
     where_from = "rebuild it with 'harness calibrate'"
@@ -196,8 +194,7 @@ def load_predictor(predictor: Union[str, Path]) -> KernelPredictors:
         except LegacyPickleError as exc:
             raise PredictorError(str(exc), fix=where_from) from None
     log.info("nn-Meter predictor %s: %d kernel predictors from %s", name, len(kernels), folder)
-    return KernelPredictors(name, folder, kernels, folder / FUSION_RULES, _folder_digest(folder),
-                            nn_meter)
+    return KernelPredictors(name, folder, kernels, folder / FUSION_RULES, _folder_digest(folder))
 
 
 class NnMeterProfiler(Profiler):
