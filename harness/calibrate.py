@@ -84,6 +84,7 @@ class Calibration:
     agent_version: str
     settings_key: str
     space: str
+    space_fingerprint: str       # the space and input it was fitted on
     input_signature: List[Dict[str, Any]]
     n_train: int
     n_holdout: int
@@ -375,7 +376,7 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
             base = load_predictor(build_kernel_predictors(kernel_data, folder / KERNELS_FOLDER))
         else:
             base = official  # type: ignore[assignment]
-        key = profiler._key("")
+        key = profiler.cache_key("")  # the device identity every measurement was stored under
     assert base is not None
     models = [onnx for _, onnx, _ in train + held]
     raw = [base.predict(onnx) for onnx in models]
@@ -388,6 +389,7 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
         device=device, base_predictor=str(base.folder), base_predictor_digest=base.digest,
         intercept=intercept, slope=slope, kind=kind, device_fingerprint=key.device_fp,
         agent_version=key.agent_version, settings_key=key.settings_key, space=space_name,
+        space_fingerprint=profiler.space_fingerprint,
         input_signature=[dict(x) for x in profiler.input_signature], n_train=samples,
         n_holdout=holdout)
     held_truth = truth[samples:]

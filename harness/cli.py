@@ -163,6 +163,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # nn-Meter logs every kernel at INFO on root
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING
+                          or "nn_meter" not in record.pathname)
     try:
         if args.command == "profile":
             return _profile(args)

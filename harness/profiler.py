@@ -391,6 +391,16 @@ class LatencyProfiler(Profiler):
         self._store(measurement, input_sig)
         return measurement
 
+    @property
+    def space_fingerprint(self) -> str:
+        """The fingerprint of the space, its input and the exporter: the sample index's key."""
+        return self._space_fp
+
+    def cache_key(self, graph: str) -> MeasurementKey:
+        """The cache key a measurement of `graph` on this profiler's device is stored under
+        (asks the device who it is, once)."""
+        return self._key(graph)
+
     def graph_hash(self, sample: Mapping[str, Any]) -> str:
         """The sample's graph hash (from the sample index, or by exporting it)."""
         canonical = self._validate(sample)
@@ -459,6 +469,10 @@ class LatencyProfiler(Profiler):
 
             calibration = next((found for found in (load_calibration(name, self.home)
                                                     for name in self.devices) if found), None)
+            if calibration is not None and calibration.space_fingerprint != self._space_fp:
+                log.warning("the nn-Meter calibration of %s was fitted on another space or "
+                            "input (%s); its correction may not carry over", calibration.device,
+                            calibration.space or "unnamed")
             if calibration is None and self._fallback_predictor is None:
                 why = "is unreachable" if cause is not None else "is offline"
                 raise PredictorError(
