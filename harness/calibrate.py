@@ -247,16 +247,15 @@ def builder_config(kernel_type: str, features: List[float]) -> Dict[str, float]:
     return {name: value for name, value in zip(names, features)}
 
 
-def measure_kernels(profiler: LatencyProfiler, onnx_models: List[bytes], fusion_rules: Path,
+def measure_kernels(profiler: LatencyProfiler, models: List[List[Dict[str, Any]]],
                     progress: Optional[bool] = None) -> Dict[str, Dict[str, Dict[str, Any]]]:
-    """Every distinct kernel of the models, measured on the profiler's device: nn-Meter's
-    builder data, {kernel type: {id: {"config", "model", "latency" ("avg +- std" ms)}}}."""
-
-    detector = KernelPredictors("detector", fusion_rules.parent, {}, fusion_rules, "")
+    """Every distinct kernel of the models (their kernel lists, as nn-Meter's detector found
+    them), measured on the profiler's device: nn-Meter's builder data,
+    {kernel type: {id: {"config", "model", "latency" ("avg +- std" ms)}}}."""
     distinct: Dict[Tuple[str, Tuple[float, ...]], Mapping[str, Any]] = {}
     skipped: Dict[str, int] = {}
-    for onnx_bytes in onnx_models:
-        for kernel in detector.kernels(onnx_bytes):
+    for kernels in models:
+        for kernel in kernels:
             named = kernel_features(kernel)
             if named is None or kernel_model(kernel) is None:
                 skipped[kernel["op"]] = skipped.get(kernel["op"], 0) + 1
@@ -319,17 +318,27 @@ class CalibrationResult:
     png: Optional[Path]
 
 
-def _distinct_samples(space: ModelSpace, dummy_input: DummyInput, count: int, seed: int,
-                      avoid: set) -> List[Tuple[Dict[str, Any], bytes, str]]:
-    """`count` samples of distinct architectures not in `avoid`: (sample, onnx, graph hash)."""
-    chosen: List[Tuple[Dict[str, Any], bytes, str]] = []
+@dataclass
+class _Subnet:
+    sample: Dict[str, Any]
+    graph_hash: str
+    kernels: Dict[str, List[Dict[str, Any]]]  # detector name -> the kernels it found
+
+
+def _distinct_subnets(space: ModelSpace, dummy_input: DummyInput, count: int, seed: int,
+                      avoid: set, detectors: Dict[str, KernelPredictors]) -> List[_Subnet]:
+    """`count` subnets of distinct architectures not in `avoid`, with their kernels under each
+    detector's fusion rules (kept instead of the ONNX bytes, which run to megabytes each)."""
+    chosen: List[_Subnet] = []
     attempt = 0
     while len(chosen) < count:
         for sample in random_samples(space, count - len(chosen), seed=seed * 1000 + attempt):
             exported = export_sample(space, sample, dummy_input)
             if exported.graph_hash not in avoid:
                 avoid.add(exported.graph_hash)
-                chosen.append((sample, exported.onnx_bytes, exported.graph_hash))
+                chosen.append(_Subnet(sample, exported.graph_hash, {
+                    name: detector.kernels(exported.onnx_bytes)
+                    for name, detector in detectors.items()}))
         attempt += 1
         if attempt > 20:
             raise PredictorError(f"the space has fewer than the {count} distinct "
@@ -360,26 +369,31 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     folder = calibrations_folder(home) / device
     folder.mkdir(parents=True, exist_ok=True)
 
-    seen: set = set()
-    train = _distinct_samples(space, dummy_input, samples, seed, seen)
-    held = _distinct_samples(space, dummy_input, holdout, seed + 1, seen)
+    with tempfile.TemporaryDirectory(prefix=".rules-", dir=folder) as scratch:
+        rules = Path(scratch) / FUSION_RULES
+        rules.write_text(json.dumps(ORT_CPU_FUSION_RULES))
+        detectors = {"official": official} if official is not None else {}
+        if build_kernels:
+            detectors["device"] = KernelPredictors("onnxruntime-cpu", rules.parent, {}, rules, "")
+        seen: set = set()
+        train = _distinct_subnets(space, dummy_input, samples, seed, seen, detectors)
+        held = _distinct_subnets(space, dummy_input, holdout, seed + 1, seen, detectors)
+    subnets = train + held
     with LatencyProfiler(space, dummy_input, device, settings=settings, home=home,
                          cache=cache) as profiler:
-        measured = profiler.measure_many([s for s, _, _ in train + held], progress=progress)
+        measured = profiler.measure_many([subnet.sample for subnet in subnets],
+                                         progress=progress)
         truth = [m.median for m in measured]
         if build_kernels:
-            rules = folder / ".fusion_rules.json"
-            rules.write_text(json.dumps(ORT_CPU_FUSION_RULES))
-            kernel_data = measure_kernels(profiler, [onnx for _, onnx, _ in train], rules,
+            kernel_data = measure_kernels(profiler, [s.kernels["device"] for s in train],
                                           progress)
-            rules.unlink()
             base = load_predictor(build_kernel_predictors(kernel_data, folder / KERNELS_FOLDER))
         else:
             base = official  # type: ignore[assignment]
         key = profiler.cache_key("")  # the device identity every measurement was stored under
     assert base is not None
-    models = [onnx for _, onnx, _ in train + held]
-    raw = [base.predict(onnx) for onnx in models]
+    base_kernels = "device" if build_kernels else "official"
+    raw = [base.predict_kernels(subnet.kernels[base_kernels]) for subnet in subnets]
     if not all(value > 0 for value in raw):
         raise PredictorError(f"the predictor {base.name} predicts 0 ms for some subnets: it "
                              "has no regressor for their kernels",
@@ -395,8 +409,8 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     held_truth = truth[samples:]
     series: Dict[str, List[float]] = {}
     if official is not None:
-        series[f"nn-Meter {official.name}"] = [official.predict(onnx) for onnx in
-                                               models[samples:]]
+        series[f"nn-Meter {official.name}"] = [official.predict_kernels(subnet.kernels["official"])
+                                               for subnet in held]
     series[f"nn-Meter {'device kernels' if build_kernels else base.name}"] = raw[samples:]
     series["calibrated"] = [calibration.correct(value) for value in raw[samples:]]
     report = {name: accuracy_metrics(values, held_truth) for name, values in series.items()}
@@ -404,10 +418,10 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     calibration.save(folder)
     points = {name: list(zip(values, held_truth)) for name, values in series.items()}
     (folder / "training.json").write_text(json.dumps(
-        {"samples": [sample_key(s) for s, _, _ in train], "measured_ms": truth[:samples],
+        {"samples": [sample_key(subnet.sample) for subnet in train], "measured_ms": truth[:samples],
          "predicted_ms": raw[:samples]}, indent=1))
     (folder / "holdout.json").write_text(json.dumps(
-        {"samples": [sample_key(s) for s, _, _ in held], "measured_ms": held_truth,
+        {"samples": [sample_key(subnet.sample) for subnet in held], "measured_ms": held_truth,
          "predicted_ms": series}, indent=1))
     png = save_scatter(points, folder / "accuracy.png",
                        f"nn-Meter on {device}: {holdout} held-out subnets") if plot else None
