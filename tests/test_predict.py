@@ -9,6 +9,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("nn_meter", reason="nn-Meter runs from .venv-extras (scripts/test)")
 from sklearn.ensemble import RandomForestRegressor  # noqa: E402
@@ -208,6 +209,39 @@ def test_calibration_on_local_beats_the_uncalibrated_predictor(tiny, home, tmp_p
     # The kernels were measured through the profiler: they are in the measurement cache.
     with Cache(home / "cache.sqlite") as cache:
         assert cache.stats()["measurements"] >= 22 + 10
+
+
+def test_kernel_models_are_the_kernels_they_stand_for(tiny, tmp_path):
+    """Each kernel of a real subnet, built as a one-kernel model and exported, is detected as
+    one kernel with the same nn-Meter features: what calibration measures is what nn-Meter
+    predicts."""
+    from harness.calibrate import kernel_features, kernel_model
+    from harness.export import export_module
+    from harness.predict import KernelPredictors
+
+    rules = tmp_path / "fusion_rules.json"
+    rules.write_text(json.dumps(ORT_CPU_FUSION_RULES))
+    detector = KernelPredictors("ort", tmp_path, {}, rules, "")
+    exported = export_sample(tiny, random_samples(tiny, 1, seed=2)[0], tiny.dummy_input())
+    kernels = detector.kernels(exported.onnx_bytes)
+    assert {k["op"] for k in kernels} >= {"conv", "conv-relu", "dwconv-relu", "gap", "fc"}
+    for kernel in kernels:
+        module, inputs = kernel_model(kernel)
+        # nn-Meter's splitter drops a graph's only node, so a Flatten (a kernel without
+        # features) follows it here.
+        probe = _Flattened(module)
+        found = [kernel_features(k) for k in detector.kernels(
+            export_module(probe, inputs).onnx_bytes) if kernel_features(k) is not None]
+        assert found == [kernel_features(kernel)], kernel["op"]
+
+
+class _Flattened(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *inputs):
+        return torch.flatten(self.inner(*inputs), 1)
 
 
 def test_corrupt_calibration_file_is_a_clear_error(home):
