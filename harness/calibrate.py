@@ -189,36 +189,39 @@ def kernel_model(kernel: Mapping[str, Any]) -> Optional[Tuple[torch.nn.Module, D
     """A one-kernel model for a kernel nn-Meter detected (shapes in its NHWC convention),
     with its input; None for kernel types harness cannot build."""
     op = kernel["op"]
-    shapes = kernel.get("input_tensors") or []
-    first = shapes[0] if shapes else []
-    if len(first) == 4:
-        _, height, width, channels = first
-        image = torch.zeros(1, channels, height, width)
     relu = op.endswith("-relu") or op == "relu"
-    layers: List[torch.nn.Module] = []
+    if op in ("fc", "fc-relu"):
+        fc = torch.nn.Linear(kernel["cin"], kernel["cout"])
+        module = torch.nn.Sequential(fc, torch.nn.ReLU()) if relu else torch.nn.Sequential(fc)
+        return module.eval(), torch.zeros(1, kernel["cin"])
+    shapes = kernel.get("input_tensors") or []
+    if not shapes or len(shapes[0]) != 4:
+        return None  # every other kernel built here works on NHWC images
+    _, height, width, channels = shapes[0]
+    image = torch.zeros(1, channels, height, width)
     if op.startswith("conv") or op.startswith("dwconv"):
         size, stride = kernel["ks"][-1], (kernel.get("strides") or [1, 1])[-1]
         groups = channels if op.startswith("dwconv") else 1
         cout = channels if op.startswith("dwconv") else kernel["cout"]
-        layers.append(torch.nn.Conv2d(channels, cout, size, stride, size // 2, groups=groups))
+        layers: List[torch.nn.Module] = [
+            torch.nn.Conv2d(channels, cout, size, stride, size // 2, groups=groups)]
         if "-bn" in op:
             layers.append(torch.nn.BatchNorm2d(cout))
     elif op in ("bn", "bn-relu"):
-        layers.append(torch.nn.BatchNorm2d(channels))
-    elif op in ("add", "add-relu") and len(first) == 4:
+        layers = [torch.nn.BatchNorm2d(channels)]
+    elif op in ("add", "add-relu"):
         return _Binary(relu).eval(), (image, image.clone())
     elif op in ("gap", "global-avgpool"):
-        layers.append(torch.nn.AdaptiveAvgPool2d(1))
+        layers = [torch.nn.AdaptiveAvgPool2d(1)]
     elif op in ("maxpool", "avgpool"):
         size, stride = kernel["ks"][-1], (kernel.get("strides") or [1, 1])[-1]
         pool = torch.nn.MaxPool2d if op == "maxpool" else torch.nn.AvgPool2d
-        layers.append(pool(size, stride, size // 2))
-    elif op in ("fc", "fc-relu"):
-        layers.append(torch.nn.Linear(kernel["cin"], kernel["cout"]))
-        image = torch.zeros(1, kernel["cin"])
-    elif op == "hswish" and len(first) == 4:
-        layers.append(torch.nn.Hardswish())
-    elif op != "relu" or len(first) != 4:
+        layers = [pool(size, stride, size // 2)]
+    elif op == "hswish":
+        layers = [torch.nn.Hardswish()]
+    elif op == "relu":
+        layers = []
+    else:
         return None
     if relu:
         layers.append(torch.nn.ReLU())
@@ -257,24 +260,27 @@ def measure_kernels(profiler: LatencyProfiler, models: List[List[Dict[str, Any]]
     for kernels in models:
         for kernel in kernels:
             named = kernel_features(kernel)
-            if named is None or kernel_model(kernel) is None:
+            if named is None:
                 skipped[kernel["op"]] = skipped.get(kernel["op"], 0) + 1
-                continue
-            distinct.setdefault((named[0], tuple(named[1])), kernel)
-    if skipped:
-        log.warning("kernels without a predictor (left to the correction): %s", skipped)
+            else:
+                distinct.setdefault((named[0], tuple(named[1])), kernel)
     data: Dict[str, Dict[str, Dict[str, Any]]] = {}
     ordered = sorted(distinct.items(), key=lambda item: (item[0][0], item[0][1]))
     for number, ((kernel_type, features), kernel) in enumerate(tqdm(
             ordered, unit="kernel", desc=f"kernels on {profiler.device}", leave=False,
             disable=(not progress) if progress is not None else None)):
-        module, inputs = kernel_model(kernel)  # type: ignore[misc]
-        measurement = profiler.measure_module(module, inputs)
+        built = kernel_model(kernel)
+        if built is None:
+            skipped[kernel["op"]] = skipped.get(kernel["op"], 0) + 1
+            continue
+        measurement = profiler.measure_module(*built)
         data.setdefault(kernel_type, {})[f"{kernel_type}_{number}"] = {
             "config": builder_config(kernel_type, list(features)),
             "model": kernel["op"], "graph_hash": measurement.graph_hash,
             "latency": f"{measurement.median} +- {measurement.stdev}"}
-    log.info("measured %d distinct kernels: %s", len(distinct),
+    if skipped:
+        log.warning("kernels without a predictor (left to the correction): %s", skipped)
+    log.info("measured %d distinct kernels: %s", sum(map(len, data.values())),
              {kind: len(items) for kind, items in data.items()})
     return data
 
@@ -313,15 +319,18 @@ def build_kernel_predictors(kernel_data: Dict[str, Dict[str, Dict[str, Any]]],
 class CalibrationResult:
     calibration: Calibration
     folder: Path
-    report: Dict[str, Dict[str, float]]
     holdout_points: Dict[str, List[Tuple[float, float]]]  # series -> (predicted, measured)
     png: Optional[Path]
+
+    @property
+    def report(self) -> Dict[str, Dict[str, float]]:
+        """Held-out accuracy per predictor (harness.accuracy metrics)."""
+        return self.calibration.report
 
 
 @dataclass
 class _Subnet:
     sample: Dict[str, Any]
-    graph_hash: str
     kernels: Dict[str, List[Dict[str, Any]]]  # detector name -> the kernels it found
 
 
@@ -336,7 +345,7 @@ def _distinct_subnets(space: ModelSpace, dummy_input: DummyInput, count: int, se
             exported = export_sample(space, sample, dummy_input)
             if exported.graph_hash not in avoid:
                 avoid.add(exported.graph_hash)
-                chosen.append(_Subnet(sample, exported.graph_hash, {
+                chosen.append(_Subnet(sample, {
                     name: detector.kernels(exported.onnx_bytes)
                     for name, detector in detectors.items()}))
         attempt += 1
@@ -413,8 +422,8 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
                                                for subnet in held]
     series[f"nn-Meter {'device kernels' if build_kernels else base.name}"] = raw[samples:]
     series["calibrated"] = [calibration.correct(value) for value in raw[samples:]]
-    report = {name: accuracy_metrics(values, held_truth) for name, values in series.items()}
-    calibration.report = report
+    calibration.report = {name: accuracy_metrics(values, held_truth)
+                          for name, values in series.items()}
     calibration.save(folder)
     points = {name: list(zip(values, held_truth)) for name, values in series.items()}
     (folder / "training.json").write_text(json.dumps(
@@ -426,4 +435,4 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     png = save_scatter(points, folder / "accuracy.png",
                        f"nn-Meter on {device}: {holdout} held-out subnets") if plot else None
     log.info("calibration of %s stored in %s", device, folder)
-    return CalibrationResult(calibration, folder, report, points, png)
+    return CalibrationResult(calibration, folder, points, png)

@@ -13,6 +13,7 @@ renamed attributes are given their new names. The numbers that decide a predicti
 (thresholds, features, children, leaf values) are copied bit for bit, so the migrated model
 predicts exactly what it predicted under 0.23. Current pickles load unchanged.
 """
+import functools
 import logging
 import pickle
 import warnings
@@ -55,7 +56,9 @@ def _migrate_tree_state(state: Dict[str, Any]) -> Dict[str, Any]:
     return {**state, "nodes": migrated}
 
 
+@functools.lru_cache(maxsize=None)
 def _legacy_tree_class() -> type:
+    """Made on first use (scikit-learn is imported only when a pickle is loaded), then kept."""
     from sklearn.tree._tree import Tree
 
     class LegacyTree(Tree):

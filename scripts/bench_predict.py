@@ -55,8 +55,7 @@ def main() -> int:
                        home=home, progress=True)
     calibrate_s = time.monotonic() - started
 
-    # Cost of one prediction (export + kernel detection + regressors), side by side
-    # with what measuring cost per subnet in the same run.
+    # Cost of one prediction: kernel detection and regressors, on an exported subnet.
     predictor = NnMeterProfiler(space, dummy, calibration=result.calibration)
     predict_s = []
     for sample in random_samples(space, 10, seed=args.seed + 7):
