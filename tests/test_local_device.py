@@ -126,23 +126,19 @@ def test_a_damaged_model_on_the_device_is_sent_again(transport, tiny_model):
     assert file_sha256(str(damaged)) == sha
 
 
-def test_an_agent_printing_garbage_is_a_protocol_error(tmp_path, tiny_model):
-    transport = LocalTransport(tmp_path / "device",
-                               python=[sys.executable, "-c", "print('Welcome to BoardOS!')"])
-    client = AgentClient(transport)
-    with pytest.raises(AgentProtocolError) as caught:
+@pytest.mark.parametrize("program, error, text", [
+    # An agent printing garbage is a protocol error that quotes it.
+    ("print('Welcome to BoardOS!')", AgentProtocolError, "Welcome to BoardOS!"),
+    # An agent that cannot start is a lost device, with its stderr.
+    ("import sys; sys.exit('no python3.8 here')", DeviceLost, "no python3.8 here"),
+])
+def test_a_broken_agent_is_a_typed_error_quoting_it(tmp_path, tiny_model, program, error, text):
+    client = AgentClient(LocalTransport(tmp_path / "device",
+                                        python=[sys.executable, "-c", program]))
+    with pytest.raises(error) as caught:
         client.measure(str(tiny_model), FAST, later(30))
-    assert "Welcome to BoardOS!" in str(caught.value)
+    assert text in str(caught.value)
     client.close()
-
-
-def test_an_agent_that_cannot_start_is_device_lost_with_its_stderr(tmp_path, tiny_model):
-    transport = LocalTransport(tmp_path / "device",
-                               python=[sys.executable, "-c", "import sys; sys.exit('no python3.8 here')"])
-    client = AgentClient(transport)
-    with pytest.raises(DeviceLost) as caught:
-        client.measure(str(tiny_model), FAST, later(30))
-    assert "no python3.8 here" in str(caught.value)
 
 
 def test_a_device_without_onnxruntime_says_what_to_install(tmp_path, tiny_model):
