@@ -19,11 +19,13 @@ Every failure is a JSON object too: {"error": {"kind": KIND, "message": TEXT}} w
 TRANSFER, LOAD, RUNTIME, TIMEOUT, DEVICE_LOST, THERMAL, USER.
 """
 import argparse
+import errno
 import glob
 import hashlib
 import json
 import os
 import platform
+import stat
 import sys
 import time
 
@@ -360,52 +362,125 @@ def session_options(ort, settings):
 
 class DeviceLock(object):
     """An exclusive flock on a file on the device, held while measuring, so that two hosts
-    (or two users) never measure on one device at once. The kernel frees it if we die."""
+    (or two users) never measure on one device at once. The kernel frees it if we die.
+
+    The lock file usually sits in a folder every user can write to (/tmp, /data/local/tmp),
+    so it is treated as hostile: a symbolic link is never followed, only a regular file is
+    locked, and the file is only ever read-opened, never truncated or written to (a link
+    planted there must not make the agent overwrite what it points to). A missing file is
+    created exclusively, readable by all (mode 0o666 less the umask), since flock works on a
+    read-only descriptor; an existing file's mode is never changed."""
 
     def __init__(self, path, wait_s):
         self.path = path
         self.wait_s = wait_s
-        self.handle = None
+        self.descriptor = None
+
+    def _refuse(self, what):
+        return AgentError("USER", "the device lock %s is %s, not a regular file: the agent "
+                          "locks only a regular file and never follows a link there; fix: "
+                          "remove %s if nobody should have put it there, or choose another "
+                          "lock path with 'lock' in devices.toml" % (self.path, what, self.path))
+
+    def _describe(self, mode):
+        if stat.S_ISLNK(mode):
+            try:
+                return "a symbolic link (to %s)" % os.readlink(self.path)
+            except OSError:
+                return "a symbolic link"
+        if stat.S_ISDIR(mode):
+            return "a folder"
+        if stat.S_ISFIFO(mode):
+            return "a FIFO"
+        if stat.S_ISSOCK(mode):
+            return "a socket"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            return "a device file"
+        return "not a plain file (mode %o)" % mode
+
+    def _open(self):
+        """A read-only descriptor on the lock file, created if missing; never follows a link."""
+        nofollow = getattr(os, "O_NOFOLLOW", 0)
+        flags = (os.O_RDONLY | nofollow | getattr(os, "O_CLOEXEC", 0)
+                 | getattr(os, "O_NOCTTY", 0))
+        for _ in range(5):  # the file may come and go while another agent creates it
+            try:
+                info = os.lstat(self.path)
+            except FileNotFoundError:
+                info = None
+            except OSError as exc:
+                raise AgentError("USER", "cannot inspect the device lock %s: %s; fix: choose "
+                                 "another lock path with 'lock' in devices.toml"
+                                 % (self.path, exc))
+            if info is not None and not stat.S_ISREG(info.st_mode):
+                raise self._refuse(self._describe(info.st_mode))
+            try:
+                if info is None:  # exclusively: never through a link planted meanwhile
+                    descriptor = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+                else:  # O_NONBLOCK: a FIFO swapped in meanwhile must not hang the open
+                    descriptor = os.open(self.path, flags | os.O_NONBLOCK)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                if info is None:  # the folder itself is missing
+                    raise AgentError("USER", "cannot create the device lock %s: its folder "
+                                     "does not exist; fix: create the folder, or choose "
+                                     "another lock path with 'lock' in devices.toml"
+                                     % self.path)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.EMLINK) and nofollow:
+                    raise self._refuse("a symbolic link")
+                raise AgentError("USER", "cannot open the device lock %s: %s; fix: choose "
+                                 "another lock path with 'lock' in devices.toml"
+                                 % (self.path, exc))
+            mode = os.fstat(descriptor).st_mode
+            if not stat.S_ISREG(mode):  # swapped between lstat and open
+                os.close(descriptor)
+                raise self._refuse(self._describe(mode))
+            return descriptor
+        raise AgentError("USER", "the device lock %s keeps appearing and disappearing; fix: "
+                         "choose another lock path with 'lock' in devices.toml" % self.path)
 
     def __enter__(self):
         if not self.path:
             return self
         import fcntl
-        try:  # shared by every user of the device: create it writable for all
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            self.handle = os.fdopen(descriptor, "r+")
-        except (IOError, OSError):
-            try:  # another user's lock file: a read-only descriptor locks just as well
-                self.handle = open(self.path, "r")
-            except (IOError, OSError) as exc:
-                raise AgentError("USER", "cannot open the device lock %s: %s" % (self.path, exc))
+        descriptor = self._open()
         started = time.time()
         while True:
             try:
-                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except (IOError, OSError):
                 if time.time() - started >= self.wait_s:
-                    self.handle.seek(0)
-                    holder = self.handle.read().strip()
-                    self.handle.close()
+                    holder = _flock_holder(descriptor)
+                    os.close(descriptor)
                     raise AgentError("TIMEOUT", "the device stayed locked by another "
-                                     "measurement (%s) for %.0f s" % (holder or "unknown",
-                                                                      self.wait_s))
+                                     "measurement (%s, lock %s) for %.0f s"
+                                     % (holder or "holder unknown", self.path, self.wait_s))
                 time.sleep(0.05)
-        if self.handle.mode == "r+":
-            self.handle.seek(0)
-            self.handle.truncate()
-            self.handle.write("pid %d on %s\n" % (os.getpid(), platform.node()))
-            self.handle.flush()
+        self.descriptor = descriptor
         return self
 
     def __exit__(self, *exc):
-        if self.handle is not None:
+        if self.descriptor is not None:
             import fcntl
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
-            self.handle = None
+            fcntl.flock(self.descriptor, fcntl.LOCK_UN)
+            os.close(self.descriptor)
+            self.descriptor = None
+
+
+def _flock_holder(descriptor):
+    """'pid N' of the process holding a flock on the descriptor's file, from /proc/locks
+    (None where that is not readable): read, never stored in the lock file."""
+    info = os.fstat(descriptor)
+    inode = "%02x:%02x:%d" % (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
+    for line in (_read("/proc/locks") or "").splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+            return "pid %s" % fields[4]
+    return None
 
 
 def measure(model, sha256=None, settings=None, lock=None, lock_wait_s=600.0):
