@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from devices.agent_client import file_sha256
 from devices.errors import AgentProtocolError, InferenceError, LoadError
+from devices.remote_shell import quoted
 from devices.transport import Transport
 
 OPT_LEVEL_FLAGS = {"disabled": "0", "basic": "1", "extended": "2", "all": "99"}
@@ -129,7 +130,9 @@ class PerfTestClient:
             raise InferenceError(f"onnxruntime_perf_test failed (exit code {code}): {text}",
                                  device=self.device)
         try:
-            csv = self.transport.shell(f"cat {result_file}; rm -f {result_file}", timeout=60)
+            csv = self.transport.shell(  # every argument quoted: the workdir is a user's
+                f"{quoted(['cat', '--', result_file])}; {quoted(['rm', '-f', '--', result_file])}",
+                timeout=60)
         except Exception as exc:
             raise AgentProtocolError(f"cannot read perf-test's result file: {exc}",
                                      device=self.device) from None

@@ -6,7 +6,11 @@ scikit-learn pickles, SQLite caches written by LatencyProfiler on the local devi
 """
 import json
 import os
+import shlex
+import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +105,82 @@ def test_a_normal_lock_serializes_and_is_never_written(tmp_path, tiny_model):
     umask = os.umask(0)
     os.umask(umask)
     assert created.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ================================================================ 2. perf-test's remote commands
+
+class ShellTransport:
+    """A device whose commands run through a real /bin/sh, as over SSH or ADB: `run` sends
+    the quoted argv as one command line, `shell` sends its text as is. `workdir` plays the
+    device's working folder; commands run in `cwd`."""
+
+    python = [sys.executable]
+
+    def __init__(self, workdir: Path, cwd: Path):
+        self.name = "shell-phone"
+        self.workdir = workdir
+        self.cwd = cwd
+        self.control = self  # no lock, pinning or cooling (the DeviceControl of a transport)
+        self.command_prefix = []
+
+    def sh(self, line: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(["/bin/sh", "-c", line], cwd=self.cwd, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def put(self, local_path: str, remote_name: str, force: bool = False) -> str:
+        target = self.workdir / remote_name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(local_path, target)
+        return str(target)
+
+    def run(self, argv, timeout):
+        done = self.sh(" ".join(shlex.quote(a) for a in argv), timeout)
+        return done.returncode, done.stdout, done.stderr
+
+    def shell(self, command: str, timeout: float = 60.0) -> str:
+        return self.sh(command, timeout).stdout
+
+    def prepare(self, deadline):
+        return None
+
+    def finish(self, prepared):
+        return prepared
+
+    def prepare_measurement(self, deadline):
+        return {}
+
+    def finish_measurement(self, prepared):
+        return None
+
+    def fingerprint(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+def _samples(result):
+    return result.samples_ms if hasattr(result, "samples_ms") else result["samples_ms"]
+
+
+@pytest.mark.parametrize("folder", ["x; touch PWNED; y", "a b", "$(touch PWNED)", "`touch PWNED`",
+                                    "it's"])
+def test_perf_test_workdir_with_shell_metacharacters(tmp_path, tiny_model, folder):
+    from devices.perf_test import PerfTestClient
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    bystander = tmp_path / "a"  # what an unquoted '/T/a b/...' would read and delete
+    bystander.write_text("bystander\n")
+    workdir = tmp_path / folder
+    transport = ShellTransport(workdir, cwd)
+    client = PerfTestClient(transport, str(FIXTURES / "perf_test" / "onnxruntime_perf_test"))
+    settings = {"min_runs": 7, "intra_op_threads": 1, "inter_op_threads": 1,
+                "graph_optimization_level": "all"}
+    result = client.measure(str(tiny_model), settings, deadline=time.monotonic() + 120)
+    assert len(_samples(result)) == 7
+    assert not [p for p in tmp_path.rglob("PWNED")], "a command ran from the folder's name"
+    assert bystander.read_text() == "bystander\n"
+    models = workdir / "models"
+    assert not list(models.glob("result-*")), "the result file was not removed"
+    assert len(list(models.glob("*.onnx"))) == 1  # and nothing else was
