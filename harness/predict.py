@@ -18,6 +18,7 @@ What nn-Meter 2.0 needs around it here:
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Union
@@ -28,7 +29,7 @@ from harness.errors import HarnessError
 from harness.export import DummyInput, ExportedModel, export_sample, input_signature
 from harness.measurement import Measurement
 from harness.profiler import Profiler
-from harness.sklearn_pickle import LegacyPickleError, load_kernel_predictor
+from harness.sklearn_pickle import LegacyPickleError, UnsafePickleError, load_kernel_predictor
 from harness.space import ModelSpace, SampleValidator, checked_search_space
 
 log = logging.getLogger("harness")
@@ -55,11 +56,31 @@ def import_nn_meter() -> Any:
 
 def nn_meter_data_folder() -> Path:
     """Where nn-Meter keeps official predictors: `<data_folder>/predictor/<name>/`, with
-    data_folder from ~/.nn_meter/config/settings.yaml (default ~/.nn_meter/data)."""
+    data_folder from ~/.nn_meter/config/settings.yaml (default ~/.nn_meter/data). It must be
+    absolute: a relative one would be looked up in whatever folder harness runs in."""
     from nn_meter.utils import get_user_data_folder
 
     import_nn_meter()
-    return Path(get_user_data_folder()) / "predictor"
+    folder = Path(get_user_data_folder()).expanduser()
+    if not folder.is_absolute():
+        raise PredictorError(f"nn-Meter's data folder {str(folder)!r} is a relative path, so "
+                             f"it would name a folder under the current one",
+                             fix="set an absolute data_folder in "
+                                 "~/.nn_meter/config/settings.yaml")
+    return folder / "predictor"
+
+
+def is_predictor_path(predictor: Union[str, Path]) -> bool:
+    """Whether the user named a predictor folder by path (a Path, or text that is absolute,
+    holds a path separator, or starts with '.' or '~') rather than an official predictor by
+    name. Only a path is looked up on disk where it points; a bare name is looked up in
+    nn-Meter's data folder only, never in the current folder (predictor files are code)."""
+    if isinstance(predictor, Path):
+        return True
+    text = str(predictor)
+    separators = [sep for sep in (os.sep, os.altsep, "/") if sep]
+    return (os.path.isabs(text) or text.startswith((".", "~"))
+            or any(sep in text for sep in separators))
 
 
 def official_predictors() -> Dict[str, Dict[str, Any]]:
@@ -148,30 +169,36 @@ def _folder_digest(folder: Path) -> str:
 
 
 def load_predictor(predictor: Union[str, Path]) -> KernelPredictors:
-    """Load an nn-Meter predictor: a folder path, or the name of an official predictor placed
-    in nn-Meter's data folder. Never downloads; a missing or broken file is a PredictorError
-    that says which file and where it belongs."""
+    """Load an nn-Meter predictor: a folder path (see is_predictor_path), or the name of an
+    official predictor placed in nn-Meter's data folder (a folder of that name elsewhere, the
+    current folder included, is never used for a name). Never downloads; a missing or broken
+    file is a PredictorError that says which file and where it belongs. The pickles are
+    loaded by harness.sklearn_pickle, which refuses anything but scikit-learn regressors."""
     import_nn_meter()
-    as_path = Path(predictor).expanduser()
     expected: List[str] = []
     where_from = "rebuild it with 'harness calibrate'"
-    if as_path.is_dir():
-        folder, name = as_path, as_path.name
-    elif isinstance(predictor, Path) or "/" in str(predictor) or str(predictor).startswith("."):
-        raise PredictorError(f"predictor folder {as_path} does not exist",
-                             fix="pass an existing folder, or the name of an official nn-Meter "
-                                 "predictor")
+    if is_predictor_path(predictor):
+        folder = Path(predictor).expanduser()
+        name = folder.name
+        if not folder.is_dir():
+            raise PredictorError(f"predictor folder {folder} does not exist",
+                                 fix="pass an existing folder, or the name of an official "
+                                     "nn-Meter predictor")
     else:
         name = str(predictor)
         official = official_predictors()
         if name not in official:
             raise PredictorError(f"unknown nn-Meter predictor {name!r}",
                                  fix="use one of " + ", ".join(sorted(official)) +
-                                     ", or a folder path")
+                                     ", or a folder path (./NAME for one in the current "
+                                     "folder)")
         folder = nn_meter_data_folder() / name
         expected = list(official[name]["kernel_predictors"])
         where_from = (f"download {official[name]['download']} on a machine with internet "
                       f"access and unzip it into {folder.parent} (harness never downloads)")
+        if Path(name).is_dir() and not folder.is_dir():
+            where_from += (f"; the folder {name} in the current folder is not used for a "
+                           f"predictor name: pass ./{name} if you mean it and trust its files")
     missing = [f"{kernel}.pkl" for kernel in expected if not (folder / f"{kernel}.pkl").is_file()]
     if not (folder / FUSION_RULES).is_file():
         missing.append(FUSION_RULES)
@@ -191,6 +218,8 @@ def load_predictor(predictor: Union[str, Path]) -> KernelPredictors:
     for path in pickles:
         try:
             kernels[path.stem] = load_kernel_predictor(path)
+        except UnsafePickleError as exc:
+            raise PredictorError(exc.message, fix=exc.fix) from None
         except LegacyPickleError as exc:
             raise PredictorError(str(exc), fix=where_from) from None
     log.info("nn-Meter predictor %s: %d kernel predictors from %s", name, len(kernels), folder)

@@ -12,15 +12,24 @@ go right", which is what old trees did implicitly, as they never saw missing val
 renamed attributes are given their new names. The numbers that decide a prediction
 (thresholds, features, children, leaf values) are copied bit for bit, so the migrated model
 predicts exactly what it predicted under 0.23. Current pickles load unchanged.
+
+A pickle is a program: unpickling runs whatever callables it names. So a predictor file is
+code, and is loaded through an unpickler that resolves only what a scikit-learn regressor
+needs (scikit-learn estimator classes and its tree, numpy's array and scalar rebuilders, a
+few harmless builtins) and refuses everything else with UnsafePickleError, before anything
+the file names is called.
 """
 import functools
 import logging
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Union
 
 import numpy as np
+
+from harness.errors import HarnessError
 
 log = logging.getLogger("harness")
 
@@ -31,8 +40,38 @@ RENAMED_ATTRIBUTES = {"n_features_": "n_features_in_", "base_estimator_": "estim
                       "base_estimator": "estimator"}
 
 
+# Globals a predictor pickle may name besides scikit-learn's estimator classes and its Tree:
+# how pickle rebuilds plain objects, bytes (protocol 2) and builtin containers, and how numpy
+# rebuilds arrays, dtypes, scalars and random states (numpy 1 and numpy 2 module names).
+# Protocol 0-2 pickles name Python 2's modules (copy_reg, __builtin__).
+ALLOWED_GLOBALS = frozenset(
+    [(module, "_reconstructor") for module in ("copyreg", "copy_reg")]
+    + [(module, name) for module in ("builtins", "__builtin__")
+       for name in ("object", "set", "frozenset", "slice", "complex", "bytearray")]
+    + [("_codecs", "encode"), ("numpy", "dtype"), ("numpy", "ndarray")]
+    + [(f"numpy.{core}.{module}", name) for core in ("core", "_core")
+       for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                            ("numeric", "_frombuffer"))]
+    + [("numpy.random._pickle", name) for name in ("__randomstate_ctor",
+                                                    "__bit_generator_ctor", "__generator_ctor")]
+    + [(f"numpy.random._{module}", name) for module, name in (
+        ("mt19937", "MT19937"), ("pcg64", "PCG64"), ("pcg64", "PCG64DXSM"),
+        ("philox", "Philox"), ("sfc64", "SFC64"))])
+
+_SKLEARN_MODULE = re.compile(r"sklearn(\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
 class LegacyPickleError(Exception):
     """A predictor pickle that cannot be loaded or migrated."""
+
+
+class UnsafePickleError(LegacyPickleError, HarnessError):
+    """A predictor pickle names something a scikit-learn regressor does not need (a function
+    that runs commands, say): it is refused before anything it names is called."""
+
+    FIX = ("predictor files are code that runs when loaded: use only predictors from nn-Meter's "
+           "releases or built by 'harness calibrate', and delete this one unless you know "
+           "where it came from")
 
 
 def _migrate_tree_state(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -72,6 +111,9 @@ def _legacy_tree_class() -> type:
 
 
 class _MigratingUnpickler(pickle.Unpickler):
+    """Resolves only the globals a scikit-learn regressor pickle needs (see ALLOWED_GLOBALS
+    and _sklearn_class); swaps in LegacyTree for scikit-learn's Tree."""
+
     def __init__(self, file: Any):
         super().__init__(file)
         self._legacy_tree = _legacy_tree_class()
@@ -79,7 +121,27 @@ class _MigratingUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == TREE_CLASS:
             return self._legacy_tree
-        return super().find_class(module, name)
+        if (module, name) in ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if _SKLEARN_MODULE.fullmatch(module) and not any(
+                part.startswith(("test", "conftest", "_test")) for part in module.split(".")):
+            found = super().find_class(module, name)
+            if _sklearn_class(found):
+                return found
+        raise UnsafePickleError(
+            f"the pickle names {module}.{name}, which a scikit-learn kernel predictor does not "
+            f"need; refused before it could run (a predictor file is code that runs when "
+            f"loaded)", fix=UnsafePickleError.FIX)
+
+
+def _sklearn_class(found: Any) -> bool:
+    """A scikit-learn estimator class or its tree, defined in scikit-learn itself (not a
+    function, and not something a scikit-learn module merely imported)."""
+    from sklearn.base import BaseEstimator
+    from sklearn.tree._tree import Tree
+
+    return (isinstance(found, type) and getattr(found, "__module__", "").startswith("sklearn.")
+            and issubclass(found, (BaseEstimator, Tree)))
 
 
 def _migrate_estimator(estimator: Any, seen: set) -> None:
@@ -105,12 +167,16 @@ def _migrate_estimator(estimator: Any, seen: set) -> None:
 def load_kernel_predictor(path: Union[str, Path]) -> Any:
     """Unpickle a kernel predictor (any scikit-learn regressor), migrating 0.23-era pickles.
 
-    Raises LegacyPickleError naming the file when it is not a predictor pickle."""
+    Raises LegacyPickleError naming the file when it is not a predictor pickle, and
+    UnsafePickleError (a LegacyPickleError too) when it names anything a scikit-learn
+    regressor does not need: predictor files are code, so nothing else in them is called."""
     path = Path(path)
     try:
         with open(path, "rb") as handle, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             predictor = _MigratingUnpickler(handle).load()
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{path}: {exc.message}", fix=exc.fix) from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError,
             TypeError, IndexError, KeyError, LegacyPickleError) as exc:
         raise LegacyPickleError(f"{path}: not a loadable predictor pickle "

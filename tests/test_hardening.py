@@ -4,8 +4,10 @@ shell line, predictor pickles and where a predictor name is looked up, and `cach
 Everything is real: the agent as a separate process, /bin/sh running the remote commands,
 scikit-learn pickles, SQLite caches written by LatencyProfiler on the local device.
 """
+import importlib.util
 import json
 import os
+import pickle
 import shlex
 import shutil
 import subprocess
@@ -13,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agents.ort_agent import AgentError, DeviceLock
@@ -184,3 +187,132 @@ def test_perf_test_workdir_with_shell_metacharacters(tmp_path, tiny_model, folde
     models = workdir / "models"
     assert not list(models.glob("result-*")), "the result file was not removed"
     assert len(list(models.glob("*.onnx"))) == 1  # and nothing else was
+
+
+# ================================================================ 3. predictor pickles
+
+nn_meter_needed = pytest.mark.skipif(importlib.util.find_spec("nn_meter") is None,
+                                     reason="nn-Meter runs from .venv-extras (scripts/test)")
+
+
+def calling(module: str, name: str, argument: str) -> bytes:
+    """A protocol-4 pickle that calls module.name(argument) when it is loaded."""
+    def text(value: str) -> bytes:
+        data = value.encode()
+        return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
+
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(argument) + b"\x85R."
+
+
+def forest(features: int, seed: int = 0):
+    from sklearn.ensemble import RandomForestRegressor
+
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(1, 64, size=(60, features))
+    y = 0.01 + x[:, : min(3, features)].prod(axis=1) * 1e-4
+    return RandomForestRegressor(n_estimators=4, max_features=None, random_state=seed).fit(x, y)
+
+
+def test_predictor_pickles_that_run_commands_are_refused(tmp_path):
+    from harness.errors import HarnessError
+    from harness.sklearn_pickle import (LegacyPickleError, UnsafePickleError,
+                                        load_kernel_predictor)
+
+    proof = tmp_path / "PWNED"
+    shell = f"touch {proof}"
+    evil = {
+        "os.system": calling(os.system.__module__, "system", shell),
+        "eval": calling("builtins", "eval", f"__import__('os').system({shell!r})"),
+        "via a scikit-learn module": calling("sklearn.datasets._base", "os.system", shell),
+        "a scikit-learn function": calling("sklearn.base", "clone", shell),
+        "a test module": calling("sklearn.utils._testing", "os.system", shell),
+        "numpy's memmap": calling("numpy", "memmap", str(tmp_path / "written")),
+    }
+    messages = {}
+    for what, data in evil.items():
+        path = tmp_path / "conv-bn-relu.pkl"
+        path.write_bytes(data)
+        with pytest.raises(LegacyPickleError) as caught:
+            load_kernel_predictor(path)
+        assert isinstance(caught.value, UnsafePickleError), what
+        assert isinstance(caught.value, HarnessError) and "code" in caught.value.fix, what
+        assert str(path) in caught.value.message and "refused" in caught.value.message, what
+        assert not proof.exists() and not (tmp_path / "written").exists(), what
+        messages[what] = caught.value.message
+    assert f"names {os.system.__module__}.system," in messages["os.system"]
+    assert "names builtins.eval," in messages["eval"]
+    assert "names sklearn.datasets._base.os.system," in messages["via a scikit-learn module"]
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_real_predictor_pickles_still_load_under_the_allow_list(tmp_path, protocol):
+    from harness.sklearn_pickle import load_kernel_predictor
+    from tests.legacy_sklearn import old_pickle_bytes
+
+    model = forest(5, seed=protocol)
+    probe = np.random.default_rng(protocol).uniform(0, 80, size=(200, 5))
+    current = tmp_path / "current.pkl"
+    current.write_bytes(pickle.dumps(model, protocol=protocol))
+    assert np.array_equal(load_kernel_predictor(current).predict(probe), model.predict(probe))
+    old = tmp_path / "old.pkl"  # scikit-learn 0.23's format, as nn-Meter ships it
+    old.write_bytes(old_pickle_bytes(model))
+    assert np.array_equal(load_kernel_predictor(old).predict(probe), model.predict(probe))
+    seeded = tmp_path / "seeded.pkl"  # an estimator that keeps a RandomState
+    from sklearn.ensemble import RandomForestRegressor
+    keeps_state = RandomForestRegressor(n_estimators=2, random_state=np.random.RandomState(1))
+    seeded.write_bytes(pickle.dumps(keeps_state.fit(probe[:20], probe[:20, 0]),
+                                    protocol=protocol))
+    assert load_kernel_predictor(seeded).predict(probe).shape == (200,)
+
+
+@nn_meter_needed
+def test_a_predictor_name_is_never_looked_up_in_the_current_folder(tmp_path, home):
+    """`harness profile --offline --predictor cortexA76cpu_tflite21` in a folder where someone
+    planted ./cortexA76cpu_tflite21/ with a pickle that runs a command."""
+    proof = tmp_path / "PWNED"
+    cwd = tmp_path / "shared-folder"
+    planted = cwd / "cortexA76cpu_tflite21"
+    planted.mkdir(parents=True)
+    (planted / "fusion_rules.json").write_text("{}")
+    (planted / "conv-bn-relu.pkl").write_bytes(calling(os.system.__module__, "system",
+                                                       f"touch {proof}"))
+    user_home = tmp_path / "user"  # nn-Meter's data folder: ~/.nn_meter/data/predictor
+    user_home.mkdir()
+    env = dict(os.environ, HOME=str(user_home), PYTHONPATH=str(REPO), HARNESS_HOME=str(home))
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "harness.cli", "profile",
+                           "--space", "harness.spaces:TinySpace", "--device", "nowhere",
+                           "--offline", "--fallback", "nn-meter",
+                           "--predictor", "cortexA76cpu_tflite21", "--samples", "1"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert not proof.exists(), "the planted predictor ran"
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    data_folder = user_home / ".nn_meter" / "data" / "predictor" / "cortexA76cpu_tflite21"
+    assert str(data_folder) in proc.stderr
+    assert "is not used for a predictor name" in proc.stderr and "./cortexA76cpu_tflite21" \
+        in proc.stderr
+
+
+@nn_meter_needed
+def test_a_predictor_path_is_used_where_it_points(tmp_path, monkeypatch):
+    import harness.predict as predict
+    from harness.calibrate import ORT_CPU_FUSION_RULES
+    from harness.predict import PredictorError, is_predictor_path, load_predictor
+
+    for name in ("cortexA76cpu_tflite21", "my-predictor"):
+        assert not is_predictor_path(name)
+    for name in ("./mine", "../mine", "~/mine", "/abs/mine", "sub/mine", Path("mine")):
+        assert is_predictor_path(name)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "fc.pkl").write_bytes(pickle.dumps(forest(4)))
+    (folder / "fusion_rules.json").write_text(json.dumps(ORT_CPU_FUSION_RULES))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(predict, "nn_meter_data_folder", lambda: tmp_path / "data")
+    assert load_predictor("./mine").folder == Path("mine")
+    with pytest.raises(PredictorError, match="unknown nn-Meter predictor 'mine'"):
+        load_predictor("mine")  # a bare name is not a folder here
+    (folder / "evil.pkl").write_bytes(calling(os.system.__module__, "system", "true"))
+    with pytest.raises(PredictorError) as caught:
+        load_predictor("./mine")
+    assert "evil.pkl" in caught.value.message and "code" in caught.value.fix
