@@ -11,9 +11,17 @@ The file is in WAL mode with a busy timeout, and every write is one IMMEDIATE tr
 several processes can profile into one cache at once. Only measured results are stored:
 a failure never becomes a row, and a prediction is refused. A file that is not a harness
 cache (corrupt, or another program's database) raises CacheError and is never written to.
+
+The newest measurement under a key is the one stored last (by rowid), never the one whose
+date says so: dates come from other machines' clocks and from files. An imported export is
+checked row by row (types, ranges, dates not in the future, keys that match the records they
+carry, well-formed sample-index rows); rows that fail are skipped and reported, and a file
+that is not a harness export is refused whole.
 """
 import hashlib
 import json
+import math
+import re
 import sqlite3
 import threading
 import time
@@ -21,7 +29,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from harness.errors import CacheError
 from harness.measurement import STATISTICS, Measurement
@@ -30,6 +38,12 @@ APPLICATION_ID = 0x484E5331  # "HNS1" in the SQLite header marks a harness cache
 SCHEMA_VERSION = 1
 EXPORT_FORMAT = "harness-cache-export"
 SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# An imported date may run ahead of this machine's clock by this much (clock skew between
+# hosts); a row dated further ahead is skipped.
+MAX_CLOCK_SKEW_S = 3600.0
+# Graph hashes and the digests in keys (settings, device) are sha256 hex digests.
+HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 SCHEMA = """
 CREATE TABLE samples (
@@ -221,25 +235,27 @@ class Cache:
             f"SELECT s.sample, m.{statistic} FROM samples s JOIN measurements m "
             "ON m.graph_hash = s.graph_hash AND m.input_sig = s.input_sig "
             f"WHERE s.space_fp = ? AND s.input_sig = ? {one}AND m.settings_key = ? "
-            "AND m.device_fp = ? AND m.agent_version = ? ORDER BY m.created_at",
+            "AND m.device_fp = ? AND m.agent_version = ? ORDER BY m.rowid",
             (space_fp, input_sig, *((sample,) if sample is not None else ()), settings_key,
              device_fp, agent_version))
-        return dict(rows)  # newest last, so newest wins
+        # Stored last wins. A sample key that is not a JSON object (a damaged row) is left
+        # out: callers parse the keys.
+        return {text: value for text, value in rows if _is_json_object(text)}
 
     def get(self, key: MeasurementKey) -> Optional[Measurement]:
-        """The newest measurement under `key`, as source="cached", or None."""
+        """The measurement stored last under `key`, as source="cached", or None."""
         rows = self._query("read a measurement",
                            f"SELECT record FROM measurements WHERE {_KEY_WHERE} "
-                           "ORDER BY created_at DESC LIMIT 1", key.values())
+                           "ORDER BY rowid DESC LIMIT 1", key.values())
         if not rows:
             return None
         return self._decode(rows[0][0]).with_source("cached")
 
     def history(self, key: MeasurementKey) -> List[Measurement]:
-        """Every measurement under `key`, oldest first."""
+        """Every measurement under `key`, in the order they were stored."""
         rows = self._query("read measurements",
                            f"SELECT record FROM measurements WHERE {_KEY_WHERE} "
-                           "ORDER BY created_at", key.values())
+                           "ORDER BY rowid", key.values())
         return [self._decode(r[0]).with_source("cached") for r in rows]
 
     def _decode(self, record: str) -> Measurement:
@@ -277,9 +293,18 @@ class Cache:
         def count(table: str) -> int:
             return self._query("count rows", f"SELECT COUNT(*) FROM {table}")[0][0]
 
+        # Rows stored by older versions (or imported by them) may hold a date that is text,
+        # not finite, or in the future: such dates count as odd and are never the latest.
+        horizon = time.time() + MAX_CLOCK_SKEW_S
+        sane = ("typeof(created_at) IN ('integer', 'real') AND created_at >= 0 "
+                "AND created_at <= ?")
         per_device = self._query("count measurements",
-                                 "SELECT device, COUNT(*), COUNT(DISTINCT graph_hash), "
-                                 "MAX(created_at) FROM measurements GROUP BY device ORDER BY device")
+                                 "SELECT CAST(device AS TEXT), COUNT(*), "
+                                 "COUNT(DISTINCT graph_hash), "
+                                 f"MAX(CASE WHEN {sane} THEN created_at END), "
+                                 f"SUM(CASE WHEN {sane} THEN 0 ELSE 1 END) "
+                                 "FROM measurements GROUP BY 1 ORDER BY 1",
+                                 (horizon, horizon))
         keys = self._query("count keys", "SELECT COUNT(*) FROM (SELECT DISTINCT graph_hash, "
                            "input_sig, settings_key, device_fp, agent_version FROM measurements)")
         return {
@@ -290,8 +315,9 @@ class Cache:
             "distinct_keys": keys[0][0],
             "samples_indexed": count("samples"),
             "devices": count("devices"),
-            "per_device": [{"device": d, "measurements": n, "graphs": g, "latest": t}
-                           for d, n, g, t in per_device],
+            "per_device": [{"device": d if d is not None else "?", "measurements": n,
+                            "graphs": g, "latest": _finite(t), "odd_dates": odd or 0}
+                           for d, n, g, t, odd in per_device],
         }
 
     def export_jsonl(self, path: Union[str, Path]) -> Dict[str, int]:
@@ -314,7 +340,7 @@ class Cache:
                 counts["sample"] += 1
             for row in self._conn.execute(
                     "SELECT uid, graph_hash, input_sig, settings_key, device_fp, agent_version, "
-                    "record FROM measurements ORDER BY created_at"):
+                    "record FROM measurements ORDER BY rowid"):
                 key = MeasurementKey(*row[1:6])
                 out.write(canonical_json({"type": "measurement", "uid": row[0],
                                           "key": key.to_dict(),
@@ -323,10 +349,23 @@ class Cache:
         partial.replace(target)
         return counts
 
-    def import_jsonl(self, path: Union[str, Path]) -> Dict[str, int]:
-        """Read an export; every line is checked before anything is written, then all rows go
-        in one transaction. Rows already present are skipped. Returns counts of new rows."""
-        entries = list(_read_export(Path(path)))
+    def import_jsonl(self, path: Union[str, Path]) -> "ImportCounts":
+        """Read an export and add its rows in one transaction, in the file's order (so what
+        the file stored last is newest here too). Every row is checked first (see
+        ImportChecker); a row that fails is skipped, and named with its line and reason in
+        the result's `skipped`. Rows already present are left as they are. A file that is not
+        a harness export (binary, not JSON Lines, no export header, a newer format) raises
+        CacheError and nothing is imported. Returns the counts of new rows by type."""
+        path = Path(path)
+        labels: Dict[str, Tuple[str, ...]] = {}  # the labels of each space already indexed
+        for space_fp, sample in self._query("read the sample index",
+                                            "SELECT space_fp, sample FROM samples"):
+            if space_fp not in labels:
+                found = _sample_labels(sample)
+                if found is not None:
+                    labels[space_fp] = found
+        checker = ImportChecker(path, labels)
+        entries = list(checker.read())
         added = {"device": 0, "sample": 0, "measurement": 0}
         with self._write("import") as conn:
             for kind, entry in entries:
@@ -343,7 +382,7 @@ class Cache:
                 else:
                     added[kind] += self._insert(conn, entry["uid"], entry["key"],
                                                 entry["measurement"])
-        return added
+        return ImportCounts(added, checker.skipped)
 
     def close(self) -> None:
         with self._lock:
@@ -356,48 +395,274 @@ class Cache:
         self.close()
 
 
-def _read_export(path: Path) -> Iterator[tuple]:
-    """Parse and check an export file line by line; errors name the line and the problem."""
-    def bad(number: int, problem: str) -> CacheError:
-        return CacheError(f"{path}, line {number}: {problem}; nothing was imported",
-                          fix="import a file written by 'harness cache export'")
+def _finite(value: Any) -> Optional[float]:
+    """`value` as a float when it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
 
+
+def _is_json_object(text: Any) -> bool:
+    """Whether `text` is the JSON text of an object (what a sample key is)."""
+    if not isinstance(text, str) or not text.startswith("{"):
+        return False
     try:
-        handle = open(path)
-    except OSError as exc:
-        raise CacheError(f"cannot read {path}: {exc}", fix="check the path") from exc
-    with handle:
-        for number, line in enumerate(handle, 1):
-            try:
-                entry = json.loads(line)
-            except ValueError as exc:
-                raise bad(number, f"not JSON ({exc})") from None
-            if number == 1:
-                if not isinstance(entry, dict) or entry.get("type") != EXPORT_FORMAT:
-                    raise bad(1, f"no {EXPORT_FORMAT} header")
-                if entry.get("version", 0) > SCHEMA_VERSION:
-                    raise bad(1, f"written by a newer harness (version {entry.get('version')})")
-                continue
-            kind = entry.get("type") if isinstance(entry, dict) else None
-            try:
-                if kind == "device":
-                    yield kind, {"fingerprint": str(entry["fingerprint"]),
-                                 "identity": dict(entry["identity"]),
-                                 "first_seen": float(entry["first_seen"])}
-                elif kind == "sample":
-                    yield kind, {k: str(entry[k]) for k in ("space_fp", "input_sig", "sample",
-                                                            "graph_hash")} | {
-                        "created_at": float(entry["created_at"])}
-                elif kind == "measurement":
-                    measurement = Measurement.from_dict(entry["measurement"])
-                    if measurement.source != "measured":
-                        raise ValueError(f"source is {measurement.source!r}, only measured "
-                                         f"results are imported")
-                    yield kind, {"uid": str(entry["uid"]),
-                                 "key": MeasurementKey(**entry["key"]),
-                                 "measurement": measurement}
-                else:
-                    raise ValueError(f"unknown entry type {kind!r}")
-            except (KeyError, TypeError, ValueError) as exc:
-                raise bad(number, f"malformed {kind or 'entry'} ({type(exc).__name__}: {exc})"
-                          ) from None
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def _sample_object(text: Any) -> Optional[Dict[str, Any]]:
+    """A sample-index key parsed: a JSON object in canonical form (what the profiler writes),
+    else None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        sample = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(sample, dict) or canonical_json(sample) != text:
+        return None
+    return sample
+
+
+def _sample_labels(text: Any) -> Optional[Tuple[str, ...]]:
+    sample = _sample_object(text)
+    return tuple(sorted(sample)) if sample is not None else None
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row of an export that was not imported: its line, its type and why."""
+
+    line: int
+    kind: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line} ({self.kind}): {self.reason}"
+
+
+class ImportCounts(dict):
+    """What an import added: new rows by type ({"device": n, "sample": n, "measurement": n}),
+    plus `skipped`, the rows of the file that failed their checks (SkippedRow, in file order)."""
+
+    def __init__(self, added: Dict[str, int], skipped: List[SkippedRow]):
+        super().__init__(added)
+        self.skipped = list(skipped)
+
+    def skipped_by_reason(self) -> Dict[str, int]:
+        """How many rows were skipped per reason (the reason's text up to its first colon)."""
+        counts: Dict[str, int] = {}
+        for row in self.skipped:
+            reason = row.reason.split(":")[0]
+            counts[reason] = counts.get(reason, 0) + 1
+        return counts
+
+
+class _Skip(Exception):
+    """One row fails its checks; the message says why."""
+
+
+class ImportChecker:
+    """Reads an export file and checks every row against what harness itself writes.
+
+    The file as a whole must be UTF-8 JSON Lines with the export header first, else CacheError
+    (nothing is imported). Each row then must be a known type with the right field types, and:
+    - dates finite numbers, not before 1970 and not more than MAX_CLOCK_SKEW_S ahead of now;
+    - a measurement measured (not predicted), with samples_ms a non-empty list of finite
+      positive numbers, and a key that matches the record it carries: the same graph hash,
+      input signature and agent version, and the device digest recomputed from the record's
+      device fingerprint; hashes and digests are sha256 hex;
+    - a device row's fingerprint the digest of its identity;
+    - a sample-index row's sample a JSON object in canonical form, of the same labels as
+      the other rows of its space (in the cache or earlier in the file), and its graph hash
+      a sha256 hex.
+    Rows that fail are collected in `skipped` and left out."""
+
+    def __init__(self, path: Path, labels_by_space: Optional[Dict[str, Tuple[str, ...]]] = None):
+        self.path = path
+        self.skipped: List[SkippedRow] = []
+        self._labels = dict(labels_by_space or {})
+        self._horizon = time.time() + MAX_CLOCK_SKEW_S
+
+    def _refuse(self, problem: str) -> CacheError:
+        return CacheError(f"{self.path} is not a harness cache export: {problem}; nothing was "
+                          f"imported", fix="import a file written by 'harness cache export' "
+                                           "(the cache's .sqlite file itself is not an export)")
+
+    def read(self) -> Iterator[Tuple[str, Dict[str, Any]]]:
+        """(type, checked row) for every row that passes, in file order."""
+        try:
+            handle = open(self.path, "rb")
+        except OSError as exc:
+            raise CacheError(f"cannot read {self.path}: {exc}", fix="check the path") from exc
+        with handle:
+            header = True
+            for number, raw in enumerate(handle, 1):
+                if b"\0" in raw:
+                    raise self._refuse(f"line {number} holds NUL bytes (a binary file)")
+                try:
+                    entry = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise self._refuse(f"line {number} is not UTF-8 text") from None
+                except ValueError as exc:
+                    raise self._refuse(f"line {number} is not JSON ({exc})") from None
+                if header:
+                    self._check_header(entry)
+                    header = False
+                    continue
+                kind = entry.get("type") if isinstance(entry, dict) else None
+                try:
+                    yield self._check(kind, entry)
+                except _Skip as exc:
+                    self.skipped.append(SkippedRow(number, str(kind or "entry"), str(exc)))
+            if header:
+                raise self._refuse("the file is empty")
+
+    def _check_header(self, entry: Any) -> None:
+        if not isinstance(entry, dict) or entry.get("type") != EXPORT_FORMAT:
+            raise self._refuse(f"line 1 is no {EXPORT_FORMAT} header")
+        version = entry.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise self._refuse(f"line 1 has no valid format version ({version!r})")
+        if version > SCHEMA_VERSION:
+            raise CacheError(f"{self.path} was written by a newer harness (format {version}, "
+                             f"this one reads {SCHEMA_VERSION}); nothing was imported",
+                             fix="upgrade harness, then import it")
+
+    def _check(self, kind: Any, entry: Any) -> Tuple[str, Dict[str, Any]]:
+        if kind == "device":
+            return kind, self._device(entry)
+        if kind == "sample":
+            return kind, self._sample(entry)
+        if kind == "measurement":
+            return kind, self._measurement(entry)
+        raise _Skip(f"unknown entry type: {kind!r}")
+
+    # ---------------------------------------------------------------- field checks
+
+    @staticmethod
+    def _field(entry: Dict[str, Any], name: str) -> Any:
+        if name not in entry:
+            raise _Skip(f"missing field: {name}")
+        return entry[name]
+
+    def _text(self, entry: Dict[str, Any], name: str) -> str:
+        value = self._field(entry, name)
+        if not isinstance(value, str) or not value:
+            raise _Skip(f"bad {name}: not a non-empty string ({value!r:.80})")
+        return value
+
+    def _hex(self, entry: Dict[str, Any], name: str) -> str:
+        value = self._text(entry, name)
+        if not HEX_DIGEST.fullmatch(value):
+            raise _Skip(f"bad {name}: not a sha256 hex digest ({value!r:.80})")
+        return value
+
+    def _object(self, entry: Dict[str, Any], name: str) -> Dict[str, Any]:
+        value = self._field(entry, name)
+        if not isinstance(value, dict):
+            raise _Skip(f"bad {name}: not a JSON object ({value!r:.80})")
+        return value
+
+    def _date(self, entry: Dict[str, Any], name: str) -> float:
+        value = _finite(self._field(entry, name))
+        if value is None or value < 0:
+            raise _Skip(f"bad {name}: not a finite date in seconds since 1970 "
+                        f"({entry[name]!r:.80})")
+        if value > self._horizon:
+            raise _Skip(f"dated in the future: {name} is {value - time.time():.0f} s ahead "
+                        f"of this machine's clock")
+        return value
+
+    def _optional_duration(self, entry: Dict[str, Any], name: str) -> None:
+        value = entry.get(name)
+        if value is not None and (_finite(value) is None or value < 0):
+            raise _Skip(f"bad {name}: not a finite number >= 0 or null ({value!r:.80})")
+
+    # ---------------------------------------------------------------- row types
+
+    def _device(self, entry: Dict[str, Any]) -> Dict[str, Any]:
+        fingerprint = self._hex(entry, "fingerprint")
+        identity = self._object(entry, "identity")
+        if digest(identity) != fingerprint:
+            raise _Skip("key mismatch: the fingerprint is not the digest of the identity")
+        return {"fingerprint": fingerprint, "identity": identity,
+                "first_seen": self._date(entry, "first_seen")}
+
+    def _sample(self, entry: Dict[str, Any]) -> Dict[str, Any]:
+        space_fp = self._hex(entry, "space_fp")
+        input_sig = self._input_sig(entry)
+        text = self._text(entry, "sample")
+        labels = _sample_labels(text)
+        if labels is None:
+            raise _Skip(f"bad sample: not a JSON object in canonical form ({text!r:.80})")
+        known = self._labels.get(space_fp, labels)
+        if labels != known:
+            raise _Skip(f"bad sample: its labels {list(labels)[:6]} differ from those of the "
+                        f"space's other samples {list(known)[:6]}")
+        checked = {"space_fp": space_fp, "input_sig": input_sig, "sample": text,
+                   "graph_hash": self._hex(entry, "graph_hash"),
+                   "created_at": self._date(entry, "created_at")}
+        self._labels[space_fp] = labels
+        return checked
+
+    def _input_sig(self, entry: Dict[str, Any]) -> str:
+        text = self._text(entry, "input_sig")
+        try:
+            signature = json.loads(text)
+        except ValueError:
+            signature = None
+        if not isinstance(signature, list) or canonical_json(signature) != text:
+            raise _Skip(f"bad input_sig: not a JSON list in canonical form ({text!r:.80})")
+        return text
+
+    def _measurement(self, entry: Dict[str, Any]) -> Dict[str, Any]:
+        uid = self._text(entry, "uid")
+        key = self._object(entry, "key")
+        record = self._object(entry, "measurement")
+        unknown = sorted(set(key) - set(MeasurementKey.__dataclass_fields__))
+        if unknown:
+            raise _Skip(f"bad key: unknown fields {unknown}")
+        graph_hash = self._hex(key, "graph_hash")
+        input_sig = self._input_sig(key)
+        settings_key = self._hex(key, "settings_key")
+        device_fp = self._hex(key, "device_fp")
+        agent_version = self._text(key, "agent_version")
+
+        if record.get("source") != "measured":
+            raise _Skip(f"not measured: source is {record.get('source')!r:.40}, only measured "
+                        f"results are imported")
+        samples = self._field(record, "samples_ms")
+        if not isinstance(samples, list) or not samples:
+            raise _Skip(f"bad samples_ms: not a non-empty list of numbers ({samples!r:.80})")
+        for value in samples:
+            number = _finite(value)
+            if number is None or number <= 0:
+                raise _Skip(f"bad samples_ms: holds {value!r:.40}, not a finite positive "
+                            f"number of milliseconds")
+        self._text(record, "device")
+        if self._hex(record, "graph_hash") != graph_hash:
+            raise _Skip("key mismatch: the key's graph hash is not the measurement's")
+        signature = self._field(record, "input_signature")
+        if not isinstance(signature, list) or canonical_json(signature) != input_sig:
+            raise _Skip("key mismatch: the key's input signature is not the measurement's")
+        if record.get("agent_version") != agent_version:
+            raise _Skip("key mismatch: the key's agent version is not the measurement's")
+        if digest(self._object(record, "device_fingerprint")) != device_fp:
+            raise _Skip("key mismatch: the key's device digest is not that of the "
+                        "measurement's device fingerprint")
+        for name in ("settings", "provenance"):
+            if name in record:
+                self._object(record, name)
+        for name in ("load_ms", "first_run_ms"):
+            self._optional_duration(record, name)
+        self._date(record, "created_at")
+        try:
+            measurement = Measurement.from_dict(record)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise _Skip(f"bad measurement: {type(exc).__name__}: {exc}") from None
+        return {"uid": uid, "measurement": measurement,
+                "key": MeasurementKey(graph_hash, input_sig, settings_key, device_fp,
+                                      agent_version)}

@@ -25,6 +25,8 @@ from harness.paths import default_cache_path
 
 log = logging.getLogger("harness")
 
+SHOWN_SKIPPED_ROWS = 10  # `cache import` names this many skipped rows, then counts the rest
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -364,9 +366,10 @@ def _cache(args: argparse.Namespace) -> int:
             print(f"  samples indexed: {stats['samples_indexed']}")
             print(f"  devices: {stats['devices']}")
             for row in stats["per_device"]:
-                latest = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["latest"]))
+                odd = (f" ({row['odd_dates']} with a date that is not a time up to now)"
+                       if row.get("odd_dates") else "")
                 print(f"    {row['device']}: {row['measurements']} measurements of "
-                      f"{row['graphs']} graphs, latest {latest}")
+                      f"{row['graphs']} graphs, latest {_when(row['latest'])}{odd}")
         elif args.action == "export":
             counts = cache.export_jsonl(args.file)
             print(f"exported {counts['measurement']} measurements, {counts['sample']} samples, "
@@ -375,7 +378,24 @@ def _cache(args: argparse.Namespace) -> int:
             counts = cache.import_jsonl(args.file)
             print(f"imported {counts['measurement']} new measurements, {counts['sample']} "
                   f"samples, {counts['device']} devices from {args.file}")
+            if counts.skipped:
+                reasons = ", ".join(f"{n} {reason}" for reason, n in
+                                    sorted(counts.skipped_by_reason().items()))
+                print(f"skipped {len(counts.skipped)} rows that failed their checks: {reasons}")
+                for row in counts.skipped[:SHOWN_SKIPPED_ROWS]:
+                    print(f"  {row}")
+                if len(counts.skipped) > SHOWN_SKIPPED_ROWS:
+                    print(f"  ... and {len(counts.skipped) - SHOWN_SKIPPED_ROWS} more")
     return 0
+
+
+def _when(stamp: Optional[float]) -> str:
+    """A date for people, or 'unknown' when there is none that a clock can show."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp is not None \
+            else "unknown"
+    except (OverflowError, OSError, ValueError):
+        return "unknown"
 
 
 if __name__ == "__main__":

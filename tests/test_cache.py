@@ -1,4 +1,5 @@
 """The SQLite cache: round trips, several writers at once, export/import, files it must not touch."""
+import hashlib
 import json
 import multiprocessing
 import sqlite3
@@ -6,22 +7,32 @@ import time
 
 import pytest
 
-from harness.cache import Cache, MeasurementKey
+from harness.cache import Cache, MeasurementKey, digest
 from harness.errors import CacheError
 from harness.measurement import Measurement
 
+# Keys as the profiler makes them: sha256 hashes and digests, the device digest that of the
+# identity the measurement carries (an import checks both).
+IDENTITY = {"cpu_model": "test"}
+INPUT_SIG = '[{"dtype":"float32","shape":[1,3,32,32]}]'
 
-def key(n: int = 0, device_fp: str = "dev") -> MeasurementKey:
-    return MeasurementKey(f"graph{n}", '[{"dtype":"float32","shape":[1,3,32,32]}]', "settings",
-                          device_fp, "1.0")
+
+def graph(n: int = 0) -> str:
+    return hashlib.sha256(f"graph{n}".encode()).hexdigest()
 
 
-def measurement(median: float = 2.0, source: str = "measured", n: int = 20) -> Measurement:
+def key(n: int = 0, device_fp: str = digest(IDENTITY)) -> MeasurementKey:
+    return MeasurementKey(graph(n), INPUT_SIG, digest({"settings": 1}), device_fp, "1.0")
+
+
+def measurement(median: float = 2.0, source: str = "measured", n: int = 20,
+                graph_n: int = 0) -> Measurement:
     samples = [median * (1 + 0.01 * ((i % 3) - 1)) for i in range(n)]
-    return Measurement(samples_ms=samples, source=source, device="local", graph_hash="graph0",
-                       load_ms=5.0, first_run_ms=3.0, settings={"intra_op_threads": 1},
-                       device_fingerprint={"cpu_model": "test"}, agent_version="1.0",
-                       provenance={"capped": False})
+    return Measurement(samples_ms=samples, source=source, device="local",
+                       graph_hash=graph(graph_n), load_ms=5.0, first_run_ms=3.0,
+                       input_signature=json.loads(INPUT_SIG),
+                       settings={"intra_op_threads": 1}, device_fingerprint=IDENTITY,
+                       agent_version="1.0", provenance={"capped": False})
 
 
 def test_round_trip_keeps_every_sample(tmp_path):
@@ -145,9 +156,9 @@ def test_a_cache_from_a_newer_harness_is_refused(tmp_path):
 def test_export_and_import_round_trip(tmp_path):
     source = Cache(tmp_path / "a.sqlite")
     for i in range(5):
-        source.put(key(i), measurement(1.0 + i))
-    source.put_sample("space", "sig", '{"a":1}', "graph0")
-    source.put_device("dev", {"cpu_model": "test"})
+        source.put(key(i), measurement(1.0 + i, graph_n=i))
+    source.put_sample(digest("space"), INPUT_SIG, '{"a":1}', graph(0))
+    source.put_device(digest(IDENTITY), IDENTITY)
     exported = tmp_path / "dump.jsonl"
     assert source.export_jsonl(exported) == {"device": 1, "sample": 1, "measurement": 5}
     target = Cache(tmp_path / "b.sqlite")
@@ -155,13 +166,13 @@ def test_export_and_import_round_trip(tmp_path):
     assert target.import_jsonl(exported) == {"device": 0, "sample": 0, "measurement": 0}
     for i in range(5):
         assert target.get(key(i)) == source.get(key(i))
-    assert target.lookup_sample("space", "sig", '{"a":1}') == "graph0"
+    assert target.lookup_sample(digest("space"), INPUT_SIG, '{"a":1}') == graph(0)
 
 
-def test_a_malformed_import_names_the_line_and_imports_nothing(tmp_path):
+def test_a_malformed_import_names_the_line(tmp_path):
     source = Cache(tmp_path / "a.sqlite")
     for i in range(3):
-        source.put(key(i), measurement())
+        source.put(key(i), measurement(graph_n=i))
     exported = tmp_path / "dump.jsonl"
     source.export_jsonl(exported)
     lines = exported.read_text().splitlines()
@@ -170,13 +181,17 @@ def test_a_malformed_import_names_the_line_and_imports_nothing(tmp_path):
     lines[3] = json.dumps(record)
     exported.write_text("\n".join(lines) + "\n")
     target = Cache(tmp_path / "b.sqlite")
-    with pytest.raises(CacheError, match="line 4.*predicted"):
-        target.import_jsonl(exported)
-    lines[3] = "{truncated"
-    exported.write_text("\n".join(lines) + "\n")
-    with pytest.raises(CacheError, match="line 4: not JSON"):
-        target.import_jsonl(exported)
+    lines[3] = "{truncated"  # a line that is not JSON: the file is damaged, nothing goes in
+    (tmp_path / "damaged.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CacheError, match="line 4 is not JSON"):
+        target.import_jsonl(tmp_path / "damaged.jsonl")
     assert target.stats()["measurements"] == 0
     (tmp_path / "other.jsonl").write_text('{"hello": "world"}\n')
-    with pytest.raises(CacheError, match="line 1: no harness-cache-export header"):
+    with pytest.raises(CacheError, match="line 1 is no harness-cache-export header"):
         target.import_jsonl(tmp_path / "other.jsonl")
+    # A prediction is a row that fails its checks: skipped and named, the others go in.
+    counts = target.import_jsonl(exported)
+    assert counts == {"device": 0, "sample": 0, "measurement": 2}
+    assert [(row.line, row.kind) for row in counts.skipped] == [(4, "measurement")]
+    assert "predicted" in counts.skipped[0].reason
+    assert target.get(key(2)) is None

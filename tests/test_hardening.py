@@ -10,15 +10,20 @@ import os
 import pickle
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from agents.ort_agent import AgentError, DeviceLock
+from harness.cache import Cache, MeasurementKey
+from harness.errors import CacheError
+from harness.measurement import Measurement
 from tests.conftest import AGENT, FAST, python
 
 REPO = Path(__file__).resolve().parent.parent
@@ -316,3 +321,242 @@ def test_a_predictor_path_is_used_where_it_points(tmp_path, monkeypatch):
     with pytest.raises(PredictorError) as caught:
         load_predictor("./mine")
     assert "evil.pkl" in caught.value.message and "code" in caught.value.fix
+
+
+# ================================================================ 4. cache import
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory):
+    """A cache LatencyProfiler filled on the local device (once per module): its folder, its
+    export's rows (header first) and the samples profiled."""
+    from harness import LatencyProfiler, random_samples
+    from harness.spaces import TinySpace
+
+    folder = tmp_path_factory.mktemp("genuine")
+    tiny = TinySpace()
+    chosen = random_samples(tiny, 2, seed=11)
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST, home=folder) as profiler:
+        profiler.profile_many(chosen)
+    with Cache(folder / "cache.sqlite") as cache:
+        cache.export_jsonl(folder / "genuine.jsonl")
+    rows = [json.loads(line) for line in (folder / "genuine.jsonl").read_text().splitlines()]
+    return folder, rows, chosen
+
+
+@pytest.fixture
+def profiled(genuine, home):
+    """$HARNESS_HOME holding a copy of the genuine cache; (export rows, samples)."""
+    folder, rows, chosen = genuine
+    home.mkdir(parents=True, exist_ok=True)
+    for name in ("cache.sqlite", "cache.sqlite-wal"):
+        if (folder / name).exists():
+            shutil.copy(folder / name, home / name)
+    return json.loads(json.dumps(rows)), chosen
+
+
+def write_export(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def first(rows, kind):
+    return next(row for row in rows if isinstance(row, dict) and row.get("type") == kind)
+
+
+def number_of(rows, kind):
+    return sum(1 for row in rows if row.get("type") == kind)
+
+
+def counts_of(home):
+    with Cache(home / "cache.sqlite") as cache:
+        stats = cache.stats()
+    return stats["measurements"], stats["samples_indexed"], stats["devices"]
+
+
+def forged(row, **changes):
+    """A copy of a measurement row with a new uid and `changes` in its measurement."""
+    copy = json.loads(json.dumps(row))
+    copy["uid"] = uuid.uuid4().hex
+    copy["measurement"].update(changes)
+    return copy
+
+
+def test_a_row_dated_in_the_future_is_skipped_and_never_wins_over_a_refresh(tiny, home,
+                                                                           tmp_path, profiled):
+    from harness import LatencyProfiler
+
+    rows, _ = profiled
+    genuine = first(rows, "measurement")
+    sample = next(json.loads(row["sample"]) for row in rows if row["type"] == "sample"
+                  and row["graph_hash"] == genuine["key"]["graph_hash"])
+    ten_years = time.time() + 10 * 365 * 86400
+    future = forged(genuine, samples_ms=[999.0] * 5, created_at=ten_years)
+    before = counts_of(home)
+    with Cache(home / "cache.sqlite") as cache:
+        counts = cache.import_jsonl(write_export(tmp_path / "future.jsonl", [rows[0], future]))
+    assert counts == {"device": 0, "sample": 0, "measurement": 0}
+    assert [row.line for row in counts.skipped] == [2]
+    assert counts.skipped[0].reason.startswith("dated in the future")
+    assert counts_of(home) == before
+    # A cache that already holds such a row (imported before these checks): the measurement
+    # stored last answers, whatever date the other one claims.
+    with Cache(home / "cache.sqlite") as cache:
+        key = MeasurementKey(**future["key"])
+        with cache._write("plant a row") as conn:
+            Cache._insert(conn, future["uid"], key, Measurement.from_dict(future["measurement"]))
+        assert cache.get(key).median == 999.0  # the planted row is the newest so far
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST, refresh=True) as refreshing:
+        fresh = refreshing.measure(sample)
+    assert fresh.source == "measured" and fresh.graph_hash == key.graph_hash
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as later:
+        assert later.profile(sample) == fresh.median
+        again = later.measure(sample)
+    assert again.source == "cached" and again.samples_ms == fresh.samples_ms
+
+
+@pytest.mark.parametrize("samples", ["987", [], ["1.5", "2.5"], [1.0, -2.0], [1.0, 0.0],
+                                     [1.0, float("nan")], [True, True], [[1.0]]])
+def test_samples_that_are_not_positive_numbers_are_skipped(tmp_path, genuine, samples):
+    _, rows, _ = genuine
+    row = forged(first(rows, "measurement"), samples_ms=samples)
+    with Cache(tmp_path / "target.sqlite") as cache:
+        counts = cache.import_jsonl(write_export(tmp_path / "bad.jsonl", [rows[0], row]))
+        assert counts["measurement"] == 0 and cache.stats()["measurements"] == 0
+    assert counts.skipped[0].reason.startswith("bad samples_ms")
+
+
+def test_rows_whose_key_does_not_match_their_record_are_skipped(tmp_path, genuine):
+    _, rows, _ = genuine
+    genuine_row = first(rows, "measurement")
+    other_graph = forged(genuine_row)
+    other_graph["key"]["graph_hash"] = "a" * 64
+    other_device = forged(genuine_row, device_fingerprint={"cpu_model": "a much faster one"})
+    other_input = forged(genuine_row)
+    other_input["key"]["input_sig"] = '[{"dtype":"float32","shape":[1,3,64,64]}]'
+    not_hex = forged(genuine_row)
+    not_hex["key"]["settings_key"] = "settings"
+    text_date = forged(genuine_row, created_at="yesterday")
+    predicted = forged(genuine_row, source="predicted")
+    device = first(rows, "device")
+    wrong_identity = dict(device, identity={"cpu_model": "forged"})
+    forged_rows = [other_graph, other_device, other_input, not_hex, text_date, predicted,
+                   wrong_identity, {"type": "unknown"}, ["not", "an", "object"]]
+    with Cache(tmp_path / "target.sqlite") as cache:
+        counts = cache.import_jsonl(write_export(tmp_path / "forged.jsonl",
+                                                 [rows[0], *forged_rows, genuine_row]))
+        assert counts == {"device": 0, "sample": 0, "measurement": 1}  # the genuine one
+        assert cache.stats()["measurements"] == 1
+    reasons = [row.reason for row in counts.skipped]
+    assert [row.line for row in counts.skipped] == list(range(2, 2 + len(forged_rows)))
+    assert reasons[0].startswith("key mismatch: the key's graph hash")
+    assert reasons[1].startswith("key mismatch: the key's device digest")
+    assert reasons[2].startswith("key mismatch: the key's input signature")
+    assert reasons[3].startswith("bad settings_key")
+    assert reasons[4].startswith("bad created_at")
+    assert reasons[5].startswith("not measured")
+    assert reasons[6].startswith("key mismatch: the fingerprint")
+    assert reasons[7].startswith("unknown entry type")
+    assert reasons[8].startswith("unknown entry type")
+
+
+def test_bad_sample_index_rows_are_skipped_and_later_profiles_work(tiny, home, tmp_path,
+                                                                   profiled):
+    from harness import LatencyProfiler, random_samples
+
+    rows, chosen = profiled
+    row = first(rows, "sample")
+    labels = json.loads(row["sample"])
+    canonical = lambda sample: json.dumps(sample, sort_keys=True, separators=(",", ":"))  # noqa
+    bad = [dict(row, sample=text) for text in
+           ("not json", "[1, 2]", '{"stage1.depth": 1}', json.dumps(labels))]  # not canonical
+    bad.append(dict(row, sample=canonical(dict(labels, x=1))))  # labels of another space
+    bad.append(dict(row, graph_hash="not-a-hash", sample=canonical(dict(labels, zz=1))))
+    bad.append(dict(row, space_fp=42))
+    bad.append(dict(row, created_at=float("inf")))
+    before = counts_of(home)
+    with Cache(home / "cache.sqlite") as cache:
+        counts = cache.import_jsonl(write_export(tmp_path / "samples.jsonl", [rows[0], *bad]))
+    assert counts == {"device": 0, "sample": 0, "measurement": 0}
+    assert [row.kind for row in counts.skipped] == ["sample"] * len(bad)
+    assert counts_of(home) == before
+    # A damaged row already stored (by an older import) no longer breaks the space either.
+    with Cache(home / "cache.sqlite") as cache:
+        cache.put_sample(row["space_fp"], row["input_sig"], "not json", row["graph_hash"])
+        cache.put_sample(row["space_fp"], row["input_sig"], "[1, 2]", row["graph_hash"])
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as later:
+        assert later.profile(chosen[0]) > 0
+        assert later.profile(random_samples(tiny, 1, seed=12)[0]) > 0
+
+
+def harness_cli(*args, home, check=True):
+    env = dict(os.environ, HARNESS_HOME=str(home))
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "harness.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_cache_stats_survives_odd_rows_already_stored(home, profiled):
+    rows, _ = profiled
+    connection = sqlite3.connect(home / "cache.sqlite")
+    connection.execute("UPDATE measurements SET created_at = 'yesterday'")
+    connection.commit()
+    connection.close()
+    measured = number_of(rows, "measurement")
+    out = harness_cli("cache", "stats", home=home).stdout
+    assert (f"local: {measured} measurements of {measured} graphs, latest unknown "
+            f"({measured} with a date") in out
+    stats = json.loads(harness_cli("cache", "stats", "--json", home=home).stdout)
+    assert stats["per_device"][0]["latest"] is None
+    assert stats["per_device"][0]["odd_dates"] == measured
+
+
+def test_cache_import_reports_what_it_skipped(tmp_path, genuine):
+    _, rows, _ = genuine
+    genuine_row = first(rows, "measurement")
+    dump = write_export(tmp_path / "dump.jsonl", [*rows, forged(genuine_row, samples_ms="987"),
+                                                  forged(genuine_row, created_at=4e10)])
+    out = harness_cli("cache", "import", str(dump), home=tmp_path / "other-home").stdout
+    assert (f"imported {number_of(rows, 'measurement')} new measurements, "
+            f"{number_of(rows, 'sample')} samples, 1 devices") in out
+    assert "skipped 2 rows that failed their checks: 1 bad samples_ms, 1 dated in the future" \
+        in out
+    assert f"line {len(rows) + 1} (measurement): bad samples_ms" in out
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "NUL bytes"),                                       # the cache file itself
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not UTF-8"),      # some binary file
+    (b"\xff\xfe\xfdnot utf-8\n", "not UTF-8"),
+    (b"", "the file is empty"),
+    (b'{"type": "someone-elses-export", "version": 1}\n', "no harness-cache-export header"),
+    (b'{"type": "harness-cache-export", "version": "1"}\n', "no valid format version"),
+    (b"a,b,c\n1,2,3\n", "line 1 is not JSON"),
+])
+def test_a_file_that_is_not_an_export_is_refused_whole(tmp_path, genuine, content, problem):
+    folder, rows, _ = genuine
+    path = tmp_path / "not-an-export"
+    if content is None:
+        shutil.copy(folder / "cache.sqlite", path)
+    else:
+        path.write_bytes(content)
+    with Cache(tmp_path / "target.sqlite") as cache:
+        cache.import_jsonl(write_export(tmp_path / "genuine.jsonl", rows))
+        before = cache.stats()
+        with pytest.raises(CacheError) as caught:
+            cache.import_jsonl(path)
+        assert cache.stats() == before
+    assert str(path) in caught.value.message and problem in caught.value.message
+    assert "harness cache export" in caught.value.fix
+    proc = harness_cli("cache", "import", str(path), home=tmp_path / "cli-home", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "not a harness cache export" in proc.stderr and "fix:" in proc.stderr
+
+
+def test_a_genuine_export_round_trips_with_nothing_skipped(tmp_path, genuine):
+    _, rows, _ = genuine
+    with Cache(tmp_path / "target.sqlite") as cache:
+        counts = cache.import_jsonl(write_export(tmp_path / "genuine.jsonl", rows))
+    assert counts.skipped == []
+    assert counts == {kind: number_of(rows, kind) for kind in ("device", "sample", "measurement")}
