@@ -11,6 +11,7 @@
   and after each run; before a measurement harness waits (bounded) until the hottest CPU
   zone is below `max_temp_c`, and flags runs taken hot or throttled.
 """
+import dataclasses
 import logging
 import posixpath
 import shlex
@@ -18,14 +19,17 @@ import shutil
 import socket
 import subprocess
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import adbutils
 
-from devices.errors import DeviceLost, MeasurementTimeout, ThermalError, TransferError
-from devices.remote_shell import EXIT_MARK, kill_line, pid_from, quoted, wrapped
+from devices.agent_result import DeviceControlReport
+from devices.errors import DeviceLost, ThermalError, TransferError
+from devices.line_channel import LineChannel, run_to_end, upload_then_rename
+from devices.remote_shell import kill_line, quoted, wrapped
+from devices.transport import DeviceControl
 
-log = logging.getLogger("harness")
+log = logging.getLogger(__name__)
 
 PROPS = {"android_model": "ro.product.model", "soc": "ro.soc.model",
          "sdk": "ro.build.version.sdk", "build": "ro.build.fingerprint"}
@@ -40,69 +44,38 @@ def big_core_mask(max_khz: Dict[int, int]) -> Optional[int]:
     return sum(1 << cpu for cpu, khz in max_khz.items() if khz == top)
 
 
-class AdbProcess:
-    """A shell command on the phone with a line channel; see devices.transport.RemoteProcess."""
+class AdbProcess(LineChannel):
+    """A shell command on the phone with a line channel; see devices.transport.RemoteProcess.
+    ADB's v1 shell carries no exit status: the wrapper echoes it (EXIT_MARK)."""
+
+    what = "the command on the phone"
+    stderr_is_costly = True
 
     def __init__(self, transport: "AdbTransport", connection: adbutils.AdbConnection,
                  stderr_file: str):
+        super().__init__(transport.name)
         self._transport = transport
         self._connection = connection
         self._stderr_file = stderr_file
-        self._buffer = b""
-        self._exit: Optional[int] = None
-        self._eof = False
-        self.pid: Optional[int] = None
 
-    def read_pid(self, timeout: float) -> None:
-        self.pid = pid_from(self.read_line(timeout), self._transport.name)
+    def _receive(self, wait_s: float) -> Optional[bytes]:
+        self._connection.conn.settimeout(wait_s)
+        try:
+            return self._connection.conn.recv(65536)
+        except socket.timeout:
+            return None
+        except OSError as exc:
+            raise DeviceLost(f"the ADB connection failed: {exc}", device=self.device) from None
+
+    def _exit_status(self, wait_s: float) -> Optional[int]:
+        return None  # only the exit mark tells, and LineChannel reads that
 
     def write_line(self, line: str) -> None:
         try:
             self._connection.conn.sendall(line.encode() + b"\n")
         except OSError as exc:
             raise DeviceLost(f"the ADB stream to the agent is gone ({exc})",
-                             device=self._transport.name) from None
-
-    def read_line(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self._buffer:
-                line, self._buffer = self._buffer.split(b"\n", 1)
-                text = line.decode(errors="replace").rstrip("\r")
-                if text.startswith(EXIT_MARK):
-                    self._exit = int(text.split()[1])
-                    continue
-                return text
-            if self._eof:
-                raise DeviceLost(f"the command on the phone ended (exit code {self._exit})",
-                                 device=self._transport.name)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise MeasurementTimeout(f"no answer from the phone within {timeout:.1f} s",
-                                         device=self._transport.name)
-            self._connection.conn.settimeout(min(remaining, 1.0))
-            try:
-                chunk = self._connection.conn.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError as exc:
-                raise DeviceLost(f"the ADB connection failed: {exc}",
-                                 device=self._transport.name) from None
-            if not chunk:
-                self._eof = True
-                if self._buffer:
-                    self._buffer += b"\n"
-            self._buffer += chunk
-
-    def read_to_end(self, deadline: float) -> str:
-        lines = []
-        while True:
-            try:
-                lines.append(self.read_line(max(deadline - time.monotonic(), 0.001)))
-            except DeviceLost:
-                if self._eof:
-                    return "\n".join(lines)
-                raise
+                             device=self.device) from None
 
     def stderr_tail(self) -> str:
         try:
@@ -111,17 +84,120 @@ class AdbProcess:
         except Exception:  # a diagnostic must not hide the error being reported
             return ""
 
-    def exit_code(self) -> Optional[int]:
-        return self._exit if self._eof else None
-
     def kill(self) -> None:
         if self.pid is not None and not self._eof:
             try:
                 self._transport.shell(kill_line(self.pid), timeout=15)
             except Exception as exc:
                 log.warning("%s: could not kill process %s on the phone: %s",
-                            self._transport.name, self.pid, exc)
+                            self.device, self.pid, exc)
         self._connection.close()
+
+
+class PhoneControl(DeviceControl):
+    """What the host controls on a phone: a device-wide lock, the measurement pinned to the
+    big cores (`taskset` to the cores with the highest cpuinfo_max_freq), thermal zones read
+    before and after each run, and a bounded wait until the hottest CPU zone is below
+    `max_temp_c`; runs taken hot or throttled are flagged."""
+
+    def __init__(self, phone: "AdbTransport", lock_path: str, pin_big_cores: bool = True,
+                 max_temp_c: Optional[float] = None, cool_timeout_s: float = 120.0):
+        super().__init__(lock_path)
+        self.phone = phone
+        self.pin_big_cores = pin_big_cores
+        self.max_temp_c = max_temp_c
+        self.cool_timeout_s = cool_timeout_s
+        self._mask: Optional[int] = None
+
+    @property
+    def missing_runtime_fix(self) -> str:  # type: ignore[override]
+        return (f"this phone has no usable '{' '.join(self.phone.python)}': install Termux, run "
+                f"'pkg install python' and 'pip install numpy onnxruntime' there and set python "
+                f"to that Python in devices.toml; or build onnxruntime_perf_test for Android and "
+                f"add the phone with --agent perf-test --perf-test PATH")
+
+    @property
+    def command_prefix(self) -> List[str]:
+        """`taskset MASK` pinning the measurement to the big cores (empty if not pinning)."""
+        if not self.pin_big_cores:
+            return []
+        if self._mask is None:
+            out = self.phone.shell("for f in /sys/devices/system/cpu/cpu[0-9]*/cpufreq/cpuinfo_max_freq;"
+                             " do echo \"$f $(cat $f)\"; done", timeout=15)
+            max_khz = {}
+            for line in out.splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[1].isdigit():
+                    max_khz[int(parts[0].split("/cpu")[2].split("/")[0])] = int(parts[1])
+            self._mask = big_core_mask(max_khz) or 0
+        return ["taskset", format(self._mask, "x")] if self._mask else []
+
+    def thermal(self) -> List[Dict[str, Any]]:
+        """Every readable thermal zone: name, type, temperature in degrees Celsius."""
+        out = self.phone.shell("for z in /sys/class/thermal/thermal_zone*; do "
+                         "echo \"$z $(cat $z/type) $(cat $z/temp)\"; done 2>/dev/null", timeout=15)
+        zones = []
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[2].lstrip("-").isdigit():
+                raw = int(parts[2])
+                zones.append({"zone": posixpath.basename(parts[0]), "type": parts[1],
+                              "temp_c": raw / 1000.0 if abs(raw) > 200 else float(raw)})
+        return zones
+
+    @staticmethod
+    def hottest_cpu(zones: List[Dict[str, Any]]) -> Optional[float]:
+        cpu = [float(z["temp_c"]) for z in zones
+               if any(w in str(z["type"]).lower() for w in CPU_ZONE_WORDS)]
+        return max(cpu or [float(z["temp_c"]) for z in zones], default=None)
+
+    def throttled_cpus(self) -> List[int]:
+        """CPUs whose scaling_max_freq is below cpuinfo_max_freq (thermal capping)."""
+        out = self.phone.shell("for c in /sys/devices/system/cpu/cpu[0-9]*; do echo \"$c "
+                         "$(cat $c/cpufreq/cpuinfo_max_freq) $(cat $c/cpufreq/scaling_max_freq)\";"
+                         " done 2>/dev/null", timeout=15)
+        capped = []
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                if int(parts[2]) < int(parts[1]):
+                    capped.append(int(parts[0].rsplit("cpu", 1)[1]))
+        return capped
+
+    def prepare(self, deadline: float) -> DeviceControlReport:
+        """Wait (bounded) until the hottest CPU zone is below max_temp_c; ThermalError if not."""
+        started = time.monotonic()
+        while True:
+            zones = self.thermal()
+            hottest = self.hottest_cpu(zones)
+            if self.max_temp_c is None or hottest is None or hottest < self.max_temp_c:
+                return DeviceControlReport(thermal_before=tuple(zones),
+                                           waited_s=time.monotonic() - started,
+                                           max_temp_c=self.max_temp_c,
+                                           pinned_mask=tuple(self.command_prefix[1:]))
+            waited = time.monotonic() - started
+            if waited >= self.cool_timeout_s or time.monotonic() >= deadline:
+                raise ThermalError(f"the phone's CPU stayed at {hottest:.1f} C, above the "
+                                   f"{self.max_temp_c:.1f} C limit, for {waited:.0f} s",
+                                   device=self.phone.name,
+                                   fix="let it cool (screen off, unplugged charger), or raise "
+                                       "max_temp_c / cool_timeout_s in devices.toml")
+            log.info("%s: %.1f C, waiting to cool below %.1f C", self.phone.name, hottest,
+                     self.max_temp_c)
+            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.1)))
+
+    def finish(self, prepared: Optional[DeviceControlReport]) -> DeviceControlReport:
+        """Thermal state after the run, and flags for a run taken hot or throttled."""
+        zones = self.thermal()
+        flags = []
+        hottest = self.hottest_cpu(zones)
+        if self.max_temp_c is not None and hottest is not None and hottest >= self.max_temp_c:
+            flags.append(f"hot: {hottest:.1f} C after the run (limit {self.max_temp_c:.1f} C)")
+        capped = self.throttled_cpus()
+        if capped:
+            flags.append(f"throttled: CPUs {capped} capped below their maximum frequency")
+        return dataclasses.replace(prepared or DeviceControlReport(),
+                                   thermal_after=tuple(zones), flags=tuple(flags))
 
 
 class AdbTransport:
@@ -133,24 +209,14 @@ class AdbTransport:
                  cool_timeout_s: float = 120.0,
                  lock_path: str = "/data/local/tmp/harness-device.lock"):
         self.name = name
-        self.lock_path = lock_path  # shared by every host and user of the phone
         self.serial = serial
         self.server_port = server_port
         self.python = shlex.split(python)
         self.workdir = workdir
-        self.pin_big_cores = pin_big_cores
-        self.max_temp_c = max_temp_c
-        self.cool_timeout_s = cool_timeout_s
+        # the lock is shared by every host and user of the phone
+        self.control = PhoneControl(self, lock_path, pin_big_cores, max_temp_c, cool_timeout_s)
         self._device: Optional[adbutils.AdbDevice] = None
-        self._mask: Optional[int] = None
         self._processes: List[AdbProcess] = []
-
-    @property
-    def missing_runtime_fix(self) -> str:
-        return (f"this phone has no usable '{' '.join(self.python)}': install Termux, run 'pkg "
-                f"install python' and 'pip install numpy onnxruntime' there and set python to "
-                f"that Python in devices.toml; or build onnxruntime_perf_test for Android and "
-                f"add the phone with --agent perf-test --perf-test PATH")
 
     # ------------------------------------------------------------ reaching the phone
 
@@ -218,19 +284,21 @@ class AdbTransport:
             if not force and sync.exists(target):
                 return target
             self.shell(quoted(["mkdir", "-p", posixpath.dirname(target)]))
-            partial = f"{target}.{int(time.time() * 1e6)}.part"
-            sync.push(local_path, partial)
-            out = self.shell(quoted(["mv", "-f", partial, target]) + " && echo moved")
+            upload_then_rename(target, lambda partial: sync.push(local_path, partial),
+                               self._move, lambda partial: self.shell(quoted(["rm", "-f", partial])))
         except adbutils.AdbError as exc:
             raise TransferError(f"push of {local_path} to {target} failed: {exc}",
                                 device=self.name) from None
         except OSError as exc:
             self._forget()
             raise DeviceLost(f"push to the phone failed: {exc}", device=self.name) from None
+        return target
+
+    def _move(self, partial: str, target: str) -> None:
+        out = self.shell(quoted(["mv", "-f", partial, target]) + " && echo moved")
         if "moved" not in out:
             raise TransferError(f"cannot place {target} on the phone: {out.strip()}",
                                 device=self.name)
-        return target
 
     def _open(self, argv: List[str], report_exit: bool) -> AdbProcess:
         stderr_file = posixpath.join(self.workdir, f"stderr-{time.time_ns()}.txt")
@@ -244,19 +312,7 @@ class AdbTransport:
         return AdbProcess(self, connection, stderr_file)
 
     def run(self, argv: List[str], timeout: float) -> Tuple[int, str, str]:
-        deadline = time.monotonic() + timeout
-        process = self._open(argv, report_exit=True)
-        try:
-            process.read_pid(max(deadline - time.monotonic(), 0.001))
-            out = process.read_to_end(deadline)
-        except MeasurementTimeout:
-            process.kill()
-            raise MeasurementTimeout(f"{' '.join(argv[:3])}... ran longer than {timeout:.1f} s "
-                                     f"and was killed on the phone", device=self.name) from None
-        code = process.exit_code()
-        err = process.stderr_tail() if code else ""
-        process.kill()
-        return (code if code is not None else -1), out, err
+        return run_to_end(self._open(argv, report_exit=True), argv, timeout, "the phone")
 
     def spawn(self, argv: List[str]) -> AdbProcess:
         process = self._open(argv, report_exit=False)
@@ -265,7 +321,7 @@ class AdbTransport:
         return process
 
     def fingerprint(self) -> Dict[str, object]:
-        values = {}
+        values: Dict[str, object] = {}
         for key, prop in PROPS.items():
             values[key] = self.shell(f"getprop {prop}", timeout=15).strip() or None
         return values
@@ -278,84 +334,3 @@ class AdbTransport:
         for process in self._processes:
             process.kill()
         self._processes.clear()
-
-    # ------------------------------------------------------------ phone state
-
-    @property
-    def command_prefix(self) -> List[str]:
-        """`taskset MASK` pinning the measurement to the big cores (empty if not pinning)."""
-        if not self.pin_big_cores:
-            return []
-        if self._mask is None:
-            out = self.shell("for f in /sys/devices/system/cpu/cpu[0-9]*/cpufreq/cpuinfo_max_freq;"
-                             " do echo \"$f $(cat $f)\"; done", timeout=15)
-            max_khz = {}
-            for line in out.splitlines():
-                parts = line.split()
-                if len(parts) == 2 and parts[1].isdigit():
-                    max_khz[int(parts[0].split("/cpu")[2].split("/")[0])] = int(parts[1])
-            self._mask = big_core_mask(max_khz) or 0
-        return ["taskset", format(self._mask, "x")] if self._mask else []
-
-    def thermal(self) -> List[Dict[str, object]]:
-        """Every readable thermal zone: name, type, temperature in degrees Celsius."""
-        out = self.shell("for z in /sys/class/thermal/thermal_zone*; do "
-                         "echo \"$z $(cat $z/type) $(cat $z/temp)\"; done 2>/dev/null", timeout=15)
-        zones = []
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[2].lstrip("-").isdigit():
-                raw = int(parts[2])
-                zones.append({"zone": posixpath.basename(parts[0]), "type": parts[1],
-                              "temp_c": raw / 1000.0 if abs(raw) > 200 else float(raw)})
-        return zones
-
-    @staticmethod
-    def hottest_cpu(zones: List[Dict[str, object]]) -> Optional[float]:
-        cpu = [z["temp_c"] for z in zones if any(w in str(z["type"]).lower() for w in CPU_ZONE_WORDS)]
-        return max(cpu or [z["temp_c"] for z in zones], default=None)
-
-    def throttled_cpus(self) -> List[int]:
-        """CPUs whose scaling_max_freq is below cpuinfo_max_freq (thermal capping)."""
-        out = self.shell("for c in /sys/devices/system/cpu/cpu[0-9]*; do echo \"$c "
-                         "$(cat $c/cpufreq/cpuinfo_max_freq) $(cat $c/cpufreq/scaling_max_freq)\";"
-                         " done 2>/dev/null", timeout=15)
-        capped = []
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-                if int(parts[2]) < int(parts[1]):
-                    capped.append(int(parts[0].rsplit("cpu", 1)[1]))
-        return capped
-
-    def prepare_measurement(self, deadline: float) -> Dict[str, object]:
-        """Wait (bounded) until the hottest CPU zone is below max_temp_c; ThermalError if not."""
-        started = time.monotonic()
-        while True:
-            zones = self.thermal()
-            hottest = self.hottest_cpu(zones)
-            if self.max_temp_c is None or hottest is None or hottest < self.max_temp_c:
-                return {"thermal_before": zones, "waited_s": time.monotonic() - started,
-                        "max_temp_c": self.max_temp_c, "pinned_mask": self.command_prefix[1:]}
-            waited = time.monotonic() - started
-            if waited >= self.cool_timeout_s or time.monotonic() >= deadline:
-                raise ThermalError(f"the phone's CPU stayed at {hottest:.1f} C, above the "
-                                   f"{self.max_temp_c:.1f} C limit, for {waited:.0f} s",
-                                   device=self.name,
-                                   fix="let it cool (screen off, unplugged charger), or raise "
-                                       "max_temp_c / cool_timeout_s in devices.toml")
-            log.info("%s: %.1f C, waiting to cool below %.1f C", self.name, hottest,
-                     self.max_temp_c)
-            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.1)))
-
-    def finish_measurement(self, prepared: Dict[str, object]) -> Dict[str, object]:
-        """Thermal state after the run, and flags for a run taken hot or throttled."""
-        zones = self.thermal()
-        flags = []
-        hottest = self.hottest_cpu(zones)
-        if self.max_temp_c is not None and hottest is not None and hottest >= self.max_temp_c:
-            flags.append(f"hot: {hottest:.1f} C after the run (limit {self.max_temp_c:.1f} C)")
-        capped = self.throttled_cpus()
-        if capped:
-            flags.append(f"throttled: CPUs {capped} capped below their maximum frequency")
-        return dict(prepared, thermal_after=zones, flags=flags)

@@ -3,28 +3,50 @@
 `AgentClient` works over any Transport. It puts the agent on the device under a name made of
 its content hash (so it is sent again only when it changed), keeps one persistent worker per
 device for a session (Python start-up and the onnxruntime import are paid once), and turns
-every answer into either a validated dict or a typed DeviceError. A worker that dies is
-restarted and the job retried once; a timeout kills the worker on the device and is not
+every answer into either a typed value (DeviceFacts, AgentResult) or a typed DeviceError.
+A worker that dies is restarted and the job retried once; a timeout kills the worker on the device and is not
 retried, since it counts from the lease.
 """
+import dataclasses
 import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Protocol
 
 import agents
 from agents.ort_agent import AGENT_VERSION
+from devices.agent_result import AgentResult, DeviceFacts
 from devices.errors import (AgentProtocolError, DeviceError, DeviceLost, MeasurementTimeout,
                             TransferError, error_from_agent)
 from devices.transport import RemoteProcess, Transport
 
-log = logging.getLogger("harness")
+log = logging.getLogger(__name__)
 
 AGENT_SOURCE = Path(agents.__file__).with_name("ort_agent.py")
 ISOLATION_MODES = ("worker", "process")
+
+
+class DeviceClient(Protocol):
+    """What measures on one device: our agent (AgentClient) or a native tool behind the same
+    calls (devices.perf_tool_client.PerfToolClient). Deadlines are time.monotonic() values."""
+
+    agent_version: str
+
+    @property
+    def device(self) -> str:
+        """The device's name."""
+
+    def facts(self, deadline: float) -> DeviceFacts:
+        """Who the device is and its state now."""
+
+    def measure(self, model_path: str, settings: Mapping[str, Any], deadline: float,
+                sha256: Optional[str] = None) -> AgentResult:
+        """Put the model on the device and time it there."""
+
+    def close(self) -> None:
+        """Stop what runs on the device for us and release the connection."""
 
 
 def file_sha256(path: str) -> str:
@@ -34,11 +56,6 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _is_ms(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value >= 0)
 
 
 class AgentClient:
@@ -54,7 +71,7 @@ class AgentClient:
         self._agent_path: Optional[str] = None
         self._worker: Optional[RemoteProcess] = None
         self._next_id = 0
-        self._facts: Optional[Dict[str, object]] = None
+        self._facts: Optional[Dict[str, Any]] = None
 
     @property
     def device(self) -> str:
@@ -67,39 +84,32 @@ class AgentClient:
 
     # ------------------------------------------------------------ public operations
 
-    def fingerprint(self, deadline: float) -> Dict[str, object]:
+    def facts(self, deadline: float) -> DeviceFacts:
         """The device's identity and state, from the agent plus what the transport knows."""
         answer = self._call({"op": "fingerprint"}, deadline)
-        identity = answer.get("identity")
-        if not isinstance(identity, dict):
-            raise AgentProtocolError(f"fingerprint answer has no identity: {str(answer)[:300]}",
-                                     device=self.device)
-        identity = dict(identity, **self._transport_facts())
-        return dict(answer, identity=identity)
+        return DeviceFacts.parse(answer, self.device, self._transport_facts())
 
-    def measure(self, model_path: str, settings: Dict[str, object], deadline: float,
-                sha256: Optional[str] = None) -> Dict[str, object]:
-        """Put the model on the device (by content hash) and time it there. Returns the
-        agent's validated result; raises a DeviceError subclass on any failure. `sha256`
-        spares hashing the file again when the caller knows it."""
+    def measure(self, model_path: str, settings: Mapping[str, Any], deadline: float,
+                sha256: Optional[str] = None) -> AgentResult:
+        """Put the model on the device (by content hash) and time it there; the agent's
+        answer, checked; a DeviceError subclass on any failure. `sha256` spares hashing the
+        file again when the caller knows it."""
         sha = sha256 or file_sha256(model_path)
         remote = self._put(model_path, f"models/{sha}.onnx", force=False)
-        request = {"op": "measure", "model": remote, "sha256": sha, "settings": settings,
-                   "lock": getattr(self.transport, "lock_path", None),
+        control = self.transport.control
+        request = {"op": "measure", "model": remote, "sha256": sha, "settings": dict(settings),
+                   "lock": control.lock_path,
                    "lock_wait_s": max(deadline - time.monotonic() - 1.0, 0.0)}
-        # Device-specific control (phones: wait to cool, thermal zones before and after).
-        prepare = getattr(self.transport, "prepare_measurement", None)
-        prepared = prepare(deadline) if prepare is not None else None
+        prepared = control.prepare(deadline)  # phones: wait to cool, thermal zones before
         try:
             answer = self._call(request, deadline)
         except TransferError as exc:
             log.warning("%s: %s; sending the model again", self.device, exc.message)
             self._put(model_path, f"models/{sha}.onnx", force=True)
             answer = self._call(request, deadline)
-        answer = self._validate_measurement(answer)
-        if prepared is not None:
-            answer["device_control"] = self.transport.finish_measurement(prepared)
-        return answer
+        result = AgentResult.parse(answer, self.device, AGENT_VERSION, self._transport_facts())
+        report = control.finish(prepared)
+        return result if report is None else dataclasses.replace(result, control=report)
 
     def close(self) -> None:
         """Stop the worker (politely, then by force) and close the transport."""
@@ -118,7 +128,7 @@ class AgentClient:
     def _put(self, local_path: str, remote_name: str, force: bool) -> str:
         return self.transport.put(local_path, remote_name, force=force)
 
-    def _transport_facts(self) -> Dict[str, object]:
+    def _transport_facts(self) -> Dict[str, Any]:
         """What the transport knows of the device (getprop on phones), asked once a session:
         on a phone each fact is an adb round trip, and none changes while it is attached."""
         if self._facts is None:
@@ -127,7 +137,7 @@ class AgentClient:
 
     def _python(self) -> List[str]:
         """The device's Python, behind the transport's prefix (phones: taskset to big cores)."""
-        return list(getattr(self.transport, "command_prefix", [])) + self.transport.python
+        return self.transport.control.command_prefix + self.transport.python
 
     def _agent(self) -> str:
         if self._agent_path is None:
@@ -136,7 +146,7 @@ class AgentClient:
                                          force=False)
         return self._agent_path
 
-    def _call(self, request: Dict[str, object], deadline: float) -> Dict[str, object]:
+    def _call(self, request: Mapping[str, Any], deadline: float) -> Dict[str, Any]:
         """One request; a worker or process that dies is restarted and the request retried once."""
         for attempt in (1, 2):
             try:
@@ -170,7 +180,7 @@ class AgentClient:
             worker.kill()
             raise DeviceLost(f"the agent did not start: {exc.message}; stderr: "
                              f"{worker.stderr_tail()[-1500:]!r}", device=self.device,
-                             fix=getattr(self.transport, "missing_runtime_fix", None) or
+                             fix=self.transport.control.missing_runtime_fix or
                              f"check that '{' '.join(self.transport.python)}' on the device "
                              f"is Python 3.8+ with numpy and onnxruntime") from None
         except DeviceError:
@@ -184,7 +194,7 @@ class AgentClient:
         log.debug("%s: agent worker %s started", self.device, worker.pid)
         return worker
 
-    def _worker_call(self, request: Dict[str, object], deadline: float) -> Dict[str, object]:
+    def _worker_call(self, request: Mapping[str, Any], deadline: float) -> Dict[str, Any]:
         if self._worker is None or self._worker.exit_code() is not None:
             if self._worker is not None:
                 self._worker.kill()
@@ -210,7 +220,7 @@ class AgentClient:
                                      f"{self._next_id}", device=self.device)
         return answer
 
-    def _process_call(self, request: Dict[str, object], deadline: float) -> Dict[str, object]:
+    def _process_call(self, request: Mapping[str, Any], deadline: float) -> Dict[str, Any]:
         argv: List[str] = self._python() + [self._agent()]
         if request["op"] == "fingerprint":
             argv += ["fingerprint"]
@@ -225,7 +235,7 @@ class AgentClient:
             if code in (126, 127):  # the shell could not find or execute the Python
                 raise DeviceLost(f"cannot run '{' '.join(self.transport.python)}' on the "
                                  f"device: {err.strip()[-500:]!r}", device=self.device,
-                                 fix=getattr(self.transport, "missing_runtime_fix", None))
+                                 fix=self.transport.control.missing_runtime_fix)
             if code < 0 or code > 128:
                 raise DeviceLost(f"the agent died with exit code {code}; stderr: "
                                  f"{err.strip()[-1500:]!r}", device=self.device)
@@ -234,7 +244,7 @@ class AgentClient:
         return self._parse(lines[-1], None, stderr=err)
 
     def _parse(self, line: str, worker: Optional[RemoteProcess],
-               stderr: Optional[str] = None) -> Dict[str, object]:
+               stderr: Optional[str] = None) -> Dict[str, Any]:
         try:
             answer = json.loads(line)
         except ValueError:
@@ -245,26 +255,4 @@ class AgentClient:
             raise AgentProtocolError(f"the agent printed {line[:300]!r} instead of a JSON "
                                      f"object; stderr: {(stderr or '').strip()[-800:]!r}",
                                      device=self.device)
-        return answer
-
-    def _validate_measurement(self, answer: Dict[str, object]) -> Dict[str, object]:
-        problems = []
-        samples = answer.get("samples_ms")
-        if not isinstance(samples, list) or not samples or not all(_is_ms(s) for s in samples):
-            problems.append("samples_ms is not a non-empty list of times in ms")
-        for key in ("load_ms", "first_run_ms", "loop_ms"):
-            if not _is_ms(answer.get(key)):
-                problems.append(f"{key} is not a time in ms")
-        for key in ("fingerprint", "runtime", "settings"):
-            if not isinstance(answer.get(key), dict):
-                problems.append(f"{key} is missing")
-        if answer.get("agent_version") != AGENT_VERSION:
-            problems.append(f"agent_version is {answer.get('agent_version')!r}, "
-                            f"expected {AGENT_VERSION!r}")
-        if problems:
-            raise AgentProtocolError("the agent's measurement is malformed: " + "; ".join(problems),
-                                     device=self.device)
-        identity = answer["fingerprint"].get("identity")
-        if isinstance(identity, dict):
-            answer["fingerprint"]["identity"] = dict(identity, **self._transport_facts())
         return answer

@@ -51,7 +51,7 @@ def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
     report = CheckReport(device=transport.name)
     python = " ".join(transport.python)
     try:
-        identity = client.fingerprint(deadline=time.monotonic() + timeout_s)["identity"]
+        identity = client.facts(deadline=time.monotonic() + timeout_s).identity
         report.identity = identity
         for package in (("numpy", "onnxruntime") if isinstance(client, AgentClient) else ()):
             if identity.get(package) is None:
@@ -64,7 +64,7 @@ def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
                 model = tiny_model(Path(folder) / "check.onnx")
                 result = client.measure(str(model), CHECK_SETTINGS,
                                         deadline=time.monotonic() + timeout_s)
-            samples = sorted(result["samples_ms"])
+            samples = sorted(result.samples_ms)
             report.median_ms = samples[len(samples) // 2]
     except DeviceError as exc:
         text = f"{exc.kind}: {exc.message}; fix: {exc.fix}"

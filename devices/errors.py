@@ -5,19 +5,31 @@ classes so that callers can tell a model the runtime cannot load from a board th
 Kinds: TRANSFER, LOAD, RUNTIME, TIMEOUT, DEVICE_LOST, THERMAL, USER, and PROTOCOL for an agent
 that answered something other than our JSON.
 """
-from typing import Optional
+from typing import Dict, Optional, Type
 
 
-class DeviceError(Exception):
+class FixableError(Exception):
+    """Base of every error harness raises on purpose (HarnessError and DeviceError alike):
+    `message` names the cause, `fix` what to do about it. A command line catches this one class
+    and prints one line with the fix; anything else is a bug and keeps its traceback."""
+
+    def __init__(self, message: str, fix: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return self.message + (f"\n  fix: {self.fix}" if self.fix else "")
+
+
+class DeviceError(FixableError):
     """A measurement failed on a device; `kind` says how, `fix` what to do about it."""
 
     kind = "RUNTIME"
     default_fix = "see the message; rerun with logging at DEBUG for the agent's stderr"
 
     def __init__(self, message: str, fix: Optional[str] = None, device: Optional[str] = None):
-        super().__init__(message)
-        self.message = message
-        self.fix = fix or self.default_fix
+        super().__init__(message, fix or self.default_fix)
         self.device = device
 
     def __str__(self) -> str:
@@ -67,9 +79,9 @@ class AgentProtocolError(DeviceError):
                    "device ('python3 ort_agent.py fingerprint') to see what it prints")
 
 
-ERROR_CLASSES = {cls.kind: cls for cls in (TransferError, LoadError, InferenceError,
-                                           MeasurementTimeout, DeviceLost, ThermalError,
-                                           BadRequest, AgentProtocolError)}
+ERROR_CLASSES: Dict[str, Type[DeviceError]] = {
+    cls.kind: cls for cls in (TransferError, LoadError, InferenceError, MeasurementTimeout,
+                              DeviceLost, ThermalError, BadRequest, AgentProtocolError)}
 
 
 def error_from_agent(payload: object, device: Optional[str] = None) -> DeviceError:
@@ -77,5 +89,5 @@ def error_from_agent(payload: object, device: Optional[str] = None) -> DeviceErr
     if not isinstance(payload, dict) or not isinstance(payload.get("message"), str):
         return AgentProtocolError(f"agent sent a malformed error object: {str(payload)[:300]}",
                                   device=device)
-    cls = ERROR_CLASSES.get(payload.get("kind"), DeviceError)
+    cls: Type[DeviceError] = ERROR_CLASSES.get(str(payload.get("kind")), DeviceError)
     return cls(payload["message"], device=device)

@@ -10,16 +10,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from devices.errors import DeviceLost, MeasurementTimeout, TransferError
+from devices.line_channel import LineChannel, upload_then_rename
+from devices.transport import DeviceControl
 
-log = logging.getLogger("harness")
-
-STDERR_TAIL_BYTES = 8192
+log = logging.getLogger(__name__)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -34,59 +32,38 @@ def _kill_group(proc: subprocess.Popen) -> None:
         log.warning("process %d did not exit after SIGKILL", proc.pid)
 
 
-class LocalProcess:
+class LocalProcess(LineChannel):
     """A subprocess on this machine with a line channel; see RemoteProcess."""
 
     def __init__(self, argv: List[str], cwd: str, device: str):
-        self.device = device
+        super().__init__(device)
         self._proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       start_new_session=True)
-        self.pid: Optional[int] = self._proc.pid
-        self._buffer = b""
-        self._stderr = bytearray()
-        self._stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._stderr_reader.start()
+        self.pid = self._proc.pid
+        stderr: Any = self._proc.stderr
+        self._drain_stderr_with(lambda: stderr.read1(4096))
         self._selector = selectors.DefaultSelector()
-        self._selector.register(self._proc.stdout, selectors.EVENT_READ)
+        self._selector.register(self._proc.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
 
-    def _drain_stderr(self) -> None:
-        # Read stderr continuously so a chatty runtime cannot block on a full pipe.
-        for chunk in iter(lambda: self._proc.stderr.read1(4096), b""):
-            self._stderr += chunk
-            del self._stderr[:-STDERR_TAIL_BYTES]
+    def _receive(self, wait_s: float) -> Optional[bytes]:
+        if not self._selector.select(wait_s):
+            return None
+        return os.read(self._proc.stdout.fileno(), 1 << 16)  # type: ignore[union-attr]
+
+    def _exit_status(self, wait_s: float) -> Optional[int]:
+        try:
+            return self._proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            return None
 
     def write_line(self, line: str) -> None:
         try:
-            self._proc.stdin.write(line.encode() + b"\n")
-            self._proc.stdin.flush()
+            self._proc.stdin.write(line.encode() + b"\n")  # type: ignore[union-attr]
+            self._proc.stdin.flush()  # type: ignore[union-attr]
         except (BrokenPipeError, ValueError, OSError):
             raise DeviceLost(f"agent process {self.pid} is gone (exit code {self.exit_code()})",
                              device=self.device) from None
-
-    def read_line(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._selector.select(remaining):
-                raise MeasurementTimeout(f"no answer from the agent within {timeout:.1f} s",
-                                         device=self.device)
-            chunk = os.read(self._proc.stdout.fileno(), 1 << 16)
-            if not chunk:
-                self._proc.wait()
-                self._stderr_reader.join(timeout=2)
-                raise DeviceLost(f"agent process {self.pid} exited with code "
-                                 f"{self._proc.returncode} before answering",
-                                 device=self.device)
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode(errors="replace")
-
-    def stderr_tail(self) -> str:
-        return bytes(self._stderr).decode(errors="replace")
-
-    def exit_code(self) -> Optional[int]:
-        return self._proc.poll()
 
     def kill(self) -> None:
         if self._proc.poll() is None:
@@ -94,11 +71,11 @@ class LocalProcess:
         self._selector.close()
         for stream in (self._proc.stdin, self._proc.stdout):
             try:
-                stream.close()
+                stream.close()  # type: ignore[union-attr]
             except OSError:
                 pass
-        self._stderr_reader.join(timeout=2)
-        self._proc.stderr.close()
+        self._join_stderr()
+        self._proc.stderr.close()  # type: ignore[union-attr]
 
 
 class LocalTransport:
@@ -107,7 +84,7 @@ class LocalTransport:
     def __init__(self, workdir: Path, name: str = "local", python: Optional[List[str]] = None,
                  lock_path: Optional[str] = "/tmp/harness-device-local.lock"):
         self.name = name
-        self.lock_path = lock_path  # on this machine, seen by every user and every home
+        self.control = DeviceControl(lock_path)  # the lock is seen by every user and home
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.python = list(python) if python else [sys.executable]
@@ -117,16 +94,13 @@ class LocalTransport:
         target = self.workdir / remote_name
         if target.exists() and not force:
             return str(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + f".{os.getpid()}.part")
         try:
-            shutil.copyfile(local_path, partial)
-            os.replace(partial, target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            return upload_then_rename(str(target), lambda partial: shutil.copyfile(local_path, partial),
+                                      os.replace, lambda partial: Path(partial).unlink(missing_ok=True))
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             raise TransferError(f"cannot copy {local_path} to {target}: {exc}",
                                 device=self.name) from exc
-        return str(target)
 
     def run(self, argv: List[str], timeout: float) -> Tuple[int, str, str]:
         proc = subprocess.Popen(argv, cwd=self.workdir, stdin=subprocess.DEVNULL,

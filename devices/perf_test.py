@@ -13,16 +13,20 @@ parses what it prints into the same result our agent gives:
 
 Every raw per-run time comes from the result file; a run count that disagrees with the
 summary means the output was cut short, and is an error, never a measurement.
+
+Every remote argument is a separate argv item, which the transport quotes: a working folder
+with spaces or shell metacharacters names that folder and nothing else. The client needs no
+more of the device than the Transport protocol and its DeviceControl.
 """
-import hashlib
 import posixpath
 import re
+import secrets
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from devices.agent_client import file_sha256
+from devices.agent_result import AgentResult, DeviceFacts, is_ms
 from devices.errors import AgentProtocolError, InferenceError, LoadError
-from devices.remote_shell import quoted
 from devices.transport import Transport
 
 OPT_LEVEL_FLAGS = {"disabled": "0", "basic": "1", "extended": "2", "all": "99"}
@@ -54,6 +58,9 @@ def parse_perf_test(stdout: str, result_file: str) -> Dict[str, Any]:
         if index != len(runs):
             raise AgentProtocolError(f"perf-test result line {number} is run {index}, expected "
                                      f"{len(runs)}: the result file is damaged")
+        if not is_ms(seconds * 1e3):
+            raise AgentProtocolError(f"perf-test result line {number} has an impossible time: "
+                                     f"{line[:120]!r}")
         runs.append(seconds * 1e3)
     requests = _summary(stdout, "Total inference requests")
     session_s = _summary(stdout, "Session creation time cost")
@@ -91,7 +98,7 @@ class PerfTestClient:
     def device(self) -> str:
         return self.transport.name
 
-    def fingerprint(self, deadline: float) -> Dict[str, Any]:
+    def facts(self, deadline: float) -> DeviceFacts:
         if self._identity is None:
             code, out, _ = self.transport.run(
                 ["sh", "-c", 'uname -s; uname -m; uname -r; grep -c ^processor /proc/cpuinfo; '
@@ -104,19 +111,20 @@ class PerfTestClient:
                                    "runtime": "onnxruntime_perf_test",
                                    "perf_test_sha256": self._binary_sha},
                                   **self.transport.fingerprint())
-        return {"identity": self._identity, "state": {}}
+        return DeviceFacts(identity=self._identity, state={})
 
-    def measure(self, model_path: str, settings: Dict[str, Any], deadline: float,
-                sha256: Optional[str] = None) -> Dict[str, Any]:
+    def measure(self, model_path: str, settings: Mapping[str, Any], deadline: float,
+                sha256: Optional[str] = None) -> AgentResult:
         sha = sha256 or file_sha256(model_path)
         if self._remote_binary is None:
             self._remote_binary = self.transport.put(
                 self.binary, f"bin/onnxruntime_perf_test-{self._binary_sha[:16]}")
         remote_model = self.transport.put(model_path, f"models/{sha}.onnx")
         result_file = posixpath.join(posixpath.dirname(remote_model),
-                                     f"result-{hashlib.sha1(str(time.time_ns()).encode()).hexdigest()[:12]}.csv")
-        prepared = self.transport.prepare_measurement(deadline)
-        argv = list(getattr(self.transport, "command_prefix", [])) + [
+                                     f"result-{secrets.token_hex(6)}.csv")
+        control = self.transport.control
+        prepared = control.prepare(deadline)
+        argv = control.command_prefix + [
             self._remote_binary, "-e", "cpu", "-m", "times", "-r", str(settings["min_runs"]),
             "-x", str(settings["intra_op_threads"]), "-y", str(settings["inter_op_threads"]),
             "-o", OPT_LEVEL_FLAGS[settings["graph_optimization_level"]], "-I",
@@ -129,24 +137,25 @@ class PerfTestClient:
                                 device=self.device)
             raise InferenceError(f"onnxruntime_perf_test failed (exit code {code}): {text}",
                                  device=self.device)
-        try:
-            csv = self.transport.shell(  # every argument quoted: the workdir is a user's
-                f"{quoted(['cat', '--', result_file])}; {quoted(['rm', '-f', '--', result_file])}",
-                timeout=60)
-        except Exception as exc:
-            raise AgentProtocolError(f"cannot read perf-test's result file: {exc}",
-                                     device=self.device) from None
+        # The result file is an argument of its own ("$1"): the transport quotes it.
+        code, csv, err = self.transport.run(["sh", "-c", 'cat -- "$1"; rm -f -- "$1"', "sh",
+                                             result_file],
+                                            timeout=max(deadline - time.monotonic(), 10.0))
+        if code != 0:
+            raise AgentProtocolError(f"cannot read perf-test's result file {result_file}: "
+                                     f"{err.strip()[-300:]}", device=self.device)
         parsed = parse_perf_test(out, csv)
-        identity = self.fingerprint(deadline)["identity"]
-        return dict(parsed, agent_version=self.agent_version, capped=False,
-                    warmup_runs=1, warmup_ms=None, inputs=[],
-                    settings=dict(settings, loop="onnxruntime_perf_test -m times -r min_runs"),
-                    runtime={"name": "onnxruntime_perf_test", "sha256": self._binary_sha},
-                    controlled={"affinity_mask": getattr(self.transport, "command_prefix",
-                                                         [None, None])[1:]},
-                    thermal_before=prepared.get("thermal_before", []),
-                    fingerprint={"identity": identity, "state": {}},
-                    device_control=self.transport.finish_measurement(prepared))
+        report = control.finish(prepared)
+        return AgentResult(
+            samples_ms=tuple(parsed["samples_ms"]), load_ms=parsed["load_ms"],
+            first_run_ms=parsed["first_run_ms"], loop_ms=parsed["loop_ms"],
+            agent_version=self.agent_version,
+            settings=dict(settings, loop="onnxruntime_perf_test -m times -r min_runs"),
+            runtime={"name": "onnxruntime_perf_test", "sha256": self._binary_sha},
+            facts=self.facts(deadline), device=self.device, warmup_runs=1,
+            controlled={"affinity_mask": control.command_prefix[1:]},
+            thermal_before=report.thermal_before if report else (),
+            thermal_after=report.thermal_after if report else (), control=report)
 
     def close(self) -> None:
         self.transport.close()

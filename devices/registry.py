@@ -21,13 +21,17 @@
 """
 import os
 import re
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import paramiko
 import tomli_w
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from devices.adb import AdbTransport
 from devices.agent_client import AgentClient
@@ -201,7 +205,7 @@ def open_client(name: str, home: Path, isolation: str = "worker"):
     if name != "local":
         config = get_device(home, name)
         if config.agent == "perf-test":
-            return PerfTestClient(transport, str(Path(config.perf_test).expanduser()))
+            return PerfTestClient(transport, str(Path(config.perf_test or "").expanduser()))
     return AgentClient(transport, isolation)
 
 

@@ -18,20 +18,18 @@ import shlex
 import socket
 import stat
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import paramiko
 
-from devices.errors import (BadRequest, DeviceError, DeviceLost, MeasurementTimeout,
-                            TransferError)
-from devices.remote_shell import kill_line, pid_from, wrapped
+from devices.errors import BadRequest, DeviceError, DeviceLost, TransferError
+from devices.line_channel import LineChannel, run_to_end, upload_then_rename
+from devices.remote_shell import kill_line, wrapped
+from devices.transport import DeviceControl
 
-log = logging.getLogger("harness")
-
-STDERR_TAIL_BYTES = 8192
+log = logging.getLogger(__name__)
 
 
 class HostKeyUnknown(DeviceError):
@@ -174,100 +172,45 @@ class SSHConnection:
             self._jump_client.close()
 
 
-class SSHProcess:
+class SSHProcess(LineChannel):
     """A command on the board with a line channel; see devices.transport.RemoteProcess."""
 
     def __init__(self, transport: "SSHTransport", channel: paramiko.Channel):
+        super().__init__(transport.name)
         self._transport = transport
         self._channel = channel
-        self._buffer = b""
-        self._stderr = bytearray()
-        self.pid: Optional[int] = None
-        self._reader = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._reader.start()
+        self._drain_stderr_with(lambda: channel.recv_stderr(4096))
 
-    def _drain_stderr(self) -> None:
+    def _receive(self, wait_s: float) -> Optional[bytes]:
+        self._channel.settimeout(wait_s)
         try:
-            while True:
-                chunk = self._channel.recv_stderr(4096)
-                if not chunk:
-                    return
-                self._stderr += chunk
-                del self._stderr[:-STDERR_TAIL_BYTES]
-        except (OSError, EOFError, paramiko.SSHException):
-            return
+            return self._channel.recv(1 << 16)
+        except socket.timeout:
+            if not self._transport.connection_alive():
+                raise DeviceLost("the SSH connection dropped while waiting for the agent",
+                                 device=self.device) from None
+            return None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise DeviceLost(f"the SSH connection failed: {exc or type(exc).__name__}",
+                             device=self.device) from None
 
-    def read_pid(self, timeout: float) -> None:
-        self.pid = pid_from(self.read_line(timeout), self._transport.name)
+    def _exit_status(self, wait_s: float) -> Optional[int]:
+        if self._channel.status_event.wait(max(wait_s, 0.0)):
+            return self._channel.exit_status
+        return None
 
     def write_line(self, line: str) -> None:
         try:
             self._channel.sendall(line.encode() + b"\n")
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise DeviceLost(f"the SSH channel to the agent is gone ({exc or type(exc).__name__})",
-                             device=self._transport.name) from None
-
-    def _receive(self, deadline: float, timeout: float) -> bytes:
-        """The next chunk of stdout (b"" at its end), waiting until `deadline` at most."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise MeasurementTimeout(f"no answer from the agent within {timeout:.1f} s",
-                                         device=self._transport.name)
-            self._channel.settimeout(min(remaining, 1.0))
-            try:
-                return self._channel.recv(1 << 16)
-            except socket.timeout:
-                if not self._transport.connection_alive():
-                    raise DeviceLost("the SSH connection dropped while waiting for the agent",
-                                     device=self._transport.name) from None
-            except (OSError, EOFError, paramiko.SSHException) as exc:
-                raise DeviceLost(f"the SSH connection failed: {exc or type(exc).__name__}",
-                                 device=self._transport.name) from None
-
-    def read_line(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            chunk = self._receive(deadline, timeout)
-            if not chunk:
-                raise DeviceLost(f"the remote agent closed its output (exit code "
-                                 f"{self.wait(min(deadline, time.monotonic() + 2))})",
-                                 device=self._transport.name)
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode(errors="replace")
-
-    def read_to_end(self, deadline: float, timeout: float) -> str:
-        """All remaining stdout, until the command closes it."""
-        while True:
-            chunk = self._receive(deadline, timeout)
-            if not chunk:
-                text, self._buffer = self._buffer.decode(errors="replace"), b""
-                return text
-            self._buffer += chunk
-
-    def wait(self, deadline: float) -> Optional[int]:
-        """The exit status, waiting until `deadline` at most (None if it has not come)."""
-        if self._channel.status_event.wait(max(deadline - time.monotonic(), 0)):
-            return self._channel.exit_status
-        return None
-
-    def stderr_tail(self) -> str:
-        return bytes(self._stderr).decode(errors="replace")
-
-    def exit_code(self) -> Optional[int]:
-        if self._channel.exit_status_ready():
-            return self._channel.recv_exit_status()
-        return None
+                             device=self.device) from None
 
     def kill(self) -> None:
         if self.pid is not None and self.exit_code() is None:
             self._transport.kill_remote(self.pid)
-        self.close_channel()
-
-    def close_channel(self) -> None:
         self._channel.close()
-        self._reader.join(timeout=2)
+        self._join_stderr()
 
 
 class SSHTransport:
@@ -279,7 +222,7 @@ class SSHTransport:
                  connect_timeout: float = 10.0, keepalive_s: int = 5,
                  lock_path: str = "/tmp/harness-device.lock"):
         self.name = name
-        self.lock_path = lock_path  # shared by every user of the board
+        self.control = DeviceControl(lock_path)  # the lock is shared by every user of the board
         self.endpoint = endpoint
         self.python = shlex.split(python)
         self._workdir = workdir
@@ -300,7 +243,8 @@ class SSHTransport:
                 log.info("%s: reconnecting to %s", self.name, self.endpoint)
                 self._drop()
             if self._connection is None:
-                self._connection = SSHConnection(self.name, self.endpoint, **self._settings)
+                self._connection = SSHConnection(self.name, self.endpoint,
+                                                 **self._settings)  # type: ignore[arg-type]
             return self._connection
 
     def connection_alive(self) -> bool:
@@ -358,10 +302,9 @@ class SSHTransport:
                 except FileNotFoundError:
                     pass
             self._makedirs(sftp, posixpath.dirname(target))
-            partial = f"{target}.{int(time.time() * 1e6)}.part"
             try:
-                sftp.put(local_path, partial)
-                sftp.posix_rename(partial, target)
+                return upload_then_rename(target, lambda partial: sftp.put(local_path, partial),
+                                          sftp.posix_rename, sftp.remove)
             except PermissionError as exc:
                 raise TransferError(f"cannot write {target} on the board: {exc}",
                                     device=self.name) from None
@@ -399,25 +342,11 @@ class SSHTransport:
         return self._retrying(f"starting {Path(argv[-1]).name if argv else 'a command'}", start)
 
     def run(self, argv: List[str], timeout: float) -> Tuple[int, str, str]:
-        deadline = time.monotonic() + timeout
-        process = self._exec(argv)
-        try:
-            process.read_pid(max(deadline - time.monotonic(), 0.001))
-            out = process.read_to_end(deadline, timeout)
-            code = process.wait(deadline)
-            if code is None:
-                raise MeasurementTimeout("no exit status", device=self.name)
-        except MeasurementTimeout:
-            process.kill()
-            raise MeasurementTimeout(f"{' '.join(argv[:3])}... ran longer than {timeout:.1f} s "
-                                     f"and was killed on the board", device=self.name) from None
-        finally:
-            process.close_channel()
-        return code, out, process.stderr_tail()
+        return run_to_end(self._exec(argv), argv, timeout, "the board")
 
     def spawn(self, argv: List[str]) -> SSHProcess:
         process = self._exec(argv)
-        process.read_pid(self._settings["connect_timeout"] + 20)
+        process.read_pid(float(self._settings["connect_timeout"]) + 20)  # type: ignore[arg-type]
         self._processes.append(process)
         return process
 

@@ -15,7 +15,8 @@ from harness.counting import FlopsProfiler, NumParamsProfiler
 from harness.errors import CacheError, ExportError, HarnessError, InvalidSample
 from harness.measurement import Measurement
 from harness.predict import NnMeterProfiler, PredictorError
-from harness.profiler import LatencyProfiler, Profiler
+from harness.profiler import LatencyProfiler
+from harness.profiler_base import Profiler
 from harness.space import ModelSpace, enumerate_samples, random_samples, validate_sample
 
 logging.getLogger("harness").addHandler(logging.NullHandler())

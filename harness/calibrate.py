@@ -23,9 +23,8 @@ import os
 import pickle
 import shutil
 import tempfile
-import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -34,18 +33,16 @@ import torch
 from tqdm import tqdm
 
 from harness.accuracy import accuracy_metrics, save_scatter
+from harness.calibration import Calibration, calibrations_folder
 from harness.export import DummyInput, export_sample
-from harness.paths import harness_home
 from harness.predict import (FUSION_RULES, KernelPredictors, PredictorError, import_nn_meter,
                              load_predictor)
 from harness.profiler import LatencyProfiler
 from harness.space import ModelSpace, random_samples, sample_key
 
-log = logging.getLogger("harness")
+log = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "calibration.json"
 KERNELS_FOLDER = "kernels"
-FORMAT_VERSION = 1
 
 # Fewer training subnets than this give too few kernel configurations to train nn-Meter's
 # regressors on; calibration then corrects the given official predictor only.
@@ -65,78 +62,7 @@ ORT_CPU_FUSION_RULES = {
 BUILDER_BACKEND = "tflite_cpu"
 
 
-def calibrations_folder(home: Union[str, Path, None] = None) -> Path:
-    return harness_home(home) / "calibrations"
-
-
-@dataclass
-class Calibration:
-    """A per-device correction of an nn-Meter predictor: predicted -> exp(a) * predicted^b,
-    with what it was fitted on (device identity, settings, space) and its held-out report."""
-
-    device: str
-    base_predictor: str          # folder of the corrected predictor
-    base_predictor_digest: str
-    intercept: float             # a
-    slope: float                 # b
-    kind: str                    # "scale" (b = 1) or "log-linear"
-    device_fingerprint: str      # digest of the device identity when calibrated
-    agent_version: str
-    settings_key: str
-    space: str
-    space_fingerprint: str       # the space and input it was fitted on
-    input_signature: List[Dict[str, Any]]
-    n_train: int
-    n_holdout: int
-    report: Dict[str, Dict[str, float]] = field(default_factory=dict)
-    created_at: float = field(default_factory=time.time)
-    format_version: int = FORMAT_VERSION
-
-    @property
-    def predictor_folder(self) -> Path:
-        return Path(self.base_predictor)
-
-    def correct(self, predicted_ms: float) -> float:
-        """The corrected prediction (ms) for a raw nn-Meter prediction."""
-        if not predicted_ms > 0:
-            raise PredictorError(f"nn-Meter predicted {predicted_ms} ms; a log-linear "
-                                 "correction needs a positive prediction",
-                                 fix="the model's kernels are unknown to the predictor; "
-                                     "calibrate with a space that contains them")
-        return math.exp(self.intercept + self.slope * math.log(predicted_ms))
-
-    def describe(self) -> Dict[str, Any]:
-        return {"device": self.device, "kind": self.kind, "intercept": self.intercept,
-                "slope": self.slope, "created_at": self.created_at, "n_train": self.n_train}
-
-    def save(self, folder: Path) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / CALIBRATION_FILE
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
-        os.replace(temporary, path)
-        return path
-
-
-def load_calibration(device: str, home: Union[str, Path, None] = None) -> Optional[Calibration]:
-    """The stored calibration of `device`, or None if it was never calibrated."""
-    path = calibrations_folder(home) / device / CALIBRATION_FILE
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        calibration = Calibration(**data)
-        if calibration.format_version != FORMAT_VERSION:
-            raise ValueError(f"format version {calibration.format_version}")
-        float(calibration.intercept), float(calibration.slope)
-    except (ValueError, TypeError) as exc:
-        raise PredictorError(f"calibration file {path} is unreadable ({exc})",
-                             fix=f"run 'harness calibrate --device {device} ...' again "
-                                 f"(it replaces the file)") from None
-    return calibration
-
-
-def fit_log_linear(predicted: Sequence[float], measured: Sequence[float],
+def fit_log_linear(predicted: "Sequence[float] | np.ndarray", measured: "Sequence[float] | np.ndarray",
                    free_slope: bool = True) -> Tuple[float, float]:
     """Fit log(measured) = a + b log(predicted): (a, b). With a free slope, least squares;
     else b = 1 and a is the median log ratio (a scale factor that a minority of outliers,
@@ -399,7 +325,7 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
             base = load_predictor(build_kernel_predictors(kernel_data, folder / KERNELS_FOLDER))
         else:
             base = official  # type: ignore[assignment]
-        key = profiler.cache_key("")  # the device identity every measurement was stored under
+        identity = profiler.identify()  # the device every measurement was stored under
     assert base is not None
     base_kernels = "device" if build_kernels else "official"
     raw = [base.predict_kernels(subnet.kernels[base_kernels]) for subnet in subnets]
@@ -410,8 +336,8 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     intercept, slope, kind = fit_correction(raw[:samples], truth[:samples])
     calibration = Calibration(
         device=device, base_predictor=str(base.folder), base_predictor_digest=base.digest,
-        intercept=intercept, slope=slope, kind=kind, device_fingerprint=key.device_fp,
-        agent_version=key.agent_version, settings_key=key.settings_key, space=space_name,
+        intercept=intercept, slope=slope, kind=kind, device_fingerprint=identity.fingerprint,
+        agent_version=identity.agent_version, settings_key=profiler.settings_key, space=space_name,
         space_fingerprint=profiler.space_fingerprint,
         input_signature=[dict(x) for x in profiler.input_signature], n_train=samples,
         n_holdout=holdout)

@@ -23,7 +23,7 @@ from harness.errors import HarnessError
 from harness.measurement import STATISTICS, Measurement
 from harness.paths import default_cache_path
 
-log = logging.getLogger("harness")
+log = logging.getLogger(__name__)
 
 SHOWN_SKIPPED_ROWS = 10  # `cache import` names this many skipped rows, then counts the rest
 
@@ -177,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _devices(args)
         if args.command == "farm":
             from harness.paths import harness_home
-            from harness.ray_farm import serve
+            from harness.ray_pool import serve
             return serve(harness_home(), args.address, args.port, args.node_ip)
         return _cache(args)
     except (HarnessError, DeviceError) as exc:

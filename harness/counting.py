@@ -19,27 +19,27 @@ from torch import nn
 
 from harness.additive import AdditiveCost, distinct_blocks
 from harness.export import DummyInput, as_input_tuple, freeze
-from harness.profiler import Profiler
+from harness.profiler_base import Profiler
 from harness.space import ModelSpace, SampleValidator, checked_search_space, random_samples
 
-log = logging.getLogger("harness")
+log = logging.getLogger(__name__)
 
 MacFormula = Callable[[nn.Module, Tuple[torch.Tensor, ...], torch.Tensor], int]
 
 
-def _conv_macs(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+def _conv_macs(module: Any, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
     per_output = (module.in_channels // module.groups) * int(torch.tensor(module.kernel_size).prod())
-    return output.numel() * per_output
+    return int(output.numel() * per_output)
 
 
-def _conv_transpose_macs(module: nn.Module, inputs: Tuple[torch.Tensor, ...],
+def _conv_transpose_macs(module: Any, inputs: Tuple[torch.Tensor, ...],
                          output: torch.Tensor) -> int:
     per_input = (module.out_channels // module.groups) * int(torch.tensor(module.kernel_size).prod())
-    return inputs[0].numel() * per_input
+    return int(inputs[0].numel() * per_input)
 
 
-def _linear_macs(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
-    return output.numel() * module.in_features
+def _linear_macs(module: Any, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+    return int(output.numel() * module.in_features)
 
 
 FORMULAS: Dict[type, MacFormula] = {

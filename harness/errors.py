@@ -2,19 +2,12 @@
 
 Each names its cause and its fix, so a user reading a traceback knows what to do next.
 """
-from typing import Optional
+from devices.errors import FixableError
 
 
-class HarnessError(Exception):
-    """Base class: `message` says what went wrong, `fix` what to do about it."""
-
-    def __init__(self, message: str, fix: Optional[str] = None):
-        super().__init__(message)
-        self.message = message
-        self.fix = fix
-
-    def __str__(self) -> str:
-        return self.message + (f"\n  fix: {self.fix}" if self.fix else "")
+class HarnessError(FixableError):
+    """An error of harness itself (not of a device): `message` says what went wrong, `fix`
+    what to do about it. Shares its base, FixableError, with devices.errors.DeviceError."""
 
 
 class InvalidSample(HarnessError, ValueError):

@@ -8,12 +8,14 @@ not: weight values and every name (including how the exporter happened to share 
 weights between layers). Integer initializers (shapes, axes, indices) and Constant
 node values are hashed by value, since they are part of the architecture, not weights.
 """
+import dataclasses
 import hashlib
 import io
 import json
+import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import onnx
 import torch
@@ -33,11 +35,14 @@ DummyInput = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 @dataclass(frozen=True)
 class ExportedModel:
-    """One exported subnet: its ONNX bytes, graph hash and content hash."""
+    """One exported subnet: its ONNX bytes, graph hash, content hash, and how long the host
+    took to freeze, export and hash it (it travels with the model, so a Measurement made in
+    a pool records the export time of its own model)."""
 
     onnx_bytes: bytes
     graph_hash: str
     sha256: str
+    export_ms: Optional[float] = None
 
 
 def as_input_tuple(dummy_input: DummyInput) -> Tuple[torch.Tensor, ...]:
@@ -79,7 +84,8 @@ def export_onnx(module: torch.nn.Module, dummy_input: DummyInput, opset: int = O
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-            torch.onnx.export(module, inputs, buffer, opset_version=opset, dynamo=False,
+            torch.onnx.export(module, inputs, buffer,  # type: ignore[arg-type]
+                              opset_version=opset, dynamo=False,
                               input_names=[f"input{i}" for i in range(len(inputs))],
                               do_constant_folding=True)
     except Exception as exc:
@@ -91,13 +97,17 @@ def export_onnx(module: torch.nn.Module, dummy_input: DummyInput, opset: int = O
 
 def export_module(module: torch.nn.Module, dummy_input: DummyInput) -> ExportedModel:
     """Export and hash one module."""
+    started = time.perf_counter()
     onnx_bytes = export_onnx(module, dummy_input)
-    return ExportedModel(onnx_bytes, graph_hash(onnx_bytes), hashlib.sha256(onnx_bytes).hexdigest())
+    return ExportedModel(onnx_bytes, graph_hash(onnx_bytes), hashlib.sha256(onnx_bytes).hexdigest(),
+                         export_ms=(time.perf_counter() - started) * 1e3)
 
 
 def export_sample(space: Any, sample: Dict[str, Any], dummy_input: DummyInput) -> ExportedModel:
-    """Freeze, export and hash one validated sample."""
-    return export_module(freeze(space, sample), dummy_input)
+    """Freeze, export and hash one validated sample (export_ms counts the freeze too)."""
+    started = time.perf_counter()
+    exported = export_module(freeze(space, sample), dummy_input)
+    return dataclasses.replace(exported, export_ms=(time.perf_counter() - started) * 1e3)
 
 
 # ---------------------------------------------------------------- canonical graph hash

@@ -22,10 +22,11 @@ import torch
 from harness.additive import AdditiveCost, distinct_blocks
 from harness.errors import HarnessError
 from harness.export import DummyInput, as_input_tuple
-from harness.profiler import LatencyProfiler, Profiler
+from harness.profiler import LatencyProfiler
+from harness.profiler_base import Profiler
 from harness.space import ModelSpace, SampleValidator, checked_search_space
 
-log = logging.getLogger("harness")
+log = logging.getLogger(__name__)
 
 
 class LatencyLUT(Profiler):

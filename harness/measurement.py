@@ -6,12 +6,15 @@ and how it was taken (device, fingerprint, runtime settings, agent version, prov
 """
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from devices.agent_result import AgentResult
 
 SOURCES = ("measured", "cached", "predicted")
 
@@ -22,6 +25,52 @@ UNSTABLE_IQR_RATIO = 0.10
 FEW_SAMPLES = 10
 
 STATISTICS = ("median", "mean", "p90", "p99", "min", "max")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How a result was taken, beyond the device and settings every Measurement names.
+
+    Measured results fill the timing and control fields (from the agent's answer, the lease
+    and the export); predicted ones name their predictor and calibration instead. Every field
+    is optional, so that results stored by earlier versions still load."""
+
+    # the timing loop, as the agent ran it
+    capped: bool = False
+    loop_ms: Optional[float] = None
+    warmup_runs: Optional[int] = None
+    warmup_ms: Optional[float] = None
+    runtime: Dict[str, Any] = field(default_factory=dict)
+    controlled: Dict[str, Any] = field(default_factory=dict)
+    inputs: List[Any] = field(default_factory=list)
+    # the device around the run
+    thermal_before: List[Any] = field(default_factory=list)
+    thermal_after: List[Any] = field(default_factory=list)
+    device_state: Dict[str, Any] = field(default_factory=dict)
+    device_control: Optional[Dict[str, Any]] = None
+    extra_flags: List[str] = field(default_factory=list)
+    # the host's side: lease window (wall-clock seconds), export, model, process
+    wall_ms: Optional[float] = None
+    lease: Optional[List[float]] = None
+    export_ms: Optional[float] = None
+    model_sha256: Optional[str] = None
+    model_bytes: Optional[int] = None
+    isolation: Optional[str] = None
+    host_pid: Optional[int] = None
+    farm_host: Optional[str] = None
+    # predictions
+    predictor: Optional[Dict[str, Any]] = None
+    calibration: Optional[Dict[str, Any]] = None
+    uncalibrated_ms: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Provenance":
+        """From stored data; keys this version does not know are dropped."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -38,7 +87,7 @@ class Measurement:
     settings: Dict[str, Any] = field(default_factory=dict)
     device_fingerprint: Dict[str, Any] = field(default_factory=dict)
     agent_version: Optional[str] = None
-    provenance: Dict[str, Any] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
     created_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -49,6 +98,34 @@ class Measurement:
             raise ValueError("a Measurement needs at least one finite, non-negative sample")
         object.__setattr__(self, "samples_ms", samples)
         object.__setattr__(self, "input_signature", tuple(self.input_signature))
+        if isinstance(self.provenance, Mapping):
+            object.__setattr__(self, "provenance", Provenance.from_dict(self.provenance))
+
+    @classmethod
+    def from_result(cls, result: AgentResult, graph_hash: str,
+                    input_signature: Sequence[Any], *, export_ms: Optional[float],
+                    model_sha256: str, model_bytes: int, isolation: str) -> "Measurement":
+        """A measured result from the device's checked answer (with the lease window its
+        pool added) and what the host knows: the export and the model it sent."""
+        lease = result.lease
+        control = result.control.to_dict() if result.control is not None else None
+        provenance = Provenance(
+            capped=result.capped, loop_ms=result.loop_ms, warmup_runs=result.warmup_runs,
+            warmup_ms=result.warmup_ms, runtime=dict(result.runtime),
+            controlled=dict(result.controlled), inputs=list(result.inputs),
+            thermal_before=list(result.thermal_before),
+            thermal_after=list(result.thermal_after), device_state=dict(result.facts.state),
+            device_control=control, extra_flags=list(control["flags"]) if control else [],
+            wall_ms=(lease[1] - lease[0]) * 1e3 if lease else None,
+            lease=list(lease) if lease else None, export_ms=export_ms,
+            model_sha256=model_sha256, model_bytes=model_bytes, isolation=isolation,
+            host_pid=os.getpid(), farm_host=result.host)
+        return cls(samples_ms=result.samples_ms, source="measured", device=result.device,
+                   graph_hash=graph_hash, load_ms=result.load_ms,
+                   first_run_ms=result.first_run_ms, input_signature=tuple(input_signature),
+                   settings=dict(result.settings),
+                   device_fingerprint=dict(result.facts.identity),
+                   agent_version=result.agent_version, provenance=provenance)
 
     # ------------------------------------------------------------ statistics
 
@@ -116,11 +193,11 @@ class Measurement:
             flags.append("unstable: iqr/median >= 0.1")
         if self.n < FEW_SAMPLES and self.source != "predicted":
             flags.append(f"few samples: {self.n}")
-        if self.source == "predicted" and not self.provenance.get("calibration"):
+        if self.source == "predicted" and not self.provenance.calibration:
             flags.append("uncalibrated prediction")
-        if self.provenance.get("capped"):
+        if self.provenance.capped:
             flags.append("capped: max_time_ms reached before min_runs/min_time_ms")
-        flags.extend(self.provenance.get("extra_flags", ()))
+        flags.extend(self.provenance.extra_flags)
         return tuple(flags)
 
     @property
@@ -135,6 +212,7 @@ class Measurement:
     def to_dict(self) -> Dict[str, Any]:
         """Plain JSON-ready data, raw samples included, with the statistics alongside."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["provenance"] = self.provenance.to_dict()
         data["samples_ms"] = list(self.samples_ms)
         data["input_signature"] = list(self.input_signature)
         data["stats"] = {"n": self.n, "median": self.median, "mean": self.mean,

@@ -27,12 +27,12 @@ import onnx
 
 from harness.errors import HarnessError
 from harness.export import DummyInput, ExportedModel, export_sample, input_signature
-from harness.measurement import Measurement
-from harness.profiler import Profiler
+from harness.measurement import Measurement, Provenance
+from harness.profiler_base import Profiler
 from harness.sklearn_pickle import LegacyPickleError, UnsafePickleError, load_kernel_predictor
 from harness.space import ModelSpace, SampleValidator, checked_search_space
 
-log = logging.getLogger("harness")
+log = logging.getLogger(__name__)
 
 NN_METER_INSTALL = ("pip install 'harness[nn-meter]' (nn-meter 2.0, and setuptools<81 for "
                     "the pkg_resources it imports)")
@@ -274,9 +274,9 @@ class NnMeterProfiler(Profiler):
         """The prediction for an already exported model."""
         raw_ms = self.predictor.predict(exported.onnx_bytes)
         value = raw_ms if self.calibration is None else self.calibration.correct(raw_ms)
-        provenance = {"predictor": self.predictor.describe(), "uncalibrated_ms": raw_ms,
-                      "calibration": None if self.calibration is None
-                      else self.calibration.describe()}
+        provenance = Provenance(predictor=self.predictor.describe(), uncalibrated_ms=raw_ms,
+                                calibration=None if self.calibration is None
+                                else self.calibration.describe())
         return Measurement(samples_ms=(value,), source="predicted", device=self.device,
                            graph_hash=exported.graph_hash,
                            input_signature=tuple(self.input_signature),

@@ -27,10 +27,10 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple, U
 import torch
 
 from harness.errors import HarnessError
-from harness.profiler import Profiler
+from harness.profiler_base import Profiler
 from harness.space import ModelSpace, Sample, checked_search_space, sample_key
 
-log = logging.getLogger("harness")
+log = logging.getLogger(__name__)
 
 
 class SearchExhausted(HarnessError):
@@ -273,7 +273,7 @@ class ExpectationProfilerPenalty(_ProfilerPenalty):
         return self._combine(loss, expected(self._vectors(distribution)))
 
     def _vectors(self, distribution: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-        choices = self.profiler.additive.choices
+        choices = getattr(self.profiler, "additive").choices
         vectors = {}
         for label, value in distribution.items():
             if isinstance(value, Mapping):

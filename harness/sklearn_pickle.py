@@ -31,7 +31,7 @@ import numpy as np
 
 from harness.errors import HarnessError
 
-log = logging.getLogger("harness")
+log = logging.getLogger(__name__)
 
 TREE_CLASS = ("sklearn.tree._tree", "Tree")
 

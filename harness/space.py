@@ -151,6 +151,20 @@ def sample_key(sample: Sample) -> str:
     return json.dumps(sample, sort_keys=True, separators=(",", ":"))
 
 
+def values_by_sample(by_key: Mapping[str, Any], labels: Sequence[str]) -> Dict[tuple, Any]:
+    """`by_key` (sample index key -> value) keyed by each sample's choices in label order;
+    keys that are not samples of these labels (other versions', damaged rows) are left out."""
+    found = {}
+    for key, value in by_key.items():
+        try:
+            sample = json.loads(key)
+        except ValueError:
+            continue
+        if isinstance(sample, dict) and set(sample) == set(labels):
+            found[tuple(sample[label] for label in labels)] = value
+    return found
+
+
 def random_samples(space: ModelSpace, count: int, seed: Optional[int] = 0) -> List[Sample]:
     """`count` samples drawn uniformly per label from a seeded generator (repeatable)."""
     choices = checked_search_space(space)
@@ -180,10 +194,10 @@ def space_fingerprint(space: ModelSpace, extra: Mapping[str, Any]) -> str:
     `extra` (input shapes, exporter settings) does: the sample index is valid only under it."""
     cls = type(space)
     try:
-        source = inspect.getsource(inspect.getmodule(cls))
+        source = inspect.getsource(inspect.getmodule(cls))  # type: ignore[arg-type]
     except (OSError, TypeError):
         source = cls.__qualname__
-    config = space.config() if callable(getattr(space, "config", None)) else {}
+    config = getattr(space, "config")() if callable(getattr(space, "config", None)) else {}
     payload = {
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "source_sha256": hashlib.sha256(source.encode()).hexdigest(),

@@ -106,8 +106,8 @@ def main() -> None:
                     m = profiler.measure(sample)
                     wall = (time.perf_counter() - started) * 1e3
                     p = m.provenance
-                    device_side = m.load_ms + m.first_run_ms + p["warmup_ms"] + p["loop_ms"]
-                    overheads.append(wall - p["export_ms"] - device_side)
+                    device_side = m.load_ms + m.first_run_ms + p.warmup_ms + p.loop_ms
+                    overheads.append(wall - p.export_ms - device_side)
             rows.append((f"overhead per uncached profile, local, {isolation} ({name})",
                          f"{statistics.median(overheads):.1f} ms",
                          "< 150 ms" if isolation == "worker" else "-",
@@ -157,8 +157,9 @@ def main() -> None:
     print("  ".join("-" * w for w in widths))
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    load = Path('/proc/loadavg').read_text().split()[:3]
     print(f"\nonnxruntime {ort.__version__}, {ort.get_device()}, 1 intra-op thread, "
-          f"timed loop >= 50 runs and >= {loop_ms:.0f} ms; machine load {Path('/proc/loadavg').read_text().split()[:3]}")
+          f"timed loop >= 50 runs and >= {loop_ms:.0f} ms; machine load {load}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def overhead_ms(profiler: LatencyProfiler, sample: dict) -> float:
     m = profiler.measure(sample)
     wall = (time.perf_counter() - started) * 1e3
     p = m.provenance
-    return wall - p["export_ms"] - m.load_ms - m.first_run_ms - p["warmup_ms"] - p["loop_ms"]
+    return wall - p.export_ms - m.load_ms - m.first_run_ms - p.warmup_ms - p.loop_ms
 
 
 def main() -> None:
@@ -53,14 +53,14 @@ def main() -> None:
             with LatencyProfiler(space, space.dummy_input(), device=device, settings=settings,
                                  home=home, refresh=True) as profiler:
                 profiler.measure(random_samples(space, 1, seed=99)[0])  # worker up
-                transport = profiler._agent().transport
+                transport = profiler.pool.client(device).transport
                 cold, warm = [], []
                 for sample in samples:
                     transport.remove(["models"])
                     cold.append(overhead_ms(profiler, sample))
                     warm.append(overhead_ms(profiler, sample))
                 results[device] = (statistics.median(cold), statistics.median(warm))
-                size = profiler.measure(samples[0]).provenance["model_bytes"]
+                size = profiler.measure(samples[0]).provenance.model_bytes
         print(f"{'device':<28}{'cold (upload) ms':>18}{'warm ms':>10}   target")
         print("-" * 72)
         for device, label in (("local", "local (subprocess)"), ("loop", "ssh loopback (paramiko)")):

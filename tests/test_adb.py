@@ -100,11 +100,11 @@ def test_profile_on_a_phone_with_python(tiny, home, phone, tmp_path):
     identity = measured.device_fingerprint
     assert identity["android_model"] == "Pixel 7 (emulated)" and identity["soc"] == "GS201"
     assert identity["sdk"] == "34" and identity["build"].startswith("google/panther")
-    control = measured.provenance["device_control"]
+    control = measured.provenance.device_control
     assert [z["temp_c"] for z in control["thermal_before"]] == [38.5, 41.2, 29.0]
     assert control["thermal_after"] and control["flags"] == []
     assert control["pinned_mask"] == ["2"]                     # cpu1 is the big core
-    assert measured.provenance["controlled"]["affinity"] == [1]  # and the agent ran there
+    assert measured.provenance.controlled["affinity"] == [1]  # and the agent ran there
     assert measured.flags == () or all(not f.startswith(("hot", "throttled")) for f in measured.flags)
 
 
@@ -117,7 +117,7 @@ def test_perf_test_mode(tiny, home, phone, tmp_path):
         measured = profiler.measure(random_samples(tiny, 1, seed=2)[0])
     assert measured.n == 40 and measured.load_ms > 0
     assert measured.agent_version.startswith("perf_test-")
-    assert measured.provenance["runtime"]["name"] == "onnxruntime_perf_test"
+    assert measured.provenance.runtime["name"] == "onnxruntime_perf_test"
     assert measured.device_fingerprint["android_model"] == "Pixel 7 (emulated)"
 
 
@@ -152,7 +152,7 @@ def test_a_hot_phone_is_waited_for_then_refused(tiny, home, phone, tmp_path):
         zone.write_text("80000\n")
         threading.Timer(1.5, zone.write_text, ("40000\n",)).start()  # the phone cools down
         measured = profiler.measure(random_samples(tiny, 1, seed=4)[0])
-    assert measured.provenance["device_control"]["waited_s"] >= 0.5  # it waited to cool
+    assert measured.provenance.device_control["waited_s"] >= 0.5  # it waited to cool
 
 
 @needs_adb
@@ -195,13 +195,13 @@ def test_transient_adb_faults_mid_run_are_retried_once_from_scratch(tiny, home, 
     with LatencyProfiler(tiny, tiny.dummy_input(), device="pixel", settings=SLOW,
                          timeout_s=60.0) as profiler:
         profiler.profile(random_samples(tiny, 1, seed=9)[0])
-        first_worker = profiler._agent().worker_pid
+        first_worker = profiler.pool.client("pixel").worker_pid
         threading.Timer(1.5, action).start()
         started = time.monotonic()
         measured = profiler.measure(random_samples(tiny, 1, seed=6)[0])
         assert time.monotonic() - started >= 1.5 + 3.0  # the loop ran again after the fault
-        assert measured.provenance["loop_ms"] >= 3000 and not measured.provenance["capped"]
-        assert profiler._agent().worker_pid != first_worker
+        assert measured.provenance.loop_ms >= 3000 and not measured.provenance.capped
+        assert profiler.pool.client("pixel").worker_pid != first_worker
     assert stored(home) == 2
 
 

@@ -7,7 +7,6 @@ from torch import nn
 from harness.errors import ExportError
 from harness.export import export_onnx, export_sample, freeze, graph_hash
 from harness.space import random_samples
-from harness.spaces import TinySpace
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Device pools on test boards in network namespaces: leases, fail-over, resume, sharing."""
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -11,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from harness import Cache, LatencyProfiler, random_samples
-from harness.spaces import TinySpace
 from tests.conftest import FAST
 from tests.ssh_fixtures import client_key, needs_root, register, testfarm  # noqa: F401
 
@@ -80,7 +78,7 @@ def test_jobs_fail_over_when_a_board_dies(tiny, home, pool):
                          max_strikes=1, quarantine_s=600) as profiler:
         measured = profiler.measure_many(random_samples(tiny, 4, seed=3))
         assert {m.device for m in measured if m.source == "measured"} == {"board6"}
-        assert profiler.health.available() == ["board6"]
+        assert profiler.pool.health.available() == ["board6"]
     # profile() fails over too
     with LatencyProfiler(tiny, tiny.dummy_input(), device="kind:testboard",
                          settings=FAST) as profiler:
@@ -136,3 +134,26 @@ def test_two_processes_share_one_pool(tiny, home, pool):
     windows = lease_windows(home)
     assert sum(len(w) for w in windows.values()) >= 5
     assert_no_overlap(windows)
+
+
+def test_each_measurement_of_a_pool_records_its_own_export_time(tiny, home, pool, monkeypatch):
+    """The export time travels with its model: with an export thread running ahead of two
+    devices, a Measurement must record the export of its own graph, not the latest one."""
+    import dataclasses
+
+    import harness.profiler
+
+    real_export = harness.profiler.export_sample
+
+    def export_with_known_time(space, sample, dummy_input):
+        exported = real_export(space, sample, dummy_input)
+        return dataclasses.replace(exported, export_ms=float(int(exported.graph_hash[:6], 16)))
+
+    monkeypatch.setattr(harness.profiler, "export_sample", export_with_known_time)
+    with LatencyProfiler(tiny, tiny.dummy_input(), device="kind:testboard",
+                         settings=STEADY) as profiler:
+        measured = profiler.measure_many(random_samples(tiny, 6, seed=21))
+    fresh = [m for m in measured if m.source == "measured"]
+    assert len({m.graph_hash for m in fresh}) >= 3 and len({m.device for m in fresh}) == 2
+    for m in fresh:
+        assert m.provenance.export_ms == float(int(m.graph_hash[:6], 16))

@@ -70,7 +70,7 @@ def test_measure_through_the_worker(transport, tiny_model):
     pid = client.worker_pid
     again = client.measure(str(tiny_model), FAST, later(60))
     assert client.worker_pid == pid, "one worker serves the session"
-    assert len(result["samples_ms"]) >= 5 and len(again["samples_ms"]) >= 5
+    assert len(result.samples_ms) >= 5 and len(again.samples_ms) >= 5
     sha = file_sha256(str(tiny_model))
     assert (transport.workdir / "models" / f"{sha}.onnx").exists()
     agents = list((transport.workdir / "agent").glob("ort_agent-*.py"))
@@ -83,13 +83,13 @@ def test_process_isolation_gives_the_same_kind_of_answer(transport, tiny_model):
     client = AgentClient(transport, isolation="process")
     result = client.measure(str(tiny_model), FAST, later(60))
     assert client.worker_pid is None
-    assert len(result["samples_ms"]) >= 5
-    assert client.fingerprint(later(60))["identity"]["cpu_count"] >= 1
+    assert len(result.samples_ms) >= 5
+    assert client.facts(later(60)).identity["cpu_count"] >= 1
 
 
 def test_a_dead_worker_is_restarted_and_the_job_retried_once(transport, tiny_model):
     client = AgentClient(transport)
-    client.fingerprint(later(60))
+    client.facts(later(60))
     victim = client.worker_pid
     slow = dict(FAST, min_time_ms=3000.0, max_time_ms=10000.0)
     killer = threading.Timer(1.0, os.kill, (victim, 9))
@@ -98,12 +98,12 @@ def test_a_dead_worker_is_restarted_and_the_job_retried_once(transport, tiny_mod
     killer.join()
     assert not alive(victim)
     assert client.worker_pid not in (None, victim)
-    assert result["loop_ms"] >= 3000.0
+    assert result.loop_ms >= 3000.0
 
 
 def test_a_timeout_kills_the_worker_and_the_next_job_gets_a_new_one(transport, tiny_model):
     client = AgentClient(transport)
-    client.fingerprint(later(60))
+    client.facts(later(60))
     victim = client.worker_pid
     slow = dict(FAST, min_time_ms=20000.0, max_time_ms=30000.0)
     started = time.monotonic()
@@ -112,7 +112,7 @@ def test_a_timeout_kills_the_worker_and_the_next_job_gets_a_new_one(transport, t
     assert time.monotonic() - started < 10
     assert caught.value.kind == "TIMEOUT" and "fix:" in str(caught.value)
     assert wait_gone(victim), "the timed-out worker is still running"
-    assert len(client.measure(str(tiny_model), FAST, later(60))["samples_ms"]) >= 5
+    assert len(client.measure(str(tiny_model), FAST, later(60)).samples_ms) >= 5
 
 
 def test_a_damaged_model_on_the_device_is_sent_again(transport, tiny_model):
@@ -122,7 +122,7 @@ def test_a_damaged_model_on_the_device_is_sent_again(transport, tiny_model):
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(b"half a file")
     result = client.measure(str(tiny_model), FAST, later(60))
-    assert len(result["samples_ms"]) >= 5
+    assert len(result.samples_ms) >= 5
     assert file_sha256(str(damaged)) == sha
 
 
@@ -144,7 +144,7 @@ def test_a_broken_agent_is_a_typed_error_quoting_it(tmp_path, tiny_model, progra
 def test_a_device_without_onnxruntime_says_what_to_install(tmp_path, tiny_model):
     # -S drops site-packages: this Python has no numpy and no onnxruntime, like a bare board.
     client = AgentClient(LocalTransport(tmp_path / "device", python=[sys.executable, "-S"]))
-    identity = client.fingerprint(later(30))["identity"]
+    identity = client.facts(later(30)).identity
     assert identity["onnxruntime"] is None
     with pytest.raises(LoadError) as caught:
         client.measure(str(tiny_model), FAST, later(30))

@@ -17,7 +17,8 @@ from sklearn.ensemble import RandomForestRegressor  # noqa: E402
 from devices.errors import DeviceLost  # noqa: E402
 from harness.cache import Cache  # noqa: E402
 from harness.calibrate import (ORT_CPU_FUSION_RULES, calibrate, fit_correction,  # noqa: E402
-                               fit_log_linear, load_calibration)
+                               fit_log_linear)
+from harness.calibration import load_calibration  # noqa: E402
 from harness.export import export_sample  # noqa: E402
 from harness.predict import (NnMeterProfiler, PredictorError, load_predictor,  # noqa: E402
                              onnx_for_nn_meter)
@@ -120,8 +121,8 @@ def test_official_predictor_by_name_matches_nn_meters_own_predict(tiny, data_fol
     sample = random_samples(tiny, 1, seed=4)[0]
     result = profiler.measure(sample)
     assert result.source == "predicted"
-    assert result.provenance["predictor"]["name"] == "cortexA76cpu_tflite21"
-    assert result.provenance["calibration"] is None
+    assert result.provenance.predictor["name"] == "cortexA76cpu_tflite21"
+    assert result.provenance.calibration is None
     # nn-Meter's own API, on the same kernels and rules, gives the same number.
     loaded = load_predictor(data_folder / "cortexA76cpu_tflite21")
     exported = export_sample(tiny, sample, tiny.dummy_input())
@@ -270,7 +271,7 @@ def test_unreachable_device_falls_back_to_its_calibration(tiny, home, loop, sshd
                          fallback="nn-meter") as profiler:
         predicted = profiler.measure(fresh[0])
         assert predicted.source == "predicted"
-        assert predicted.provenance["calibration"]["device"] == "loop"
+        assert predicted.provenance.calibration["device"] == "loop"
         expected = NnMeterProfiler(tiny, tiny.dummy_input(),
                                    calibration=result.calibration).profile(fresh[0])
         assert predicted.median == pytest.approx(expected)
@@ -294,7 +295,7 @@ def test_offline_profiler_never_contacts_the_device(tiny, home, tmp_path):
                          predictor=str(official), offline=True) as profiler:
         values = profiler.profile_many(random_samples(tiny, 4, seed=1))
         assert all(v > 0 for v in values)
-        assert profiler.counters["predictions"] == 4 and not profiler._clients
+        assert profiler.counters["predictions"] == 4 and not profiler.pool._clients
     with LatencyProfiler(tiny, tiny.dummy_input(), "nowhere", fallback="nn-meter",
                          offline=True) as bare:
         with pytest.raises(PredictorError, match="harness calibrate --device nowhere"):

@@ -22,7 +22,7 @@ def test_miss_then_hit(profiler, tiny):
     assert first.source == "measured" and first.n >= 5
     assert first.device == "local" and first.agent_version == "1.1"
     assert first.device_fingerprint["cpu_count"] >= 1
-    assert first.provenance["model_sha256"] and first.provenance["runtime"]["name"] == "onnxruntime"
+    assert first.provenance.model_sha256 and first.provenance.runtime["name"] == "onnxruntime"
     assert profiler.profile(sample) == first.median
     again = profiler.measure(sample)
     assert again.source == "cached" and again.samples_ms == first.samples_ms
@@ -92,7 +92,7 @@ def test_refresh_measures_again_and_keeps_the_old_result(profiler, tiny):
     with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST, refresh=True) as again:
         assert again.measure(sample).source == "measured"
     graph = profiler.graph_hash(sample)
-    assert len(profiler.cache.history(profiler._key(graph))) == 2
+    assert len(profiler.cache.history(profiler.cache_key(graph))) == 2
 
 
 def test_statistic_choice(tiny):
@@ -127,7 +127,7 @@ def test_bad_input_gets_clear_errors(profiler, tiny):
 def test_process_isolation(tiny):
     sample = random_samples(tiny, 1, seed=10)[0]
     with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST, isolation="process") as p:
-        assert p.measure(sample).provenance["isolation"] == "process"
+        assert p.measure(sample).provenance.isolation == "process"
 
 
 def _profile_in_another_process(home: str, seed: int, out: str) -> None:
@@ -135,7 +135,7 @@ def _profile_in_another_process(home: str, seed: int, out: str) -> None:
     os.environ["HARNESS_HOME"] = home
     space = TinySpace()
     with LatencyProfiler(space, space.dummy_input(), settings=dict(FAST, min_time_ms=100.0)) as p:
-        windows = [p.measure(s).provenance["lease"] for s in random_samples(space, 3, seed=seed)]
+        windows = [p.measure(s).provenance.lease for s in random_samples(space, 3, seed=seed)]
     with open(out, "w") as handle:
         json.dump(windows, handle)
 

@@ -1,11 +1,13 @@
 """A multi-host farm on a local Ray cluster: two emulated hosts, each serving its own board."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # farms require it, and Ray reads it on import
 ray = pytest.importorskip("ray")
 
 from harness import Cache, LatencyProfiler, random_samples  # noqa: E402
@@ -16,28 +18,40 @@ pytestmark = needs_root
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def serve(home: Path, *args: str) -> None:
+def serve(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HARNESS_HOME=str(home))
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "farm", "serve", *args],
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def copy_token(head_home: Path, home: Path) -> None:
+    """What a user does for each host and client: copy the head's token, mode 0600."""
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(head_home / "ray-token", home / "ray-token")
+    os.chmod(home / "ray-token", 0o600)
 
 
 @pytest.fixture
-def farm(tmp_path, client_key):
+def farm(tmp_path, client_key, home):
     """Head on loopback, and hosts A and B, each with one board of kind testboard."""
     port = testfarm.free_port()
     boards, homes = [], []
+    head_home = tmp_path / "head-home"
     try:
-        serve(tmp_path / "head-home", "--port", str(port))
+        head = serve(head_home, "--port", str(port))
+        assert "token" in head.stdout and (head_home / "ray-token").stat().st_mode & 0o077 == 0
+        copy_token(head_home, home)  # the searching side's own home
         for index, host in ((5, "hostA"), (6, "hostB")):
-            home = tmp_path / host
+            host_home = tmp_path / host
             board = testfarm.Board(index, tmp_path, client_key).start()
             boards.append(board)
-            register(home, f"board{index}", f"root@{board.address}", client_key,
+            register(host_home, f"board{index}", f"root@{board.address}", client_key,
                      Path(board.workdir))
-            serve(home, "--address", f"127.0.0.1:{port}")
-            homes.append(home)
+            copy_token(head_home, host_home)
+            serve(host_home, "--address", f"127.0.0.1:{port}")
+            homes.append(host_home)
         yield f"127.0.0.1:{port}"
     finally:
         if ray.is_initialized():
@@ -52,7 +66,7 @@ def test_profiling_through_farm_resources_on_two_hosts(tiny, home, farm):
     settings = dict(FAST, min_time_ms=300.0, max_time_ms=3000.0)
     with LatencyProfiler(tiny, tiny.dummy_input(), device="kind:testboard", farm=farm,
                          settings=settings) as profiler:
-        assert len(profiler.devices) == 2  # one slot per device the farm offers
+        assert profiler.pool.slots() == 2  # one unit per device the farm offers
         measured = profiler.measure_many(samples)
         assert [m.graph_hash for m in measured] == [profiler.graph_hash(s) for s in samples]
     fresh = [m for m in measured if m.source == "measured"]
@@ -62,3 +76,34 @@ def test_profiling_through_farm_resources_on_two_hosts(tiny, home, farm):
     with LatencyProfiler(tiny, tiny.dummy_input(), device="kind:testboard", farm=farm,
                          settings=settings) as again:
         assert {m.source for m in again.measure_many(samples)} == {"cached"}
+
+
+UNAUTHENTICATED = """
+import sys
+import ray
+try:
+    ray.init(address=sys.argv[1], log_to_driver=False)
+    print("ran:", ray.get(ray.remote(lambda: "code on the farm").remote(), timeout=20))
+except Exception as exc:
+    print("refused:", type(exc).__name__, exc)
+"""
+
+
+def test_a_client_without_the_token_is_refused(tiny, home, farm, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path / "stranger")  # no ~/.ray/auth_token either
+    proc = subprocess.run([sys.executable, "-c", UNAUTHENTICATED, farm], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "ran:" not in proc.stdout, proc.stdout
+    assert proc.returncode != 0 or "refused" in proc.stdout
+
+
+def test_joining_without_the_token_says_how_to_get_it(tmp_path, farm, client_key):
+    new_host = tmp_path / "new-host"
+    register(new_host, "board9", "root@127.0.0.1:9", client_key, tmp_path / "board9",
+             trust=False)
+    env = dict(os.environ, HARNESS_HOME=str(new_host))
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "farm", "serve", "--address",
+                           farm], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "no farm token" in proc.stderr and "scp" in proc.stderr

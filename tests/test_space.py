@@ -103,7 +103,8 @@ def test_fingerprint_follows_config_and_extra():
 def test_load_space():
     assert isinstance(load_space("harness.spaces:TinySpace"), TinySpace)
     for spec, word in [("harness.spaces", "MODULE:ATTR"), ("no_such_module:X", "cannot import"),
-                       ("harness.spaces:Nope", "no attribute"), ("harness.paths:harness_home", "not a model space"),
+                       ("harness.spaces:Nope", "no attribute"),
+                       ("harness.paths:harness_home", "not a model space"),
                        ("harness.errors:HarnessError", "cannot create")]:
         with pytest.raises(HarnessError, match=word):
             load_space(spec)

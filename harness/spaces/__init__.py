@@ -14,7 +14,7 @@ block.
 """
 import functools
 import itertools
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -118,7 +118,7 @@ class MobileSpace:
                     [f"stage{s}.block{b}.skip"] if b > 0 else [])
                 choices = [self._depths(max_depth)] if depth_label else []
                 choices += [self.kernels, self.expands] + ([[True, False]] if b > 0 else [])
-                blocks = {}
+                blocks: Dict[tuple, Optional[Block]] = {}
                 for values in itertools.product(*choices):
                     named = dict(zip(labels, values))
                     if depth_label and named[depth_label] <= b:

@@ -1,5 +1,8 @@
 """Device leases and pool health: exactly one measurement runs on a device at a time.
 
+(Leases guard devices on this host and its home; a device shared by several hosts is also
+locked on the device itself, by the agent: see DeviceControl.lock_path.)
+
 A lease is an exclusive `flock` on `$HARNESS_HOME/leases/NAME.lock`, so two profilers, two
 processes or two users of one home never share a device. The kernel drops the lock when its
 holder dies, so a lease held by a dead process expires by itself. The time a measurement may
@@ -8,14 +11,18 @@ take counts from the moment the lease is granted (`acquired_at`), never from the
 import fcntl
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import IO, Dict, List, Optional
 
 from harness.errors import HarnessError
 
-log = logging.getLogger("harness")
+log = logging.getLogger(__name__)
+
+# What may name a device in a lease file name: the registry's names, and "local".
+DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class DeviceBusy(HarnessError):
@@ -26,15 +33,26 @@ class DeviceLease:
     """Context manager holding the exclusive lease of one device."""
 
     def __init__(self, home: Path, device: str, wait_s: float = 3600.0):
+        if not DEVICE_NAME.match(device) or device in (".", ".."):
+            raise HarnessError(f"{device!r} cannot name a device (no lease file is made for it)",
+                               fix="use a registered device name: letters, digits, '.', '_' or "
+                                   "'-' ('harness devices list')")
         self.path = Path(home) / "leases" / f"{device}.lock"
         self.device = device
         self.wait_s = wait_s
         self.acquired_at: Optional[float] = None  # time.monotonic() when granted
-        self._handle = None
+        self._handle: Optional[IO[str]] = None
 
     def __enter__(self) -> "DeviceLease":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        try:  # our own file under $HARNESS_HOME; never through a link someone planted there
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o600)
+        except OSError as exc:
+            raise HarnessError(f"cannot open the lease file {self.path}: {exc}",
+                               fix=f"remove {self.path} if it is a link or not a file, and check "
+                                   "that $HARNESS_HOME is writable") from None
+        handle = os.fdopen(descriptor, "r+")
         started = time.monotonic()
         delay = 0.005
         while True:
@@ -61,6 +79,13 @@ class DeviceLease:
         self._handle = handle
         self.acquired_at = time.monotonic()
         return self
+
+    def deadline(self, timeout_s: float) -> float:
+        """The time.monotonic() by which work under this lease must end: timeouts count
+        from the moment the lease was granted, never from the queue."""
+        if self.acquired_at is None:
+            raise RuntimeError("the lease is not held")
+        return self.acquired_at + timeout_s
 
     def __exit__(self, *exc: object) -> None:
         if self._handle is not None:

@@ -1,0 +1,15 @@
+"""`Profiler`: the interface a hardware-aware search filters on, `profile(sample) -> float`.
+
+Every metric of harness implements it (latency on a device, nn-Meter predictions, FLOPs,
+parameters, lookup tables), so a search takes any of them.
+"""
+from abc import ABC, abstractmethod
+from typing import Any, Mapping
+
+
+class Profiler(ABC):
+    """Computes a metric for samples of one model space: the interface a search filters on."""
+
+    @abstractmethod
+    def profile(self, sample: Mapping[str, Any]) -> float:
+        """The metric of one sample."""
