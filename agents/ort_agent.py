@@ -23,9 +23,11 @@ import errno
 import glob
 import hashlib
 import json
+import math
 import os
 import platform
 import stat
+import statistics
 import sys
 import time
 
@@ -42,13 +44,26 @@ DEFAULT_SETTINGS = {
     "execution_mode": "sequential",
     "provider": "CPUExecutionProvider",
     "warmup_runs": 10,
-    "min_runs": 50,
-    "min_time_ms": 1000.0,
+    "stop": "fixed",
+    "min_runs": None,        # 50 for the fixed loop, 10 for the other rules
+    "min_time_ms": None,     # 1000 for the fixed loop, 0 for the other rules
     "max_time_ms": 20000.0,
+    "rel_ci": 0.01,
+    "confidence": 0.95,
+    "limit_ms": None,
     "seed": 0,
     "input_shapes": None,
     "cpu_affinity": None,
 }
+
+# How the timed loop stops: "fixed" after min_runs runs and min_time_ms; "ci" once the 95%
+# interval of the median is within rel_ci of it; "limit" once the interval of the median (at
+# `confidence`, spent over the looks) excludes limit_ms, or else as "ci" does. Every rule
+# stops at max_time_ms, and the two adaptive ones never stop on drifting runs.
+STOP_RULES = ("fixed", "ci", "limit")
+MODE_DEFAULTS = {"fixed": {"min_runs": 50, "min_time_ms": 1000.0},
+                 "ci": {"min_runs": 10, "min_time_ms": 0.0},
+                 "limit": {"min_runs": 10, "min_time_ms": 0.0}}
 
 OPT_LEVELS = ("disabled", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
@@ -215,6 +230,11 @@ def _affinity():
 
 # ---------------------------------------------------------------- settings and inputs
 
+def _finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
 def parse_settings(raw):
     """Merge a request's settings over the defaults; reject unknown keys and bad values."""
     if raw is None:
@@ -227,14 +247,32 @@ def parse_settings(raw):
                          % (", ".join(unknown), ", ".join(sorted(DEFAULT_SETTINGS))))
     settings = dict(DEFAULT_SETTINGS)
     settings.update(raw)
+    if settings["stop"] not in STOP_RULES:
+        raise AgentError("USER", "setting stop must be one of %s, got %r"
+                         % (", ".join(STOP_RULES), settings["stop"]))
+    for key, value in MODE_DEFAULTS[settings["stop"]].items():
+        if settings[key] is None:
+            settings[key] = value
     for key in ("intra_op_threads", "inter_op_threads", "warmup_runs", "min_runs", "seed"):
         value = settings[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise AgentError("USER", "setting %s must be a whole number >= 0, got %r" % (key, value))
     for key in ("min_time_ms", "max_time_ms"):
         value = settings[key]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise AgentError("USER", "setting %s must be a number >= 0, got %r" % (key, value))
+        if not _finite_number(value) or value < 0:
+            raise AgentError("USER", "setting %s must be a finite number >= 0, got %r"
+                             % (key, value))
+    for key in ("rel_ci", "confidence"):
+        value = settings[key]
+        if not _finite_number(value) or not 0 < value < 1:
+            raise AgentError("USER", "setting %s must lie strictly between 0 and 1, got %r"
+                             % (key, value))
+    limit = settings["limit_ms"]
+    if (limit is not None or settings["stop"] == "limit") and \
+            not (_finite_number(limit) and limit > 0):
+        raise AgentError("USER", "setting limit_ms must be a positive number of ms%s, got %r"
+                         % (" (stop 'limit' needs it)" if settings["stop"] == "limit" else "",
+                            limit))
     if settings["min_runs"] < 1:
         raise AgentError("USER", "setting min_runs must be at least 1")
     if settings["max_time_ms"] < settings["min_time_ms"]:
@@ -491,6 +529,118 @@ def measure(model, sha256=None, settings=None, lock=None, lock_wait_s=600.0):
         return _measure(model, sha256, settings)
 
 
+# ---------------------------------------------------------------- stopping rules
+
+def median_interval(ordered, confidence):
+    """The distribution-free interval of the median of independent runs, from order
+    statistics: (low, high) such that the true median lies inside with probability at
+    least `confidence`; None when there are too few runs for that confidence. `ordered` is
+    sorted. Exact binomial tails up to 1000 runs, the normal approximation beyond."""
+    n = len(ordered)
+    alpha = 1.0 - confidence
+    if n < 2:
+        return None
+    if n <= 1000:
+        # k: how many order statistics to drop on each side; P(Bin(n, 1/2) < k) <= alpha/2
+        log_half_n = n * math.log(0.5)
+        tail, k = 0.0, 0
+        while k < n // 2:
+            term = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                            + log_half_n)
+            if tail + term > alpha / 2:
+                break
+            tail += term
+            k += 1
+    else:
+        z = statistics.NormalDist().inv_cdf(1 - alpha / 2)
+        k = int(math.floor(n / 2.0 - z * math.sqrt(n) / 2.0))
+    if k < 1:
+        return None
+    return ordered[k - 1], ordered[n - k]
+
+
+def _median_of(ordered):
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2.0
+
+
+def drifting(samples, rel_ci):
+    """Whether the runs drift (the first and the second half disagree, as under thermal
+    throttling): their medians' 95% intervals do not overlap and differ by more than the
+    precision asked for. A drifting loop is never stopped early."""
+    half = len(samples) // 2
+    if half < 10:
+        return False
+    first, second = sorted(samples[:half]), sorted(samples[half:])
+    a, b = median_interval(first, 0.95), median_interval(second, 0.95)
+    if a is None or b is None:
+        return False
+    gap = abs(_median_of(second) - _median_of(first))
+    return (a[1] < b[0] or b[1] < a[0]) and gap > rel_ci * _median_of(sorted(samples))
+
+
+def look_confidence(confidence, look):
+    """The confidence one look at the data must hold so that all looks together err with
+    probability at most 1 - confidence: look k spends (1 - confidence) * 6 / (pi^2 k^2)."""
+    return 1.0 - (1.0 - confidence) * 6.0 / (math.pi ** 2 * look ** 2)
+
+
+def stop_verdict(samples, settings, look):
+    """Why the loop may stop now ("settled": the interval of the median excludes the limit;
+    "precise": it is within rel_ci of the median), or None to keep running."""
+    if drifting(samples, settings["rel_ci"]):
+        return None
+    ordered = sorted(samples)
+    median = _median_of(ordered)
+    if settings["stop"] == "limit":
+        interval = median_interval(ordered, look_confidence(settings["confidence"], look))
+        if interval is not None and (interval[1] < settings["limit_ms"] / 1e3
+                                     or interval[0] > settings["limit_ms"] / 1e3):
+            return "settled"
+    interval = median_interval(ordered, 0.95)
+    if interval is not None and max(median - interval[0], interval[1] - median) \
+            <= settings["rel_ci"] * median:
+        return "precise"
+    return None
+
+
+def timed_loop(run, settings, clock=time.perf_counter):
+    """Time `run()` until the stop rule of `settings` holds. Returns the per-run times (s),
+    the loop's length (s), and how it stopped: the rule, why ("fixed", "precise", "settled",
+    "max_time"), how many looks at the data it took, and whether the runs drift."""
+    samples = []
+    rule = settings["stop"]
+    min_runs = settings["min_runs"]
+    min_time = settings["min_time_ms"] / 1e3
+    max_time = settings["max_time_ms"] / 1e3
+    looks, next_look, reason = 0, min_runs, None
+    loop_start = clock()
+    while True:
+        started = clock()
+        run()
+        ended = clock()
+        samples.append(ended - started)
+        elapsed = ended - loop_start
+        if rule == "fixed":
+            if len(samples) >= min_runs and elapsed >= min_time:
+                reason = "fixed"
+                break
+        elif len(samples) >= next_look and elapsed >= min_time:
+            looks += 1
+            next_look = len(samples) + max(5, len(samples) // 10)  # looks grow ~10% apart
+            reason = stop_verdict(samples, settings, looks)
+            if reason is not None:
+                break
+        if elapsed >= max_time:
+            reason = "max_time"
+            break
+    report = {"rule": rule, "reason": reason, "looks": looks,
+              "drift": rule != "fixed" and drifting(samples, settings["rel_ci"]),
+              "rel_ci": settings["rel_ci"], "confidence": settings["confidence"],
+              "limit_ms": settings["limit_ms"]}
+    return samples, elapsed, report
+
+
 def _measure(model, sha256=None, settings=None):
     settings = parse_settings(settings)
     check_model_file(model, sha256)
@@ -530,19 +680,8 @@ def _measure(model, sha256=None, settings=None):
         for _ in range(settings["warmup_runs"]):
             session.run(outputs, feeds)
         warmup_ms = (clock() - started) * 1e3
-        samples = []
-        min_runs = settings["min_runs"]
-        min_time = settings["min_time_ms"] / 1e3
-        max_time = settings["max_time_ms"] / 1e3
-        loop_start = clock()
-        while True:
-            started = clock()
-            session.run(outputs, feeds)
-            ended = clock()
-            samples.append(ended - started)
-            elapsed = ended - loop_start
-            if (len(samples) >= min_runs and elapsed >= min_time) or elapsed >= max_time:
-                break
+        samples, elapsed, stop = timed_loop(lambda: session.run(outputs, feeds), settings,
+                                            clock)
     except AgentError:
         raise
     except Exception as exc:
@@ -555,7 +694,8 @@ def _measure(model, sha256=None, settings=None):
         "warmup_ms": warmup_ms,
         "samples_ms": [round(s * 1e3, 6) for s in samples],
         "loop_ms": elapsed * 1e3,
-        "capped": len(samples) < min_runs or elapsed < min_time,
+        "capped": stop["reason"] == "max_time",
+        "stop": stop,
         "inputs": inputs,
         "settings": settings,
         "controlled": controlled,

@@ -85,6 +85,7 @@ class AgentResult:
     control: Optional[DeviceControlReport] = None
     host: Optional[str] = None
     lease: Optional[Tuple[float, float]] = None  # wall-clock seconds the device was leased
+    stop: Mapping[str, Any] = field(default_factory=dict)  # how the timed loop stopped
 
     @classmethod
     def parse(cls, answer: Mapping[str, Any], device: str, expected_version: str,
@@ -127,7 +128,8 @@ class AgentResult:
                    inputs=tuple(_list(answer.get("inputs"))),
                    controlled=_dict(answer.get("controlled")),
                    thermal_before=tuple(_list(answer.get("thermal_before"))),
-                   thermal_after=tuple(_list(answer.get("thermal_after"))))
+                   thermal_after=tuple(_list(answer.get("thermal_after"))),
+                   stop=_dict(answer.get("stop")))
 
 
 def _int_or_none(value: object) -> Optional[int]:

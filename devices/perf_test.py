@@ -155,7 +155,9 @@ class PerfTestClient:
             facts=self.facts(deadline), device=self.device, warmup_runs=1,
             controlled={"affinity_mask": control.command_prefix[1:]},
             thermal_before=report.thermal_before if report else (),
-            thermal_after=report.thermal_after if report else (), control=report)
+            thermal_after=report.thermal_after if report else (), control=report,
+            stop={"rule": "fixed", "reason": "fixed", "requested": settings.get("stop"),
+                  "note": "onnxruntime_perf_test runs a fixed count of runs (min_runs)"})
 
     def close(self) -> None:
         self.transport.close()

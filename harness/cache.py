@@ -29,8 +29,9 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from harness.decisions import Decision
 from harness.errors import CacheError
 from harness.measurement import STATISTICS, Measurement
 
@@ -75,6 +76,20 @@ CREATE TABLE measurements (
 CREATE INDEX measurements_by_key
     ON measurements (graph_hash, input_sig, settings_key, device_fp, agent_version, created_at);
 """
+
+# Limit decisions (harness.decisions) with their evidence; never read as measurements. Added
+# to caches of schema 1 as they are opened (an older harness ignores the table).
+DECISIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (
+    graph_hash    TEXT NOT NULL,
+    input_sig     TEXT NOT NULL,
+    settings_key  TEXT NOT NULL,
+    device_fp     TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    median        REAL NOT NULL,
+    record        TEXT NOT NULL,
+    created_at    REAL NOT NULL
+)"""
 
 _KEY_WHERE = ("graph_hash = ? AND input_sig = ? AND settings_key = ? AND device_fp = ? "
               "AND agent_version = ?")
@@ -161,6 +176,9 @@ class Cache:
                     raise CacheError(f"{self.path} was written by a newer harness (schema "
                                      f"{version}, this one reads {SCHEMA_VERSION})",
                                      fix="upgrade harness, or use another cache path")
+            conn.execute(DECISIONS_SCHEMA)
+            conn.execute("CREATE INDEX IF NOT EXISTS decisions_by_key ON decisions "
+                         "(graph_hash, input_sig, settings_key, device_fp, agent_version)")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -285,6 +303,46 @@ class Cache:
              measurement.p90, measurement.p99, measurement.min, measurement.max,
              canonical_json(record), measurement.created_at))
         return cursor.rowcount
+
+    # ------------------------------------------------------------ decisions
+
+    def put_decision(self, key: MeasurementKey, decision: Decision,
+                     samples_ms: Sequence[float]) -> None:
+        """Store a measured decision with its evidence (the runs behind it); only ever read
+        back as a decision."""
+        if decision.source != "measured":
+            raise ValueError(f"only measured decisions are stored, not {decision.source!r} ones")
+        record = dict(decision.to_dict(), samples_ms=list(samples_ms))
+        with self._write("store a decision") as conn:
+            conn.execute("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (*key.values(), decision.median_ms, canonical_json(record),
+                          decision.created_at))
+
+    def decisions(self, key: MeasurementKey) -> List[Decision]:
+        """The decisions stored under `key`, newest first, as source="cached"."""
+        rows = self._query("read decisions", f"SELECT record FROM decisions WHERE {_KEY_WHERE} "
+                           "ORDER BY rowid DESC", key.values())
+        found = []
+        for (record,) in rows:
+            try:
+                data = json.loads(record)
+                data.pop("samples_ms", None)
+                found.append(Decision.from_dict(data).with_source("cached"))
+            except (ValueError, TypeError, KeyError):  # a damaged row is evidence of nothing
+                continue
+        return found
+
+    def decided_medians_by_sample(self, space_fp: str, input_sig: str, settings_key: str,
+                                  device_fp: str, agent_version: str) -> Dict[str, float]:
+        """{sample key: median of its newest decision} for the indexed samples of a space."""
+        rows = self._query(
+            "read decisions",
+            "SELECT s.sample, d.median FROM samples s JOIN decisions d "
+            "ON d.graph_hash = s.graph_hash AND d.input_sig = s.input_sig "
+            "WHERE s.space_fp = ? AND s.input_sig = ? AND d.settings_key = ? "
+            "AND d.device_fp = ? AND d.agent_version = ? ORDER BY d.rowid",
+            (space_fp, input_sig, settings_key, device_fp, agent_version))
+        return {text: value for text, value in rows if _is_json_object(text)}
 
     # ------------------------------------------------------------ reports, export, import
 

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import (Any, Callable, Deque, Dict, Generic, Iterable, Iterator, List, Mapping,
                     Optional, Protocol, Tuple, TypeVar)
@@ -35,6 +35,7 @@ from devices.registry import devices_of_kind, open_client
 from harness.cache import digest
 from harness.export import ExportedModel
 from harness.leases import DeviceHealth, DeviceLease, lease_any
+from harness.measurement import Measurement
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class MeasureRequest:
 
     settings: Mapping[str, Any]
     timeout_s: float
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # what the user set
 
     @classmethod
     def checked(cls, overrides: Optional[Mapping[str, Any]], timeout_s: float
@@ -69,9 +71,21 @@ class MeasureRequest:
             raise BadRequest(f"timeout_s must be a positive number of seconds, got "
                              f"{timeout_s!r}")
         try:
-            return cls(parse_settings(dict(overrides or {})), float(timeout_s))
+            return cls(parse_settings(dict(overrides or {})), float(timeout_s),
+                       dict(overrides or {}))
         except AgentError as exc:
             raise BadRequest(exc.message) from None
+
+    def with_settings(self, **changes: Any) -> "MeasureRequest":
+        """The same request with other settings (the stop rule's defaults apply anew)."""
+        return MeasureRequest.checked(dict(self.overrides, **changes), self.timeout_s)
+
+    def accepts(self, cached: Measurement) -> bool:
+        """Whether a cached measurement answers this request: any does for the fixed loop;
+        for stop="ci" one whose interval of the median is as tight as rel_ci asks (a +-1%
+        result answers a +-2% request, not the reverse)."""
+        return self.settings["stop"] != "ci" or \
+            cached.relative_half_width <= self.settings["rel_ci"]
 
     @property
     def settings_key(self) -> str:

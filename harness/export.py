@@ -22,6 +22,7 @@ import torch
 from onnx import numpy_helper
 
 from harness.errors import ExportError
+from harness.space import space_fingerprint
 
 OPSET = 17
 FREEZE_SEED = 0  # weights are drawn from a fixed seed, so a sample always gives the same bytes
@@ -59,6 +60,12 @@ def input_signature(dummy_input: DummyInput) -> List[Dict[str, Any]]:
     """Shapes and dtypes of the dummy input: part of every cache key."""
     return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
             for t in as_input_tuple(dummy_input)]
+
+
+def exported_space_fingerprint(space: Any, signature: List[Dict[str, Any]]) -> str:
+    """The fingerprint of a space, its input and this exporter: the sample index's key."""
+    return space_fingerprint(space, {"inputs": signature, "opset": OPSET,
+                                     "torch": torch.__version__})
 
 
 def freeze(space: Any, sample: Dict[str, Any]) -> torch.nn.Module:

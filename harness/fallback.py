@@ -12,10 +12,10 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from devices.errors import DeviceLost
-from harness.cache import Cache, MeasurementKey
+from harness.cache import Cache, MeasurementKey, canonical_json
 from harness.calibration import load_calibration
 from harness.export import DummyInput, ExportedModel
 from harness.measurement import Measurement
@@ -48,6 +48,19 @@ class PredictionFallback:
         self._predictor: Optional[NnMeterProfiler] = None
         self._answers: Dict[tuple, Measurement] = {}
         self._unreachable_until = 0.0
+
+    @classmethod
+    def of(cls, profiler: Any, mode: str, predictor: Union[str, Path, None], offline: bool,
+           retry_s: float) -> "PredictionFallback":
+        """The fallback of a LatencyProfiler (its space, device, cache and export step)."""
+        return cls(mode, space=profiler.space, dummy_input=profiler.dummy_input,
+                   device=profiler.device, devices=getattr(profiler.pool, "devices", []),
+                   home=profiler.home, cache=profiler.cache,
+                   space_fp=profiler.space_fingerprint,
+                   input_sig=canonical_json(profiler.input_signature),
+                   settings_key=profiler.settings_key, export=profiler._export,
+                   counters=profiler.counters, predictor=predictor, offline=offline,
+                   refresh=profiler.refresh, retry_s=retry_s)
 
     def active(self) -> bool:
         """Predict without trying the device: offline, or it was lost less than retry_s ago."""

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from agents.ort_agent import median_interval
 from devices.agent_result import AgentResult
 
 SOURCES = ("measured", "cached", "predicted")
@@ -49,6 +50,7 @@ class Provenance:
     device_state: Dict[str, Any] = field(default_factory=dict)
     device_control: Optional[Dict[str, Any]] = None
     extra_flags: List[str] = field(default_factory=list)
+    stop: Optional[Dict[str, Any]] = None  # the stop rule, why it stopped, looks, drift
     # the host's side: lease window (wall-clock seconds), export, model, process
     wall_ms: Optional[float] = None
     lease: Optional[List[float]] = None
@@ -119,7 +121,7 @@ class Measurement:
             wall_ms=(lease[1] - lease[0]) * 1e3 if lease else None,
             lease=list(lease) if lease else None, export_ms=export_ms,
             model_sha256=model_sha256, model_bytes=model_bytes, isolation=isolation,
-            host_pid=os.getpid(), farm_host=result.host)
+            host_pid=os.getpid(), farm_host=result.host, stop=dict(result.stop) or None)
         return cls(samples_ms=result.samples_ms, source="measured", device=result.device,
                    graph_hash=graph_hash, load_ms=result.load_ms,
                    first_run_ms=result.first_run_ms, input_signature=tuple(input_signature),
@@ -175,6 +177,35 @@ class Measurement:
         """Coefficient of variation: standard deviation over mean."""
         return self.stdev / self.mean if self.mean > 0 else 0.0
 
+    def median_interval(self, confidence: float = 0.95) -> Tuple[float, float]:
+        """The distribution-free interval of the median (order statistics of the runs) at
+        `confidence`; the whole range of the runs when there are too few for it."""
+        interval = median_interval(sorted(self.samples_ms), confidence)
+        return interval if interval is not None else (self.min, self.max)
+
+    @cached_property
+    def relative_half_width(self) -> float:
+        """How far the 95% interval of the median reaches from it, as a share of it (the
+        precision `stop="ci"` asks of `rel_ci`); inf for a prediction or a single run."""
+        if self.source == "predicted" or self.n < 2 or self.median <= 0:
+            return math.inf
+        low, high = self.median_interval(0.95)
+        return max(self.median - low, high - self.median) / self.median
+
+    @property
+    def fixed_loop_device_s(self) -> float:
+        """About what this measurement would have cost with the fixed loop (at least 50 runs
+        and 1 s, at most 20 s): its device time with the timed loop swapped for that one."""
+        fixed_loop_ms = min(max(50 * self.median, 1000.0), 20000.0)
+        return max(self.device_s - (self.provenance.loop_ms or 0.0) / 1e3, 0.0) + fixed_loop_ms / 1e3
+
+    @property
+    def device_s(self) -> float:
+        """Device time this measurement took: the time its device was leased (0 for a
+        prediction)."""
+        lease = self.provenance.lease
+        return float(lease[1] - lease[0]) if lease else 0.0
+
     def statistic(self, name: str) -> float:
         """One of STATISTICS by name (what `LatencyProfiler(statistic=...)` reports)."""
         if name not in STATISTICS:
@@ -196,7 +227,9 @@ class Measurement:
         if self.source == "predicted" and not self.provenance.calibration:
             flags.append("uncalibrated prediction")
         if self.provenance.capped:
-            flags.append("capped: max_time_ms reached before min_runs/min_time_ms")
+            flags.append("capped: max_time_ms reached before the stop rule held")
+        if (self.provenance.stop or {}).get("drift"):
+            flags.append("drifting: the first and second half of the runs disagree")
         flags.extend(self.provenance.extra_flags)
         return tuple(flags)
 

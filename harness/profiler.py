@@ -23,17 +23,22 @@ from devices.agent_result import AgentResult
 from devices.errors import BadRequest, DeviceLost
 from harness.batch import answer_all
 from harness.cache import Cache, MeasurementKey, canonical_json, digest
-from harness.device_pool import DeviceIdentity, DevicePool, LocalPool, MeasureRequest
-from harness.export import (OPSET, DummyInput, ExportedModel, export_module, export_sample,
-                            input_signature)
+from harness.decider import LimitDecider
+from harness.decisions import Decision, check_limit
+from harness.device_pool import DeviceIdentity, MeasureRequest
+from harness.export import (DummyInput, ExportedModel, export_module, export_sample,
+                            exported_space_fingerprint, input_signature)
 from harness.fallback import PredictionFallback
 from harness.measurement import STATISTICS, Measurement
 from harness.paths import default_cache_path, harness_home
+from harness.pools import open_pool
 from harness.profiler_base import Profiler
 from harness.space import (ModelSpace, Sample, SampleValidator, checked_search_space,
-                           sample_key, space_fingerprint, values_by_sample)
+                           sample_key, values_by_sample)
 
 log = logging.getLogger(__name__)
+
+DECISION_CHUNK = 50  # decide_many refits the latency model after every this many samples
 
 
 class LatencyProfiler(Profiler):
@@ -42,9 +47,9 @@ class LatencyProfiler(Profiler):
     device: "local" (this machine), a registered device name, or "kind:K" for every
         registered device of kind K (jobs go to whichever is free, and fail over).
     statistic: what `profile()` returns: median (default), mean, p90, p99, min, max.
-    settings: agent settings (agents.ort_agent.DEFAULT_SETTINGS); cache: a Cache, a path, or
-        None for $HARNESS_HOME/cache.sqlite; isolation: "worker" keeps one agent process per
-        device session, "process" starts one per measurement (~150 ms more each).
+    settings: agent settings (agents.ort_agent.DEFAULT_SETTINGS, stop rules included); cache: a
+        Cache, a path, or None for $HARNESS_HOME/cache.sqlite; isolation: "worker" (one agent
+        process per session) or "process" (one per measurement, ~150 ms more each).
     timeout_s: how long one measurement may take, counted from the lease of its device.
     refresh: measure again even when the cache has a result (the old one is kept).
     max_strikes, quarantine_s: a device failing max_strikes times in a row is left alone for
@@ -71,30 +76,18 @@ class LatencyProfiler(Profiler):
         self.home = harness_home(home)
         self.request = MeasureRequest.checked(settings, timeout_s)
         self.settings, self.settings_key = self.request.settings, self.request.settings_key
-        self._validate, self._dummy_input = SampleValidator(checked_search_space(space)), dummy_input
+        self._validate, self.dummy_input = SampleValidator(checked_search_space(space)), dummy_input
         self.input_signature = input_signature(dummy_input)
         self._input_sig = canonical_json(self.input_signature)
-        # the space, its input and the exporter: the sample index's key
-        self.space_fingerprint = space_fingerprint(space, {"inputs": self.input_signature,
-                                                           "opset": OPSET,
-                                                           "torch": torch.__version__})
-        self.cache = cache if isinstance(cache, Cache) else \
-            Cache(cache if cache is not None else default_cache_path(self.home))
+        self.space_fingerprint = exported_space_fingerprint(space, self.input_signature)
+        self.cache = cache if isinstance(cache, Cache) else Cache(cache or default_cache_path(self.home))
         self.counters: Counter = Counter()  # exports, measurements, cache_hits, predictions
         self._memo: Dict[tuple, float] = {}  # sample values in label order -> statistic
         self._lock = threading.RLock()      # export and device threads share the above
         self._identity: Optional[DeviceIdentity] = None
-        if farm is None:
-            self.pool: DevicePool = LocalPool(self.home, device, isolation, max_strikes, quarantine_s)
-        else:  # Ray is an optional extra
-            from harness.ray_pool import farm_pool
-            self.pool = farm_pool(farm, device, self.home, isolation)
-        self.fallback = PredictionFallback(
-            fallback, space=space, dummy_input=dummy_input, device=device,
-            devices=getattr(self.pool, "devices", []), home=self.home, cache=self.cache,
-            space_fp=self.space_fingerprint, input_sig=self._input_sig, settings_key=self.settings_key,
-            export=self._export, counters=self.counters, predictor=predictor, offline=offline,
-            refresh=refresh, retry_s=quarantine_s)
+        self.pool = open_pool(self.home, device, farm, isolation, max_strikes, quarantine_s)
+        self.decider = LimitDecider(self)  # the device's latency model lives there
+        self.fallback = PredictionFallback.of(self, fallback, predictor, offline, quarantine_s)
 
     # ------------------------------------------------------------ the public calls
 
@@ -125,11 +118,32 @@ class LatencyProfiler(Profiler):
         results: List[Optional[Measurement]] = [None] * len(canonical)
         try:
             self._measure_all(canonical, results, progress)
-        except DeviceLost as exc:
-            for index, sample in enumerate(canonical):
-                if results[index] is None:
-                    results[index] = self.fallback.answer(sample, exc)
+        except DeviceLost as exc:  # what the lost device left unanswered falls back
+            results = [r or self.fallback.answer(s, exc) for r, s in zip(results, canonical)]
         return results  # type: ignore[return-value]
+
+    def decide(self, sample: Mapping[str, Any], limit_ms: float, confidence: float = 0.99) -> Decision:
+        """Is the sample's median latency below `limit_ms`? Measured only until the interval of
+        the median settles it (harness.decisions: how, and the error rate it guarantees)."""
+        return self.decide_many([sample], limit_ms, confidence, progress=False)[0]
+
+    def decide_many(self, samples: Iterable[Mapping[str, Any]], limit_ms: float,
+                    confidence: float = 0.99, progress: Optional[bool] = None) -> List[Decision]:
+        """decide() over many samples, in input order, pipelined and pooled like measure_many;
+        the device's latency model refits between chunks as the measurements come in."""
+        decisions = self.decider.start(*check_limit(limit_ms, confidence))
+        canonical = [self._validate(sample) for sample in samples]
+        results: List[Any] = []
+        for start in range(0, len(canonical), DECISION_CHUNK):  # cache and model, then device
+            answers = [decisions.known(start + i, s, self._indexed(s))
+                       for i, s in enumerate(canonical[start:start + DECISION_CHUNK])]
+            answer_all(canonical[start:start + DECISION_CHUNK], answers, progress=progress,
+                       what=f"deciding on {self.device}", export=self._export,
+                       cached=decisions.cached, pool=self.pool, request=decisions.request,
+                       store=decisions.store)
+            results += answers
+            self.decider.refit()
+        return decisions.finish(results)
 
     def measure_module(self, module: torch.nn.Module, dummy_input: DummyInput) -> Measurement:
         """Latency of any module (a block of a lookup table, say) on this profiler's device,
@@ -147,7 +161,7 @@ class LatencyProfiler(Profiler):
                 self.cache.put_device(self._identity.fingerprint,
                                       dict(self._identity.facts.identity))
                 log.info("%s is %s", self.device, self._identity.facts.identity.get("cpu_model"))
-                if not self.refresh:
+                if not self.refresh and self.request.settings["stop"] == "fixed":
                     self._memo.update(values_by_sample(self.cache.statistics_by_sample(
                         self.space_fingerprint, self._input_sig, self.settings_key,
                         self._identity.fingerprint, self._identity.agent_version,
@@ -193,7 +207,7 @@ class LatencyProfiler(Profiler):
 
     def _export(self, sample: Sample) -> ExportedModel:
         """Step 3: freeze, export and hash; the index learns sample -> graph hash."""
-        exported = export_sample(self.space, sample, self._dummy_input)
+        exported = export_sample(self.space, sample, self.dummy_input)
         self.counters["exports"] += 1  # only the export thread counts exports
         self.cache.put_sample(self.space_fingerprint, self._input_sig, sample_key(sample),
                               exported.graph_hash)
@@ -202,6 +216,8 @@ class LatencyProfiler(Profiler):
     def _cached(self, graph: Optional[str], input_sig: Optional[str] = None) -> Optional[Measurement]:
         """Step 4: the cached measurement of a graph on this device, if any."""
         cached = self.cache.get(self._key(graph, input_sig)) if graph is not None else None
+        if cached is not None and not self.request.accepts(cached):
+            return None  # not as precise as asked: measured again, and the new one kept
         if cached is not None:
             with self._lock:  # the export thread and the caller's both ask the cache
                 self.counters["cache_hits"] += 1

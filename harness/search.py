@@ -311,3 +311,27 @@ class RangeProfilerFilter:
         value = self.profiler.profile(sample)
         return ((self.min is None or value >= self.min)
                 and (self.max is None or value <= self.max))
+
+
+class LatencyLimit:
+    """A ready predicate for searches: True when a sample's median latency is below `max_ms`
+    on the profiler's device, decided with `confidence` for as little device time as that
+    needs (LatencyProfiler.decide). Use it in our Filter, or in NNI's:
+    `Filter(lambda model: limit(model.sample))`. Every decision is kept in `decisions`, so a
+    search can report device time spent and the answers' sources."""
+
+    def __init__(self, profiler: Any, max_ms: float, confidence: float = 0.99):
+        self.profiler = profiler
+        self.max_ms = max_ms
+        self.confidence = confidence
+        self.decisions: List[Any] = []
+
+    def __call__(self, sample: Mapping[str, Any]) -> bool:
+        decision = self.profiler.decide(sample, self.max_ms, self.confidence)
+        self.decisions.append(decision)
+        return decision.below
+
+    @property
+    def device_s(self) -> float:
+        """Device time the decisions so far cost."""
+        return sum(d.device_s for d in self.decisions)
