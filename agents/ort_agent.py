@@ -566,17 +566,17 @@ def _median_of(ordered):
 
 def drifting(samples, rel_ci):
     """Whether the runs drift (the first and the second half disagree, as under thermal
-    throttling): their medians' 95% intervals do not overlap and differ by more than the
-    precision asked for. A drifting loop is never stopped early."""
+    throttling): their medians differ by more than the precision asked for and, once each
+    half has enough runs for it, their 95% intervals do not overlap. A drifting loop is never
+    stopped early (with few runs this errs towards running on, which only costs runs)."""
     half = len(samples) // 2
-    if half < 10:
+    if half < 2:
         return False
     first, second = sorted(samples[:half]), sorted(samples[half:])
-    a, b = median_interval(first, 0.95), median_interval(second, 0.95)
-    if a is None or b is None:
+    if abs(_median_of(second) - _median_of(first)) <= rel_ci * _median_of(sorted(samples)):
         return False
-    gap = abs(_median_of(second) - _median_of(first))
-    return (a[1] < b[0] or b[1] < a[0]) and gap > rel_ci * _median_of(sorted(samples))
+    a, b = median_interval(first, 0.95), median_interval(second, 0.95)
+    return a is None or b is None or a[1] < b[0] or b[1] < a[0]
 
 
 def look_confidence(confidence, look):

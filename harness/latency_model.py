@@ -19,7 +19,7 @@ import numpy as np
 
 from harness.additive import chosen_blocks, distinct_blocks
 from harness.export import DummyInput, as_input_tuple
-from harness.space import ModelSpace, Sample
+from harness.space import ModelSpace, Sample, checked_search_space
 
 MIN_MEASUREMENTS = 20   # fewer than this: the model does not fit, and says so
 CALIBRATION_SHARE = 0.5  # of the measurements, held out to calibrate the intervals
@@ -42,7 +42,7 @@ def featurizer(space: ModelSpace, dummy_input: DummyInput,
                 vector[index[block.key]] += 1.0
             return vector
         return blocks
-    choices = space.search_space()
+    choices = checked_search_space(space)
     slots = {(label, repr(value)): i for i, (label, value) in enumerate(
         (label, value) for label in labels for value in choices[label])}
 

@@ -55,3 +55,31 @@ def test_inside_nni_chain_random_filter():
     strategy(RawFormatModelSpace.from_model(space, FunctionalEvaluator(evaluate)), engine)
     evaluated = [m.sample for m in engine.list_models()]
     assert sorted((s["conv"], s["act"]) for s in evaluated) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_latency_limit_inside_nni_filter():
+    """harness.search.LatencyLimit as the predicate of NNI's own Filter middleware: what NNI
+    evaluates is exactly what the device decided to be below the limit."""
+    from nni.nas.evaluator import FunctionalEvaluator
+    from nni.nas.execution import SequentialExecutionEngine
+    from nni.nas.space import RawFormatModelSpace
+    from nni.nas.strategy import Random
+    from nni.nas.strategy.middleware import Chain, Filter
+
+    from harness.search import LatencyLimit
+
+    space, x = NniNet(), torch.randn(1, 3, 16, 16)
+    with LatencyProfiler(space, x, settings=FAST) as latency:
+        medians = {(c, a): latency.measure({"conv": c, "act": a}).median
+                   for c in range(3) for a in range(2)}
+        limit = LatencyLimit(latency, max(medians.values()) * 20)  # every subnet passes
+
+        def evaluate(model):
+            nni.report_final_result(1.0)
+
+        engine = SequentialExecutionEngine(max_model_count=6)
+        strategy = Chain(Random(dedup=True), Filter(lambda m: limit(m.sample)))
+        strategy(RawFormatModelSpace.from_model(space, FunctionalEvaluator(evaluate)), engine)
+    evaluated = sorted((m.sample["conv"], m.sample["act"]) for m in engine.list_models())
+    assert evaluated == sorted(medians) and all(d.below for d in limit.decisions)
+    assert {d.source for d in limit.decisions} == {"cached"}  # answered by the measurements

@@ -1,0 +1,233 @@
+"""Stopping on precision, deciding limits, and the device's latency model: correctness only.
+
+The statistics are checked on known and synthetic data (a fake clock drives the agent's own
+loop); decisions are checked on the real local device."""
+import math
+import random
+
+import numpy as np
+import pytest
+
+from agents.ort_agent import median_interval, parse_settings, timed_loop
+from harness import BadRequest, LatencyProfiler, random_samples
+from harness.cache import Cache
+from harness.latency_model import MIN_MEASUREMENTS, LatencyModel
+from harness.search import Chain, Filter, LatencyLimit, Random, SearchExhausted, run_search
+from tests.conftest import FAST
+
+
+# ---------------------------------------------------------------- the interval of the median
+
+def test_interval_of_the_median_on_known_data():
+    # n = 10 at 95%: P(Bin(10, 1/2) <= 1) = 0.0107 <= 0.025 < P(<= 2) = 0.0547, so the
+    # interval runs from the 2nd to the 9th order statistic
+    assert median_interval(list(range(1, 11)), 0.95) == (2, 9)
+    # n = 100 at 95%: the 40th and 61st order statistics (the textbook table)
+    assert median_interval(list(range(1, 101)), 0.95) == (40, 61)
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0], 0.95) is None  # too few for 95%
+
+
+@pytest.mark.parametrize("n", [12, 60, 1500])
+def test_interval_of_the_median_covers_at_least_nominally(n):
+    rng = random.Random(n)
+    trials = 1500 if n < 1000 else 300
+    covered = 0
+    for _ in range(trials):
+        runs = sorted(rng.lognormvariate(0.0, 0.6) for _ in range(n))  # true median 1.0
+        low, high = median_interval(runs, 0.95)
+        covered += low <= 1.0 <= high
+    assert covered / trials >= 0.95 - 3 * math.sqrt(0.05 * 0.95 / trials)
+
+
+# ---------------------------------------------------------------- the agent's stop rules
+
+class FakeClock:
+    """The agent's loop timed against a clock that `run` advances, so tests are exact."""
+
+    def __init__(self, seed=0):
+        self.now = 0.0
+        self.rng = random.Random(seed)
+        self.runs = 0
+
+    def __call__(self):
+        return self.now
+
+    def stable(self, seconds=0.010, spread=0.02):
+        def run():
+            self.runs += 1
+            self.now += seconds * (1 + spread * self.rng.gauss(0, 1))
+        return run
+
+    def drifting(self, seconds=0.010, growth=0.005):
+        def run():  # each run slower than the last: a device heating up
+            self.runs += 1
+            self.now += seconds * (1 + growth * self.runs) * (1 + 0.005 * self.rng.gauss(0, 1))
+        return run
+
+
+def test_ci_rule_stops_early_on_stable_runs():
+    clock = FakeClock()
+    samples, _, stop = timed_loop(clock.stable(), parse_settings({"stop": "ci"}), clock)
+    fixed, _, _ = timed_loop(clock.stable(), parse_settings({}), clock)
+    assert stop["reason"] == "precise" and not stop["drift"]
+    assert 10 <= len(samples) < len(fixed) / 2
+    low, high = median_interval(sorted(samples), 0.95)
+    median = float(np.median(samples))
+    assert max(median - low, high - median) <= 0.01 * median
+
+
+def test_ci_rule_keeps_going_on_drifting_runs_and_flags_them():
+    clock = FakeClock()
+    settings = parse_settings({"stop": "ci", "max_time_ms": 4000.0})
+    samples, elapsed, stop = timed_loop(clock.drifting(), settings, clock)
+    assert stop["reason"] == "max_time" and stop["drift"]
+    assert elapsed >= 4.0
+
+
+def test_limit_rule_settles_fast_far_from_the_limit_and_measures_fully_at_it():
+    clock = FakeClock()
+    far = parse_settings({"stop": "limit", "limit_ms": 15.0, "confidence": 0.99})
+    samples, _, stop = timed_loop(clock.stable(), far, clock)
+    assert stop["reason"] == "settled" and len(samples) <= 25
+    near = parse_settings({"stop": "limit", "limit_ms": 10.02, "confidence": 0.99})
+    samples, _, stop = timed_loop(clock.stable(), near, clock)
+    assert stop["reason"] == "precise" and len(samples) > 10
+
+
+@pytest.mark.parametrize("settings,name", [
+    ({"rel_ci": 0.0}, "rel_ci"), ({"rel_ci": float("nan")}, "rel_ci"),
+    ({"confidence": 1.0}, "confidence"), ({"min_time_ms": float("nan")}, "min_time_ms"),
+    ({"max_time_ms": float("inf")}, "max_time_ms"), ({"stop": "limit"}, "limit_ms"),
+    ({"stop": "sometimes"}, "stop")])
+def test_bad_stop_settings_are_user_errors_naming_the_setting(tiny, settings, name):
+    with pytest.raises(BadRequest, match=name):
+        LatencyProfiler(tiny, tiny.dummy_input(), settings=settings)
+
+
+@pytest.mark.parametrize("limit,confidence,name", [
+    (float("nan"), 0.99, "limit_ms"), (-1.0, 0.99, "limit_ms"), (float("inf"), 0.99, "limit_ms"),
+    (5.0, 1.0, "confidence"), (5.0, 0.0, "confidence")])
+def test_bad_limits_are_user_errors_naming_the_setting(tiny, limit, confidence, name):
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as profiler:
+        with pytest.raises(BadRequest, match=name):
+            profiler.decide(random_samples(tiny, 1)[0], limit, confidence)
+
+
+# ---------------------------------------------------------------- decisions on a real device
+
+@pytest.fixture
+def reference(tiny, tmp_path):
+    """One sample and its median on this machine, measured into a cache of its own."""
+    sample = random_samples(tiny, 1, seed=7)[0]
+    with LatencyProfiler(tiny, tiny.dummy_input(), cache=tmp_path / "reference.sqlite",
+                         settings=dict(FAST, min_runs=200)) as profiler:
+        return sample, profiler.measure(sample).median
+
+
+def test_decide_far_below_and_far_above_the_limit(tiny, reference):
+    sample, median = reference
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as profiler:
+        below = profiler.decide(sample, median * 20)
+        above = profiler.decide(random_samples(tiny, 1, seed=7)[0], median / 20)
+    assert below.below and below.settled and below.source == "measured"
+    assert below.interval_ms[1] < median * 20 and below.device_s > 0
+    assert not above.below and above.settled and above.source == "cached"  # its evidence
+    assert above.interval_ms[0] > median / 20
+    assert below.runs < 200  # it stopped long before a full measurement's runs
+
+
+def test_decide_at_the_limit_measures_to_full_precision_and_says_so(tiny, reference):
+    sample, median = reference
+    with LatencyProfiler(tiny, tiny.dummy_input(),
+                         settings=dict(FAST, rel_ci=0.05, max_time_ms=3000.0)) as profiler:
+        decision = profiler.decide(sample, median, confidence=0.999)
+    low, high = decision.interval_ms
+    if decision.settled:  # the device drifted off the reference median: fine, but consistent
+        assert decision.below == (high < median)
+    else:
+        assert low <= median <= high and "noise of the limit" in decision.reason
+        assert decision.below == (decision.median_ms < median)
+
+
+def test_decisions_are_reused_and_never_served_as_measurements(tiny, home, reference):
+    sample, median = reference
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as profiler:
+        first = profiler.decide(sample, median * 20)
+        again = profiler.decide(sample, median * 20)
+        wider = profiler.decide(sample, median * 40)  # the same interval settles it too
+        assert first.source == "measured" and again.source == wider.source == "cached"
+        assert again.device_s == wider.device_s == 0.0 and again.below and wider.below
+        key = profiler.cache_key(profiler.graph_hash(sample))
+        assert profiler.cache.get(key) is None  # a decision is not a measurement
+        measured = profiler.measure(sample)
+        assert measured.source == "measured" and measured.n >= 5
+    with Cache(home / "cache.sqlite") as cache:
+        assert cache.stats()["measurements"] == 1 and len(cache.decisions(key)) == 1
+
+
+def test_a_cached_result_answers_a_ci_request_only_when_precise_enough(tiny):
+    sample = random_samples(tiny, 1, seed=3)[0]
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=dict(FAST, min_runs=10)) as loose:
+        first = loose.measure(sample)
+    strict = dict(stop="ci", rel_ci=first.relative_half_width / 4, max_time_ms=2000.0)
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=strict) as profiler:
+        assert profiler.measure(sample).source == "measured"  # not as precise: measured again
+    lenient = dict(stop="ci", rel_ci=0.99)
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=lenient) as profiler:
+        assert profiler.measure(sample).source == "cached"
+
+
+def test_latency_limit_filters_a_search(tiny, reference):
+    """Below a generous limit every sample passes; below an impossible one none does."""
+    _, median = reference
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as profiler:
+        generous = LatencyLimit(profiler, median * 50)
+        result = run_search(Chain(Random(tiny, seed=1), Filter(generous)), lambda s: 0.0, 4)
+        assert len(result.history) == 4 and all(d.below for d in generous.decisions)
+        assert generous.device_s > 0
+        impossible = LatencyLimit(profiler, median / 1000)
+        search = Chain(Random(tiny, seed=2), Filter(impossible, patience=3))
+        with pytest.raises(SearchExhausted):
+            search.propose()
+        assert [d.below for d in impossible.decisions] == [False] * 3
+
+
+# ---------------------------------------------------------------- the latency model
+
+def synthetic(n, rng, noise=0.05):
+    """Samples of 6 binary features with a known additive latency and multiplicative noise."""
+    weights = np.array([1.0, 2.0, 0.5, 3.0, 1.5, 0.7])
+    samples = [{"x": tuple(rng.integers(0, 2, size=6))} for _ in range(n)]
+    truth = [1.0 + float(np.dot(s["x"], weights)) for s in samples]
+    measured = [t * math.exp(noise * rng.standard_normal()) for t in truth]
+    return samples, measured
+
+
+def featurize(sample):
+    return np.array(list(sample["x"]) + [1.0], dtype=float)
+
+
+def test_conformal_intervals_cover_at_the_nominal_rate():
+    rng = np.random.default_rng(0)
+    for coverage in (0.8, 0.9):
+        hits = total = 0
+        for seed in range(40):
+            model = LatencyModel(featurize)
+            train, medians = synthetic(200, rng)
+            assert model.fit(train, medians, seed=seed)
+            test, truth = synthetic(100, rng)
+            for sample, value in zip(test, truth):
+                prediction = model.predict(sample, coverage)
+                hits += prediction.low_ms <= value <= prediction.high_ms
+                total += 1
+        assert abs(hits / total - coverage) < 0.03, (coverage, hits / total)
+
+
+def test_the_model_does_not_fit_on_too_few_measurements_and_says_so():
+    rng = np.random.default_rng(1)
+    model = LatencyModel(featurize)
+    samples, medians = synthetic(MIN_MEASUREMENTS - 1, rng)
+    assert not model.fit(samples, medians) and model.predict(samples[0], 0.5) is None
+    samples, medians = synthetic(MIN_MEASUREMENTS, rng)
+    assert model.fit(samples, medians)
+    assert model.predict(samples[0], 0.999) is None  # too few held out for that coverage
