@@ -19,11 +19,15 @@
     perf_test = "~/android/onnxruntime_perf_test"   # host path of an Android build (perf-test)
     max_temp_c = 45.0                # wait until the hottest CPU zone is below this
 """
+import errno
+import json
+import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import paramiko
 import tomli_w
@@ -76,6 +80,93 @@ class DeviceConfig:
         return data
 
 
+class RegistryError(BadRequest):
+    """devices.toml (or the folder it lives in) cannot be used as it is; the message names the
+    file and the field."""
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+# What each field of a [devices.NAME] table must hold: a test, and how a person says it.
+FIELD_CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "transport": (lambda v: v in TRANSPORTS, "one of " + ", ".join(map(json.dumps, TRANSPORTS))),
+    "address": (_text, 'a text like "pi@10.0.0.7" (ssh) or a serial (adb)'),
+    **{key: (_text, "a text") for key in ("key", "jump", "python", "workdir", "kind",
+                                         "perf_test", "lock")},
+    "connect_timeout": (lambda v: _number(v) and v > 0, "a positive number of seconds"),
+    "cool_timeout_s": (lambda v: _number(v) and v >= 0, "a number of seconds (0 or more)"),
+    "adb_port": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536,
+                 "a port number from 1 to 65535"),
+    "agent": (lambda v: v in AGENTS, "one of " + ", ".join(map(json.dumps, AGENTS))),
+    "max_temp_c": (_number, "a number of degrees Celsius"),
+    "pin_big_cores": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _shown(value: object) -> str:
+    """A value as it is written in TOML (near enough for a message)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _checked_entry(path: Path, name: object, entry: object) -> Dict[str, Any]:
+    """One [devices.NAME] table, its fields checked; RegistryError names the file and field."""
+    bare = isinstance(name, str) and re.match(r"^[A-Za-z0-9_-]+$", name)
+    table = f"[devices.{name if bare else _shown(name)}]"
+    fix = (f"correct the {table} table in {path} by hand (or delete the table and add the "
+           f"device again with 'harness devices add')")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in BUILTIN_DEVICES:
+        raise RegistryError(f"{path}: {table} is not a device name harness accepts",
+                            fix="rename the table: letters, digits, '.', '_' or '-', not 'local'")
+    if not isinstance(entry, dict):
+        raise RegistryError(f"{path}: devices.{name} = {_shown(entry)} is not a table",
+                            fix=fix)
+    for key in ("transport", "address"):
+        if key not in entry:
+            raise RegistryError(f"{path}: device {name!r} needs 'transport' and 'address' "
+                                f"({table} has no {key})", fix=fix)
+    for key, value in entry.items():
+        if key in FIELD_CHECKS and not FIELD_CHECKS[key][0](value):
+            raise RegistryError(f"{path}: {table} {key} = {_shown(value)} is not "
+                                f"{FIELD_CHECKS[key][1]}", fix=fix)
+    if entry["transport"] == "ssh":
+        for key in ("address", "jump"):
+            if key in entry:
+                try:
+                    Endpoint.parse(str(entry[key]))
+                except BadRequest as exc:
+                    raise RegistryError(f"{path}: {table} {key}: {exc.message}", fix=fix) \
+                        from None
+    return entry
+
+
+@contextmanager
+def _writing(home: Path, what: Path) -> Iterator[None]:
+    """Turn the OS's refusal to write under the home folder into a RegistryError."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+            fix = (f"{home} (or a folder above it) is a file: point $HARNESS_HOME at a folder "
+                   f"(it is created if missing), or move the file aside")
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = (f"make {home} writable for this user, or point $HARNESS_HOME at a "
+                   f"writable folder")
+        else:
+            fix = f"check {home}: free space, permissions, and that it is a folder"
+        raise RegistryError(f"cannot write {what}: {reason}", fix=fix) from None
+
+
 def registry_path(home: Path) -> Path:
     return Path(home) / "devices.toml"
 
@@ -97,16 +188,23 @@ def load_devices(home: Path) -> Dict[str, DeviceConfig]:
         return {}
     try:
         data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise RegistryError(f"cannot read {path}: {exc.strerror or exc}",
+                            fix=f"make {path} readable for this user, or point $HARNESS_HOME "
+                                f"at another folder") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"{path} is not valid TOML: {exc}",
+        raise RegistryError(f"{path} is not valid TOML: {exc}",
                          fix=f"correct {path} by hand, or move it aside and add the devices "
                              f"again") from None
     devices = {}
     known = {f for f in DeviceConfig.__dataclass_fields__ if f not in ("name", "extra")}
-    for name, entry in (data.get("devices") or {}).items():
-        if not isinstance(entry, dict) or "transport" not in entry or "address" not in entry:
-            raise BadRequest(f"{path}: device {name!r} needs 'transport' and 'address'",
-                             fix=f"correct the [devices.{name}] table in {path}")
+    tables = data.get("devices", {})
+    if not isinstance(tables, dict):
+        raise RegistryError(f"{path}: devices = {_shown(tables)} is not a table of devices",
+                            fix=f"write each device as a [devices.NAME] table in {path}, or "
+                                f"move the file aside and add the devices again")
+    for name, entry in tables.items():
+        entry = _checked_entry(path, name, entry)
         fields = {k: v for k, v in entry.items() if k in known}
         extra = {k: v for k, v in entry.items() if k not in known}
         devices[name] = DeviceConfig(name=name, extra=extra, **fields)
@@ -115,11 +213,16 @@ def load_devices(home: Path) -> Dict[str, DeviceConfig]:
 
 def save_devices(home: Path, devices: Dict[str, DeviceConfig]) -> None:
     path = registry_path(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + f".{os.getpid()}.part")
-    partial.write_text(tomli_w.dumps({"devices": {n: d.to_toml() for n, d in
-                                                  sorted(devices.items())}}))
-    os.replace(partial, path)
+    text = tomli_w.dumps({"devices": {n: d.to_toml() for n, d in sorted(devices.items())}})
+    with _writing(Path(home), path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            partial.write_text(text)
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
 
 
 def add_device(home: Path, config: DeviceConfig, replace: bool = False) -> None:
@@ -191,6 +294,10 @@ def open_transport(name: str, home: Path) -> Transport:
                             pin_big_cores=config.pin_big_cores, max_temp_c=config.max_temp_c,
                             cool_timeout_s=config.cool_timeout_s,
                             lock_path=config.lock or "/data/local/tmp/harness-device.lock")
+    if config.transport != "ssh":
+        raise RegistryError(f"{registry_path(home)}: [devices.{name}] transport = "
+                            f"{_shown(config.transport)} is not one of {', '.join(TRANSPORTS)}",
+                            fix=f"correct the transport of {name} in {registry_path(home)}")
     return SSHTransport(name, Endpoint.parse(config.address),
                         known_hosts=known_hosts_files(home), key_file=config.key,
                         jump=Endpoint.parse(config.jump) if config.jump else None,
@@ -278,6 +385,7 @@ def _trust(home: Path, name: str, endpoint: Endpoint, key: paramiko.PKey,
         del keys[entry]
         result.status = "replaced"
     keys.add(entry, key.get_name(), key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys.save(str(path))
+    with _writing(Path(home), path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys.save(str(path))
     return result

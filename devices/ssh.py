@@ -68,17 +68,20 @@ class Endpoint:
         user, at, rest = text.rpartition("@")
         if not at:
             user, rest = default_user or "", text
-        host, port = rest, 22
+        host, port_text = rest, "22"
         if rest.startswith("["):
             host, _, after = rest[1:].partition("]")
-            port = int(after[1:]) if after.startswith(":") else 22
+            port_text = after[1:] if after.startswith(":") else "22"
         elif rest.count(":") == 1:
             host, port_text = rest.split(":")
-            port = int(port_text)
         if not host or not user:
             raise BadRequest(f"SSH address {text!r} needs a user and a host",
                              fix="write it as user@host or user@host:port")
-        return cls(user, host, port)
+        if not (port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536):
+            raise BadRequest(f"SSH address {text!r} has port {port_text!r}, not a port number",
+                             fix="write it as user@host or user@host:port, with a port "
+                                 "from 1 to 65535")
+        return cls(user, host, int(port_text))
 
     def __str__(self) -> str:
         return f"{self.user}@{self.host}" + (f":{self.port}" if self.port != 22 else "")

@@ -379,10 +379,31 @@ class Cache:
         }
 
     def export_jsonl(self, path: Union[str, Path]) -> Dict[str, int]:
-        """Write every row as JSON Lines (a header line first); returns counts per type."""
+        """Write every row as JSON Lines (a header line first); returns counts per type.
+        The file appears whole or not at all: a target that is a folder, or in a folder that
+        does not exist, or a write that fails, raises CacheError and leaves nothing behind."""
         counts = {"device": 0, "sample": 0, "measurement": 0}
         target = Path(path)
-        partial = target.with_name(target.name + ".part")
+        fix = "name a file in an existing folder, e.g. 'harness cache export ./cache.jsonl'"
+        if target.is_dir():
+            raise CacheError(f"cannot export to {target}: it is a folder", fix=fix)
+        if not target.parent.is_dir():
+            what = "is not a folder" if target.parent.exists() else "does not exist"
+            raise CacheError(f"cannot export to {target}: {target.parent} {what}",
+                             fix=f"create the folder {target.parent} first, or {fix}")
+        partial = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            self._export_rows(partial, counts)
+            partial.replace(target)
+        except OSError as exc:
+            raise CacheError(f"cannot write the export {target}: {exc.strerror or exc}",
+                             fix="check the folder's permissions and free space, or " + fix) \
+                from None
+        finally:
+            partial.unlink(missing_ok=True)
+        return counts
+
+    def _export_rows(self, partial: Path, counts: Dict[str, int]) -> None:
         with self._lock, self._guard("export"), open(partial, "w") as out:
             out.write(canonical_json({"type": EXPORT_FORMAT, "version": SCHEMA_VERSION}) + "\n")
             for fp, identity, first_seen in self._conn.execute("SELECT * FROM devices"):
@@ -404,8 +425,6 @@ class Cache:
                                           "key": key.to_dict(),
                                           "measurement": json.loads(row[6])}) + "\n")
                 counts["measurement"] += 1
-        partial.replace(target)
-        return counts
 
     def import_jsonl(self, path: Union[str, Path]) -> "ImportCounts":
         """Read an export and add its rows in one transaction, in the file's order (so what

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence
 
-from devices.errors import DeviceError
+from devices.errors import BadRequest, DeviceError
 from harness.cache import Cache
 from harness.errors import HarnessError
 from harness.measurement import STATISTICS, Measurement
@@ -26,6 +26,9 @@ from harness.paths import default_cache_path
 log = logging.getLogger(__name__)
 
 SHOWN_SKIPPED_ROWS = 10  # `cache import` names this many skipped rows, then counts the rest
+# Samples of one command: every sample is drawn (and kept) before the first is measured, so
+# a count far beyond any sweep (200 million) would fill memory before anything happens.
+MAX_SAMPLES = 100_000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -161,6 +164,21 @@ def _space_with_input(spec: str) -> Any:
     return space
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse counts and times no run can use, before any work is done (BadRequest, USER)."""
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise BadRequest(f"--timeout {timeout} is not a positive number of seconds",
+                         fix="pass a finite time, e.g. --timeout 300")
+    for option in ("samples", "holdout"):
+        count = getattr(args, option, None)
+        if count is not None and count > MAX_SAMPLES:
+            raise BadRequest(f"--{option} {count} is more than one run takes ({MAX_SAMPLES}): "
+                             f"every sample is drawn and kept in memory before measuring starts",
+                             fix=f"profile at most {MAX_SAMPLES} at a time, with another --seed "
+                                 f"per run (every result is cached, so runs add up)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
@@ -169,6 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         handler.addFilter(lambda record: record.levelno >= logging.WARNING
                           or "nn_meter" not in record.pathname)
     try:
+        _check_numbers(args)
         if args.command == "profile":
             return _profile(args)
         if args.command == "calibrate":

@@ -21,3 +21,7 @@ class ExportError(HarnessError):
 class CacheError(HarnessError):
     """The cache file cannot be used; it is left untouched."""
 
+
+
+class HomeError(HarnessError):
+    """$HARNESS_HOME cannot be harness's home folder (it is a file, or under one)."""

@@ -222,6 +222,11 @@ def load_space(spec: str) -> ModelSpace:
         raise HarnessError(f"cannot import module {module_name!r} for space {spec!r}: {exc}",
                            fix="check the module path and that it is importable "
                                "(installed, or on PYTHONPATH)") from exc
+    except (Exception, SystemExit) as exc:  # the module's own code failed as it was imported
+        raise HarnessError(f"importing module {module_name!r} for space {spec!r} failed: "
+                           f"{type(exc).__name__}: {exc}",
+                           fix=f"fix the module; 'python -c \"import {module_name}\"' shows "
+                               f"the traceback") from exc
     try:
         target = getattr(module, attr)
     except AttributeError:

@@ -560,3 +560,220 @@ def test_a_genuine_export_round_trips_with_nothing_skipped(tmp_path, genuine):
         counts = cache.import_jsonl(write_export(tmp_path / "genuine.jsonl", rows))
     assert counts.skipped == []
     assert counts == {kind: number_of(rows, kind) for kind in ("device", "sample", "measurement")}
+
+
+# ================================================================ 5. bad input
+
+def run_cli(*args, home, env=None, timeout=300):
+    """`python -m harness.cli ARGS` as a user runs it (PYTHONPATH and other `env` added)."""
+    full = dict(os.environ, HARNESS_HOME=str(home), **(env or {}))
+    full["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-W", "ignore", "-m", "harness.cli", *args],
+                          capture_output=True, text=True, env=full, timeout=timeout)
+
+
+def one_line_error(proc, *words):
+    """The command failed with exit 1 and one 'harness: error:' with its fix, no traceback."""
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("harness: error: ") and "\n  fix: " in proc.stderr, proc.stderr
+    for word in words:
+        assert word in proc.stderr, (word, proc.stderr)
+
+
+@pytest.mark.parametrize("source, raised", [
+    ("raise RuntimeError('no GPU on this machine')\n", "RuntimeError: no GPU on this machine"),
+    ("def Space(:\n    pass\n", "SyntaxError: "),
+    ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
+])
+def test_a_space_module_that_fails_as_it_is_imported_is_named(tmp_path, monkeypatch, home,
+                                                              source, raised):
+    from harness.errors import HarnessError
+    from harness.space import load_space
+
+    module = f"broken_space_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(HarnessError) as caught:
+        load_space(f"{module}:Space")
+    assert f"importing module {module!r}" in caught.value.message
+    assert raised in caught.value.message and f"import {module}" in caught.value.fix
+    proc = run_cli("profile", "--space", f"{module}:Space", home=home,
+                   env={"PYTHONPATH": str(tmp_path)})
+    one_line_error(proc, module, raised)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--timeout", "nan"], ["USER", "--timeout nan is not a positive number of seconds"]),
+    (["--timeout", "inf"], ["USER", "--timeout inf"]),
+    (["--timeout", "0"], ["USER", "--timeout 0.0"]),
+    (["--samples", "200000000"], ["USER", "--samples 200000000", "100000", "--seed"]),
+    # Refused by the agent's own settings check (agents/ort_agent.py parse_settings, the other
+    # half of this item), which the host runs before anything is measured.
+    (["--min-time-ms", "nan"], ["USER", "min_time_ms"]),
+    (["--max-time-ms", "inf"], ["USER", "max_time_ms"]),
+])
+def test_numbers_no_run_can_use_are_user_errors_before_any_work(home, args, words):
+    started = time.monotonic()
+    proc = run_cli("profile", "--space", "harness.spaces:TinySpace", "--samples", "1", *args,
+                   home=home)
+    one_line_error(proc, *words)
+    assert time.monotonic() - started < 60  # 200 million samples were never drawn
+    if (home / "cache.sqlite").exists():
+        assert counts_of(home)[0] == 0
+
+
+@pytest.mark.parametrize("table, words", [
+    ('transport = "ssh"\naddress = 5\n', ["address = 5 is not a text"]),
+    ('transport = "ssh"\naddress = "pi@10.0.0.7:notaport"\n',
+     ["address", "port 'notaport', not a port number"]),
+    ('transport = "adb"\naddress = "2A1B0C3D"\nadb_port = "notaport"\n',
+     ['adb_port = "notaport" is not a port number']),
+    ('transport = "ssh"\naddress = "pi@10.0.0.7"\nkind = [1]\n', ["kind = [1] is not a text"]),
+    ('transport = "telnet"\naddress = "pi@10.0.0.7"\n',
+     ['transport = "telnet" is not one of "ssh", "adb"']),
+    ('transport = "ssh"\naddress = "pi@10.0.0.7"\nconnect_timeout = nan\n',
+     ["connect_timeout = NaN is not a positive number of seconds"]),
+    ('transport = "ssh"\naddress = "pi@10.0.0.7"\npin_big_cores = "yes"\n',
+     ['pin_big_cores = "yes" is not true or false']),
+])
+def test_devices_toml_fields_of_the_wrong_type_name_the_file_and_the_field(home, table, words):
+    from devices import registry
+    from devices.errors import FixableError
+
+    home.mkdir(parents=True)
+    path = home / "devices.toml"
+    path.write_text("[devices.pi]\n" + table)
+    for call in (lambda: registry.load_devices(home), lambda: registry.open_transport("pi", home),
+                 lambda: registry.open_client("pi", home)):
+        with pytest.raises(registry.RegistryError) as caught:
+            call()
+        error = caught.value
+        assert isinstance(error, FixableError) and error.kind == "USER"
+        assert error.message.startswith(f"{path}: [devices.pi] "), error.message
+        assert all(word in error.message for word in words), error.message
+        assert str(path) in error.fix
+    for args in (["devices", "check", "pi"], ["devices", "list"],
+                 ["profile", "--space", "harness.spaces:TinySpace", "--device", "pi"]):
+        one_line_error(run_cli(*args, home=home), str(path), *words)
+
+
+def test_a_devices_toml_without_device_tables_is_named(home):
+    from devices import registry
+
+    home.mkdir(parents=True)
+    path = home / "devices.toml"
+    for text, words in (("devices = 3\n", "devices = 3 is not a table of devices"),
+                        ("[devices]\npi = 3\n", "devices.pi = 3 is not a table"),
+                        ('[devices."../../victim"]\ntransport = "ssh"\naddress = "a@b"\n',
+                         '[devices."../../victim"] is not a device name')):
+        path.write_text(text)
+        with pytest.raises(registry.RegistryError) as caught:
+            registry.load_devices(home)
+        assert str(path) in caught.value.message and words in caught.value.message
+        one_line_error(run_cli("devices", "list", home=home), str(path), words)
+    assert sorted(p.name for p in home.iterdir()) == ["devices.toml"]  # no lease file made
+
+
+@pytest.mark.parametrize("where", ["is a file", "lies under"])
+def test_a_harness_home_that_is_a_file_or_under_one_is_a_typed_error(tmp_path, where):
+    from harness import LatencyProfiler
+    from harness.errors import HomeError
+    from harness.paths import harness_home
+    from harness.spaces import TinySpace
+
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine\n")
+    home = mine if where == "is a file" else mine / "harness"
+    for args in (["devices", "add", "pi", "--ssh", "pi@10.0.0.7"], ["devices", "list"],
+                 ["cache", "stats"], ["profile", "--space", "harness.spaces:TinySpace"]):
+        one_line_error(run_cli(*args, home=home), f"$HARNESS_HOME {home} {where}",
+                       f"move {mine} aside")
+    with pytest.raises(HomeError):
+        harness_home(home)
+    tiny = TinySpace()
+    with pytest.raises(HomeError):
+        LatencyProfiler(tiny, tiny.dummy_input(), home=home)
+    assert mine.read_text() == "mine\n" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_a_read_only_harness_home_for_devices_add(tmp_path):
+    home = tmp_path / "read-only home"
+    home.mkdir()
+    argv = [sys.executable, "-W", "ignore", "-m", "harness.cli", "devices", "add", "pi",
+            "--ssh", "pi@10.0.0.7"]
+    if os.geteuid() == 0:  # root writes anywhere: make the folder a read-only mount instead
+        if shutil.which("unshare") is None:
+            pytest.skip("needs unshare (util-linux) to mount the home folder read-only")
+        argv = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && '
+                'mount -o remount,bind,ro "$0" && exec "$@"', str(home), *argv]
+    else:
+        home.chmod(0o555)
+    env = dict(os.environ, HARNESS_HOME=str(home), PYTHONPATH=str(REPO))
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    one_line_error(proc, f"USER: cannot write {home / 'devices.toml'}",
+                   f"make {home} writable for this user")
+    assert "Read-only file system" in proc.stderr or "Permission denied" in proc.stderr
+    assert list(home.iterdir()) == []  # no partial file left
+
+
+@pytest.mark.parametrize("target, words", [
+    ("missing/dump.jsonl", "missing does not exist"),
+    ("a-folder", "it is a folder"),
+    ("a-file/dump.jsonl", "a-file is not a folder"),
+])
+def test_cache_export_to_a_place_that_cannot_hold_it(tmp_path, genuine, target, words):
+    folder, _, _ = genuine
+    out = tmp_path / "out"
+    (out / "a-folder").mkdir(parents=True)
+    (out / "a-file").write_text("mine\n")
+    before = sorted(out.rglob("*"))
+    with Cache(folder / "cache.sqlite") as cache, pytest.raises(CacheError) as caught:
+        cache.export_jsonl(out / target)
+    assert f"cannot export to {out / target}" in caught.value.message
+    assert words in caught.value.message and "fix" not in caught.value.message
+    proc = run_cli("--cache", str(folder / "cache.sqlite"), "cache", "export", str(out / target),
+                   home=tmp_path / "home")
+    one_line_error(proc, str(out / target), words)
+    assert sorted(out.rglob("*")) == before  # no .part file anywhere
+    assert (out / "a-file").read_text() == "mine\n"
+
+
+GARBLING_AGENT = """
+import json, subprocess, sys
+# The real agent, with every measurement's samples replaced by 1e308 ms.
+real = subprocess.Popen([sys.executable, *sys.argv[1:]], stdin=sys.stdin,
+                        stdout=subprocess.PIPE, text=True)
+for line in real.stdout:
+    answer = json.loads(line)
+    if "samples_ms" in answer:
+        answer["samples_ms"] = [1e308, 1e308]
+    print(json.dumps(answer), flush=True)
+sys.exit(real.wait())
+"""
+
+
+@pytest.mark.parametrize("isolation", ["worker", "process"])
+def test_an_agent_answering_1e308_ms_is_a_protocol_error_and_nothing_is_cached(
+        tmp_path, tiny, home, isolation):
+    from devices import AgentClient, LocalTransport
+    from devices.errors import AgentProtocolError
+    from harness import LatencyProfiler, random_samples
+    from harness.device_pool import LocalPool
+
+    agent = tmp_path / "garbling_agent.py"
+    agent.write_text(GARBLING_AGENT)
+
+    def garbled(name, _home, isolation):
+        return AgentClient(LocalTransport(tmp_path / "device", name=name,
+                                          python=[sys.executable, str(agent)]), isolation)
+
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST,
+                         isolation=isolation) as profiler:
+        profiler.pool.close()
+        profiler.pool = LocalPool(profiler.home, "local", isolation, client_factory=garbled)
+        with pytest.raises(AgentProtocolError) as caught:
+            profiler.measure(random_samples(tiny, 1, seed=4)[0])
+    assert caught.value.kind == "PROTOCOL" and "samples_ms" in caught.value.message
+    assert "1e+08" in caught.value.message  # names the bound it broke
+    assert counts_of(home)[0] == 0
