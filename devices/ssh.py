@@ -18,9 +18,10 @@ import shlex
 import socket
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import paramiko
 
@@ -30,6 +31,11 @@ from devices.remote_shell import kill_line, wrapped
 from devices.transport import DeviceControl
 
 log = logging.getLogger(__name__)
+
+# A timeout spends at most this long killing its command on the board (so it fires within
+# timeout_s + 3 s even on a stalled link); the open connection gets the first share of it.
+KILL_WITHIN_S = 2.5
+KILL_OVER_OPEN_CONNECTION_S = 1.0
 
 
 class HostKeyUnknown(DeviceError):
@@ -210,6 +216,9 @@ class SSHProcess(LineChannel):
                              device=self.device) from None
 
     def kill(self) -> None:
+        if getattr(self, "_killed", False):
+            return
+        self._killed = True
         if self.pid is not None and self.exit_code() is None:
             self._transport.kill_remote(self.pid)
         self._channel.close()
@@ -353,19 +362,32 @@ class SSHTransport:
         self._processes.append(process)
         return process
 
-    def kill_remote(self, pid: int) -> None:
-        """Kill a process we started and its process group on the board. Uses a fresh
-        connection when the old one is gone, so nothing is left running there."""
+    def kill_remote(self, pid: int, within: float = KILL_WITHIN_S) -> None:
+        """Kill a process we started and its process group on the board, in at most `within`
+        seconds: over the open connection if it answers within a second, else (it is gone
+        or stalled, and is dropped) over a fresh connection in the time left. A board that
+        cannot be reached in time is logged; its sshd ends the session once it notices."""
+        deadline = time.monotonic() + within
         command = kill_line(pid)
-
-        def kill(connection: SSHConnection) -> None:
-            _, out, _ = connection.client.exec_command(command, timeout=15)
-            out.channel.recv_exit_status()
-
-        try:
-            self._retrying(f"killing process {pid}", kill)
-        except DeviceError as exc:
-            log.warning("%s: could not kill process %d on the board: %s", self.name, pid, exc)
+        connection = self._connection
+        if connection is not None and connection.alive:
+            if _kill_over(command, min(KILL_OVER_OPEN_CONNECTION_S, within),
+                          connection=connection):
+                return
+            log.info("%s: the connection did not answer the kill of process %d; killing it "
+                     "over a fresh one", self.name, pid)
+            with self._lock:
+                if self._connection is connection:
+                    self._drop()  # stalled: also wakes whatever still waits on it
+        remaining = deadline - time.monotonic()
+        settings = dict(self._settings, connect_timeout=max(remaining, 0.1))
+        if remaining <= 0 or not _kill_over(
+                command, remaining,
+                open_fresh=lambda: SSHConnection(self.name, self.endpoint,
+                                                 **settings)):  # type: ignore[arg-type]
+            log.warning("%s: could not kill process %d on the board within %.1f s (the board "
+                        "does not answer); its sshd ends the session when it notices",
+                        self.name, pid, within)
 
     def fingerprint(self) -> Dict[str, object]:
         return {}
@@ -387,6 +409,51 @@ class SSHTransport:
         self._processes.clear()
         with self._lock:
             self._drop()
+
+
+def _kill_over(command: str, wait_s: float, connection: Optional[SSHConnection] = None,
+               open_fresh: Optional[Callable[[], SSHConnection]] = None) -> bool:
+    """Run the kill `command` over `connection` (or one `open_fresh()` makes), waiting at
+    most `wait_s` s; whether it ran. The work happens in a thread, because paramiko may wait
+    without a bound on a stalled connection; a fresh connection is closed afterwards (which
+    also ends the thread if it is still waiting)."""
+    done = threading.Event()
+    lock = threading.Lock()
+    fresh: List[Optional[SSHConnection]] = [None]
+    gave_up = [False]
+
+    def kill() -> None:
+        used = connection
+        if used is None and open_fresh is not None:
+            try:
+                used = open_fresh()
+            except DeviceError as exc:
+                log.debug("kill: no fresh connection: %s", exc)
+                return
+            with lock:
+                if gave_up[0]:
+                    used.close()
+                    return
+                fresh[0] = used
+        if used is None:
+            return
+        try:
+            channel = used.client.get_transport().open_session(timeout=wait_s)
+            channel.exec_command(command)
+            if channel.status_event.wait(wait_s):
+                done.set()
+            channel.close()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            log.debug("kill over %s failed: %s", used.endpoint, exc or type(exc).__name__)
+
+    threading.Thread(target=kill, daemon=True, name="harness-ssh-kill").start()
+    finished = done.wait(wait_s)
+    with lock:
+        gave_up[0] = True
+        opened = fresh[0]
+    if opened is not None:
+        opened.close()
+    return finished
 
 
 def fetch_host_key(host: str, port: int, timeout: float = 10.0, sock=None) -> paramiko.PKey:

@@ -187,6 +187,26 @@ def test_a_stalled_connection_times_out_and_leaves_nothing_running(tiny, home, r
     assert measurements(home) == 0
 
 
+@pytest.mark.parametrize("isolation", ["worker", "process"])
+def test_a_timeout_on_a_stalled_link_fires_within_three_seconds_of_it(tiny, home, relayed,
+                                                                      isolation):
+    """The kill is tried briefly over the stalled connection, then over a fresh one within
+    the time left: the whole failure takes timeout_s + 3 s at most (it took 26 s with 10)."""
+    relay, workdir = relayed
+    sample = random_samples(tiny, 1, seed=11)[0]
+    endless = dict(FAST, min_time_ms=20000.0, max_time_ms=30000.0)
+    with profiler(tiny, "relayed", settings=endless, timeout_s=10.0, isolation=isolation) as p:
+        p.graph_hash(sample)  # exported, and the device identified, before the clock starts
+        p.identify()
+        threading.Timer(2.0, relay.stall).start()
+        started = time.monotonic()
+        with pytest.raises(MeasurementTimeout):
+            p.profile(sample)
+        assert time.monotonic() - started < 10.0 + 3.0
+        assert leftovers(workdir, seconds=5) == []
+    assert measurements(home) == 0
+
+
 def test_a_cut_connection_reconnects_and_retries_once(tiny, home, relayed):
     relay, workdir = relayed
     with profiler(tiny, "relayed", settings=dict(FAST, min_time_ms=2500.0, max_time_ms=5000.0)) as p:
