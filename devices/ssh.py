@@ -26,8 +26,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import paramiko
 
 from devices.errors import BadRequest, DeviceError, DeviceLost, TransferError
-from devices.line_channel import LineChannel, run_to_end, upload_then_rename
-from devices.remote_shell import kill_line, wrapped
+from devices.line_channel import LineChannel, partial_name, run_to_end, upload_then_rename
+from devices.remote_shell import kill_line, quoted, wrapped
 from devices.transport import DeviceControl
 
 log = logging.getLogger(__name__)
@@ -238,10 +238,12 @@ class SSHTransport:
         self.endpoint = endpoint
         self.python = shlex.split(python)
         self._workdir = workdir
+        self.connect_timeout = connect_timeout
         self._settings = dict(known_hosts=known_hosts, key_file=key_file, jump=jump,
                               connect_timeout=connect_timeout, keepalive_s=keepalive_s)
         self._connection: Optional[SSHConnection] = None
         self._sftp: Optional[paramiko.SFTPClient] = None
+        self._has_sftp = True  # False once the board refused the SFTP subsystem
         self._home: Optional[str] = None
         self._processes: List[SSHProcess] = []
         self._lock = threading.RLock()
@@ -291,13 +293,38 @@ class SSHTransport:
     def workdir(self) -> str:
         """The absolute working folder on the board (relative paths are under $HOME)."""
         if self._home is None:
-            self._home = self._retrying("finding the home folder",
-                                        lambda c: self._sftp_client(c).normalize("."))
+            self._home = self._retrying("finding the home folder", self._find_home)
         return posixpath.join(self._home, self._workdir)
 
-    def _sftp_client(self, connection: SSHConnection) -> paramiko.SFTPClient:
-        if self._sftp is None:
-            self._sftp = connection.client.open_sftp()
+    def _find_home(self, connection: SSHConnection) -> str:
+        sftp = self._sftp_client(connection)
+        if sftp is not None:
+            return sftp.normalize(".")
+        code, out, err = _exec_plain(connection, "pwd", self.connect_timeout)
+        if code != 0 or not out.strip().startswith("/"):
+            raise DeviceLost(f"'pwd' on the board answered {out.strip()[:200]!r} (exit code "
+                             f"{code}; {err.strip()[-300:]!r}) instead of the home folder",
+                             device=self.name, fix="check that the account has a home folder "
+                                                   "and a POSIX shell")
+        return out.strip().splitlines()[-1]
+
+    def _sftp_client(self, connection: SSHConnection) -> Optional[paramiko.SFTPClient]:
+        """The SFTP session, or None on a board without the SFTP subsystem (Dropbear and
+        minimal images ship no sftp-server): files then go over an exec channel."""
+        if self._sftp is None and self._has_sftp:
+            channel = connection.client.get_transport().open_session(
+                timeout=self.connect_timeout)
+            try:
+                channel.invoke_subsystem("sftp")
+            except paramiko.SSHException:
+                channel.close()
+                if not connection.alive:
+                    raise
+                log.info("%s: the board has no SFTP subsystem; sending files over an exec "
+                         "channel", self.name)
+                self._has_sftp = False
+                return None
+            self._sftp = paramiko.SFTPClient(channel)
         return self._sftp
 
     # ------------------------------------------------------------ Transport protocol
@@ -307,6 +334,8 @@ class SSHTransport:
 
         def upload(connection: SSHConnection) -> str:
             sftp = self._sftp_client(connection)
+            if sftp is None:
+                return self._put_over_exec(connection, local_path, target, force)
             if not force:
                 try:
                     if stat.S_ISREG(sftp.stat(target).st_mode):
@@ -328,6 +357,28 @@ class SSHTransport:
             return target
 
         return self._retrying(f"upload of {Path(local_path).name}", upload)
+
+    def _put_over_exec(self, connection: SSHConnection, local_path: str, target: str,
+                       force: bool) -> str:
+        """Upload without SFTP: `cat` into a partial file, check its sha256 on the board,
+        rename it into place (the partial file is removed on any failure)."""
+        timeout = self.connect_timeout
+        if not force and _exec_plain(connection, quoted(["test", "-f", target]), timeout)[0] == 0:
+            return target
+        size = Path(local_path).stat().st_size
+        command = quoted(["sh", "-c", UPLOAD_SCRIPT, "harness-put", posixpath.dirname(target),
+                          partial_name(target), target, _sha256_of(local_path), *self.python])
+        code, _, err = _exec_plain(connection, command, timeout + size / 1e5, source=local_path)
+        if code == 3:
+            raise TransferError(f"upload of {local_path} to {target} arrived damaged "
+                                f"({err.strip()[-300:]}); nothing was kept", device=self.name,
+                                fix="retry; if it happens again, check the link and the "
+                                    "board's storage")
+        if code != 0:
+            raise TransferError(f"upload of {local_path} to {target} over an exec channel "
+                                f"failed (exit code {code}): {err.strip()[-500:]}",
+                                device=self.name)
+        return target
 
     @staticmethod
     def _makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
@@ -358,7 +409,7 @@ class SSHTransport:
 
     def spawn(self, argv: List[str]) -> SSHProcess:
         process = self._exec(argv)
-        process.read_pid(float(self._settings["connect_timeout"]) + 20)  # type: ignore[arg-type]
+        process.read_pid(self.connect_timeout + 20)
         self._processes.append(process)
         return process
 
@@ -409,6 +460,63 @@ class SSHTransport:
         self._processes.clear()
         with self._lock:
             self._drop()
+
+
+# Where the board has no SFTP: stdin into a partial file, its sha256 checked on the board
+# (sha256sum, else the board's Python, the trailing arguments), then renamed into place.
+# Arguments: folder, partial file, target, expected sha256, the Python command.
+UPLOAD_SCRIPT = """folder=$1 part=$2 target=$3 want=$4; shift 4
+mkdir -p "$folder" || exit 4
+cat > "$part" || { rm -f "$part"; exit 4; }
+if command -v sha256sum >/dev/null 2>&1; then got=$(sha256sum "$part" | cut -d" " -f1)
+else got=$("$@" -c 'import hashlib, sys
+print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$part"); fi
+if [ "$got" != "$want" ]; then
+  rm -f "$part"; echo "content hash ${got:-unknown}, expected $want" >&2; exit 3
+fi
+mv -f "$part" "$target" || { rm -f "$part"; exit 4; }"""
+
+
+def _sha256_of(path: str) -> str:
+    """Hex sha256 of a local file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _exec_plain(connection: SSHConnection, command: str, timeout: float,
+                source: Optional[str] = None) -> Tuple[int, str, str]:
+    """Run a short command over its own channel, `source`'s bytes on its stdin; (exit code,
+    stdout, stderr). socket.timeout after `timeout` s (the caller's retry treats it as a lost
+    link)."""
+    deadline = time.monotonic() + timeout
+    channel = connection.client.get_transport().open_session(timeout=timeout)
+    try:
+        channel.settimeout(timeout)
+        channel.exec_command(command)
+        if source is not None:
+            with open(source, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 15), b""):
+                    channel.sendall(block)
+        channel.shutdown_write()
+        out, err = bytearray(), bytearray()
+        while True:
+            if channel.recv_ready():
+                out += channel.recv(1 << 16)
+            elif channel.recv_stderr_ready():
+                err += channel.recv_stderr(1 << 16)
+            elif channel.status_event.is_set():
+                break
+            elif time.monotonic() > deadline:
+                raise socket.timeout(f"no answer within {timeout:.0f} s")
+            else:
+                channel.status_event.wait(0.05)
+        return (channel.recv_exit_status(), out.decode(errors="replace"),
+                err.decode(errors="replace"))
+    finally:
+        channel.close()
 
 
 def _kill_over(command: str, wait_s: float, connection: Optional[SSHConnection] = None,

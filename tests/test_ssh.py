@@ -1,6 +1,7 @@
 """SSH devices against a real OpenSSH server: on loopback, through a fault-injecting relay,
 and on test boards in network namespaces."""
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -10,7 +11,8 @@ import paramiko
 import pytest
 
 from devices import registry
-from devices.errors import AgentProtocolError, DeviceLost, LoadError, MeasurementTimeout
+from devices.errors import (AgentProtocolError, DeviceLost, LoadError, MeasurementTimeout,
+                            TransferError)
 from devices.ssh import HostKeyChanged, HostKeyUnknown, key_fingerprint
 from harness import Cache, LatencyProfiler, random_samples
 from tests.conftest import FAST, onnx_file
@@ -246,3 +248,87 @@ def test_link_cut_mid_run_is_a_typed_error_and_caches_nothing(tiny, home, board)
     with profiler(tiny, "board7") as p:
         assert p.measure(random_samples(tiny, 1, seed=10)[0]).source == "measured"
     assert leftovers(board.workdir, seconds=30) == []
+
+
+# ---------------------------------------------------------------- boards without SFTP
+
+@pytest.fixture
+def bare_sshd(tmp_path, client_key):
+    """An OpenSSH server whose config has no Subsystem line, like Dropbear and minimal images
+    that ship no sftp-server."""
+    server = testfarm.Sshd(tmp_path / "bare-sshd", "127.0.0.1", testfarm.free_port(), client_key,
+                           sftp=False)
+    assert "Subsystem" not in server.config.read_text()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nosftp(home, bare_sshd, client_key, tmp_path):
+    workdir = tmp_path / "no sftp's work"
+    register(home, "nosftp", f"root@127.0.0.1:{bare_sshd.port}", client_key, workdir)
+    yield workdir
+    testfarm.kill_all(testfarm.processes_mentioning(str(workdir)))
+
+
+def harness_cli(*args, home):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+                          text=True, env=dict(os.environ, HARNESS_HOME=str(home)), timeout=300)
+
+
+def test_a_board_without_sftp_is_checked_profiled_and_cleaned_over_exec(tiny, home, nosftp):
+    check = harness_cli("devices", "check", "nosftp", home=home)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "nosftp: ok" in check.stdout and "Channel closed" not in check.stdout + check.stderr
+    sample = random_samples(tiny, 1, seed=12)[0]
+    with profiler(tiny, "nosftp") as p:
+        assert p.measure(sample).source == "measured"
+    models = sorted((nosftp / "models").iterdir())  # check's tiny model and the sample's
+    assert len(models) == 2 and all(m.suffix == ".onnx" and len(m.stem) == 64 for m in models)
+    assert len(list((nosftp / "agent").iterdir())) == 1
+    stamp = [m.stat().st_mtime_ns for m in models]
+    with profiler(tiny, "nosftp", refresh=True) as p:
+        assert p.measure(sample).source == "measured"
+    assert [m.stat().st_mtime_ns for m in models] == stamp, "a model was sent again"
+    assert harness_cli("devices", "clean", "nosftp", home=home).returncode == 0
+    assert not (nosftp / "models").exists() and not (nosftp / "agent").exists()
+    assert leftovers(nosftp) == []
+
+
+def test_an_upload_that_arrives_damaged_is_refused_and_nothing_is_kept(home, nosftp, tiny_model,
+                                                                       monkeypatch):
+    import devices.ssh
+
+    transport = registry.open_transport("nosftp", home)
+    try:
+        # What the host believes it sends differs from what arrives, as a damaged transfer.
+        monkeypatch.setattr(devices.ssh, "_sha256_of", lambda path: "0" * 64)
+        with pytest.raises(TransferError, match="arrived damaged") as caught:
+            transport.put(str(tiny_model), "models/x.onnx")
+        assert "nothing was kept" in caught.value.message
+    finally:
+        transport.close()
+    assert list((nosftp / "models").iterdir()) == []  # neither the file nor its .part
+
+
+def test_the_exec_upload_checks_the_hash_with_python_where_sha256sum_is_missing(tmp_path,
+                                                                                tiny_model):
+    """A minimal image with a shell, cat and mv but no sha256sum: the board's Python hashes."""
+    from devices.ssh import UPLOAD_SCRIPT
+    from devices.agent_client import file_sha256
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("sh", "mkdir", "cat", "cut", "mv", "rm"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    target = tmp_path / "board" / "models" / "m.onnx"
+    for want, code in (("0" * 64, 3), (file_sha256(str(tiny_model)), 0)):
+        with open(tiny_model, "rb") as stdin:
+            done = subprocess.run([str(tools / "sh"), "-c", UPLOAD_SCRIPT, "harness-put",
+                                   str(target.parent), f"{target}.1.part", str(target), want,
+                                   sys.executable], stdin=stdin, capture_output=True, text=True,
+                                  env={"PATH": str(tools)}, timeout=60)
+        assert done.returncode == code, done.stderr
+        assert not list(target.parent.glob("*.part"))
+    assert target.read_bytes() == tiny_model.read_bytes()
