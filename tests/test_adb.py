@@ -1,6 +1,7 @@
 """ADB phones: Debian's real adb server and adbutils against the project's emulated phone."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from tests.conftest import FAST
 from tests.ssh_fixtures import testfarm
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ROOT = FIXTURES.parent.parent
 ADB = shutil.which("adb")
 needs_adb = pytest.mark.skipif(ADB is None or os.geteuid() != 0,
                                reason="needs Debian's adb and root (.ci/run installs adb)")
@@ -227,3 +229,44 @@ def test_devices_add_and_list_with_adb(home):
     bad = subprocess.run([sys.executable, "-m", "harness.cli", "devices", "add", "p2", "--adb",
                           "X", "--agent", "perf-test"], capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and "--perf-test PATH" in bad.stderr
+
+
+def start_testfarm_phone(home, port):
+    """`scripts/testfarm phone` as the README runs it, on the tests' private adb server."""
+    farm = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "testfarm"), "phone",
+                             "--port", str(port), "--adb-port", str(SERVER_PORT)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, HARNESS_HOME=str(home)))
+    lines = []
+    for line in farm.stdout:
+        lines.append(line)
+        if line.startswith("registered as phone1"):
+            return farm
+    raise AssertionError(f"testfarm phone did not start: {''.join(lines)}")
+
+
+@needs_adb
+def test_the_testfarm_phone_checks_out_of_the_box_and_is_forgotten_when_stopped(home,
+                                                                                adb_server):
+    env = dict(os.environ, HARNESS_HOME=str(home))
+    for stop in ("Ctrl-C", "testfarm stop"):
+        port = testfarm.free_port()
+        farm = start_testfarm_phone(home, port)
+        try:
+            check = subprocess.run([sys.executable, "-m", "harness.cli", "devices", "check",
+                                    "phone1"], capture_output=True, text=True, env=env,
+                                   timeout=300)
+            assert check.returncode == 0, check.stdout + check.stderr
+            assert "phone1: ok" in check.stdout
+            if stop == "Ctrl-C":
+                farm.send_signal(signal.SIGINT)
+            else:
+                subprocess.run([sys.executable, str(ROOT / "scripts" / "testfarm"), "stop"],
+                               env=env, check=True, capture_output=True, timeout=60)
+            assert farm.wait(timeout=30) == 0
+        finally:
+            if farm.poll() is None:
+                farm.kill()
+        assert "phone1" not in registry.load_devices(home), f"still registered after {stop}"
+        assert f"127.0.0.1:{port}" not in adb("devices")
+    assert not (home / "testfarm" / "state.json").exists()
