@@ -63,6 +63,26 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--offline", action="store_true",
                          help="do not contact the device: cache or prediction only")
 
+    limit = commands.add_parser(
+        "filter", help="which sampled subnets are below a latency limit (measuring only what "
+                       "the decision needs)")
+    limit.add_argument("--space", default="harness.spaces:ProxylessSpace",
+                       help="MODULE:ATTR of a model space (default: %(default)s)")
+    limit.add_argument("--device", default="local", help="device name (default: %(default)s)")
+    limit.add_argument("--limit-ms", type=float, required=True, help="the latency limit (ms)")
+    limit.add_argument("--samples", type=int, default=100, help="how many samples (default 100)")
+    limit.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    limit.add_argument("--confidence", type=float, default=0.99,
+                       help="how sure each decision must be (default 0.99)")
+    limit.add_argument("--no-model", action="store_true",
+                       help="never answer from the device's latency model")
+    limit.add_argument("--timeout", type=float, default=300.0,
+                       help="seconds one measurement may take from the device lease")
+    limit.add_argument("--farm", metavar="ADDRESS",
+                       help="a Ray farm's head (HOST:PORT); --device must be kind:K")
+    limit.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_timing_options(limit)
+
     calibrate = commands.add_parser(
         "calibrate", help="measure subnets and kernels, fit nn-Meter to a device, report accuracy")
     calibrate.add_argument("--device", required=True, help="device name")
@@ -135,16 +155,24 @@ def _parser() -> argparse.ArgumentParser:
 def _add_timing_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default 1)")
     parser.add_argument("--cpus", help="pin the agent to these CPUs, e.g. 1 or 4-7 or 0,2")
-    parser.add_argument("--min-runs", type=int, help="timed runs at least (default 50)")
-    parser.add_argument("--min-time-ms", type=float, help="timed loop at least (default 1000)")
+    parser.add_argument("--min-runs", type=int,
+                        help="timed runs at least (default 50; 10 with --stop ci)")
+    parser.add_argument("--min-time-ms", type=float,
+                        help="timed loop at least (default 1000; 0 with --stop ci)")
     parser.add_argument("--max-time-ms", type=float, help="timed loop at most (default 20000)")
+    parser.add_argument("--stop", choices=("fixed", "ci"),
+                        help="fixed: min runs and time (default); ci: until the 95%% interval "
+                             "of the median is within --rel-ci of it")
+    parser.add_argument("--rel-ci", type=float,
+                        help="precision --stop ci asks for, as a share of the median (0.01)")
 
 
 def _settings(args: argparse.Namespace) -> Dict[str, Any]:
     """Agent settings from the timing options."""
     settings: Dict[str, Any] = {}
     for option, key in (("threads", "intra_op_threads"), ("min_runs", "min_runs"),
-                        ("min_time_ms", "min_time_ms"), ("max_time_ms", "max_time_ms")):
+                        ("min_time_ms", "min_time_ms"), ("max_time_ms", "max_time_ms"),
+                        ("stop", "stop"), ("rel_ci", "rel_ci")):
         if getattr(args, option) is not None:
             settings[key] = getattr(args, option)
     if args.cpus:
@@ -237,10 +265,50 @@ def _profile(args: argparse.Namespace) -> int:
               f"{sources['measured']} measured, {sources['cached']} from the cache, "
               f"{sources['predicted']} predicted by nn-Meter; {counters.get('exports', 0)} "
               f"exported; {elapsed:.1f} s on {args.device}")
+        print(f"device time: {counters.get('device_s', 0.0):.1f} s for {counters.get('measurements', 0)} "
+              f"measurements (the fixed loop: about {counters.get('fixed_loop_s', 0.0):.1f} s)")
         unstable = [i for i, m in enumerate(results) if m.flags]
         if unstable:
             print(f"flagged: samples {', '.join(map(str, unstable))} (see flags); rerun them "
                   f"with --refresh on an idle device, or raise --min-time-ms")
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> int:
+    """`harness filter`: which sampled subnets are below a latency limit, at a confidence."""
+    from harness.decisions import summary
+    from harness.profiler import LatencyProfiler
+    from harness.space import random_samples
+
+    space = _space_with_input(args.space)
+    if args.samples < 1:
+        raise HarnessError("--samples must be at least 1", fix="pass --samples 100, for example")
+    samples = random_samples(space, args.samples, seed=args.seed)
+    started = time.monotonic()
+    with LatencyProfiler(space, space.dummy_input(), device=args.device,
+                         settings=_settings(args), cache=args.cache, timeout_s=args.timeout,
+                         farm=args.farm) as profiler:
+        profiler.decider.use_model = not args.no_model
+        decisions = profiler.decide_many(samples, args.limit_ms, args.confidence)
+        model_note, audit = profiler.decider.model_note, profiler.decider.audit.report()
+        fixed = profiler.counters.get("fixed_loop_s", 0.0)
+    counts = summary(decisions)
+    if args.json:
+        print(json.dumps({"decisions": [dict(d.to_dict(), sample=s) for s, d in
+                                        zip(samples, decisions)],
+                          "summary": counts, "model": model_note, "audit": audit}))
+        return 0
+    by_source = counts["by_source"]
+    print(f"{len(decisions)} samples against {args.limit_ms:g} ms at {args.confidence:.1%}: "
+          f"{counts['below']} below, {counts['above']} not below ({counts['unsettled']} within "
+          f"the noise of the limit, measured to full precision)")
+    print(f"answered by: {by_source['measured']} the device, {by_source['cached']} the cache, "
+          f"{by_source['predicted']} the device's latency model")
+    print(f"device time: {counts['device_s']:.1f} s (the fixed loop: about {fixed:.1f} s for "
+          f"the measured ones alone); {time.monotonic() - started:.1f} s in all on {args.device}")
+    print(f"latency model: {model_note}; audit: {audit['audited']} of {audit['skipped']} skips "
+          f"measured anyway" + (f", coverage {audit['coverage']:.0%}, agreement "
+                                f"{audit['agreement']:.0%}" if audit["audited"] else ""))
     return 0
 
 

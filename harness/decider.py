@@ -126,6 +126,10 @@ class DecisionRound:
                              p.settings_key, digest(dict(result.facts.identity)),
                              result.agent_version)
         p.cache.put_decision(key, decision, result.samples_ms)
+        with p._lock:
+            p.counters.update(decisions=1, device_s=decision.device_s, fixed_loop_s=min(
+                max(50 * decision.median_ms, 1000.0), 20000.0) / 1e3 + decision.device_s
+                - (result.loop_ms / 1e3))
         return decision
 
     def finish(self, results: Sequence[Decision]) -> List[Decision]:

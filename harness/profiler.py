@@ -81,7 +81,7 @@ class LatencyProfiler(Profiler):
         self._input_sig = canonical_json(self.input_signature)
         self.space_fingerprint = exported_space_fingerprint(space, self.input_signature)
         self.cache = cache if isinstance(cache, Cache) else Cache(cache or default_cache_path(self.home))
-        self.counters: Counter = Counter()  # exports, measurements, cache_hits, predictions
+        self.counters: Counter = Counter()  # exports, measurements, cache_hits, device_s, ...
         self._memo: Dict[tuple, float] = {}  # sample values in label order -> statistic
         self._lock = threading.RLock()      # export and device threads share the above
         self._identity: Optional[DeviceIdentity] = None
@@ -235,8 +235,9 @@ class LatencyProfiler(Profiler):
             self.cache.put_device(device_fp, dict(result.facts.identity))
         self.cache.put(self._key(exported.graph_hash, canonical_json(signature), device_fp,
                                  result.agent_version), measured)
-        with self._lock:
-            self.counters["measurements"] += 1
+        with self._lock:  # device time spent, and what the fixed loop would have spent
+            self.counters.update(measurements=1, device_s=measured.device_s,  # type: ignore[call-overload]
+                                 fixed_loop_s=measured.fixed_loop_device_s)
         return measured
 
     def _key(self, graph: str, input_sig: Optional[str] = None, device_fp: Optional[str] = None,
