@@ -9,12 +9,13 @@ answers from its devices, so every call takes the batch's lock. An answer is a M
 or a Decision (harness.decisions): anything with `with_source`.
 """
 import threading
+from dataclasses import replace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from tqdm import tqdm
 
 from devices.agent_result import AgentResult
-from harness.device_pool import DevicePool, MeasureRequest
+from harness.device_pool import AnsweredMeanwhile, DevicePool, MeasureRequest
 from harness.export import ExportedModel
 from harness.space import Sample
 
@@ -36,6 +37,7 @@ def answer_all(samples: Sequence[Sample], results: List[Optional[Any]], *, what:
     of the devices), take what `cached` has for its graph, let the pool measure the rest
     under `request`, and `store` each result as it comes. The first failure is raised once
     every other sample is answered."""
+    request = replace(request, still_needed=lambda graph: cached(graph) is None)
     with ArchitectureBatch(results, what, progress) as batch:
 
         def jobs() -> Iterator[Tuple[int, ExportedModel]]:
@@ -52,6 +54,8 @@ def answer_all(samples: Sequence[Sample], results: List[Optional[Any]], *, what:
         for outcome in pool.measure_many(jobs(), request):
             try:
                 answer: Answer = store(outcome.unwrap(), outcome.exported)
+            except AnsweredMeanwhile as exc:  # measured elsewhere while this job waited
+                answer = cached(outcome.exported.graph_hash) or exc
             except Exception as exc:
                 answer = exc
             batch.answer(outcome.exported.graph_hash, answer)

@@ -60,6 +60,9 @@ class MeasureRequest:
     settings: Mapping[str, Any]
     timeout_s: float
     overrides: Mapping[str, Any] = field(default_factory=dict)  # what the user set
+    # Asked once the device is leased: is this graph still to be measured? (Another process
+    # may have measured it while this one waited for the lease.) None: always.
+    still_needed: Optional[Callable[[str], bool]] = None
 
     @classmethod
     def checked(cls, overrides: Optional[Mapping[str, Any]], timeout_s: float
@@ -92,6 +95,11 @@ class MeasureRequest:
         """The digest of the settings that change what is measured (the cache key's part)."""
         return digest({"runtime": "onnxruntime",
                        **{k: self.settings[k] for k in RUNTIME_SETTINGS}})
+
+
+class AnsweredMeanwhile(Exception):
+    """The graph was answered (by another process, say) while its job waited for a lease:
+    the lease was given back unused."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +235,8 @@ class LocalPool:
         name = lease.device
         path = Path(self._staging.name) / f"{exported.sha256}.{threading.get_ident()}.onnx"
         try:
+            if request.still_needed is not None and not request.still_needed(exported.graph_hash):
+                raise AnsweredMeanwhile(exported.graph_hash)
             path.write_bytes(exported.onnx_bytes)
             leased_at = time.time()
             result = self.client(name).measure(str(path), request.settings,

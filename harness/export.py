@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ _INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProt
                   onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
 
 DummyInput = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+# torch.onnx.export keeps its state in module globals, and freezing seeds torch's global
+# generator: two at once in one process (two profilers in two threads) corrupt each other,
+# so they take turns.
+_EXPORT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,7 @@ def exported_space_fingerprint(space: Any, signature: List[Dict[str, Any]]) -> s
 
 def freeze(space: Any, sample: Dict[str, Any]) -> torch.nn.Module:
     """The subnet for a validated sample, with weights from a fixed seed, in eval mode."""
-    with torch.random.fork_rng(devices=[]):
+    with _EXPORT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(FREEZE_SEED)
         try:
             module = space.freeze(sample)
@@ -89,7 +95,7 @@ def export_onnx(module: torch.nn.Module, dummy_input: DummyInput, opset: int = O
     inputs = as_input_tuple(dummy_input)
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with _EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
             torch.onnx.export(module, inputs, buffer,  # type: ignore[arg-type]
                               opset_version=opset, dynamo=False,

@@ -156,3 +156,32 @@ def test_two_processes_never_measure_on_the_device_at_once(home, tmp_path):
         assert end <= next_start, "two measurements overlapped on one device"
     with Cache(home / "cache.sqlite") as cache:
         assert cache.stats()["measurements"] == 6
+
+
+def test_two_profilers_never_measure_one_architecture_twice(tiny, home):
+    """Both miss the cache and queue for the device; the one that gets the lease second finds
+    the other's result in the cache and gives the lease back unused."""
+    import threading
+
+    from harness import Cache
+
+    sample = random_samples(tiny, 1, seed=31)[0]
+    settings = dict(FAST, min_time_ms=1000.0, max_time_ms=5000.0)
+    profilers = [LatencyProfiler(tiny, tiny.dummy_input(), settings=settings) for _ in range(2)]
+    results = [None, None]
+
+    def measure(index):
+        results[index] = profilers[index].measure(sample)
+
+    threads = [threading.Thread(target=measure, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(r.source for r in results) == ["cached", "measured"]
+    assert sum(p.counters["measurements"] for p in profilers) == 1
+    key = profilers[0].cache_key(results[0].graph_hash)
+    for profiler in profilers:
+        profiler.close()
+    with Cache(home / "cache.sqlite") as cache:
+        assert len(cache.history(key)) == 1
