@@ -157,3 +157,18 @@ def test_each_measurement_of_a_pool_records_its_own_export_time(tiny, home, pool
     assert len({m.graph_hash for m in fresh}) >= 3 and len({m.device for m in fresh}) == 2
     for m in fresh:
         assert m.provenance.export_ms == float(int(m.graph_hash[:6], 16))
+
+
+def test_decisions_fail_over_when_a_board_dies(tiny, home, pool):
+    """A device lost mid-decision fails over like a measurement; what the dead board would
+    have decided comes from the live one, and nothing partial is stored."""
+    dead, alive = pool
+    dead.sshd.kill_everything()
+    samples = random_samples(tiny, 4, seed=23)
+    with LatencyProfiler(tiny, tiny.dummy_input(), device="kind:testboard", settings=FAST,
+                         max_strikes=1, quarantine_s=600) as profiler:
+        decisions = profiler.decide_many(samples, 1000.0)
+    assert all(d.below and d.settled for d in decisions)
+    assert {d.device for d in decisions if d.source == "measured"} == {"board6"}
+    with Cache(home / "cache.sqlite") as cache:
+        assert cache.stats()["measurements"] == 0  # decisions are not measurements
