@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from devices.errors import BadRequest, DeviceError
 from harness.cache import Cache
@@ -236,14 +236,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-def _profile(args: argparse.Namespace) -> int:
-    from harness.profiler import LatencyProfiler
+def _sampled(args: argparse.Namespace) -> Tuple[Any, List[Dict[str, Any]]]:
+    """The space of --space and --samples samples of it drawn with --seed."""
     from harness.space import random_samples
 
     space = _space_with_input(args.space)
     if args.samples < 1:
         raise HarnessError("--samples must be at least 1", fix="pass --samples 8, for example")
-    samples = random_samples(space, args.samples, seed=args.seed)
+    return space, random_samples(space, args.samples, seed=args.seed)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from harness.profiler import LatencyProfiler
+
+    space, samples = _sampled(args)
     started = time.monotonic()
     fallback = "nn-meter" if args.offline else args.fallback
     with LatencyProfiler(space, space.dummy_input(), device=args.device,
@@ -278,12 +284,8 @@ def _filter(args: argparse.Namespace) -> int:
     """`harness filter`: which sampled subnets are below a latency limit, at a confidence."""
     from harness.decisions import summary
     from harness.profiler import LatencyProfiler
-    from harness.space import random_samples
 
-    space = _space_with_input(args.space)
-    if args.samples < 1:
-        raise HarnessError("--samples must be at least 1", fix="pass --samples 100, for example")
-    samples = random_samples(space, args.samples, seed=args.seed)
+    space, samples = _sampled(args)
     started = time.monotonic()
     with LatencyProfiler(space, space.dummy_input(), device=args.device,
                          settings=_settings(args), cache=args.cache, timeout_s=args.timeout,
