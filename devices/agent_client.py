@@ -149,6 +149,7 @@ class AgentClient:
     def _call(self, request: Mapping[str, Any], deadline: float) -> Dict[str, Any]:
         """One request; a worker or process that dies is restarted and the request retried once."""
         for attempt in (1, 2):
+            started = self._agent_path is not None  # the device was reached before
             try:
                 if self.isolation == "worker":
                     answer = self._worker_call(request, deadline)
@@ -158,8 +159,11 @@ class AgentClient:
             except DeviceLost as exc:
                 if attempt == 2:
                     raise
-                log.warning("%s: %s; restarting the agent and retrying once", self.device,
-                            exc.message)
+                if started:
+                    log.warning("%s: %s; starting the agent again and retrying once",
+                                self.device, exc.message)
+                else:  # never reached: nothing was running; the error says it if this fails
+                    log.info("%s: %s; trying once more", self.device, exc.message)
         if "error" in answer:
             raise error_from_agent(answer["error"], device=self.device)
         return answer

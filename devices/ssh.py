@@ -145,7 +145,14 @@ class SSHConnection:
                     f"connection was refused", device=self.name,
                     fix=f"run 'harness devices trust {self.name}' to see its fingerprint and "
                         f"record it") from None
-            raise DeviceLost(f"SSH to {endpoint} failed: {exc}", device=self.name) from None
+            # paramiko reports the first failure (a missing banner, say) on its transport and
+            # a later one ("No existing session") here: name the first.
+            first = str(getattr(client.get_transport(), "saved_exception", None) or exc)
+            if "No existing session" in first or "Negotiation failed" in first:
+                first = f"no SSH server answered within {self.connect_timeout:g} s"
+            raise DeviceLost(f"SSH to {endpoint} failed: {first}", device=self.name,
+                             fix="check that the address is the board's and that sshd (not "
+                                 "another service) listens on that port") from None
         except (OSError, EOFError) as exc:
             raise DeviceLost(f"cannot reach {endpoint.host}:{endpoint.port}: {exc}",
                              device=self.name,

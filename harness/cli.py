@@ -214,6 +214,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for handler in logging.getLogger().handlers:  # nn-Meter logs every kernel at INFO on root
         handler.addFilter(lambda record: record.levelno >= logging.WARNING
                           or "nn_meter" not in record.pathname)
+    # paramiko logs a traceback of ~40 lines for every connection that fails, beside the one
+    # typed error (with its fix) that harness prints: it is for -vv (debugging) only.
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if args.verbose >= 2
+                                           else logging.CRITICAL + 1)
     try:
         _check_numbers(args)
         if args.command == "profile":

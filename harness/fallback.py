@@ -71,6 +71,7 @@ class PredictionFallback:
         if cause is not None:
             if self.mode != "nn-meter":
                 raise cause
+            self._nn_meter(cause)  # a fallback that cannot predict fails before announcing
             if not self._unreachable_until:
                 log.warning("%s is unreachable (%s); answering with nn-Meter predictions, "
                             "retrying the device every %.0f s", self._device, cause.message,
@@ -109,7 +110,7 @@ class PredictionFallback:
                             "input (%s); its correction may not carry over", calibration.device,
                             calibration.space or "unnamed")
             if calibration is None and self._predictor_name is None:
-                why = "is unreachable" if cause is not None else "is offline"
+                why = f"is unreachable ({cause.message})" if cause is not None else "is offline"
                 raise PredictorError(
                     f"{self._device} {why}, and there is no nn-Meter calibration for it or "
                     "predictor to fall back on",

@@ -777,3 +777,58 @@ def test_an_agent_answering_1e308_ms_is_a_protocol_error_and_nothing_is_cached(
     assert caught.value.kind == "PROTOCOL" and "samples_ms" in caught.value.message
     assert "1e+08" in caught.value.message  # names the bound it broke
     assert counts_of(home)[0] == 0
+
+
+# ================================================================ 6. faults a user sees
+
+@pytest.fixture
+def silent_host():
+    """A TCP port that accepts connections and never says a word (no SSH banner)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+    for connection in held:
+        connection.close()
+
+
+@pytest.mark.parametrize("what", ["closed port", "silent host"])
+def test_an_unreachable_host_is_one_error_with_its_fix(home, silent_host, what):
+    from devices import registry
+
+    port = 1 if what == "closed port" else silent_host
+    registry.add_device(home, registry.DeviceConfig(
+        name="gone", transport="ssh", address=f"root@127.0.0.1:{port}", connect_timeout=2.0))
+    profile = ["profile", "--space", "harness.spaces:TinySpace", "--device", "gone",
+               "--samples", "1"]
+    proc = run_cli(*profile, home=home)
+    one_line_error(proc, "DEVICE_LOST on device 'gone'", "127.0.0.1")
+    assert len(proc.stderr.splitlines()) == 2, proc.stderr  # the error and its fix
+    assert "paramiko" not in proc.stderr and "restarting the agent" not in proc.stderr
+    if what == "silent host":
+        assert "Error reading SSH protocol banner" in proc.stderr or \
+            "no SSH server answered within 2 s" in proc.stderr
+        assert "sshd (not another service) listens on that port" in proc.stderr
+    # With a fallback that has nothing to predict with, nothing is announced first.
+    proc = run_cli(*profile, "--fallback", "nn-meter", home=home)
+    one_line_error(proc, "gone is unreachable (", "harness calibrate --device gone")
+    assert "answering with nn-Meter predictions" not in proc.stderr
+    assert len(proc.stderr.splitlines()) == 2, proc.stderr
+    # The library's own account is still there for debugging, at -vv.
+    debug = run_cli("-vv", *profile, home=home)
+    assert debug.returncode == 1 and "trying once more" in debug.stderr
+    if what == "silent host":
+        assert "paramiko.transport" in debug.stderr
+    assert counts_of(home)[0] == 0 if (home / "cache.sqlite").exists() else True
