@@ -12,8 +12,9 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Protocol
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 
 import agents
 from agents.ort_agent import AGENT_VERSION
@@ -26,6 +27,50 @@ log = logging.getLogger(__name__)
 
 AGENT_SOURCE = Path(agents.__file__).with_name("ort_agent.py")
 ISOLATION_MODES = ("worker", "process")
+MIN_PYTHON = (3, 8)  # the oldest Python agents/ort_agent.py is written for
+
+# One line every Python runs (2.7 too): its version, and whether it is "externally managed"
+# (PEP 668: Debian 12 and Ubuntu 23.04+ refuse 'pip install' into the system's Python).
+PYTHON_PROBE = ("import os, sys, sysconfig; "
+                "venv = sys.prefix != getattr(sys, 'base_prefix', sys.prefix); "
+                "marker = os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED'); "
+                "print('%d.%d.%d %d' % (tuple(sys.version_info[:3]) "
+                "+ (int(not venv and os.path.isfile(marker)),)))")
+
+
+@dataclass(frozen=True)
+class PythonFacts:
+    """What the device's Python says of itself before the agent runs."""
+
+    version: Tuple[int, int, int]
+    externally_managed: bool  # pip refuses to install into it (use apt, or a venv)
+
+    @property
+    def text(self) -> str:
+        return ".".join(map(str, self.version))
+
+    @property
+    def too_old(self) -> bool:
+        return self.version[:2] < MIN_PYTHON
+
+    def too_old_fix(self, python: str) -> str:
+        return (f"'{python}' on the device is Python {self.text}, older than the agent's "
+                f"minimum {'.'.join(map(str, MIN_PYTHON))}: install a newer Python there "
+                f"(Debian/Ubuntu: apt install python3) and register it with --python")
+
+
+def probe_python(transport: Transport, timeout: float) -> Optional[PythonFacts]:
+    """The device's Python as a one-line probe finds it; None when it does not answer so
+    (not a Python, or the device is gone)."""
+    try:
+        code, out, _ = transport.run(list(transport.python) + ["-c", PYTHON_PROBE], timeout)
+    except DeviceError:
+        return None
+    words = out.strip().splitlines()[-1].split() if code == 0 and out.strip() else []
+    if len(words) != 2 or not all(w.replace(".", "").isdigit() for w in words):
+        return None
+    major, minor, micro = (int(part) for part in words[0].split(".")[:3])
+    return PythonFacts((major, minor, micro), words[1] == "1")
 
 
 class DeviceClient(Protocol):
@@ -168,6 +213,16 @@ class AgentClient:
             raise error_from_agent(answer["error"], device=self.device)
         return answer
 
+    def _runtime_fix(self, deadline: float) -> str:
+        """What to do when the agent cannot start: a Python below MIN_PYTHON is named."""
+        python = " ".join(self.transport.python)
+        facts = probe_python(self.transport, min(max(deadline - time.monotonic(), 1.0), 10.0))
+        if facts is not None and facts.too_old:
+            return facts.too_old_fix(python)
+        return self.transport.control.missing_runtime_fix or (
+            f"check that '{python}' on the device is Python "
+            f"{'.'.join(map(str, MIN_PYTHON))}+ with numpy and onnxruntime")
+
     def _remaining(self, deadline: float) -> float:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -181,12 +236,11 @@ class AgentClient:
         try:
             hello = self._parse(worker.read_line(self._remaining(deadline)), worker)
         except DeviceLost as exc:
+            ended = worker.exit_code() is not None  # it ran and quit: the device is there
             worker.kill()
             raise DeviceLost(f"the agent did not start: {exc.message}; stderr: "
                              f"{worker.stderr_tail()[-1500:]!r}", device=self.device,
-                             fix=self.transport.control.missing_runtime_fix or
-                             f"check that '{' '.join(self.transport.python)}' on the device "
-                             f"is Python 3.8+ with numpy and onnxruntime") from None
+                             fix=self._runtime_fix(deadline) if ended else None) from None
         except DeviceError:
             worker.kill()
             raise
@@ -244,7 +298,8 @@ class AgentClient:
                 raise DeviceLost(f"the agent died with exit code {code}; stderr: "
                                  f"{err.strip()[-1500:]!r}", device=self.device)
             raise AgentProtocolError(f"the agent printed nothing (exit code {code}); stderr: "
-                                     f"{err.strip()[-1500:]!r}", device=self.device)
+                                     f"{err.strip()[-1500:]!r}", device=self.device,
+                                     fix=self._runtime_fix(deadline) if code else None)
         return self._parse(lines[-1], None, stderr=err)
 
     def _parse(self, line: str, worker: Optional[RemoteProcess],

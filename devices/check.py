@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import onnx
 from onnx import TensorProto, helper
 
-from devices.agent_client import AgentClient
+from devices.agent_client import AgentClient, PythonFacts, probe_python
 from devices.errors import DeviceError
 
 CHECK_SETTINGS = {"warmup_runs": 2, "min_runs": 10, "min_time_ms": 20.0, "max_time_ms": 2000.0}
@@ -44,6 +44,26 @@ def tiny_model(path: Path) -> Path:
     return path
 
 
+def install_fix(python: str, missing: List[str], facts: Optional[PythonFacts],
+                device: str) -> str:
+    """How to install the agent's missing packages for the device's Python. Debian 12 and
+    Ubuntu 23.04+ refuse 'pip install' into the system's Python (externally managed): numpy
+    comes from apt there, and onnxruntime (which Debian 12 does not package) from a venv."""
+    if facts is None or not facts.externally_managed:
+        return f"run '{python} -m pip install onnxruntime numpy' on the device"
+    venv = ("sudo apt install python3-venv && python3 -m venv harness-venv && "
+            "harness-venv/bin/python -m pip install onnxruntime numpy")
+    use_venv = (f"register the venv's Python ('harness devices remove {device}', then add it "
+                f"again with --python harness-venv/bin/python; the path is relative to the "
+                f"home folder)")
+    if missing == ["numpy"]:
+        return (f"{python} is externally managed (pip install is refused there): run 'sudo "
+                f"apt install python3-numpy' on the device, or make a venv there ('{venv}') "
+                f"and {use_venv}")
+    return (f"{python} is externally managed (pip install is refused there, and Debian 12 "
+            f"packages no onnxruntime): make a venv on the device ('{venv}') and {use_venv}")
+
+
 def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
     """Run the checks through an AgentClient or PerfTestClient; never raises for a device
     problem, reports it instead."""
@@ -51,14 +71,22 @@ def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
     report = CheckReport(device=transport.name)
     python = " ".join(transport.python)
     try:
+        runs_python = isinstance(client, AgentClient)
+        facts = probe_python(transport, timeout_s) if runs_python else None
+        if facts is not None and facts.too_old:
+            report.identity = {"python": f"{facts.text} (too old)"}
+            report.problems.append(f"Python {facts.text} is too old for the agent; fix: "
+                                   f"{facts.too_old_fix(python)}")
+            return report
         identity = client.facts(deadline=time.monotonic() + timeout_s).identity
         report.identity = identity
-        for package in (("numpy", "onnxruntime") if isinstance(client, AgentClient) else ()):
-            if identity.get(package) is None:
-                report.problems.append(
-                    f"{package} is not installed for {python} ({identity.get('python')}) on "
-                    f"{transport.name}; fix: run '{python} -m pip install onnxruntime numpy' "
-                    f"on the device")
+        missing = [p for p in (("numpy", "onnxruntime") if runs_python else ())
+                   if identity.get(p) is None]
+        if missing:
+            report.problems.append(
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
+                f"for {python} ({identity.get('python')}) on {transport.name}; fix: "
+                f"{install_fix(python, missing, facts, transport.name)}")
         if report.ok:
             with tempfile.TemporaryDirectory() as folder:
                 model = tiny_model(Path(folder) / "check.onnx")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import paramiko
 import pytest
@@ -28,6 +29,11 @@ SLOW = dict(FAST, min_time_ms=4000.0, max_time_ms=8000.0)
 def profiler(tiny, device, **kwargs):
     return LatencyProfiler(tiny, tiny.dummy_input(), device=device,
                            settings=kwargs.pop("settings", FAST), **kwargs)
+
+
+def harness_cli(*args, home):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+                          text=True, env=dict(os.environ, HARNESS_HOME=str(home)), timeout=300)
 
 
 def measurements(home) -> int:
@@ -119,6 +125,63 @@ def test_check_reports_a_board_without_onnxruntime(home, sshd, client_key, tmp_p
     assert proc.returncode == 1
     assert "onnxruntime: missing" in proc.stdout
     assert "-m pip install onnxruntime numpy" in proc.stdout and "NOT ready" in proc.stdout
+
+
+DEBIAN_PYTHON = "/usr/bin/python3"  # Debian 12's own: externally managed, no numpy here
+PYENV = Path("/root/.pyenv/versions")
+
+
+def externally_managed(python: str) -> bool:
+    probe = "import sysconfig, os; print(os.path.join(sysconfig.get_path('stdlib'), " \
+            "'EXTERNALLY-MANAGED'))"
+    try:
+        marker = subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout
+    except OSError:
+        return False
+    return Path(marker.strip()).is_file()
+
+
+@pytest.mark.skipif(not externally_managed(DEBIAN_PYTHON),
+                    reason="needs a Debian 12 (externally managed) /usr/bin/python3")
+def test_check_on_debian_suggests_what_debian_accepts(home, sshd, client_key, tmp_path):
+    """pip refuses to install into Debian 12's Python (externally-managed-environment)."""
+    register(home, "debian", f"root@127.0.0.1:{sshd.port}", client_key, tmp_path / "w",
+             python=DEBIAN_PYTHON)
+    proc = harness_cli("devices", "check", "debian", home=home)
+    assert proc.returncode == 1 and "debian: NOT ready" in proc.stdout
+    assert "numpy: missing" in proc.stdout
+    assert f"{DEBIAN_PYTHON} is externally managed (pip install is refused there" in proc.stdout
+    assert ("python3 -m venv harness-venv && harness-venv/bin/python -m pip install onnxruntime "
+            "numpy") in proc.stdout and "--python harness-venv/bin/python" in proc.stdout
+    assert f"run '{DEBIAN_PYTHON} -m pip install" not in proc.stdout
+    from devices.check import install_fix
+    from devices.agent_client import PythonFacts
+    only_numpy = install_fix(DEBIAN_PYTHON, ["numpy"], PythonFacts((3, 11, 2), True), "debian")
+    assert "sudo apt install python3-numpy" in only_numpy
+
+
+@pytest.mark.parametrize("version", ["3.7", "2.7"])
+def test_a_python_below_the_agents_minimum_is_named(tiny, home, sshd, client_key, tmp_path,
+                                                    version):
+    found = sorted(PYENV.glob(f"{version}.*/bin/python{version}"))
+    if not found:
+        pytest.skip(f"needs a Python {version} (pyenv install {version})")
+    old = str(found[-1])
+    full = found[-1].parent.parent.name
+    register(home, "old", f"root@127.0.0.1:{sshd.port}", client_key, tmp_path / "w",
+             python=old)
+    proc = harness_cli("devices", "check", "old", home=home)
+    assert proc.returncode == 1 and "old: NOT ready" in proc.stdout
+    assert f"Python {full} is too old for the agent" in proc.stdout
+    assert f"'{old}' on the device is Python {full}, older than the agent's minimum 3.8" \
+        in proc.stdout
+    if version == "2.7":  # the agent cannot even start there: the error says why
+        for isolation in ("worker", "process"):
+            with profiler(tiny, "old", isolation=isolation) as p, \
+                    pytest.raises((DeviceLost, AgentProtocolError)) as caught:
+                p.profile(random_samples(tiny, 1)[0])
+            assert f"Python {full}, older than the agent's minimum 3.8" in caught.value.fix
+        assert measurements(home) == 0
 
 
 def test_check_a_good_board(home, loop):
@@ -271,10 +334,6 @@ def nosftp(home, bare_sshd, client_key, tmp_path):
     yield workdir
     testfarm.kill_all(testfarm.processes_mentioning(str(workdir)))
 
-
-def harness_cli(*args, home):
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
-                          text=True, env=dict(os.environ, HARNESS_HOME=str(home)), timeout=300)
 
 
 def test_a_board_without_sftp_is_checked_profiled_and_cleaned_over_exec(tiny, home, nosftp):
