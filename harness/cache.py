@@ -304,6 +304,15 @@ class Cache:
              canonical_json(record), measurement.created_at))
         return cursor.rowcount
 
+    def last_identity(self, devices: Sequence[str]) -> Optional[Tuple[str, str]]:
+        """(device fingerprint, agent version) of the newest measurement by any of `devices`
+        (names): who a device was when it last measured, for when it cannot be asked."""
+        marks = ", ".join("?" for _ in devices)
+        rows = self._query("read measurements", "SELECT device_fp, agent_version FROM "
+                           f"measurements WHERE device IN ({marks}) ORDER BY rowid DESC LIMIT 1",
+                           tuple(devices))
+        return (rows[0][0], rows[0][1]) if rows else None
+
     # ------------------------------------------------------------ decisions
 
     def put_decision(self, key: MeasurementKey, decision: Decision,

@@ -55,9 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--refresh", action="store_true", help="measure even if cached")
     profile.add_argument("--farm", metavar="ADDRESS",
                          help="a Ray farm's head (HOST:PORT); --device must be kind:K")
-    profile.add_argument("--fallback", choices=("error", "nn-meter"), default="error",
-                         help="when the device is unreachable: fail, or predict with nn-Meter "
-                              "(calibrated for the device if 'harness calibrate' ran)")
+    profile.add_argument("--fallback", choices=("error", "nn-meter", "model"), default="error",
+                         help="when the device is unreachable: fail, predict with nn-Meter "
+                              "(calibrated for the device if 'harness calibrate' ran), or with "
+                              "the latency model fitted on the device's own measurements")
     profile.add_argument("--predictor", metavar="NAME_OR_FOLDER",
                          help="nn-Meter predictor for an uncalibrated device")
     profile.add_argument("--offline", action="store_true",
@@ -224,6 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _profile(args)
         if args.command == "calibrate":
             return _calibrate(args)
+        if args.command == "filter":
+            return _filter(args)
         if args.command == "devices":
             return _devices(args)
         if args.command == "farm":
@@ -255,7 +258,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     space, samples = _sampled(args)
     started = time.monotonic()
-    fallback = "nn-meter" if args.offline else args.fallback
+    fallback = "nn-meter" if args.offline and args.fallback == "error" else args.fallback
     with LatencyProfiler(space, space.dummy_input(), device=args.device,
                          statistic=args.statistic, settings=_settings(args), cache=args.cache,
                          isolation=args.isolation, timeout_s=args.timeout,

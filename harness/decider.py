@@ -14,6 +14,7 @@ from devices.agent_result import AgentResult
 from harness.cache import MeasurementKey, canonical_json, digest
 from harness.decisions import Decision, decision_from_samples
 from harness.export import ExportedModel
+from harness.measurement import Measurement, Provenance
 from harness.latency_model import (MIN_MEASUREMENTS, LatencyModel, ModelAudit, Prediction,
                                    featurizer, training_data)
 from harness.space import Sample, SampleValidator, checked_search_space
@@ -36,13 +37,22 @@ class LimitDecider:
         self.labels = SampleValidator(checked_search_space(profiler.space)).labels
         self._rng = random.Random(seed)
 
-    def refit(self) -> None:
+    def refit(self, offline: bool = False) -> None:
         """Fit the device's model on every median the cache holds for this space on it
-        (measurements, and decisions' medians)."""
+        (measurements, and decisions' medians). `offline`: without asking the device who it
+        is (it cannot be reached): under the identity it last measured with."""
         p = self.profiler
-        identity = p.identify()
+        if offline:
+            found = p.cache.last_identity(getattr(p.pool, "devices", [p.device]))
+            if found is None:
+                self.model, self.model_note = None, "no measurement of this device"
+                return
+            device_fp, agent_version = found
+        else:
+            identity = p.identify()
+            device_fp, agent_version = identity.fingerprint, identity.agent_version
         keys = (p.space_fingerprint, canonical_json(p.input_signature), p.settings_key,
-                identity.fingerprint, identity.agent_version)
+                device_fp, agent_version)
         medians = dict(p.cache.decided_medians_by_sample(*keys))
         medians.update(p.cache.statistics_by_sample(*keys, "median"))
         samples, values = training_data(medians, self.labels)
@@ -54,6 +64,27 @@ class LimitDecider:
             self.model = None
             self.model_note = (f"not fitted: {len(samples)} measured subnets, it needs "
                                f"{MIN_MEASUREMENTS}; the device answers meanwhile")
+
+    def predicted_measurement(self, sample: Sample, coverage: float = 0.9
+                              ) -> Optional[Measurement]:
+        """The model's prediction as a Measurement (source "predicted", its interval at
+        `coverage` in the provenance), or None when the model cannot answer."""
+        if self.model is None:
+            self.refit(offline=True)
+        if self.model is None:
+            return None
+        prediction = self.model.predict(sample, coverage)
+        point = self.model.predict_point(sample)
+        interval = None if prediction is None else [prediction.low_ms, prediction.high_ms]
+        p = self.profiler
+        return Measurement(samples_ms=(point,), source="predicted", device=p.device,
+                           graph_hash="", input_signature=tuple(p.input_signature),
+                           settings={"runtime": "latency model"},
+                           provenance=Provenance(
+                               predictor={"name": "device latency model",
+                                          "interval_ms": interval, "coverage": coverage},
+                               calibration={"device": p.device, "kind": "latency model",
+                                            "note": self.model_note}))
 
     def start(self, limit_ms: float, confidence: float) -> "DecisionRound":
         if self.use_model and self.model is None:

@@ -24,7 +24,7 @@ from harness.space import ModelSpace, Sample, sample_key
 
 log = logging.getLogger(__name__)
 
-FALLBACKS = ("error", "nn-meter")
+FALLBACKS = ("error", "nn-meter", "model")
 
 
 class PredictionFallback:
@@ -35,7 +35,8 @@ class PredictionFallback:
                  devices: List[str], home: Path, cache: Cache, space_fp: str, input_sig: str,
                  settings_key: str, export: Callable[[Sample], ExportedModel],
                  counters: Counter, predictor: Union[str, Path, None] = None,
-                 offline: bool = False, refresh: bool = False, retry_s: float = 60.0):
+                 offline: bool = False, refresh: bool = False, retry_s: float = 60.0,
+                 model: Optional[Callable[[Sample], Optional[Measurement]]] = None):
         if mode not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {mode!r}")
         self.mode = mode
@@ -48,6 +49,7 @@ class PredictionFallback:
         self._predictor: Optional[NnMeterProfiler] = None
         self._answers: Dict[tuple, Measurement] = {}
         self._unreachable_until = 0.0
+        self._model = model
 
     @classmethod
     def of(cls, profiler: Any, mode: str, predictor: Union[str, Path, None], offline: bool,
@@ -60,7 +62,8 @@ class PredictionFallback:
                    input_sig=canonical_json(profiler.input_signature),
                    settings_key=profiler.settings_key, export=profiler._export,
                    counters=profiler.counters, predictor=predictor, offline=offline,
-                   refresh=profiler.refresh, retry_s=retry_s)
+                   refresh=profiler.refresh, retry_s=retry_s,
+                   model=profiler.decider.predicted_measurement)
 
     def active(self) -> bool:
         """Predict without trying the device: offline, or it was lost less than retry_s ago."""
@@ -68,6 +71,8 @@ class PredictionFallback:
 
     def answer(self, sample: Sample, cause: Optional[DeviceLost]) -> Measurement:
         """The answer for a validated sample whose device was lost (`cause`) or is not tried."""
+        if self.mode == "model":
+            return self._from_model(sample, cause)
         if cause is not None:
             if self.mode != "nn-meter":
                 raise cause
@@ -98,6 +103,25 @@ class PredictionFallback:
         predicted = predictor.predict_exported(exported or self._export(sample))
         self._counters["predictions"] += 1
         self._answers[memo_key] = predicted
+        return predicted
+
+    def _from_model(self, sample: Sample, cause: Optional[DeviceLost]) -> Measurement:
+        """The device's own latency model (harness.latency_model), fitted on what the device
+        measured before: microseconds a prediction, no nn-Meter needed."""
+        predicted = self._model(sample) if self._model is not None else None
+        if predicted is None:
+            why = f"is unreachable ({cause.message})" if cause is not None else "is offline"
+            raise PredictorError(f"{self._device} {why}, and its latency model cannot answer: "
+                                 f"it needs measurements of this space on the device first",
+                                 fix="measure at least 20 subnets of this space on the device "
+                                     "while it is reachable (harness profile), or use "
+                                     "fallback='nn-meter'") from cause
+        if cause is not None and not self._unreachable_until:
+            log.warning("%s is unreachable (%s); answering with its latency model, retrying "
+                        "the device every %.0f s", self._device, cause.message, self._retry_s)
+        if cause is not None:
+            self._unreachable_until = time.monotonic() + self._retry_s
+        self._counters["predictions"] += 1
         return predicted
 
     def _nn_meter(self, cause: Optional[DeviceLost]) -> NnMeterProfiler:

@@ -101,6 +101,12 @@ class LatencyModel:
         # a linear model may dip below zero far from its data; a latency may not
         return max(float(self.featurize(sample) @ self.weights), 1e-6)
 
+    def predict_point(self, sample: Sample) -> float:
+        """The predicted median (ms), without an interval."""
+        if self.weights is None:
+            raise ValueError("the model is not fitted")
+        return self._point(sample)
+
     def predict(self, sample: Sample, coverage: float) -> Optional[Prediction]:
         """The predicted median and its split-conformal interval covering the true median
         with probability >= `coverage`; None when not fitted or when too few held-out

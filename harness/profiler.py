@@ -56,7 +56,7 @@ class LatencyProfiler(Profiler):
         quarantine_s seconds (its jobs fail over to the others of its pool).
     farm: a Ray farm's address (harness.ray_pool), with device="kind:K".
     fallback, predictor, offline: what answers when the device cannot be reached ("error"
-        raises; "nn-meter" predicts, see harness.fallback); offline never tries the device.
+        raises; "nn-meter" or "model" predict, see harness.fallback); offline: never try it.
     """
 
     def __init__(self, space: ModelSpace, dummy_input: DummyInput, device: str = "local",
@@ -69,9 +69,9 @@ class LatencyProfiler(Profiler):
                  offline: bool = False):
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-        if offline and fallback != "nn-meter":
+        if offline and fallback == "error":
             raise BadRequest("an offline profiler can only predict",
-                             fix="pass fallback='nn-meter' (and calibrate the device first)")
+                             fix="pass fallback='nn-meter' (calibrate first) or fallback='model'")
         self.space, self.device, self.statistic, self.refresh = space, device, statistic, refresh
         self.home = harness_home(home)
         self.request = MeasureRequest.checked(settings, timeout_s)

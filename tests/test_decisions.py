@@ -231,3 +231,30 @@ def test_the_model_does_not_fit_on_too_few_measurements_and_says_so():
     samples, medians = synthetic(MIN_MEASUREMENTS, rng)
     assert model.fit(samples, medians)
     assert model.predict(samples[0], 0.999) is None  # too few held out for that coverage
+
+
+def test_the_latency_model_answers_for_an_offline_device(tiny, home):
+    """fallback="model": the model fitted on what the device measured answers, in
+    microseconds, with source "predicted", and is never stored."""
+    samples = random_samples(tiny, 40, seed=41)
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as profiler:
+        measured = profiler.measure_many(samples[:30])
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST, fallback="model",
+                         offline=True) as offline:
+        predicted = offline.measure_many(samples[30:])
+        assert offline.counters["measurements"] == 0 and offline.counters["predictions"] >= 1
+    fresh = [m for m in predicted if m.source == "predicted"]
+    assert fresh and all(m.provenance.predictor["name"] == "device latency model" for m in fresh)
+    typical = float(np.median([m.median for m in measured]))
+    assert all(0.1 * typical < m.median < 10 * typical for m in fresh)
+    with Cache(home / "cache.sqlite") as cache:
+        assert cache.stats()["measurements"] == len({m.graph_hash for m in measured})
+
+
+def test_no_model_to_fall_back_on_is_a_typed_error_with_the_fix(tiny):
+    from harness.predict import PredictorError
+
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST, fallback="model",
+                         offline=True) as offline:
+        with pytest.raises(PredictorError, match="at least 20"):
+            offline.measure(random_samples(tiny, 1)[0])
