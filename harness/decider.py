@@ -142,14 +142,15 @@ class DecisionRound:
         """The device's runs as a decision, stored with them as evidence (never as a
         measurement)."""
         lease = result.lease or (0.0, 0.0)
-        reason = str(result.stop.get("reason", ""))
+        looks = result.stop.get("looks")
         decision = decision_from_samples(
             result.samples_ms, self.limit_ms, self.confidence, source="measured",
             device_s=lease[1] - lease[0], graph_hash=exported.graph_hash, device=result.device,
-            reason={"settled": "the interval of the median excludes the limit",
-                    "precise": "the median sits within the noise of the limit: measured to "
-                               "full precision",
-                    "max_time": "max_time_ms reached first"}.get(reason, reason))
+            reason="", looks=looks if isinstance(looks, int) else 1)
+        decision = replace(decision, reason="the interval of the median excludes the limit"
+                           if decision.settled else "the median sits within the noise of the "
+                           "limit: measured to full precision" if result.stop.get("reason") ==
+                           "precise" else f"stopped by {result.stop.get('reason')} unsettled")
         if result.stop.get("drift"):
             decision = replace(decision, reason=decision.reason + "; the runs drift")
         p = self.decider.profiler  # stored under the device that measured, as measurements are

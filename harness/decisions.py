@@ -15,8 +15,10 @@ The error rate: the agent spends the allowed error 1 - confidence over its looks
 data (look k may err with probability (1 - confidence) * 6 / (pi^2 k^2), and these sum to
 1 - confidence), and the interval of the median is distribution-free (order statistics of
 independent runs); so a settled measured decision is wrong with probability at most
-1 - confidence, however many times it looked. A stored decision is re-used only at a
-confidence no higher than the one it was reached at. A predicted decision carries the
+1 - confidence, however many times it looked. Its interval is the one of its last look (at
+that look's stricter confidence): the true median lies outside it with probability at most
+1 - confidence whatever the limit, so a stored decision answers a later limit it excludes,
+at a confidence no higher than the one it was reached at. A predicted decision carries the
 model's split-conformal interval, whose coverage the model's audit reports.
 
 A decision is never stored as a measurement, and a measurement is never made from one.
@@ -26,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Sequence, Tuple
 
-from agents.ort_agent import median_interval
+from agents.ort_agent import look_confidence, median_interval
 from devices.errors import BadRequest
 
 DECISION_SOURCES = ("measured", "cached", "predicted")
@@ -117,12 +119,14 @@ class Decision:
 
 def decision_from_samples(samples_ms: Sequence[float], limit_ms: float, confidence: float, *,
                           source: str, device_s: float, graph_hash: str, device: str,
-                          reason: str) -> Decision:
-    """A decision read from raw per-run times: settled when the interval of the median at
-    `confidence` excludes the limit."""
+                          reason: str, looks: int = 1) -> Decision:
+    """A decision read from raw per-run times: settled when the interval of the median
+    excludes the limit. Runs the agent looked at `looks` times before it stopped give the
+    interval at the confidence of that last look (harness.decisions: the error rate), which
+    holds for any limit, this one or a later one."""
     ordered = sorted(samples_ms)
     median = _median(ordered)
-    interval = median_interval(ordered, confidence)
+    interval = median_interval(ordered, look_confidence(confidence, max(looks, 1)))
     low, high = interval if interval is not None else (ordered[0], ordered[-1])
     settled = interval is not None and (high < limit_ms or low > limit_ms)
     return Decision(below=high < limit_ms if settled else median < limit_ms, settled=settled,
