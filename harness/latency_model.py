@@ -23,7 +23,11 @@ from harness.space import ModelSpace, Sample, checked_search_space
 
 MIN_MEASUREMENTS = 20   # fewer than this: the model does not fit, and says so
 CALIBRATION_SHARE = 0.5  # of the measurements, held out to calibrate the intervals
-RIDGE = 1e-3
+# Ridge penalty on the per-feature costs (not on the fixed cost), as a share of the features'
+# mean square: with fewer subnets than blocks, costs shrink towards each other instead of
+# swinging wildly; predictions also stay within a factor 2 of the latencies it was fitted on.
+RIDGE = 0.05
+RANGE_FACTOR = 2.0
 
 
 def featurizer(space: ModelSpace, dummy_input: DummyInput,
@@ -72,6 +76,7 @@ class LatencyModel:
         self.featurize = featurize
         self.weights: Optional[np.ndarray] = None
         self.residuals: List[float] = []  # sorted |log(measured / predicted)| on held-out data
+        self.range_ms = (0.0, math.inf)
         self.n_fit = 0
 
     @property
@@ -89,8 +94,12 @@ class LatencyModel:
         train, calibration = order[held:], order[:held]
         features = np.array([self.featurize(samples[i]) for i in train])
         target = np.array([medians_ms[i] for i in train], dtype=float)
-        gram = features.T @ features + RIDGE * np.eye(features.shape[1])
-        self.weights = np.linalg.solve(gram, features.T @ target)
+        gram = features.T @ features
+        penalty = RIDGE * max(float(np.mean(np.diag(gram))), 1e-12) * np.eye(gram.shape[0])
+        penalty[-1, -1] = 0.0  # the fixed cost of a run (the last feature) is not shrunk
+        self.weights = np.linalg.solve(gram + penalty + 1e-9 * np.eye(gram.shape[0]),
+                                       features.T @ target)
+        self.range_ms = (float(target.min()) / RANGE_FACTOR, float(target.max()) * RANGE_FACTOR)
         self.residuals = sorted(abs(math.log(medians_ms[i] / self._point(samples[i])))
                                 for i in calibration)
         self.n_fit = len(samples)
@@ -98,8 +107,9 @@ class LatencyModel:
 
     def _point(self, sample: Sample) -> float:
         assert self.weights is not None
-        # a linear model may dip below zero far from its data; a latency may not
-        return max(float(self.featurize(sample) @ self.weights), 1e-6)
+        # a linear model may swing far from its data (below zero, even); a latency may not
+        low, high = self.range_ms
+        return min(max(float(self.featurize(sample) @ self.weights), low), high)
 
     def predict_point(self, sample: Sample) -> float:
         """The predicted median (ms), without an interval."""
