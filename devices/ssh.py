@@ -195,6 +195,7 @@ class SSHProcess(LineChannel):
         super().__init__(transport.name)
         self._transport = transport
         self._channel = channel
+        self._killed = False
         self._drain_stderr_with(lambda: channel.recv_stderr(4096))
 
     def _receive(self, wait_s: float) -> Optional[bytes]:
@@ -223,7 +224,7 @@ class SSHProcess(LineChannel):
                              device=self.device) from None
 
     def kill(self) -> None:
-        if getattr(self, "_killed", False):
+        if self._killed:
             return
         self._killed = True
         if self.pid is not None and self.exit_code() is None:
