@@ -39,6 +39,8 @@ from harness.spaces import ProxylessSpace  # noqa: E402
 
 CONFIDENCE = 0.99
 PINNED = [1]
+CI_MAX_TIME_MS = 20000.0  # --ci-max-time-ms
+CV_SUBNETS = 5
 
 
 def empty_copy(index: Path, folder: Path, name: str) -> Path:
@@ -81,7 +83,8 @@ def run_device(device: str, home: Path, folder: Path, index: Path, space: Any, d
                                            total - agree, worst))
 
     score("fixed loop (ground truth)", fixed_s, [[m < limit for m in medians] for limit in limits])
-    with profiler(empty_copy(index, folder, f"{device}-ci"), stop="ci") as p:
+    with profiler(empty_copy(index, folder, f"{device}-ci"), stop="ci",
+                  max_time_ms=CI_MAX_TIME_MS) as p:
         ci = p.measure_many(samples, progress=False)
     score("stop=ci (+-1%)", sum(m.device_s for m in ci),
           [[m.median < limit for m in ci] for limit in limits])
@@ -100,7 +103,7 @@ def run_device(device: str, home: Path, folder: Path, index: Path, space: Any, d
                 out["model_note"] = p.decider.model_note
                 out["predicted"] = sum(d.source == "predicted" for d in decisions)
         score(name, spent, answers)
-    out["cv"] = run_to_run_cv(profiler, index, folder, device, samples[:5])
+    out["cv"] = run_to_run_cv(profiler, index, folder, device, samples[:CV_SUBNETS])
     out["model"] = model_quality(space, dummy, samples, medians)
     return out
 
@@ -115,7 +118,8 @@ def run_to_run_cv(profiler: Any, index: Path, folder: Path, device: str,
             medians = []
             for repeat in range(repeats):
                 with profiler(empty_copy(index, folder, f"{device}-cv-{rule}-{repeat}"),
-                              stop=rule, cpu_affinity=PINNED) as p:
+                              stop=rule, cpu_affinity=PINNED,
+                              max_time_ms=CI_MAX_TIME_MS if rule == "ci" else 20000.0) as p:
                     medians.append(p.measure(sample).median)
             per_subnet.append(statistics.stdev(medians) / statistics.mean(medians))
         cvs[rule] = float(np.mean(per_subnet))
@@ -148,7 +152,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--size", type=int, default=64, help="input size in px (default 64)")
     parser.add_argument("--no-board", action="store_true", help="local only (no root needed)")
+    parser.add_argument("--ci-max-time-ms", type=float, default=20000.0,
+                        help="cap of the ci-stopped loop (default 20000, as the fixed loop's)")
+    parser.add_argument("--cv-subnets", type=int, default=5)
     args = parser.parse_args()
+    global CI_MAX_TIME_MS, CV_SUBNETS
+    CI_MAX_TIME_MS, CV_SUBNETS = args.ci_max_time_ms, args.cv_subnets
     folder = Path(tempfile.mkdtemp(prefix="harness-bench-decisions-"))
     home = folder / "home"
     space, dummy = ProxylessSpace(), torch.randn(1, 3, args.size, args.size)
@@ -193,7 +202,8 @@ def main() -> None:
               f"{model['coverage@95%']:.1%} at 95%; {model['predict_ms']:.3f} ms per prediction; "
               f"in the sweep: {result['model_note']}, {result['predicted']} predicted at the "
               f"last limit, audit {result['audit']}")
-    print(f"\n{args.samples} ProxylessSpace subnets at {args.size} px, confidence {CONFIDENCE}; "
+    print(f"\n{args.samples} ProxylessSpace subnets at {args.size} px, confidence {CONFIDENCE}, "
+          f"ci loop capped at {CI_MAX_TIME_MS:.0f} ms; "
           f"targets: ci >= 3x less device time than fixed; limit-aware + model >= 10x, >= 99.5% "
           f"agreement, every disagreement within the truth's own interval (worst/CI <= 1); "
           f"{time.monotonic() - started:.0f} s in all")

@@ -832,3 +832,22 @@ def test_an_unreachable_host_is_one_error_with_its_fix(home, silent_host, what):
     if what == "silent host":
         assert "paramiko.transport" in debug.stderr
     assert counts_of(home)[0] == 0 if (home / "cache.sqlite").exists() else True
+
+
+def test_a_device_name_that_is_a_path_touches_no_file(tiny, home):
+    """`--device ../../victim` once overwrote victim.lock two folders up: a name is checked
+    before any file is touched."""
+    from harness import HarnessError, LatencyProfiler, random_samples
+
+    victim = home.parent / "victim.lock"
+    victim.write_text("precious\n")
+    with LatencyProfiler(tiny, tiny.dummy_input(), device="../../victim",
+                         settings=FAST) as profiler:
+        with pytest.raises(HarnessError, match="cannot name a device"):
+            profiler.measure(random_samples(tiny, 1)[0])
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "profile", "--space",
+                           "harness.spaces:TinySpace", "--device", "../../victim", "--samples",
+                           "1"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HARNESS_HOME=str(home)))
+    assert proc.returncode == 1 and "cannot name a device" in proc.stderr
+    assert victim.read_text() == "precious\n" and not (home / "leases").exists()
