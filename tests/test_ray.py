@@ -108,11 +108,3 @@ def test_joining_without_the_token_says_how_to_get_it(tmp_path, farm, client_key
     assert proc.returncode == 1
     assert "no farm token" in proc.stderr and "scp" in proc.stderr
 
-
-def test_the_farm_listens_where_it_was_told(farm):
-    """`farm serve --node-ip 127.0.0.1`: the head's port listens on loopback only."""
-    port = farm.rsplit(":", 1)[1]
-    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
-                               text=True, timeout=30).stdout.split("\n")
-    addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening if line.strip()}
-    assert addresses == {"127.0.0.1"}, addresses
