@@ -37,6 +37,8 @@ def answer_all(samples: Sequence[Sample], results: List[Optional[Any]], *, what:
     of the devices), take what `cached` has for its graph, let the pool measure the rest
     under `request`, and `store` each result as it comes. The first failure is raised once
     every other sample is answered."""
+    if all(result is not None for result in results):
+        return  # all answered already: no export, no pool, no progress bar
     request = replace(request, still_needed=lambda graph: cached(graph) is None)
     with ArchitectureBatch(results, what, progress) as batch:
 
