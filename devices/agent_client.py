@@ -8,7 +8,6 @@ A worker that dies is restarted and the job retried once; a timeout kills the wo
 retried, since it counts from the lease.
 """
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -19,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 import agents
 from agents.ort_agent import AGENT_VERSION
 from devices.agent_result import AgentResult, DeviceFacts
+from devices.line_channel import file_sha256
 from devices.errors import (AgentProtocolError, DeviceError, DeviceLost, MeasurementTimeout,
                             TransferError, error_from_agent)
 from devices.transport import RemoteProcess, Transport
@@ -94,13 +94,6 @@ class DeviceClient(Protocol):
         """Stop what runs on the device for us and release the connection."""
 
 
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class AgentClient:

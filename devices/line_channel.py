@@ -10,6 +10,7 @@ chunk (`_receive`), how to learn the exit status, how to write and how to kill.
 the way every transport places a file: a partial file first, renamed into place, so a cut
 transfer never leaves a file under the final name.
 """
+import hashlib
 import threading
 import time
 from typing import Callable, List, Optional, Tuple
@@ -141,6 +142,15 @@ def run_to_end(process: LineChannel, argv: List[str], timeout: float,
                                  f"and was killed on {where}", device=process.device) from None
     process.kill()  # type: ignore[attr-defined]
     return code, out, err
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a local file's content (names files on devices, checks uploads)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def partial_name(target: str) -> str:

@@ -24,7 +24,7 @@ import secrets
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
-from devices.agent_client import file_sha256
+from devices.line_channel import file_sha256
 from devices.agent_result import AgentResult, DeviceFacts, is_ms
 from devices.errors import AgentProtocolError, InferenceError, LoadError
 from devices.transport import Transport

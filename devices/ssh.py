@@ -26,7 +26,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import paramiko
 
 from devices.errors import BadRequest, DeviceError, DeviceLost, TransferError
-from devices.line_channel import LineChannel, partial_name, run_to_end, upload_then_rename
+from devices.line_channel import (LineChannel, file_sha256, partial_name, run_to_end,
+                                  upload_then_rename)
 from devices.remote_shell import kill_line, quoted, wrapped
 from devices.transport import DeviceControl
 
@@ -375,7 +376,7 @@ class SSHTransport:
             return target
         size = Path(local_path).stat().st_size
         command = quoted(["sh", "-c", UPLOAD_SCRIPT, "harness-put", posixpath.dirname(target),
-                          partial_name(target), target, _sha256_of(local_path), *self.python])
+                          partial_name(target), target, file_sha256(local_path), *self.python])
         code, _, err = _exec_plain(connection, command, timeout + size / 1e5, source=local_path)
         if code == 3:
             raise TransferError(f"upload of {local_path} to {target} arrived damaged "
@@ -485,13 +486,6 @@ fi
 mv -f "$part" "$target" || { rm -f "$part"; exit 4; }"""
 
 
-def _sha256_of(path: str) -> str:
-    """Hex sha256 of a local file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _exec_plain(connection: SSHConnection, command: str, timeout: float,

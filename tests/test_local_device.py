@@ -8,7 +8,7 @@ import pytest
 
 from devices import (AgentClient, AgentProtocolError, DeviceLost, LoadError,
                      LocalTransport, MeasurementTimeout)
-from devices.agent_client import file_sha256
+from devices.line_channel import file_sha256
 from tests.conftest import FAST
 
 

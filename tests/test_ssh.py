@@ -375,7 +375,7 @@ def test_the_exec_upload_checks_the_hash_with_python_where_sha256sum_is_missing(
                                                                                 tiny_model):
     """A minimal image with a shell, cat and mv but no sha256sum: the board's Python hashes."""
     from devices.ssh import UPLOAD_SCRIPT
-    from devices.agent_client import file_sha256
+    from devices.line_channel import file_sha256
 
     tools = tmp_path / "bin"
     tools.mkdir()
