@@ -362,7 +362,7 @@ def test_an_upload_that_arrives_damaged_is_refused_and_nothing_is_kept(home, nos
     transport = registry.open_transport("nosftp", home)
     try:
         # What the host believes it sends differs from what arrives, as a damaged transfer.
-        monkeypatch.setattr(devices.ssh, "_sha256_of", lambda path: "0" * 64)
+        monkeypatch.setattr(devices.ssh, "file_sha256", lambda path: "0" * 64)
         with pytest.raises(TransferError, match="arrived damaged") as caught:
             transport.put(str(tiny_model), "models/x.onnx")
         assert "nothing was kept" in caught.value.message
