@@ -14,7 +14,7 @@ from devices.agent_result import AgentResult
 from harness.cache import MeasurementKey, canonical_json, digest
 from harness.decisions import Decision, decision_from_samples
 from harness.export import ExportedModel
-from harness.measurement import Measurement, Provenance
+from harness.measurement import Measurement, Provenance, fixed_loop_estimate_s
 from harness.latency_model import (MIN_MEASUREMENTS, LatencyModel, ModelAudit, Prediction,
                                    featurizer, training_data)
 from harness.space import Sample, SampleValidator, checked_search_space
@@ -85,6 +85,11 @@ class LimitDecider:
                                           "interval_ms": interval, "coverage": coverage},
                                calibration={"device": p.device, "kind": "latency model",
                                             "note": self.model_note}))
+
+    def learn(self) -> None:
+        """Refit on what the device has measured since, when the model is in use."""
+        if self.use_model:
+            self.refit()
 
     def start(self, limit_ms: float, confidence: float) -> "DecisionRound":
         if self.use_model and self.model is None:
@@ -159,9 +164,9 @@ class DecisionRound:
                              result.agent_version)
         p.cache.put_decision(key, decision, result.samples_ms)
         with p._lock:
-            p.counters.update(decisions=1, device_s=decision.device_s, fixed_loop_s=min(
-                max(50 * decision.median_ms, 1000.0), 20000.0) / 1e3 + decision.device_s
-                - (result.loop_ms / 1e3))
+            p.counters.update(decisions=1, device_s=decision.device_s,
+                              fixed_loop_s=fixed_loop_estimate_s(
+                                  decision.median_ms, decision.device_s, result.loop_ms))
         return decision
 
     def finish(self, results: Sequence[Decision]) -> List[Decision]:

@@ -28,6 +28,13 @@ FEW_SAMPLES = 10
 STATISTICS = ("median", "mean", "p90", "p99", "min", "max")
 
 
+def fixed_loop_estimate_s(median_ms: float, device_s: float, loop_ms: float) -> float:
+    """About what a run would have cost with the fixed loop (at least 50 runs and 1 s, at
+    most 20 s): its device time with its timed loop (`loop_ms`) swapped for that one."""
+    fixed_loop_ms = min(max(50 * median_ms, 1000.0), 20000.0)
+    return max(device_s - loop_ms / 1e3, 0.0) + fixed_loop_ms / 1e3
+
+
 @dataclass(frozen=True)
 class Provenance:
     """How a result was taken, beyond the device and settings every Measurement names.
@@ -196,8 +203,7 @@ class Measurement:
     def fixed_loop_device_s(self) -> float:
         """About what this measurement would have cost with the fixed loop (at least 50 runs
         and 1 s, at most 20 s): its device time with the timed loop swapped for that one."""
-        fixed_loop_ms = min(max(50 * self.median, 1000.0), 20000.0)
-        return max(self.device_s - (self.provenance.loop_ms or 0.0) / 1e3, 0.0) + fixed_loop_ms / 1e3
+        return fixed_loop_estimate_s(self.median, self.device_s, self.provenance.loop_ms or 0.0)
 
     @property
     def device_s(self) -> float:

@@ -142,7 +142,7 @@ class LatencyProfiler(Profiler):
                        cached=decisions.cached, pool=self.pool, request=decisions.request,
                        store=decisions.store)
             results += answers
-            self.decider.refit()
+            self.decider.learn()
         return decisions.finish(results)
 
     def measure_module(self, module: torch.nn.Module, dummy_input: DummyInput) -> Measurement:
