@@ -24,6 +24,10 @@ class CheckReport:
     identity: Dict[str, Any] = field(default_factory=dict)
     median_ms: Optional[float] = None
     problems: List[str] = field(default_factory=list)
+    # what the device reports of its state (None where it reports nothing)
+    hottest_c: Optional[float] = None       # hottest thermal zone before the tiny run
+    pinned: Optional[str] = None            # a phone's big-core mask
+    governors: Optional[List[str]] = None   # CPU frequency governors
 
     @property
     def ok(self) -> bool:
@@ -78,8 +82,10 @@ def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
             report.problems.append(f"Python {facts.text} is too old for the agent; fix: "
                                    f"{facts.too_old_fix(python)}")
             return report
-        identity = client.facts(deadline=time.monotonic() + timeout_s).identity
+        device_facts = client.facts(deadline=time.monotonic() + timeout_s)
+        identity = device_facts.identity
         report.identity = identity
+        report.governors = list(device_facts.state.get("governors") or []) or None
         missing = [p for p in (("numpy", "onnxruntime") if runs_python else ())
                    if identity.get(p) is None]
         if missing:
@@ -94,6 +100,13 @@ def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
                                         deadline=time.monotonic() + timeout_s)
             samples = sorted(result.samples_ms)
             report.median_ms = samples[len(samples) // 2]
+            control = result.control
+            zones = control.thermal_before if control and control.thermal_before \
+                else result.thermal_before
+            report.hottest_c = max((float(z["temp_c"]) for z in zones if isinstance(z, dict)
+                                    and isinstance(z.get("temp_c"), (int, float))), default=None)
+            if control is not None and control.pinned_mask:
+                report.pinned = "mask " + " ".join(control.pinned_mask)
     except DeviceError as exc:
         text = f"{exc.kind}: {exc.message}; fix: {exc.fix}"
         if "SyntaxError" in exc.message:

@@ -4,28 +4,51 @@
     profiler = LatencyProfiler(space, torch.randn(1, 3, 224, 224), device="local")
     profiler.profile(sample)        # median latency in ms
     profiler.measure(sample)        # Measurement: raw samples, statistics, provenance, source
-"""
-import logging
 
-from devices.errors import (AgentProtocolError, BadRequest, DeviceError, DeviceLost,
-                            InferenceError, LoadError, MeasurementTimeout, ThermalError,
-                            TransferError)
-from harness.cache import Cache
-from harness.counting import FlopsProfiler, NumParamsProfiler
-from harness.errors import CacheError, ExportError, HarnessError, InvalidSample
-from harness.measurement import Measurement
-from harness.predict import NnMeterProfiler, PredictorError
-from harness.profiler import LatencyProfiler
-from harness.profiler_base import Profiler
-from harness.space import ModelSpace, enumerate_samples, random_samples, validate_sample
+The names below are imported when first used (PEP 562), so that `import harness.cli` and
+`harness --help` do not pay for torch, onnx and nn-Meter before a command needs them.
+"""
+import importlib
+import logging
+from typing import Any, Dict, List
 
 logging.getLogger("harness").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
-__all__ = ["LatencyProfiler", "Profiler", "FlopsProfiler", "NumParamsProfiler",
-           "NnMeterProfiler", "PredictorError", "Measurement", "Cache", "ModelSpace",
-           "random_samples", "enumerate_samples", "validate_sample", "HarnessError",
-           "InvalidSample", "ExportError", "CacheError", "DeviceError",
-           "TransferError", "LoadError", "InferenceError", "MeasurementTimeout", "DeviceLost",
-           "ThermalError", "BadRequest", "AgentProtocolError"]
+# public name -> the module that defines it
+_EXPORTS: Dict[str, str] = {
+    "LatencyProfiler": "harness.profiler",
+    "Profiler": "harness.profiler_base",
+    "FlopsProfiler": "harness.counting",
+    "NumParamsProfiler": "harness.counting",
+    "NnMeterProfiler": "harness.predict",
+    "PredictorError": "harness.predict",
+    "Measurement": "harness.measurement",
+    "Cache": "harness.cache",
+    "ModelSpace": "harness.space",
+    "random_samples": "harness.space",
+    "enumerate_samples": "harness.space",
+    "validate_sample": "harness.space",
+    "HarnessError": "harness.errors",
+    "InvalidSample": "harness.errors",
+    "ExportError": "harness.errors",
+    "CacheError": "harness.errors",
+    **{name: "devices.errors" for name in (
+        "DeviceError", "TransferError", "LoadError", "InferenceError", "MeasurementTimeout",
+        "DeviceLost", "ThermalError", "BadRequest", "AgentProtocolError")},
+}
+
+__all__: List[str] = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'harness' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(list(globals()) + __all__)

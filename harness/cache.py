@@ -381,7 +381,10 @@ class Cache:
             "measurements": count("measurements"),
             "distinct_keys": keys[0][0],
             "samples_indexed": count("samples"),
-            "devices": count("devices"),
+            # devices by name, as listed below; alike devices (a farm's boards of one model)
+            # share one fingerprint, so there may be fewer of those
+            "devices": len(per_device),
+            "fingerprints": count("devices"),
             "per_device": [{"device": d if d is not None else "?", "measurements": n,
                             "graphs": g, "latest": _finite(t), "odd_dates": odd or 0}
                            for d, n, g, t, odd in per_device],

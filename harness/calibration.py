@@ -60,8 +60,10 @@ class Calibration:
         return math.exp(self.intercept + self.slope * math.log(predicted_ms))
 
     def describe(self) -> Dict[str, Any]:
+        held_out = self.report.get("calibrated", {})
         return {"device": self.device, "kind": self.kind, "intercept": self.intercept,
-                "slope": self.slope, "created_at": self.created_at, "n_train": self.n_train}
+                "slope": self.slope, "created_at": self.created_at, "n_train": self.n_train,
+                "rmspe": held_out.get("rmspe")}
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """The `harness` command.
 
-    harness profile --space MODULE:ATTR --device NAME --samples N [--seed S] [--json]
-                    [--fallback nn-meter [--predictor P] [--offline]]
+    harness profile --space MODULE:ATTR --device NAME --samples N [--seed S]
+                    [--json | --csv] [--raw] [--fallback nn-meter [--predictor P] [--offline]]
+    harness filter --space MODULE:ATTR --device NAME --limit-ms X --samples N [--json]
     harness calibrate --device NAME --space MODULE:ATTR --samples N [--holdout M] [--predictor P]
     harness cache stats | export FILE | import FILE
     harness devices add NAME --ssh USER@HOST[:PORT] [--key FILE] [--jump USER@HOST] [--kind K]
@@ -12,15 +13,18 @@ import argparse
 import json
 import logging
 import math
+import os
+import re
+import select
 import sys
 import time
+import warnings
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from devices.errors import BadRequest, DeviceError
-from harness.cache import Cache
+from devices.errors import BadRequest, FixableError
+from harness import __version__
 from harness.errors import HarnessError
-from harness.measurement import STATISTICS, Measurement
 from harness.paths import default_cache_path
 
 log = logging.getLogger(__name__)
@@ -29,11 +33,13 @@ SHOWN_SKIPPED_ROWS = 10  # `cache import` names this many skipped rows, then cou
 # Samples of one command: every sample is drawn (and kept) before the first is measured, so
 # a count far beyond any sweep (200 million) would fill memory before anything happens.
 MAX_SAMPLES = 100_000
+STATISTICS = ("median", "mean", "p90", "p99", "min", "max")  # as harness.measurement's
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harness", description="Device-in-the-loop latency profiling for hardware-aware NAS.")
+    parser.add_argument("--version", action="version", version=f"harness {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log progress (-v) or everything (-vv) to stderr")
     parser.add_argument("--cache", help="cache file (default: $HARNESS_HOME/cache.sqlite)")
@@ -45,8 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--device", default="local", help="device name (default: %(default)s)")
     profile.add_argument("--samples", type=int, default=8, help="how many samples (default: 8)")
     profile.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    profile.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    profile.add_argument("--statistic", choices=STATISTICS, default="median")
+    output = profile.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
+                        help="JSON Lines: one object per sample, then a summary object")
+    output.add_argument("--csv", action="store_true", help="the same rows as CSV")
+    profile.add_argument("--raw", action="store_true",
+                         help="with --json or --csv: every raw per-run time too")
+    profile.add_argument("--statistic", choices=STATISTICS, default="median",
+                         help="the statistic profile() returns and the table shows first")
     _add_timing_options(profile)
     profile.add_argument("--isolation", choices=("worker", "process"), default="worker",
                          help="persistent agent worker, or a fresh process per measurement")
@@ -81,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds one measurement may take from the device lease")
     limit.add_argument("--farm", metavar="ADDRESS",
                        help="a Ray farm's head (HOST:PORT); --device must be kind:K")
-    limit.add_argument("--json", action="store_true", help="print JSON instead of text")
+    limit.add_argument("--json", action="store_true",
+                       help="JSON Lines: one object per decision, then a summary object")
     _add_timing_options(limit)
 
     calibrate = commands.add_parser(
@@ -150,6 +163,18 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("file")
     imported = actions.add_parser("import", help="add a JSON Lines export to the cache")
     imported.add_argument("file")
+
+    report = commands.add_parser(
+        "report", help="an HTML page (and PNGs) of the cache: devices side by side, the spread "
+                       "of the runs, latency against FLOPs, calibrations, sortable tables")
+    report.add_argument("--out", required=True, metavar="DIR",
+                        help="folder for index.html and the PNGs (created if missing)")
+    report.add_argument("--device", action="extend", nargs="+", metavar="NAME",
+                        help="devices to show (default: every device in the cache)")
+    report.add_argument("--space", metavar="MODULE:ATTR",
+                        help="only the subnets of this space, with their FLOPs counted")
+    report.add_argument("--cache", default=argparse.SUPPRESS,
+                        help="cache file (default: $HARNESS_HOME/cache.sqlite)")
     return parser
 
 
@@ -209,7 +234,60 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    """The `harness` command: runs one command, prints one line per error with its fix (as
+    the flags to type), and ends quietly when the reader of its output went away (`| head`)."""
+    parser = _parser()
+    try:
+        return _run(parser, parser.parse_args(argv))
+    except FixableError as exc:
+        fix = f"\n  fix: {as_flags(exc.fix, option_names(parser))}" if exc.fix else ""
+        text = str(exc)
+        text = text[:text.index("\n  fix: ")] if "\n  fix: " in text else text
+        print(f"harness: error: {text}{fix}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # Python would complain again when it flushes stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a program ended by SIGPIPE
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll reports an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def option_names(parser: argparse.ArgumentParser) -> Set[str]:
+    """Every --option of the command and its subcommands."""
+    names: Set[str] = set()
+    for action in parser._actions:  # argparse has no public walk over its options
+        names.update(o for o in action.option_strings if o.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names |= option_names(sub)
+    return names
+
+
+def as_flags(fix: str, options: Set[str]) -> str:
+    """A fix written for the Python API (`fallback='nn-meter'`) as the flags a command-line
+    user types (`--fallback nn-meter`); names that are no option of the command stay."""
+    def flag(match: "re.Match[str]") -> str:
+        option = "--" + match.group(1).replace("_", "-")
+        if option not in options:
+            return match.group(0)
+        value = match.group(3) if match.group(3) is not None else match.group(2)
+        return f"{option} {value}"
+
+    return re.sub(r"\b([a-z][a-z_]*)=('([^']*)'|[^\s,;'()]+)", flag, fix)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # nn-Meter logs every kernel at INFO on root
@@ -219,6 +297,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # typed error (with its fix) that harness prints: it is for -vv (debugging) only.
     logging.getLogger("paramiko").setLevel(logging.DEBUG if args.verbose >= 2
                                            else logging.CRITICAL + 1)
+    if args.verbose < 2:  # nn-Meter's setuptools deprecation notice is not the user's concern
+        warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
     try:
         _check_numbers(args)
         if args.command == "profile":
@@ -233,10 +313,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from harness.paths import harness_home
             from harness.ray_pool import serve
             return serve(harness_home(), args.address, args.port, args.node_ip)
+        if args.command == "report":
+            return _report(args)
         return _cache(args)
-    except (HarnessError, DeviceError) as exc:
-        print(f"harness: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("harness: interrupted; what was measured is in the cache, so a rerun resumes",
               file=sys.stderr)
@@ -254,36 +333,52 @@ def _sampled(args: argparse.Namespace) -> Tuple[Any, List[Dict[str, Any]]]:
 
 
 def _profile(args: argparse.Namespace) -> int:
+    from harness import output
     from harness.profiler import LatencyProfiler
 
+    if args.raw and not (args.json or args.csv):
+        raise HarnessError("--raw adds the raw per-run times to --json or --csv output",
+                           fix="pass --json --raw or --csv --raw")
     space, samples = _sampled(args)
     started = time.monotonic()
     fallback = "nn-meter" if args.offline and args.fallback == "error" else args.fallback
+    quiet = args.json or args.csv
     with LatencyProfiler(space, space.dummy_input(), device=args.device,
                          statistic=args.statistic, settings=_settings(args), cache=args.cache,
                          isolation=args.isolation, timeout_s=args.timeout,
                          refresh=args.refresh, farm=args.farm, fallback=fallback,
                          predictor=args.predictor, offline=args.offline) as profiler:
-        results = profiler.measure_many(samples, progress=False if args.json else None)
+        results = profiler.measure_many(samples, progress=False if quiet else None)
         counters = dict(profiler.counters)
-    elapsed = time.monotonic() - started
+    rows = output.rows_of(results, samples, space)
+    sources = Counter(m.source for m in results)
+    flagged = [row["index"] for row in rows if row["flags"]]
+    summary = {"samples": len(results), "architectures": len({m.graph_hash for m in results}),
+               "measured": sources["measured"], "cached": sources["cached"],
+               "predicted": sources["predicted"], "exported": counters.get("exports", 0),
+               "device": args.device, "elapsed_s": round(time.monotonic() - started, 3),
+               "device_s": counters.get("device_s", 0.0),
+               "measurements": counters.get("measurements", 0),
+               "fixed_loop_s": counters.get("fixed_loop_s", 0.0), "flagged": flagged}
     if args.json:
-        print(json.dumps([dict(m.to_dict(), sample=s) for s, m in zip(samples, results)],
-                         indent=1))
-    else:
-        print(render_table(results, args.statistic))
-        graphs = len({m.graph_hash for m in results})
-        sources = Counter(m.source for m in results)
-        print(f"\n{len(results)} samples, {graphs} distinct architectures: "
-              f"{sources['measured']} measured, {sources['cached']} from the cache, "
-              f"{sources['predicted']} predicted by nn-Meter; {counters.get('exports', 0)} "
-              f"exported; {elapsed:.1f} s on {args.device}")
-        print(f"device time: {counters.get('device_s', 0.0):.1f} s for {counters.get('measurements', 0)} "
-              f"measurements (the fixed loop: about {counters.get('fixed_loop_s', 0.0):.1f} s)")
-        unstable = [i for i, m in enumerate(results) if m.flags]
-        if unstable:
-            print(f"flagged: samples {', '.join(map(str, unstable))} (see flags); rerun them "
-                  f"with --refresh on an idle device, or raise --min-time-ms")
+        output.write_jsonl(sys.stdout, [output.json_row(row, m, args.raw)
+                                        for row, m in zip(rows, results)], summary)
+        return 0
+    if args.csv:
+        output.write_csv(sys.stdout, [dict(row, samples_ms=m.samples_ms)
+                                      for row, m in zip(rows, results)], args.raw)
+        return 0
+    print(output.render_table(rows, args.statistic,
+                              [m.statistic(args.statistic) for m in results]))
+    print(f"\n{summary['samples']} samples, {summary['architectures']} distinct architectures: "
+          f"{summary['measured']} measured, {summary['cached']} from the cache, "
+          f"{summary['predicted']} predicted; {summary['exported']} exported; "
+          f"{summary['elapsed_s']:.1f} s on {args.device}")
+    print(f"device time: {summary['device_s']:.1f} s for {summary['measurements']} "
+          f"measurements (the fixed loop: about {summary['fixed_loop_s']:.1f} s)")
+    if flagged:
+        print(f"flagged: samples {', '.join(map(str, flagged))} (see flags); rerun them "
+              f"with --refresh on an idle device, or raise --min-time-ms")
     return 0
 
 
@@ -303,9 +398,11 @@ def _filter(args: argparse.Namespace) -> int:
         fixed = profiler.counters.get("fixed_loop_s", 0.0)
     counts = summary(decisions)
     if args.json:
-        print(json.dumps({"decisions": [dict(d.to_dict(), sample=s) for s, d in
-                                        zip(samples, decisions)],
-                          "summary": counts, "model": model_note, "audit": audit}))
+        from harness.output import write_jsonl
+
+        write_jsonl(sys.stdout, [dict(d.to_dict(), index=i, sample=s) for i, (s, d) in
+                                 enumerate(zip(samples, decisions))],
+                    dict(counts, model=model_note, audit=audit, fixed_loop_s=fixed))
         return 0
     by_source = counts["by_source"]
     print(f"{len(decisions)} samples against {args.limit_ms:g} ms at {args.confidence:.1%}: "
@@ -360,27 +457,6 @@ def parse_cpus(text: str) -> List[int]:
     return cpus
 
 
-def render_table(results: List[Measurement], statistic: str = "median") -> str:
-    """A readable table, one row per measurement."""
-    header = ["#", "graph", statistic + " ms", "p90 ms", "p99 ms", "CV", "n", "load ms",
-              "source", "flags"]
-    rows = [header]
-    for i, m in enumerate(results):
-        rows.append([str(i), m.graph_hash[:12], f"{m.statistic(statistic):.4g}", f"{m.p90:.4g}",
-                     f"{m.p99:.4g}", f"{m.cv:.1%}", str(m.n),
-                     f"{m.load_ms:.1f}" if m.load_ms is not None else "-", m.source,
-                     "; ".join(m.flags) or "ok"])
-    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    lines = []
-    for r, row in enumerate(rows):
-        cells = [cell.rjust(w) if 1 < c < 8 else cell.ljust(w)
-                 for c, (cell, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-        if r == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _devices(args: argparse.Namespace) -> int:
     from devices import registry
     from devices.check import check_device
@@ -432,6 +508,12 @@ def _devices(args: argparse.Namespace) -> int:
                 continue
             if identity:
                 print(f"{label:>12}: {identity.get(key) or 'missing'}")
+        if report.governors:
+            print(f"{'governors':>12}: {', '.join(report.governors)}")
+        if report.hottest_c is not None:
+            print(f"{'thermal':>12}: hottest zone {report.hottest_c:.1f} C")
+        if report.pinned:
+            print(f"{'pinned':>12}: {report.pinned} (the big cores)")
         if report.median_ms is not None:
             print(f"{'tiny model':>12}: {report.median_ms:.3f} ms median")
         for problem in report.problems:
@@ -448,7 +530,20 @@ def _devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    """`harness report`: the page and figures of harness.report, from the cache."""
+    from harness.report import write_report
+
+    files = write_report(args.cache or default_cache_path(), args.out, devices=args.device,
+                         space=args.space)
+    print(f"report of {files.subnets} subnets on {files.devices} devices: {files.index} "
+          f"(and {len(files.figures)} PNGs beside it)")
+    return 0
+
+
 def _cache(args: argparse.Namespace) -> int:
+    from harness.cache import Cache
+
     path = args.cache or default_cache_path()
     with Cache(path) as cache:
         if args.action == "stats":
@@ -460,7 +555,8 @@ def _cache(args: argparse.Namespace) -> int:
                   f"{stats['schema_version']})")
             print(f"  measurements: {stats['measurements']} ({stats['distinct_keys']} distinct keys)")
             print(f"  samples indexed: {stats['samples_indexed']}")
-            print(f"  devices: {stats['devices']}")
+            print(f"  devices: {stats['devices']} ({stats['fingerprints']} distinct device "
+                  f"fingerprints: devices that are alike share one)")
             for row in stats["per_device"]:
                 odd = (f" ({row['odd_dates']} with a date that is not a time up to now)"
                        if row.get("odd_dates") else "")

@@ -117,14 +117,23 @@ class Measurement:
         """A measured result from the device's checked answer (with the lease window its
         pool added) and what the host knows: the export and the model it sent."""
         lease = result.lease
-        control = result.control.to_dict() if result.control is not None else None
+        control = result.control
+        # Each fact is kept once: the thermal zones of the host's device control (a phone's,
+        # read over adb around the run) or else the agent's, not the session's stale ones
+        # in the device state; the control's flags only among the flags.
+        thermal_before, thermal_after = result.thermal_before, result.thermal_after
+        if control is not None and control.thermal_before:
+            thermal_before, thermal_after = control.thermal_before, control.thermal_after
         provenance = Provenance(
             capped=result.capped, loop_ms=result.loop_ms, warmup_runs=result.warmup_runs,
             warmup_ms=result.warmup_ms, runtime=dict(result.runtime),
             controlled=dict(result.controlled), inputs=list(result.inputs),
-            thermal_before=list(result.thermal_before),
-            thermal_after=list(result.thermal_after), device_state=dict(result.facts.state),
-            device_control=control, extra_flags=list(control["flags"]) if control else [],
+            thermal_before=list(thermal_before), thermal_after=list(thermal_after),
+            device_state={k: v for k, v in result.facts.state.items() if k != "thermal"},
+            device_control=None if control is None else {
+                "waited_s": control.waited_s, "max_temp_c": control.max_temp_c,
+                "pinned_mask": list(control.pinned_mask)},
+            extra_flags=list(control.flags) if control is not None else [],
             wall_ms=(lease[1] - lease[0]) * 1e3 if lease else None,
             lease=list(lease) if lease else None, export_ms=export_ms,
             model_sha256=model_sha256, model_bytes=model_bytes, isolation=isolation,
@@ -198,6 +207,38 @@ class Measurement:
             return math.inf
         low, high = self.median_interval(0.95)
         return max(self.median - low, high - self.median) / self.median
+
+    def prediction_interval(self) -> Optional[Tuple[float, float]]:
+        """A prediction's interval (ms), where its predictor gives one: the latency model's
+        split-conformal interval, or a calibrated nn-Meter prediction +-2 held-out RMSPE
+        (about 95%). None for a measurement and for an uncalibrated prediction."""
+        if self.source != "predicted":
+            return None
+        interval = (self.provenance.predictor or {}).get("interval_ms")
+        if interval:
+            return float(interval[0]), float(interval[1])
+        rmspe = (self.provenance.calibration or {}).get("rmspe")
+        if isinstance(rmspe, (int, float)) and math.isfinite(rmspe):
+            share = 2 * rmspe / 100
+            return max(self.median * (1 - share), 0.0), self.median * (1 + share)
+        return None
+
+    def hottest_c(self) -> Optional[float]:
+        """The hottest thermal zone before the run (degrees C), where the device reports any."""
+        temps = [float(zone["temp_c"]) for zone in self.provenance.thermal_before
+                 if isinstance(zone, Mapping) and isinstance(zone.get("temp_c"), (int, float))]
+        return max(temps, default=None)
+
+    def pinned_to(self) -> Optional[str]:
+        """The CPUs the run was pinned to (the agent's affinity, or a phone's big-core mask),
+        or None where nothing was pinned."""
+        mask = (self.provenance.device_control or {}).get("pinned_mask")
+        if mask:
+            return "mask " + " ".join(map(str, mask))
+        cpus = self.settings.get("cpu_affinity")
+        if cpus:
+            return "cpus " + ",".join(map(str, cpus))
+        return None
 
     @property
     def fixed_loop_device_s(self) -> float:

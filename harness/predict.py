@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Union
@@ -46,7 +47,9 @@ class PredictorError(HarnessError):
 def import_nn_meter() -> Any:
     """The nn_meter package, with its chatty stdout logger turned down to errors."""
     try:
-        import nn_meter
+        with warnings.catch_warnings():  # its pkg_resources import warns of a deprecation
+            warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
+            import nn_meter
     except ImportError as exc:  # not installed, or setuptools >= 81 (no pkg_resources)
         raise PredictorError(f"nn-Meter cannot be imported ({exc})", fix=NN_METER_INSTALL) from None
     if not log.isEnabledFor(logging.DEBUG):

@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import secrets
+import socket
 import stat
 import subprocess
 import sys
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 RESOURCE_PREFIX = "harness-kind:"
 MIN_RAY = (2, 52)      # the first Ray with token authentication
 TOKEN_FILE = "ray-token"
+FARM_CONNECT_TIMEOUT_S = 5.0  # a farm's head must accept a connection within this
 RAY_GRACE_S = 30.0     # scheduling and transfer time Ray may add to a measurement's timeout
 
 
@@ -151,8 +153,20 @@ def serve(home: Path, address: Optional[str], port: int = 26380,
     token = checked_token(home) if address else ensure_token(home)
     env = dict(os.environ, HARNESS_HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
                **auth_env(token))
-    code = subprocess.run(serve_command(home, address, port, node_ip), env=env).returncode
-    if code == 0 and not address:
+    # Ray's INFO lines go to a log file, not the user's terminal; a failure shows its tail.
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / "farm-serve.log"
+    with open(log_path, "ab") as log_file:
+        code = subprocess.run(serve_command(home, address, port, node_ip), env=env,
+                              stdout=log_file, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = log_path.read_bytes()[-2000:].decode("utf-8", "replace").strip().splitlines()
+        raise HarnessError(f"'ray start' failed (exit {code}): "
+                           + " / ".join(line.strip() for line in tail[-4:]),
+                           fix=f"read {log_path}; 'ray stop --force' ends a node left over "
+                               f"from an earlier run")
+    if not address:
         print(f"farm head at {node_ip}:{port}, token authentication on. A host joins with its "
               f"own copy of {token} (mode 0600, copied over a secure channel):\n"
               f"  scp {token} HOST:.harness/{TOKEN_FILE}\n"
@@ -223,6 +237,23 @@ def farm_pool(address: str, device: str, home: Path, isolation: str = "worker") 
     return RayPool(address, device[len("kind:"):], home, isolation)
 
 
+def check_farm_answers(address: str, timeout_s: float = FARM_CONNECT_TIMEOUT_S) -> None:
+    """Fail fast, with the fix, when nothing listens at the farm's address: Ray itself
+    retries for minutes, printing its C++ warnings, before it gives up."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadRequest(f"the farm address {address!r} is not HOST:PORT",
+                         fix="pass the head's address as 'harness farm serve' printed it, "
+                             "e.g. farm='10.0.0.2:26380'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+        raise DeviceLost(f"no Ray farm answers at {address} ({why})",
+                         fix=f"start the head there with 'harness farm serve', or check the "
+                             f"address and the firewall (port {port})") from None
+
+
 class RayPool:
     """The devices of one kind on every host of a Ray farm; see the module docstring."""
 
@@ -241,6 +272,7 @@ class RayPool:
                                fix="set RAY_AUTH_MODE=token in the environment, or import "
                                    "harness before ray")
         if not ray.is_initialized():
+            check_farm_answers(address)
             os.environ.update(auth_env(checked_token(Path(home))))  # read when Ray connects
             try:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)

@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -90,6 +91,9 @@ def run_device(device: str, home: Path, folder: Path, index: Path, space: Any, d
           [[m.median < limit for m in ci] for limit in limits])
     out["ci_runs"] = float(np.median([m.n for m in ci]))
     out["fixed_runs"] = float(np.median([m.n for m in truth]))
+    out["fixed_rhw"] = float(np.median([m.relative_half_width for m in truth]))
+    out["ci_reasons"] = dict(Counter((m.provenance.stop or {}).get("reason") for m in ci))
+    out["ci_drift"] = sum(bool((m.provenance.stop or {}).get("drift")) for m in ci)
     for name, use_model in (("limit-aware", False), ("limit-aware + model", True)):
         with profiler(empty_copy(index, folder, f"{device}-{use_model}")) as p:
             p.decider.use_model = use_model
@@ -178,11 +182,20 @@ def main() -> None:
             python=sys.executable, workdir=board.workdir, lock=board.workdir + ".lock"))
         registry.trust_device(home, "board30", lambda *_: True)
         devices.append("board30")
+    results = []
     try:
-        results = [run_device(d, home, folder, index, space, dummy, samples) for d in devices]
+        for device in devices:  # each device's table as soon as it is done
+            results.append(run_device(device, home, folder, index, space, dummy, samples))
+            print_results(results[-1:], args, started)
     finally:
         if board is not None:
             board.destroy()
+    if len(results) > 1:
+        print_results(results, args, started)
+
+
+def print_results(results: List[Dict[str, Any]], args: argparse.Namespace,
+                  started: float) -> None:
     print(f"{'device':<9}{'strategy':<27}{'device-s':>9}{'speed-up':>9}{'agree':>9}"
           f"{'wrong':>6}{'worst/CI':>9}")
     print("-" * 78)
@@ -196,6 +209,9 @@ def main() -> None:
         print(f"{result['device']}: limits {', '.join(f'{x:.3f}' for x in result['limits'])} ms "
               f"(p20, p50, p80); median runs per subnet: fixed {result['fixed_runs']:.0f}, "
               f"ci {result['ci_runs']:.0f}")
+        print(f"  the fixed loop's own 95% interval of the median: +-{result['fixed_rhw']:.1%} "
+              f"(median over subnets); ci loops stopped by {result['ci_reasons']}, "
+              f"{result['ci_drift']} flagged drifting")
         print(f"  run-to-run CV of the median, pinned to CPU {PINNED}: fixed "
               f"{cv['fixed']:.2%}, ci {cv['ci']:.2%} (target: ci at most 0.5 points above)")
         print(f"  latency model held out: coverage {model['coverage@90%']:.1%} at 90%, "
@@ -206,7 +222,7 @@ def main() -> None:
           f"ci loop capped at {CI_MAX_TIME_MS:.0f} ms; "
           f"targets: ci >= 3x less device time than fixed; limit-aware + model >= 10x, >= 99.5% "
           f"agreement, every disagreement within the truth's own interval (worst/CI <= 1); "
-          f"{time.monotonic() - started:.0f} s in all")
+          f"{time.monotonic() - started:.0f} s in all", flush=True)
 
 
 if __name__ == "__main__":

@@ -103,11 +103,32 @@ def test_profile_on_a_phone_with_python(tiny, home, phone, tmp_path):
     assert identity["android_model"] == "Pixel 7 (emulated)" and identity["soc"] == "GS201"
     assert identity["sdk"] == "34" and identity["build"].startswith("google/panther")
     control = measured.provenance.device_control
-    assert [z["temp_c"] for z in control["thermal_before"]] == [38.5, 41.2, 29.0]
-    assert control["thermal_after"] and control["flags"] == []
+    thermal = measured.provenance.thermal_before  # the phone's zones, kept once
+    assert [z["temp_c"] for z in thermal] == [38.5, 41.2, 29.0] and measured.hottest_c() == 41.2
+    assert measured.provenance.thermal_after and "thermal_before" not in control
+    assert "thermal" not in measured.provenance.device_state
     assert control["pinned_mask"] == ["2"]                     # cpu1 is the big core
+    assert measured.pinned_to() == "mask 2"
     assert measured.provenance.controlled["affinity"] == [1]  # and the agent ran there
     assert measured.flags == () or all(not f.startswith(("hot", "throttled")) for f in measured.flags)
+
+
+@needs_adb
+def test_thermal_state_and_pinning_in_check_and_table(home, phone, tmp_path):
+    add_phone(home, phone, tmp_path, max_temp_c=60.0)
+    env = dict(os.environ, HARNESS_HOME=str(home))
+    check = subprocess.run([sys.executable, "-m", "harness.cli", "devices", "check", "pixel"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "hottest zone 41.2 C" in check.stdout and "pinned: mask 2" in check.stdout
+    table = subprocess.run([sys.executable, "-m", "harness.cli", "profile", "--space",
+                            "harness.spaces:TinySpace", "--device", "pixel", "--samples", "1",
+                            "--min-runs", "5", "--min-time-ms", "5"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert table.returncode == 0, table.stderr
+    header, _, row = table.stdout.splitlines()[:3]
+    assert "temp C" in header and "pinned" in header
+    assert "41.2" in row and "mask 2" in row and "pixel" in row
 
 
 @needs_adb

@@ -42,6 +42,9 @@ def farm(tmp_path, client_key, home):
     try:
         head = serve(head_home, "--port", str(port))
         assert "token" in head.stdout and (head_home / "ray-token").stat().st_mode & 0o077 == 0
+        # Ray's INFO lines go to a log file under the home, not the user's terminal
+        assert "INFO" not in head.stdout + head.stderr
+        assert (head_home / "logs" / "farm-serve.log").stat().st_size > 0
         copy_token(head_home, home)  # the searching side's own home
         for index, host in ((5, "hostA"), (6, "hostB")):
             host_home = tmp_path / host
@@ -108,3 +111,16 @@ def test_joining_without_the_token_says_how_to_get_it(tmp_path, farm, client_key
     assert proc.returncode == 1
     assert "no farm token" in proc.stderr and "scp" in proc.stderr
 
+
+def test_a_farm_address_with_nothing_behind_it_fails_fast(home):
+    """One line with the fix, within seconds, instead of Ray's minutes of C++ warnings."""
+    port = testfarm.free_port()  # nothing listens there
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "profile", "--space",
+                           "harness.spaces:TinySpace", "--device", "kind:testboard", "--farm",
+                           f"127.0.0.1:{port}", "--samples", "1"],
+                          env=dict(os.environ, HARNESS_HOME=str(home)), capture_output=True,
+                          text=True, timeout=60)  # Ray alone retries for minutes
+    assert proc.returncode == 1
+    assert f"no Ray farm answers at 127.0.0.1:{port}" in proc.stderr
+    assert "harness farm serve" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 2  # the error and its fix

@@ -142,6 +142,19 @@ class MobileSpace:
             nn.Linear(self.head_channels, self.num_classes)), head_shape))
         return terms
 
+    def describe(self, sample: Dict[str, Any]) -> str:
+        """The built blocks in a few characters, stages apart: kernel, 'e', expansion, and
+        '+' for a residual skip; e.g. '3e3 5e6+|7e6 3e3' is two stages of two blocks."""
+        stages = []
+        for s, (_, max_depth, _) in enumerate(self.stages, 1):
+            depth = sample.get(f"stage{s}.depth", max_depth)
+            stages.append(" ".join(
+                f"{sample.get(f'stage{s}.block{b}.kernel', '?')}e"
+                f"{sample.get(f'stage{s}.block{b}.expand', '?')}"
+                f"{'+' if sample.get(f'stage{s}.block{b}.skip') else ''}"
+                for b in range(min(int(depth), max_depth))))
+        return "|".join(stages)
+
     def freeze(self, sample: Dict[str, Any]) -> nn.Module:
         terms = self.additive_terms((1, 3, self.input_size, self.input_size))
         return nn.Sequential(*[block.build() for block in chosen_blocks(terms, sample)]).eval()

@@ -1,0 +1,172 @@
+"""How results are written for people and for scripts.
+
+- `render_table`: one row per result, fixed decimals per column, the device that measured it
+  and a short description of the architecture beside its graph hash. A prediction shows its
+  interval, never statistics it does not have (it has no runs behind it).
+- `write_jsonl`: JSON Lines, one object per result (raw per-run times only when asked), then
+  one summary object; `write_csv`: the same rows as CSV.
+
+The CLI is the only user; it keeps the command line's parsing and these their formats.
+"""
+import csv
+import json
+import math
+from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from harness.measurement import Measurement
+
+DESCRIPTION_WIDTH = 48  # characters of the architecture's description in a table
+
+# The flat fields of a row, in the order of a CSV's columns.
+ROW_FIELDS = ("index", "device", "arch", "graph_hash", "source", "median_ms", "p90_ms",
+              "p99_ms", "iqr_ms", "cv", "n", "interval_low_ms", "interval_high_ms", "load_ms",
+              "device_s", "hottest_c", "pinned", "stop", "flags", "sample")
+
+
+def describe_sample(space: Any, sample: Any) -> str:
+    """The sample's choices in a few characters: the space's own `describe(sample)` where it
+    has one, else `label=value` pairs with each label's last part."""
+    describe = getattr(space, "describe", None)
+    if callable(describe):
+        return str(describe(sample))
+    if isinstance(sample, Mapping):
+        return " ".join(f"{str(label).rsplit('.', 1)[-1]}={_short(value)}"
+                        for label, value in sample.items())
+    return str(sample)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def shortened(text: str, width: int = DESCRIPTION_WIDTH) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def interval_of(measurement: Measurement) -> Optional[Tuple[float, float]]:
+    """The 95% interval of a measured median, or a prediction's own interval (None when the
+    predictor gives none)."""
+    if measurement.source == "predicted":
+        return measurement.prediction_interval()
+    if measurement.n < 2:
+        return None
+    low, high = measurement.median_interval()
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else None
+
+
+def result_row(index: int, sample: Any, measurement: Measurement, arch: str) -> Dict[str, Any]:
+    """The flat fields of one result (ROW_FIELDS). A prediction leaves the statistics of runs
+    (p90, p99, IQR, CV, n) empty: it has no runs."""
+    m = measurement
+    predicted = m.source == "predicted"
+    interval = interval_of(m)
+    return {
+        "index": index, "device": m.device, "arch": arch, "graph_hash": m.graph_hash,
+        "source": m.source, "median_ms": m.median,
+        "p90_ms": None if predicted else m.p90, "p99_ms": None if predicted else m.p99,
+        "iqr_ms": None if predicted else m.iqr, "cv": None if predicted else m.cv,
+        "n": None if predicted else m.n,
+        "interval_low_ms": interval[0] if interval else None,
+        "interval_high_ms": interval[1] if interval else None,
+        "load_ms": m.load_ms, "device_s": m.device_s, "hottest_c": m.hottest_c(),
+        "pinned": m.pinned_to(), "stop": (m.provenance.stop or {}).get("reason"),
+        "flags": list(m.flags), "sample": sample,
+    }
+
+
+def json_row(row: Mapping[str, Any], measurement: Measurement, raw: bool) -> Dict[str, Any]:
+    """A row as one JSON Lines object: the flat fields, then how it was taken (settings,
+    device identity, agent, provenance) and, with `raw`, every per-run time."""
+    data = dict(row)
+    data.update(settings=measurement.settings, device_fingerprint=measurement.device_fingerprint,
+                agent_version=measurement.agent_version, input_signature=list(
+                    measurement.input_signature), created_at=measurement.created_at,
+                provenance=measurement.provenance.to_dict())
+    if raw:
+        data["samples_ms"] = list(measurement.samples_ms)
+    return data
+
+
+def write_jsonl(stream: IO[str], rows: Sequence[Mapping[str, Any]],
+                summary: Mapping[str, Any]) -> None:
+    """One compact JSON object per line, then {"summary": ...}."""
+    for row in rows:
+        stream.write(json.dumps(row, separators=(",", ":"), default=str) + "\n")
+    stream.write(json.dumps({"summary": dict(summary)}, separators=(",", ":"), default=str)
+                 + "\n")
+
+
+def write_csv(stream: IO[str], rows: Sequence[Mapping[str, Any]], raw: bool) -> None:
+    """The flat fields as CSV (the sample as compact JSON, flags joined by '; ', raw per-run
+    times space-separated in a last column with `raw`)."""
+    fields = list(ROW_FIELDS) + (["samples_ms"] if raw else [])
+    writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        cells = dict(row)
+        cells["flags"] = "; ".join(row["flags"])
+        cells["sample"] = json.dumps(row["sample"], sort_keys=True, separators=(",", ":"))
+        if raw:
+            cells["samples_ms"] = " ".join(f"{x:.6g}" for x in row["samples_ms"])
+        writer.writerow({k: "" if v is None else v for k, v in cells.items()})
+
+
+def render_table(rows: Sequence[Mapping[str, Any]], statistic: str = "median",
+                 statistics: Optional[Sequence[float]] = None) -> str:
+    """A readable table of result rows: milliseconds with 3 decimals, CV with 1, the chosen
+    statistic first (its values in `statistics`, one per row) and never twice. The interval
+    is the 95% interval of a measured median, or a prediction's own interval. Thermal and
+    pinning columns appear when some device reported them."""
+    shown = [statistic] + [s for s in ("median", "p90", "p99") if s != statistic]
+    values = list(statistics) if statistics is not None else [row["median_ms"] for row in rows]
+    thermal = any(row["hottest_c"] is not None for row in rows)
+    pinned = any(row["pinned"] for row in rows)
+    header = ["#", "device", "architecture", "graph"] + [f"{s} ms" for s in shown] + \
+        ["interval ms", "CV", "n", "load ms"] + (["temp C"] if thermal else []) + \
+        (["pinned"] if pinned else []) + ["source", "flags"]
+    lines = [header]
+    for row, value in zip(rows, values):
+        predicted = row["source"] == "predicted"
+        by_name = {"median": row["median_ms"], "p90": row["p90_ms"], "p99": row["p99_ms"]}
+        cells = [str(row["index"]), row["device"], shortened(row["arch"]),
+                 row["graph_hash"][:12] or "-"]
+        for name in shown:
+            cells.append("-" if predicted and name != "median"
+                         else _ms(value if name == statistic else by_name[name]))
+        low, high = row["interval_low_ms"], row["interval_high_ms"]
+        cells.append(f"{low:.3f}-{high:.3f}" if low is not None and high is not None else "-")
+        cells += ["-" if row["cv"] is None else f"{row['cv']:.1%}",
+                  "-" if row["n"] is None else str(row["n"]), _ms(row["load_ms"], 1)]
+        if thermal:
+            cells.append("-" if row["hottest_c"] is None else f"{row['hottest_c']:.1f}")
+        if pinned:
+            cells.append(row["pinned"] or "-")
+        flags = "; ".join(row["flags"])
+        cells += [row["source"], flags or ("prediction" if predicted else "ok")]
+        lines.append(cells)
+    numeric = {c for c, name in enumerate(header)
+               if name.endswith("ms") or name in ("CV", "n", "temp C", "#")}
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+    out = []
+    for r, line in enumerate(lines):
+        out.append("  ".join(cell.rjust(w) if c in numeric else cell.ljust(w)
+                             for c, (cell, w) in enumerate(zip(line, widths))).rstrip())
+        if r == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _ms(value: Optional[float], decimals: int = 3) -> str:
+    return "-" if value is None else f"{value:.{decimals}f}"
+
+
+def rows_of(results: Sequence[Measurement], samples: Sequence[Any],
+            space: Any) -> List[Dict[str, Any]]:
+    """result_row for each (sample, result) pair, in input order."""
+    return [result_row(i, sample, m, describe_sample(space, sample))
+            for i, (sample, m) in enumerate(zip(samples, results))]
