@@ -7,32 +7,50 @@ attributes, tensor shapes and types, graph inputs and outputs, opsets) and ignor
 not: weight values and every name (including how the exporter happened to share equal
 weights between layers). Integer initializers (shapes, axes, indices) and Constant
 node values are hashed by value, since they are part of the architecture, not weights.
+
+Two paths lead to the ONNX bytes. A space that declares per-block terms (harness.additive)
+has its subnets composed from blocks exported once each (harness.compose: milliseconds
+instead of a whole-model export's hundreds); every other space is frozen and exported whole.
+For such spaces the composed graph owns the hash, and its hash is the whole-model export's
+hash of the same sample (the same ops, attributes, shapes and wiring; only names and how
+equal weights are shared differ, which the hash ignores), so either path finds the other's
+measurements. Weights are drawn per block, from a seed of the block's key (see freeze()),
+so both paths give the same weights and compute the same function.
 """
 import dataclasses
+import functools
 import hashlib
 import io
 import json
+import logging
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import onnx
 import torch
 from onnx import numpy_helper
 
-from harness.errors import ExportError
+from harness.additive import AdditiveTerm, Block, chosen_blocks, distinct_blocks
+from harness.compose import PIECES_FOLDER, Piece, PieceKey, PieceStore, compose, piece_store
+from harness.errors import ExportError, HomeError
+from harness.paths import harness_home
 from harness.space import space_fingerprint
 
 OPSET = 17
-FREEZE_SEED = 0  # weights are drawn from a fixed seed, so a sample always gives the same bytes
+FREEZE_SEED = 0  # weights are drawn from fixed seeds, so a sample always gives the same bytes
 
 _INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
                   onnx.TensorProto.INT64, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,
                   onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
 
 DummyInput = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+log = logging.getLogger(__name__)
 
 # torch.onnx.export keeps its state in module globals, and freezing seeds torch's global
 # generator: two at once in one process (two profilers in two threads) corrupt each other,
@@ -44,12 +62,17 @@ _EXPORT_LOCK = threading.Lock()
 class ExportedModel:
     """One exported subnet: its ONNX bytes, graph hash, content hash, and how long the host
     took to freeze, export and hash it (it travels with the model, so a Measurement made in
-    a pool records the export time of its own model)."""
+    a pool records the export time of its own model). The content hash (sha256) is computed
+    when first asked for: only a model that goes to a device needs it, and it costs ~1 ms per
+    MB, as much as composing the model."""
 
     onnx_bytes: bytes
     graph_hash: str
-    sha256: str
     export_ms: Optional[float] = None
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.onnx_bytes).hexdigest()
 
 
 def as_input_tuple(dummy_input: DummyInput) -> Tuple[torch.Tensor, ...]:
@@ -74,8 +97,24 @@ def exported_space_fingerprint(space: Any, signature: List[Dict[str, Any]]) -> s
                                      "torch": torch.__version__})
 
 
-def freeze(space: Any, sample: Dict[str, Any]) -> torch.nn.Module:
-    """The subnet for a validated sample, with weights from a fixed seed, in eval mode."""
+def freeze(space: Any, sample: Dict[str, Any],
+           dummy_input: Optional[DummyInput] = None) -> torch.nn.Module:
+    """The subnet for a validated sample, with weights from fixed seeds, in eval mode.
+
+    A space with per-block terms (see composable_terms; the input shape is the dummy input's,
+    else the space's own dummy_input()'s) is built here as the chain of the blocks the sample
+    picks, each block's weights drawn from block_seed(its key): the composing export makes
+    each block alone, so a seed shared by the whole model would give a block weights that
+    depend on what was built before it; seeded by its own key, a block has the same weights
+    whichever path built it, and the composed and whole-model exports agree. Other spaces are
+    frozen by their own freeze() with torch seeded once with FREEZE_SEED."""
+    if dummy_input is None and callable(getattr(space, "additive_terms", None)) \
+            and callable(getattr(space, "dummy_input", None)):
+        dummy_input = space.dummy_input()
+    terms = composable_terms(space, dummy_input) if dummy_input is not None else None
+    if terms is not None:
+        blocks = chosen_blocks(terms, sample)
+        return torch.nn.Sequential(*[build_block(block) for block in blocks]).eval()
     with _EXPORT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(FREEZE_SEED)
         try:
@@ -87,6 +126,80 @@ def freeze(space: Any, sample: Dict[str, Any]) -> torch.nn.Module:
     if not isinstance(module, torch.nn.Module):
         raise ExportError(f"{type(space).__name__}.freeze() returned {type(module).__name__}, "
                           f"not a torch.nn.Module", fix="return the subnet as an nn.Module")
+    return module.eval()
+
+
+def composable_terms(space: Any, dummy_input: DummyInput) -> Optional[List[AdditiveTerm]]:
+    """The space's per-block terms at the dummy input's shape, when it declares them and the
+    input is one float32 tensor (what blocks are exported with); None otherwise, and the
+    space is frozen and exported whole."""
+    composable = _composable(space, dummy_input)
+    return composable.terms if composable is not None else None
+
+
+@dataclass(frozen=True)
+class _Composable:
+    """A space's terms at one input shape, and the space's fingerprint: block keys are unique
+    within a space only (two spaces may both have a "stem" at 32 px), so it is part of
+    every piece's key."""
+
+    shape: Tuple[int, ...]
+    config: Any
+    terms: List[AdditiveTerm]
+    space_fingerprint: str
+
+
+# The terms of each space at its latest input shape and config (building them costs a few ms
+# for ProxylessSpace, a third of a composed export; the fingerprint reads the space's source).
+_COMPOSABLE: "weakref.WeakKeyDictionary[Any, _Composable]" = weakref.WeakKeyDictionary()
+
+
+def _composable(space: Any, dummy_input: DummyInput) -> Optional[_Composable]:
+    terms_of = getattr(space, "additive_terms", None)
+    inputs = as_input_tuple(dummy_input)
+    if not callable(terms_of) or len(inputs) != 1 or inputs[0].dtype != torch.float32:
+        return None
+    shape = tuple(inputs[0].shape)
+    config = space.config() if callable(getattr(space, "config", None)) else None
+    try:
+        remembered = _COMPOSABLE.get(space)
+    except TypeError:  # a space that cannot be weakly referenced or hashed: asked every time
+        remembered = None
+    if remembered is not None and remembered.shape == shape and remembered.config == config:
+        return remembered
+    try:
+        terms = list(terms_of(shape))
+    except Exception as exc:
+        raise ExportError(f"{type(space).__name__}.additive_terms({shape}) failed: "
+                          f"{type(exc).__name__}: {exc}",
+                          fix="fix the space's additive_terms() for this input shape") from exc
+    if not terms:
+        return None
+    composable = _Composable(shape, config, terms, space_fingerprint(space, {"input_shape": shape}))
+    try:
+        _COMPOSABLE[space] = composable
+    except TypeError:
+        pass
+    return composable
+
+
+def block_seed(key: str) -> int:
+    """The seed of one block's weights: a function of FREEZE_SEED and the block's key only."""
+    return int.from_bytes(hashlib.sha256(f"{FREEZE_SEED}|{key}".encode()).digest()[:8], "big") >> 1
+
+
+def build_block(block: Block) -> torch.nn.Module:
+    """One block of an additive space, its weights drawn from block_seed(block.key)."""
+    with _EXPORT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(block_seed(block.key))
+        try:
+            module = block.build()
+        except Exception as exc:
+            raise ExportError(f"building block {block.key} failed: {type(exc).__name__}: {exc}",
+                              fix="fix the space's additive_terms() for this block") from exc
+    if not isinstance(module, torch.nn.Module):
+        raise ExportError(f"block {block.key} built a {type(module).__name__}, not a "
+                          f"torch.nn.Module", fix="return the block as an nn.Module")
     return module.eval()
 
 
@@ -112,15 +225,56 @@ def export_module(module: torch.nn.Module, dummy_input: DummyInput) -> ExportedM
     """Export and hash one module."""
     started = time.perf_counter()
     onnx_bytes = export_onnx(module, dummy_input)
-    return ExportedModel(onnx_bytes, graph_hash(onnx_bytes), hashlib.sha256(onnx_bytes).hexdigest(),
+    return ExportedModel(onnx_bytes, graph_hash(onnx_bytes),
                          export_ms=(time.perf_counter() - started) * 1e3)
 
 
-def export_sample(space: Any, sample: Dict[str, Any], dummy_input: DummyInput) -> ExportedModel:
-    """Freeze, export and hash one validated sample (export_ms counts the freeze too)."""
+def export_sample(space: Any, sample: Dict[str, Any], dummy_input: DummyInput, *,
+                  home: Union[str, Path, None] = None) -> ExportedModel:
+    """Freeze, export and hash one validated sample (export_ms counts the freeze too).
+
+    A space with per-block terms is composed from block pieces (kept in memory and in
+    `home`'s pieces folder, default $HARNESS_HOME); other spaces are exported whole."""
     started = time.perf_counter()
-    exported = export_module(freeze(space, sample), dummy_input)
+    composable = _composable(space, dummy_input)
+    if composable is None:
+        exported = export_module(freeze(space, sample, dummy_input), dummy_input)
+    else:
+        store = _store(home)
+        composed = compose([_piece(store, block, composable.space_fingerprint)
+                            for block in chosen_blocks(composable.terms, sample)])
+        exported = ExportedModel(composed.onnx_bytes, composed_graph_hash(composed.pieces))
     return dataclasses.replace(exported, export_ms=(time.perf_counter() - started) * 1e3)
+
+
+def prepare_pieces(space: Any, dummy_input: DummyInput, *,
+                   home: Union[str, Path, None] = None) -> int:
+    """Export every candidate block of a space with per-block terms once (into memory and
+    `home`'s pieces folder), so that every subnet after it composes in milliseconds; the
+    number of blocks. 0 for a space that is exported whole."""
+    composable = _composable(space, dummy_input)
+    if composable is None:
+        return 0
+    store = _store(home)
+    return len([_piece(store, block, composable.space_fingerprint)
+                for block in distinct_blocks(composable.terms)])
+
+
+def _store(home: Union[str, Path, None]) -> PieceStore:
+    """The piece store of the home folder's pieces folder (memory only if there is none)."""
+    try:
+        folder: Optional[Path] = harness_home(home) / PIECES_FOLDER
+    except HomeError as exc:
+        log.warning("%s; block pieces stay in memory", exc.message)
+        folder = None
+    return piece_store(folder)
+
+
+def _piece(store: PieceStore, block: Block, space: str) -> Piece:
+    """One block's piece: exported alone, with the weights freeze() gives it."""
+    key = PieceKey(space, block.key, tuple(block.input_shape), OPSET, torch.__version__,
+                   block_seed(block.key))
+    return store.piece(key, lambda: export_onnx(build_block(block), torch.zeros(block.input_shape)))
 
 
 # ---------------------------------------------------------------- canonical graph hash
@@ -177,8 +331,9 @@ def _attribute(attr: onnx.AttributeProto, names: Dict[str, str]) -> Any:
     return value
 
 
-def _canonical_graph(graph: onnx.GraphProto, names: Dict[str, str]) -> List[Any]:
-    """The graph as a list of items with every value renamed by order of first appearance."""
+def _canonical_graph(graph: onnx.GraphProto, names: Dict[str, str], ends: bool = True) -> List[Any]:
+    """The graph as a list of items with every value renamed by order of first appearance
+    (`ends`=False: without the items of the graph's inputs and outputs)."""
     initializers = {t.name: t for t in graph.initializer}
     # The exporter shares initializers that happen to be equal (say, two all-zero biases)
     # through Identity nodes, so their number depends on the weights: read each such
@@ -199,7 +354,7 @@ def _canonical_graph(graph: onnx.GraphProto, names: Dict[str, str]) -> List[Any]
                 items.append(["init", names[value], _tensor(initializers[value], by_value=False)])
         return names[value]
 
-    for value in graph.input:
+    for value in graph.input if ends else ():
         if value.name not in initializers:
             items.append(["input", name(value.name), _type(value.type)])
     for node in graph.node:
@@ -210,6 +365,101 @@ def _canonical_graph(graph: onnx.GraphProto, names: Dict[str, str]) -> List[Any]
                       for a in sorted(node.attribute, key=lambda a: a.name)]
         outputs = [name(v) for v in node.output]
         items.append(["node", node.domain, node.op_type, inputs, outputs, attributes])
-    for value in graph.output:
+    for value in graph.output if ends else ():
         items.append(["output", name(value.name), _type(value.type)])
     return items
+
+
+# ---------------------------------------------------------------- the hash of a composed graph
+
+@dataclass(frozen=True)
+class _CanonicalPiece:
+    """A piece's canonical items (as _canonical_graph gives them inside a composed graph) as
+    JSON text around its value names: texts[i] comes before the name numbered slots[i] in
+    the piece (0 is the block's input, 1.. the values it introduces), texts[-1] ends it."""
+
+    texts: Tuple[str, ...]
+    slots: Tuple[int, ...]
+    introduced: int  # values named in the piece besides its input
+    output: int      # the number of the block's output in the piece
+    opsets: str      # the JSON of the model's opsets
+
+
+_CANONICAL: Dict[PieceKey, _CanonicalPiece] = {}
+
+
+def composed_graph_hash(pieces: Sequence[Piece]) -> str:
+    """graph_hash() of the model harness.compose makes of `pieces`, without parsing it: each
+    piece's canonical items are computed once and renumbered (the numbers of a piece's values
+    follow those of the pieces before it), and the text is hashed as graph_hash hashes it."""
+    canonical = []
+    for piece in pieces:
+        if piece.key not in _CANONICAL:
+            _CANONICAL[piece.key] = _canonical_piece(piece)
+        canonical.append(_CANONICAL[piece.key])
+    text = ['{"graph":[["input","v0",', _json(_type(pieces[0].input.type)), "]"]
+    introduced, current = 1, 0  # values named so far; the number of the value flowing on
+    for part in canonical:
+        numbers = [current if slot == 0 else introduced + slot - 1 for slot in part.slots]
+        text.append(",")
+        for before, number in zip(part.texts, numbers):
+            text += [before, f'"v{number}"']
+        text.append(part.texts[-1])
+        current = current if part.output == 0 else introduced + part.output - 1
+        introduced += part.introduced
+    text += [f',["output","v{current}",', _json(_type(pieces[-1].output.type)),
+             ']],"opsets":', canonical[0].opsets, "}"]
+    return hashlib.sha256("".join(text).encode()).hexdigest()
+
+
+def _canonical_piece(piece: Piece) -> _CanonicalPiece:
+    graph = onnx.GraphProto()
+    graph.node.extend(piece.nodes.node)
+    for name, data in piece.tensors:
+        tensor = graph.initializer.add()
+        tensor.ParseFromString(data)
+        tensor.name = name
+    names = {piece.input.name: "v0"}
+    items = _canonical_graph(graph, names, ends=False)
+    parts: List[Union[str, int]] = []  # JSON text and value numbers, in order
+
+    def value(name: str) -> None:
+        parts.append(int(name[1:]) if name else '""')
+
+    def values(listed: List[str]) -> None:
+        parts.append("[")
+        for i, name in enumerate(listed):
+            parts.append("," if i else "")
+            value(name)
+        parts.append("]")
+
+    for i, item in enumerate(items):
+        parts.append("," if i else "")
+        if item[0] == "init":
+            parts.append('["init",')
+            value(item[1])
+            parts.append("," + _json(item[2]) + "]")
+        else:
+            kind, domain, op_type, inputs, outputs, attributes = item
+            parts.append(f"[{_json(kind)},{_json(domain)},{_json(op_type)},")
+            values(inputs)
+            parts.append(",")
+            values(outputs)
+            parts.append("," + _json(attributes) + "]")
+    texts, slots, current = [], [], ""
+    for part in parts:
+        if isinstance(part, int):
+            texts.append(current)
+            slots.append(part)
+            current = ""
+        else:
+            current += part
+    texts.append(current)
+    header = onnx.ModelProto.FromString(piece.header)
+    opsets = sorted([o.domain, o.version] for o in header.opset_import)
+    return _CanonicalPiece(tuple(texts), tuple(slots), len(names) - 1,
+                           int(names[piece.output.name][1:]), _json(opsets))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)

@@ -207,7 +207,7 @@ class LatencyProfiler(Profiler):
 
     def _export(self, sample: Sample) -> ExportedModel:
         """Step 3: freeze, export and hash; the index learns sample -> graph hash."""
-        exported = export_sample(self.space, sample, self.dummy_input)
+        exported = export_sample(self.space, sample, self.dummy_input, home=self.home)
         self.counters["exports"] += 1  # only the export thread counts exports
         self.cache.put_sample(self.space_fingerprint, self._input_sig, sample_key(sample),
                               exported.graph_hash)

@@ -3,7 +3,11 @@
 
 Prints one table:
 - cached profile() per call, answered from memory and from the SQLite sample index;
-- freeze + export + hash per subnet of the built-in space;
+- export per new subnet of the built-in space at 224 px: the whole model (freeze,
+  torch.onnx.export, hash) beside the composed one (compose block pieces, hash), and the cost
+  of exporting every candidate block once;
+- composed vs whole-model latency on `local`: both models of a few subnets measured by the
+  agent, side by side (interleaved rounds);
 - harness overhead per uncached profile on `local`: wall time minus export, model load,
   first run, warm-up and the agent's timed loop (worker and fresh-process isolation);
 - fidelity: the agent's median over an in-process onnxruntime median of the same model and
@@ -12,6 +16,7 @@ Prints one table:
 Usage: python3 scripts/bench_profile.py [--rounds N] [--quick]
 """
 import argparse
+import hashlib
 import os
 import statistics
 import sys
@@ -25,7 +30,8 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from harness import LatencyProfiler, random_samples  # noqa: E402
-from harness.export import export_sample  # noqa: E402
+from harness.export import (export_module, export_onnx, export_sample, freeze,  # noqa: E402
+                            graph_hash, prepare_pieces)
 from harness.spaces import ProxylessSpace, TinySpace  # noqa: E402
 
 
@@ -84,15 +90,66 @@ def main() -> None:
     loop_ms = 300.0 if args.quick else 1000.0
     settings = {"min_runs": 50, "min_time_ms": loop_ms, "max_time_ms": 20000.0}
 
-    # Export cost per subnet of the built-in space.
-    export_ms = []
+    # Export cost per new subnet of the built-in space: whole model, and composed from pieces.
+    dummy = proxyless.dummy_input()
+    whole_ms = []
     for sample in random_samples(proxyless, 3 if args.quick else 8, seed=1):
         started = time.perf_counter()
-        exported = export_sample(proxyless, sample, proxyless.dummy_input())
-        export_ms.append((time.perf_counter() - started) * 1e3)
-    rows.append(("export per subnet (ProxylessSpace, freeze+export+hash)",
-                 f"{statistics.median(export_ms):.0f} ms", "-",
-                 f"{len(exported.onnx_bytes) / 1e6:.1f} MB model"))
+        whole = export_onnx(freeze(proxyless, sample, dummy), dummy)
+        graph_hash(whole), hashlib.sha256(whole).hexdigest()  # what export_module adds
+        whole_ms.append((time.perf_counter() - started) * 1e3)
+    rows.append(("export per new subnet, whole model (ProxylessSpace 224 px)",
+                 f"{statistics.median(whole_ms):.0f} ms", "-",
+                 f"freeze + torch.onnx.export + graph hash + sha256, {len(whole) / 1e6:.1f} MB "
+                 f"model"))
+    started = time.perf_counter()
+    pieces = prepare_pieces(proxyless, dummy, home=home)
+    pieces_s = time.perf_counter() - started
+    composed_ms, sha_ms, same_hash = [], [], 0
+    for sample in random_samples(proxyless, 10 if args.quick else 40, seed=2):
+        exported = export_sample(proxyless, sample, dummy, home=home)
+        composed_ms.append(exported.export_ms)
+        started = time.perf_counter()
+        exported.sha256  # computed when the model goes to a device, in the device's thread
+        sha_ms.append((time.perf_counter() - started) * 1e3)
+    for sample in random_samples(proxyless, 2 if args.quick else 4, seed=1):
+        same_hash += export_sample(proxyless, sample, dummy, home=home).graph_hash == \
+            graph_hash(export_onnx(freeze(proxyless, sample, dummy), dummy))
+    rows.append(("export per new subnet, composed (ProxylessSpace 224 px)",
+                 f"{statistics.median(composed_ms):.1f} ms", "<= 20 ms",
+                 f"compose pieces + graph hash, {len(composed_ms)} subnets, p90 "
+                 f"{sorted(composed_ms)[int(0.9 * len(composed_ms))]:.1f} ms (+ "
+                 f"{statistics.median(sha_ms):.0f} ms sha256 for a model sent to a device); graph "
+                 f"hash equal to the whole model's for {same_hash}/{2 if args.quick else 4}"))
+    rows.append(("every candidate block exported once (pieces)", f"{pieces_s:.1f} s", "-",
+                 f"{pieces} blocks at 224 px, once per input shape, kept in $HARNESS_HOME/pieces"))
+
+    # Composed vs whole model on `local`: the same subnets, measured by the agent side by side
+    # (back to back in each round, so that a change of the machine's load hits both alike),
+    # and the whole model measured twice as the control: how far apart two measurements of
+    # one model land here.
+    pinned = dict(settings, cpu_affinity=[max(os.sched_getaffinity(0))])
+    with LatencyProfiler(proxyless, dummy, settings=pinned, home=home) as profiler:
+        ratios, controls, notes = [], [], []
+        for sample in random_samples(proxyless, 2 if args.quick else 4, seed=4):
+            composed = export_sample(proxyless, sample, dummy, home=home)
+            whole_model = export_module(freeze(proxyless, sample, dummy), dummy)
+            rounds = []
+            for _ in range(2 if args.quick else 5):
+                pair = [statistics.median(profiler.pool.measure(model, profiler.request).samples_ms)
+                        for model in (composed, whole_model, whole_model)]
+                rounds.append(pair)
+            ratios.append(statistics.median(c / w for c, w, _ in rounds))
+            controls.append(statistics.median(again / w for _, w, again in rounds))
+            notes.append(f"{statistics.median(c for c, _, _ in rounds):.2f}/"
+                         f"{statistics.median(w for _, w, _ in rounds):.2f}")
+    rows.append(("latency, composed / whole model, local", f"{statistics.median(ratios):.3f}",
+                 "1 +- 0.03", f"median of per-round ratios per subnet: "
+                              f"{', '.join(f'{r:.3f}' for r in ratios)} ({', '.join(notes)} ms, "
+                              f"pinned to one CPU)"))
+    rows.append(("latency, whole / whole model (control), local", f"{statistics.median(controls):.3f}",
+                 "1 +- 0.03", f"the whole model measured again in each round: "
+                              f"{', '.join(f'{r:.3f}' for r in controls)}"))
 
     # Overhead of an uncached profile, worker and process isolation, tiny and full models.
     for space, name in ((tiny, "TinySpace"), (proxyless, "ProxylessSpace")):
@@ -131,7 +188,7 @@ def main() -> None:
 
     # Fidelity and run-to-run CV on one full-size model, pinned to the last CPU and not.
     sample = random_samples(proxyless, 1, seed=3)[0]
-    exported = export_sample(proxyless, sample, proxyless.dummy_input())
+    exported = export_sample(proxyless, sample, proxyless.dummy_input(), home=home)
     path = Path(home) / "fidelity.onnx"
     path.write_bytes(exported.onnx_bytes)
     last_cpu = max(os.sched_getaffinity(0))

@@ -145,8 +145,8 @@ def test_each_measurement_of_a_pool_records_its_own_export_time(tiny, home, pool
 
     real_export = harness.profiler.export_sample
 
-    def export_with_known_time(space, sample, dummy_input):
-        exported = real_export(space, sample, dummy_input)
+    def export_with_known_time(space, sample, dummy_input, **options):
+        exported = real_export(space, sample, dummy_input, **options)
         return dataclasses.replace(exported, export_ms=float(int(exported.graph_hash[:6], 16)))
 
     monkeypatch.setattr(harness.profiler, "export_sample", export_with_known_time)
