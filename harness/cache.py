@@ -313,6 +313,35 @@ class Cache:
                            tuple(devices))
         return (rows[0][0], rows[0][1]) if rows else None
 
+    # ------------------------------------------------------------ reading it all (reports)
+
+    def measurement_counts(self) -> Dict[str, int]:
+        """{device name: how many measurements it stored} for every device with one, by name."""
+        rows = self._query("count measurements", "SELECT CAST(device AS TEXT), COUNT(*) FROM "
+                                                 "measurements GROUP BY 1 ORDER BY 1")
+        return {name: count for name, count in rows if name is not None}
+
+    def newest_measurements(self, devices: Optional[Sequence[str]] = None
+                            ) -> List[Tuple[MeasurementKey, Measurement]]:
+        """The measurement stored last for each (device name, graph hash, input signature),
+        of `devices` (names) or of every device, with its key, in the order they were stored.
+        Returned as stored (source "measured"): what a report of the cache shows."""
+        args: Tuple[str, ...] = tuple(devices or ())
+        where = f"WHERE device IN ({', '.join('?' for _ in args)}) " if devices is not None else ""
+        rows = self._query(
+            "read measurements",
+            "SELECT graph_hash, input_sig, settings_key, device_fp, agent_version, record "
+            "FROM measurements WHERE rowid IN (SELECT MAX(rowid) FROM measurements "
+            f"{where}GROUP BY device, graph_hash, input_sig) ORDER BY rowid", args)
+        return [(MeasurementKey(*row[:5]), self._decode(row[5])) for row in rows]
+
+    def sample_index(self) -> List[Tuple[str, str, str, str]]:
+        """Every row of the sample index as (space fingerprint, input signature, sample key,
+        graph hash), oldest first."""
+        rows = self._query("read the sample index", "SELECT space_fp, input_sig, sample, "
+                                                    "graph_hash FROM samples ORDER BY created_at")
+        return [(space_fp, input_sig, sample, graph) for space_fp, input_sig, sample, graph in rows]
+
     # ------------------------------------------------------------ decisions
 
     def put_decision(self, key: MeasurementKey, decision: Decision,
