@@ -25,19 +25,45 @@ ROW_FIELDS = ("index", "device", "arch", "graph_hash", "source", "median_ms", "p
 
 def describe_sample(space: Any, sample: Any) -> str:
     """The sample's choices in a few characters: the space's own `describe(sample)` where it
-    has one, else `label=value` pairs with each label's last part."""
+    has one, else describe_choices."""
     describe = getattr(space, "describe", None)
     if callable(describe):
         return str(describe(sample))
     if isinstance(sample, Mapping):
-        return " ".join(f"{str(label).rsplit('.', 1)[-1]}={_short(value)}"
-                        for label, value in sample.items())
+        return describe_choices(sample)
     return str(sample)
 
 
-def _short(value: Any) -> str:
+def describe_choices(sample: Mapping[str, Any]) -> str:
+    """A short text of a sample's choices, for any space: labels grouped by their first
+    dotted part (shortened to its initial and number), the labels with a further part joined
+    into one word per that part, each choice as its last part's initial and its value; so
+    'stage1.depth=3, stage1.block0.expand=6, stage1.block0.kernel=5' reads 's1: d3 e6k5'."""
+    groups: Dict[str, Dict[str, List[str]]] = {}
+    for label in sorted(sample):
+        parts = str(label).split(".")
+        head = _initial(parts[0]) if len(parts) > 1 else ""
+        middle = ".".join(_initial(p) for p in parts[1:-1])
+        token = _initial(parts[-1]) + _value(sample[label])
+        groups.setdefault(head, {}).setdefault(middle, []).append(token)
+    texts = []
+    for head, by_middle in groups.items():
+        words = ["".join(tokens) if middle else " ".join(tokens)
+                 for middle, tokens in sorted(by_middle.items(), key=lambda item: item[0] != "")]
+        texts.append((f"{head}: " if head else "") + " ".join(words))
+    return " | ".join(texts)
+
+
+def _initial(part: str) -> str:
+    """'stage12' -> 's12', 'kernel' -> 'k', '3' -> '3'."""
+    digits = part[len(part.rstrip("0123456789")):]
+    letters = part[:len(part) - len(digits)]
+    return (letters[:1] + digits) if letters else digits
+
+
+def _value(value: Any) -> str:
     if isinstance(value, bool):
-        return "1" if value else "0"
+        return "y" if value else "n"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)

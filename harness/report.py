@@ -40,6 +40,7 @@ from devices.registry import NAME_PATTERN
 from harness.cache import Cache, canonical_json
 from harness.errors import HarnessError
 from harness.measurement import Measurement
+from harness.output import describe_choices
 from harness.paths import harness_home
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def collect(cache_path: Union[str, Path], devices: Optional[Sequence[str]] = Non
     notes: List[str] = []
     wanted: Optional[Dict[Tuple[str, str], Dict[str, Any]]] = None
     macs: Dict[Tuple[str, str], float] = {}
-    describe: Callable[[Mapping[str, Any]], str] = describe_sample
+    describe: Callable[[Mapping[str, Any]], str] = describe_choices
     if space is not None:
         measured = {(key.graph_hash, key.input_sig) for key, _ in rows}
         wanted, macs, describe = _space_subnets(space, index, measured, notes)
@@ -190,7 +191,7 @@ def collect(cache_path: Union[str, Path], devices: Optional[Sequence[str]] = Non
         results.append(SubnetResult(m.device, key.graph_hash, key.input_sig, m,
                                     _describe(describe, sample),
                                     macs.get((key.graph_hash, key.input_sig))))
-    if describe is describe_sample:
+    if describe is describe_choices:
         notes.append("Architectures are the choices of one sample that builds each subnet, "
                      "each label by its initials and numbers, grouped by its first part: "
                      "stage1.depth=3, stage1.block0.expand=6, stage1.block0.kernel=5 read "
@@ -232,7 +233,7 @@ def _space_subnets(spec: str, index: Sequence[Tuple[str, str, str, str]],
     """The subnets the space indexed ({(graph hash, input signature): a sample}), the MACs of
     those among `measured` (counted with harness.counting: a table look-up per sample for
     additive spaces), and how to describe a sample (the space's own `describe(sample)`, else
-    describe_sample)."""
+    describe_choices)."""
     from harness.counting import FlopsProfiler
     from harness.export import exported_space_fingerprint, input_signature
     from harness.space import load_space
@@ -266,7 +267,7 @@ def _space_subnets(spec: str, index: Sequence[Tuple[str, str, str, str]],
         notes.append(f"FLOPs leave out modules without a formula: "
                      f"{', '.join(sorted(counter.uncounted))}.")
     describe = getattr(space, "describe", None)
-    return samples, macs, describe if callable(describe) else describe_sample
+    return samples, macs, describe if callable(describe) else describe_choices
 
 
 def _any_sample(index: Sequence[Tuple[str, str, str, str]]
@@ -326,41 +327,6 @@ def _holdout_points(path: Path) -> Dict[str, List[Tuple[float, float]]]:
                              f"{len(measured)} measured subnets")
         points[str(name)] = list(zip(values, measured))
     return points
-
-
-def describe_sample(sample: Mapping[str, Any]) -> str:
-    """A short text of a sample's choices, for any space: labels grouped by their first
-    dotted part (shortened to its initial and number), the labels with a further part joined
-    into one word per that part, each choice as its last part's initial and its value; so
-    'stage1.depth=3, stage1.block0.expand=6, stage1.block0.kernel=5' reads 's1: d3 e6k5'."""
-    groups: Dict[str, Dict[str, List[str]]] = {}
-    for label in sorted(sample):
-        parts = str(label).split(".")
-        head = _initial(parts[0]) if len(parts) > 1 else ""
-        middle = ".".join(_initial(p) for p in parts[1:-1])
-        token = _initial(parts[-1]) + _value(sample[label])
-        groups.setdefault(head, {}).setdefault(middle, []).append(token)
-    texts = []
-    for head, by_middle in groups.items():
-        words = ["".join(tokens) if middle else " ".join(tokens)
-                 for middle, tokens in sorted(by_middle.items(), key=lambda item: item[0] != "")]
-        texts.append((f"{head}: " if head else "") + " ".join(words))
-    return " | ".join(texts)
-
-
-def _initial(part: str) -> str:
-    """'stage12' -> 's12', 'kernel' -> 'k', '3' -> '3'."""
-    digits = part[len(part.rstrip("0123456789")):]
-    letters = part[:len(part) - len(digits)]
-    return (letters[:1] + digits) if letters else digits
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "y" if value else "n"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
 
 
 def _describe(describe: Callable[[Mapping[str, Any]], str],
@@ -536,6 +502,19 @@ def _latency_axis(axes: Any, values: Sequence[float], which: str = "x") -> None:
     axes.grid(True, axis=which, alpha=0.3, which="both")
 
 
+def _subnet_axes(axes: Any, subnets: Sequence[Tuple[str, str]], values: Sequence[float],
+                 xlabel: str, title: str) -> None:
+    """One row per subnet (labelled by its short hash), latency along x, a legend."""
+    axes.set_yticks(range(len(subnets)), _row_labels(subnets), fontfamily="monospace",
+                    fontsize=8)
+    axes.set_ylim(-0.6, len(subnets) - 0.4)
+    _latency_axis(axes, values)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("subnet (graph hash)")
+    axes.set_title(title)
+    axes.legend(fontsize=8, loc="lower right")
+
+
 def _row_labels(subnets: Sequence[Tuple[str, str]]) -> List[str]:
     return [graph[:SHORT_HASH] for graph, _ in subnets]
 
@@ -567,15 +546,9 @@ def _across_devices(plt: Any, data: ReportData) -> Tuple[Optional[Figure], str]:
         axes.errorbar(medians, y, xerr=errors, fmt="o", markersize=4, capsize=2,
                       color=colors[device], label=_plain(device))
         values += medians + [high for _, high in intervals]
-    axes.set_yticks(range(len(subnets)), _row_labels(subnets), fontfamily="monospace",
-                    fontsize=8)
-    axes.set_ylim(-0.6, len(subnets) - 0.4)
-    _latency_axis(axes, values)
-    axes.set_xlabel("latency (ms): median and its 95% interval")
-    axes.set_ylabel("subnet (graph hash)")
-    axes.set_title("The same subnets on each device" if len(devices) > 1 else
-                   f"Subnets on {_plain(devices[0])}")
-    axes.legend(fontsize=8, loc="lower right")
+    _subnet_axes(axes, subnets, values, "latency (ms): median and its 95% interval",
+                 "The same subnets on each device" if len(devices) > 1 else
+                 f"Subnets on {_plain(devices[0])}")
     figure.tight_layout()
     capped = (f" The {MAX_COMPARED_SUBNETS} most recently measured of {len(shared)} subnets "
               f"are drawn." if len(shared) > len(chosen) else "")
@@ -620,14 +593,7 @@ def _runs(plt: Any, data: ReportData) -> Tuple[Optional[Figure], str]:
             median.set(color="black", linewidth=1)
         axes.plot([], [], "s", color=colors[device], alpha=0.55, label=_plain(device))
         values += [v for r in mine for v in r.measurement.samples_ms]
-    axes.set_yticks(range(len(subnets)), _row_labels(subnets), fontfamily="monospace",
-                    fontsize=8)
-    axes.set_ylim(-0.6, len(subnets) - 0.4)
-    _latency_axis(axes, values)
-    axes.set_xlabel("latency of each timed run (ms)")
-    axes.set_ylabel("subnet (graph hash)")
-    axes.set_title("Spread of the runs")
-    axes.legend(fontsize=8, loc="lower right")
+    _subnet_axes(axes, subnets, values, "latency of each timed run (ms)", "Spread of the runs")
     figure.tight_layout()
     capped = (f" Only the {MAX_RUN_SUBNETS} most recently measured of {len(everything)} "
               f"subnets are drawn." if len(everything) > len(chosen) else "")
