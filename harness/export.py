@@ -166,7 +166,7 @@ def _composable(space: Any, dummy_input: DummyInput) -> Optional[_Composable]:
     except TypeError:  # a space that cannot be weakly referenced or hashed: asked every time
         remembered = None
     if remembered is not None and remembered.shape == shape and remembered.config == config:
-        return remembered
+        return remembered if remembered.terms else None
     try:
         terms = list(terms_of(shape))
     except Exception as exc:
@@ -175,12 +175,51 @@ def _composable(space: Any, dummy_input: DummyInput) -> Optional[_Composable]:
                           fix="fix the space's additive_terms() for this input shape") from exc
     if not terms:
         return None
+    if not _terms_build_what_freeze_builds(space, terms, inputs[0]):
+        log.warning("%s: its freeze() builds something other than the chain of its "
+                    "additive_terms() blocks; its subnets are exported whole (slower), never "
+                    "composed", type(space).__name__)
+        terms = []  # remembered: not composable
     composable = _Composable(shape, config, terms, space_fingerprint(space, {"input_shape": shape}))
     try:
         _COMPOSABLE[space] = composable
     except TypeError:
         pass
-    return composable
+    return composable if composable.terms else None
+
+
+VERIFIED_SAMPLES = 2  # samples on which a space's freeze() must match its blocks' chain
+
+
+def _terms_build_what_freeze_builds(space: Any, terms: List[AdditiveTerm],
+                                    dummy: torch.Tensor) -> bool:
+    """Whether the space's own freeze() computes what the chain of its blocks computes, on a
+    few random samples: the chain's weights loaded into freeze()'s module (their parameters
+    and buffers must match by name and shape), the same output on the dummy input. Composing
+    is only safe then: a space whose terms describe another model (a head freeze() adds, a
+    forward that does more) would otherwise be measured as the wrong model. Once per space
+    and input shape."""
+    from harness.space import random_samples
+
+    try:
+        for sample in random_samples(space, VERIFIED_SAMPLES, seed=20261127):
+            chain = torch.nn.Sequential(*[build_block(b) for b in chosen_blocks(terms, sample)])
+            with _EXPORT_LOCK, torch.random.fork_rng(devices=[]):
+                own = space.freeze(sample)
+            mine, theirs = chain.state_dict(), own.state_dict()
+            if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape
+                                                   for k in mine):
+                return False
+            own.load_state_dict(mine)
+            with torch.no_grad():
+                if not torch.allclose(chain.eval()(dummy), own.eval()(dummy), rtol=1e-4,
+                                      atol=1e-5):
+                    return False
+    except Exception as exc:  # a space's own code: what cannot be checked is not composed
+        log.warning("%s: cannot check its blocks against freeze() (%s: %s)",
+                    type(space).__name__, type(exc).__name__, exc)
+        return False
+    return True
 
 
 def block_seed(key: str) -> int:

@@ -161,3 +161,26 @@ def test_blocks_of_two_spaces_never_mix(tiny):
     sample = random_samples(proxyless, 1, seed=17)[0]
     assert export_sample(proxyless, sample, dummy).graph_hash == \
         graph_hash(whole_model(proxyless, sample, dummy))
+
+
+def test_a_space_whose_freeze_differs_from_its_blocks_is_exported_whole(tiny, caplog):
+    """Composing trusts a space's terms only after its own freeze() computed the same on a
+    few samples: a freeze() that adds a head must be measured with that head."""
+    from harness.spaces import TinySpace
+
+    class HeadedSpace(TinySpace):
+        def freeze(self, sample):
+            return torch.nn.Sequential(super().freeze(sample), torch.nn.Sigmoid())
+
+    space = HeadedSpace()
+    sample = random_samples(space, 1, seed=3)[0]
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        exported = export_sample(space, sample, space.dummy_input())
+    assert "exported whole" in caplog.text
+    ops = {node.op_type for node in onnx.load_from_string(exported.onnx_bytes).graph.node}
+    assert "Sigmoid" in ops
+    # the built-in spaces pass the check: their subnets are composed
+    from harness.export import composable_terms
+
+    assert composable_terms(space, space.dummy_input()) is None
+    assert composable_terms(TinySpace(), space.dummy_input()) is not None
