@@ -53,11 +53,18 @@ class DeviceControlReport:
     pinned_mask: Tuple[str, ...] = ()
     flags: Tuple[str, ...] = ()
 
-    def to_dict(self) -> Dict[str, Any]:
-        return {"thermal_before": list(self.thermal_before),
-                "thermal_after": list(self.thermal_after), "waited_s": self.waited_s,
-                "max_temp_c": self.max_temp_c, "pinned_mask": list(self.pinned_mask),
-                "flags": list(self.flags)}
+
+def hottest_zone_c(zones: Any) -> Optional[float]:
+    """The hottest of thermal zones as the agent and a phone's control report them
+    ({"zone", "type", "temp_c"} each), in degrees C; None when none has a temperature."""
+    return max((float(zone["temp_c"]) for zone in zones if isinstance(zone, Mapping)
+                and isinstance(zone.get("temp_c"), (int, float))), default=None)
+
+
+def pinned_text(mask: Any) -> str:
+    """A phone's big-core pinning (the taskset mask its control runs the agent under), for
+    people: 'mask 2'."""
+    return "mask " + " ".join(map(str, mask))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from devices.agent_client import AgentClient, PythonFacts, probe_python
+from devices.agent_result import hottest_zone_c, pinned_text
 from devices.errors import DeviceError
 
 CHECK_SETTINGS = {"warmup_runs": 2, "min_runs": 10, "min_time_ms": 20.0, "max_time_ms": 2000.0}
@@ -103,10 +104,9 @@ def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
             control = result.control
             zones = control.thermal_before if control and control.thermal_before \
                 else result.thermal_before
-            report.hottest_c = max((float(z["temp_c"]) for z in zones if isinstance(z, dict)
-                                    and isinstance(z.get("temp_c"), (int, float))), default=None)
+            report.hottest_c = hottest_zone_c(zones)
             if control is not None and control.pinned_mask:
-                report.pinned = "mask " + " ".join(control.pinned_mask)
+                report.pinned = pinned_text(control.pinned_mask)
     except DeviceError as exc:
         text = f"{exc.kind}: {exc.message}; fix: {exc.fix}"
         if "SyntaxError" in exc.message:

@@ -18,8 +18,12 @@ class FixableError(Exception):
         self.message = message
         self.fix = fix
 
+    def cause(self) -> str:
+        """The first line of the error: what went wrong (the fix follows it)."""
+        return self.message
+
     def __str__(self) -> str:
-        return self.message + (f"\n  fix: {self.fix}" if self.fix else "")
+        return self.cause() + (f"\n  fix: {self.fix}" if self.fix else "")
 
 
 class DeviceError(FixableError):
@@ -32,9 +36,9 @@ class DeviceError(FixableError):
         super().__init__(message, fix or self.default_fix)
         self.device = device
 
-    def __str__(self) -> str:
+    def cause(self) -> str:
         where = f" on device {self.device!r}" if self.device else ""
-        return f"{self.kind}{where}: {self.message}\n  fix: {self.fix}"
+        return f"{self.kind}{where}: {self.message}"
 
 
 class TransferError(DeviceError):

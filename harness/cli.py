@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 from devices.errors import BadRequest, FixableError
 from harness import __version__
 from harness.errors import HarnessError
+from harness.measurement import STATISTICS
 from harness.paths import default_cache_path
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ SHOWN_SKIPPED_ROWS = 10  # `cache import` names this many skipped rows, then cou
 # Samples of one command: every sample is drawn (and kept) before the first is measured, so
 # a count far beyond any sweep (200 million) would fill memory before anything happens.
 MAX_SAMPLES = 100_000
-STATISTICS = ("median", "mean", "p90", "p99", "min", "max")  # as harness.measurement's
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -241,9 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run(parser, parser.parse_args(argv))
     except FixableError as exc:
         fix = f"\n  fix: {as_flags(exc.fix, option_names(parser))}" if exc.fix else ""
-        text = str(exc)
-        text = text[:text.index("\n  fix: ")] if "\n  fix: " in text else text
-        print(f"harness: error: {text}{fix}", file=sys.stderr)
+        print(f"harness: error: {exc.cause()}{fix}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         if not _stdout_closed():
@@ -543,6 +541,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     from harness.cache import Cache
+    from harness.output import when
 
     path = args.cache or default_cache_path()
     with Cache(path) as cache:
@@ -561,7 +560,7 @@ def _cache(args: argparse.Namespace) -> int:
                 odd = (f" ({row['odd_dates']} with a date that is not a time up to now)"
                        if row.get("odd_dates") else "")
                 print(f"    {row['device']}: {row['measurements']} measurements of "
-                      f"{row['graphs']} graphs, latest {_when(row['latest'])}{odd}")
+                      f"{row['graphs']} graphs, latest {when(row['latest'])}{odd}")
         elif args.action == "export":
             counts = cache.export_jsonl(args.file)
             print(f"exported {counts['measurement']} measurements, {counts['sample']} samples, "
@@ -579,15 +578,6 @@ def _cache(args: argparse.Namespace) -> int:
                 if len(counts.skipped) > SHOWN_SKIPPED_ROWS:
                     print(f"  ... and {len(counts.skipped) - SHOWN_SKIPPED_ROWS} more")
     return 0
-
-
-def _when(stamp: Optional[float]) -> str:
-    """A date for people, or 'unknown' when there is none that a clock can show."""
-    try:
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp is not None \
-            else "unknown"
-    except (OverflowError, OSError, ValueError):
-        return "unknown"
 
 
 if __name__ == "__main__":

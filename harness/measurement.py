@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from agents.ort_agent import median_interval
-from devices.agent_result import AgentResult
+from devices.agent_result import AgentResult, hottest_zone_c, pinned_text
 
 SOURCES = ("measured", "cached", "predicted")
 
@@ -225,16 +225,14 @@ class Measurement:
 
     def hottest_c(self) -> Optional[float]:
         """The hottest thermal zone before the run (degrees C), where the device reports any."""
-        temps = [float(zone["temp_c"]) for zone in self.provenance.thermal_before
-                 if isinstance(zone, Mapping) and isinstance(zone.get("temp_c"), (int, float))]
-        return max(temps, default=None)
+        return hottest_zone_c(self.provenance.thermal_before)
 
     def pinned_to(self) -> Optional[str]:
         """The CPUs the run was pinned to (the agent's affinity, or a phone's big-core mask),
         or None where nothing was pinned."""
         mask = (self.provenance.device_control or {}).get("pinned_mask")
         if mask:
-            return "mask " + " ".join(map(str, mask))
+            return pinned_text(mask)
         cpus = self.settings.get("cpu_affinity")
         if cpus:
             return "cpus " + ",".join(map(str, cpus))

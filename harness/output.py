@@ -6,11 +6,13 @@
 - `write_jsonl`: JSON Lines, one object per result (raw per-run times only when asked), then
   one summary object; `write_csv`: the same rows as CSV.
 
-The CLI is the only user; it keeps the command line's parsing and these their formats.
+The CLI writes its results with these, and `harness report` shares the describers, the
+shortening and the dates, so a sample or a date reads the same in a table and in the page.
 """
 import csv
 import json
 import math
+import time
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from harness.measurement import Measurement
@@ -71,6 +73,16 @@ def _value(value: Any) -> str:
 
 def shortened(text: str, width: int = DESCRIPTION_WIDTH) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def when(stamp: Optional[float]) -> str:
+    """A date for people, or 'unknown' when there is none that a clock can show (dates come
+    from other machines' clocks and from imported files)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp is not None \
+            else "unknown"
+    except (OverflowError, OSError, ValueError):
+        return "unknown"
 
 
 def interval_of(measurement: Measurement) -> Optional[Tuple[float, float]]:

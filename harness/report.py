@@ -40,7 +40,7 @@ from devices.registry import NAME_PATTERN
 from harness.cache import Cache, canonical_json
 from harness.errors import HarnessError
 from harness.measurement import Measurement
-from harness.output import describe_choices
+from harness.output import describe_choices, shortened, when
 from harness.paths import harness_home
 
 log = logging.getLogger(__name__)
@@ -661,7 +661,7 @@ def _calibration(plt: Any, view: CalibrationView, number: int) -> Optional[Figur
         png = drawn.read_bytes()
     caption = (f"Predicted against measured latency of the {view.n_holdout} held-out subnets "
                f"of the calibration of {view.device} ({view.kind} correction, fitted on "
-               f"{view.n_train} subnets, {_when(view.created_at)}).")
+               f"{view.n_train} subnets, {when(view.created_at)}).")
     return Figure(f"calibration-{number}.png", png, caption,
                   f"calibration scatter of {view.device}")
 
@@ -698,13 +698,6 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _when(stamp: float) -> str:
-    try:
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
-    except (OverflowError, OSError, ValueError):
-        return "unknown"
-
-
 def _img(figure: Figure, css: str = "") -> str:
     encoded = base64.b64encode(figure.png).decode("ascii")
     return (f'<figure class="{css}"><img src="data:image/png;base64,{encoded}" alt="{_e(figure.alt)}">'
@@ -738,8 +731,7 @@ def _subnet_row(r: SubnetResult, with_macs: bool) -> str:
     m = r.measurement
     low, high = m.median_interval(0.95)
     architecture = r.architecture or ""
-    short = (architecture if len(architecture) <= SHORT_ARCHITECTURE
-             else architecture[:SHORT_ARCHITECTURE - 1] + "\u2026")
+    short = shortened(architecture, SHORT_ARCHITECTURE)
     cells = [_cell(r.graph_hash[:SHORT_HASH], r.graph_hash, title=r.graph_hash, css="mono"),
              _cell(short or "-", architecture, title=architecture or "not in the sample index",
                    css="arch")]
@@ -752,7 +744,7 @@ def _subnet_row(r: SubnetResult, with_macs: bool) -> str:
               _cell(f"{m.cv:.1%}", m.cv),
               _cell(f"{low:.3f}\u2013{high:.3f}", high - low,
                     title="95% interval of the median; sorts by its width"),
-              _cell(_when(m.created_at), m.created_at), _cell(m.source, m.source, css="t"),
+              _cell(when(m.created_at), m.created_at), _cell(m.source, m.source, css="t"),
               _cell(flags, flags, css="t flags" if m.flags else "t")]
     return f"<tr>{''.join(cells)}</tr>"
 
@@ -780,7 +772,7 @@ def _devices_table(data: ReportData) -> str:
                ("latest", "latest", "num")]
     rows = [f"<tr>{_cell(d.name, d.name)}{_cell(d.description, d.description, css='t')}"
             f"{_cell(str(d.subnets), d.subnets)}{_cell(str(d.measurements), d.measurements)}"
-            f"{_cell(_when(d.latest), d.latest)}</tr>" for d in data.devices]
+            f"{_cell(when(d.latest), d.latest)}</tr>" for d in data.devices]
     return _table(columns, rows, "")
 
 
@@ -898,7 +890,7 @@ def render_html(data: ReportData, figures: Sequence[Figure],
     devices = ", ".join(data.device_names)
     meta = (f"{subnets} subnets on {len(data.devices)} devices ({devices}) from "
             f"{data.cache_path}" + (f", space {data.space}" if data.space else "") +
-            f"; made {_when(time.time())}")
+            f"; made {when(time.time())}")
     notes = list(data.notes)
     notes.append("Each subnet (a graph hash on an input shape) shows its newest measurement "
                  "on each device.")
