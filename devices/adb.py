@@ -12,6 +12,7 @@
   zone is below `max_temp_c`, and flags runs taken hot or throttled.
 """
 import dataclasses
+import hashlib
 import logging
 import posixpath
 import shlex
@@ -324,6 +325,10 @@ class AdbTransport:
         values: Dict[str, object] = {}
         for key, prop in PROPS.items():
             values[key] = self.shell(f"getprop {prop}", timeout=15).strip() or None
+        # The phone's unit (two phones of one model are two devices to the cache): its
+        # serial number, hashed so that an exported cache does not carry it.
+        serial = self.shell("getprop ro.serialno", timeout=15).strip() or self.serial
+        values["unit"] = "sha256:" + hashlib.sha256(serial.encode()).hexdigest()[:16]
         return values
 
     def remove(self, remote_names: List[str], timeout: float = 60.0) -> None:

@@ -18,6 +18,13 @@
     agent = "python"                 # "python" (e.g. Termux) or "perf-test"
     perf_test = "~/android/onnxruntime_perf_test"   # host path of an Android build (perf-test)
     max_temp_c = 45.0                # wait until the hottest CPU zone is below this
+
+    [devices.sim-000]
+    transport = "sim"                # a simulated device (devices.simulated): no model runs
+    address = "npu-sim"              # the simulated model's name
+    sim_ms = 20.0                    # median latency of a typical graph
+    sim_seed = 0
+    kind = "sim"
 """
 import errno
 import json
@@ -42,12 +49,13 @@ from devices.agent_client import AgentClient
 from devices.errors import BadRequest
 from devices.local import LocalTransport
 from devices.perf_test import PerfTestClient
+from devices.simulated import SimulatedClient, SimulatedModel
 from devices.ssh import (Endpoint, HostKeyChanged, SSHConnection, SSHTransport, fetch_host_key,
                          host_entry, key_fingerprint)
 from devices.transport import Transport
 
 BUILTIN_DEVICES = ("local",)
-TRANSPORTS = ("ssh", "adb")
+TRANSPORTS = ("ssh", "adb", "sim")
 AGENTS = ("python", "perf-test")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -72,6 +80,8 @@ class DeviceConfig:
     cool_timeout_s: float = 120.0
     pin_big_cores: bool = True
     lock: Optional[str] = None      # device-wide lock file (default per transport)
+    sim_ms: Optional[float] = None  # simulated devices: median latency of a typical graph
+    sim_seed: Optional[int] = None  # simulated devices: the seed of their latencies
     extra: Dict[str, object] = field(default_factory=dict)
 
     def to_toml(self) -> Dict[str, object]:
@@ -107,6 +117,8 @@ FIELD_CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "agent": (lambda v: v in AGENTS, "one of " + ", ".join(map(json.dumps, AGENTS))),
     "max_temp_c": (_number, "a number of degrees Celsius"),
     "pin_big_cores": (lambda v: isinstance(v, bool), "true or false"),
+    "sim_ms": (lambda v: _number(v) and v > 0, "a positive number of ms"),
+    "sim_seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
 }
 
 
@@ -294,6 +306,9 @@ def open_transport(name: str, home: Path) -> Transport:
                             pin_big_cores=config.pin_big_cores, max_temp_c=config.max_temp_c,
                             cool_timeout_s=config.cool_timeout_s,
                             lock_path=config.lock or "/data/local/tmp/harness-device.lock")
+    if config.transport == "sim":
+        raise BadRequest(f"{name} is a simulated device: nothing can be run or copied there",
+                         fix="profile it (its pool simulates the agent), or use a real device")
     if config.transport != "ssh":
         raise RegistryError(f"{registry_path(home)}: [devices.{name}] transport = "
                             f"{_shown(config.transport)} is not one of {', '.join(TRANSPORTS)}",
@@ -307,7 +322,12 @@ def open_transport(name: str, home: Path) -> Transport:
 
 
 def open_client(name: str, home: Path, isolation: str = "worker"):
-    """What measures on the device: our agent, or onnxruntime_perf_test (agent = "perf-test")."""
+    """What measures on the device: our agent, onnxruntime_perf_test (agent = "perf-test"),
+    or nothing real (transport = "sim")."""
+    if name != "local" and get_device(home, name).transport == "sim":
+        config = get_device(home, name)
+        return SimulatedClient(name, SimulatedModel(config.address, config.sim_ms or 20.0,
+                                                    seed=config.sim_seed or 0), Path(home))
     transport = open_transport(name, home)
     if name != "local":
         config = get_device(home, name)

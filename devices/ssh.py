@@ -450,7 +450,13 @@ class SSHTransport:
                         self.name, pid, within)
 
     def fingerprint(self) -> Dict[str, object]:
-        return {}
+        """The board's unit: the fingerprint of the host key it was verified by. Two boards
+        of one model are two devices to the cache (their latencies can differ: cooling,
+        silicon, what else runs there); a board reinstalled with a new key is a new one."""
+        key = self._retrying("reading the host key",
+                             lambda connection: connection.client.get_transport()
+                             .get_remote_server_key())
+        return {"unit": key_fingerprint(key)}
 
     def remove(self, remote_names: List[str], timeout: float = 60.0) -> None:
         """Delete files or folders under the working folder (for `harness devices clean`)."""

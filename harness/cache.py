@@ -29,7 +29,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from harness.decisions import Decision
 from harness.errors import CacheError
@@ -102,6 +102,12 @@ def canonical_json(value: Any) -> str:
 def digest(value: Any) -> str:
     """sha256 of the canonical JSON of `value`."""
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def model_of(identity: Mapping[str, Any]) -> Dict[str, Any]:
+    """A device identity without its unit (a board's host key, a phone's serial): the same
+    for every unit of one model."""
+    return {key: value for key, value in identity.items() if key != "unit"}
 
 
 @dataclass(frozen=True)
@@ -236,6 +242,22 @@ class Cache:
         with self._write("record a device") as conn:
             conn.execute("INSERT OR IGNORE INTO devices VALUES (?, ?, ?)",
                          (device_fp, canonical_json(identity), time.time()))
+
+    def devices_of_model(self, model: Mapping[str, Any]) -> List[str]:
+        """Fingerprints of every recorded device whose identity, without its unit, is
+        `model`: the units of one model that a pool of a kind may answer from."""
+        wanted = canonical_json(dict(model))
+        found = []
+        for fingerprint, identity in self._query("read devices",
+                                                 "SELECT fingerprint, identity FROM devices "
+                                                 "ORDER BY first_seen"):
+            try:
+                recorded = json.loads(identity)
+            except ValueError:
+                continue
+            if isinstance(recorded, dict) and canonical_json(model_of(recorded)) == wanted:
+                found.append(fingerprint)
+        return found
 
     # ------------------------------------------------------------ measurements
 

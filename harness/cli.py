@@ -7,9 +7,11 @@
     harness cache stats | export FILE | import FILE
     harness devices add NAME --ssh USER@HOST[:PORT] [--key FILE] [--jump USER@HOST] [--kind K]
     harness devices list | check NAME | trust NAME [--yes] [--replace] | remove NAME | clean NAME
-    harness farm serve [--address HEAD:PORT] [--node-ip IP]
+    harness farm serve [--address HEAD:PORT] [--node-ip IP] | status [--address A] [--json]
+                 | stop [--grace S]
 """
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -122,6 +124,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=26380, help="head port (26380)")
     serve.add_argument("--node-ip", default="127.0.0.1",
                        help="this host's address as the other hosts reach it")
+    status = farm_verbs.add_parser("status", help="the farm's hosts and what their devices do")
+    status.add_argument("--address", help="the head's HOST:PORT (default: the farm this "
+                                          "host serves)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    stop = farm_verbs.add_parser("stop", help="drain and end this host's node (the head's "
+                                              "ends the farm)")
+    stop.add_argument("--grace", type=float, default=10.0,
+                      help="seconds running jobs may take to finish, and processes to end "
+                           "on SIGTERM (10)")
 
     devices = commands.add_parser("devices", help="register, check and trust devices")
     verbs = devices.add_subparsers(dest="action", required=True)
@@ -130,6 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     via = add.add_mutually_exclusive_group(required=True)
     via.add_argument("--ssh", metavar="USER@HOST[:PORT]", help="an SSH board")
     via.add_argument("--adb", metavar="SERIAL", help="an Android phone (serial or host:port)")
+    via.add_argument("--sim", metavar="MODEL", help="a simulated device of this model (farms "
+                                                    "at scale: no model runs, it sleeps)")
+    add.add_argument("--sim-ms", type=float, default=20.0,
+                     help="simulated: median latency of a typical graph (20)")
+    add.add_argument("--sim-seed", type=int, default=0, help="simulated: seed (0)")
     add.add_argument("--adb-port", type=int, default=5037, help="adb server port (5037)")
     add.add_argument("--agent", choices=("python", "perf-test"), default="python",
                      help="phones: our Python agent (e.g. Termux) or onnxruntime_perf_test")
@@ -308,9 +324,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.command == "devices":
             return _devices(args)
         if args.command == "farm":
-            from harness.paths import harness_home
-            from harness.ray_pool import serve
-            return serve(harness_home(), args.address, args.port, args.node_ip)
+            return _farm(args)
         if args.command == "report":
             return _report(args)
         return _cache(args)
@@ -462,14 +476,16 @@ def _devices(args: argparse.Namespace) -> int:
 
     home = harness_home()
     if args.action == "add":
+        via = "ssh" if args.ssh else "adb" if args.adb else "sim"
         registry.add_device(home, registry.DeviceConfig(
-            name=args.name, transport="ssh" if args.ssh else "adb",
-            address=args.ssh or args.adb, key=args.key, jump=args.jump, python=args.python,
+            name=args.name, transport=via, address=args.ssh or args.adb or args.sim,
+            key=args.key, jump=args.jump, python=args.python,
             workdir=args.workdir, kind=args.kind, connect_timeout=args.connect_timeout,
             adb_port=args.adb_port, agent=args.agent, perf_test=args.perf_test,
-            max_temp_c=args.max_temp))
+            max_temp_c=args.max_temp, sim_ms=args.sim_ms if args.sim else None,
+            sim_seed=args.sim_seed if args.sim else None))
         first = f"'harness devices trust {args.name}', then " if args.ssh else ""
-        print(f"added {args.name} ({args.ssh or args.adb}); next: {first}"
+        print(f"added {args.name} ({via} {args.ssh or args.adb or args.sim}); next: {first}"
               f"'harness devices check {args.name}'")
     elif args.action == "list":
         print(f"{'name':<16} {'transport':<9} {'address':<28} kind")
@@ -525,6 +541,48 @@ def _devices(args: argparse.Namespace) -> int:
         finally:
             transport.close()
         print(f"removed the agent and models harness put on {args.name}")
+    return 0
+
+
+def _farm(args: argparse.Namespace) -> int:
+    from harness import farm
+    from harness.paths import harness_home
+
+    home = harness_home()
+    if args.action == "serve":
+        node = farm.serve(home, args.address, args.port, args.node_ip)
+        print(farm.head_message(node) if node.head else
+              f"node {node.name} serves {node.devices} devices to the farm at {node.address}; "
+              f"'harness farm stop' ends it")
+        return 0
+    if args.action == "stop":
+        report = farm.stop(home, args.grace)
+        cut = "unknown" if report.jobs_cut is None else str(report.jobs_cut)
+        print(f"stopped farm node {report.name}{' (the head: the farm has ended)' if report.head else ''}: "
+              f"{report.terminated} processes ended on SIGTERM, {report.killed} killed, "
+              f"jobs cut short: {cut}")
+        return 0
+    status = farm.status(home, args.address)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(status), indent=1))
+        return 0
+    print(f"farm at {status.address}: {status.nodes_alive} Ray nodes alive, "
+          f"{len(status.hosts)} hosts serving devices"
+          + (f"; not answering: {', '.join(status.silent)}" if status.silent else ""))
+    header = ("host", "kind", "devices", "busy", "free", "quarantined", "waiting", "done",
+              "failed")
+    rows = [header]
+    for host in status.hosts:
+        for kind, devices in sorted(host.kinds().items()):
+            states = Counter(d.state for d in devices)
+            rows.append((host.name + (" (stopping)" if host.draining else ""), kind,
+                         str(len(devices)), str(states["busy"]), str(states["free"]),
+                         str(states["quarantined"]), str(host.waiting),
+                         str(sum(d.done for d in devices)), str(sum(d.failed for d in devices))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                        for i, (cell, w) in enumerate(zip(row, widths))))
     return 0
 
 

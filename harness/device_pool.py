@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import (Any, Callable, Deque, Dict, Generic, Iterable, Iterator, List, Mapping,
-                    Optional, Protocol, Tuple, TypeVar)
+                    Optional, Protocol, Set, Tuple, TypeVar)
 
 from agents.ort_agent import AgentError, parse_settings
 from devices.agent_client import DeviceClient
@@ -32,7 +32,7 @@ from devices.agent_result import AgentResult, DeviceFacts
 from devices.errors import (AgentProtocolError, BadRequest, DeviceLost, MeasurementTimeout,
                             ThermalError)
 from devices.registry import devices_of_kind, open_client
-from harness.cache import digest
+from harness.cache import digest, model_of
 from harness.export import ExportedModel
 from harness.leases import DeviceHealth, DeviceLease, lease_any
 from harness.measurement import Measurement
@@ -114,6 +114,12 @@ class DeviceIdentity:
     def fingerprint(self) -> str:
         return digest(dict(self.facts.identity))
 
+    @property
+    def model(self) -> Dict[str, Any]:
+        """The identity without the unit (a board's host key, a phone's serial): what every
+        unit of one model shares."""
+        return model_of(self.facts.identity)
+
 
 @dataclass(frozen=True)
 class PoolOutcome(Generic[Tag]):
@@ -168,6 +174,7 @@ class LocalPool:
         self._client_factory = client_factory
         self._clients: Dict[str, DeviceClient] = {}
         self._clients_lock = threading.Lock()
+        self._busy: Set[str] = set()  # devices measuring for this pool now
         self._staging = tempfile.TemporaryDirectory(prefix="harness-models-")
 
     def client(self, device: str) -> DeviceClient:
@@ -176,6 +183,11 @@ class LocalPool:
             if device not in self._clients:
                 self._clients[device] = self._client_factory(device, self.home, self.isolation)
             return self._clients[device]
+
+    def busy(self) -> Set[str]:
+        """The devices measuring for this pool now (a farm host's status shows them)."""
+        with self._clients_lock:
+            return set(self._busy)
 
     def identify(self, timeout_s: float) -> DeviceIdentity:
         errors: List[Exception] = []
@@ -234,6 +246,8 @@ class LocalPool:
         """Measure on the leased device and release it; strikes and clears its health."""
         name = lease.device
         path = Path(self._staging.name) / f"{exported.sha256}.{threading.get_ident()}.onnx"
+        with self._clients_lock:
+            self._busy.add(name)
         try:
             if request.still_needed is not None and not request.still_needed(exported.graph_hash):
                 raise AnsweredMeanwhile(exported.graph_hash)
@@ -248,6 +262,8 @@ class LocalPool:
             self.health.strike(name, exc)
             raise
         finally:
+            with self._clients_lock:
+                self._busy.discard(name)
             lease.__exit__(None, None, None)
             path.unlink(missing_ok=True)
 

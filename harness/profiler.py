@@ -22,7 +22,7 @@ import torch
 from devices.agent_result import AgentResult
 from devices.errors import BadRequest, DeviceLost
 from harness.batch import answer_all
-from harness.cache import Cache, MeasurementKey, canonical_json, digest
+from harness.cache import Cache, MeasurementKey, canonical_json, digest, model_of
 from harness.decider import LimitDecider
 from harness.decisions import Decision, check_limit
 from harness.device_pool import DeviceIdentity, MeasureRequest
@@ -85,6 +85,7 @@ class LatencyProfiler(Profiler):
         self._memo: Dict[tuple, float] = {}  # sample values in label order -> statistic
         self._lock = threading.RLock()      # export and device threads share the above
         self._identity: Optional[DeviceIdentity] = None
+        self._units: List[str] = []  # device fingerprints a lookup may answer from
         self.pool = open_pool(self.home, device, farm, isolation, max_strikes, quarantine_s)
         self.decider = LimitDecider(self)  # the device's latency model lives there
         self.fallback = PredictionFallback.of(self, fallback, predictor, offline, quarantine_s)
@@ -161,12 +162,24 @@ class LatencyProfiler(Profiler):
                 self.cache.put_device(self._identity.fingerprint,
                                       dict(self._identity.facts.identity))
                 log.info("%s is %s", self.device, self._identity.facts.identity.get("cpu_model"))
+                self._units = self._units_of(self._identity)
                 if not self.refresh and self.request.settings["stop"] == "fixed":
-                    self._memo.update(values_by_sample(self.cache.statistics_by_sample(
-                        self.space_fingerprint, self._input_sig, self.settings_key,
-                        self._identity.fingerprint, self._identity.agent_version,
-                        self.statistic), self._validate.labels))
+                    for unit in reversed(self._units):  # the session's own unit wins
+                        self._memo.update(values_by_sample(self.cache.statistics_by_sample(
+                            self.space_fingerprint, self._input_sig, self.settings_key,
+                            unit, self._identity.agent_version, self.statistic),
+                            self._validate.labels))
             return self._identity
+
+    def _units_of(self, identity: DeviceIdentity) -> List[str]:
+        """The device fingerprints a lookup answers from: the device's own; for a pool of a
+        kind ("kind:K"), every unit of the same model the cache knows, the one that answered
+        first, since any free unit of the kind may measure a job."""
+        if not self.device.startswith("kind:"):
+            return [identity.fingerprint]
+        others = [fp for fp in self.cache.devices_of_model(identity.model)
+                  if fp != identity.fingerprint]
+        return [identity.fingerprint, *others]
 
     def cache_key(self, graph: str) -> MeasurementKey:
         """The cache key a measurement of `graph` on this profiler's device is stored under."""
@@ -214,8 +227,15 @@ class LatencyProfiler(Profiler):
         return exported
 
     def _cached(self, graph: Optional[str], input_sig: Optional[str] = None) -> Optional[Measurement]:
-        """Step 4: the cached measurement of a graph on this device, if any."""
-        cached = self.cache.get(self._key(graph, input_sig)) if graph is not None else None
+        """Step 4: the cached measurement of a graph on this device (in a pool of a kind, on
+        any unit of its model), if any."""
+        cached = None
+        if graph is not None:
+            self.identify()
+            for unit in self._units:
+                cached = self.cache.get(self._key(graph, input_sig, unit))
+                if cached is not None:
+                    break
         if cached is not None and not self.request.accepts(cached):
             return None  # not as precise as asked: measured again, and the new one kept
         if cached is not None:
@@ -233,6 +253,10 @@ class LatencyProfiler(Profiler):
         device_fp = digest(dict(result.facts.identity))
         if device_fp != self.identify().fingerprint:  # in a pool, devices of a kind may differ
             self.cache.put_device(device_fp, dict(result.facts.identity))
+            with self._lock:
+                if device_fp not in self._units and self.device.startswith("kind:") and \
+                        model_of(result.facts.identity) == self.identify().model:
+                    self._units.append(device_fp)
         self.cache.put(self._key(exported.graph_hash, canonical_json(signature), device_fp,
                                  result.agent_version), measured)
         with self._lock:  # device time spent, and what the fixed loop would have spent

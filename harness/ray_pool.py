@@ -1,15 +1,20 @@
 """Multi-host device farms on Ray (optional extra: pip install 'harness[ray]'), as a DevicePool.
 
-Each host with devices runs `harness farm serve`, which starts a Ray node that advertises
-the host's registered devices as custom resources, one unit per device: `harness-kind:K`
-for every device of kind K. The searching side makes
+Each host with devices runs `harness farm serve` (harness.farm), which starts a Ray node and
+on it a `FarmHost`: one Ray actor, named in the farm's namespace, that serves the host's
+registered devices of every kind, each kind a LocalPool (the same leases, health, quarantine
+and device locks as on a single host). The searching side makes
 `LatencyProfiler(space, dummy, device="kind:K", farm="HEAD:PORT")`, whose pool is a
-`RayPool`: each measurement is a Ray task asking for one unit of `harness-kind:K`, so Ray
-runs it on a host with a free device of that kind; there the task leases a free local device
-(the same leases and device locks as on a single host), measures through that host's
-transports, and returns the device's result, which the caller stores in its own cache. The
-timeout counts from the lease on the host; the caller waits for a task at most that long
-after it could start, plus a grace for Ray itself, then cancels it.
+`RayPool`: it finds the hosts that offer kind K and schedules itself, one job in flight per
+device, each job to the host with the most free devices, so a run of N jobs keeps
+min(N, devices) devices busy. The result comes back to the caller, which stores it in its
+own cache. The timeout counts from the lease on the host; the caller waits for a job at most
+that long after it could start, plus a grace for Ray itself, then gives it up. A job a host
+fails with a device fault, or a host that dies, sends the job to another host.
+
+Why actors and not one Ray task per measurement: a running task holds a worker process,
+about 100 MB; a farm of hundreds of devices would need hundreds of them. One actor per host
+holds one process and a thread per job in flight.
 
 Trust: a Ray farm runs whatever its members submit, as the user who serves it. The farm is
 started with Ray's token authentication (RAY_AUTH_MODE=token): the head generates a token
@@ -17,22 +22,20 @@ once, kept in $HARNESS_HOME/ray-token with mode 0600, and every host and client 
 same file. Ray's ports still listen on the network: firewall them to the farm's hosts.
 """
 import dataclasses
-import json
 import logging
 import os
 import platform
 import secrets
 import socket
 import stat
-import subprocess
-import sys
-import tempfile
+import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import (Any, Callable, Deque, Dict, Generic, Iterable, Iterator, List, Optional,
+                    Tuple)
 
-from devices.agent_client import DeviceClient
 from devices.agent_result import AgentResult
 from devices.errors import (BadRequest, DeviceError, DeviceLost, MeasurementTimeout,
                             error_from_agent)
@@ -40,11 +43,16 @@ from harness.device_pool import (FAILOVER_ERRORS, DeviceIdentity, MeasureRequest
                                  Tag)
 from harness.errors import HarnessError
 from harness.export import ExportedModel
-from harness.paths import harness_home
 
 log = logging.getLogger(__name__)
 
-RESOURCE_PREFIX = "harness-kind:"
+RESOURCE_PREFIX = "harness-kind:"  # Ray resources a host offers (shown by 'ray status')
+NAMESPACE = "harness-farm"        # the Ray namespace of the farm's named actors
+HOST_ACTOR_PREFIX = "harness-host:"
+REDISCOVER_S = 10.0    # how often a running pool looks for hosts that joined or came back
+DISCOVERY_WAIT_S = 5.0  # a host that does not say what it offers within this is left out
+HOST_PAUSE_S = 5.0     # a host with every device quarantined is asked again after this
+HOST_POLL_S = 0.5      # how often a pool with nothing in flight looks for a host again
 MIN_RAY = (2, 52)      # the first Ray with token authentication
 TOKEN_FILE = "ray-token"
 FARM_CONNECT_TIMEOUT_S = 5.0  # a farm's head must accept a connection within this
@@ -114,118 +122,186 @@ def auth_env(token_file: Path) -> Dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
 
 
-# ---------------------------------------------------------------- serving a host
+# ---------------------------------------------------------------- what serves a host's devices
 
-def host_resources(home: Path) -> Dict[str, float]:
-    """The Ray resources this host offers: one unit per registered device, by kind."""
-    from devices.registry import load_devices
+@dataclass(frozen=True)
+class DeviceStatus:
+    """One device of a farm host, as `harness farm status` lists it."""
 
-    resources: Dict[str, float] = {}
-    for config in load_devices(home).values():
-        if config.kind:
-            key = RESOURCE_PREFIX + config.kind
-            resources[key] = resources.get(key, 0) + 1
-    return resources
-
-
-def serve_command(home: Path, address: Optional[str], port: int, node_ip: str) -> List[str]:
-    """The `ray start` command line that joins (or, without address, heads) a farm."""
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    command = [ray_cli, "start", f"--resources={json.dumps(host_resources(home))}",
-               f"--node-ip-address={node_ip}", "--disable-usage-stats", "--num-cpus=1",
-               "--object-store-memory=200000000"]
-    if address:
-        command.append(f"--address={address}")
-    else:
-        command += ["--head", f"--port={port}", "--include-dashboard=false"]
-    return command
+    name: str
+    kind: str
+    state: str          # "busy", "free" or "quarantined"
+    done: int           # measurements it finished for the farm
+    failed: int         # measurements that failed on it
 
 
-def serve(home: Path, address: Optional[str], port: int = 26380,
-          node_ip: str = "127.0.0.1") -> int:
-    """Start this host's Ray node with its devices as resources (`harness farm serve`); the
-    head makes the farm's token, a joining host must hold a copy of it."""
-    import_ray()
-    resources = host_resources(home)
-    if address and not resources:
-        raise HarnessError(f"no device with a kind is registered in {home}",
-                           fix="register devices with --kind before serving them")
-    token = checked_token(home) if address else ensure_token(home)
-    env = dict(os.environ, HARNESS_HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
-               **auth_env(token))
-    # Ray's INFO lines go to a log file, not the user's terminal; a failure shows its tail.
-    logs = home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / "farm-serve.log"
-    with open(log_path, "ab") as log_file:
-        code = subprocess.run(serve_command(home, address, port, node_ip), env=env,
-                              stdout=log_file, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        tail = log_path.read_bytes()[-2000:].decode("utf-8", "replace").strip().splitlines()
-        raise HarnessError(f"'ray start' failed (exit {code}): "
-                           + " / ".join(line.strip() for line in tail[-4:]),
-                           fix=f"read {log_path}; 'ray stop --force' ends a node left over "
-                               f"from an earlier run")
-    if not address:
-        print(f"farm head at {node_ip}:{port}, token authentication on. A host joins with its "
-              f"own copy of {token} (mode 0600, copied over a secure channel):\n"
-              f"  scp {token} HOST:.harness/{TOKEN_FILE}\n"
-              f"  harness farm serve --address {node_ip}:{port} --node-ip HOST_IP\n"
-              f"Firewall Ray's ports ({port} and the workers') to the farm's hosts.")
-    return code
+@dataclass(frozen=True)
+class HostStatus:
+    """One host of a farm: its devices, what it is doing, and what it has done."""
+
+    name: str           # the host's actor name (HOSTNAME-xxxxxx)
+    host: str           # the machine's name
+    started_at: float   # wall-clock seconds
+    devices: Tuple[DeviceStatus, ...]
+    running: int        # jobs on a device now
+    waiting: int        # jobs at the host waiting for a free device (its queue)
+    done: int
+    failed: int
+    draining: bool      # stopping: takes no new job
+
+    def kinds(self) -> Dict[str, List[DeviceStatus]]:
+        by_kind: Dict[str, List[DeviceStatus]] = {}
+        for device in self.devices:
+            by_kind.setdefault(device.kind, []).append(device)
+        return by_kind
 
 
-# ---------------------------------------------------------------- what runs on the hosts
+class FarmHost:
+    """What `harness farm serve` leaves running on a host: a Ray actor (one process, one
+    thread per job in flight) that measures on the host's registered devices of a kind when
+    a caller asks. Each kind is a LocalPool: exclusive leases, health and quarantine,
+    fail-over between the host's devices, timeouts counted from the lease. One actor serves
+    any number of devices, so a simulated farm of hundreds fits on one machine.
 
-_CLIENTS: Dict[str, DeviceClient] = {}  # device name -> client, kept across tasks in a worker
+    Failures come back as {"error": {...}} (kind, message, fix, device) so the caller raises
+    the same typed errors as on a single host."""
 
+    def __init__(self, home: str, name: str):
+        from devices.registry import load_devices
 
-def _on_host(kind: str, timeout_s: float, isolation: str,
-             work: Callable[[DeviceClient, float], Any]) -> Any:
-    """Lease a free local device of `kind` and run `work(client, deadline)`; failures come
-    back as {"error": ...} so the caller can raise the right typed error."""
-    from devices.registry import devices_of_kind, open_client
-    from harness.leases import lease_any
+        self.home = Path(home)
+        self.name = name
+        self.started_at = time.time()
+        self.kinds: Dict[str, List[str]] = {}  # kind -> its devices here
+        for device, config in sorted(load_devices(self.home).items()):
+            if config.kind:
+                self.kinds.setdefault(config.kind, []).append(device)
+        self._pools: Dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._running = 0
+        self._done: Dict[str, int] = {}
+        self._failed: Dict[str, int] = {}
+        self._draining = False
 
-    home = harness_home()
-    name = None
-    try:
-        lease = lease_any(home, devices_of_kind(home, kind))
-        name = lease.device
-        try:
-            if name not in _CLIENTS:
-                _CLIENTS[name] = open_client(name, home, isolation)
+    def offers(self) -> Dict[str, int]:
+        """{kind: how many devices of it this host serves}."""
+        return {kind: len(names) for kind, names in self.kinds.items()}
+
+    def identify(self, kind: str, timeout_s: float) -> Any:
+        return self._serve(kind, lambda pool: pool.identify(timeout_s))
+
+    def measure(self, kind: str, exported: ExportedModel, request: MeasureRequest) -> Any:
+        def work(pool: Any) -> AgentResult:
             leased_at = time.time()
-            result = work(_CLIENTS[name], lease.deadline(timeout_s))
-            if isinstance(result, AgentResult):
-                result = dataclasses.replace(result, host=platform.node(),
-                                             lease=(leased_at, time.time()))
+            result = pool.measure(exported, request)
+            self._count(self._done, result.device)
+            return dataclasses.replace(result, host=platform.node(),
+                                       lease=result.lease or (leased_at, time.time()))
+        return self._serve(kind, work)
+
+    def status(self) -> HostStatus:
+        with self._lock:
+            pools = dict(self._pools)
+            running, done, failed = self._running, dict(self._done), dict(self._failed)
+        devices = []
+        busy_total = 0
+        for kind, names in sorted(self.kinds.items()):
+            pool = pools.get(kind)
+            quarantined = set(names) - set(pool.health.available()) if pool else set()
+            busy = pool.busy() if pool else set()
+            busy_total += len(busy)
+            devices += [DeviceStatus(name, kind, "busy" if name in busy else "quarantined"
+                                     if name in quarantined else "free",
+                                     done.get(name, 0), failed.get(name, 0)) for name in names]
+        return HostStatus(self.name, platform.node(), self.started_at, tuple(devices),
+                          running=busy_total, waiting=max(running - busy_total, 0),
+                          done=sum(done.values()), failed=sum(failed.values()),
+                          draining=self._draining)
+
+    def drain(self, timeout_s: float) -> int:
+        """Take no new job, wait up to `timeout_s` for the running ones, then stop the agents
+        on the devices. Returns how many jobs were still running."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._running == 0:
+                    break
+            time.sleep(0.1)
+        with self._lock:
+            left, pools = self._running, list(self._pools.values())
+        for pool in pools:
+            pool.close()
+        return left
+
+    # ------------------------------------------------------------ plumbing
+
+    def _serve(self, kind: str, work: Callable[[Any], Any]) -> Any:
+        from harness.device_pool import LocalPool
+
+        if self._draining:
+            return _error_answer(DeviceLost(f"farm host {self.name} is stopping",
+                                            fix="the job goes to another host"))
+        if kind not in self.kinds:
+            return _error_answer(DeviceLost(f"farm host {self.name} has no device of kind "
+                                            f"{kind!r}"))
+        with self._lock:
+            if kind not in self._pools:
+                self._pools[kind] = LocalPool(self.home, f"kind:{kind}", "worker")
+            pool = self._pools[kind]
+            if not pool.health.available():
+                return dict(_error_answer(DeviceLost(
+                    f"every device of kind {kind!r} on farm host {self.name} is quarantined")),
+                    unavailable=True)
+            self._running += 1
+        try:
+            return work(pool)
+        except DeviceError as exc:
+            self._count(self._failed, exc.device)
+            return _error_answer(exc)
+        except HarnessError as exc:
+            return {"error": {"kind": "USER", "message": exc.message, "fix": exc.fix}}
         finally:
-            lease.__exit__(None, None, None)
-        return result
-    except DeviceError as exc:
-        client = _CLIENTS.pop(name, None) if name else None  # start afresh with that device
-        if client is not None:
-            client.close()
-        return {"error": {"kind": exc.kind, "message": exc.message, "fix": exc.fix}}
-    except HarnessError as exc:
-        return {"error": {"kind": "USER", "message": exc.message, "fix": exc.fix}}
+            with self._lock:
+                self._running -= 1
+
+    def _count(self, counts: Dict[str, int], device: Optional[str]) -> None:
+        if device is not None:
+            with self._lock:
+                counts[device] = counts.get(device, 0) + 1
 
 
-def _identify_task(kind: str, timeout_s: float, isolation: str) -> Any:
-    return _on_host(kind, timeout_s, isolation,
-                    lambda client, deadline: (client.facts(deadline), client.agent_version))
+def _error_answer(exc: DeviceError) -> Dict[str, Any]:
+    return {"error": {"kind": exc.kind, "message": exc.message, "fix": exc.fix,
+                      "device": exc.device}}
 
 
-def _measure_task(kind: str, onnx_bytes: bytes, sha256: str, settings: Dict[str, Any],
-                  timeout_s: float, isolation: str) -> Any:
-    def work(client: DeviceClient, deadline: float) -> AgentResult:
-        with tempfile.TemporaryDirectory(prefix="harness-farm-") as folder:
-            path = Path(folder) / f"{sha256}.onnx"
-            path.write_bytes(onnx_bytes)
-            return client.measure(str(path), settings, deadline=deadline, sha256=sha256)
-    return _on_host(kind, timeout_s, isolation, work)
+def host_actors(ray: Any) -> Dict[str, Any]:
+    """{actor name: handle} of every farm host serving devices (named actors in the farm's
+    namespace; the caller must be connected with namespace=NAMESPACE)."""
+    handles = {}
+    for name in ray.util.list_named_actors():
+        if name.startswith(HOST_ACTOR_PREFIX):
+            try:
+                handles[name] = ray.get_actor(name)
+            except ValueError:  # it died between the listing and the lookup
+                continue
+    return handles
 
+
+def connect(ray: Any, address: str, home: Path) -> None:
+    """Join the farm at `address` as a client (fast failure, the token, the namespace)."""
+    if ray.is_initialized():
+        return
+    check_farm_answers(address)
+    os.environ.update(auth_env(checked_token(Path(home))))  # read when Ray connects
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
+        raise DeviceLost(f"cannot join the farm at {address}: {exc}",
+                         fix="check the address, that 'harness farm serve' runs there, "
+                             "and that this host holds the farm's token") from None
 
 # ---------------------------------------------------------------- the caller's side
 
@@ -254,6 +330,40 @@ def check_farm_answers(address: str, timeout_s: float = FARM_CONNECT_TIMEOUT_S) 
                              f"address and the firewall (port {port})") from None
 
 
+class HostUnavailable(DeviceLost):
+    """A farm host has no device of the kind available now (all quarantined): the job goes
+    elsewhere, or waits, without counting as a failed try."""
+
+
+@dataclass
+class _Host:
+    """The caller's view of one farm host: its actor, its devices of the kind, its jobs now."""
+
+    name: str
+    handle: Any
+    capacity: int
+    in_flight: int = 0
+    assigned: int = 0   # jobs sent there in this run (ties go to the least used host)
+    alive: bool = True
+    paused_until: float = 0.0  # all its devices quarantined: asked again after this
+
+    @property
+    def free(self) -> int:
+        usable = self.alive and self.paused_until <= time.monotonic()
+        return self.capacity - self.in_flight if usable else 0
+
+
+@dataclass
+class _Job(Generic[Tag]):
+    tag: Tag
+    exported: ExportedModel
+    attempt: int = 1
+    tried: List[str] = dataclasses.field(default_factory=list)  # hosts that failed it
+    host: str = ""
+    deadline: float = 0.0
+    waiting_since: Optional[float] = None  # when no host could take it (time.monotonic())
+
+
 class RayPool:
     """The devices of one kind on every host of a Ray farm; see the module docstring."""
 
@@ -263,7 +373,6 @@ class RayPool:
         self.kind = kind
         self.address = address
         self.isolation = isolation
-        self.resource = RESOURCE_PREFIX + kind
         from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
         if not is_token_auth_enabled():
@@ -271,22 +380,17 @@ class RayPool:
                                "so this process cannot join a farm (farms require the token)",
                                fix="set RAY_AUTH_MODE=token in the environment, or import "
                                    "harness before ray")
-        if not ray.is_initialized():
-            check_farm_answers(address)
-            os.environ.update(auth_env(checked_token(Path(home))))  # read when Ray connects
-            try:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-            except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
-                raise DeviceLost(f"cannot join the farm at {address}: {exc}",
-                                 fix="check the address, that 'harness farm serve' runs there, "
-                                     "and that this host holds the farm's token") from None
+        connect(ray, address, home)
         self._ray = ray
-        self._identify = ray.remote(num_cpus=0, max_retries=0)(_identify_task)
-        self._measure = ray.remote(num_cpus=0, max_retries=0)(_measure_task)
+        self.hosts: Dict[str, _Host] = {}
+        self._discovered_at = 0.0
+        self._discover()
 
     def slots(self) -> int:
-        """How many devices of the kind the farm offers (Ray's count of the resource)."""
-        count = int(self._ray.cluster_resources().get(self.resource, 0))
+        """How many devices of the kind the farm's live hosts offer."""
+        if time.monotonic() - self._discovered_at > REDISCOVER_S:
+            self._discover()
+        count = sum(h.capacity for h in self.hosts.values() if h.alive)
         if count == 0:
             raise DeviceLost(f"no host of the farm offers a device of kind {self.kind!r}",
                              fix="run 'harness farm serve --address HEAD' on hosts with such "
@@ -295,78 +399,169 @@ class RayPool:
 
     def identify(self, timeout_s: float) -> DeviceIdentity:
         self.slots()
-        ref = self._submit(self._identify, self.kind, timeout_s, self.isolation)
-        facts, agent_version = self._answer(ref, time.monotonic() + timeout_s + RAY_GRACE_S)
-        return DeviceIdentity(facts, agent_version)
+        errors: List[Exception] = []
+        for host in sorted(self.hosts.values(), key=lambda h: -h.free):
+            ref = host.handle.identify.remote(self.kind, timeout_s)
+            try:
+                return self._answer(ref, time.monotonic() + timeout_s + RAY_GRACE_S, host)
+            except FAILOVER_ERRORS as exc:
+                errors.append(exc)
+        raise errors[-1]
 
     def measure(self, exported: ExportedModel, request: MeasureRequest) -> AgentResult:
         return next(iter(self.measure_many([(None, exported)], request))).unwrap()
 
     def measure_many(self, jobs: Iterable[Tuple[Tag, ExportedModel]],
                      request: MeasureRequest) -> Iterator[PoolOutcome[Tag]]:
-        """At most one task in flight per device the farm offers, so that each can start at
-        once and its wait is bounded; a device fault is retried, up to once per device."""
-        slots = self.slots()
+        """Every free device of the kind busy while jobs wait: each job goes to the live host
+        with the most free devices (ties: the one given fewest jobs), at most one job per
+        device in flight, so each starts at once on its host and its wait is bounded. A job
+        that a device or host fails goes to another host (up to once per device); a host
+        that dies is left out; a host whose devices are all quarantined is asked again after
+        HOST_PAUSE_S, and a job no host can take for request.timeout_s fails."""
         waiting = iter(jobs)
-        in_flight: Dict[Any, Tuple[Tag, ExportedModel, float, int]] = {}
-        retry: Deque[Tuple[Tag, ExportedModel, int]] = deque()
+        shipped = dataclasses.replace(request, still_needed=None)  # a callable of this process
+        retry: Deque[_Job[Tag]] = deque()
+        in_flight: Dict[Any, _Job[Tag]] = {}
         exhausted = False
         while True:
-            while len(in_flight) < slots and (retry or not exhausted):
-                if retry:
-                    tag, exported, attempt = retry.popleft()
-                else:
+            self.slots()  # rediscovers now and then; DeviceLost when no host is left
+            placed = True
+            while placed:  # jobs to try again first, each to a host it has not failed on
+                placed = False
+                for job in list(retry):
+                    host = self._pick(job.tried)
+                    if host is not None:
+                        retry.remove(job)
+                        in_flight[self._send(host, job, shipped, request.timeout_s)] = job
+                        placed = True
+                host = None if exhausted else self._pick([])
+                if host is not None:
                     try:
                         tag, exported = next(waiting)
                     except StopIteration:
                         exhausted = True
                         break
-                    attempt = 1
-                ref = self._submit(self._measure, self.kind, exported.onnx_bytes,
-                                   exported.sha256, dict(request.settings), request.timeout_s,
-                                   self.isolation)
-                in_flight[ref] = (tag, exported, time.monotonic() + request.timeout_s
-                                  + RAY_GRACE_S, attempt)
+                    job = _Job(tag, exported)
+                    in_flight[self._send(host, job, shipped, request.timeout_s)] = job
+                    placed = True
             if not in_flight:
-                return
+                if exhausted and not retry:
+                    return
+                yield from self._give_up_waiting(retry, request.timeout_s)
+                time.sleep(HOST_POLL_S)  # every host is paused or gone: look again soon
+                continue
             done, _ = self._ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-            for ref in done or [r for r, job in in_flight.items() if job[2] < time.monotonic()]:
-                tag, exported, deadline, attempt = in_flight.pop(ref)
+            now = time.monotonic()
+            for ref in done or [r for r, j in in_flight.items() if j.deadline < now]:
+                job = in_flight.pop(ref)
+                host = self.hosts[job.host]
+                host.in_flight -= 1
                 try:
-                    result = self._answer(ref, deadline)
+                    result = self._answer(ref, job.deadline, host)
+                except HostUnavailable:
+                    host.paused_until = time.monotonic() + HOST_PAUSE_S
+                    retry.append(job)  # not a failed try: that host had nothing to offer
+                    continue
                 except FAILOVER_ERRORS as exc:
-                    if attempt < slots:
-                        log.warning("%s (%s); the job goes to another device", exc.message,
-                                    self.name)
-                        retry.append((tag, exported, attempt + 1))
+                    if job.attempt < max(self.slots(), 2):
+                        log.warning("%s (%s on %s); the job goes to another device",
+                                    exc.message, self.name, job.host)
+                        job.attempt += 1
+                        job.tried.append(job.host)
+                        retry.append(job)
                         continue
-                    yield PoolOutcome(tag, exported, error=exc)
+                    yield PoolOutcome(job.tag, job.exported, error=exc)
                     continue
                 except Exception as exc:
-                    yield PoolOutcome(tag, exported, error=exc)
+                    yield PoolOutcome(job.tag, job.exported, error=exc)
                     continue
-                yield PoolOutcome(tag, exported, result=result)
+                yield PoolOutcome(job.tag, job.exported, result=result)
+
+    def _give_up_waiting(self, retry: "Deque[_Job[Tag]]",
+                         timeout_s: float) -> Iterator[PoolOutcome[Tag]]:
+        """With nothing in flight, the jobs to try again wait for a host; those that have
+        waited timeout_s fail."""
+        now = time.monotonic()
+        for job in list(retry):
+            if job.waiting_since is None:
+                job.waiting_since = now
+            elif now - job.waiting_since > timeout_s:
+                retry.remove(job)
+                yield PoolOutcome(job.tag, job.exported, error=DeviceLost(
+                    f"no host of the farm could take the job for {timeout_s:.0f} s: every "
+                    f"device of {self.name} failed it, is quarantined or is gone",
+                    device=self.name, fix="'harness farm status' shows the hosts and their "
+                                          "devices"))
 
     def close(self) -> None:
         """Leave the farm running; just stop talking to it."""
 
     # ------------------------------------------------------------ plumbing
 
-    def _submit(self, remote: Any, *args: Any) -> Any:
-        return remote.options(resources={self.resource: 1}).remote(*args)
+    def _send(self, host: _Host, job: "_Job[Tag]", request: MeasureRequest,
+              timeout_s: float) -> Any:
+        """Start `job` on `host`; its Ray reference."""
+        job.host, job.waiting_since = host.name, None
+        job.deadline = time.monotonic() + timeout_s + RAY_GRACE_S
+        host.in_flight += 1
+        host.assigned += 1
+        return host.handle.measure.remote(self.kind, job.exported, request)
 
-    def _answer(self, ref: Any, deadline: float) -> Any:
-        """The task's answer, or its typed error; cancelled and MeasurementTimeout past
-        `deadline` (a time.monotonic() value)."""
+    def _discover(self) -> None:
+        """Learn which hosts serve the kind: new ones join, hosts that are gone leave (a host
+        revived by 'farm serve' is a new one); the counts of jobs in flight stay."""
+        found = host_actors(self._ray)
+        asked = {handle.offers.remote(): name for name, handle in found.items()}
+        answered, _ = self._ray.wait(list(asked), num_returns=len(asked),
+                                     timeout=DISCOVERY_WAIT_S) if asked else ([], [])
+        offers, gone = {}, set(self.hosts) - set(found)
+        for ref in answered:
+            try:
+                offers[asked[ref]] = self._ray.get(ref)
+            except Exception as exc:  # a host that died meanwhile is left out
+                log.warning("farm host %s does not answer (%s); left out", asked[ref], exc)
+                gone.add(asked[ref])
+        for name, offer in offers.items():
+            capacity = int(offer.get(self.kind, 0))
+            if name in self.hosts:
+                self.hosts[name].handle, self.hosts[name].capacity = found[name], capacity
+                self.hosts[name].alive = True
+            elif capacity:
+                self.hosts[name] = _Host(name, found[name], capacity)
+        for name in gone & set(self.hosts):  # a busy host that is slow to answer stays
+            self.hosts[name].alive = False
+        self._discovered_at = time.monotonic()
+
+    def _pick(self, tried: List[str]) -> Optional[_Host]:
+        """The host for the next job: the most free devices, then the fewest jobs given;
+        a host that failed the job only when no other can take it."""
+        candidates = [h for h in self.hosts.values() if h.free > 0]
+        fresh = [h for h in candidates if h.name not in tried]
+        if not fresh and len(set(tried)) < len([h for h in self.hosts.values() if h.alive]):
+            return None  # wait for a host it has not tried to free up
+        pool = fresh or candidates
+        return max(pool, key=lambda h: (h.free, -h.assigned)) if pool else None
+
+    def _answer(self, ref: Any, deadline: float, host: _Host) -> Any:
+        """The host's answer, or its typed error; cancelled and MeasurementTimeout past
+        `deadline` (a time.monotonic() value); a dead host is marked so."""
         try:
             answer = self._ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0))
         except self._ray.exceptions.GetTimeoutError:
-            self._ray.cancel(ref, force=True)
+            self._ray.cancel(ref, force=False)
             raise MeasurementTimeout(f"the farm gave no answer for a device of {self.name} "
                                      f"in time", device=self.name) from None
+        except (self._ray.exceptions.RayActorError,
+                self._ray.exceptions.ActorUnavailableError) as exc:
+            host.alive = False
+            raise DeviceLost(f"farm host {host.name} is gone ({type(exc).__name__})",
+                             device=self.name) from None
+        if isinstance(answer, dict) and answer.get("unavailable") is True:
+            raise HostUnavailable(answer["error"]["message"], device=self.name)
         if isinstance(answer, dict) and "error" in answer:
-            error = error_from_agent(answer["error"], device=self.name)
+            error = error_from_agent(answer["error"], device=answer["error"].get("device")
+                                     or self.name)
             error.fix = answer["error"].get("fix") or error.fix
             raise error
         return answer
-

@@ -16,3 +16,66 @@ def load_testfarm() -> ModuleType:
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader("testfarm", loader))
     loader.exec_module(module)
     return module
+
+
+class SimFarm:
+    """A Ray farm of simulated devices (devices.simulated) on this machine, driven as a user
+    drives one: `harness farm serve` and `harness farm stop` in their own processes, one
+    $HARNESS_HOME per host under `folder`, every home holding the head's token. The caller's
+    home (`client`) holds it too. Stop it with `stop()` (also on errors)."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder = Path(folder)
+        self.address = f"127.0.0.1:{port}"
+        self.head = self.folder / "head"
+        self.client = self.folder / "client"
+        self.hosts: dict = {}  # name -> home
+        self._cli(self.head, "farm", "serve", "--port", str(port))
+        self._copy_token(self.client)
+
+    def add_host(self, name: str, devices: int, median_ms: float = 10.0, seed: int = 0) -> Path:
+        """A host `name` serving `devices` simulated devices NAME-000... of kind "sim"."""
+        from devices import registry
+        from devices.simulated import simulated_names
+
+        home = self.folder / name
+        for device in simulated_names(name, devices):
+            registry.add_device(home, registry.DeviceConfig(
+                name=device, transport="sim", address="npu-sim", kind="sim",
+                sim_ms=median_ms, sim_seed=seed), replace=True)
+        self._copy_token(home)
+        self._cli(home, "farm", "serve", "--address", self.address)
+        self.hosts[name] = home
+        return home
+
+    def stop_host(self, name: str, grace_s: float = 10.0) -> None:
+        self._cli(self.hosts.pop(name), "farm", "stop", "--grace", str(grace_s))
+
+    def stop(self) -> None:
+        for name in list(self.hosts):
+            try:
+                self.stop_host(name, grace_s=5.0)
+            except RuntimeError as exc:
+                print(exc, file=sys.stderr)
+        self._cli(self.head, "farm", "stop", "--grace", "5")
+
+    def _copy_token(self, home: Path) -> None:
+        import os
+        import shutil
+
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.head / "ray-token", home / "ray-token")
+        os.chmod(home / "ray-token", 0o600)
+
+    @staticmethod
+    def _cli(home: Path, *args: str) -> str:
+        import os
+        import subprocess
+
+        proc = subprocess.run([sys.executable, "-m", "harness.cli", *args],
+                              env=dict(os.environ, HARNESS_HOME=str(home),
+                                       PYTHONPATH=str(ROOT)),
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"harness {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc.stdout

@@ -1,0 +1,190 @@
+"""Simulated devices: a farm's orchestration shown at the scale of a lab on one machine.
+
+A simulated device (`transport = "sim"` in devices.toml) answers as our agent does, but runs
+no model: each graph has a median latency drawn from a seeded distribution (by the device's
+seed and the model's SHA-256, so every unit of one simulated model, and every rerun, gives
+the same numbers), each run a latency drawn around it, and the agent's own timed loop
+(agents.ort_agent.timed_loop, with its stop rules) runs on a virtual clock. The device then
+sleeps for the time the loop would have taken and spends no CPU, so hundreds of them can be
+served from a 2-core machine, and a farm's scheduling, leases, fail-over and bookkeeping
+are measured, not the models.
+
+A simulated device can be taken down and brought back while a farm runs (the soak test):
+while the file `$HARNESS_HOME/sim-down/NAME` exists it answers every request as a lost
+device does, after `lost_s` seconds. Each finished measurement is journalled in
+`$HARNESS_HOME/sim-journal/NAME.jsonl`, so a soak test can count duplicated ones.
+"""
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from agents.ort_agent import AGENT_VERSION, AgentError, parse_settings, timed_loop
+from devices.agent_result import AgentResult, DeviceFacts
+from devices.errors import BadRequest, DeviceLost, MeasurementTimeout
+
+DOWN_FOLDER = "sim-down"
+JOURNAL_FOLDER = "sim-journal"
+
+
+@dataclass(frozen=True)
+class SimulatedModel:
+    """What a simulated device is: a name for its model, the median latency of a typical
+    graph (graphs spread from half to twice it), the spread of runs around a graph's median
+    (coefficient of variation), the load time, and the seed of all of it."""
+
+    model: str
+    median_ms: float = 20.0
+    cv: float = 0.03
+    load_ms: float = 50.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("median_ms", "load_ms"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise BadRequest(f"a simulated device's {name} must be a positive number of "
+                                 f"ms, got {value!r}")
+        if not (isinstance(self.cv, (int, float)) and 0 <= self.cv < 1):
+            raise BadRequest(f"a simulated device's cv must be from 0 to 1, got {self.cv!r}")
+
+    def graph_median_ms(self, sha256: str) -> float:
+        """The median latency of one graph on this model: the same on every unit, every run."""
+        draw = random.Random(f"{self.seed}:{sha256}").random()
+        return self.median_ms * 2.0 ** (2.0 * draw - 1.0)
+
+    def simulate(self, sha256: str, settings: Mapping[str, Any]) -> "SimulatedRun":
+        """What a measurement of the graph gives on this model under the agent's `settings`
+        (checked): its runs through the agent's own timed loop, on a virtual clock."""
+        graph_ms = self.graph_median_ms(sha256)
+        runs = random.Random(f"{self.seed}:{sha256}:runs")  # equal on every rerun
+        clock = _VirtualClock()
+
+        def run() -> None:
+            clock.now += max(runs.gauss(graph_ms, graph_ms * self.cv), graph_ms / 10) / 1e3
+
+        for _ in range(settings["warmup_runs"] + 1):
+            run()
+        warmup_s = clock.now
+        samples, elapsed, stop = timed_loop(run, settings, clock)
+        return SimulatedRun(graph_ms, tuple(round(t * 1e3, 6) for t in samples),
+                            self.load_ms, warmup_s * 1e3, elapsed * 1e3, dict(stop))
+
+
+@dataclass(frozen=True)
+class SimulatedRun:
+    """One simulated measurement: every run's time, and how long the device was busy."""
+
+    first_run_ms: float
+    samples_ms: Tuple[float, ...]
+    load_ms: float
+    warmup_ms: float
+    loop_ms: float
+    stop: Dict[str, Any]
+
+    @property
+    def busy_s(self) -> float:
+        return (self.load_ms + self.warmup_ms + self.loop_ms) / 1e3
+
+
+def down_path(home: Path, name: str) -> Path:
+    """The file whose presence takes simulated device `name` down."""
+    return Path(home) / DOWN_FOLDER / name
+
+
+class SimulatedClient:
+    """A DeviceClient (devices.agent_client) for a simulated device; see the module docstring."""
+
+    def __init__(self, name: str, spec: SimulatedModel, home: Path, lost_s: float = 0.2):
+        self.name = name
+        self.spec = spec
+        self.home = Path(home)
+        self.lost_s = lost_s
+        self.agent_version = AGENT_VERSION
+
+    @property
+    def device(self) -> str:
+        return self.name
+
+    def facts(self, deadline: float) -> DeviceFacts:
+        self._check_up(deadline)
+        return DeviceFacts(identity=self._identity(), state={"governors": [], "thermal": []})
+
+    def measure(self, model_path: str, settings: Mapping[str, Any], deadline: float,
+                sha256: Optional[str] = None) -> AgentResult:
+        """Run the agent's timed loop on a virtual clock, then sleep as long as it took."""
+        self._check_up(deadline)
+        sha = sha256 or hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
+        try:
+            checked = parse_settings(dict(settings))
+        except AgentError as exc:
+            raise BadRequest(exc.message) from None
+        run = self.spec.simulate(sha, checked)
+        remaining = deadline - time.monotonic()
+        if run.busy_s > remaining:
+            time.sleep(max(remaining, 0.0))
+            raise MeasurementTimeout(f"the simulated measurement takes {run.busy_s:.1f} s, "
+                                     f"more than the time left", device=self.name)
+        started = time.time()
+        time.sleep(run.busy_s)
+        if down_path(self.home, self.name).exists():  # taken down while it measured
+            raise DeviceLost(f"simulated device {self.name} went down mid-measurement",
+                             device=self.name)
+        self._journal(sha, started)
+        answer = {
+            "agent_version": AGENT_VERSION, "load_ms": run.load_ms,
+            "first_run_ms": run.first_run_ms, "warmup_runs": checked["warmup_runs"],
+            "warmup_ms": run.warmup_ms, "samples_ms": list(run.samples_ms),
+            "loop_ms": run.loop_ms, "capped": run.stop["reason"] == "max_time",
+            "stop": run.stop, "settings": checked, "controlled": {},
+            "runtime": {"name": "simulated", "version": AGENT_VERSION,
+                        "provider": checked["provider"]},
+            "fingerprint": {"identity": self._identity(), "state": {}},
+        }
+        return AgentResult.parse(answer, self.name, AGENT_VERSION)
+
+    def close(self) -> None:
+        """Nothing runs anywhere for a simulated device."""
+
+    def _identity(self) -> Dict[str, Any]:
+        """The simulated model's identity plus this unit's name: each unit is its own device
+        to the cache, as real boards are."""
+        return {"system": "simulated", "model": self.spec.model,
+                "median_ms": self.spec.median_ms, "cv": self.spec.cv, "seed": self.spec.seed,
+                "unit": self.name}
+
+    def _journal(self, sha256: str, started: float) -> None:
+        """One line per finished measurement in $HARNESS_HOME/sim-journal/NAME.jsonl: what
+        a soak test counts duplicated measurements from."""
+        folder = self.home / JOURNAL_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{self.name}.jsonl", "a") as journal:
+            journal.write(json.dumps({"sha256": sha256, "started": started,
+                                      "ended": time.time()}) + "\n")
+
+    def _check_up(self, deadline: float) -> None:
+        if down_path(self.home, self.name).exists():
+            time.sleep(max(min(self.lost_s, deadline - time.monotonic()), 0.0))
+            raise DeviceLost(f"simulated device {self.name} is down",
+                             device=self.name,
+                             fix=f"remove {down_path(self.home, self.name)} to bring it back")
+
+
+class _VirtualClock:
+    """A clock the simulated runs advance; the agent's timed loop reads it as perf_counter."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulated_names(prefix: str, count: int) -> List[str]:
+    """Names of `count` simulated units: PREFIX-000, PREFIX-001, ..."""
+    width = max(3, len(str(count - 1)))
+    return [f"{prefix}-{index:0{width}d}" for index in range(count)]

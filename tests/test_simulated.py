@@ -1,0 +1,90 @@
+"""Simulated devices (devices.simulated): the agent's stop rules on a virtual clock, seeded
+latencies, units that are distinct devices to the cache, and devices taken down and back."""
+import time
+
+import pytest
+
+from devices import registry
+from devices.errors import DeviceLost
+from devices.simulated import SimulatedClient, SimulatedModel, down_path, simulated_names
+from harness import Cache, LatencyProfiler, random_samples
+
+QUICK = {"warmup_runs": 1, "min_runs": 5, "min_time_ms": 0.0}
+
+
+def add_sims(home, names, kind="sim", median_ms=2.0, seed=0):
+    for name in names:
+        registry.add_device(home, registry.DeviceConfig(
+            name=name, transport="sim", address="npu-sim", kind=kind, sim_ms=median_ms,
+            sim_seed=seed))
+
+
+def test_latencies_are_seeded_and_the_stop_rules_run(tmp_path):
+    client = SimulatedClient("s0", SimulatedModel("npu", median_ms=2.0, cv=0.05), tmp_path)
+    twin = SimulatedClient("s1", SimulatedModel("npu", median_ms=2.0, cv=0.05), tmp_path)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not read")
+    deadline = time.monotonic() + 60
+    fixed = client.measure(str(model), dict(QUICK, min_runs=40), deadline, sha256="a" * 64)
+    again = twin.measure(str(model), dict(QUICK, min_runs=40), deadline, sha256="a" * 64)
+    other = client.measure(str(model), dict(QUICK, min_runs=40), deadline, sha256="b" * 64)
+    assert fixed.samples_ms == again.samples_ms  # same model, same graph: same numbers
+    assert fixed.samples_ms != other.samples_ms
+    assert len(fixed.samples_ms) == 40 and fixed.stop["reason"] == "fixed"
+    assert 1.0 <= sorted(fixed.samples_ms)[20] <= 4.0  # graphs spread from half to twice
+    precise = client.measure(str(model), {"stop": "ci", "rel_ci": 0.05, "warmup_runs": 1},
+                             deadline, sha256="a" * 64)
+    assert precise.stop["reason"] == "precise" and len(precise.samples_ms) < 40
+    # each unit is its own device to the cache; the model is what they share
+    assert fixed.facts.identity["unit"] == "s0" and again.facts.identity["unit"] == "s1"
+
+
+def test_a_simulated_device_spends_the_time_it_reports(tmp_path):
+    client = SimulatedClient("s0", SimulatedModel("npu", median_ms=5.0, load_ms=10.0),
+                             tmp_path)
+    started = time.monotonic()
+    result = client.measure(str(tmp_path / "m"), dict(QUICK, min_runs=20),
+                            time.monotonic() + 60, sha256="c" * 64)
+    took = time.monotonic() - started
+    busy = (result.load_ms + (result.warmup_ms or 0) + result.loop_ms) / 1e3
+    assert took >= busy * 0.99  # it sleeps through the loop it simulated
+
+
+def test_a_device_taken_down_is_lost_until_brought_back(tmp_path):
+    add_sims(tmp_path, ["s0"])
+    client = registry.open_client("s0", tmp_path)
+    down = down_path(tmp_path, "s0")
+    down.parent.mkdir(parents=True)
+    down.touch()
+    with pytest.raises(DeviceLost, match="s0 is down"):
+        client.facts(time.monotonic() + 5)
+    down.unlink()
+    assert client.facts(time.monotonic() + 5).identity["unit"] == "s0"
+
+
+def test_a_kind_answers_from_any_unit_a_named_device_only_from_its_own(tiny, tmp_path):
+    names = simulated_names("s", 3)
+    add_sims(tmp_path, names)
+    samples = random_samples(tiny, 6, seed=4)
+    with LatencyProfiler(tiny, tiny.dummy_input(), device="kind:sim", home=tmp_path,
+                         settings=QUICK) as profiler:
+        first = profiler.measure_many(samples)
+    assert {m.source for m in first} == {"measured"}
+    assert len({m.device for m in first}) > 1  # the units shared the work
+    with Cache(tmp_path / "cache.sqlite") as cache:
+        assert cache.stats()["fingerprints"] == 3  # three units, three devices to the cache
+    with LatencyProfiler(tiny, tiny.dummy_input(), device="kind:sim", home=tmp_path,
+                         settings=QUICK) as again:
+        assert {m.source for m in again.measure_many(samples)} == {"cached"}
+    own = [m for m in first if m.device == names[0]]
+    with LatencyProfiler(tiny, tiny.dummy_input(), device=names[0], home=tmp_path,
+                         settings=QUICK) as one:
+        sources = [m.source for m in one.measure_many(samples)]
+    assert sources.count("cached") == len(own)  # the others were measured on other units
+
+
+def test_the_registry_checks_simulated_entries(tmp_path):
+    (tmp_path / "devices.toml").write_text(
+        '[devices.s0]\ntransport = "sim"\naddress = "npu"\nsim_ms = -1\n')
+    with pytest.raises(registry.RegistryError, match="sim_ms = -1 is not a positive number"):
+        registry.load_devices(tmp_path)
