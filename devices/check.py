@@ -72,12 +72,11 @@ def install_fix(python: str, missing: List[str], facts: Optional[PythonFacts],
 def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
     """Run the checks through an AgentClient or PerfTestClient; never raises for a device
     problem, reports it instead."""
-    transport = client.transport
-    report = CheckReport(device=transport.name)
-    python = " ".join(transport.python)
+    report = CheckReport(device=client.device)
+    runs_python = isinstance(client, AgentClient)
+    python = " ".join(client.transport.python) if runs_python else "-"
     try:
-        runs_python = isinstance(client, AgentClient)
-        facts = probe_python(transport, timeout_s) if runs_python else None
+        facts = probe_python(client.transport, timeout_s) if runs_python else None
         if facts is not None and facts.too_old:
             report.identity = {"python": f"{facts.text} (too old)"}
             report.problems.append(f"Python {facts.text} is too old for the agent; fix: "
@@ -92,8 +91,8 @@ def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
         if missing:
             report.problems.append(
                 f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
-                f"for {python} ({identity.get('python')}) on {transport.name}; fix: "
-                f"{install_fix(python, missing, facts, transport.name)}")
+                f"for {python} ({identity.get('python')}) on {client.device}; fix: "
+                f"{install_fix(python, missing, facts, client.device)}")
         if report.ok:
             with tempfile.TemporaryDirectory() as folder:
                 model = tiny_model(Path(folder) / "check.onnx")

@@ -6,6 +6,7 @@
     harness calibrate --device NAME --space MODULE:ATTR --samples N [--holdout M] [--predictor P]
     harness cache stats | export FILE | import FILE
     harness devices add NAME --ssh USER@HOST[:PORT] [--key FILE] [--jump USER@HOST] [--kind K]
+    harness devices add NAME --adb SERIAL | --sim MODEL [--sim-ms MS] [--kind K]
     harness devices list | check NAME | trust NAME [--yes] [--replace] | remove NAME | clean NAME
     harness farm serve [--address HEAD:PORT] [--node-ip IP] | status [--address A] [--json]
                  | stop [--grace S]

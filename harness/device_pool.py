@@ -175,6 +175,7 @@ class LocalPool:
         self._clients: Dict[str, DeviceClient] = {}
         self._clients_lock = threading.Lock()
         self._busy: Set[str] = set()  # devices measuring for this pool now
+        self._freed = threading.Condition(self._clients_lock)  # a device of ours came free
         self._staging = tempfile.TemporaryDirectory(prefix="harness-models-")
 
     def client(self, device: str) -> DeviceClient:
@@ -212,6 +213,7 @@ class LocalPool:
                 raise DeviceLost(f"no device of {self.name} is available: "
                                  f"{', '.join(tried) or 'all'} failed or quarantined",
                                  fix="check the devices ('harness devices check NAME')")
+            self._wait_until_one_is_not_ours(candidates)
             lease = lease_any(self.home, candidates)
             try:
                 return self._measure_leased(lease, exported, request)
@@ -262,10 +264,19 @@ class LocalPool:
             self.health.strike(name, exc)
             raise
         finally:
+            lease.__exit__(None, None, None)
             with self._clients_lock:
                 self._busy.discard(name)
-            lease.__exit__(None, None, None)
+                self._freed.notify()
             path.unlink(missing_ok=True)
+
+    def _wait_until_one_is_not_ours(self, candidates: List[str]) -> None:
+        """While this pool's own jobs hold every candidate, wait for one to end: the next
+        job takes the device the moment it is released (leases held by other processes are
+        polled by lease_any)."""
+        with self._freed:
+            while all(device in self._busy for device in candidates):
+                self._freed.wait(timeout=1.0)
 
     def measure_on(self, device: str, exported: ExportedModel,
                    request: MeasureRequest) -> AgentResult:

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 RECORD_FILE = "farm-host.json"
 NODE_MARK = "HARNESS_FARM_NODE"   # in the environment of every process of a served node
 START_TIMEOUT_S = 120.0           # for the host's actor to answer after the node started
+DRAIN_SLACK_S = 30.0              # connecting and asking, beyond the grace of a drain
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,7 @@ def stop(home: Path, grace_s: float = 10.0) -> StopReport:
         raise HarnessError(f"this home ({home}) serves no farm node",
                            fix="'harness farm status --address HEAD:PORT' shows a farm's hosts; "
                                "run stop on the host (with the home) that serves")
-    jobs_cut = _drain(home, node, grace_s) if node.devices else 0
+    jobs_cut = _drain_within(home, node, grace_s) if node.devices else 0
     terminated = killed = 0
     for stage in _in_shutdown_order(_node_processes(node.name)):
         for process in stage:
@@ -246,6 +248,20 @@ def _in_shutdown_order(processes: List[Any]) -> List[List[Any]]:
             continue
         stages[0 if name == "raylet" else 2 if name == "gcs_server" else 1].append(process)
     return [stage for stage in stages if stage]
+
+
+def _drain_within(home: Path, node: ServedNode, grace_s: float) -> Optional[int]:
+    """_drain, given up after the grace plus DRAIN_SLACK_S: Ray's connect has no timeout
+    of its own, and a node in trouble must still be stoppable."""
+    answer: List[Optional[int]] = [None]
+    thread = threading.Thread(target=lambda: answer.__setitem__(0, _drain(home, node, grace_s)),
+                              name="harness-drain", daemon=True)
+    thread.start()
+    thread.join(grace_s + DRAIN_SLACK_S)
+    if thread.is_alive():
+        log.warning("farm host %s did not drain within %.0f s; ending its processes",
+                    node.name, grace_s + DRAIN_SLACK_S)
+    return answer[0]
 
 
 def _drain(home: Path, node: ServedNode, grace_s: float) -> Optional[int]:

@@ -39,8 +39,8 @@ from typing import (Any, Callable, Deque, Dict, Generic, Iterable, Iterator, Lis
 from devices.agent_result import AgentResult
 from devices.errors import (BadRequest, DeviceError, DeviceLost, MeasurementTimeout,
                             error_from_agent)
-from harness.device_pool import (FAILOVER_ERRORS, DeviceIdentity, MeasureRequest, PoolOutcome,
-                                 Tag)
+from harness.device_pool import (FAILOVER_ERRORS, DeviceIdentity, LocalPool, MeasureRequest,
+                                 PoolOutcome, Tag)
 from harness.errors import HarnessError
 from harness.export import ExportedModel
 
@@ -53,6 +53,9 @@ REDISCOVER_S = 10.0    # how often a running pool looks for hosts that joined or
 DISCOVERY_WAIT_S = 5.0  # a host that does not say what it offers within this is left out
 HOST_PAUSE_S = 5.0     # a host with every device quarantined is asked again after this
 HOST_POLL_S = 0.5      # how often a pool with nothing in flight looks for a host again
+# Jobs in flight per device: one measuring, one waiting on its host, so a device starts its
+# next job the moment one ends instead of after a round trip to the caller.
+QUEUE_DEPTH = 2
 MIN_RAY = (2, 52)      # the first Ray with token authentication
 TOKEN_FILE = "ray-token"
 FARM_CONNECT_TIMEOUT_S = 5.0  # a farm's head must accept a connection within this
@@ -176,7 +179,7 @@ class FarmHost:
         for device, config in sorted(load_devices(self.home).items()):
             if config.kind:
                 self.kinds.setdefault(config.kind, []).append(device)
-        self._pools: Dict[str, Any] = {}
+        self._pools: Dict[str, LocalPool] = {}
         self._lock = threading.Lock()
         self._running = 0
         self._done: Dict[str, int] = {}
@@ -191,12 +194,10 @@ class FarmHost:
         return self._serve(kind, lambda pool: pool.identify(timeout_s))
 
     def measure(self, kind: str, exported: ExportedModel, request: MeasureRequest) -> Any:
-        def work(pool: Any) -> AgentResult:
-            leased_at = time.time()
+        def work(pool: LocalPool) -> AgentResult:
             result = pool.measure(exported, request)
             self._count(self._done, result.device)
-            return dataclasses.replace(result, host=platform.node(),
-                                       lease=result.lease or (leased_at, time.time()))
+            return dataclasses.replace(result, host=platform.node())
         return self._serve(kind, work)
 
     def status(self) -> HostStatus:
@@ -236,12 +237,13 @@ class FarmHost:
 
     # ------------------------------------------------------------ plumbing
 
-    def _serve(self, kind: str, work: Callable[[Any], Any]) -> Any:
-        from harness.device_pool import LocalPool
-
+    def _serve(self, kind: str, work: Callable[[LocalPool], Any]) -> Any:
+        """`work(pool)` on the kind's pool; an answer marked "unavailable" when the host
+        has nothing to offer now (stopping, or every device quarantined): the caller sends
+        the job elsewhere without counting a failed try."""
         if self._draining:
-            return _error_answer(DeviceLost(f"farm host {self.name} is stopping",
-                                            fix="the job goes to another host"))
+            return dict(_error_answer(DeviceLost(f"farm host {self.name} is stopping")),
+                        unavailable=True)
         if kind not in self.kinds:
             return _error_answer(DeviceLost(f"farm host {self.name} has no device of kind "
                                             f"{kind!r}"))
@@ -349,8 +351,9 @@ class _Host:
 
     @property
     def free(self) -> int:
+        """Jobs it can take now: QUEUE_DEPTH per device, less those in flight."""
         usable = self.alive and self.paused_until <= time.monotonic()
-        return self.capacity - self.in_flight if usable else 0
+        return QUEUE_DEPTH * self.capacity - self.in_flight if usable else 0
 
 
 @dataclass
@@ -414,8 +417,10 @@ class RayPool:
     def measure_many(self, jobs: Iterable[Tuple[Tag, ExportedModel]],
                      request: MeasureRequest) -> Iterator[PoolOutcome[Tag]]:
         """Every free device of the kind busy while jobs wait: each job goes to the live host
-        with the most free devices (ties: the one given fewest jobs), at most one job per
-        device in flight, so each starts at once on its host and its wait is bounded. A job
+        with the most room (ties: the one given fewest jobs), at most QUEUE_DEPTH jobs per
+        device in flight, so a device's next job waits on its host, and a job waits there
+        at most QUEUE_DEPTH - 1 measurements before its lease (from which its own timeout
+        counts; the caller gives up QUEUE_DEPTH timeouts plus a grace after sending). A job
         that a device or host fails goes to another host (up to once per device); a host
         that dies is left out; a host whose devices are all quarantined is asked again after
         HOST_PAUSE_S, and a job no host can take for request.timeout_s fails."""
@@ -503,7 +508,7 @@ class RayPool:
               timeout_s: float) -> Any:
         """Start `job` on `host`; its Ray reference."""
         job.host, job.waiting_since = host.name, None
-        job.deadline = time.monotonic() + timeout_s + RAY_GRACE_S
+        job.deadline = time.monotonic() + QUEUE_DEPTH * timeout_s + RAY_GRACE_S
         host.in_flight += 1
         host.assigned += 1
         return host.handle.measure.remote(self.kind, job.exported, request)

@@ -17,7 +17,7 @@ busy time / (devices x wall time)), scheduler overhead per job ((devices x wall 
 jobs) and the time from submit to the first result (against the shortest job).
 
 Usage: sudo python3 scripts/bench_farm.py [--samples N]
-       python3 scripts/bench_farm.py --simulated 16,64,256 [--jobs-per-device 4]
+       python3 scripts/bench_farm.py --simulated 16,64,256 [--jobs-per-device 8]
 """
 import argparse
 import os
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--simulated", metavar="SIZES",
                         help="comma-separated farm sizes of simulated devices, e.g. 16,64,256")
-    parser.add_argument("--jobs-per-device", type=int, default=4)
+    parser.add_argument("--jobs-per-device", type=int, default=8)
     parser.add_argument("--devices-per-host", type=int, default=64)
     args = parser.parse_args()
     if args.simulated:

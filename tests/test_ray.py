@@ -266,3 +266,15 @@ def test_a_farm_address_with_nothing_behind_it_fails_fast(home):
     assert f"no Ray farm answers at 127.0.0.1:{port}" in proc.stderr
     assert "harness farm serve" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 2  # the error and its fix
+
+
+def test_stop_and_serve_say_what_is_wrong(home, farm_head):
+    """Stop where nothing serves, serve twice from one home, status of no farm: one line
+    each, with the fix, and nothing started."""
+    nothing = harness_cli(home, "farm", "stop")
+    assert nothing.returncode == 1 and "serves no farm node" in nothing.stderr
+    which = harness_cli(home, "farm", "status")
+    assert which.returncode == 1 and "--address HEAD:PORT" in which.stderr
+    again = harness_cli(farm_head[1], "farm", "serve", "--port", str(testfarm.free_port()))
+    assert again.returncode == 1, again.stdout
+    assert "already serves farm node" in again.stderr and "harness farm stop" in again.stderr
