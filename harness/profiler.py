@@ -30,6 +30,8 @@ from harness.export import (DummyInput, ExportedModel, export_module, export_sam
                             exported_space_fingerprint, input_signature)
 from harness.fallback import PredictionFallback
 from harness.measurement import STATISTICS, Measurement
+from harness.model_file import (ModelFile, ModelSource, calibration_label, check_precision,
+                                convert, load_model)
 from harness.paths import default_cache_path, harness_home
 from harness.pools import open_pool
 from harness.profiler_base import Profiler
@@ -57,24 +59,36 @@ class LatencyProfiler(Profiler):
     farm: a Ray farm's address (harness.ray_pool), with device="kind:K".
     fallback, predictor, offline: what answers when the device cannot be reached ("error"
         raises; "nn-meter" or "model" predict, see harness.fallback); offline: never try it.
+    precision: "fp32" (as exported), "fp16", "int8-dynamic" or "int8-static": each model is
+        converted on the host before it is sent (harness.model_file); the precision (and,
+        for int8-static, `calibration`: an .npz of inputs, else random ones) is keyed.
+    space=None (and dummy_input=None): a profiler of model files only (`measure_model`).
     """
 
-    def __init__(self, space: ModelSpace, dummy_input: DummyInput, device: str = "local",
+    def __init__(self, space: Optional[ModelSpace], dummy_input: Optional[DummyInput],
+                 device: str = "local",
                  statistic: str = "median", *, settings: Optional[Mapping[str, Any]] = None,
                  cache: Union[Cache, str, Path, None] = None, isolation: str = "worker",
                  timeout_s: float = 300.0, refresh: bool = False,
                  home: Union[str, Path, None] = None, max_strikes: int = 3,
                  quarantine_s: float = 60.0, farm: Optional[str] = None,
                  fallback: str = "error", predictor: Union[str, Path, None] = None,
-                 offline: bool = False):
+                 offline: bool = False, precision: str = "fp32",
+                 calibration: Union[str, Path, None] = None):
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         if offline and fallback == "error":
             raise BadRequest("an offline profiler can only predict",
                              fix="pass fallback='nn-meter' (calibrate first) or fallback='model'")
+        self.models_only = space is None or dummy_input is None  # measure_model only
+        if space is None or dummy_input is None:  # no samples: a stand-in for the plumbing
+            space, dummy_input = _ModelFilesOnly(), torch.zeros(1)
         self.space, self.device, self.statistic, self.refresh = space, device, statistic, refresh
         self.home = harness_home(home)
-        self.request = MeasureRequest.checked(settings, timeout_s)
+        self.precision, self.calibration = check_precision(precision), calibration
+        self.request = MeasureRequest.checked(
+            dict(settings or {}, precision=precision,
+                 calibration=calibration_label(precision, calibration)), timeout_s)
         self.settings, self.settings_key = self.request.settings, self.request.settings_key
         self._validate, self.dummy_input = SampleValidator(checked_search_space(space)), dummy_input
         self.input_signature = input_signature(dummy_input)
@@ -98,9 +112,11 @@ class LatencyProfiler(Profiler):
             return self._memo[memo_key]
         return self.measure(sample).statistic(self.statistic)
 
-    def measure(self, sample: Mapping[str, Any]) -> Measurement:
-        """The full Measurement (raw samples, statistics, provenance, source)."""
-        return self.measure_many([sample], progress=False)[0]
+    def measure(self, sample: Mapping[str, Any], per_op: bool = False) -> Measurement:
+        """The full Measurement (raw samples, statistics, provenance, memory, source); with
+        `per_op`, its per-operator profile too (`Measurement.ops`), taken in runs apart
+        from the timed ones."""
+        return self.measure_many([sample], progress=False, per_op=per_op)[0]
 
     def profile_many(self, samples: Iterable[Mapping[str, Any]],
                      progress: Optional[bool] = None) -> List[float]:
@@ -108,16 +124,18 @@ class LatencyProfiler(Profiler):
         return [m.statistic(self.statistic) for m in self.measure_many(samples, progress)]
 
     def measure_many(self, samples: Iterable[Mapping[str, Any]],
-                     progress: Optional[bool] = None) -> List[Measurement]:
+                     progress: Optional[bool] = None, per_op: bool = False) -> List[Measurement]:
         """measure() over many samples, in input order, with a progress bar on a terminal.
         Each result is stored as it completes (a sweep cut short resumes from the cache); the
         first failure is raised once the rest is done; a lost device's share falls back."""
+        self._needs_space()
+        request = self.request.with_settings(per_op=True) if per_op else self.request
         canonical = [self._validate(sample) for sample in samples]
         if self.fallback.active():
             return [self.fallback.answer(sample, None) for sample in canonical]
         results: List[Optional[Measurement]] = [None] * len(canonical)
         try:
-            self._measure_all(canonical, results, progress)
+            self._measure_all(canonical, results, progress, request)
         except DeviceLost as exc:  # what the lost device left unanswered falls back
             results = [r or self.fallback.answer(s, exc) for r, s in zip(results, canonical)]
         return results  # type: ignore[return-value]
@@ -131,6 +149,7 @@ class LatencyProfiler(Profiler):
                     confidence: float = 0.99, progress: Optional[bool] = None) -> List[Decision]:
         """decide() over many samples, in input order, pipelined and pooled like measure_many;
         the device's latency model refits between chunks as the measurements come in."""
+        self._needs_space()
         decisions = self.decider.start(*check_limit(limit_ms, confidence))
         canonical = [self._validate(sample) for sample in samples]
         results: List[Any] = []
@@ -150,7 +169,28 @@ class LatencyProfiler(Profiler):
         through the same cache, keyed by its own graph hash and input shapes."""
         exported, signature = export_module(module.eval(), dummy_input), input_signature(dummy_input)
         cached = None if self.refresh else self._cached(exported.graph_hash, canonical_json(signature))
+        exported = self._at_precision(exported, {f"input{i}": item["shape"]
+                                                 for i, item in enumerate(signature)})
         return cached or self._store(self.pool.measure(exported, self.request), exported, signature)
+
+    def measure_model(self, model: Union[ModelSource, ModelFile],
+                      input_shapes: Optional[Mapping[str, List[int]]] = None,
+                      per_op: bool = False) -> Measurement:
+        """Latency of any ONNX model (a path, its bytes, or a loaded ModelFile) on this
+        profiler's device, at its precision, through the same cache (keyed by its graph hash,
+        input shapes and settings). `input_shapes` ({input name: shape}) sizes its dynamic
+        axes; one left unsized is a BadRequest naming the input. With `per_op`, the
+        per-operator profile too."""
+        loaded = model if isinstance(model, ModelFile) else load_model(model)
+        shapes = loaded.resolved_shapes(input_shapes)
+        signature = loaded.signature(shapes)
+        request = self.request.with_settings(input_shapes=shapes, per_op=per_op)
+        cached = None if self.refresh else self._cached(loaded.graph_hash, canonical_json(signature),
+                                                        request)
+        if cached is not None:
+            return cached
+        exported = self._at_precision(loaded.exported(), shapes)
+        return self._store(self.pool.measure(exported, request), exported, signature, request)
 
     def identify(self) -> DeviceIdentity:
         """Who the device is, asked once a session (its identity is in every cache key); the
@@ -174,6 +214,7 @@ class LatencyProfiler(Profiler):
 
     def graph_hash(self, sample: Mapping[str, Any]) -> str:
         """The sample's graph hash (from the sample index, or by exporting it)."""
+        self._needs_space()
         canonical = self._validate(sample)
         return self._indexed(canonical) or self._export(canonical).graph_hash
 
@@ -190,13 +231,15 @@ class LatencyProfiler(Profiler):
     # ------------------------------------------------------------ the steps
 
     def _measure_all(self, samples: List[Sample], results: List[Optional[Measurement]],
-                     progress: Optional[bool]) -> None:
+                     progress: Optional[bool], request: MeasureRequest) -> None:
         """Steps 3-5 over many samples: the cache first, then the pool (harness.batch)."""
         for index, sample in enumerate(samples):
-            results[index] = None if self.refresh else self._cached(self._indexed(sample))
+            results[index] = None if self.refresh else self._cached(self._indexed(sample),
+                                                                    request=request)
         answer_all(samples, results, what=f"profiling on {self.device}", progress=progress,
-                   export=self._export, cached=lambda g: None if self.refresh else self._cached(g),
-                   pool=self.pool, request=self.request,
+                   export=self._export,
+                   cached=lambda g: None if self.refresh else self._cached(g, request=request),
+                   pool=self.pool, request=request,
                    store=lambda result, exported: self._store(result, exported, self.input_signature))
         self._memo.update((tuple(sample.values()), result.statistic(self.statistic))
                           for sample, result in zip(samples, results) if result is not None)
@@ -206,17 +249,32 @@ class LatencyProfiler(Profiler):
         return self.cache.lookup_sample(self.space_fingerprint, self._input_sig, sample_key(sample))
 
     def _export(self, sample: Sample) -> ExportedModel:
-        """Step 3: freeze, export and hash; the index learns sample -> graph hash."""
+        """Step 3: freeze, export and hash; the index learns sample -> graph hash. At another
+        precision, the model sent is the converted one (keyed by the source's hash)."""
         exported = export_sample(self.space, sample, self.dummy_input, home=self.home)
         self.counters["exports"] += 1  # only the export thread counts exports
         self.cache.put_sample(self.space_fingerprint, self._input_sig, sample_key(sample),
                               exported.graph_hash)
-        return exported
+        return self._at_precision(exported, {f"input{i}": item["shape"]
+                                             for i, item in enumerate(self.input_signature)})
 
-    def _cached(self, graph: Optional[str], input_sig: Optional[str] = None) -> Optional[Measurement]:
+    def _at_precision(self, exported: ExportedModel,
+                      shapes: Mapping[str, List[int]]) -> ExportedModel:
+        """The model at this profiler's precision (converted on the host)."""
+        return convert(exported, self.precision, shapes, self.calibration)
+
+    def _needs_space(self) -> None:
+        if self.models_only:
+            raise BadRequest("this LatencyProfiler was made without a space (for model files)",
+                             fix="measure models with measure_model(path), or pass a space")
+
+    def _cached(self, graph: Optional[str], input_sig: Optional[str] = None,
+                request: Optional[MeasureRequest] = None) -> Optional[Measurement]:
         """Step 4: the cached measurement of a graph on this device, if any."""
-        cached = self.cache.get(self._key(graph, input_sig)) if graph is not None else None
-        if cached is not None and not self.request.accepts(cached):
+        request = request or self.request
+        cached = self.cache.get(self._key(graph, input_sig, settings_key=request.settings_key)) \
+            if graph is not None else None
+        if cached is not None and not request.accepts(cached):
             return None  # not as precise as asked: measured again, and the new one kept
         if cached is not None:
             with self._lock:  # the export thread and the caller's both ask the cache
@@ -224,7 +282,8 @@ class LatencyProfiler(Profiler):
         return cached
 
     def _store(self, result: AgentResult, exported: ExportedModel,
-               signature: List[Dict[str, Any]]) -> Measurement:
+               signature: List[Dict[str, Any]],
+               request: Optional[MeasureRequest] = None) -> Measurement:
         """Step 5's end: stored under the fingerprint of the device that measured."""
         measured = Measurement.from_result(
             result, exported.graph_hash, signature, export_ms=exported.export_ms,
@@ -234,17 +293,32 @@ class LatencyProfiler(Profiler):
         if device_fp != self.identify().fingerprint:  # in a pool, devices of a kind may differ
             self.cache.put_device(device_fp, dict(result.facts.identity))
         self.cache.put(self._key(exported.graph_hash, canonical_json(signature), device_fp,
-                                 result.agent_version), measured)
+                                 result.agent_version,
+                                 (request or self.request).settings_key), measured)
         with self._lock:  # device time spent, and what the fixed loop would have spent
             self.counters.update(measurements=1, device_s=measured.device_s,  # type: ignore[call-overload]
                                  fixed_loop_s=measured.fixed_loop_device_s)
         return measured
 
     def _key(self, graph: str, input_sig: Optional[str] = None, device_fp: Optional[str] = None,
-             agent_version: Optional[str] = None) -> MeasurementKey:
+             agent_version: Optional[str] = None,
+             settings_key: Optional[str] = None) -> MeasurementKey:
         """The cache key of a graph; the device is the session's unless `device_fp` says."""
         identity = self.identify()
-        return MeasurementKey(graph, input_sig or self._input_sig, self.settings_key,
+        return MeasurementKey(graph, input_sig or self._input_sig,
+                              settings_key or self.settings_key,
                               device_fp or identity.fingerprint,
                               agent_version or identity.agent_version)
 
+
+
+class _ModelFilesOnly:
+    """The stand-in space of a profiler made for model files (space=None): one label, so the
+    plumbing of samples has something to hold; the public sample calls refuse first."""
+
+    def search_space(self) -> Dict[str, List[str]]:
+        return {"model": ["file"]}
+
+    def freeze(self, sample: Mapping[str, Any]) -> torch.nn.Module:
+        raise BadRequest("this LatencyProfiler was made without a space (for model files)",
+                         fix="measure models with measure_model(path), or pass a space")
