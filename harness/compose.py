@@ -138,10 +138,13 @@ def compose(pieces: Sequence[Piece]) -> ComposedModel:
                               f"{before.key.block_key} gives {_shape(before.output)}",
                               fix="additive_terms() must describe the subnet as a chain of "
                                   "blocks, each fed by the one before")
-    links = ["input0"] + [f"x{j}" for j in range(1, len(pieces))] + ["output0"]
+    # Names tell blocks apart: a node's (and a block's output, which onnxruntime may name a
+    # node after) start with its block's position and key.
+    prefixes = [f"b{j}:{_block_name(piece.key.block_key)}/" for j, piece in enumerate(pieces)]
+    links = ["input0"] + [prefix + "output" for prefix in prefixes[:-1]] + ["output0"]
     graph: List[bytes] = [_field(_GRAPH_NAME, b"main_graph")]
     for j, piece in enumerate(pieces):
-        prefix = f"b{j}:{_block_name(piece.key.block_key)}/"  # a node names its block
+        prefix = prefixes[j]
         graph.append(piece.nodes_at(prefix, links[j], links[j + 1]))
         for name, tensor in piece.tensors:
             named = _field(_TENSOR_NAME, (prefix + name).encode())

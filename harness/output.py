@@ -277,6 +277,10 @@ def render_ops(measurement: Measurement, top: int) -> str:
     return "\n".join(out)
 
 
+def _size(count: int) -> str:
+    return f"{count / 2**20:.2f} MB" if count >= 2**20 else f"{count / 1024:.1f} KB"
+
+
 def render_memory(measurement: Measurement) -> str:
     """The memory figures of one result in a line (MB)."""
     memory = measurement.memory
@@ -286,5 +290,5 @@ def render_memory(measurement: Measurement) -> str:
         "refused to reset the high-water mark)"
     return (f"memory: {memory.baseline_rss_mb:.1f} MB resident before load, peak "
             f"{memory.load_peak_mb:.1f} MB while loading, {memory.run_peak_mb:.1f} MB over the "
-            f"runs (+{memory.added_mb:.1f} MB); model file {memory.model_bytes / 2**20:.2f} MB"
+            f"runs (+{memory.added_mb:.1f} MB); model file {_size(memory.model_bytes)}"
             f"{bound}")
