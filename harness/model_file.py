@@ -25,6 +25,7 @@ import onnx
 from devices.errors import BadRequest
 from harness.errors import ExportError
 from harness.export import ExportedModel, graph_hash
+from harness.space import Sample, SampleValidator
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,51 @@ def load_model(source: ModelSource) -> ModelFile:
     return ModelFile(data, graph_hash(data), tuple(inputs), origin)
 
 
+class ModelFilesOnly:
+    """The stand-in space of a LatencyProfiler made for model files (space=None), so that its
+    plumbing of samples has something to hold; `NoSamples` refuses every sample first."""
+
+    def search_space(self) -> Dict[str, List[str]]:
+        return {"model": ["file"]}
+
+    def freeze(self, sample: Mapping[str, Any]) -> Any:
+        raise NoSamples.refusal()
+
+
+class NoSamples(SampleValidator):
+    """The sample check of a profiler of model files: every sample is refused, saying why."""
+
+    def __init__(self) -> None:
+        super().__init__(ModelFilesOnly().search_space())
+
+    @staticmethod
+    def refusal() -> BadRequest:
+        return BadRequest("this LatencyProfiler was made without a space (for model files)",
+                          fix="measure models with measure_model(path), or pass a space")
+
+    def __call__(self, sample: Mapping[str, Any]) -> Sample:
+        raise self.refusal()
+
+
 # ---------------------------------------------------------------- precision variants
+
+@dataclass(frozen=True)
+class Precision:
+    """What a profiler converts its models to before sending them, and its settings (the
+    precision and, for int8-static, the calibration inputs' origin: keyed)."""
+
+    name: str = "fp32"
+    calibration: Union[str, Path, None] = None  # int8-static: an .npz of inputs, or random
+
+    def settings(self) -> Dict[str, Any]:
+        """The agent settings that record (and key) this precision; BadRequest if unknown."""
+        return {"precision": check_precision(self.name),
+                "calibration": calibration_label(self.name, self.calibration)}
+
+    def convert(self, exported: ExportedModel, shapes: Mapping[str, Sequence[int]]
+                ) -> ExportedModel:
+        return convert(exported, self.name, shapes, self.calibration)
+
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
@@ -262,7 +307,8 @@ def _converted(model: ModelFile, precision: str, shapes: Mapping[str, Sequence[i
         source, target = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
         source.write_bytes(model.onnx_bytes)
         if precision == "int8-dynamic":
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+            # uint8 weights: onnxruntime before 1.20 implements ConvInteger for uint8 only
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8)
         else:
             quantize_static(str(source), str(target),
                             _Calibration(calibration_feeds(model, shapes, npz)),

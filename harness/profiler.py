@@ -30,8 +30,8 @@ from harness.export import (DummyInput, ExportedModel, export_module, export_sam
                             exported_space_fingerprint, input_signature)
 from harness.fallback import PredictionFallback
 from harness.measurement import STATISTICS, Measurement
-from harness.model_file import (ModelFile, ModelSource, calibration_label, check_precision,
-                                convert, load_model)
+from harness.model_file import (ModelFile, ModelFilesOnly, ModelSource, NoSamples, Precision,
+                                load_model)
 from harness.paths import default_cache_path, harness_home
 from harness.pools import open_pool
 from harness.profiler_base import Profiler
@@ -59,10 +59,9 @@ class LatencyProfiler(Profiler):
     farm: a Ray farm's address (harness.ray_pool), with device="kind:K".
     fallback, predictor, offline: what answers when the device cannot be reached ("error"
         raises; "nn-meter" or "model" predict, see harness.fallback); offline: never try it.
-    precision: "fp32" (as exported), "fp16", "int8-dynamic" or "int8-static": each model is
-        converted on the host before it is sent (harness.model_file); the precision (and,
-        for int8-static, `calibration`: an .npz of inputs, else random ones) is keyed.
-    space=None (and dummy_input=None): a profiler of model files only (`measure_model`).
+    precision: fp32, fp16, int8-dynamic or int8-static (calibration: an .npz of inputs, else
+        random ones): models are converted on the host (harness.model_file); it is keyed.
+    space=None, dummy_input=None: a profiler of model files only (`measure_model`).
     """
 
     def __init__(self, space: Optional[ModelSpace], dummy_input: Optional[DummyInput],
@@ -80,17 +79,17 @@ class LatencyProfiler(Profiler):
         if offline and fallback == "error":
             raise BadRequest("an offline profiler can only predict",
                              fix="pass fallback='nn-meter' (calibrate first) or fallback='model'")
-        self.models_only = space is None or dummy_input is None  # measure_model only
+        models_only = space is None or dummy_input is None  # measure_model only
         if space is None or dummy_input is None:  # no samples: a stand-in for the plumbing
-            space, dummy_input = _ModelFilesOnly(), torch.zeros(1)
+            space, dummy_input = ModelFilesOnly(), torch.zeros(1)
         self.space, self.device, self.statistic, self.refresh = space, device, statistic, refresh
         self.home = harness_home(home)
-        self.precision, self.calibration = check_precision(precision), calibration
-        self.request = MeasureRequest.checked(
-            dict(settings or {}, precision=precision,
-                 calibration=calibration_label(precision, calibration)), timeout_s)
+        self.precision = Precision(precision, calibration)
+        self.request = MeasureRequest.checked(dict(settings or {}, **self.precision.settings()),
+                                              timeout_s)
         self.settings, self.settings_key = self.request.settings, self.request.settings_key
-        self._validate, self.dummy_input = SampleValidator(checked_search_space(space)), dummy_input
+        self._validate = NoSamples() if models_only else SampleValidator(checked_search_space(space))
+        self.dummy_input = dummy_input
         self.input_signature = input_signature(dummy_input)
         self._input_sig = canonical_json(self.input_signature)
         self.space_fingerprint = exported_space_fingerprint(space, self.input_signature)
@@ -114,8 +113,7 @@ class LatencyProfiler(Profiler):
 
     def measure(self, sample: Mapping[str, Any], per_op: bool = False) -> Measurement:
         """The full Measurement (raw samples, statistics, provenance, memory, source); with
-        `per_op`, its per-operator profile too (`Measurement.ops`), taken in runs apart
-        from the timed ones."""
+        `per_op`, its per-operator profile (`.ops`) from runs apart from the timed ones."""
         return self.measure_many([sample], progress=False, per_op=per_op)[0]
 
     def profile_many(self, samples: Iterable[Mapping[str, Any]],
@@ -128,7 +126,6 @@ class LatencyProfiler(Profiler):
         """measure() over many samples, in input order, with a progress bar on a terminal.
         Each result is stored as it completes (a sweep cut short resumes from the cache); the
         first failure is raised once the rest is done; a lost device's share falls back."""
-        self._needs_space()
         request = self.request.with_settings(per_op=True) if per_op else self.request
         canonical = [self._validate(sample) for sample in samples]
         if self.fallback.active():
@@ -149,7 +146,6 @@ class LatencyProfiler(Profiler):
                     confidence: float = 0.99, progress: Optional[bool] = None) -> List[Decision]:
         """decide() over many samples, in input order, pipelined and pooled like measure_many;
         the device's latency model refits between chunks as the measurements come in."""
-        self._needs_space()
         decisions = self.decider.start(*check_limit(limit_ms, confidence))
         canonical = [self._validate(sample) for sample in samples]
         results: List[Any] = []
@@ -167,30 +163,20 @@ class LatencyProfiler(Profiler):
     def measure_module(self, module: torch.nn.Module, dummy_input: DummyInput) -> Measurement:
         """Latency of any module (a block of a lookup table, say) on this profiler's device,
         through the same cache, keyed by its own graph hash and input shapes."""
-        exported, signature = export_module(module.eval(), dummy_input), input_signature(dummy_input)
-        cached = None if self.refresh else self._cached(exported.graph_hash, canonical_json(signature))
-        exported = self._at_precision(exported, {f"input{i}": item["shape"]
-                                                 for i, item in enumerate(signature)})
-        return cached or self._store(self.pool.measure(exported, self.request), exported, signature)
+        signature = input_signature(dummy_input)
+        return self._measured(export_module(module.eval(), dummy_input), signature, {
+            f"input{i}": item["shape"] for i, item in enumerate(signature)}, self.request)
 
     def measure_model(self, model: Union[ModelSource, ModelFile],
                       input_shapes: Optional[Mapping[str, List[int]]] = None,
                       per_op: bool = False) -> Measurement:
-        """Latency of any ONNX model (a path, its bytes, or a loaded ModelFile) on this
-        profiler's device, at its precision, through the same cache (keyed by its graph hash,
-        input shapes and settings). `input_shapes` ({input name: shape}) sizes its dynamic
-        axes; one left unsized is a BadRequest naming the input. With `per_op`, the
-        per-operator profile too."""
+        """Latency of any ONNX model (a path, its bytes or a ModelFile) on this device, at this
+        precision, through the same cache (its graph hash, input shapes, settings).
+        `input_shapes` ({name: shape}) sizes its dynamic axes: one left out is a BadRequest."""
         loaded = model if isinstance(model, ModelFile) else load_model(model)
         shapes = loaded.resolved_shapes(input_shapes)
-        signature = loaded.signature(shapes)
-        request = self.request.with_settings(input_shapes=shapes, per_op=per_op)
-        cached = None if self.refresh else self._cached(loaded.graph_hash, canonical_json(signature),
-                                                        request)
-        if cached is not None:
-            return cached
-        exported = self._at_precision(loaded.exported(), shapes)
-        return self._store(self.pool.measure(exported, request), exported, signature, request)
+        return self._measured(loaded.exported(), loaded.signature(shapes), shapes,
+                              self.request.with_settings(input_shapes=shapes, per_op=per_op))
 
     def identify(self) -> DeviceIdentity:
         """Who the device is, asked once a session (its identity is in every cache key); the
@@ -214,7 +200,6 @@ class LatencyProfiler(Profiler):
 
     def graph_hash(self, sample: Mapping[str, Any]) -> str:
         """The sample's graph hash (from the sample index, or by exporting it)."""
-        self._needs_space()
         canonical = self._validate(sample)
         return self._indexed(canonical) or self._export(canonical).graph_hash
 
@@ -249,24 +234,23 @@ class LatencyProfiler(Profiler):
         return self.cache.lookup_sample(self.space_fingerprint, self._input_sig, sample_key(sample))
 
     def _export(self, sample: Sample) -> ExportedModel:
-        """Step 3: freeze, export and hash; the index learns sample -> graph hash. At another
-        precision, the model sent is the converted one (keyed by the source's hash)."""
+        """Step 3: freeze, export and hash; the index learns sample -> graph hash (at another
+        precision, the model is converted, keyed by the source's hash and the precision)."""
         exported = export_sample(self.space, sample, self.dummy_input, home=self.home)
         self.counters["exports"] += 1  # only the export thread counts exports
         self.cache.put_sample(self.space_fingerprint, self._input_sig, sample_key(sample),
                               exported.graph_hash)
-        return self._at_precision(exported, {f"input{i}": item["shape"]
-                                             for i, item in enumerate(self.input_signature)})
+        return self.precision.convert(exported, {f"input{i}": item["shape"]
+                                                 for i, item in enumerate(self.input_signature)})
 
-    def _at_precision(self, exported: ExportedModel,
-                      shapes: Mapping[str, List[int]]) -> ExportedModel:
-        """The model at this profiler's precision (converted on the host)."""
-        return convert(exported, self.precision, shapes, self.calibration)
-
-    def _needs_space(self) -> None:
-        if self.models_only:
-            raise BadRequest("this LatencyProfiler was made without a space (for model files)",
-                             fix="measure models with measure_model(path), or pass a space")
+    def _measured(self, exported: ExportedModel, signature: List[Dict[str, Any]],
+                  shapes: Mapping[str, List[int]], request: MeasureRequest) -> Measurement:
+        """Steps 4-5 for one model: the cache, else the device (at this precision), stored."""
+        cached = None if self.refresh else self._cached(exported.graph_hash,
+                                                        canonical_json(signature), request)
+        exported = exported if cached else self.precision.convert(exported, shapes)
+        return cached or self._store(self.pool.measure(exported, request), exported, signature,
+                                     request)
 
     def _cached(self, graph: Optional[str], input_sig: Optional[str] = None,
                 request: Optional[MeasureRequest] = None) -> Optional[Measurement]:
@@ -311,14 +295,3 @@ class LatencyProfiler(Profiler):
                               agent_version or identity.agent_version)
 
 
-
-class _ModelFilesOnly:
-    """The stand-in space of a profiler made for model files (space=None): one label, so the
-    plumbing of samples has something to hold; the public sample calls refuse first."""
-
-    def search_space(self) -> Dict[str, List[str]]:
-        return {"model": ["file"]}
-
-    def freeze(self, sample: Mapping[str, Any]) -> torch.nn.Module:
-        raise BadRequest("this LatencyProfiler was made without a space (for model files)",
-                         fix="measure models with measure_model(path), or pass a space")

@@ -95,4 +95,5 @@ def test_no_import_cycles():
 
 
 def test_the_profiler_reads_in_one_sitting():
-    assert len((ROOT / "harness" / "profiler.py").read_text().splitlines()) <= 250
+    # 250 until issue 14 added measure_model, per_op and precision (their plumbing per request)
+    assert len((ROOT / "harness" / "profiler.py").read_text().splitlines()) <= 300

@@ -290,3 +290,52 @@ def test_the_agent_file_still_runs_alone(tiny_model):
                           capture_output=True, text=True, timeout=120)
     answer = json.loads(proc.stdout)
     assert proc.returncode == 0 and answer["ops"]["nodes"] and answer["memory"]["available"]
+
+
+# ---------------------------------------------------------------- on test-farm boards
+
+from tests.ssh_fixtures import board, client_key, needs_root, testfarm  # noqa: E402,F401
+from tests.test_arm64 import arm, arm64_root  # noqa: E402,F401
+
+
+def _everything_on(device, tiny, image_model):
+    """A model file at a given shape, per-operator, memory and an int8 variant on `device`."""
+    sample = random_samples(tiny, 1, seed=9)[0]
+    with LatencyProfiler(None, None, device=device, settings=FAST) as files:
+        model = files.measure_model(image_model, {"image": [1, 3, 8, 8]}, per_op=True)
+    with LatencyProfiler(tiny, tiny.dummy_input(), device=device, settings=FAST,
+                         precision="int8-dynamic") as quantized:
+        int8 = quantized.measure(sample, per_op=True)
+    with MemoryProfiler(tiny, tiny.dummy_input(), device=device, settings=FAST) as memory:
+        peak = memory.profile(sample)
+    return model, int8, peak
+
+
+@needs_root
+def test_model_files_ops_memory_and_int8_on_a_test_farm_board(tiny, board, image_model):
+    model, int8, peak = _everything_on("board7", tiny, image_model)
+    assert model.device == "board7" and model.source == "measured"
+    assert "Conv" in {node.op_type for node in model.ops.nodes}
+    assert model.memory.peaks_reset and model.memory.model_bytes == image_model.stat().st_size
+    assert "ConvInteger" in {node.op_type for node in int8.ops.nodes}
+    assert int8.settings["precision"] == "int8-dynamic" and peak > 10
+
+
+@needs_root
+def test_model_files_ops_memory_and_int8_on_an_arm64_board(tiny, arm, image_model):
+    """Python 3.9 and onnxruntime 1.19 under qemu: the agent's guards meet an older runtime."""
+    model, int8, peak = _everything_on("arm", tiny, image_model)
+    assert model.device_fingerprint["machine"] == "aarch64"
+    assert model.ops.nodes and model.ops.by_provider()
+    assert model.memory is not None and model.memory.model_bytes == image_model.stat().st_size
+    assert "ConvInteger" in {node.op_type for node in int8.ops.nodes} and peak > 1
+
+
+def test_the_report_shows_what_was_measured_per_operator(tiny, home, tmp_path):
+    from harness.report import write_report
+
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as profiler:
+        profiler.measure(random_samples(tiny, 1, seed=10)[0], per_op=True)
+    files = write_report(home / "cache.sqlite", tmp_path / "report")
+    page = files.index.read_text()
+    assert "<h2>Per operator</h2>" in page and (tmp_path / "report" / "operators.png").is_file()
