@@ -339,3 +339,22 @@ def test_the_report_shows_what_was_measured_per_operator(tiny, home, tmp_path):
     files = write_report(home / "cache.sqlite", tmp_path / "report")
     page = files.index.read_text()
     assert "<h2>Per operator</h2>" in page and (tmp_path / "report" / "operators.png").is_file()
+
+
+def test_devices_check_lists_the_providers_a_device_has(home):
+    import onnxruntime
+
+    proc = cli(home, "devices", "check", "local")
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if "providers:" in line)
+    assert all(name in line for name in onnxruntime.get_available_providers())
+
+
+def test_the_perf_test_client_refuses_what_it_cannot_do(tmp_path):
+    from devices.perf_test import PerfTestClient
+
+    binary = tmp_path / "onnxruntime_perf_test"
+    binary.write_bytes(b"a build for the phone")
+    client = PerfTestClient(type("Phone", (), {"name": "phone"})(), str(binary))
+    with pytest.raises(BadRequest, match="onnxruntime_perf_test"):
+        client.measure("m.onnx", ort_agent.parse_settings({"per_op": True}), deadline=0.0)
