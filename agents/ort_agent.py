@@ -662,8 +662,9 @@ def per_op_profile(ort, model, settings, feeds, outputs):
         shutil.rmtree(folder, ignore_errors=True)
         if written and os.path.isfile(written) and not os.path.islink(written):
             os.unlink(written)  # old onnxruntime writes into the working folder
-    runs = sorted((e for e in events if e.get("cat") == "Session"
-                   and e.get("name") == "model_run"), key=lambda e: e.get("ts", 0))
+    runs = sorted((dict(e, ts=e.get("ts", 0), dur=e.get("dur", 0)) for e in events
+                   if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
     runs = runs[PROFILE_WARMUP_RUNS:]
     if not runs:
         raise AgentError("RUNTIME", "onnxruntime's profile holds no model_run events")

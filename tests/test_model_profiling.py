@@ -358,3 +358,21 @@ def test_the_perf_test_client_refuses_what_it_cannot_do(tmp_path):
     client = PerfTestClient(type("Phone", (), {"name": "phone"})(), str(binary))
     with pytest.raises(BadRequest, match="onnxruntime_perf_test"):
         client.measure("m.onnx", ort_agent.parse_settings({"per_op": True}), deadline=0.0)
+
+
+def test_an_import_with_a_hostile_per_operator_record_skips_that_row(tiny, home, tmp_path):
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as profiler:
+        profiler.measure_many(random_samples(tiny, 2, seed=11), per_op=True)
+    exported = tmp_path / "dump.jsonl"
+    with Cache(home / "cache.sqlite") as cache:
+        cache.export_jsonl(exported)
+    lines = exported.read_text().splitlines()
+    rows = [i for i, line in enumerate(lines) if '"measurement"' in line and '"ops"' in line]
+    record = json.loads(lines[rows[0]])
+    record["measurement"]["ops"]["nodes"][0]["median_ms"] = -1
+    lines[rows[0]] = json.dumps(record)
+    exported.write_text("\n".join(lines) + "\n")
+    with Cache(tmp_path / "other.sqlite") as other:
+        counts = other.import_jsonl(exported)
+    assert counts["measurement"] == 1 and len(counts.skipped) == 1
+    assert "no median time" in counts.skipped[0].reason
