@@ -264,6 +264,12 @@ def render_ops(measurement: Measurement, top: int) -> str:
     providers = ", ".join(f"{name.replace('ExecutionProvider', '')} {count}"
                           for name, count in sorted(ops.by_provider().items()))
     out.append(f"{len(ops.nodes)} nodes ({providers}); sum of per-node medians {total:.3f} ms")
+    asked = str(measurement.settings.get("provider") or "CPUExecutionProvider")
+    fell_back = [node for node in ops.nodes if node.provider != asked]
+    if fell_back:  # the provider asked for could not run these: onnxruntime gave them the CPU
+        out.append(f"{len(fell_back)} of {len(ops.nodes)} nodes did not run on {asked} "
+                   f"({sum(node.median_ms for node in fell_back):.3f} ms): "
+                   + ", ".join(sorted({node.op_type for node in fell_back})))
     profiled = ops.run_median_ms
     if whole > 0 and profiled > 0:
         out.append(f"whole-graph median: {whole:.3f} ms in the timed runs, {profiled:.3f} ms in "

@@ -376,3 +376,19 @@ def test_an_import_with_a_hostile_per_operator_record_skips_that_row(tiny, home,
         counts = other.import_jsonl(exported)
     assert counts["measurement"] == 1 and len(counts.skipped) == 1
     assert "no median time" in counts.skipped[0].reason
+
+
+@pytest.mark.skipif("AzureExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="this onnxruntime has no second execution provider")
+def test_nodes_a_provider_cannot_run_show_their_cpu_fallback(home, tiny_model):
+    """The Azure provider of the pip wheel runs no ordinary operator: every node falls back."""
+    proc = cli(home, "profile", "--model", str(tiny_model), "--provider", "Azure", "--ops",
+               "--trace-dir", str(tiny_model.parent), "--min-runs", "5", "--min-time-ms", "5",
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout.splitlines()[0])
+    assert row["variant"].startswith("fp32 Azure")
+    assert {node["provider"] for node in row["ops"]["nodes"]} == {"CPUExecutionProvider"}
+    table = cli(home, "profile", "--model", str(tiny_model), "--provider", "Azure", "--ops",
+                "--trace-dir", str(tiny_model.parent), "--min-runs", "5", "--min-time-ms", "5")
+    assert "nodes did not run on AzureExecutionProvider" in table.stdout
