@@ -27,8 +27,10 @@ import math
 import os
 import platform
 import stat
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 AGENT_VERSION = "1.1"
@@ -54,7 +56,16 @@ DEFAULT_SETTINGS = {
     "seed": 0,
     "input_shapes": None,
     "cpu_affinity": None,
+    "provider_options": None,  # {name: value} for the execution provider, as strings
+    "per_op": False,           # also profile per operator, in runs of their own
+    "profile_runs": 20,        # how many profiled runs per_op medians are taken over
+    "precision": "fp32",       # what the host converted the model to (recorded, keyed)
+    "calibration": None,       # int8-static: where its calibration inputs came from
 }
+
+# Precisions the host converts models to before sending them (the agent only records it).
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+PROFILE_WARMUP_RUNS = 3  # profiled runs dropped before the medians (caches, allocations)
 
 # How the timed loop stops: "fixed" after min_runs runs and min_time_ms; "ci" once the 95%
 # interval of the median is within rel_ci of it; "limit" once the interval of the median (at
@@ -291,6 +302,24 @@ def parse_settings(raw):
                 for dims in shapes.values()):
             raise AgentError("USER", "input_shapes must map input names to lists of positive "
                              "whole numbers, got %r" % (shapes,))
+    options = settings["provider_options"]
+    if options is not None and (not isinstance(options, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in options.items())):
+        raise AgentError("USER", "provider_options must map option names to string values, "
+                         "got %r" % (options,))
+    if not isinstance(settings["per_op"], bool):
+        raise AgentError("USER", "setting per_op must be true or false, got %r"
+                         % (settings["per_op"],))
+    runs = settings["profile_runs"]
+    if not isinstance(runs, int) or isinstance(runs, bool) or not 1 <= runs <= 10000:
+        raise AgentError("USER", "setting profile_runs must be a whole number from 1 to 10000, "
+                         "got %r" % (runs,))
+    if settings["precision"] not in PRECISIONS:
+        raise AgentError("USER", "precision must be one of %s, got %r"
+                         % (", ".join(PRECISIONS), settings["precision"]))
+    if settings["calibration"] is not None and not isinstance(settings["calibration"], str):
+        raise AgentError("USER", "calibration must be a text label, got %r"
+                         % (settings["calibration"],))
     cpus = settings["cpu_affinity"]
     if cpus is not None and (not isinstance(cpus, list) or not cpus
                              or not all(isinstance(c, int) and c >= 0 for c in cpus)):
@@ -529,6 +558,162 @@ def measure(model, sha256=None, settings=None, lock=None, lock_wait_s=600.0):
         return _measure(model, sha256, settings)
 
 
+# ---------------------------------------------------------------- memory
+
+def memory_status():
+    """This process's resident memory now and its high-water mark, in kB, from
+    /proc/self/status (VmRSS, VmHWM); None where that file is not readable (not Linux)."""
+    fields = {}
+    for line in (_read("/proc/self/status") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            try:
+                fields[key] = int(value.split()[0])
+            except (ValueError, IndexError):
+                pass
+    if "VmRSS" not in fields or "VmHWM" not in fields:
+        return None
+    return fields
+
+
+def reset_peak():
+    """Reset the high-water mark VmHWM to the resident memory now (Linux: "5" written to
+    /proc/self/clear_refs); False where the kernel refuses, so peaks then count from the
+    process's start and the answer says so."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except (OSError, IOError):
+        return False
+
+
+class MemoryWatch(object):
+    """Peaks of resident memory over the phases of one measurement: load, then timed runs.
+    Each phase's peak is the high-water mark at its end, reset at its start where the kernel
+    lets us; otherwise it is the process's peak so far, and `peaks_reset` says so."""
+
+    def __init__(self):
+        self.baseline = memory_status()
+        self.peaks = {}
+        self.resets = []
+
+    def start(self):
+        self.resets.append(reset_peak())
+
+    def end(self, phase):
+        status = memory_status()
+        self.peaks[phase] = None if status is None else status["VmHWM"]
+
+    def report(self, model_path):
+        kb_to_mb = 1.0 / 1024.0
+        if self.baseline is None:
+            return {"available": False, "model_bytes": os.path.getsize(model_path)}
+        return {"available": True,
+                "baseline_rss_mb": self.baseline["VmRSS"] * kb_to_mb,
+                "baseline_peak_mb": self.baseline["VmHWM"] * kb_to_mb,
+                "load_peak_mb": (self.peaks.get("load") or 0) * kb_to_mb,
+                "run_peak_mb": (self.peaks.get("run") or 0) * kb_to_mb,
+                "peaks_reset": bool(self.resets) and all(self.resets),
+                "model_bytes": os.path.getsize(model_path)}
+
+
+# ---------------------------------------------------------------- per-operator profile
+
+def _trace_events(path):
+    with open(path) as handle:
+        data = json.load(handle)
+    events = data.get("traceEvents") if isinstance(data, dict) else data
+    return [e for e in events or [] if isinstance(e, dict)]
+
+
+def _int_arg(args, key):
+    value = args.get(key)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def per_op_profile(ort, model, settings, feeds, outputs):
+    """Per-node times from onnxruntime's own profiler, in a session of their own (profiling
+    perturbs timing, so the timed runs never have it on): PROFILE_WARMUP_RUNS runs dropped,
+    then `profile_runs` runs; per node the median of its kernel times (ms), its op type and
+    the execution provider that ran it; the median whole run as onnxruntime saw it; and the
+    trace events of the run whose length is the median's (a Chrome trace)."""
+    options = session_options(ort, settings)
+    if not hasattr(options, "enable_profiling") or not hasattr(ort.InferenceSession,
+                                                               "end_profiling"):
+        raise AgentError("USER", "onnxruntime %s on this device cannot profile per operator "
+                         "(no SessionOptions.enable_profiling); profile without per_op, or "
+                         "install a newer onnxruntime" % ort.__version__)
+    folder = tempfile.mkdtemp(prefix="harness-profile-")
+    written = None
+    try:
+        options.enable_profiling = True
+        if hasattr(options, "profile_file_prefix"):
+            options.profile_file_prefix = os.path.join(folder, "ort")
+        session = _session(ort, model, options, settings)
+        for _ in range(PROFILE_WARMUP_RUNS + settings["profile_runs"]):
+            session.run(outputs, feeds)
+        written = session.end_profiling()
+        events = _trace_events(written)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if written and os.path.isfile(written) and not os.path.islink(written):
+            os.unlink(written)  # old onnxruntime writes into the working folder
+    runs = sorted((dict(e, ts=e.get("ts", 0), dur=e.get("dur", 0)) for e in events
+                   if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    runs = runs[PROFILE_WARMUP_RUNS:]
+    if not runs:
+        raise AgentError("RUNTIME", "onnxruntime's profile holds no model_run events")
+    kernels = sorted((e for e in events if e.get("cat") == "Node"
+                      and str(e.get("name", "")).endswith("_kernel_time")),
+                     key=lambda e: e.get("ts", 0))
+    nodes, order = {}, []
+    per_run = [[] for _ in runs]
+    run_index = 0
+    for event in kernels:
+        ts = event.get("ts", 0)
+        while run_index < len(runs) and ts > runs[run_index]["ts"] + runs[run_index]["dur"]:
+            run_index += 1
+        if run_index >= len(runs):
+            break
+        if ts < runs[run_index]["ts"]:
+            continue  # a warm-up run's node
+        args = event.get("args") or {}
+        name = str(event["name"])[:-len("_kernel_time")]
+        node = nodes.get(name)
+        if node is None:
+            node = nodes[name] = {"name": name, "op_type": args.get("op_name"),
+                                  "provider": args.get("provider"), "times": [],
+                                  "output_bytes": _int_arg(args, "output_size"),
+                                  "activation_bytes": _int_arg(args, "activation_size"),
+                                  "parameter_bytes": _int_arg(args, "parameter_size")}
+            order.append(name)
+        node["times"].append(event.get("dur", 0) / 1e3)
+        per_run[run_index].append(event)
+    run_ms = [r["dur"] / 1e3 for r in runs]
+    middle = sorted(range(len(runs)), key=lambda i: run_ms[i])[len(runs) // 2]
+    start = runs[middle]["ts"]
+    trace = [dict(e, ts=e.get("ts", 0) - start) for e in [runs[middle]] + per_run[middle]]
+    arena = {}
+    for key, label in (("mem_arena_held", "arena_held_bytes"),
+                       ("mem_in_use_peak", "in_use_peak_bytes")):
+        values = [_int_arg(e.get("args") or {}, key) for e in kernels]
+        values = [v for v in values if v is not None]
+        if values:  # onnxruntime's CPU arena, as its profiler reports it (newer versions)
+            arena[label] = max(values)
+    records = []
+    for name in order:
+        node = nodes[name]
+        times = sorted(node.pop("times"))
+        records.append(dict(node, median_ms=_median_of(times), runs=len(times)))
+    return {"runs": len(runs), "run_median_ms": _median_of(sorted(run_ms)),
+            "nodes": records, "trace": trace, "arena": arena}
+
+
 # ---------------------------------------------------------------- stopping rules
 
 def median_interval(ordered, confidence):
@@ -660,19 +845,18 @@ def _measure(model, sha256=None, settings=None):
     controlled["affinity"] = _affinity()
     thermal_before = thermal_zones()
 
+    memory = MemoryWatch()
+    memory.start()
     started = time.perf_counter()
-    try:
-        session = ort.InferenceSession(model, session_options(ort, settings),
-                                       providers=[settings["provider"]])
-    except Exception as exc:
-        raise AgentError("LOAD", "onnxruntime %s cannot load %s: %s"
-                         % (ort.__version__, model, _one_line(exc)))
+    session = _session(ort, model, session_options(ort, settings), settings)
     load_ms = (time.perf_counter() - started) * 1e3
+    memory.end("load")
 
     feeds, inputs = make_inputs(session, settings)
     outputs = [o.name for o in session.get_outputs()]
     clock = time.perf_counter
     try:
+        memory.start()
         started = clock()
         session.run(outputs, feeds)
         first_run_ms = (clock() - started) * 1e3
@@ -682,6 +866,9 @@ def _measure(model, sha256=None, settings=None):
         warmup_ms = (clock() - started) * 1e3
         samples, elapsed, stop = timed_loop(lambda: session.run(outputs, feeds), settings,
                                             clock)
+        memory.end("run")
+        ops = per_op_profile(ort, model, settings, feeds, outputs) if settings["per_op"] \
+            else None
     except AgentError:
         raise
     except Exception as exc:
@@ -704,7 +891,22 @@ def _measure(model, sha256=None, settings=None):
         "thermal_before": thermal_before,
         "thermal_after": thermal_zones(),
         "fingerprint": fingerprint(),
+        "memory": memory.report(model),
+        "ops": ops,
     }
+
+
+def _session(ort, model, options, settings):
+    """An InferenceSession on the requested provider (with its options); LOAD names why not."""
+    providers = [settings["provider"]]
+    try:
+        if settings["provider_options"]:
+            return ort.InferenceSession(model, options, providers=providers,
+                                        provider_options=[settings["provider_options"]])
+        return ort.InferenceSession(model, options, providers=providers)
+    except Exception as exc:
+        raise AgentError("LOAD", "onnxruntime %s cannot load %s on %s: %s"
+                         % (ort.__version__, model, settings["provider"], _one_line(exc)))
 
 
 def _one_line(exc):

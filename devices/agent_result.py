@@ -67,6 +67,142 @@ def pinned_text(mask: Any) -> str:
     return "mask " + " ".join(map(str, mask))
 
 
+def _size(value: object) -> Optional[int]:
+    """A byte count (whole, non-negative) or None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    """One graph node as onnxruntime's profiler saw it: the median of its kernel times over
+    the profiled runs (ms), its op type and the execution provider that ran it; the byte
+    counts are its output, its activations and its parameters where the profiler gives them."""
+
+    name: str
+    op_type: str
+    provider: str
+    median_ms: float
+    runs: int
+    output_bytes: Optional[int] = None
+    activation_bytes: Optional[int] = None
+    parameter_bytes: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "OpRecord":
+        """Checked: ValueError names the bad field (an agent's answer, a stored record)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a per-operator record is not an object: {str(data)[:100]}")
+        for key in ("name", "op_type", "provider"):
+            if not isinstance(data.get(key), str):
+                raise ValueError(f"a per-operator record's {key} is not text")
+        runs = data.get("runs")
+        if not is_ms(data.get("median_ms")) or not (isinstance(runs, int) and runs > 0):
+            raise ValueError(f"per-operator record {data['name']!r} has no median time or runs")
+        return cls(name=data["name"], op_type=data["op_type"], provider=data["provider"],
+                   median_ms=float(data["median_ms"]), runs=int(runs),
+                   output_bytes=_size(data.get("output_bytes")),
+                   activation_bytes=_size(data.get("activation_bytes")),
+                   parameter_bytes=_size(data.get("parameter_bytes")))
+
+
+@dataclass(frozen=True)
+class OpProfile:
+    """Per-operator profile of one model, from profiled runs apart from the timed ones:
+    every node (in the order it first ran), the median whole run as the profiler saw it,
+    onnxruntime's arena figures where its profiler reports them, and the trace events of the
+    median profiled run (Chrome trace format, `ts` from that run's start, in us)."""
+
+    runs: int
+    run_median_ms: float
+    nodes: Tuple[OpRecord, ...]
+    arena: Mapping[str, int] = field(default_factory=dict)
+    trace: Tuple[Mapping[str, Any], ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "OpProfile":
+        """Checked: ValueError names the bad field."""
+        if not isinstance(data, Mapping):
+            raise ValueError("the per-operator profile is not an object")
+        runs, nodes = data.get("runs"), data.get("nodes")
+        if not (isinstance(runs, int) and runs > 0) or not is_ms(data.get("run_median_ms")) \
+                or not isinstance(nodes, (list, tuple)):
+            raise ValueError("the per-operator profile lacks runs, run_median_ms or nodes")
+        arena = data.get("arena") or {}
+        trace = data.get("trace") or []
+        if not isinstance(arena, Mapping) or not isinstance(trace, (list, tuple)):
+            raise ValueError("the per-operator profile's arena or trace is malformed")
+        return cls(runs=runs, run_median_ms=float(data["run_median_ms"]),
+                   nodes=tuple(OpRecord.from_dict(n) for n in nodes),
+                   arena={str(k): v for k, v in arena.items() if _size(v) is not None},
+                   trace=tuple(dict(e) for e in trace if isinstance(e, Mapping)))
+
+    @property
+    def sum_of_medians_ms(self) -> float:
+        """The per-node medians added up: what the operators cost, without the runtime's
+        own overhead between them (the whole run minus this)."""
+        return sum(node.median_ms for node in self.nodes)
+
+    def top(self, count: int) -> List[OpRecord]:
+        """The `count` nodes that cost most, costliest first."""
+        return sorted(self.nodes, key=lambda node: -node.median_ms)[:count]
+
+    def by_provider(self) -> Dict[str, int]:
+        """How many nodes each execution provider ran (a CPU fallback shows here)."""
+        counts: Dict[str, int] = {}
+        for node in self.nodes:
+            counts[node.provider] = counts.get(node.provider, 0) + 1
+        return counts
+
+    def chrome_trace(self) -> Dict[str, Any]:
+        """The median profiled run as a Chrome trace (Perfetto, chrome://tracing)."""
+        return {"traceEvents": [dict(event) for event in self.trace],
+                "displayTimeUnit": "ms"}
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """Resident memory of the agent's process around one measurement (MB): before the model
+    was loaded (`baseline_rss_mb`), its peak while loading and its peak over the first,
+    warm-up and timed runs. `peaks_reset` False: the kernel refused to reset the high-water
+    mark, so each peak is the process's peak so far (an upper bound). `model_bytes`: the
+    model file's size on the device."""
+
+    model_bytes: int
+    baseline_rss_mb: Optional[float] = None
+    load_peak_mb: Optional[float] = None
+    run_peak_mb: Optional[float] = None
+    peaks_reset: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "MemoryUse":
+        """Checked: ValueError names the bad field."""
+        if not isinstance(data, Mapping) or _size(data.get("model_bytes")) is None:
+            raise ValueError("the memory figures lack the model's size")
+        figures: Dict[str, Optional[float]] = {}
+        for key in ("baseline_rss_mb", "load_peak_mb", "run_peak_mb"):
+            value = data.get(key)
+            if value is not None and not is_ms(value):  # a finite, non-negative number
+                raise ValueError(f"the memory figure {key} is not a size in MB")
+            figures[key] = None if value is None else float(value)
+        return cls(model_bytes=int(data["model_bytes"]), peaks_reset=data.get("peaks_reset") is True,
+                   **figures)
+
+    @property
+    def peak_mb(self) -> Optional[float]:
+        """The higher of the load and run peaks: what the model needs at most."""
+        peaks = [p for p in (self.load_peak_mb, self.run_peak_mb) if p is not None]
+        return max(peaks) if peaks else None
+
+    @property
+    def added_mb(self) -> Optional[float]:
+        """The peak above the baseline: the memory the model itself cost the process."""
+        peak = self.peak_mb
+        if peak is None or self.baseline_rss_mb is None:
+            return None
+        return max(peak - self.baseline_rss_mb, 0.0)
+
+
 @dataclass(frozen=True)
 class AgentResult:
     """One measurement as the device reported it: every raw per-run time (ms) and how it was
@@ -93,6 +229,8 @@ class AgentResult:
     host: Optional[str] = None
     lease: Optional[Tuple[float, float]] = None  # wall-clock seconds the device was leased
     stop: Mapping[str, Any] = field(default_factory=dict)  # how the timed loop stopped
+    memory: Optional[MemoryUse] = None
+    ops: Optional[OpProfile] = None  # with settings per_op
 
     @classmethod
     def parse(cls, answer: Mapping[str, Any], device: str, expected_version: str,
@@ -119,6 +257,16 @@ class AgentResult:
         warmup_ms = answer.get("warmup_ms")
         if warmup_ms is not None and not is_ms(warmup_ms):
             problems.append("warmup_ms is not a time in ms")
+        memory = ops = None
+        try:
+            if isinstance(answer.get("memory"), dict) and answer["memory"].get("available"):
+                memory = MemoryUse.from_dict(answer["memory"])
+            elif isinstance(answer.get("memory"), dict) and "model_bytes" in answer["memory"]:
+                memory = MemoryUse(model_bytes=_size(answer["memory"]["model_bytes"]) or 0)
+            if answer.get("ops") is not None:
+                ops = OpProfile.from_dict(answer["ops"])
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise AgentProtocolError("the agent's measurement is malformed: "
                                      + "; ".join(problems), device=device)
@@ -136,7 +284,7 @@ class AgentResult:
                    controlled=_dict(answer.get("controlled")),
                    thermal_before=tuple(_list(answer.get("thermal_before"))),
                    thermal_after=tuple(_list(answer.get("thermal_after"))),
-                   stop=_dict(answer.get("stop")))
+                   stop=_dict(answer.get("stop")), memory=memory, ops=ops)
 
 
 def _int_or_none(value: object) -> Optional[int]:

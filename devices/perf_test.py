@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from devices.line_channel import file_sha256
 from devices.agent_result import AgentResult, DeviceFacts, is_ms
-from devices.errors import AgentProtocolError, InferenceError, LoadError
+from devices.errors import AgentProtocolError, BadRequest, InferenceError, LoadError
 from devices.transport import Transport
 
 OPT_LEVEL_FLAGS = {"disabled": "0", "basic": "1", "extended": "2", "all": "99"}
@@ -115,6 +115,12 @@ class PerfTestClient:
 
     def measure(self, model_path: str, settings: Mapping[str, Any], deadline: float,
                 sha256: Optional[str] = None) -> AgentResult:
+        if settings.get("per_op") or settings.get("provider") != "CPUExecutionProvider" \
+                or settings.get("provider_options"):  # never measured as something else
+            raise BadRequest(f"{self.device} measures with onnxruntime_perf_test on the CPU "
+                             f"provider, without a per-operator profile",
+                             fix="register the phone with --agent python (our agent) for "
+                                 "--ops and --provider", device=self.device)
         sha = sha256 or file_sha256(model_path)
         if self._remote_binary is None:
             self._remote_binary = self.transport.put(

@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS: Dict[str, str] = {
     "LatencyProfiler": "harness.profiler",
+    "MemoryProfiler": "harness.memory",
     "Profiler": "harness.profiler_base",
     "FlopsProfiler": "harness.counting",
     "NumParamsProfiler": "harness.counting",

@@ -243,20 +243,21 @@ class Cache:
             conn.execute("INSERT OR IGNORE INTO devices VALUES (?, ?, ?)",
                          (device_fp, canonical_json(identity), time.time()))
 
-    def devices_of_model(self, model: Mapping[str, Any]) -> List[str]:
-        """Fingerprints of every recorded device whose identity, without its unit, is
-        `model`: the units of one model that a pool of a kind may answer from."""
+    def units_of_model(self, fingerprint: str, model: Mapping[str, Any]) -> List[str]:
+        """`fingerprint`, then every other recorded device whose identity, without its unit,
+        is `model`: the units of one model that a pool of a kind may answer from."""
         wanted = canonical_json(dict(model))
-        found = []
-        for fingerprint, identity in self._query("read devices",
+        found = [fingerprint]
+        for other, identity in self._query("read devices",
                                                  "SELECT fingerprint, identity FROM devices "
                                                  "ORDER BY first_seen"):
             try:
                 recorded = json.loads(identity)
             except ValueError:
                 continue
-            if isinstance(recorded, dict) and canonical_json(model_of(recorded)) == wanted:
-                found.append(fingerprint)
+            if isinstance(recorded, dict) and canonical_json(model_of(recorded)) == wanted \
+                    and other != fingerprint:
+                found.append(other)
         return found
 
     # ------------------------------------------------------------ measurements

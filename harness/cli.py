@@ -2,6 +2,9 @@
 
     harness profile --space MODULE:ATTR --device NAME --samples N [--seed S]
                     [--json | --csv] [--raw] [--fallback nn-meter [--predictor P] [--offline]]
+    harness profile --model FILE.onnx [--input-shape NAME=1x3x224x224 ...] --device NAME
+                    [--batch 1,2,4] [--input-size 96,160,224] [--precision fp32,int8-dynamic]
+                    [--ops [--top N] [--trace-dir DIR]] [--provider NAME [--provider-option K=V]]
     harness filter --space MODULE:ATTR --device NAME --limit-ms X --samples N [--json]
     harness calibrate --device NAME --space MODULE:ATTR --samples N [--holdout M] [--predictor P]
     harness cache stats | export FILE | import FILE
@@ -23,6 +26,8 @@ import sys
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from devices.errors import BadRequest, FixableError
@@ -48,9 +53,30 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", help="cache file (default: $HARNESS_HOME/cache.sqlite)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    profile = commands.add_parser("profile", help="measure sampled subnets of a space on a device")
+    profile = commands.add_parser("profile", help="measure sampled subnets of a space, or an "
+                                                  "ONNX model, on a device")
     profile.add_argument("--space", default="harness.spaces:ProxylessSpace",
                          help="MODULE:ATTR of a model space (default: %(default)s)")
+    profile.add_argument("--model", metavar="FILE.onnx",
+                         help="measure this ONNX model instead of a space's subnets")
+    profile.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                         help="an input's shape (needed for its dynamic axes; repeat per input)")
+    profile.add_argument("--batch", metavar="LIST",
+                         help="batch sizes to sweep, e.g. 1,2,4,8 (one table)")
+    profile.add_argument("--input-size", metavar="LIST",
+                         help="image sizes (height = width) to sweep, e.g. 96,160,224")
+    profile.add_argument("--precision", default="fp32", metavar="LIST",
+                         help="fp32, fp16, int8-dynamic, int8-static, or several side by side "
+                              "(comma-separated); converted on the host (default: fp32)")
+    profile.add_argument("--calibration", metavar="FILE.npz",
+                         help="int8-static: calibration inputs, one array per model input "
+                              "(default: random inputs from seed 0)")
+    profile.add_argument("--ops", action="store_true",
+                         help="profile per operator too (separate runs): top nodes, providers, "
+                              "a Chrome trace per result")
+    profile.add_argument("--top", type=int, default=10, help="nodes shown with --ops (10)")
+    profile.add_argument("--trace-dir", default=".", metavar="DIR",
+                         help="where --ops writes its Chrome traces (default: this folder)")
     profile.add_argument("--device", default="local", help="device name (default: %(default)s)")
     profile.add_argument("--samples", type=int, default=8, help="how many samples (default: 8)")
     profile.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
@@ -208,6 +234,11 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
                              "of the median is within --rel-ci of it")
     parser.add_argument("--rel-ci", type=float,
                         help="precision --stop ci asks for, as a share of the median (0.01)")
+    parser.add_argument("--provider", metavar="NAME",
+                        help="onnxruntime execution provider, e.g. XnnpackExecutionProvider "
+                             "('harness devices check NAME' lists what the device has)")
+    parser.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the execution provider (repeat per option)")
 
 
 def _settings(args: argparse.Namespace) -> Dict[str, Any]:
@@ -220,9 +251,51 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
             settings[key] = getattr(args, option)
     if args.cpus:
         settings["cpu_affinity"] = parse_cpus(args.cpus)
+    if args.provider:
+        settings["provider"] = args.provider if args.provider.endswith("ExecutionProvider") \
+            else args.provider + "ExecutionProvider"  # 'Xnnpack' is enough
+    if args.provider_option:
+        if not args.provider:
+            raise BadRequest("--provider-option sets an option of --provider's provider",
+                             fix="pass --provider NAME too")
+        settings["provider_options"] = dict(_pair(text, "--provider-option", "KEY=VALUE")
+                                            for text in args.provider_option)
     if "min_time_ms" in settings and "max_time_ms" not in settings:
         settings["max_time_ms"] = max(20000.0, settings["min_time_ms"] * 2)
     return settings
+
+
+def _pair(text: str, option: str, form: str) -> Tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name or not value:
+        raise BadRequest(f"{option} {text!r} is not {form}", fix=f"write it as {option} {form}")
+    return name, value
+
+
+def _numbers(text: Optional[str], option: str) -> List[Optional[int]]:
+    """'1,2,4' -> [1, 2, 4]; None (not given) -> [None]."""
+    if text is None:
+        return [None]
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise BadRequest(f"{option} {text!r} is not a list of positive whole numbers",
+                         fix=f"write it like {option} 1,2,4")
+    return list(dict.fromkeys(values))
+
+
+def _shape(text: str) -> Tuple[str, List[int]]:
+    name, dims = _pair(text, "--input-shape", "NAME=1x3x224x224")
+    try:
+        shape = [int(d) for d in dims.lower().split("x")]
+    except ValueError:
+        shape = []
+    if not shape or any(d < 1 for d in shape):
+        raise BadRequest(f"--input-shape {text!r}: {dims!r} is not a shape",
+                         fix=f"write it like --input-shape {name}=1x3x224x224")
+    return name, shape
 
 
 def _space_with_input(spec: str) -> Any:
@@ -345,34 +418,62 @@ def _sampled(args: argparse.Namespace) -> Tuple[Any, List[Dict[str, Any]]]:
     return space, random_samples(space, args.samples, seed=args.seed)
 
 
+@dataclass(frozen=True)
+class _Variant:
+    """One column of a sweep: a precision at a batch size and an input size (None: as is)."""
+
+    precision: str
+    batch: Optional[int]
+    size: Optional[int]
+
+
+def _variants(args: argparse.Namespace) -> List[_Variant]:
+    from harness.model_file import check_precision
+
+    precisions = list(dict.fromkeys(check_precision(p.strip())
+                                    for p in args.precision.split(",")))
+    return [_Variant(p, b, z) for b in _numbers(args.batch, "--batch")
+            for z in _numbers(args.input_size, "--input-size") for p in precisions]
+
+
+def _swept(shape: Sequence[Any], variant: _Variant) -> List[Any]:
+    """A shape with the variant's batch (first axis) and size (last two axes of an image)."""
+    shape = list(shape)
+    if variant.batch is not None and shape:
+        shape[0] = variant.batch
+    if variant.size is not None and len(shape) == 4:
+        shape[2] = shape[3] = variant.size
+    return shape
+
+
 def _profile(args: argparse.Namespace) -> int:
     from harness import output
-    from harness.profiler import LatencyProfiler
 
     if args.raw and not (args.json or args.csv):
         raise HarnessError("--raw adds the raw per-run times to --json or --csv output",
                            fix="pass --json --raw or --csv --raw")
-    space, samples = _sampled(args)
+    if args.top < 1:
+        raise BadRequest(f"--top {args.top} shows no node", fix="pass --top 10, for example")
     started = time.monotonic()
-    fallback = "nn-meter" if args.offline and args.fallback == "error" else args.fallback
-    quiet = args.json or args.csv
-    with LatencyProfiler(space, space.dummy_input(), device=args.device,
-                         statistic=args.statistic, settings=_settings(args), cache=args.cache,
-                         isolation=args.isolation, timeout_s=args.timeout,
-                         refresh=args.refresh, farm=args.farm, fallback=fallback,
-                         predictor=args.predictor, offline=args.offline) as profiler:
-        results = profiler.measure_many(samples, progress=False if quiet else None)
-        counters = dict(profiler.counters)
-    rows = output.rows_of(results, samples, space)
+    variants = _variants(args)
+    counters: Counter = Counter()  # what the command's profilers counted, added up
+    measured = (_profile_model if args.model else _profile_space)(args, variants, counters)
+    measured.sort(key=lambda item: item[0])  # a subnet's variants side by side
+    results = [m for _, _, _, m in measured]
+    rows = [output.result_row(index, sample, m, arch) for index, sample, arch, m in measured]
     sources = Counter(m.source for m in results)
-    flagged = [row["index"] for row in rows if row["flags"]]
-    summary = {"samples": len(results), "architectures": len({m.graph_hash for m in results}),
+    flagged = sorted({row["index"] for row in rows if row["flags"]})
+    summary = {"samples": len({index for index, _, _, _ in measured}), "results": len(results),
+               "architectures": len({m.graph_hash for m in results}),
                "measured": sources["measured"], "cached": sources["cached"],
                "predicted": sources["predicted"], "exported": counters.get("exports", 0),
                "device": args.device, "elapsed_s": round(time.monotonic() - started, 3),
                "device_s": counters.get("device_s", 0.0),
                "measurements": counters.get("measurements", 0),
                "fixed_loop_s": counters.get("fixed_loop_s", 0.0), "flagged": flagged}
+    traces = _write_traces(args, rows, results) if args.ops else []
+    if traces:
+        summary["traces"] = [str(path) for path in traces]
     if args.json:
         output.write_jsonl(sys.stdout, [output.json_row(row, m, args.raw)
                                         for row, m in zip(rows, results)], summary)
@@ -383,7 +484,14 @@ def _profile(args: argparse.Namespace) -> int:
         return 0
     print(output.render_table(rows, args.statistic,
                               [m.statistic(args.statistic) for m in results]))
-    print(f"\n{summary['samples']} samples, {summary['architectures']} distinct architectures: "
+    if args.ops or args.model:
+        for row, m, trace in zip(rows, results, traces or [None] * len(results)):
+            print(f"\n#{row['index']} {row['arch']} {row['variant']}: {output.render_memory(m)}")
+            if args.ops:
+                print(output.render_ops(m, args.top))
+                print(f"Chrome trace (Perfetto, chrome://tracing): {trace}")
+    print(f"\n{summary['samples']} {'model file' if args.model else 'samples'}, "
+          f"{summary['results']} results, {summary['architectures']} distinct architectures: "
           f"{summary['measured']} measured, {summary['cached']} from the cache, "
           f"{summary['predicted']} predicted; {summary['exported']} exported; "
           f"{summary['elapsed_s']:.1f} s on {args.device}")
@@ -393,6 +501,97 @@ def _profile(args: argparse.Namespace) -> int:
         print(f"flagged: samples {', '.join(map(str, flagged))} (see flags); rerun them "
               f"with --refresh on an idle device, or raise --min-time-ms")
     return 0
+
+
+Measured = List[Tuple[int, Any, str, Any]]  # (sample index, sample, description, Measurement)
+
+
+def _profiler(args: argparse.Namespace, space: Any, dummy: Any, variant: _Variant) -> Any:
+    from harness.profiler import LatencyProfiler
+
+    fallback = "nn-meter" if args.offline and args.fallback == "error" else args.fallback
+    return LatencyProfiler(space, dummy, device=args.device, statistic=args.statistic,
+                           settings=_settings(args), cache=args.cache,
+                           isolation=args.isolation, timeout_s=args.timeout,
+                           refresh=args.refresh, farm=args.farm, fallback=fallback,
+                           predictor=args.predictor, offline=args.offline,
+                           precision=variant.precision, calibration=args.calibration)
+
+
+def _profile_space(args: argparse.Namespace, variants: List[_Variant],
+                   counters: Counter) -> Measured:
+    """Every variant of --samples subnets of --space, one profiler per variant."""
+    import torch
+
+    from harness.output import describe_sample
+
+    space, samples = _sampled(args)
+    if args.input_shape:
+        raise BadRequest("--input-shape sizes the inputs of --model",
+                         fix="for a space, sweep with --batch and --input-size")
+    quiet = args.json or args.csv
+    measured: Measured = []
+    base = space.dummy_input()
+    for variant in variants:
+        dummy = base
+        if variant.batch is not None or variant.size is not None:
+            if not isinstance(base, torch.Tensor):
+                raise BadRequest(f"--batch and --input-size sweep one input, and {args.space}'s "
+                                 f"dummy_input() gives several",
+                                 fix="sweep in Python with LatencyProfiler and your own inputs")
+            dummy = torch.randn(*_swept(base.shape, variant))
+        with _profiler(args, space, dummy, variant) as profiler:
+            results = profiler.measure_many(samples, progress=False if quiet else None,
+                                            per_op=args.ops)
+            counters.update(profiler.counters)
+        measured += [(i, sample, describe_sample(space, sample), m)
+                     for i, (sample, m) in enumerate(zip(samples, results))]
+    return measured
+
+
+def _profile_model(args: argparse.Namespace, variants: List[_Variant],
+                   counters: Counter) -> Measured:
+    """Every variant of the --model file, through one profiler per precision."""
+    from harness.model_file import load_model
+
+    if args.samples != 8 or args.seed != 0 or args.fallback != "error" or args.offline:
+        raise BadRequest("--model measures one model file: --samples, --seed, --fallback and "
+                         "--offline are for spaces", fix="drop them, or use --space")
+    model = load_model(args.model)
+    given = dict(_shape(text) for text in args.input_shape)
+    name = os.path.basename(args.model)
+    measured: Measured = []
+    for precision in dict.fromkeys(v.precision for v in variants):
+        with _profiler(args, None, None, _Variant(precision, None, None)) as profiler:
+            for variant in (v for v in variants if v.precision == precision):
+                shapes = {}
+                for item in model.inputs:  # an input left with a dynamic axis is named
+                    shape = _swept(given.get(item.name, item.dims), variant)
+                    if all(isinstance(dim, int) for dim in shape):
+                        shapes[item.name] = shape
+                measured.append((0, {"model": name}, name,
+                                 profiler.measure_model(model, shapes, per_op=args.ops)))
+            counters.update(profiler.counters)
+    return measured
+
+
+def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
+                  results: Sequence[Any]) -> List[Optional[Path]]:
+    """One Chrome trace per result with a per-operator profile, in --trace-dir."""
+    folder = Path(args.trace_dir)
+    if not folder.is_dir():
+        raise BadRequest(f"--trace-dir {folder} is not a folder", fix="create it, or pass another")
+    written: List[Optional[Path]] = []
+    for row, m in zip(rows, results):
+        if m.ops is None:
+            written.append(None)
+            continue
+        variant = re.sub(r"[^A-Za-z0-9.-]+", "_", row["variant"])
+        path = folder / f"trace-{row['index']}-{m.graph_hash[:12]}-{variant}.json"
+        path.unlink(missing_ok=True)  # a link planted there is replaced, never followed
+        path.write_text(json.dumps(m.ops.chrome_trace()))
+        written.append(path)
+    return written
 
 
 def _filter(args: argparse.Namespace) -> int:
@@ -523,6 +722,8 @@ def _devices(args: argparse.Namespace) -> int:
                 continue
             if identity:
                 print(f"{label:>12}: {identity.get(key) or 'missing'}")
+        if identity and identity.get("providers"):
+            print(f"{'providers':>12}: {', '.join(map(str, identity['providers']))}")
         if report.governors:
             print(f"{'governors':>12}: {', '.join(report.governors)}")
         if report.hottest_c is not None:

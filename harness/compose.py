@@ -5,6 +5,8 @@ spent tracing blocks the exporter has traced before. A space that declares
 `additive_terms(input_shape)` (harness.additive) describes each subnet as a chain of blocks,
 so each distinct block is exported once per input shape (a *piece*) and a subnet's graph is
 its blocks' pieces spliced end to end: each block's output feeds the next block's input.
+Node names keep the exporter's module path, prefixed by the block's position and key
+(`b3:mbconv|16>24|k3|e3|s2|skip0//conv/Conv`), so a per-operator profile maps back to blocks.
 
 The splice works on protobuf's wire format: a piece keeps its nodes and each weight tensor
 as serialized bytes, and a composed model is those bytes joined with new names (a prefix per
@@ -136,10 +138,13 @@ def compose(pieces: Sequence[Piece]) -> ComposedModel:
                               f"{before.key.block_key} gives {_shape(before.output)}",
                               fix="additive_terms() must describe the subnet as a chain of "
                                   "blocks, each fed by the one before")
-    links = ["input0"] + [f"x{j}" for j in range(1, len(pieces))] + ["output0"]
+    # Names tell blocks apart: a node's (and a block's output, which onnxruntime may name a
+    # node after) start with its block's position and key.
+    prefixes = [f"b{j}:{_block_name(piece.key.block_key)}/" for j, piece in enumerate(pieces)]
+    links = ["input0"] + [prefix + "output" for prefix in prefixes[:-1]] + ["output0"]
     graph: List[bytes] = [_field(_GRAPH_NAME, b"main_graph")]
     for j, piece in enumerate(pieces):
-        prefix = f"b{j}/"
+        prefix = prefixes[j]
         graph.append(piece.nodes_at(prefix, links[j], links[j + 1]))
         for name, tensor in piece.tensors:
             named = _field(_TENSOR_NAME, (prefix + name).encode())
@@ -147,6 +152,12 @@ def compose(pieces: Sequence[Piece]) -> ComposedModel:
     graph += [_field(_GRAPH_INPUT, _renamed_value(pieces[0].input, links[0])),
               _field(_GRAPH_OUTPUT, _renamed_value(pieces[-1].output, links[-1]))]
     return ComposedModel(_model(pieces[0].header, graph), tuple(pieces))
+
+
+def _block_name(block_key: str) -> str:
+    """A block's key without the input shape it ends with ('mbconv|16>24|k3|e3|s2|skip0'):
+    the prefix of its nodes' names, so a per-operator profile maps a node to its block."""
+    return block_key.split("|in[", 1)[0]
 
 
 def _model(header: bytes, graph: List[bytes]) -> bytes:

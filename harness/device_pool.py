@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import (Any, Callable, Deque, Dict, Generic, Iterable, Iterator, List, Mapping,
                     Optional, Protocol, Set, Tuple, TypeVar)
 
-from agents.ort_agent import AgentError, parse_settings
+from agents.ort_agent import DEFAULT_SETTINGS, AgentError, parse_settings
 from devices.agent_client import DeviceClient
 from devices.agent_result import AgentResult, DeviceFacts
 from devices.errors import (AgentProtocolError, BadRequest, DeviceLost, MeasurementTimeout,
@@ -50,6 +50,10 @@ Tag = TypeVar("Tag")
 # each Measurement instead.
 RUNTIME_SETTINGS = ("intra_op_threads", "inter_op_threads", "graph_optimization_level",
                     "execution_mode", "provider", "input_shapes", "cpu_affinity")
+# Keyed too, but only when they differ from the agent's default, so that the keys of
+# results stored before they existed stay valid: the provider's options, and the precision
+# the host converted the model to (with where int8-static's calibration inputs came from).
+KEYED_WHEN_SET = ("provider_options", "precision", "calibration")
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class MeasureRequest:
         """Whether a cached measurement answers this request: any does for the fixed loop;
         for stop="ci" one whose interval of the median is as tight as rel_ci asks (a +-1%
         result answers a +-2% request, not the reverse)."""
+        if self.settings.get("per_op") and cached.ops is None:
+            return False  # per-operator times asked, and the stored result has none
         return self.settings["stop"] != "ci" or \
             cached.relative_half_width <= self.settings["rel_ci"]
 
@@ -94,7 +100,9 @@ class MeasureRequest:
     def settings_key(self) -> str:
         """The digest of the settings that change what is measured (the cache key's part)."""
         return digest({"runtime": "onnxruntime",
-                       **{k: self.settings[k] for k in RUNTIME_SETTINGS}})
+                       **{k: self.settings[k] for k in RUNTIME_SETTINGS},
+                       **{k: self.settings[k] for k in KEYED_WHEN_SET
+                          if self.settings.get(k) != DEFAULT_SETTINGS[k]}})
 
 
 class AnsweredMeanwhile(Exception):

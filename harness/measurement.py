@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from agents.ort_agent import median_interval
-from devices.agent_result import AgentResult, hottest_zone_c, pinned_text
+from devices.agent_result import (AgentResult, MemoryUse, OpProfile, hottest_zone_c,
+                                  pinned_text)
 
 SOURCES = ("measured", "cached", "predicted")
 
@@ -98,6 +99,8 @@ class Measurement:
     agent_version: Optional[str] = None
     provenance: Provenance = field(default_factory=Provenance)
     created_at: float = field(default_factory=time.time)
+    memory: Optional[MemoryUse] = None  # the agent's resident memory around the runs
+    ops: Optional[OpProfile] = None     # per-operator profile (measured with per_op)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -109,6 +112,10 @@ class Measurement:
         object.__setattr__(self, "input_signature", tuple(self.input_signature))
         if isinstance(self.provenance, Mapping):
             object.__setattr__(self, "provenance", Provenance.from_dict(self.provenance))
+        if isinstance(self.memory, Mapping):  # stored data: checked as an agent's answer is
+            object.__setattr__(self, "memory", MemoryUse.from_dict(self.memory))
+        if isinstance(self.ops, Mapping):
+            object.__setattr__(self, "ops", OpProfile.from_dict(self.ops))
 
     @classmethod
     def from_result(cls, result: AgentResult, graph_hash: str,
@@ -143,7 +150,8 @@ class Measurement:
                    first_run_ms=result.first_run_ms, input_signature=tuple(input_signature),
                    settings=dict(result.settings),
                    device_fingerprint=dict(result.facts.identity),
-                   agent_version=result.agent_version, provenance=provenance)
+                   agent_version=result.agent_version, provenance=provenance,
+                   memory=result.memory, ops=result.ops)
 
     # ------------------------------------------------------------ statistics
 
@@ -291,6 +299,8 @@ class Measurement:
         """Plain JSON-ready data, raw samples included, with the statistics alongside."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["provenance"] = self.provenance.to_dict()
+        data["memory"] = None if self.memory is None else dataclasses.asdict(self.memory)
+        data["ops"] = None if self.ops is None else dataclasses.asdict(self.ops)
         data["samples_ms"] = list(self.samples_ms)
         data["input_signature"] = list(self.input_signature)
         data["stats"] = {"n": self.n, "median": self.median, "mean": self.mean,

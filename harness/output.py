@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import time
+from dataclasses import asdict
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from harness.measurement import Measurement
@@ -20,9 +21,10 @@ from harness.measurement import Measurement
 DESCRIPTION_WIDTH = 48  # characters of the architecture's description in a table
 
 # The flat fields of a row, in the order of a CSV's columns.
-ROW_FIELDS = ("index", "device", "arch", "graph_hash", "source", "median_ms", "p90_ms",
-              "p99_ms", "iqr_ms", "cv", "n", "interval_low_ms", "interval_high_ms", "load_ms",
-              "device_s", "hottest_c", "pinned", "stop", "flags", "sample")
+ROW_FIELDS = ("index", "device", "arch", "graph_hash", "variant", "source", "median_ms",
+              "p90_ms", "p99_ms", "iqr_ms", "cv", "n", "interval_low_ms", "interval_high_ms",
+              "load_ms", "peak_mb", "ops_sum_ms", "device_s", "hottest_c", "pinned", "stop",
+              "flags", "sample")
 
 
 def describe_sample(space: Any, sample: Any) -> str:
@@ -96,6 +98,19 @@ def interval_of(measurement: Measurement) -> Optional[Tuple[float, float]]:
     return (low, high) if math.isfinite(low) and math.isfinite(high) else None
 
 
+def variant_of(measurement: Measurement) -> str:
+    """What sets a result apart from others of the same graph in one command: its precision,
+    a provider other than the CPU's, and its input shapes ('int8-static 1x3x160x160')."""
+    settings = measurement.settings
+    parts = [str(settings.get("precision") or "fp32")]
+    provider = str(settings.get("provider") or "CPUExecutionProvider")
+    if provider != "CPUExecutionProvider":
+        parts.append(provider.replace("ExecutionProvider", ""))
+    parts += ["x".join(map(str, item.get("shape", []))) for item in measurement.input_signature
+              if isinstance(item, Mapping)]
+    return " ".join(parts)
+
+
 def result_row(index: int, sample: Any, measurement: Measurement, arch: str) -> Dict[str, Any]:
     """The flat fields of one result (ROW_FIELDS). A prediction leaves the statistics of runs
     (p90, p99, IQR, CV, n) empty: it has no runs."""
@@ -110,7 +125,10 @@ def result_row(index: int, sample: Any, measurement: Measurement, arch: str) -> 
         "n": None if predicted else m.n,
         "interval_low_ms": interval[0] if interval else None,
         "interval_high_ms": interval[1] if interval else None,
-        "load_ms": m.load_ms, "device_s": m.device_s, "hottest_c": m.hottest_c(),
+        "load_ms": m.load_ms, "variant": variant_of(m),
+        "peak_mb": m.memory.peak_mb if m.memory is not None else None,
+        "ops_sum_ms": m.ops.sum_of_medians_ms if m.ops is not None else None,
+        "device_s": m.device_s, "hottest_c": m.hottest_c(),
         "pinned": m.pinned_to(), "stop": (m.provenance.stop or {}).get("reason"),
         "flags": list(m.flags), "sample": sample,
     }
@@ -123,7 +141,10 @@ def json_row(row: Mapping[str, Any], measurement: Measurement, raw: bool) -> Dic
     data.update(settings=measurement.settings, device_fingerprint=measurement.device_fingerprint,
                 agent_version=measurement.agent_version, input_signature=list(
                     measurement.input_signature), created_at=measurement.created_at,
-                provenance=measurement.provenance.to_dict())
+                provenance=measurement.provenance.to_dict(),
+                memory=None if measurement.memory is None else asdict(measurement.memory),
+                ops=None if measurement.ops is None else dict(
+                    asdict(measurement.ops), trace=None))  # the trace goes to its own file
     if raw:
         data["samples_ms"] = list(measurement.samples_ms)
     return data
@@ -164,15 +185,20 @@ def render_table(rows: Sequence[Mapping[str, Any]], statistic: str = "median",
     values = list(statistics) if statistics is not None else [row["median_ms"] for row in rows]
     thermal = any(row["hottest_c"] is not None for row in rows)
     pinned = any(row["pinned"] for row in rows)
-    header = ["#", "device", "architecture", "graph"] + [f"{s} ms" for s in shown] + \
-        ["interval ms", "CV", "n", "load ms"] + (["temp C"] if thermal else []) + \
-        (["pinned"] if pinned else []) + ["source", "flags"]
+    # the variant column when a command compares variants; memory and ops when measured
+    variants = len({row.get("variant") for row in rows}) > 1
+    memory = any(row.get("peak_mb") is not None for row in rows)
+    ops = any(row.get("ops_sum_ms") is not None for row in rows)
+    header = ["#", "device", "architecture", "graph"] + (["variant"] if variants else []) + \
+        [f"{s} ms" for s in shown] + ["interval ms", "CV", "n", "load ms"] + \
+        (["ops sum ms"] if ops else []) + (["peak MB"] if memory else []) + \
+        (["temp C"] if thermal else []) + (["pinned"] if pinned else []) + ["source", "flags"]
     lines = [header]
     for row, value in zip(rows, values):
         predicted = row["source"] == "predicted"
         by_name = {"median": row["median_ms"], "p90": row["p90_ms"], "p99": row["p99_ms"]}
         cells = [str(row["index"]), row["device"], shortened(row["arch"]),
-                 row["graph_hash"][:12] or "-"]
+                 row["graph_hash"][:12] or "-"] + ([row.get("variant") or "-"] if variants else [])
         for name in shown:
             cells.append("-" if predicted and name != "median"
                          else _ms(value if name == statistic else by_name[name]))
@@ -180,6 +206,10 @@ def render_table(rows: Sequence[Mapping[str, Any]], statistic: str = "median",
         cells.append(f"{low:.3f}-{high:.3f}" if low is not None and high is not None else "-")
         cells += ["-" if row["cv"] is None else f"{row['cv']:.1%}",
                   "-" if row["n"] is None else str(row["n"]), _ms(row["load_ms"], 1)]
+        if ops:
+            cells.append(_ms(row.get("ops_sum_ms")))
+        if memory:
+            cells.append(_ms(row.get("peak_mb"), 1))
         if thermal:
             cells.append("-" if row["hottest_c"] is None else f"{row['hottest_c']:.1f}")
         if pinned:
@@ -188,7 +218,7 @@ def render_table(rows: Sequence[Mapping[str, Any]], statistic: str = "median",
         cells += [row["source"], flags or ("prediction" if predicted else "ok")]
         lines.append(cells)
     numeric = {c for c, name in enumerate(header)
-               if name.endswith("ms") or name in ("CV", "n", "temp C", "#")}
+               if name.endswith("ms") or name in ("CV", "n", "temp C", "#", "peak MB")}
     widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
     out = []
     for r, line in enumerate(lines):
@@ -208,3 +238,63 @@ def rows_of(results: Sequence[Measurement], samples: Sequence[Any],
     """result_row for each (sample, result) pair, in input order."""
     return [result_row(i, sample, m, describe_sample(space, sample))
             for i, (sample, m) in enumerate(zip(samples, results))]
+
+
+def render_ops(measurement: Measurement, top: int) -> str:
+    """The per-operator profile of one result for people: the `top` costliest nodes (name,
+    op type, provider, median ms, share of the per-node sum), the execution providers that
+    ran nodes, and the sum of the per-node medians against the whole-graph median (the gap
+    is the runtime's own overhead between operators)."""
+    ops = measurement.ops
+    if ops is None:
+        return "no per-operator profile"
+    total = ops.sum_of_medians_ms
+    lines = [["node", "op", "provider", "median ms", "share"]]
+    for node in ops.top(top):
+        share = node.median_ms / total if total > 0 else 0.0
+        lines.append([shortened(node.name, 60), node.op_type,
+                      node.provider.replace("ExecutionProvider", ""), f"{node.median_ms:.3f}",
+                      f"{share:.1%}"])
+    widths = [max(len(line[c]) for line in lines) for c in range(5)]
+    out = ["  ".join(cell.rjust(w) if c >= 3 else cell.ljust(w)
+                     for c, (cell, w) in enumerate(zip(line, widths))).rstrip()
+           for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    whole = measurement.median
+    providers = ", ".join(f"{name.replace('ExecutionProvider', '')} {count}"
+                          for name, count in sorted(ops.by_provider().items()))
+    out.append(f"{len(ops.nodes)} nodes ({providers}); sum of per-node medians {total:.3f} ms")
+    asked = str(measurement.settings.get("provider") or "CPUExecutionProvider")
+    fell_back = [node for node in ops.nodes if node.provider != asked]
+    if fell_back:  # the provider asked for could not run these: onnxruntime gave them the CPU
+        out.append(f"{len(fell_back)} of {len(ops.nodes)} nodes did not run on {asked} "
+                   f"({sum(node.median_ms for node in fell_back):.3f} ms): "
+                   + ", ".join(sorted({node.op_type for node in fell_back})))
+    profiled = ops.run_median_ms
+    if whole > 0 and profiled > 0:
+        out.append(f"whole-graph median: {whole:.3f} ms in the timed runs, {profiled:.3f} ms in "
+                   f"the {ops.runs} profiled runs; between the operators (runtime overhead): "
+                   f"{profiled - total:.3f} ms ({(profiled - total) / profiled:.0%} of a profiled "
+                   f"run); profiling itself added {profiled - whole:.3f} ms per run")
+    if ops.arena:
+        out.append("onnxruntime arena: " + ", ".join(
+            f"{key.replace('_bytes', '').replace('_', ' ')} {value / 2**20:.2f} MB"
+            for key, value in sorted(ops.arena.items())))
+    return "\n".join(out)
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.2f} MB" if count >= 2**20 else f"{count / 1024:.1f} KB"
+
+
+def render_memory(measurement: Measurement) -> str:
+    """The memory figures of one result in a line (MB)."""
+    memory = measurement.memory
+    if memory is None or memory.baseline_rss_mb is None:
+        return "memory: not reported by the device"
+    bound = "" if memory.peaks_reset else " (peaks since the agent started: the device " \
+        "refused to reset the high-water mark)"
+    return (f"memory: {memory.baseline_rss_mb:.1f} MB resident before load, peak "
+            f"{memory.load_peak_mb:.1f} MB while loading, {memory.run_peak_mb:.1f} MB over the "
+            f"runs (+{memory.added_mb:.1f} MB); model file {_size(memory.model_bytes)}"
+            f"{bound}")

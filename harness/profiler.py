@@ -30,6 +30,8 @@ from harness.export import (DummyInput, ExportedModel, export_module, export_sam
                             exported_space_fingerprint, input_signature)
 from harness.fallback import PredictionFallback
 from harness.measurement import STATISTICS, Measurement
+from harness.model_file import (ModelFile, ModelFilesOnly, ModelSource, NoSamples, Precision,
+                                load_model)
 from harness.paths import default_cache_path, harness_home
 from harness.pools import open_pool
 from harness.profiler_base import Profiler
@@ -57,26 +59,37 @@ class LatencyProfiler(Profiler):
     farm: a Ray farm's address (harness.ray_pool), with device="kind:K".
     fallback, predictor, offline: what answers when the device cannot be reached ("error"
         raises; "nn-meter" or "model" predict, see harness.fallback); offline: never try it.
+    precision: fp32, fp16, int8-dynamic or int8-static (calibration: an .npz of inputs, else
+        random ones): models are converted on the host (harness.model_file); it is keyed.
+    space=None, dummy_input=None: a profiler of model files only (`measure_model`).
     """
 
-    def __init__(self, space: ModelSpace, dummy_input: DummyInput, device: str = "local",
+    def __init__(self, space: Optional[ModelSpace], dummy_input: Optional[DummyInput],
+                 device: str = "local",
                  statistic: str = "median", *, settings: Optional[Mapping[str, Any]] = None,
                  cache: Union[Cache, str, Path, None] = None, isolation: str = "worker",
                  timeout_s: float = 300.0, refresh: bool = False,
                  home: Union[str, Path, None] = None, max_strikes: int = 3,
                  quarantine_s: float = 60.0, farm: Optional[str] = None,
                  fallback: str = "error", predictor: Union[str, Path, None] = None,
-                 offline: bool = False):
+                 offline: bool = False, precision: str = "fp32",
+                 calibration: Union[str, Path, None] = None):
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         if offline and fallback == "error":
             raise BadRequest("an offline profiler can only predict",
                              fix="pass fallback='nn-meter' (calibrate first) or fallback='model'")
+        models_only = space is None or dummy_input is None  # measure_model only
+        if space is None or dummy_input is None:  # no samples: a stand-in for the plumbing
+            space, dummy_input = ModelFilesOnly(), torch.zeros(1)
         self.space, self.device, self.statistic, self.refresh = space, device, statistic, refresh
         self.home = harness_home(home)
-        self.request = MeasureRequest.checked(settings, timeout_s)
+        self.precision = Precision(precision, calibration)
+        self.request = MeasureRequest.checked(dict(settings or {}, **self.precision.settings()),
+                                              timeout_s)
         self.settings, self.settings_key = self.request.settings, self.request.settings_key
-        self._validate, self.dummy_input = SampleValidator(checked_search_space(space)), dummy_input
+        self._validate = NoSamples() if models_only else SampleValidator(checked_search_space(space))
+        self.dummy_input = dummy_input
         self.input_signature = input_signature(dummy_input)
         self._input_sig = canonical_json(self.input_signature)
         self.space_fingerprint = exported_space_fingerprint(space, self.input_signature)
@@ -85,7 +98,9 @@ class LatencyProfiler(Profiler):
         self._memo: Dict[tuple, float] = {}  # sample values in label order -> statistic
         self._lock = threading.RLock()      # export and device threads share the above
         self._identity: Optional[DeviceIdentity] = None
-        self._units: List[str] = []  # device fingerprints a lookup may answer from
+        # device fingerprints a lookup answers from: the device's own; in a pool of a kind,
+        # every unit of its model the cache knows (any free unit may measure a job)
+        self._units: List[str] = []
         self.pool = open_pool(self.home, device, farm, isolation, max_strikes, quarantine_s)
         self.decider = LimitDecider(self)  # the device's latency model lives there
         self.fallback = PredictionFallback.of(self, fallback, predictor, offline, quarantine_s)
@@ -99,9 +114,10 @@ class LatencyProfiler(Profiler):
             return self._memo[memo_key]
         return self.measure(sample).statistic(self.statistic)
 
-    def measure(self, sample: Mapping[str, Any]) -> Measurement:
-        """The full Measurement (raw samples, statistics, provenance, source)."""
-        return self.measure_many([sample], progress=False)[0]
+    def measure(self, sample: Mapping[str, Any], per_op: bool = False) -> Measurement:
+        """The full Measurement (raw samples, statistics, provenance, memory, source); with
+        `per_op`, its per-operator profile (`.ops`) from runs apart from the timed ones."""
+        return self.measure_many([sample], progress=False, per_op=per_op)[0]
 
     def profile_many(self, samples: Iterable[Mapping[str, Any]],
                      progress: Optional[bool] = None) -> List[float]:
@@ -109,16 +125,17 @@ class LatencyProfiler(Profiler):
         return [m.statistic(self.statistic) for m in self.measure_many(samples, progress)]
 
     def measure_many(self, samples: Iterable[Mapping[str, Any]],
-                     progress: Optional[bool] = None) -> List[Measurement]:
+                     progress: Optional[bool] = None, per_op: bool = False) -> List[Measurement]:
         """measure() over many samples, in input order, with a progress bar on a terminal.
         Each result is stored as it completes (a sweep cut short resumes from the cache); the
         first failure is raised once the rest is done; a lost device's share falls back."""
+        request = self.request.with_settings(per_op=True) if per_op else self.request
         canonical = [self._validate(sample) for sample in samples]
         if self.fallback.active():
             return [self.fallback.answer(sample, None) for sample in canonical]
         results: List[Optional[Measurement]] = [None] * len(canonical)
         try:
-            self._measure_all(canonical, results, progress)
+            self._measure_all(canonical, results, progress, request)
         except DeviceLost as exc:  # what the lost device left unanswered falls back
             results = [r or self.fallback.answer(s, exc) for r, s in zip(results, canonical)]
         return results  # type: ignore[return-value]
@@ -149,9 +166,20 @@ class LatencyProfiler(Profiler):
     def measure_module(self, module: torch.nn.Module, dummy_input: DummyInput) -> Measurement:
         """Latency of any module (a block of a lookup table, say) on this profiler's device,
         through the same cache, keyed by its own graph hash and input shapes."""
-        exported, signature = export_module(module.eval(), dummy_input), input_signature(dummy_input)
-        cached = None if self.refresh else self._cached(exported.graph_hash, canonical_json(signature))
-        return cached or self._store(self.pool.measure(exported, self.request), exported, signature)
+        signature = input_signature(dummy_input)
+        return self._measured(export_module(module.eval(), dummy_input), signature, {
+            f"input{i}": item["shape"] for i, item in enumerate(signature)}, self.request)
+
+    def measure_model(self, model: Union[ModelSource, ModelFile],
+                      input_shapes: Optional[Mapping[str, List[int]]] = None,
+                      per_op: bool = False) -> Measurement:
+        """Latency of any ONNX model (a path, its bytes or a ModelFile) on this device, at this
+        precision, through the same cache (its graph hash, input shapes, settings).
+        `input_shapes` ({name: shape}) sizes its dynamic axes: one left out is a BadRequest."""
+        loaded = model if isinstance(model, ModelFile) else load_model(model)
+        shapes = loaded.resolved_shapes(input_shapes)
+        return self._measured(loaded.exported(), loaded.signature(shapes), shapes,
+                              self.request.with_settings(input_shapes=shapes, per_op=per_op))
 
     def identify(self) -> DeviceIdentity:
         """Who the device is, asked once a session (its identity is in every cache key); the
@@ -162,7 +190,9 @@ class LatencyProfiler(Profiler):
                 self.cache.put_device(self._identity.fingerprint,
                                       dict(self._identity.facts.identity))
                 log.info("%s is %s", self.device, self._identity.facts.identity.get("cpu_model"))
-                self._units = self._units_of(self._identity)
+                self._units = self.cache.units_of_model(self._identity.fingerprint,
+                                                        self._identity.model) \
+                    if self.device.startswith("kind:") else [self._identity.fingerprint]
                 if not self.refresh and self.request.settings["stop"] == "fixed":
                     for unit in reversed(self._units):  # the session's own unit wins
                         self._memo.update(values_by_sample(self.cache.statistics_by_sample(
@@ -170,16 +200,6 @@ class LatencyProfiler(Profiler):
                             unit, self._identity.agent_version, self.statistic),
                             self._validate.labels))
             return self._identity
-
-    def _units_of(self, identity: DeviceIdentity) -> List[str]:
-        """The device fingerprints a lookup answers from: the device's own; for a pool of a
-        kind ("kind:K"), every unit of the same model the cache knows, the one that answered
-        first, since any free unit of the kind may measure a job."""
-        if not self.device.startswith("kind:"):
-            return [identity.fingerprint]
-        others = [fp for fp in self.cache.devices_of_model(identity.model)
-                  if fp != identity.fingerprint]
-        return [identity.fingerprint, *others]
 
     def cache_key(self, graph: str) -> MeasurementKey:
         """The cache key a measurement of `graph` on this profiler's device is stored under."""
@@ -203,13 +223,15 @@ class LatencyProfiler(Profiler):
     # ------------------------------------------------------------ the steps
 
     def _measure_all(self, samples: List[Sample], results: List[Optional[Measurement]],
-                     progress: Optional[bool]) -> None:
+                     progress: Optional[bool], request: MeasureRequest) -> None:
         """Steps 3-5 over many samples: the cache first, then the pool (harness.batch)."""
         for index, sample in enumerate(samples):
-            results[index] = None if self.refresh else self._cached(self._indexed(sample))
+            results[index] = None if self.refresh else self._cached(self._indexed(sample),
+                                                                    request=request)
         answer_all(samples, results, what=f"profiling on {self.device}", progress=progress,
-                   export=self._export, cached=lambda g: None if self.refresh else self._cached(g),
-                   pool=self.pool, request=self.request,
+                   export=self._export,
+                   cached=lambda g: None if self.refresh else self._cached(g, request=request),
+                   pool=self.pool, request=request,
                    store=lambda result, exported: self._store(result, exported, self.input_signature))
         self._memo.update((tuple(sample.values()), result.statistic(self.statistic))
                           for sample, result in zip(samples, results) if result is not None)
@@ -219,24 +241,38 @@ class LatencyProfiler(Profiler):
         return self.cache.lookup_sample(self.space_fingerprint, self._input_sig, sample_key(sample))
 
     def _export(self, sample: Sample) -> ExportedModel:
-        """Step 3: freeze, export and hash; the index learns sample -> graph hash."""
+        """Step 3: freeze, export and hash; the index learns sample -> graph hash (at another
+        precision, the model is converted, keyed by the source's hash and the precision)."""
         exported = export_sample(self.space, sample, self.dummy_input, home=self.home)
         self.counters["exports"] += 1  # only the export thread counts exports
         self.cache.put_sample(self.space_fingerprint, self._input_sig, sample_key(sample),
                               exported.graph_hash)
-        return exported
+        return self.precision.convert(exported, {f"input{i}": item["shape"]
+                                                 for i, item in enumerate(self.input_signature)})
 
-    def _cached(self, graph: Optional[str], input_sig: Optional[str] = None) -> Optional[Measurement]:
+    def _measured(self, exported: ExportedModel, signature: List[Dict[str, Any]],
+                  shapes: Mapping[str, List[int]], request: MeasureRequest) -> Measurement:
+        """Steps 4-5 for one model: the cache, else the device (at this precision), stored."""
+        cached = None if self.refresh else self._cached(exported.graph_hash,
+                                                        canonical_json(signature), request)
+        exported = exported if cached else self.precision.convert(exported, shapes)
+        return cached or self._store(self.pool.measure(exported, request), exported, signature,
+                                     request)
+
+    def _cached(self, graph: Optional[str], input_sig: Optional[str] = None,
+                request: Optional[MeasureRequest] = None) -> Optional[Measurement]:
         """Step 4: the cached measurement of a graph on this device (in a pool of a kind, on
         any unit of its model), if any."""
+        request = request or self.request
         cached = None
         if graph is not None:
             self.identify()
             for unit in self._units:
-                cached = self.cache.get(self._key(graph, input_sig, unit))
+                cached = self.cache.get(self._key(graph, input_sig, unit,
+                                                  settings_key=request.settings_key))
                 if cached is not None:
                     break
-        if cached is not None and not self.request.accepts(cached):
+        if cached is not None and not request.accepts(cached):
             return None  # not as precise as asked: measured again, and the new one kept
         if cached is not None:
             with self._lock:  # the export thread and the caller's both ask the cache
@@ -244,7 +280,8 @@ class LatencyProfiler(Profiler):
         return cached
 
     def _store(self, result: AgentResult, exported: ExportedModel,
-               signature: List[Dict[str, Any]]) -> Measurement:
+               signature: List[Dict[str, Any]],
+               request: Optional[MeasureRequest] = None) -> Measurement:
         """Step 5's end: stored under the fingerprint of the device that measured."""
         measured = Measurement.from_result(
             result, exported.graph_hash, signature, export_ms=exported.export_ms,
@@ -258,17 +295,21 @@ class LatencyProfiler(Profiler):
                         model_of(result.facts.identity) == self.identify().model:
                     self._units.append(device_fp)
         self.cache.put(self._key(exported.graph_hash, canonical_json(signature), device_fp,
-                                 result.agent_version), measured)
+                                 result.agent_version,
+                                 (request or self.request).settings_key), measured)
         with self._lock:  # device time spent, and what the fixed loop would have spent
             self.counters.update(measurements=1, device_s=measured.device_s,  # type: ignore[call-overload]
                                  fixed_loop_s=measured.fixed_loop_device_s)
         return measured
 
     def _key(self, graph: str, input_sig: Optional[str] = None, device_fp: Optional[str] = None,
-             agent_version: Optional[str] = None) -> MeasurementKey:
+             agent_version: Optional[str] = None,
+             settings_key: Optional[str] = None) -> MeasurementKey:
         """The cache key of a graph; the device is the session's unless `device_fp` says."""
         identity = self.identify()
-        return MeasurementKey(graph, input_sig or self._input_sig, self.settings_key,
+        return MeasurementKey(graph, input_sig or self._input_sig,
+                              settings_key or self.settings_key,
                               device_fp or identity.fingerprint,
                               agent_version or identity.agent_version)
+
 

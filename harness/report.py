@@ -7,8 +7,8 @@ What the page shows, read from the cache (and the calibrations in $HARNESS_HOME)
 - latency against FLOPs per device, when `space` is given (FLOPs are not stored in the cache,
   so they are counted for the subnets that space indexed);
 - the calibration scatter of every shown device that `harness calibrate` calibrated;
-- a per-operator breakdown, only when something was measured per operator (nothing is yet:
-  `operator_costs` is the hook that fills it);
+- a per-operator breakdown, when subnets were measured per operator (`operator_costs`:
+  each node's median under its op type);
 - per device, a table of its subnets that sorts on a click of its header (or `?sort=KEY` and
   `&desc` in the address).
 
@@ -220,10 +220,11 @@ def collect(cache_path: Union[str, Path], devices: Optional[Sequence[str]] = Non
 
 
 def operator_costs(cache_path: Path, results: Sequence[SubnetResult]) -> List[OperatorCost]:
-    """The per-operator costs of the shown subnets. Nothing in harness measures per operator
-    yet, so there are none; a per-operator profiler that stores its results returns them here,
-    and the page grows its section (figure and table) by itself."""
-    return []
+    """The per-operator costs of the shown subnets measured per operator (`harness profile
+    --ops`, `measure(per_op=True)`): each node's median time under its op type."""
+    return [OperatorCost(result.device, result.graph_hash, node.op_type, node.median_ms)
+            for result in results if result.measurement.ops is not None
+            for node in result.measurement.ops.nodes]
 
 
 def _space_subnets(spec: str, index: Sequence[Tuple[str, str, str, str]],
