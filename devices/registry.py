@@ -324,15 +324,13 @@ def open_transport(name: str, home: Path) -> Transport:
 def open_client(name: str, home: Path, isolation: str = "worker"):
     """What measures on the device: our agent, onnxruntime_perf_test (agent = "perf-test"),
     or nothing real (transport = "sim")."""
-    if name != "local" and get_device(home, name).transport == "sim":
-        config = get_device(home, name)
+    config = None if name == "local" else get_device(home, name)
+    if config is not None and config.transport == "sim":
         return SimulatedClient(name, SimulatedModel(config.address, config.sim_ms or 20.0,
                                                     seed=config.sim_seed or 0), Path(home))
     transport = open_transport(name, home)
-    if name != "local":
-        config = get_device(home, name)
-        if config.agent == "perf-test":
-            return PerfTestClient(transport, str(Path(config.perf_test or "").expanduser()))
+    if config is not None and config.agent == "perf-test":
+        return PerfTestClient(transport, str(Path(config.perf_test or "").expanduser()))
     return AgentClient(transport, isolation)
 
 

@@ -34,10 +34,13 @@ from devices.errors import (AgentProtocolError, BadRequest, DeviceLost, Measurem
 from devices.registry import devices_of_kind, open_client
 from harness.cache import digest, model_of
 from harness.export import ExportedModel
-from harness.leases import DeviceHealth, DeviceLease, lease_any
+from harness.leases import DeviceBusy, DeviceHealth, DeviceLease, try_lease
 from harness.measurement import Measurement
 
 log = logging.getLogger(__name__)
+
+LEASE_WAIT_S = 3600.0  # how long a job waits for a device that other processes hold
+OTHERS_POLL_S = 0.05   # how often it looks whether they let go
 
 # Failures that say the device (not the model) is in trouble: strike it and fail over.
 FAILOVER_ERRORS = (DeviceLost, MeasurementTimeout, ThermalError, AgentProtocolError)
@@ -182,8 +185,8 @@ class LocalPool:
         self._client_factory = client_factory
         self._clients: Dict[str, DeviceClient] = {}
         self._clients_lock = threading.Lock()
-        self._busy: Set[str] = set()  # devices measuring for this pool now
-        self._freed = threading.Condition(self._clients_lock)  # a device of ours came free
+        self._busy: Set[str] = set()  # devices this pool's jobs hold or are leasing now
+        self._freed = threading.Condition()  # one of them came free
         self._staging = tempfile.TemporaryDirectory(prefix="harness-models-")
 
     def client(self, device: str) -> DeviceClient:
@@ -195,7 +198,7 @@ class LocalPool:
 
     def busy(self) -> Set[str]:
         """The devices measuring for this pool now (a farm host's status shows them)."""
-        with self._clients_lock:
+        with self._freed:
             return set(self._busy)
 
     def identify(self, timeout_s: float) -> DeviceIdentity:
@@ -221,8 +224,7 @@ class LocalPool:
                 raise DeviceLost(f"no device of {self.name} is available: "
                                  f"{', '.join(tried) or 'all'} failed or quarantined",
                                  fix="check the devices ('harness devices check NAME')")
-            self._wait_until_one_is_not_ours(candidates)
-            lease = lease_any(self.home, candidates)
+            lease = self._lease_one(candidates)
             try:
                 return self._measure_leased(lease, exported, request)
             except FAILOVER_ERRORS as exc:
@@ -256,7 +258,7 @@ class LocalPool:
         """Measure on the leased device and release it; strikes and clears its health."""
         name = lease.device
         path = Path(self._staging.name) / f"{exported.sha256}.{threading.get_ident()}.onnx"
-        with self._clients_lock:
+        with self._freed:
             self._busy.add(name)
         try:
             if request.still_needed is not None and not request.still_needed(exported.graph_hash):
@@ -273,18 +275,39 @@ class LocalPool:
             raise
         finally:
             lease.__exit__(None, None, None)
-            with self._clients_lock:
+            with self._freed:
                 self._busy.discard(name)
-                self._freed.notify()
+                self._freed.notify_all()
             path.unlink(missing_ok=True)
 
-    def _wait_until_one_is_not_ours(self, candidates: List[str]) -> None:
-        """While this pool's own jobs hold every candidate, wait for one to end: the next
-        job takes the device the moment it is released (leases held by other processes are
-        polled by lease_any)."""
-        with self._freed:
-            while all(device in self._busy for device in candidates):
-                self._freed.wait(timeout=1.0)
+    def _lease_one(self, candidates: List[str]) -> DeviceLease:
+        """A held lease on one of `candidates`. This pool's own jobs take turns without
+        polling: a job waits until a candidate is not held by another of them, reserves the
+        free ones while it tries their leases, and keeps the first it gets. Only leases held
+        by other processes are polled. DeviceBusy after LEASE_WAIT_S."""
+        started = time.monotonic()
+        while True:
+            with self._freed:
+                while all(device in self._busy for device in candidates):
+                    self._freed.wait(timeout=1.0)
+                free = [device for device in candidates if device not in self._busy]
+                self._busy.update(free)  # reserved while this job tries them
+            lease = next((held for held in (try_lease(self.home, d) for d in free)
+                          if held is not None), None)
+            with self._freed:
+                kept = lease.device if lease is not None else None
+                released = [device for device in free if device != kept]
+                self._busy.difference_update(released)
+                if released:
+                    self._freed.notify_all()
+            if lease is not None:
+                return lease
+            waited = time.monotonic() - started
+            if waited >= LEASE_WAIT_S:
+                raise DeviceBusy(f"every device of {self.name} stayed leased by other "
+                                 f"processes for {waited:.0f} s",
+                                 fix="wait for the other profiling runs to finish, or stop them")
+            time.sleep(OTHERS_POLL_S)
 
     def measure_on(self, device: str, exported: ExportedModel,
                    request: MeasureRequest) -> AgentResult:

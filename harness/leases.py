@@ -136,23 +136,3 @@ def try_lease(home: Path, device: str) -> Optional[DeviceLease]:
         return lease.__enter__()
     except DeviceBusy:
         return None
-
-
-def lease_any(home: Path, devices: List[str], wait_s: float = 3600.0) -> DeviceLease:
-    """A held lease on the first free device of `devices`, or, when all are busy, on
-    whichever frees first (polled, so no device idles while a job waits on another). Release
-    it with `lease.__exit__(None, None, None)`."""
-    started = time.monotonic()
-    delay = 0.005
-    while True:
-        for device in devices:
-            lease = try_lease(home, device)
-            if lease is not None:
-                return lease
-        waited = time.monotonic() - started
-        if waited >= wait_s:
-            raise DeviceBusy(f"every device of {', '.join(devices)} stayed leased for "
-                             f"{waited:.0f} s", fix="wait for the other profiling runs to "
-                                                   "finish, or stop them")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
