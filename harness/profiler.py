@@ -148,7 +148,13 @@ class LatencyProfiler(Profiler):
     def measure_module(self, module: torch.nn.Module, dummy_input: DummyInput) -> Measurement:
         """Latency of any module (a block of a lookup table, say) on this profiler's device,
         through the same cache, keyed by its own graph hash and input shapes."""
-        exported, signature = export_module(module.eval(), dummy_input), input_signature(dummy_input)
+        return self.measure_exported(export_module(module.eval(), dummy_input),
+                                     input_signature(dummy_input))
+
+    def measure_exported(self, exported: ExportedModel,
+                         signature: List[Dict[str, Any]]) -> Measurement:
+        """Latency of an already exported model (a kernel cut out of a subnet, say) with
+        inputs of this signature, through the same cache."""
         cached = None if self.refresh else self._cached(exported.graph_hash, canonical_json(signature))
         return cached or self._store(self.pool.measure(exported, self.request), exported, signature)
 
