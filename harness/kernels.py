@@ -98,6 +98,7 @@ class _Graph:
     initializers: Dict[str, onnx.TensorProto]
     producers: Dict[str, str]
     consumers: Dict[str, List[str]]
+    values: Dict[str, List[int]]  # graph inputs, value infos, outputs: dims as listed (0: unknown)
 
 
 def _graph(model: onnx.ModelProto) -> _Graph:
@@ -105,11 +106,14 @@ def _graph(model: onnx.ModelProto) -> _Graph:
     graph = inferred.graph
     shapes: Dict[str, List[int]] = {}
     types: Dict[str, int] = {}
+    values: Dict[str, List[int]] = {}
     for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        tensor = value.type.tensor_type
+        values[value.name] = [d.dim_value for d in tensor.shape.dim]
         shape = _shape(value)
         if shape is not None:
             shapes[value.name] = shape
-        types[value.name] = value.type.tensor_type.elem_type
+        types[value.name] = tensor.elem_type
     initializers = {t.name: t for t in graph.initializer}
     for name, tensor in initializers.items():
         shapes[name], types[name] = list(tensor.dims), tensor.data_type
@@ -121,7 +125,26 @@ def _graph(model: onnx.ModelProto) -> _Graph:
         for input_name in node.input:
             consumers.setdefault(input_name, []).append(node.name)
     return _Graph(inferred, {n.name: n for n in graph.node}, shapes, types, initializers,
-                  producers, consumers)
+                  producers, consumers, values)
+
+
+def _converter(graph: _Graph) -> Any:
+    """nn-Meter's ONNX converter over an already inferred graph: its own constructor infers
+    shapes again and reads every tensor's shape from protobuf again (half of a detection)."""
+    from nn_meter.ir_converter.onnx_converter import OnnxConverter
+
+    converter = OnnxConverter.__new__(OnnxConverter)
+    converter.graph = graph.model.graph
+    converter.tensors = {name: {"shape": _nhwc(dims), "inputs": [], "outputs": []}
+                         for name, dims in graph.values.items()}
+    for node in converter.graph.node:
+        for input_name in node.input:
+            if input_name in converter.tensors:
+                converter.tensors[input_name]["outputs"].append(node)
+        for output_name in node.output:
+            if output_name in converter.tensors:
+                converter.tensors[output_name]["inputs"].append(node)
+    return converter
 
 
 def _nhwc(shape: List[int]) -> List[int]:
@@ -167,6 +190,10 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     read and a kernel cannot be cut out of the model."""
     from onnx.reference import ReferenceEvaluator
 
+    small = {t.name for t in model.graph.initializer if int(np.prod(t.dims)) <= SMALL_TENSOR}
+    if not any(node.op_type == "Shape" or (node.input and all(i in small for i in node.input if i))
+               for node in model.graph.node):
+        return model  # nothing to fold: no shape inference spent
     inferred = shape_inference.infer_shapes(model)
     graph = inferred.graph
     shapes = {v.name: _shape(v) for v in list(graph.input) + list(graph.value_info)}
@@ -214,14 +241,12 @@ def detect_kernels(model: onnx.ModelProto, fusion_rules: str,
     """The kernels nn-Meter's detector finds in `model` (already cleaned by
     harness.predict.onnx_for_nn_meter) under the fusion rules file, with their features.
     Kernels for which `cut` says so also carry themselves as a one-kernel ONNX model."""
-    from nn_meter.ir_converter.onnx_converter import OnnxConverter
     from nn_meter.kernel_detector import KernelDetector
 
     try:
         model = _named(fold_shapes(model))
         graph = _graph(model)
-        converter = OnnxConverter(graph.model)
-        converted = converter.convert()
+        converted = _converter(graph).convert()
         _complete(converted, graph)
         detector = KernelDetector(fusion_rules)
         detector.load_graph(converted)

@@ -125,6 +125,16 @@ class KernelPredictors:
         return float(sum(self._kernel_memo.get((k.kernel_type, k.features), 0.0)
                          for k in kernels))
 
+    def predict_by_type(self, kernels: Sequence[Kernel]) -> Dict[str, float]:
+        """The prediction split by kernel type: {type: predicted ms of its kernels}."""
+        self.predict_kernels(kernels)
+        split: Dict[str, float] = {}
+        for kernel in kernels:
+            value = self._kernel_memo.get((kernel.kernel_type, kernel.features))
+            if value is not None:
+                split[kernel.kernel_type] = split.get(kernel.kernel_type, 0.0) + value
+        return split
+
     def kernels(self, onnx_bytes: bytes, graph_hash: Optional[str] = None) -> List[Kernel]:
         """The kernels found in a model under these fusion rules (harness.kernels), memoized
         by graph hash when it is given (the same graph always has the same kernels)."""

@@ -185,6 +185,9 @@ def test_calibration_on_the_mixed_space_and_resume_after_a_failure(mixed, home, 
     assert again.median == first.median
     assert profiler.calibration.correct(fresh.predict(exported.onnx_bytes)) == \
         pytest.approx(first.median, rel=1e-12)
+    split = fresh.predict_by_type(fresh.kernels(exported.onnx_bytes))
+    assert sum(split.values()) == pytest.approx(first.provenance.uncalibrated_ms, rel=1e-9)
+    assert any(kind.startswith("generic-") and value > 0 for kind, value in split.items())
 
 
 def test_generic_kernels_of_one_kernel_models_keep_their_features(rules):
