@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,7 @@ class KernelPredictors:
     def __post_init__(self) -> None:
         self._kernel_memo: Dict[Tuple[str, Tuple[float, ...]], float] = {}
         self._detect_memo: "OrderedDict[str, List[Kernel]]" = OrderedDict()
+        self._memo_lock = threading.Lock()  # a profiler's threads may predict at once
 
     def predict_kernels(self, kernels: Sequence[Kernel]) -> float:
         """Predicted latency (ms) of a model given its detected kernels: the sum of each
@@ -138,15 +140,18 @@ class KernelPredictors:
     def kernels(self, onnx_bytes: bytes, graph_hash: Optional[str] = None) -> List[Kernel]:
         """The kernels found in a model under these fusion rules (harness.kernels), memoized
         by graph hash when it is given (the same graph always has the same kernels)."""
-        if graph_hash is not None and graph_hash in self._detect_memo:
-            self._detect_memo.move_to_end(graph_hash)
-            return self._detect_memo[graph_hash]
+        if graph_hash is not None:
+            with self._memo_lock:
+                if graph_hash in self._detect_memo:
+                    self._detect_memo.move_to_end(graph_hash)
+                    return self._detect_memo[graph_hash]
         import_nn_meter()
         found = detect_kernels(onnx_for_nn_meter(onnx_bytes), str(self.fusion_rules))
         if graph_hash is not None:
-            self._detect_memo[graph_hash] = found
-            if len(self._detect_memo) > DETECT_MEMO_SIZE:
-                self._detect_memo.popitem(last=False)
+            with self._memo_lock:
+                self._detect_memo[graph_hash] = found
+                if len(self._detect_memo) > DETECT_MEMO_SIZE:
+                    self._detect_memo.popitem(last=False)
         return found
 
     def predict(self, onnx_bytes: bytes, graph_hash: Optional[str] = None) -> float:

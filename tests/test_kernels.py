@@ -188,6 +188,13 @@ def test_calibration_on_the_mixed_space_and_resume_after_a_failure(mixed, home, 
     split = fresh.predict_by_type(fresh.kernels(exported.onnx_bytes))
     assert sum(split.values()) == pytest.approx(first.provenance.uncalibrated_ms, rel=1e-9)
     assert any(kind.startswith("generic-") and value > 0 for kind, value in split.items())
+    # Transfer: these kernel predictors, corrected for a device by a few measured subnets
+    # only (what `harness calibrate --predictor FOLDER --no-kernels` does).
+    transferred = calibrate(mixed, mixed.dummy_input(), "local", samples=5, holdout=3,
+                            predictor=str(folder), build_kernels=False, settings=SETTINGS,
+                            progress=False, plot=False, seed=9)
+    assert transferred.calibration.base_predictor == str(folder)
+    assert transferred.report["calibrated"]["n"] == 3
 
 
 def test_generic_kernels_of_one_kernel_models_keep_their_features(rules):
