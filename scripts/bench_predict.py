@@ -20,7 +20,7 @@ It is 100-500x slower than this machine: use a small space (TinySpace, 32 px) an
 
 Usage: python scripts/bench_predict.py [--samples 100] [--holdout 100] [--device local]
        [--space harness.spaces:ProxylessSpace] [--min-time-ms 1000] [--min-runs N]
-       [--opt-level disable|basic|extended|all] [--arm64] [--home DIR]
+       [--opt-level disabled|basic|extended|all] [--arm64] [--home DIR]
 Runs in a new HARNESS_HOME unless --home is given (so it measures afresh).
 """
 import argparse
@@ -95,7 +95,7 @@ def main() -> int:
     parser.add_argument("--space", default="harness.spaces:ProxylessSpace")
     parser.add_argument("--min-time-ms", type=float, default=1000.0)
     parser.add_argument("--min-runs", type=int, help="runs per subnet at least")
-    parser.add_argument("--opt-level", choices=("disable", "basic", "extended", "all"),
+    parser.add_argument("--opt-level", choices=("disabled", "basic", "extended", "all"),
                         help="onnxruntime graph optimisation level (default: the agent's, all): "
                              "another level is a cache-distinct device for scripts/bench_transfer.py")
     parser.add_argument("--arm64", action="store_true",
