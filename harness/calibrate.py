@@ -7,7 +7,9 @@ One calibration, step by step:
    format: detect the kernels of the training subnets with nn-Meter's kernel detector, build
    each distinct kernel configuration as a one-kernel model, measure it on the device through
    the same transports and cache, and train one regressor per kernel type with nn-Meter's
-   builder (`build_predictor_by_data`);
+   builder (`build_predictor_by_data`); a kernel nn-Meter has no features for gets generic
+   ones and is measured cut out of its subnet (harness.kernels), and every kernel is known
+   to be measurable before the device spends any time;
 3. fit a correction of the base predictor (those kernel predictors, else the official
    predictor given) on the training subnets: log(measured) = a + b log(predicted), or a pure
    scale factor (b = 1, robust to outliers) when that scores better in leave-one-out
