@@ -18,7 +18,7 @@ writes a PNG of +-10% accuracy against N. Target: >= 90% within +-10% after 20 m
 
 Usage: python scripts/bench_transfer.py --source-home DIR --source local
            --target-home DIR --target arm64 [--space harness.spaces:TinySpace]
-           [--draws 5] [--png transfer.png]
+           [--draws 5] [--png transfer.png] [--source-label TEXT] [--target-label TEXT]
 """
 import argparse
 import json
@@ -83,7 +83,11 @@ def main() -> int:
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", default="transfer.png")
+    parser.add_argument("--source-label", help="what to call the source in the output "
+                                               "(default: its device name)")
+    parser.add_argument("--target-label", help="what to call the target (default: its name)")
     args = parser.parse_args()
+    source_name, target_name = args.source_label or args.source, args.target_label or args.target
 
     space = load_space(args.space)
     dummy = space.dummy_input()
@@ -128,8 +132,8 @@ def main() -> int:
                                       for key in ("acc5", "acc10", "rmspe", "kendall_tau")}
 
     uncorrected = accuracy_metrics(raw_held, y_held)
-    print(f"\ntransfer {args.source} -> {args.target} ({args.space}): {args.source}'s kernel "
-          f"predictors corrected with N subnets measured on {args.target}; {len(y_held)} "
+    print(f"\ntransfer {source_name} -> {target_name} ({args.space}): {source_name}'s kernel "
+          f"predictors corrected with N subnets measured on {target_name}; {len(y_held)} "
           f"held-out subnets; median over {args.draws} draws of the N\n")
     print(f"{'method':12} {'N':>4} {'+-5% acc':>9} {'+-10% acc':>10} {'RMSPE':>8} {'tau':>7}")
     print(f"{'uncorrected':12} {0:>4} {uncorrected['acc5']:>9.1%} {uncorrected['acc10']:>10.1%} "
@@ -140,7 +144,7 @@ def main() -> int:
                   f"{m['rmspe']:>7.1f}% {m['kendall_tau']:>7.3f}")
     print(f"{'own kernels':12} {len(y_train):>4} "
           f"{own['acc5']:>9.1%} {own['acc10']:>10.1%} {own['rmspe']:>7.1f}% "
-          f"{own['kendall_tau']:>7.3f}   ({args.target}'s own calibration, kernels measured)")
+          f"{own['kendall_tau']:>7.3f}   ({target_name}'s own calibration, kernels measured)")
     after20 = max(results[m][20]["acc10"] for m in results if 20 in results[m])
     print(f"\ntarget >= {TARGET_ACC10:.0%} within +-10% after 20 measurements: "
           f"{'met' if after20 >= TARGET_ACC10 else 'NOT met'} ({after20:.1%})")
@@ -152,16 +156,16 @@ def main() -> int:
     figure, axis = plt.subplots(figsize=(6, 4))
     for method, by_count in results.items():
         axis.plot(list(by_count), [m["acc10"] * 100 for m in by_count.values()], "o-",
-                  label=f"{args.source} kernels, {method} correction")
+                  label=f"{source_name} kernels, {method} correction")
     axis.axhline(own["acc10"] * 100, color="gray", linestyle="--",
-                 label=f"{args.target}'s own calibration ({len(y_train)} subnets + kernels)")
+                 label=f"{target_name}'s own calibration ({len(y_train)} subnets + kernels)")
     axis.axhline(TARGET_ACC10 * 100, color="red", linestyle=":", label="target")
     axis.set_xscale("log")
     axis.set_xticks(list(COUNTS), [str(c) for c in COUNTS])
-    axis.set_xlabel(f"subnets measured on {args.target}")
+    axis.set_xlabel(f"subnets measured on {target_name}")
     axis.set_ylabel("held-out subnets within +-10% (%)")
     axis.set_ylim(0, 102)
-    axis.set_title(f"transfer {args.source} -> {args.target}")
+    axis.set_title(f"transfer {source_name} -> {target_name}")
     axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(args.png, dpi=120)
