@@ -17,11 +17,12 @@ This module wraps it without touching its files:
   a generic set computed from its ONNX nodes: FLOPs, elements read and written, weights,
   output shape. Such a kernel's type is `generic-<op>`, its predictor is fitted with nn-Meter's
   builder like the others and stored the same way (`<type>.pkl`);
-- `kernel_onnx` cuts a kernel out of its model as a one-kernel ONNX model, to measure it.
+- `detect_kernels(..., cut=...)` also cuts the kernels asked for out of their model as
+  one-kernel ONNX models, to measure them.
 A kernel that none of this handles is a `KernelError` naming it.
 """
-import logging
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
