@@ -211,3 +211,20 @@ def test_generic_kernels_of_one_kernel_models_keep_their_features(rules):
 
 def test_the_space_is_a_space(mixed):
     assert sum(1 for _ in zip(range(50), enumerate_samples(mixed))) == 50
+
+
+def test_the_command_line_names_the_kernel_instead_of_a_traceback(home):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "calibrate", "--device", "local",
+                           "--space", "tests.test_kernels:DataDependentSpace", "--samples", "8",
+                           "--holdout", "2"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HARNESS_HOME=str(home)))
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr and "IndexError" not in done.stderr
+    assert "GatherElements" in done.stderr + done.stdout
+    if (home / "cache.sqlite").exists():  # nothing was measured
+        with Cache(home / "cache.sqlite") as cache:
+            assert cache.stats()["measurements"] == 0
