@@ -7,7 +7,9 @@ One calibration, step by step:
    format: detect the kernels of the training subnets with nn-Meter's kernel detector, build
    each distinct kernel configuration as a one-kernel model, measure it on the device through
    the same transports and cache, and train one regressor per kernel type with nn-Meter's
-   builder (`build_predictor_by_data`);
+   builder (`build_predictor_by_data`); a kernel nn-Meter has no features for gets generic
+   ones and is measured cut out of its subnet (harness.kernels), and every kernel is known
+   to be measurable before the device spends any time;
 3. fit a correction of the base predictor (those kernel predictors, else the official
    predictor given) on the training subnets: log(measured) = a + b log(predicted), or a pure
    scale factor (b = 1, robust to outliers) when that scores better in leave-one-out
@@ -16,6 +18,7 @@ One calibration, step by step:
    everything under $HARNESS_HOME/calibrations/<device>/, where the fallback of a
    LatencyProfiler for that device finds it.
 """
+import functools
 import json
 import logging
 import math
@@ -26,7 +29,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,10 +38,14 @@ from tqdm import tqdm
 from harness.accuracy import accuracy_metrics, save_scatter
 from harness.calibration import Calibration, calibrations_folder
 from harness.export import DummyInput, export_sample
+from harness.kernels import (GENERIC_FEATURES, GENERIC_PREFIX, Kernel, KernelError,
+                             build_generic_predictor, detect_kernels)
+from harness.measurement import Measurement
 from harness.predict import (FUSION_RULES, KernelPredictors, PredictorError, import_nn_meter,
-                             load_predictor)
+                             load_predictor, onnx_for_nn_meter)
 from harness.profiler import LatencyProfiler
 from harness.space import ModelSpace, random_samples, sample_key
+from harness.spaces.mixed import SqueezeExcite
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +118,12 @@ class _Binary(torch.nn.Module):
         return torch.relu(out) if self.relu else out
 
 
+class _ChannelShuffle(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
 def kernel_model(kernel: Mapping[str, Any]) -> Optional[Tuple[torch.nn.Module, DummyInput]]:
     """A one-kernel model for a kernel nn-Meter detected (shapes in its NHWC convention),
     with its input; None for kernel types harness cannot build."""
@@ -145,6 +158,10 @@ def kernel_model(kernel: Mapping[str, Any]) -> Optional[Tuple[torch.nn.Module, D
         layers = [pool(size, stride, size // 2)]
     elif op == "hswish":
         layers = [torch.nn.Hardswish()]
+    elif op in ("se", "SE"):  # nn-Meter's own fused node: MobileNetV3's gate
+        layers = [SqueezeExcite(channels)]
+    elif op == "channelshuffle":  # nn-Meter's own fused node: ShuffleNet's two groups
+        layers = [_ChannelShuffle()]
     elif op == "relu":
         layers = []
     else:
@@ -154,58 +171,83 @@ def kernel_model(kernel: Mapping[str, Any]) -> Optional[Tuple[torch.nn.Module, D
     return torch.nn.Sequential(*layers).eval(), image
 
 
-def kernel_features(kernel: Mapping[str, Any]) -> Optional[Tuple[str, List[float]]]:
-    """(kernel predictor name, features) exactly as nn-Meter computes them when predicting."""
-    from nn_meter.predictor.prediction.extract_feature import get_predict_features
-    from nn_meter.predictor.prediction.utils import get_kernel_name
-
-    found = get_predict_features([dict(kernel)])
-    if not found:
-        return None
-    ((op, features),) = found[0].items()
-    return get_kernel_name(op), list(features)
-
-
-def builder_config(kernel_type: str, features: List[float]) -> Dict[str, float]:
+def builder_config(kernel_type: str, features: Sequence[float]) -> Dict[str, float]:
     """nn-Meter builder's config for a kernel, from its prediction features (so training and
     prediction see the same numbers)."""
     from nn_meter.builder.kernel_predictor_builder.predictor_builder.extract_feature import \
         feature_for_kernel
 
-    names = feature_for_kernel[kernel_type]
+    if kernel_type.startswith(GENERIC_PREFIX):
+        names = GENERIC_FEATURES
+    elif kernel_type == "concat":  # its builder has no input count, which predicting has
+        names, features = feature_for_kernel[kernel_type], [features[0], *features[2:]]
+    else:
+        names = feature_for_kernel[kernel_type]
     return {name: value for name, value in zip(names, features)}
 
 
-def measure_kernels(profiler: LatencyProfiler, models: List[List[Dict[str, Any]]],
-                    progress: Optional[bool] = None) -> Dict[str, Dict[str, Dict[str, Any]]]:
-    """Every distinct kernel of the models (their kernel lists, as nn-Meter's detector found
-    them), measured on the profiler's device: nn-Meter's builder data,
-    {kernel type: {id: {"config", "model", "latency" ("avg +- std" ms)}}}."""
-    distinct: Dict[Tuple[str, Tuple[float, ...]], Mapping[str, Any]] = {}
-    skipped: Dict[str, int] = {}
+def needs_cut(kernel: Kernel) -> bool:
+    """Whether a kernel is measured as cut out of its subnet (no torch model stands for it)."""
+    return kernel.generic or kernel_model(kernel.info) is None
+
+
+@dataclass
+class _KernelJob:
+    kernel_type: str
+    features: Tuple[float, ...]
+    kernel: Kernel
+    build: Callable[[LatencyProfiler], Measurement]
+
+
+def plan_kernels(models: Sequence[Sequence[Kernel]]) -> List[_KernelJob]:
+    """How each distinct kernel of the models (by predictor type and features) is measured:
+    as a torch one-kernel model, or as cut out of its subnet. A kernel that can be neither is
+    a KernelError naming it, raised here, before any device time is spent."""
+    distinct: Dict[Tuple[str, Tuple[float, ...]], Kernel] = {}
     for kernels in models:
         for kernel in kernels:
-            named = kernel_features(kernel)
-            if named is None:
-                skipped[kernel["op"]] = skipped.get(kernel["op"], 0) + 1
-            else:
-                distinct.setdefault((named[0], tuple(named[1])), kernel)
+            distinct.setdefault((kernel.kernel_type, kernel.features), kernel)
+    jobs = []
+    for (kernel_type, features), kernel in sorted(distinct.items(), key=lambda item: item[0]):
+        built = None if kernel.generic else kernel_model(kernel.info)
+        if built is not None:
+            module, inputs = built
+            jobs.append(_KernelJob(kernel_type, features, kernel,
+                                   functools.partial(_measure_module, module, inputs)))
+        elif kernel.onnx_bytes is not None:
+            jobs.append(_KernelJob(kernel_type, features, kernel,
+                                   functools.partial(_measure_cut, kernel.onnx_bytes)))
+        else:
+            raise KernelError(f"{kernel.describe()} cannot be measured alone: no one-kernel "
+                              "model stands for it and it was not cut out of its subnet",
+                              fix="report the model; calibrate with a space without it")
+    return jobs
+
+
+def _measure_module(module: torch.nn.Module, inputs: DummyInput,
+                    profiler: LatencyProfiler) -> Measurement:
+    return profiler.measure_module(module, inputs)
+
+
+def _measure_cut(onnx_bytes: bytes, profiler: LatencyProfiler) -> Measurement:
+    """A kernel cut out of its subnet (static shapes), measured as any ONNX model is."""
+    return profiler.measure_model(onnx_bytes)
+
+
+def measure_kernels(profiler: LatencyProfiler, jobs: Sequence[_KernelJob],
+                    progress: Optional[bool] = None) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Every planned kernel measured on the profiler's device (through its cache, so a rerun
+    resumes): nn-Meter's builder data, {kernel type: {id: {"config", "model", "latency"
+    ("avg +- std" ms)}}}."""
     data: Dict[str, Dict[str, Dict[str, Any]]] = {}
-    ordered = sorted(distinct.items(), key=lambda item: (item[0][0], item[0][1]))
-    for number, ((kernel_type, features), kernel) in enumerate(tqdm(
-            ordered, unit="kernel", desc=f"kernels on {profiler.device}", leave=False,
+    for number, job in enumerate(tqdm(
+            jobs, unit="kernel", desc=f"kernels on {profiler.device}", leave=False,
             disable=(not progress) if progress is not None else None)):
-        built = kernel_model(kernel)
-        if built is None:
-            skipped[kernel["op"]] = skipped.get(kernel["op"], 0) + 1
-            continue
-        measurement = profiler.measure_module(*built)
-        data.setdefault(kernel_type, {})[f"{kernel_type}_{number}"] = {
-            "config": builder_config(kernel_type, list(features)),
-            "model": kernel["op"], "graph_hash": measurement.graph_hash,
+        measurement = job.build(profiler)
+        data.setdefault(job.kernel_type, {})[f"{job.kernel_type}_{number}"] = {
+            "config": builder_config(job.kernel_type, job.features),
+            "model": job.kernel.op, "graph_hash": measurement.graph_hash,
             "latency": f"{measurement.median} +- {measurement.stdev}"}
-    if skipped:
-        log.warning("kernels without a predictor (left to the correction): %s", skipped)
     log.info("measured %d distinct kernels: %s", sum(map(len, data.values())),
              {kind: len(items) for kind, items in data.items()})
     return data
@@ -225,8 +267,11 @@ def build_kernel_predictors(kernel_data: Dict[str, Dict[str, Dict[str, Any]]],
         for kernel_type in sorted(profiled):
             with warnings.catch_warnings():  # out-of-bag scores of types with few configs
                 warnings.simplefilter("ignore", UserWarning)
-                predictor, _, _ = build_predictor_by_data(kernel_type, profiled, BUILDER_BACKEND,
-                                                          final_predictor=True)
+                if kernel_type.startswith(GENERIC_PREFIX):
+                    predictor = build_generic_predictor(kernel_type, profiled)
+                else:
+                    predictor, _, _ = build_predictor_by_data(
+                        kernel_type, profiled, BUILDER_BACKEND, final_predictor=True)
             with open(staging / f"{kernel_type}.pkl", "wb") as handle:
                 pickle.dump(predictor, handle)
         (staging / FUSION_RULES).write_text(json.dumps(ORT_CPU_FUSION_RULES, indent=1))
@@ -257,7 +302,7 @@ class CalibrationResult:
 @dataclass
 class _Subnet:
     sample: Dict[str, Any]
-    kernels: Dict[str, List[Dict[str, Any]]]  # detector name -> the kernels it found
+    kernels: Dict[str, List[Kernel]]  # detector name -> the kernels it found
 
 
 def _distinct_subnets(space: ModelSpace, dummy_input: DummyInput, count: int, seed: int,
@@ -272,7 +317,9 @@ def _distinct_subnets(space: ModelSpace, dummy_input: DummyInput, count: int, se
             if exported.graph_hash not in avoid:
                 avoid.add(exported.graph_hash)
                 chosen.append(_Subnet(sample, {
-                    name: detector.kernels(exported.onnx_bytes)
+                    name: detect_kernels(onnx_for_nn_meter(exported.onnx_bytes),
+                                         str(detector.fusion_rules),
+                                         cut=needs_cut if name == "device" else None)
                     for name, detector in detectors.items()}))
         attempt += 1
         if attempt > 20:
@@ -314,14 +361,16 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
         train = _distinct_subnets(space, dummy_input, samples, seed, seen, detectors)
         held = _distinct_subnets(space, dummy_input, holdout, seed + 1, seen, detectors)
     subnets = train + held
+    # Every kernel the device predictors need is known to be measurable before the device
+    # spends any time (a KernelError names the one that is not).
+    jobs = plan_kernels([s.kernels["device"] for s in train]) if build_kernels else []
     with LatencyProfiler(space, dummy_input, device, settings=settings, home=home,
                          cache=cache) as profiler:
         measured = profiler.measure_many([subnet.sample for subnet in subnets],
                                          progress=progress)
         truth = [m.median for m in measured]
         if build_kernels:
-            kernel_data = measure_kernels(profiler, [s.kernels["device"] for s in train],
-                                          progress)
+            kernel_data = measure_kernels(profiler, jobs, progress)
             base = load_predictor(build_kernel_predictors(kernel_data, folder / KERNELS_FOLDER))
         else:
             base = official  # type: ignore[assignment]

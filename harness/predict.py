@@ -19,15 +19,17 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Union
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import onnx
 
-from harness.errors import HarnessError
 from harness.export import DummyInput, ExportedModel, export_sample, input_signature
+from harness.kernels import Kernel, PredictorError, detect_kernels
 from harness.measurement import Measurement, Provenance
 from harness.profiler_base import Profiler
 from harness.sklearn_pickle import LegacyPickleError, UnsafePickleError, load_kernel_predictor
@@ -38,10 +40,7 @@ log = logging.getLogger(__name__)
 NN_METER_INSTALL = ("pip install 'harness[nn-meter]' (nn-meter 2.0, and setuptools<81 for "
                     "the pkg_resources it imports)")
 FUSION_RULES = "fusion_rules.json"
-
-
-class PredictorError(HarnessError):
-    """An nn-Meter predictor cannot be found, loaded or used."""
+DETECT_MEMO_SIZE = 4096  # graphs whose kernels are kept (a few KB each)
 
 
 def import_nn_meter() -> Any:
@@ -102,35 +101,75 @@ class KernelPredictors:
     fusion_rules: Path
     digest: str  # sha256 over the folder's files: which predictor, exactly
 
-    def predict_kernels(self, kernels: List[Dict[str, Any]]) -> float:
-        """Predicted latency (ms) of a model given its detected kernels."""
-        from nn_meter.predictor.prediction.predict_by_kernel import nn_predict
+    def __post_init__(self) -> None:
+        self._kernel_memo: Dict[Tuple[str, Tuple[float, ...]], float] = {}
+        self._detect_memo: "OrderedDict[str, List[Kernel]]" = OrderedDict()
+        self._memo_lock = threading.Lock()  # a profiler's threads may predict at once
 
-        return float(nn_predict(self.predictors, kernels))
+    def predict_kernels(self, kernels: Sequence[Kernel]) -> float:
+        """Predicted latency (ms) of a model given its detected kernels: the sum of each
+        kernel's prediction by its type's regressor (a kernel of a type without one counts
+        0 ms, as in nn-Meter). Each distinct kernel is predicted once per process (a forest
+        costs milliseconds per call); new ones are predicted in one call per type."""
+        new: Dict[str, List[Tuple[float, ...]]] = {}
+        for kernel in kernels:
+            key = (kernel.kernel_type, kernel.features)
+            if kernel.kernel_type in self.predictors and key not in self._kernel_memo:
+                new.setdefault(kernel.kernel_type, [])
+                if kernel.features not in new[kernel.kernel_type]:
+                    new[kernel.kernel_type].append(kernel.features)
+        for kernel_type, rows in new.items():
+            regressor = self.predictors[kernel_type]
+            values = regressor.predict([_as_trained(kernel_type, row, regressor)
+                                        for row in rows])
+            self._kernel_memo.update({(kernel_type, row): float(value)
+                                      for row, value in zip(rows, values)})
+        return float(sum(self._kernel_memo.get((k.kernel_type, k.features), 0.0)
+                         for k in kernels))
 
-    def kernels(self, onnx_bytes: bytes) -> List[Dict[str, Any]]:
-        """The kernels nn-Meter's detector finds in a model under these fusion rules."""
-        from nn_meter.ir_converter.utils import onnx_model_to_graph
-        from nn_meter.kernel_detector import KernelDetector
+    def predict_by_type(self, kernels: Sequence[Kernel]) -> Dict[str, float]:
+        """The prediction split by kernel type: {type: predicted ms of its kernels}."""
+        self.predict_kernels(kernels)
+        split: Dict[str, float] = {}
+        for kernel in kernels:
+            value = self._kernel_memo.get((kernel.kernel_type, kernel.features))
+            if value is not None:
+                split[kernel.kernel_type] = split.get(kernel.kernel_type, 0.0) + value
+        return split
 
+    def kernels(self, onnx_bytes: bytes, graph_hash: Optional[str] = None) -> List[Kernel]:
+        """The kernels found in a model under these fusion rules (harness.kernels), memoized
+        by graph hash when it is given (the same graph always has the same kernels)."""
+        if graph_hash is not None:
+            with self._memo_lock:
+                if graph_hash in self._detect_memo:
+                    self._detect_memo.move_to_end(graph_hash)
+                    return self._detect_memo[graph_hash]
         import_nn_meter()
-        try:
-            graph = onnx_model_to_graph(onnx_for_nn_meter(onnx_bytes))
-            detector = KernelDetector(str(self.fusion_rules))
-            detector.load_graph(graph)
-            return detector.get_kernels()
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            raise PredictorError(f"nn-Meter could not read the model's graph "
-                                 f"({type(exc).__name__}: {exc})",
-                                 fix="nn-Meter knows Conv/BN/ReLU/Add/Pool/Gemm-style CNNs; "
-                                     "measure this model on a device instead") from None
+        found = detect_kernels(onnx_for_nn_meter(onnx_bytes), str(self.fusion_rules))
+        if graph_hash is not None:
+            with self._memo_lock:
+                self._detect_memo[graph_hash] = found
+                if len(self._detect_memo) > DETECT_MEMO_SIZE:
+                    self._detect_memo.popitem(last=False)
+        return found
 
-    def predict(self, onnx_bytes: bytes) -> float:
+    def predict(self, onnx_bytes: bytes, graph_hash: Optional[str] = None) -> float:
         """Predicted latency (ms) of an ONNX model."""
-        return self.predict_kernels(self.kernels(onnx_bytes))
+        return self.predict_kernels(self.kernels(onnx_bytes, graph_hash))
 
     def describe(self) -> Dict[str, str]:
         return {"name": self.name, "folder": str(self.folder), "digest": self.digest}
+
+
+def _as_trained(kernel_type: str, features: Sequence[float], regressor: Any) -> List[float]:
+    """A kernel's features as its regressor was trained on them: nn-Meter's builder trains
+    concat without the input count its predictor computes (official concat predictors have
+    it), so a built one gets the row without it."""
+    row = list(features)
+    if kernel_type == "concat" and getattr(regressor, "n_features_in_", len(row)) == len(row) - 1:
+        del row[1]
+    return row
 
 
 def onnx_for_nn_meter(onnx_bytes: bytes) -> onnx.ModelProto:
@@ -275,7 +314,7 @@ class NnMeterProfiler(Profiler):
 
     def predict_exported(self, exported: ExportedModel) -> Measurement:
         """The prediction for an already exported model."""
-        raw_ms = self.predictor.predict(exported.onnx_bytes)
+        raw_ms = self.predictor.predict(exported.onnx_bytes, exported.graph_hash)
         value = raw_ms if self.calibration is None else self.calibration.correct(raw_ms)
         provenance = Provenance(predictor=self.predictor.describe(), uncalibrated_ms=raw_ms,
                                 calibration=None if self.calibration is None

@@ -216,7 +216,7 @@ def test_kernel_models_are_the_kernels_they_stand_for(tiny, tmp_path):
     """Each kernel of a real subnet, built as a one-kernel model and exported, is detected as
     one kernel with the same nn-Meter features: what calibration measures is what nn-Meter
     predicts."""
-    from harness.calibrate import kernel_features, kernel_model
+    from harness.calibrate import kernel_model
     from harness.export import export_module
     from harness.predict import KernelPredictors
 
@@ -225,15 +225,16 @@ def test_kernel_models_are_the_kernels_they_stand_for(tiny, tmp_path):
     detector = KernelPredictors("ort", tmp_path, {}, rules, "")
     exported = export_sample(tiny, random_samples(tiny, 1, seed=2)[0], tiny.dummy_input())
     kernels = detector.kernels(exported.onnx_bytes)
-    assert {k["op"] for k in kernels} >= {"conv", "conv-relu", "dwconv-relu", "gap", "fc"}
+    assert {k.op for k in kernels} >= {"conv", "conv-relu", "dwconv-relu", "gap", "fc"}
     for kernel in kernels:
-        module, inputs = kernel_model(kernel)
-        # nn-Meter's splitter drops a graph's only node, so a Flatten (a kernel without
-        # features) follows it here.
+        assert not kernel.generic, kernel.op  # nn-Meter's own features describe them all
+        module, inputs = kernel_model(kernel.info)
+        # nn-Meter's splitter drops a graph's only node, so a Flatten (a generic kernel)
+        # follows it here.
         probe = _Flattened(module)
-        found = [kernel_features(k) for k in detector.kernels(
-            export_module(probe, inputs).onnx_bytes) if kernel_features(k) is not None]
-        assert found == [kernel_features(kernel)], kernel["op"]
+        found = [(k.kernel_type, k.features) for k in detector.kernels(
+            export_module(probe, inputs).onnx_bytes) if not k.generic]
+        assert found == [(kernel.kernel_type, kernel.features)], kernel.op
 
 
 class _Flattened(torch.nn.Module):

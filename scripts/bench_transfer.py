@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Benchmark of transfer to a new device: another device's kernel predictors, corrected with
+few measurements on the new one.
+
+Reads two calibrations that `harness calibrate` (or scripts/bench_predict.py) stored: the
+source device's (its kernel predictors, `calibrations/<source>/kernels`) and the target
+device's (its measured training and held-out subnets, `training.json` / `holdout.json`, and
+its own calibration's held-out report, for reference). For N = 10, 20, 50, 100 subnets
+measured on the target (drawn from its training subnets, several draws each), the source's
+kernel predictions are corrected two ways and scored on the target's held-out subnets:
+- global: measured = exp(a) * predicted^b or a scale (harness.calibrate.fit_correction), which
+  is what `harness calibrate --device T --predictor <source>/kernels --no-kernels` stores;
+- per type: one scale per kernel type (a conv costs relatively more on one CPU, an
+  elementwise op on another), fitted by least squares on relative errors and shrunk towards
+  the global scale (the shrinkage chosen by leave-one-out).
+Prints the table of medians over the draws (+-5% / +-10% accuracy, RMSPE, Kendall tau) and
+writes a PNG of +-10% accuracy against N. Target: >= 90% within +-10% after 20 measurements.
+
+Usage: python scripts/bench_transfer.py --source-home DIR --source local
+           --target-home DIR --target arm64 [--space harness.spaces:TinySpace]
+           [--draws 5] [--png transfer.png] [--source-label TEXT] [--target-label TEXT]
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness.accuracy import accuracy_metrics  # noqa: E402
+from harness.calibrate import fit_correction  # noqa: E402
+from harness.export import export_sample  # noqa: E402
+from harness.predict import load_predictor  # noqa: E402
+from harness.space import load_space  # noqa: E402
+
+COUNTS = (10, 20, 50, 100)
+TARGET_ACC10 = 0.90
+SHRINKAGE = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def fit_type_scales(split: np.ndarray, measured: np.ndarray, shrink: float,
+                    prior: float) -> np.ndarray:
+    """Scales s (one per column of `split`, the per-type predictions) minimising the squared
+    relative error of split @ s plus shrink * |s - prior|^2, kept non-negative."""
+    a = split / measured[:, None]
+    gram = a.T @ a
+    weight = shrink * max(float(np.mean(np.diag(gram))), 1e-12)
+    scales = np.linalg.solve(gram + weight * np.eye(len(gram)),
+                             a.T @ np.ones(len(a)) + weight * prior)
+    return np.clip(scales, 0.0, None)
+
+
+def per_type_predictions(split: np.ndarray, measured: np.ndarray,
+                         evaluate: np.ndarray) -> np.ndarray:
+    """Per-type correction fitted on (split, measured), the shrinkage by leave-one-out."""
+    totals = split.sum(axis=1)
+    prior = float(np.exp(np.median(np.log(measured / totals))))
+    best, best_error = SHRINKAGE[-1], math.inf
+    for shrink in SHRINKAGE:
+        errors = []
+        for out in range(len(measured)):
+            keep = np.arange(len(measured)) != out
+            scales = fit_type_scales(split[keep], measured[keep], shrink, prior)
+            errors.append((split[out] @ scales) / measured[out] - 1)
+        error = float(np.sqrt(np.mean(np.square(errors))))
+        if error < best_error:
+            best, best_error = shrink, error
+    return evaluate @ fit_type_scales(split, measured, best, prior)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--source-home", required=True)
+    parser.add_argument("--source", default="local")
+    parser.add_argument("--target-home", required=True)
+    parser.add_argument("--target", default="arm64")
+    parser.add_argument("--space", default="harness.spaces:TinySpace")
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--png", default="transfer.png")
+    parser.add_argument("--source-label", help="what to call the source in the output "
+                                               "(default: its device name)")
+    parser.add_argument("--target-label", help="what to call the target (default: its name)")
+    args = parser.parse_args()
+    source_name, target_name = args.source_label or args.source, args.target_label or args.target
+
+    space = load_space(args.space)
+    dummy = space.dummy_input()
+    source = load_predictor(Path(args.source_home) / "calibrations" / args.source / "kernels")
+    target = Path(args.target_home) / "calibrations" / args.target
+    train = json.loads((target / "training.json").read_text())
+    held = json.loads((target / "holdout.json").read_text())
+    own = json.loads((target / "calibration.json").read_text())["report"]["calibrated"]
+
+    def split_of(keys: Sequence[str]) -> List[Dict[str, float]]:
+        rows = []
+        for key in keys:
+            exported = export_sample(space, json.loads(key), dummy)
+            rows.append(source.predict_by_type(source.kernels(exported.onnx_bytes,
+                                                              exported.graph_hash)))
+        return rows
+    train_split, held_split = split_of(train["samples"]), split_of(held["samples"])
+    types = sorted({t for row in train_split + held_split for t in row})
+
+    def matrix(rows: List[Dict[str, float]]) -> np.ndarray:
+        return np.array([[row.get(t, 0.0) for t in types] for row in rows])
+    x_train, x_held = matrix(train_split), matrix(held_split)
+    y_train = np.array(train["measured_ms"], dtype=float)
+    y_held = np.array(held["measured_ms"], dtype=float)
+    raw_held = x_held.sum(axis=1)
+
+    rng = np.random.default_rng(args.seed)
+    results: Dict[str, Dict[int, Dict[str, float]]] = {"global": {}, "per type": {}}
+    for count in COUNTS:
+        if count > len(y_train):
+            continue
+        draws = 1 if count == len(y_train) else args.draws
+        scores: Dict[str, List[Dict[str, float]]] = {"global": [], "per type": []}
+        for _ in range(draws):
+            chosen = rng.choice(len(y_train), size=count, replace=False)
+            a, b, _ = fit_correction(x_train[chosen].sum(axis=1), y_train[chosen])
+            scores["global"].append(accuracy_metrics(np.exp(a) * raw_held ** b, y_held))
+            scores["per type"].append(accuracy_metrics(
+                per_type_predictions(x_train[chosen], y_train[chosen], x_held), y_held))
+        for method, runs in scores.items():
+            results[method][count] = {key: statistics.median(run[key] for run in runs)
+                                      for key in ("acc5", "acc10", "rmspe", "kendall_tau")}
+
+    uncorrected = accuracy_metrics(raw_held, y_held)
+    print(f"\ntransfer {source_name} -> {target_name} ({args.space}): {source_name}'s kernel "
+          f"predictors corrected with N subnets measured on {target_name}; {len(y_held)} "
+          f"held-out subnets; median over {args.draws} draws of the N\n")
+    print(f"{'method':12} {'N':>4} {'+-5% acc':>9} {'+-10% acc':>10} {'RMSPE':>8} {'tau':>7}")
+    print(f"{'uncorrected':12} {0:>4} {uncorrected['acc5']:>9.1%} {uncorrected['acc10']:>10.1%} "
+          f"{uncorrected['rmspe']:>7.1f}% {uncorrected['kendall_tau']:>7.3f}")
+    for method, by_count in results.items():
+        for count, m in by_count.items():
+            print(f"{method:12} {count:>4} {m['acc5']:>9.1%} {m['acc10']:>10.1%} "
+                  f"{m['rmspe']:>7.1f}% {m['kendall_tau']:>7.3f}")
+    print(f"{'own kernels':12} {len(y_train):>4} "
+          f"{own['acc5']:>9.1%} {own['acc10']:>10.1%} {own['rmspe']:>7.1f}% "
+          f"{own['kendall_tau']:>7.3f}   ({target_name}'s own calibration, kernels measured)")
+    after20 = max(results[m][20]["acc10"] for m in results if 20 in results[m])
+    print(f"\ntarget >= {TARGET_ACC10:.0%} within +-10% after 20 measurements: "
+          f"{'met' if after20 >= TARGET_ACC10 else 'NOT met'} ({after20:.1%})")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for method, by_count in results.items():
+        axis.plot(list(by_count), [m["acc10"] * 100 for m in by_count.values()], "o-",
+                  label=f"{source_name} kernels, {method} correction")
+    axis.axhline(own["acc10"] * 100, color="gray", linestyle="--",
+                 label=f"{target_name}'s own calibration ({len(y_train)} subnets + kernels)")
+    axis.axhline(TARGET_ACC10 * 100, color="red", linestyle=":", label="target")
+    axis.set_xscale("log")
+    axis.set_xticks(list(COUNTS), [str(c) for c in COUNTS])
+    axis.set_xlabel(f"subnets measured on {target_name}")
+    axis.set_ylabel("held-out subnets within +-10% (%)")
+    axis.set_ylim(0, 102)
+    axis.set_title(f"transfer {source_name} -> {target_name}")
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(args.png, dpi=120)
+    print(f"PNG: {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
