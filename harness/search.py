@@ -273,7 +273,14 @@ class ExpectationProfilerPenalty(_ProfilerPenalty):
         return self._combine(loss, expected(self._vectors(distribution)))
 
     def _vectors(self, distribution: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-        choices = getattr(self.profiler, "additive").choices
+        additive = getattr(self.profiler, "additive", None)
+        if additive is None:
+            space = type(getattr(self.profiler, "space", None)).__name__
+            raise TypeError(f"{type(self.profiler).__name__} over {space} has no per-choice table "
+                            f"(the space could not be decomposed into per-choice terms), so "
+                            f"there is no expected cost to differentiate; use "
+                            f"SampleProfilerPenalty, or a space whose blocks see fixed shapes")
+        choices = additive.choices
         vectors = {}
         for label, value in distribution.items():
             if isinstance(value, Mapping):
