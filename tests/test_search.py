@@ -200,4 +200,8 @@ def test_latency_constrained_search_script(tmp_path, home):
                           text=True, timeout=300, env=dict(os.environ, HARNESS_HOME=str(home)))
     assert proc.returncode == 0, proc.stderr
     assert "4 samples within 1000.0 ms on local" in proc.stdout and "best sample" in proc.stdout
+    assert "0 rejected by the FLOPs filter" in proc.stdout
+    spread = float(proc.stdout.split("proxy (naswot) over 4 samples:")[1].split("spread")[1]
+                   .split(",")[0])
+    assert spread > 0.1  # the proxy tells architectures apart (SynFlow spanned 0.0005)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
