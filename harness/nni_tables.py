@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from harness.additive import AdditiveTerm, Block
-from harness.counting import OperatorCounter, count_forward
+from harness.flop_count import OperatorCounter, count_forward
 
 log = logging.getLogger(__name__)
 
