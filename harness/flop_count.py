@@ -126,7 +126,7 @@ def _count(module: nn.Module, inputs: Tuple[Any, ...], convention: str,
         elif counter.flops == before.get(id(leaf)) and not isinstance(leaf, ZERO_MAC_MODULES):
             uncounted.add(type(leaf).__qualname__)
         if convention == "nni":
-            extra[0] += 2 * _nni_extra(leaf, args, output) * _batch(args)
+            extra[0] += 2 * nni_extra(leaf, args, output) * _batch(args)
 
     for leaf in module.modules():
         if not list(leaf.children()):
@@ -149,7 +149,7 @@ def _batch(inputs: Tuple[Any, ...]) -> int:
     return int(first.shape[0]) if first is not None and first.dim() > 0 else 1
 
 
-def _nni_extra(leaf: nn.Module, args: Tuple[Any, ...], output: Any) -> int:
+def nni_extra(leaf: nn.Module, args: Tuple[Any, ...], output: Any) -> int:
     """What NNI's formulas count beyond the MACs, for one input sample."""
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
     if isinstance(leaf, _CONVS) and leaf.bias is not None and isinstance(output, torch.Tensor):

@@ -37,9 +37,14 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from harness.additive import AdditiveTerm, Block
-from harness.flop_count import OperatorCounter, count_forward
+from harness.flop_count import OperatorCounter, nni_extra, count_forward
 
 log = logging.getLogger(__name__)
+
+# Modules whose output has their input's shape and whose operators count no FLOPs.
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.SiLU,
+                nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Identity, nn.Dropout,
+                nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 Guard = Tuple[Tuple[str, str, Any], ...]  # (("eq", label, value) | ("gt", label, index), ...)
 
@@ -73,7 +78,9 @@ class NniTables:
 
         self.space = space
         self.convention = convention
-        self._inputs = tuple(torch.empty_like(x, device="meta") for x in inputs)
+        # The glue runs on real zero tensors: torch's CPU kernels for the few element-wise
+        # operators between modules are much faster than its Python meta kernels.
+        self._inputs = tuple(torch.zeros_like(x, device="cpu") for x in inputs)
         self._structural = (LayerChoice, Repeat, InputChoice)
         self._memo: Dict[Tuple[Any, ...], Tuple[float, Any, Set[str]]] = {}
         self.uncounted: Set[str] = set()
@@ -155,6 +162,13 @@ class NniTables:
 
     def _count_unit(self, module: nn.Module, labels: Tuple[str, ...],
                     args: Tuple[Any, ...]) -> Tuple[float, Any, Set[str]]:
+        if isinstance(module, _ELEMENTWISE) and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            # Shape-preserving and zero MACs (what the operators would count): no need to
+            # freeze and run it; NNI's convention adds its per-element count.
+            value = 0.0
+            if self.convention == "nni":
+                value = float(nni_extra(module, args, args[0]))
+            return value, torch.zeros(args[0].shape, dtype=args[0].dtype), set()
         forward = module.__dict__.pop("forward")  # copied as the user made it (only the
         try:                                      # unit itself is patched in its subtree)
             with _disable_current_modes():  # counted on its own, outside the glue's counter
@@ -164,7 +178,7 @@ class NniTables:
         finally:
             module.__dict__["forward"] = forward
         self.uncounted |= counted.uncounted
-        return counted.value, counted.output, counted.uncounted
+        return counted.value, _zeros_like(counted.output), counted.uncounted
 
     @staticmethod
     def build_unit(module: nn.Module, labels: Sequence[str],
@@ -225,7 +239,7 @@ class NniTables:
         self._counter.flops = 0
         self._patch()
         try:
-            with self._counter:
+            with self._counter, torch.no_grad():
                 self.space(*self._inputs)
         finally:
             self._unpatch()
@@ -325,6 +339,15 @@ class NniTables:
                     build=_builder(module, labels, own), input_shape=shapes[0])
             terms.append(AdditiveTerm(term_labels, blocks))
         return terms
+
+
+def _zeros_like(value: Any) -> Any:
+    """Real zero tensors of the output's shapes (counting ran on the meta device)."""
+    if isinstance(value, torch.Tensor):
+        return torch.zeros(value.shape, dtype=value.dtype) if value.is_meta else value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_zeros_like(v) for v in value)
+    return value
 
 
 def _builder(module: nn.Module, labels: Tuple[str, ...],
