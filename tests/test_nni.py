@@ -262,3 +262,26 @@ def test_nni_darts_with_our_penalty_moves_the_space_towards_cheaper_choices():
         if len(set(cost)) > 1:  # started uniform (alphas ~ 0)
             assert p[cheapest] > 1 / len(p) + 0.05, (label, p, cost)
             assert p[cheapest] == max(p) or cost[p.index(max(p))] < 1.01 * cost[cheapest]
+
+
+def test_sample_penalty_and_range_filter_for_nni_strategies():
+    from nni.nas.oneshot.pytorch import profiler as nni_profiler
+
+    from harness import nni_oneshot
+
+    space, x = StagedNet(), torch.randn(1, 3, 12, 12)
+    flops = FlopsProfiler(space, x)
+    sample = random_samples(space, 1, seed=2)[0]
+    value = flops.profile(sample)
+    penalty = nni_oneshot.SampleProfilerPenalty(flops, baseline=value / 2)
+    assert isinstance(penalty, nni_profiler.SampleProfilerPenalty)
+    loss, details = penalty(torch.tensor(1.0), sample)
+    assert float(loss) == pytest.approx(2.0) and details["penalty"] == value
+    keep = nni_oneshot.RangeProfilerFilter(flops, max=value)
+    assert isinstance(keep, nni_profiler.ProfilerFilter)
+    assert keep.filter(sample) and keep(sample)
+    assert not nni_oneshot.RangeProfilerFilter(flops, max=value - 1).filter(sample)
+    expectation = nni_oneshot.ExpectationProfilerPenalty(flops, baseline=value)
+    assert isinstance(expectation, nni_profiler.ExpectationProfilerPenalty)
+    with pytest.raises(RuntimeError, match="no architecture parameters"):
+        expectation.bind(object())(0.0, {})
