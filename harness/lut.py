@@ -28,6 +28,7 @@ import torch
 from harness.additive import AdditiveCost, Shape, distinct_blocks
 from harness.errors import HarnessError
 from harness.export import DummyInput, as_input_tuple
+from harness.nni_tables import NniTables, NotDecomposable, is_nni_space
 from harness.profiler import LatencyProfiler
 from harness.profiler_base import Profiler
 from harness.space import ModelSpace, SampleValidator, checked_search_space
@@ -155,9 +156,19 @@ class _Identity(torch.nn.Module):
 def _terms(space: ModelSpace, dummy_input: DummyInput) -> List[Any]:
     terms_of = getattr(space, "additive_terms", None)
     inputs = as_input_tuple(dummy_input)
-    if not callable(terms_of) or len(inputs) != 1:
-        raise HarnessError(f"{type(space).__name__} is not additive (no additive_terms()), so "
-                           f"it has no per-block lookup table",
+    if callable(terms_of) and len(inputs) == 1:
+        return terms_of(tuple(inputs[0].shape))
+    terms = None
+    if is_nni_space(space) and len(inputs) == 1:  # tables derived from the NNI space itself
+        try:
+            terms = NniTables(space, inputs).additive_terms(  # type: ignore[arg-type]
+                checked_search_space(space))
+        except NotDecomposable as exc:
+            log.warning("%s cannot be decomposed: %s", type(space).__name__, exc)
+    if terms is None:
+        raise HarnessError(f"{type(space).__name__} is not additive (no additive_terms(), or "
+                           f"an NNI space whose modules see shapes that follow the choices), "
+                           f"so it has no per-block lookup table",
                            fix="use LatencyProfiler for whole subnets, or give the space "
                                "additive_terms(input_shape) (see harness.additive)")
-    return terms_of(tuple(inputs[0].shape))
+    return terms

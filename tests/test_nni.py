@@ -285,3 +285,19 @@ def test_sample_penalty_and_range_filter_for_nni_strategies():
     assert isinstance(expectation, nni_profiler.ExpectationProfilerPenalty)
     with pytest.raises(RuntimeError, match="no architecture parameters"):
         expectation.bind(object())(0.0, {})
+
+
+def test_latency_lookup_table_of_an_nni_space():
+    from harness.lut import LatencyLUT
+
+    space, x = StagedNet(), torch.randn(1, 3, 12, 12)
+    with LatencyProfiler(space, x, settings=FAST) as latency:
+        lut = LatencyLUT.build(space, x, latency)
+        report = lut.additivity_error(random_samples(space, 2, seed=5), latency)
+    # stem conv (2 kernel sizes) + its ReLU + 3 positions x 3 candidates + the head
+    assert len(lut.block_ms) == 2 + 1 + 9 + 1
+    assert report["samples"] == 2 and lut.fixed_ms > 0
+    probs = {label: torch.full((len(v),), 1 / len(v), requires_grad=True)
+             for label, v in lut.additive.choices.items()}
+    lut.expected(probs).backward()
+    assert all(p.grad is not None for p in probs.values())
