@@ -301,3 +301,38 @@ def test_latency_lookup_table_of_an_nni_space():
              for label, v in lut.additive.choices.items()}
     lut.expected(probs).backward()
     assert all(p.grad is not None for p in probs.values())
+
+
+def test_a_space_that_cannot_be_decomposed_says_what_and_is_counted_exactly(caplog):
+    import logging
+
+    from nni.nas.nn.pytorch import MutableModule
+
+    class Opaque(MutableModule):
+        """A mutable module of its own around a LayerChoice: its forward is its business."""
+
+        def __init__(self):
+            super().__init__()
+            self.inner = LayerChoice([nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 3, padding=1)],
+                                     label="inner")
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    class Net(ModelSpace):
+        def __init__(self):
+            super().__init__()
+            self.opaque = Opaque()
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+        def forward(self, x):
+            return self.head(self.opaque(x))
+
+    space, x = Net(), torch.randn(1, 3, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        flops = FlopsProfiler(space, x)
+    assert flops.additive is None and flops.nni_tables is None
+    assert "opaque: a Opaque (a mutable module of its own) holds" in flops.why_not_additive
+    assert "cannot be decomposed" in caplog.text
+    for sample in ({"inner": 0}, {"inner": 1}):
+        assert flops.profile(sample) == torch_macs(space, sample, x)
