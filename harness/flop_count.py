@@ -1,9 +1,8 @@
 """Counting one forward pass of a module: FLOPs by torch's operator formulas, in MACs or in
 NNI's convention (see harness.counting for the conventions)."""
-import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Set, Tuple
+from typing import Any, Callable, Dict, Set, Tuple
 
 import torch
 from torch import nn
@@ -41,7 +40,7 @@ def register_formula(module_type: type, formula: MacFormula) -> None:
 class OperatorCounter(TorchDispatchMode):
     """Sums torch.utils.flop_counter's FLOPs of every operator run under it (what
     FlopCounterMode counts, without its per-module bookkeeping); `paused` stops counting
-    while a nested count or a formula owns the operators."""
+    while a module with its own formula owns the operators."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -57,14 +56,6 @@ class OperatorCounter(TorchDispatchMode):
                 self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
             return out
         return func(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def pause(self) -> Iterator[None]:
-        self.paused += 1
-        try:
-            yield
-        finally:
-            self.paused -= 1
 
 
 @dataclass
