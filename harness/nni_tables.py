@@ -83,6 +83,7 @@ class NniTables:
         self._inputs = tuple(torch.zeros_like(x, device="cpu") for x in inputs)
         self._structural = (LayerChoice, Repeat, InputChoice)
         self._memo: Dict[Tuple[Any, ...], Tuple[float, Any, Set[str]]] = {}
+        self._shared: Dict[Tuple[Any, ...], Tuple[float, Any, Set[str]]] = {}
         self.uncounted: Set[str] = set()
         self._sample: Mapping[str, Any] = {}
         self._guard: List[Tuple[str, str, Any]] = []
@@ -153,12 +154,29 @@ class NniTables:
             key = (index, own, _shapes(args))
             hit = self._memo.get(key)
             if hit is None:
-                hit = self._memo[key] = self._count_unit(module, labels, args)
+                hit = self._memo[key] = self._count_shared(module, labels, args, key[2])
             self._total += hit[0]
             if self._trace is not None:
                 self._trace.append((index, tuple(self._guard), key[2], hit[0]))
             return hit[1]
         return forward
+
+    def _count_shared(self, module: nn.Module, labels: Tuple[str, ...], args: Tuple[Any, ...],
+                      shapes: Any) -> Tuple[float, Any, Set[str]]:
+        """A mutable layer (MutableConv2d, ...) is what its frozen arguments make: many
+        choices give the same layer (rounded widths), and equal layers at equal input shapes
+        anywhere in the space cost the same, so they share one count."""
+        freeze_args = getattr(module, "freeze_init_arguments", None)
+        if not labels or not callable(freeze_args) or not hasattr(module, "trace_args"):
+            return self._count_unit(module, labels, args)
+        traced: Any = module
+        init_args, init_kwargs = freeze_args(dict(self._sample), *traced.trace_args,
+                                             **traced.trace_kwargs)
+        key = (type(module), repr(init_args), repr(sorted(init_kwargs.items())), shapes)
+        hit = self._shared.get(key)
+        if hit is None:
+            hit = self._shared[key] = self._count_unit(module, labels, args)
+        return hit
 
     def _count_unit(self, module: nn.Module, labels: Tuple[str, ...],
                     args: Tuple[Any, ...]) -> Tuple[float, Any, Set[str]]:
