@@ -106,7 +106,10 @@ def bench_lut(spaces: List[str]) -> List[Dict[str, Any]]:
         rows.append({"space": f"{spec.split(':')[-1]} {px}px", "fixed_ms": report["fixed_ms"],
                      "mean_err_before": report["mean_abs_error_uncorrected"],
                      "mean_err_after": report["mean_abs_error"],
-                     "max_err_after": report["max_abs_error"]})
+                     "max_err_after": report["max_abs_error"],
+                     "signed_before": statistics.mean(r["uncorrected_error"]
+                                                      for r in report["rows"]),
+                     "signed_after": report["mean_signed_error"]})
     return rows
 
 
@@ -127,7 +130,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warm", type=int, default=200,
                         help="samples profiled before the after-warm column's new samples")
-    parser.add_argument("--spaces", nargs="*",
+    parser.add_argument("--spaces", nargs="*",  # none: only the lookup-table part
                         default=["ProxylessNAS", "MobileNetV3Space", "ShuffleNetSpace"])
     parser.add_argument("--lut", nargs="*", default=None, metavar="MODULE:SPACE@PX",
                         help="also the lookup table's fixed-cost correction (default spaces: "
