@@ -145,9 +145,10 @@ def main() -> int:
         rows.append(bench_space(name, getattr(hub, name)(), args.px, args.samples, args.seed,
                                 args.warm))
         print(f"{name} done", file=sys.stderr)
-    print(f"FLOPs counting at {args.px} px, {args.samples} new samples per space "
-          f"(medians; target: new sample <= {TARGET_US:g} us and <= NNI)")
-    print_table(rows)
+    if rows:
+        print(f"FLOPs counting at {args.px} px, {args.samples} new samples per space "
+              f"(medians; target: new sample <= {TARGET_US:g} us and <= NNI)")
+        print_table(rows)
     if args.lut is not None:
         lut = args.lut or ["harness.spaces:TinySpace@32", "harness.spaces:ProxylessSpace@64"]
         print("\nLatency lookup table, additivity error on 10 subnets (local device)")
