@@ -71,10 +71,17 @@ class AdditiveCost:
             table = {values: (block_cost[block.key] if block is not None else 0.0)
                      for values, block in term.blocks.items()}
             self._tables.append((tuple(position[label] for label in term.labels), table))
+        # total() sums one table per distinct label tuple (terms over the same labels merged)
+        merged: Dict[Tuple[int, ...], Dict[Tuple[Any, ...], float]] = {}
+        for where, table in self._tables:
+            into = merged.setdefault(where, dict.fromkeys(table, 0.0))
+            for values, cost in table.items():
+                into[values] += cost
+        self._merged = list(merged.items())
 
     def total(self, values: Sequence[Any]) -> float:
         """Cost of the sample whose choices, in label order, are `values`."""
-        return sum(table[tuple(values[i] for i in where)] for where, table in self._tables)
+        return sum(table[tuple(values[i] for i in where)] for where, table in self._merged)
 
     def expected(self, probabilities: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """E[cost] when each label is drawn independently with the given probabilities (one

@@ -1,92 +1,48 @@
 """`FlopsProfiler` and `NumParamsProfiler`: static metrics with the Profiler interface.
 
-FLOPs are counted as multiply-accumulates (MACs) of convolutions and linear layers, by
-module hooks during one forward pass: the convention of the NAS literature, and half of what
-`torch.utils.flop_counter.FlopCounterMode` reports for the same layers (the tests check
-that). Modules without a formula are reported on the `harness` logger and listed in
-`profiler.uncounted`, never silently taken as zero; normalisation, activation, pooling and
-shape-only modules are zero MACs by convention. Register a formula with `register_formula`.
+FLOPs are counted at the level of torch's own operators, with the formulas of
+`torch.utils.flop_counter` (the reference `FlopCounterMode` uses), so functional calls
+(F.conv2d, F.linear, matmul, attention) count as much as modules do. Two conventions:
+
+- "macs" (default): multiply-accumulates, half of what FlopCounterMode reports (the tests
+  check that), for the whole dummy input (batch included); bias additions, normalisation,
+  activations, pooling and element-wise operators are not counted. The NAS literature's
+  convention.
+- "nni": NNI 3.0's FlopsProfiler convention, to compare with its numbers: counts are per
+  input sample (the batch dimension is left out, as NNI's formulas do) and add, on top of
+  the MACs, one operation per output element of a convolution or linear layer with bias,
+  2 * (1 + affine) per element of BatchNorm input, and one per element of ReLU, ReLU6, ELU,
+  Sigmoid, Tanh, Hardtanh and LeakyReLU (not Hardswish, SiLU or GELU, which NNI does not
+  count). NNI counts modules only: functional matmuls count here and not there.
+
+Counting runs on the meta device (shapes only, no arithmetic) where the model allows and on
+the CPU otherwise. A leaf module whose forward adds nothing countable and is not zero by
+convention (normalisation, activations, pooling, shape-only) is reported on the `harness`
+logger and listed in `profiler.uncounted`, never silently taken as zero; give it a formula
+with `register_formula` (its operators are then not counted on their own).
 
 For additive spaces (harness.additive) every candidate block is counted once at its real
 input shape when the profiler is made, and checked against whole-subnet counts, so that
-`profile()` of a new sample is a few table look-ups.
+`profile()` of a new sample is a few table look-ups. NNI ModelSpaces are decomposed into
+such tables from the space itself (harness.nni_tables); where that is not possible, new
+samples are counted by memoized look-ups per mutable module, and where even that fails, by
+freezing and counting the whole subnet.
 """
 import logging
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
 from harness.additive import AdditiveCost, distinct_blocks
 from harness.export import DummyInput, as_input_tuple, freeze
+from harness.flop_count import (CONVENTIONS, FORMULAS, ZERO_MAC_MODULES, count_macs,  # noqa: F401
+                                register_formula)
+from harness.nni_tables import NniTables, NotDecomposable, is_nni_space
 from harness.profiler_base import Profiler
 from harness.space import ModelSpace, SampleValidator, checked_search_space, random_samples
 
 log = logging.getLogger(__name__)
-
-MacFormula = Callable[[nn.Module, Tuple[torch.Tensor, ...], torch.Tensor], int]
-
-
-def _conv_macs(module: Any, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
-    per_output = (module.in_channels // module.groups) * int(torch.tensor(module.kernel_size).prod())
-    return int(output.numel() * per_output)
-
-
-def _conv_transpose_macs(module: Any, inputs: Tuple[torch.Tensor, ...],
-                         output: torch.Tensor) -> int:
-    per_input = (module.out_channels // module.groups) * int(torch.tensor(module.kernel_size).prod())
-    return int(inputs[0].numel() * per_input)
-
-
-def _linear_macs(module: Any, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
-    return int(output.numel() * module.in_features)
-
-
-FORMULAS: Dict[type, MacFormula] = {
-    nn.Conv1d: _conv_macs, nn.Conv2d: _conv_macs, nn.Conv3d: _conv_macs,
-    nn.ConvTranspose1d: _conv_transpose_macs, nn.ConvTranspose2d: _conv_transpose_macs,
-    nn.ConvTranspose3d: _conv_transpose_macs, nn.Linear: _linear_macs,
-}
-
-# Zero multiply-accumulates by convention (their cost is memory, not MACs).
-ZERO_MAC_MODULES: Tuple[type, ...] = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softmax, nn.Identity, nn.Dropout,
-    nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
-    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.ZeroPad2d,
-)
-
-
-def register_formula(module_type: type, formula: MacFormula) -> None:
-    """Count `module_type` with `formula(module, inputs, output) -> MACs`."""
-    FORMULAS[module_type] = formula
-
-
-def count_macs(module: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> Tuple[int, Set[str]]:
-    """MACs of one forward pass, and the names of leaf module types without a formula."""
-    total = [0]
-    uncounted: Set[str] = set()
-    handles = []
-
-    def hook(leaf: nn.Module, args: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        formula = next((f for t, f in FORMULAS.items() if type(leaf) is t), None)
-        if formula is not None:
-            total[0] += int(formula(leaf, args, output))
-        elif not isinstance(leaf, ZERO_MAC_MODULES):
-            uncounted.add(type(leaf).__qualname__)
-
-    for leaf in module.modules():
-        if not list(leaf.children()):
-            handles.append(leaf.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            module.eval()(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total[0], uncounted
 
 
 def count_params(module: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> Tuple[int, Set[str]]:
@@ -99,43 +55,90 @@ class _StaticProfiler(Profiler):
 
     metric_name = ""
 
-    def __init__(self, space: ModelSpace, dummy_input: DummyInput):
+    def __init__(self, space: ModelSpace, dummy_input: DummyInput, convention: str = "macs"):
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
         self.space = space
+        self.convention = convention
         self._inputs = as_input_tuple(dummy_input)
         choices = checked_search_space(space)
         self._validate = SampleValidator(choices)
         self._memo: Dict[Tuple[Any, ...], float] = {}
+        self._whole: Dict[Tuple[Any, ...], float] = {}
         self.uncounted: Set[str] = set()
+        self.nni_tables: Any = None  # harness.nni_tables.NniTables for an NNI ModelSpace
+        self.why_not_additive = ""
         self.additive: Optional[AdditiveCost] = self._precompute(choices)
 
-    def _count(self, module: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> Tuple[int, Set[str]]:
+    def _count(self, module: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> Tuple[float, Set[str]]:
         raise NotImplementedError
 
     def _measure_module(self, module: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> float:
         value, uncounted = self._count(module, inputs)
+        self._report_uncounted(uncounted)
+        return float(value)
+
+    def _report_uncounted(self, uncounted: Set[str]) -> None:
         new = uncounted - self.uncounted
         if new:
             log.warning("%s: no MAC formula for %s; counted as 0 (register one with "
                         "harness.counting.register_formula)", type(self).__name__,
                         ", ".join(sorted(new)))
             self.uncounted |= new
-        return float(value)
+
+    def _terms(self, choices: Mapping[str, List[Any]]) -> Optional[List[Any]]:
+        terms_of = getattr(self.space, "additive_terms", None)
+        if callable(terms_of) and len(self._inputs) == 1:
+            return terms_of(tuple(self._inputs[0].shape))
+        if not is_nni_space(self.space):
+            self.why_not_additive = "the space has no additive_terms()"
+            return None
+        try:
+            tables = NniTables(self.space, self._inputs, self.convention)  # type: ignore[arg-type]
+        except NotDecomposable as exc:
+            self.why_not_additive = str(exc)
+            log.warning("%s: %s cannot be decomposed (%s); counting whole frozen subnets",
+                        type(self).__name__, type(self.space).__name__, exc)
+            return None
+        if not self._tables_agree(tables):
+            return None
+        self.nni_tables = tables
+        terms = tables.additive_terms(choices)
+        if terms is None:
+            self.why_not_additive = ("its modules see input shapes that depend on the sample; "
+                                     "new samples are counted by memoized look-ups per module")
+        return terms
+
+    def _tables_agree(self, tables: Any) -> bool:
+        """The memoized per-module count equals the whole frozen subnet's on two samples."""
+        for sample in random_samples(self.space, 2, seed=12345):
+            by_tables = self._tables_value(tables, sample)
+            whole = self._full(sample)
+            if abs(by_tables - whole) > 1e-6 * max(whole, 1):
+                self.why_not_additive = (f"per-module counting gives {by_tables:g} where the "
+                                         f"frozen subnet gives {whole:g}")
+                log.warning("%s: %s: %s; counting whole frozen subnets", type(self).__name__,
+                            type(self.space).__name__, self.why_not_additive)
+                return False
+        return True
+
+    def _tables_value(self, tables: Any, sample: Mapping[str, Any]) -> float:
+        return float(tables.cost(sample))
 
     def _precompute(self, choices: Mapping[str, List[Any]]) -> Optional[AdditiveCost]:
-        terms_of = getattr(self.space, "additive_terms", None)
-        if not callable(terms_of) or len(self._inputs) != 1:
+        terms = self._terms(choices)
+        if terms is None:
             return None
-        terms = terms_of(tuple(self._inputs[0].shape))
         costs = {}
         for block in distinct_blocks(terms):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
+            with torch.device("meta"):  # counting needs shapes only: no initialisation
                 module = block.build()
             costs[block.key] = self._measure_module(module, (torch.zeros(block.input_shape),))
         additive = AdditiveCost(terms, costs, self._validate.labels, choices)
         for sample in random_samples(self.space, 2, seed=12345):
             whole = self._full(sample)
             if abs(additive.total(self._validate.values(sample)) - whole) > 1e-6 * max(whole, 1):
+                self.why_not_additive = "the block sum differs from the whole subnet"
                 log.warning("%s: %s is not additive as it claims (block sum differs from the "
                             "whole subnet); counting whole subnets instead",
                             type(self).__name__, type(self.space).__name__)
@@ -143,7 +146,12 @@ class _StaticProfiler(Profiler):
         return additive
 
     def _full(self, sample: Mapping[str, Any]) -> float:
-        return self._measure_module(freeze(self.space, dict(sample)), self._inputs)
+        """The whole frozen subnet counted (memoized: the checks reuse their samples)."""
+        values = self._validate.values(sample)
+        if values not in self._whole:
+            self._whole[values] = self._measure_module(freeze(self.space, dict(sample)),
+                                                       self._inputs)
+        return self._whole[values]
 
     def profile(self, sample: Mapping[str, Any]) -> float:
         values = self._validate.values(sample)
@@ -151,26 +159,45 @@ class _StaticProfiler(Profiler):
             return self.additive.total(values)
         value = self._memo.get(values)
         if value is None:
-            value = self._memo[values] = self._full(dict(zip(self._validate.labels, values)))
+            sample = dict(zip(self._validate.labels, values))
+            if self.nni_tables is not None and self.metric_name == "flops":
+                value = self._tables_value(self.nni_tables, sample)
+            else:
+                value = self._full(sample)
+            self._memo[values] = value
         return value
 
     def expected(self, probabilities: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Expected metric under architecture probabilities, differentiably (additive spaces)."""
         if self.additive is None:
             raise TypeError(f"{type(self).__name__} over {type(self.space).__name__} has no "
-                            f"per-block table (the space is not additive)")
+                            f"per-choice table ({self.why_not_additive}), so it has no "
+                            f"expected cost")
         return self.additive.expected(probabilities)
 
 
 class FlopsProfiler(_StaticProfiler):
-    """Multiply-accumulates of a sample's forward pass on `dummy_input`."""
+    """Multiply-accumulates of a sample's forward pass on `dummy_input` (or FLOPs in NNI's
+    convention with convention="nni"; see the module doc)."""
+
+    metric_name = "flops"
 
     def _count(self, module, inputs):
-        return count_macs(module, inputs)
+        return count_macs(module, inputs, self.convention)
+
+    def _tables_value(self, tables: Any, sample: Mapping[str, Any]) -> float:
+        value = float(tables.cost(sample))
+        self._report_uncounted(tables.uncounted)
+        return value
 
 
 class NumParamsProfiler(_StaticProfiler):
     """Number of parameters of a sample's subnet."""
 
+    metric_name = "params"
+
     def _count(self, module, inputs):
         return count_params(module, inputs)
+
+    def _tables_agree(self, tables: Any) -> bool:
+        return True  # the tables count MACs; the parameter terms are checked in _precompute

@@ -7,9 +7,15 @@ blocks' medians (microseconds to answer), and the expected latency under archite
 probabilities is a differentiable torch expression (`expected`), for
 `ExpectationProfilerPenalty`.
 
-Summing blocks ignores what happens between them (memory traffic, fusion across block
-borders, per-model runtime overhead), so `additivity_error` measures whole subnets on the
-same device and reports how far the table is off.
+Every measured run also pays a fixed cost that does not depend on the block (the runtime's
+call overhead, copying the input in and the output out). Summed over a subnet's blocks it
+would be counted once per block instead of once per run, so the table measures an identity
+model at each block's input shape and subtracts it from that block (never below zero), and
+adds the identity model at the subnet's input once (`fixed_ms`).
+
+Summing blocks still ignores what happens between them (memory traffic, fusion across block
+borders), so `additivity_error` measures whole subnets on the same device and reports how
+far the table is off, with and without the fixed-cost correction.
 """
 import json
 import logging
@@ -19,9 +25,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from harness.additive import AdditiveCost, distinct_blocks
+from harness.additive import AdditiveCost, Shape, distinct_blocks
 from harness.errors import HarnessError
 from harness.export import DummyInput, as_input_tuple
+from harness.nni_tables import NniTables, NotDecomposable, is_nni_space
 from harness.profiler import LatencyProfiler
 from harness.profiler_base import Profiler
 from harness.space import ModelSpace, SampleValidator, checked_search_space
@@ -33,19 +40,40 @@ class LatencyLUT(Profiler):
     """Latency (ms, the profiler's statistic) as a sum of measured per-block latencies."""
 
     def __init__(self, space: ModelSpace, dummy_input: DummyInput,
-                 block_ms: Mapping[str, float], device: str = "unknown"):
+                 block_ms: Mapping[str, float], device: str = "unknown",
+                 overhead_ms: Optional[Mapping[Shape, float]] = None):
+        """`block_ms`: each block's measured latency, fixed cost included; `overhead_ms`:
+        the identity model's latency per input shape (None or empty: no correction)."""
         choices = checked_search_space(space)
         self.space = space
         self.device = device
         self.block_ms = dict(block_ms)
+        self.overhead_ms: Dict[Shape, float] = {tuple(k): float(v)
+                                                for k, v in (overhead_ms or {}).items()}
         self._validate = SampleValidator(choices)
         self._terms = _terms(space, dummy_input)
-        missing = [b.key for b in distinct_blocks(self._terms) if b.key not in self.block_ms]
+        blocks = list(distinct_blocks(self._terms))
+        missing = [b.key for b in blocks if b.key not in self.block_ms]
         if missing:
             raise HarnessError(f"the lookup table has no latency for {len(missing)} blocks, "
                                f"e.g. {missing[0]}", fix="build the table again for this space "
                                                          "and input shape")
-        self.additive = AdditiveCost(self._terms, self.block_ms, self._validate.labels, choices)
+        self._input_shape = tuple(as_input_tuple(dummy_input)[0].shape)
+        shapes = {b.input_shape for b in blocks} | {self._input_shape}
+        if self.overhead_ms and not shapes <= set(self.overhead_ms):
+            raise HarnessError(f"the lookup table has no fixed cost for input shapes "
+                               f"{sorted(shapes - set(self.overhead_ms))}",
+                               fix="build the table again for this space and input shape")
+        self.fixed_ms = self.overhead_ms.get(self._input_shape, 0.0)
+        self.net_ms = {b.key: max(self.block_ms[b.key] - self.overhead_ms.get(b.input_shape, 0.0),
+                                  0.0) for b in blocks}
+        clamped = [b.key for b in blocks
+                   if self.block_ms[b.key] < self.overhead_ms.get(b.input_shape, 0.0)]
+        if clamped:
+            log.info("lookup table: %d blocks measured faster than the identity model (noise); "
+                     "taken as 0 ms", len(clamped))
+        self.additive = AdditiveCost(self._terms, self.net_ms, self._validate.labels, choices)
+        self._raw = AdditiveCost(self._terms, self.block_ms, self._validate.labels, choices)
 
     @classmethod
     def build(cls, space: ModelSpace, dummy_input: DummyInput, profiler: LatencyProfiler,
@@ -54,6 +82,10 @@ class LatencyLUT(Profiler):
         from tqdm import tqdm
 
         blocks = list(distinct_blocks(_terms(space, dummy_input)))
+        shapes = sorted({b.input_shape for b in blocks}
+                        | {tuple(as_input_tuple(dummy_input)[0].shape)})
+        overhead_ms = {shape: profiler.measure_module(_Identity(), torch.randn(shape)).statistic(
+            profiler.statistic) for shape in shapes}
         block_ms = {}
         for block in tqdm(blocks, desc=f"lookup table on {profiler.device}", unit="block",
                           disable=(not progress) if progress is not None else None, leave=False):
@@ -62,50 +94,81 @@ class LatencyLUT(Profiler):
                 module = block.build()
             measured = profiler.measure_module(module, torch.randn(block.input_shape))
             block_ms[block.key] = measured.statistic(profiler.statistic)
-        log.info("lookup table: %d blocks measured on %s", len(blocks), profiler.device)
-        return cls(space, dummy_input, block_ms, device=profiler.device)
+        log.info("lookup table: %d blocks and %d fixed costs measured on %s", len(blocks),
+                 len(overhead_ms), profiler.device)
+        return cls(space, dummy_input, block_ms, device=profiler.device, overhead_ms=overhead_ms)
 
     def profile(self, sample: Mapping[str, Any]) -> float:
-        return self.additive.total(self._validate.values(sample))
+        return self.additive.total(self._validate.values(sample)) + self.fixed_ms
+
+    def profile_uncorrected(self, sample: Mapping[str, Any]) -> float:
+        """The plain sum of measured blocks, the fixed cost counted once per block."""
+        return self._raw.total(self._validate.values(sample))
 
     def expected(self, probabilities: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Expected latency (ms) under independent per-label probabilities; differentiable."""
-        return self.additive.expected(probabilities)
+        return self.additive.expected(probabilities) + self.fixed_ms
 
     def additivity_error(self, samples: Sequence[Mapping[str, Any]],
                          profiler: LatencyProfiler) -> Dict[str, Any]:
         """Compare the table with whole-subnet measurements on the same device."""
         rows = []
         for sample in samples:
-            predicted = self.profile(sample)
+            predicted, uncorrected = self.profile(sample), self.profile_uncorrected(sample)
             measured = profiler.profile(sample)
-            rows.append({"predicted_ms": predicted, "measured_ms": measured,
-                         "error": (predicted - measured) / measured})
+            rows.append({"predicted_ms": predicted, "uncorrected_ms": uncorrected,
+                         "measured_ms": measured, "error": (predicted - measured) / measured,
+                         "uncorrected_error": (uncorrected - measured) / measured})
         errors = [abs(r["error"]) for r in rows]
         return {"samples": len(rows), "mean_abs_error": statistics.mean(errors),
                 "max_abs_error": max(errors),
-                "mean_signed_error": statistics.mean(r["error"] for r in rows), "rows": rows}
+                "mean_signed_error": statistics.mean(r["error"] for r in rows),
+                "mean_abs_error_uncorrected": statistics.mean(
+                    abs(r["uncorrected_error"]) for r in rows),
+                "fixed_ms": self.fixed_ms, "rows": rows}
 
     def save(self, path: Union[str, Path]) -> None:
-        Path(path).write_text(json.dumps({"device": self.device, "block_ms": self.block_ms},
-                                         indent=1, sort_keys=True))
+        Path(path).write_text(json.dumps(
+            {"device": self.device, "block_ms": self.block_ms,
+             "overhead_ms": [[list(shape), ms] for shape, ms in sorted(self.overhead_ms.items())]},
+            indent=1, sort_keys=True))
 
     @classmethod
     def load(cls, path: Union[str, Path], space: ModelSpace, dummy_input: DummyInput) -> "LatencyLUT":
         try:
             data = json.loads(Path(path).read_text())
-            return cls(space, dummy_input, data["block_ms"], device=data.get("device", "unknown"))
+            overhead = {tuple(int(d) for d in shape): float(ms)
+                        for shape, ms in data.get("overhead_ms", [])}
+            return cls(space, dummy_input, data["block_ms"], device=data.get("device", "unknown"),
+                       overhead_ms=overhead)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise HarnessError(f"cannot read the lookup table {path}: {exc}",
                                fix="build it again with LatencyLUT.build(...).save(path)") from exc
 
 
+class _Identity(torch.nn.Module):
+    """A model that returns its input: what a run costs when the model does nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def _terms(space: ModelSpace, dummy_input: DummyInput) -> List[Any]:
     terms_of = getattr(space, "additive_terms", None)
     inputs = as_input_tuple(dummy_input)
-    if not callable(terms_of) or len(inputs) != 1:
-        raise HarnessError(f"{type(space).__name__} is not additive (no additive_terms()), so "
-                           f"it has no per-block lookup table",
+    if callable(terms_of) and len(inputs) == 1:
+        return terms_of(tuple(inputs[0].shape))
+    terms = None
+    if is_nni_space(space) and len(inputs) == 1:  # tables derived from the NNI space itself
+        try:
+            terms = NniTables(space, inputs).additive_terms(  # type: ignore[arg-type]
+                checked_search_space(space))
+        except NotDecomposable as exc:
+            log.warning("%s cannot be decomposed: %s", type(space).__name__, exc)
+    if terms is None:
+        raise HarnessError(f"{type(space).__name__} is not additive (no additive_terms(), or "
+                           f"an NNI space whose modules see shapes that follow the choices), "
+                           f"so it has no per-block lookup table",
                            fix="use LatencyProfiler for whole subnets, or give the space "
                                "additive_terms(input_shape) (see harness.additive)")
-    return terms_of(tuple(inputs[0].shape))
+    return terms

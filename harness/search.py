@@ -15,7 +15,9 @@ to the strategy so a learning strategy (RegularizedEvolution) learns to avoid th
 One-shot: `ExpectationProfilerPenalty` adds the expected cost under the architecture
 distribution to the loss as a torch expression, so its gradient reaches the architecture
 parameters; `SampleProfilerPenalty` does the same for one sampled architecture (no
-gradient); `RangeProfilerFilter` tells whether a sample's cost is within bounds.
+gradient); `RangeProfilerFilter` tells whether a sample's cost is within bounds. They take
+harness spaces and NNI ModelSpaces alike (tables from harness.counting / harness.lut); for
+NNI's own one-shot strategies use the subclasses in harness.nni_oneshot.
 """
 import collections
 import logging
@@ -231,7 +233,7 @@ class _ProfilerPenalty(torch.nn.Module):
 
     def __init__(self, profiler: Profiler, baseline: float, scale: float = 1., *,
                  nonlinear: str = "linear", aggregate: str = "add"):
-        super().__init__()
+        torch.nn.Module.__init__(self)  # not super(): NNI's penalty may follow in the MRO
         if nonlinear not in _NONLINEAR:
             raise ValueError(f"nonlinear must be one of {list(_NONLINEAR)}, got {nonlinear!r}")
         if aggregate not in ("add", "mul"):
@@ -273,7 +275,14 @@ class ExpectationProfilerPenalty(_ProfilerPenalty):
         return self._combine(loss, expected(self._vectors(distribution)))
 
     def _vectors(self, distribution: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-        choices = getattr(self.profiler, "additive").choices
+        additive = getattr(self.profiler, "additive", None)
+        if additive is None:
+            space = type(getattr(self.profiler, "space", None)).__name__
+            raise TypeError(f"{type(self.profiler).__name__} over {space} has no per-choice table "
+                            f"(the space could not be decomposed into per-choice terms), so "
+                            f"there is no expected cost to differentiate; use "
+                            f"SampleProfilerPenalty, or a space whose blocks see fixed shapes")
+        choices = additive.choices
         vectors = {}
         for label, value in distribution.items():
             if isinstance(value, Mapping):

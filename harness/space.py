@@ -49,6 +49,13 @@ def raw_search_space(space: Any) -> Mapping[str, Sequence[Any]]:
         choices = {}
         for label, mutable in space.simplify().items():
             values = getattr(mutable, "values", None)
+            if hasattr(mutable, "n_chosen"):  # nni.mutable.CategoricalMultiple: a list per sample
+                raise HarnessError(
+                    f"NNI label {label!r} chooses several of {list(values or [])!r} at once "
+                    f"({type(mutable).__name__}, n_chosen={mutable.n_chosen}), so its samples are "
+                    f"lists, not one value", fix="use InputChoice(..., n_chosen=1) or "
+                    "LayerChoice; spaces whose input choices keep several inputs (DARTS cells) "
+                    "are not supported")
             if values is None:
                 raise HarnessError(f"NNI label {label!r} is a {type(mutable).__name__}, not a "
                                    f"categorical choice", fix="profile spaces whose mutables are "

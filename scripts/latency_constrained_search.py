@@ -3,16 +3,25 @@
 
 Random search or regularized evolution over a space, with constraints chained cheapest
 first (an optional FLOPs limit, then the device latency limit, so the device only sees
-samples that pass the cheaper check). The accuracy proxy is SynFlow (Tanaka et al. 2020;
-a training-free NAS proxy, Abdelfattah et al. 2021): the summed |theta * dR/dtheta| of the
-network with absolute weights on an all-ones input. Prints the best samples and saves a PNG
-of proxy vs latency with the Pareto front.
+samples that pass the cheaper check). The accuracy proxy is training-free: by default NASWOT
+(Mellor et al. 2021, "Neural Architecture Search without Training"): log|det K| of the
+kernel of binary activation codes of the network's rectifier units over a mini-batch of
+random inputs, which tells apart networks that separate inputs from networks that do not;
+`--proxy synflow` keeps SynFlow (Tanaka et al. 2020), which saturates on ReLU6 networks
+(the gradient reaches few parameters through clamped units, so every subnet scores nearly
+the same). The proxy's spread over the evaluated samples is printed, so a proxy that does
+not separate architectures is seen.
+
+Prints the best samples, how many each filter rejected, and saves a PNG of proxy vs
+measured latency: samples within the limit, samples the device rejected (grey, their proxy
+computed for the plot only), and the Pareto front.
 
     python3 scripts/latency_constrained_search.py --space harness.spaces:ProxylessSpace \\
         --device local --latency-ms 20 --strategy evolution --budget 40 --png front.png
 """
 import argparse
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -28,6 +37,37 @@ from harness.search import Chain, Filter, Random, RegularizedEvolution, run_sear
 from harness.space import load_space  # noqa: E402
 
 
+ACTIVATIONS = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardswish, torch.nn.LeakyReLU,
+               torch.nn.GELU, torch.nn.SiLU)
+
+
+def naswot(module: torch.nn.Module, input_shape: Tuple[int, ...], batch: int = 16,
+           seed: int = 0) -> float:
+    """NASWOT score: log|det K| with K[i, j] = the number of rectifier units on which inputs
+    i and j agree (both active or both inactive); higher suggests a better network."""
+    codes: List[torch.Tensor] = []
+
+    def hook(_: torch.nn.Module, args: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        codes.append((args[0].detach().flatten(1) > 0).double())
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()
+               if isinstance(m, ACTIVATIONS)]
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *input_shape[1:]), generator=generator)
+    try:
+        with torch.no_grad():
+            module.eval()(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not codes:
+        raise SystemExit(f"{type(module).__name__} has no rectifier units for NASWOT; "
+                         f"use --proxy synflow")
+    c = torch.cat(codes, dim=1)
+    kernel = c @ c.t() + (1 - c) @ (1 - c).t()
+    return float(torch.linalg.slogdet(kernel)[1])
+
+
 def synflow(module: torch.nn.Module, input_shape: Tuple[int, ...]) -> float:
     """log10 of the SynFlow score (higher suggests a better network, before any training)."""
     module = module.double().eval()
@@ -41,6 +81,9 @@ def synflow(module: torch.nn.Module, input_shape: Tuple[int, ...]) -> float:
     torch.sum(output).backward()
     score = sum((p * p.grad).abs().sum().item() for p in module.parameters() if p.grad is not None)
     return math.log10(score) if score > 0 else float("-inf")
+
+
+PROXIES = {"naswot": naswot, "synflow": synflow}
 
 
 def pareto(points: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
@@ -64,6 +107,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-time-ms", type=float, default=300.0)
     parser.add_argument("--png", default="latency_front.png")
+    parser.add_argument("--proxy", choices=sorted(PROXIES), default="naswot")
     args = parser.parse_args()
 
     space = load_space(args.space)
@@ -77,28 +121,45 @@ def main() -> None:
         strategy = RegularizedEvolution(space, population_size=max(4, args.budget // 4),
                                         sample_size=3, seed=args.seed)
     seen: Dict[str, float] = {}
+    rejected: List[dict] = []
+    proxy_of = PROXIES[args.proxy]
+
+    def proxy(sample: dict) -> float:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)  # the same weights for a sample, run after run
+            return proxy_of(freeze(space, sample), tuple(dummy.shape))
 
     def within_latency(sample: dict) -> bool:
         value = latency.profile(sample)
         seen[repr(sorted(sample.items()))] = value
+        if value > args.latency_ms:
+            rejected.append(sample)
         return value <= args.latency_ms
 
     middlewares = []
+    flops_filter = None
     if args.flops_limit:
-        middlewares.append(Filter(lambda s: flops.profile(s) <= args.flops_limit, patience=10000))
+        flops_filter = Filter(lambda s: flops.profile(s) <= args.flops_limit, patience=10000)
+        middlewares.append(flops_filter)
     device_filter = Filter(within_latency, metric_for_invalid=float("-inf") if
                            args.strategy == "evolution" else None, patience=200)
     middlewares.append(device_filter)
-    result = run_search(Chain(strategy, *middlewares),
-                        lambda s: synflow(freeze(space, s), tuple(dummy.shape)), args.budget)
+    result = run_search(Chain(strategy, *middlewares), proxy, args.budget)
     latency.close()
 
     print(f"{len(result.history)} samples within {args.latency_ms} ms on {args.device}; "
-          f"{device_filter.rejected} over the limit; device measurements: "
+          f"{device_filter.rejected} over the limit; "
+          f"{flops_filter.rejected if flops_filter else 0} rejected by the FLOPs filter "
+          f"(never measured); device measurements: "
           f"{latency.counters['measurements']}, cache hits: {latency.counters['cache_hits']}")
-    print(f"\n{'rank':<5}{'proxy (log10 SynFlow)':>22}{'latency ms':>12}{'MMACs':>9}")
-    for rank, (sample, proxy) in enumerate(result.top(5), 1):
-        print(f"{rank:<5}{proxy:>22.3f}{latency.profile(sample):>12.3f}"
+    values = [value for _, value in result.history]
+    if values:
+        print(f"proxy ({args.proxy}) over {len(values)} samples: min {min(values):.4f}, "
+              f"max {max(values):.4f}, spread {max(values) - min(values):.4f}, "
+              f"std {statistics.pstdev(values):.4f}")
+    print(f"\n{'rank':<5}{'proxy (' + args.proxy + ')':>22}{'latency ms':>12}{'MMACs':>9}")
+    for rank, (sample, value) in enumerate(result.top(5), 1):
+        print(f"{rank:<5}{value:>22.3f}{latency.profile(sample):>12.3f}"
               f"{flops.profile(sample) / 1e6:>9.1f}")
     best, _ = result.best
     print(f"\nbest sample: {best}")
@@ -107,14 +168,21 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(latency.profile(s), proxy) for s, proxy in result.history]
+    points = [(latency.profile(s), value) for s, value in result.history]
     figure, axes = plt.subplots(figsize=(6, 4))
-    axes.scatter([p[0] for p in points], [p[1] for p in points], s=14, label="within limit")
+    if rejected:
+        grey = [(latency.profile(s), proxy(s)) for s in rejected]
+        axes.scatter([p[0] for p in grey], [p[1] for p in grey], s=14, color="0.65",
+                     label=f"over the limit ({len(grey)})")
+    axes.scatter([p[0] for p in points], [p[1] for p in points], s=14,
+                 label=f"within limit ({len(points)})")
     front = pareto(points)
     axes.plot([p[0] for p in front], [p[1] for p in front], "r-o", ms=4, label="Pareto front")
+    if flops_filter and flops_filter.rejected:
+        axes.plot([], [], " ", label=f"{flops_filter.rejected} rejected by FLOPs (not measured)")
     axes.axvline(args.latency_ms, color="gray", ls="--", label=f"limit {args.latency_ms} ms")
     axes.set_xlabel(f"median latency on {args.device} (ms)")
-    axes.set_ylabel("accuracy proxy: log10 SynFlow")
+    axes.set_ylabel(f"accuracy proxy: {args.proxy}")
     axes.set_title(f"{args.strategy} search, {type(space).__name__}")
     axes.legend(loc="best")
     figure.tight_layout()

@@ -96,3 +96,38 @@ def test_a_space_that_is_not_additive_as_claimed_is_caught(caplog):
     with FlopCounterMode(display=False) as counter:
         module(space.dummy_input())
     assert flops.profile(sample) == counter.get_total_flops() / 2
+
+
+class Functional(nn.Module):
+    """Work done by functional calls, not by counted leaf modules."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(width, 3, 3, 3))
+        self.proj = nn.Parameter(torch.randn(10, width))
+
+    def forward(self, x):
+        y = torch.nn.functional.conv2d(x, self.w, padding=1)
+        y = torch.nn.functional.interpolate(y, scale_factor=0.5)
+        z = y.flatten(2).transpose(1, 2)  # (batch, pixels, width)
+        attn = z @ z.transpose(1, 2)  # matmul
+        z = attn.softmax(-1) @ z
+        return torch.nn.functional.linear(z.mean(1), self.proj)
+
+
+class FunctionalSpace:
+    def search_space(self):
+        return {"width": [4, 8]}
+
+    def freeze(self, sample):
+        return Functional(sample["width"])
+
+
+def test_functional_operators_are_counted_like_torch_counts_them():
+    space, x = FunctionalSpace(), torch.randn(2, 3, 16, 16)
+    flops = FlopsProfiler(space, x)
+    for width in (4, 8):
+        with FlopCounterMode(display=False) as counter:
+            space.freeze({"width": width})(x)
+        assert flops.profile({"width": width}) == counter.get_total_flops() / 2 > 0
+    assert flops.uncounted == set()  # a leaf whose functional work counted is not "uncounted"

@@ -83,3 +83,256 @@ def test_latency_limit_inside_nni_filter():
     evaluated = sorted((m.sample["conv"], m.sample["act"]) for m in engine.list_models())
     assert evaluated == sorted(medians) and all(d.below for d in limit.decisions)
     assert {d.source for d in limit.decisions} == {"cached"}  # answered by the measurements
+
+
+# ---------------------------------------------------------------- per-choice tables
+
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from harness.errors import HarnessError  # noqa: E402
+from harness.search import ExpectationProfilerPenalty  # noqa: E402
+from harness.space import checked_search_space, random_samples  # noqa: E402
+
+
+class StagedNet(ModelSpace):
+    """LayerChoice, nni.choice (a kernel size) and Repeat: shapes never follow choices."""
+
+    def __init__(self):
+        from nni.nas.nn.pytorch import MutableConv2d, Repeat
+
+        super().__init__()
+        k = nni.choice("stem_k", [1, 3])
+        self.stem = nn.Sequential(MutableConv2d(3, 8, k, padding=(k - 1) // 2), nn.ReLU())
+        self.body = Repeat(lambda i: LayerChoice(
+            [nn.Sequential(nn.Conv2d(8, 8, k, padding=k // 2, groups=g), nn.BatchNorm2d(8))
+             for k, g in ((1, 1), (3, 1), (3, 8))], label=f"b{i}"), (1, 3), label="depth")
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+class WidthNet(ModelSpace):
+    """Channel widths are choices: what later layers see follows the sample."""
+
+    def __init__(self):
+        from nni.nas.nn.pytorch import MutableConv2d, MutableLinear
+
+        super().__init__()
+        w = nni.choice("width", [4, 8, 16])
+        self.conv = MutableConv2d(3, w, 3, padding=1)
+        self.act = LayerChoice([nn.ReLU(), nn.Identity()], label="act")
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = MutableLinear(w, 10)
+
+    def forward(self, x):
+        y = self.pool(self.act(self.conv(x)))  # .view: NNI's shape inference fails on flatten
+        return self.fc(y.view(y.size(0), -1))
+
+
+def torch_macs(space, sample, x):
+    module = space.freeze(sample).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(x)
+    return counter.get_total_flops() / 2
+
+
+def forbid_freeze(space):
+    def freeze(sample):
+        raise AssertionError("profile() froze the space: no per-choice table was used")
+    space.freeze = freeze
+
+
+@pytest.mark.parametrize("net", [StagedNet, WidthNet])
+def test_nni_space_counted_by_per_choice_tables_exactly_as_torch(net):
+    space, x = net(), torch.randn(2, 3, 12, 12)
+    flops = FlopsProfiler(space, x)
+    if net is StagedNet:  # additive: a sum of per-choice table entries
+        assert flops.additive is not None
+    else:  # widths change shapes: memoized look-ups per mutable module, said so
+        assert flops.additive is None and flops.nni_tables is not None
+        assert "depend on the sample" in flops.why_not_additive
+    samples = random_samples(space, 12, seed=4)
+    expected = [torch_macs(space, s, x) for s in samples]
+    forbid_freeze(space)
+    assert [flops.profile(s) for s in samples] == expected
+    assert flops.uncounted == set()
+
+
+def test_nni_convention_matches_nni_own_flops_profiler():
+    """convention='nni' equals NNI's FlopsProfiler; the default (MACs) equals NNI with bias,
+    normalisation and activations switched off, and torch's FlopCounterMode / 2."""
+    from nni.nas.profiler.pytorch.flops import FlopsProfiler as NniFlops
+
+    for space in (StagedNet(), WidthNet()):
+        x = torch.randn(1, 3, 12, 12)
+        ours, ours_nni = FlopsProfiler(space, x), FlopsProfiler(space, x, convention="nni")
+        theirs = NniFlops(space, x)
+        theirs_macs = NniFlops(space, x, count_bias=False, count_normalization=False,
+                               count_activation=False)
+        for sample in random_samples(space, 8, seed=9):
+            assert ours_nni.profile(sample) == float(theirs.profile(sample))
+            assert ours.profile(sample) == float(theirs_macs.profile(sample))
+            assert ours_nni.profile(sample) > ours.profile(sample)  # bias, BN, ReLU added
+    with pytest.raises(ValueError, match="convention"):
+        FlopsProfiler(StagedNet(), x, convention="flops")
+
+
+def test_num_params_on_an_nni_space_by_tables():
+    space, x = StagedNet(), torch.randn(1, 3, 12, 12)
+    params = NumParamsProfiler(space, x)
+    assert params.additive is not None
+    for sample in random_samples(space, 5, seed=1):
+        assert params.profile(sample) == sum(p.numel() for p in space.freeze(sample).parameters())
+
+
+def test_input_choice_keeping_several_inputs_is_refused_at_the_space_check():
+    from nni.nas.nn.pytorch import InputChoice
+
+    class Cell(ModelSpace):
+        def __init__(self):
+            super().__init__()
+            self.ops = nn.ModuleList(nn.Conv2d(3, 4, k, padding=k // 2) for k in (1, 3, 5))
+            self.pick = InputChoice(3, n_chosen=2, reduction="sum", label="pick")
+
+        def forward(self, x):
+            return self.pick([op(x) for op in self.ops])
+
+    with pytest.raises(HarnessError, match="chooses several") as info:
+        checked_search_space(Cell())
+    assert "n_chosen=1" in info.value.fix
+    with pytest.raises(HarnessError, match="chooses several"):
+        FlopsProfiler(Cell(), torch.randn(1, 3, 8, 8))
+
+
+def test_expectation_penalty_on_nni_spaces():
+    """The penalty works on an NNI ModelSpace (it failed with AttributeError), its gradient
+    reaches every label; where there is no per-choice table it says why."""
+    space, x = StagedNet(), torch.randn(1, 3, 12, 12)
+    flops = FlopsProfiler(space, x)
+    choices = checked_search_space(space)
+    alphas = {label: torch.zeros(len(v), requires_grad=True) for label, v in choices.items()}
+    penalty = ExpectationProfilerPenalty(flops, baseline=flops.profile(random_samples(space, 1)[0]))
+    loss, details = penalty(torch.tensor(0.0), {k: a.softmax(-1) for k, a in alphas.items()})
+    loss.backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in alphas.values())
+    sample = random_samples(space, 1, seed=3)[0]
+    one_hot = {label: {v: float(v == sample[label]) for v in values}  # NNI's form
+               for label, values in choices.items()}
+    assert penalty(0.0, one_hot)[1]["penalty"] == pytest.approx(flops.profile(sample))
+
+    width = WidthNet()
+    wflops = FlopsProfiler(width, x)
+    with pytest.raises(TypeError, match="no per-choice table"):
+        ExpectationProfilerPenalty(wflops, baseline=1.0)(0.0, {"width": {4: 1.0}, "act": {0: 1.0}})
+
+
+def test_nni_darts_with_our_penalty_moves_the_space_towards_cheaper_choices():
+    """A few steps of NNI's own DARTS strategy, our penalty bound to its architecture
+    parameters: every label ends up preferring its cheaper choices."""
+    from nni.nas.evaluator.pytorch import Classification, DataLoader
+    from nni.nas.execution import SequentialExecutionEngine
+    from nni.nas.space import RawFormatModelSpace
+    from nni.nas.strategy import DARTS
+
+    from harness import nni_oneshot
+
+    space, x = StagedNet(), torch.randn(1, 3, 8, 8)
+    flops = FlopsProfiler(space, x)
+    middle = {"stem_k": 1, "depth": 2, "b0": 1, "b1": 1, "b2": 1}
+    penalty = nni_oneshot.ExpectationProfilerPenalty(flops, baseline=flops.profile(middle),
+                                                     scale=10.0)
+    strategy = DARTS(penalty=penalty, arc_learning_rate=0.1)  # NNI accepts it as its own
+    penalty.bind(strategy)
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,)))
+    evaluator = Classification(
+        train_dataloaders=DataLoader(data, batch_size=4), val_dataloaders=DataLoader(data, batch_size=4),
+        num_classes=10, max_epochs=1, enable_progress_bar=False, logger=False,
+        enable_checkpointing=False, enable_model_summary=False)
+    strategy(RawFormatModelSpace.from_model(space, evaluator), SequentialExecutionEngine())
+    probs = {label: torch.softmax(alpha.detach(), -1).tolist()
+             for label, alpha in strategy._arch_parameters.items()}
+    choices = checked_search_space(space)
+    for label, p in probs.items():
+        cost = []
+        for value in choices[label]:  # the label's own cost, others at the middle sample
+            cost.append(flops.profile({**middle, "depth": 3, label: value}))
+        cheapest = min(range(len(cost)), key=cost.__getitem__)
+        if len(set(cost)) > 1:  # started uniform (alphas ~ 0)
+            assert p[cheapest] > 1 / len(p) + 0.05, (label, p, cost)
+            assert p[cheapest] == max(p) or cost[p.index(max(p))] < 1.01 * cost[cheapest]
+
+
+def test_sample_penalty_and_range_filter_for_nni_strategies():
+    from nni.nas.oneshot.pytorch import profiler as nni_profiler
+
+    from harness import nni_oneshot
+
+    space, x = StagedNet(), torch.randn(1, 3, 12, 12)
+    flops = FlopsProfiler(space, x)
+    sample = random_samples(space, 1, seed=2)[0]
+    value = flops.profile(sample)
+    penalty = nni_oneshot.SampleProfilerPenalty(flops, baseline=value / 2)
+    assert isinstance(penalty, nni_profiler.SampleProfilerPenalty)
+    loss, details = penalty(torch.tensor(1.0), sample)
+    assert float(loss) == pytest.approx(2.0) and details["penalty"] == value
+    keep = nni_oneshot.RangeProfilerFilter(flops, max=value)
+    assert isinstance(keep, nni_profiler.ProfilerFilter)
+    assert keep.filter(sample) and keep(sample)
+    assert not nni_oneshot.RangeProfilerFilter(flops, max=value - 1).filter(sample)
+    expectation = nni_oneshot.ExpectationProfilerPenalty(flops, baseline=value)
+    assert isinstance(expectation, nni_profiler.ExpectationProfilerPenalty)
+    with pytest.raises(RuntimeError, match="no architecture parameters"):
+        expectation.bind(object())(0.0, {})
+
+
+def test_latency_lookup_table_of_an_nni_space():
+    from harness.lut import LatencyLUT
+
+    space, x = StagedNet(), torch.randn(1, 3, 12, 12)
+    with LatencyProfiler(space, x, settings=FAST) as latency:
+        lut = LatencyLUT.build(space, x, latency)
+        report = lut.additivity_error(random_samples(space, 2, seed=5), latency)
+    # stem conv (2 kernel sizes) + its ReLU + 3 positions x 3 candidates + the head
+    assert len(lut.block_ms) == 2 + 1 + 9 + 1
+    assert report["samples"] == 2 and lut.fixed_ms > 0
+    probs = {label: torch.full((len(v),), 1 / len(v), requires_grad=True)
+             for label, v in lut.additive.choices.items()}
+    lut.expected(probs).backward()
+    assert all(p.grad is not None for p in probs.values())
+
+
+def test_a_space_that_cannot_be_decomposed_says_what_and_is_counted_exactly(caplog):
+    import logging
+
+    from nni.nas.nn.pytorch import MutableModule
+
+    class Opaque(MutableModule):
+        """A mutable module of its own around a LayerChoice: its forward is its business."""
+
+        def __init__(self):
+            super().__init__()
+            self.inner = LayerChoice([nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 3, padding=1)],
+                                     label="inner")
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    class Net(ModelSpace):
+        def __init__(self):
+            super().__init__()
+            self.opaque = Opaque()
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+        def forward(self, x):
+            return self.head(self.opaque(x))
+
+    space, x = Net(), torch.randn(1, 3, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        flops = FlopsProfiler(space, x)
+    assert flops.additive is None and flops.nni_tables is None
+    assert "opaque: a Opaque (a mutable module of its own) holds" in flops.why_not_additive
+    assert "cannot be decomposed" in caplog.text
+    for sample in ({"inner": 0}, {"inner": 1}):
+        assert flops.profile(sample) == torch_macs(space, sample, x)

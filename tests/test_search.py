@@ -151,6 +151,28 @@ def test_latency_lookup_table_on_the_device(space):
     assert probs["stage1.block0.kernel"].grad is not None
 
 
+def test_lut_counts_the_fixed_cost_of_a_run_once_not_once_per_block(space):
+    """Each block's measurement pays the run's fixed cost (an identity model at its input
+    shape): the table subtracts it per block and adds the identity at the subnet input once."""
+    from harness.additive import chosen_blocks
+
+    with LatencyProfiler(space, space.dummy_input(), settings=FAST) as latency:
+        lut = LatencyLUT.build(space, space.dummy_input(), latency)
+    input_shape = tuple(space.dummy_input().shape)
+    blocks = list(chosen_blocks(space.additive_terms(input_shape), random_samples(space, 1)[0]))
+    assert {b.input_shape for b in blocks} | {input_shape} <= set(lut.overhead_ms)
+    assert all(ms > 0 for ms in lut.overhead_ms.values())
+    sample = random_samples(space, 1)[0]
+    expected = lut.overhead_ms[input_shape] + sum(
+        max(lut.block_ms[b.key] - lut.overhead_ms[b.input_shape], 0.0) for b in blocks)
+    assert lut.profile(sample) == pytest.approx(expected)
+    assert lut.profile_uncorrected(sample) == pytest.approx(sum(lut.block_ms[b.key] for b in blocks))
+    assert lut.profile(sample) < lut.profile_uncorrected(sample)
+    probs = {label: torch.eye(len(v), dtype=torch.float64)[v.index(sample[label])]
+             for label, v in lut.additive.choices.items()}
+    assert float(lut.expected(probs)) == pytest.approx(lut.profile(sample))
+
+
 def test_lut_round_trip(space, tmp_path):
     with LatencyProfiler(space, space.dummy_input(), settings=FAST) as latency:
         lut = LatencyLUT.build(space, space.dummy_input(), latency)
@@ -158,6 +180,7 @@ def test_lut_round_trip(space, tmp_path):
     loaded = LatencyLUT.load(tmp_path / "lut.json", space, space.dummy_input())
     sample = random_samples(space, 1, seed=12)[0]
     assert loaded.profile(sample) == lut.profile(sample)
+    assert loaded.overhead_ms == lut.overhead_ms and loaded.fixed_ms > 0
     (tmp_path / "bad.json").write_text("{}")
     from harness.errors import HarnessError
     with pytest.raises(HarnessError, match="cannot read the lookup table"):
@@ -177,4 +200,8 @@ def test_latency_constrained_search_script(tmp_path, home):
                           text=True, timeout=300, env=dict(os.environ, HARNESS_HOME=str(home)))
     assert proc.returncode == 0, proc.stderr
     assert "4 samples within 1000.0 ms on local" in proc.stdout and "best sample" in proc.stdout
+    assert "0 rejected by the FLOPs filter" in proc.stdout
+    spread = float(proc.stdout.split("proxy (naswot) over 4 samples:")[1].split("spread")[1]
+                   .split(",")[0])
+    assert spread > 0.1  # the proxy tells architectures apart (SynFlow spanned 0.0005)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
