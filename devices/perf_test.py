@@ -115,7 +115,8 @@ class PerfTestClient:
 
     def measure(self, model_path: str, settings: Mapping[str, Any], deadline: float,
                 sha256: Optional[str] = None) -> AgentResult:
-        if settings.get("per_op") or settings.get("provider") != "CPUExecutionProvider" \
+        provider = settings.get("provider", "CPUExecutionProvider")
+        if settings.get("per_op") or provider != "CPUExecutionProvider" \
                 or settings.get("provider_options"):  # never measured as something else
             raise BadRequest(f"{self.device} measures with onnxruntime_perf_test on the CPU "
                              f"provider, without a per-operator profile",
