@@ -123,6 +123,10 @@ class SimulatedClient:
             checked = parse_settings(dict(settings))
         except AgentError as exc:
             raise BadRequest(exc.message) from None
+        if checked.get("per_op") or checked.get("precision") not in (None, "fp32"):
+            raise BadRequest(f"simulated device {self.name} has no per-operator profile and "
+                             f"no precision variants", device=self.name,
+                             fix="ask a real device for --ops and --precision")
         run = self.spec.simulate(sha, checked)
         remaining = deadline - time.monotonic()
         if run.busy_s > remaining:

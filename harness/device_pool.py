@@ -289,17 +289,23 @@ class LocalPool:
         while True:
             with self._freed:
                 while all(device in self._busy for device in candidates):
+                    if time.monotonic() - started >= LEASE_WAIT_S:
+                        raise DeviceBusy(f"every device of {self.name} stayed busy for "
+                                         f"{LEASE_WAIT_S:.0f} s")
                     self._freed.wait(timeout=1.0)
                 free = [device for device in candidates if device not in self._busy]
                 self._busy.update(free)  # reserved while this job tries them
-            lease = next((held for held in (try_lease(self.home, d) for d in free)
-                          if held is not None), None)
-            with self._freed:
-                kept = lease.device if lease is not None else None
-                released = [device for device in free if device != kept]
-                self._busy.difference_update(released)
-                if released:
-                    self._freed.notify_all()
+            lease = None
+            try:
+                lease = next((held for held in (try_lease(self.home, d) for d in free)
+                              if held is not None), None)
+            finally:  # a lease file that cannot be opened must not keep the others reserved
+                with self._freed:
+                    kept = lease.device if lease is not None else None
+                    released = [device for device in free if device != kept]
+                    self._busy.difference_update(released)
+                    if released:
+                        self._freed.notify_all()
             if lease is not None:
                 return lease
             waited = time.monotonic() - started

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness.errors import HarnessError
-from harness.ray_pool import (HOST_ACTOR_PREFIX, NAMESPACE, RESOURCE_PREFIX, TOKEN_FILE,
-                              FarmHost, HostStatus, auth_env, checked_token, connect,
-                              ensure_token, host_actors, import_ray)
+from harness.ray_pool import (CONTROL_GROUP, HOST_ACTOR_PREFIX, NAMESPACE, RESOURCE_PREFIX,
+                              TOKEN_FILE, FarmHost, HostStatus, auth_env, checked_token,
+                              connect, control, ensure_token, host_actors, import_ray)
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,9 @@ def _start_host_actor(ray: Any, home: Path, node: ServedNode) -> None:
         actor = ray.remote(FarmHost).options(
             name=HOST_ACTOR_PREFIX + node.name, namespace=NAMESPACE, lifetime="detached",
             num_cpus=0, resources={HOST_ACTOR_PREFIX + node.name: 1.0},
-            max_concurrency=2 * node.devices + 4).remote(str(home), node.name)
-        ray.get(actor.offers.remote(), timeout=START_TIMEOUT_S)
+            max_concurrency=2 * node.devices + 4,
+            concurrency_groups={CONTROL_GROUP: 2}).remote(str(home), node.name)
+        ray.get(control(actor.offers).remote(), timeout=START_TIMEOUT_S)
     except Exception as exc:
         raise HarnessError(f"the farm host's actor did not start: {exc}",
                            fix=f"read {home / 'logs' / 'farm-serve.log'} and Ray's logs under "
@@ -272,8 +273,8 @@ def _drain(home: Path, node: ServedNode, grace_s: float) -> Optional[int]:
         os.environ.update(auth_env(Path(node.token)))
         ray.init(address=node.address, namespace=NAMESPACE, log_to_driver=False,
                  logging_level=logging.WARNING)
-        actor = ray.get_actor(HOST_ACTOR_PREFIX + node.name)
-        left = ray.get(actor.drain.remote(grace_s), timeout=grace_s + 15.0)
+        actor = ray.get_actor(HOST_ACTOR_PREFIX + node.name, namespace=NAMESPACE)
+        left = ray.get(control(actor.drain).remote(grace_s), timeout=grace_s + 15.0)
         ray.kill(actor)
         return int(left)
     except Exception as exc:  # the farm or the actor is gone: nothing left to drain
@@ -297,7 +298,7 @@ def status(home: Path, address: Optional[str] = None) -> FarmStatus:
     connect(ray, address, home)
     try:
         handles = host_actors(ray)
-        asked = {name: handle.status.remote() for name, handle in handles.items()}
+        asked = {name: control(handle.status).remote() for name, handle in handles.items()}
         hosts, silent = [], []
         for name, ref in sorted(asked.items()):
             try:

@@ -233,13 +233,6 @@ def _ms(value: Optional[float], decimals: int = 3) -> str:
     return "-" if value is None else f"{value:.{decimals}f}"
 
 
-def rows_of(results: Sequence[Measurement], samples: Sequence[Any],
-            space: Any) -> List[Dict[str, Any]]:
-    """result_row for each (sample, result) pair, in input order."""
-    return [result_row(i, sample, m, describe_sample(space, sample))
-            for i, (sample, m) in enumerate(zip(samples, results))]
-
-
 def render_ops(measurement: Measurement, top: int) -> str:
     """The per-operator profile of one result for people: the `top` costliest nodes (name,
     op type, provider, median ms, share of the per-node sum), the execution providers that

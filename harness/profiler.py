@@ -98,8 +98,9 @@ class LatencyProfiler(Profiler):
         self._memo: Dict[tuple, float] = {}  # sample values in label order -> statistic
         self._lock = threading.RLock()      # export and device threads share the above
         self._identity: Optional[DeviceIdentity] = None
-        # device fingerprints a lookup answers from: the device's own; in a pool of a kind,
-        # every unit of its model the cache knows (any free unit may measure a job)
+        # device fingerprints a lookup answers from: the device's own (and its model's, the
+        # key before identities had a unit); in a pool of a kind, every unit of its model the
+        # cache knows (any free unit may measure a job)
         self._units: List[str] = []
         self.pool = open_pool(self.home, device, farm, isolation, max_strikes, quarantine_s)
         self.decider = LimitDecider(self)  # the device's latency model lives there
@@ -192,7 +193,8 @@ class LatencyProfiler(Profiler):
                 log.info("%s is %s", self.device, self._identity.facts.identity.get("cpu_model"))
                 self._units = self.cache.units_of_model(self._identity.fingerprint,
                                                         self._identity.model) \
-                    if self.device.startswith("kind:") else [self._identity.fingerprint]
+                    if self.device.startswith("kind:") else list(dict.fromkeys(
+                        [self._identity.fingerprint, digest(self._identity.model)]))
                 if not self.refresh and self.request.settings["stop"] == "fixed":
                     for unit in reversed(self._units):  # the session's own unit wins
                         self._memo.update(values_by_sample(self.cache.statistics_by_sample(

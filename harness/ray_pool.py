@@ -5,11 +5,12 @@ on it a `FarmHost`: one Ray actor, named in the farm's namespace, that serves th
 registered devices of every kind, each kind a LocalPool (the same leases, health, quarantine
 and device locks as on a single host). The searching side makes
 `LatencyProfiler(space, dummy, device="kind:K", farm="HEAD:PORT")`, whose pool is a
-`RayPool`: it finds the hosts that offer kind K and schedules itself, one job in flight per
-device, each job to the host with the most free devices, so a run of N jobs keeps
-min(N, devices) devices busy. The result comes back to the caller, which stores it in its
-own cache. The timeout counts from the lease on the host; the caller waits for a job at most
-that long after it could start, plus a grace for Ray itself, then gives it up. A job a host
+`RayPool`: it finds the hosts that offer kind K and schedules itself, each job to the host
+with the most room, two jobs in flight per device (one measuring, the next waiting on its
+host), so a run of N jobs keeps min(N, devices) devices busy and a device starts its next
+job the moment one ends. The result comes back to the caller, which stores it in its own
+cache. The timeout counts from the lease on the host; the caller waits for a job at most
+two timeouts after sending it, plus a grace for Ray itself, then gives it up. A job a host
 fails with a device fault, or a host that dies, sends the job to another host.
 
 Why actors and not one Ray task per measurement: a running task holds a worker process,
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 RESOURCE_PREFIX = "harness-kind:"  # Ray resources a host offers (shown by 'ray status')
 NAMESPACE = "harness-farm"        # the Ray namespace of the farm's named actors
 HOST_ACTOR_PREFIX = "harness-host:"
+CONTROL_GROUP = "control"         # a host actor's threads for status, offers and drain
 REDISCOVER_S = 10.0    # how often a running pool looks for hosts that joined or came back
 DISCOVERY_WAIT_S = 5.0  # a host that does not say what it offers within this is left out
 HOST_PAUSE_S = 5.0     # a host with every device quarantined is asked again after this
@@ -179,7 +181,7 @@ class FarmHost:
         for device, config in sorted(load_devices(self.home).items()):
             if config.kind:
                 self.kinds.setdefault(config.kind, []).append(device)
-        self._pools: Dict[str, LocalPool] = {}
+        self._pools: Dict[Tuple[str, str], LocalPool] = {}  # (kind, isolation) -> pool
         self._lock = threading.Lock()
         self._running = 0
         self._done: Dict[str, int] = {}
@@ -190,15 +192,18 @@ class FarmHost:
         """{kind: how many devices of it this host serves}."""
         return {kind: len(names) for kind, names in self.kinds.items()}
 
-    def identify(self, kind: str, timeout_s: float) -> Any:
-        return self._serve(kind, lambda pool: pool.identify(timeout_s))
+    def identify(self, kind: str, timeout_s: float, isolation: str = "worker") -> Any:
+        return self._serve(kind, isolation, lambda pool: pool.identify(timeout_s))
 
-    def measure(self, kind: str, exported: ExportedModel, request: MeasureRequest) -> Any:
+    def measure(self, kind: str, exported: ExportedModel, request: MeasureRequest,
+                isolation: str = "worker") -> Any:
+        """Measure on a free device of `kind`, its agent run as `isolation` asks ("worker",
+        or "process": a fresh agent per measurement)."""
         def work(pool: LocalPool) -> AgentResult:
             result = pool.measure(exported, request)
             self._count(self._done, result.device)
             return dataclasses.replace(result, host=platform.node())
-        return self._serve(kind, work)
+        return self._serve(kind, isolation, work)
 
     def status(self) -> HostStatus:
         with self._lock:
@@ -207,9 +212,10 @@ class FarmHost:
         devices = []
         busy_total = 0
         for kind, names in sorted(self.kinds.items()):
-            pool = pools.get(kind)
-            quarantined = set(names) - set(pool.health.available()) if pool else set()
-            busy = pool.busy() if pool else set()
+            of_kind = [pool for (k, _), pool in pools.items() if k == kind]
+            quarantined = set(names).difference(*(p.health.available() for p in of_kind)) \
+                if of_kind else set()
+            busy = set().union(*(p.busy() for p in of_kind))
             busy_total += len(busy)
             devices += [DeviceStatus(name, kind, "busy" if name in busy else "quarantined"
                                      if name in quarantined else "free",
@@ -237,7 +243,7 @@ class FarmHost:
 
     # ------------------------------------------------------------ plumbing
 
-    def _serve(self, kind: str, work: Callable[[LocalPool], Any]) -> Any:
+    def _serve(self, kind: str, isolation: str, work: Callable[[LocalPool], Any]) -> Any:
         """`work(pool)` on the kind's pool; an answer marked "unavailable" when the host
         has nothing to offer now (stopping, or every device quarantined): the caller sends
         the job elsewhere without counting a failed try."""
@@ -248,9 +254,9 @@ class FarmHost:
             return _error_answer(DeviceLost(f"farm host {self.name} has no device of kind "
                                             f"{kind!r}"))
         with self._lock:
-            if kind not in self._pools:
-                self._pools[kind] = LocalPool(self.home, f"kind:{kind}", "worker")
-            pool = self._pools[kind]
+            if (kind, isolation) not in self._pools:
+                self._pools[kind, isolation] = LocalPool(self.home, f"kind:{kind}", isolation)
+            pool = self._pools[kind, isolation]
             if not pool.health.available():
                 return dict(_error_answer(DeviceLost(
                     f"every device of kind {kind!r} on farm host {self.name} is quarantined")),
@@ -263,6 +269,10 @@ class FarmHost:
             return _error_answer(exc)
         except HarnessError as exc:
             return {"error": {"kind": "USER", "message": exc.message, "fix": exc.fix}}
+        except Exception as exc:  # a fault of the host itself, typed for the caller
+            log.exception("farm host %s failed a job", self.name)
+            return _error_answer(DeviceLost(f"farm host {self.name} failed: "
+                                            f"{type(exc).__name__}: {exc}"))
         finally:
             with self._lock:
                 self._running -= 1
@@ -280,15 +290,22 @@ def _error_answer(exc: DeviceError) -> Dict[str, Any]:
 
 def host_actors(ray: Any) -> Dict[str, Any]:
     """{actor name: handle} of every farm host serving devices (named actors in the farm's
-    namespace; the caller must be connected with namespace=NAMESPACE)."""
+    namespace, whichever namespace this process connected with)."""
     handles = {}
-    for name in ray.util.list_named_actors():
-        if name.startswith(HOST_ACTOR_PREFIX):
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if entry["namespace"] == NAMESPACE and name.startswith(HOST_ACTOR_PREFIX):
             try:
-                handles[name] = ray.get_actor(name)
+                handles[name] = ray.get_actor(name, namespace=NAMESPACE)
             except ValueError:  # it died between the listing and the lookup
                 continue
     return handles
+
+
+def control(method: Any) -> Any:
+    """A FarmHost method called in the actor's control threads, so that status, offers and
+    drain answer at once even while every job thread waits for a device."""
+    return method.options(concurrency_group=CONTROL_GROUP)
 
 
 def connect(ray: Any, address: str, home: Path) -> None:
@@ -404,7 +421,7 @@ class RayPool:
         self.slots()
         errors: List[Exception] = []
         for host in sorted(self.hosts.values(), key=lambda h: -h.free):
-            ref = host.handle.identify.remote(self.kind, timeout_s)
+            ref = host.handle.identify.remote(self.kind, timeout_s, self.isolation)
             try:
                 return self._answer(ref, time.monotonic() + timeout_s + RAY_GRACE_S, host)
             except FAILOVER_ERRORS as exc:
@@ -429,8 +446,10 @@ class RayPool:
         retry: Deque[_Job[Tag]] = deque()
         in_flight: Dict[Any, _Job[Tag]] = {}
         exhausted = False
+        no_host_since: Optional[float] = None
         while True:
-            self.slots()  # rediscovers now and then; DeviceLost when no host is left
+            if time.monotonic() - self._discovered_at > REDISCOVER_S:
+                self._discover()
             placed = True
             while placed:  # jobs to try again first, each to a host it has not failed on
                 placed = False
@@ -453,6 +472,12 @@ class RayPool:
             if not in_flight:
                 if exhausted and not retry:
                     return
+                if not any(host.alive for host in self.hosts.values()):
+                    no_host_since = no_host_since or time.monotonic()
+                    if time.monotonic() - no_host_since > request.timeout_s:
+                        self.slots()  # DeviceLost: no host of the farm offers the kind
+                else:
+                    no_host_since = None
                 yield from self._give_up_waiting(retry, request.timeout_s)
                 time.sleep(HOST_POLL_S)  # every host is paused or gone: look again soon
                 continue
@@ -466,10 +491,12 @@ class RayPool:
                     result = self._answer(ref, job.deadline, host)
                 except HostUnavailable:
                     host.paused_until = time.monotonic() + HOST_PAUSE_S
+                    job.waiting_since = job.waiting_since or time.monotonic()
                     retry.append(job)  # not a failed try: that host had nothing to offer
+                    yield from self._give_up_waiting(retry, request.timeout_s)
                     continue
                 except FAILOVER_ERRORS as exc:
-                    if job.attempt < max(self.slots(), 2):
+                    if job.attempt < max(sum(h.capacity for h in self.hosts.values()), 2):
                         log.warning("%s (%s on %s); the job goes to another device",
                                     exc.message, self.name, job.host)
                         job.attempt += 1
@@ -507,17 +534,17 @@ class RayPool:
     def _send(self, host: _Host, job: "_Job[Tag]", request: MeasureRequest,
               timeout_s: float) -> Any:
         """Start `job` on `host`; its Ray reference."""
-        job.host, job.waiting_since = host.name, None
+        job.host = host.name
         job.deadline = time.monotonic() + QUEUE_DEPTH * timeout_s + RAY_GRACE_S
         host.in_flight += 1
         host.assigned += 1
-        return host.handle.measure.remote(self.kind, job.exported, request)
+        return host.handle.measure.remote(self.kind, job.exported, request, self.isolation)
 
     def _discover(self) -> None:
         """Learn which hosts serve the kind: new ones join, hosts that are gone leave (a host
         revived by 'farm serve' is a new one); the counts of jobs in flight stay."""
         found = host_actors(self._ray)
-        asked = {handle.offers.remote(): name for name, handle in found.items()}
+        asked = {control(handle.offers).remote(): name for name, handle in found.items()}
         answered, _ = self._ray.wait(list(asked), num_returns=len(asked),
                                      timeout=DISCOVERY_WAIT_S) if asked else ([], [])
         offers, gone = {}, set(self.hosts) - set(found)
@@ -557,11 +584,16 @@ class RayPool:
             self._ray.cancel(ref, force=False)
             raise MeasurementTimeout(f"the farm gave no answer for a device of {self.name} "
                                      f"in time", device=self.name) from None
-        except (self._ray.exceptions.RayActorError,
-                self._ray.exceptions.ActorUnavailableError) as exc:
+        except self._ray.exceptions.ActorUnavailableError:  # Ray says: for now
+            raise HostUnavailable(f"farm host {host.name} is unavailable for now",
+                                  device=self.name) from None
+        except self._ray.exceptions.RayActorError as exc:
             host.alive = False
             raise DeviceLost(f"farm host {host.name} is gone ({type(exc).__name__})",
                              device=self.name) from None
+        except self._ray.exceptions.RayError as exc:  # the answer was lost on the way
+            raise DeviceLost(f"the answer of farm host {host.name} was lost "
+                             f"({type(exc).__name__})", device=self.name) from None
         if isinstance(answer, dict) and answer.get("unavailable") is True:
             raise HostUnavailable(answer["error"]["message"], device=self.name)
         if isinstance(answer, dict) and "error" in answer:
