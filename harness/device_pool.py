@@ -104,8 +104,8 @@ class MeasureRequest:
         """The digest of the settings that change what is measured (the cache key's part)."""
         return digest({"runtime": "onnxruntime",
                        **{k: self.settings[k] for k in RUNTIME_SETTINGS},
-                       **{k: self.settings[k] for k in KEYED_WHEN_SET
-                          if self.settings.get(k) != DEFAULT_SETTINGS[k]}})
+                       **{k: self.settings[k] for k in KEYED_WHEN_SET  # {} is no option
+                          if self.settings.get(k) and self.settings[k] != DEFAULT_SETTINGS[k]}})
 
 
 class AnsweredMeanwhile(Exception):

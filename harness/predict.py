@@ -137,26 +137,27 @@ class KernelPredictors:
                 split[kernel.kernel_type] = split.get(kernel.kernel_type, 0.0) + value
         return split
 
-    def kernels(self, onnx_bytes: bytes, graph_hash: Optional[str] = None) -> List[Kernel]:
+    def kernels(self, onnx_bytes: bytes, key: Optional[str] = None) -> List[Kernel]:
         """The kernels found in a model under these fusion rules (harness.kernels), memoized
-        by graph hash when it is given (the same graph always has the same kernels)."""
-        if graph_hash is not None:
+        by `key` when it is given: the model's content hash (not its graph hash, which a
+        precision variant shares with its float source)."""
+        if key is not None:
             with self._memo_lock:
-                if graph_hash in self._detect_memo:
-                    self._detect_memo.move_to_end(graph_hash)
-                    return self._detect_memo[graph_hash]
+                if key in self._detect_memo:
+                    self._detect_memo.move_to_end(key)
+                    return self._detect_memo[key]
         import_nn_meter()
         found = detect_kernels(onnx_for_nn_meter(onnx_bytes), str(self.fusion_rules))
-        if graph_hash is not None:
+        if key is not None:
             with self._memo_lock:
-                self._detect_memo[graph_hash] = found
+                self._detect_memo[key] = found
                 if len(self._detect_memo) > DETECT_MEMO_SIZE:
                     self._detect_memo.popitem(last=False)
         return found
 
-    def predict(self, onnx_bytes: bytes, graph_hash: Optional[str] = None) -> float:
-        """Predicted latency (ms) of an ONNX model."""
-        return self.predict_kernels(self.kernels(onnx_bytes, graph_hash))
+    def predict(self, onnx_bytes: bytes, key: Optional[str] = None) -> float:
+        """Predicted latency (ms) of an ONNX model (kernels memoized by `key`, see kernels)."""
+        return self.predict_kernels(self.kernels(onnx_bytes, key))
 
     def describe(self) -> Dict[str, str]:
         return {"name": self.name, "folder": str(self.folder), "digest": self.digest}
@@ -314,7 +315,7 @@ class NnMeterProfiler(Profiler):
 
     def predict_exported(self, exported: ExportedModel) -> Measurement:
         """The prediction for an already exported model."""
-        raw_ms = self.predictor.predict(exported.onnx_bytes, exported.graph_hash)
+        raw_ms = self.predictor.predict(exported.onnx_bytes, exported.sha256)
         value = raw_ms if self.calibration is None else self.calibration.correct(raw_ms)
         provenance = Provenance(predictor=self.predictor.describe(), uncalibrated_ms=raw_ms,
                                 calibration=None if self.calibration is None

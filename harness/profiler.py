@@ -269,13 +269,12 @@ class LatencyProfiler(Profiler):
         cached = None
         if graph is not None:
             self.identify()
-            for unit in self._units:
+            for unit in self._units:  # one not as precise as asked is measured again
                 cached = self.cache.get(self._key(graph, input_sig, unit,
                                                   settings_key=request.settings_key))
-                if cached is not None:
+                if cached is not None and request.accepts(cached):
                     break
-        if cached is not None and not request.accepts(cached):
-            return None  # not as precise as asked: measured again, and the new one kept
+                cached = None
         if cached is not None:
             with self._lock:  # the export thread and the caller's both ask the cache
                 self.counters["cache_hits"] += 1

@@ -102,7 +102,7 @@ def main() -> int:
         for key in keys:
             exported = export_sample(space, json.loads(key), dummy)
             rows.append(source.predict_by_type(source.kernels(exported.onnx_bytes,
-                                                              exported.graph_hash)))
+                                                              exported.sha256)))
         return rows
     train_split, held_split = split_of(train["samples"]), split_of(held["samples"])
     types = sorted({t for row in train_split + held_split for t in row})
