@@ -588,8 +588,10 @@ def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
             continue
         variant = re.sub(r"[^A-Za-z0-9.-]+", "_", row["variant"])
         path = folder / f"trace-{row['index']}-{m.graph_hash[:12]}-{variant}.json"
-        path.unlink(missing_ok=True)  # a link planted there is replaced, never followed
-        path.write_text(json.dumps(m.ops.chrome_trace()))
+        path.unlink(missing_ok=True)  # a link planted there is replaced, never followed:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(descriptor, "w") as trace:  # O_EXCL: nor one planted meanwhile
+            trace.write(json.dumps(m.ops.chrome_trace()))
         written.append(path)
     return written
 
