@@ -686,8 +686,9 @@ def per_op_profile(ort, model, settings, feeds, outputs):
         name = str(event["name"])[:-len("_kernel_time")]
         node = nodes.get(name)
         if node is None:
-            node = nodes[name] = {"name": name, "op_type": args.get("op_name"),
-                                  "provider": args.get("provider"), "times": [],
+            # an onnxruntime whose profiler leaves these out gets "unknown", not a refusal
+            node = nodes[name] = {"name": name, "op_type": args.get("op_name") or "unknown",
+                                  "provider": args.get("provider") or "unknown", "times": [],
                                   "output_bytes": _int_arg(args, "output_size"),
                                   "activation_bytes": _int_arg(args, "activation_size"),
                                   "parameter_bytes": _int_arg(args, "parameter_size")}
