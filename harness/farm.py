@@ -151,11 +151,10 @@ def _start_host_actor(ray: Any, home: Path, node: ServedNode) -> None:
     """Start the node's FarmHost (detached: it outlives this command) and wait for it."""
     connect(ray, node.address, home)
     try:
-        actor = ray.remote(FarmHost).options(
+        actor = ray.remote(concurrency_groups={CONTROL_GROUP: 2})(FarmHost).options(
             name=HOST_ACTOR_PREFIX + node.name, namespace=NAMESPACE, lifetime="detached",
             num_cpus=0, resources={HOST_ACTOR_PREFIX + node.name: 1.0},
-            max_concurrency=2 * node.devices + 4,
-            concurrency_groups={CONTROL_GROUP: 2}).remote(str(home), node.name)
+            max_concurrency=2 * node.devices + 4).remote(str(home), node.name)
         ray.get(control(actor.offers).remote(), timeout=START_TIMEOUT_S)
     except Exception as exc:
         raise HarnessError(f"the farm host's actor did not start: {exc}",
@@ -272,7 +271,7 @@ def _drain(home: Path, node: ServedNode, grace_s: float) -> Optional[int]:
     try:
         os.environ.update(auth_env(Path(node.token)))
         ray.init(address=node.address, namespace=NAMESPACE, log_to_driver=False,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.ERROR)  # from a thread, Ray warns of its SIGTERM handler
         actor = ray.get_actor(HOST_ACTOR_PREFIX + node.name, namespace=NAMESPACE)
         left = ray.get(control(actor.drain).remote(grace_s), timeout=grace_s + 15.0)
         ray.kill(actor)
