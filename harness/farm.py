@@ -269,9 +269,8 @@ def _drain(home: Path, node: ServedNode, grace_s: float) -> Optional[int]:
     asked (the node is already half gone: its processes are ended all the same)."""
     ray = import_ray()
     try:
-        os.environ.update(auth_env(Path(node.token)))
-        ray.init(address=node.address, namespace=NAMESPACE, log_to_driver=False,
-                 logging_level=logging.ERROR)  # from a thread, Ray warns of its SIGTERM handler
+        # quietly: joined from a thread, Ray warns that it cannot set its SIGTERM handler
+        connect(ray, node.address, home, logging_level=logging.ERROR)
         actor = ray.get_actor(HOST_ACTOR_PREFIX + node.name, namespace=NAMESPACE)
         left = ray.get(control(actor.drain).remote(grace_s), timeout=grace_s + 15.0)
         ray.kill(actor)

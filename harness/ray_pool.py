@@ -308,7 +308,7 @@ def control(method: Any) -> Any:
     return method.options(concurrency_group=CONTROL_GROUP)
 
 
-def connect(ray: Any, address: str, home: Path) -> None:
+def connect(ray: Any, address: str, home: Path, logging_level: int = logging.WARNING) -> None:
     """Join the farm at `address` as a client (fast failure, the token, the namespace)."""
     if ray.is_initialized():
         return
@@ -316,7 +316,7 @@ def connect(ray: Any, address: str, home: Path) -> None:
     os.environ.update(auth_env(checked_token(Path(home))))  # read when Ray connects
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
-                 logging_level=logging.WARNING)
+                 logging_level=logging_level)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
         raise DeviceLost(f"cannot join the farm at {address}: {exc}",
                          fix="check the address, that 'harness farm serve' runs there, "
