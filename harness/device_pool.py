@@ -34,12 +34,11 @@ from devices.errors import (AgentProtocolError, BadRequest, DeviceLost, Measurem
 from devices.registry import devices_of_kind, open_client
 from harness.cache import digest, model_of
 from harness.export import ExportedModel
-from harness.leases import DeviceBusy, DeviceHealth, DeviceLease, try_lease
+from harness.leases import LEASE_WAIT_S, DeviceBusy, DeviceHealth, DeviceLease, try_lease
 from harness.measurement import Measurement
 
 log = logging.getLogger(__name__)
 
-LEASE_WAIT_S = 3600.0  # how long a job waits for a device that other processes hold
 OTHERS_POLL_S = 0.05   # how often it looks whether they let go
 
 # Failures that say the device (not the model) is in trouble: strike it and fail over.

@@ -21,6 +21,8 @@ from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
+LEASE_WAIT_S = 3600.0  # how long a job waits for a device leased by someone else
+
 # What may name a device in a lease file name: the registry's names, and "local".
 DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -32,7 +34,7 @@ class DeviceBusy(HarnessError):
 class DeviceLease:
     """Context manager holding the exclusive lease of one device."""
 
-    def __init__(self, home: Path, device: str, wait_s: float = 3600.0):
+    def __init__(self, home: Path, device: str, wait_s: float = LEASE_WAIT_S):
         if not DEVICE_NAME.match(device) or device in (".", ".."):
             raise HarnessError(f"{device!r} cannot name a device (no lease file is made for it)",
                                fix="use a registered device name: letters, digits, '.', '_' or "
