@@ -14,6 +14,7 @@ shapes), a builder and its real input shape.
 cost for a sample in microseconds, and into the expected cost under independent categorical
 architecture probabilities as a differentiable torch expression.
 """
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -71,17 +72,34 @@ class AdditiveCost:
             table = {values: (block_cost[block.key] if block is not None else 0.0)
                      for values, block in term.blocks.items()}
             self._tables.append((tuple(position[label] for label in term.labels), table))
-        # total() sums one table per distinct label tuple (terms over the same labels merged)
+        # total() sums one table per distinct label tuple (terms over the same labels merged),
+        # and a table whose labels all belong to a bigger table is folded into that one: a
+        # BatchNorm's term over a width into its convolution's term over the width and more
         merged: Dict[Tuple[int, ...], Dict[Tuple[Any, ...], float]] = {}
         for where, table in self._tables:
             into = merged.setdefault(where, dict.fromkeys(table, 0.0))
             for values, cost in table.items():
                 into[values] += cost
+        for where in sorted(merged, key=len):
+            wider = [other for other in merged if len(other) > len(where)
+                     and set(where) <= set(other)]
+            if not wider:
+                continue
+            target = min(wider, key=lambda other: len(merged[other]))
+            table = merged.pop(where)
+            pick = [target.index(i) for i in where]
+            for values in merged[target]:
+                merged[target][values] += table[tuple(values[i] for i in pick)]
         self._merged = list(merged.items())
+        # each table with an itemgetter of its labels' values (one label: keyed by the value)
+        self._constant = sum(table[()] for where, table in self._merged if not where)
+        self._lookups = [(operator.itemgetter(*where),
+                          table if len(where) > 1 else {k[0]: v for k, v in table.items()})
+                         for where, table in self._merged if where]
 
     def total(self, values: Sequence[Any]) -> float:
         """Cost of the sample whose choices, in label order, are `values`."""
-        return sum(table[tuple(values[i] for i in where)] for where, table in self._merged)
+        return self._constant + sum(table[get(values)] for get, table in self._lookups)
 
     def expected(self, probabilities: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """E[cost] when each label is drawn independently with the given probabilities (one

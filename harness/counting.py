@@ -105,8 +105,8 @@ class _StaticProfiler(Profiler):
         self.nni_tables = tables
         terms = tables.additive_terms(choices)
         if terms is None:
-            self.why_not_additive = ("its modules see input shapes that depend on the sample; "
-                                     "new samples are counted by memoized look-ups per module")
+            self.why_not_additive = (f"{tables.why_not_additive}; new samples are counted by "
+                                     "memoized look-ups per module")
         return terms
 
     def _tables_agree(self, tables: Any) -> bool:
@@ -131,6 +131,10 @@ class _StaticProfiler(Profiler):
             return None
         costs = {}
         for block in distinct_blocks(terms):
+            known = self._known_block_cost(block.key)
+            if known is not None:
+                costs[block.key] = known
+                continue
             with torch.device("meta"):  # counting needs shapes only: no initialisation
                 module = block.build()
             costs[block.key] = self._measure_module(module, (torch.zeros(block.input_shape),))
@@ -144,6 +148,10 @@ class _StaticProfiler(Profiler):
                             type(self).__name__, type(self.space).__name__)
                 return None
         return additive
+
+    def _known_block_cost(self, key: str) -> Optional[float]:
+        """A block's count already made (by the NNI tables, while tracing), if any."""
+        return None
 
     def _full(self, sample: Mapping[str, Any]) -> float:
         """The whole frozen subnet counted (memoized: the checks reuse their samples)."""
@@ -184,6 +192,9 @@ class FlopsProfiler(_StaticProfiler):
 
     def _count(self, module, inputs):
         return count_macs(module, inputs, self.convention)
+
+    def _known_block_cost(self, key: str) -> Optional[float]:
+        return self.nni_tables.block_costs.get(key) if self.nni_tables is not None else None
 
     def _tables_value(self, tables: Any, sample: Mapping[str, Any]) -> float:
         value = float(tables.cost(sample))

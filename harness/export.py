@@ -69,6 +69,17 @@ class ExportedModel:
     onnx_bytes: bytes
     graph_hash: str
     export_ms: Optional[float] = None
+    # "" for the model as exported; what it was converted to (a precision, say) when its
+    # bytes are a variant that keeps the source's graph hash (harness.model_file.convert)
+    variant: str = ""
+    # the pieces a composed model was spliced from, in order (harness.compose); else ()
+    pieces: Tuple[Piece, ...] = dataclasses.field(default=(), compare=False, repr=False)
+
+    @property
+    def variant_key(self) -> str:
+        """The graph hash and the variant: which graph these bytes are, without hashing
+        them (different weights of one architecture share it)."""
+        return f"{self.graph_hash}|{self.variant}" if self.variant else self.graph_hash
 
     @functools.cached_property
     def sha256(self) -> str:
@@ -282,7 +293,8 @@ def export_sample(space: Any, sample: Dict[str, Any], dummy_input: DummyInput, *
         store = _store(home)
         composed = compose([_piece(store, block, composable.space_fingerprint)
                             for block in chosen_blocks(composable.terms, sample)])
-        exported = ExportedModel(composed.onnx_bytes, composed_graph_hash(composed.pieces))
+        exported = ExportedModel(composed.onnx_bytes, composed_graph_hash(composed.pieces),
+                                 pieces=composed.pieces)
     return dataclasses.replace(exported, export_ms=(time.perf_counter() - started) * 1e3)
 
 

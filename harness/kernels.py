@@ -23,6 +23,7 @@ A kernel that none of this handles is a `KernelError` naming it.
 """
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -102,30 +103,60 @@ class _Graph:
     values: Dict[str, List[int]]  # graph inputs, value infos, outputs: dims as listed (0: unknown)
 
 
+def _numel_dims(dims: Sequence[int]) -> int:
+    return math.prod(dims)
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.GraphProto:
+    """ONNX shape inference of the model's graph, run on a copy without its weights: a
+    weight's values never decide a shape (the small constants that can, shape tensors of a
+    Reshape say, are kept), and serializing megabytes of weights for the checker cost more
+    than the inference itself. The weights are declared as inputs of their shape instead;
+    the answer lists them among its inputs."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    declared = {value.name for value in model.graph.input}
+    for tensor in model.graph.initializer:
+        if _numel_dims(tensor.dims) <= SMALL_TENSOR:
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            graph.input.append(helper.make_tensor_value_info(
+                tensor.name, tensor.data_type, list(tensor.dims)))
+    return shape_inference.infer_shapes(light).graph
+
+
 def _graph(model: onnx.ModelProto) -> _Graph:
-    inferred = shape_inference.infer_shapes(model)
-    graph = inferred.graph
+    inferred = _inferred(model)
+    initializers = {t.name: t for t in model.graph.initializer}
     shapes: Dict[str, List[int]] = {}
     types: Dict[str, int] = {}
     values: Dict[str, List[int]] = {}
-    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+    for value in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+        if value.name in initializers:
+            continue  # a weight declared as an input for the inference
         tensor = value.type.tensor_type
         values[value.name] = [d.dim_value for d in tensor.shape.dim]
         shape = _shape(value)
         if shape is not None:
             shapes[value.name] = shape
         types[value.name] = tensor.elem_type
-    initializers = {t.name: t for t in graph.initializer}
     for name, tensor in initializers.items():
         shapes[name], types[name] = list(tensor.dims), tensor.data_type
     producers: Dict[str, str] = {}
     consumers: Dict[str, List[str]] = {}
-    for node in graph.node:
+    for node in model.graph.node:
         for output in node.output:
             producers[output] = node.name
         for input_name in node.input:
             consumers.setdefault(input_name, []).append(node.name)
-    return _Graph(inferred, {n.name: n for n in graph.node}, shapes, types, initializers,
+    return _Graph(model, {n.name: n for n in model.graph.node}, shapes, types, initializers,
                   producers, consumers, values)
 
 
@@ -191,16 +222,16 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     read and a kernel cannot be cut out of the model."""
     from onnx.reference import ReferenceEvaluator
 
-    small = {t.name for t in model.graph.initializer if int(np.prod(t.dims)) <= SMALL_TENSOR}
+    small = {t.name for t in model.graph.initializer if _numel_dims(t.dims) <= SMALL_TENSOR}
     if not any(node.op_type == "Shape" or (node.input and all(i in small for i in node.input if i))
                for node in model.graph.node):
         return model  # nothing to fold: no shape inference spent
-    inferred = shape_inference.infer_shapes(model)
-    graph = inferred.graph
-    shapes = {v.name: _shape(v) for v in list(graph.input) + list(graph.value_info)}
+    inferred = _inferred(model)
+    shapes = {v.name: _shape(v) for v in list(inferred.input) + list(inferred.value_info)}
+    graph = model.graph
     values: Dict[str, np.ndarray] = {
         t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer
-        if int(np.prod(t.dims)) <= SMALL_TENSOR}
+        if _numel_dims(t.dims) <= SMALL_TENSOR}
     kept, folded = [], []
     for node in graph.node:
         inputs = [i for i in node.input if i]
@@ -242,14 +273,14 @@ def detect_kernels(model: onnx.ModelProto, fusion_rules: str,
     """The kernels nn-Meter's detector finds in `model` (already cleaned by
     harness.predict.onnx_for_nn_meter) under the fusion rules file, with their features.
     Kernels for which `cut` says so also carry themselves as a one-kernel ONNX model."""
-    from nn_meter.kernel_detector import KernelDetector
+    from harness.fast_detector import kernel_detector
 
     try:
         model = _named(fold_shapes(model))
         graph = _graph(model)
         converted = _converter(graph).convert()
         _complete(converted, graph)
-        detector = KernelDetector(fusion_rules)
+        detector = kernel_detector(fusion_rules)
         detector.load_graph(converted)
         infos = detector.get_kernels()
     except (KeyError, IndexError, TypeError, ValueError, AttributeError,

@@ -13,15 +13,21 @@ would be counted once per block instead of once per run, so the table measures a
 model at each block's input shape and subtracts it from that block (never below zero), and
 adds the identity model at the subnet's input once (`fixed_ms`).
 
+An identity model is not quite what a block's run pays on top of its work (the runtime's
+per-node dispatch and what it keeps in cache between blocks differ), so the correction can
+be scaled: given a few whole subnets measured on the device (`fit_samples`), build() fits
+the one factor applied to every identity cost (least squares on relative errors; 1 is the
+plain identity correction, 0 none) and keeps it in the table.
+
 Summing blocks still ignores what happens between them (memory traffic, fusion across block
 borders), so `additivity_error` measures whole subnets on the same device and reports how
-far the table is off, with and without the fixed-cost correction.
+far the table is off: uncorrected, with the identity correction and with the fitted one.
 """
 import json
 import logging
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -41,9 +47,11 @@ class LatencyLUT(Profiler):
 
     def __init__(self, space: ModelSpace, dummy_input: DummyInput,
                  block_ms: Mapping[str, float], device: str = "unknown",
-                 overhead_ms: Optional[Mapping[Shape, float]] = None):
+                 overhead_ms: Optional[Mapping[Shape, float]] = None,
+                 overhead_scale: float = 1.0):
         """`block_ms`: each block's measured latency, fixed cost included; `overhead_ms`:
-        the identity model's latency per input shape (None or empty: no correction)."""
+        the identity model's latency per input shape (None or empty: no correction);
+        `overhead_scale`: the factor applied to it (see build's fit_samples)."""
         choices = checked_search_space(space)
         self.space = space
         self.device = device
@@ -64,21 +72,36 @@ class LatencyLUT(Profiler):
             raise HarnessError(f"the lookup table has no fixed cost for input shapes "
                                f"{sorted(shapes - set(self.overhead_ms))}",
                                fix="build the table again for this space and input shape")
-        self.fixed_ms = self.overhead_ms.get(self._input_shape, 0.0)
-        self.net_ms = {b.key: max(self.block_ms[b.key] - self.overhead_ms.get(b.input_shape, 0.0),
-                                  0.0) for b in blocks}
-        clamped = [b.key for b in blocks
-                   if self.block_ms[b.key] < self.overhead_ms.get(b.input_shape, 0.0)]
+        self.overhead_scale = float(overhead_scale)
+        if not 0.0 <= self.overhead_scale <= 100.0:  # also refuses NaN
+            raise HarnessError(f"the lookup table's overhead scale {overhead_scale!r} is not a "
+                               f"factor between 0 and 100",
+                               fix="build the table again (LatencyLUT.build)")
+        self._blocks = blocks
+        self._choices = choices
+        self.fixed_ms, self.net_ms = self._corrected(self.overhead_scale)
+        clamped = [key for key, ms in self.net_ms.items() if ms == 0.0 and self.block_ms[key] > 0]
         if clamped:
-            log.info("lookup table: %d blocks measured faster than the identity model (noise); "
+            log.info("lookup table: %d blocks measured faster than their fixed cost (noise); "
                      "taken as 0 ms", len(clamped))
         self.additive = AdditiveCost(self._terms, self.net_ms, self._validate.labels, choices)
         self._raw = AdditiveCost(self._terms, self.block_ms, self._validate.labels, choices)
 
+    def _corrected(self, scale: float) -> Tuple[float, Dict[str, float]]:
+        """(fixed cost of a run, each block's latency less its own) at this scale of the
+        identity costs; a block is never less than 0 ms."""
+        fixed = scale * self.overhead_ms.get(self._input_shape, 0.0)
+        return fixed, {b.key: max(self.block_ms[b.key]
+                                  - scale * self.overhead_ms.get(b.input_shape, 0.0), 0.0)
+                       for b in self._blocks}
+
     @classmethod
     def build(cls, space: ModelSpace, dummy_input: DummyInput, profiler: LatencyProfiler,
-              progress: Optional[bool] = None) -> "LatencyLUT":
-        """Measure every candidate block on the profiler's device (cached like any model)."""
+              progress: Optional[bool] = None,
+              fit_samples: Sequence[Mapping[str, Any]] = ()) -> "LatencyLUT":
+        """Measure every candidate block on the profiler's device (cached like any model);
+        with `fit_samples`, also those whole subnets, to fit the scale of the fixed-cost
+        correction (a few are enough: it is one number)."""
         from tqdm import tqdm
 
         blocks = list(distinct_blocks(_terms(space, dummy_input)))
@@ -96,7 +119,40 @@ class LatencyLUT(Profiler):
             block_ms[block.key] = measured.statistic(profiler.statistic)
         log.info("lookup table: %d blocks and %d fixed costs measured on %s", len(blocks),
                  len(overhead_ms), profiler.device)
-        return cls(space, dummy_input, block_ms, device=profiler.device, overhead_ms=overhead_ms)
+        table = cls(space, dummy_input, block_ms, device=profiler.device, overhead_ms=overhead_ms)
+        if not fit_samples:
+            return table
+        scale = table.fit_overhead_scale(fit_samples, profiler)
+        return cls(space, dummy_input, block_ms, device=profiler.device, overhead_ms=overhead_ms,
+                   overhead_scale=scale)
+
+    def fit_overhead_scale(self, samples: Sequence[Mapping[str, Any]],
+                           profiler: LatencyProfiler, largest: float = 4.0) -> float:
+        """The factor s on the identity costs that best predicts these whole subnets
+        measured on the device: the table predicts raw - s * o (raw: its blocks summed as
+        measured, o: their identity costs less the subnet's own), so s minimizes the squared
+        relative errors in closed form; kept within [0, `largest`]."""
+        numerator = denominator = 0.0
+        for sample in samples:
+            measured = profiler.profile(sample)
+            values = self._validate.values(sample)
+            raw = self._raw.total(values)
+            overhead = raw - self._identity_net().total(values) - self._corrected(1.0)[0]
+            numerator += (raw - measured) * overhead / measured ** 2
+            denominator += overhead ** 2 / measured ** 2
+        if denominator <= 0:
+            return 1.0
+        scale = min(max(numerator / denominator, 0.0), largest)
+        log.info("lookup table: identity costs scaled by %.3f (fitted on %d subnets)", scale,
+                 len(samples))
+        return scale
+
+    def _identity_net(self) -> AdditiveCost:
+        """The table at scale 1 (the plain identity correction), without the fixed cost."""
+        if self.overhead_scale == 1.0:
+            return self.additive
+        return AdditiveCost(self._terms, self._corrected(1.0)[1], self._validate.labels,
+                            self._choices)
 
     def profile(self, sample: Mapping[str, Any]) -> float:
         return self.additive.total(self._validate.values(sample)) + self.fixed_ms
@@ -113,24 +169,32 @@ class LatencyLUT(Profiler):
                          profiler: LatencyProfiler) -> Dict[str, Any]:
         """Compare the table with whole-subnet measurements on the same device."""
         rows = []
+        identity = self._identity_net()
+        identity_fixed = self._corrected(1.0)[0]
         for sample in samples:
             predicted, uncorrected = self.profile(sample), self.profile_uncorrected(sample)
+            by_identity = identity.total(self._validate.values(sample)) + identity_fixed
             measured = profiler.profile(sample)
             rows.append({"predicted_ms": predicted, "uncorrected_ms": uncorrected,
-                         "measured_ms": measured, "error": (predicted - measured) / measured,
-                         "uncorrected_error": (uncorrected - measured) / measured})
+                         "identity_ms": by_identity, "measured_ms": measured,
+                         "error": (predicted - measured) / measured,
+                         "uncorrected_error": (uncorrected - measured) / measured,
+                         "identity_error": (by_identity - measured) / measured})
         errors = [abs(r["error"]) for r in rows]
         return {"samples": len(rows), "mean_abs_error": statistics.mean(errors),
                 "max_abs_error": max(errors),
                 "mean_signed_error": statistics.mean(r["error"] for r in rows),
                 "mean_abs_error_uncorrected": statistics.mean(
                     abs(r["uncorrected_error"]) for r in rows),
-                "fixed_ms": self.fixed_ms, "rows": rows}
+                "mean_abs_error_identity": statistics.mean(
+                    abs(r["identity_error"]) for r in rows),
+                "overhead_scale": self.overhead_scale, "fixed_ms": self.fixed_ms, "rows": rows}
 
     def save(self, path: Union[str, Path]) -> None:
         Path(path).write_text(json.dumps(
             {"device": self.device, "block_ms": self.block_ms,
-             "overhead_ms": [[list(shape), ms] for shape, ms in sorted(self.overhead_ms.items())]},
+             "overhead_ms": [[list(shape), ms] for shape, ms in sorted(self.overhead_ms.items())],
+             "overhead_scale": self.overhead_scale},
             indent=1, sort_keys=True))
 
     @classmethod
@@ -140,7 +204,8 @@ class LatencyLUT(Profiler):
             overhead = {tuple(int(d) for d in shape): float(ms)
                         for shape, ms in data.get("overhead_ms", [])}
             return cls(space, dummy_input, data["block_ms"], device=data.get("device", "unknown"),
-                       overhead_ms=overhead)
+                       overhead_ms=overhead,
+                       overhead_scale=float(data.get("overhead_scale", 1.0)))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise HarnessError(f"cannot read the lookup table {path}: {exc}",
                                fix="build it again with LatencyLUT.build(...).save(path)") from exc

@@ -266,7 +266,8 @@ def convert(exported: ExportedModel, precision: str, shapes: Mapping[str, Sequen
                           fix="measure it at --precision fp32, or try another variant") from None
     log.debug("%s: %d bytes at fp32, %d at %s", exported.graph_hash[:12],
               len(exported.onnx_bytes), len(converted), precision)
-    return ExportedModel(converted, exported.graph_hash, export_ms=exported.export_ms)
+    return ExportedModel(converted, exported.graph_hash, export_ms=exported.export_ms,
+                         variant=precision)
 
 
 class _QuantizerNotices(logging.Filter):

@@ -15,12 +15,14 @@ the space's modules are split into
   operators counted as they run.
 
 `cost(sample)` is then one shape-only forward pass of the glue with a table look-up per
-unit. When, on probe samples that try every choice of every label, every unit always sees
-the same input shape and the glue counts nothing, the space is additive: `additive_terms()`
-gives one harness.additive term per unit (the labels that route to it and its own labels),
-and a sample's cost is a sum of table entries, as for harness's own additive spaces; the
-same terms give the latency lookup table and the one-shot penalties their tables. Spaces
-whose shapes follow choices (channel widths) keep the memoized forward.
+unit. When, on probe samples that try every choice of every label, the glue counts nothing
+and a few labels decide each unit's input shape (none; else its own labels, a
+MutableConv2d's input width among them; else those and the labels of the units just before
+it), the space is additive: `additive_terms()` gives one harness.additive term per unit (the
+labels that route to it, its own labels and the deciding ones), and a sample's cost is a sum
+of table entries, as for harness's own additive spaces; the same terms give the latency
+lookup table and the one-shot penalties their tables. Other spaces keep the memoized
+forward.
 
 What cannot be decomposed (a custom mutable module with a LayerChoice inside, whose forward
 harness cannot interpret; a depth that is an expression) raises NotDecomposable naming it,
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
-from harness.additive import AdditiveTerm, Block
+from harness.additive import AdditiveTerm, Block, chosen_blocks
 from harness.flop_count import OperatorCounter, nni_extra, count_forward
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,10 @@ class NniTables:
         self._total = 0.0
         self._patches: List[Tuple[nn.Module, Callable[..., Any]]] = []
         self.units: List[Tuple[str, nn.Module, Tuple[str, ...]]] = []
+        # Block key -> count, for the blocks of additive_terms() whose unit was counted while
+        # tracing (the same count a FlopsProfiler of this convention would make again).
+        self.block_costs: Dict[str, float] = {}
+        self.why_not_additive = ""  # what additive_terms() found in the way, when it did
 
         has_structural: Dict[int, bool] = {}
         has_mutable: Dict[int, bool] = {}  # in the subtree, the module itself included
@@ -288,61 +294,83 @@ class NniTables:
 
     # -------------------------------------------------------------- additive terms
 
-    def probe_samples(self, choices: Mapping[str, Sequence[Any]], seed: int = 0) -> List[Dict[str, Any]]:
-        """Samples that between them try every choice of every label, with every Repeat at
-        its deepest (so that every candidate runs at least once)."""
+    def probe_samples(self, choices: Mapping[str, Sequence[Any]], seed: int = 0,
+                      extra: int = 16) -> List[Dict[str, Any]]:
+        """Samples that between them try every choice of every label (each label runs
+        through its values in its own shuffled order, so that no two labels move in step),
+        then `extra` random ones, all with every Repeat at its deepest (so that every
+        candidate runs at least once). As many as the most values any label has, plus
+        `extra`: not one per value of every label, each of which costs a trace."""
         import random
 
-        from nni.nas.nn.pytorch import Repeat
-
-        depth_labels = {m.depth_choice.label: max(choices[m.depth_choice.label])
-                        for m in self.space.modules() if isinstance(m, Repeat)
-                        and getattr(m.depth_choice, "label", None) in choices}
         rng = random.Random(seed)
-        samples = []
+        deepest = {label: max(choices[label]) for label in self._depth_labels()
+                   if label in choices}
+        rounds = max((len(values) for values in choices.values()), default=0)
+        orders = {}
         for label, values in choices.items():
-            for value in values:
-                sample = {other: rng.choice(list(v)) for other, v in choices.items()}
-                sample.update(depth_labels)
-                sample[label] = value
-                samples.append(sample)
+            order = list(values)
+            rng.shuffle(order)
+            orders[label] = (order * rounds)[:rounds]
+        samples = [{label: orders[label][r] for label in choices} for r in range(rounds)]
+        samples += [{label: rng.choice(list(values)) for label, values in choices.items()}
+                    for _ in range(extra)]
+        for sample in samples:
+            sample.update(deepest)
         return samples
 
     def additive_terms(self, choices: Mapping[str, Sequence[Any]],
                        max_table: int = 20000) -> Optional[List[AdditiveTerm]]:
-        """One term per unit when the space is additive (see module doc), else None (the
-        reason is logged)."""
-        seen: Dict[int, Tuple[Guard, Any]] = {}
+        """One term per unit when the space decomposes (see module doc), else None (the
+        reason is logged).
+
+        A unit whose input shape changes with the sample (a width chosen upstream) still gets
+        a term when a few labels decide that shape: its own labels (a MutableConv2d's input
+        width is one of them), else those and the labels of the units run just before it
+        (an activation after a mutable BatchNorm). The deciding labels join the term's labels;
+        the shape for each of their combinations is read from traces of samples that realize
+        it, and random samples are traced again to check that the shapes hold."""
+        observed: Dict[int, List[Tuple[Mapping[str, Any], Guard, Any]]] = {}
+        before: Dict[int, Set[int]] = {}
         for sample in self.probe_samples(choices):
-            units, glue = self.trace(sample)
-            if abs(glue) > 0:
-                log.info("%s: its own forward counts %g outside its modules (functional "
-                         "operators), so it has no per-choice table", type(self.space).__name__,
-                         glue)
+            if not self._observe(sample, observed, before):
                 return None
-            for index, guard, shapes, _ in units:
-                if seen.setdefault(index, (guard, shapes)) != (guard, shapes):
-                    log.info("%s: %s sees input shapes %s and %s depending on the sample, so "
-                             "the space has no per-choice table (memoized counting instead)",
-                             type(self.space).__name__, self.units[index][0] or "the space",
-                             seen[index][1], shapes)
-                    return None
+        deciding: Dict[int, Tuple[str, ...]] = {}
+        for index, seen in observed.items():
+            name = self.units[index][0] or "the space"
+            if len({guard for _, guard, _ in seen}) > 1:
+                self._refuse("%s: %s is reached by different routes; no per-choice table",
+                             type(self.space).__name__, name)
+                return None
+            labels = self._deciding_labels(index, seen, before)
+            if labels is None:
+                self._refuse("%s: %s sees input shapes %s, and neither its own labels nor its "
+                             "predecessors' decide them; no per-choice table (memoized counting "
+                             "instead)", type(self.space).__name__, name,
+                             sorted({repr(shapes) for _, _, shapes in seen}))
+                return None
+            deciding[index] = labels
+        shapes = self._shapes_for_every_combination(choices, observed, deciding, max_table)
+        if shapes is None:
+            return None
         terms = []
         for index, (name, module, labels) in enumerate(self.units):
-            if index not in seen:
+            if index not in observed:
                 continue  # never runs (a module the forward does not call)
-            guard, shapes = seen[index]
-            if len(shapes) != 1 or not isinstance(shapes[0], tuple):
-                log.info("%s: %s takes %d inputs; no per-choice table",
-                         type(self.space).__name__, name, len(shapes))
+            guard = observed[index][0][1]
+            if any(len(seen) != 1 or not isinstance(seen[0], tuple)
+                   for seen in shapes[index].values()):
+                self._refuse("%s: %s takes several inputs; no per-choice table",
+                             type(self.space).__name__, name)
                 return None
-            term_labels = tuple(dict.fromkeys([g[1] for g in guard] + list(labels)))
+            term_labels = tuple(dict.fromkeys(
+                [g[1] for g in guard] + list(labels) + list(deciding[index])))
             size = 1
             for label in term_labels:
                 size *= len(choices[label])
             if size > max_table:
-                log.info("%s: %s depends on %d label combinations; no per-choice table",
-                         type(self.space).__name__, name, size)
+                self._refuse("%s: %s depends on %d label combinations; no per-choice table",
+                             type(self.space).__name__, name, size)
                 return None
             blocks: Dict[Tuple[Any, ...], Optional[Block]] = {}
             for values in itertools.product(*(choices[label] for label in term_labels)):
@@ -352,11 +380,145 @@ class NniTables:
                     blocks[values] = None
                     continue
                 own = {label: sample[label] for label in labels}
+                shape = shapes[index][tuple(sample[label] for label in deciding[index])][0]
                 blocks[values] = Block(
-                    key=f"nni:{name}:{json.dumps(own, sort_keys=True)}:{list(shapes[0])}",
-                    build=_builder(module, labels, own), input_shape=shapes[0])
+                    key=f"nni:{name}:{json.dumps(own, sort_keys=True)}:{list(shape)}",
+                    build=_builder(module, labels, own), input_shape=shape)
+                hit = self._memo.get((index, tuple(own.values()), (shape,)))
+                if hit is not None:
+                    self.block_costs[blocks[values].key] = hit[0]  # type: ignore[union-attr]
             terms.append(AdditiveTerm(term_labels, blocks))
+        if any(deciding.values()) and not self._shapes_hold(terms, choices):
+            return None
         return terms
+
+    def _refuse(self, message: str, *args: Any) -> None:
+        """Why the space has no per-choice table: logged, and kept for the profiler."""
+        self.why_not_additive = message % args
+        log.info("%s", self.why_not_additive)
+
+    def _observe(self, sample: Mapping[str, Any],
+                 observed: Dict[int, List[Tuple[Mapping[str, Any], Guard, Any]]],
+                 before: Dict[int, Set[int]]) -> bool:
+        """Trace a sample into `observed` (per unit: sample, route, input shapes) and
+        `before` (per unit: the units run just before it); False if the space's own forward
+        counts operators outside its units."""
+        units, glue = self.trace(sample)
+        if abs(glue) > 0:
+            self._refuse("%s: its own forward counts %g outside its modules (functional "
+                         "operators), so it has no per-choice table", type(self.space).__name__,
+                         glue)
+            return False
+        previous = None
+        for index, guard, shapes, _ in units:
+            observed.setdefault(index, []).append((sample, guard, shapes))
+            if previous is not None:
+                before.setdefault(index, set()).add(previous)
+            previous = index
+        return True
+
+    def _deciding_labels(self, index: int, seen: Sequence[Tuple[Mapping[str, Any], Guard, Any]],
+                         before: Mapping[int, Set[int]],
+                         steps: int = 3) -> Optional[Tuple[str, ...]]:
+        """The fewest labels that decide the unit's input shapes on every observation: none,
+        its own, or its own and those of the units up to `steps` before it."""
+        candidates = [(), self.units[index][2]]
+        chain = list(self.units[index][2])
+        frontier = {index}
+        for _ in range(steps):
+            frontier = set().union(*(before.get(i, set()) for i in frontier))
+            chain += [label for i in sorted(frontier) for label in self.units[i][2]]
+            candidates.append(tuple(dict.fromkeys(chain)))
+        for labels in candidates:
+            decided: Dict[Tuple[Any, ...], Any] = {}
+            if all(decided.setdefault(tuple(sample[label] for label in labels), shapes) == shapes
+                   for sample, _, shapes in seen):
+                return tuple(labels)
+        return None
+
+    def _shapes_for_every_combination(
+            self, choices: Mapping[str, Sequence[Any]],
+            observed: Mapping[int, List[Tuple[Mapping[str, Any], Guard, Any]]],
+            deciding: Mapping[int, Tuple[str, ...]],
+            max_table: int) -> Optional[Dict[int, Dict[Tuple[Any, ...], Any]]]:
+        """Per unit, its input shapes for every combination of its deciding labels: those the
+        probes saw, and the rest from traces of samples built to realize them (each trace
+        realizes one missing combination of as many units as agree on their labels)."""
+        import random
+
+        shapes: Dict[int, Dict[Tuple[Any, ...], Any]] = {
+            index: {tuple(sample[label] for label in deciding[index]): seen_shapes
+                    for sample, _, seen_shapes in seen} for index, seen in observed.items()}
+        missing: Dict[int, List[Tuple[Any, ...]]] = {}
+        for index, labels in deciding.items():
+            size = 1
+            for label in labels:
+                size *= len(choices[label])
+            if size > max_table:
+                self._refuse("%s: the input shape of %s depends on %d label combinations; no "
+                             "per-choice table", type(self.space).__name__,
+                             self.units[index][0], size)
+                return None
+            combos = [c for c in itertools.product(*(choices[label] for label in labels))
+                      if c not in shapes[index]]
+            if combos:
+                missing[index] = combos
+        deepest = {label: max(choices[label]) for label in self._depth_labels()
+                   if label in choices}  # every Repeat at its deepest: every unit runs
+        rng = random.Random(11)
+        budget = 4 * max((len(c) for c in missing.values()), default=0) + 10
+        while missing:
+            budget -= 1
+            if budget < 0:
+                self._refuse("%s: could not realize every width combination by tracing; no "
+                             "per-choice table", type(self.space).__name__)
+                return None
+            sample = {label: rng.choice(list(values)) for label, values in choices.items()}
+            sample.update(deepest)
+            fixed: Dict[str, Any] = {}
+            for index, combos in missing.items():
+                wanted = dict(zip(deciding[index], combos[0]))
+                for kind, label, value in observed[index][0][1]:  # its route
+                    wanted.setdefault(label, value if kind == "eq" else max(choices[label]))
+                if all(fixed.get(label, value) == value for label, value in wanted.items()):
+                    fixed.update(wanted)
+            sample.update(fixed)
+            units, _ = self.trace(sample)
+            for index, _, seen_shapes, _ in units:
+                key = tuple(sample[label] for label in deciding[index])
+                if shapes[index].setdefault(key, seen_shapes) != seen_shapes:
+                    self._refuse("%s: %s sees other input shapes for the same labels; no "
+                                 "per-choice table", type(self.space).__name__,
+                                 self.units[index][0])
+                    return None
+                if index in missing and key in missing[index]:
+                    missing[index].remove(key)
+                    if not missing[index]:
+                        del missing[index]
+        return shapes
+
+    def _depth_labels(self) -> Set[str]:
+        from nni.nas.nn.pytorch import Repeat
+
+        return {m.depth_choice.label for m in self.space.modules() if isinstance(m, Repeat)
+                and isinstance(getattr(m.depth_choice, "label", None), str)}
+
+    def _shapes_hold(self, terms: Sequence[AdditiveTerm], choices: Mapping[str, Sequence[Any]],
+                     count: int = 8) -> bool:
+        """Whether random samples run exactly the blocks the terms give them, at the input
+        shapes the terms derived."""
+        import random
+
+        rng = random.Random(7)
+        for _ in range(count):
+            sample = {label: rng.choice(list(values)) for label, values in choices.items()}
+            units, _ = self.trace(sample)
+            expected = [block.input_shape for block in chosen_blocks(terms, sample)]
+            if [shapes[0] for _, _, shapes, _ in units] != expected:
+                self._refuse("%s: the input shapes derived do not hold on sample %s; no "
+                             "per-choice table", type(self.space).__name__, sample)
+                return False
+        return True
 
 
 def _zeros_like(value: Any) -> Any:

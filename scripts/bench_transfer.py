@@ -18,7 +18,8 @@ writes a PNG of +-10% accuracy against N. Target: >= 90% within +-10% after 20 m
 
 Usage: python scripts/bench_transfer.py --source-home DIR --source local
            --target-home DIR --target arm64 [--space harness.spaces:TinySpace]
-           [--draws 5] [--png transfer.png] [--source-label TEXT] [--target-label TEXT]
+           [--input-size PX] [--draws 5] [--png transfer.png] [--source-label TEXT]
+           [--target-label TEXT]
 """
 import argparse
 import json
@@ -80,6 +81,9 @@ def main() -> int:
     parser.add_argument("--target-home", required=True)
     parser.add_argument("--target", default="arm64")
     parser.add_argument("--space", default="harness.spaces:TinySpace")
+    parser.add_argument("--input-size", type=int,
+                        help="input height and width the calibrations used (bench_predict.py "
+                             "--input-size)")
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", default="transfer.png")
@@ -90,6 +94,12 @@ def main() -> int:
     source_name, target_name = args.source_label or args.source, args.target_label or args.target
 
     space = load_space(args.space)
+    if args.input_size:
+        try:
+            space = type(space)(input_size=args.input_size)  # type: ignore[call-arg]
+        except TypeError:
+            parser.error(f"{args.space} takes no input_size: drop --input-size")
+        args.space = f"{args.space}@{args.input_size}px"
     dummy = space.dummy_input()
     source = load_predictor(Path(args.source_home) / "calibrations" / args.source / "kernels")
     target = Path(args.target_home) / "calibrations" / args.target

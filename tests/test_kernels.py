@@ -228,3 +228,86 @@ def test_the_command_line_names_the_kernel_instead_of_a_traceback(home):
     if (home / "cache.sqlite").exists():  # nothing was measured
         with Cache(home / "cache.sqlite") as cache:
             assert cache.stats()["measurements"] == 0
+
+
+RICH_FUSION_RULES = dict(ORT_CPU_FUSION_RULES, BF_add_relu={"obey": True},
+                         BF_conv_bn_relu={"obey": True}, BF_dwconv_bn_relu={"obey": True},
+                         BF_fc_relu={"obey": True}, MON={"obey": 0})
+
+
+@pytest.mark.parametrize("space_name", ["mixed", "proxyless", "tiny"])
+@pytest.mark.parametrize("rule_set", ["ort-cpu", "rich"])
+def test_the_fast_detector_finds_exactly_nn_meters_kernels(space_name, rule_set, tmp_path,
+                                                           monkeypatch):
+    """harness.fast_detector (shared rule reader, pattern search only where a pattern can
+    lie, no deep copies) against nn-Meter's own KernelDetector: the same kernels, with the
+    same nodes, attributes and features, on subnets with SE, hswish, shuffles, attention and
+    residuals, and under rules with three-op fusions."""
+    from nn_meter.kernel_detector import KernelDetector
+
+    import harness.fast_detector
+    from harness.spaces import ProxylessSpace, TinySpace
+
+    space = {"mixed": MixedSpace, "proxyless": lambda: ProxylessSpace(input_size=64),
+             "tiny": TinySpace}[space_name]()
+    rules = tmp_path / "fusion_rules.json"
+    rules.write_text(json.dumps(ORT_CPU_FUSION_RULES if rule_set == "ort-cpu"
+                                else RICH_FUSION_RULES))
+    samples = list(random_samples(space, 4, seed=21))
+    if space_name == "mixed":
+        samples.append(everything(space))
+
+    def kernels_of(sample):
+        exported = export_sample(space, sample, space.dummy_input())
+        return [(k.kernel_type, k.features, k.nodes, sorted(k.info.items(), key=str))
+                for k in detect_kernels(onnx_for_nn_meter(exported.onnx_bytes), str(rules))]
+
+    fast = [kernels_of(sample) for sample in samples]
+    monkeypatch.setattr(harness.fast_detector, "kernel_detector", KernelDetector)
+    reference = [kernels_of(sample) for sample in samples]
+    assert fast == reference
+    assert all(fast)
+    if space_name == "mixed":  # the patterns were there to be found
+        ops = {info[1] for kernels in fast for *_, items in kernels
+               for info in items if info[0] == "op"}
+        assert {"se", "hswish"} & ops, ops
+
+
+def test_a_flat_forest_answers_as_scikit_learn(tmp_path):
+    """FlatForest (all trees walked together) gives RandomForestRegressor.predict's answer
+    to the last bit, on a forest as nn-Meter's builder makes them and on rows outside the
+    training range."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    from harness.flat_forest import FlatForest
+
+    rng = np.random.default_rng(3)
+    features = rng.uniform(0, 100, size=(300, 5)).round(1)
+    latencies = features[:, 0] * features[:, 1] / 50 + np.sin(features[:, 2]) + features[:, 4]
+    forest = RandomForestRegressor(n_estimators=120, max_depth=50, random_state=10).fit(
+        features, latencies)
+    rows = np.concatenate([features[:20], rng.uniform(-50, 150, size=(30, 5)),
+                           features[:5] + 1e-4])
+    flat = FlatForest(forest)
+    assert np.array_equal(flat.predict(rows.tolist()), forest.predict(rows))
+    assert np.array_equal(flat.predict(rows[:1]), forest.predict(rows[:1]))
+    with pytest.raises(ValueError, match="5 features"):
+        flat.predict([[1.0, 2.0]])
+
+
+def test_shapes_are_inferred_without_the_weights_as_with_them(mixed):
+    """Shape inference runs on a copy of the model without its weights (harness.kernels):
+    every tensor gets the shape and type inference gives on the whole model."""
+    from onnx import shape_inference
+
+    from harness.kernels import _graph
+
+    exported = export_sample(mixed, everything(mixed), mixed.dummy_input())
+    model = fold_shapes(onnx_for_nn_meter(exported.onnx_bytes))
+    graph = _graph(model)
+    whole = shape_inference.infer_shapes(model).graph
+    for value in list(whole.value_info) + list(whole.output):
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        assert graph.shapes[value.name] == dims, value.name
+        assert graph.types[value.name] == value.type.tensor_type.elem_type
+    assert len(graph.shapes) >= len(whole.value_info) + len(whole.initializer)

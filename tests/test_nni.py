@@ -143,20 +143,46 @@ def forbid_freeze(space):
     space.freeze = freeze
 
 
-@pytest.mark.parametrize("net", [StagedNet, WidthNet])
+class GlueNet(WidthNet):
+    """WidthNet whose own forward computes (a functional linear layer outside its modules):
+    no per-choice table, memoized look-ups per module instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("extra", torch.ones(10, 10))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(super().forward(x), self.extra)
+
+
+@pytest.mark.parametrize("net", [StagedNet, WidthNet, GlueNet])
 def test_nni_space_counted_by_per_choice_tables_exactly_as_torch(net):
     space, x = net(), torch.randn(2, 3, 12, 12)
     flops = FlopsProfiler(space, x)
-    if net is StagedNet:  # additive: a sum of per-choice table entries
-        assert flops.additive is not None
-    else:  # widths change shapes: memoized look-ups per mutable module, said so
+    if net is not GlueNet:  # additive: a sum of per-choice table entries (WidthNet's pool
+        assert flops.additive is not None  # and fc see widths its conv's label decides)
+    else:
         assert flops.additive is None and flops.nni_tables is not None
-        assert "depend on the sample" in flops.why_not_additive
+        assert "outside its modules" in flops.why_not_additive
     samples = random_samples(space, 12, seed=4)
     expected = [torch_macs(space, s, x) for s in samples]
     forbid_freeze(space)
     assert [flops.profile(s) for s in samples] == expected
     assert flops.uncounted == set()
+
+
+def test_widths_chosen_upstream_get_terms_with_the_deciding_label():
+    """A unit whose input width follows a label upstream (WidthNet's pool and fc) gets a term
+    over that label, with one block per width at the shape it sees; a unit whose shapes no
+    label near it decides makes the space non-additive, said so."""
+    space, x = WidthNet(), torch.randn(2, 3, 12, 12)
+    flops = FlopsProfiler(space, x)
+    pool = next(t for t in flops.additive._terms
+                if any(b is not None and ":pool:" in b.key for b in t.blocks.values()))
+    assert "width" in pool.labels
+    shapes = sorted({b.input_shape for b in pool.blocks.values() if b is not None})
+    assert shapes == [(2, 4, 12, 12), (2, 8, 12, 12), (2, 16, 12, 12)]
+    assert flops.nni_tables.block_costs  # counted while tracing, not again
 
 
 def test_nni_convention_matches_nni_own_flops_profiler():
@@ -221,10 +247,14 @@ def test_expectation_penalty_on_nni_spaces():
                for label, values in choices.items()}
     assert penalty(0.0, one_hot)[1]["penalty"] == pytest.approx(flops.profile(sample))
 
-    width = WidthNet()
+    width = WidthNet()  # widths chosen upstream: terms over the deciding label
     wflops = FlopsProfiler(width, x)
+    one_hot = {"width": {4: 0.0, 8: 1.0, 16: 0.0}, "act": {0: 1.0, 1: 0.0}}
+    assert ExpectationProfilerPenalty(wflops, baseline=1.0)(0.0, one_hot)[1]["penalty"] == \
+        pytest.approx(wflops.profile({"width": 8, "act": 0}))
+    glue = FlopsProfiler(GlueNet(), x)
     with pytest.raises(TypeError, match="no per-choice table"):
-        ExpectationProfilerPenalty(wflops, baseline=1.0)(0.0, {"width": {4: 1.0}, "act": {0: 1.0}})
+        ExpectationProfilerPenalty(glue, baseline=1.0)(0.0, one_hot)
 
 
 def test_nni_darts_with_our_penalty_moves_the_space_towards_cheaper_choices():
@@ -336,3 +366,19 @@ def test_a_space_that_cannot_be_decomposed_says_what_and_is_counted_exactly(capl
     assert "cannot be decomposed" in caplog.text
     for sample in ({"inner": 0}, {"inner": 1}):
         assert flops.profile(sample) == torch_macs(space, sample, x)
+
+
+def test_mobilenetv3_space_has_per_choice_tables_despite_its_widths():
+    """NNI's MobileNetV3Space chooses widths and expansion ratios, so what its modules see
+    follows the sample: it still gets additive tables (each module's input shape decided by
+    its own labels or its predecessors'), and their sums equal torch's count of the frozen
+    subnets."""
+    from nni.nas.hub.pytorch import MobileNetV3Space
+
+    space, x = MobileNetV3Space(), torch.randn(1, 3, 64, 64)
+    flops = FlopsProfiler(space, x)
+    assert flops.additive is not None, flops.why_not_additive
+    samples = random_samples(space, 3, seed=8)
+    expected = [torch_macs(space, s, x) for s in samples]
+    forbid_freeze(space)
+    assert [flops.profile(s) for s in samples] == expected

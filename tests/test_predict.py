@@ -339,3 +339,51 @@ def test_calibrate_and_offline_profile_from_the_command_line(home):
                     "--samples", "2", "--seed", "7", "--offline")
     predicted = [line for line in table.splitlines() if line.rstrip().endswith("prediction")]
     assert len(predicted) == 2 and " ok" not in table
+
+
+def test_a_precision_variant_is_detected_apart_from_its_float_source(tiny, data_folder):
+    """Kernel detection is memoized by the exported model's variant key (its graph hash,
+    which a converted variant keeps, and the precision it was converted to): the int8 model
+    is not given its float source's kernels, and a second look is a memo hit."""
+    from harness.model_file import convert
+
+    official_folder(data_folder)
+    profiler = NnMeterProfiler(tiny, tiny.dummy_input(), predictor="cortexA76cpu_tflite21")
+    exported = export_sample(tiny, random_samples(tiny, 1, seed=4)[0], tiny.dummy_input())
+    variant = convert(exported, "int8-dynamic", {"input": list(tiny.dummy_input().shape)})
+    assert variant.graph_hash == exported.graph_hash
+    assert variant.variant_key != exported.variant_key == exported.graph_hash
+    source = profiler.predictor.kernels(exported.onnx_bytes, exported.variant_key)
+    converted = profiler.predictor.kernels(variant.onnx_bytes, variant.variant_key)
+    assert [k.op for k in converted] != [k.op for k in source]
+    assert profiler.predictor.kernels(b"", variant.variant_key) is converted  # memoized
+
+
+def test_composed_subnets_are_predicted_from_their_pieces_as_from_their_whole_graph(
+        tiny, data_folder):
+    """A composed subnet's kernels are its pieces' kernels, each piece detected once: after
+    PIECE_CHECKS subnets agreed with their whole graphs, predictions come from the pieces and
+    equal the whole graph's; a model whose pieces disagree with its graph turns it off."""
+    import dataclasses
+
+    from harness.predict import PIECE_CHECKS
+
+    official_folder(data_folder)
+    profiler = NnMeterProfiler(tiny, tiny.dummy_input(), predictor="cortexA76cpu_tflite21")
+    predictor = profiler.predictor
+    samples = random_samples(tiny, PIECE_CHECKS + 4, seed=6)
+    for number, sample in enumerate(samples, 1):
+        exported = export_sample(tiny, sample, tiny.dummy_input())
+        assert exported.pieces
+        whole = predictor.predict_kernels(predictor.kernels(exported.onnx_bytes))
+        assert profiler.predict_exported(exported).median == pytest.approx(whole, rel=1e-12)
+        assert profiler._pieces_agree is (True if number >= PIECE_CHECKS else None)
+    # pieces of another subnet than the bytes: caught while checking, whole graphs from then on
+    fresh = NnMeterProfiler(tiny, tiny.dummy_input(), predictor=predictor)
+    one, other = (export_sample(tiny, s, tiny.dummy_input())
+                  for s in random_samples(tiny, 2, seed=7))
+    assert [p.key for p in one.pieces] != [p.key for p in other.pieces]
+    mixed = dataclasses.replace(one, pieces=other.pieces)
+    whole = predictor.predict_kernels(predictor.kernels(one.onnx_bytes))
+    assert fresh.predict_exported(mixed).median == pytest.approx(whole, rel=1e-12)
+    assert fresh._pieces_agree is False

@@ -1,9 +1,12 @@
 """Search integration: strategies, Filter modes, chained constraints, one-shot penalties, LUT."""
+import json
+
 import pytest
 import torch
 
 from harness import LatencyProfiler, random_samples
 from harness.counting import FlopsProfiler, NumParamsProfiler
+from harness.errors import HarnessError
 from harness.lut import LatencyLUT
 from harness.search import (Chain, ExpectationProfilerPenalty, Filter, Random, RangeProfilerFilter,
                             RegularizedEvolution, SampleProfilerPenalty, SearchExhausted,
@@ -182,7 +185,6 @@ def test_lut_round_trip(space, tmp_path):
     assert loaded.profile(sample) == lut.profile(sample)
     assert loaded.overhead_ms == lut.overhead_ms and loaded.fixed_ms > 0
     (tmp_path / "bad.json").write_text("{}")
-    from harness.errors import HarnessError
     with pytest.raises(HarnessError, match="cannot read the lookup table"):
         LatencyLUT.load(tmp_path / "bad.json", space, space.dummy_input())
 
@@ -205,3 +207,45 @@ def test_latency_constrained_search_script(tmp_path, home):
                    .split(",")[0])
     assert spread > 0.1  # the proxy tells architectures apart (SynFlow spanned 0.0005)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _TableMinusScaledOverhead:
+    """Stands in for a device whose whole subnets cost exactly the table's blocks less 0.4
+    of their identity costs: what the fit must find."""
+
+    def __init__(self, lut):
+        self.lut = lut
+
+    def profile(self, sample):
+        values = self.lut._validate.values(sample)
+        raw = self.lut._raw.total(values)
+        at_one = self.lut._identity_net().total(values) + self.lut._corrected(1.0)[0]
+        return raw - 0.4 * (raw - at_one)
+
+
+def test_lut_fits_the_scale_of_the_fixed_cost_on_whole_subnets(space, tmp_path):
+    """With fit_samples the table fits one factor on the identity costs from whole subnets
+    measured on the device, keeps it (saved and loaded), and reports the error with the plain
+    identity correction beside the fitted one."""
+    with LatencyProfiler(space, space.dummy_input(), settings=FAST) as latency:
+        lut = LatencyLUT.build(space, space.dummy_input(), latency,
+                               fit_samples=random_samples(space, 4, seed=5))
+        assert 0.0 <= lut.overhead_scale <= 4.0
+        report = lut.additivity_error(random_samples(space, 3, seed=11), latency)
+    assert report["overhead_scale"] == lut.overhead_scale
+    assert {"mean_abs_error_identity", "mean_abs_error_uncorrected"} <= set(report)
+    lut.save(tmp_path / "lut.json")
+    loaded = LatencyLUT.load(tmp_path / "lut.json", space, space.dummy_input())
+    sample = random_samples(space, 1, seed=12)[0]
+    assert loaded.overhead_scale == lut.overhead_scale
+    assert loaded.profile(sample) == pytest.approx(lut.profile(sample))
+    # the fit itself: a device that pays 0.4 of the identity costs is found to
+    plain = LatencyLUT(space, space.dummy_input(), lut.block_ms, overhead_ms=lut.overhead_ms)
+    device = _TableMinusScaledOverhead(plain)
+    scale = plain.fit_overhead_scale(random_samples(space, 6, seed=2), device)
+    assert scale == pytest.approx(0.4, abs=0.05)  # blocks clamped at 0 ms bend it a little
+    data = json.loads((tmp_path / "lut.json").read_text())
+    data["overhead_scale"] = float("nan")
+    (tmp_path / "nan.json").write_text(json.dumps(data))
+    with pytest.raises(HarnessError, match="overhead scale"):
+        LatencyLUT.load(tmp_path / "nan.json", space, space.dummy_input())

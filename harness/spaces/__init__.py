@@ -161,11 +161,12 @@ class MobileSpace:
 
 
 class ProxylessSpace(MobileSpace):
-    """ProxylessNAS (mobile) layout on 224x224: six stages, depth 2-4 in the first five."""
+    """ProxylessNAS (mobile) layout on 224x224 (or `input_size`): six stages, depth 2-4 in
+    the first five."""
 
-    def __init__(self) -> None:
+    def __init__(self, input_size: int = 224) -> None:
         super().__init__(stages=[(24, 4, 2), (40, 4, 2), (80, 4, 2), (96, 4, 1), (192, 4, 2),
-                                 (320, 1, 1)])
+                                 (320, 1, 1)], input_size=input_size)
 
 
 class TinySpace(MobileSpace):
