@@ -40,7 +40,7 @@ from harness.calibration import Calibration, calibrations_folder
 from harness.export import DummyInput, export_sample
 from harness.kernels import (GENERIC_FEATURES, GENERIC_PREFIX, Kernel, KernelError,
                              build_generic_predictor, detect_kernels)
-from harness.measurement import Measurement
+from harness.measurement import STATISTICS, Measurement
 from harness.predict import (FUSION_RULES, KernelPredictors, PredictorError, import_nn_meter,
                              load_predictor, onnx_for_nn_meter)
 from harness.profiler import LatencyProfiler
@@ -235,10 +235,11 @@ def _measure_cut(onnx_bytes: bytes, profiler: LatencyProfiler) -> Measurement:
 
 
 def measure_kernels(profiler: LatencyProfiler, jobs: Sequence[_KernelJob],
-                    progress: Optional[bool] = None) -> Dict[str, Dict[str, Dict[str, Any]]]:
+                    progress: Optional[bool] = None,
+                    statistic: str = "median") -> Dict[str, Dict[str, Dict[str, Any]]]:
     """Every planned kernel measured on the profiler's device (through its cache, so a rerun
     resumes): nn-Meter's builder data, {kernel type: {id: {"config", "model", "latency"
-    ("avg +- std" ms)}}}."""
+    ("<statistic> +- std" ms)}}}."""
     data: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for number, job in enumerate(tqdm(
             jobs, unit="kernel", desc=f"kernels on {profiler.device}", leave=False,
@@ -247,7 +248,7 @@ def measure_kernels(profiler: LatencyProfiler, jobs: Sequence[_KernelJob],
         data.setdefault(job.kernel_type, {})[f"{job.kernel_type}_{number}"] = {
             "config": builder_config(job.kernel_type, job.features),
             "model": job.kernel.op, "graph_hash": measurement.graph_hash,
-            "latency": f"{measurement.median} +- {measurement.stdev}"}
+            "latency": f"{measurement.statistic(statistic)} +- {measurement.stdev}"}
     log.info("measured %d distinct kernels: %s", sum(map(len, data.values())),
              {kind: len(items) for kind, items in data.items()})
     return data
@@ -333,9 +334,16 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
               predictor: Union[str, Path, None] = None, build_kernels: Optional[bool] = None,
               settings: Optional[Mapping[str, Any]] = None,
               home: Union[str, Path, None] = None, cache: Any = None,
-              plot: bool = True, progress: Optional[bool] = None) -> CalibrationResult:
-    """Calibrate nn-Meter to `device` (see the module docstring); returns what was stored."""
+              plot: bool = True, progress: Optional[bool] = None,
+              statistic: str = "median") -> CalibrationResult:
+    """Calibrate nn-Meter to `device` (see the module docstring); returns what was stored.
+    `statistic`: which statistic of the device's runs the kernels and the correction are
+    fitted to and predict (the median; the minimum is the steadier one on a device that
+    shares its CPU with other work, whose interference only ever adds time)."""
     import_nn_meter()
+    if statistic not in STATISTICS:
+        raise PredictorError(f"unknown statistic {statistic!r}",
+                             fix=f"use one of {', '.join(STATISTICS)}")
     if samples < 2 or holdout < 2:
         raise PredictorError("calibration needs at least 2 training and 2 held-out subnets",
                              fix="pass --samples 100 --holdout 20, for example")
@@ -368,9 +376,9 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
                          cache=cache) as profiler:
         measured = profiler.measure_many([subnet.sample for subnet in subnets],
                                          progress=progress)
-        truth = [m.median for m in measured]
+        truth = [m.statistic(statistic) for m in measured]
         if build_kernels:
-            kernel_data = measure_kernels(profiler, jobs, progress)
+            kernel_data = measure_kernels(profiler, jobs, progress, statistic)
             base = load_predictor(build_kernel_predictors(kernel_data, folder / KERNELS_FOLDER))
         else:
             base = official  # type: ignore[assignment]
@@ -389,7 +397,7 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
         agent_version=identity.agent_version, settings_key=profiler.settings_key, space=space_name,
         space_fingerprint=profiler.space_fingerprint,
         input_signature=[dict(x) for x in profiler.input_signature], n_train=samples,
-        n_holdout=holdout)
+        n_holdout=holdout, statistic=statistic)
     held_truth = truth[samples:]
     series: Dict[str, List[float]] = {}
     if official is not None:

@@ -42,6 +42,9 @@ class Calibration:
     input_signature: List[Dict[str, Any]]
     n_train: int
     n_holdout: int
+    # which statistic of the device's runs the correction predicts (harness.measurement
+    # STATISTICS): the median, or the minimum on a device shared with other work
+    statistic: str = "median"
     report: Dict[str, Dict[str, float]] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
@@ -63,7 +66,7 @@ class Calibration:
         held_out = self.report.get("calibrated", {})
         return {"device": self.device, "kind": self.kind, "intercept": self.intercept,
                 "slope": self.slope, "created_at": self.created_at, "n_train": self.n_train,
-                "rmspe": held_out.get("rmspe")}
+                "statistic": self.statistic, "rmspe": held_out.get("rmspe")}
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)

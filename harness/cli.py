@@ -141,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
                                 "when no kernel predictors are built)")
     calibrate.add_argument("--no-kernels", action="store_true",
                            help="only correct --predictor; do not build kernel predictors")
+    calibrate.add_argument("--statistic", choices=STATISTICS, default="median",
+                           help="what the calibration predicts of the device's runs (default "
+                                "median; min is steadier on a device shared with other work)")
     calibrate.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_timing_options(calibrate)
 
@@ -641,7 +644,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                        space_name=args.space, seed=args.seed, predictor=args.predictor,
                        build_kernels=False if args.no_kernels else None,
                        settings=_settings(args), cache=args.cache,
-                       progress=False if args.json else None)
+                       progress=False if args.json else None, statistic=args.statistic)
     calibration = result.calibration
     if args.json:
         print(json.dumps({"folder": str(result.folder), "report": result.report,
@@ -651,8 +654,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"accuracy on {args.holdout} held-out subnets of {args.space} measured on "
           f"{args.device}:\n")
     print(render_report(result.report))
-    print(f"\ncorrection: measured = {math.exp(calibration.intercept):.4g} * "
-          f"predicted^{calibration.slope:.4f}, fitted on {args.samples} subnets")
+    print(f"\ncorrection: measured {calibration.statistic} = "
+          f"{math.exp(calibration.intercept):.4g} * predicted^{calibration.slope:.4f}, fitted "
+          f"on {args.samples} subnets")
     print(f"stored in {result.folder} (the nn-Meter fallback for {args.device} uses it)")
     if result.png:
         print(f"scatter: {result.png}")

@@ -209,7 +209,31 @@ def test_calibration_on_local_beats_the_uncalibrated_predictor(tiny, home, tmp_p
     assert sum(map(len, measured_kernels.values())) >= 10
     # The kernels were measured through the profiler: they are in the measurement cache.
     with Cache(home / "cache.sqlite") as cache:
-        assert cache.stats()["measurements"] >= 22 + 10
+        measurements = cache.stats()["measurements"]
+        assert measurements >= 22 + 10
+    assert calibration.statistic == "median"
+    # Calibrated to the fastest run of each subnet and kernel instead (a shared device):
+    # from the same measurements, none taken again.
+    by_min = calibrate(tiny, tiny.dummy_input(), "local", samples=14, holdout=8,
+                       predictor=str(official), settings=CALIBRATION_SETTINGS, progress=False,
+                       statistic="min")
+    assert load_calibration("local").statistic == "min" == by_min.calibration.describe()[
+        "statistic"]
+    with Cache(home / "cache.sqlite") as cache:
+        assert cache.stats()["measurements"] == measurements
+    training = json.loads((folder / "training.json").read_text())
+    with LatencyProfiler(tiny, tiny.dummy_input(), "local", statistic="min",
+                         settings=CALIBRATION_SETTINGS) as profiler:
+        assert training["measured_ms"] == [profiler.profile(json.loads(s))
+                                           for s in training["samples"]]
+    kernel_data = json.loads((folder / "kernels" / "kernels.json").read_text())
+    assert any(float(item["latency"].split()[0]) < float(m.split()[0])
+               for kind, items in kernel_data.items() for key, item in items.items()
+               for m in [measured_kernels[kind][key]["latency"]]
+               if key in measured_kernels.get(kind, {}))
+    with pytest.raises(PredictorError, match="unknown statistic"):
+        calibrate(tiny, tiny.dummy_input(), "local", samples=14, holdout=8,
+                  predictor=str(official), statistic="fastest")
 
 
 def test_kernel_models_are_the_kernels_they_stand_for(tiny, tmp_path):
