@@ -37,13 +37,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchlib import load_testfarm  # noqa: E402
+from benchlib import load_testfarm, space_at_input  # noqa: E402
 from harness.accuracy import accuracy_metrics, render_report  # noqa: E402
 from harness.calibrate import calibrate  # noqa: E402
 from harness.export import export_sample  # noqa: E402
 from harness.predict import NnMeterProfiler  # noqa: E402
 from harness.profiler import LatencyProfiler  # noqa: E402
-from harness.space import load_space, random_samples  # noqa: E402
+from harness.space import random_samples  # noqa: E402
 
 TARGET_ACC10 = 0.95
 TARGET_TAU_GAP = 0.03
@@ -124,13 +124,7 @@ def main() -> int:
                                        "kept so the scatter PNG can be looked at)")
     args = parser.parse_args()
 
-    space = load_space(args.space)
-    if args.input_size:
-        try:
-            space = type(space)(input_size=args.input_size)  # type: ignore[call-arg]
-        except TypeError:
-            parser.error(f"{args.space} takes no input_size: drop --input-size")
-        args.space = f"{args.space}@{args.input_size}px"
+    space, args.space = space_at_input(parser, args.space, args.input_size)
     dummy = space.dummy_input()
     settings = {"min_time_ms": args.min_time_ms,
                 "max_time_ms": max(20000.0, 2 * args.min_time_ms)}
@@ -181,8 +175,8 @@ def run(args: argparse.Namespace, space: object, dummy: object, settings: dict, 
     print(f"{'RMSPE':34} {raw['rmspe']:>8.1f}% {calibrated['rmspe']:>10.1f}% "
           f"{calibrated['rmspe'] / raw['rmspe']:>7.2f}")
     measured = [measured for _, measured in result.holdout_points["calibrated"]]
-    print(f"\nheld-out measured medians: {min(measured):.2f}-{max(measured):.2f} ms "
-          f"(median {statistics.median(measured):.2f} ms)")
+    print(f"\nheld-out subnets as measured ({args.statistic} run): {min(measured):.2f}-"
+          f"{max(measured):.2f} ms (median {statistics.median(measured):.2f} ms)")
     print(f"correction: {result.calibration.kind}, a={result.calibration.intercept:.4f}, "
           f"b={result.calibration.slope:.4f}")
     print(f"whole calibration {calibrate_s:.0f} s")

@@ -37,7 +37,7 @@ from harness.accuracy import accuracy_metrics  # noqa: E402
 from harness.calibrate import fit_correction  # noqa: E402
 from harness.export import export_sample  # noqa: E402
 from harness.predict import load_predictor  # noqa: E402
-from harness.space import load_space  # noqa: E402
+from benchlib import space_at_input  # noqa: E402
 
 COUNTS = (10, 20, 50, 100)
 TARGET_ACC10 = 0.90
@@ -93,13 +93,7 @@ def main() -> int:
     args = parser.parse_args()
     source_name, target_name = args.source_label or args.source, args.target_label or args.target
 
-    space = load_space(args.space)
-    if args.input_size:
-        try:
-            space = type(space)(input_size=args.input_size)  # type: ignore[call-arg]
-        except TypeError:
-            parser.error(f"{args.space} takes no input_size: drop --input-size")
-        args.space = f"{args.space}@{args.input_size}px"
+    space, args.space = space_at_input(parser, args.space, args.input_size)
     dummy = space.dummy_input()
     source = load_predictor(Path(args.source_home) / "calibrations" / args.source / "kernels")
     target = Path(args.target_home) / "calibrations" / args.target

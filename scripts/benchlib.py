@@ -1,14 +1,31 @@
-"""What the benchmarks share: the repository on sys.path, and the test farm loaded as a module
-(scripts/testfarm is a command without a .py suffix)."""
+"""What the benchmarks share: the repository on sys.path, the test farm loaded as a module
+(scripts/testfarm is a command without a .py suffix), a space at a chosen input size."""
+import argparse
 import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def space_at_input(parser: argparse.ArgumentParser, spec: str,
+                   input_size: Optional[int]) -> Tuple[Any, str]:
+    """The space `spec` names, at `input_size` px when given (for a space whose class takes
+    input_size, as the built-in ones do), and the name to report it by."""
+    from harness.space import load_space
+
+    space = load_space(spec)
+    if not input_size:
+        return space, spec
+    try:
+        return type(space)(input_size=input_size), f"{spec}@{input_size}px"
+    except TypeError:
+        parser.error(f"{spec} takes no input_size: drop --input-size")
 
 
 def load_testfarm() -> ModuleType:
