@@ -36,7 +36,8 @@ class PredictionFallback:
                  settings_key: str, export: Callable[[Sample], ExportedModel],
                  counters: Counter, predictor: Union[str, Path, None] = None,
                  offline: bool = False, refresh: bool = False, retry_s: float = 60.0,
-                 model: Optional[Callable[[Sample], Optional[Measurement]]] = None):
+                 model: Optional[Callable[[Sample], Optional[Measurement]]] = None,
+                 statistic: str = "median"):
         if mode not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {mode!r}")
         self.mode = mode
@@ -50,6 +51,7 @@ class PredictionFallback:
         self._answers: Dict[tuple, Measurement] = {}
         self._unreachable_until = 0.0
         self._model = model
+        self._statistic = statistic  # what the profiler answers with
 
     @classmethod
     def of(cls, profiler: Any, mode: str, predictor: Union[str, Path, None], offline: bool,
@@ -63,7 +65,7 @@ class PredictionFallback:
                    settings_key=profiler.settings_key, export=profiler._export,
                    counters=profiler.counters, predictor=predictor, offline=offline,
                    refresh=profiler.refresh, retry_s=retry_s,
-                   model=profiler.decider.predicted_measurement)
+                   model=profiler.decider.predicted_measurement, statistic=profiler.statistic)
 
     def active(self) -> bool:
         """Predict without trying the device: offline, or it was lost less than retry_s ago."""
@@ -133,6 +135,12 @@ class PredictionFallback:
                 log.warning("the nn-Meter calibration of %s was fitted on another space or "
                             "input (%s); its correction may not carry over", calibration.device,
                             calibration.space or "unnamed")
+            if calibration is not None and calibration.statistic != self._statistic:
+                log.warning("the nn-Meter calibration of %s predicts each subnet's %s run, "
+                            "the profiler answers with the %s: its predictions stand for "
+                            "another statistic (calibrate again with --statistic %s)",
+                            calibration.device, calibration.statistic, self._statistic,
+                            self._statistic)
             if calibration is None and self._predictor_name is None:
                 why = f"is unreachable ({cause.message})" if cause is not None else "is offline"
                 raise PredictorError(

@@ -5,6 +5,7 @@ Everything is real: nn-Meter 2.0's kernel detector, predictor and builder, sciki
 forests, onnxruntime measurements through our agent, OpenSSH for the unreachable device.
 """
 import json
+import logging
 import pickle
 
 import numpy as np
@@ -281,7 +282,7 @@ def test_corrupt_calibration_file_is_a_clear_error(home):
 # ---------------------------------------------------------------- the fallback
 
 @needs_root
-def test_unreachable_device_falls_back_to_its_calibration(tiny, home, loop, sshd):
+def test_unreachable_device_falls_back_to_its_calibration(tiny, home, loop, sshd, caplog):
     result = calibrate(tiny, tiny.dummy_input(), "loop", samples=8, holdout=3,
                        settings=CALIBRATION_SETTINGS, progress=False)
     with Cache(home / "cache.sqlite") as cache:
@@ -309,6 +310,12 @@ def test_unreachable_device_falls_back_to_its_calibration(tiny, home, loop, sshd
         assert profiler.counters["measurements"] == 0
     with Cache(home / "cache.sqlite") as cache:  # no prediction was stored as a measurement
         assert cache.stats()["measurements"] == stored
+    # a profiler answering with another statistic than the calibration predicts is told so
+    with LatencyProfiler(tiny, tiny.dummy_input(), "loop", "min", settings=CALIBRATION_SETTINGS,
+                         fallback="nn-meter") as by_min:
+        with caplog.at_level(logging.WARNING, logger="harness.fallback"):
+            by_min.profile(fresh[1])
+    assert "predicts each subnet's median run, the profiler answers with the min" in caplog.text
 
 
 def test_offline_profiler_never_contacts_the_device(tiny, home, tmp_path):
