@@ -103,10 +103,6 @@ class _Graph:
     values: Dict[str, List[int]]  # graph inputs, value infos, outputs: dims as listed (0: unknown)
 
 
-def _numel_dims(dims: Sequence[int]) -> int:
-    return math.prod(dims)
-
-
 def _inferred(model: onnx.ModelProto) -> onnx.GraphProto:
     """ONNX shape inference of the model's graph, run on a copy without its weights: a
     weight's values never decide a shape (the small constants that can, shape tensors of a
@@ -124,7 +120,7 @@ def _inferred(model: onnx.ModelProto) -> onnx.GraphProto:
     graph.value_info.extend(model.graph.value_info)
     declared = {value.name for value in model.graph.input}
     for tensor in model.graph.initializer:
-        if _numel_dims(tensor.dims) <= SMALL_TENSOR:
+        if _numel(tensor.dims) <= SMALL_TENSOR:
             graph.initializer.append(tensor)
         elif tensor.name not in declared:
             graph.input.append(helper.make_tensor_value_info(
@@ -222,7 +218,7 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     read and a kernel cannot be cut out of the model."""
     from onnx.reference import ReferenceEvaluator
 
-    small = {t.name for t in model.graph.initializer if _numel_dims(t.dims) <= SMALL_TENSOR}
+    small = {t.name for t in model.graph.initializer if _numel(t.dims) <= SMALL_TENSOR}
     if not any(node.op_type == "Shape" or (node.input and all(i in small for i in node.input if i))
                for node in model.graph.node):
         return model  # nothing to fold: no shape inference spent
@@ -231,7 +227,7 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     values: Dict[str, np.ndarray] = {
         t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer
-        if _numel_dims(t.dims) <= SMALL_TENSOR}
+        if _numel(t.dims) <= SMALL_TENSOR}
     kept, folded = [], []
     for node in graph.node:
         inputs = [i for i in node.input if i]
@@ -364,7 +360,7 @@ def _native_features(info: Mapping[str, Any]) -> Optional[Tuple[str, List[float]
 
 
 def _numel(shape: Sequence[int]) -> int:
-    return int(np.prod(shape)) if len(shape) else 1
+    return math.prod(shape)
 
 
 def _flops(node: onnx.NodeProto, graph: _Graph) -> float:

@@ -72,25 +72,31 @@ class LatencyLUT(Profiler):
             raise HarnessError(f"the lookup table has no fixed cost for input shapes "
                                f"{sorted(shapes - set(self.overhead_ms))}",
                                fix="build the table again for this space and input shape")
-        self.overhead_scale = float(overhead_scale)
-        if not 0.0 <= self.overhead_scale <= 100.0:  # also refuses NaN
+        self._blocks = blocks
+        self._choices = choices
+        self._raw = AdditiveCost(self._terms, self.block_ms, self._validate.labels, choices)
+        self._use_scale(overhead_scale)
+
+    def _use_scale(self, overhead_scale: float) -> None:
+        """Correct the table with the identity costs times this factor."""
+        scale = float(overhead_scale)
+        if not 0.0 <= scale <= 100.0:  # also refuses NaN
             raise HarnessError(f"the lookup table's overhead scale {overhead_scale!r} is not a "
                                f"factor between 0 and 100",
                                fix="build the table again (LatencyLUT.build)")
-        self._blocks = blocks
-        self._choices = choices
-        self.fixed_ms, self.net_ms = self._corrected(self.overhead_scale)
+        self.overhead_scale = scale
+        self.fixed_ms, self.net_ms = self._corrected(scale)
         clamped = [key for key, ms in self.net_ms.items() if ms == 0.0 and self.block_ms[key] > 0]
         if clamped:
             log.info("lookup table: %d blocks measured faster than their fixed cost (noise); "
                      "taken as 0 ms", len(clamped))
-        self.additive = AdditiveCost(self._terms, self.net_ms, self._validate.labels, choices)
-        self._raw = AdditiveCost(self._terms, self.block_ms, self._validate.labels, choices)
+        self.additive = AdditiveCost(self._terms, self.net_ms, self._validate.labels,
+                                     self._choices)
 
     def _corrected(self, scale: float) -> Tuple[float, Dict[str, float]]:
         """(fixed cost of a run, each block's latency less its own) at this scale of the
         identity costs; a block is never less than 0 ms."""
-        fixed = scale * self.overhead_ms.get(self._input_shape, 0.0)
+        fixed = scale * self._identity_fixed_ms()
         return fixed, {b.key: max(self.block_ms[b.key]
                                   - scale * self.overhead_ms.get(b.input_shape, 0.0), 0.0)
                        for b in self._blocks}
@@ -120,11 +126,9 @@ class LatencyLUT(Profiler):
         log.info("lookup table: %d blocks and %d fixed costs measured on %s", len(blocks),
                  len(overhead_ms), profiler.device)
         table = cls(space, dummy_input, block_ms, device=profiler.device, overhead_ms=overhead_ms)
-        if not fit_samples:
-            return table
-        scale = table.fit_overhead_scale(fit_samples, profiler)
-        return cls(space, dummy_input, block_ms, device=profiler.device, overhead_ms=overhead_ms,
-                   overhead_scale=scale)
+        if fit_samples:
+            table._use_scale(table.fit_overhead_scale(fit_samples, profiler))
+        return table
 
     def fit_overhead_scale(self, samples: Sequence[Mapping[str, Any]],
                            profiler: LatencyProfiler, largest: float = 4.0) -> float:
@@ -133,11 +137,12 @@ class LatencyLUT(Profiler):
         measured, o: their identity costs less the subnet's own), so s minimizes the squared
         relative errors in closed form; kept within [0, `largest`]."""
         numerator = denominator = 0.0
+        identity = self._identity_net()
         for sample in samples:
             measured = profiler.profile(sample)
             values = self._validate.values(sample)
             raw = self._raw.total(values)
-            overhead = raw - self._identity_net().total(values) - self._corrected(1.0)[0]
+            overhead = raw - identity.total(values) - self._identity_fixed_ms()
             numerator += (raw - measured) * overhead / measured ** 2
             denominator += overhead ** 2 / measured ** 2
         if denominator <= 0:
@@ -146,6 +151,10 @@ class LatencyLUT(Profiler):
         log.info("lookup table: identity costs scaled by %.3f (fitted on %d subnets)", scale,
                  len(samples))
         return scale
+
+    def _identity_fixed_ms(self) -> float:
+        """The identity model's cost at the subnet's input: the fixed cost at scale 1."""
+        return self.overhead_ms.get(self._input_shape, 0.0)
 
     def _identity_net(self) -> AdditiveCost:
         """The table at scale 1 (the plain identity correction), without the fixed cost."""
@@ -170,7 +179,7 @@ class LatencyLUT(Profiler):
         """Compare the table with whole-subnet measurements on the same device."""
         rows = []
         identity = self._identity_net()
-        identity_fixed = self._corrected(1.0)[0]
+        identity_fixed = self._identity_fixed_ms()
         for sample in samples:
             predicted, uncorrected = self.profile(sample), self.profile_uncorrected(sample)
             by_identity = identity.total(self._validate.values(sample)) + identity_fixed

@@ -32,6 +32,7 @@ import copy
 import itertools
 import json
 import logging
+import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
@@ -304,8 +305,7 @@ class NniTables:
         import random
 
         rng = random.Random(seed)
-        deepest = {label: max(choices[label]) for label in self._depth_labels()
-                   if label in choices}
+        deepest = self._deepest(choices)
         rounds = max((len(values) for values in choices.values()), default=0)
         orders = {}
         for label, values in choices.items():
@@ -313,8 +313,7 @@ class NniTables:
             rng.shuffle(order)
             orders[label] = (order * rounds)[:rounds]
         samples = [{label: orders[label][r] for label in choices} for r in range(rounds)]
-        samples += [{label: rng.choice(list(values)) for label, values in choices.items()}
-                    for _ in range(extra)]
+        samples += [_random_sample(rng, choices) for _ in range(extra)]
         for sample in samples:
             sample.update(deepest)
         return samples
@@ -365,9 +364,7 @@ class NniTables:
                 return None
             term_labels = tuple(dict.fromkeys(
                 [g[1] for g in guard] + list(labels) + list(deciding[index])))
-            size = 1
-            for label in term_labels:
-                size *= len(choices[label])
+            size = _combinations(term_labels, choices)
             if size > max_table:
                 self._refuse("%s: %s depends on %d label combinations; no per-choice table",
                              type(self.space).__name__, name, size)
@@ -451,9 +448,7 @@ class NniTables:
                     for sample, _, seen_shapes in seen} for index, seen in observed.items()}
         missing: Dict[int, List[Tuple[Any, ...]]] = {}
         for index, labels in deciding.items():
-            size = 1
-            for label in labels:
-                size *= len(choices[label])
+            size = _combinations(labels, choices)
             if size > max_table:
                 self._refuse("%s: the input shape of %s depends on %d label combinations; no "
                              "per-choice table", type(self.space).__name__,
@@ -463,8 +458,7 @@ class NniTables:
                       if c not in shapes[index]]
             if combos:
                 missing[index] = combos
-        deepest = {label: max(choices[label]) for label in self._depth_labels()
-                   if label in choices}  # every Repeat at its deepest: every unit runs
+        deepest = self._deepest(choices)  # every Repeat at its deepest: every unit runs
         rng = random.Random(11)
         budget = 4 * max((len(c) for c in missing.values()), default=0) + 10
         while missing:
@@ -473,7 +467,7 @@ class NniTables:
                 self._refuse("%s: could not realize every width combination by tracing; no "
                              "per-choice table", type(self.space).__name__)
                 return None
-            sample = {label: rng.choice(list(values)) for label, values in choices.items()}
+            sample = _random_sample(rng, choices)
             sample.update(deepest)
             fixed: Dict[str, Any] = {}
             for index, combos in missing.items():
@@ -497,11 +491,13 @@ class NniTables:
                         del missing[index]
         return shapes
 
-    def _depth_labels(self) -> Set[str]:
+    def _deepest(self, choices: Mapping[str, Sequence[Any]]) -> Dict[str, Any]:
+        """Every Repeat's depth label at its largest value."""
         from nni.nas.nn.pytorch import Repeat
 
-        return {m.depth_choice.label for m in self.space.modules() if isinstance(m, Repeat)
-                and isinstance(getattr(m.depth_choice, "label", None), str)}
+        return {m.depth_choice.label: max(choices[m.depth_choice.label])
+                for m in self.space.modules() if isinstance(m, Repeat)
+                and getattr(m.depth_choice, "label", None) in choices}
 
     def _shapes_hold(self, terms: Sequence[AdditiveTerm], choices: Mapping[str, Sequence[Any]],
                      count: int = 8) -> bool:
@@ -511,7 +507,7 @@ class NniTables:
 
         rng = random.Random(7)
         for _ in range(count):
-            sample = {label: rng.choice(list(values)) for label, values in choices.items()}
+            sample = _random_sample(rng, choices)
             units, _ = self.trace(sample)
             expected = [block.input_shape for block in chosen_blocks(terms, sample)]
             if [shapes[0] for _, _, shapes, _ in units] != expected:
@@ -519,6 +515,14 @@ class NniTables:
                              "per-choice table", type(self.space).__name__, sample)
                 return False
         return True
+
+
+def _random_sample(rng: Any, choices: Mapping[str, Sequence[Any]]) -> Dict[str, Any]:
+    return {label: rng.choice(list(values)) for label, values in choices.items()}
+
+
+def _combinations(labels: Sequence[str], choices: Mapping[str, Sequence[Any]]) -> int:
+    return math.prod(len(choices[label]) for label in labels)
 
 
 def _zeros_like(value: Any) -> Any:
