@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from harness.measurement import STATISTICS
 from harness.paths import harness_home
 from harness.predict import PredictorError
 
@@ -88,6 +89,8 @@ def load_calibration(device: str, home: Union[str, Path, None] = None) -> Option
         if calibration.format_version != FORMAT_VERSION:
             raise ValueError(f"format version {calibration.format_version}")
         float(calibration.intercept), float(calibration.slope)
+        if calibration.statistic not in STATISTICS:
+            raise ValueError(f"statistic {calibration.statistic!r}")
     except (ValueError, TypeError) as exc:
         raise PredictorError(f"calibration file {path} is unreadable ({exc})",
                              fix=f"run 'harness calibrate --device {device} ...' again "

@@ -277,6 +277,14 @@ def test_corrupt_calibration_file_is_a_clear_error(home):
     (folder / "calibration.json").write_text('{"device": "local"}')
     with pytest.raises(PredictorError, match="harness calibrate --device local"):
         load_calibration("local")
+    from harness.calibration import Calibration
+
+    Calibration(device="local", base_predictor=str(folder), base_predictor_digest="", intercept=0.0,
+                slope=1.0, kind="scale", device_fingerprint="", agent_version="",
+                settings_key="", space="", space_fingerprint="", input_signature=[], n_train=2,
+                n_holdout=2, statistic="fastest").save(folder)
+    with pytest.raises(PredictorError, match="statistic 'fastest'"):
+        load_calibration("local")
 
 
 # ---------------------------------------------------------------- the fallback
