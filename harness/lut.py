@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from harness.additive import AdditiveCost, Shape, distinct_blocks
+from harness.additive import AdditiveCost, AdditiveTerm, Shape, distinct_blocks
 from harness.errors import HarnessError
 from harness.export import DummyInput, as_input_tuple
 from harness.nni_tables import NniTables, NotDecomposable, is_nni_space
@@ -48,10 +48,12 @@ class LatencyLUT(Profiler):
     def __init__(self, space: ModelSpace, dummy_input: DummyInput,
                  block_ms: Mapping[str, float], device: str = "unknown",
                  overhead_ms: Optional[Mapping[Shape, float]] = None,
-                 overhead_scale: float = 1.0):
+                 overhead_scale: float = 1.0, terms: Optional[List[AdditiveTerm]] = None):
         """`block_ms`: each block's measured latency, fixed cost included; `overhead_ms`:
         the identity model's latency per input shape (None or empty: no correction);
-        `overhead_scale`: the factor applied to it (see build's fit_samples)."""
+        `overhead_scale`: the factor applied to it (see build's fit_samples); `terms`: the
+        space's additive terms at this input when already derived (an NNI space's take
+        seconds)."""
         choices = checked_search_space(space)
         self.space = space
         self.device = device
@@ -59,7 +61,7 @@ class LatencyLUT(Profiler):
         self.overhead_ms: Dict[Shape, float] = {tuple(k): float(v)
                                                 for k, v in (overhead_ms or {}).items()}
         self._validate = SampleValidator(choices)
-        self._terms = _terms(space, dummy_input)
+        self._terms = terms if terms is not None else _terms(space, dummy_input)
         blocks = list(distinct_blocks(self._terms))
         missing = [b.key for b in blocks if b.key not in self.block_ms]
         if missing:
@@ -110,7 +112,8 @@ class LatencyLUT(Profiler):
         correction (a few are enough: it is one number)."""
         from tqdm import tqdm
 
-        blocks = list(distinct_blocks(_terms(space, dummy_input)))
+        terms = _terms(space, dummy_input)
+        blocks = list(distinct_blocks(terms))
         shapes = sorted({b.input_shape for b in blocks}
                         | {tuple(as_input_tuple(dummy_input)[0].shape)})
         overhead_ms = {shape: profiler.measure_module(_Identity(), torch.randn(shape)).statistic(
@@ -125,7 +128,8 @@ class LatencyLUT(Profiler):
             block_ms[block.key] = measured.statistic(profiler.statistic)
         log.info("lookup table: %d blocks and %d fixed costs measured on %s", len(blocks),
                  len(overhead_ms), profiler.device)
-        table = cls(space, dummy_input, block_ms, device=profiler.device, overhead_ms=overhead_ms)
+        table = cls(space, dummy_input, block_ms, device=profiler.device, overhead_ms=overhead_ms,
+                    terms=terms)
         if fit_samples:
             table._use_scale(table.fit_overhead_scale(fit_samples, profiler))
         return table
@@ -232,17 +236,18 @@ def _terms(space: ModelSpace, dummy_input: DummyInput) -> List[Any]:
     inputs = as_input_tuple(dummy_input)
     if callable(terms_of) and len(inputs) == 1:
         return terms_of(tuple(inputs[0].shape))
-    terms = None
+    terms, why = None, "it has no additive_terms()"
     if is_nni_space(space) and len(inputs) == 1:  # tables derived from the NNI space itself
         try:
-            terms = NniTables(space, inputs).additive_terms(  # type: ignore[arg-type]
-                checked_search_space(space))
+            tables = NniTables(space, inputs)  # type: ignore[arg-type]
+            terms = tables.additive_terms(checked_search_space(space))
+            why = tables.why_not_additive
         except NotDecomposable as exc:
             log.warning("%s cannot be decomposed: %s", type(space).__name__, exc)
+            why = str(exc)
     if terms is None:
-        raise HarnessError(f"{type(space).__name__} is not additive (no additive_terms(), or "
-                           f"an NNI space whose modules see shapes that follow the choices), "
-                           f"so it has no per-block lookup table",
+        raise HarnessError(f"{type(space).__name__} is not additive ({why}), so it has no "
+                           f"per-block lookup table",
                            fix="use LatencyProfiler for whole subnets, or give the space "
                                "additive_terms(input_shape) (see harness.additive)")
     return terms

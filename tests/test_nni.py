@@ -382,3 +382,12 @@ def test_mobilenetv3_space_has_per_choice_tables_despite_its_widths():
     expected = [torch_macs(space, s, x) for s in samples]
     forbid_freeze(space)
     assert [flops.profile(s) for s in samples] == expected
+
+
+def test_a_lookup_table_of_a_space_without_tables_says_why():
+    """An NNI space whose own forward computes outside its modules has no per-block table:
+    the lookup table's error names that reason, not a generic one."""
+    from harness.lut import LatencyLUT
+
+    with pytest.raises(HarnessError, match="outside its modules.*no per-block lookup table"):
+        LatencyLUT(GlueNet(), torch.randn(2, 3, 12, 12), {})
