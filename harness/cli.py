@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 from devices.errors import BadRequest, FixableError
 from harness import __version__
 from harness.errors import HarnessError
-from harness.measurement import STATISTICS
+from harness.store.measurement import STATISTICS
 from harness.paths import default_cache_path
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ def _shape(text: str) -> Tuple[str, List[int]]:
 
 
 def _space_with_input(spec: str) -> Any:
-    from harness.space import load_space
+    from harness.spaces.space import load_space
 
     space = load_space(spec)
     if not callable(getattr(space, "dummy_input", None)):
@@ -413,7 +413,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _sampled(args: argparse.Namespace) -> Tuple[Any, List[Dict[str, Any]]]:
     """The space of --space and --samples samples of it drawn with --seed."""
-    from harness.space import random_samples
+    from harness.spaces.space import random_samples
 
     space = _space_with_input(args.space)
     if args.samples < 1:
@@ -431,7 +431,7 @@ class _Variant:
 
 
 def _variants(args: argparse.Namespace) -> List[_Variant]:
-    from harness.model_file import check_precision
+    from harness.export.model_file import check_precision
 
     precisions = list(dict.fromkeys(check_precision(p.strip())
                                     for p in args.precision.split(",")))
@@ -526,7 +526,7 @@ def _profile_space(args: argparse.Namespace, variants: List[_Variant],
     """Every variant of --samples subnets of --space, one profiler per variant."""
     import torch
 
-    from harness.output import describe_sample
+    from harness.report.output import describe_sample
 
     space, samples = _sampled(args)
     if args.input_shape:
@@ -555,7 +555,7 @@ def _profile_space(args: argparse.Namespace, variants: List[_Variant],
 def _profile_model(args: argparse.Namespace, variants: List[_Variant],
                    counters: Counter) -> Measured:
     """Every variant of the --model file, through one profiler per precision."""
-    from harness.model_file import load_model
+    from harness.export.model_file import load_model
 
     if args.samples != 8 or args.seed != 0 or args.fallback != "error" or args.offline:
         raise BadRequest("--model measures one model file: --samples, --seed, --fallback and "
@@ -601,7 +601,7 @@ def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
 
 def _filter(args: argparse.Namespace) -> int:
     """`harness filter`: which sampled subnets are below a latency limit, at a confidence."""
-    from harness.decisions import summary
+    from harness.store.decisions import summary
     from harness.profiler import LatencyProfiler
 
     space, samples = _sampled(args)
@@ -615,7 +615,7 @@ def _filter(args: argparse.Namespace) -> int:
         fixed = profiler.counters.get("fixed_loop_s", 0.0)
     counts = summary(decisions)
     if args.json:
-        from harness.output import write_jsonl
+        from harness.report.output import write_jsonl
 
         write_jsonl(sys.stdout, [dict(d.to_dict(), index=i, sample=s) for i, (s, d) in
                                  enumerate(zip(samples, decisions))],
@@ -636,8 +636,8 @@ def _filter(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from harness.accuracy import render_report
-    from harness.calibrate import calibrate
+    from harness.predict.accuracy import render_report
+    from harness.campaigns.calibrate import calibrate
 
     space = _space_with_input(args.space)
     result = calibrate(space, space.dummy_input(), args.device, args.samples, args.holdout,
@@ -795,8 +795,8 @@ def _farm(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    """`harness report`: the page and figures of harness.report, from the cache."""
-    from harness.report import write_report
+    """`harness report`: the page and figures of harness.report.html, from the cache."""
+    from harness.report.html import write_report
 
     files = write_report(args.cache or default_cache_path(), args.out, devices=args.device,
                          space=args.space)
@@ -806,8 +806,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from harness.cache import Cache
-    from harness.output import when
+    from harness.store.cache import Cache
+    from harness.report.output import when
 
     path = args.cache or default_cache_path()
     with Cache(path) as cache:

@@ -6,9 +6,9 @@ One `profile(sample)` call, top to bottom:
 3. find the sample's graph hash in the cache's sample index, or freeze, export and hash it;
 4. look the measurement up by (graph hash, input shapes, runtime settings, device
    fingerprint, agent version): a hit answers without touching the device;
-5. otherwise the pool (harness.device_pool) leases a device and lets the agent time the model
+5. otherwise the pool (harness.pool.device_pool) leases a device and lets the agent time the model
    there; the Measurement is stored and its statistic (median by default, ms) returned.
-When the device cannot be reached, the fallback (harness.fallback) answers. A failure raises
+When the device cannot be reached, the fallback (harness.steps.fallback) answers. A failure raises
 a typed error and stores nothing. `measure_many` takes the same steps for many samples.
 """
 import logging
@@ -21,21 +21,22 @@ import torch
 
 from devices.agent_result import AgentResult
 from devices.errors import BadRequest, DeviceLost
-from harness.batch import answer_all
-from harness.cache import Cache, MeasurementKey, canonical_json, digest, model_of
-from harness.decider import LimitDecider
-from harness.decisions import Decision, check_limit
-from harness.device_pool import DeviceIdentity, MeasureRequest
-from harness.export import (DummyInput, ExportedModel, export_module, export_sample,
+from harness.steps.batch import answer_all
+from harness.store.cache import Cache
+from harness.store.key import MeasurementKey, canonical_json, digest, model_of
+from harness.steps.decider import LimitDecider
+from harness.store.decisions import Decision, check_limit
+from harness.pool.device_pool import DeviceIdentity, MeasureRequest
+from harness.export.graph import (DummyInput, ExportedModel, export_module, export_sample,
                             exported_space_fingerprint, input_signature)
-from harness.fallback import PredictionFallback
-from harness.measurement import STATISTICS, Measurement
-from harness.model_file import (ModelFile, ModelFilesOnly, ModelSource, NoSamples, Precision,
+from harness.steps.fallback import PredictionFallback
+from harness.store.measurement import STATISTICS, Measurement
+from harness.export.model_file import (ModelFile, ModelFilesOnly, ModelSource, NoSamples, Precision,
                                 load_model)
 from harness.paths import default_cache_path, harness_home
-from harness.pools import open_pool
-from harness.profiler_base import Profiler
-from harness.space import (ModelSpace, Sample, SampleValidator, checked_search_space,
+from harness.pool.pools import open_pool
+from harness.metrics.profiler_base import Profiler
+from harness.spaces.space import (ModelSpace, Sample, SampleValidator, checked_search_space,
                            sample_key, values_by_sample)
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,11 @@ class LatencyProfiler(Profiler):
     refresh: measure again even when the cache has a result (the old one is kept).
     max_strikes, quarantine_s: a device failing max_strikes times in a row is left alone for
         quarantine_s seconds (its jobs fail over to the others of its pool).
-    farm: a Ray farm's address (harness.ray_pool), with device="kind:K".
+    farm: a Ray farm's address (harness.pool.ray_pool), with device="kind:K".
     fallback, predictor, offline: what answers when the device cannot be reached ("error"
-        raises; "nn-meter" or "model" predict, see harness.fallback); offline: never try it.
+        raises; "nn-meter" or "model" predict, see harness.steps.fallback); offline: never try it.
     precision: fp32, fp16, int8-dynamic or int8-static (calibration: an .npz of inputs, else
-        random ones): models are converted on the host (harness.model_file); it is keyed.
+        random ones): models are converted on the host (harness.export.model_file); it is keyed.
     space=None, dummy_input=None: a profiler of model files only (`measure_model`).
     """
 
@@ -143,7 +144,7 @@ class LatencyProfiler(Profiler):
 
     def decide(self, sample: Mapping[str, Any], limit_ms: float, confidence: float = 0.99) -> Decision:
         """Is the sample's median latency below `limit_ms`? Measured only until the interval of
-        the median settles it (harness.decisions: how, and the error rate it guarantees)."""
+        the median settles it (harness.store.decisions: how, and the error rate it guarantees)."""
         return self.decide_many([sample], limit_ms, confidence, progress=False)[0]
 
     def decide_many(self, samples: Iterable[Mapping[str, Any]], limit_ms: float,
@@ -226,7 +227,7 @@ class LatencyProfiler(Profiler):
 
     def _measure_all(self, samples: List[Sample], results: List[Optional[Measurement]],
                      progress: Optional[bool], request: MeasureRequest) -> None:
-        """Steps 3-5 over many samples: the cache first, then the pool (harness.batch)."""
+        """Steps 3-5 over many samples: the cache first, then the pool (harness.steps.batch)."""
         for index, sample in enumerate(samples):
             results[index] = None if self.refresh else self._cached(self._indexed(sample),
                                                                     request=request)

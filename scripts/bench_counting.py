@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from harness.counting import FlopsProfiler  # noqa: E402
-from harness.space import random_samples  # noqa: E402
+from harness.metrics.counting import FlopsProfiler  # noqa: E402
+from harness.spaces.space import random_samples  # noqa: E402
 
 TARGET_US = 200.0
 
@@ -95,9 +95,9 @@ def bench_space(name: str, space: Any, px: int, count: int, seed: int,
 def bench_lut(spaces: List[str], statistic: str = "median") -> List[Dict[str, Any]]:
     import os
 
-    from harness.lut import LatencyLUT
+    from harness.search.lut import LatencyLUT
     from harness.profiler import LatencyProfiler
-    from harness.space import load_space
+    from harness.spaces.space import load_space
 
     os.environ["HARNESS_HOME"] = tempfile.mkdtemp(prefix="bench-counting-")
     rows = []

@@ -34,8 +34,8 @@ import torch  # noqa: E402
 
 from devices import registry  # noqa: E402
 from harness import LatencyProfiler, random_samples  # noqa: E402
-from harness.latency_model import LatencyModel, featurizer  # noqa: E402
-from harness.space import SampleValidator, checked_search_space  # noqa: E402
+from harness.predict.latency_model import LatencyModel, featurizer  # noqa: E402
+from harness.spaces.space import SampleValidator, checked_search_space  # noqa: E402
 from harness.spaces import ProxylessSpace  # noqa: E402
 
 CONFIDENCE = 0.99

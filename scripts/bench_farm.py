@@ -52,9 +52,9 @@ def main() -> None:
 
 def simulated(sizes: List[int], jobs_per_device: int, per_host: int) -> None:
     """The simulated farm's table (see the module docstring)."""
-    from harness.device_pool import MeasureRequest
-    from harness.export import ExportedModel
-    from harness.ray_pool import RayPool, import_ray
+    from harness.pool.device_pool import MeasureRequest
+    from harness.export.graph import ExportedModel
+    from harness.pool.ray_pool import RayPool, import_ray
 
     testfarm = load_testfarm()
     folder = Path(tempfile.mkdtemp(prefix="harness-bench-simfarm-"))

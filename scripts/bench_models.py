@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from harness import LatencyProfiler, random_samples  # noqa: E402
-from harness.output import describe_sample  # noqa: E402
+from harness.report.output import describe_sample  # noqa: E402
 from harness.spaces import ProxylessSpace  # noqa: E402
 
 PRECISIONS = ("fp32", "int8-dynamic", "int8-static")

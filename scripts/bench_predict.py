@@ -38,12 +38,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchlib import load_testfarm, space_at_input  # noqa: E402
-from harness.accuracy import accuracy_metrics, render_report  # noqa: E402
-from harness.calibrate import calibrate  # noqa: E402
-from harness.export import export_sample  # noqa: E402
-from harness.predict import NnMeterProfiler  # noqa: E402
+from harness.predict.accuracy import accuracy_metrics, render_report  # noqa: E402
+from harness.campaigns.calibrate import calibrate  # noqa: E402
+from harness.export.graph import export_sample  # noqa: E402
+from harness.predict.nn_meter import NnMeterProfiler  # noqa: E402
 from harness.profiler import LatencyProfiler  # noqa: E402
-from harness.space import random_samples  # noqa: E402
+from harness.spaces.space import random_samples  # noqa: E402
 
 TARGET_ACC10 = 0.95
 TARGET_TAU_GAP = 0.03

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from harness import LatencyProfiler, random_samples  # noqa: E402
-from harness.export import (export_module, export_onnx, export_sample, freeze,  # noqa: E402
+from harness.export.graph import (export_module, export_onnx, export_sample, freeze,  # noqa: E402
                             graph_hash, prepare_pieces)
 from harness.spaces import ProxylessSpace, TinySpace  # noqa: E402
 

@@ -8,7 +8,7 @@ device's (its measured training and held-out subnets, `training.json` / `holdout
 its own calibration's held-out report, for reference). For N = 10, 20, 50, 100 subnets
 measured on the target (drawn from its training subnets, several draws each), the source's
 kernel predictions are corrected two ways and scored on the target's held-out subnets:
-- global: measured = exp(a) * predicted^b or a scale (harness.calibrate.fit_correction), which
+- global: measured = exp(a) * predicted^b or a scale (harness.campaigns.calibrate.fit_correction), which
   is what `harness calibrate --device T --predictor <source>/kernels --no-kernels` stores;
 - per type: one scale per kernel type (a conv costs relatively more on one CPU, an
   elementwise op on another), fitted by least squares on relative errors and shrunk towards
@@ -33,10 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.accuracy import accuracy_metrics  # noqa: E402
-from harness.calibrate import fit_correction  # noqa: E402
-from harness.export import export_sample  # noqa: E402
-from harness.predict import load_predictor  # noqa: E402
+from harness.predict.accuracy import accuracy_metrics  # noqa: E402
+from harness.campaigns.calibrate import fit_correction  # noqa: E402
+from harness.export.graph import export_sample  # noqa: E402
+from harness.predict.nn_meter import load_predictor  # noqa: E402
 from benchlib import space_at_input  # noqa: E402
 
 COUNTS = (10, 20, 50, 100)

@@ -17,7 +17,7 @@ def space_at_input(parser: argparse.ArgumentParser, spec: str,
                    input_size: Optional[int]) -> Tuple[Any, str]:
     """The space `spec` names, at `input_size` px when given (for a space whose class takes
     input_size, as the built-in ones do), and the name to report it by."""
-    from harness.space import load_space
+    from harness.spaces.space import load_space
 
     space = load_space(spec)
     if not input_size:

@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from harness import LatencyProfiler  # noqa: E402
-from harness.counting import FlopsProfiler  # noqa: E402
-from harness.export import freeze  # noqa: E402
-from harness.search import Chain, Filter, Random, RegularizedEvolution, run_search  # noqa: E402
-from harness.space import load_space  # noqa: E402
+from harness.metrics.counting import FlopsProfiler  # noqa: E402
+from harness.export.graph import freeze  # noqa: E402
+from harness.search.strategies import Chain, Filter, Random, RegularizedEvolution, run_search  # noqa: E402
+from harness.spaces.space import load_space  # noqa: E402
 
 
 ACTIVATIONS = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardswish, torch.nn.LeakyReLU,

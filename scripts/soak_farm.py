@@ -32,9 +32,9 @@ from typing import Dict, List
 from benchlib import SimFarm, load_testfarm  # also puts the repository on sys.path
 
 from devices.simulated import SimulatedModel, down_path, simulated_names  # noqa: E402
-from harness.device_pool import MeasureRequest  # noqa: E402
-from harness.export import ExportedModel  # noqa: E402
-from harness.ray_pool import RayPool, import_ray  # noqa: E402
+from harness.pool.device_pool import MeasureRequest  # noqa: E402
+from harness.export.graph import ExportedModel  # noqa: E402
+from harness.pool.ray_pool import RayPool, import_ray  # noqa: E402
 
 MEDIAN_MS = 10.0
 
@@ -91,7 +91,7 @@ class Churn(threading.Thread):
             self.down.pop(device, None)
 
     def _kill(self, host: str, back: float) -> None:
-        from harness.farm import _node_processes, read_record
+        from harness.pool.farm import _node_processes, read_record
 
         node = read_record(self.farm.hosts[host])
         if node is None:

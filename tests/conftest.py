@@ -6,8 +6,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from harness.export import export_sample
-from harness.space import random_samples
+from harness.export.graph import export_sample
+from harness.spaces.space import random_samples
 from harness.spaces import TinySpace
 
 AGENT = Path(__file__).resolve().parent.parent / "agents" / "ort_agent.py"

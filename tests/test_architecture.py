@@ -59,11 +59,11 @@ def test_agents_import_only_stdlib_numpy_and_onnxruntime():
 
 def test_a_space_knows_no_profiler():
     graph = our_graph()
-    spaces = [name for name in graph if name in ("harness.space", "harness.additive")
+    spaces = [name for name in graph if name in ("harness.spaces.space", "harness.spaces.additive")
               or name.startswith("harness.spaces")]
-    measuring = {"harness.profiler", "harness.profiler_base", "harness.device_pool",
-                 "harness.ray_pool", "harness.predict", "harness.counting", "harness.lut",
-                 "harness.fallback", "harness.calibrate", "harness.search"}
+    measuring = {"harness.profiler", "harness.metrics.profiler_base", "harness.pool.device_pool",
+                 "harness.pool.ray_pool", "harness.predict.nn_meter", "harness.metrics.counting", "harness.search.lut",
+                 "harness.steps.fallback", "harness.campaigns.calibrate", "harness.search.strategies"}
     for name in spaces:
         assert not graph[name] & measuring, (name, graph[name] & measuring)
 

@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from harness.cache import Cache, MeasurementKey, digest
+from harness.store.cache import Cache
+from harness.store.key import MeasurementKey, digest
 from harness.errors import CacheError
-from harness.measurement import Measurement
+from harness.store.measurement import Measurement
 
 # Keys as the profiler makes them: sha256 hashes and digests, the device digest that of the
 # identity the measurement carries (an import checks both).

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from harness import LatencyProfiler
-from harness.compose import forget_pieces, piece_store
-from harness.export import export_onnx, export_sample, freeze, graph_hash
-from harness.space import random_samples
+from harness.export.compose import forget_pieces, piece_store
+from harness.export.graph import export_onnx, export_sample, freeze, graph_hash
+from harness.spaces.space import random_samples
 from harness.spaces import ProxylessSpace
 
 
@@ -105,7 +105,7 @@ def test_a_damaged_or_foreign_piece_is_exported_again(tiny, home, tmp_path, capl
     linked.unlink()
     linked.symlink_to(target)
     forget_pieces()
-    caplog.set_level(logging.WARNING, logger="harness.compose")
+    caplog.set_level(logging.WARNING, logger="harness.export.compose")
     exported = store.counters["exported"]
     after = export_sample(tiny, sample, tiny.dummy_input())
     assert after.onnx_bytes == before.onnx_bytes and after.graph_hash == before.graph_hash
@@ -123,7 +123,7 @@ def test_a_pieces_folder_that_is_a_link_is_not_used(tiny, home, tmp_path, caplog
     elsewhere.mkdir()
     home.mkdir(parents=True, exist_ok=True)
     (home / "pieces").symlink_to(elsewhere)
-    caplog.set_level(logging.WARNING, logger="harness.compose")
+    caplog.set_level(logging.WARNING, logger="harness.export.compose")
     exported = export_sample(tiny, random_samples(tiny, 1, seed=15)[0], tiny.dummy_input())
     assert exported.graph_hash and list(elsewhere.iterdir()) == []
     assert any("symbolic link" in r.getMessage() for r in caplog.records)
@@ -180,7 +180,7 @@ def test_a_space_whose_freeze_differs_from_its_blocks_is_exported_whole(tiny, ca
     ops = {node.op_type for node in onnx.load_from_string(exported.onnx_bytes).graph.node}
     assert "Sigmoid" in ops
     # the built-in spaces pass the check: their subnets are composed
-    from harness.export import composable_terms
+    from harness.export.graph import composable_terms
 
     assert composable_terms(space, space.dummy_input()) is None
     assert composable_terms(TinySpace(), space.dummy_input()) is not None

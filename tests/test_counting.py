@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness import random_samples
-from harness.counting import FlopsProfiler, NumParamsProfiler, register_formula, FORMULAS
+from harness.metrics.counting import FlopsProfiler, NumParamsProfiler, register_formula, FORMULAS
 from harness.spaces import ProxylessSpace, TinySpace
 
 

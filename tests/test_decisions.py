@@ -10,9 +10,9 @@ import pytest
 
 from agents.ort_agent import median_interval, parse_settings, timed_loop
 from harness import BadRequest, LatencyProfiler, random_samples
-from harness.cache import Cache
-from harness.latency_model import MIN_MEASUREMENTS, LatencyModel
-from harness.search import Chain, Filter, LatencyLimit, Random, SearchExhausted, run_search
+from harness.store.cache import Cache
+from harness.predict.latency_model import MIN_MEASUREMENTS, LatencyModel
+from harness.search.strategies import Chain, Filter, LatencyLimit, Random, SearchExhausted, run_search
 from tests.conftest import FAST
 
 
@@ -252,7 +252,7 @@ def test_the_latency_model_answers_for_an_offline_device(tiny, home):
 
 
 def test_no_model_to_fall_back_on_is_a_typed_error_with_the_fix(tiny):
-    from harness.predict import PredictorError
+    from harness.predict.nn_meter import PredictorError
 
     with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST, fallback="model",
                          offline=True) as offline:

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from harness.errors import ExportError
-from harness.export import export_onnx, export_sample, freeze, graph_hash
-from harness.space import random_samples
+from harness.export.graph import export_onnx, export_sample, freeze, graph_hash
+from harness.spaces.space import random_samples
 
 
 @pytest.fixture

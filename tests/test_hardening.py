@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from agents.ort_agent import AgentError, DeviceLock
-from harness.cache import Cache, MeasurementKey
+from harness.store.cache import Cache
+from harness.store.key import MeasurementKey
 from harness.errors import CacheError
-from harness.measurement import Measurement
+from harness.store.measurement import Measurement
 from tests.conftest import AGENT, FAST, python
 
 REPO = Path(__file__).resolve().parent.parent
@@ -220,7 +221,7 @@ def forest(features: int, seed: int = 0):
 
 def test_predictor_pickles_that_run_commands_are_refused(tmp_path):
     from harness.errors import HarnessError
-    from harness.sklearn_pickle import (LegacyPickleError, UnsafePickleError,
+    from harness.predict.sklearn_pickle import (LegacyPickleError, UnsafePickleError,
                                         load_kernel_predictor)
 
     proof = tmp_path / "PWNED"
@@ -251,7 +252,7 @@ def test_predictor_pickles_that_run_commands_are_refused(tmp_path):
 
 @pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
 def test_real_predictor_pickles_still_load_under_the_allow_list(tmp_path, protocol):
-    from harness.sklearn_pickle import load_kernel_predictor
+    from harness.predict.sklearn_pickle import load_kernel_predictor
     from tests.legacy_sklearn import old_pickle_bytes
 
     model = forest(5, seed=protocol)
@@ -300,9 +301,9 @@ def test_a_predictor_name_is_never_looked_up_in_the_current_folder(tmp_path, hom
 
 @nn_meter_needed
 def test_a_predictor_path_is_used_where_it_points(tmp_path, monkeypatch):
-    import harness.predict as predict
-    from harness.calibrate import ORT_CPU_FUSION_RULES
-    from harness.predict import PredictorError, is_predictor_path, load_predictor
+    import harness.predict.nn_meter as predict
+    from harness.campaigns.calibrate import ORT_CPU_FUSION_RULES
+    from harness.predict.nn_meter import PredictorError, is_predictor_path, load_predictor
 
     for name in ("cortexA76cpu_tflite21", "my-predictor"):
         assert not is_predictor_path(name)
@@ -589,7 +590,7 @@ def one_line_error(proc, *words):
 def test_a_space_module_that_fails_as_it_is_imported_is_named(tmp_path, monkeypatch, home,
                                                               source, raised):
     from harness.errors import HarnessError
-    from harness.space import load_space
+    from harness.spaces.space import load_space
 
     module = f"broken_space_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{module}.py").write_text(source)
@@ -759,7 +760,7 @@ def test_an_agent_answering_1e308_ms_is_a_protocol_error_and_nothing_is_cached(
     from devices import AgentClient, LocalTransport
     from devices.errors import AgentProtocolError
     from harness import LatencyProfiler, random_samples
-    from harness.device_pool import LocalPool
+    from harness.pool.device_pool import LocalPool
 
     agent = tmp_path / "garbling_agent.py"
     agent.write_text(GARBLING_AGENT)

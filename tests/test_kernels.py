@@ -1,4 +1,4 @@
-"""Kernel detection and features on a space nn-Meter never saw (harness.kernels), and
+"""Kernel detection and features on a space nn-Meter never saw (harness.predict.kernels), and
 calibration on it: squeeze-excitation, GELU, hard-swish, SiLU, bottlenecks, residuals,
 ShuffleNet split/concat, Resize and a small multi-head attention block (MixedSpace).
 
@@ -13,13 +13,13 @@ import pytest
 import torch
 
 pytest.importorskip("nn_meter", reason="nn-Meter runs from .venv-extras (scripts/test)")
-from harness.cache import Cache  # noqa: E402
-from harness.calibrate import ORT_CPU_FUSION_RULES, calibrate  # noqa: E402
-from harness.export import export_module, export_sample  # noqa: E402
-from harness.kernels import KernelError, detect_kernels, fold_shapes  # noqa: E402
-from harness.predict import (KernelPredictors, NnMeterProfiler, load_predictor,  # noqa: E402
+from harness.store.cache import Cache  # noqa: E402
+from harness.campaigns.calibrate import ORT_CPU_FUSION_RULES, calibrate  # noqa: E402
+from harness.export.graph import export_module, export_sample  # noqa: E402
+from harness.predict.kernels import KernelError, detect_kernels, fold_shapes  # noqa: E402
+from harness.predict.nn_meter import (KernelPredictors, NnMeterProfiler, load_predictor,  # noqa: E402
                              onnx_for_nn_meter)
-from harness.space import enumerate_samples, random_samples  # noqa: E402
+from harness.spaces.space import enumerate_samples, random_samples  # noqa: E402
 from harness.spaces.mixed import MixedSpace  # noqa: E402
 
 SETTINGS = {"warmup_runs": 2, "min_runs": 5, "min_time_ms": 10.0, "max_time_ms": 2000.0}
@@ -145,7 +145,7 @@ def test_calibration_on_the_mixed_space_and_resume_after_a_failure(mixed, home, 
     """Calibration measures subnets and kernels (generic ones cut out of their subnets),
     fits every kernel type with nn-Meter's builder into nn-Meter's file format, and predicts
     held-out subnets; when it fails after measuring, a rerun measures nothing again."""
-    import harness.calibrate as calibrate_module
+    import harness.campaigns.calibrate as calibrate_module
 
     real_build = calibrate_module.build_kernel_predictors
 
@@ -239,13 +239,13 @@ RICH_FUSION_RULES = dict(ORT_CPU_FUSION_RULES, BF_add_relu={"obey": True},
 @pytest.mark.parametrize("rule_set", ["ort-cpu", "rich"])
 def test_the_fast_detector_finds_exactly_nn_meters_kernels(space_name, rule_set, tmp_path,
                                                            monkeypatch):
-    """harness.fast_detector (shared rule reader, pattern search only where a pattern can
+    """harness.predict.fast_detector (shared rule reader, pattern search only where a pattern can
     lie, no deep copies) against nn-Meter's own KernelDetector: the same kernels, with the
     same nodes, attributes and features, on subnets with SE, hswish, shuffles, attention and
     residuals, and under rules with three-op fusions."""
     from nn_meter.kernel_detector import KernelDetector
 
-    import harness.fast_detector
+    import harness.predict.fast_detector
     from harness.spaces import ProxylessSpace, TinySpace
 
     space = {"mixed": MixedSpace, "proxyless": lambda: ProxylessSpace(input_size=64),
@@ -263,7 +263,7 @@ def test_the_fast_detector_finds_exactly_nn_meters_kernels(space_name, rule_set,
                 for k in detect_kernels(onnx_for_nn_meter(exported.onnx_bytes), str(rules))]
 
     fast = [kernels_of(sample) for sample in samples]
-    monkeypatch.setattr(harness.fast_detector, "kernel_detector", KernelDetector)
+    monkeypatch.setattr(harness.predict.fast_detector, "kernel_detector", KernelDetector)
     reference = [kernels_of(sample) for sample in samples]
     assert fast == reference
     assert all(fast)
@@ -279,7 +279,7 @@ def test_a_flat_forest_answers_as_scikit_learn(tmp_path):
     training range."""
     from sklearn.ensemble import RandomForestRegressor
 
-    from harness.flat_forest import FlatForest
+    from harness.predict.flat_forest import FlatForest
 
     rng = np.random.default_rng(3)
     features = rng.uniform(0, 100, size=(300, 5)).round(1)
@@ -296,11 +296,11 @@ def test_a_flat_forest_answers_as_scikit_learn(tmp_path):
 
 
 def test_shapes_are_inferred_without_the_weights_as_with_them(mixed):
-    """Shape inference runs on a copy of the model without its weights (harness.kernels):
+    """Shape inference runs on a copy of the model without its weights (harness.predict.kernels):
     every tensor gets the shape and type inference gives on the whole model."""
     from onnx import shape_inference
 
-    from harness.kernels import _graph
+    from harness.predict.kernels import _graph
 
     exported = export_sample(mixed, everything(mixed), mixed.dummy_input())
     model = fold_shapes(onnx_for_nn_meter(exported.onnx_bytes))

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from harness.measurement import Measurement
+from harness.store.measurement import Measurement
 
 
 def make(samples, **kwargs):

@@ -16,7 +16,7 @@ from devices.agent_result import AgentResult, OpProfile
 from devices.errors import AgentProtocolError, BadRequest, DeviceError
 from harness import Cache, LatencyProfiler, MemoryProfiler, random_samples
 from harness.errors import ExportError
-from harness.model_file import load_model
+from harness.export.model_file import load_model
 from tests.conftest import AGENT, FAST, onnx_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,8 +223,8 @@ def test_provider_options_reach_the_session_and_the_cache_key(tiny):
 def test_default_settings_keep_the_keys_stored_before(tiny):
     """precision, calibration and provider options enter the key only when set, so the
     measurements stored before they existed are still found."""
-    from harness.cache import digest
-    from harness.device_pool import RUNTIME_SETTINGS
+    from harness.store.key import digest
+    from harness.store.key import RUNTIME_SETTINGS
 
     with LatencyProfiler(tiny, tiny.dummy_input()) as profiler:
         old = digest({"runtime": "onnxruntime",
@@ -332,7 +332,7 @@ def test_model_files_ops_memory_and_int8_on_an_arm64_board(tiny, arm, image_mode
 
 
 def test_the_report_shows_what_was_measured_per_operator(tiny, home, tmp_path):
-    from harness.report import write_report
+    from harness.report.html import write_report
 
     with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as profiler:
         profiler.measure(random_samples(tiny, 1, seed=10)[0], per_op=True)

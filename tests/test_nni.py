@@ -9,7 +9,7 @@ nni = pytest.importorskip("nni")
 from nni.nas.nn.pytorch import LayerChoice, ModelSpace  # noqa: E402
 
 from harness import LatencyProfiler  # noqa: E402
-from harness.counting import FlopsProfiler, NumParamsProfiler  # noqa: E402
+from harness.metrics.counting import FlopsProfiler, NumParamsProfiler  # noqa: E402
 from tests.conftest import FAST  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def test_inside_nni_chain_random_filter():
 
 
 def test_latency_limit_inside_nni_filter():
-    """harness.search.LatencyLimit as the predicate of NNI's own Filter middleware: what NNI
+    """harness.search.strategies.LatencyLimit as the predicate of NNI's own Filter middleware: what NNI
     evaluates is exactly what the device decided to be below the limit."""
     from nni.nas.evaluator import FunctionalEvaluator
     from nni.nas.execution import SequentialExecutionEngine
@@ -66,7 +66,7 @@ def test_latency_limit_inside_nni_filter():
     from nni.nas.strategy import Random
     from nni.nas.strategy.middleware import Chain, Filter
 
-    from harness.search import LatencyLimit
+    from harness.search.strategies import LatencyLimit
 
     space, x = NniNet(), torch.randn(1, 3, 16, 16)
     with LatencyProfiler(space, x, settings=FAST) as latency:
@@ -90,8 +90,8 @@ def test_latency_limit_inside_nni_filter():
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from harness.errors import HarnessError  # noqa: E402
-from harness.search import ExpectationProfilerPenalty  # noqa: E402
-from harness.space import checked_search_space, random_samples  # noqa: E402
+from harness.search.strategies import ExpectationProfilerPenalty  # noqa: E402
+from harness.spaces.space import checked_search_space, random_samples  # noqa: E402
 
 
 class StagedNet(ModelSpace):
@@ -318,7 +318,7 @@ def test_sample_penalty_and_range_filter_for_nni_strategies():
 
 
 def test_latency_lookup_table_of_an_nni_space():
-    from harness.lut import LatencyLUT
+    from harness.search.lut import LatencyLUT
 
     space, x = StagedNet(), torch.randn(1, 3, 12, 12)
     with LatencyProfiler(space, x, settings=FAST) as latency:
@@ -387,7 +387,7 @@ def test_mobilenetv3_space_has_per_choice_tables_despite_its_widths():
 def test_a_lookup_table_of_a_space_without_tables_says_why():
     """An NNI space whose own forward computes outside its modules has no per-block table:
     the lookup table's error names that reason, not a generic one."""
-    from harness.lut import LatencyLUT
+    from harness.search.lut import LatencyLUT
 
     with pytest.raises(HarnessError, match="outside its modules.*no per-block lookup table"):
         LatencyLUT(GlueNet(), torch.randn(2, 3, 12, 12), {})

@@ -16,16 +16,16 @@ pytest.importorskip("nn_meter", reason="nn-Meter runs from .venv-extras (scripts
 from sklearn.ensemble import RandomForestRegressor  # noqa: E402
 
 from devices.errors import DeviceLost  # noqa: E402
-from harness.cache import Cache  # noqa: E402
-from harness.calibrate import (ORT_CPU_FUSION_RULES, calibrate, fit_correction,  # noqa: E402
+from harness.store.cache import Cache  # noqa: E402
+from harness.campaigns.calibrate import (ORT_CPU_FUSION_RULES, calibrate, fit_correction,  # noqa: E402
                                fit_log_linear)
-from harness.calibration import load_calibration  # noqa: E402
-from harness.export import export_sample  # noqa: E402
-from harness.predict import (NnMeterProfiler, PredictorError, load_predictor,  # noqa: E402
+from harness.predict.calibration import load_calibration  # noqa: E402
+from harness.export.graph import export_sample  # noqa: E402
+from harness.predict.nn_meter import (NnMeterProfiler, PredictorError, load_predictor,  # noqa: E402
                              onnx_for_nn_meter)
 from harness.profiler import LatencyProfiler  # noqa: E402
-from harness.sklearn_pickle import LegacyPickleError, load_kernel_predictor  # noqa: E402
-from harness.space import random_samples  # noqa: E402
+from harness.predict.sklearn_pickle import LegacyPickleError, load_kernel_predictor  # noqa: E402
+from harness.spaces.space import random_samples  # noqa: E402
 from tests.legacy_sklearn import old_pickle_bytes  # noqa: E402
 from tests.ssh_fixtures import client_key, loop, needs_root, sshd  # noqa: E402,F401,F811
 
@@ -102,7 +102,7 @@ def test_broken_pickles_name_the_file(tmp_path, content, problem):
 def data_folder(tmp_path, monkeypatch):
     """nn-Meter's data folder for official predictors, and no downloads allowed."""
     import nn_meter.predictor.utils as nn_meter_utils
-    import harness.predict as predict
+    import harness.predict.nn_meter as predict
 
     folder = tmp_path / "nn_meter_data" / "predictor"
     folder.mkdir(parents=True)
@@ -241,9 +241,9 @@ def test_kernel_models_are_the_kernels_they_stand_for(tiny, tmp_path):
     """Each kernel of a real subnet, built as a one-kernel model and exported, is detected as
     one kernel with the same nn-Meter features: what calibration measures is what nn-Meter
     predicts."""
-    from harness.calibrate import kernel_model
-    from harness.export import export_module
-    from harness.predict import KernelPredictors
+    from harness.campaigns.calibrate import kernel_model
+    from harness.export.graph import export_module
+    from harness.predict.nn_meter import KernelPredictors
 
     rules = tmp_path / "fusion_rules.json"
     rules.write_text(json.dumps(ORT_CPU_FUSION_RULES))
@@ -277,7 +277,7 @@ def test_corrupt_calibration_file_is_a_clear_error(home):
     (folder / "calibration.json").write_text('{"device": "local"}')
     with pytest.raises(PredictorError, match="harness calibrate --device local"):
         load_calibration("local")
-    from harness.calibration import Calibration
+    from harness.predict.calibration import Calibration
 
     Calibration(device="local", base_predictor=str(folder), base_predictor_digest="", intercept=0.0,
                 slope=1.0, kind="scale", device_fingerprint="", agent_version="",
@@ -321,7 +321,7 @@ def test_unreachable_device_falls_back_to_its_calibration(tiny, home, loop, sshd
     # a profiler answering with another statistic than the calibration predicts is told so
     with LatencyProfiler(tiny, tiny.dummy_input(), "loop", "min", settings=CALIBRATION_SETTINGS,
                          fallback="nn-meter") as by_min:
-        with caplog.at_level(logging.WARNING, logger="harness.fallback"):
+        with caplog.at_level(logging.WARNING, logger="harness.steps.fallback"):
             by_min.profile(fresh[1])
     assert "predicts each subnet's median run, the profiler answers with the min" in caplog.text
 
@@ -384,7 +384,7 @@ def test_a_precision_variant_is_detected_apart_from_its_float_source(tiny, data_
     """Kernel detection is memoized by the exported model's variant key (its graph hash,
     which a converted variant keeps, and the precision it was converted to): the int8 model
     is not given its float source's kernels, and a second look is a memo hit."""
-    from harness.model_file import convert
+    from harness.export.model_file import convert
 
     official_folder(data_folder)
     profiler = NnMeterProfiler(tiny, tiny.dummy_input(), predictor="cortexA76cpu_tflite21")
@@ -405,7 +405,7 @@ def test_composed_subnets_are_predicted_from_their_pieces_as_from_their_whole_gr
     equal the whole graph's; a model whose pieces disagree with its graph turns it off."""
     import dataclasses
 
-    from harness.predict import PIECE_CHECKS
+    from harness.predict.nn_meter import PIECE_CHECKS
 
     official_folder(data_folder)
     profiler = NnMeterProfiler(tiny, tiny.dummy_input(), predictor="cortexA76cpu_tflite21")

@@ -200,7 +200,7 @@ def test_a_run_keeps_every_free_device_busy_and_a_stopped_host_leaves(tiny, home
 def test_jobs_on_a_host_that_dies_go_to_another(tiny, home, head, tmp_path):
     """A host killed outright (SIGKILL to its node, no drain) loses no job: they are
     measured on the other host."""
-    from harness.farm import _node_processes, read_record
+    from harness.pool.farm import _node_processes, read_record
 
     host_a, host_b = tmp_path / "simA", tmp_path / "simB"
     add_sims(host_a, "a", 2, median_ms=50.0)

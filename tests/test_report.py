@@ -18,11 +18,12 @@ from typing import Dict, List
 
 import pytest
 
-from harness.cache import Cache, MeasurementKey, canonical_json, digest
-from harness.calibration import Calibration, calibrations_folder
+from harness.store.cache import Cache
+from harness.store.key import MeasurementKey, canonical_json, digest
+from harness.predict.calibration import Calibration, calibrations_folder
 from harness.cli import main
 from harness.profiler import LatencyProfiler
-from harness.space import random_samples
+from harness.spaces.space import random_samples
 from harness.spaces import TinySpace
 from tests.conftest import FAST
 

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from harness import LatencyProfiler, random_samples
-from harness.counting import FlopsProfiler, NumParamsProfiler
+from harness.metrics.counting import FlopsProfiler, NumParamsProfiler
 from harness.errors import HarnessError
-from harness.lut import LatencyLUT
-from harness.search import (Chain, ExpectationProfilerPenalty, Filter, Random, RangeProfilerFilter,
+from harness.search.lut import LatencyLUT
+from harness.search.strategies import (Chain, ExpectationProfilerPenalty, Filter, Random, RangeProfilerFilter,
                             RegularizedEvolution, SampleProfilerPenalty, SearchExhausted,
                             run_search)
-from harness.space import sample_key
+from harness.spaces.space import sample_key
 from harness.spaces import TinySpace
 from tests.conftest import FAST
 
@@ -111,7 +111,7 @@ def test_expectation_accepts_nni_style_distributions_and_matches_brute_force(spa
                for label, values in flops.additive.choices.items()}
     penalty = ExpectationProfilerPenalty(flops, baseline=1.0, aggregate="mul", scale=1.0)
     loss, details = penalty(torch.tensor(1.0, dtype=torch.float64), uniform)
-    from harness.space import enumerate_samples
+    from harness.spaces.space import enumerate_samples
     brute = [flops.profile(s) for s in enumerate_samples(space)]
     assert details["penalty"] == pytest.approx(sum(brute) / len(brute))
     assert float(loss) == pytest.approx(details["penalty"])  # 1 * (1 + (E/1 - 1)) ** 1
@@ -157,7 +157,7 @@ def test_latency_lookup_table_on_the_device(space):
 def test_lut_counts_the_fixed_cost_of_a_run_once_not_once_per_block(space):
     """Each block's measurement pays the run's fixed cost (an identity model at its input
     shape): the table subtracts it per block and adds the identity at the subnet input once."""
-    from harness.additive import chosen_blocks
+    from harness.spaces.additive import chosen_blocks
 
     with LatencyProfiler(space, space.dummy_input(), settings=FAST) as latency:
         lut = LatencyLUT.build(space, space.dummy_input(), latency)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from harness.errors import HarnessError, InvalidSample
-from harness.space import (SampleValidator, checked_search_space, enumerate_samples, load_space,
+from harness.spaces.space import (SampleValidator, checked_search_space, enumerate_samples, load_space,
                            random_samples, space_fingerprint, space_size, validate_sample)
 from harness.spaces import ProxylessSpace, TinySpace
 

@@ -1,0 +1,421 @@
+"""Calibrate nn-Meter to a device from real measurements (`harness calibrate`).
+
+One calibration, step by step:
+1. draw `samples` training subnets and `holdout` held-out subnets of a space (distinct
+   architectures, none shared between the two sets) and measure them all on the device;
+2. with enough training subnets, build device-specific kernel predictors in nn-Meter's own
+   format: detect the kernels of the training subnets with nn-Meter's kernel detector, build
+   each distinct kernel configuration as a one-kernel model, measure it on the device through
+   the same transports and cache, and train one regressor per kernel type with nn-Meter's
+   builder (`build_predictor_by_data`); a kernel nn-Meter has no features for gets generic
+   ones and is measured cut out of its subnet (harness.predict.kernels), and every kernel is known
+   to be measurable before the device spends any time;
+3. fit a correction of the base predictor (those kernel predictors, else the official
+   predictor given) on the training subnets: log(measured) = a + b log(predicted), or a pure
+   scale factor (b = 1, robust to outliers) when that scores better in leave-one-out
+   validation;
+4. report the accuracy on the held-out subnets before and after (harness.predict.accuracy), and store
+   everything under $HARNESS_HOME/calibrations/<device>/, where the fallback of a
+   LatencyProfiler for that device finds it.
+"""
+import functools
+import json
+import logging
+import math
+import os
+import pickle
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from harness.predict.accuracy import accuracy_metrics, save_scatter
+from harness.predict.calibration import Calibration, calibrations_folder
+from harness.export.graph import DummyInput, export_sample
+from harness.predict.kernels import (GENERIC_FEATURES, GENERIC_PREFIX, Kernel, KernelError,
+                             build_generic_predictor, detect_kernels)
+from harness.store.measurement import STATISTICS, Measurement
+from harness.predict.nn_meter import (FUSION_RULES, KernelPredictors, PredictorError, import_nn_meter,
+                             load_predictor, onnx_for_nn_meter)
+from harness.profiler import LatencyProfiler
+from harness.spaces.space import ModelSpace, random_samples, sample_key
+from harness.spaces.mixed import SqueezeExcite
+
+log = logging.getLogger(__name__)
+
+KERNELS_FOLDER = "kernels"
+
+# Fewer training subnets than this give too few kernel configurations to train nn-Meter's
+# regressors on; calibration then corrects the given official predictor only.
+MIN_SUBNETS_FOR_KERNELS = 8
+
+# What onnxruntime's CPU provider fuses (graph optimisation "all"): a convolution with the
+# batch norm and activation after it. nn-Meter's detector groups kernels by these rules.
+ORT_CPU_FUSION_RULES = {
+    "BF_conv_bn": {"obey": True}, "BF_conv_relu": {"obey": True},
+    "BF_dwconv_bn": {"obey": True}, "BF_dwconv_relu": {"obey": True},
+    "BF_bn_relu": {"obey": True},
+}
+
+# nn-Meter's builder takes regressor hyper-parameters per kernel type from a table keyed by
+# backend; its default (for types missing there) uses max_features="auto", which current
+# scikit-learn rejects. The tflite_cpu rows cover every kernel type built here.
+BUILDER_BACKEND = "tflite_cpu"
+
+
+def fit_log_linear(predicted: "Sequence[float] | np.ndarray", measured: "Sequence[float] | np.ndarray",
+                   free_slope: bool = True) -> Tuple[float, float]:
+    """Fit log(measured) = a + b log(predicted): (a, b). With a free slope, least squares;
+    else b = 1 and a is the median log ratio (a scale factor that a minority of outliers,
+    such as subnets measured while the device ran slow, cannot pull away)."""
+    x = np.log(np.asarray(predicted, dtype=float))
+    y = np.log(np.asarray(measured, dtype=float))
+    if not free_slope or len(x) < 3 or np.ptp(x) == 0:
+        return float(np.median(y - x)), 1.0
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(intercept), float(slope)
+
+
+def fit_correction(predicted: Sequence[float],
+                   measured: Sequence[float]) -> Tuple[float, float, str]:
+    """The correction for a device: (a, b, kind). A log-linear fit has two parameters, and
+    on few or noisy subnets its slope chases the noise; so both it and a scale factor are
+    scored by leave-one-out validation on the training subnets (+-10% accuracy, nn-Meter's
+    metric, then RMSPE), and the better one is kept."""
+    x = np.asarray(predicted, dtype=float)
+    y = np.asarray(measured, dtype=float)
+    scores = {}
+    for kind, free in (("scale", False), ("log-linear", True)):
+        errors = []
+        for left_out in range(len(x)):
+            keep = np.arange(len(x)) != left_out
+            a, b = fit_log_linear(x[keep], y[keep], free)
+            errors.append(math.exp(a) * x[left_out] ** b / y[left_out] - 1)
+        errors_array = np.abs(errors)
+        scores[kind] = (-float(np.mean(errors_array <= 0.10)),
+                        float(np.sqrt(np.mean(errors_array ** 2))))
+    kind = min(scores, key=scores.get)  # type: ignore[arg-type]
+    a, b = fit_log_linear(x, y, kind == "log-linear")
+    log.info("correction: leave-one-out (-acc10, RMSPE) %s; kept %s", scores, kind)
+    return a, b, kind
+
+
+# ---------------------------------------------------------------- kernels as models
+
+class _Binary(torch.nn.Module):
+    def __init__(self, relu: bool):
+        super().__init__()
+        self.relu = relu
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = a + b
+        return torch.relu(out) if self.relu else out
+
+
+class _ChannelShuffle(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+def kernel_model(kernel: Mapping[str, Any]) -> Optional[Tuple[torch.nn.Module, DummyInput]]:
+    """A one-kernel model for a kernel nn-Meter detected (shapes in its NHWC convention),
+    with its input; None for kernel types harness cannot build."""
+    op = kernel["op"]
+    relu = op.endswith("-relu") or op == "relu"
+    if op in ("fc", "fc-relu"):
+        fc = torch.nn.Linear(kernel["cin"], kernel["cout"])
+        module = torch.nn.Sequential(fc, torch.nn.ReLU()) if relu else torch.nn.Sequential(fc)
+        return module.eval(), torch.zeros(1, kernel["cin"])
+    shapes = kernel.get("input_tensors") or []
+    if not shapes or len(shapes[0]) != 4:
+        return None  # every other kernel built here works on NHWC images
+    _, height, width, channels = shapes[0]
+    image = torch.zeros(1, channels, height, width)
+    if op.startswith("conv") or op.startswith("dwconv"):
+        size, stride = kernel["ks"][-1], (kernel.get("strides") or [1, 1])[-1]
+        groups = channels if op.startswith("dwconv") else 1
+        cout = channels if op.startswith("dwconv") else kernel["cout"]
+        layers: List[torch.nn.Module] = [
+            torch.nn.Conv2d(channels, cout, size, stride, size // 2, groups=groups)]
+        if "-bn" in op:
+            layers.append(torch.nn.BatchNorm2d(cout))
+    elif op in ("bn", "bn-relu"):
+        layers = [torch.nn.BatchNorm2d(channels)]
+    elif op in ("add", "add-relu"):
+        return _Binary(relu).eval(), (image, image.clone())
+    elif op in ("gap", "global-avgpool"):
+        layers = [torch.nn.AdaptiveAvgPool2d(1)]
+    elif op in ("maxpool", "avgpool"):
+        size, stride = kernel["ks"][-1], (kernel.get("strides") or [1, 1])[-1]
+        pool = torch.nn.MaxPool2d if op == "maxpool" else torch.nn.AvgPool2d
+        layers = [pool(size, stride, size // 2)]
+    elif op == "hswish":
+        layers = [torch.nn.Hardswish()]
+    elif op in ("se", "SE"):  # nn-Meter's own fused node: MobileNetV3's gate
+        layers = [SqueezeExcite(channels)]
+    elif op == "channelshuffle":  # nn-Meter's own fused node: ShuffleNet's two groups
+        layers = [_ChannelShuffle()]
+    elif op == "relu":
+        layers = []
+    else:
+        return None
+    if relu:
+        layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers).eval(), image
+
+
+def builder_config(kernel_type: str, features: Sequence[float]) -> Dict[str, float]:
+    """nn-Meter builder's config for a kernel, from its prediction features (so training and
+    prediction see the same numbers)."""
+    from nn_meter.builder.kernel_predictor_builder.predictor_builder.extract_feature import \
+        feature_for_kernel
+
+    if kernel_type.startswith(GENERIC_PREFIX):
+        names = GENERIC_FEATURES
+    elif kernel_type == "concat":  # its builder has no input count, which predicting has
+        names, features = feature_for_kernel[kernel_type], [features[0], *features[2:]]
+    else:
+        names = feature_for_kernel[kernel_type]
+    return {name: value for name, value in zip(names, features)}
+
+
+def needs_cut(kernel: Kernel) -> bool:
+    """Whether a kernel is measured as cut out of its subnet (no torch model stands for it)."""
+    return kernel.generic or kernel_model(kernel.info) is None
+
+
+@dataclass
+class _KernelJob:
+    kernel_type: str
+    features: Tuple[float, ...]
+    kernel: Kernel
+    build: Callable[[LatencyProfiler], Measurement]
+
+
+def plan_kernels(models: Sequence[Sequence[Kernel]]) -> List[_KernelJob]:
+    """How each distinct kernel of the models (by predictor type and features) is measured:
+    as a torch one-kernel model, or as cut out of its subnet. A kernel that can be neither is
+    a KernelError naming it, raised here, before any device time is spent."""
+    distinct: Dict[Tuple[str, Tuple[float, ...]], Kernel] = {}
+    for kernels in models:
+        for kernel in kernels:
+            distinct.setdefault((kernel.kernel_type, kernel.features), kernel)
+    jobs = []
+    for (kernel_type, features), kernel in sorted(distinct.items(), key=lambda item: item[0]):
+        built = None if kernel.generic else kernel_model(kernel.info)
+        if built is not None:
+            module, inputs = built
+            jobs.append(_KernelJob(kernel_type, features, kernel,
+                                   functools.partial(_measure_module, module, inputs)))
+        elif kernel.onnx_bytes is not None:
+            jobs.append(_KernelJob(kernel_type, features, kernel,
+                                   functools.partial(_measure_cut, kernel.onnx_bytes)))
+        else:
+            raise KernelError(f"{kernel.describe()} cannot be measured alone: no one-kernel "
+                              "model stands for it and it was not cut out of its subnet",
+                              fix="report the model; calibrate with a space without it")
+    return jobs
+
+
+def _measure_module(module: torch.nn.Module, inputs: DummyInput,
+                    profiler: LatencyProfiler) -> Measurement:
+    return profiler.measure_module(module, inputs)
+
+
+def _measure_cut(onnx_bytes: bytes, profiler: LatencyProfiler) -> Measurement:
+    """A kernel cut out of its subnet (static shapes), measured as any ONNX model is."""
+    return profiler.measure_model(onnx_bytes)
+
+
+def measure_kernels(profiler: LatencyProfiler, jobs: Sequence[_KernelJob],
+                    progress: Optional[bool] = None,
+                    statistic: str = "median") -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Every planned kernel measured on the profiler's device (through its cache, so a rerun
+    resumes): nn-Meter's builder data, {kernel type: {id: {"config", "model", "latency"
+    ("<statistic> +- std" ms)}}}."""
+    data: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for number, job in enumerate(tqdm(
+            jobs, unit="kernel", desc=f"kernels on {profiler.device}", leave=False,
+            disable=(not progress) if progress is not None else None)):
+        measurement = job.build(profiler)
+        data.setdefault(job.kernel_type, {})[f"{job.kernel_type}_{number}"] = {
+            "config": builder_config(job.kernel_type, job.features),
+            "model": job.kernel.op, "graph_hash": measurement.graph_hash,
+            "latency": f"{measurement.statistic(statistic)} +- {measurement.stdev}"}
+    log.info("measured %d distinct kernels: %s", sum(map(len, data.values())),
+             {kind: len(items) for kind, items in data.items()})
+    return data
+
+
+def build_kernel_predictors(kernel_data: Dict[str, Dict[str, Dict[str, Any]]],
+                            folder: Path) -> Path:
+    """Train one regressor per kernel type with nn-Meter's builder and write an nn-Meter
+    predictor folder (<type>.pkl, fusion_rules.json, and the measured data as kernels.json)."""
+    import_nn_meter()
+    from nn_meter.builder.backend_meta.utils import read_profiled_results
+    from nn_meter.builder.kernel_predictor_builder import build_predictor_by_data
+
+    staging = Path(tempfile.mkdtemp(prefix=".kernels-", dir=folder.parent))
+    try:
+        profiled = read_profiled_results(kernel_data)
+        for kernel_type in sorted(profiled):
+            with warnings.catch_warnings():  # out-of-bag scores of types with few configs
+                warnings.simplefilter("ignore", UserWarning)
+                if kernel_type.startswith(GENERIC_PREFIX):
+                    predictor = build_generic_predictor(kernel_type, profiled)
+                else:
+                    predictor, _, _ = build_predictor_by_data(
+                        kernel_type, profiled, BUILDER_BACKEND, final_predictor=True)
+            with open(staging / f"{kernel_type}.pkl", "wb") as handle:
+                pickle.dump(predictor, handle)
+        (staging / FUSION_RULES).write_text(json.dumps(ORT_CPU_FUSION_RULES, indent=1))
+        (staging / "kernels.json").write_text(json.dumps(kernel_data, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+# ---------------------------------------------------------------- the whole calibration
+
+@dataclass
+class CalibrationResult:
+    calibration: Calibration
+    folder: Path
+    holdout_points: Dict[str, List[Tuple[float, float]]]  # series -> (predicted, measured)
+    png: Optional[Path]
+
+    @property
+    def report(self) -> Dict[str, Dict[str, float]]:
+        """Held-out accuracy per predictor (harness.predict.accuracy metrics)."""
+        return self.calibration.report
+
+
+@dataclass
+class _Subnet:
+    sample: Dict[str, Any]
+    kernels: Dict[str, List[Kernel]]  # detector name -> the kernels it found
+
+
+def _distinct_subnets(space: ModelSpace, dummy_input: DummyInput, count: int, seed: int,
+                      avoid: set, detectors: Dict[str, KernelPredictors]) -> List[_Subnet]:
+    """`count` subnets of distinct architectures not in `avoid`, with their kernels under each
+    detector's fusion rules (kept instead of the ONNX bytes, which run to megabytes each)."""
+    chosen: List[_Subnet] = []
+    attempt = 0
+    while len(chosen) < count:
+        for sample in random_samples(space, count - len(chosen), seed=seed * 1000 + attempt):
+            exported = export_sample(space, sample, dummy_input)
+            if exported.graph_hash not in avoid:
+                avoid.add(exported.graph_hash)
+                chosen.append(_Subnet(sample, {
+                    name: detect_kernels(onnx_for_nn_meter(exported.onnx_bytes),
+                                         str(detector.fusion_rules),
+                                         cut=needs_cut if name == "device" else None)
+                    for name, detector in detectors.items()}))
+        attempt += 1
+        if attempt > 20:
+            raise PredictorError(f"the space has fewer than the {count} distinct "
+                                 "architectures asked for", fix="ask for fewer samples")
+    return chosen
+
+
+def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: int,
+              holdout: int = 20, *, space_name: str = "", seed: int = 0,
+              predictor: Union[str, Path, None] = None, build_kernels: Optional[bool] = None,
+              settings: Optional[Mapping[str, Any]] = None,
+              home: Union[str, Path, None] = None, cache: Any = None,
+              plot: bool = True, progress: Optional[bool] = None,
+              statistic: str = "median") -> CalibrationResult:
+    """Calibrate nn-Meter to `device` (see the module docstring); returns what was stored.
+    `statistic`: which statistic of the device's runs the kernels and the correction are
+    fitted to and predict (the median; the minimum is the steadier one on a device that
+    shares its CPU with other work, whose interference only ever adds time)."""
+    import_nn_meter()
+    if statistic not in STATISTICS:
+        raise PredictorError(f"unknown statistic {statistic!r}",
+                             fix=f"use one of {', '.join(STATISTICS)}")
+    if samples < 2 or holdout < 2:
+        raise PredictorError("calibration needs at least 2 training and 2 held-out subnets",
+                             fix="pass --samples 100 --holdout 20, for example")
+    if build_kernels is None:
+        build_kernels = samples >= MIN_SUBNETS_FOR_KERNELS
+    if not build_kernels and predictor is None:
+        raise PredictorError(f"{samples} training subnets are too few to build kernel "
+                             f"predictors (at least {MIN_SUBNETS_FOR_KERNELS}), and no official "
+                             "predictor was given to correct",
+                             fix=f"pass --samples {MIN_SUBNETS_FOR_KERNELS} or more, or "
+                                 "--predictor NAME_OR_FOLDER")
+    official = load_predictor(predictor) if predictor is not None else None
+    folder = calibrations_folder(home) / device
+    folder.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory(prefix=".rules-", dir=folder) as scratch:
+        rules = Path(scratch) / FUSION_RULES
+        rules.write_text(json.dumps(ORT_CPU_FUSION_RULES))
+        detectors = {"official": official} if official is not None else {}
+        if build_kernels:
+            detectors["device"] = KernelPredictors("onnxruntime-cpu", rules.parent, {}, rules, "")
+        seen: set = set()
+        train = _distinct_subnets(space, dummy_input, samples, seed, seen, detectors)
+        held = _distinct_subnets(space, dummy_input, holdout, seed + 1, seen, detectors)
+    subnets = train + held
+    # Every kernel the device predictors need is known to be measurable before the device
+    # spends any time (a KernelError names the one that is not).
+    jobs = plan_kernels([s.kernels["device"] for s in train]) if build_kernels else []
+    with LatencyProfiler(space, dummy_input, device, settings=settings, home=home,
+                         cache=cache) as profiler:
+        measured = profiler.measure_many([subnet.sample for subnet in subnets],
+                                         progress=progress)
+        truth = [m.statistic(statistic) for m in measured]
+        if build_kernels:
+            kernel_data = measure_kernels(profiler, jobs, progress, statistic)
+            base = load_predictor(build_kernel_predictors(kernel_data, folder / KERNELS_FOLDER))
+        else:
+            base = official  # type: ignore[assignment]
+        identity = profiler.identify()  # the device every measurement was stored under
+    assert base is not None
+    base_kernels = "device" if build_kernels else "official"
+    raw = [base.predict_kernels(subnet.kernels[base_kernels]) for subnet in subnets]
+    if not all(value > 0 for value in raw):
+        raise PredictorError(f"the predictor {base.name} predicts 0 ms for some subnets: it "
+                             "has no regressor for their kernels",
+                             fix="use a predictor built for this kind of model")
+    intercept, slope, kind = fit_correction(raw[:samples], truth[:samples])
+    calibration = Calibration(
+        device=device, base_predictor=str(base.folder), base_predictor_digest=base.digest,
+        intercept=intercept, slope=slope, kind=kind, device_fingerprint=identity.fingerprint,
+        agent_version=identity.agent_version, settings_key=profiler.settings_key, space=space_name,
+        space_fingerprint=profiler.space_fingerprint,
+        input_signature=[dict(x) for x in profiler.input_signature], n_train=samples,
+        n_holdout=holdout, statistic=statistic)
+    held_truth = truth[samples:]
+    series: Dict[str, List[float]] = {}
+    if official is not None:
+        series[f"nn-Meter {official.name}"] = [official.predict_kernels(subnet.kernels["official"])
+                                               for subnet in held]
+    series[f"nn-Meter {'device kernels' if build_kernels else base.name}"] = raw[samples:]
+    series["calibrated"] = [calibration.correct(value) for value in raw[samples:]]
+    calibration.report = {name: accuracy_metrics(values, held_truth)
+                          for name, values in series.items()}
+    calibration.save(folder)
+    points = {name: list(zip(values, held_truth)) for name, values in series.items()}
+    (folder / "training.json").write_text(json.dumps(
+        {"samples": [sample_key(subnet.sample) for subnet in train], "measured_ms": truth[:samples],
+         "predicted_ms": raw[:samples]}, indent=1))
+    (folder / "holdout.json").write_text(json.dumps(
+        {"samples": [sample_key(subnet.sample) for subnet in held], "measured_ms": held_truth,
+         "predicted_ms": series}, indent=1))
+    png = save_scatter(points, folder / "accuracy.png",
+                       f"nn-Meter on {device}: {holdout} held-out subnets") if plot else None
+    log.info("calibration of %s stored in %s", device, folder)
+    return CalibrationResult(calibration, folder, points, png)

@@ -1,0 +1,317 @@
+"""Any ONNX model as harness measures it: a file (or bytes) checked, its inputs' shapes
+resolved from what the user gives, and its precision variants (fp16, int8) made on the host.
+
+A model file is data from elsewhere: it is parsed and checked with onnx before anything is
+sent (a broken file is an error naming it, not a LOAD failure on a board), every symbolic
+dimension must get its size from `input_shapes` (a missing one is a USER error naming the
+input), and an int8-static calibration `.npz` is read without pickles.
+
+Precision variants are converted here, on the host, with onnxruntime's own tools
+(`onnxruntime.quantization.quantize_dynamic` / `quantize_static`, fp16 through
+`onnxruntime.transformers.float16`), so every device measures the same bytes. A variant is
+keyed by the source graph's hash plus the precision (and the calibration inputs' origin) in
+the runtime settings, so a search's sample index stays valid for every variant.
+"""
+import hashlib
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+
+from devices.errors import BadRequest
+from harness.errors import ExportError
+from harness.export.graph import ExportedModel, graph_hash
+from harness.spaces.space import Sample, SampleValidator
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+CALIBRATION_SAMPLES = 8  # random calibration inputs for int8-static without a .npz
+ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+               onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.INT64: "int64",
+               onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT8: "int8",
+               onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool"}
+
+ModelSource = Union[str, Path, bytes]
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One graph input: its name, dims as the model declares them (int, or a symbol's name
+    for a dynamic axis) and numpy dtype."""
+
+    name: str
+    dims: tuple
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A checked ONNX model: its bytes, graph hash, inputs, and where it came from."""
+
+    onnx_bytes: bytes
+    graph_hash: str
+    inputs: tuple
+    origin: str
+
+    def exported(self) -> ExportedModel:
+        return ExportedModel(self.onnx_bytes, self.graph_hash)
+
+    def resolved_shapes(self, given: Optional[Mapping[str, Sequence[int]]]) -> Dict[str, List[int]]:
+        """Every input's concrete shape: its static dims, with `given` for the dynamic ones
+        (and for static ones it repeats). BadRequest names an input left unsized, a name the
+        model does not have, or a size that contradicts the model."""
+        given = {name: list(dims) for name, dims in (given or {}).items()}
+        names = [i.name for i in self.inputs]
+        stray = sorted(set(given) - set(names))
+        if stray:
+            raise BadRequest(f"--input-shape names {', '.join(stray)}, but {self.origin}'s "
+                             f"inputs are {', '.join(names)}",
+                             fix=f"name one of: {', '.join(names)}")
+        shapes: Dict[str, List[int]] = {}
+        for item in self.inputs:
+            shape = given.get(item.name)
+            dynamic = [d for d in item.dims if not isinstance(d, int)]
+            example = "x".join(str(d if isinstance(d, int) else 1) for d in item.dims)
+            if shape is None:
+                if dynamic:
+                    raise BadRequest(f"input {item.name!r} of {self.origin} has dynamic axes "
+                                     f"{', '.join(map(str, dynamic))} (shape {list(item.dims)})"
+                                     f" and no size was given for it",
+                                     fix=f"--input-shape {item.name}={example}")
+                shape = list(item.dims)
+            elif len(shape) != len(item.dims) or any(
+                    isinstance(d, int) and d != s for d, s in zip(item.dims, shape)) or \
+                    any(s < 1 for s in shape):
+                raise BadRequest(f"input {item.name!r} of {self.origin} has shape "
+                                 f"{list(item.dims)}, which {'x'.join(map(str, shape))} does "
+                                 f"not fit", fix=f"--input-shape {item.name}={example}")
+            shapes[item.name] = [int(s) for s in shape]
+        return shapes
+
+    def signature(self, shapes: Mapping[str, Sequence[int]]) -> List[Dict[str, Any]]:
+        """The input signature (part of the cache key) at these shapes."""
+        return [{"name": i.name, "shape": list(shapes[i.name]), "dtype": i.dtype}
+                for i in self.inputs]
+
+
+def load_model(source: ModelSource) -> ModelFile:
+    """Read and check an ONNX model (a path or its bytes). ExportError names a file that is
+    missing, not ONNX, or fails onnx's checker."""
+    origin = "the model bytes" if isinstance(source, bytes) else str(source)
+    if isinstance(source, bytes):
+        data = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ExportError(f"model file {path} does not exist or is not a file",
+                              fix="pass the path of an .onnx file")
+        data = path.read_bytes()
+    try:
+        model = onnx.load_model_from_string(data)
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ExportError(f"{origin} is not a valid ONNX model: {type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:300]}",
+                          fix="export it again (torch.onnx.export) or check it with "
+                              "onnx.checker.check_model") from None
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+                     else (d.dim_param or "?") for d in tensor.shape.dim)
+        inputs.append(ModelInput(value.name, dims, ONNX_DTYPES.get(tensor.elem_type, "float32")))
+    if not inputs:
+        raise ExportError(f"{origin} has no graph inputs to feed",
+                          fix="measure a model that takes at least one input")
+    return ModelFile(data, graph_hash(data), tuple(inputs), origin)
+
+
+class ModelFilesOnly:
+    """The stand-in space of a LatencyProfiler made for model files (space=None), so that its
+    plumbing of samples has something to hold; `NoSamples` refuses every sample first."""
+
+    def search_space(self) -> Dict[str, List[str]]:
+        return {"model": ["file"]}
+
+    def freeze(self, sample: Mapping[str, Any]) -> Any:
+        raise NoSamples.refusal()
+
+
+class NoSamples(SampleValidator):
+    """The sample check of a profiler of model files: every sample is refused, saying why."""
+
+    def __init__(self) -> None:
+        super().__init__(ModelFilesOnly().search_space())
+
+    @staticmethod
+    def refusal() -> BadRequest:
+        return BadRequest("this LatencyProfiler was made without a space (for model files)",
+                          fix="measure models with measure_model(path), or pass a space")
+
+    def __call__(self, sample: Mapping[str, Any]) -> Sample:
+        raise self.refusal()
+
+
+# ---------------------------------------------------------------- precision variants
+
+@dataclass(frozen=True)
+class Precision:
+    """What a profiler converts its models to before sending them, and its settings (the
+    precision and, for int8-static, the calibration inputs' origin: keyed)."""
+
+    name: str = "fp32"
+    calibration: Union[str, Path, None] = None  # int8-static: an .npz of inputs, or random
+
+    def settings(self) -> Dict[str, Any]:
+        """The agent settings that record (and key) this precision; BadRequest if unknown."""
+        return {"precision": check_precision(self.name),
+                "calibration": calibration_label(self.name, self.calibration)}
+
+    def convert(self, exported: ExportedModel, shapes: Mapping[str, Sequence[int]]
+                ) -> ExportedModel:
+        return convert(exported, self.name, shapes, self.calibration)
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise BadRequest(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}",
+                         fix=f"--precision {PRECISIONS[0]}")
+    return precision
+
+
+def calibration_label(precision: str, npz: Union[str, Path, None]) -> Optional[str]:
+    """What int8-static calibrates on, for the cache key: the .npz's sha256, or random
+    inputs from a seed. None for the other precisions."""
+    if precision != "int8-static":
+        if npz is not None:
+            raise BadRequest("a calibration .npz is only used by --precision int8-static",
+                             fix="drop --calibration, or pass --precision int8-static")
+        return None
+    if npz is None:
+        return f"random:{CALIBRATION_SAMPLES}:seed0"
+    path = Path(npz)
+    if not path.is_file():
+        raise BadRequest(f"calibration file {path} does not exist",
+                         fix="pass an .npz with one array per model input")
+    return "npz:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Calibration:
+    """onnxruntime.quantization's CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds: List[Dict[str, np.ndarray]]):
+        self._feeds: Iterator[Dict[str, np.ndarray]] = iter(feeds)
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        return next(self._feeds, None)
+
+
+def calibration_feeds(model: ModelFile, shapes: Mapping[str, Sequence[int]],
+                      npz: Union[str, Path, None]) -> List[Dict[str, np.ndarray]]:
+    """Inputs for int8-static calibration: from the .npz (one array per input name, shaped
+    like the input or with a leading axis of samples; read without pickles), else
+    CALIBRATION_SAMPLES random normal inputs from seed 0."""
+    if npz is None:
+        rng = np.random.RandomState(0)
+        return [{i.name: rng.standard_normal(shapes[i.name]).astype(i.dtype)
+                 for i in model.inputs} for _ in range(CALIBRATION_SAMPLES)]
+    try:
+        with np.load(str(npz), allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except Exception as exc:
+        raise BadRequest(f"calibration file {npz} is not a readable .npz of arrays: {exc}",
+                         fix="write it with numpy.savez(path, **{input_name: array})") from None
+    feeds: List[Dict[str, np.ndarray]] = []
+    for item in model.inputs:
+        array, shape = arrays.get(item.name), list(shapes[item.name])
+        if array is None:
+            raise BadRequest(f"calibration file {npz} has no array {item.name!r} (it has "
+                             f"{', '.join(arrays) or 'none'})",
+                             fix=f"add an array named {item.name} of shape {shape} or [N]+{shape}")
+        if list(array.shape) == shape:
+            array = array[None]
+        if list(array.shape[1:]) != shape:
+            raise BadRequest(f"calibration array {item.name!r} has shape {list(array.shape)}, "
+                             f"not {shape} or [N]+{shape}", fix="reshape it to the input's shape")
+        for index, value in enumerate(array):
+            if index == len(feeds):
+                feeds.append({})
+            feeds[index][item.name] = value[None].astype(item.dtype) if shape[0] == 1 and \
+                value.ndim == len(shape) - 1 else np.ascontiguousarray(value, dtype=item.dtype)
+    return feeds
+
+
+def convert(exported: ExportedModel, precision: str, shapes: Mapping[str, Sequence[int]],
+            npz: Union[str, Path, None] = None) -> ExportedModel:
+    """The model at `precision`, with the source's graph hash (the precision is keyed in the
+    settings). ExportError when onnxruntime's converter fails, naming the precision."""
+    if precision == "fp32":
+        return exported
+    model = load_model(exported.onnx_bytes)
+    try:
+        converted = _convert_bytes(model, precision, shapes, npz)
+    except BadRequest:
+        raise
+    except Exception as exc:
+        raise ExportError(f"converting the model to {precision} failed: {type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:300]}",
+                          fix="measure it at --precision fp32, or try another variant") from None
+    log.debug("%s: %d bytes at fp32, %d at %s", exported.graph_hash[:12],
+              len(exported.onnx_bytes), len(converted), precision)
+    return ExportedModel(converted, exported.graph_hash, export_ms=exported.export_ms,
+                         variant=precision)
+
+
+class _QuantizerNotices(logging.Filter):
+    """onnxruntime.quantization warns through the root logger (pre-processing advice, bias
+    layout); its notices go to this module's debug log instead of the user's terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "onnxruntime" in record.pathname:
+            log.debug("onnxruntime.quantization: %s", record.getMessage())
+            return False
+        return True
+
+
+def _convert_bytes(model: ModelFile, precision: str, shapes: Mapping[str, Sequence[int]],
+                   npz: Union[str, Path, None]) -> bytes:
+    notices = _QuantizerNotices()
+    root = logging.getLogger()
+    root.addFilter(notices)
+    try:
+        return _converted(model, precision, shapes, npz)
+    finally:
+        root.removeFilter(notices)
+
+
+def _converted(model: ModelFile, precision: str, shapes: Mapping[str, Sequence[int]],
+               npz: Union[str, Path, None]) -> bytes:
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        proto = onnx.load_model_from_string(model.onnx_bytes)
+        return convert_float_to_float16(proto, keep_io_types=True).SerializeToString()
+    import onnxruntime
+    from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
+
+    onnxruntime.set_default_logger_severity(3)  # the calibration session's notices
+
+    with tempfile.TemporaryDirectory(prefix="harness-quantize-") as folder:
+        source, target = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
+        source.write_bytes(model.onnx_bytes)
+        if precision == "int8-dynamic":
+            # uint8 weights: onnxruntime before 1.20 implements ConvInteger for uint8 only
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8)
+        else:
+            quantize_static(str(source), str(target),
+                            _Calibration(calibration_feeds(model, shapes, npz)),
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return target.read_bytes()

@@ -1,0 +1,158 @@
+"""What a LatencyProfiler answers when its device cannot be reached: the prediction fallback.
+
+With fallback "error" a lost device raises. With "nn-meter" the answer is, in this order: a
+measurement already in the cache under the device identity its calibration recorded (so an
+offline profiler still serves what the device measured), else an nn-Meter prediction,
+corrected by the device's calibration (`harness calibrate`) if there is one, else from the
+predictor the user named. Predictions have source "predicted", name predictor and
+calibration, and are never stored in the cache. After a loss the device is left alone for
+`retry_s` seconds, so a search does not wait on a dead device for every sample.
+"""
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from devices.errors import DeviceLost
+from harness.store.cache import Cache
+from harness.store.key import MeasurementKey, canonical_json
+from harness.predict.calibration import load_calibration
+from harness.export.graph import DummyInput, ExportedModel
+from harness.store.measurement import Measurement
+from harness.predict.nn_meter import NnMeterProfiler, PredictorError
+from harness.spaces.space import ModelSpace, Sample, sample_key
+
+log = logging.getLogger(__name__)
+
+FALLBACKS = ("error", "nn-meter", "model")
+
+
+class PredictionFallback:
+    """The fallback of one profiler; `active()` says whether to predict without trying the
+    device, `answer()` gives the fallback's answer for one sample."""
+
+    def __init__(self, mode: str, *, space: ModelSpace, dummy_input: DummyInput, device: str,
+                 devices: List[str], home: Path, cache: Cache, space_fp: str, input_sig: str,
+                 settings_key: str, export: Callable[[Sample], ExportedModel],
+                 counters: Counter, predictor: Union[str, Path, None] = None,
+                 offline: bool = False, refresh: bool = False, retry_s: float = 60.0,
+                 model: Optional[Callable[[Sample], Optional[Measurement]]] = None,
+                 statistic: str = "median"):
+        if mode not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {mode!r}")
+        self.mode = mode
+        self.offline = offline
+        self._space, self._dummy_input, self._device = space, dummy_input, device
+        self._devices, self._home, self._cache = devices, home, cache
+        self._space_fp, self._input_sig, self._settings_key = space_fp, input_sig, settings_key
+        self._export, self._counters = export, counters
+        self._predictor_name, self._refresh, self._retry_s = predictor, refresh, retry_s
+        self._predictor: Optional[NnMeterProfiler] = None
+        self._answers: Dict[tuple, Measurement] = {}
+        self._unreachable_until = 0.0
+        self._model = model
+        self._statistic = statistic  # what the profiler answers with
+
+    @classmethod
+    def of(cls, profiler: Any, mode: str, predictor: Union[str, Path, None], offline: bool,
+           retry_s: float) -> "PredictionFallback":
+        """The fallback of a LatencyProfiler (its space, device, cache and export step)."""
+        return cls(mode, space=profiler.space, dummy_input=profiler.dummy_input,
+                   device=profiler.device, devices=getattr(profiler.pool, "devices", []),
+                   home=profiler.home, cache=profiler.cache,
+                   space_fp=profiler.space_fingerprint,
+                   input_sig=canonical_json(profiler.input_signature),
+                   settings_key=profiler.settings_key, export=profiler._export,
+                   counters=profiler.counters, predictor=predictor, offline=offline,
+                   refresh=profiler.refresh, retry_s=retry_s,
+                   model=profiler.decider.predicted_measurement, statistic=profiler.statistic)
+
+    def active(self) -> bool:
+        """Predict without trying the device: offline, or it was lost less than retry_s ago."""
+        return self.offline or time.monotonic() < self._unreachable_until
+
+    def answer(self, sample: Sample, cause: Optional[DeviceLost]) -> Measurement:
+        """The answer for a validated sample whose device was lost (`cause`) or is not tried."""
+        if self.mode == "model":
+            return self._from_model(sample, cause)
+        if cause is not None:
+            if self.mode != "nn-meter":
+                raise cause
+            self._nn_meter(cause)  # a fallback that cannot predict fails before announcing
+            if not self._unreachable_until:
+                log.warning("%s is unreachable (%s); answering with nn-Meter predictions, "
+                            "retrying the device every %.0f s", self._device, cause.message,
+                            self._retry_s)
+            self._unreachable_until = time.monotonic() + self._retry_s
+        memo_key = tuple(sample.values())
+        if memo_key in self._answers:
+            return self._answers[memo_key]
+        predictor = self._nn_meter(cause)
+        calibration = predictor.calibration
+        graph = self._cache.lookup_sample(self._space_fp, self._input_sig, sample_key(sample))
+        exported = None
+        if graph is None:
+            exported = self._export(sample)
+            graph = exported.graph_hash
+        if calibration is not None and not self._refresh and \
+                calibration.settings_key == self._settings_key:
+            cached = self._cache.get(MeasurementKey(graph, self._input_sig, self._settings_key,
+                                                    calibration.device_fingerprint,
+                                                    calibration.agent_version))
+            if cached is not None:
+                self._counters["cache_hits"] += 1
+                return cached
+        predicted = predictor.predict_exported(exported or self._export(sample))
+        self._counters["predictions"] += 1
+        self._answers[memo_key] = predicted
+        return predicted
+
+    def _from_model(self, sample: Sample, cause: Optional[DeviceLost]) -> Measurement:
+        """The device's own latency model (harness.predict.latency_model), fitted on what the device
+        measured before: microseconds a prediction, no nn-Meter needed."""
+        predicted = self._model(sample) if self._model is not None else None
+        if predicted is None:
+            why = f"is unreachable ({cause.message})" if cause is not None else "is offline"
+            raise PredictorError(f"{self._device} {why}, and its latency model cannot answer: "
+                                 f"it needs measurements of this space on the device first",
+                                 fix="measure at least 20 subnets of this space on the device "
+                                     "while it is reachable (harness profile), or use "
+                                     "fallback='nn-meter'") from cause
+        if cause is not None and not self._unreachable_until:
+            log.warning("%s is unreachable (%s); answering with its latency model, retrying "
+                        "the device every %.0f s", self._device, cause.message, self._retry_s)
+        if cause is not None:
+            self._unreachable_until = time.monotonic() + self._retry_s
+        self._counters["predictions"] += 1
+        return predicted
+
+    def _nn_meter(self, cause: Optional[DeviceLost]) -> NnMeterProfiler:
+        """The NnMeterProfiler of the fallback: calibrated for the device if it was."""
+        if self._predictor is None:
+            calibration = next((found for found in (load_calibration(name, self._home)
+                                                    for name in self._devices) if found), None)
+            if calibration is not None and calibration.space_fingerprint != self._space_fp:
+                log.warning("the nn-Meter calibration of %s was fitted on another space or "
+                            "input (%s); its correction may not carry over", calibration.device,
+                            calibration.space or "unnamed")
+            if calibration is not None and calibration.statistic != self._statistic:
+                log.warning("the nn-Meter calibration of %s predicts each subnet's %s run, "
+                            "the profiler answers with the %s: its predictions stand for "
+                            "another statistic (calibrate again with --statistic %s)",
+                            calibration.device, calibration.statistic, self._statistic,
+                            self._statistic)
+            if calibration is None and self._predictor_name is None:
+                why = f"is unreachable ({cause.message})" if cause is not None else "is offline"
+                raise PredictorError(
+                    f"{self._device} {why}, and there is no nn-Meter calibration for it or "
+                    "predictor to fall back on",
+                    fix=f"run 'harness calibrate --device {(self._devices or [self._device])[0]} "
+                        "--space ...' "
+                        "while it is reachable, or pass predictor=NAME_OR_FOLDER") from cause
+            self._predictor = NnMeterProfiler(
+                self._space, self._dummy_input,
+                predictor=None if calibration is not None else self._predictor_name,
+                calibration=calibration, device=self._device)
+        return self._predictor
+
