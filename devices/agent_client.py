@@ -75,7 +75,7 @@ def probe_python(transport: Transport, timeout: float) -> Optional[PythonFacts]:
 
 class DeviceClient(Protocol):
     """What measures on one device: our agent (AgentClient) or a native tool behind the same
-    calls (devices.perf_tool_client.PerfToolClient). Deadlines are time.monotonic() values."""
+    calls (devices.perf_tool_client.PerfTestClient). Deadlines are time.monotonic() values."""
 
     agent_version: str
 

@@ -48,7 +48,7 @@ from devices.adb import AdbTransport
 from devices.agent_client import AgentClient
 from devices.errors import BadRequest
 from devices.local import LocalTransport
-from devices.perf_test import PerfTestClient
+from devices.perf_tool_client import PerfTestClient
 from devices.simulated import SimulatedClient, SimulatedModel
 from devices.ssh import (Endpoint, HostKeyChanged, SSHConnection, SSHTransport, fetch_host_key,
                          host_entry, key_fingerprint)

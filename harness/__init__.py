@@ -33,6 +33,7 @@ _EXPORTS: Dict[str, str] = {
     "validate_sample": "harness.spaces.space",
     "HarnessError": "harness.errors",
     "InvalidSample": "harness.errors",
+    "InvalidArgument": "harness.errors",
     "ExportError": "harness.errors",
     "CacheError": "harness.errors",
     **{name: "devices.errors" for name in (

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from devices.errors import BadRequest, FixableError
+from devices.errors import FixableError
 from harness import __version__
-from harness.errors import HarnessError
+from harness.errors import HarnessError, InvalidArgument
 from harness.store.measurement import STATISTICS
 from harness.paths import default_cache_path
 
@@ -259,7 +259,7 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
             else args.provider + "ExecutionProvider"  # 'Xnnpack' is enough
     if args.provider_option:
         if not args.provider:
-            raise BadRequest("--provider-option sets an option of --provider's provider",
+            raise InvalidArgument("--provider-option sets an option of --provider's provider",
                              fix="pass --provider NAME too")
         settings["provider_options"] = dict(_pair(text, "--provider-option", "KEY=VALUE")
                                             for text in args.provider_option)
@@ -271,7 +271,7 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
 def _pair(text: str, option: str, form: str) -> Tuple[str, str]:
     name, equals, value = text.partition("=")
     if not equals or not name or not value:
-        raise BadRequest(f"{option} {text!r} is not {form}", fix=f"write it as {option} {form}")
+        raise InvalidArgument(f"{option} {text!r} is not {form}", fix=f"write it as {option} {form}")
     return name, value
 
 
@@ -284,7 +284,7 @@ def _numbers(text: Optional[str], option: str) -> List[Optional[int]]:
     except ValueError:
         values = []
     if not values or any(v < 1 for v in values):
-        raise BadRequest(f"{option} {text!r} is not a list of positive whole numbers",
+        raise InvalidArgument(f"{option} {text!r} is not a list of positive whole numbers",
                          fix=f"write it like {option} 1,2,4")
     return list(dict.fromkeys(values))
 
@@ -296,7 +296,7 @@ def _shape(text: str) -> Tuple[str, List[int]]:
     except ValueError:
         shape = []
     if not shape or any(d < 1 for d in shape):
-        raise BadRequest(f"--input-shape {text!r}: {dims!r} is not a shape",
+        raise InvalidArgument(f"--input-shape {text!r}: {dims!r} is not a shape",
                          fix=f"write it like --input-shape {name}=1x3x224x224")
     return name, shape
 
@@ -312,15 +312,15 @@ def _space_with_input(spec: str) -> Any:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    """Refuse counts and times no run can use, before any work is done (BadRequest, USER)."""
+    """Refuse counts and times no run can use, before any work is done (InvalidArgument, USER)."""
     timeout = getattr(args, "timeout", None)
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-        raise BadRequest(f"--timeout {timeout} is not a positive number of seconds",
+        raise InvalidArgument(f"--timeout {timeout} is not a positive number of seconds",
                          fix="pass a finite time, e.g. --timeout 300")
     for option in ("samples", "holdout"):
         count = getattr(args, option, None)
         if count is not None and count > MAX_SAMPLES:
-            raise BadRequest(f"--{option} {count} is more than one run takes ({MAX_SAMPLES}): "
+            raise InvalidArgument(f"--{option} {count} is more than one run takes ({MAX_SAMPLES}): "
                              f"every sample is drawn and kept in memory before measuring starts",
                              fix=f"profile at most {MAX_SAMPLES} at a time, with another --seed "
                                  f"per run (every result is cached, so runs add up)")
@@ -450,13 +450,13 @@ def _swept(shape: Sequence[Any], variant: _Variant) -> List[Any]:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from harness import output
+    from harness.report import output
 
     if args.raw and not (args.json or args.csv):
         raise HarnessError("--raw adds the raw per-run times to --json or --csv output",
                            fix="pass --json --raw or --csv --raw")
     if args.top < 1:
-        raise BadRequest(f"--top {args.top} shows no node", fix="pass --top 10, for example")
+        raise InvalidArgument(f"--top {args.top} shows no node", fix="pass --top 10, for example")
     started = time.monotonic()
     variants = _variants(args)
     counters: Counter = Counter()  # what the command's profilers counted, added up
@@ -530,7 +530,7 @@ def _profile_space(args: argparse.Namespace, variants: List[_Variant],
 
     space, samples = _sampled(args)
     if args.input_shape:
-        raise BadRequest("--input-shape sizes the inputs of --model",
+        raise InvalidArgument("--input-shape sizes the inputs of --model",
                          fix="for a space, sweep with --batch and --input-size")
     quiet = args.json or args.csv
     measured: Measured = []
@@ -539,7 +539,7 @@ def _profile_space(args: argparse.Namespace, variants: List[_Variant],
         dummy = base
         if variant.batch is not None or variant.size is not None:
             if not isinstance(base, torch.Tensor):
-                raise BadRequest(f"--batch and --input-size sweep one input, and {args.space}'s "
+                raise InvalidArgument(f"--batch and --input-size sweep one input, and {args.space}'s "
                                  f"dummy_input() gives several",
                                  fix="sweep in Python with LatencyProfiler and your own inputs")
             dummy = torch.randn(*_swept(base.shape, variant))
@@ -558,7 +558,7 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
     from harness.export.model_file import load_model
 
     if args.samples != 8 or args.seed != 0 or args.fallback != "error" or args.offline:
-        raise BadRequest("--model measures one model file: --samples, --seed, --fallback and "
+        raise InvalidArgument("--model measures one model file: --samples, --seed, --fallback and "
                          "--offline are for spaces", fix="drop them, or use --space")
     model = load_model(args.model)
     given = dict(_shape(text) for text in args.input_shape)
@@ -583,7 +583,7 @@ def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
     """One Chrome trace per result with a per-operator profile, in --trace-dir."""
     folder = Path(args.trace_dir)
     if not folder.is_dir():
-        raise BadRequest(f"--trace-dir {folder} is not a folder", fix="create it, or pass another")
+        raise InvalidArgument(f"--trace-dir {folder} is not a folder", fix="create it, or pass another")
     written: List[Optional[Path]] = []
     for row, m in zip(rows, results):
         if m.ops is None:
@@ -753,7 +753,7 @@ def _devices(args: argparse.Namespace) -> int:
 
 
 def _farm(args: argparse.Namespace) -> int:
-    from harness import farm
+    from harness.pool import farm
     from harness.paths import harness_home
 
     home = harness_home()

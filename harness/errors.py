@@ -14,6 +14,11 @@ class InvalidSample(HarnessError, ValueError):
     """A sample names an unknown label, misses one, or picks a value not among the choices."""
 
 
+class InvalidArgument(HarnessError, ValueError):
+    """An argument of a call or a flag of a command is out of range or malformed (a limit, a
+    confidence, a precision, a setting): nothing was measured."""
+
+
 class ExportError(HarnessError):
     """A subnet could not be frozen or exported to ONNX."""
 

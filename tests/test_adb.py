@@ -12,7 +12,7 @@ import pytest
 
 from devices import registry
 from devices.errors import AgentProtocolError, DeviceLost, MeasurementTimeout, ThermalError
-from devices.perf_test import parse_perf_test
+from devices.perf_tool_client import parse_perf_test
 from harness import Cache, LatencyProfiler, random_samples
 from tests.conftest import FAST
 from tests.ssh_fixtures import testfarm

@@ -2,18 +2,50 @@
 
 - devices/ never imports harness/ (harness builds on devices, not the reverse);
 - agents/ imports only the standard library, numpy and onnxruntime (it is shipped alone);
-- a model space knows no profiler (spaces are described, profilers measure them);
+- harness/ is wings on floors (WINGS below, mirrored in ../shared/DESIGN.md): a wing imports
+  only the wings its row names, so none imports a higher one;
+- the store reaches no device: of devices/ it reads only the wire values (agent_result and
+  the errors they raise), and those import nothing else of devices/;
+- only the top (cli) and the wings that drive a profiler (campaigns, search) import the
+  profiler;
 - no import cycles among harness/ and devices/ modules, counting imports inside functions
   too (a lazy import hides a cycle, it does not break it);
-- harness/profiler.py stays a story a newcomer reads top to bottom (at most 320 lines).
+- harness/ keeps at its top only what a newcomer opens first;
+- harness/profiler.py stays a story a newcomer reads top to bottom (at most 250 lines);
+- no module reads another's private attribute (`x._name` where x is not self or cls).
 """
 import ast
+import re
 import sys
 from pathlib import Path
 from typing import Dict, Set
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("harness", "devices", "agents")
+
+# wing -> the wings it may import (besides the standard library and third-party packages);
+# floors from the bottom: errors, paths | spaces | export | store, metrics | pool, predict |
+# steps | profiler | campaigns, search | report | cli, harness (the public API)
+BASE = {"errors", "paths"}
+WINGS: Dict[str, Set[str]] = {
+    "errors": {"devices"},
+    "paths": {"errors"},
+    "spaces": {"errors"},
+    "export": BASE | {"spaces"},
+    "store": BASE | {"agents", "devices"},
+    "metrics": BASE | {"spaces", "export"},
+    "pool": BASE | {"agents", "devices", "export", "store"},
+    "predict": BASE | {"spaces", "export", "store", "metrics"},
+    "steps": BASE | {"devices", "spaces", "export", "store", "pool", "predict"},
+    "profiler": BASE | {"devices", "spaces", "export", "store", "metrics", "pool", "steps"},
+    "campaigns": BASE | {"devices", "spaces", "export", "store", "metrics", "predict", "profiler"},
+    "search": BASE | {"spaces", "export", "store", "metrics", "profiler"},
+    "report": BASE | {"devices", "spaces", "export", "store", "metrics", "predict"},
+    "cli": BASE | {"harness", "devices", "spaces", "export", "store", "metrics", "pool",
+                   "predict", "steps", "profiler", "campaigns", "search", "report"},
+    "harness": set(),  # __init__ names its public API as strings, imported when first used
+}
+TOP_OF_HARNESS = {"__init__.py", "profiler.py", "cli.py", "errors.py", "paths.py"}
 
 
 def module_name(path: Path) -> str:
@@ -35,13 +67,23 @@ def imports_of(path: Path) -> Set[str]:
     return names
 
 
+def our_files() -> Dict[str, Path]:
+    return {module_name(path): path for package in PACKAGES
+            for path in (ROOT / package).rglob("*.py")}
+
+
 def our_graph() -> Dict[str, Set[str]]:
     """Module -> the modules of ours it imports."""
-    files = {module_name(path): path for package in PACKAGES
-             for path in (ROOT / package).rglob("*.py")}
+    files = our_files()
     return {name: {imported for imported in imports_of(path) if imported in files
                    and imported != name}
             for name, path in files.items()}
+
+
+def wing_of(module: str) -> str:
+    """harness.store.cache -> store; harness.profiler -> profiler; devices.x -> devices."""
+    parts = module.split(".")
+    return parts[0] if parts[0] != "harness" else parts[1] if len(parts) > 1 else "harness"
 
 
 def test_devices_never_imports_harness():
@@ -57,15 +99,37 @@ def test_agents_import_only_stdlib_numpy_and_onnxruntime():
         assert third_party <= {"numpy", "onnxruntime"}, (path.name, third_party)
 
 
+def test_every_wing_imports_only_the_wings_below_it():
+    graph = our_graph()
+    wings = {wing_of(name) for name in graph if name.startswith("harness")}
+    assert wings <= set(WINGS), f"a wing the table does not know: {wings - set(WINGS)}"
+    for name, deps in graph.items():
+        if not name.startswith("harness"):
+            continue
+        wing = wing_of(name)
+        reached = {wing_of(dep) for dep in deps} - {wing}
+        assert reached <= WINGS[wing], (name, sorted(reached - WINGS[wing]))
+
+
+def test_the_store_reaches_no_device():
+    graph = our_graph()
+    wire = {"devices.agent_result", "devices.errors"}
+    for name, deps in graph.items():
+        if name.startswith("harness.store"):
+            assert {d for d in deps if d.startswith("devices")} <= wire, name
+    assert {d for d in graph["devices.agent_result"] if d.startswith("devices")} <= wire
+    assert not {d for d in graph["devices.errors"] if d.startswith("devices")}
+
+
+def test_only_the_top_and_what_drives_a_profiler_import_it():
+    importers = {name for name, deps in our_graph().items() if "harness.profiler" in deps}
+    assert {wing_of(name) for name in importers} <= {"cli", "campaigns", "search"}, importers
+
+
 def test_a_space_knows_no_profiler():
     graph = our_graph()
-    spaces = [name for name in graph if name in ("harness.spaces.space", "harness.spaces.additive")
-              or name.startswith("harness.spaces")]
-    measuring = {"harness.profiler", "harness.metrics.profiler_base", "harness.pool.device_pool",
-                 "harness.pool.ray_pool", "harness.predict.nn_meter", "harness.metrics.counting", "harness.search.lut",
-                 "harness.steps.fallback", "harness.campaigns.calibrate", "harness.search.strategies"}
-    for name in spaces:
-        assert not graph[name] & measuring, (name, graph[name] & measuring)
+    for name in (name for name in graph if wing_of(name) == "spaces"):
+        assert {wing_of(dep) for dep in graph[name]} <= WINGS["spaces"] | {"spaces"}, name
 
 
 def test_no_import_cycles():
@@ -94,7 +158,29 @@ def test_no_import_cycles():
             visit(node)
 
 
+def test_the_top_of_harness_holds_only_what_a_newcomer_opens_first():
+    files = {path.name for path in (ROOT / "harness").iterdir() if path.is_file()
+             and path.suffix == ".py"}
+    assert files == TOP_OF_HARNESS
+
+
+def test_no_module_reads_another_ones_private_attribute():
+    # `other._name` (other: not self or cls) where `_name` is private to another module of
+    # ours (defined there as `def _name` or `self._name = ...`) and not to this one
+    defined = re.compile(r"def (_[a-z][a-z0-9_]*)|self\.(_[a-z][a-z0-9_]*)\s*(?::[^=]+)?=")
+    read = re.compile(r"\b(?!self\b|cls\b)[a-z_][a-z0-9_]*\.(_[a-z][a-z0-9_]*)\b")
+    texts = {path: path.read_text() for package in PACKAGES for path in (ROOT / package).rglob("*.py")}
+    owners: Dict[str, Set[Path]] = {}
+    for path, text in texts.items():
+        for match in defined.finditer(text):
+            owners.setdefault(match.group(1) or match.group(2), set()).add(path)
+    offenders = [f"{path.relative_to(ROOT)}:{number}: {match.group(0)}"
+                 for path, text in texts.items()
+                 for number, line in enumerate(text.splitlines(), 1)
+                 for match in read.finditer(line.split("#")[0])
+                 if owners.get(match.group(1)) and path not in owners[match.group(1)]]
+    assert not offenders, offenders
+
+
 def test_the_profiler_reads_in_one_sitting():
-    # 250 until issue 14 added measure_model, per_op and precision (their plumbing per request)
-    # and issue 16 the units of a kind's model that a lookup answers from
-    assert len((ROOT / "harness" / "profiler.py").read_text().splitlines()) <= 320
+    assert len((ROOT / "harness" / "profiler.py").read_text().splitlines()) <= 250

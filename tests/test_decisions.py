@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from agents.ort_agent import median_interval, parse_settings, timed_loop
-from harness import BadRequest, LatencyProfiler, random_samples
+from harness.errors import InvalidArgument
+from harness import LatencyProfiler, random_samples
 from harness.store.cache import Cache
 from harness.predict.latency_model import MIN_MEASUREMENTS, LatencyModel
 from harness.search.strategies import Chain, Filter, LatencyLimit, Random, SearchExhausted, run_search
@@ -100,7 +101,7 @@ def test_limit_rule_settles_fast_far_from_the_limit_and_measures_fully_at_it():
     ({"max_time_ms": float("inf")}, "max_time_ms"), ({"stop": "limit"}, "limit_ms"),
     ({"stop": "sometimes"}, "stop")])
 def test_bad_stop_settings_are_user_errors_naming_the_setting(tiny, settings, name):
-    with pytest.raises(BadRequest, match=name):
+    with pytest.raises(InvalidArgument, match=name):
         LatencyProfiler(tiny, tiny.dummy_input(), settings=settings)
 
 
@@ -109,7 +110,7 @@ def test_bad_stop_settings_are_user_errors_naming_the_setting(tiny, settings, na
     (5.0, 1.0, "confidence"), (5.0, 0.0, "confidence")])
 def test_bad_limits_are_user_errors_naming_the_setting(tiny, limit, confidence, name):
     with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as profiler:
-        with pytest.raises(BadRequest, match=name):
+        with pytest.raises(InvalidArgument, match=name):
             profiler.decide(random_samples(tiny, 1)[0], limit, confidence)
 
 

@@ -175,7 +175,7 @@ def _samples(result):
 @pytest.mark.parametrize("folder", ["x; touch PWNED; y", "a b", "$(touch PWNED)", "`touch PWNED`",
                                     "it's"])
 def test_perf_test_workdir_with_shell_metacharacters(tmp_path, tiny_model, folder):
-    from devices.perf_test import PerfTestClient
+    from devices.perf_tool_client import PerfTestClient
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()

@@ -15,7 +15,7 @@ from agents import ort_agent
 from devices.agent_result import AgentResult, OpProfile
 from devices.errors import AgentProtocolError, BadRequest, DeviceError
 from harness import Cache, LatencyProfiler, MemoryProfiler, random_samples
-from harness.errors import ExportError
+from harness.errors import ExportError, InvalidArgument
 from harness.export.model_file import load_model
 from tests.conftest import AGENT, FAST, onnx_file
 
@@ -47,13 +47,13 @@ def cli(home, *args, cwd=None):
 
 def test_a_model_file_with_dynamic_axes_is_measured_at_the_shapes_given(image_model):
     with LatencyProfiler(None, None, settings=FAST) as profiler:
-        with pytest.raises(BadRequest) as missing:
+        with pytest.raises(InvalidArgument) as missing:
             profiler.measure_model(image_model)
         assert "'image'" in str(missing.value) and "--input-shape image=1x3x1x1" in str(missing.value)
         small = profiler.measure_model(image_model, {"image": [1, 3, 16, 16]})
         large = profiler.measure_model(image_model, {"image": [2, 3, 32, 32]})
         again = profiler.measure_model(image_model.read_bytes(), {"image": [1, 3, 16, 16]})
-        with pytest.raises(BadRequest, match="model file"):
+        with pytest.raises(InvalidArgument, match="model file"):
             profiler.measure(random_samples(profiler.space, 1)[0])
     assert small.source == large.source == "measured" and again.source == "cached"
     assert small.graph_hash == large.graph_hash == load_model(image_model).graph_hash
@@ -73,9 +73,9 @@ def test_a_broken_or_missing_model_file_is_named(tmp_path):
 
 def test_shapes_that_contradict_the_model_or_name_no_input(tiny_model):
     with LatencyProfiler(None, None, settings=FAST) as profiler:
-        with pytest.raises(BadRequest, match="does not fit"):
+        with pytest.raises(InvalidArgument, match="does not fit"):
             profiler.measure_model(tiny_model, {"input0": [2, 3, 32, 32]})
-        with pytest.raises(BadRequest, match="names nope"):
+        with pytest.raises(InvalidArgument, match="names nope"):
             profiler.measure_model(tiny_model, {"nope": [1]})
 
 
@@ -191,7 +191,7 @@ def test_memory_profiler_filters_on_a_fresh_process_figure(tiny, home):
     assert by_worker.provenance.isolation == "worker"
     assert counted["measurements"] == 2  # the worker's figure was measured again
     assert peaks == again and all(peak > 10 for peak in peaks)
-    with pytest.raises(BadRequest, match="metric"):
+    with pytest.raises(InvalidArgument, match="metric"):
         MemoryProfiler(tiny, tiny.dummy_input(), metric="rss")
 
 
@@ -216,7 +216,7 @@ def test_provider_options_reach_the_session_and_the_cache_key(tiny):
         measured = tuned.measure(random_samples(tiny, 1)[0])
         assert plain.settings_key != tuned.settings_key
     assert measured.settings["provider_options"] == {"arena_extend_strategy": "kSameAsRequested"}
-    with pytest.raises(BadRequest, match="provider_options"):
+    with pytest.raises(InvalidArgument, match="provider_options"):
         LatencyProfiler(tiny, tiny.dummy_input(), settings={"provider_options": {"a": 1}})
 
 
@@ -265,11 +265,11 @@ def test_int8_static_calibrates_on_a_users_npz(tiny, tmp_path):
         assert measured.settings["calibration"].startswith("npz:")
     with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST, precision="int8-static",
                          calibration=bad) as profiler:
-        with pytest.raises(BadRequest, match="no array 'input0'"):
+        with pytest.raises(InvalidArgument, match="no array 'input0'"):
             profiler.measure(sample)
-    with pytest.raises(BadRequest, match="only used by --precision int8-static"):
+    with pytest.raises(InvalidArgument, match="only used by --precision int8-static"):
         LatencyProfiler(tiny, tiny.dummy_input(), calibration=good)
-    with pytest.raises(BadRequest, match="precision 'int4'"):
+    with pytest.raises(InvalidArgument, match="precision 'int4'"):
         LatencyProfiler(tiny, tiny.dummy_input(), precision="int4")
 
 
@@ -351,7 +351,7 @@ def test_devices_check_lists_the_providers_a_device_has(home):
 
 
 def test_the_perf_test_client_refuses_what_it_cannot_do(tmp_path):
-    from devices.perf_test import PerfTestClient
+    from devices.perf_tool_client import PerfTestClient
 
     binary = tmp_path / "onnxruntime_perf_test"
     binary.write_bytes(b"a build for the phone")

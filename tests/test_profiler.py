@@ -4,6 +4,7 @@ import multiprocessing
 
 import pytest
 
+from harness.errors import InvalidArgument
 from harness import (BadRequest, Cache, InvalidSample, LatencyProfiler, MeasurementTimeout,
                      Profiler, random_samples)
 from harness.spaces import TinySpace
@@ -117,7 +118,7 @@ def test_a_failure_is_not_cached(tiny, home):
 def test_bad_input_gets_clear_errors(profiler, tiny):
     with pytest.raises(InvalidSample, match="missing label .stage1.block0.expand"):
         profiler.profile({"stage1.depth": 1})
-    with pytest.raises(BadRequest, match="min_runs"):
+    with pytest.raises(InvalidArgument, match="min_runs"):
         LatencyProfiler(tiny, tiny.dummy_input(), settings={"min_runs": -1})
     with pytest.raises(BadRequest, match="no device named 'rpi4'"):
         LatencyProfiler(tiny, tiny.dummy_input(), device="rpi4").profile(

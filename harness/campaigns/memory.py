@@ -12,9 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from devices.errors import BadRequest
 from harness.store.cache import Cache
-from harness.errors import HarnessError
+from harness.errors import HarnessError, InvalidArgument
 from harness.export.graph import DummyInput
 from harness.store.measurement import Measurement
 from harness.profiler import LatencyProfiler
@@ -42,10 +41,10 @@ class MemoryProfiler(Profiler):
                  metric: str = "peak", *, cache: Union[Cache, str, Path, None] = None,
                  settings: Optional[Mapping[str, Any]] = None, **options: Any):
         if metric not in METRICS:
-            raise BadRequest(f"metric {metric!r} is not one of {', '.join(METRICS)}",
+            raise InvalidArgument(f"metric {metric!r} is not one of {', '.join(METRICS)}",
                              fix="pass metric='peak'")
         if options.pop("isolation", "process") != "process":
-            raise BadRequest("memory is measured in a fresh agent process (a worker keeps "
+            raise InvalidArgument("memory is measured in a fresh agent process (a worker keeps "
                              "what earlier models left in its heap)",
                              fix="leave isolation at 'process'")
         self.metric = metric

@@ -22,8 +22,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from devices.errors import BadRequest
-from harness.errors import ExportError
+from harness.errors import ExportError, InvalidArgument
 from harness.export.graph import ExportedModel, graph_hash
 from harness.spaces.space import Sample, SampleValidator
 
@@ -63,13 +62,13 @@ class ModelFile:
 
     def resolved_shapes(self, given: Optional[Mapping[str, Sequence[int]]]) -> Dict[str, List[int]]:
         """Every input's concrete shape: its static dims, with `given` for the dynamic ones
-        (and for static ones it repeats). BadRequest names an input left unsized, a name the
+        (and for static ones it repeats). InvalidArgument names an input left unsized, a name the
         model does not have, or a size that contradicts the model."""
         given = {name: list(dims) for name, dims in (given or {}).items()}
         names = [i.name for i in self.inputs]
         stray = sorted(set(given) - set(names))
         if stray:
-            raise BadRequest(f"--input-shape names {', '.join(stray)}, but {self.origin}'s "
+            raise InvalidArgument(f"--input-shape names {', '.join(stray)}, but {self.origin}'s "
                              f"inputs are {', '.join(names)}",
                              fix=f"name one of: {', '.join(names)}")
         shapes: Dict[str, List[int]] = {}
@@ -79,7 +78,7 @@ class ModelFile:
             example = "x".join(str(d if isinstance(d, int) else 1) for d in item.dims)
             if shape is None:
                 if dynamic:
-                    raise BadRequest(f"input {item.name!r} of {self.origin} has dynamic axes "
+                    raise InvalidArgument(f"input {item.name!r} of {self.origin} has dynamic axes "
                                      f"{', '.join(map(str, dynamic))} (shape {list(item.dims)})"
                                      f" and no size was given for it",
                                      fix=f"--input-shape {item.name}={example}")
@@ -87,7 +86,7 @@ class ModelFile:
             elif len(shape) != len(item.dims) or any(
                     isinstance(d, int) and d != s for d, s in zip(item.dims, shape)) or \
                     any(s < 1 for s in shape):
-                raise BadRequest(f"input {item.name!r} of {self.origin} has shape "
+                raise InvalidArgument(f"input {item.name!r} of {self.origin} has shape "
                                  f"{list(item.dims)}, which {'x'.join(map(str, shape))} does "
                                  f"not fit", fix=f"--input-shape {item.name}={example}")
             shapes[item.name] = [int(s) for s in shape]
@@ -152,8 +151,8 @@ class NoSamples(SampleValidator):
         super().__init__(ModelFilesOnly().search_space())
 
     @staticmethod
-    def refusal() -> BadRequest:
-        return BadRequest("this LatencyProfiler was made without a space (for model files)",
+    def refusal() -> InvalidArgument:
+        return InvalidArgument("this LatencyProfiler was made without a space (for model files)",
                           fix="measure models with measure_model(path), or pass a space")
 
     def __call__(self, sample: Mapping[str, Any]) -> Sample:
@@ -171,7 +170,7 @@ class Precision:
     calibration: Union[str, Path, None] = None  # int8-static: an .npz of inputs, or random
 
     def settings(self) -> Dict[str, Any]:
-        """The agent settings that record (and key) this precision; BadRequest if unknown."""
+        """The agent settings that record (and key) this precision; InvalidArgument if unknown."""
         return {"precision": check_precision(self.name),
                 "calibration": calibration_label(self.name, self.calibration)}
 
@@ -182,7 +181,7 @@ class Precision:
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise BadRequest(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}",
+        raise InvalidArgument(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}",
                          fix=f"--precision {PRECISIONS[0]}")
     return precision
 
@@ -192,14 +191,14 @@ def calibration_label(precision: str, npz: Union[str, Path, None]) -> Optional[s
     inputs from a seed. None for the other precisions."""
     if precision != "int8-static":
         if npz is not None:
-            raise BadRequest("a calibration .npz is only used by --precision int8-static",
+            raise InvalidArgument("a calibration .npz is only used by --precision int8-static",
                              fix="drop --calibration, or pass --precision int8-static")
         return None
     if npz is None:
         return f"random:{CALIBRATION_SAMPLES}:seed0"
     path = Path(npz)
     if not path.is_file():
-        raise BadRequest(f"calibration file {path} does not exist",
+        raise InvalidArgument(f"calibration file {path} does not exist",
                          fix="pass an .npz with one array per model input")
     return "npz:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -227,19 +226,19 @@ def calibration_feeds(model: ModelFile, shapes: Mapping[str, Sequence[int]],
         with np.load(str(npz), allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
     except Exception as exc:
-        raise BadRequest(f"calibration file {npz} is not a readable .npz of arrays: {exc}",
+        raise InvalidArgument(f"calibration file {npz} is not a readable .npz of arrays: {exc}",
                          fix="write it with numpy.savez(path, **{input_name: array})") from None
     feeds: List[Dict[str, np.ndarray]] = []
     for item in model.inputs:
         array, shape = arrays.get(item.name), list(shapes[item.name])
         if array is None:
-            raise BadRequest(f"calibration file {npz} has no array {item.name!r} (it has "
+            raise InvalidArgument(f"calibration file {npz} has no array {item.name!r} (it has "
                              f"{', '.join(arrays) or 'none'})",
                              fix=f"add an array named {item.name} of shape {shape} or [N]+{shape}")
         if list(array.shape) == shape:
             array = array[None]
         if list(array.shape[1:]) != shape:
-            raise BadRequest(f"calibration array {item.name!r} has shape {list(array.shape)}, "
+            raise InvalidArgument(f"calibration array {item.name!r} has shape {list(array.shape)}, "
                              f"not {shape} or [N]+{shape}", fix="reshape it to the input's shape")
         for index, value in enumerate(array):
             if index == len(feeds):
@@ -258,7 +257,7 @@ def convert(exported: ExportedModel, precision: str, shapes: Mapping[str, Sequen
     model = load_model(exported.onnx_bytes)
     try:
         converted = _convert_bytes(model, precision, shapes, npz)
-    except BadRequest:
+    except InvalidArgument:
         raise
     except Exception as exc:
         raise ExportError(f"converting the model to {precision} failed: {type(exc).__name__}: "

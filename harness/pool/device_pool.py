@@ -29,10 +29,10 @@ from typing import (Any, Callable, Deque, Dict, Generic, Iterable, Iterator, Lis
 from agents.ort_agent import AgentError, parse_settings
 from devices.agent_client import DeviceClient
 from devices.agent_result import AgentResult, DeviceFacts
-from devices.errors import (AgentProtocolError, BadRequest, DeviceLost, MeasurementTimeout,
-                            ThermalError)
+from devices.errors import AgentProtocolError, DeviceLost, MeasurementTimeout, ThermalError
 from devices.registry import devices_of_kind, open_client
-from harness.store.key import settings_key, digest, model_of
+from harness.store.key import device_fingerprint, model_of, settings_key
+from harness.errors import InvalidArgument
 from harness.export.graph import ExportedModel
 from harness.pool.leases import LEASE_WAIT_S, DeviceBusy, DeviceHealth, DeviceLease, try_lease
 from harness.store.measurement import Measurement
@@ -63,16 +63,16 @@ class MeasureRequest:
     def checked(cls, overrides: Optional[Mapping[str, Any]], timeout_s: float
                 ) -> "MeasureRequest":
         """The agent's defaults with `overrides` applied, checked as the agent checks them;
-        BadRequest names a bad setting."""
+        InvalidArgument names a bad setting."""
         if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s)
                 and timeout_s > 0):
-            raise BadRequest(f"timeout_s must be a positive number of seconds, got "
+            raise InvalidArgument(f"timeout_s must be a positive number of seconds, got "
                              f"{timeout_s!r}")
         try:
             return cls(parse_settings(dict(overrides or {})), float(timeout_s),
                        dict(overrides or {}))
         except AgentError as exc:
-            raise BadRequest(exc.message) from None
+            raise InvalidArgument(exc.message) from None
 
     def with_settings(self, **changes: Any) -> "MeasureRequest":
         """The same request with other settings (the stop rule's defaults apply anew)."""
@@ -108,7 +108,7 @@ class DeviceIdentity:
 
     @property
     def fingerprint(self) -> str:
-        return digest(dict(self.facts.identity))
+        return device_fingerprint(self.facts.identity)
 
     @property
     def model(self) -> Dict[str, Any]:
@@ -136,8 +136,9 @@ class PoolOutcome(Generic[Tag]):
 class DevicePool(Protocol):
     """Where measurements run; see the module docstring."""
 
-    name: str       # what the user asked for: "local", "rpi4", "kind:K"
-    isolation: str  # "worker" or "process" (how the agent runs on the device)
+    name: str           # what the user asked for: "local", "rpi4", "kind:K"
+    isolation: str      # "worker" or "process" (how the agent runs on the device)
+    devices: List[str]  # the registered devices it measures on from this host (a farm: none)
 
     def identify(self, timeout_s: float) -> DeviceIdentity:
         """Who the device is; in a pool, the first device that answers speaks for the kind."""
@@ -211,7 +212,8 @@ class LocalPool:
                                  fix="check the devices ('harness devices check NAME')")
             lease = self._lease_one(candidates)
             try:
-                return self._measure_leased(lease, exported, request)
+                with lease:
+                    return self._measure_leased(lease, exported, request)
             except FAILOVER_ERRORS as exc:
                 tried.append(lease.device)
                 if len(tried) >= len(self.devices):
@@ -240,7 +242,8 @@ class LocalPool:
 
     def _measure_leased(self, lease: DeviceLease, exported: ExportedModel,
                         request: MeasureRequest) -> AgentResult:
-        """Measure on the leased device and release it; strikes and clears its health."""
+        """Measure on the leased device and release it before this pool's waiting jobs are
+        told it is free; strikes and clears its health."""
         name = lease.device
         path = Path(self._staging.name) / f"{exported.sha256}.{threading.get_ident()}.onnx"
         with self._freed:
@@ -259,7 +262,7 @@ class LocalPool:
             self.health.strike(name, exc)
             raise
         finally:
-            lease.__exit__(None, None, None)
+            lease.release()
             with self._freed:
                 self._busy.discard(name)
                 self._freed.notify_all()
@@ -303,8 +306,8 @@ class LocalPool:
     def measure_on(self, device: str, exported: ExportedModel,
                    request: MeasureRequest) -> AgentResult:
         """Measure on one named device of the pool (waiting for its lease)."""
-        return self._measure_leased(DeviceLease(self.home, device).__enter__(), exported,
-                                    request)
+        with DeviceLease(self.home, device) as lease:
+            return self._measure_leased(lease, exported, request)
 
 
 class _JobBoard(Generic[Tag]):

@@ -32,7 +32,8 @@ class DeviceBusy(HarnessError):
 
 
 class DeviceLease:
-    """Context manager holding the exclusive lease of one device."""
+    """The exclusive lease of one device, held inside `with lease:` (entering a lease that
+    `try_lease` already holds keeps it; leaving releases it)."""
 
     def __init__(self, home: Path, device: str, wait_s: float = LEASE_WAIT_S):
         if not DEVICE_NAME.match(device) or device in (".", ".."):
@@ -46,6 +47,12 @@ class DeviceLease:
         self._handle: Optional[IO[str]] = None
 
     def __enter__(self) -> "DeviceLease":
+        if self._handle is None:
+            self.acquire()
+        return self
+
+    def acquire(self) -> None:
+        """Wait for the lease (up to wait_s; then DeviceBusy) and hold it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:  # our own file under $HARNESS_HOME; never through a link someone planted there
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -80,7 +87,6 @@ class DeviceLease:
         handle.flush()
         self._handle = handle
         self.acquired_at = time.monotonic()
-        return self
 
     def deadline(self, timeout_s: float) -> float:
         """The time.monotonic() by which work under this lease must end: timeouts count
@@ -90,6 +96,10 @@ class DeviceLease:
         return self.acquired_at + timeout_s
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Let the lease go (again: nothing)."""
         if self._handle is not None:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
@@ -135,6 +145,7 @@ def try_lease(home: Path, device: str) -> Optional[DeviceLease]:
     """The device's lease if it is free right now, else None."""
     lease = DeviceLease(home, device, wait_s=0.0)
     try:
-        return lease.__enter__()
+        lease.acquire()
     except DeviceBusy:
         return None
+    return lease

@@ -38,11 +38,10 @@ from typing import (Any, Callable, Deque, Dict, Generic, Iterable, Iterator, Lis
                     Tuple)
 
 from devices.agent_result import AgentResult
-from devices.errors import (BadRequest, DeviceError, DeviceLost, MeasurementTimeout,
-                            error_from_agent)
+from devices.errors import DeviceError, DeviceLost, MeasurementTimeout, error_from_agent
 from harness.pool.device_pool import (FAILOVER_ERRORS, DeviceIdentity, LocalPool, MeasureRequest,
                                  PoolOutcome, Tag)
-from harness.errors import HarnessError
+from harness.errors import HarnessError, InvalidArgument
 from harness.export.graph import ExportedModel
 
 log = logging.getLogger(__name__)
@@ -327,7 +326,7 @@ def connect(ray: Any, address: str, home: Path, logging_level: int = logging.WAR
 def farm_pool(address: str, device: str, home: Path, isolation: str = "worker") -> "RayPool":
     """The pool of `device` ("kind:K") on the Ray farm at `address`."""
     if not device.startswith("kind:"):
-        raise BadRequest(f"a farm profiles kinds of devices, not {device!r}",
+        raise InvalidArgument(f"a farm profiles kinds of devices, not {device!r}",
                          fix="pass device='kind:K' with farm=...")
     return RayPool(address, device[len("kind:"):], home, isolation)
 
@@ -337,7 +336,7 @@ def check_farm_answers(address: str, timeout_s: float = FARM_CONNECT_TIMEOUT_S) 
     retries for minutes, printing its C++ warnings, before it gives up."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise BadRequest(f"the farm address {address!r} is not HOST:PORT",
+        raise InvalidArgument(f"the farm address {address!r} is not HOST:PORT",
                          fix="pass the head's address as 'harness farm serve' printed it, "
                              "e.g. farm='10.0.0.2:26380'")
     try:
@@ -391,6 +390,7 @@ class RayPool:
         ray = import_ray()
         self.name = f"kind:{kind}"
         self.kind = kind
+        self.devices: List[str] = []  # the farm's devices are registered on its hosts
         self.address = address
         self.isolation = isolation
         from ray._private.authentication.authentication_utils import is_token_auth_enabled

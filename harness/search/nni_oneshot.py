@@ -21,19 +21,19 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from nni.nas.oneshot.pytorch import profiler as _nni
 
-from harness import search
+from harness.search import strategies
 
 log = logging.getLogger(__name__)
 
 
-class ExpectationProfilerPenalty(search.ExpectationProfilerPenalty,
+class ExpectationProfilerPenalty(strategies.ExpectationProfilerPenalty,
                                  _nni.ExpectationProfilerPenalty):
     """harness.search.strategies.ExpectationProfilerPenalty, accepted by NNI's differentiable strategies
     (DARTS, GumbelDARTS); see the module doc for `bind`."""
 
     def __init__(self, profiler: Any, baseline: float, scale: float = 1., *,
                  nonlinear: str = "linear", aggregate: str = "add"):
-        search.ExpectationProfilerPenalty.__init__(self, profiler, baseline, scale,
+        strategies.ExpectationProfilerPenalty.__init__(self, profiler, baseline, scale,
                                                    nonlinear=nonlinear, aggregate=aggregate)
         self._strategy: Optional[Any] = None
 
@@ -47,7 +47,7 @@ class ExpectationProfilerPenalty(search.ExpectationProfilerPenalty,
                 distribution: Mapping[str, Any]) -> Tuple[torch.Tensor, Dict[str, Any]]:
         if self._strategy is not None:
             distribution = self.strategy_probabilities()
-        return search.ExpectationProfilerPenalty.forward(self, loss, distribution)
+        return strategies.ExpectationProfilerPenalty.forward(self, loss, distribution)
 
     def strategy_probabilities(self) -> Dict[str, torch.Tensor]:
         """softmax(alpha) per label, from the bound strategy, with gradients."""
@@ -60,22 +60,22 @@ class ExpectationProfilerPenalty(search.ExpectationProfilerPenalty,
         return {label: softmax(alpha) for label, alpha in alphas.items()}
 
 
-class SampleProfilerPenalty(search.SampleProfilerPenalty, _nni.SampleProfilerPenalty):
+class SampleProfilerPenalty(strategies.SampleProfilerPenalty, _nni.SampleProfilerPenalty):
     """harness.search.strategies.SampleProfilerPenalty, accepted where NNI expects its own."""
 
     def __init__(self, profiler: Any, baseline: float, scale: float = 1., *,
                  nonlinear: str = "linear", aggregate: str = "add"):
-        search.SampleProfilerPenalty.__init__(self, profiler, baseline, scale,
+        strategies.SampleProfilerPenalty.__init__(self, profiler, baseline, scale,
                                               nonlinear=nonlinear, aggregate=aggregate)
 
     def forward(self, loss: Union[torch.Tensor, float],
                 sample: Mapping[str, Any]) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        return search.SampleProfilerPenalty.forward(self, loss, sample)
+        return strategies.SampleProfilerPenalty.forward(self, loss, sample)
 
 
-class RangeProfilerFilter(search.RangeProfilerFilter, _nni.ProfilerFilter):
+class RangeProfilerFilter(strategies.RangeProfilerFilter, _nni.ProfilerFilter):
     """harness.search.strategies.RangeProfilerFilter, accepted where NNI expects a ProfilerFilter
     (the `filter` argument of its sampling strategies)."""
 
     def filter(self, sample: Mapping[str, Any]) -> bool:
-        return search.RangeProfilerFilter.__call__(self, sample)
+        return strategies.RangeProfilerFilter.__call__(self, sample)

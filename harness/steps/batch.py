@@ -1,11 +1,12 @@
 """Steps 3 to 5 of a profiler for a batch of samples: export ahead of the devices, skip
 what is answered already, measure the rest on the pool, store each answer as it comes.
 
-`answer_all` runs them; `ArchitectureBatch` keeps the books, so that each distinct
-architecture (graph hash) is measured once however many samples share it: the first sample
-of an architecture is measured, the others ("twins") wait for its answer and get it as a
-cached copy, and a failure fails them all. Samples arrive from the pool's export thread and
-answers from its devices, so every call takes the batch's lock. An answer is a Measurement
+`answer_all` runs them with the steps an `Answering` provides; `ArchitectureBatch` keeps
+the books, so that each distinct architecture (graph hash) is measured once however many
+samples share it: the first sample of an architecture is measured, the others ("twins")
+wait for its answer and get it as a cached copy, and a failure fails them all. Samples
+arrive from the pool's export thread and answers from its devices, so every call takes the
+batch's lock. An answer is a Measurement
 or a Decision (harness.store.decisions): anything with `with_source`.
 """
 import threading
@@ -25,28 +26,40 @@ class Answered(Protocol):
         """The same answer, from another source ("cached" for a twin's copy)."""
 
 
+class Answering(Protocol):
+    """The three steps a batch takes for each sample, provided by whoever answers (the
+    profiler's measurement steps, or a decision round)."""
+
+    def export(self, sample: Sample) -> ExportedModel:
+        """Step 3: the sample's model, exported (and indexed)."""
+
+    def cached(self, graph: str) -> Optional[Answered]:
+        """Step 4: the stored answer for a graph on this device, if any."""
+
+    def store(self, result: AgentResult, exported: ExportedModel) -> Answered:
+        """Step 5's end: the device's result as an answer, stored."""
+
+
 Answer = Any  # an Answered, or the Exception a sample failed with
 
 
-def answer_all(samples: Sequence[Sample], results: List[Optional[Any]], *, what: str,
-               progress: Optional[bool], export: Callable[[Sample], ExportedModel],
-               cached: Callable[[str], Optional[Answered]], pool: DevicePool,
-               request: MeasureRequest, store: Callable[[AgentResult, ExportedModel], Answered]
-               ) -> None:
-    """Fill every None of `results`: `export` each sample (in the pool's export thread, ahead
-    of the devices), take what `cached` has for its graph, let the pool measure the rest
-    under `request`, and `store` each result as it comes. The first failure is raised once
-    every other sample is answered."""
+def answer_all(samples: Sequence[Sample], results: List[Optional[Any]], steps: Answering, *,
+               pool: DevicePool, request: MeasureRequest, what: str,
+               progress: Optional[bool]) -> None:
+    """Fill every None of `results`: `steps.export` each sample (in the pool's export
+    thread, ahead of the devices), take what `steps.cached` has for its graph, let the pool
+    measure the rest under `request`, and `steps.store` each result as it comes. The first
+    failure is raised once every other sample is answered."""
     if all(result is not None for result in results):
         return  # all answered already: no export, no pool, no progress bar
-    request = replace(request, still_needed=lambda graph: cached(graph) is None)
+    request = replace(request, still_needed=lambda graph: steps.cached(graph) is None)
     with ArchitectureBatch(results, what, progress) as batch:
 
         def jobs() -> Iterator[Tuple[int, ExportedModel]]:
             for index in batch.pending():
                 try:
-                    exported = export(samples[index])
-                    answered = cached(exported.graph_hash)
+                    exported = steps.export(samples[index])
+                    answered = steps.cached(exported.graph_hash)
                 except Exception as exc:  # a broken subnet fails alone
                     batch.fail(index, exc)
                     continue
@@ -55,9 +68,9 @@ def answer_all(samples: Sequence[Sample], results: List[Optional[Any]], *, what:
 
         for outcome in pool.measure_many(jobs(), request):
             try:
-                answer: Answer = store(outcome.unwrap(), outcome.exported)
+                answer: Answer = steps.store(outcome.unwrap(), outcome.exported)
             except AnsweredMeanwhile as exc:  # measured elsewhere while this job waited
-                answer = cached(outcome.exported.graph_hash) or exc
+                answer = steps.cached(outcome.exported.graph_hash) or exc
             except Exception as exc:
                 answer = exc
             batch.answer(outcome.exported.graph_hash, answer)

@@ -8,55 +8,70 @@ one decide_many call, which the profiler runs through the same pipeline as a mea
 """
 import random
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from devices.agent_result import AgentResult
-from harness.store.key import MeasurementKey, canonical_json, digest
+from harness.export.graph import DummyInput, ExportedModel
+from harness.pool.device_pool import MeasureRequest
+from harness.predict.latency_model import (MIN_MEASUREMENTS, LatencyModel, ModelAudit,
+                                           Prediction, featurizer, training_data)
+from harness.spaces.space import ModelSpace, Sample, SampleValidator, checked_search_space
+from harness.steps.counters import Counters
+from harness.steps.export_step import SampleExport
+from harness.steps.key_scope import KeyScope
+from harness.store.cache import Cache
 from harness.store.decisions import Decision, decision_from_samples
-from harness.export.graph import ExportedModel
 from harness.store.measurement import Measurement, Provenance, fixed_loop_estimate_s
-from harness.predict.latency_model import (MIN_MEASUREMENTS, LatencyModel, ModelAudit, Prediction,
-                                   featurizer, training_data)
-from harness.spaces.space import Sample, SampleValidator, checked_search_space
 
 
 class LimitDecider:
     """The decisions of one profiler: the device's latency model and its audit live here
     across calls, and `start` opens one round (a limit and a confidence) whose steps the
-    profiler runs as it runs a measurement (see LatencyProfiler.decide_many)."""
+    profiler runs as it runs a measurement (see LatencyProfiler.decide_many).
 
-    def __init__(self, profiler: Any, use_model: bool = True, model_coverage: float = 0.98,
+    It is given what it uses: the space and its inputs (the model's features), the cache,
+    the key scope (`scope()` identifies the device on first use; `base_scope` holds the
+    parts known before), the export step, the profiler's request and counters, and the
+    names of the devices (to find the identity they last measured with, offline)."""
+
+    def __init__(self, space: ModelSpace, dummy_input: DummyInput, *, cache: Cache,
+                 scope: Callable[[], KeyScope], base_scope: KeyScope, export: SampleExport,
+                 request: MeasureRequest, counters: Counters, device: str, devices: List[str],
+                 use_model: bool = True, model_coverage: float = 0.98,
                  audit_share: float = 0.05, seed: int = 0):
-        self.profiler = profiler
+        self.space, self.dummy_input, self.cache = space, dummy_input, cache
+        self.scope, self.base_scope, self.export = scope, base_scope, export
+        self.request, self.counters = request, counters
+        self.device, self.devices = device, devices
         self.use_model = use_model
         self.model_coverage = model_coverage
         self.audit_share = audit_share
         self.audit = ModelAudit()
         self.model: Optional[LatencyModel] = None
         self.model_note = "not fitted yet"
-        self.labels = SampleValidator(checked_search_space(profiler.space)).labels
+        self.labels = SampleValidator(checked_search_space(space)).labels
         self._rng = random.Random(seed)
 
     def refit(self, offline: bool = False) -> None:
         """Fit the device's model on every median the cache holds for this space on it
         (measurements, and decisions' medians). `offline`: without asking the device who it
         is (it cannot be reached): under the identity it last measured with."""
-        p = self.profiler
         if offline:
-            found = p.cache.last_identity(getattr(p.pool, "devices", [p.device]))
+            found = self.cache.last_identity(self.devices)
             if found is None:
                 self.model, self.model_note = None, "no measurement of this device"
                 return
             device_fp, agent_version = found
         else:
-            identity = p.identify()
-            device_fp, agent_version = identity.fingerprint, identity.agent_version
-        keys = (p.space_fingerprint, canonical_json(p.input_signature), p.settings_key,
-                device_fp, agent_version)
-        medians = dict(p.cache.decided_medians_by_sample(*keys))
-        medians.update(p.cache.statistics_by_sample(*keys, "median"))
+            scope = self.scope()
+            device_fp, agent_version = scope.device_fp, scope.agent_version
+        base = self.base_scope
+        keys = (base.space_fingerprint, base.input_sig, base.settings_key, device_fp,
+                agent_version)
+        medians = dict(self.cache.decided_medians_by_sample(*keys))
+        medians.update(self.cache.statistics_by_sample(*keys, "median"))
         samples, values = training_data(medians, self.labels)
-        model = LatencyModel(featurizer(p.space, p.dummy_input, self.labels))
+        model = LatencyModel(featurizer(self.space, self.dummy_input, self.labels))
         if model.fit(samples, values):
             self.model = model
             self.model_note = f"fitted on {model.n_fit} measured subnets"
@@ -76,20 +91,25 @@ class LimitDecider:
         prediction = self.model.predict(sample, coverage)
         point = self.model.predict_point(sample)
         interval = None if prediction is None else [prediction.low_ms, prediction.high_ms]
-        p = self.profiler
-        return Measurement(samples_ms=(point,), source="predicted", device=p.device,
-                           graph_hash="", input_signature=tuple(p.input_signature),
+        return Measurement(samples_ms=(point,), source="predicted", device=self.device,
+                           graph_hash="", input_signature=tuple(self.export.signature),
                            settings={"runtime": "latency model"},
                            provenance=Provenance(
                                predictor={"name": "device latency model",
                                           "interval_ms": interval, "coverage": coverage},
-                               calibration={"device": p.device, "kind": "latency model",
+                               calibration={"device": self.device, "kind": "latency model",
                                             "note": self.model_note}))
 
     def learn(self) -> None:
         """Refit on what the device has measured since, when the model is in use."""
         if self.use_model:
             self.refit()
+
+    def audits_skip(self) -> bool:
+        """Count a skip the model would make; True when this one is measured anyway, for
+        the audit (a share `audit_share` of them, drawn from a seeded generator)."""
+        self.audit.skipped += 1
+        return self._rng.random() < self.audit_share
 
     def start(self, limit_ms: float, confidence: float) -> "DecisionRound":
         if self.use_model and self.model is None:
@@ -98,14 +118,15 @@ class LimitDecider:
 
 
 class DecisionRound:
-    """One decide_many call's steps: `known` (cache, then model, before export), `cached`
-    (after export, by graph), `request` and `store` (the device), `finish` (the audit)."""
+    """One decide_many call's steps: `known` (cache, then model, before export), then the
+    steps of a batch (harness.steps.batch.Answering): `export`, `cached` (by graph) and
+    `store` (the device's runs under `request`), and `finish` (the audit)."""
 
     def __init__(self, decider: LimitDecider, limit_ms: float, confidence: float):
         self.decider, self.limit_ms, self.confidence = decider, limit_ms, confidence
-        profiler = decider.profiler
-        self.request = profiler.request.with_settings(stop="limit", limit_ms=limit_ms,
-                                                      confidence=confidence)
+        self.request = decider.request.with_settings(stop="limit", limit_ms=limit_ms,
+                                                     confidence=confidence)
+        self.export = decider.export
         self.audited: Dict[int, Prediction] = {}  # sample position -> the skipped prediction
 
     def known(self, position: int, sample: Sample, graph: Optional[str]) -> Optional[Decision]:
@@ -117,26 +138,25 @@ class DecisionRound:
         prediction = self.decider.model.predict(sample, self.decider.model_coverage)
         if prediction is None or prediction.low_ms <= self.limit_ms <= prediction.high_ms:
             return None
-        self.decider.audit.skipped += 1
-        if self.decider._rng.random() < self.decider.audit_share:
+        if self.decider.audits_skip():
             self.audited[position] = prediction
             return None
         return Decision(below=prediction.high_ms < self.limit_ms, settled=True,
                         limit_ms=self.limit_ms, confidence=prediction.coverage,
                         interval_ms=(prediction.low_ms, prediction.high_ms),
                         median_ms=prediction.median_ms, runs=0, source="predicted",
-                        device_s=0.0, graph_hash=graph or "", device=self.decider.profiler.device,
+                        device_s=0.0, graph_hash=graph or "", device=self.decider.device,
                         reason=f"model: {self.decider.model_note}")
 
     def cached(self, graph: str) -> Optional[Decision]:
         """A stored decision that settles this limit, or a stored measurement read against it
         (a full measurement answers even within the noise of the limit)."""
-        profiler = self.decider.profiler
-        key = profiler.cache_key(graph)
-        for stored in profiler.cache.decisions(key):
+        cache = self.decider.cache
+        key = self.decider.scope().key(graph)
+        for stored in cache.decisions(key):
             if stored.settles(self.limit_ms, self.confidence):
                 return stored.for_limit(self.limit_ms, self.confidence)
-        measured = profiler.cache.get(key)
+        measured = cache.get(key)
         if measured is None:
             return None
         return decision_from_samples(measured.samples_ms, self.limit_ms, self.confidence,
@@ -158,15 +178,12 @@ class DecisionRound:
                            "precise" else f"stopped by {result.stop.get('reason')} unsettled")
         if result.stop.get("drift"):
             decision = replace(decision, reason=decision.reason + "; the runs drift")
-        p = self.decider.profiler  # stored under the device that measured, as measurements are
-        key = MeasurementKey(exported.graph_hash, canonical_json(p.input_signature),
-                             p.settings_key, digest(dict(result.facts.identity)),
-                             result.agent_version)
-        p.cache.put_decision(key, decision, result.samples_ms)
-        with p._lock:
-            p.counters.update(decisions=1, device_s=decision.device_s,
-                              fixed_loop_s=fixed_loop_estimate_s(
-                                  decision.median_ms, decision.device_s, result.loop_ms))
+        # stored under the device that measured, as measurements are
+        key = self.decider.scope().key_of(result, exported.graph_hash)
+        self.decider.cache.put_decision(key, decision, result.samples_ms)
+        self.decider.counters.add(decisions=1, device_s=decision.device_s,
+                                  fixed_loop_s=fixed_loop_estimate_s(
+                                      decision.median_ms, decision.device_s, result.loop_ms))
         return decision
 
     def finish(self, results: Sequence[Decision]) -> List[Decision]:

@@ -10,63 +10,72 @@ calibration, and are never stored in the cache. After a loss the device is left 
 """
 import logging
 import time
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 from devices.errors import DeviceLost
-from harness.store.cache import Cache
-from harness.store.key import MeasurementKey, canonical_json
+from harness.errors import InvalidArgument
+from harness.export.graph import DummyInput
 from harness.predict.calibration import load_calibration
-from harness.export.graph import DummyInput, ExportedModel
-from harness.store.measurement import Measurement
 from harness.predict.nn_meter import NnMeterProfiler, PredictorError
-from harness.spaces.space import ModelSpace, Sample, sample_key
+from harness.spaces.space import ModelSpace, Sample
+from harness.steps.counters import Counters
+from harness.steps.export_step import SampleExport
+from harness.steps.key_scope import KeyScope
+from harness.store.cache import Cache
+from harness.store.measurement import Measurement
 
 log = logging.getLogger(__name__)
 
 FALLBACKS = ("error", "nn-meter", "model")
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """What a profiler answers with when its device cannot be reached: `mode` "error"
+    (raise), "nn-meter" (an nn-Meter prediction, calibrated for the device if it was, else
+    from `predictor`) or "model" (the device's own latency model); `offline`: never try the
+    device; after a loss the device is retried every `retry_s` seconds."""
+
+    mode: str = "error"
+    predictor: Union[str, Path, None] = None
+    offline: bool = False
+    retry_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.mode!r}")
+        if self.offline and self.mode == "error":
+            raise InvalidArgument("an offline profiler can only predict",
+                                  fix="pass fallback='nn-meter' (calibrate first) or "
+                                      "fallback='model'")
+
+
 class PredictionFallback:
     """The fallback of one profiler; `active()` says whether to predict without trying the
-    device, `answer()` gives the fallback's answer for one sample."""
+    device, `answer()` gives the fallback's answer for one sample. It is given what it uses:
+    the space and inputs (nn-Meter predicts their graphs), the device's names, the home (its
+    calibration), the cache and the key scope known before the device (a cached measurement
+    under the identity the calibration recorded still answers), the export step, the
+    counters, the device's latency model and the statistic the profiler answers with."""
 
-    def __init__(self, mode: str, *, space: ModelSpace, dummy_input: DummyInput, device: str,
-                 devices: List[str], home: Path, cache: Cache, space_fp: str, input_sig: str,
-                 settings_key: str, export: Callable[[Sample], ExportedModel],
-                 counters: Counter, predictor: Union[str, Path, None] = None,
-                 offline: bool = False, refresh: bool = False, retry_s: float = 60.0,
+    def __init__(self, config: Fallback, *, space: ModelSpace, dummy_input: DummyInput,
+                 device: str, devices: List[str], home: Path, cache: Cache, scope: KeyScope,
+                 export: SampleExport, counters: Counters, refresh: bool = False,
                  model: Optional[Callable[[Sample], Optional[Measurement]]] = None,
                  statistic: str = "median"):
-        if mode not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}, got {mode!r}")
-        self.mode = mode
-        self.offline = offline
+        self.mode, self.offline = config.mode, config.offline
         self._space, self._dummy_input, self._device = space, dummy_input, device
-        self._devices, self._home, self._cache = devices, home, cache
-        self._space_fp, self._input_sig, self._settings_key = space_fp, input_sig, settings_key
+        self._devices, self._home, self._cache, self._scope = devices, home, cache, scope
         self._export, self._counters = export, counters
-        self._predictor_name, self._refresh, self._retry_s = predictor, refresh, retry_s
+        self._predictor_name, self._refresh, self._retry_s = \
+            config.predictor, refresh, config.retry_s
         self._predictor: Optional[NnMeterProfiler] = None
         self._answers: Dict[tuple, Measurement] = {}
         self._unreachable_until = 0.0
         self._model = model
         self._statistic = statistic  # what the profiler answers with
-
-    @classmethod
-    def of(cls, profiler: Any, mode: str, predictor: Union[str, Path, None], offline: bool,
-           retry_s: float) -> "PredictionFallback":
-        """The fallback of a LatencyProfiler (its space, device, cache and export step)."""
-        return cls(mode, space=profiler.space, dummy_input=profiler.dummy_input,
-                   device=profiler.device, devices=getattr(profiler.pool, "devices", []),
-                   home=profiler.home, cache=profiler.cache,
-                   space_fp=profiler.space_fingerprint,
-                   input_sig=canonical_json(profiler.input_signature),
-                   settings_key=profiler.settings_key, export=profiler._export,
-                   counters=profiler.counters, predictor=predictor, offline=offline,
-                   refresh=profiler.refresh, retry_s=retry_s,
-                   model=profiler.decider.predicted_measurement, statistic=profiler.statistic)
 
     def active(self) -> bool:
         """Predict without trying the device: offline, or it was lost less than retry_s ago."""
@@ -90,21 +99,21 @@ class PredictionFallback:
             return self._answers[memo_key]
         predictor = self._nn_meter(cause)
         calibration = predictor.calibration
-        graph = self._cache.lookup_sample(self._space_fp, self._input_sig, sample_key(sample))
+        graph = self._export.indexed(sample)
         exported = None
         if graph is None:
             exported = self._export(sample)
             graph = exported.graph_hash
         if calibration is not None and not self._refresh and \
-                calibration.settings_key == self._settings_key:
-            cached = self._cache.get(MeasurementKey(graph, self._input_sig, self._settings_key,
-                                                    calibration.device_fingerprint,
-                                                    calibration.agent_version))
+                calibration.settings_key == self._scope.settings_key:
+            cached = self._cache.get(self._scope.key(
+                graph, unit=calibration.device_fingerprint,
+                agent_version=calibration.agent_version))
             if cached is not None:
-                self._counters["cache_hits"] += 1
+                self._counters.add(cache_hits=1)
                 return cached
         predicted = predictor.predict_exported(exported or self._export(sample))
-        self._counters["predictions"] += 1
+        self._counters.add(predictions=1)
         self._answers[memo_key] = predicted
         return predicted
 
@@ -124,7 +133,7 @@ class PredictionFallback:
                         "the device every %.0f s", self._device, cause.message, self._retry_s)
         if cause is not None:
             self._unreachable_until = time.monotonic() + self._retry_s
-        self._counters["predictions"] += 1
+        self._counters.add(predictions=1)
         return predicted
 
     def _nn_meter(self, cause: Optional[DeviceLost]) -> NnMeterProfiler:
@@ -132,7 +141,8 @@ class PredictionFallback:
         if self._predictor is None:
             calibration = next((found for found in (load_calibration(name, self._home)
                                                     for name in self._devices) if found), None)
-            if calibration is not None and calibration.space_fingerprint != self._space_fp:
+            if calibration is not None and \
+                    calibration.space_fingerprint != self._scope.space_fingerprint:
                 log.warning("the nn-Meter calibration of %s was fitted on another space or "
                             "input (%s); its correction may not carry over", calibration.device,
                             calibration.space or "unnamed")

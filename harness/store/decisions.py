@@ -29,20 +29,20 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Sequence, Tuple
 
 from agents.ort_agent import look_confidence, median_interval
-from devices.errors import BadRequest
+from harness.errors import InvalidArgument
 
 DECISION_SOURCES = ("measured", "cached", "predicted")
 
 
 def check_limit(limit_ms: Any, confidence: Any) -> Tuple[float, float]:
-    """The limit and confidence of a decision, checked: BadRequest names the bad one."""
+    """The limit and confidence of a decision, checked: InvalidArgument names the bad one."""
     if not (isinstance(limit_ms, (int, float)) and not isinstance(limit_ms, bool)
             and math.isfinite(limit_ms) and limit_ms > 0):
-        raise BadRequest(f"limit_ms must be a positive number of milliseconds, got {limit_ms!r}",
+        raise InvalidArgument(f"limit_ms must be a positive number of milliseconds, got {limit_ms!r}",
                          fix="pass the latency limit in ms, e.g. limit_ms=25.0")
     if not (isinstance(confidence, (int, float)) and not isinstance(confidence, bool)
             and 0 < confidence < 1):
-        raise BadRequest(f"confidence must lie strictly between 0 and 1, got {confidence!r}",
+        raise InvalidArgument(f"confidence must lie strictly between 0 and 1, got {confidence!r}",
                          fix="pass e.g. confidence=0.99")
     return float(limit_ms), float(confidence)
 

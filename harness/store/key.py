@@ -42,6 +42,12 @@ def digest(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
+def device_fingerprint(identity: Mapping[str, Any]) -> str:
+    """The cache key's device part: the digest of a device's identity (hardware, OS, runtime
+    versions, and the unit where it has one)."""
+    return digest(dict(identity))
+
+
 def model_of(identity: Mapping[str, Any]) -> Dict[str, Any]:
     """A device identity without its unit (a board's host key, a phone's serial): the same
     for every unit of one model."""

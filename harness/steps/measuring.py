@@ -1,0 +1,71 @@
+"""Steps 3-5 of a profiler's measurement, given what they use (the export step, the cache,
+the key scope, the counters, the request): what harness.steps.batch runs for each sample,
+and `one` for a model outside the space (a module, a model file)."""
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from devices.agent_result import AgentResult
+from harness.export.graph import ExportedModel
+from harness.export.model_file import Precision
+from harness.pool.device_pool import DevicePool, MeasureRequest
+from harness.steps.counters import Counters
+from harness.steps.export_step import SampleExport
+from harness.steps.key_scope import KeyScope
+from harness.store.cache import Cache
+from harness.store.key import canonical_json
+from harness.store.measurement import Measurement
+
+
+class MeasurementSteps:
+    """Steps 3-5 of a measurement under one request (harness.steps.batch.Answering): `export`
+    a sample, the `cached` measurement of a graph (on any unit the key scope answers from),
+    and `store` a device's result under the device that measured it."""
+
+    def __init__(self, export: SampleExport, cache: Cache, scope: Callable[[], KeyScope],
+                 counters: Counters,
+                 isolation: str, refresh: bool, request: MeasureRequest):
+        self.export, self.cache, self.scope, self.counters = export, cache, scope, counters
+        self.isolation, self.refresh, self.request = isolation, refresh, request
+
+    def for_request(self, request: MeasureRequest) -> "MeasurementSteps":
+        return MeasurementSteps(self.export, self.cache, self.scope, self.counters,
+                                self.isolation, self.refresh, request)
+
+    def cached(self, graph: Optional[str], input_sig: Optional[str] = None) -> Optional[Measurement]:
+        """Step 4: the newest stored measurement that answers the request, if any."""
+        if graph is None or self.refresh:
+            return None
+        for key in self.scope().lookup_keys(graph, input_sig=input_sig,
+                                            settings_key=self.request.settings_key):
+            cached = self.cache.get(key)  # one not as precise as asked is measured again
+            if cached is not None and self.request.accepts(cached):
+                self.counters.add(cache_hits=1)
+                return cached
+        return None
+
+    def store(self, result: AgentResult, exported: ExportedModel,
+              signature: Optional[List[Dict[str, Any]]] = None) -> Measurement:
+        """Step 5's end: the result as a Measurement, stored under the device that measured."""
+        signature = signature or self.export.signature
+        measured = Measurement.from_result(
+            result, exported.graph_hash, signature, export_ms=exported.export_ms,
+            model_sha256=exported.sha256, model_bytes=len(exported.onnx_bytes),
+            isolation=self.isolation)
+        key = self.scope().key_of(result, exported.graph_hash, input_sig=canonical_json(signature),
+                                  settings_key=self.request.settings_key)
+        if key.device_fp != self.scope().device_fp:  # in a pool, devices of a kind may differ
+            self.cache.put_device(key.device_fp, dict(result.facts.identity))
+        self.cache.put(key, measured)
+        self.counters.add(measurements=1, device_s=measured.device_s,  # and the fixed loop's
+                          fixed_loop_s=measured.fixed_loop_device_s)
+        return measured
+
+    def one(self, exported: ExportedModel, signature: List[Dict[str, Any]],
+            shapes: Mapping[str, List[int]], pool: DevicePool, precision: Precision) -> Measurement:
+        """Steps 4-5 for one model outside the space: the cache, else the device (converted
+        to the profiler's precision), stored."""
+        cached = self.cached(exported.graph_hash, canonical_json(signature))
+        if cached is not None:
+            return cached
+        exported = precision.convert(exported, shapes)
+        return self.store(pool.measure(exported, self.request), exported, signature)
+
