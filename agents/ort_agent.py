@@ -12,7 +12,8 @@ Three commands, each answering in JSON on stdout:
     ort_agent.py worker                                                  persistent worker
 
 The worker reads one JSON request per line on stdin and answers one JSON object per line on
-stdout ({"op": "measure" | "fingerprint" | "ping" | "exit", "id": ..., ...}); it opens no
+stdout ({"op": "measure" | "rounds" | "fingerprint" | "ping" | "exit", "id": ..., ...};
+"rounds" times several models in interleaved rounds beside a reference); it opens no
 socket and exits when stdin closes, so a dropped host connection leaves no process behind.
 
 Every failure is a JSON object too: {"error": {"kind": KIND, "message": TEXT}} with KIND one of
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import platform
+import random
 import stat
 import shutil
 import statistics
@@ -61,6 +63,13 @@ DEFAULT_SETTINGS = {
     "profile_runs": 20,        # how many profiled runs per_op medians are taken over
     "precision": "fp32",       # what the host converted the model to (recorded, keyed)
     "calibration": None,       # int8-static: where its calibration inputs came from
+    # interleaved rounds (op "rounds"): how many rounds at most (max_time_ms bounds them
+    # too), how long a block of one model's runs lasts at least, and how much device time
+    # may pass between two blocks of the reference model
+    "protocol": "loop",        # the host's: "loop" (one model at a time) or "rounds"
+    "rounds": 30,
+    "block_ms": 20.0,
+    "ref_gap_ms": 100.0,
 }
 
 # Precisions the host converts models to before sending them (the agent only records it).
@@ -72,6 +81,7 @@ PROFILE_WARMUP_RUNS = 3  # profiled runs dropped before the medians (caches, all
 # `confidence`, spent over the looks) excludes limit_ms, or else as "ci" does. Every rule
 # stops at max_time_ms, and the two adaptive ones never stop on drifting runs.
 STOP_RULES = ("fixed", "ci", "limit")
+PROTOCOLS = ("loop", "rounds")
 MODE_DEFAULTS = {"fixed": {"min_runs": 50, "min_time_ms": 1000.0},
                  "ci": {"min_runs": 10, "min_time_ms": 0.0},
                  "limit": {"min_runs": 10, "min_time_ms": 0.0}}
@@ -320,6 +330,18 @@ def parse_settings(raw):
     if settings["calibration"] is not None and not isinstance(settings["calibration"], str):
         raise AgentError("USER", "calibration must be a text label, got %r"
                          % (settings["calibration"],))
+    if settings["protocol"] not in PROTOCOLS:
+        raise AgentError("USER", "setting protocol must be one of %s, got %r"
+                         % (", ".join(PROTOCOLS), settings["protocol"]))
+    rounds = settings["rounds"]
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or not 1 <= rounds <= 100000:
+        raise AgentError("USER", "setting rounds must be a whole number from 1 to 100000, got %r"
+                         % (rounds,))
+    for key in ("block_ms", "ref_gap_ms"):
+        value = settings[key]
+        if not _finite_number(value) or not 0 < value <= 60000:
+            raise AgentError("USER", "setting %s must be a number of ms above 0 and at most "
+                             "60000, got %r" % (key, value))
     cpus = settings["cpu_affinity"]
     if cpus is not None and (not isinstance(cpus, list) or not cpus
                              or not all(isinstance(c, int) and c >= 0 for c in cpus)):
@@ -827,9 +849,9 @@ def timed_loop(run, settings, clock=time.perf_counter):
     return samples, elapsed, report
 
 
-def _measure(model, sha256=None, settings=None):
-    settings = parse_settings(settings)
-    check_model_file(model, sha256)
+def _prepare(settings):
+    """onnxruntime with the requested provider, and the process pinned as asked: (ort, what
+    was controlled)."""
     ort = import_onnxruntime()
     if settings["provider"] not in ort.get_available_providers():
         raise AgentError("USER", "execution provider %s is not available here; available: %s"
@@ -844,6 +866,13 @@ def _measure(model, sha256=None, settings=None):
         except (OSError, ValueError) as exc:
             raise AgentError("USER", "cannot pin to CPUs %r: %s" % (settings["cpu_affinity"], exc))
     controlled["affinity"] = _affinity()
+    return ort, controlled
+
+
+def _measure(model, sha256=None, settings=None):
+    settings = parse_settings(settings)
+    check_model_file(model, sha256)
+    ort, controlled = _prepare(settings)
     thermal_before = thermal_zones()
 
     memory = MemoryWatch()
@@ -897,6 +926,156 @@ def _measure(model, sha256=None, settings=None):
     }
 
 
+# ---------------------------------------------------------------- interleaved rounds
+
+class _Loaded(object):
+    """One model of a rounds request, loaded, run once and warmed up."""
+
+    def __init__(self, ort, name, path, sha256, settings):
+        self.name, self.path = name, path
+        check_model_file(path, sha256)
+        started = time.perf_counter()
+        self.session = _session(ort, path, session_options(ort, settings), settings)
+        self.load_ms = (time.perf_counter() - started) * 1e3
+        self.feeds, self.inputs = make_inputs(self.session, settings)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        try:
+            started = time.perf_counter()
+            self.run()
+            self.first_run_ms = (time.perf_counter() - started) * 1e3
+            started = time.perf_counter()
+            for _ in range(settings["warmup_runs"]):
+                self.run()
+            self.warmup_ms = (time.perf_counter() - started) * 1e3
+            probe = []
+            for _ in range(3):  # a block of k runs lasts at least block_ms
+                started = time.perf_counter()
+                self.run()
+                probe.append(time.perf_counter() - started)
+        except Exception as exc:
+            raise AgentError("RUNTIME", "inference failed: %s" % _one_line(exc))
+        self.run_s = max(min(probe), 1e-6)
+        self.k = int(min(max(math.ceil(settings["block_ms"] / 1e3 / self.run_s), 1), 1000))
+        self.blocks = []  # [round, position, sequence number, [ms of each timed run]]
+
+    def run(self):
+        self.session.run(self.outputs, self.feeds)
+
+    def block(self, round_index, position, sequence, clock):
+        """One block: a discarded run, then k timed runs; its length (s)."""
+        started = clock()
+        self.run()
+        times = []
+        for _ in range(self.k):
+            begun = clock()
+            self.run()
+            times.append(round((clock() - begun) * 1e3, 6))
+        self.blocks.append([round_index, position, sequence, times])
+        return clock() - started
+
+
+def round_order(names, seed, round_index):
+    """The candidates' order in one round: a fresh shuffle, reproducible from the seed."""
+    order = list(names)
+    random.Random(seed * 1000003 + round_index).shuffle(order)
+    return order
+
+
+def measure_rounds(models, reference, settings=None, lock=None, lock_wait_s=600.0):
+    """Load every model of `models` ({name: {"model": path, "sha256": hex}}) and the
+    `reference` ({"model": path, "sha256": hex}), then time them in interleaved rounds: each
+    round runs every candidate's block once in a fresh seeded random order, with a block of
+    the reference before the first candidate and again whenever ref_gap_ms of device time
+    would otherwise pass, and at the round's end. Rounds run until `rounds` are done or
+    max_time_ms is spent (a round is never cut short). A candidate that fails to load or run
+    is that candidate's error; the others go on. With `lock`, holds the device's lock."""
+    with DeviceLock(lock, lock_wait_s):
+        return _measure_rounds(models, reference, settings)
+
+
+def _measure_rounds(models, reference, settings):
+    settings = parse_settings(settings)
+    if not isinstance(models, dict) or not models or not all(
+            isinstance(entry, dict) for entry in models.values()):
+        raise AgentError("USER", "models must map names to {model, sha256} objects")
+    if not isinstance(reference, dict):
+        raise AgentError("USER", "a rounds request needs a reference {model, sha256}")
+    ort, controlled = _prepare(settings)
+    thermal_before = thermal_zones()
+    memory = MemoryWatch()
+    memory.start()
+    try:
+        ref = _Loaded(ort, "reference", reference.get("model"), reference.get("sha256"), settings)
+    except AgentError as exc:
+        raise AgentError(exc.kind, "the reference model failed: %s" % exc.message)
+    loaded, errors = {}, {}
+    for name in sorted(models):
+        entry = models[name]
+        try:
+            loaded[name] = _Loaded(ort, name, entry.get("model"), entry.get("sha256"), settings)
+        except AgentError as exc:
+            errors[name] = exc.to_json()["error"]
+    memory.end("load")
+    clock = time.perf_counter
+    gap_s = settings["ref_gap_ms"] / 1e3
+    sequence, completed, failed = 0, 0, {}
+    memory.start()
+    loop_start = clock()
+    for round_index in range(settings["rounds"]):
+        order = [name for name in round_order(sorted(loaded), settings["seed"], round_index)
+                 if name not in failed]
+        sequence += 1
+        since_ref = 0.0
+        ref.block(round_index, -1, sequence, clock)
+        for position, name in enumerate(order):
+            sequence += 1
+            try:
+                since_ref += loaded[name].block(round_index, position, sequence, clock)
+            except Exception as exc:
+                failed[name] = AgentError("RUNTIME", "inference failed in round %d: %s"
+                                          % (round_index, _one_line(exc))).to_json()["error"]
+                continue
+            upcoming = loaded[order[position + 1]].run_s * (loaded[order[position + 1]].k + 1) \
+                if position + 1 < len(order) else None
+            if upcoming is None or since_ref + upcoming > gap_s:
+                sequence += 1
+                ref.block(round_index, position, sequence, clock)
+                since_ref = 0.0
+        completed = round_index + 1
+        if clock() - loop_start >= settings["max_time_ms"] / 1e3:
+            break
+    loop_s = clock() - loop_start
+    memory.end("run")
+    errors.update(failed)
+    common = {"agent_version": AGENT_VERSION, "settings": settings, "controlled": controlled,
+              "runtime": {"name": "onnxruntime", "version": ort.__version__,
+                          "provider": settings["provider"]},
+              "thermal_before": thermal_before, "thermal_after": thermal_zones(),
+              "fingerprint": fingerprint(), "memory": memory.report(reference.get("model")),
+              "loop_ms": loop_s * 1e3, "capped": completed < settings["rounds"]}
+    candidates_ms = sum(ms for model in loaded.values() for block in model.blocks
+                        for ms in block[3])
+    results = {}
+    for name, model in loaded.items():
+        if name in failed:
+            continue
+        result = dict(common)
+        result.update({
+            "load_ms": model.load_ms, "first_run_ms": model.first_run_ms,
+            "warmup_runs": settings["warmup_runs"], "warmup_ms": model.warmup_ms,
+            "samples_ms": [ms for block in model.blocks for ms in block[3]],
+            "inputs": model.inputs,
+            "stop": {"rule": "rounds", "reason": "rounds" if completed == settings["rounds"]
+                     else "max_time", "looks": completed},
+            "rounds": {"completed": completed, "k": model.k, "reference_k": ref.k,
+                       "blocks": model.blocks, "reference_blocks": ref.blocks,
+                       "seed": settings["seed"], "ref_gap_ms": settings["ref_gap_ms"],
+                       "candidates": len(loaded), "candidates_ms": candidates_ms}})
+        results[name] = result
+    return {"results": results, "errors": errors, "rounds": completed,
+            "agent_version": AGENT_VERSION}
+
+
 def _session(ort, model, options, settings):
     """An InferenceSession on the requested provider (with its options); LOAD names why not."""
     providers = [settings["provider"]]
@@ -926,12 +1105,17 @@ def handle(request):
         if op == "measure":
             result = measure(request.get("model"), request.get("sha256"), request.get("settings"),
                              request.get("lock"), float(request.get("lock_wait_s", 600.0)))
+        elif op == "rounds":
+            result = measure_rounds(request.get("models"), request.get("reference"),
+                                    request.get("settings"), request.get("lock"),
+                                    float(request.get("lock_wait_s", 600.0)))
         elif op == "fingerprint":
             result = fingerprint()
         elif op == "ping":
             result = {"pong": True, "agent_version": AGENT_VERSION, "pid": os.getpid()}
         else:
-            raise AgentError("USER", "unknown op %r; ops: measure, fingerprint, ping, exit" % (op,))
+            raise AgentError("USER", "unknown op %r; ops: measure, rounds, fingerprint, ping, exit"
+                             % (op,))
     except AgentError as exc:
         result = exc.to_json()
     except Exception as exc:  # an agent bug must still answer in JSON

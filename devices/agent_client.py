@@ -90,6 +90,12 @@ class DeviceClient(Protocol):
                 sha256: Optional[str] = None) -> AgentResult:
         """Put the model on the device and time it there."""
 
+    def measure_rounds(self, models: Mapping[str, Tuple[str, str]], reference: Tuple[str, str],
+                       settings: Mapping[str, Any], deadline: float
+                       ) -> Tuple[Dict[str, AgentResult], Dict[str, DeviceError]]:
+        """Time models ({name: (path, sha256)}) together in interleaved rounds beside the
+        reference (path, sha256): each one's result, and each one's own error."""
+
     def close(self) -> None:
         """Stop what runs on the device for us and release the connection."""
 
@@ -148,6 +154,42 @@ class AgentClient:
         result = AgentResult.parse(answer, self.device, AGENT_VERSION, self._transport_facts())
         report = control.finish(prepared)
         return result if report is None else dataclasses.replace(result, control=report)
+
+    def measure_rounds(self, models: Mapping[str, Tuple[str, str]], reference: Tuple[str, str],
+                       settings: Mapping[str, Any], deadline: float
+                       ) -> Tuple[Dict[str, AgentResult], Dict[str, DeviceError]]:
+        """Put every model ({name: (path, sha256)}) and the reference on the device and time
+        them there in interleaved rounds (agents.ort_agent.measure_rounds): each model's
+        result, and each model's own error (a model that failed to load or run). A failure
+        of the reference or of the device is raised: no result of the window is kept."""
+        remote = {name: {"model": self._put(path, f"models/{sha}.onnx", force=False),
+                         "sha256": sha} for name, (path, sha) in models.items()}
+        reference_remote = {"model": self._put(reference[0], f"models/{reference[1]}.onnx",
+                                               force=False), "sha256": reference[1]}
+        control = self.transport.control
+        request = {"op": "rounds", "models": remote, "reference": reference_remote,
+                   "settings": dict(settings), "lock": control.lock_path,
+                   "lock_wait_s": max(deadline - time.monotonic() - 1.0, 0.0)}
+        prepared = control.prepare(deadline)
+        answer = self._call(request, deadline)  # an error of the window is raised there
+        results, errors = answer.get("results"), answer.get("errors")
+        if not isinstance(results, dict) or not isinstance(errors, dict) or \
+                set(results) | set(errors) != set(models):
+            raise AgentProtocolError("the agent's rounds answer does not account for every "
+                                     "model it was sent", device=self.device)
+        report = control.finish(prepared)
+        parsed = {}
+        for name, result in results.items():
+            if not isinstance(result, dict):
+                raise AgentProtocolError(f"the rounds result of {name} is not an object",
+                                         device=self.device)
+            one = AgentResult.parse(result, self.device, AGENT_VERSION, self._transport_facts())
+            if one.rounds is None:
+                raise AgentProtocolError(f"the rounds result of {name} has no rounds",
+                                         device=self.device)
+            parsed[name] = one if report is None else dataclasses.replace(one, control=report)
+        return parsed, {name: error_from_agent(error, self.device)
+                        for name, error in errors.items()}
 
     def close(self) -> None:
         """Stop the worker (politely, then by force) and close the transport."""

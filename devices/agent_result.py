@@ -203,6 +203,63 @@ class MemoryUse:
         return max(peak - self.baseline_rss_mb, 0.0)
 
 
+Block = Tuple[int, int, int, Tuple[float, ...]]  # round, position, sequence number, runs (ms)
+
+
+def _blocks(value: object, what: str) -> Tuple[Block, ...]:
+    """Blocks of an interleaved window, checked; ValueError names what is wrong."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"rounds.{what} is not a non-empty list of blocks")
+    blocks = []
+    for block in value:
+        if not (isinstance(block, list) and len(block) == 4
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in block[:3])
+                and isinstance(block[3], list) and block[3] and all(is_ms(s) for s in block[3])):
+            raise ValueError(f"rounds.{what} holds a block that is not [round, position, "
+                             f"sequence, [runs in ms]]")
+        blocks.append((block[0], block[1], block[2], tuple(float(s) for s in block[3])))
+    return tuple(blocks)
+
+
+@dataclass(frozen=True)
+class RoundsRecord:
+    """How a model was timed in interleaved rounds (agents.ort_agent.measure_rounds): its
+    blocks and the reference model's blocks of the same window, each tagged with its round,
+    its position in the round and its place in the window's sequence."""
+
+    completed: int                        # rounds run in full
+    k: int                                # timed runs per block of this model
+    reference_k: int
+    blocks: Tuple[Block, ...]
+    reference_blocks: Tuple[Block, ...]
+    candidates: int                       # models timed in the window
+    seed: int
+    candidates_ms: float = 0.0            # the timed runs of every candidate of the window
+
+    @classmethod
+    def from_dict(cls, data: object) -> "RoundsRecord":
+        if not isinstance(data, dict):
+            raise ValueError("rounds is not an object")
+        counts = [data.get(key) for key in ("completed", "k", "reference_k", "candidates", "seed")]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+            raise ValueError("rounds' completed, k, reference_k, candidates or seed is not a "
+                             "whole number")
+        candidates_ms = data.get("candidates_ms", 0.0)
+        if not is_ms(candidates_ms):
+            raise ValueError("rounds.candidates_ms is not a time in ms")
+        return cls(counts[0], counts[1], counts[2], _blocks(data.get("blocks"), "blocks"),
+                   _blocks(data.get("reference_blocks"), "reference_blocks"), counts[3],
+                   counts[4], float(candidates_ms))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"completed": self.completed, "k": self.k, "reference_k": self.reference_k,
+                "blocks": [[r, p, s, list(runs)] for r, p, s, runs in self.blocks],
+                "reference_blocks": [[r, p, s, list(runs)] for r, p, s, runs in
+                                     self.reference_blocks],
+                "candidates": self.candidates, "seed": self.seed,
+                "candidates_ms": self.candidates_ms}
+
+
 @dataclass(frozen=True)
 class AgentResult:
     """One measurement as the device reported it: every raw per-run time (ms) and how it was
@@ -231,6 +288,7 @@ class AgentResult:
     stop: Mapping[str, Any] = field(default_factory=dict)  # how the timed loop stopped
     memory: Optional[MemoryUse] = None
     ops: Optional[OpProfile] = None  # with settings per_op
+    rounds: Optional[RoundsRecord] = None  # timed in interleaved rounds beside a reference
 
     @classmethod
     def parse(cls, answer: Mapping[str, Any], device: str, expected_version: str,
@@ -257,8 +315,10 @@ class AgentResult:
         warmup_ms = answer.get("warmup_ms")
         if warmup_ms is not None and not is_ms(warmup_ms):
             problems.append("warmup_ms is not a time in ms")
-        memory = ops = None
+        memory = ops = rounds = None
         try:
+            if answer.get("rounds") is not None:
+                rounds = RoundsRecord.from_dict(answer["rounds"])
             if isinstance(answer.get("memory"), dict) and answer["memory"].get("available"):
                 memory = MemoryUse.from_dict(answer["memory"])
             elif isinstance(answer.get("memory"), dict) and "model_bytes" in answer["memory"]:
@@ -284,7 +344,7 @@ class AgentResult:
                    controlled=_dict(answer.get("controlled")),
                    thermal_before=tuple(_list(answer.get("thermal_before"))),
                    thermal_after=tuple(_list(answer.get("thermal_after"))),
-                   stop=_dict(answer.get("stop")), memory=memory, ops=ops)
+                   stop=_dict(answer.get("stop")), memory=memory, ops=ops, rounds=rounds)
 
 
 def _int_or_none(value: object) -> Optional[int]:

@@ -22,11 +22,12 @@ import posixpath
 import re
 import secrets
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from devices.line_channel import file_sha256
 from devices.agent_result import AgentResult, DeviceFacts, is_ms
-from devices.errors import AgentProtocolError, BadRequest, InferenceError, LoadError
+from devices.errors import (AgentProtocolError, BadRequest, DeviceError, InferenceError,
+                            LoadError)
 from devices.transport import Transport
 
 OPT_LEVEL_FLAGS = {"disabled": "0", "basic": "1", "extended": "2", "all": "99"}
@@ -112,6 +113,14 @@ class PerfTestClient:
                                    "perf_test_sha256": self._binary_sha},
                                   **self.transport.fingerprint())
         return DeviceFacts(identity=self._identity, state={})
+
+    def measure_rounds(self, models: Mapping[str, Tuple[str, str]], reference: Tuple[str, str],
+                       settings: Mapping[str, Any], deadline: float
+                       ) -> Tuple[Dict[str, AgentResult], Dict[str, DeviceError]]:
+        """onnxruntime_perf_test times one model per invocation: no interleaved rounds."""
+        raise BadRequest(f"{self.device} is measured by onnxruntime_perf_test, which times one "
+                         "model at a time: it cannot run interleaved rounds", device=self.device,
+                         fix="use protocol='loop' (the default) on this device")
 
     def measure(self, model_path: str, settings: Mapping[str, Any], deadline: float,
                 sha256: Optional[str] = None) -> AgentResult:

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from agents.ort_agent import AGENT_VERSION, AgentError, parse_settings, timed_loop
 from devices.agent_result import AgentResult, DeviceFacts
-from devices.errors import BadRequest, DeviceLost, MeasurementTimeout
+from devices.errors import BadRequest, DeviceError, DeviceLost, MeasurementTimeout
 
 DOWN_FOLDER = "sim-down"
 JOURNAL_FOLDER = "sim-journal"
@@ -150,6 +150,12 @@ class SimulatedClient:
             "fingerprint": {"identity": self._identity(), "state": {}},
         }
         return AgentResult.parse(answer, self.name, AGENT_VERSION)
+
+    def measure_rounds(self, models: Mapping[str, Tuple[str, str]], reference: Tuple[str, str],
+                       settings: Mapping[str, Any], deadline: float
+                       ) -> Tuple[Dict[str, AgentResult], Dict[str, DeviceError]]:
+        raise BadRequest(f"simulated device {self.name} times one model at a time",
+                         device=self.name, fix="use protocol 'loop' on it")
 
     def close(self) -> None:
         """Nothing runs anywhere for a simulated device."""

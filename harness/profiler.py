@@ -20,28 +20,28 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 import torch
 
 from devices.errors import DeviceLost
-from harness.errors import InvalidArgument
-from harness.export.graph import (DummyInput, export_module, exported_space_fingerprint,
-                                  input_signature)
+from harness.export.graph import (DummyInput, export_module,
+                                  exported_space_fingerprint, input_signature)
 from harness.export.model_file import (ModelFile, ModelFilesOnly, ModelSource, NoSamples,
                                        Precision, load_model)
 from harness.metrics.profiler_base import Profiler
 from harness.paths import default_cache_path, harness_home
 from harness.pool.device_pool import DeviceIdentity, DevicePool, MeasureRequest
 from harness.pool.pools import open_pool
-from harness.spaces.space import (ModelSpace, SampleValidator, checked_search_space,
-                                  values_by_sample)
+from harness.spaces.space import ModelSpace, SampleValidator, checked_search_space
 from harness.steps.batch import answer_all
 from harness.steps.counters import Counters
 from harness.steps.decider import LimitDecider
 from harness.steps.export_step import SampleExport
 from harness.steps.fallback import Fallback, PredictionFallback
 from harness.steps.key_scope import KeyScope
-from harness.steps.measuring import MeasurementSteps
+from harness.steps.measuring import MeasurementSteps, check_statistic
+from harness.steps.reference import Reference
+from harness.steps.rounds import answer_in_rounds
 from harness.store.cache import Cache
 from harness.store.decisions import Decision, check_limit
 from harness.store.key import MeasurementKey, canonical_json
-from harness.store.measurement import STATISTICS, Measurement
+from harness.store.measurement import Measurement
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class LatencyProfiler(Profiler):
     Store and fallback: `cache` (a Cache, a path, None: $HARNESS_HOME/cache.sqlite), `refresh`
         (measure again; old results are kept), `fallback` (a harness.steps.fallback.Fallback,
         or its mode "error", "nn-meter", "model" with `predictor` and `offline`).
+    `reference`: the model file timed beside the candidates with settings protocol "rounds"
+        (default: a fixed subnet of the built-in space; harness.steps.reference).
     """
 
     def __init__(self, space: Optional[ModelSpace], dummy_input: Optional[DummyInput],
@@ -72,9 +74,8 @@ class LatencyProfiler(Profiler):
                  max_strikes: int = 3, quarantine_s: float = 60.0, farm: Optional[str] = None,
                  cache: Union[Cache, str, Path, None] = None, refresh: bool = False,
                  home: Union[str, Path, None] = None, fallback: Union[str, Fallback] = "error",
-                 predictor: Union[str, Path, None] = None, offline: bool = False):
-        if statistic not in STATISTICS:
-            raise InvalidArgument(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+                 predictor: Union[str, Path, None] = None, offline: bool = False,
+                 reference: Union[str, Path, bytes, None] = None):
         config = fallback if isinstance(fallback, Fallback) else \
             Fallback(fallback, predictor, offline, quarantine_s)
         models_only = space is None or dummy_input is None  # measure_model only
@@ -86,6 +87,7 @@ class LatencyProfiler(Profiler):
         self.request = MeasureRequest.checked(dict(settings or {}, **self.precision.settings()),
                                               timeout_s)
         self.settings, self.settings_key = self.request.settings, self.request.settings_key
+        check_statistic(statistic, self.settings)
         self._validate = NoSamples() if models_only else SampleValidator(checked_search_space(space))
         self.dummy_input = dummy_input
         self.input_signature = input_signature(dummy_input)
@@ -107,6 +109,7 @@ class LatencyProfiler(Profiler):
             space, dummy_input, cache=self.cache, scope=self.key_scope,
             base_scope=self._base_scope, export=self.export, request=self.request,
             counters=self.counters, device=device, devices=self.pool.devices or [device])
+        self.reference = Reference(dummy_input, self.home, reference)  # for protocol "rounds"
         self.fallback = PredictionFallback(
             config, space=space, dummy_input=dummy_input, device=device,
             devices=self.pool.devices, home=self.home, cache=self.cache,
@@ -154,8 +157,13 @@ class LatencyProfiler(Profiler):
         results: List[Optional[Measurement]] = [                        # steps 3 and 4
             steps.cached(self.export.indexed(sample)) for sample in canonical]
         try:                                                            # steps 3-5, the rest
-            answer_all(canonical, results, steps, pool=self.pool, request=steps.request,
-                       what=f"profiling on {self.device}", progress=progress)
+            if steps.request.settings["protocol"] == "rounds":  # together, beside a reference
+                answer_in_rounds(canonical, results, steps, pool=self.pool, request=steps.request,
+                                 reference=self.reference, what=f"profiling on {self.device}",
+                                 progress=progress)
+            else:  # one model after another
+                answer_all(canonical, results, steps, pool=self.pool, request=steps.request,
+                           what=f"profiling on {self.device}", progress=progress)
         except DeviceLost as exc:  # what the lost device left unanswered falls back
             results = [r or self.fallback.answer(s, exc) for r, s in zip(results, canonical)]
         self._memo.update((tuple(sample.values()), result.statistic(self.statistic))
@@ -187,10 +195,8 @@ class LatencyProfiler(Profiler):
     def measure_module(self, module: torch.nn.Module, dummy_input: DummyInput) -> Measurement:
         """Latency of any module (a block of a lookup table, say) on this profiler's device,
         through the same cache, keyed by its own graph hash and input shapes."""
-        signature = input_signature(dummy_input)
-        shapes = {f"input{i}": item["shape"] for i, item in enumerate(signature)}
-        return self.steps.one(export_module(module.eval(), dummy_input), signature, shapes,
-                              self.pool, self.precision)
+        return self.steps.one(export_module(module.eval(), dummy_input),
+                              input_signature(dummy_input), None, self.pool, self.precision)
 
     def measure_model(self, model: Union[ModelSource, ModelFile],
                       input_shapes: Optional[Mapping[str, List[int]]] = None,
@@ -222,12 +228,9 @@ class LatencyProfiler(Profiler):
                     identity.fingerprint, identity.agent_version, identity.model,
                     self.cache.units_of_model(identity.fingerprint, identity.model)
                     if self.device.startswith("kind:") else None)
-                if not self.steps.refresh and self.request.settings["stop"] == "fixed":
-                    for unit in reversed(self._scope.units):  # the session's own unit wins
-                        self._memo.update(values_by_sample(self.cache.statistics_by_sample(
-                            self.space_fingerprint, self._base_scope.input_sig,
-                            self.settings_key, unit, identity.agent_version, self.statistic),
-                            self._validate.labels))
+                if self.request.settings["stop"] == "fixed":
+                    self._memo.update(self.steps.stored_statistics(
+                        self._scope, self.statistic, self._validate.labels))
             return self._scope
 
     def cache_key(self, graph: str) -> MeasurementKey:
@@ -242,9 +245,3 @@ class LatencyProfiler(Profiler):
     def close(self) -> None:
         """Stop the agents on the devices and release temporary files."""
         self.pool.close()
-
-    def __enter__(self) -> "LatencyProfiler":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -13,3 +13,12 @@ class Profiler(ABC):
     @abstractmethod
     def profile(self, sample: Mapping[str, Any]) -> float:
         """The metric of one sample."""
+
+    def close(self) -> None:
+        """Release what the profiler holds (devices, files); nothing by default."""
+
+    def __enter__(self) -> "Profiler":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

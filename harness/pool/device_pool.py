@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import (Any, Callable, Deque, Dict, Generic, Iterable, Iterator, List, Mapping,
-                    Optional, Protocol, Set, Tuple, TypeVar)
+                    Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union)
 
 from agents.ort_agent import AgentError, parse_settings
 from devices.agent_client import DeviceClient
@@ -45,6 +45,8 @@ OTHERS_POLL_S = 0.05   # how often it looks whether they let go
 FAILOVER_ERRORS = (DeviceLost, MeasurementTimeout, ThermalError, AgentProtocolError)
 
 Tag = TypeVar("Tag")
+T = TypeVar("T")
+W = TypeVar("W")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class MeasureRequest:
         result answers a +-2% request, not the reverse)."""
         if self.settings.get("per_op") and cached.ops is None:
             return False  # per-operator times asked, and the stored result has none
+        if self.settings["protocol"] == "rounds" and cached.rounds is None:
+            return False  # interleaved rounds asked, and it was timed one model at a time
         return self.settings["stop"] != "ci" or \
             cached.relative_half_width <= self.settings["rel_ci"]
 
@@ -151,6 +155,11 @@ class DevicePool(Protocol):
         """Measure a stream of models on every device of the pool, in the order they finish.
         `jobs` is consumed lazily, ahead of the devices (exporting is the iterator's work)."""
 
+    def measure_rounds(self, models: Sequence[ExportedModel], reference: ExportedModel,
+                       request: MeasureRequest) -> Dict[str, Union[AgentResult, Exception]]:
+        """Time models together in interleaved rounds beside a reference, on one device:
+        {graph hash: its result, or its own error}."""
+
     def close(self) -> None:
         """Stop the agents on the devices and release temporary files."""
 
@@ -203,6 +212,19 @@ class LocalPool:
         raise errors[-1]
 
     def measure(self, exported: ExportedModel, request: MeasureRequest) -> AgentResult:
+        return self._failing_over(lambda lease: self._measure_leased(lease, exported, request))
+
+    def measure_rounds(self, models: Sequence[ExportedModel], reference: ExportedModel,
+                       request: MeasureRequest) -> Dict[str, Union[AgentResult, Exception]]:
+        """Time `models` together in interleaved rounds beside `reference` on one free device
+        (agents.ort_agent.measure_rounds): {graph hash: its result or its own error}. A lost
+        device's window is discarded whole and measured again on another device."""
+        return self._failing_over(lambda lease: self._rounds_leased(lease, models, reference,
+                                                                   request))
+
+    def _failing_over(self, work: Callable[[DeviceLease], T]) -> T:
+        """`work` under the lease of a free device, failing over to another when one is
+        lost; DeviceLost when none is left."""
         tried: List[str] = []
         while True:
             candidates = [d for d in self.health.available() if d not in tried]
@@ -213,7 +235,7 @@ class LocalPool:
             lease = self._lease_one(candidates)
             try:
                 with lease:
-                    return self._measure_leased(lease, exported, request)
+                    return work(lease)
             except FAILOVER_ERRORS as exc:
                 tried.append(lease.device)
                 if len(tried) >= len(self.devices):
@@ -242,22 +264,51 @@ class LocalPool:
 
     def _measure_leased(self, lease: DeviceLease, exported: ExportedModel,
                         request: MeasureRequest) -> AgentResult:
-        """Measure on the leased device and release it before this pool's waiting jobs are
-        told it is free; strikes and clears its health."""
+        """One model on the leased device (unless it was answered meanwhile)."""
+
+        def work(client: DeviceClient, deadline: float, paths: List[Path]) -> AgentResult:
+            if request.still_needed is not None and not request.still_needed(exported.graph_hash):
+                raise AnsweredMeanwhile(exported.graph_hash)
+            return client.measure(str(paths[0]), request.settings, deadline=deadline,
+                                  sha256=exported.sha256)
+
+        result, window = self._leased(lease, [exported], request, work)
+        return replace(result, lease=window)
+
+    def _rounds_leased(self, lease: DeviceLease, models: Sequence[ExportedModel],
+                       reference: ExportedModel, request: MeasureRequest
+                       ) -> Dict[str, Union[AgentResult, Exception]]:
+        """A window of interleaved rounds on the leased device."""
+
+        def work(client: DeviceClient, deadline: float, paths: List[Path]
+                 ) -> Dict[str, Union[AgentResult, Exception]]:
+            named = {m.graph_hash: (str(path), m.sha256) for m, path in zip(models, paths)}
+            results, errors = client.measure_rounds(named, (str(paths[-1]), reference.sha256),
+                                                    request.settings, deadline)
+            return {**results, **errors}
+
+        answers, window = self._leased(lease, [*models, reference], request, work)
+        return {graph: replace(answer, lease=window) if isinstance(answer, AgentResult)
+                else answer for graph, answer in answers.items()}
+
+    def _leased(self, lease: DeviceLease, exported: Sequence[ExportedModel],
+                request: MeasureRequest,
+                work: Callable[[DeviceClient, float, List[Path]], W]) -> Tuple[W, Tuple[float, float]]:
+        """`work` on the leased device's client with the models staged as files, and the
+        wall-clock window it took; the lease is released before this pool's waiting jobs are
+        told the device is free. Strikes and clears the device's health."""
         name = lease.device
-        path = Path(self._staging.name) / f"{exported.sha256}.{threading.get_ident()}.onnx"
+        paths = [Path(self._staging.name) / f"{e.sha256}.{threading.get_ident()}.onnx"
+                 for e in exported]
         with self._freed:
             self._busy.add(name)
         try:
-            if request.still_needed is not None and not request.still_needed(exported.graph_hash):
-                raise AnsweredMeanwhile(exported.graph_hash)
-            path.write_bytes(exported.onnx_bytes)
+            for model, path in zip(exported, paths):
+                path.write_bytes(model.onnx_bytes)
             leased_at = time.time()
-            result = self.client(name).measure(str(path), request.settings,
-                                               deadline=lease.deadline(request.timeout_s),
-                                               sha256=exported.sha256)
+            result = work(self.client(name), lease.deadline(request.timeout_s), paths)
             self.health.ok(name)
-            return replace(result, lease=(leased_at, time.time()))
+            return result, (leased_at, time.time())
         except FAILOVER_ERRORS as exc:
             self.health.strike(name, exc)
             raise
@@ -266,7 +317,8 @@ class LocalPool:
             with self._freed:
                 self._busy.discard(name)
                 self._freed.notify_all()
-            path.unlink(missing_ok=True)
+            for path in paths:
+                path.unlink(missing_ok=True)
 
     def _lease_one(self, candidates: List[str]) -> DeviceLease:
         """A held lease on one of `candidates`. This pool's own jobs take turns without

@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import (Any, Callable, Deque, Dict, Generic, Iterable, Iterator, List, Optional,
-                    Tuple)
+                    Sequence, Tuple, Union)
 
 from devices.agent_result import AgentResult
 from devices.errors import DeviceError, DeviceLost, MeasurementTimeout, error_from_agent
@@ -430,6 +430,14 @@ class RayPool:
 
     def measure(self, exported: ExportedModel, request: MeasureRequest) -> AgentResult:
         return next(iter(self.measure_many([(None, exported)], request))).unwrap()
+
+    def measure_rounds(self, models: Sequence[ExportedModel], reference: ExportedModel,
+                       request: MeasureRequest) -> Dict[str, Union[AgentResult, Exception]]:
+        """A farm schedules one model per job: interleaved rounds run on this host's devices."""
+        raise InvalidArgument(f"the farm's {self.name} measures one model per job; interleaved "
+                              "rounds run on the devices of this host only",
+                              fix="profile with protocol 'loop' on a farm, or register the "
+                                  "device on this host")
 
     def measure_many(self, jobs: Iterable[Tuple[Tag, ExportedModel]],
                      request: MeasureRequest) -> Iterator[PoolOutcome[Tag]]:

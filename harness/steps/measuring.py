@@ -1,18 +1,30 @@
 """Steps 3-5 of a profiler's measurement, given what they use (the export step, the cache,
 the key scope, the counters, the request): what harness.steps.batch runs for each sample,
 and `one` for a model outside the space (a module, a model file)."""
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from devices.agent_result import AgentResult
 from harness.export.graph import ExportedModel
 from harness.export.model_file import Precision
 from harness.pool.device_pool import DevicePool, MeasureRequest
+from harness.spaces.space import values_by_sample
 from harness.steps.counters import Counters
 from harness.steps.export_step import SampleExport
 from harness.steps.key_scope import KeyScope
 from harness.store.cache import Cache
 from harness.store.key import canonical_json
-from harness.store.measurement import Measurement
+from harness.errors import InvalidArgument
+from harness.store.measurement import STATISTICS, Measurement
+
+
+def check_statistic(statistic: str, settings: Mapping[str, Any]) -> None:
+    """A statistic a profiler can answer with under these settings; InvalidArgument if not
+    ("quiet" and "ratio" need interleaved rounds)."""
+    if statistic not in STATISTICS:
+        raise InvalidArgument(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if statistic in ("quiet", "ratio") and settings["protocol"] != "rounds":
+        raise InvalidArgument(f"the {statistic} statistic needs interleaved rounds",
+                              fix="pass settings={'protocol': 'rounds'} (--protocol rounds)")
 
 
 class MeasurementSteps:
@@ -29,6 +41,19 @@ class MeasurementSteps:
     def for_request(self, request: MeasureRequest) -> "MeasurementSteps":
         return MeasurementSteps(self.export, self.cache, self.scope, self.counters,
                                 self.isolation, self.refresh, request)
+
+    def stored_statistics(self, scope: KeyScope, statistic: str, labels: Sequence[str]
+                          ) -> Dict[tuple, float]:
+        """{sample values in label order: statistic} of every sample of the space whose
+        newest measurement on `scope`'s units answers a loop request (none for rounds)."""
+        known: Dict[tuple, float] = {}
+        if self.refresh or self.request.settings["protocol"] != "loop":
+            return known
+        for unit in reversed(scope.units):  # the session's own unit wins
+            known.update(values_by_sample(self.cache.statistics_by_sample(
+                scope.space_fingerprint, scope.input_sig, self.request.settings_key, unit,
+                scope.agent_version, statistic), labels))
+        return known
 
     def cached(self, graph: Optional[str], input_sig: Optional[str] = None) -> Optional[Measurement]:
         """Step 4: the newest stored measurement that answers the request, if any."""
@@ -60,9 +85,11 @@ class MeasurementSteps:
         return measured
 
     def one(self, exported: ExportedModel, signature: List[Dict[str, Any]],
-            shapes: Mapping[str, List[int]], pool: DevicePool, precision: Precision) -> Measurement:
+            shapes: Optional[Mapping[str, List[int]]], pool: DevicePool,
+            precision: Precision) -> Measurement:
         """Steps 4-5 for one model outside the space: the cache, else the device (converted
-        to the profiler's precision), stored."""
+        to the profiler's precision; `shapes`: its inputs', else the signature's), stored."""
+        shapes = shapes or {f"input{i}": item["shape"] for i, item in enumerate(signature)}
         cached = self.cached(exported.graph_hash, canonical_json(signature))
         if cached is not None:
             return cached

@@ -228,17 +228,22 @@ class Cache:
         agent: one query that lets a profiler answer a whole resumed sweep from memory."""
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        column = statistic if statistic not in ("quiet", "ratio") else "record"
         one = "AND s.sample = ? " if sample is not None else ""
         rows = self._query(
             "read measurements",
-            f"SELECT s.sample, m.{statistic} FROM samples s JOIN measurements m "
+            f"SELECT s.sample, m.{column} FROM samples s JOIN measurements m "
             "ON m.graph_hash = s.graph_hash AND m.input_sig = s.input_sig "
             f"WHERE s.space_fp = ? AND s.input_sig = ? {one}AND m.settings_key = ? "
             "AND m.device_fp = ? AND m.agent_version = ? ORDER BY m.rowid",
             (space_fp, input_sig, *((sample,) if sample is not None else ()), settings_key,
              device_fp, agent_version))
         # Stored last wins. A sample key that is not a JSON object (a damaged row) is left
-        # out: callers parse the keys.
+        # out: callers parse the keys. A statistic of interleaved rounds is read from the
+        # record, and a sample whose newest measurement has none is left out.
+        if column == "record":
+            rows = [(text, self._decode(record)) for text, record in rows]
+            rows = [(text, m.statistic(statistic)) for text, m in rows if m.interleaved]
         return {text: value for text, value in rows if is_json_object(text)}
 
     def get(self, key: MeasurementKey) -> Optional[Measurement]:
@@ -276,8 +281,8 @@ class Cache:
     def _insert(conn: sqlite3.Connection, uid: str, key: MeasurementKey,
                 measurement: Measurement) -> int:
         record = measurement.to_dict()
-        for derived in ("stats", "flags"):
-            record.pop(derived)
+        for derived in ("stats", "flags", "interleaved"):
+            record.pop(derived, None)
         cursor = conn.execute(
             "INSERT OR IGNORE INTO measurements VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (uid, *key.values(), measurement.device, measurement.median, measurement.mean,

@@ -15,8 +15,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from agents.ort_agent import median_interval
-from devices.agent_result import (AgentResult, MemoryUse, OpProfile, hottest_zone_c,
-                                  pinned_text)
+from devices.agent_result import (AgentResult, MemoryUse, OpProfile, RoundsRecord,
+                                  hottest_zone_c, pinned_text)
+from harness.store.rounds import RoundsSummary, summarise
 
 SOURCES = ("measured", "cached", "predicted")
 
@@ -26,7 +27,9 @@ UNSTABLE_CV = 0.10
 UNSTABLE_IQR_RATIO = 0.10
 FEW_SAMPLES = 10
 
-STATISTICS = ("median", "mean", "p90", "p99", "min", "max")
+# "quiet" and "ratio" need a measurement made in interleaved rounds (harness.store.rounds):
+# the quiet-state latency, and the ratio to the reference model timed beside it
+STATISTICS = ("median", "mean", "p90", "p99", "min", "max", "quiet", "ratio")
 
 
 def fixed_loop_estimate_s(median_ms: float, device_s: float, loop_ms: float) -> float:
@@ -101,6 +104,7 @@ class Measurement:
     created_at: float = field(default_factory=time.time)
     memory: Optional[MemoryUse] = None  # the agent's resident memory around the runs
     ops: Optional[OpProfile] = None     # per-operator profile (measured with per_op)
+    rounds: Optional[RoundsRecord] = None  # its window of interleaved rounds, if timed so
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -116,6 +120,8 @@ class Measurement:
             object.__setattr__(self, "memory", MemoryUse.from_dict(self.memory))
         if isinstance(self.ops, Mapping):
             object.__setattr__(self, "ops", OpProfile.from_dict(self.ops))
+        if isinstance(self.rounds, Mapping):
+            object.__setattr__(self, "rounds", RoundsRecord.from_dict(dict(self.rounds)))
 
     @classmethod
     def from_result(cls, result: AgentResult, graph_hash: str,
@@ -151,7 +157,7 @@ class Measurement:
                    settings=dict(result.settings),
                    device_fingerprint=dict(result.facts.identity),
                    agent_version=result.agent_version, provenance=provenance,
-                   memory=result.memory, ops=result.ops)
+                   memory=result.memory, ops=result.ops, rounds=result.rounds)
 
     # ------------------------------------------------------------ statistics
 
@@ -254,15 +260,34 @@ class Measurement:
 
     @property
     def device_s(self) -> float:
-        """Device time this measurement took: the time its device was leased (0 for a
-        prediction)."""
+        """Device time this measurement took: the time its device was leased (in a window of
+        interleaved rounds, its share of the window; 0 for a prediction)."""
         lease = self.provenance.lease
-        return float(lease[1] - lease[0]) if lease else 0.0
+        shared_by = max(self.rounds.candidates, 1) if self.rounds is not None else 1
+        return float(lease[1] - lease[0]) / shared_by if lease else 0.0
+
+    @cached_property
+    def interleaved(self) -> Optional[RoundsSummary]:
+        """Its figures from interleaved rounds (ratio to the reference, quiet-state latency;
+        harness.store.rounds), or None when it was timed one model at a time."""
+        return summarise(self.rounds) if self.rounds is not None else None
+
+    @property
+    def protocol(self) -> str:
+        """How it was timed: "rounds" (interleaved, beside a reference) or "loop" (one
+        model after another: a number that may move with the device's load)."""
+        return "rounds" if self.rounds is not None else "loop"
 
     def statistic(self, name: str) -> float:
         """One of STATISTICS by name (what `LatencyProfiler(statistic=...)` reports)."""
         if name not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {name!r}")
+        if name in ("quiet", "ratio"):
+            summary = self.interleaved
+            if summary is None:
+                raise ValueError(f"the {name} statistic needs a measurement in interleaved "
+                                 f"rounds; this one was timed one model at a time")
+            return summary.quiet_ms if name == "quiet" else summary.ratio
         return getattr(self, name)
 
     # ------------------------------------------------------------ quality
@@ -271,10 +296,15 @@ class Measurement:
     def flags(self) -> Tuple[str, ...]:
         """Why this result should be read with care; empty when it is sound."""
         flags: List[str] = []
-        if self.cv >= UNSTABLE_CV:
-            flags.append("unstable: cv >= 10%")
-        if self.median > 0 and self.iqr / self.median >= UNSTABLE_IQR_RATIO:
-            flags.append("unstable: iqr/median >= 0.1")
+        if self.interleaved is not None:  # the ratio's interval says it, not the raw spread
+            flags.extend(self.interleaved.noisy_reasons)
+        elif self.rounds is not None:
+            flags.append("noisy: every block was dropped for a change of speed around it")
+        else:
+            if self.cv >= UNSTABLE_CV:
+                flags.append("unstable: cv >= 10%")
+            if self.median > 0 and self.iqr / self.median >= UNSTABLE_IQR_RATIO:
+                flags.append("unstable: iqr/median >= 0.1")
         if self.n < FEW_SAMPLES and self.source != "predicted":
             flags.append(f"few samples: {self.n}")
         if self.source == "predicted" and not self.provenance.calibration:
@@ -301,12 +331,16 @@ class Measurement:
         data["provenance"] = self.provenance.to_dict()
         data["memory"] = None if self.memory is None else dataclasses.asdict(self.memory)
         data["ops"] = None if self.ops is None else dataclasses.asdict(self.ops)
+        data["rounds"] = None if self.rounds is None else self.rounds.to_dict()
         data["samples_ms"] = list(self.samples_ms)
         data["input_signature"] = list(self.input_signature)
         data["stats"] = {"n": self.n, "median": self.median, "mean": self.mean,
                          "p90": self.p90, "p99": self.p99, "iqr": self.iqr, "cv": self.cv,
                          "min": self.min, "max": self.max}
         data["flags"] = list(self.flags)
+        if self.interleaved is not None:
+            data["stats"].update(quiet=self.interleaved.quiet_ms, ratio=self.interleaved.ratio)
+            data["interleaved"] = self.interleaved.to_dict()
         return data
 
     @classmethod

@@ -1,0 +1,63 @@
+"""The reference model a device times beside its candidates in interleaved rounds.
+
+By default a fixed subnet of the built-in ProxylessNAS-style space (the middle choice of
+every label) at the candidates' input size, so that it runs the same kinds of kernels as
+the candidates and lasts about as long; a user names another model file instead (its
+inputs static, or sized by the request). Exported once per profiler.
+"""
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from harness.errors import InvalidArgument
+from harness.export.graph import DummyInput, ExportedModel, export_sample
+from harness.export.model_file import load_model
+from harness.spaces.builtin import ProxylessSpace
+
+
+class Reference:
+    """The reference of one profiler, exported when first asked for and kept."""
+
+    def __init__(self, dummy_input: DummyInput, home: Path,
+                 reference: Union[str, Path, bytes, None] = None):
+        self.dummy_input, self.home, self.file = dummy_input, home, reference
+        self._exported: Optional[ExportedModel] = None
+
+    def __call__(self) -> ExportedModel:
+        if self._exported is None:
+            self._exported = reference_model(self.dummy_input, self.home, self.file)
+        return self._exported
+
+
+def reference_model(dummy_input: DummyInput, home: Path,
+                    reference: Union[str, Path, bytes, None] = None) -> ExportedModel:
+    """The reference for candidates fed `dummy_input`: the model file `reference`, or the
+    built-in space's fixed subnet at the same image size."""
+    if reference is not None:
+        loaded = load_model(reference)
+        loaded.resolved_shapes(None)  # a reference needs static inputs: refused otherwise
+        return loaded.exported()
+    shape = _image_shape(dummy_input)
+    if shape is None:
+        raise InvalidArgument("the default reference model takes one image input of shape "
+                              "(N, 3, H, H); these candidates take another input",
+                              fix="name a reference model of your own: reference=PATH.onnx "
+                                  "(harness profile --reference PATH.onnx)")
+    space = ProxylessSpace(input_size=shape[2])
+    sample = {label: choices[len(choices) // 2]
+              for label, choices in space.search_space().items()}
+    return export_sample(space, sample, torch.zeros(shape), home=home)
+
+
+def _image_shape(dummy_input: DummyInput) -> Optional[tuple]:
+    if isinstance(dummy_input, (tuple, list)):
+        if len(dummy_input) != 1:
+            return None
+        dummy_input = dummy_input[0]
+    if not isinstance(dummy_input, torch.Tensor):
+        return None
+    shape = tuple(dummy_input.shape)
+    if len(shape) != 4 or shape[1] != 3 or shape[2] != shape[3] or shape[2] < 8:
+        return None
+    return shape

@@ -1,0 +1,78 @@
+"""Steps 3-5 for a batch measured in interleaved rounds (the "rounds" protocol).
+
+Where harness.steps.batch measures one model after another, this sends a device its
+candidates together: every pending sample is exported and looked up first (each
+architecture once, twins answered with its result), the rest is cut into windows that fit
+the device's memory, and each window is timed in interleaved rounds beside the reference
+model (agents.ort_agent.measure_rounds; harness.store.rounds reads the ratios). A model that
+fails is that model's error; a window whose device is lost fails over whole to another device
+(nothing of it is stored); when no device is left, DeviceLost reaches the caller, whose
+fallback answers what is still open.
+"""
+from typing import Any, Callable, List, Optional, Sequence
+
+from devices.errors import AgentProtocolError, DeviceLost
+from harness.export.graph import ExportedModel
+from harness.pool.device_pool import DevicePool, MeasureRequest
+from harness.spaces.space import Sample
+from harness.steps.batch import Answering, ArchitectureBatch
+
+# A loaded model takes about this many times its file's size on the device (weights, the
+# runtime's arena, the inputs and outputs); a window holds at most WINDOW_BUDGET_BYTES of it.
+MEMORY_FACTOR = 4
+WINDOW_BUDGET_BYTES = 512 * 2 ** 20
+MAX_WINDOW_MODELS = 48
+
+
+def windows(models: Sequence[ExportedModel], budget_bytes: int = WINDOW_BUDGET_BYTES,
+            max_models: int = MAX_WINDOW_MODELS) -> List[List[ExportedModel]]:
+    """`models` cut, in order, into windows whose loaded size stays within the budget (a
+    model larger than the budget alone) and that hold at most `max_models` each."""
+    cut: List[List[ExportedModel]] = []
+    size = 0
+    for model in models:
+        need = MEMORY_FACTOR * len(model.onnx_bytes)
+        if not cut or size + need > budget_bytes or len(cut[-1]) >= max_models:
+            cut.append([])
+            size = 0
+        cut[-1].append(model)
+        size += need
+    return cut
+
+
+def answer_in_rounds(samples: Sequence[Sample], results: List[Optional[Any]], steps: Answering,
+                     *, pool: DevicePool, request: MeasureRequest,
+                     reference: Callable[[], ExportedModel], what: str,
+                     progress: Optional[bool], budget_bytes: int = WINDOW_BUDGET_BYTES) -> None:
+    """Fill every None of `results` by windows of interleaved rounds (see the module
+    docstring). The first failure is raised once every other sample is answered."""
+    if all(result is not None for result in results):
+        return
+    with ArchitectureBatch(results, what, progress) as batch:
+        pending: List[ExportedModel] = []
+        for index in batch.pending():
+            try:
+                exported = steps.export(samples[index])
+                answered = steps.cached(exported.graph_hash)
+            except Exception as exc:  # a broken subnet fails alone
+                batch.fail(index, exc)
+                continue
+            if batch.needs_measuring(index, exported.graph_hash, answered):
+                pending.append(exported)
+        for window in windows(pending, budget_bytes):
+            try:
+                answers = pool.measure_rounds(window, reference(), request)
+            except DeviceLost:
+                raise
+            except Exception as exc:  # the window's own fault (its reference, its request)
+                answers = {model.graph_hash: exc for model in window}
+            for model in window:
+                answer: Any = answers.get(model.graph_hash) or AgentProtocolError(
+                    f"the device did not answer for {model.graph_hash[:12]}")
+                if not isinstance(answer, Exception):
+                    try:
+                        answer = steps.store(answer, model)
+                    except Exception as exc:
+                        answer = exc
+                batch.answer(model.graph_hash, answer)
+    batch.raise_first_error()

@@ -1,0 +1,146 @@
+"""What a window of interleaved rounds says about one model: its latency as a ratio to the
+reference model timed beside it, and its quiet-state latency.
+
+A window (agents.ort_agent.measure_rounds) times every candidate's block once per round in
+a fresh random order, with reference blocks before, between and after them. The device's
+speed changes (other tenants, frequency, heat), but it changes alike for a candidate and for
+the reference blocks next to it in time, so the ratio of the two holds still where the raw
+times do not:
+
+- each block is summarised by a statistic of its k runs: the minimum by default (within a
+  short block it is the run least disturbed by others), or the median;
+- a candidate block's ratio is its statistic over the mean of the statistics of its two
+  nearest reference blocks (the one before and the one after it); when those two differ by
+  more than `speed_change`, the device changed speed between them and the block is dropped
+  (counted, not hidden);
+- the candidate's ratio is the median of its blocks' ratios over the rounds, with the
+  order-statistic 95% interval of that median (distribution-free);
+- the reference level is a low quantile of the reference blocks' statistics (the device's
+  speed when least disturbed); the quiet-state latency is ratio x level.
+The reference's spread across the window is the device's noise level, reported beside.
+"""
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from agents.ort_agent import median_interval
+from devices.agent_result import Block, RoundsRecord
+
+BLOCK_STATISTICS = ("min", "median")
+SPEED_CHANGE = 0.10     # reference blocks around a candidate this far apart: dropped
+LEVEL_QUANTILE = 0.10   # the reference level: this quantile of its block statistics
+NOISY_DROPPED = 0.25    # flagged noisy when more of the blocks than this were dropped
+NOISY_INTERVAL = 0.02   # ... or when the ratio's interval is wider than +-2%
+
+
+def block_statistic(runs: Sequence[float], statistic: str = "min") -> float:
+    """The statistic of one block's runs."""
+    if statistic == "min":
+        return min(runs)
+    ordered = sorted(runs)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile of values (linear between order statistics)."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True)
+class RoundsSummary:
+    """One model's figures from a window of interleaved rounds (see the module docstring)."""
+
+    ratio: float                          # median over rounds of block / nearest references
+    ratio_interval: Tuple[float, float]   # its 95% interval
+    reference_level_ms: float             # a low quantile of the reference blocks
+    quiet_ms: float                       # ratio x reference level
+    quiet_interval_ms: Tuple[float, float]
+    rounds: int                           # blocks that gave a ratio
+    dropped: int                          # blocks dropped for a speed change around them
+    noise: float                          # the reference blocks' coefficient of variation
+    reference_share: float                # the reference's share of the window's timed runs
+    block_statistic: str
+    few_rounds: bool = False              # too few for a 95% interval: it is their range
+
+    @property
+    def relative_half_width(self) -> float:
+        """Half the ratio's interval over the ratio (0.01: +-1%)."""
+        low, high = self.ratio_interval
+        return (high - low) / 2 / self.ratio if self.ratio > 0 else math.inf
+
+    @property
+    def noisy_reasons(self) -> List[str]:
+        """Why the window was noisy for this model; empty when it was not."""
+        reasons = []
+        if self.few_rounds:
+            reasons.append(f"few rounds: {self.rounds} give no 95% interval of the ratio "
+                           "(6 do)")
+        total = self.rounds + self.dropped
+        if total and self.dropped / total > NOISY_DROPPED:
+            reasons.append(f"noisy: {self.dropped} of {total} blocks dropped for a change of "
+                           "speed around them")
+        if self.relative_half_width > NOISY_INTERVAL:
+            reasons.append(f"noisy: the ratio to the reference is known to "
+                           f"+-{self.relative_half_width:.1%} only")
+        return reasons
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def summarise(record: RoundsRecord, statistic: str = "min", speed_change: float = SPEED_CHANGE,
+              level_ms: Optional[float] = None, confidence: float = 0.95
+              ) -> Optional[RoundsSummary]:
+    """The model's figures from its window; `level_ms`: a reference level known from a longer
+    history (else this window's). None when no block gave a ratio."""
+    references = sorted(record.reference_blocks, key=lambda block: block[2])
+    ref_values = [block_statistic(block[3], statistic) for block in references]
+    ratios, dropped = [], 0
+    for block in record.blocks:
+        around = _nearest(references, ref_values, block)
+        if around is None:
+            dropped += 1
+            continue
+        before, after = around
+        mean = (before + after) / 2
+        if mean <= 0 or abs(before - after) / mean > speed_change:
+            dropped += 1
+            continue
+        ratios.append(block_statistic(block[3], statistic) / mean)
+    if not ratios:
+        return None
+    ordered = sorted(ratios)
+    ratio = block_statistic(ordered, "median")
+    # too few rounds for an interval at this confidence: the whole range, flagged as such
+    low, high = median_interval(ordered, confidence) or (ordered[0], ordered[-1])
+    few = median_interval(ordered, confidence) is None
+    level = level_ms if level_ms is not None else quantile(ref_values, LEVEL_QUANTILE)
+    mean_ref = sum(ref_values) / len(ref_values)
+    spread = math.sqrt(sum((v - mean_ref) ** 2 for v in ref_values) / len(ref_values))
+    ref_ms = sum(sum(block[3]) for block in references)
+    window_ms = ref_ms + record.candidates_ms
+    return RoundsSummary(
+        ratio=ratio, ratio_interval=(low, high), reference_level_ms=level,
+        quiet_ms=ratio * level, quiet_interval_ms=(low * level, high * level),
+        rounds=len(ratios), dropped=dropped, noise=spread / mean_ref if mean_ref else 0.0,
+        reference_share=ref_ms / window_ms if window_ms else 0.0, block_statistic=statistic,
+        few_rounds=few)
+
+
+def _nearest(references: List[Block], values: List[float], block: Block
+             ) -> Optional[Tuple[float, float]]:
+    """The statistics of the reference blocks just before and just after `block` in the
+    window's sequence, or None when it lacks one on either side."""
+    before = after = None
+    for reference, value in zip(references, values):
+        if reference[2] < block[2]:
+            before = value
+        elif reference[2] > block[2]:
+            after = value
+            break
+    return None if before is None or after is None else (before, after)

@@ -1,0 +1,198 @@
+"""Interleaved rounds: the agent's schedule, the ratio arithmetic, and the protocol through a
+profiler on this machine (real agent, real onnxruntime, real SQLite)."""
+import math
+
+import pytest
+import torch
+
+from agents import ort_agent
+from devices.agent_result import RoundsRecord
+from harness import LatencyProfiler, random_samples
+from harness.errors import InvalidArgument
+from harness.export.graph import export_sample
+from harness.spaces import TinySpace
+from harness.steps.rounds import MEMORY_FACTOR, windows
+from harness.store.rounds import quantile, summarise
+
+FAST = {"protocol": "rounds", "rounds": 6, "block_ms": 2.0, "ref_gap_ms": 6.0,
+        "warmup_runs": 2}
+
+
+def tiny_models(tmp_path, count, seed=0):
+    """`count` TinySpace subnets as files: {name: {"model": path, "sha256": hex}}."""
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    models = {}
+    for index, sample in enumerate(random_samples(space, count, seed=seed)):
+        exported = export_sample(space, sample, dummy, home=tmp_path)
+        path = tmp_path / f"m{index}.onnx"
+        path.write_bytes(exported.onnx_bytes)
+        models[f"m{index}"] = {"model": str(path), "sha256": exported.sha256}
+    return models
+
+
+def test_round_order_is_a_fresh_seeded_shuffle_each_round():
+    names = [f"m{i}" for i in range(12)]
+    orders = [ort_agent.round_order(names, seed=7, round_index=r) for r in range(5)]
+    assert all(sorted(order) == sorted(names) for order in orders)
+    assert len({tuple(order) for order in orders}) > 1  # fresh each round
+    assert orders == [ort_agent.round_order(names, 7, r) for r in range(5)]  # reproducible
+    assert orders != [ort_agent.round_order(names, 8, r) for r in range(5)]
+
+
+def test_the_agent_tags_every_block_and_brackets_each_candidate_with_references(tmp_path):
+    models = tiny_models(tmp_path, 4)
+    reference = models.pop("m0")
+    answer = ort_agent.handle({"op": "rounds", "models": models, "reference": reference,
+                               "settings": dict(FAST, seed=3)})
+    assert answer["errors"] == {} and set(answer["results"]) == {"m1", "m2", "m3"}
+    first = answer["results"]["m1"]["rounds"]
+    references = first["reference_blocks"]
+    for name, result in answer["results"].items():
+        record = RoundsRecord.from_dict(result["rounds"])
+        assert record.completed == FAST["rounds"] == len(record.blocks)
+        assert [block[0] for block in record.blocks] == list(range(FAST["rounds"]))
+        assert all(len(block[3]) == record.k for block in record.blocks)
+        assert result["samples_ms"] == [ms for block in record.blocks for ms in block[3]]
+        for round_index, position, sequence, _ in record.blocks:
+            around = [b[2] for b in references if b[0] == round_index]
+            assert min(around) < sequence < max(around)  # a reference on either side
+            order = ort_agent.round_order(["m1", "m2", "m3"], 3, round_index)
+            assert order[position] == name  # the position is its place in the seeded order
+    sequences = sorted([b[2] for b in references] + [
+        b[2] for r in answer["results"].values() for b in r["rounds"]["blocks"]])
+    assert sequences == list(range(1, len(sequences) + 1))  # one sequence, no gaps
+
+
+def test_a_candidate_that_fails_is_its_own_error_and_a_bad_reference_fails_the_window(tmp_path):
+    models = tiny_models(tmp_path, 3)
+    reference = models.pop("m0")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    models["broken"] = {"model": str(broken), "sha256": None}
+    answer = ort_agent.handle({"op": "rounds", "models": models, "reference": reference,
+                               "settings": FAST})
+    assert set(answer["results"]) == {"m1", "m2"}
+    assert answer["errors"]["broken"]["kind"] == "LOAD"
+    failed = ort_agent.handle({"op": "rounds", "models": models,
+                               "reference": {"model": str(broken)}, "settings": FAST})
+    assert failed["error"]["kind"] == "LOAD" and "reference" in failed["error"]["message"]
+
+
+@pytest.mark.parametrize("setting, value", [("rounds", 0), ("rounds", 1.5), ("block_ms", 0),
+                                            ("block_ms", math.nan), ("ref_gap_ms", -1),
+                                            ("protocol", "sideways")])
+def test_round_settings_out_of_range_are_refused_naming_the_setting(setting, value):
+    with pytest.raises(InvalidArgument, match=setting):
+        LatencyProfiler(TinySpace(), torch.randn(1, 3, 32, 32), settings={setting: value})
+
+
+def record(candidate, references, k=3):
+    """A window with one candidate block per round between two reference blocks."""
+    blocks, refs, sequence = [], [], 0
+    for round_index, (value, (before, after)) in enumerate(zip(candidate, references)):
+        refs.append([round_index, -1, sequence + 1, [before] * k])
+        blocks.append([round_index, 0, sequence + 2, [value, value * 1.5, value * 2][:k]])
+        refs.append([round_index, 0, sequence + 3, [after] * k])
+        sequence += 3
+    return RoundsRecord.from_dict({"completed": len(candidate), "k": k, "reference_k": k,
+                                   "blocks": blocks, "reference_blocks": refs,
+                                   "candidates": 1, "seed": 0,
+                                   "candidates_ms": sum(sum(b[3]) for b in blocks)})
+
+
+def test_the_ratio_is_the_median_of_block_minima_over_their_nearest_references():
+    # the device slows down 2x halfway: raw times double, the ratio to the reference holds
+    candidate = [5.0, 5.0, 5.0, 10.0, 10.0, 10.0]
+    references = [(10.0, 10.0)] * 3 + [(20.0, 20.0)] * 3
+    summary = summarise(record(candidate, references))
+    assert summary.ratio == pytest.approx(0.5)
+    assert summary.ratio_interval == (pytest.approx(0.5), pytest.approx(0.5))
+    assert summary.reference_level_ms == pytest.approx(quantile([10.0] * 6 + [20.0] * 6, 0.1))
+    assert summary.quiet_ms == pytest.approx(0.5 * summary.reference_level_ms)
+    assert summary.rounds == 6 and summary.dropped == 0
+    reference_ms = 3 * 2 * 3 * 10.0 + 3 * 2 * 3 * 20.0  # rounds x blocks x runs x ms
+    candidate_ms = 4.5 * (3 * 5.0 + 3 * 10.0)            # each block's runs: v, 1.5v, 2v
+    assert summary.reference_share == pytest.approx(reference_ms / (reference_ms + candidate_ms))
+    assert summarise(record(candidate, references), level_ms=8.0).quiet_ms == pytest.approx(4.0)
+
+
+def test_a_block_whose_references_disagree_is_dropped_and_counted():
+    candidate = [5.0, 5.0, 7.0, 5.0]
+    references = [(10.0, 10.0), (10.0, 10.0), (10.0, 14.0), (10.0, 10.0)]  # speed changed
+    summary = summarise(record(candidate, references))
+    assert summary.rounds == 3 and summary.dropped == 1 and summary.ratio == pytest.approx(0.5)
+    assert summarise(record([5.0], [(10.0, 14.0)])) is None  # nothing left to say
+
+
+def test_windows_respect_the_memory_budget_and_keep_the_order(tmp_path):
+    class Model:
+        def __init__(self, size):
+            self.onnx_bytes = b"x" * size
+
+    models = [Model(size) for size in (10, 20, 30, 40, 500, 5)]
+    cut = windows(models, budget_bytes=MEMORY_FACTOR * 60, max_models=3)
+    assert [[len(m.onnx_bytes) for m in w] for w in cut] == [[10, 20, 30], [40], [500], [5]]
+    assert [m for w in cut for m in w] == models
+
+
+def test_a_profiler_measures_a_batch_in_rounds_and_serves_it_from_the_cache(tmp_path):
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    samples = random_samples(space, 5, seed=1)
+    settings = dict(FAST, cpu_affinity=[0])
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=settings,
+                         statistic="quiet") as profiler:
+        measured = profiler.measure_many(samples + samples[:1], progress=False)
+        assert [m.source for m in measured[:5]].count("measured") == len(
+            {m.graph_hash for m in measured[:5]})
+        assert measured[5].source == "cached"  # a twin of the first sample
+        for m in measured:
+            assert m.protocol == "rounds" and m.interleaved is not None
+            assert m.statistic("quiet") == m.interleaved.quiet_ms > 0
+            assert m.rounds.reference_blocks and m.device_s > 0
+        assert profiler.profile(samples[0]) == pytest.approx(measured[0].interleaved.quiet_ms)
+        # the window's device time is shared by its candidates
+        assert profiler.counters["device_s"] == pytest.approx(
+            sum(m.device_s for m in measured if m.source == "measured"))
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=settings,
+                         statistic="quiet") as again:
+        cached = again.measure_many(samples, progress=False)
+        assert {m.source for m in cached} == {"cached"}
+        assert [m.interleaved.quiet_ms for m in cached] == [
+            m.interleaved.quiet_ms for m in measured[:5]]
+
+
+def test_a_loop_measurement_answers_a_loop_request_and_is_measured_again_for_rounds(tmp_path):
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    sample = random_samples(space, 1, seed=2)[0]
+    loop = {"min_runs": 5, "min_time_ms": 0.0, "warmup_runs": 1}
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=loop) as profiler:
+        first = profiler.measure(sample)
+        assert first.protocol == "loop" and first.interleaved is None
+        with pytest.raises(ValueError, match="interleaved rounds"):
+            first.statistic("quiet")
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as rounds:
+        again = rounds.measure(sample)
+        assert again.source == "measured" and again.protocol == "rounds"
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=loop) as profiler:
+        assert profiler.measure(sample).source == "cached"  # the newest answers a loop request
+
+
+def test_quiet_needs_rounds_and_a_bad_reference_stores_nothing(tmp_path):
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    with pytest.raises(InvalidArgument, match="interleaved rounds"):
+        LatencyProfiler(space, dummy, home=tmp_path, statistic="quiet")
+    broken = tmp_path / "reference.onnx"
+    broken.write_bytes(b"\x08\x07garbage")
+    with pytest.raises(Exception) as refused:
+        with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST,
+                             reference=broken) as profiler:
+            profiler.measure_many(random_samples(space, 2, seed=5), progress=False)
+    assert "reference" in str(refused.value) or str(broken) in str(refused.value)
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as profiler:
+        assert profiler.cache.measurement_counts().get("measurements", 0) == 0
+
+
+def test_the_default_reference_needs_an_image_input(tmp_path):
+    from harness.steps.reference import reference_model
+    with pytest.raises(InvalidArgument, match="reference"):
+        reference_model(torch.randn(1, 16), tmp_path)
