@@ -265,7 +265,7 @@ def test_nni_darts_with_our_penalty_moves_the_space_towards_cheaper_choices():
     from nni.nas.space import RawFormatModelSpace
     from nni.nas.strategy import DARTS
 
-    from harness import nni_oneshot
+    from harness.search import nni_oneshot
 
     space, x = StagedNet(), torch.randn(1, 3, 8, 8)
     flops = FlopsProfiler(space, x)
@@ -297,7 +297,7 @@ def test_nni_darts_with_our_penalty_moves_the_space_towards_cheaper_choices():
 def test_sample_penalty_and_range_filter_for_nni_strategies():
     from nni.nas.oneshot.pytorch import profiler as nni_profiler
 
-    from harness import nni_oneshot
+    from harness.search import nni_oneshot
 
     space, x = StagedNet(), torch.randn(1, 3, 12, 12)
     flops = FlopsProfiler(space, x)
