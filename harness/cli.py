@@ -562,6 +562,7 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
                          "--offline are for spaces", fix="drop them, or use --space")
     model = load_model(args.model)
     given = dict(_shape(text) for text in args.input_shape)
+    model.check_names(given)
     name = os.path.basename(args.model)
     measured: Measured = []
     for precision in dict.fromkeys(v.precision for v in variants):
