@@ -460,7 +460,8 @@ def _profile(args: argparse.Namespace) -> int:
     started = time.monotonic()
     variants = _variants(args)
     counters: Counter = Counter()  # what the command's profilers counted, added up
-    measured = (_profile_model if args.model else _profile_space)(args, variants, counters)
+    measured, default_variant = (_profile_model if args.model else _profile_space)(
+        args, variants, counters)
     measured.sort(key=lambda item: item[0])  # a subnet's variants side by side
     results = [m for _, _, _, m in measured]
     rows = [output.result_row(index, sample, m, arch) for index, sample, arch, m in measured]
@@ -473,7 +474,8 @@ def _profile(args: argparse.Namespace) -> int:
                "device": args.device, "elapsed_s": round(time.monotonic() - started, 3),
                "device_s": counters.get("device_s", 0.0),
                "measurements": counters.get("measurements", 0),
-               "fixed_loop_s": counters.get("fixed_loop_s", 0.0), "flagged": flagged}
+               "fixed_loop_s": counters.get("fixed_loop_s", 0.0), "flagged": flagged,
+               "input_shapes": list(dict.fromkeys(output.shapes_of(m) for m in results))}
     traces = _write_traces(args, rows, results) if args.ops else []
     if traces:
         summary["traces"] = [str(path) for path in traces]
@@ -486,7 +488,7 @@ def _profile(args: argparse.Namespace) -> int:
                                       for row, m in zip(rows, results)], args.raw)
         return 0
     print(output.render_table(rows, args.statistic,
-                              [m.statistic(args.statistic) for m in results]))
+                              [m.statistic(args.statistic) for m in results], default_variant))
     if args.ops or args.model:
         for row, m, trace in zip(rows, results, traces or [None] * len(results)):
             print(f"\n#{row['index']} {row['arch']} {row['variant']}: {output.render_memory(m)}")
@@ -497,7 +499,8 @@ def _profile(args: argparse.Namespace) -> int:
           f"{summary['results']} results, {summary['architectures']} distinct architectures: "
           f"{summary['measured']} measured, {summary['cached']} from the cache, "
           f"{summary['predicted']} predicted; {summary['exported']} exported; "
-          f"{summary['elapsed_s']:.1f} s on {args.device}")
+          f"{summary['elapsed_s']:.1f} s on {args.device}; input "
+          f"{', '.join(summary['input_shapes']) or '-'}")
     print(f"device time: {summary['device_s']:.1f} s for {summary['measurements']} "
           f"measurements (the fixed loop: about {summary['fixed_loop_s']:.1f} s)")
     if flagged:
@@ -522,11 +525,12 @@ def _profiler(args: argparse.Namespace, space: Any, dummy: Any, variant: _Varian
 
 
 def _profile_space(args: argparse.Namespace, variants: List[_Variant],
-                   counters: Counter) -> Measured:
-    """Every variant of --samples subnets of --space, one profiler per variant."""
+                   counters: Counter) -> Tuple[Measured, Optional[str]]:
+    """Every variant of --samples subnets of --space, one profiler per variant; and the
+    space's default variant (fp32 at its dummy_input()'s shapes)."""
     import torch
 
-    from harness.report.output import describe_sample
+    from harness.report.output import describe_sample, variant_name
 
     space, samples = _sampled(args)
     if args.input_shape:
@@ -535,6 +539,9 @@ def _profile_space(args: argparse.Namespace, variants: List[_Variant],
     quiet = args.json or args.csv
     measured: Measured = []
     base = space.dummy_input()
+    inputs = [base] if isinstance(base, torch.Tensor) else list(base)
+    default = variant_name("fp32", " ".join("x".join(map(str, getattr(t, "shape", ())))
+                                            for t in inputs))
     for variant in variants:
         dummy = base
         if variant.batch is not None or variant.size is not None:
@@ -549,13 +556,15 @@ def _profile_space(args: argparse.Namespace, variants: List[_Variant],
             counters.update(profiler.counters)
         measured += [(i, sample, describe_sample(space, sample), m)
                      for i, (sample, m) in enumerate(zip(samples, results))]
-    return measured
+    return measured, default
 
 
 def _profile_model(args: argparse.Namespace, variants: List[_Variant],
-                   counters: Counter) -> Measured:
-    """Every variant of the --model file, through one profiler per precision."""
+                   counters: Counter) -> Tuple[Measured, Optional[str]]:
+    """Every variant of the --model file, through one profiler per precision; and its default
+    variant (fp32 at its static shapes; None when an axis is dynamic: it has none)."""
     from harness.export.model_file import load_model
+    from harness.report.output import variant_name
 
     if args.samples != 8 or args.seed != 0 or args.fallback != "error" or args.offline:
         raise BadRequest("--model measures one model file: --samples, --seed, --fallback and "
@@ -576,7 +585,9 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
                 measured.append((0, {"model": name}, name,
                                  profiler.measure_model(model, shapes, per_op=args.ops)))
             counters.update(profiler.counters)
-    return measured
+    static = all(isinstance(d, int) for item in model.inputs for d in item.dims)
+    default = variant_name("fp32", " ".join("x".join(map(str, item.dims)) for item in model.inputs))
+    return measured, default if static else None
 
 
 def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],

@@ -2,6 +2,7 @@
 shape errors, the variant in the table and the summary."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +45,35 @@ def test_space_module_in_the_current_folder_is_found_like_python_m(tmp_path, hom
                        home=home, cwd=elsewhere, script=script)
     assert done.returncode != 0
     assert "cannot import module 'myspace'" in done.stderr and str(elsewhere) in done.stderr
+
+
+def _table_header(stdout: str) -> list[str]:
+    return stdout.splitlines()[0].split()
+
+
+def test_the_variant_shows_whenever_it_is_not_the_spaces_default(tmp_path, home):
+    space = ["profile", "--space", "harness.spaces:TinySpace", "--device", "local", "--samples", "1",
+             *FAST_ARGS]
+    default = run_harness(*space, home=home, cwd=tmp_path)
+    assert default.returncode == 0, default.stderr
+    assert "variant" not in _table_header(default.stdout)
+    assert "on local; input 1x3x32x32" in default.stdout
+    for extra, variant in ((["--input-size", "24"], "fp32 1x3x24x24"), (["--batch", "2"], "fp32 2x3x32x32"),
+                           (["--precision", "int8-dynamic"], "int8-dynamic 1x3x32x32")):
+        done = run_harness(*space, *extra, home=home, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "variant" in _table_header(done.stdout), extra
+        assert variant in done.stdout.splitlines()[2], extra
+        assert f"input {variant.split()[-1]}" in done.stdout, extra
+    summary = json.loads(run_harness(*space, "--batch", "2", "--json", home=home, cwd=tmp_path)
+                         .stdout.splitlines()[-1])["summary"]
+    assert summary["input_shapes"] == ["2x3x32x32"]
+
+
+def test_a_model_files_variant_shows_when_its_shape_was_chosen(tmp_path, home, tiny_model):
+    static = run_harness("profile", "--model", str(tiny_model), *FAST_ARGS, home=home, cwd=tmp_path)
+    assert static.returncode == 0, static.stderr
+    assert "variant" not in _table_header(static.stdout) and "input 1x3x32x32" in static.stdout
+    batched = run_harness("profile", "--model", str(tiny_model), "--batch", "2", *FAST_ARGS,
+                          home=home, cwd=tmp_path)
+    assert batched.returncode == 1 and "does not fit" in batched.stderr  # its batch axis is static

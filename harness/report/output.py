@@ -98,17 +98,27 @@ def interval_of(measurement: Measurement) -> Optional[Tuple[float, float]]:
     return (low, high) if math.isfinite(low) and math.isfinite(high) else None
 
 
+def shapes_of(measurement: Measurement) -> str:
+    """The input shapes a result was measured at ('1x3x160x160', inputs apart by spaces)."""
+    return " ".join("x".join(map(str, item.get("shape", []))) for item in measurement.input_signature
+                    if isinstance(item, Mapping))
+
+
+def variant_name(precision: str, shapes: str, provider: Optional[str] = None) -> str:
+    """A variant as the table shows it: the precision, a provider other than the CPU's, and
+    the input shapes ('int8-static 1x3x160x160')."""
+    parts = [precision]
+    if provider and provider != "CPUExecutionProvider":
+        parts.append(provider.replace("ExecutionProvider", ""))
+    return " ".join(parts + ([shapes] if shapes else []))
+
+
 def variant_of(measurement: Measurement) -> str:
     """What sets a result apart from others of the same graph in one command: its precision,
     a provider other than the CPU's, and its input shapes ('int8-static 1x3x160x160')."""
     settings = measurement.settings
-    parts = [str(settings.get("precision") or "fp32")]
-    provider = str(settings.get("provider") or "CPUExecutionProvider")
-    if provider != "CPUExecutionProvider":
-        parts.append(provider.replace("ExecutionProvider", ""))
-    parts += ["x".join(map(str, item.get("shape", []))) for item in measurement.input_signature
-              if isinstance(item, Mapping)]
-    return " ".join(parts)
+    return variant_name(str(settings.get("precision") or "fp32"), shapes_of(measurement),
+                        str(settings.get("provider") or "CPUExecutionProvider"))
 
 
 def result_row(index: int, sample: Any, measurement: Measurement, arch: str) -> Dict[str, Any]:
@@ -176,17 +186,22 @@ def write_csv(stream: IO[str], rows: Sequence[Mapping[str, Any]], raw: bool) -> 
 
 
 def render_table(rows: Sequence[Mapping[str, Any]], statistic: str = "median",
-                 statistics: Optional[Sequence[float]] = None) -> str:
+                 statistics: Optional[Sequence[float]] = None,
+                 default_variant: Optional[str] = None) -> str:
     """A readable table of result rows: milliseconds with 3 decimals, CV with 1, the chosen
     statistic first (its values in `statistics`, one per row) and never twice. The interval
     is the 95% interval of a measured median, or a prediction's own interval. Thermal and
-    pinning columns appear when some device reported them."""
+    pinning columns appear when some device reported them. The variant column appears when
+    the rows differ in variant or one is not `default_variant` (a space's fp32 at its own
+    input; None: there is no default, as for a model file sized on the command line)."""
     shown = [statistic] + [s for s in ("median", "p90", "p99") if s != statistic]
     values = list(statistics) if statistics is not None else [row["median_ms"] for row in rows]
     thermal = any(row["hottest_c"] is not None for row in rows)
     pinned = any(row["pinned"] for row in rows)
-    # the variant column when a command compares variants; memory and ops when measured
-    variants = len({row.get("variant") for row in rows}) > 1
+    # the variant column when a command compares variants or measured another than the
+    # default; memory and ops when measured
+    variants = len({row.get("variant") for row in rows}) > 1 or any(
+        row.get("variant") != default_variant for row in rows)
     memory = any(row.get("peak_mb") is not None for row in rows)
     ops = any(row.get("ops_sum_ms") is not None for row in rows)
     header = ["#", "device", "architecture", "graph"] + (["variant"] if variants else []) + \
