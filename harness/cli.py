@@ -7,7 +7,7 @@
                     [--ops [--top N] [--trace-dir DIR]] [--provider NAME [--provider-option K=V]]
     harness filter --space MODULE:ATTR --device NAME --limit-ms X --samples N [--json]
     harness calibrate --device NAME --space MODULE:ATTR --samples N [--holdout M] [--predictor P]
-    harness cache stats | export FILE | import FILE
+    harness cache stats | export FILE | import FILE | prune [--device NAME ...] [--limit-mb X]
     harness devices add NAME --ssh USER@HOST[:PORT] [--key FILE] [--jump USER@HOST] [--kind K]
     harness devices add NAME --adb SERIAL | --sim MODEL [--sim-ms MS] [--kind K]
     harness devices list | check NAME | trust NAME [--yes] [--replace] | remove NAME | clean NAME
@@ -209,6 +209,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("file")
     imported = actions.add_parser("import", help="add a JSON Lines export to the cache")
     imported.add_argument("file")
+    prune = actions.add_parser("prune", help="trim devices' model folders to their limit, "
+                                             "least recently used models first")
+    prune.add_argument("--device", action="append", default=[], metavar="NAME",
+                       help="a device whose folder to prune (repeatable; default: local)")
+    prune.add_argument("--limit-mb", type=float, default=None,
+                       help="prune to this size instead of the device's limit (0: every model)")
 
     report = commands.add_parser(
         "report", help="an HTML page (and PNGs) of the cache: devices side by side, the spread "
@@ -706,12 +712,21 @@ def _devices(args: argparse.Namespace) -> int:
         print(f"added {args.name} ({via} {args.ssh or args.adb or args.sim}); next: {first}"
               f"'harness devices check {args.name}'")
     elif args.action == "list":
-        print(f"{'name':<16} {'transport':<9} {'address':<28} kind")
-        print(f"{'local':<16} {'local':<9} {'this machine':<28} -")
+        from harness.pool.model_folders import local_usage
+
+        local = local_usage(home)
+        print(f"{'name':<16} {'transport':<9} {'address':<28} {'kind':<8} model folder")
+        print(f"{'local':<16} {'local':<9} {'this machine':<28} {'-':<8} "
+              f"{_mb(local['bytes'])} of {_mb(local['limit_bytes'])} ({local['models']} models)")
         for config in registry.load_devices(home).values():
             via = f" via {config.jump}" if config.jump else ""
+            folder = ("-" if config.transport == "sim" else
+                      f"up to {_mb(registry.models_limit_bytes(config.name, home))}")
             print(f"{config.name:<16} {config.transport:<9} {config.address + via:<28} "
-                  f"{config.kind or '-'}")
+                  f"{config.kind or '-':<8} {folder}")
+        print("model folders: least recently used models are removed past the limit "
+              "(models_limit_mb in devices.toml, $HARNESS_MODELS_LIMIT_MB); 'harness cache "
+              "prune --device NAME' trims one now")
     elif args.action == "remove":
         registry.remove_device(home, args.name)
         print(f"removed {args.name} (its host key stays in {registry.known_hosts_path(home)})")
@@ -817,14 +832,40 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mb(count: int) -> str:
+    """A byte count in MB for people ('12.3 MB')."""
+    return f"{count / 1e6:.1f} MB"
+
+
+def _prune(args: argparse.Namespace) -> int:
+    """`harness cache prune`: each device's model folder within its limit (or --limit-mb)."""
+    from harness.paths import harness_home
+    from harness.pool.model_folders import prune
+
+    if args.limit_mb is not None and not (math.isfinite(args.limit_mb) and args.limit_mb >= 0):
+        raise BadRequest(f"--limit-mb {args.limit_mb} is not a size", fix="pass --limit-mb 512, "
+                                                                          "for example")
+    limit = None if args.limit_mb is None else int(args.limit_mb * 1024 * 1024)
+    for name in args.device or ["local"]:
+        done = prune(name, harness_home(), limit)
+        print(f"{name}: removed {done['removed']} models ({_mb(done['removed_bytes'])}); "
+              f"{done['models']} left, {_mb(done['bytes'])} of {_mb(done['limit_bytes'])}")
+    return 0
+
+
 def _cache(args: argparse.Namespace) -> int:
+    from harness.paths import harness_home
+    from harness.pool.model_folders import local_usage
     from harness.store.cache import Cache
     from harness.report.output import when
 
+    if args.action == "prune":
+        return _prune(args)
     path = args.cache or default_cache_path()
     with Cache(path) as cache:
         if args.action == "stats":
             stats = cache.stats()
+            stats["model_folders"] = {"local": local_usage(harness_home())}
             if args.json:
                 print(json.dumps(stats, indent=1))
                 return 0
@@ -839,6 +880,10 @@ def _cache(args: argparse.Namespace) -> int:
                        if row.get("odd_dates") else "")
                 print(f"    {row['device']}: {row['measurements']} measurements of "
                       f"{row['graphs']} graphs, latest {when(row['latest'])}{odd}")
+            local = stats["model_folders"]["local"]
+            print(f"  local model folder: {local['models']} models, {_mb(local['bytes'])} of "
+                  f"its {_mb(local['limit_bytes'])} limit (least recently used out past it; "
+                  f"'harness cache prune' trims now, 'harness devices list' shows every device)")
         elif args.action == "export":
             counts = cache.export_jsonl(args.file)
             print(f"exported {counts['measurement']} measurements, {counts['sample']} samples, "
