@@ -146,7 +146,7 @@ def models_limit_bytes(name: str, home: Path) -> int:
                              fix=f"export {MODELS_LIMIT_ENV}=2048, for example, or unset it")
     if limit is None:
         limit = MODELS_LIMIT_MB.get("local" if config is None else config.transport, 1024.0)
-    return int(limit * 1024 * 1024)
+    return int(limit * 1_000_000)
 
 
 def _shown(value: object) -> str:

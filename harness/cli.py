@@ -845,7 +845,7 @@ def _prune(args: argparse.Namespace) -> int:
     if args.limit_mb is not None and not (math.isfinite(args.limit_mb) and args.limit_mb >= 0):
         raise BadRequest(f"--limit-mb {args.limit_mb} is not a size", fix="pass --limit-mb 512, "
                                                                           "for example")
-    limit = None if args.limit_mb is None else int(args.limit_mb * 1024 * 1024)
+    limit = None if args.limit_mb is None else int(args.limit_mb * 1_000_000)
     for name in args.device or ["local"]:
         done = prune(name, harness_home(), limit)
         print(f"{name}: removed {done['removed']} models ({_mb(done['removed_bytes'])}); "

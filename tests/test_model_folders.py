@@ -48,15 +48,15 @@ def test_least_recently_used_models_go_first_and_the_kept_one_never(tmp_path):
 
 def test_limits_per_device_kind_and_setting(home, monkeypatch):
     monkeypatch.delenv(registry.MODELS_LIMIT_ENV, raising=False)
-    assert registry.models_limit_bytes("local", home) == 2048 * 1024 * 1024
+    assert registry.models_limit_bytes("local", home) == 2048 * 1_000_000
     registry.add_device(home, registry.DeviceConfig(name="phone", transport="adb", address="X1"))
     registry.add_device(home, registry.DeviceConfig(name="pi", transport="ssh", address="pi@10.0.0.7",
                                                     models_limit_mb=100))
-    assert registry.models_limit_bytes("phone", home) == 512 * 1024 * 1024
-    assert registry.models_limit_bytes("pi", home) == 100 * 1024 * 1024  # its own setting wins
+    assert registry.models_limit_bytes("phone", home) == 512 * 1_000_000
+    assert registry.models_limit_bytes("pi", home) == 100 * 1_000_000  # its own setting wins
     monkeypatch.setenv(registry.MODELS_LIMIT_ENV, "64")
-    assert registry.models_limit_bytes("local", home) == 64 * 1024 * 1024
-    assert registry.models_limit_bytes("pi", home) == 100 * 1024 * 1024
+    assert registry.models_limit_bytes("local", home) == 64 * 1_000_000
+    assert registry.models_limit_bytes("pi", home) == 100 * 1_000_000
     monkeypatch.setenv(registry.MODELS_LIMIT_ENV, "lots")
     with pytest.raises(BadRequest, match="HARNESS_MODELS_LIMIT_MB"):
         registry.models_limit_bytes("local", home)
@@ -69,7 +69,7 @@ def test_a_sweep_on_local_stays_within_the_limit(home, monkeypatch):
         profiler.measure(samples[0])
     one_model = local_usage(home)["bytes"]
     limit = int(one_model * 2.5)  # room for two TinySpace models
-    monkeypatch.setenv(registry.MODELS_LIMIT_ENV, str(limit / 1024 / 1024))
+    monkeypatch.setenv(registry.MODELS_LIMIT_ENV, str(limit / 1e6))
     with LatencyProfiler(space, space.dummy_input(), device="local", settings=FAST) as profiler:
         results = profiler.measure_many(samples[1:], progress=False)
     assert all(m.source == "measured" for m in results)
@@ -95,7 +95,7 @@ def test_cache_stats_devices_list_and_prune(home):
     assert usage["models"] == 3
     stats = harness("cache", "stats", home=home)
     assert stats.returncode == 0, stats.stderr
-    assert f"local model folder: 3 models, {usage['bytes'] / 1e6:.1f} MB of its 2147.5 MB limit" \
+    assert f"local model folder: 3 models, {usage['bytes'] / 1e6:.1f} MB of its 2048.0 MB limit" \
         in stats.stdout and "harness cache prune" in stats.stdout
     as_json = json.loads(harness("cache", "stats", "--json", home=home).stdout)
     assert as_json["model_folders"]["local"] == usage
