@@ -144,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--statistic", choices=STATISTICS, default="median",
                            help="what the calibration predicts of the device's runs (default "
                                 "median; min is steadier on a device shared with other work)")
+    calibrate.add_argument("--fresh", action="store_true",
+                           help="measure every subnet and kernel anew instead of reusing the "
+                                "cache's measurements")
     calibrate.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_timing_options(calibrate)
 
@@ -653,6 +656,17 @@ def _filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _age(seconds: float) -> str:
+    """A duration for people: '40 s', '35 min', '2.5 h', '3 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from harness.predict.accuracy import render_report
     from harness.campaigns.calibrate import calibrate
@@ -662,20 +676,34 @@ def _calibrate(args: argparse.Namespace) -> int:
                        space_name=args.space, seed=args.seed, predictor=args.predictor,
                        build_kernels=False if args.no_kernels else None,
                        settings=_settings(args), cache=args.cache,
-                       progress=False if args.json else None, statistic=args.statistic)
+                       progress=False if args.json else None, statistic=args.statistic,
+                       fresh=args.fresh, on_progress=None if sys.stderr.isatty() else
+                       lambda line: print(line, file=sys.stderr, flush=True))
     calibration = result.calibration
+    reused = result.reused or {}
     if args.json:
         print(json.dumps({"folder": str(result.folder), "report": result.report,
                           "intercept": calibration.intercept, "slope": calibration.slope,
-                          "png": str(result.png) if result.png else None}, indent=1))
+                          "png": str(result.png) if result.png else None,
+                          "activated": result.activated, "warning": result.warning,
+                          "reused": reused}, indent=1))
         return 0
+    if reused.get("count"):
+        print(f"reused {reused['count']:.0f} of {reused['of']:.0f} measurements from the cache, "
+              f"taken {_age(reused['newest_s'])} to {_age(reused['oldest_s'])} ago "
+              f"(--fresh measures them anew)\n")
     print(f"accuracy on {args.holdout} held-out subnets of {args.space} measured on "
           f"{args.device}:\n")
     print(render_report(result.report))
     print(f"\ncorrection: measured {calibration.statistic} = "
           f"{math.exp(calibration.intercept):.4g} * predicted^{calibration.slope:.4f}, fitted "
           f"on {args.samples} subnets")
-    print(f"stored in {result.folder} (the nn-Meter fallback for {args.device} uses it)")
+    if result.activated:
+        print(f"stored in {result.folder} (the nn-Meter fallback for {args.device} uses it)")
+    else:
+        print(f"warning: {result.warning}\nfix: calibrate with more subnets (--samples 100 "
+              f"--holdout 20 or more), on an idle device, or with --fresh", file=sys.stderr)
+        print(f"stored in {result.folder}, NOT used as {args.device}'s fallback")
     if result.png:
         print(f"scatter: {result.png}")
     return 0
