@@ -77,3 +77,39 @@ def test_a_model_files_variant_shows_when_its_shape_was_chosen(tmp_path, home, t
     batched = run_harness("profile", "--model", str(tiny_model), "--batch", "2", *FAST_ARGS,
                           home=home, cwd=tmp_path)
     assert batched.returncode == 1 and "does not fit" in batched.stderr  # its batch axis is static
+
+
+def test_precision_checks_count_what_the_cpu_provider_runs_in_fp32(tiny):
+    from harness.export.graph import export_sample
+    from harness.export.model_file import convert
+    from harness.export.precision_check import check_on_cpu
+    from harness.spaces.space import random_samples
+
+    exported = export_sample(tiny, random_samples(tiny, 1, seed=1)[0], tiny.dummy_input())
+    shapes = {"input0": [1, 3, 32, 32]}
+    fp16 = check_on_cpu(convert(exported, "fp16", shapes), "fp16")
+    assert fp16.nodes > 10 and fp16.other == fp16.nodes and fp16.casts_inserted > 0
+    assert fp16.flag() == (f"fp16 ran as fp32: {fp16.nodes} of {fp16.nodes} nodes, "
+                           f"{fp16.casts_inserted} casts inserted (the CPU provider has no fp16 "
+                           f"kernels for them)")
+    static = check_on_cpu(convert(exported, "int8-static", shapes), "int8-static")
+    assert 0 < static.other < static.nodes  # most Convs fused into QLinearConv, a few not
+    assert static.flag().startswith(f"int8 partly fp32: {static.other} of {static.nodes} "
+                                    f"Conv/MatMul/Gemm nodes ran in fp32")
+    dynamic = check_on_cpu(convert(exported, "int8-dynamic", shapes), "int8-dynamic")
+    assert dynamic.other == 0 and dynamic.flag() is None  # every Conv is a ConvInteger
+    assert check_on_cpu(exported, "fp32") is None
+
+
+def test_the_table_and_json_flag_a_precision_run_in_fp32(tmp_path, home, tiny_model):
+    done = run_harness("profile", "--model", str(tiny_model), "--precision", "fp32,fp16", *FAST_ARGS,
+                       home=home, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    fp32_line, fp16_line = done.stdout.splitlines()[2:4]
+    assert "fp16 ran as fp32" not in fp32_line
+    assert "fp16 1x3x32x32" in fp16_line and "fp16 ran as fp32:" in fp16_line
+    rows = [json.loads(line) for line in run_harness(
+        "profile", "--model", str(tiny_model), "--precision", "fp16", "--json", *FAST_ARGS,
+        home=home, cwd=tmp_path).stdout.splitlines()[:-1]]
+    assert any(flag.startswith("fp16 ran as fp32:") for flag in rows[0]["flags"])
+    assert rows[0]["source"] == "cached"  # a cached result says it too
