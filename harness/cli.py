@@ -866,7 +866,8 @@ def _report(args: argparse.Namespace) -> int:
 
     files = write_report(args.cache or default_cache_path(), args.out, devices=args.device,
                          space=args.space)
-    print(f"report of {files.subnets} subnets on {files.devices} devices: {files.index} "
+    print(f"report of {files.subnets} subnets (variants apart) on {files.devices} "
+          f"device{'' if files.devices == 1 else 's'}: {files.index} "
           f"(and {len(files.figures)} PNGs beside it)")
     return 0
 
