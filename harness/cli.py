@@ -38,6 +38,8 @@ from harness.paths import default_cache_path
 
 log = logging.getLogger(__name__)
 
+MAX_LISTED_PASSED = 50  # samples below the limit listed by `harness filter` (all in --json)
+
 SHOWN_SKIPPED_ROWS = 10  # `cache import` names this many skipped rows, then counts the rest
 # Samples of one command: every sample is drawn (and kept) before the first is measured, so
 # a count far beyond any sweep (200 million) would fill memory before anything happens.
@@ -47,7 +49,9 @@ MAX_SAMPLES = 100_000
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harness", description="Device-in-the-loop latency profiling for hardware-aware NAS.")
-    parser.add_argument("--version", action="version", version=f"harness {__version__}")
+    parser.add_argument("--version", action=_VersionAction, nargs=0,
+                        help="show harness's version and those of onnxruntime, torch, onnx, "
+                             "numpy and Python, and exit")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log progress (-v) or everything (-vv) to stderr")
     parser.add_argument("--cache", help="cache file (default: $HARNESS_HOME/cache.sqlite)")
@@ -333,6 +337,29 @@ def _check_numbers(args: argparse.Namespace) -> None:
                              f"every sample is drawn and kept in memory before measuring starts",
                              fix=f"profile at most {MAX_SAMPLES} at a time, with another --seed "
                                  f"per run (every result is cached, so runs add up)")
+
+
+def _version() -> str:
+    """harness's version, and those of what measures and exports: onnxruntime, torch, onnx,
+    numpy and Python (the packages' metadata, so nothing heavy is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"harness {__version__}"]
+    for name in ("onnxruntime", "torch", "onnx", "numpy"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} missing")
+    return ", ".join(parts) + f", Python {sys.version.split()[0]}"
+
+
+class _VersionAction(argparse.Action):
+    """--version on one line (argparse's own wraps it at the terminal's width)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        print(_version())
+        parser.exit()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -664,6 +691,12 @@ def _filter(args: argparse.Namespace) -> int:
     print(f"latency model: {model_note}; audit: {audit['audited']} of {audit['skipped']} skips "
           f"measured anyway" + (f", coverage {audit['coverage']:.0%}, agreement "
                                 f"{audit['agreement']:.0%}" if audit["audited"] else ""))
+    passed = [i for i, d in enumerate(decisions) if d.below]
+    shown = ", ".join(map(str, passed[:MAX_LISTED_PASSED]))
+    more = f" and {len(passed) - MAX_LISTED_PASSED} more (--json lists all)" \
+        if len(passed) > MAX_LISTED_PASSED else ""
+    print(f"below {args.limit_ms:g} ms: samples {shown or 'none'}{more} (numbered from 0 in the "
+          f"order --seed {args.seed} draws them; --json gives each sample's choices)")
     return 0
 
 

@@ -113,3 +113,26 @@ def test_the_table_and_json_flag_a_precision_run_in_fp32(tmp_path, home, tiny_mo
         home=home, cwd=tmp_path).stdout.splitlines()[:-1]]
     assert any(flag.startswith("fp16 ran as fp32:") for flag in rows[0]["flags"])
     assert rows[0]["source"] == "cached"  # a cached result says it too
+
+
+def test_smaller_points_version_csv_dates_and_filter(tmp_path, home):
+    version = run_harness("--version", home=home, cwd=tmp_path).stdout
+    assert version.startswith("harness 0.") and "onnxruntime 1." in version and "torch 2." in version
+    assert len(version.strip().splitlines()) == 1
+    space = ["--space", "harness.spaces:TinySpace", "--device", "local", "--samples", "2", *FAST_ARGS]
+    csv_text = run_harness("profile", *space, "--csv", home=home, cwd=tmp_path).stdout
+    import csv
+    import io
+    import re
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    numbers = [rows[0][field] for field in ("median_ms", "p90_ms", "iqr_ms", "cv", "load_ms")]
+    assert all(re.fullmatch(r"-?\d+(\.\d{1,6})?(e-?\d+)?", value) for value in numbers), numbers
+    row = json.loads(run_harness("profile", *space, "--json", home=home, cwd=tmp_path)
+                     .stdout.splitlines()[0])
+    assert isinstance(row["created_at"], float)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["created"])
+    done = run_harness("filter", "--space", "harness.spaces:TinySpace", "--device", "local",
+                       "--limit-ms", "1000", "--samples", "3", *FAST_ARGS, home=home, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "below 1000 ms: samples 0, 1, 2 (numbered from 0 in the order --seed 0 draws them" \
+        in done.stdout

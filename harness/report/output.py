@@ -87,6 +87,12 @@ def when(stamp: Optional[float]) -> str:
         return "unknown"
 
 
+def iso_date(stamp: float) -> str:
+    """A Unix time as ISO 8601 in UTC, to the second ('2026-12-04T21:45:57Z'), beside the
+    epoch seconds in JSON output."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
 def interval_of(measurement: Measurement) -> Optional[Tuple[float, float]]:
     """The 95% interval of a measured median, or a prediction's own interval (None when the
     predictor gives none)."""
@@ -151,6 +157,7 @@ def json_row(row: Mapping[str, Any], measurement: Measurement, raw: bool) -> Dic
     data.update(settings=measurement.settings, device_fingerprint=measurement.device_fingerprint,
                 agent_version=measurement.agent_version, input_signature=list(
                     measurement.input_signature), created_at=measurement.created_at,
+                created=iso_date(measurement.created_at),
                 provenance=measurement.provenance.to_dict(),
                 memory=None if measurement.memory is None else asdict(measurement.memory),
                 ops=None if measurement.ops is None else dict(
@@ -169,6 +176,9 @@ def write_jsonl(stream: IO[str], rows: Sequence[Mapping[str, Any]],
                  + "\n")
 
 
+CSV_DECIMALS = 6  # ms to the nanosecond: no float noise (3.9334065000000002) in a CSV
+
+
 def write_csv(stream: IO[str], rows: Sequence[Mapping[str, Any]], raw: bool) -> None:
     """The flat fields as CSV (the sample as compact JSON, flags joined by '; ', raw per-run
     times space-separated in a last column with `raw`)."""
@@ -182,7 +192,8 @@ def write_csv(stream: IO[str], rows: Sequence[Mapping[str, Any]], raw: bool) -> 
         cells["sample"] = json.dumps(row["sample"], sort_keys=True, separators=(",", ":"))
         if raw:
             cells["samples_ms"] = " ".join(f"{x:.6g}" for x in row["samples_ms"])
-        writer.writerow({k: "" if v is None else v for k, v in cells.items()})
+        writer.writerow({k: "" if v is None else round(v, CSV_DECIMALS) if isinstance(v, float)
+                         else v for k, v in cells.items()})
 
 
 def render_table(rows: Sequence[Mapping[str, Any]], statistic: str = "median",
