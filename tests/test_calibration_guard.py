@@ -39,12 +39,12 @@ def test_a_calibration_worse_than_its_predictor_is_stored_but_not_activated(home
     previous = _previous(home)
     honest = calibrating.fit_correction
 
-    def tenfold(predicted, measured):
-        """The honest fit, then ten times too slow: a correction sure to make things worse."""
+    def hundredfold(predicted, measured):
+        """The honest fit, then a hundred times too slow: sure to make things worse."""
         intercept, slope, kind = honest(predicted, measured)
-        return intercept + math.log(10.0), slope, kind
+        return intercept + math.log(100.0), slope, kind
 
-    monkeypatch.setattr(calibrating, "fit_correction", tenfold)
+    monkeypatch.setattr(calibrating, "fit_correction", hundredfold)
     space = TinySpace()
     lines = []
     result = calibrating.calibrate(space, space.dummy_input(), "local", samples=8, holdout=3,
