@@ -1094,6 +1094,60 @@ def _one_line(exc):
     return text[:2000] or type(exc).__name__
 
 
+# ---------------------------------------------------------------- the model folder
+
+def model_folder(folder, limit_bytes=None, keep=()):
+    """The models in `folder` (`*.onnx`, by content hash), least recently used first removed
+    while they add up to more than `limit_bytes` (None: nothing removed), never one in `keep`.
+    A model's last use is its modification time, which the agent sets whenever it measures one.
+    Returns {"bytes", "models", "removed", "removed_bytes"} after the removal."""
+    models = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        names = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            stat = os.lstat(path)
+        except OSError:
+            continue
+        if name.endswith(".onnx") and os.path.isfile(path) and not os.path.islink(path):
+            models.append((stat.st_mtime, stat.st_size, path))
+    models.sort()
+    total = sum(size for _, size, _ in models)
+    kept = set(os.path.abspath(path) for path in keep)
+    removed = removed_bytes = 0
+    for _, size, path in models:
+        if limit_bytes is None or total <= limit_bytes:
+            break
+        if os.path.abspath(path) in kept:
+            continue
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        total -= size
+        removed += 1
+        removed_bytes += size
+    return {"bytes": total, "models": len(models) - removed, "removed": removed,
+            "removed_bytes": removed_bytes}
+
+
+def _bounded_models(request):
+    """Before a measurement: mark its model used now, and keep its folder within the
+    request's `models_limit_bytes` (the host's setting for the device; absent: unbounded)."""
+    model, limit = request.get("model"), request.get("models_limit_bytes")
+    if not isinstance(model, str) or not os.path.isfile(model):
+        return
+    try:
+        os.utime(model, None)
+    except OSError:
+        pass
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
+        model_folder(os.path.dirname(model) or ".", limit, keep=(model,))
+
+
 # ---------------------------------------------------------------- entry points
 
 def handle(request):
@@ -1103,6 +1157,7 @@ def handle(request):
             raise AgentError("USER", "a request must be a JSON object")
         op = request.get("op")
         if op == "measure":
+            _bounded_models(request)
             result = measure(request.get("model"), request.get("sha256"), request.get("settings"),
                              request.get("lock"), float(request.get("lock_wait_s", 600.0)))
         elif op == "rounds":
@@ -1111,11 +1166,17 @@ def handle(request):
                                     float(request.get("lock_wait_s", 600.0)))
         elif op == "fingerprint":
             result = fingerprint()
+        elif op == "models":  # the model folder's size; past `limit_bytes`, pruned first
+            limit = request.get("limit_bytes")
+            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                                      or limit < 0):
+                raise AgentError("USER", "limit_bytes must be a whole number of bytes, 0 or more")
+            result = model_folder(str(request.get("folder") or "models"), limit)
         elif op == "ping":
             result = {"pong": True, "agent_version": AGENT_VERSION, "pid": os.getpid()}
         else:
-            raise AgentError("USER", "unknown op %r; ops: measure, rounds, fingerprint, ping, exit"
-                             % (op,))
+            raise AgentError("USER", "unknown op %r; ops: measure, rounds, fingerprint, models, "
+                             "ping, exit" % (op,))
     except AgentError as exc:
         result = exc.to_json()
     except Exception as exc:  # an agent bug must still answer in JSON
@@ -1167,6 +1228,11 @@ def main(argv=None):
     one.add_argument("--sha256")
     one.add_argument("--settings", default="{}", help="JSON object of settings")
     one.add_argument("--lock", help="file on the device to hold an exclusive lock on")
+    one.add_argument("--models-limit-bytes", type=int,
+                     help="keep the model's folder within this, least recently used out")
+    models = commands.add_parser("models", help="the model folder's size, pruned to a limit")
+    models.add_argument("--folder", default="models")
+    models.add_argument("--limit-bytes", type=int)
     commands.add_parser("fingerprint", help="print this device's fingerprint")
     commands.add_parser("worker", help="serve JSON requests line by line on stdin/stdout")
     commands.add_parser("version", help="print the agent version")
@@ -1178,6 +1244,10 @@ def main(argv=None):
     if args.command == "fingerprint":
         _emit(channel, handle({"op": "fingerprint"}))
         return 0
+    if args.command == "models":
+        result = handle({"op": "models", "folder": args.folder, "limit_bytes": args.limit_bytes})
+        _emit(channel, result)
+        return 1 if "error" in result else 0
     if args.command == "version":
         _emit(channel, {"agent_version": AGENT_VERSION, "python": platform.python_version()})
         return 0
@@ -1188,7 +1258,8 @@ def main(argv=None):
             _emit(channel, AgentError("USER", "--settings is not JSON: %s" % exc).to_json())
             return 2
         result = handle({"op": "measure", "model": args.model, "sha256": args.sha256,
-                         "settings": settings, "lock": args.lock})
+                         "settings": settings, "lock": args.lock,
+                         "models_limit_bytes": args.models_limit_bytes})
         _emit(channel, result)
         return 1 if "error" in result else 0
     _emit(channel, AgentError("USER", "no command given; use measure, fingerprint or worker")

@@ -106,11 +106,15 @@ class AgentClient:
     """Runs the agent on one device. `isolation="worker"` keeps one agent process open for the
     session; `"process"` starts a fresh one per request, so a crash cannot affect the next."""
 
-    def __init__(self, transport: Transport, isolation: str = "worker"):
+    def __init__(self, transport: Transport, isolation: str = "worker",
+                 models_limit_bytes: Optional[int] = None):
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
         self.transport = transport
         self.isolation = isolation
+        # the device's model folder is kept within this (least recently used models out,
+        # by the agent before each measurement); None: unbounded
+        self.models_limit_bytes = models_limit_bytes
         self.agent_version = AGENT_VERSION
         self._agent_path: Optional[str] = None
         self._worker: Optional[RemoteProcess] = None
@@ -143,7 +147,8 @@ class AgentClient:
         control = self.transport.control
         request = {"op": "measure", "model": remote, "sha256": sha, "settings": dict(settings),
                    "lock": control.lock_path,
-                   "lock_wait_s": max(deadline - time.monotonic() - 1.0, 0.0)}
+                   "lock_wait_s": max(deadline - time.monotonic() - 1.0, 0.0),
+                   "models_limit_bytes": self.models_limit_bytes}
         prepared = control.prepare(deadline)  # phones: wait to cool, thermal zones before
         try:
             answer = self._call(request, deadline)
@@ -190,6 +195,15 @@ class AgentClient:
             parsed[name] = one if report is None else dataclasses.replace(one, control=report)
         return parsed, {name: error_from_agent(error, self.device)
                         for name, error in errors.items()}
+
+    def model_folder(self, deadline: float, limit_bytes: Optional[int] = None) -> Dict[str, int]:
+        """The device's model folder: {"bytes", "models", "removed", "removed_bytes"}, least
+        recently used models removed first while it holds more than `limit_bytes` (None:
+        nothing removed), as `harness cache prune` asks."""
+        answer = self._call({"op": "models", "folder": "models", "limit_bytes": limit_bytes},
+                            deadline)
+        return {key: int(answer.get(key, 0)) for key in ("bytes", "models", "removed",
+                                                         "removed_bytes")}
 
     def close(self) -> None:
         """Stop the worker (politely, then by force) and close the transport."""
@@ -317,11 +331,17 @@ class AgentClient:
         argv: List[str] = self._python() + [self._agent()]
         if request["op"] == "fingerprint":
             argv += ["fingerprint"]
+        elif request["op"] == "models":
+            argv += ["models", "--folder", str(request["folder"])]
+            if request.get("limit_bytes") is not None:
+                argv += ["--limit-bytes", str(int(request["limit_bytes"]))]
         else:
             argv += ["measure", "--model", str(request["model"]), "--sha256",
                      str(request["sha256"]), "--settings", json.dumps(request["settings"])]
             if request.get("lock"):
                 argv += ["--lock", str(request["lock"])]
+            if request.get("models_limit_bytes") is not None:
+                argv += ["--models-limit-bytes", str(int(request["models_limit_bytes"]))]
         code, out, err = self.transport.run(argv, timeout=self._remaining(deadline))
         lines = [line for line in out.splitlines() if line.strip()]
         if not lines:

@@ -240,8 +240,9 @@ class RoundsRecord:
     def from_dict(cls, data: object) -> "RoundsRecord":
         if not isinstance(data, dict):
             raise ValueError("rounds is not an object")
-        counts = [data.get(key) for key in ("completed", "k", "reference_k", "candidates", "seed")]
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raw = [data.get(key) for key in ("completed", "k", "reference_k", "candidates", "seed")]
+        counts = [n for n in raw if isinstance(n, int) and not isinstance(n, bool) and n >= 0]
+        if len(counts) != len(raw):
             raise ValueError("rounds' completed, k, reference_k, candidates or seed is not a "
                              "whole number")
         candidates_ms = data.get("candidates_ms", 0.0)

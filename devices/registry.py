@@ -82,6 +82,7 @@ class DeviceConfig:
     lock: Optional[str] = None      # device-wide lock file (default per transport)
     sim_ms: Optional[float] = None  # simulated devices: median latency of a typical graph
     sim_seed: Optional[int] = None  # simulated devices: the seed of their latencies
+    models_limit_mb: Optional[float] = None  # the model folder's bound (default per transport)
     extra: Dict[str, object] = field(default_factory=dict)
 
     def to_toml(self) -> Dict[str, object]:
@@ -119,7 +120,33 @@ FIELD_CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "pin_big_cores": (lambda v: isinstance(v, bool), "true or false"),
     "sim_ms": (lambda v: _number(v) and v > 0, "a positive number of ms"),
     "sim_seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "models_limit_mb": (lambda v: _number(v) and v >= 0, "a number of MB (0 or more)"),
 }
+
+# The model folder's bound per transport when a device sets none: this machine's disk is
+# roomy, a board's SD card less so, a phone's /data is shared with everything on it.
+# $HARNESS_MODELS_LIMIT_MB overrides the default (the way to set `local`'s).
+MODELS_LIMIT_MB = {"local": 2048.0, "ssh": 1024.0, "adb": 512.0}
+MODELS_LIMIT_ENV = "HARNESS_MODELS_LIMIT_MB"
+
+
+def models_limit_bytes(name: str, home: Path) -> int:
+    """How large the device's model folder may grow: its `models_limit_mb`, else
+    $HARNESS_MODELS_LIMIT_MB, else the default of its transport (MODELS_LIMIT_MB)."""
+    config = None if name == "local" else get_device(home, name)
+    limit = config.models_limit_mb if config is not None else None
+    if limit is None and os.environ.get(MODELS_LIMIT_ENV):
+        text = os.environ[MODELS_LIMIT_ENV]
+        try:
+            limit = float(text)
+        except ValueError:
+            limit = -1.0
+        if not (math.isfinite(limit) and limit >= 0):
+            raise BadRequest(f"${MODELS_LIMIT_ENV}={text!r} is not a number of MB",
+                             fix=f"export {MODELS_LIMIT_ENV}=2048, for example, or unset it")
+    if limit is None:
+        limit = MODELS_LIMIT_MB.get("local" if config is None else config.transport, 1024.0)
+    return int(limit * 1_000_000)
 
 
 def _shown(value: object) -> str:
@@ -331,7 +358,7 @@ def open_client(name: str, home: Path, isolation: str = "worker"):
     transport = open_transport(name, home)
     if config is not None and config.agent == "perf-test":
         return PerfTestClient(transport, str(Path(config.perf_test or "").expanduser()))
-    return AgentClient(transport, isolation)
+    return AgentClient(transport, isolation, models_limit_bytes=models_limit_bytes(name, home))
 
 
 def known_hosts_files(home: Path) -> List[Path]:

@@ -7,7 +7,7 @@
                     [--ops [--top N] [--trace-dir DIR]] [--provider NAME [--provider-option K=V]]
     harness filter --space MODULE:ATTR --device NAME --limit-ms X --samples N [--json]
     harness calibrate --device NAME --space MODULE:ATTR --samples N [--holdout M] [--predictor P]
-    harness cache stats | export FILE | import FILE
+    harness cache stats | export FILE | import FILE | prune [--device NAME ...] [--limit-mb X]
     harness devices add NAME --ssh USER@HOST[:PORT] [--key FILE] [--jump USER@HOST] [--kind K]
     harness devices add NAME --adb SERIAL | --sim MODEL [--sim-ms MS] [--kind K]
     harness devices list | check NAME | trust NAME [--yes] [--replace] | remove NAME | clean NAME
@@ -38,6 +38,8 @@ from harness.paths import default_cache_path
 
 log = logging.getLogger(__name__)
 
+MAX_LISTED_PASSED = 50  # samples below the limit listed by `harness filter` (all in --json)
+
 SHOWN_SKIPPED_ROWS = 10  # `cache import` names this many skipped rows, then counts the rest
 # Samples of one command: every sample is drawn (and kept) before the first is measured, so
 # a count far beyond any sweep (200 million) would fill memory before anything happens.
@@ -47,7 +49,9 @@ MAX_SAMPLES = 100_000
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harness", description="Device-in-the-loop latency profiling for hardware-aware NAS.")
-    parser.add_argument("--version", action="version", version=f"harness {__version__}")
+    parser.add_argument("--version", action=_VersionAction, nargs=0,
+                        help="show harness's version and those of onnxruntime, torch, onnx, "
+                             "numpy and Python, and exit")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log progress (-v) or everything (-vv) to stderr")
     parser.add_argument("--cache", help="cache file (default: $HARNESS_HOME/cache.sqlite)")
@@ -144,6 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--statistic", choices=STATISTICS, default="median",
                            help="what the calibration predicts of the device's runs (default "
                                 "median; min is steadier on a device shared with other work)")
+    calibrate.add_argument("--fresh", action="store_true",
+                           help="measure every subnet and kernel anew instead of reusing the "
+                                "cache's measurements")
     calibrate.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_timing_options(calibrate)
 
@@ -209,6 +216,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("file")
     imported = actions.add_parser("import", help="add a JSON Lines export to the cache")
     imported.add_argument("file")
+    prune = actions.add_parser("prune", help="trim devices' model folders to their limit, "
+                                             "least recently used models first")
+    prune.add_argument("--device", action="append", default=[], metavar="NAME",
+                       help="a device whose folder to prune (repeatable; default: local)")
+    prune.add_argument("--limit-mb", type=float, default=None,
+                       help="prune to this size instead of the device's limit (0: every model)")
 
     report = commands.add_parser(
         "report", help="an HTML page (and PNGs) of the cache: devices side by side, the spread "
@@ -324,6 +337,29 @@ def _check_numbers(args: argparse.Namespace) -> None:
                              f"every sample is drawn and kept in memory before measuring starts",
                              fix=f"profile at most {MAX_SAMPLES} at a time, with another --seed "
                                  f"per run (every result is cached, so runs add up)")
+
+
+def _version() -> str:
+    """harness's version, and those of what measures and exports: onnxruntime, torch, onnx,
+    numpy and Python (the packages' metadata, so nothing heavy is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"harness {__version__}"]
+    for name in ("onnxruntime", "torch", "onnx", "numpy"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} missing")
+    return ", ".join(parts) + f", Python {sys.version.split()[0]}"
+
+
+class _VersionAction(argparse.Action):
+    """--version on one line (argparse's own wraps it at the terminal's width)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        print(_version())
+        parser.exit()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -460,7 +496,8 @@ def _profile(args: argparse.Namespace) -> int:
     started = time.monotonic()
     variants = _variants(args)
     counters: Counter = Counter()  # what the command's profilers counted, added up
-    measured = (_profile_model if args.model else _profile_space)(args, variants, counters)
+    measured, default_variant = (_profile_model if args.model else _profile_space)(
+        args, variants, counters)
     measured.sort(key=lambda item: item[0])  # a subnet's variants side by side
     results = [m for _, _, _, m in measured]
     rows = [output.result_row(index, sample, m, arch) for index, sample, arch, m in measured]
@@ -473,7 +510,8 @@ def _profile(args: argparse.Namespace) -> int:
                "device": args.device, "elapsed_s": round(time.monotonic() - started, 3),
                "device_s": counters.get("device_s", 0.0),
                "measurements": counters.get("measurements", 0),
-               "fixed_loop_s": counters.get("fixed_loop_s", 0.0), "flagged": flagged}
+               "fixed_loop_s": counters.get("fixed_loop_s", 0.0), "flagged": flagged,
+               "input_shapes": list(dict.fromkeys(output.shapes_of(m) for m in results))}
     traces = _write_traces(args, rows, results) if args.ops else []
     if traces:
         summary["traces"] = [str(path) for path in traces]
@@ -486,7 +524,7 @@ def _profile(args: argparse.Namespace) -> int:
                                       for row, m in zip(rows, results)], args.raw)
         return 0
     print(output.render_table(rows, args.statistic,
-                              [m.statistic(args.statistic) for m in results]))
+                              [m.statistic(args.statistic) for m in results], default_variant))
     if args.ops or args.model:
         for row, m, trace in zip(rows, results, traces or [None] * len(results)):
             print(f"\n#{row['index']} {row['arch']} {row['variant']}: {output.render_memory(m)}")
@@ -497,7 +535,8 @@ def _profile(args: argparse.Namespace) -> int:
           f"{summary['results']} results, {summary['architectures']} distinct architectures: "
           f"{summary['measured']} measured, {summary['cached']} from the cache, "
           f"{summary['predicted']} predicted; {summary['exported']} exported; "
-          f"{summary['elapsed_s']:.1f} s on {args.device}")
+          f"{summary['elapsed_s']:.1f} s on {args.device}; input "
+          f"{', '.join(summary['input_shapes']) or '-'}")
     print(f"device time: {summary['device_s']:.1f} s for {summary['measurements']} "
           f"measurements (the fixed loop: about {summary['fixed_loop_s']:.1f} s)")
     if flagged:
@@ -522,11 +561,14 @@ def _profiler(args: argparse.Namespace, space: Any, dummy: Any, variant: _Varian
 
 
 def _profile_space(args: argparse.Namespace, variants: List[_Variant],
-                   counters: Counter) -> Measured:
-    """Every variant of --samples subnets of --space, one profiler per variant."""
+                   counters: Counter) -> Tuple[Measured, Optional[str]]:
+    """Every variant of --samples subnets of --space, one profiler per variant; and the
+    space's default variant (fp32 at its dummy_input()'s shapes)."""
     import torch
 
-    from harness.report.output import describe_sample
+    from harness.export.graph import export_sample
+    from harness.export.precision_check import with_precision_flag
+    from harness.report.output import describe_sample, variant_name
 
     space, samples = _sampled(args)
     if args.input_shape:
@@ -535,6 +577,9 @@ def _profile_space(args: argparse.Namespace, variants: List[_Variant],
     quiet = args.json or args.csv
     measured: Measured = []
     base = space.dummy_input()
+    inputs = [base] if isinstance(base, torch.Tensor) else list(base)
+    default = variant_name("fp32", " ".join("x".join(map(str, getattr(t, "shape", ())))
+                                            for t in inputs))
     for variant in variants:
         dummy = base
         if variant.batch is not None or variant.size is not None:
@@ -547,21 +592,31 @@ def _profile_space(args: argparse.Namespace, variants: List[_Variant],
             results = profiler.measure_many(samples, progress=False if quiet else None,
                                             per_op=args.ops)
             counters.update(profiler.counters)
+        if variant.precision != "fp32":  # say what the provider ran in another precision
+            results = [with_precision_flag(
+                m, export_sample(space, sample, dummy), variant.precision,
+                {f"input{i}": item["shape"] for i, item in enumerate(m.input_signature)},
+                args.calibration,
+                args.provider) for sample, m in zip(samples, results)]
         measured += [(i, sample, describe_sample(space, sample), m)
                      for i, (sample, m) in enumerate(zip(samples, results))]
-    return measured
+    return measured, default
 
 
 def _profile_model(args: argparse.Namespace, variants: List[_Variant],
-                   counters: Counter) -> Measured:
-    """Every variant of the --model file, through one profiler per precision."""
+                   counters: Counter) -> Tuple[Measured, Optional[str]]:
+    """Every variant of the --model file, through one profiler per precision; and its default
+    variant (fp32 at its static shapes; None when an axis is dynamic: it has none)."""
     from harness.export.model_file import load_model
+    from harness.export.precision_check import with_precision_flag
+    from harness.report.output import variant_name
 
     if args.samples != 8 or args.seed != 0 or args.fallback != "error" or args.offline:
         raise InvalidArgument("--model measures one model file: --samples, --seed, --fallback and "
                          "--offline are for spaces", fix="drop them, or use --space")
     model = load_model(args.model)
     given = dict(_shape(text) for text in args.input_shape)
+    model.check_names(given)
     name = os.path.basename(args.model)
     measured: Measured = []
     for precision in dict.fromkeys(v.precision for v in variants):
@@ -572,10 +627,14 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
                     shape = _swept(given.get(item.name, item.dims), variant)
                     if all(isinstance(dim, int) for dim in shape):
                         shapes[item.name] = shape
-                measured.append((0, {"model": name}, name,
-                                 profiler.measure_model(model, shapes, per_op=args.ops)))
+                result = with_precision_flag(profiler.measure_model(model, shapes, per_op=args.ops),
+                                             model.exported(), precision, shapes,
+                                             args.calibration, args.provider)
+                measured.append((0, {"model": name}, name, result))
             counters.update(profiler.counters)
-    return measured
+    static = all(isinstance(d, int) for item in model.inputs for d in item.dims)
+    default = variant_name("fp32", " ".join("x".join(map(str, item.dims)) for item in model.inputs))
+    return measured, default if static else None
 
 
 def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
@@ -632,7 +691,24 @@ def _filter(args: argparse.Namespace) -> int:
     print(f"latency model: {model_note}; audit: {audit['audited']} of {audit['skipped']} skips "
           f"measured anyway" + (f", coverage {audit['coverage']:.0%}, agreement "
                                 f"{audit['agreement']:.0%}" if audit["audited"] else ""))
+    passed = [i for i, d in enumerate(decisions) if d.below]
+    shown = ", ".join(map(str, passed[:MAX_LISTED_PASSED]))
+    more = f" and {len(passed) - MAX_LISTED_PASSED} more (--json lists all)" \
+        if len(passed) > MAX_LISTED_PASSED else ""
+    print(f"below {args.limit_ms:g} ms: samples {shown or 'none'}{more} (numbered from 0 in the "
+          f"order --seed {args.seed} draws them; --json gives each sample's choices)")
     return 0
+
+
+def _age(seconds: float) -> str:
+    """A duration for people: '40 s', '35 min', '2.5 h', '3 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -644,20 +720,34 @@ def _calibrate(args: argparse.Namespace) -> int:
                        space_name=args.space, seed=args.seed, predictor=args.predictor,
                        build_kernels=False if args.no_kernels else None,
                        settings=_settings(args), cache=args.cache,
-                       progress=False if args.json else None, statistic=args.statistic)
+                       progress=False if args.json else None, statistic=args.statistic,
+                       fresh=args.fresh, on_progress=None if sys.stderr.isatty() else
+                       lambda line: print(line, file=sys.stderr, flush=True))
     calibration = result.calibration
+    reused = result.reused or {}
     if args.json:
         print(json.dumps({"folder": str(result.folder), "report": result.report,
                           "intercept": calibration.intercept, "slope": calibration.slope,
-                          "png": str(result.png) if result.png else None}, indent=1))
+                          "png": str(result.png) if result.png else None,
+                          "activated": result.activated, "warning": result.warning,
+                          "reused": reused}, indent=1))
         return 0
+    if reused.get("count"):
+        print(f"reused {reused['count']:.0f} of {reused['of']:.0f} measurements from the cache, "
+              f"taken {_age(reused['newest_s'])} to {_age(reused['oldest_s'])} ago "
+              f"(--fresh measures them anew)\n")
     print(f"accuracy on {args.holdout} held-out subnets of {args.space} measured on "
           f"{args.device}:\n")
     print(render_report(result.report))
     print(f"\ncorrection: measured {calibration.statistic} = "
           f"{math.exp(calibration.intercept):.4g} * predicted^{calibration.slope:.4f}, fitted "
           f"on {args.samples} subnets")
-    print(f"stored in {result.folder} (the nn-Meter fallback for {args.device} uses it)")
+    if result.activated:
+        print(f"stored in {result.folder} (the nn-Meter fallback for {args.device} uses it)")
+    else:
+        print(f"warning: {result.warning}\nfix: calibrate with more subnets (--samples 100 "
+              f"--holdout 20 or more), on an idle device, or with --fresh", file=sys.stderr)
+        print(f"stored in {result.folder}, NOT used as {args.device}'s fallback")
     if result.png:
         print(f"scatter: {result.png}")
     return 0
@@ -694,12 +784,21 @@ def _devices(args: argparse.Namespace) -> int:
         print(f"added {args.name} ({via} {args.ssh or args.adb or args.sim}); next: {first}"
               f"'harness devices check {args.name}'")
     elif args.action == "list":
-        print(f"{'name':<16} {'transport':<9} {'address':<28} kind")
-        print(f"{'local':<16} {'local':<9} {'this machine':<28} -")
+        from harness.pool.model_folders import local_usage
+
+        local = local_usage(home)
+        print(f"{'name':<16} {'transport':<9} {'address':<28} {'kind':<8} model folder")
+        print(f"{'local':<16} {'local':<9} {'this machine':<28} {'-':<8} "
+              f"{_mb(local['bytes'])} of {_mb(local['limit_bytes'])} ({local['models']} models)")
         for config in registry.load_devices(home).values():
             via = f" via {config.jump}" if config.jump else ""
+            folder = ("-" if config.transport == "sim" else
+                      f"up to {_mb(registry.models_limit_bytes(config.name, home))}")
             print(f"{config.name:<16} {config.transport:<9} {config.address + via:<28} "
-                  f"{config.kind or '-'}")
+                  f"{config.kind or '-':<8} {folder}")
+        print("model folders: least recently used models are removed past the limit "
+              "(models_limit_mb in devices.toml, $HARNESS_MODELS_LIMIT_MB); 'harness cache "
+              "prune --device NAME' trims one now")
     elif args.action == "remove":
         registry.remove_device(home, args.name)
         print(f"removed {args.name} (its host key stays in {registry.known_hosts_path(home)})")
@@ -800,19 +899,46 @@ def _report(args: argparse.Namespace) -> int:
 
     files = write_report(args.cache or default_cache_path(), args.out, devices=args.device,
                          space=args.space)
-    print(f"report of {files.subnets} subnets on {files.devices} devices: {files.index} "
+    print(f"report of {files.subnets} subnets (variants apart) on {files.devices} "
+          f"device{'' if files.devices == 1 else 's'}: {files.index} "
           f"(and {len(files.figures)} PNGs beside it)")
     return 0
 
 
+def _mb(count: int) -> str:
+    """A byte count in MB for people ('12.3 MB')."""
+    return f"{count / 1e6:.1f} MB"
+
+
+def _prune(args: argparse.Namespace) -> int:
+    """`harness cache prune`: each device's model folder within its limit (or --limit-mb)."""
+    from harness.paths import harness_home
+    from harness.pool.model_folders import prune
+
+    if args.limit_mb is not None and not (math.isfinite(args.limit_mb) and args.limit_mb >= 0):
+        raise InvalidArgument(f"--limit-mb {args.limit_mb} is not a size", fix="pass --limit-mb 512, "
+                                                                          "for example")
+    limit = None if args.limit_mb is None else int(args.limit_mb * 1_000_000)
+    for name in args.device or ["local"]:
+        done = prune(name, harness_home(), limit)
+        print(f"{name}: removed {done['removed']} models ({_mb(done['removed_bytes'])}); "
+              f"{done['models']} left, {_mb(done['bytes'])} of {_mb(done['limit_bytes'])}")
+    return 0
+
+
 def _cache(args: argparse.Namespace) -> int:
+    from harness.paths import harness_home
+    from harness.pool.model_folders import local_usage
     from harness.store.cache import Cache
     from harness.report.output import when
 
+    if args.action == "prune":
+        return _prune(args)
     path = args.cache or default_cache_path()
     with Cache(path) as cache:
         if args.action == "stats":
             stats = cache.stats()
+            stats["model_folders"] = {"local": local_usage(harness_home())}
             if args.json:
                 print(json.dumps(stats, indent=1))
                 return 0
@@ -827,6 +953,10 @@ def _cache(args: argparse.Namespace) -> int:
                        if row.get("odd_dates") else "")
                 print(f"    {row['device']}: {row['measurements']} measurements of "
                       f"{row['graphs']} graphs, latest {when(row['latest'])}{odd}")
+            local = stats["model_folders"]["local"]
+            print(f"  local model folder: {local['models']} models, {_mb(local['bytes'])} of "
+                  f"its {_mb(local['limit_bytes'])} limit (least recently used out past it; "
+                  f"'harness cache prune' trims now, 'harness devices list' shows every device)")
         elif args.action == "export":
             counts = cache.export_jsonl(args.file)
             print(f"exported {counts['measurement']} measurements, {counts['sample']} samples, "

@@ -22,7 +22,9 @@ ROOT = FIXTURES.parent.parent
 ADB = shutil.which("adb")
 needs_adb = pytest.mark.skipif(ADB is None or os.geteuid() != 0,
                                reason="needs Debian's adb and root (.ci/run installs adb)")
-SERVER_PORT = 15137  # a private adb server, so the tests never touch a user's own
+# A private adb server, so the tests never touch a user's own; on a free port, so two test
+# runs on one machine (two worktrees, two users) do not share one and kill it under each other.
+SERVER_PORT = testfarm.free_port()
 
 
 def adb(*args: str) -> str:

@@ -49,7 +49,8 @@ def test_a_model_file_with_dynamic_axes_is_measured_at_the_shapes_given(image_mo
     with LatencyProfiler(None, None, settings=FAST) as profiler:
         with pytest.raises(InvalidArgument) as missing:
             profiler.measure_model(image_model)
-        assert "'image'" in str(missing.value) and "--input-shape image=1x3x1x1" in str(missing.value)
+        assert "'image'" in str(missing.value) and "--input-shape image=1x3x224x224" in str(missing.value)
+        assert "inputs are image [N, 3, H, W]" in str(missing.value)
         small = profiler.measure_model(image_model, {"image": [1, 3, 16, 16]})
         large = profiler.measure_model(image_model, {"image": [2, 3, 32, 32]})
         again = profiler.measure_model(image_model.read_bytes(), {"image": [1, 3, 16, 16]})
@@ -93,7 +94,36 @@ def test_cli_sweeps_batch_and_input_size_in_one_table(home, image_model):
 def test_cli_names_the_input_a_dynamic_model_needs(home, image_model):
     proc = cli(home, "profile", "--model", str(image_model))
     assert proc.returncode == 1
-    assert "input 'image'" in proc.stderr and "fix: --input-shape image=1x3x1x1" in proc.stderr
+    assert "input 'image'" in proc.stderr and "fix: --input-shape image=1x3x224x224" in proc.stderr
+
+
+def test_cli_names_a_wrong_input_name_and_the_models_inputs(home, image_model):
+    proc = cli(home, "profile", "--model", str(image_model), "--input-shape", "inp=1x3x64x64")
+    assert proc.returncode == 1
+    assert "--input-shape names inp, which" in proc.stderr and "no size was given" not in proc.stderr
+    assert "its inputs are image [N, 3, H, W]" in proc.stderr
+    assert "fix: --input-shape image=1x3x224x224" in proc.stderr
+    # with a sweep too, whose sizes could have filled the dynamic axes
+    proc = cli(home, "profile", "--model", str(image_model), "--input-shape", "inp=1x3x64x64",
+               "--batch", "1,2", "--input-size", "8")
+    assert proc.returncode == 1 and "--input-shape names inp, which" in proc.stderr
+
+
+def test_a_shape_that_does_not_fit_names_the_static_dims(tiny_model):
+    with LatencyProfiler(None, None, settings=FAST) as profiler:
+        with pytest.raises(InvalidArgument) as wrong:
+            profiler.measure_model(tiny_model, {"input0": [1, 3, 64, 64]})
+    message = str(wrong.value)
+    assert "input 'input0'" in message and "is [1, 3, 32, 32], which 1x3x64x64 does not fit" in message
+    assert "--input-shape input0=1x3x32x32" in message
+
+
+def test_example_shapes_are_realistic():
+    from harness.export.model_file import example_shape
+    assert example_shape(["N", 3, "H", "W"]) == "1x3x224x224"
+    assert example_shape(["batch", "seq"]) == "1x128"
+    assert example_shape([1, "T", 80]) == "1x128x80"
+    assert example_shape([2, 4]) == "2x4"
 
 
 # ---------------------------------------------------------------- per-operator profile

@@ -124,7 +124,8 @@ class Page(HTMLParser):
         if tag == "body":
             self.body = attributes
         elif tag == "section" and "data-device" in attributes:
-            self._device = attributes["data-device"]
+            self._device = attributes["data-device"] + (
+                " kernels" if attributes.get("data-kind") == "kernels" else "")
             self.tables[self._device], self.headers[self._device] = [], []
         elif tag == "tbody":
             self._in_body = True
@@ -178,7 +179,7 @@ def test_report_files_and_tables(at_home, tmp_path, capsys):
     out = tmp_path / "report"
     assert report(at_home, out, "--device", "local", "board-b") == 0
     said = capsys.readouterr().out
-    assert f"report of {len(at_home.graphs)} subnets on 2 devices" in said
+    assert f"report of {len(at_home.graphs)} subnets (variants apart) on 2 devices" in said
     assert (out / "index.html").is_file()
     for name in ("devices.png", "runs.png", "calibration-1.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -311,3 +312,66 @@ def test_report_errors_are_one_line_with_a_fix(at_home, tmp_path, capsys, case, 
         assert not (out / "index.html").exists()
     if case == "missing cache":
         assert not Path(cache).exists()  # looking did not create one
+
+
+# ---------------------------------------------------------------- a mixed cache
+
+def test_report_of_a_mixed_cache_shows_every_variant_apart(home, tmp_path, dynamic_model):
+    """fp32 and int8 of a space's subnets, a model file at two shapes, an older measurement,
+    and a kernel calibration measured: a row per variant, the kernel in its own table and not
+    in the charts, true counts, and a page that fits a 1280 px screen in chromium."""
+    import torch
+
+    path = home / "cache.sqlite"
+    space = TinySpace()
+    samples = random_samples(space, 3, seed=11)
+    for precision in ("fp32", "int8-dynamic"):
+        with LatencyProfiler(space, space.dummy_input(), settings=FAST, home=home, cache=path,
+                             precision=precision) as profiler:
+            profiler.measure_many(samples, progress=False)
+    with LatencyProfiler(space, space.dummy_input(), settings=FAST, home=home, cache=path,
+                         refresh=True) as profiler:
+        profiler.measure(samples[0])  # an older measurement of a variant shown
+    with LatencyProfiler(None, None, settings=FAST, home=home, cache=path) as profiler:
+        for batch in (1, 8):
+            profiler.measure_model(dynamic_model, {"x": [batch, 4]})
+        kernel = profiler.measure_module(torch.nn.Conv2d(3, 8, 3), torch.randn(1, 3, 16, 16))
+    folder = calibrations_folder(home) / "local"
+    (folder / "kernels").mkdir(parents=True)
+    (folder / "kernels" / "kernels.json").write_text(json.dumps(
+        {"conv-bn-relu": {"conv-bn-relu_0": {"config": {}, "model": "conv",
+                                             "graph_hash": kernel.graph_hash,
+                                             "latency": f"{kernel.median} +- 0"}}}))
+
+    out = tmp_path / "report"
+    assert main(["--cache", str(path), "report", "--out", str(out)]) == 0
+    text = (out / "index.html").read_text()
+    page = Page(text)
+    variants = page.column("local", "variant")
+    assert len(variants) == 3 * 2 + 2
+    assert sorted(set(variants)) == ["fp32 1x3x32x32", "fp32 1x4", "fp32 8x4",
+                                     "int8-dynamic 1x3x32x32"]
+    assert variants.count("int8-dynamic 1x3x32x32") == 3
+    assert kernel.graph_hash[:10] not in page.column("local", "graph")
+    assert page.column("local kernels", "graph") == [kernel.graph_hash[:10]]
+    assert "8 subnet or file variants and 1 calibration kernel on 1 device (local)" in text
+    assert "Median latency of each subnet measured (8 drawn)" in text
+    assert "local: 1 older measurement of the variants shown is in the cache" in text
+    assert "1 devices" not in text
+
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed")
+    url = (out / "index.html").as_uri()
+    for query in ("", "?more"):  # the main columns, and every column
+        rendered = Page(chromium(tmp_path, url + query, "--dump-dom", "--window-size=1280,3000"))
+        assert rendered.body.get("data-images") == "ok"
+        assert int(rendered.body["data-page-width"]) <= 1280, query
+        if not query:  # every table fits without scrolling sideways
+            assert rendered.body.get("data-wide-tables") == "0"
+        assert ("more" in rendered.body.get("class", "")) == (query == "?more")
+    shot = tmp_path / "mixed.png"
+    chromium(tmp_path, url, f"--screenshot={shot}", "--window-size=1280,3000")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    kept = os.environ.get("HARNESS_REPORT_SCREENSHOT")
+    if kept:
+        shutil.copy(shot, kept)

@@ -16,7 +16,14 @@ One calibration, step by step:
    validation;
 4. report the accuracy on the held-out subnets before and after (harness.predict.accuracy), and store
    everything under $HARNESS_HOME/calibrations/<device>/, where the fallback of a
-   LatencyProfiler for that device finds it.
+   LatencyProfiler for that device finds it. A calibration whose held-out RMSPE is worse than
+   the predictor it corrects (too few training subnets, a noisy device) is stored apart, in
+   <device>/not-activated/, and never becomes the fallback: the previous calibration, if
+   any, stays in use, and a warning names both figures and the fix.
+
+Measurements already in the cache are reused (the result says how many and how old);
+`fresh=True` measures every subnet and kernel anew. Without a terminal for the progress
+bars, `on_progress` gets a line per step and per tenth of each measuring step.
 """
 import functools
 import json
@@ -26,6 +33,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +58,8 @@ from harness.spaces.mixed import SqueezeExcite
 log = logging.getLogger(__name__)
 
 KERNELS_FOLDER = "kernels"
+NOT_ACTIVATED = "not-activated"  # where a calibration worse than its raw predictor is kept
+CANDIDATE = ".candidate"          # kernel predictors being judged, before they are placed
 
 # Fewer training subnets than this give too few kernel configurations to train nn-Meter's
 # regressors on; calibration then corrects the given official predictor only.
@@ -234,17 +244,44 @@ def _measure_cut(onnx_bytes: bytes, profiler: LatencyProfiler) -> Measurement:
     return profiler.measure_model(onnx_bytes)
 
 
+ProgressLine = Callable[[str], None]
+
+
+class _Steps:
+    """Progress lines for a log or a pipe: one per tenth of a step's items, with the time
+    since the calibration started."""
+
+    def __init__(self, on_progress: Optional[ProgressLine]):
+        self.on_progress = on_progress
+        self.started = time.monotonic()
+
+    def say(self, text: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(f"calibrate: {text} ({time.monotonic() - self.started:.0f} s)")
+
+    def count(self, what: str, done: int, total: int) -> None:
+        """A line when `done` of `total` crosses a tenth (and at the end)."""
+        if total and (done == total or done * 10 // total != (done - 1) * 10 // total):
+            self.say(f"{what} {done}/{total}")
+
+
 def measure_kernels(profiler: LatencyProfiler, jobs: Sequence[_KernelJob],
-                    progress: Optional[bool] = None,
-                    statistic: str = "median") -> Dict[str, Dict[str, Dict[str, Any]]]:
+                    progress: Optional[bool] = None, statistic: str = "median",
+                    steps: Optional[_Steps] = None,
+                    collected: Optional[List[Measurement]] = None
+                    ) -> Dict[str, Dict[str, Dict[str, Any]]]:
     """Every planned kernel measured on the profiler's device (through its cache, so a rerun
     resumes): nn-Meter's builder data, {kernel type: {id: {"config", "model", "latency"
-    ("<statistic> +- std" ms)}}}."""
+    ("<statistic> +- std" ms)}}}. Each measurement is appended to `collected` if given."""
     data: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for number, job in enumerate(tqdm(
             jobs, unit="kernel", desc=f"kernels on {profiler.device}", leave=False,
             disable=(not progress) if progress is not None else None)):
         measurement = job.build(profiler)
+        if collected is not None:
+            collected.append(measurement)
+        if steps is not None:
+            steps.count("kernels measured", number + 1, len(jobs))
         data.setdefault(job.kernel_type, {})[f"{job.kernel_type}_{number}"] = {
             "config": builder_config(job.kernel_type, job.features),
             "model": job.kernel.op, "graph_hash": measurement.graph_hash,
@@ -293,6 +330,11 @@ class CalibrationResult:
     folder: Path
     holdout_points: Dict[str, List[Tuple[float, float]]]  # series -> (predicted, measured)
     png: Optional[Path]
+    # whether it became the device's fallback; when not, `warning` says why and what to do
+    activated: bool = True
+    warning: Optional[str] = None
+    # measurements reused from the cache: {"count", "of", "oldest_s", "newest_s"} (ages)
+    reused: Optional[Dict[str, float]] = None
 
     @property
     def report(self) -> Dict[str, Dict[str, float]]:
@@ -329,17 +371,43 @@ def _distinct_subnets(space: ModelSpace, dummy_input: DummyInput, count: int, se
     return chosen
 
 
+def _reused(measured: Sequence[Measurement], now: float) -> Dict[str, float]:
+    """How many of the measurements came from the cache, of how many, and their ages (s)."""
+    ages = [now - m.created_at for m in measured if m.source == "cached"]
+    return {"count": len(ages), "of": len(measured), "oldest_s": max(ages, default=0.0),
+            "newest_s": min(ages, default=0.0)}
+
+
+def _worse_than_raw(report: Mapping[str, Mapping[str, float]], raw_name: str) -> bool:
+    """Whether the correction made the held-out predictions worse than the raw predictor's
+    (a larger RMSPE)."""
+    return report["calibrated"]["rmspe"] > report[raw_name]["rmspe"]
+
+
+def _place_kernels(candidate: Path, destination: Path) -> Path:
+    """Move judged kernel predictors to where their calibration is stored."""
+    target = destination / KERNELS_FOLDER
+    destination.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(candidate, target)
+    return target
+
+
 def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: int,
               holdout: int = 20, *, space_name: str = "", seed: int = 0,
               predictor: Union[str, Path, None] = None, build_kernels: Optional[bool] = None,
               settings: Optional[Mapping[str, Any]] = None,
               home: Union[str, Path, None] = None, cache: Any = None,
               plot: bool = True, progress: Optional[bool] = None,
-              statistic: str = "median") -> CalibrationResult:
-    """Calibrate nn-Meter to `device` (see the module docstring); returns what was stored.
-    `statistic`: which statistic of the device's runs the kernels and the correction are
-    fitted to and predict (the median; the minimum is the steadier one on a device that
-    shares its CPU with other work, whose interference only ever adds time)."""
+              statistic: str = "median", fresh: bool = False,
+              on_progress: Optional[ProgressLine] = None) -> CalibrationResult:
+    """Calibrate nn-Meter to `device` (see the module docstring); returns what was stored
+    and whether it became the device's fallback. `statistic`: which statistic of the
+    device's runs the kernels and the correction are fitted to and predict (the median; the
+    minimum is the steadier one on a device that shares its CPU with other work, whose
+    interference only ever adds time). `fresh`: measure anew instead of reusing the cache.
+    `on_progress`: called with a line per step (for a log or a pipe, where no bar shows)."""
     import_nn_meter()
     if statistic not in STATISTICS:
         raise PredictorError(f"unknown statistic {statistic!r}",
@@ -355,10 +423,12 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
                              "predictor was given to correct",
                              fix=f"pass --samples {MIN_SUBNETS_FOR_KERNELS} or more, or "
                                  "--predictor NAME_OR_FOLDER")
+    steps = _Steps(on_progress)
     official = load_predictor(predictor) if predictor is not None else None
     folder = calibrations_folder(home) / device
     folder.mkdir(parents=True, exist_ok=True)
 
+    steps.say(f"exporting {samples} training and {holdout} held-out subnets")
     with tempfile.TemporaryDirectory(prefix=".rules-", dir=folder) as scratch:
         rules = Path(scratch) / FUSION_RULES
         rules.write_text(json.dumps(ORT_CPU_FUSION_RULES))
@@ -372,17 +442,28 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     # Every kernel the device predictors need is known to be measurable before the device
     # spends any time (a KernelError names the one that is not).
     jobs = plan_kernels([s.kernels["device"] for s in train]) if build_kernels else []
+    candidate = folder / CANDIDATE
     with LatencyProfiler(space, dummy_input, device, settings=settings, home=home,
-                         cache=cache) as profiler:
-        measured = profiler.measure_many([subnet.sample for subnet in subnets],
-                                         progress=progress)
+                         cache=cache, refresh=fresh) as profiler:
+        measured: List[Measurement] = []
+        # in tenths when progress lines are wanted, else at once (one bar, export ahead)
+        chunk = max(1, math.ceil(len(subnets) / 10)) if on_progress else len(subnets)
+        for first in range(0, len(subnets), chunk):
+            measured += profiler.measure_many([subnet.sample for subnet in
+                                               subnets[first:first + chunk]], progress=progress)
+            steps.count("subnets measured", len(measured), len(subnets))
         truth = [m.statistic(statistic) for m in measured]
+        kernel_measured: List[Measurement] = []
         if build_kernels:
-            kernel_data = measure_kernels(profiler, jobs, progress, statistic)
-            base = load_predictor(build_kernel_predictors(kernel_data, folder / KERNELS_FOLDER))
+            kernel_data = measure_kernels(profiler, jobs, progress, statistic, steps,
+                                          kernel_measured)
+            steps.say(f"training kernel predictors on {len(jobs)} kernels")
+            candidate.mkdir(exist_ok=True)
+            base = load_predictor(build_kernel_predictors(kernel_data, candidate / KERNELS_FOLDER))
         else:
             base = official  # type: ignore[assignment]
         identity = profiler.identify()  # the device every measurement was stored under
+    reused = _reused(measured + kernel_measured, time.time())
     assert base is not None
     base_kernels = "device" if build_kernels else "official"
     raw = [base.predict_kernels(subnet.kernels[base_kernels]) for subnet in subnets]
@@ -403,19 +484,37 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     if official is not None:
         series[f"nn-Meter {official.name}"] = [official.predict_kernels(subnet.kernels["official"])
                                                for subnet in held]
-    series[f"nn-Meter {'device kernels' if build_kernels else base.name}"] = raw[samples:]
+    raw_name = f"nn-Meter {'device kernels' if build_kernels else base.name}"
+    series[raw_name] = raw[samples:]
     series["calibrated"] = [calibration.correct(value) for value in raw[samples:]]
     calibration.report = {name: accuracy_metrics(values, held_truth)
                           for name, values in series.items()}
-    calibration.save(folder)
+    warning = None
+    destination = folder
+    if _worse_than_raw(calibration.report, raw_name):
+        destination = folder / NOT_ACTIVATED
+        fixed, worse = calibration.report[raw_name], calibration.report["calibrated"]
+        warning = (f"the calibration of {device} made held-out predictions worse than "
+                   f"{raw_name} (RMSPE {worse['rmspe']:.1f}% against {fixed['rmspe']:.1f}%, "
+                   f"within +-10% {worse['acc10']:.0%} against {fixed['acc10']:.0%}, on "
+                   f"{holdout} held-out subnets after {samples} training ones): stored in "
+                   f"{destination}, not made {device}'s fallback")
+        log.warning("%s", warning)
+    elif (folder / NOT_ACTIVATED).exists():
+        shutil.rmtree(folder / NOT_ACTIVATED)  # superseded by one that is in use
+    if build_kernels:
+        calibration.base_predictor = str(_place_kernels(candidate / KERNELS_FOLDER, destination))
+    shutil.rmtree(candidate, ignore_errors=True)
+    calibration.save(destination)
     points = {name: list(zip(values, held_truth)) for name, values in series.items()}
-    (folder / "training.json").write_text(json.dumps(
+    (destination / "training.json").write_text(json.dumps(
         {"samples": [sample_key(subnet.sample) for subnet in train], "measured_ms": truth[:samples],
          "predicted_ms": raw[:samples]}, indent=1))
-    (folder / "holdout.json").write_text(json.dumps(
+    (destination / "holdout.json").write_text(json.dumps(
         {"samples": [sample_key(subnet.sample) for subnet in held], "measured_ms": held_truth,
          "predicted_ms": series}, indent=1))
-    png = save_scatter(points, folder / "accuracy.png",
+    png = save_scatter(points, destination / "accuracy.png",
                        f"nn-Meter on {device}: {holdout} held-out subnets") if plot else None
-    log.info("calibration of %s stored in %s", device, folder)
-    return CalibrationResult(calibration, folder, points, png)
+    log.info("calibration of %s stored in %s", device, destination)
+    return CalibrationResult(calibration, destination, points, png, activated=warning is None,
+                             warning=warning, reused=reused)

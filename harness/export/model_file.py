@@ -60,35 +60,48 @@ class ModelFile:
     def exported(self) -> ExportedModel:
         return ExportedModel(self.onnx_bytes, self.graph_hash)
 
-    def resolved_shapes(self, given: Optional[Mapping[str, Sequence[int]]]) -> Dict[str, List[int]]:
-        """Every input's concrete shape: its static dims, with `given` for the dynamic ones
-        (and for static ones it repeats). InvalidArgument names an input left unsized, a name the
-        model does not have, or a size that contradicts the model."""
-        given = {name: list(dims) for name, dims in (given or {}).items()}
+    def describe_inputs(self) -> str:
+        """The inputs as a user reads them: each name with its dims, static ones as numbers
+        and dynamic ones by their symbol (`input [N, 3, H, W]`)."""
+        return ", ".join(f"{i.name} [{', '.join(map(str, i.dims))}]" for i in self.inputs)
+
+    def check_names(self, given: Mapping[str, object]) -> None:
+        """InvalidArgument when `given` names an input the model does not have (a typo would
+        otherwise read as a size never given)."""
         names = [i.name for i in self.inputs]
         stray = sorted(set(given) - set(names))
         if stray:
-            raise InvalidArgument(f"--input-shape names {', '.join(stray)}, but {self.origin}'s "
-                             f"inputs are {', '.join(names)}",
-                             fix=f"name one of: {', '.join(names)}")
+            raise InvalidArgument(f"--input-shape names {', '.join(stray)}, which {self.origin} has "
+                             f"no input of; its inputs are {self.describe_inputs()}",
+                             fix=" ".join(f"--input-shape {i.name}={example_shape(i.dims)}"
+                                          for i in self.inputs))
+
+    def resolved_shapes(self, given: Optional[Mapping[str, Sequence[int]]]) -> Dict[str, List[int]]:
+        """Every input's concrete shape: its static dims, with `given` for the dynamic ones
+        (and for static ones it repeats). InvalidArgument names an input left unsized, a name the
+        model does not have, or a size that contradicts the model, with the model's inputs
+        and a realistic shape to type."""
+        given = {name: list(dims) for name, dims in (given or {}).items()}
+        self.check_names(given)
         shapes: Dict[str, List[int]] = {}
         for item in self.inputs:
             shape = given.get(item.name)
             dynamic = [d for d in item.dims if not isinstance(d, int)]
-            example = "x".join(str(d if isinstance(d, int) else 1) for d in item.dims)
+            fix = f"--input-shape {item.name}={example_shape(item.dims)}"
             if shape is None:
                 if dynamic:
                     raise InvalidArgument(f"input {item.name!r} of {self.origin} has dynamic axes "
-                                     f"{', '.join(map(str, dynamic))} (shape {list(item.dims)})"
-                                     f" and no size was given for it",
-                                     fix=f"--input-shape {item.name}={example}")
+                                     f"{', '.join(map(str, dynamic))} and no size was given for "
+                                     f"it; the model's inputs are {self.describe_inputs()}",
+                                     fix=fix)
                 shape = list(item.dims)
             elif len(shape) != len(item.dims) or any(
                     isinstance(d, int) and d != s for d, s in zip(item.dims, shape)) or \
                     any(s < 1 for s in shape):
-                raise InvalidArgument(f"input {item.name!r} of {self.origin} has shape "
-                                 f"{list(item.dims)}, which {'x'.join(map(str, shape))} does "
-                                 f"not fit", fix=f"--input-shape {item.name}={example}")
+                raise InvalidArgument(f"input {item.name!r} of {self.origin} is "
+                                 f"[{', '.join(map(str, item.dims))}], which "
+                                 f"{'x'.join(map(str, shape))} does not fit; the model's inputs "
+                                 f"are {self.describe_inputs()}", fix=fix)
             shapes[item.name] = [int(s) for s in shape]
         return shapes
 
@@ -96,6 +109,23 @@ class ModelFile:
         """The input signature (part of the cache key) at these shapes."""
         return [{"name": i.name, "shape": list(shapes[i.name]), "dtype": i.dtype}
                 for i in self.inputs]
+
+
+def example_shape(dims: Sequence[Union[int, str]]) -> str:
+    """A realistic shape to suggest for an input declared with `dims`: its static dims as
+    they are; a dynamic first axis (the batch) 1; the last two dynamic axes of a 4-D input
+    (an image's height and width) 224; any other dynamic axis 128 (a sequence's length)."""
+    shape = []
+    for position, dim in enumerate(dims):
+        if isinstance(dim, int):
+            shape.append(dim)
+        elif position == 0:
+            shape.append(1)
+        elif len(dims) == 4 and position >= 2:
+            shape.append(224)
+        else:
+            shape.append(128)
+    return "x".join(map(str, shape))
 
 
 def load_model(source: ModelSource) -> ModelFile:

@@ -4,7 +4,9 @@ Every metric of harness implements it (latency on a device, nn-Meter predictions
 parameters, lookup tables), so a search takes any of them.
 """
 from abc import ABC, abstractmethod
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
+
+P = TypeVar("P", bound="Profiler")
 
 
 class Profiler(ABC):
@@ -17,7 +19,7 @@ class Profiler(ABC):
     def close(self) -> None:
         """Release what the profiler holds (devices, files); nothing by default."""
 
-    def __enter__(self) -> "Profiler":
+    def __enter__(self: P) -> P:
         return self
 
     def __exit__(self, *exc: object) -> None:

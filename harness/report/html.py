@@ -18,8 +18,10 @@ architectures, flags) is HTML-escaped. Files are written only inside the output 
 must be a real folder (a symbolic link or a file is refused), files are opened relative to it
 and replaced whole (a symbolic link planted in it is replaced, never followed).
 
-Each device's newest measurement of each subnet is shown (a subnet is a graph hash on an
-input shape); the older ones are counted.
+Each device's newest measurement of each variant of each subnet or model file is a row (a
+variant: precision, input shape and batch, provider); the older ones are counted. The charts
+draw the user's subnets and files; the one-kernel models `harness calibrate` measured (their
+graph hashes are in each calibration's kernels.json) have their own table.
 """
 import base64
 import html
@@ -38,10 +40,10 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequ
 
 from devices.registry import NAME_PATTERN
 from harness.store.cache import Cache
-from harness.store.key import canonical_json
+from harness.store.key import MeasurementKey, canonical_json
 from harness.errors import HarnessError
 from harness.store.measurement import Measurement
-from harness.report.output import describe_choices, shortened, when
+from harness.report.output import describe_choices, shortened, variant_of, when
 from harness.paths import harness_home
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,17 @@ class SubnetResult:
     measurement: Measurement
     architecture: Optional[str] = None  # the choices of a sample that builds it, shortened
     macs: Optional[float] = None        # multiply-accumulates, when a space was given
+    kernel: bool = False                # a one-kernel model calibration measured
+
+    @property
+    def variant(self) -> str:
+        """Precision, provider (other than the CPU's) and input shapes: 'int8-static 1x3x32x32'."""
+        return variant_of(self.measurement)
 
     @property
     def subnet(self) -> Tuple[str, str]:
-        return self.graph_hash, self.input_sig
+        """What a row and a chart's point stand for: a graph at one variant."""
+        return self.graph_hash, self.variant
 
 
 @dataclass(frozen=True)
@@ -128,8 +137,15 @@ class ReportData:
     def device_names(self) -> List[str]:
         return [device.name for device in self.devices]
 
-    def by_device(self, device: str) -> List[SubnetResult]:
-        return [r for r in self.results if r.device == device]
+    def by_device(self, device: str, kernels: bool = False) -> List[SubnetResult]:
+        """The device's rows: of the user's subnets and files, or (`kernels`) of the one-kernel
+        models calibration measured."""
+        return [r for r in self.results if r.device == device and r.kernel == kernels]
+
+    @property
+    def user_results(self) -> List[SubnetResult]:
+        """What the charts draw: every row but calibration's kernels."""
+        return [r for r in self.results if not r.kernel]
 
 
 @dataclass(frozen=True)
@@ -169,7 +185,7 @@ def collect(cache_path: Union[str, Path], devices: Optional[Sequence[str]] = Non
         if unknown:
             raise ReportError(f"no measurement of device {unknown[0]!r} in {path}",
                               fix=f"pass --device with one of: {', '.join(known)}")
-        rows = cache.newest_measurements(chosen)
+        rows = _newest_per_variant(cache.newest_measurements(chosen))
         index = cache.sample_index()
 
     notes: List[str] = []
@@ -186,12 +202,14 @@ def collect(cache_path: Union[str, Path], devices: Optional[Sequence[str]] = Non
                               fix="profile the space first (harness profile --space "
                                   f"{space}), or leave --space out")
     samples = wanted if wanted is not None else _any_sample(index)
+    kernels = _calibration_kernels(home)
     results = []
     for key, m in rows:
         sample = samples.get((key.graph_hash, key.input_sig))
         results.append(SubnetResult(m.device, key.graph_hash, key.input_sig, m,
                                     _describe(describe, sample),
-                                    macs.get((key.graph_hash, key.input_sig))))
+                                    macs.get((key.graph_hash, key.input_sig)),
+                                    kernel=key.graph_hash in kernels and sample is None))
     if describe is describe_choices:
         notes.append("Architectures are the choices of one sample that builds each subnet, "
                      "each label by its initials and numbers, grouped by its first part: "
@@ -207,17 +225,58 @@ def collect(cache_path: Union[str, Path], devices: Optional[Sequence[str]] = Non
             notes.append(f"{name} measured none of the subnets shown.")
             continue
         stored = counts.get(name, len(mine))
-        summaries.append(DeviceSummary(name, _describe_device(mine[-1].measurement), len(mine),
-                                       stored, max(r.measurement.created_at for r in mine)))
+        summaries.append(DeviceSummary(name, _describe_device(mine[-1].measurement),
+                                       sum(not r.kernel for r in mine), stored,
+                                       max(r.measurement.created_at for r in mine)))
         if stored > len(mine):
-            notes.append(f"{name}: {stored - len(mine)} older measurements of the same subnets "
-                         f"are in the cache; each subnet shows its newest.")
+            notes.append(f"{name}: {_count(stored - len(mine), 'older measurement')} of the "
+                         f"variants shown {'is' if stored - len(mine) == 1 else 'are'} in the "
+                         f"cache; each row shows the newest.")
     data = ReportData(path, summaries, results, space, space is not None,
                       _calibrations([s.name for s in summaries], home, notes),
                       operator_costs(path, results), notes)
     log.info("report of %d subnets on %d devices from %s", len({r.subnet for r in results}),
              len(summaries), path)
     return data
+
+
+def _count(number: int, thing: str) -> str:
+    """'1 device', '3 devices'."""
+    return f"{number} {thing}{'' if number == 1 else 's'}"
+
+
+def _newest_per_variant(rows: Sequence[Tuple[MeasurementKey, Measurement]]
+                        ) -> List[Tuple[MeasurementKey, Measurement]]:
+    """One row per device, graph, input shapes and variant settings (precision, its
+    calibration inputs, provider and its options): the newest of those measured with other
+    timing settings. `rows` are in the order they were stored."""
+    newest: Dict[Tuple[str, ...], Tuple[MeasurementKey, Measurement]] = {}
+    for key, m in rows:
+        settings = m.settings
+        variant = (m.device, key.graph_hash, key.input_sig, str(settings.get("precision") or "fp32"),
+                   str(settings.get("calibration")), str(settings.get("provider")),
+                   canonical_json(settings.get("provider_options")))
+        newest.pop(variant, None)
+        newest[variant] = (key, m)  # re-inserted: the dict keeps the order they were stored
+    return list(newest.values())
+
+
+def _calibration_kernels(home: Union[str, Path, None]) -> Set[str]:
+    """The graph hashes of the one-kernel models `harness calibrate` measured, from every
+    calibration's kernels.json (in use or not activated)."""
+    from harness.predict.calibration import calibrations_folder
+
+    found: Set[str] = set()
+    folder = calibrations_folder(home)
+    for path in [*folder.glob("*/kernels/kernels.json"),
+                 *folder.glob("*/not-activated/kernels/kernels.json")]:
+        try:
+            data = json.loads(path.read_text())
+            found.update(str(item["graph_hash"]) for items in data.values()
+                         for item in items.values() if isinstance(item, dict) and "graph_hash" in item)
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("cannot read the kernels of %s: %s", path, exc)
+    return found
 
 
 def operator_costs(cache_path: Path, results: Sequence[SubnetResult]) -> List[OperatorCost]:
@@ -512,26 +571,29 @@ def _subnet_axes(axes: Any, subnets: Sequence[Tuple[str, str]], values: Sequence
     axes.set_ylim(-0.6, len(subnets) - 0.4)
     _latency_axis(axes, values)
     axes.set_xlabel(xlabel)
-    axes.set_ylabel("subnet (graph hash)")
+    axes.set_ylabel("subnet or file (graph hash)")
     axes.set_title(title)
     axes.legend(fontsize=8, loc="lower right")
 
 
 def _row_labels(subnets: Sequence[Tuple[str, str]]) -> List[str]:
-    return [graph[:SHORT_HASH] for graph, _ in subnets]
+    """A chart's row: the graph's short hash, and its variant when the chart has several."""
+    several = len({variant for _, variant in subnets}) > 1
+    return [f"{graph[:SHORT_HASH]} {variant}" if several else graph[:SHORT_HASH]
+            for graph, variant in subnets]
 
 
 def _across_devices(plt: Any, data: ReportData) -> Tuple[Optional[Figure], str]:
     """The same subnets on every device: medians with their 95% interval, one row each."""
     devices = data.device_names
     on: Dict[Tuple[str, str], Dict[str, Measurement]] = {}
-    for r in data.results:
+    for r in data.user_results:
         on.setdefault(r.subnet, {})[r.device] = r.measurement
     shared = [s for s, by in on.items() if len(by) >= 2] if len(devices) > 1 else list(on)
     if not shared:
         return None, "No subnet was measured on more than one of the devices shown."
-    chosen = _recent(data.results, shared, MAX_COMPARED_SUBNETS)
-    subnets = _ordered_subnets(data.results, devices, chosen)
+    chosen = _recent(data.user_results, shared, MAX_COMPARED_SUBNETS)
+    subnets = _ordered_subnets(data.user_results, devices, chosen)
     colors = _colors(plt, devices)
     figure, axes = plt.subplots(figsize=(9, 1.2 + 0.3 * len(subnets) * max(1, len(devices) / 2)))
     step = 0.7 / max(len(devices), 1)
@@ -572,16 +634,18 @@ def _horizontal_boxplot(axes: Any, values: List[List[float]], **options: Any) ->
 def _runs(plt: Any, data: ReportData) -> Tuple[Optional[Figure], str]:
     """Box plots of every raw run of the most recent subnets, one box per device."""
     devices = data.device_names
-    everything = {r.subnet for r in data.results}
-    chosen = _recent(data.results, everything, MAX_RUN_SUBNETS)
-    subnets = _ordered_subnets(data.results, devices, chosen)
+    everything = {r.subnet for r in data.user_results}
+    if not everything:
+        return None, "Nothing but calibration's kernels was measured on the devices shown."
+    chosen = _recent(data.user_results, everything, MAX_RUN_SUBNETS)
+    subnets = _ordered_subnets(data.user_results, devices, chosen)
     colors = _colors(plt, devices)
     row = {s: i for i, s in enumerate(subnets)}
     figure, axes = plt.subplots(figsize=(9, 1.2 + 0.3 * len(subnets) * max(1, len(devices) / 2)))
     step = 0.7 / max(len(devices), 1)
     values: List[float] = []
     for d, device in enumerate(devices):
-        mine = [r for r in data.results if r.device == device and r.subnet in row]
+        mine = [r for r in data.user_results if r.device == device and r.subnet in row]
         if not mine:
             continue
         positions = [row[r.subnet] + (d - (len(devices) - 1) / 2) * step for r in mine]
@@ -607,7 +671,7 @@ def _runs(plt: Any, data: ReportData) -> Tuple[Optional[Figure], str]:
 
 def _against_flops(plt: Any, data: ReportData) -> Tuple[Optional[Figure], str]:
     """Median latency against MACs, one series per device."""
-    known = [r for r in data.results if r.macs is not None]
+    known = [r for r in data.user_results if r.macs is not None]
     if not data.macs_counted:
         return None, ("FLOPs are not stored in the cache: pass --space MODULE:ATTR to count "
                       "them for the subnets of that space.")
@@ -635,7 +699,7 @@ def _against_flops(plt: Any, data: ReportData) -> Tuple[Optional[Figure], str]:
     axes.set_title(f"Latency against FLOPs ({_plain(data.space or '')})")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    missing = len(data.results) - len(known)
+    missing = len(data.user_results) - len(known)
     caption = ("Median latency (with its 95% interval) against the multiply-accumulates of "
                "each subnet, counted by harness.metrics.counting." +
                (f" {missing} results have no FLOPs." if missing else ""))
@@ -721,12 +785,23 @@ def _cell(text: str, value: Optional[Union[float, str]] = None, title: Optional[
 
 
 def _table(columns: Sequence[Tuple[str, str, str]], rows: Sequence[str], caption: str) -> str:
-    """A sortable table: columns are (sort key, header text, 'num' or 'text')."""
+    """A sortable table: columns are (sort key, header text, 'num' or 'text', optionally
+    followed by ' more' for a column shown only when the reader asks for more)."""
     head = "".join(f'<th data-key="{_e(key)}" class="{kind}" aria-sort="none" tabindex="0">'
                    f"{_e(text)}</th>" for key, text, kind in columns)
     title = f"<caption>{_e(caption)}</caption>" if caption else ""
     return (f'<div class="scroll"><table class="sortable">{title}<thead><tr>{head}</tr>'
             f'</thead><tbody>{"".join(rows)}</tbody></table></div>')
+
+
+# The columns of a device's table: those that matter first; p90, IQR, CV and the date behind
+# the page's "more columns" toggle (class "more"), so a table fits a 1280 px screen.
+SUBNET_COLUMNS = [("graph", "graph", "text"), ("arch", "architecture", "text"),
+                  ("variant", "variant", "text"), ("median", "median ms", "num"),
+                  ("ci", "95% CI of median ms", "num"), ("n", "n", "num"),
+                  ("source", "source", "text"), ("flags", "flags", "text"),
+                  ("p90", "p90 ms", "num more"), ("iqr", "IQR ms", "num more"),
+                  ("cv", "CV", "num more"), ("measured", "measured", "num more")]
 
 
 def _subnet_row(r: SubnetResult, with_macs: bool) -> str:
@@ -735,42 +810,44 @@ def _subnet_row(r: SubnetResult, with_macs: bool) -> str:
     architecture = r.architecture or ""
     short = shortened(architecture, SHORT_ARCHITECTURE)
     cells = [_cell(r.graph_hash[:SHORT_HASH], r.graph_hash, title=r.graph_hash, css="mono"),
-             _cell(short or "-", architecture, title=architecture or "not in the sample index",
-                   css="arch")]
+             _cell(short or "-", architecture, title=architecture or "not in the sample index "
+                   "(a model file, or a kernel)", css="arch")]
     if with_macs:
         cells.append(_cell(f"{r.macs / 1e6:.1f}" if r.macs is not None else "-",
                            r.macs if r.macs is not None else ""))
     flags = "; ".join(m.flags) or "ok"
-    cells += [_cell(str(m.n), m.n), _cell(f"{m.median:.3f}", m.median),
-              _cell(f"{m.p90:.3f}", m.p90), _cell(f"{m.iqr:.3f}", m.iqr),
-              _cell(f"{m.cv:.1%}", m.cv),
+    cells += [_cell(r.variant, r.variant, css="t"), _cell(f"{m.median:.3f}", m.median),
               _cell(f"{low:.3f}\u2013{high:.3f}", high - low,
                     title="95% interval of the median; sorts by its width"),
-              _cell(when(m.created_at), m.created_at), _cell(m.source, m.source, css="t"),
-              _cell(flags, flags, css="t flags" if m.flags else "t")]
+              _cell(str(m.n), m.n), _cell(m.source, m.source, css="t"),
+              _cell(flags, flags, css="t flags" if m.flags else "t"),
+              _cell(f"{m.p90:.3f}", m.p90, css="more"), _cell(f"{m.iqr:.3f}", m.iqr, css="more"),
+              _cell(f"{m.cv:.1%}", m.cv, css="more"),
+              _cell(when(m.created_at), m.created_at, css="more")]
     return f"<tr>{''.join(cells)}</tr>"
 
 
-def _device_table(data: ReportData, device: DeviceSummary) -> str:
-    results = data.by_device(device.name)
+def _device_table(data: ReportData, device: DeviceSummary, kernels: bool = False) -> str:
+    """A device's rows (or, with `kernels`, its calibration kernels' rows) as a sortable table."""
+    results = data.by_device(device.name, kernels)
+    if not results:
+        return ""
     with_macs = any(r.macs is not None for r in results)
-    columns = [("graph", "graph", "text"), ("arch", "architecture", "text")]
-    if with_macs:
-        columns.append(("mmacs", "MMACs", "num"))
-    columns += [("n", "n", "num"), ("median", "median ms", "num"), ("p90", "p90 ms", "num"),
-                ("iqr", "IQR ms", "num"), ("cv", "CV", "num"),
-                ("ci", "95% CI of median ms", "num"), ("measured", "measured", "num"),
-                ("source", "source", "text"), ("flags", "flags", "text")]
+    columns = SUBNET_COLUMNS[:2] + ([("mmacs", "MMACs", "num")] if with_macs else []) + \
+        SUBNET_COLUMNS[2:]
     rows = [_subnet_row(r, with_macs) for r in results]
-    return (f'<section class="device" data-device="{_e(device.name)}">'
+    what = (_count(len(rows), "calibration kernel") if kernels else
+            f"{_count(len(rows), 'subnet or file variant')} (a row each)")
+    section = "kernels" if kernels else "device"
+    return (f'<section class="{section}" data-device="{_e(device.name)}" data-kind="{section}">'
             f"<h3>{_e(device.name)}</h3><p>{_e(device.description)}</p>"
-            + _table(columns, rows, f"{len(rows)} subnets measured on {device.name}") +
+            + _table(columns, rows, f"{what} measured on {device.name}") +
             "</section>")
 
 
 def _devices_table(data: ReportData) -> str:
     columns = [("device", "device", "text"), ("what", "what it is", "text"),
-               ("subnets", "subnets shown", "num"), ("measurements", "measurements", "num"),
+               ("subnets", "rows shown (kernels apart)", "num"), ("measurements", "measurements", "num"),
                ("latest", "latest", "num")]
     rows = [f"<tr>{_cell(d.name, d.name)}{_cell(d.description, d.description, css='t')}"
             f"{_cell(str(d.subnets), d.subnets)}{_cell(str(d.measurements), d.measurements)}"
@@ -826,6 +903,9 @@ td.mono{font-family:ui-monospace,Menlo,Consolas,monospace}td.arch{font-family:ui
  Consolas,monospace;font-size:12px}td.flags{color:#a33}
 .scroll{overflow-x:auto}figure.small img{max-width:480px}
 ul.notes{color:#444}
+td.flags{white-space:normal;min-width:160px;max-width:300px;font-size:12px}
+.more{display:none}body.more .more{display:table-cell}
+label.toggle{color:#333;font-size:13px;cursor:pointer}
 """
 
 # Sorts a table on a click of its header (again: the other way); `?sort=KEY[&desc]` sorts every
@@ -870,7 +950,22 @@ Array.prototype.forEach.call(document.querySelectorAll('table.sortable'), functi
   });
   document.body.setAttribute('data-sorted', wanted);
 })();
+(function () {
+  var toggle = document.getElementById('more-columns');
+  if (toggle) toggle.addEventListener('change', function () {
+    document.body.classList.toggle('more', toggle.checked);
+  });
+  if (new URLSearchParams(window.location.search).has('more')) {
+    document.body.classList.add('more');
+    if (toggle) toggle.checked = true;
+  }
+})();
 window.addEventListener('load', function () {
+  var wide = Array.prototype.filter.call(document.querySelectorAll('div.scroll'), function (d) {
+    return d.scrollWidth > d.clientWidth;
+  });
+  document.body.setAttribute('data-page-width', document.documentElement.scrollWidth);
+  document.body.setAttribute('data-wide-tables', wide.length);
   var images = Array.prototype.slice.call(document.images);
   images.forEach(function (img) { img.setAttribute('data-natural-width', img.naturalWidth); });
   var ok = images.every(function (img) { return img.complete && img.naturalWidth > 0; });
@@ -888,14 +983,17 @@ def render_html(data: ReportData, figures: Sequence[Figure],
         figure = by_name.get(name)
         return _img(figure) if figure is not None else f'<p class="note">{_e(texts[name])}</p>'
 
-    subnets = len({r.subnet for r in data.results})
+    subnets = len({r.subnet for r in data.user_results})
+    kernels = len({r.subnet for r in data.results if r.kernel})
     devices = ", ".join(data.device_names)
-    meta = (f"{subnets} subnets on {len(data.devices)} devices ({devices}) from "
-            f"{data.cache_path}" + (f", space {data.space}" if data.space else "") +
-            f"; made {when(time.time())}")
+    meta = (f"{_count(subnets, 'subnet or file variant')}"
+            + (f" and {_count(kernels, 'calibration kernel')}" if kernels else "")
+            + f" on {_count(len(data.devices), 'device')} ({devices}) from {data.cache_path}"
+            + (f", space {data.space}" if data.space else "") + f"; made {when(time.time())}")
     notes = list(data.notes)
-    notes.append("Each subnet (a graph hash on an input shape) shows its newest measurement "
-                 "on each device.")
+    notes.append("Each row is a subnet (a graph hash) or a model file at one variant "
+                 "(precision, provider, input shape and batch), with its newest measurement "
+                 "on its device.")
     if not data.operators:
         notes.append("No per-operator breakdown: nothing in this cache is measured per "
                      "operator.")
@@ -911,8 +1009,16 @@ def render_html(data: ReportData, figures: Sequence[Figure],
         sections.append("<section><h2>Per operator</h2>" + figure_or_note("operators.png") +
                         "</section>")
     sections.append("<section><h2>Subnets by device</h2><p class=\"note\">Click a column's "
-                    "header to sort by it (again to reverse). Times in ms.</p>" +
+                    "header to sort by it (again to reverse). Times in ms. "
+                    "<label class=\"toggle\"><input type=\"checkbox\" id=\"more-columns\"> "
+                    "more columns (p90, IQR, CV, date)</label></p>" +
                     "".join(_device_table(data, d) for d in data.devices) + "</section>")
+    if kernels:
+        sections.append("<section><h2>Calibration kernels</h2><p class=\"note\">The one-kernel "
+                        "models harness calibrate measured to train its kernel predictors; "
+                        "not drawn in the charts above.</p>" +
+                        "".join(_device_table(data, d, kernels=True) for d in data.devices) +
+                        "</section>")
     sections.append("<section><h2>About this report</h2><ul class=\"notes\">" +
                     "".join(f"<li>{_e(note)}</li>" for note in notes) + "</ul></section>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -954,4 +1060,4 @@ def write_report(cache_path: Union[str, Path], out: Union[str, Path],
     finally:
         folder.close()
     return ReportFiles(folder.path, index, written, len(data.devices),
-                       len({r.subnet for r in data.results}))
+                       len({r.subnet for r in data.user_results}))

@@ -87,6 +87,12 @@ def when(stamp: Optional[float]) -> str:
         return "unknown"
 
 
+def iso_date(stamp: float) -> str:
+    """A Unix time as ISO 8601 in UTC, to the second ('2026-12-04T21:45:57Z'), beside the
+    epoch seconds in JSON output."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
 def interval_of(measurement: Measurement) -> Optional[Tuple[float, float]]:
     """The 95% interval of a measured median, or a prediction's own interval (None when the
     predictor gives none)."""
@@ -98,17 +104,27 @@ def interval_of(measurement: Measurement) -> Optional[Tuple[float, float]]:
     return (low, high) if math.isfinite(low) and math.isfinite(high) else None
 
 
+def shapes_of(measurement: Measurement) -> str:
+    """The input shapes a result was measured at ('1x3x160x160', inputs apart by spaces)."""
+    return " ".join("x".join(map(str, item.get("shape", []))) for item in measurement.input_signature
+                    if isinstance(item, Mapping))
+
+
+def variant_name(precision: str, shapes: str, provider: Optional[str] = None) -> str:
+    """A variant as the table shows it: the precision, a provider other than the CPU's, and
+    the input shapes ('int8-static 1x3x160x160')."""
+    parts = [precision]
+    if provider and provider != "CPUExecutionProvider":
+        parts.append(provider.replace("ExecutionProvider", ""))
+    return " ".join(parts + ([shapes] if shapes else []))
+
+
 def variant_of(measurement: Measurement) -> str:
     """What sets a result apart from others of the same graph in one command: its precision,
     a provider other than the CPU's, and its input shapes ('int8-static 1x3x160x160')."""
     settings = measurement.settings
-    parts = [str(settings.get("precision") or "fp32")]
-    provider = str(settings.get("provider") or "CPUExecutionProvider")
-    if provider != "CPUExecutionProvider":
-        parts.append(provider.replace("ExecutionProvider", ""))
-    parts += ["x".join(map(str, item.get("shape", []))) for item in measurement.input_signature
-              if isinstance(item, Mapping)]
-    return " ".join(parts)
+    return variant_name(str(settings.get("precision") or "fp32"), shapes_of(measurement),
+                        str(settings.get("provider") or "CPUExecutionProvider"))
 
 
 def result_row(index: int, sample: Any, measurement: Measurement, arch: str) -> Dict[str, Any]:
@@ -141,6 +157,7 @@ def json_row(row: Mapping[str, Any], measurement: Measurement, raw: bool) -> Dic
     data.update(settings=measurement.settings, device_fingerprint=measurement.device_fingerprint,
                 agent_version=measurement.agent_version, input_signature=list(
                     measurement.input_signature), created_at=measurement.created_at,
+                created=iso_date(measurement.created_at),
                 provenance=measurement.provenance.to_dict(),
                 memory=None if measurement.memory is None else asdict(measurement.memory),
                 ops=None if measurement.ops is None else dict(
@@ -159,6 +176,9 @@ def write_jsonl(stream: IO[str], rows: Sequence[Mapping[str, Any]],
                  + "\n")
 
 
+CSV_DECIMALS = 6  # ms to the nanosecond: no float noise (3.9334065000000002) in a CSV
+
+
 def write_csv(stream: IO[str], rows: Sequence[Mapping[str, Any]], raw: bool) -> None:
     """The flat fields as CSV (the sample as compact JSON, flags joined by '; ', raw per-run
     times space-separated in a last column with `raw`)."""
@@ -172,21 +192,27 @@ def write_csv(stream: IO[str], rows: Sequence[Mapping[str, Any]], raw: bool) -> 
         cells["sample"] = json.dumps(row["sample"], sort_keys=True, separators=(",", ":"))
         if raw:
             cells["samples_ms"] = " ".join(f"{x:.6g}" for x in row["samples_ms"])
-        writer.writerow({k: "" if v is None else v for k, v in cells.items()})
+        writer.writerow({k: "" if v is None else round(v, CSV_DECIMALS) if isinstance(v, float)
+                         else v for k, v in cells.items()})
 
 
 def render_table(rows: Sequence[Mapping[str, Any]], statistic: str = "median",
-                 statistics: Optional[Sequence[float]] = None) -> str:
+                 statistics: Optional[Sequence[float]] = None,
+                 default_variant: Optional[str] = None) -> str:
     """A readable table of result rows: milliseconds with 3 decimals, CV with 1, the chosen
     statistic first (its values in `statistics`, one per row) and never twice. The interval
     is the 95% interval of a measured median, or a prediction's own interval. Thermal and
-    pinning columns appear when some device reported them."""
+    pinning columns appear when some device reported them. The variant column appears when
+    the rows differ in variant or one is not `default_variant` (a space's fp32 at its own
+    input; None: there is no default, as for a model file sized on the command line)."""
     shown = [statistic] + [s for s in ("median", "p90", "p99") if s != statistic]
     values = list(statistics) if statistics is not None else [row["median_ms"] for row in rows]
     thermal = any(row["hottest_c"] is not None for row in rows)
     pinned = any(row["pinned"] for row in rows)
-    # the variant column when a command compares variants; memory and ops when measured
-    variants = len({row.get("variant") for row in rows}) > 1
+    # the variant column when a command compares variants or measured another than the
+    # default; memory and ops when measured
+    variants = len({row.get("variant") for row in rows}) > 1 or any(
+        row.get("variant") != default_variant for row in rows)
     memory = any(row.get("peak_mb") is not None for row in rows)
     ops = any(row.get("ops_sum_ms") is not None for row in rows)
     header = ["#", "device", "architecture", "graph"] + (["variant"] if variants else []) + \

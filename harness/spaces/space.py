@@ -15,7 +15,9 @@ import importlib
 import inspect
 import itertools
 import json
+import os
 import random
+import sys
 from operator import itemgetter
 from typing import (Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Protocol,
                     Sequence, Tuple)
@@ -216,19 +218,31 @@ def space_fingerprint(space: ModelSpace, extra: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _import_path_has_current_folder() -> None:
+    """Put the current folder first on the import path, as `python -m` does, so that
+    `--space myspace:MySpace` finds ./myspace.py (a console script's path starts with its
+    own folder instead). Nothing changes where it is already there ('' or its full path)."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def load_space(spec: str) -> ModelSpace:
     """Resolve 'package.module:ATTR' to a space: ATTR is an instance, or a class or factory
-    called without arguments."""
+    called without arguments. The module is looked up as `python -m` would: the current
+    folder first, then the installed packages."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise HarnessError(f"space {spec!r} is not of the form MODULE:ATTR",
                            fix="write it like harness.spaces:ProxylessSpace")
+    _import_path_has_current_folder()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise HarnessError(f"cannot import module {module_name!r} for space {spec!r}: {exc}",
-                           fix="check the module path and that it is importable "
-                               "(installed, or on PYTHONPATH)") from exc
+                           fix=f"check the module path and that it is importable: a file in "
+                               f"the current folder ({os.getcwd()}), installed, or on "
+                               f"PYTHONPATH") from exc
     except (Exception, SystemExit) as exc:  # the module's own code failed as it was imported
         raise HarnessError(f"importing module {module_name!r} for space {spec!r} failed: "
                            f"{type(exc).__name__}: {exc}",

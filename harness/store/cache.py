@@ -309,16 +309,17 @@ class Cache:
 
     def newest_measurements(self, devices: Optional[Sequence[str]] = None
                             ) -> List[Tuple[MeasurementKey, Measurement]]:
-        """The measurement stored last for each (device name, graph hash, input signature),
-        of `devices` (names) or of every device, with its key, in the order they were stored.
-        Returned as stored (source "measured"): what a report of the cache shows."""
+        """The measurement stored last for each (device name, graph hash, input signature,
+        settings key: precision and provider among them), of `devices` (names) or of every
+        device, with its key, in the order they were stored. Returned as stored (source
+        "measured"): what a report of the cache shows."""
         args: Tuple[str, ...] = tuple(devices or ())
         where = f"WHERE device IN ({', '.join('?' for _ in args)}) " if devices is not None else ""
         rows = self._query(
             "read measurements",
             "SELECT graph_hash, input_sig, settings_key, device_fp, agent_version, record "
             "FROM measurements WHERE rowid IN (SELECT MAX(rowid) FROM measurements "
-            f"{where}GROUP BY device, graph_hash, input_sig) ORDER BY rowid", args)
+            f"{where}GROUP BY device, graph_hash, input_sig, settings_key) ORDER BY rowid", args)
         return [(MeasurementKey(*row[:5]), self._decode(row[5])) for row in rows]
 
     def sample_index(self) -> List[Tuple[str, str, str, str]]:
