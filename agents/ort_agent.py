@@ -928,11 +928,74 @@ def _measure(model, sha256=None, settings=None):
 
 # ---------------------------------------------------------------- interleaved rounds
 
-class _Loaded(object):
+class Timed(object):
+    """A model as the rounds schedule sees it: `run()` once, its blocks of k timed runs (k so
+    that a block lasts at least block_ms), each tagged [round, position, sequence, runs in
+    ms, start in s since the window began]. The agent's models run onnxruntime; a simulated
+    device's run on a virtual clock (devices.simulated)."""
+
+    def __init__(self, name, run, clock, block_ms, probe_runs=3):
+        self.name, self.run, self.clock = name, run, clock
+        probe = []
+        for _ in range(probe_runs):
+            started = clock()
+            run()
+            probe.append(clock() - started)
+        self.run_s = max(min(probe), 1e-6)
+        self.k = int(min(max(math.ceil(block_ms / 1e3 / self.run_s), 1), 1000))
+        self.blocks = []
+
+    def block(self, round_index, position, sequence, origin):
+        """One block: a discarded run, then k timed runs; its length (s)."""
+        clock = self.clock
+        started = clock()
+        self.run()
+        times = []
+        for _ in range(self.k):
+            begun = clock()
+            self.run()
+            times.append(round((clock() - begun) * 1e3, 6))
+        self.blocks.append([round_index, position, sequence, times,
+                            round(started - origin, 6)])
+        return clock() - started
+
+
+def interleave(models, reference, settings, clock):
+    """The rounds schedule (see measure_rounds) over `models` ({name: Timed}) and the
+    `reference` (Timed): (rounds completed, loop length in s, {name: error of a model that
+    failed mid-window})."""
+    gap_s = settings["ref_gap_ms"] / 1e3
+    sequence, completed, failed = 0, 0, {}
+    loop_start = clock()
+    for round_index in range(settings["rounds"]):
+        order = [name for name in round_order(sorted(models), settings["seed"], round_index)
+                 if name not in failed]
+        sequence += 1
+        since_ref = 0.0
+        reference.block(round_index, -1, sequence, loop_start)
+        for position, name in enumerate(order):
+            sequence += 1
+            try:
+                since_ref += models[name].block(round_index, position, sequence, loop_start)
+            except Exception as exc:
+                failed[name] = AgentError("RUNTIME", "inference failed in round %d: %s"
+                                          % (round_index, _one_line(exc))).to_json()["error"]
+                continue
+            following = models[order[position + 1]] if position + 1 < len(order) else None
+            if following is None or since_ref + following.run_s * (following.k + 1) > gap_s:
+                sequence += 1
+                reference.block(round_index, position, sequence, loop_start)
+                since_ref = 0.0
+        completed = round_index + 1
+        if clock() - loop_start >= settings["max_time_ms"] / 1e3:
+            break
+    return completed, clock() - loop_start, failed
+
+
+class _Loaded(Timed):
     """One model of a rounds request, loaded, run once and warmed up."""
 
     def __init__(self, ort, name, path, sha256, settings):
-        self.name, self.path = name, path
         check_model_file(path, sha256)
         started = time.perf_counter()
         self.session = _session(ort, path, session_options(ort, settings), settings)
@@ -941,37 +1004,20 @@ class _Loaded(object):
         self.outputs = [o.name for o in self.session.get_outputs()]
         try:
             started = time.perf_counter()
-            self.run()
+            self._run()
             self.first_run_ms = (time.perf_counter() - started) * 1e3
             started = time.perf_counter()
             for _ in range(settings["warmup_runs"]):
-                self.run()
+                self._run()
             self.warmup_ms = (time.perf_counter() - started) * 1e3
-            probe = []
-            for _ in range(3):  # a block of k runs lasts at least block_ms
-                started = time.perf_counter()
-                self.run()
-                probe.append(time.perf_counter() - started)
+            Timed.__init__(self, name, self._run, time.perf_counter, settings["block_ms"])
+        except AgentError:
+            raise
         except Exception as exc:
             raise AgentError("RUNTIME", "inference failed: %s" % _one_line(exc))
-        self.run_s = max(min(probe), 1e-6)
-        self.k = int(min(max(math.ceil(settings["block_ms"] / 1e3 / self.run_s), 1), 1000))
-        self.blocks = []  # [round, position, sequence number, [ms of each timed run]]
 
-    def run(self):
+    def _run(self):
         self.session.run(self.outputs, self.feeds)
-
-    def block(self, round_index, position, sequence, clock):
-        """One block: a discarded run, then k timed runs; its length (s)."""
-        started = clock()
-        self.run()
-        times = []
-        for _ in range(self.k):
-            begun = clock()
-            self.run()
-            times.append(round((clock() - begun) * 1e3, 6))
-        self.blocks.append([round_index, position, sequence, times])
-        return clock() - started
 
 
 def round_order(names, seed, round_index):
@@ -1016,35 +1062,8 @@ def _measure_rounds(models, reference, settings):
         except AgentError as exc:
             errors[name] = exc.to_json()["error"]
     memory.end("load")
-    clock = time.perf_counter
-    gap_s = settings["ref_gap_ms"] / 1e3
-    sequence, completed, failed = 0, 0, {}
     memory.start()
-    loop_start = clock()
-    for round_index in range(settings["rounds"]):
-        order = [name for name in round_order(sorted(loaded), settings["seed"], round_index)
-                 if name not in failed]
-        sequence += 1
-        since_ref = 0.0
-        ref.block(round_index, -1, sequence, clock)
-        for position, name in enumerate(order):
-            sequence += 1
-            try:
-                since_ref += loaded[name].block(round_index, position, sequence, clock)
-            except Exception as exc:
-                failed[name] = AgentError("RUNTIME", "inference failed in round %d: %s"
-                                          % (round_index, _one_line(exc))).to_json()["error"]
-                continue
-            upcoming = loaded[order[position + 1]].run_s * (loaded[order[position + 1]].k + 1) \
-                if position + 1 < len(order) else None
-            if upcoming is None or since_ref + upcoming > gap_s:
-                sequence += 1
-                ref.block(round_index, position, sequence, clock)
-                since_ref = 0.0
-        completed = round_index + 1
-        if clock() - loop_start >= settings["max_time_ms"] / 1e3:
-            break
-    loop_s = clock() - loop_start
+    completed, loop_s, failed = interleave(loaded, ref, settings, time.perf_counter)
     memory.end("run")
     errors.update(failed)
     common = {"agent_version": AGENT_VERSION, "settings": settings, "controlled": controlled,

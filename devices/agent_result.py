@@ -203,7 +203,8 @@ class MemoryUse:
         return max(peak - self.baseline_rss_mb, 0.0)
 
 
-Block = Tuple[int, int, int, Tuple[float, ...]]  # round, position, sequence number, runs (ms)
+# round, position, sequence number, runs (ms), start (s since the window began)
+Block = Tuple[int, int, int, Tuple[float, ...], float]
 
 
 def _blocks(value: object, what: str) -> Tuple[Block, ...]:
@@ -212,12 +213,14 @@ def _blocks(value: object, what: str) -> Tuple[Block, ...]:
         raise ValueError(f"rounds.{what} is not a non-empty list of blocks")
     blocks = []
     for block in value:
-        if not (isinstance(block, list) and len(block) == 4
+        if not (isinstance(block, list) and len(block) == 5
                 and all(isinstance(n, int) and not isinstance(n, bool) for n in block[:3])
-                and isinstance(block[3], list) and block[3] and all(is_ms(s) for s in block[3])):
+                and isinstance(block[3], list) and block[3] and all(is_ms(s) for s in block[3])
+                and is_ms(block[4])):
             raise ValueError(f"rounds.{what} holds a block that is not [round, position, "
-                             f"sequence, [runs in ms]]")
-        blocks.append((block[0], block[1], block[2], tuple(float(s) for s in block[3])))
+                             f"sequence, [runs in ms], start in s]")
+        blocks.append((block[0], block[1], block[2], tuple(float(s) for s in block[3]),
+                       float(block[4])))
     return tuple(blocks)
 
 
@@ -254,8 +257,8 @@ class RoundsRecord:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"completed": self.completed, "k": self.k, "reference_k": self.reference_k,
-                "blocks": [[r, p, s, list(runs)] for r, p, s, runs in self.blocks],
-                "reference_blocks": [[r, p, s, list(runs)] for r, p, s, runs in
+                "blocks": [[r, p, s, list(runs), at] for r, p, s, runs, at in self.blocks],
+                "reference_blocks": [[r, p, s, list(runs), at] for r, p, s, runs, at in
                                      self.reference_blocks],
                 "candidates": self.candidates, "seed": self.seed,
                 "candidates_ms": self.candidates_ms}

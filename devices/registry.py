@@ -49,6 +49,7 @@ from devices.agent_client import AgentClient
 from devices.errors import BadRequest
 from devices.local import LocalTransport
 from devices.perf_tool_client import PerfTestClient
+from devices.noise_trace import NoiseTrace
 from devices.simulated import SimulatedClient, SimulatedModel
 from devices.ssh import (Endpoint, HostKeyChanged, SSHConnection, SSHTransport, fetch_host_key,
                          host_entry, key_fingerprint)
@@ -82,6 +83,7 @@ class DeviceConfig:
     lock: Optional[str] = None      # device-wide lock file (default per transport)
     sim_ms: Optional[float] = None  # simulated devices: median latency of a typical graph
     sim_seed: Optional[int] = None  # simulated devices: the seed of their latencies
+    noise_trace: Optional[str] = None  # simulated devices: a recorded noise trace replayed
     models_limit_mb: Optional[float] = None  # the model folder's bound (default per transport)
     extra: Dict[str, object] = field(default_factory=dict)
 
@@ -120,6 +122,7 @@ FIELD_CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "pin_big_cores": (lambda v: isinstance(v, bool), "true or false"),
     "sim_ms": (lambda v: _number(v) and v > 0, "a positive number of ms"),
     "sim_seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "noise_trace": (_text, "the path of a noise trace (harness devices record-noise)"),
     "models_limit_mb": (lambda v: _number(v) and v >= 0, "a number of MB (0 or more)"),
 }
 
@@ -353,8 +356,11 @@ def open_client(name: str, home: Path, isolation: str = "worker"):
     or nothing real (transport = "sim")."""
     config = None if name == "local" else get_device(home, name)
     if config is not None and config.transport == "sim":
+        noise = None if config.noise_trace is None else NoiseTrace.load(
+            Path(home) / Path(config.noise_trace).expanduser())  # relative: to the home
         return SimulatedClient(name, SimulatedModel(config.address, config.sim_ms or 20.0,
-                                                    seed=config.sim_seed or 0), Path(home))
+                                                    seed=config.sim_seed or 0, noise=noise),
+                               Path(home))
     transport = open_transport(name, home)
     if config is not None and config.agent == "perf-test":
         return PerfTestClient(transport, str(Path(config.perf_test or "").expanduser()))

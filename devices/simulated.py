@@ -21,11 +21,13 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from agents.ort_agent import AGENT_VERSION, AgentError, parse_settings, timed_loop
+from agents.ort_agent import (AGENT_VERSION, AgentError, Timed, interleave, parse_settings,
+                              timed_loop)
 from devices.agent_result import AgentResult, DeviceFacts
 from devices.errors import BadRequest, DeviceError, DeviceLost, MeasurementTimeout
+from devices.noise_trace import NoiseTrace
 
 DOWN_FOLDER = "sim-down"
 JOURNAL_FOLDER = "sim-journal"
@@ -42,6 +44,7 @@ class SimulatedModel:
     cv: float = 0.03
     load_ms: float = 50.0
     seed: int = 0
+    noise: Optional[NoiseTrace] = None  # a recorded trace replayed (devices.noise_trace)
 
     def __post_init__(self) -> None:
         for name in ("median_ms", "load_ms"):
@@ -57,21 +60,36 @@ class SimulatedModel:
         draw = random.Random(f"{self.seed}:{sha256}").random()
         return self.median_ms * 2.0 ** (2.0 * draw - 1.0)
 
-    def simulate(self, sha256: str, settings: Mapping[str, Any]) -> "SimulatedRun":
-        """What a measurement of the graph gives on this model under the agent's `settings`
-        (checked): its runs through the agent's own timed loop, on a virtual clock."""
+    def runner(self, sha256: str, clock: "_VirtualClock") -> Callable[[], None]:
+        """One run of the graph on the virtual clock: its true latency times the noise (the
+        replayed trace's factor at that moment, else a draw of spread `cv`)."""
         graph_ms = self.graph_median_ms(sha256)
-        runs = random.Random(f"{self.seed}:{sha256}:runs")  # equal on every rerun
-        clock = _VirtualClock()
+        draws = random.Random(f"{self.seed}:{sha256}:runs")  # equal on every rerun
+        offset = random.Random(f"{self.seed}:trace").random() * 1e6  # where the trace starts
 
         def run() -> None:
-            clock.now += max(runs.gauss(graph_ms, graph_ms * self.cv), graph_ms / 10) / 1e3
+            if self.noise is not None:
+                factor = self.noise.factor_at(offset + clock.now)
+            else:
+                factor = max(draws.gauss(1.0, self.cv), 0.1)
+            clock.now += graph_ms * factor / 1e3
 
+        return run
+
+    def simulate(self, sha256: str, settings: Mapping[str, Any],
+                 clock: Optional["_VirtualClock"] = None) -> "SimulatedRun":
+        """What a measurement of the graph gives on this model under the agent's `settings`
+        (checked): its runs through the agent's own timed loop, on a virtual clock (the
+        device's, where it keeps one)."""
+        clock = clock or _VirtualClock()
+        run = self.runner(sha256, clock)
+        began = clock.now
         for _ in range(settings["warmup_runs"] + 1):
             run()
-        warmup_s = clock.now
+        warmup_s = clock.now - began
         samples, elapsed, stop = timed_loop(run, settings, clock)
-        return SimulatedRun(graph_ms, tuple(round(t * 1e3, 6) for t in samples),
+        return SimulatedRun(self.graph_median_ms(sha256),
+                            tuple(round(t * 1e3, 6) for t in samples),
                             self.load_ms, warmup_s * 1e3, elapsed * 1e3, dict(stop))
 
 
@@ -105,6 +123,9 @@ class SimulatedClient:
         self.home = Path(home)
         self.lost_s = lost_s
         self.agent_version = AGENT_VERSION
+        # A device replaying a noise trace keeps its own virtual time across measurements
+        # (the trace goes on between them) and does not sleep: it is there for statistics.
+        self.clock = _VirtualClock()
 
     @property
     def device(self) -> str:
@@ -127,14 +148,15 @@ class SimulatedClient:
             raise BadRequest(f"simulated device {self.name} has no per-operator profile and "
                              f"no precision variants", device=self.name,
                              fix="ask a real device for --ops and --precision")
-        run = self.spec.simulate(sha, checked)
+        run = self.spec.simulate(sha, checked, self.clock if self.spec.noise else None)
         remaining = deadline - time.monotonic()
         if run.busy_s > remaining:
             time.sleep(max(remaining, 0.0))
             raise MeasurementTimeout(f"the simulated measurement takes {run.busy_s:.1f} s, "
                                      f"more than the time left", device=self.name)
         started = time.time()
-        time.sleep(run.busy_s)
+        if self.spec.noise is None:
+            time.sleep(run.busy_s)
         if down_path(self.home, self.name).exists():  # taken down while it measured
             raise DeviceLost(f"simulated device {self.name} went down mid-measurement",
                              device=self.name)
@@ -154,8 +176,51 @@ class SimulatedClient:
     def measure_rounds(self, models: Mapping[str, Tuple[str, str]], reference: Tuple[str, str],
                        settings: Mapping[str, Any], deadline: float
                        ) -> Tuple[Dict[str, AgentResult], Dict[str, DeviceError]]:
-        raise BadRequest(f"simulated device {self.name} times one model at a time",
-                         device=self.name, fix="use protocol 'loop' on it")
+        """The agent's rounds schedule (agents.ort_agent.interleave) over the graphs on the
+        device's virtual clock; sleeps as long as it took unless it replays a trace."""
+        self._check_up(deadline)
+        try:
+            checked = parse_settings(dict(settings))
+        except AgentError as exc:
+            raise BadRequest(exc.message) from None
+        clock = self.clock if self.spec.noise is not None else _VirtualClock()
+        began = clock.now
+
+        def timed(name: str, sha: str) -> Timed:
+            run = self.spec.runner(sha, clock)
+            for _ in range(checked["warmup_runs"] + 1):
+                run()
+            return Timed(name, run, clock, checked["block_ms"])
+
+        ref = timed("reference", reference[1])
+        timed_models = {name: timed(name, sha) for name, (_, sha) in models.items()}
+        completed, loop_s, _ = interleave(timed_models, ref, checked, clock)
+        busy_s = clock.now - began + self.spec.load_ms * (len(models) + 1) / 1e3
+        if busy_s > deadline - time.monotonic():
+            raise MeasurementTimeout(f"the simulated window takes {busy_s:.1f} s, more than "
+                                     "the time left", device=self.name)
+        if self.spec.noise is None:
+            time.sleep(busy_s)
+        candidates_ms = sum(ms for m in timed_models.values() for b in m.blocks for ms in b[3])
+        results = {}
+        for name, model in timed_models.items():
+            answer = {
+                "agent_version": AGENT_VERSION, "load_ms": self.spec.load_ms,
+                "first_run_ms": self.spec.graph_median_ms(models[name][1]),
+                "warmup_runs": checked["warmup_runs"], "warmup_ms": 0.0,
+                "samples_ms": [ms for block in model.blocks for ms in block[3]],
+                "loop_ms": loop_s * 1e3, "capped": completed < checked["rounds"],
+                "stop": {"rule": "rounds", "reason": "rounds", "looks": completed},
+                "settings": checked, "controlled": {},
+                "runtime": {"name": "simulated", "version": AGENT_VERSION,
+                            "provider": checked["provider"]},
+                "fingerprint": {"identity": self._identity(), "state": {}},
+                "rounds": {"completed": completed, "k": model.k, "reference_k": ref.k,
+                           "blocks": model.blocks, "reference_blocks": ref.blocks,
+                           "candidates": len(models), "seed": checked["seed"],
+                           "candidates_ms": candidates_ms}}
+            results[name] = AgentResult.parse(answer, self.name, AGENT_VERSION)
+        return results, {}
 
     def close(self) -> None:
         """Nothing runs anywhere for a simulated device."""

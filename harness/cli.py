@@ -255,6 +255,22 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
                              "('harness devices check NAME' lists what the device has)")
     parser.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of the execution provider (repeat per option)")
+    parser.add_argument("--protocol", choices=("loop", "rounds"),
+                        help="loop: one model after another (default); rounds: the batch "
+                             "together in interleaved rounds beside a reference model, whose "
+                             "ratios hold on a noisy device (--statistic quiet answers with "
+                             "the quiet-state latency)")
+    parser.add_argument("--rounds", type=int, help="with --protocol rounds: rounds at most "
+                                                   "(default 30; --max-time-ms bounds them too)")
+    parser.add_argument("--block-ms", type=float,
+                        help="with --protocol rounds: a block of one model's runs lasts at "
+                             "least this (default 20)")
+    parser.add_argument("--ref-gap-ms", type=float,
+                        help="with --protocol rounds: device time between two reference "
+                             "blocks at most (default 100)")
+    parser.add_argument("--reference", metavar="FILE.onnx",
+                        help="with --protocol rounds: the reference model (default: a fixed "
+                             "subnet of the built-in space at the input size)")
 
 
 def _settings(args: argparse.Namespace) -> Dict[str, Any]:
@@ -262,7 +278,9 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
     settings: Dict[str, Any] = {}
     for option, key in (("threads", "intra_op_threads"), ("min_runs", "min_runs"),
                         ("min_time_ms", "min_time_ms"), ("max_time_ms", "max_time_ms"),
-                        ("stop", "stop"), ("rel_ci", "rel_ci")):
+                        ("stop", "stop"), ("rel_ci", "rel_ci"), ("protocol", "protocol"),
+                        ("rounds", "rounds"), ("block_ms", "block_ms"),
+                        ("ref_gap_ms", "ref_gap_ms")):
         if getattr(args, option) is not None:
             settings[key] = getattr(args, option)
     if args.cpus:
@@ -557,7 +575,8 @@ def _profiler(args: argparse.Namespace, space: Any, dummy: Any, variant: _Varian
                            isolation=args.isolation, timeout_s=args.timeout,
                            refresh=args.refresh, farm=args.farm, fallback=fallback,
                            predictor=args.predictor, offline=args.offline,
-                           precision=variant.precision, calibration=args.calibration)
+                           precision=variant.precision, calibration=args.calibration,
+                           reference=args.reference)
 
 
 def _profile_space(args: argparse.Namespace, variants: List[_Variant],
@@ -567,7 +586,7 @@ def _profile_space(args: argparse.Namespace, variants: List[_Variant],
     import torch
 
     from harness.export.graph import export_sample
-    from harness.export.precision_check import with_precision_flag
+    from harness.export.precision_check import precision_flag
     from harness.report.output import describe_sample, variant_name
 
     space, samples = _sampled(args)
@@ -593,11 +612,10 @@ def _profile_space(args: argparse.Namespace, variants: List[_Variant],
                                             per_op=args.ops)
             counters.update(profiler.counters)
         if variant.precision != "fp32":  # say what the provider ran in another precision
-            results = [with_precision_flag(
-                m, export_sample(space, sample, dummy), variant.precision,
+            results = [m.with_flag(precision_flag(
+                export_sample(space, sample, dummy), variant.precision,
                 {f"input{i}": item["shape"] for i, item in enumerate(m.input_signature)},
-                args.calibration,
-                args.provider) for sample, m in zip(samples, results)]
+                args.calibration, args.provider)) for sample, m in zip(samples, results)]
         measured += [(i, sample, describe_sample(space, sample), m)
                      for i, (sample, m) in enumerate(zip(samples, results))]
     return measured, default
@@ -608,7 +626,7 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
     """Every variant of the --model file, through one profiler per precision; and its default
     variant (fp32 at its static shapes; None when an axis is dynamic: it has none)."""
     from harness.export.model_file import load_model
-    from harness.export.precision_check import with_precision_flag
+    from harness.export.precision_check import precision_flag
     from harness.report.output import variant_name
 
     if args.samples != 8 or args.seed != 0 or args.fallback != "error" or args.offline:
@@ -627,9 +645,9 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
                     shape = _swept(given.get(item.name, item.dims), variant)
                     if all(isinstance(dim, int) for dim in shape):
                         shapes[item.name] = shape
-                result = with_precision_flag(profiler.measure_model(model, shapes, per_op=args.ops),
-                                             model.exported(), precision, shapes,
-                                             args.calibration, args.provider)
+                result = profiler.measure_model(model, shapes, per_op=args.ops).with_flag(
+                    precision_flag(model.exported(), precision, shapes, args.calibration,
+                                   args.provider))
                 measured.append((0, {"model": name}, name, result))
             counters.update(profiler.counters)
     static = all(isinstance(d, int) for item in model.inputs for d in item.dims)
@@ -667,7 +685,7 @@ def _filter(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with LatencyProfiler(space, space.dummy_input(), device=args.device,
                          settings=_settings(args), cache=args.cache, timeout_s=args.timeout,
-                         farm=args.farm) as profiler:
+                         farm=args.farm, reference=args.reference) as profiler:
         profiler.decider.use_model = not args.no_model
         decisions = profiler.decide_many(samples, args.limit_ms, args.confidence)
         model_note, audit = profiler.decider.model_note, profiler.decider.audit.report()

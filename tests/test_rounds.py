@@ -53,7 +53,7 @@ def test_the_agent_tags_every_block_and_brackets_each_candidate_with_references(
         assert [block[0] for block in record.blocks] == list(range(FAST["rounds"]))
         assert all(len(block[3]) == record.k for block in record.blocks)
         assert result["samples_ms"] == [ms for block in record.blocks for ms in block[3]]
-        for round_index, position, sequence, _ in record.blocks:
+        for round_index, position, sequence, _, _ in record.blocks:
             around = [b[2] for b in references if b[0] == round_index]
             assert min(around) < sequence < max(around)  # a reference on either side
             order = ort_agent.round_order(["m1", "m2", "m3"], 3, round_index)
@@ -90,9 +90,10 @@ def record(candidate, references, k=3):
     """A window with one candidate block per round between two reference blocks."""
     blocks, refs, sequence = [], [], 0
     for round_index, (value, (before, after)) in enumerate(zip(candidate, references)):
-        refs.append([round_index, -1, sequence + 1, [before] * k])
-        blocks.append([round_index, 0, sequence + 2, [value, value * 1.5, value * 2][:k]])
-        refs.append([round_index, 0, sequence + 3, [after] * k])
+        refs.append([round_index, -1, sequence + 1, [before] * k, sequence * 0.1])
+        blocks.append([round_index, 0, sequence + 2, [value, value * 1.5, value * 2][:k],
+                       sequence * 0.1 + 0.03])
+        refs.append([round_index, 0, sequence + 3, [after] * k, sequence * 0.1 + 0.06])
         sequence += 3
     return RoundsRecord.from_dict({"completed": len(candidate), "k": k, "reference_k": k,
                                    "blocks": blocks, "reference_blocks": refs,

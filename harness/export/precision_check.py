@@ -11,7 +11,6 @@ another release may differ) and words it as a flag for the result.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -23,7 +22,6 @@ from typing import Mapping, Optional, Sequence, Union
 import onnx
 
 from harness.export.graph import ExportedModel
-from harness.store.measurement import Measurement
 
 log = logging.getLogger(__name__)
 
@@ -108,22 +106,16 @@ def check_on_cpu(converted: ExportedModel, precision: str) -> Optional[Precision
         return None
 
 
-def with_precision_flag(measurement: Measurement, exported: ExportedModel, precision: str,
-                        shapes: Mapping[str, Sequence[int]],
-                        calibration: Union[str, Path, None] = None,
-                        provider: Optional[str] = None) -> Measurement:
-    """`measurement` with a flag saying how many nodes its CPU provider ran in another
-    precision; `exported` is the fp32 model it was converted from (the conversion is made
+def precision_flag(exported: ExportedModel, precision: str, shapes: Mapping[str, Sequence[int]],
+                   calibration: Union[str, Path, None] = None,
+                   provider: Optional[str] = None) -> Optional[str]:
+    """A flag saying how many nodes the CPU provider runs in another precision than asked,
+    or None; `exported` is the fp32 model it was converted from (the conversion is made
     again, as it was for the device). Other providers are not checked: this host may not
     have them."""
     from harness.export.model_file import convert
 
     if precision == "fp32" or (provider or CPU) != CPU:
-        return measurement
+        return None
     check = check_on_cpu(convert(exported, precision, shapes, calibration), precision)
-    flag = check.flag() if check is not None else None
-    if flag is None:
-        return measurement
-    provenance = dataclasses.replace(measurement.provenance,
-                                     extra_flags=[*measurement.provenance.extra_flags, flag])
-    return dataclasses.replace(measurement, provenance=provenance)
+    return check.flag() if check is not None else None

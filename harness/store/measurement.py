@@ -325,6 +325,13 @@ class Measurement:
     def with_source(self, source: str) -> "Measurement":
         return dataclasses.replace(self, source=source)
 
+    def with_flag(self, flag: Optional[str]) -> "Measurement":
+        """The same measurement with one more flag in its provenance (None: unchanged)."""
+        if flag is None:
+            return self
+        return dataclasses.replace(self, provenance=dataclasses.replace(
+            self.provenance, extra_flags=[*self.provenance.extra_flags, flag]))
+
     def to_dict(self) -> Dict[str, Any]:
         """Plain JSON-ready data, raw samples included, with the statistics alongside."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,99 @@
+"""Recorded noise replayed on a simulated device, where the truth is known exactly: the
+interleaved protocol recovers it through a change of speed that the sequential loop does not
+survive; corrupt traces are refused by name."""
+import json
+
+import pytest
+import torch
+
+from devices.noise_trace import NoiseTrace, NoiseTraceError, trace_from_blocks
+from devices.registry import DeviceConfig, add_device
+from devices.simulated import SimulatedModel
+from harness import LatencyProfiler, random_samples
+from harness.spaces import TinySpace
+
+SIM_MS = 4.0
+
+
+def step_trace(period_s=1.0, slow=2.0, length_s=8.0, every_ms=2.0):
+    """The device runs at full speed for period_s, then `slow` times slower, and so on."""
+    runs = []
+    t = 0.0
+    while t < length_s:
+        factor = 1.0 if int(t / period_s) % 2 == 0 else slow
+        runs.append((t, 3.0 * factor))
+        t += every_ms / 1e3
+    return NoiseTrace("stepper", {"reference": tuple(runs)})
+
+
+def replaying_device(home, trace, name="sim1"):
+    trace.save(home / "trace.json")
+    add_device(home, DeviceConfig(name=name, transport="sim", address="simboard",
+                                  sim_ms=SIM_MS, sim_seed=3, noise_trace="trace.json"))
+    return SimulatedModel("simboard", SIM_MS, seed=3, noise=trace)
+
+
+def test_a_trace_round_trips_and_replays_its_factors(tmp_path):
+    trace = step_trace()
+    trace.save(tmp_path / "t.json")
+    again = NoiseTrace.load(tmp_path / "t.json")
+    assert again.quiet_ms == pytest.approx(3.0) and again.duration_s == pytest.approx(
+        trace.duration_s)
+    assert again.factor_at(0.5) == pytest.approx(1.0)
+    assert again.factor_at(1.5) == pytest.approx(2.0)
+    assert again.factor_at(1.5 + again.duration_s) == pytest.approx(2.0)  # it wraps around
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", "cannot be read as JSON"), ("[1, 2]", "is not a harness-noise-trace"),
+    (json.dumps({"format": "harness-noise-trace", "version": 9}), "version"),
+    (json.dumps({"format": "harness-noise-trace", "version": 1, "runs": {}}), "no runs"),
+    (json.dumps({"format": "harness-noise-trace", "version": 1,
+                 "runs": {"reference": [[0, 1.0], [1, "x"]]}}), "not \\[time"),
+    (json.dumps({"format": "harness-noise-trace", "version": 1,
+                 "runs": {"reference": [[1, 1.0], [0, 1.0]]}}), "out of time order"),
+    (json.dumps({"format": "harness-noise-trace", "version": 1,
+                 "runs": {"reference": [[0, 1.0]]}}), "at least two runs"),
+])
+def test_a_corrupt_or_hostile_trace_is_refused_naming_the_file(tmp_path, content, problem):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(NoiseTraceError, match=problem) as refused:
+        NoiseTrace.load(path)
+    assert str(path) in str(refused.value)
+    with pytest.raises(NoiseTraceError, match="not a readable file"):
+        NoiseTrace.load(tmp_path)  # a folder
+
+
+def test_blocks_become_a_trace_with_each_run_timed_from_its_block():
+    trace = trace_from_blocks("dev", {"reference": [[0, -1, 1, [2.0, 2.0], 0.0],
+                                                    [0, 0, 3, [4.0, 2.0], 0.01]]})
+    assert trace.runs["reference"] == ((0.0, 2.0), (0.002, 2.0), (0.01, 4.0), (0.014, 2.0))
+
+
+def test_interleaved_rounds_recover_the_truth_through_speed_steps_the_loop_does_not(tmp_path):
+    spec = replaying_device(tmp_path, step_trace())
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    samples = random_samples(space, 8, seed=0)
+    rounds = {"protocol": "rounds", "rounds": 20, "block_ms": 10.0, "ref_gap_ms": 30.0,
+              "warmup_runs": 1, "max_time_ms": 60000.0}
+    loop = {"min_runs": 20, "min_time_ms": 150.0, "warmup_runs": 1}
+    with LatencyProfiler(space, dummy, device="sim1", home=tmp_path, settings=rounds,
+                         statistic="ratio") as profiler:
+        measured = profiler.measure_many(samples, progress=False)
+        reference_ms = spec.graph_median_ms(profiler.reference().sha256)
+    truth = [spec.graph_median_ms(m.provenance.model_sha256) / reference_ms for m in measured]
+    errors = [abs(m.interleaved.ratio / true - 1) for m, true in zip(measured, truth)]
+    assert max(errors) < 0.02, errors
+    assert sum(m.interleaved.dropped for m in measured) > 0  # blocks across a step
+    add_device(tmp_path / "loop", DeviceConfig(
+        name="sim1", transport="sim", address="simboard", sim_ms=SIM_MS, sim_seed=3,
+        noise_trace=str(tmp_path / "trace.json")))
+    with LatencyProfiler(space, dummy, device="sim1", home=tmp_path / "loop",
+                         settings=loop) as sequential:
+        timed = [sequential.measure(s) for s in samples]
+    loop_errors = [abs(m.median / spec.graph_median_ms(m.provenance.model_sha256) - 1)
+                   for m in timed]
+    # the loop's median is its graph's latency at whatever speed its second ran: off by up
+    # to the step (2x) for some, where the rounds' ratio is within 2% for every one
+    assert max(loop_errors) > 0.3, loop_errors
