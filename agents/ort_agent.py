@@ -1089,7 +1089,8 @@ def _measure_rounds(models, reference, settings):
             "rounds": {"completed": completed, "k": model.k, "reference_k": ref.k,
                        "blocks": model.blocks, "reference_blocks": ref.blocks,
                        "seed": settings["seed"], "ref_gap_ms": settings["ref_gap_ms"],
-                       "candidates": len(loaded), "candidates_ms": candidates_ms}})
+                       "candidates": len(loaded), "candidates_ms": candidates_ms,
+                       "reference_sha256": reference.get("sha256") or ""}})
         results[name] = result
     return {"results": results, "errors": errors, "rounds": completed,
             "agent_version": AGENT_VERSION}

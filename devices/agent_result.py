@@ -238,6 +238,7 @@ class RoundsRecord:
     candidates: int                       # models timed in the window
     seed: int
     candidates_ms: float = 0.0            # the timed runs of every candidate of the window
+    reference_sha256: str = ""            # which reference model was timed beside it
 
     @classmethod
     def from_dict(cls, data: object) -> "RoundsRecord":
@@ -251,9 +252,12 @@ class RoundsRecord:
         candidates_ms = data.get("candidates_ms", 0.0)
         if not is_ms(candidates_ms):
             raise ValueError("rounds.candidates_ms is not a time in ms")
+        reference = data.get("reference_sha256", "")
+        if not isinstance(reference, str) or len(reference) > 64:
+            raise ValueError("rounds.reference_sha256 is not a sha256 hex digest")
         return cls(counts[0], counts[1], counts[2], _blocks(data.get("blocks"), "blocks"),
                    _blocks(data.get("reference_blocks"), "reference_blocks"), counts[3],
-                   counts[4], float(candidates_ms))
+                   counts[4], float(candidates_ms), reference)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"completed": self.completed, "k": self.k, "reference_k": self.reference_k,
@@ -261,7 +265,7 @@ class RoundsRecord:
                 "reference_blocks": [[r, p, s, list(runs), at] for r, p, s, runs, at in
                                      self.reference_blocks],
                 "candidates": self.candidates, "seed": self.seed,
-                "candidates_ms": self.candidates_ms}
+                "candidates_ms": self.candidates_ms, "reference_sha256": self.reference_sha256}
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,7 @@ class SimulatedClient:
                 "rounds": {"completed": completed, "k": model.k, "reference_k": ref.k,
                            "blocks": model.blocks, "reference_blocks": ref.blocks,
                            "candidates": len(models), "seed": checked["seed"],
-                           "candidates_ms": candidates_ms}}
+                           "candidates_ms": candidates_ms, "reference_sha256": reference[1]}}
             results[name] = AgentResult.parse(answer, self.name, AGENT_VERSION)
         return results, {}
 

@@ -85,6 +85,11 @@ def test_interleaved_rounds_recover_the_truth_through_speed_steps_the_loop_does_
     truth = [spec.graph_median_ms(m.provenance.model_sha256) / reference_ms for m in measured]
     errors = [abs(m.interleaved.ratio / true - 1) for m, true in zip(measured, truth)]
     assert max(errors) < 0.02, errors
+    # the quiet-state latency: the ratio times the reference's quiet level (its low quantile
+    # over the device's history), the graph's latency at full speed
+    quiet = [abs(m.interleaved.quiet_ms / spec.graph_median_ms(m.provenance.model_sha256) - 1)
+             for m in measured]
+    assert max(quiet) < 0.02, quiet
     assert sum(m.interleaved.dropped for m in measured) > 0  # blocks across a step
     add_device(tmp_path / "loop", DeviceConfig(
         name="sim1", transport="sim", address="simboard", sim_ms=SIM_MS, sim_seed=3,

@@ -12,7 +12,8 @@ from harness.steps.counters import Counters
 from harness.steps.export_step import SampleExport
 from harness.steps.key_scope import KeyScope
 from harness.store.cache import Cache
-from harness.store.key import canonical_json
+from harness.store.key import MeasurementKey, canonical_json
+from harness.store.rounds import LEVEL_QUANTILE, block_statistic
 from harness.errors import InvalidArgument
 from harness.store.measurement import STATISTICS, Measurement
 
@@ -71,18 +72,29 @@ class MeasurementSteps:
               signature: Optional[List[Dict[str, Any]]] = None) -> Measurement:
         """Step 5's end: the result as a Measurement, stored under the device that measured."""
         signature = signature or self.export.signature
+        key = self.scope().key_of(result, exported.graph_hash, input_sig=canonical_json(signature),
+                                  settings_key=self.request.settings_key)
         measured = Measurement.from_result(
             result, exported.graph_hash, signature, export_ms=exported.export_ms,
             model_sha256=exported.sha256, model_bytes=len(exported.onnx_bytes),
-            isolation=self.isolation)
-        key = self.scope().key_of(result, exported.graph_hash, input_sig=canonical_json(signature),
-                                  settings_key=self.request.settings_key)
+            isolation=self.isolation, reference_level_ms=self.reference_level(key, result))
         if key.device_fp != self.scope().device_fp:  # in a pool, devices of a kind may differ
             self.cache.put_device(key.device_fp, dict(result.facts.identity))
         self.cache.put(key, measured)
         self.counters.add(measurements=1, device_s=measured.device_s,  # and the fixed loop's
                           fixed_loop_s=measured.fixed_loop_device_s)
         return measured
+
+    def reference_level(self, key: MeasurementKey, result: AgentResult) -> Optional[float]:
+        """For a result of interleaved rounds, the reference's quiet level from the device's
+        history (this window's reference blocks recorded first); else None."""
+        if result.rounds is None:
+            return None
+        window = f"{result.lease[0]:.6f}" if result.lease else f"{result.loop_ms}"
+        blocks = [(block[2], block_statistic(block[3])) for block in result.rounds.reference_blocks]
+        return self.cache.reference_level(key.device_fp, key.settings_key,
+                                          result.rounds.reference_sha256, window, blocks,
+                                          LEVEL_QUANTILE)
 
     def one(self, exported: ExportedModel, signature: List[Dict[str, Any]],
             shapes: Optional[Mapping[str, List[int]]], pool: DevicePool,

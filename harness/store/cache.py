@@ -34,6 +34,7 @@ from harness.store.import_checks import (EXPORT_FORMAT, MAX_CLOCK_SKEW_S, SCHEMA
                                          ImportCounts, finite, is_json_object, sample_labels)
 from harness.store.key import MeasurementKey, canonical_json, model_of
 from harness.store.measurement import STATISTICS, Measurement
+from harness.store.rounds import quantile
 
 APPLICATION_ID = 0x484E5331  # "HNS1" in the SQLite header marks a harness cache
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -82,6 +83,22 @@ CREATE TABLE IF NOT EXISTS decisions (
     record        TEXT NOT NULL,
     created_at    REAL NOT NULL
 )"""
+
+# The reference model's block statistics per device, settings and reference, one row per
+# block of a window of interleaved rounds: the history its quiet level is read from
+# (harness.store.rounds). Added to caches of schema 1 as they are opened.
+REFERENCE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reference_blocks (
+    device_fp    TEXT NOT NULL,
+    settings_key TEXT NOT NULL,
+    reference    TEXT NOT NULL,
+    window       TEXT NOT NULL,
+    sequence     INTEGER NOT NULL,
+    value        REAL NOT NULL,
+    created_at   REAL NOT NULL,
+    PRIMARY KEY (device_fp, settings_key, reference, window, sequence)
+) WITHOUT ROWID"""
+REFERENCE_HISTORY = 2000  # the newest reference blocks a quiet level is read from
 
 _KEY_WHERE = ("graph_hash = ? AND input_sig = ? AND settings_key = ? AND device_fp = ? "
               "AND agent_version = ?")
@@ -141,6 +158,7 @@ class Cache:
                                      f"{version}, this one reads {SCHEMA_VERSION})",
                                      fix="upgrade harness, or use another cache path")
             conn.execute(DECISIONS_SCHEMA)
+            conn.execute(REFERENCE_SCHEMA)
             conn.execute("CREATE INDEX IF NOT EXISTS decisions_by_key ON decisions "
                          "(graph_hash, input_sig, settings_key, device_fp, agent_version)")
             conn.execute("COMMIT")
@@ -330,6 +348,23 @@ class Cache:
         return [(space_fp, input_sig, sample, graph) for space_fp, input_sig, sample, graph in rows]
 
     # ------------------------------------------------------------ decisions
+
+    def reference_level(self, device_fp: str, settings_key: str, reference: str, window: str,
+                        blocks: Sequence[Tuple[int, float]], quantile_q: float) -> float:
+        """Record a window's reference blocks ((sequence, statistic), once however many of
+        its candidates are stored) and return the `quantile_q` quantile of the newest
+        REFERENCE_HISTORY blocks of this device, settings and reference: its quiet level."""
+        now = time.time()
+        with self._write("record the reference's blocks") as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO reference_blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(device_fp, settings_key, reference, window, sequence, value, now)
+                 for sequence, value in blocks])
+        rows = self._query("read the reference's blocks",
+                           "SELECT value FROM reference_blocks WHERE device_fp = ? AND "
+                           "settings_key = ? AND reference = ? ORDER BY created_at DESC "
+                           f"LIMIT {REFERENCE_HISTORY}", (device_fp, settings_key, reference))
+        return quantile([value for (value,) in rows], quantile_q)
 
     def put_decision(self, key: MeasurementKey, decision: Decision,
                      samples_ms: Sequence[float]) -> None:

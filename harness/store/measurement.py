@@ -75,6 +75,8 @@ class Provenance:
     predictor: Optional[Dict[str, Any]] = None
     calibration: Optional[Dict[str, Any]] = None
     uncalibrated_ms: Optional[float] = None
+    # interleaved rounds: the reference's quiet level from the device's history
+    reference_level_ms: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,7 +128,8 @@ class Measurement:
     @classmethod
     def from_result(cls, result: AgentResult, graph_hash: str,
                     input_signature: Sequence[Any], *, export_ms: Optional[float],
-                    model_sha256: str, model_bytes: int, isolation: str) -> "Measurement":
+                    model_sha256: str, model_bytes: int, isolation: str,
+                    reference_level_ms: Optional[float] = None) -> "Measurement":
         """A measured result from the device's checked answer (with the lease window its
         pool added) and what the host knows: the export and the model it sent."""
         lease = result.lease
@@ -150,7 +153,8 @@ class Measurement:
             wall_ms=(lease[1] - lease[0]) * 1e3 if lease else None,
             lease=list(lease) if lease else None, export_ms=export_ms,
             model_sha256=model_sha256, model_bytes=model_bytes, isolation=isolation,
-            host_pid=os.getpid(), farm_host=result.host, stop=dict(result.stop) or None)
+            host_pid=os.getpid(), farm_host=result.host, stop=dict(result.stop) or None,
+            reference_level_ms=reference_level_ms)
         return cls(samples_ms=result.samples_ms, source="measured", device=result.device,
                    graph_hash=graph_hash, load_ms=result.load_ms,
                    first_run_ms=result.first_run_ms, input_signature=tuple(input_signature),
@@ -270,7 +274,9 @@ class Measurement:
     def interleaved(self) -> Optional[RoundsSummary]:
         """Its figures from interleaved rounds (ratio to the reference, quiet-state latency;
         harness.store.rounds), or None when it was timed one model at a time."""
-        return summarise(self.rounds) if self.rounds is not None else None
+        if self.rounds is None:
+            return None
+        return summarise(self.rounds, level_ms=self.provenance.reference_level_ms)
 
     @property
     def protocol(self) -> str:
