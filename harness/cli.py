@@ -202,6 +202,13 @@ def _parser() -> argparse.ArgumentParser:
                        ("remove", "forget a device"),
                        ("clean", "delete the agent and models harness put on the device")):
         verbs.add_parser(verb, help=text).add_argument("name")
+    record = verbs.add_parser("record-noise", help="record the device's speed over minutes "
+                                                   "(a noise trace simulated devices replay)")
+    record.add_argument("name")
+    record.add_argument("--minutes", type=float, default=1.0, help="how long (default 1)")
+    record.add_argument("--out", required=True, help="the trace file to write (JSON)")
+    record.add_argument("--input-size", type=int, default=224,
+                        help="image size of the models timed (default 224)")
     trust = verbs.add_parser("trust", help="show and record a device's SSH host key")
     trust.add_argument("name")
     trust.add_argument("--yes", action="store_true", help="record without asking")
@@ -855,10 +862,21 @@ def _devices(args: argparse.Namespace) -> int:
             print(f"{'pinned':>12}: {report.pinned} (the big cores)")
         if report.median_ms is not None:
             print(f"{'tiny model':>12}: {report.median_ms:.3f} ms median")
+        if report.ok:  # how noisy it is: a 5 s window of interleaved rounds
+            from harness.campaigns.noise import noise_level
+            print(f"{'noise':>12}: {noise_level(args.name, home=home)}")
         for problem in report.problems:
             print(f"problem: {problem}")
         print(f"{args.name}: {'ok' if report.ok else 'NOT ready'}")
         return 0 if report.ok else 1
+    elif args.action == "record-noise":
+        from harness.campaigns.noise import record_noise
+        if not (args.minutes > 0 and args.input_size >= 8):
+            raise InvalidArgument("--minutes must be positive and --input-size at least 8",
+                                  fix="pass --minutes 1 --input-size 224, for example")
+        trace = record_noise(args.name, args.minutes, args.out, args.input_size, home)
+        print(f"recorded {len(trace.runs['reference'])} reference runs over "
+              f"{trace.duration_s:.0f} s of {args.name} into {args.out}")
     elif args.action == "clean":
         transport = registry.open_transport(args.name, home)
         try:

@@ -28,6 +28,50 @@ def space_at_input(parser: argparse.ArgumentParser, spec: str,
         parser.error(f"{spec} takes no input_size: drop --input-size")
 
 
+class Neighbour:
+    """The benchmarks' noisy neighbour (scripts/neighbour.py) on `cpus`, for as long as the
+    with-block lasts: started in a process group of its own, and always stopped (SIGTERM to
+    the group, then SIGKILL), also when the block fails or is interrupted. `cpus` None: no
+    neighbour (the idle condition)."""
+
+    def __init__(self, cpus: Optional[str], seed: int = 0, duration_s: float = 3600.0):
+        self.cpus, self.seed, self.duration_s = cpus, seed, duration_s
+        self.process: Any = None
+
+    def __enter__(self) -> "Neighbour":
+        import subprocess
+
+        if self.cpus is not None:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "scripts" / "neighbour.py"), "--cpus", self.cpus,
+                 "--seed", str(self.seed), "--duration", str(self.duration_s)],
+                start_new_session=True, stdin=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.process is None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # workers that outlived their leader
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process = None
+
+
 def load_testfarm() -> ModuleType:
     loader = importlib.machinery.SourceFileLoader("testfarm", str(ROOT / "scripts" / "testfarm"))
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader("testfarm", loader))
