@@ -124,8 +124,9 @@ class SimulatedClient:
         self.lost_s = lost_s
         self.agent_version = AGENT_VERSION
         # A device replaying a noise trace keeps its own virtual time across measurements
-        # (the trace goes on between them) and does not sleep: it is there for statistics.
-        self.clock = _VirtualClock()
+        # (the trace goes on between them, from the moment the client was opened) and does
+        # not sleep: it is there for statistics.
+        self.clock = _VirtualClock(time.time())
 
     @property
     def device(self) -> str:
@@ -252,8 +253,8 @@ class SimulatedClient:
 class _VirtualClock:
     """A clock the simulated runs advance; the agent's timed loop reads it as perf_counter."""
 
-    def __init__(self) -> None:
-        self.now = 0.0
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
 
     def __call__(self) -> float:
         return self.now

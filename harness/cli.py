@@ -565,8 +565,11 @@ def _profile(args: argparse.Namespace) -> int:
     print(f"device time: {summary['device_s']:.1f} s for {summary['measurements']} "
           f"measurements (the fixed loop: about {summary['fixed_loop_s']:.1f} s)")
     if flagged:
-        print(f"flagged: samples {', '.join(map(str, flagged))} (see flags); rerun them "
-              f"with --refresh on an idle device, or raise --min-time-ms")
+        advice = ("measure them again with --refresh --protocol rounds: interleaved beside a "
+                  "reference, they hold on a device shared with other work"
+                  if args.protocol != "rounds" else "raise --max-time-ms (more rounds) or "
+                  "--ref-gap-ms lower (references nearer each candidate)")
+        print(f"flagged: samples {', '.join(map(str, flagged))} (see flags); {advice}")
     return 0
 
 

@@ -122,7 +122,9 @@ def test_a_block_whose_references_disagree_is_dropped_and_counted():
     references = [(10.0, 10.0), (10.0, 10.0), (10.0, 14.0), (10.0, 10.0)]  # speed changed
     summary = summarise(record(candidate, references))
     assert summary.rounds == 3 and summary.dropped == 1 and summary.ratio == pytest.approx(0.5)
-    assert summarise(record([5.0], [(10.0, 14.0)])) is None  # nothing left to say
+    alone = summarise(record([5.0], [(10.0, 14.0)]))  # nothing survives: all, flagged
+    assert alone.unfiltered and alone.ratio == pytest.approx(5.0 / 12.0)
+    assert any("changed speed around every block" in r for r in alone.noisy_reasons)
 
 
 def test_windows_respect_the_memory_budget_and_keep_the_order(tmp_path):

@@ -94,10 +94,13 @@ def iso_date(stamp: float) -> str:
 
 
 def interval_of(measurement: Measurement) -> Optional[Tuple[float, float]]:
-    """The 95% interval of a measured median, or a prediction's own interval (None when the
-    predictor gives none)."""
+    """The 95% interval of a measured median (of the quiet-state latency, for a measurement
+    in interleaved rounds), or a prediction's own interval (None when the predictor gives
+    none)."""
     if measurement.source == "predicted":
         return measurement.prediction_interval()
+    if measurement.interleaved is not None:
+        return measurement.interleaved.quiet_interval_ms
     if measurement.n < 2:
         return None
     low, high = measurement.median_interval()

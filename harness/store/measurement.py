@@ -21,10 +21,12 @@ from harness.store.rounds import RoundsSummary, summarise
 
 SOURCES = ("measured", "cached", "predicted")
 
-# A result is flagged unstable when either spread measure reaches 10 % (pyperf and
-# torch.utils.benchmark use the same order of threshold).
-UNSTABLE_CV = 0.10
+# A result timed one model at a time is flagged unstable by robust spread: the middle half of
+# its runs spanning 10% of the median (torch.utils.benchmark warns at the same IQR/median), or
+# the 95% interval of its median reaching 5% from it. Not by the CV, which a few runs
+# preempted by other work blow up while the median holds.
 UNSTABLE_IQR_RATIO = 0.10
+UNSTABLE_INTERVAL = 0.05
 FEW_SAMPLES = 10
 
 # "quiet" and "ratio" need a measurement made in interleaved rounds (harness.store.rounds):
@@ -305,12 +307,17 @@ class Measurement:
         if self.interleaved is not None:  # the ratio's interval says it, not the raw spread
             flags.extend(self.interleaved.noisy_reasons)
         elif self.rounds is not None:
-            flags.append("noisy: every block was dropped for a change of speed around it")
-        else:
-            if self.cv >= UNSTABLE_CV:
-                flags.append("unstable: cv >= 10%")
+            flags.append("noisy: no block had a reference block on both sides")
+        else:  # robust spread only: a few preempted runs inflate the CV, not these
+            reasons = []
             if self.median > 0 and self.iqr / self.median >= UNSTABLE_IQR_RATIO:
-                flags.append("unstable: iqr/median >= 0.1")
+                reasons.append(f"the middle half of its runs spans {self.iqr / self.median:.0%} "
+                               "of the median")
+            reach = self.relative_half_width
+            if self.source != "predicted" and math.isfinite(reach) and reach >= UNSTABLE_INTERVAL:
+                reasons.append(f"its median is known to +-{reach:.1%} only")
+            if reasons:
+                flags.append("unstable: " + "; ".join(reasons))
         if self.n < FEW_SAMPLES and self.source != "predicted":
             flags.append(f"few samples: {self.n}")
         if self.source == "predicted" and not self.provenance.calibration:

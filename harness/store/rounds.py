@@ -66,6 +66,7 @@ class RoundsSummary:
     reference_share: float                # the reference's share of the window's timed runs
     block_statistic: str
     few_rounds: bool = False              # too few for a 95% interval: it is their range
+    unfiltered: bool = False              # every block saw a change of speed: none dropped
 
     @property
     def relative_half_width(self) -> float:
@@ -77,6 +78,9 @@ class RoundsSummary:
     def noisy_reasons(self) -> List[str]:
         """Why the window was noisy for this model; empty when it was not."""
         reasons = []
+        if self.unfiltered:
+            reasons.append("noisy: the device changed speed around every block; the ratio "
+                           "is of them all")
         if self.few_rounds:
             reasons.append(f"few rounds: {self.rounds} give no 95% interval of the ratio "
                            "(6 do)")
@@ -100,20 +104,23 @@ def summarise(record: RoundsRecord, statistic: str = "min", speed_change: float 
     history (else this window's). None when no block gave a ratio."""
     references = sorted(record.reference_blocks, key=lambda block: block[2])
     ref_values = [block_statistic(block[3], statistic) for block in references]
-    ratios, dropped = [], 0
+    ratios, kept = [], []
     for block in record.blocks:
         around = _nearest(references, ref_values, block)
         if around is None:
-            dropped += 1
             continue
         before, after = around
         mean = (before + after) / 2
-        if mean <= 0 or abs(before - after) / mean > speed_change:
-            dropped += 1
+        if mean <= 0:
             continue
         ratios.append(block_statistic(block[3], statistic) / mean)
+        kept.append(abs(before - after) / mean <= speed_change)
     if not ratios:
         return None
+    # every block around a change of speed: the ratio of them all, flagged as such
+    unfiltered = not any(kept)
+    dropped = 0 if unfiltered else kept.count(False)
+    ratios = ratios if unfiltered else [r for r, keep in zip(ratios, kept) if keep]
     ordered = sorted(ratios)
     ratio = block_statistic(ordered, "median")
     # too few rounds for an interval at this confidence: the whole range, flagged as such
@@ -129,7 +136,7 @@ def summarise(record: RoundsRecord, statistic: str = "min", speed_change: float 
         quiet_ms=ratio * level, quiet_interval_ms=(low * level, high * level),
         rounds=len(ratios), dropped=dropped, noise=spread / mean_ref if mean_ref else 0.0,
         reference_share=ref_ms / window_ms if window_ms else 0.0, block_statistic=statistic,
-        few_rounds=few)
+        few_rounds=few, unfiltered=unfiltered)
 
 
 def _nearest(references: List[Block], values: List[float], block: Block

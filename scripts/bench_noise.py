@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Benchmark: do measurements hold on a noisy device? Each protocol measures the same subnets
+twice, at equal device time, under each condition; the table says how often a subnet's second
+measurement agrees with its first.
+
+Protocols (each subnet gets about --seconds of timed runs per pass):
+- loop: one model after another, the fixed loop (today's default), its median;
+- ci: one model after another until the 95% interval of the median is within 1%;
+- paired: one model at a time in its own window of interleaved rounds beside the reference
+  (what a single profile() does with protocol "rounds"): its ratio to the reference, and its
+  quiet-state latency;
+- rounds: the whole batch in windows of interleaved rounds: ratio and quiet-state latency.
+Conditions: idle, the seeded noisy neighbour (scripts/neighbour.py) on the other core
+(other-cores) or on the device's own core (same-core); the agent is pinned to CPU 0. With
+--trace, a simulated device replaying each recorded trace too, where the truth is known:
+each protocol's error against it and how often the 95% interval covers it.
+
+    python3 scripts/bench_noise.py --out bench_noise.md [--subnets 40] [--input-size 224]
+        [--conditions idle,other-cores,same-core] [--protocols loop,ci,paired,rounds]
+        [--trace tests/fixtures/noise/loaded.json ...]
+
+Rows are printed as they are measured and appended to --out, so a run that dies still leaves
+its figures.
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from benchlib import Neighbour, space_at_input
+
+CONDITIONS = {"idle": None, "other-cores": "1", "same-core": "0"}
+PROTOCOLS = ("loop", "ci", "paired", "rounds")
+HEADER = ("| condition | protocol | statistic | within 1% | within 2% | within 5% | within 10% "
+          "| median diff | Kendall tau | device-s per pass | dropped | reference share "
+          "| error vs truth: within 2% | interval covers truth |")
+
+
+def settings_of(protocol: str, seconds: float, window: int) -> Dict[str, Any]:
+    """The agent's settings for a protocol at `seconds` of timed runs per subnet."""
+    pinned = {"cpu_affinity": [0]}
+    if protocol == "loop":
+        return dict(pinned, min_time_ms=seconds * 1e3, max_time_ms=seconds * 1e3 * 4)
+    if protocol == "ci":
+        return dict(pinned, stop="ci", rel_ci=0.01, max_time_ms=seconds * 1e3)
+    models = 1 if protocol == "paired" else window
+    return dict(pinned, protocol="rounds", rounds=100000, min_time_ms=0.0,
+                max_time_ms=seconds * 1e3 * models)
+
+
+def measure_pass(protocol: str, space: Any, dummy: Any, samples: List[dict], device: str,
+                 home: Path, seconds: float, window: int) -> List[Any]:
+    """One pass: every subnet measured anew under the protocol."""
+    from harness import LatencyProfiler
+
+    with LatencyProfiler(space, dummy, device=device, home=home, refresh=True,
+                         settings=settings_of(protocol, seconds, window),
+                         timeout_s=max(600.0, seconds * window * 4)) as profiler:
+        if protocol == "paired":
+            return [profiler.measure(sample) for sample in samples]
+        return profiler.measure_many(samples, progress=False)
+
+
+def values(measurements: Sequence[Any], statistic: str) -> List[float]:
+    return [m.statistic(statistic) for m in measurements]
+
+
+def agreement(first: Sequence[float], second: Sequence[float]) -> Dict[str, float]:
+    from scipy.stats import kendalltau
+
+    diffs = [abs(b / a - 1) for a, b in zip(first, second)]
+    share = {f"within {p}%": sum(d <= p / 100 for d in diffs) / len(diffs) for p in (1, 2, 5, 10)}
+    tau = kendalltau(first, second).statistic if len(first) > 1 else math.nan
+    return dict(share, median=statistics.median(diffs), tau=tau)
+
+
+def truth_figures(measurements: Sequence[Any], statistic: str, truth: Sequence[float]
+                  ) -> Dict[str, Optional[float]]:
+    """Error against the known truth and the interval's coverage (simulated devices)."""
+    errors = [abs(v / t - 1) for v, t in zip(values(measurements, statistic), truth)]
+    covered: Optional[float] = None
+    if statistic in ("ratio", "quiet"):
+        inside = []
+        for m, t in zip(measurements, truth):
+            low, high = m.interleaved.ratio_interval if statistic == "ratio" \
+                else m.interleaved.quiet_interval_ms
+            inside.append(low <= t <= high)
+        covered = sum(inside) / len(inside)
+    return {"within2": sum(e <= 0.02 for e in errors) / len(errors), "covered": covered}
+
+
+def row(condition: str, protocol: str, statistic: str, first: Sequence[Any],
+        second: Sequence[Any], truth: Optional[Sequence[float]] = None) -> str:
+    figures = agreement(values(first, statistic), values(second, statistic))
+    device_s = statistics.fmean([sum(m.device_s for m in first), sum(m.device_s for m in second)])
+    rounds = [m.interleaved for m in (*first, *second) if m.interleaved is not None]
+    dropped = (sum(s.dropped for s in rounds) / max(sum(s.dropped + s.rounds for s in rounds), 1)
+               if rounds else None)
+    share = statistics.fmean(s.reference_share for s in rounds) if rounds else None
+    known = truth_figures(second, statistic, truth) if truth is not None else None
+    cells = [condition, protocol, statistic,
+             *(f"{figures[f'within {p}%']:.0%}" for p in (1, 2, 5, 10)),
+             f"{figures['median']:.2%}", f"{figures['tau']:.3f}", f"{device_s:.1f}",
+             "-" if dropped is None else f"{dropped:.0%}",
+             "-" if share is None else f"{share:.0%}",
+             "-" if known is None else f"{known['within2']:.0%}",
+             "-" if known is None or known["covered"] is None else f"{known['covered']:.0%}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def emit(line: str, out: Path) -> None:
+    print(line, flush=True)
+    with open(out, "a") as table:
+        table.write(line + "\n")
+
+
+def simulated_device(home: Path, trace: Path, sim_ms: float) -> str:
+    from devices import registry
+
+    name = f"replay-{trace.stem}"
+    registry.add_device(home, registry.DeviceConfig(
+        name=name, transport="sim", address=f"replay-{trace.stem}", sim_ms=sim_ms, sim_seed=7,
+        noise_trace=str(trace.resolve())), replace=True)
+    return name
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the table (markdown) written")
+    parser.add_argument("--subnets", type=int, default=40)
+    parser.add_argument("--space", default="harness.spaces:ProxylessSpace")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--seconds", type=float, default=1.0,
+                        help="timed device time per subnet and pass (default 1)")
+    parser.add_argument("--conditions", default="idle,other-cores,same-core")
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument("--trace", type=Path, action="append", default=[],
+                        help="a noise trace a simulated device replays (repeatable)")
+    parser.add_argument("--sim-ms", type=float, default=10.0,
+                        help="a typical subnet's latency on the simulated device")
+    parser.add_argument("--home", type=Path, help="HARNESS_HOME (default: a new folder)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from harness import random_samples
+    from harness.steps.rounds import windows
+
+    space, space_name = space_at_input(parser, args.space, args.input_size)
+    dummy = torch.randn(1, 3, args.input_size, args.input_size)
+    samples = random_samples(space, args.subnets, seed=args.seed)
+    home = args.home or Path(tempfile.mkdtemp(prefix="bench-noise-"))
+    protocols = [p for p in args.protocols.split(",") if p]
+    conditions = [c for c in args.conditions.split(",") if c]
+    from harness.export.graph import export_sample
+    window = len(windows([export_sample(space, s, dummy, home=home) for s in samples])[0])
+    args.out.write_text("")
+    emit(f"bench_noise: {len(samples)} subnets of {space_name}, {args.seconds:g} s of timed "
+         f"runs per subnet and pass, agent on CPU 0, windows of {window} ({time.ctime()})\n",
+         args.out)
+    emit(HEADER, args.out)
+    emit("|" + "---|" * (HEADER.count("|") - 1), args.out)
+    raw: Dict[str, Any] = {}
+    for condition in conditions:
+        with Neighbour(CONDITIONS[condition], seed=args.seed):
+            for protocol in protocols:
+                passes = [measure_pass(protocol, space, dummy, samples, "local", home,
+                                       args.seconds, window) for _ in range(2)]
+                for statistic in (("median",) if protocol in ("loop", "ci")
+                                  else ("ratio", "quiet")):
+                    emit(row(condition, protocol, statistic, *passes), args.out)
+                    raw[f"{condition}/{protocol}/{statistic}"] = [
+                        values(p, statistic) for p in passes]
+    for trace in args.trace:
+        from devices.simulated import SimulatedModel
+        from harness.steps.reference import reference_model
+
+        device = simulated_device(home, trace, args.sim_ms)
+        spec = SimulatedModel(f"replay-{trace.stem}", args.sim_ms, seed=7)
+        reference_ms = spec.graph_median_ms(reference_model(dummy, home).sha256)
+        for protocol in protocols:
+            passes = [measure_pass(protocol, space, dummy, samples, device, home, args.seconds,
+                                   window) for _ in range(2)]
+            latency = [spec.graph_median_ms(m.provenance.model_sha256) for m in passes[1]]
+            for statistic in (("median",) if protocol in ("loop", "ci") else ("ratio", "quiet")):
+                truth = [t / reference_ms for t in latency] if statistic == "ratio" else latency
+                emit(row(f"replay {trace.stem}", protocol, statistic, *passes, truth=truth),
+                     args.out)
+    (args.out.with_suffix(".json")).write_text(json.dumps(raw))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
