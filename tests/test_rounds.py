@@ -199,3 +199,19 @@ def test_the_default_reference_needs_an_image_input(tmp_path):
     from harness.steps.reference import reference_model
     with pytest.raises(InvalidArgument, match="reference"):
         reference_model(torch.randn(1, 16), tmp_path)
+
+
+def test_the_report_draws_the_reference_over_time(tmp_path):
+    from harness.report.html import write_report
+
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as profiler:
+        profiler.measure_many(random_samples(space, 3, seed=4), progress=False)
+        blocks = len(profiler.measure(random_samples(space, 1, seed=4)[0]).rounds
+                     .reference_blocks)
+        history = profiler.cache.reference_history(profiler.identify().fingerprint)
+    assert len(history) == blocks  # one window, its blocks recorded once
+    files = write_report(tmp_path / "cache.sqlite", tmp_path / "report", home=tmp_path)
+    assert any(path.name == "reference.png" for path in files.figures)
+    assert "The device&#x27;s speed" in files.index.read_text() or \
+        "The device's speed" in files.index.read_text()

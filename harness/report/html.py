@@ -132,6 +132,8 @@ class ReportData:
     calibrations: List[CalibrationView] = field(default_factory=list)
     operators: List[OperatorCost] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)  # what the reader should know (plain text)
+    # device name -> (when, reference block ms) of its windows of interleaved rounds
+    reference_levels: Dict[str, List[Tuple[float, float]]] = field(default_factory=dict)
 
     @property
     def device_names(self) -> List[str]:
@@ -187,6 +189,8 @@ def collect(cache_path: Union[str, Path], devices: Optional[Sequence[str]] = Non
                               fix=f"pass --device with one of: {', '.join(known)}")
         rows = _newest_per_variant(cache.newest_measurements(chosen))
         index = cache.sample_index()
+        fingerprints = {m.device: key.device_fp for key, m in rows if m.rounds is not None}
+        levels = {device: cache.reference_history(fp) for device, fp in fingerprints.items()}
 
     notes: List[str] = []
     wanted: Optional[Dict[Tuple[str, str], Dict[str, Any]]] = None
@@ -234,7 +238,8 @@ def collect(cache_path: Union[str, Path], devices: Optional[Sequence[str]] = Non
                          f"cache; each row shows the newest.")
     data = ReportData(path, summaries, results, space, space is not None,
                       _calibrations([s.name for s in summaries], home, notes),
-                      operator_costs(path, results), notes)
+                      operator_costs(path, results), notes,
+                      {device: points for device, points in levels.items() if points})
     log.info("report of %d subnets on %d devices from %s", len({r.subnet for r in results}),
              len(summaries), path)
     return data
@@ -758,6 +763,29 @@ def _operators(plt: Any, data: ReportData) -> Optional[Figure]:
                   "time per operator type per device")
 
 
+def _reference_levels(plt: Any, data: ReportData) -> Optional[Figure]:
+    """The reference model's blocks over time per device: how fast each device ran while it
+    measured in interleaved rounds (only when some device did)."""
+    if not data.reference_levels:
+        return None
+    colors = _colors(plt, list(data.reference_levels))
+    figure, axes = plt.subplots(figsize=(9, 3.2))
+    start = min(points[0][0] for points in data.reference_levels.values())
+    for device, points in data.reference_levels.items():
+        axes.plot([(when - start) / 60 for when, _ in points], [ms for _, ms in points], ".",
+                  markersize=2, color=colors[device], label=_plain(device))
+    axes.set_xlabel("minutes since the first window shown")
+    axes.set_ylabel("reference block (ms)")
+    axes.set_title("The reference model over time")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return Figure("reference.png", _png(plt, figure),
+                  "The reference model's blocks (the minimum of each block's runs) over time, "
+                  "per device: the device's speed while it measured in interleaved rounds; a "
+                  "candidate's quiet-state latency is its ratio to the nearest of these, times "
+                  "their low quantile.", "reference model blocks over time per device")
+
+
 # ---------------------------------------------------------------- the page
 
 def _e(value: Any) -> str:
@@ -1008,6 +1036,9 @@ def render_html(data: ReportData, figures: Sequence[Figure],
     if data.operators:
         sections.append("<section><h2>Per operator</h2>" + figure_or_note("operators.png") +
                         "</section>")
+    if data.reference_levels:
+        sections.append("<section><h2>The device's speed</h2>" +
+                        figure_or_note("reference.png") + "</section>")
     sections.append("<section><h2>Subnets by device</h2><p class=\"note\">Click a column's "
                     "header to sort by it (again to reverse). Times in ms. "
                     "<label class=\"toggle\"><input type=\"checkbox\" id=\"more-columns\"> "
@@ -1042,9 +1073,9 @@ def write_report(cache_path: Union[str, Path], out: Union[str, Path],
         figure, texts[name] = draw(plt, data)
         if figure is not None:
             figures.append(figure)
-    operators = _operators(plt, data)
-    if operators is not None:
-        figures.append(operators)
+    for extra in (_operators(plt, data), _reference_levels(plt, data)):
+        if extra is not None:
+            figures.append(extra)
     calibration_figures: Dict[str, Figure] = {}
     for number, view in enumerate(data.calibrations, 1):
         drawn = _calibration(plt, view, number)

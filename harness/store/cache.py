@@ -366,6 +366,14 @@ class Cache:
                            f"LIMIT {REFERENCE_HISTORY}", (device_fp, settings_key, reference))
         return quantile([value for (value,) in rows], quantile_q)
 
+    def reference_history(self, device_fp: str) -> List[Tuple[float, float]]:
+        """(when, reference block statistic in ms) of every recorded reference block of a
+        device, oldest first: how fast the device ran over time."""
+        rows = self._query("read the reference's blocks",
+                           "SELECT created_at, value FROM reference_blocks WHERE device_fp = ? "
+                           "ORDER BY created_at, window, sequence", (device_fp,))
+        return [(float(when), float(value)) for when, value in rows]
+
     def put_decision(self, key: MeasurementKey, decision: Decision,
                      samples_ms: Sequence[float]) -> None:
         """Store a measured decision with its evidence (the runs behind it); only ever read
