@@ -102,3 +102,24 @@ def test_interleaved_rounds_recover_the_truth_through_speed_steps_the_loop_does_
     # the loop's median is its graph's latency at whatever speed its second ran: off by up
     # to the step (2x) for some, where the rounds' ratio is within 2% for every one
     assert max(loop_errors) > 0.3, loop_errors
+
+
+def test_a_window_whose_device_is_lost_fails_over_whole_to_another(tmp_path):
+    from devices.simulated import down_path
+
+    step_trace().save(tmp_path / "trace.json")
+    for name in ("sim1", "sim2"):
+        add_device(tmp_path, DeviceConfig(name=name, transport="sim", address="simboard",
+                                          kind="replay", sim_ms=SIM_MS, sim_seed=3,
+                                          noise_trace="trace.json"))
+    down_path(tmp_path, "sim1").parent.mkdir(parents=True, exist_ok=True)
+    down_path(tmp_path, "sim1").touch()  # sim1 is lost: its window goes to sim2
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    settings = {"protocol": "rounds", "rounds": 8, "block_ms": 10.0, "warmup_runs": 1}
+    with LatencyProfiler(space, dummy, device="kind:replay", home=tmp_path, settings=settings,
+                         max_strikes=1) as profiler:
+        measured = profiler.measure_many(random_samples(space, 4, seed=1), progress=False)
+        assert {m.device for m in measured} == {"sim2"}
+        assert all(m.interleaved is not None for m in measured)
+        stored = profiler.cache.measurement_counts()
+    assert stored == {"sim2": len({m.graph_hash for m in measured})}  # nothing of sim1's
