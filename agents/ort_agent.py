@@ -20,6 +20,7 @@ Every failure is a JSON object too: {"error": {"kind": KIND, "message": TEXT}} w
 TRANSFER, LOAD, RUNTIME, TIMEOUT, DEVICE_LOST, THERMAL, USER.
 """
 import argparse
+import bisect
 import errno
 import glob
 import hashlib
@@ -963,9 +964,10 @@ class Timed(object):
 def interleave(models, reference, settings, clock):
     """The rounds schedule (see measure_rounds) over `models` ({name: Timed}) and the
     `reference` (Timed): (rounds completed, loop length in s, {name: error of a model that
-    failed mid-window})."""
+    failed mid-window}, why it stopped: "rounds", "max_time", or "precise" when stop is
+    "ci" and every model's ratio is known within rel_ci)."""
     gap_s = settings["ref_gap_ms"] / 1e3
-    sequence, completed, failed = 0, 0, {}
+    sequence, completed, failed, reason = 0, 0, {}, "rounds"
     loop_start = clock()
     for round_index in range(settings["rounds"]):
         order = [name for name in round_order(sorted(models), settings["seed"], round_index)
@@ -987,9 +989,15 @@ def interleave(models, reference, settings, clock):
                 reference.block(round_index, position, sequence, loop_start)
                 since_ref = 0.0
         completed = round_index + 1
-        if clock() - loop_start >= settings["max_time_ms"] / 1e3:
+        if settings["stop"] == "ci" and completed >= settings["min_runs"] and _precise(
+                {name: models[name] for name in models if name not in failed}, reference,
+                settings):
+            reason = "precise"
             break
-    return completed, clock() - loop_start, failed
+        if clock() - loop_start >= settings["max_time_ms"] / 1e3:
+            reason = "max_time"
+            break
+    return completed, clock() - loop_start, failed, reason
 
 
 class _Loaded(Timed):
@@ -1018,6 +1026,53 @@ class _Loaded(Timed):
 
     def _run(self):
         self.session.run(self.outputs, self.feeds)
+
+
+SPEED_CHANGE = 0.10  # reference blocks around a candidate block this far apart: it is dropped
+
+
+def block_statistic(runs, statistic="min"):
+    """The statistic of one block's runs: its minimum (the run least disturbed) or median."""
+    if statistic == "min":
+        return min(runs)
+    return _median_of(sorted(runs))
+
+
+def block_ratios(blocks, reference_blocks, statistic="min", speed_change=SPEED_CHANGE):
+    """Each candidate block's statistic over the mean of the statistics of its two nearest
+    reference blocks (by sequence): [(ratio, kept)], kept False where those two differ by
+    more than `speed_change` (the device changed speed between them). A block without a
+    reference on both sides gives none."""
+    references = sorted(reference_blocks, key=lambda block: block[2])
+    values = [block_statistic(block[3], statistic) for block in references]
+    sequences = [block[2] for block in references]
+    ratios = []
+    for block in blocks:
+        after = bisect.bisect_right(sequences, block[2])
+        if after == 0 or after == len(references):
+            continue
+        before_value, after_value = values[after - 1], values[after]
+        mean = (before_value + after_value) / 2
+        if mean <= 0:
+            continue
+        ratios.append((block_statistic(block[3], statistic) / mean,
+                       abs(before_value - after_value) / mean <= speed_change))
+    return ratios
+
+
+def _precise(models, reference, settings):
+    """The ci rule on rounds: every model's ratio to the reference known within rel_ci (the
+    distribution-free interval of the median of its kept blocks' ratios)."""
+    for model in models.values():
+        kept = sorted(ratio for ratio, keep in block_ratios(model.blocks, reference.blocks)
+                      if keep)
+        interval = median_interval(kept, settings["confidence"]) if kept else None
+        if interval is None:
+            return False
+        middle = _median_of(kept)
+        if max(middle - interval[0], interval[1] - middle) > settings["rel_ci"] * middle:
+            return False
+    return True
 
 
 def round_order(names, seed, round_index):
@@ -1063,7 +1118,7 @@ def _measure_rounds(models, reference, settings):
             errors[name] = exc.to_json()["error"]
     memory.end("load")
     memory.start()
-    completed, loop_s, failed = interleave(loaded, ref, settings, time.perf_counter)
+    completed, loop_s, failed, reason = interleave(loaded, ref, settings, time.perf_counter)
     memory.end("run")
     errors.update(failed)
     common = {"agent_version": AGENT_VERSION, "settings": settings, "controlled": controlled,
@@ -1071,7 +1126,7 @@ def _measure_rounds(models, reference, settings):
                           "provider": settings["provider"]},
               "thermal_before": thermal_before, "thermal_after": thermal_zones(),
               "fingerprint": fingerprint(), "memory": memory.report(reference.get("model")),
-              "loop_ms": loop_s * 1e3, "capped": completed < settings["rounds"]}
+              "loop_ms": loop_s * 1e3, "capped": reason == "max_time"}
     candidates_ms = sum(ms for model in loaded.values() for block in model.blocks
                         for ms in block[3])
     results = {}
@@ -1084,8 +1139,8 @@ def _measure_rounds(models, reference, settings):
             "warmup_runs": settings["warmup_runs"], "warmup_ms": model.warmup_ms,
             "samples_ms": [ms for block in model.blocks for ms in block[3]],
             "inputs": model.inputs,
-            "stop": {"rule": "rounds", "reason": "rounds" if completed == settings["rounds"]
-                     else "max_time", "looks": completed},
+            "stop": {"rule": "rounds" if settings["stop"] != "ci" else "rounds-ci",
+                     "reason": reason, "looks": completed, "rel_ci": settings["rel_ci"]},
             "rounds": {"completed": completed, "k": model.k, "reference_k": ref.k,
                        "blocks": model.blocks, "reference_blocks": ref.blocks,
                        "seed": settings["seed"], "ref_gap_ms": settings["ref_gap_ms"],

@@ -195,7 +195,7 @@ class SimulatedClient:
 
         ref = timed("reference", reference[1])
         timed_models = {name: timed(name, sha) for name, (_, sha) in models.items()}
-        completed, loop_s, _ = interleave(timed_models, ref, checked, clock)
+        completed, loop_s, _, reason = interleave(timed_models, ref, checked, clock)
         busy_s = clock.now - began + self.spec.load_ms * (len(models) + 1) / 1e3
         if busy_s > deadline - time.monotonic():
             raise MeasurementTimeout(f"the simulated window takes {busy_s:.1f} s, more than "
@@ -210,8 +210,8 @@ class SimulatedClient:
                 "first_run_ms": self.spec.graph_median_ms(models[name][1]),
                 "warmup_runs": checked["warmup_runs"], "warmup_ms": 0.0,
                 "samples_ms": [ms for block in model.blocks for ms in block[3]],
-                "loop_ms": loop_s * 1e3, "capped": completed < checked["rounds"],
-                "stop": {"rule": "rounds", "reason": "rounds", "looks": completed},
+                "loop_ms": loop_s * 1e3, "capped": reason == "max_time",
+                "stop": {"rule": "rounds", "reason": reason, "looks": completed},
                 "settings": checked, "controlled": {},
                 "runtime": {"name": "simulated", "version": AGENT_VERSION,
                             "provider": checked["provider"]},

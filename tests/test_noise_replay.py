@@ -123,3 +123,20 @@ def test_a_window_whose_device_is_lost_fails_over_whole_to_another(tmp_path):
         assert all(m.interleaved is not None for m in measured)
         stored = profiler.cache.measurement_counts()
     assert stored == {"sim2": len({m.graph_hash for m in measured})}  # nothing of sim1's
+
+
+def test_the_ci_rule_on_rounds_stops_once_every_ratio_is_known_within_rel_ci(tmp_path):
+    spec = replaying_device(tmp_path, step_trace())
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    settings = {"protocol": "rounds", "stop": "ci", "rel_ci": 0.01, "rounds": 5000,
+                "block_ms": 10.0, "warmup_runs": 1, "max_time_ms": 600000.0}
+    with LatencyProfiler(space, dummy, device="sim1", home=tmp_path, settings=settings,
+                         statistic="ratio") as profiler:
+        measured = profiler.measure_many(random_samples(space, 5, seed=2), progress=False)
+        reference_ms = spec.graph_median_ms(profiler.reference().sha256)
+    for m in measured:
+        assert m.provenance.stop["reason"] == "precise"
+        assert 10 <= m.rounds.completed < 5000
+        assert m.interleaved.relative_half_width <= 0.01
+        truth = spec.graph_median_ms(m.provenance.model_sha256) / reference_ms
+        assert abs(m.interleaved.ratio / truth - 1) < 0.01

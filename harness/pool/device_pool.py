@@ -88,8 +88,11 @@ class MeasureRequest:
             return False  # per-operator times asked, and the stored result has none
         if self.settings["protocol"] == "rounds" and cached.rounds is None:
             return False  # interleaved rounds asked, and it was timed one model at a time
-        return self.settings["stop"] != "ci" or \
-            cached.relative_half_width <= self.settings["rel_ci"]
+        if self.settings["stop"] != "ci":
+            return True
+        reach = cached.interleaved.relative_half_width if cached.interleaved is not None \
+            else cached.relative_half_width  # rounds: the ratio's interval, else the median's
+        return reach <= self.settings["rel_ci"]
 
     @property
     def settings_key(self) -> str:

@@ -23,23 +23,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from agents.ort_agent import median_interval
-from devices.agent_result import Block, RoundsRecord
+from agents.ort_agent import SPEED_CHANGE, block_ratios, block_statistic, median_interval
+from devices.agent_result import RoundsRecord
 
 BLOCK_STATISTICS = ("min", "median")
-SPEED_CHANGE = 0.10     # reference blocks around a candidate this far apart: dropped
 LEVEL_QUANTILE = 0.10   # the reference level: this quantile of its block statistics
 NOISY_DROPPED = 0.25    # flagged noisy when more of the blocks than this were dropped
 NOISY_INTERVAL = 0.02   # ... or when the ratio's interval is wider than +-2%
-
-
-def block_statistic(runs: Sequence[float], statistic: str = "min") -> float:
-    """The statistic of one block's runs."""
-    if statistic == "min":
-        return min(runs)
-    ordered = sorted(runs)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -104,17 +94,8 @@ def summarise(record: RoundsRecord, statistic: str = "min", speed_change: float 
     history (else this window's). None when no block gave a ratio."""
     references = sorted(record.reference_blocks, key=lambda block: block[2])
     ref_values = [block_statistic(block[3], statistic) for block in references]
-    ratios, kept = [], []
-    for block in record.blocks:
-        around = _nearest(references, ref_values, block)
-        if around is None:
-            continue
-        before, after = around
-        mean = (before + after) / 2
-        if mean <= 0:
-            continue
-        ratios.append(block_statistic(block[3], statistic) / mean)
-        kept.append(abs(before - after) / mean <= speed_change)
+    paired = block_ratios(record.blocks, references, statistic, speed_change)
+    ratios, kept = [r for r, _ in paired], [keep for _, keep in paired]
     if not ratios:
         return None
     # every block around a change of speed: the ratio of them all, flagged as such
@@ -137,17 +118,3 @@ def summarise(record: RoundsRecord, statistic: str = "min", speed_change: float 
         rounds=len(ratios), dropped=dropped, noise=spread / mean_ref if mean_ref else 0.0,
         reference_share=ref_ms / window_ms if window_ms else 0.0, block_statistic=statistic,
         few_rounds=few, unfiltered=unfiltered)
-
-
-def _nearest(references: List[Block], values: List[float], block: Block
-             ) -> Optional[Tuple[float, float]]:
-    """The statistics of the reference blocks just before and just after `block` in the
-    window's sequence, or None when it lacks one on either side."""
-    before = after = None
-    for reference, value in zip(references, values):
-        if reference[2] < block[2]:
-            before = value
-        elif reference[2] > block[2]:
-            after = value
-            break
-    return None if before is None or after is None else (before, after)
