@@ -186,6 +186,36 @@ def cpu_frequencies():
     return cores
 
 
+def cpu_state():
+    """What competes for the CPU now, where the kernel says it: CPU pressure (PSI: the share
+    of time some task waited for a CPU, over 10 s, and the total stall in microseconds), steal
+    time (ticks a hypervisor gave to others), the load average and the current frequencies.
+    Missing files leave their fields out."""
+    state = {}
+    pressure = _read("/proc/pressure/cpu")
+    for line in (pressure or "").splitlines():
+        if line.startswith("some "):
+            fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
+            try:
+                state["pressure_avg10"] = float(fields["avg10"])
+                state["pressure_total_us"] = int(fields["total"])
+            except (KeyError, ValueError):
+                pass
+    stat = _read("/proc/stat")
+    for line in (stat or "").splitlines():
+        parts = line.split()
+        if parts and parts[0] == "cpu" and len(parts) > 8 and parts[8].isdigit():
+            state["steal_ticks"] = int(parts[8])
+    try:
+        state["load1"] = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        pass
+    frequencies = [core["cur_khz"] for core in cpu_frequencies() if core["cur_khz"]]
+    if frequencies:
+        state["freq_khz_min"] = min(frequencies)
+    return state
+
+
 def thermal_zones():
     """Temperatures of every readable thermal zone, in degrees Celsius."""
     zones = []
@@ -1075,6 +1105,25 @@ def _precise(models, reference, settings):
     return True
 
 
+def _window_state(before, after, seconds):
+    """What competed for the CPU during a window: CPU pressure at its end (avg10, %) and the
+    share of the window some task stalled for a CPU (from PSI's total), steal ticks during it,
+    the load average at its end, the lowest frequency seen."""
+    state = {}
+    for key in ("pressure_avg10", "load1"):
+        if key in after:
+            state[key] = after[key]
+    if "pressure_total_us" in before and "pressure_total_us" in after and seconds > 0:
+        stalled_s = (after["pressure_total_us"] - before["pressure_total_us"]) / 1e6
+        state["pressure_share"] = round(max(stalled_s, 0.0) / seconds, 4)
+    if "steal_ticks" in before and "steal_ticks" in after:
+        state["steal_ticks"] = max(after["steal_ticks"] - before["steal_ticks"], 0)
+    lows = [s["freq_khz_min"] for s in (before, after) if "freq_khz_min" in s]
+    if lows:
+        state["freq_khz_min"] = min(lows)
+    return state
+
+
 def round_order(names, seed, round_index):
     """The candidates' order in one round: a fresh shuffle, reproducible from the seed."""
     order = list(names)
@@ -1118,7 +1167,9 @@ def _measure_rounds(models, reference, settings):
             errors[name] = exc.to_json()["error"]
     memory.end("load")
     memory.start()
+    state_before = cpu_state()
     completed, loop_s, failed, reason = interleave(loaded, ref, settings, time.perf_counter)
+    state = _window_state(state_before, cpu_state(), loop_s)
     memory.end("run")
     errors.update(failed)
     common = {"agent_version": AGENT_VERSION, "settings": settings, "controlled": controlled,
@@ -1145,7 +1196,8 @@ def _measure_rounds(models, reference, settings):
                        "blocks": model.blocks, "reference_blocks": ref.blocks,
                        "seed": settings["seed"], "ref_gap_ms": settings["ref_gap_ms"],
                        "candidates": len(loaded), "candidates_ms": candidates_ms,
-                       "reference_sha256": reference.get("sha256") or ""}})
+                       "reference_sha256": reference.get("sha256") or "",
+                       "state": state}})
         results[name] = result
     return {"results": results, "errors": errors, "rounds": completed,
             "agent_version": AGENT_VERSION}

@@ -239,6 +239,9 @@ class RoundsRecord:
     seed: int
     candidates_ms: float = 0.0            # the timed runs of every candidate of the window
     reference_sha256: str = ""            # which reference model was timed beside it
+    # what competed for the CPU during the window (agents.ort_agent.cpu_state): pressure,
+    # steal, load, the lowest frequency; what the device exposes
+    state: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: object) -> "RoundsRecord":
@@ -255,9 +258,15 @@ class RoundsRecord:
         reference = data.get("reference_sha256", "")
         if not isinstance(reference, str) or len(reference) > 64:
             raise ValueError("rounds.reference_sha256 is not a sha256 hex digest")
+        state = data.get("state", {})
+        if not isinstance(state, dict) or len(state) > 16 or not all(
+                isinstance(key, str) and isinstance(value, (int, float))
+                and not isinstance(value, bool) and math.isfinite(value)
+                for key, value in state.items()):
+            raise ValueError("rounds.state is not an object of finite numbers")
         return cls(counts[0], counts[1], counts[2], _blocks(data.get("blocks"), "blocks"),
                    _blocks(data.get("reference_blocks"), "reference_blocks"), counts[3],
-                   counts[4], float(candidates_ms), reference)
+                   counts[4], float(candidates_ms), reference, dict(state))
 
     def to_dict(self) -> Dict[str, Any]:
         return {"completed": self.completed, "k": self.k, "reference_k": self.reference_k,
@@ -265,7 +274,8 @@ class RoundsRecord:
                 "reference_blocks": [[r, p, s, list(runs), at] for r, p, s, runs, at in
                                      self.reference_blocks],
                 "candidates": self.candidates, "seed": self.seed,
-                "candidates_ms": self.candidates_ms, "reference_sha256": self.reference_sha256}
+                "candidates_ms": self.candidates_ms, "reference_sha256": self.reference_sha256,
+                "state": dict(self.state)}
 
 
 @dataclass(frozen=True)

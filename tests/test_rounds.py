@@ -1,6 +1,7 @@
 """Interleaved rounds: the agent's schedule, the ratio arithmetic, and the protocol through a
 profiler on this machine (real agent, real onnxruntime, real SQLite)."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,10 @@ def test_the_agent_tags_every_block_and_brackets_each_candidate_with_references(
             assert min(around) < sequence < max(around)  # a reference on either side
             order = ort_agent.round_order(["m1", "m2", "m3"], 3, round_index)
             assert order[position] == name  # the position is its place in the seeded order
+    state = first["state"]  # what competed for the CPU, where the kernel says it
+    if Path("/proc/pressure/cpu").exists():
+        assert 0 <= state["pressure_share"] and "pressure_avg10" in state
+    assert "load1" in state
     sequences = sorted([b[2] for b in references] + [
         b[2] for r in answer["results"].values() for b in r["rounds"]["blocks"]])
     assert sequences == list(range(1, len(sequences) + 1))  # one sequence, no gaps
@@ -215,3 +220,16 @@ def test_the_report_draws_the_reference_over_time(tmp_path):
     assert any(path.name == "reference.png" for path in files.figures)
     assert "The device&#x27;s speed" in files.index.read_text() or \
         "The device's speed" in files.index.read_text()
+
+
+def test_a_noisy_window_says_what_competed_for_the_cpu():
+    from harness.store.measurement import Measurement, competition
+
+    assert competition({"pressure_share": 0.3, "steal_ticks": 12}) == [
+        "noisy: tasks waited for a CPU 30% of the window (CPU pressure)",
+        "noisy: the hypervisor took 12 ticks (steal)"]
+    assert competition({"pressure_share": 0.01, "steal_ticks": 0}) == []
+    window = record([5.0, 5.0, 7.0, 5.0], [(10.0, 10.0), (10.0, 10.0), (10.0, 14.0), (10.0, 10.0)])
+    noisy = Measurement(samples_ms=(5.0,), source="measured", device="d", graph_hash="g",
+                        rounds=dict(window.to_dict(), state={"pressure_share": 0.4}))
+    assert "noisy: tasks waited for a CPU 40% of the window (CPU pressure)" in noisy.flags

@@ -34,6 +34,17 @@ FEW_SAMPLES = 10
 STATISTICS = ("median", "mean", "p90", "p99", "min", "max", "quiet", "ratio")
 
 
+def competition(state: Mapping[str, float]) -> List[str]:
+    """Why a window was noisy, as far as the device's kernel tells: CPU pressure, steal."""
+    said = []
+    if state.get("pressure_share", 0.0) >= 0.05:
+        said.append(f"noisy: tasks waited for a CPU {state['pressure_share']:.0%} of the window "
+                    "(CPU pressure)")
+    if state.get("steal_ticks", 0) > 0:
+        said.append(f"noisy: the hypervisor took {state['steal_ticks']:.0f} ticks (steal)")
+    return said
+
+
 def fixed_loop_estimate_s(median_ms: float, device_s: float, loop_ms: float) -> float:
     """About what a run would have cost with the fixed loop (at least 50 runs and 1 s, at
     most 20 s): its device time with its timed loop (`loop_ms`) swapped for that one."""
@@ -306,6 +317,8 @@ class Measurement:
         flags: List[str] = []
         if self.interleaved is not None:  # the ratio's interval says it, not the raw spread
             flags.extend(self.interleaved.noisy_reasons)
+            if flags:  # and what the device said competed for its CPU, where it says
+                flags.extend(competition(self.rounds.state if self.rounds else {}))
         elif self.rounds is not None:
             flags.append("noisy: no block had a reference block on both sides")
         else:  # robust spread only: a few preempted runs inflate the CV, not these
