@@ -450,7 +450,7 @@ def _swept(shape: Sequence[Any], variant: _Variant) -> List[Any]:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from harness import output
+    from harness.report import output
 
     if args.raw and not (args.json or args.csv):
         raise HarnessError("--raw adds the raw per-run times to --json or --csv output",
@@ -753,7 +753,7 @@ def _devices(args: argparse.Namespace) -> int:
 
 
 def _farm(args: argparse.Namespace) -> int:
-    from harness import farm
+    from harness.pool import farm
     from harness.paths import harness_home
 
     home = harness_home()
