@@ -62,7 +62,8 @@ def test_a_space_knows_no_profiler():
     spaces = [name for name in graph if name in ("harness.spaces.space", "harness.spaces.additive")
               or name.startswith("harness.spaces")]
     measuring = {"harness.profiler", "harness.metrics.profiler_base", "harness.pool.device_pool",
-                 "harness.pool.ray_pool", "harness.predict.nn_meter", "harness.metrics.counting", "harness.search.lut",
+                 "harness.pool.ray_pool", "harness.predict.nn_meter", "harness.metrics.counting",
+                 "harness.search.lut",
                  "harness.steps.fallback", "harness.campaigns.calibrate", "harness.search.strategies"}
     for name in spaces:
         assert not graph[name] & measuring, (name, graph[name] & measuring)

@@ -21,7 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from nni.nas.oneshot.pytorch import profiler as _nni
 
-from harness import search
+from harness.search import strategies as search
 
 log = logging.getLogger(__name__)
 
