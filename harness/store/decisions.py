@@ -82,10 +82,19 @@ class Decision:
         return self.below
 
     def settles(self, limit_ms: float, confidence: float) -> bool:
-        """Whether this decision's evidence answers another limit at `confidence`."""
+        """Whether this decision's evidence answers another limit at `confidence`. Runs too
+        few for an interval of the median at its confidence (one run, say) settle nothing:
+        their interval_ms is only their range (min, max), which says nothing of the median."""
         low, high = self.interval_ms
         return self.source != "predicted" and confidence <= self.confidence and \
-            (high < limit_ms or low > limit_ms)
+            self.has_interval and (high < limit_ms or low > limit_ms)
+
+    @property
+    def has_interval(self) -> bool:
+        """Whether interval_ms is an interval of the median at `confidence`: enough runs
+        for one (a prediction's interval is the model's, and always one)."""
+        return self.source == "predicted" or median_interval(
+            range(self.runs), look_confidence(self.confidence, 1)) is not None
 
     def for_limit(self, limit_ms: float, confidence: float, source: str = "cached") -> "Decision":
         """This evidence, read against another limit (device time is not spent again)."""
@@ -127,6 +136,7 @@ def decision_from_samples(samples_ms: Sequence[float], limit_ms: float, confiden
     ordered = sorted(samples_ms)
     median = _median(ordered)
     interval = median_interval(ordered, look_confidence(confidence, max(looks, 1)))
+    # Too few runs for an interval: their range is shown, and settles nothing (has_interval)
     low, high = interval if interval is not None else (ordered[0], ordered[-1])
     settled = interval is not None and (high < limit_ms or low > limit_ms)
     return Decision(below=high < limit_ms if settled else median < limit_ms, settled=settled,
