@@ -1,0 +1,463 @@
+"""The second audit's cases (issue 31), each reproduced as the audit found it.
+
+Real parts throughout: the agent as a separate process holding the real device lock, real
+files renamed under kill -9, a 2 MB tmpfs for a full disk and a read-only bind mount (both
+in a private mount namespace, as root), concurrent `harness devices add` processes, SQLite
+caches and their exports. Every process a test starts is ended in its `finally`.
+"""
+import fcntl
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from harness.errors import CacheError
+from harness.store.cache import Cache
+from tests.conftest import AGENT, FAST, python
+from tests.test_hardening import (counts_of, genuine, one_line_error, profiled,  # noqa: F401
+                                  run_cli, write_export)
+
+REPO = Path(__file__).resolve().parent.parent
+ROOT = os.geteuid() == 0
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie not yet reaped counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return "\nState:\tZ" in state
+
+
+def wait_gone(pid: int, within: float = 30.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if gone(pid):
+            return True
+        time.sleep(0.05)
+    return gone(pid)
+
+
+def kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def lock_is_free(path: Path) -> bool:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(descriptor)
+
+
+def in_private_mount(script: str, *mount: str, timeout: float = 300) -> dict:
+    """Run a Python `script` as root in a private mount namespace after the shell lines
+    `mount` ran there; the script prints one JSON object, returned. Skips without root."""
+    if not ROOT:
+        pytest.skip("needs root to mount a tmpfs or a read-only bind mount")
+    shell = " && ".join([*mount, 'exec "$@"'])
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", shell,
+                           "harness-test", sys.executable, "-c", textwrap.dedent(script)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+FILL_DISK = """
+import os
+def fill(folder):
+    # every block the filesystem has left, so the next write meets ENOSPC
+    with open(os.path.join(folder, "ballast"), "wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(b"x" * 4096)
+        except OSError:
+            pass
+"""
+
+
+# ================================================================ 1. runaway agent workers
+
+def test_threads_beyond_any_device_are_a_user_error_naming_the_range(home):
+    proc = run_cli("profile", "--space", "harness.spaces:TinySpace", "--samples", "1",
+                   "--threads", "100000", home=home)
+    one_line_error(proc, "USER", "intra_op_threads must be from 0", "to 1024", "100000")
+
+
+def test_threads_beyond_the_devices_cores_are_a_user_error_before_the_lock(tmp_path,
+                                                                          tiny_model):
+    cores = os.cpu_count() or 1
+    lock = tmp_path / "device.lock"
+    settings = dict(FAST, intra_op_threads=cores + 1)
+    proc = subprocess.run([python(), str(AGENT), "measure", "--model", str(tiny_model),
+                           "--settings", json.dumps(settings), "--lock", str(lock)],
+                          capture_output=True, text=True, timeout=120)
+    error = json.loads(proc.stdout)["error"]
+    assert proc.returncode == 1 and error["kind"] == "USER"
+    assert f"from 0 (onnxruntime's choice) to {cores} (this device's cores)" in error["message"]
+    assert f"got {cores + 1}" in error["message"]
+    assert not lock.exists()  # refused before the lock was taken
+
+
+HOST = """
+import json, subprocess, sys, time
+agent, model, lock, settings = sys.argv[1:5]
+worker = subprocess.Popen([sys.executable, agent, "worker"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+print(worker.pid, flush=True)
+assert json.loads(worker.stdout.readline())["ready"]
+worker.stdin.write(json.dumps({"op": "measure", "id": 1, "model": model, "lock": lock,
+                               "settings": json.loads(settings), "lock_wait_s": 5}) + "\\n")
+worker.stdin.flush()
+if sys.argv[5] == "hang up":
+    time.sleep(1.0)
+    worker.stdin.close()
+    print(repr(worker.stdout.read()), flush=True)  # the worker ends without an answer
+    print(worker.wait(), flush=True)
+time.sleep(600)
+"""
+
+# A loop that would run for ten minutes unless something ends it.
+LONG = dict(FAST, min_runs=10**9, min_time_ms=600_000.0, max_time_ms=600_000.0)
+
+
+@pytest.mark.parametrize("how", ["host killed", "hang up"])
+def test_a_worker_whose_host_is_gone_stops_and_releases_the_device_lock(tmp_path, tiny_model,
+                                                                        how):
+    """The audit's orphan: SIGKILL the host (or close the worker's stdin) mid-measurement;
+    the worker must stop long before its loop ends, and the device lock must be free."""
+    lock = tmp_path / "device.lock"
+    host = subprocess.Popen([python(), "-c", HOST, str(AGENT), str(tiny_model), str(lock),
+                             json.dumps(LONG), how], stdout=subprocess.PIPE, text=True)
+    worker = int(host.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and not lock_is_free(lock)):  # it is measuring
+            assert time.monotonic() < deadline and not gone(worker)
+            time.sleep(0.05)
+        if how == "host killed":
+            host.kill()
+            host.wait()
+        else:
+            assert host.stdout.readline().strip() == "''"       # no answer, just the end
+            assert host.stdout.readline().strip() == "3"        # ended by its watch
+        assert wait_gone(worker), "the orphaned worker kept measuring"
+        assert lock_is_free(lock)
+    finally:
+        kill_quietly(worker)
+        host.kill()
+        host.wait()
+
+
+def test_a_worker_over_its_thread_cap_ends_itself(tmp_path):
+    """The hard cap: a worker running more threads than max_threads() ends (here the cap is
+    lowered so that a few sleeping threads pass it)."""
+    script = textwrap.dedent(f"""
+        import sys, threading, time
+        sys.path.insert(0, {str(AGENT.parent)!r})
+        import ort_agent
+        watch = ort_agent.HostWatch(sys.stdin.fileno(), interval=0.05)
+        watch.thread_cap = 8
+        watch.start()
+        for _ in range(20):
+            threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([python(), "-c", script], stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.wait(timeout=60) == 3
+        assert "more than the cap of 8" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ================================================================ 2-4. files we replace
+
+KILLED_AT_RENAME = """
+import os, sys, time
+import devices.safe_files as safe_files
+def stalled_replace(source, target):  # the audit's kill -9, at the worst moment
+    print("renaming", flush=True)
+    time.sleep(600)
+safe_files.os.replace = stalled_replace
+"""
+
+
+def killed_at_the_rename(code: str, home: Path) -> None:
+    """Run `code` in a process whose rename stalls, and kill -9 it there."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HARNESS_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_AT_RENAME + textwrap.dedent(code)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "renaming"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def known_hosts_with(home: Path, count: int) -> str:
+    import paramiko
+
+    key = paramiko.ECDSAKey.generate()
+    keys = paramiko.HostKeys()
+    for n in range(count):
+        keys.add(f"board-{n}.lab", key.get_name(), key)
+    home.mkdir(parents=True, exist_ok=True)
+    keys.save(str(home / "known_hosts"))
+    return (home / "known_hosts").read_text()
+
+
+TRUST_ONE = """
+import paramiko
+from pathlib import Path
+from devices import registry
+from devices.ssh import Endpoint
+home = Path(os.environ["HARNESS_HOME"])
+registry._trust(home, "new", Endpoint.parse("pi@new-board.lab"), paramiko.ECDSAKey.generate(),
+                lambda *shown: True, replace=False)
+"""
+
+
+def test_kill_9_while_trust_saves_loses_no_host_key(home):
+    before = known_hosts_with(home, 42)
+    killed_at_the_rename(TRUST_ONE, home)
+    assert (home / "known_hosts").read_text() == before  # all 42 keys, untouched
+    # the next save sweeps what the killed one left, and records its key
+    subprocess.run([sys.executable, "-c", "import os\n" + TRUST_ONE], check=True, timeout=120,
+                   env=dict(os.environ, PYTHONPATH=str(REPO), HARNESS_HOME=str(home)))
+    lines = (home / "known_hosts").read_text().splitlines()
+    assert len(lines) == 43 and lines[:42] == before.splitlines()
+    assert sorted(p.name for p in home.iterdir()) == [".registry.lock", "known_hosts"]
+
+
+def test_trust_on_a_full_disk_keeps_every_host_key_and_says_so():
+    result = in_private_mount(FILL_DISK + """
+import json, os, paramiko
+from pathlib import Path
+from devices import registry
+from devices.ssh import Endpoint
+home = Path("/mnt")
+keys = paramiko.HostKeys()
+key = paramiko.ECDSAKey.generate()
+for n in range(42):
+    keys.add("board-%d.lab" % n, key.get_name(), key)
+keys.save(str(home / "known_hosts"))
+before = (home / "known_hosts").read_text()
+open(home / ".registry.lock", "w").close()
+fill(str(home))
+try:
+    registry._trust(home, "new", Endpoint.parse("pi@new-board.lab"), key, lambda *a: True, False)
+    error = None
+except registry.RegistryError as exc:
+    error = str(exc)
+print(json.dumps({"error": error, "same": (home / "known_hosts").read_text() == before,
+                  "files": sorted(os.listdir(home))}))
+""", "mount -t tmpfs -o size=2m tmpfs /mnt")
+    assert result["error"] and "No space left on device" in result["error"]
+    assert "free some space" in result["error"]
+    assert result["same"]  # never truncated: the device does not read as CHANGED afterwards
+    assert result["files"] == [".registry.lock", "ballast", "known_hosts"]
+
+
+def test_kill_9_while_devices_toml_is_saved_keeps_the_old_file(home):
+    from devices import registry
+
+    registry.add_device(home, registry.DeviceConfig("sim-0", "sim", "npu", sim_ms=5.0))
+    before = (home / "devices.toml").read_text()
+    killed_at_the_rename("""
+from pathlib import Path
+from devices import registry
+registry.add_device(Path(os.environ["HARNESS_HOME"]),
+                    registry.DeviceConfig("sim-1", "sim", "npu", sim_ms=5.0))
+""", home)
+    assert (home / "devices.toml").read_text() == before
+    registry.add_device(home, registry.DeviceConfig("sim-2", "sim", "npu", sim_ms=5.0))
+    assert sorted(registry.load_devices(home)) == ["sim-0", "sim-2"]
+    assert not [p for p in home.iterdir() if p.name.endswith(".part")]  # swept
+
+
+@pytest.mark.parametrize("device", ["null", "full", "fifo", "symlink"])
+def test_cache_export_refuses_a_target_that_is_not_a_regular_file(tmp_path, genuine,
+                                                                  device):
+    folder, _, _ = genuine
+    target = tmp_path / f"dev-{device}"
+    if device in ("null", "full"):
+        if not ROOT:
+            pytest.skip("making a device node needs root")
+        os.mknod(target, 0o666 | stat.S_IFCHR, os.makedev(1, 3 if device == "null" else 7))
+    elif device == "fifo":
+        os.mkfifo(target)
+    else:
+        (tmp_path / "mine.txt").write_text("mine\n")
+        target.symlink_to(tmp_path / "mine.txt")
+    before = os.lstat(target)
+    with Cache(folder / "cache.sqlite") as cache, pytest.raises(CacheError) as caught:
+        cache.export_jsonl(target)
+    assert f"cannot export to {target}" in caught.value.message
+    assert "harness replaces only regular files" in caught.value.message
+    after = os.lstat(target)
+    assert (after.st_mode, after.st_ino, after.st_rdev) == \
+        (before.st_mode, before.st_ino, before.st_rdev)
+    proc = run_cli("--cache", str(folder / "cache.sqlite"), "cache", "export", str(target),
+                   home=tmp_path / "home")
+    one_line_error(proc, str(target), "harness replaces only regular files")
+    assert sorted(p.name for p in tmp_path.iterdir() if ".part" in p.name) == []
+
+
+def test_cache_export_on_a_full_disk_keeps_the_earlier_export(genuine):
+    folder, _, _ = genuine
+    result = in_private_mount(FILL_DISK + f"""
+import json, os, shutil
+from harness.errors import CacheError
+from harness.store.cache import Cache
+shutil.copy({str(folder / "genuine.jsonl")!r}, "/mnt/export.jsonl")
+before = open("/mnt/export.jsonl").read()
+fill("/mnt")
+os.truncate("/mnt/ballast", os.path.getsize("/mnt/ballast") - 1024)  # room for a little
+try:
+    with Cache({str(folder / "cache.sqlite")!r}) as cache:
+        cache.export_jsonl("/mnt/export.jsonl")
+    error = None
+except CacheError as exc:
+    error = str(exc)
+print(json.dumps({{"error": error, "same": open("/mnt/export.jsonl").read() == before,
+                  "files": sorted(os.listdir("/mnt"))}}))
+""", "mount -t tmpfs -o size=2m tmpfs /mnt")
+    assert result["error"] and "No space left on device" in result["error"]
+    assert result["same"] and result["files"] == ["ballast", "export.jsonl"]
+
+
+def test_devices_add_from_four_processes_at_once_keeps_all_four(home):
+    home.mkdir(parents=True)
+    env = dict(os.environ, HARNESS_HOME=str(home), PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-W", "ignore", "-m", "harness.cli", "devices",
+                               "add", f"sim-{n}", "--sim", "npu"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in range(4)]
+    try:
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert all(proc.returncode == 0 for proc in procs), outputs
+    assert all(out.startswith("added sim-") for out, _ in outputs)
+    from devices import registry
+
+    assert sorted(registry.load_devices(home)) == [f"sim-{n}" for n in range(4)]
+
+
+# ================================================================ 5-10. what an import trusts
+
+def test_cache_import_of_dev_zero_is_refused_in_bounded_memory(home):
+    proc = run_cli("cache", "import", "/dev/zero", home=home, timeout=120)
+    one_line_error(proc, "/dev/zero is not a harness cache export",
+                   "line 1 is longer than 16 MiB")
+
+
+def test_a_key_whose_settings_are_not_its_records_is_skipped(tmp_path, profiled, home):
+    from agents.ort_agent import parse_settings
+    from harness.store.key import settings_key
+
+    rows, _ = profiled
+    row = next(r for r in rows if r["type"] == "measurement")
+    two_threads = settings_key(parse_settings(dict(row["measurement"]["settings"],
+                                                   intra_op_threads=2)))
+    forged = json.loads(json.dumps(row))
+    forged["uid"] = uuid.uuid4().hex
+    forged["key"]["settings_key"] = two_threads  # the record still says 1 thread
+    with Cache(home / "cache.sqlite") as cache:
+        counts = cache.import_jsonl(write_export(tmp_path / "forged.jsonl", [rows[0], forged]))
+        assert counts["measurement"] == 0
+        assert "key mismatch: the key's settings digest" in counts.skipped[0].reason
+        from harness.store.key import MeasurementKey
+
+        assert cache.get(MeasurementKey(**dict(forged["key"]))) is None
+
+
+@pytest.mark.parametrize("value", [1e308, 1e8 + 1])
+def test_imported_samples_beyond_the_agents_cap_are_skipped(tmp_path, profiled, home, value):
+    rows, _ = profiled
+    row = json.loads(json.dumps(next(r for r in rows if r["type"] == "measurement")))
+    row["uid"] = uuid.uuid4().hex
+    row["measurement"]["samples_ms"] = [value] * 5
+    before = counts_of(home)
+    with Cache(home / "cache.sqlite") as cache:
+        counts = cache.import_jsonl(write_export(tmp_path / "big.jsonl", [rows[0], row]))
+    assert counts["measurement"] == 0 and "at most 1e+08" in counts.skipped[0].reason
+    assert counts_of(home) == before
+
+
+def test_a_stored_sample_the_space_lacks_is_left_out_of_the_latency_model(tiny):
+    from harness.errors import InvalidSample
+    from harness.predict.latency_model import LatencyModel, featurizer
+    from harness.spaces.space import checked_search_space, random_samples
+
+    labels = list(checked_search_space(tiny))
+    model = LatencyModel(featurizer(tiny, tiny.dummy_input(), labels))
+    samples = random_samples(tiny, 30, seed=1)
+    alien = dict(samples[0], **{labels[0]: 99})  # the audit's stage1.depth=99
+    with pytest.raises(InvalidSample, match="not among the choices"):
+        model.featurize(alien)
+    assert model.fit([*samples, alien], [1.0 + i / 10 for i in range(31)])
+    assert model.n_fit == 30
+
+
+def test_a_decision_from_one_run_settles_no_later_limit(tmp_path):
+    from harness.store.decisions import decision_from_samples
+    from harness.store.key import MeasurementKey
+
+    one = decision_from_samples([50.0], 10.0, 0.99, source="measured", device_s=0.1,
+                                graph_hash="g", device="local", reason="")
+    assert not one.settled and not one.has_interval
+    assert not one.settles(10.0, 0.99) and not one.settles(40.0, 0.5)
+    key = MeasurementKey("a" * 64, "[]", "b" * 64, "c" * 64, "1.1")
+    with Cache(tmp_path / "c.sqlite") as cache:
+        cache.put_decision(key, one, [50.0])
+        (stored,) = cache.decisions(key)
+    assert not stored.settles(10.0, 0.99)  # read back: still no evidence for any limit
+    many = decision_from_samples([50.0 + i / 100 for i in range(40)], 10.0, 0.99,
+                                 source="measured", device_s=1.0, graph_hash="g",
+                                 device="local", reason="")
+    assert many.settled and many.has_interval and many.settles(20.0, 0.99)
+
+
+def test_decisions_survive_an_export_and_import_round_trip(tmp_path):
+    from harness.store.decisions import decision_from_samples
+    from harness.store.key import MeasurementKey
+
+    key = MeasurementKey("a" * 64, "[]", "b" * 64, "c" * 64, "1.1")
+    runs = [5.0 + i / 100 for i in range(30)]
+    decision = decision_from_samples(runs, 10.0, 0.99, source="measured", device_s=1.0,
+                                     graph_hash="a" * 64, device="local", reason="r")
+    with Cache(tmp_path / "a.sqlite") as source:
+        source.put_decision(key, decision, runs)
+        assert source.export_jsonl(tmp_path / "x.jsonl")["decision"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
+    forged = json.loads(json.dumps(rows[-1]))
+    forged["decision"]["samples_ms"] = [1e308]
+    write_export(tmp_path / "y.jsonl", [*rows, forged])
+    with Cache(tmp_path / "b.sqlite") as target:
+        counts = target.import_jsonl(tmp_path / "y.jsonl")
+        assert counts["decision"] == 1 and len(counts.skipped) == 1
+        assert target.import_jsonl(tmp_path / "y.jsonl")["decision"] == 0  # no duplicate
+        (back,) = target.decisions(key)
+    assert back == decision.with_source("cached")
