@@ -461,3 +461,44 @@ def test_decisions_survive_an_export_and_import_round_trip(tmp_path):
         assert target.import_jsonl(tmp_path / "y.jsonl")["decision"] == 0  # no duplicate
         (back,) = target.decisions(key)
     assert back == decision.with_source("cached")
+
+
+# ================================================================ 11-15. typed errors
+
+def calibration_file(home: Path) -> Path:
+    from harness.predict.calibration import Calibration
+
+    folder = home / "calibrations" / "local"
+    Calibration(device="local", base_predictor=str(folder), base_predictor_digest="",
+                intercept=0.1, slope=1.0, kind="log-linear", device_fingerprint="",
+                agent_version="1.1", settings_key="", space="", space_fingerprint="",
+                input_signature=[], n_train=14, n_holdout=6,
+                report={"calibrated": {"rmspe": 3.0, "kendall_tau": float("nan")}}
+                ).save(folder)
+    return folder / "calibration.json"
+
+
+@pytest.mark.parametrize("field, raw, words", [
+    ("intercept", "NaN", "NaN is not a JSON number"),
+    ("intercept", "Infinity", "Infinity is not a JSON number"),
+    ("intercept", "1e6", "intercept is 1000000.0, not a finite number from -50 to 50"),
+    ("slope", '"1.5"', 'slope is "1.5", not a finite number'),
+    ("report", '"abc"', 'report is "abc", not an object of objects of numbers'),
+    ("created_at", '"yesterday"', 'created_at is "yesterday", not a date'),
+    ("created_at", "1e300", "not a date in seconds since 1970, not in the future"),
+    ("n_train", "-3", "n_train is -3, not a whole number"),
+])
+def test_a_damaged_calibration_file_is_a_typed_error_naming_the_field(home, field, raw, words):
+    from harness.predict.calibration import load_calibration
+    from harness.predict.nn_meter import PredictorError
+
+    path = calibration_file(home)
+    assert load_calibration("local").report["calibrated"]["kendall_tau"] is None  # was NaN
+    data = json.loads(path.read_text())
+    data[field] = "@@"
+    path.write_text(json.dumps(data).replace('"@@"', raw))
+    with pytest.raises(PredictorError) as caught:
+        load_calibration("local")
+    assert f"calibration file {path} is unreadable" in caught.value.message
+    assert words in caught.value.message and "harness calibrate --device local" in \
+        caught.value.fix
