@@ -459,6 +459,8 @@ def _profile(args: argparse.Namespace) -> int:
         raise BadRequest(f"--top {args.top} shows no node", fix="pass --top 10, for example")
     started = time.monotonic()
     variants = _variants(args)
+    if args.ops:
+        _trace_folder(args)  # before measuring: a bad folder must not cost the measurements
     counters: Counter = Counter()  # what the command's profilers counted, added up
     measured = (_profile_model if args.model else _profile_space)(args, variants, counters)
     measured.sort(key=lambda item: item[0])  # a subnet's variants side by side
@@ -476,7 +478,7 @@ def _profile(args: argparse.Namespace) -> int:
                "fixed_loop_s": counters.get("fixed_loop_s", 0.0), "flagged": flagged}
     traces = _write_traces(args, rows, results) if args.ops else []
     if traces:
-        summary["traces"] = [str(path) for path in traces]
+        summary["traces"] = [str(path) if path else None for path in traces]
     if args.json:
         output.write_jsonl(sys.stdout, [output.json_row(row, m, args.raw)
                                         for row, m in zip(rows, results)], summary)
@@ -492,7 +494,8 @@ def _profile(args: argparse.Namespace) -> int:
             print(f"\n#{row['index']} {row['arch']} {row['variant']}: {output.render_memory(m)}")
             if args.ops:
                 print(output.render_ops(m, args.top))
-                print(f"Chrome trace (Perfetto, chrome://tracing): {trace}")
+                print(f"Chrome trace (Perfetto, chrome://tracing): "
+                      f"{trace or 'not written (see the warning)'}")
     print(f"\n{summary['samples']} {'model file' if args.model else 'samples'}, "
           f"{summary['results']} results, {summary['architectures']} distinct architectures: "
           f"{summary['measured']} measured, {summary['cached']} from the cache, "
@@ -578,12 +581,26 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
     return measured
 
 
-def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
-                  results: Sequence[Any]) -> List[Optional[Path]]:
-    """One Chrome trace per result with a per-operator profile, in --trace-dir."""
+def _trace_folder(args: argparse.Namespace) -> Path:
+    """--trace-dir, checked before anything is measured: a folder this user can write to."""
     folder = Path(args.trace_dir)
     if not folder.is_dir():
         raise BadRequest(f"--trace-dir {folder} is not a folder", fix="create it, or pass another")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadRequest(f"--trace-dir {folder} is not writable (read-only, or not this "
+                         f"user's)", fix="pass a folder you can write to, e.g. --trace-dir /tmp")
+    return folder
+
+
+def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
+                  results: Sequence[Any]) -> List[Optional[Path]]:
+    """One Chrome trace per result with a per-operator profile, in --trace-dir, each written
+    whole (devices.safe_files: never through a link planted there, never over a folder).
+    A trace that cannot be written (a folder at its path, a full disk) is a warning naming
+    it, the cause and the fix, and None in its place: the results are shown all the same."""
+    from devices.safe_files import replace_text
+
+    folder = _trace_folder(args)
     written: List[Optional[Path]] = []
     for row, m in zip(rows, results):
         if m.ops is None:
@@ -591,10 +608,14 @@ def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
             continue
         variant = re.sub(r"[^A-Za-z0-9.-]+", "_", row["variant"])
         path = folder / f"trace-{row['index']}-{m.graph_hash[:12]}-{variant}.json"
-        path.unlink(missing_ok=True)  # a link planted there is replaced, never followed:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(descriptor, "w") as trace:  # O_EXCL: nor one planted meanwhile
-            trace.write(json.dumps(m.ops.chrome_trace()))
+        try:
+            replace_text(path, json.dumps(m.ops.chrome_trace()), mode=0o644)
+        except OSError as exc:
+            log.warning("the Chrome trace %s was not written: %s; fix: %s", path,
+                        exc.strerror or exc, "move what is at that path aside, free some "
+                        "space, or pass another --trace-dir; the results are in the cache")
+            written.append(None)
+            continue
         written.append(path)
     return written
 

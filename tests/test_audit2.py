@@ -502,3 +502,59 @@ def test_a_damaged_calibration_file_is_a_typed_error_naming_the_field(home, fiel
     assert f"calibration file {path} is unreadable" in caught.value.message
     assert words in caught.value.message and "harness calibrate --device local" in \
         caught.value.fix
+
+
+def profile_ops(home: Path, model: Path, trace_dir: str, *more: str):
+    return run_cli("profile", "--model", str(model), "--ops", "--trace-dir", trace_dir,
+                   "--min-runs", "5", "--min-time-ms", "5", *more, home=home)
+
+
+def test_a_trace_that_cannot_be_written_is_a_warning_after_the_table(home, tiny_model,
+                                                                     tmp_path):
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    first = profile_ops(home, tiny_model, str(traces))
+    assert first.returncode == 0, first.stderr
+    (written,) = traces.iterdir()
+    written.unlink()
+    written.mkdir()  # the audit's folder at the trace's path
+    proc = profile_ops(home, tiny_model, str(traces))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "1 model file, 1 results" in proc.stdout  # the table the user waited for
+    assert "not written (see the warning)" in proc.stdout
+    assert f"the Chrome trace {written} was not written" in proc.stderr
+    assert "pass another --trace-dir" in proc.stderr
+    assert written.is_dir() and list(written.iterdir()) == []
+
+
+def test_a_trace_dir_on_a_full_disk_keeps_the_table(home, tiny_model):
+    result = in_private_mount(FILL_DISK + f"""
+import json, os, subprocess, sys
+fill("/mnt")
+proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "harness.cli", "profile", "--model",
+                       {str(tiny_model)!r}, "--ops", "--trace-dir", "/mnt", "--min-runs", "5",
+                       "--min-time-ms", "5"], capture_output=True, text=True,
+                      env=dict(os.environ, HARNESS_HOME={str(home)!r}))
+print(json.dumps({{"code": proc.returncode, "out": proc.stdout, "err": proc.stderr,
+                  "files": sorted(os.listdir("/mnt"))}}))
+""", "mount -t tmpfs -o size=2m tmpfs /mnt")
+    assert result["code"] == 0 and "Traceback" not in result["err"], result["err"]
+    assert "1 model file, 1 results" in result["out"]
+    assert "No space left on device" in result["err"]
+    assert result["files"] == ["ballast"]  # no partial trace left
+
+
+def test_a_read_only_trace_dir_is_refused_before_measuring(home, tiny_model, tmp_path):
+    traces = tmp_path / "read-only"
+    traces.mkdir()
+    result = in_private_mount(f"""
+import json, os, subprocess, sys
+proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "harness.cli", "profile", "--model",
+                       {str(tiny_model)!r}, "--ops", "--trace-dir", {str(traces)!r}],
+                      capture_output=True, text=True, env=dict(os.environ,
+                                                               HARNESS_HOME={str(home)!r}))
+print(json.dumps({{"code": proc.returncode, "err": proc.stderr}}))
+""", f'mount --bind "{traces}" "{traces}"', f'mount -o remount,bind,ro "{traces}"')
+    assert result["code"] == 1 and "Traceback" not in result["err"]
+    assert f"--trace-dir {traces} is not writable" in result["err"]
+    assert not (home / "cache.sqlite").exists()  # nothing was measured
