@@ -558,3 +558,28 @@ print(json.dumps({{"code": proc.returncode, "err": proc.stderr}}))
     assert result["code"] == 1 and "Traceback" not in result["err"]
     assert f"--trace-dir {traces} is not writable" in result["err"]
     assert not (home / "cache.sqlite").exists()  # nothing was measured
+
+
+@pytest.mark.parametrize("home_at", ["/proc/harness-home", "/sys/harness-home",
+                                     "read-only/new-home"])
+def test_a_harness_home_that_cannot_be_made_is_a_typed_error(tmp_path, home_at):
+    if home_at.startswith("read-only"):
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        home = folder / "new-home"
+        result = in_private_mount(f"""
+import json, subprocess, sys
+proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "harness.cli", "cache", "stats"],
+                      capture_output=True, text=True,
+                      env=dict(__import__("os").environ, HARNESS_HOME={str(home)!r}))
+print(json.dumps({{"code": proc.returncode, "err": proc.stderr}}))
+""", f'mount --bind "{folder}" "{folder}"', f'mount -o remount,bind,ro "{folder}"')
+        code, err = result["code"], result["err"]
+    else:
+        home = Path(home_at)
+        proc = run_cli("cache", "stats", home=home)
+        code, err = proc.returncode, proc.stderr
+    assert code == 1 and "Traceback" not in err, err
+    assert err.startswith(f"harness: error: cannot open the cache {home / 'cache.sqlite'}")
+    assert "writable disk" in err
+    assert not Path(home).exists()

@@ -95,8 +95,15 @@ class Cache:
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._check_file()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._check_file()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot open the cache {self.path}: {exc.strerror or exc} "
+                             f"({exc.filename or self.path.parent})",
+                             fix="point $HARNESS_HOME (or --cache) at a folder on a writable "
+                                 "disk, e.g. HARNESS_HOME=~/.harness; /proc, /sys and "
+                                 "read-only filesystems cannot hold it") from None
         with self._guard("open"):
             self._conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None,
                                          check_same_thread=False)
