@@ -28,6 +28,7 @@ import glob
 import hashlib
 import json
 import math
+import numbers
 import os
 import platform
 import select
@@ -259,6 +260,20 @@ def _finite_number(value):
         and math.isfinite(value)
 
 
+def plain_number(value):
+    """A number of another type (numpy's float32, int64...) as Python's own int or float, so
+    that it passes the checks below and travels as JSON; anything else as it is."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_":  # numpy's
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
 def parse_settings(raw):
     """Merge a request's settings over the defaults; reject unknown keys and bad values."""
     if raw is None:
@@ -270,7 +285,7 @@ def parse_settings(raw):
         raise AgentError("USER", "unknown settings %s; known: %s"
                          % (", ".join(unknown), ", ".join(sorted(DEFAULT_SETTINGS))))
     settings = dict(DEFAULT_SETTINGS)
-    settings.update(raw)
+    settings.update({key: plain_number(value) for key, value in raw.items()})
     if settings["stop"] not in STOP_RULES:
         raise AgentError("USER", "setting stop must be one of %s, got %r"
                          % (", ".join(STOP_RULES), settings["stop"]))

@@ -583,3 +583,21 @@ print(json.dumps({{"code": proc.returncode, "err": proc.stderr}}))
     assert err.startswith(f"harness: error: cannot open the cache {home / 'cache.sqlite'}")
     assert "writable disk" in err
     assert not Path(home).exists()
+
+
+def test_numpy_scalars_are_numbers_as_limits_and_settings(tiny):
+    import numpy as np
+
+    from agents.ort_agent import parse_settings
+    from harness.store.decisions import check_limit
+
+    assert check_limit(np.float32(5.0), np.float64(0.99)) == (5.0, 0.99)
+    settings = parse_settings({"limit_ms": np.float32(5.0), "stop": "limit",
+                               "min_runs": np.int64(7), "intra_op_threads": np.int32(1)})
+    assert settings["limit_ms"] == 5.0 and type(settings["limit_ms"]) is float
+    assert settings["min_runs"] == 7 and type(settings["min_runs"]) is int
+    json.dumps(settings)  # travels to the agent as JSON
+    with pytest.raises(Exception, match="limit_ms must be a positive number"):
+        check_limit(np.float32("nan"), 0.99)
+    with pytest.raises(Exception, match="per_op must be true or false"):
+        parse_settings({"per_op": np.int64(1)})

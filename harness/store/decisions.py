@@ -28,14 +28,16 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Sequence, Tuple
 
-from agents.ort_agent import look_confidence, median_interval
+from agents.ort_agent import look_confidence, median_interval, plain_number
 from devices.errors import BadRequest
 
 DECISION_SOURCES = ("measured", "cached", "predicted")
 
 
 def check_limit(limit_ms: Any, confidence: Any) -> Tuple[float, float]:
-    """The limit and confidence of a decision, checked: BadRequest names the bad one."""
+    """The limit and confidence of a decision, checked (numpy scalars are numbers too):
+    BadRequest names the bad one."""
+    limit_ms, confidence = plain_number(limit_ms), plain_number(confidence)
     if not (isinstance(limit_ms, (int, float)) and not isinstance(limit_ms, bool)
             and math.isfinite(limit_ms) and limit_ms > 0):
         raise BadRequest(f"limit_ms must be a positive number of milliseconds, got {limit_ms!r}",
