@@ -491,7 +491,8 @@ def _profile(args: argparse.Namespace) -> int:
                               [m.statistic(args.statistic) for m in results]))
     if args.ops or args.model:
         for row, m, trace in zip(rows, results, traces or [None] * len(results)):
-            print(f"\n#{row['index']} {row['arch']} {row['variant']}: {output.render_memory(m)}")
+            print(f"\n#{row['index']} {output.printable(row['arch'])} "
+                  f"{output.printable(row['variant'])}: {output.render_memory(m)}")
             if args.ops:
                 print(output.render_ops(m, args.top))
                 print(f"Chrome trace (Perfetto, chrome://tracing): "
@@ -717,10 +718,12 @@ def _devices(args: argparse.Namespace) -> int:
     elif args.action == "list":
         print(f"{'name':<16} {'transport':<9} {'address':<28} kind")
         print(f"{'local':<16} {'local':<9} {'this machine':<28} -")
+        from harness.report.output import printable
+
         for config in registry.load_devices(home).values():
             via = f" via {config.jump}" if config.jump else ""
-            print(f"{config.name:<16} {config.transport:<9} {config.address + via:<28} "
-                  f"{config.kind or '-'}")
+            print(printable(f"{config.name:<16} {config.transport:<9} {config.address + via:<28} "
+                            f"{config.kind or '-'}"))
     elif args.action == "remove":
         registry.remove_device(home, args.name)
         print(f"removed {args.name} (its host key stays in {registry.known_hosts_path(home)})")
@@ -828,7 +831,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     from harness.store.cache import Cache
-    from harness.report.output import when
+    from harness.report.output import printable, when
 
     path = args.cache or default_cache_path()
     with Cache(path) as cache:
@@ -846,22 +849,23 @@ def _cache(args: argparse.Namespace) -> int:
             for row in stats["per_device"]:
                 odd = (f" ({row['odd_dates']} with a date that is not a time up to now)"
                        if row.get("odd_dates") else "")
-                print(f"    {row['device']}: {row['measurements']} measurements of "
+                print(f"    {printable(row['device'])}: {row['measurements']} measurements of "
                       f"{row['graphs']} graphs, latest {when(row['latest'])}{odd}")
         elif args.action == "export":
             counts = cache.export_jsonl(args.file)
             print(f"exported {counts['measurement']} measurements, {counts['sample']} samples, "
-                  f"{counts['device']} devices to {args.file}")
+                  f"{counts['device']} devices, {counts['decision']} decisions to {args.file}")
         else:
             counts = cache.import_jsonl(args.file)
             print(f"imported {counts['measurement']} new measurements, {counts['sample']} "
-                  f"samples, {counts['device']} devices from {args.file}")
+                  f"samples, {counts['device']} devices, {counts['decision']} decisions from "
+                  f"{args.file}")
             if counts.skipped:
                 reasons = ", ".join(f"{n} {reason}" for reason, n in
                                     sorted(counts.skipped_by_reason().items()))
                 print(f"skipped {len(counts.skipped)} rows that failed their checks: {reasons}")
                 for row in counts.skipped[:SHOWN_SKIPPED_ROWS]:
-                    print(f"  {row}")
+                    print(f"  {printable(row)}")
                 if len(counts.skipped) > SHOWN_SKIPPED_ROWS:
                     print(f"  ... and {len(counts.skipped) - SHOWN_SKIPPED_ROWS} more")
     return 0

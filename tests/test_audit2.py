@@ -601,3 +601,40 @@ def test_numpy_scalars_are_numbers_as_limits_and_settings(tiny):
         check_limit(np.float32("nan"), 0.99)
     with pytest.raises(Exception, match="per_op must be true or false"):
         parse_settings({"per_op": np.int64(1)})
+
+
+ESCAPES = "\x1b]0;pwned\x07\x1b[2J"  # set the window title, clear the screen
+
+
+def test_escapes_in_node_and_file_names_are_shown_escaped_and_csv_formulas_neutralised(
+        home, tmp_path):
+    from onnx import TensorProto, helper
+
+    from tests.conftest import onnx_file
+
+    model = onnx_file(tmp_path / f"=HYPERLINK(1){ESCAPES}.onnx",
+                      [helper.make_node("Relu", ["x"], ["y"], name=f"relu{ESCAPES}")],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    table = profile_ops(home, model, str(tmp_path))
+    assert table.returncode == 0, table.stderr
+    assert "\x1b" not in table.stdout and "\x07" not in table.stdout
+    assert "relu\\x1b]0;pwned\\x07\\x1b[2J" in table.stdout  # the node, named visibly
+    csv_out = run_cli("profile", "--model", str(model), "--min-runs", "5", "--min-time-ms", "5",
+                      "--csv", home=home)
+    assert csv_out.returncode == 0, csv_out.stderr
+    cells = csv_out.stdout.splitlines()[1]
+    assert ",'=HYPERLINK(1)" in cells and ",=HYPERLINK" not in cells
+
+
+def test_an_imported_device_name_with_escapes_is_shown_escaped(tmp_path, profiled, home):
+    rows, _ = profiled
+    row = json.loads(json.dumps(next(r for r in rows if r["type"] == "measurement")))
+    row["uid"] = uuid.uuid4().hex
+    row["measurement"]["device"] = f"board{ESCAPES}"
+    with Cache(home / "cache.sqlite") as cache:
+        assert cache.import_jsonl(write_export(tmp_path / "e.jsonl", [rows[0], row]))[
+            "measurement"] == 1
+    stats = run_cli("cache", "stats", home=home)
+    assert stats.returncode == 0 and "\x1b" not in stats.stdout
+    assert "board\\x1b]0;pwned" in stats.stdout
