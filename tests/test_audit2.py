@@ -638,3 +638,19 @@ def test_an_imported_device_name_with_escapes_is_shown_escaped(tmp_path, profile
     stats = run_cli("cache", "stats", home=home)
     assert stats.returncode == 0 and "\x1b" not in stats.stdout
     assert "board\\x1b]0;pwned" in stats.stdout
+
+
+def test_nn_meter_writes_nothing_outside_harness_home(tmp_path):
+    pytest.importorskip("nn_meter")
+    user, home = tmp_path / "user", tmp_path / "harness-home"
+    user.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c",
+         "from harness.predict.nn_meter import official_predictors, nn_meter_data_folder\n"
+         "assert official_predictors()\nprint(nn_meter_data_folder())"],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, HOME=str(user), HARNESS_HOME=str(home), PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr
+    assert list(user.iterdir()) == []  # no ~/.nn_meter
+    assert proc.stdout.strip() == str(home / "nn-meter" / ".nn_meter" / "data" / "predictor")
+    assert (home / "nn-meter" / ".nn_meter" / "config" / "settings.yaml").is_file()
