@@ -654,3 +654,30 @@ def test_nn_meter_writes_nothing_outside_harness_home(tmp_path):
     assert list(user.iterdir()) == []  # no ~/.nn_meter
     assert proc.stdout.strip() == str(home / "nn-meter" / ".nn_meter" / "data" / "predictor")
     assert (home / "nn-meter" / ".nn_meter" / "config" / "settings.yaml").is_file()
+
+
+def png_size(path: Path) -> tuple:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_the_report_of_301_devices_draws_figures_of_bounded_size(tmp_path):
+    import dataclasses
+
+    pytest.importorskip("matplotlib")
+    from harness.report.html import DPI, MAX_FIGURE_HEIGHT, write_report
+    from harness.store.key import digest
+    from tests.test_cache import IDENTITY, key, measurement
+
+    with Cache(tmp_path / "c.sqlite") as cache:
+        for n in range(301):
+            identity = dict(IDENTITY, unit=n)
+            cache.put(key(0, digest(identity)),
+                      dataclasses.replace(measurement(2.0 + n / 100), device=f"dev-{n}",
+                                          device_fingerprint=identity))
+    files = write_report(tmp_path / "c.sqlite", tmp_path / "out", home=tmp_path / "home")
+    assert files.devices == 301 and files.figures
+    for figure in files.figures:
+        width, height = png_size(figure)
+        assert height <= MAX_FIGURE_HEIGHT * DPI and width * height <= 3_000_000, figure
