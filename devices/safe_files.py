@@ -8,7 +8,9 @@ destination, so a reader sees the old file or the new one, whole: never a trunca
 empty one, whatever happens meanwhile (kill -9, a full disk, a power cut). A destination
 that exists and is not a regular file (a device node such as /dev/null or /dev/full, a
 folder, a FIFO, a symbolic link) is refused before anything is written, since renaming over
-it would replace a device node by a regular file or silently cut a link.
+it would replace a device node by a regular file or silently cut a link. `create_file`
+is its twin for a file made once (a secret token): written the same way, then linked to its
+name only if nothing is there yet.
 
 Reading: `read_regular` reads a whole regular file up to a size (never through a link, never
 hanging on a FIFO), and `read_lines` is the one bounded line reader every import uses: a
@@ -23,6 +25,7 @@ import os
 import socket
 import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional, Tuple, Union
 
@@ -57,11 +60,38 @@ def replace_file(path: Union[str, Path], write: Callable[[BinaryIO], object],
     which is fsynced and renamed over `path`; on any failure (an OSError such as ENOSPC, or
     an interruption) the temporary file is removed and `path` is left as it was.
 
-    The new file keeps the mode of the file it replaces, else takes `mode` (default 0o644
+    The new file keeps the mode of the file it replaces, else takes `mode` (default 0o666
     less the umask, as open() would). NotARegularFile (an OSError) when `path` exists and
     is not a regular file."""
     target = Path(path)
     existing = check_replaceable(target)
+    with _written_beside(target, write, stat.S_IMODE(existing.st_mode) if existing is not None
+                         else mode) as temporary:
+        check_replaceable(target)  # it may have become something else while we wrote
+        os.replace(temporary, target)
+    _sync_folder(target.parent)
+
+
+def create_file(path: Union[str, Path], write: Callable[[BinaryIO], object],
+                mode: Optional[int] = None) -> bool:
+    """Create `path` whole, only if nothing is there: written and fsynced beside it, then
+    linked to its name (which fails when a file, link or anything else is there). False,
+    and nothing changed, when something already was; never a half-written `path`."""
+    target = Path(path)
+    with _written_beside(target, write, mode) as temporary:
+        try:
+            os.link(temporary, target)
+        except FileExistsError:
+            return False
+    _sync_folder(target.parent)
+    return True
+
+
+@contextmanager
+def _written_beside(target: Path, write: Callable[[BinaryIO], object],
+                    mode: Optional[int]) -> Iterator[str]:
+    """A temporary file beside `target`, filled by `write`, fsynced, of `mode`; removed when
+    the block ends, whatever happens (after a rename it no longer exists)."""
     _sweep_abandoned(target)
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=_partial_prefix(target)
                                      + f"{os.getpid()}.", suffix=".part")
@@ -69,15 +99,11 @@ def replace_file(path: Union[str, Path], write: Callable[[BinaryIO], object],
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
-            os.fchmod(handle.fileno(), stat.S_IMODE(existing.st_mode) if existing is not None
-                      else mode if mode is not None else 0o666 & ~_umask())
+            os.fchmod(handle.fileno(), mode if mode is not None else 0o666 & ~_umask())
             os.fsync(handle.fileno())
-        check_replaceable(target)  # it may have become something else while we wrote
-        os.replace(temporary, target)
-    except BaseException:
+        yield temporary
+    finally:
         Path(temporary).unlink(missing_ok=True)
-        raise
-    _sync_folder(target.parent)
 
 
 def _partial_prefix(target: Path) -> str:

@@ -681,3 +681,67 @@ def test_the_report_of_301_devices_draws_figures_of_bounded_size(tmp_path):
     for figure in files.figures:
         width, height = png_size(figure)
         assert height <= MAX_FIGURE_HEIGHT * DPI and width * height <= 3_000_000, figure
+
+
+# ================================================================ 19. the farm's files
+
+def test_kill_9_while_the_farm_token_is_made_leaves_no_empty_token(home):
+    from harness.pool.ray_pool import checked_token, ensure_token, token_path
+
+    home.mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO), HARNESS_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import os, sys, time
+        import devices.safe_files as safe_files
+        def stalled_link(source, target):
+            print("linking", flush=True)
+            time.sleep(600)
+        safe_files.os.link = stalled_link
+        from pathlib import Path
+        from harness.pool.ray_pool import ensure_token
+        ensure_token(Path(os.environ["HARNESS_HOME"]))
+    """)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "linking"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not token_path(home).exists()  # no token rather than an empty one
+    assert ensure_token(home) == token_path(home) == checked_token(home)
+    assert len(token_path(home).read_text().strip()) == 64
+    assert stat.S_IMODE(token_path(home).stat().st_mode) == 0o600
+    assert sorted(p.name for p in home.iterdir()) == ["ray-token"]  # the killed one's swept
+
+
+def test_an_empty_farm_token_of_ours_is_replaced(home):
+    from harness.pool.ray_pool import ensure_token, token_path
+
+    home.mkdir(parents=True)
+    token_path(home).touch(mode=0o600)  # what an older harness left when killed
+    ensure_token(home)
+    assert len(token_path(home).read_text().strip()) == 64
+
+
+def test_a_damaged_farm_record_never_suggests_ending_every_ray_node(home):
+    from harness.errors import HarnessError
+    from harness.pool.farm import read_record, record_path
+
+    home.mkdir(parents=True)
+    record_path(home).write_text("{not json")
+    with pytest.raises(HarnessError) as caught:
+        read_record(home)
+    assert "ray stop --force', which ends every Ray node" in caught.value.fix
+    assert caught.value.fix.startswith(f"move {record_path(home)} aside")
+
+
+@pytest.mark.parametrize("before", [None, b"10.0.0.1:6379"])
+def test_rays_machine_wide_cluster_file_is_left_as_it_was(tmp_path, before):
+    from harness.pool.farm import _shared_cluster_file_kept
+
+    shared = tmp_path / "ray" / "ray_current_cluster"
+    shared.parent.mkdir()
+    if before is not None:
+        shared.write_bytes(before)
+    with _shared_cluster_file_kept(shared):
+        shared.write_bytes(b"127.0.0.1:26380")  # what 'ray start --head' writes
+    assert (shared.read_bytes() if shared.exists() else None) == before

@@ -24,10 +24,12 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from devices.safe_files import replace_file, replace_text
 from harness.errors import HarnessError
 from harness.pool.ray_pool import (CONTROL_GROUP, HOST_ACTOR_PREFIX, NAMESPACE, RESOURCE_PREFIX,
                               TOKEN_FILE, FarmHost, HostStatus, auth_env, checked_token,
@@ -126,18 +128,18 @@ def serve(home: Path, address: Optional[str], port: int = 26380,
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / "farm-serve.log"
-    with open(log_path, "ab") as log_file:
+    with open(log_path, "ab") as log_file, _shared_cluster_file_kept():
         code = subprocess.run(serve_command(resources, address, port, node_ip), env=env,
                               stdout=log_file, stderr=subprocess.STDOUT).returncode
     if code != 0:
         tail = log_path.read_bytes()[-2000:].decode("utf-8", "replace").strip().splitlines()
         raise HarnessError(f"'ray start' failed (exit {code}): "
                            + " / ".join(line.strip() for line in tail[-4:]),
-                           fix=f"read {log_path}; 'harness farm stop' (or 'ray stop --force') "
-                               f"ends a node left over from an earlier run")
+                           fix=f"read {log_path}; 'harness farm stop' ends a node left over "
+                               f"from an earlier run of this home")
     node = ServedNode(name, address or f"{node_ip}:{port}", head=not address, devices=devices,
                       started_at=time.time(), token=str(token))
-    record_path(home).write_text(json.dumps(asdict(node), indent=1) + "\n")
+    replace_text(record_path(home), json.dumps(asdict(node), indent=1) + "\n")
     if devices:
         try:
             _start_host_actor(ray, home, node)
@@ -164,6 +166,35 @@ def _start_host_actor(ray: Any, home: Path, node: ServedNode) -> None:
         ray.shutdown()
 
 
+def ray_cluster_file() -> Path:
+    """The file where 'ray start --head' records the newest cluster of the machine, for
+    every Ray user's 'ray.init()' to find (Ray's temporary folder: $RAY_TMPDIR or /tmp)."""
+    return Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+
+
+@contextmanager
+def _shared_cluster_file_kept(path: Optional[Path] = None) -> Iterator[None]:
+    """Leave Ray's machine-wide record of the current cluster as it was: a farm is reached
+    by its address, and must not become (nor, once stopped, stay) every other Ray user's
+    default cluster."""
+    path = path or ray_cluster_file()
+    try:
+        before: Optional[bytes] = path.read_bytes()
+    except OSError:
+        before = None
+    try:
+        yield
+    finally:
+        try:
+            if before is None:
+                path.unlink(missing_ok=True)
+            elif path.read_bytes() != before:
+                replace_file(path, lambda out: out.write(before))
+        except OSError as exc:
+            log.warning("could not restore Ray's %s (%s): other Ray programs of this machine "
+                        "may find the farm as their default cluster", path, exc)
+
+
 def _refuse_a_second_node(home: Path) -> None:
     node = read_record(home)
     if node is not None and _node_processes(node.name):
@@ -181,7 +212,10 @@ def read_record(home: Path) -> Optional[ServedNode]:
         return ServedNode(**{k: data[k] for k in ServedNode.__dataclass_fields__})
     except (ValueError, KeyError, TypeError) as exc:
         raise HarnessError(f"{path} is damaged ({exc})",
-                           fix=f"stop the node with 'ray stop --force' and remove {path}") \
+                           fix=f"move {path} aside, then end this home's node by its pids: its "
+                               f"processes carry {NODE_MARK} in their environment (ps eww -u "
+                               f"$USER | grep {NODE_MARK}); not 'ray stop --force', which ends "
+                               f"every Ray node of the machine, other users' included") \
             from None
 
 
