@@ -786,6 +786,8 @@ def _farm(args: argparse.Namespace) -> int:
         print(farm.head_message(node) if node.head else
               f"node {node.name} serves {node.devices} devices to the farm at {node.address}; "
               f"'harness farm stop' ends it")
+        _print_exposure(farm.node_exposure(home), [args.node_ip,
+                                                   node.address.rpartition(":")[0]])
         return 0
     if args.action == "stop":
         report = farm.stop(home, args.grace)
@@ -815,7 +817,21 @@ def _farm(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
                         for i, (cell, w) in enumerate(zip(row, widths))))
+    _print_exposure(farm.node_exposure(home), status.addresses)
     return 0
+
+
+def _print_exposure(exposure: Any, hosts: Sequence[str]) -> None:
+    """Where this host's farm node listens, a warning for sockets beyond its --node-ip
+    (on stderr, through the log), and the firewall rule that limits them to `hosts`."""
+    if exposure is None:
+        return
+    lines = exposure.lines(hosts)
+    for line in lines:
+        if line.startswith("WARNING: "):
+            log.warning("%s", line[len("WARNING: "):])
+        else:
+            print(line)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from devices.safe_files import replace_file, replace_text
 from harness.errors import HarnessError
@@ -53,6 +53,7 @@ class ServedNode:
     devices: int       # devices with a kind this host serves
     started_at: float
     token: str         # the token file the node authenticates with
+    node_ip: str = ""  # the address it was asked to use (--node-ip); "" in older records
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class FarmStatus:
     nodes_alive: int
     hosts: Tuple[HostStatus, ...]
     silent: Tuple[str, ...]   # hosts whose actor did not answer
+    addresses: Tuple[str, ...] = ()  # the IP addresses of the farm's live Ray nodes
 
 
 def record_path(home: Path) -> Path:
@@ -138,7 +140,7 @@ def serve(home: Path, address: Optional[str], port: int = 26380,
                            fix=f"read {log_path}; 'harness farm stop' ends a node left over "
                                f"from an earlier run of this home")
     node = ServedNode(name, address or f"{node_ip}:{port}", head=not address, devices=devices,
-                      started_at=time.time(), token=str(token))
+                      started_at=time.time(), token=str(token), node_ip=node_ip)
     replace_text(record_path(home), json.dumps(asdict(node), indent=1) + "\n")
     if devices:
         try:
@@ -209,7 +211,8 @@ def read_record(home: Path) -> Optional[ServedNode]:
         return None
     try:
         data = json.loads(path.read_text())
-        return ServedNode(**{k: data[k] for k in ServedNode.__dataclass_fields__})
+        fields = ServedNode.__dataclass_fields__
+        return ServedNode(**{k: data[k] for k in fields if k in data or k != "node_ip"})
     except (ValueError, KeyError, TypeError) as exc:
         raise HarnessError(f"{path} is damaged ({exc})",
                            fix=f"move {path} aside, then end this home's node by its pids: its "
@@ -337,10 +340,78 @@ def status(home: Path, address: Optional[str] = None) -> FarmStatus:
                 hosts.append(ray.get(ref, timeout=20.0))
             except Exception:
                 silent.append(name[len(HOST_ACTOR_PREFIX):])
-        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        live = [n for n in ray.nodes() if n.get("Alive")]
     finally:
         ray.shutdown()
-    return FarmStatus(address, alive, tuple(hosts), tuple(silent))
+    addresses = tuple(sorted({str(n.get("NodeManagerAddress")) for n in live
+                              if n.get("NodeManagerAddress")}))
+    return FarmStatus(address, len(live), tuple(hosts), tuple(silent), addresses)
+
+
+# Ray's workers listen on ports of this range (ray start's --min/--max-worker-port defaults).
+RAY_WORKER_PORTS = "10002-19999"
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """Where this host's farm node listens, and what of it lies beyond the address asked."""
+
+    asked: str                                  # the node's --node-ip
+    listening: Tuple[Tuple[str, int, str], ...]  # (address, port, process name)
+    beyond: Tuple[Tuple[str, int, str], ...]     # those on another address (or all: * / ::)
+
+    def lines(self, hosts: Sequence[str]) -> List[str]:
+        """For people: the sockets, a warning for those beyond the address asked, and an
+        nftables rule that lets only the farm's `hosts` reach the node's ports."""
+        shown = ", ".join(f"{_shown_address(a)}:{p} ({n})" for a, p, n in self.listening)
+        out = [f"farm node listens on: {shown or 'nothing found'}"]
+        if self.beyond:
+            out.append(f"WARNING: {len(self.beyond)} of them listen beyond {self.asked}: "
+                       + ", ".join(f"{_shown_address(a)}:{p}" for a, p, _ in self.beyond)
+                       + "; only the token keeps strangers out until a firewall does")
+        ports = sorted({p for _, p, _ in self.listening})
+        allowed = sorted(set(hosts) | {"127.0.0.1"})
+        out.append("limit them to the farm's hosts (nftables; add every host's address):\n"
+                   "  nft add table inet harness_farm\n"
+                   "  nft 'add chain inet harness_farm input { type filter hook input "
+                   "priority 0 ; policy accept ; }'\n"
+                   f"  nft add rule inet harness_farm input ip saddr != "
+                   f"{{ {', '.join(allowed)} }} tcp dport "
+                   f"{{ {', '.join([str(p) for p in ports] + [RAY_WORKER_PORTS])} }} drop")
+        return out
+
+
+def _shown_address(address: str) -> str:
+    return "*" if address in ("0.0.0.0", "::", "") else address
+
+
+def exposure(processes: Sequence[Any], asked: str) -> Exposure:
+    """The listening TCP sockets of `processes` (psutil), and those beyond `asked` and
+    loopback: Ray 2.60 binds its GCS and raylets to every interface whatever --node-ip says."""
+    import psutil
+
+    found = set()
+    for process in processes:
+        try:
+            name = process.name()
+            for conn in process.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr:
+                    found.add((conn.laddr.ip, conn.laddr.port, name))
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    listening = tuple(sorted(found))
+    return Exposure(asked, listening, tuple(s for s in listening
+                                            if s[0] != asked and s[0] not in LOOPBACK))
+
+
+def node_exposure(home: Path) -> Optional[Exposure]:
+    """Where the node this home serves listens (None when it serves none)."""
+    node = read_record(home)
+    if node is None:
+        return None
+    return exposure(_node_processes(node.name),
+                    node.node_ip or node.address.rpartition(":")[0])
 
 
 def head_message(node: ServedNode) -> str:
