@@ -36,15 +36,19 @@ class NotARegularFile(OSError):
     """The destination exists and is not a regular file; nothing was written."""
 
 
-def check_replaceable(path: Union[str, Path]) -> Optional[os.stat_result]:
-    """The destination's stat (None when it does not exist yet); NotARegularFile when it
-    exists and is not a regular file (never followed if it is a link)."""
+def check_replaceable(path: Union[str, Path], links: bool = False
+                      ) -> Optional[os.stat_result]:
+    """The destination's stat (None when it does not exist yet, or with `links` when it
+    is a symbolic link, which a rename then replaces without following); NotARegularFile
+    when it exists and is not a regular file (never followed if it is a link)."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return None
     if stat.S_ISREG(info.st_mode):
         return info
+    if links and stat.S_ISLNK(info.st_mode):
+        return None
     what = ("a symbolic link" if stat.S_ISLNK(info.st_mode) else
             "a folder" if stat.S_ISDIR(info.st_mode) else
             "a device node" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else
@@ -55,19 +59,20 @@ def check_replaceable(path: Union[str, Path]) -> Optional[os.stat_result]:
 
 
 def replace_file(path: Union[str, Path], write: Callable[[BinaryIO], object],
-                 mode: Optional[int] = None) -> None:
+                 mode: Optional[int] = None, links: bool = False) -> None:
     """Write `path` whole or not at all: `write(handle)` fills a temporary file beside it,
     which is fsynced and renamed over `path`; on any failure (an OSError such as ENOSPC, or
     an interruption) the temporary file is removed and `path` is left as it was.
 
     The new file keeps the mode of the file it replaces, else takes `mode` (default 0o666
     less the umask, as open() would). NotARegularFile (an OSError) when `path` exists and
-    is not a regular file."""
+    is not a regular file; with `links`, a symbolic link there (planted in a folder of
+    ours) is replaced by the file, never followed."""
     target = Path(path)
-    existing = check_replaceable(target)
+    existing = check_replaceable(target, links)
     with _written_beside(target, write, stat.S_IMODE(existing.st_mode) if existing is not None
                          else mode) as temporary:
-        check_replaceable(target)  # it may have become something else while we wrote
+        check_replaceable(target, links)  # it may have become something else meanwhile
         os.replace(temporary, target)
     _sync_folder(target.parent)
 
@@ -143,10 +148,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def replace_text(path: Union[str, Path], text: str, mode: Optional[int] = None) -> None:
+def replace_text(path: Union[str, Path], text: str, mode: Optional[int] = None,
+                 links: bool = False) -> None:
     """`replace_file` for a text (UTF-8)."""
     data = text.encode("utf-8")
-    replace_file(path, lambda handle: handle.write(data), mode)
+    replace_file(path, lambda handle: handle.write(data), mode, links)
 
 
 def _umask() -> int:

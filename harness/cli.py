@@ -610,7 +610,7 @@ def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
         variant = re.sub(r"[^A-Za-z0-9.-]+", "_", row["variant"])
         path = folder / f"trace-{row['index']}-{m.graph_hash[:12]}-{variant}.json"
         try:
-            replace_text(path, json.dumps(m.ops.chrome_trace()), mode=0o644)
+            replace_text(path, json.dumps(m.ops.chrome_trace()), mode=0o644, links=True)
         except OSError as exc:
             log.warning("the Chrome trace %s was not written: %s; fix: %s", path,
                         exc.strerror or exc, "move what is at that path aside, free some "

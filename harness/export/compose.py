@@ -384,9 +384,9 @@ class PieceStore:
         record = {"key": key.as_json(), "sha256": hashlib.sha256(onnx_bytes).hexdigest()}
         try:
             replace_file(folder / f"{key.digest}.onnx", lambda out: out.write(onnx_bytes),
-                         mode=0o600)
+                         mode=0o600, links=True)
             replace_text(folder / f"{key.digest}.json", json.dumps(record, sort_keys=True),
-                         mode=0o600)
+                         mode=0o600, links=True)
         except OSError as exc:
             log.warning("cannot store block piece %s in %s (%s): it is kept in memory only",
                         key.block_key, folder, exc)
