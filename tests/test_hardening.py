@@ -282,7 +282,7 @@ def test_a_predictor_name_is_never_looked_up_in_the_current_folder(tmp_path, hom
     (planted / "fusion_rules.json").write_text("{}")
     (planted / "conv-bn-relu.pkl").write_bytes(calling(os.system.__module__, "system",
                                                        f"touch {proof}"))
-    user_home = tmp_path / "user"  # nn-Meter's data folder: ~/.nn_meter/data/predictor
+    user_home = tmp_path / "user"
     user_home.mkdir()
     env = dict(os.environ, HOME=str(user_home), PYTHONPATH=str(REPO), HARNESS_HOME=str(home))
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "harness.cli", "profile",
@@ -293,8 +293,10 @@ def test_a_predictor_name_is_never_looked_up_in_the_current_folder(tmp_path, hom
     assert not proof.exists(), "the planted predictor ran"
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
-    data_folder = user_home / ".nn_meter" / "data" / "predictor" / "cortexA76cpu_tflite21"
-    assert str(data_folder) in proc.stderr
+    # nn-Meter not set up by the user: its data folder is in harness's home (issue 31)
+    data_folder = home / "nn-meter" / ".nn_meter" / "data" / "predictor" / \
+        "cortexA76cpu_tflite21"
+    assert str(data_folder) in proc.stderr and list(user_home.iterdir()) == []
     assert "is not used for a predictor name" in proc.stderr and "./cortexA76cpu_tflite21" \
         in proc.stderr
 
