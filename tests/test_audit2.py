@@ -790,3 +790,24 @@ def test_the_farm_nodes_listening_sockets_are_listed_with_a_warning_and_a_rule(h
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--sim", "npu", "--sim-ms", "nan"], "sim_ms = NaN is not a positive number of ms"),
+    (["--adb", "2A1B0C3D", "--adb-port", "0"], "adb_port = 0 is not a port number"),
+    (["--ssh", "pi@10.0.0.7", "--kind", ""], 'kind = "" is not a text'),
+    (["--ssh", "pi@10.0.0.7", "--connect-timeout", "-1"], "connect_timeout = -1.0"),
+])
+def test_devices_add_refuses_what_the_reader_would_refuse(home, args, words):
+    proc = run_cli("devices", "add", "dev", *args, home=home)
+    one_line_error(proc, "USER", words, "correct --")
+    assert not (home / "devices.toml").exists()
+    assert run_cli("devices", "list", home=home).returncode == 0  # the registry still reads
+
+
+def test_an_unknown_field_in_devices_toml_names_the_nearest_known_one(home):
+    home.mkdir(parents=True)
+    (home / "devices.toml").write_text('[devices.pi]\ntransport = "ssh"\n'
+                                       'address = "pi@10.0.0.7"\nlcok = "/run/lock/x"\n')
+    one_line_error(run_cli("devices", "list", home=home), "[devices.pi] has an unknown field "
+                   "'lcok' (did you mean 'lock'?)")
