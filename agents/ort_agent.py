@@ -955,7 +955,7 @@ class HostWatch(object):
     RAM, more threads than max_threads(). The kernel then releases the device lock."""
 
     def __init__(self, stdin_fd, interval=WATCH_INTERVAL_S):
-        self.stdin_fd = stdin_fd
+        self.stdin_fd = stdin_fd  # None: a one-shot measure, whose stdin is not the host's
         # set while a request is answered: an idle worker reads the end of stdin itself and
         # exits cleanly (code 0), and answers every request its host wrote before hanging up
         self.busy = False
@@ -1003,7 +1003,7 @@ class HostWatch(object):
 
     def _run(self):
         poller = None
-        if hasattr(select, "poll"):
+        if self.stdin_fd is not None and hasattr(select, "poll"):
             poller = select.poll()
             # no POLLIN: only hang-ups and errors wake it, never a request waiting to be read
             poller.register(self.stdin_fd, getattr(select, "POLLRDHUP", 0))
@@ -1132,6 +1132,7 @@ def main(argv=None):
         except ValueError as exc:
             _emit(channel, AgentError("USER", "--settings is not JSON: %s" % exc).to_json())
             return 2
+        HostWatch(None).start()  # its host gone, a one-shot measurement ends too
         result = handle({"op": "measure", "model": args.model, "sha256": args.sha256,
                          "settings": settings, "lock": args.lock})
         _emit(channel, result)

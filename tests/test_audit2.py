@@ -165,6 +165,37 @@ def test_a_worker_whose_host_is_gone_stops_and_releases_the_device_lock(tmp_path
         host.wait()
 
 
+ONE_SHOT_HOST = """
+import json, subprocess, sys, time
+agent, model, lock, settings = sys.argv[1:5]
+measure = subprocess.Popen([sys.executable, agent, "measure", "--model", model, "--lock", lock,
+                            "--settings", settings], stdout=subprocess.PIPE)
+print(measure.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_one_shot_measurement_whose_host_is_killed_stops_too(tmp_path, tiny_model):
+    """Process isolation ('ort_agent.py measure' per request): the same orphan."""
+    lock = tmp_path / "device.lock"
+    host = subprocess.Popen([python(), "-c", ONE_SHOT_HOST, str(AGENT), str(tiny_model),
+                             str(lock), json.dumps(LONG)], stdout=subprocess.PIPE, text=True)
+    measure = int(host.stdout.readline())
+    try:
+        deadline = time.monotonic() + 300
+        while not (lock.exists() and not lock_is_free(lock)):
+            assert time.monotonic() < deadline and not gone(measure)
+            time.sleep(0.05)
+        host.kill()
+        host.wait()
+        assert wait_gone(measure), "the orphaned measurement kept running"
+        assert lock_is_free(lock)
+    finally:
+        kill_quietly(measure)
+        host.kill()
+        host.wait()
+
+
 def test_a_worker_over_its_thread_cap_ends_itself(tmp_path):
     """The hard cap: a worker running more threads than max_threads() ends (here the cap is
     lowered so that a few sleeping threads pass it)."""
