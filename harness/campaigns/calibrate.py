@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from devices.safe_files import replace_text
 from harness.predict.accuracy import accuracy_metrics, save_scatter
 from harness.predict.calibration import Calibration, calibrations_folder
 from harness.export.graph import DummyInput, export_sample
@@ -409,10 +410,10 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
                           for name, values in series.items()}
     calibration.save(folder)
     points = {name: list(zip(values, held_truth)) for name, values in series.items()}
-    (folder / "training.json").write_text(json.dumps(
+    replace_text(folder / "training.json", json.dumps(
         {"samples": [sample_key(subnet.sample) for subnet in train], "measured_ms": truth[:samples],
          "predicted_ms": raw[:samples]}, indent=1))
-    (folder / "holdout.json").write_text(json.dumps(
+    replace_text(folder / "holdout.json", json.dumps(
         {"samples": [sample_key(subnet.sample) for subnet in held], "measured_ms": held_truth,
          "predicted_ms": series}, indent=1))
     png = save_scatter(points, folder / "accuracy.png",
