@@ -65,6 +65,15 @@ def lock_is_free(path: Path) -> bool:
         os.close(descriptor)
 
 
+def wait_measuring(pid: int, lock: Path, within: float = 300.0) -> None:
+    """Wait until process `pid` holds the device lock (it is measuring); a loaded machine
+    may be slow to start it."""
+    deadline = time.monotonic() + within
+    while not (lock.exists() and not lock_is_free(lock)):
+        assert time.monotonic() < deadline and not gone(pid)
+        time.sleep(0.05)
+
+
 def in_private_mount(script: str, *mount: str, timeout: float = 300) -> dict:
     """Run a Python `script` as root in a private mount namespace after the shell lines
     `mount` ran there; the script prints one JSON object, returned. Skips without root."""
@@ -115,6 +124,15 @@ def test_threads_beyond_the_devices_cores_are_a_user_error_before_the_lock(tmp_p
     assert not lock.exists()  # refused before the lock was taken
 
 
+ONE_SHOT_HOST = """
+import json, subprocess, sys, time
+agent, model, lock, settings = sys.argv[1:5]
+measure = subprocess.Popen([sys.executable, agent, "measure", "--model", model, "--lock", lock,
+                            "--settings", settings], stdout=subprocess.PIPE)
+print(measure.pid, flush=True)
+time.sleep(600)
+"""
+
 HOST = """
 import json, subprocess, sys, time
 agent, model, lock, settings = sys.argv[1:5]
@@ -137,21 +155,20 @@ time.sleep(600)
 LONG = dict(FAST, min_runs=10**9, min_time_ms=600_000.0, max_time_ms=600_000.0)
 
 
-@pytest.mark.parametrize("how", ["host killed", "hang up"])
+@pytest.mark.parametrize("how", ["host killed", "hang up", "one-shot host killed"])
 def test_a_worker_whose_host_is_gone_stops_and_releases_the_device_lock(tmp_path, tiny_model,
                                                                         how):
     """The audit's orphan: SIGKILL the host (or close the worker's stdin) mid-measurement;
-    the worker must stop long before its loop ends, and the device lock must be free."""
+    the worker must stop long before its loop ends, and the device lock must be free. The
+    same for a one-shot 'ort_agent.py measure' (process isolation)."""
     lock = tmp_path / "device.lock"
-    host = subprocess.Popen([python(), "-c", HOST, str(AGENT), str(tiny_model), str(lock),
+    script = ONE_SHOT_HOST if how.startswith("one-shot") else HOST
+    host = subprocess.Popen([python(), "-c", script, str(AGENT), str(tiny_model), str(lock),
                              json.dumps(LONG), how], stdout=subprocess.PIPE, text=True)
     worker = int(host.stdout.readline())
     try:
-        deadline = time.monotonic() + 300  # a loaded machine may be slow to start it
-        while not (lock.exists() and not lock_is_free(lock)):  # it is measuring
-            assert time.monotonic() < deadline and not gone(worker)
-            time.sleep(0.05)
-        if how == "host killed":
+        wait_measuring(worker, lock)
+        if how.endswith("host killed"):
             host.kill()
             host.wait()
         else:
@@ -161,37 +178,6 @@ def test_a_worker_whose_host_is_gone_stops_and_releases_the_device_lock(tmp_path
         assert lock_is_free(lock)
     finally:
         kill_quietly(worker)
-        host.kill()
-        host.wait()
-
-
-ONE_SHOT_HOST = """
-import json, subprocess, sys, time
-agent, model, lock, settings = sys.argv[1:5]
-measure = subprocess.Popen([sys.executable, agent, "measure", "--model", model, "--lock", lock,
-                            "--settings", settings], stdout=subprocess.PIPE)
-print(measure.pid, flush=True)
-time.sleep(600)
-"""
-
-
-def test_a_one_shot_measurement_whose_host_is_killed_stops_too(tmp_path, tiny_model):
-    """Process isolation ('ort_agent.py measure' per request): the same orphan."""
-    lock = tmp_path / "device.lock"
-    host = subprocess.Popen([python(), "-c", ONE_SHOT_HOST, str(AGENT), str(tiny_model),
-                             str(lock), json.dumps(LONG)], stdout=subprocess.PIPE, text=True)
-    measure = int(host.stdout.readline())
-    try:
-        deadline = time.monotonic() + 300
-        while not (lock.exists() and not lock_is_free(lock)):
-            assert time.monotonic() < deadline and not gone(measure)
-            time.sleep(0.05)
-        host.kill()
-        host.wait()
-        assert wait_gone(measure), "the orphaned measurement kept running"
-        assert lock_is_free(lock)
-    finally:
-        kill_quietly(measure)
         host.kill()
         host.wait()
 
