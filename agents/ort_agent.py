@@ -15,6 +15,10 @@ The worker reads one JSON request per line on stdin and answers one JSON object 
 stdout ({"op": "measure" | "rounds" | "fingerprint" | "ping" | "exit", "id": ..., ...};
 "rounds" times several models in interleaved rounds beside a reference); it opens no
 socket and exits when stdin closes, so a dropped host connection leaves no process behind.
+While it measures, a watchdog thread (HostWatch) ends it within a second when its host is gone
+(stdin hung up, or its parent process changed), and when it outgrows its caps (resident memory
+beyond MEMORY_CAP_SHARE of the device's RAM, more than max_threads() threads): the kernel then
+releases the device lock. Thread settings above the device's cores are a USER error.
 
 Every failure is a JSON object too: {"error": {"kind": KIND, "message": TEXT}} with KIND one of
 TRANSFER, LOAD, RUNTIME, TIMEOUT, DEVICE_LOST, THERMAL, USER.
@@ -26,14 +30,17 @@ import glob
 import hashlib
 import json
 import math
+import numbers
 import os
 import platform
 import random
+import select
 import stat
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 AGENT_VERSION = "1.1"
@@ -86,6 +93,13 @@ PROTOCOLS = ("loop", "rounds")
 MODE_DEFAULTS = {"fixed": {"min_runs": 50, "min_time_ms": 1000.0},
                  "ci": {"min_runs": 10, "min_time_ms": 0.0},
                  "limit": {"min_runs": 10, "min_time_ms": 0.0}}
+
+# Thread settings: 0 lets onnxruntime choose; above the device's cores is refused, and no
+# device is asked for more than MAX_THREADS (so a host refuses --threads 100000 at once).
+MAX_THREADS = 1024
+# A worker whose resident memory passes this share of the device's RAM is ended (HostWatch).
+MEMORY_CAP_SHARE = 0.9
+WATCH_INTERVAL_S = 0.25   # how often HostWatch looks (it acts within a second)
 
 OPT_LEVELS = ("disabled", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
@@ -287,6 +301,20 @@ def _finite_number(value):
         and math.isfinite(value)
 
 
+def plain_number(value):
+    """A number of another type (numpy's float32, int64...) as Python's own int or float, so
+    that it passes the checks below and travels as JSON; anything else as it is."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_":  # numpy's
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
 def parse_settings(raw):
     """Merge a request's settings over the defaults; reject unknown keys and bad values."""
     if raw is None:
@@ -298,7 +326,7 @@ def parse_settings(raw):
         raise AgentError("USER", "unknown settings %s; known: %s"
                          % (", ".join(unknown), ", ".join(sorted(DEFAULT_SETTINGS))))
     settings = dict(DEFAULT_SETTINGS)
-    settings.update(raw)
+    settings.update({key: plain_number(value) for key, value in raw.items()})
     if settings["stop"] not in STOP_RULES:
         raise AgentError("USER", "setting stop must be one of %s, got %r"
                          % (", ".join(STOP_RULES), settings["stop"]))
@@ -309,6 +337,7 @@ def parse_settings(raw):
         value = settings[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise AgentError("USER", "setting %s must be a whole number >= 0, got %r" % (key, value))
+    check_threads(settings, MAX_THREADS, "the most harness asks of any device")
     for key in ("min_time_ms", "max_time_ms"):
         value = settings[key]
         if not _finite_number(value) or value < 0:
@@ -606,7 +635,10 @@ def _flock_holder(descriptor):
 def measure(model, sha256=None, settings=None, lock=None, lock_wait_s=600.0):
     """Load the model, run it once, warm up, then time runs until both min_runs and min_time_ms
     are met or max_time_ms is reached. Returns the raw per-run times in milliseconds. With
-    `lock`, holds an exclusive lock on that file on the device while measuring."""
+    `lock`, holds an exclusive lock on that file on the device while measuring. Thread
+    settings above this device's cores are a USER error, before the lock is taken."""
+    settings = parse_settings(settings)
+    check_threads(settings, device_cores(), "this device's cores")
     with DeviceLock(lock, lock_wait_s):
         return _measure(model, sha256, settings)
 
@@ -1138,9 +1170,12 @@ def measure_rounds(models, reference, settings=None, lock=None, lock_wait_s=600.
     the reference before the first candidate and again whenever ref_gap_ms of device time
     would otherwise pass, and at the round's end. Rounds run until `rounds` are done or
     max_time_ms is spent (a round is never cut short). A candidate that fails to load or run
-    is that candidate's error; the others go on. With `lock`, holds the device's lock."""
+    is that candidate's error; the others go on. With `lock`, holds the device's lock. Thread
+    settings above this device's cores are a USER error, before the lock is taken."""
+    checked = parse_settings(settings)
+    check_threads(checked, device_cores(), "this device's cores")
     with DeviceLock(lock, lock_wait_s):
-        return _measure_rounds(models, reference, settings)
+        return _measure_rounds(models, reference, checked)
 
 
 def _measure_rounds(models, reference, settings):
@@ -1201,6 +1236,94 @@ def _measure_rounds(models, reference, settings):
         results[name] = result
     return {"results": results, "errors": errors, "rounds": completed,
             "agent_version": AGENT_VERSION}
+
+
+def check_threads(settings, most, what):
+    """USER error naming the range when a thread setting exceeds `most` (`what` says why)."""
+    for key in ("intra_op_threads", "inter_op_threads"):
+        if settings[key] > most:
+            raise AgentError("USER", "setting %s must be from 0 (onnxruntime's choice) to %d "
+                             "(%s), got %d" % (key, most, what, settings[key]))
+
+
+def device_cores():
+    return os.cpu_count() or 1
+
+
+def max_threads():
+    """How many threads a worker may run: onnxruntime's pools at the most the device's cores
+    each, numpy's, and ours, with room to spare; more is a runaway."""
+    return 4 * device_cores() + 64
+
+
+class HostWatch(object):
+    """A daemon thread that ends the worker (os._exit) within a second when its host is
+    gone or it runs away, whatever the main thread is doing (a model in onnxruntime's native
+    code included): stdin hung up or in error, the parent process changed (the host, or the
+    shell of the SSH session, died), resident memory above MEMORY_CAP_SHARE of the device's
+    RAM, more threads than max_threads(). The kernel then releases the device lock."""
+
+    def __init__(self, stdin_fd, interval=WATCH_INTERVAL_S):
+        self.stdin_fd = stdin_fd  # None: a one-shot measure, whose stdin is not the host's
+        # set while a request is answered: an idle worker reads the end of stdin itself and
+        # exits cleanly (code 0), and answers every request its host wrote before hanging up
+        self.busy = False
+        self.parent = os.getppid()
+        self.interval = interval
+        self.memory_cap_kb = None
+        for line in (_read("/proc/meminfo") or "").splitlines():
+            if line.startswith("MemTotal:"):
+                self.memory_cap_kb = int(int(line.split()[1]) * MEMORY_CAP_SHARE)
+        self.thread_cap = max_threads()
+
+    def start(self):
+        thread = threading.Thread(target=self._run, name="harness-host-watch")
+        thread.daemon = True
+        thread.start()
+        return thread
+
+    def reason(self, poller):
+        """Why the worker must end now, or None."""
+        if os.getppid() != self.parent:
+            return "its parent process %d is gone (the host stopped)" % self.parent
+        if poller is not None:
+            events = poller.poll(self.interval * 1000)
+            if events and not self.busy:
+                time.sleep(self.interval)  # a hang-up stays reported: do not spin on it
+            for _, event in events:
+                if self.busy and event & (select.POLLHUP | select.POLLERR | select.POLLNVAL
+                                          | getattr(select, "POLLRDHUP", 0)):
+                    return "its stdin hung up (the host or its connection is gone)"
+        else:
+            time.sleep(self.interval)
+        status = _read("/proc/self/status") or ""
+        for line in status.splitlines():
+            key, _, value = line.partition(":")
+            words = value.split()
+            if key == "VmRSS" and self.memory_cap_kb and words and \
+                    int(words[0]) > self.memory_cap_kb:
+                return ("its resident memory %s kB passed the cap of %d kB (%d%% of the "
+                        "device's RAM)" % (words[0], self.memory_cap_kb,
+                                          MEMORY_CAP_SHARE * 100))
+            if key == "Threads" and words and int(words[0]) > self.thread_cap:
+                return "it runs %s threads, more than the cap of %d" % (words[0],
+                                                                       self.thread_cap)
+        return None
+
+    def _run(self):
+        poller = None
+        if self.stdin_fd is not None and hasattr(select, "poll"):
+            poller = select.poll()
+            # no POLLIN: only hang-ups and errors wake it, never a request waiting to be read
+            poller.register(self.stdin_fd, getattr(select, "POLLRDHUP", 0))
+        while True:
+            why = self.reason(poller)
+            if why is not None:
+                try:
+                    sys.stderr.write("harness agent worker %d ends: %s\n" % (os.getpid(), why))
+                    sys.stderr.flush()
+                finally:
+                    os._exit(3)
 
 
 def _session(ort, model, options, settings):
@@ -1328,8 +1451,9 @@ def _emit(channel, obj):
     channel.flush()
 
 
-def serve(stdin, channel):
-    """Persistent worker: one JSON request per line in, one JSON answer per line out."""
+def serve(stdin, channel, watch=None):
+    """Persistent worker: one JSON request per line in, one JSON answer per line out.
+    `watch` (a HostWatch) is told while a request is being answered."""
     _emit(channel, {"ready": True, "agent_version": AGENT_VERSION, "pid": os.getpid(),
                     "python": platform.python_version()})
     for line in stdin:
@@ -1344,7 +1468,13 @@ def serve(stdin, channel):
         if isinstance(request, dict) and request.get("op") == "exit":
             _emit(channel, {"bye": True, "id": request.get("id")})
             return
-        _emit(channel, handle(request))
+        if watch is not None:
+            watch.busy = True
+        try:
+            _emit(channel, handle(request))
+        finally:
+            if watch is not None:
+                watch.busy = False
 
 
 def main(argv=None):
@@ -1366,7 +1496,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     channel = _private_stdout()
     if args.command == "worker":
-        serve(sys.stdin, channel)
+        watch = HostWatch(sys.stdin.fileno())
+        watch.start()
+        serve(sys.stdin, channel, watch)
         return 0
     if args.command == "fingerprint":
         _emit(channel, handle({"op": "fingerprint"}))
@@ -1384,6 +1516,7 @@ def main(argv=None):
         except ValueError as exc:
             _emit(channel, AgentError("USER", "--settings is not JSON: %s" % exc).to_json())
             return 2
+        HostWatch(None).start()  # its host gone, a one-shot measurement ends too
         result = handle({"op": "measure", "model": args.model, "sha256": args.sha256,
                          "settings": settings, "lock": args.lock,
                          "models_limit_bytes": args.models_limit_bytes})

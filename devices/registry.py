@@ -26,13 +26,15 @@
     sim_seed = 0
     kind = "sim"
 """
+import difflib
 import errno
+import fcntl
 import json
 import math
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -48,8 +50,9 @@ from devices.adb import AdbTransport
 from devices.agent_client import AgentClient
 from devices.errors import BadRequest
 from devices.local import LocalTransport
-from devices.perf_tool_client import PerfTestClient
 from devices.noise_trace import NoiseTrace
+from devices.perf_tool_client import PerfTestClient
+from devices.safe_files import NotARegularFile, replace_text
 from devices.simulated import SimulatedClient, SimulatedModel
 from devices.ssh import (Endpoint, HostKeyChanged, SSHConnection, SSHTransport, fetch_host_key,
                          host_entry, key_fingerprint)
@@ -85,12 +88,9 @@ class DeviceConfig:
     sim_seed: Optional[int] = None  # simulated devices: the seed of their latencies
     noise_trace: Optional[str] = None  # simulated devices: a recorded noise trace replayed
     models_limit_mb: Optional[float] = None  # the model folder's bound (default per transport)
-    extra: Dict[str, object] = field(default_factory=dict)
 
     def to_toml(self) -> Dict[str, object]:
-        data = {k: v for k, v in asdict(self).items() if v is not None and k not in ("name", "extra")}
-        data.update(self.extra)
-        return data
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "name"}
 
 
 class RegistryError(BadRequest):
@@ -125,6 +125,7 @@ FIELD_CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "noise_trace": (_text, "the path of a noise trace (harness devices record-noise)"),
     "models_limit_mb": (lambda v: _number(v) and v >= 0, "a number of MB (0 or more)"),
 }
+assert set(FIELD_CHECKS) == {f for f in DeviceConfig.__dataclass_fields__ if f != "name"}
 
 # The model folder's bound per transport when a device sets none: this machine's disk is
 # roomy, a board's SD card less so, a phone's /data is shared with everything on it.
@@ -176,19 +177,32 @@ def _checked_entry(path: Path, name: object, entry: object) -> Dict[str, Any]:
         if key not in entry:
             raise RegistryError(f"{path}: device {name!r} needs 'transport' and 'address' "
                                 f"({table} has no {key})", fix=fix)
+    problem = field_problem(entry)
+    if problem is not None:
+        raise RegistryError(f"{path}: {table} {problem}", fix=fix)
+    return entry
+
+
+def field_problem(entry: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with one device's fields ("key = value is not ..."), or None: the one
+    check of a device's settings, for devices.toml as it is read and for 'devices add' (so
+    nothing is ever written that the reader would refuse)."""
     for key, value in entry.items():
-        if key in FIELD_CHECKS and not FIELD_CHECKS[key][0](value):
-            raise RegistryError(f"{path}: {table} {key} = {_shown(value)} is not "
-                                f"{FIELD_CHECKS[key][1]}", fix=fix)
-    if entry["transport"] == "ssh":
+        if key not in FIELD_CHECKS:
+            near = difflib.get_close_matches(key, FIELD_CHECKS, n=1)
+            return (f"has an unknown field {key!r}" + (f" (did you mean {near[0]!r}?)" if near
+                                                       else "")
+                    + f"; known fields: {', '.join(sorted(FIELD_CHECKS))}")
+        if not FIELD_CHECKS[key][0](value):
+            return f"{key} = {_shown(value)} is not {FIELD_CHECKS[key][1]}"
+    if entry.get("transport") == "ssh":
         for key in ("address", "jump"):
             if key in entry:
                 try:
                     Endpoint.parse(str(entry[key]))
                 except BadRequest as exc:
-                    raise RegistryError(f"{path}: {table} {key}: {exc.message}", fix=fix) \
-                        from None
-    return entry
+                    return f"{key}: {exc.message}"
+    return None
 
 
 @contextmanager
@@ -196,9 +210,16 @@ def _writing(home: Path, what: Path) -> Iterator[None]:
     """Turn the OS's refusal to write under the home folder into a RegistryError."""
     try:
         yield
+    except NotARegularFile as exc:
+        raise RegistryError(f"cannot write {what}: {exc.strerror}",
+                            fix=f"move {what} aside (harness keeps a regular file there), or "
+                                f"point $HARNESS_HOME at another folder") from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        if exc.errno == errno.ENOSPC:
+            fix = (f"free some space on the disk holding {home} ({what} was left as it "
+                   f"was), then retry")
+        elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
             fix = (f"{home} (or a folder above it) is a file: point $HARNESS_HOME at a folder "
                    f"(it is created if missing), or move the file aside")
         elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -239,45 +260,49 @@ def load_devices(home: Path) -> Dict[str, DeviceConfig]:
                          fix=f"correct {path} by hand, or move it aside and add the devices "
                              f"again") from None
     devices = {}
-    known = {f for f in DeviceConfig.__dataclass_fields__ if f not in ("name", "extra")}
     tables = data.get("devices", {})
     if not isinstance(tables, dict):
         raise RegistryError(f"{path}: devices = {_shown(tables)} is not a table of devices",
                             fix=f"write each device as a [devices.NAME] table in {path}, or "
                                 f"move the file aside and add the devices again")
     for name, entry in tables.items():
-        entry = _checked_entry(path, name, entry)
-        fields = {k: v for k, v in entry.items() if k in known}
-        extra = {k: v for k, v in entry.items() if k not in known}
-        devices[name] = DeviceConfig(name=name, extra=extra, **fields)
+        devices[name] = DeviceConfig(name=name, **_checked_entry(path, name, entry))
     return devices
 
 
+@contextmanager
+def _registry_locked(home: Path, what: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the home's registry files (devices.toml, known_hosts) for
+    a read-modify-write of `what`, so that two processes adding devices at once keep both."""
+    path = Path(home) / ".registry.lock"
+    with _writing(Path(home), what):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 def save_devices(home: Path, devices: Dict[str, DeviceConfig]) -> None:
+    """Write devices.toml whole (devices.safe_files): a reader never sees half a file."""
     path = registry_path(home)
-    partial = path.with_name(path.name + f".{os.getpid()}.part")
     text = tomli_w.dumps({"devices": {n: d.to_toml() for n, d in sorted(devices.items())}})
     with _writing(Path(home), path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            partial.write_text(text)
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        replace_text(path, text)
 
 
 def add_device(home: Path, config: DeviceConfig, replace: bool = False) -> None:
+    """Register a device; its fields pass the check devices.toml is read with (BadRequest
+    names the field and what it must hold), and two processes adding at once keep both."""
     check_name(config.name)
-    if config.transport not in TRANSPORTS:
-        raise BadRequest(f"unknown transport {config.transport!r}",
-                         fix=f"use one of: {', '.join(TRANSPORTS)}")
-    if config.transport == "ssh":
-        Endpoint.parse(config.address)
-        if config.jump:
-            Endpoint.parse(config.jump)
-    if config.agent not in AGENTS:
-        raise BadRequest(f"unknown agent {config.agent!r}", fix=f"use one of: {', '.join(AGENTS)}")
+    problem = field_problem(config.to_toml())
+    if problem is not None:
+        option = problem.split(" ", 1)[0].rstrip(":").replace("_", "-")
+        raise BadRequest(f"device {config.name!r}: {problem}",
+                         fix=f"correct --{option} (or the field of that name) and add it again")
     if config.agent == "perf-test":
         if config.transport != "adb" or not config.perf_test:
             raise BadRequest("agent 'perf-test' needs an adb device and --perf-test PATH",
@@ -286,22 +311,24 @@ def add_device(home: Path, config: DeviceConfig, replace: bool = False) -> None:
             raise BadRequest(f"no onnxruntime_perf_test at {config.perf_test}",
                              fix="build it for Android (onnxruntime's build.sh --android) and "
                                  "give its path")
-    devices = load_devices(home)
-    if config.name in devices and not replace:
-        raise BadRequest(f"a device named {config.name!r} is already registered",
-                         fix=f"remove it first ('harness devices remove {config.name}') or "
-                             f"pick another name")
-    devices[config.name] = config
-    save_devices(home, devices)
+    with _registry_locked(home, registry_path(home)):
+        devices = load_devices(home)
+        if config.name in devices and not replace:
+            raise BadRequest(f"a device named {config.name!r} is already registered",
+                             fix=f"remove it first ('harness devices remove {config.name}') "
+                                 f"or pick another name")
+        devices[config.name] = config
+        save_devices(home, devices)
 
 
 def remove_device(home: Path, name: str) -> DeviceConfig:
-    devices = load_devices(home)
-    if name not in devices:
-        raise BadRequest(f"no device named {name!r} is registered",
-                         fix="see 'harness devices list'")
-    config = devices.pop(name)
-    save_devices(home, devices)
+    with _registry_locked(home, registry_path(home)):
+        devices = load_devices(home)
+        if name not in devices:
+            raise BadRequest(f"no device named {name!r} is registered",
+                             fix="see 'harness devices list'")
+        config = devices.pop(name)
+        save_devices(home, devices)
     return config
 
 
@@ -411,6 +438,12 @@ def trust_device(home: Path, name: str, confirm: Callable[[str, str, str], bool]
 
 def _trust(home: Path, name: str, endpoint: Endpoint, key: paramiko.PKey,
            confirm: Callable[[str, str, str], bool], replace: bool) -> TrustResult:
+    with _registry_locked(home, known_hosts_path(home)):
+        return _trust_locked(home, name, endpoint, key, confirm, replace)
+
+
+def _trust_locked(home: Path, name: str, endpoint: Endpoint, key: paramiko.PKey,
+                  confirm: Callable[[str, str, str], bool], replace: bool) -> TrustResult:
     path = known_hosts_path(home)
     entry = host_entry(endpoint.host, endpoint.port)
     keys = paramiko.HostKeys(str(path)) if path.exists() else paramiko.HostKeys()
@@ -436,7 +469,10 @@ def _trust(home: Path, name: str, endpoint: Endpoint, key: paramiko.PKey,
         del keys[entry]
         result.status = "replaced"
     keys.add(entry, key.get_name(), key)
+    # paramiko's HostKeys.save rewrites the file in place (kill -9 or a full disk mid-way
+    # loses every recorded key): write the same lines to a new file and rename it over.
+    text = "".join(line for line in (e.to_line() for e in keys._entries) if line)
     with _writing(Path(home), path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        keys.save(str(path))
+        replace_text(path, text, mode=0o600)
     return result

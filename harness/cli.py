@@ -520,6 +520,8 @@ def _profile(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--top {args.top} shows no node", fix="pass --top 10, for example")
     started = time.monotonic()
     variants = _variants(args)
+    if args.ops:
+        _trace_folder(args)  # before measuring: a bad folder must not cost the measurements
     counters: Counter = Counter()  # what the command's profilers counted, added up
     measured, default_variant = (_profile_model if args.model else _profile_space)(
         args, variants, counters)
@@ -539,7 +541,7 @@ def _profile(args: argparse.Namespace) -> int:
                "input_shapes": list(dict.fromkeys(output.shapes_of(m) for m in results))}
     traces = _write_traces(args, rows, results) if args.ops else []
     if traces:
-        summary["traces"] = [str(path) for path in traces]
+        summary["traces"] = [str(path) if path else None for path in traces]
     if args.json:
         output.write_jsonl(sys.stdout, [output.json_row(row, m, args.raw)
                                         for row, m in zip(rows, results)], summary)
@@ -552,10 +554,12 @@ def _profile(args: argparse.Namespace) -> int:
                               [m.statistic(args.statistic) for m in results], default_variant))
     if args.ops or args.model:
         for row, m, trace in zip(rows, results, traces or [None] * len(results)):
-            print(f"\n#{row['index']} {row['arch']} {row['variant']}: {output.render_memory(m)}")
+            print(f"\n#{row['index']} {output.printable(row['arch'])} "
+                  f"{output.printable(row['variant'])}: {output.render_memory(m)}")
             if args.ops:
                 print(output.render_ops(m, args.top))
-                print(f"Chrome trace (Perfetto, chrome://tracing): {trace}")
+                print(f"Chrome trace (Perfetto, chrome://tracing): "
+                      f"{trace or 'not written (see the warning)'}")
     print(f"\n{summary['samples']} {'model file' if args.model else 'samples'}, "
           f"{summary['results']} results, {summary['architectures']} distinct architectures: "
           f"{summary['measured']} measured, {summary['cached']} from the cache, "
@@ -665,12 +669,26 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
     return measured, default if static else None
 
 
-def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
-                  results: Sequence[Any]) -> List[Optional[Path]]:
-    """One Chrome trace per result with a per-operator profile, in --trace-dir."""
+def _trace_folder(args: argparse.Namespace) -> Path:
+    """--trace-dir, checked before anything is measured: a folder this user can write to."""
     folder = Path(args.trace_dir)
     if not folder.is_dir():
         raise InvalidArgument(f"--trace-dir {folder} is not a folder", fix="create it, or pass another")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"--trace-dir {folder} is not writable (read-only, or not this "
+                         f"user's)", fix="pass a folder you can write to, e.g. --trace-dir /tmp")
+    return folder
+
+
+def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
+                  results: Sequence[Any]) -> List[Optional[Path]]:
+    """One Chrome trace per result with a per-operator profile, in --trace-dir, each written
+    whole (devices.safe_files: never through a link planted there, never over a folder).
+    A trace that cannot be written (a folder at its path, a full disk) is a warning naming
+    it, the cause and the fix, and None in its place: the results are shown all the same."""
+    from devices.safe_files import replace_text
+
+    folder = _trace_folder(args)
     written: List[Optional[Path]] = []
     for row, m in zip(rows, results):
         if m.ops is None:
@@ -678,10 +696,14 @@ def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
             continue
         variant = re.sub(r"[^A-Za-z0-9.-]+", "_", row["variant"])
         path = folder / f"trace-{row['index']}-{m.graph_hash[:12]}-{variant}.json"
-        path.unlink(missing_ok=True)  # a link planted there is replaced, never followed:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(descriptor, "w") as trace:  # O_EXCL: nor one planted meanwhile
-            trace.write(json.dumps(m.ops.chrome_trace()))
+        try:
+            replace_text(path, json.dumps(m.ops.chrome_trace()), mode=0o644, links=True)
+        except OSError as exc:
+            log.warning("the Chrome trace %s was not written: %s; fix: %s", path,
+                        exc.strerror or exc, "move what is at that path aside, free some "
+                        "space, or pass another --trace-dir; the results are in the cache")
+            written.append(None)
+            continue
         written.append(path)
     return written
 
@@ -813,6 +835,7 @@ def _devices(args: argparse.Namespace) -> int:
               f"'harness devices check {args.name}'")
     elif args.action == "list":
         from harness.pool.model_folders import local_usage
+        from harness.report.output import printable
 
         local = local_usage(home)
         print(f"{'name':<16} {'transport':<9} {'address':<28} {'kind':<8} model folder")
@@ -822,8 +845,8 @@ def _devices(args: argparse.Namespace) -> int:
             via = f" via {config.jump}" if config.jump else ""
             folder = ("-" if config.transport == "sim" else
                       f"up to {_mb(registry.models_limit_bytes(config.name, home))}")
-            print(f"{config.name:<16} {config.transport:<9} {config.address + via:<28} "
-                  f"{config.kind or '-':<8} {folder}")
+            print(printable(f"{config.name:<16} {config.transport:<9} "
+                            f"{config.address + via:<28} {config.kind or '-':<8} {folder}"))
         print("model folders: least recently used models are removed past the limit "
               "(models_limit_mb in devices.toml, $HARNESS_MODELS_LIMIT_MB); 'harness cache "
               "prune --device NAME' trims one now")
@@ -900,6 +923,8 @@ def _farm(args: argparse.Namespace) -> int:
         print(farm.head_message(node) if node.head else
               f"node {node.name} serves {node.devices} devices to the farm at {node.address}; "
               f"'harness farm stop' ends it")
+        _print_exposure(farm.node_exposure(home), [args.node_ip,
+                                                   node.address.rpartition(":")[0]])
         return 0
     if args.action == "stop":
         report = farm.stop(home, args.grace)
@@ -929,7 +954,21 @@ def _farm(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
                         for i, (cell, w) in enumerate(zip(row, widths))))
+    _print_exposure(farm.node_exposure(home), status.addresses)
     return 0
+
+
+def _print_exposure(exposure: Any, hosts: Sequence[str]) -> None:
+    """Where this host's farm node listens, a warning for sockets beyond its --node-ip
+    (on stderr, through the log), and the firewall rule that limits them to `hosts`."""
+    if exposure is None:
+        return
+    lines = exposure.lines(hosts)
+    for line in lines:
+        if line.startswith("WARNING: "):
+            log.warning("%s", line[len("WARNING: "):])
+        else:
+            print(line)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -969,7 +1008,7 @@ def _cache(args: argparse.Namespace) -> int:
     from harness.paths import harness_home
     from harness.pool.model_folders import local_usage
     from harness.store.cache import Cache
-    from harness.report.output import when
+    from harness.report.output import printable, when
 
     if args.action == "prune":
         return _prune(args)
@@ -990,7 +1029,7 @@ def _cache(args: argparse.Namespace) -> int:
             for row in stats["per_device"]:
                 odd = (f" ({row['odd_dates']} with a date that is not a time up to now)"
                        if row.get("odd_dates") else "")
-                print(f"    {row['device']}: {row['measurements']} measurements of "
+                print(f"    {printable(row['device'])}: {row['measurements']} measurements of "
                       f"{row['graphs']} graphs, latest {when(row['latest'])}{odd}")
             local = stats["model_folders"]["local"]
             print(f"  local model folder: {local['models']} models, {_mb(local['bytes'])} of "
@@ -999,17 +1038,18 @@ def _cache(args: argparse.Namespace) -> int:
         elif args.action == "export":
             counts = cache.export_jsonl(args.file)
             print(f"exported {counts['measurement']} measurements, {counts['sample']} samples, "
-                  f"{counts['device']} devices to {args.file}")
+                  f"{counts['device']} devices, {counts['decision']} decisions to {args.file}")
         else:
             counts = cache.import_jsonl(args.file)
             print(f"imported {counts['measurement']} new measurements, {counts['sample']} "
-                  f"samples, {counts['device']} devices from {args.file}")
+                  f"samples, {counts['device']} devices, {counts['decision']} decisions from "
+                  f"{args.file}")
             if counts.skipped:
                 reasons = ", ".join(f"{n} {reason}" for reason, n in
                                     sorted(counts.skipped_by_reason().items()))
                 print(f"skipped {len(counts.skipped)} rows that failed their checks: {reasons}")
                 for row in counts.skipped[:SHOWN_SKIPPED_ROWS]:
-                    print(f"  {row}")
+                    print(f"  {printable(row)}")
                 if len(counts.skipped) > SHOWN_SKIPPED_ROWS:
                     print(f"  ... and {len(counts.skipped) - SHOWN_SKIPPED_ROWS} more")
     return 0

@@ -1,5 +1,9 @@
 """Shared fixtures: a private HARNESS_HOME, the tiny space, fast agent settings, ONNX files."""
+import os
+import signal
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import onnx
@@ -66,3 +70,57 @@ def failing_model(tmp_path):
 
 def python() -> str:
     return sys.executable
+
+
+# ---------------------------------------------------------------- nothing left behind
+
+# Every process the suite starts (agents, sshd, Ray nodes, neighbours) inherits this mark in
+# its environment; at the end, any still alive is named, killed, and fails the run.
+SESSION_MARK = "HARNESS_TEST_SESSION"
+LEFTOVER_GRACE_S = 10.0
+
+
+def pytest_sessionstart(session):
+    os.environ[SESSION_MARK] = uuid.uuid4().hex
+
+
+def _marked_processes(mark: str):
+    """(pid, command line) of this machine's live processes carrying `mark`, but this one."""
+    wanted = f"{SESSION_MARK}={mark}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if wanted not in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                continue
+            if "\nState:\tZ" in Path(f"/proc/{entry}/status").read_text():
+                continue  # ended, not yet reaped
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        found.append((int(entry), command.decode(errors="replace").strip()[:200]))
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    mark = os.environ.get(SESSION_MARK)
+    if not mark or not Path("/proc").is_dir():
+        return
+    deadline = time.monotonic() + LEFTOVER_GRACE_S  # some are still on their way out
+    left = _marked_processes(mark)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _marked_processes(mark)
+    if not left:
+        return
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("processes the tests started were still alive (killed now): "
+                            + "; ".join(f"{pid} {command}" for pid, command in left), red=True)
+    session.exitstatus = 1

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from harness.store.cache import Cache
-from harness.store.key import MeasurementKey, digest
+from agents.ort_agent import parse_settings
+from harness.store.key import MeasurementKey, digest, settings_key
 from harness.errors import CacheError
 from harness.store.measurement import Measurement
 
@@ -16,6 +17,7 @@ from harness.store.measurement import Measurement
 # identity the measurement carries (an import checks both).
 IDENTITY = {"cpu_model": "test"}
 INPUT_SIG = '[{"dtype":"float32","shape":[1,3,32,32]}]'
+SETTINGS = {"intra_op_threads": 1}
 
 
 def graph(n: int = 0) -> str:
@@ -23,7 +25,8 @@ def graph(n: int = 0) -> str:
 
 
 def key(n: int = 0, device_fp: str = digest(IDENTITY)) -> MeasurementKey:
-    return MeasurementKey(graph(n), INPUT_SIG, digest({"settings": 1}), device_fp, "1.0")
+    return MeasurementKey(graph(n), INPUT_SIG, settings_key(parse_settings(SETTINGS)), device_fp,
+                          "1.0")
 
 
 def measurement(median: float = 2.0, source: str = "measured", n: int = 20,
@@ -32,7 +35,7 @@ def measurement(median: float = 2.0, source: str = "measured", n: int = 20,
     return Measurement(samples_ms=samples, source=source, device="local",
                        graph_hash=graph(graph_n), load_ms=5.0, first_run_ms=3.0,
                        input_signature=json.loads(INPUT_SIG),
-                       settings={"intra_op_threads": 1}, device_fingerprint=IDENTITY,
+                       settings=dict(SETTINGS), device_fingerprint=IDENTITY,
                        agent_version="1.0", provenance={"capped": False})
 
 
@@ -161,10 +164,10 @@ def test_export_and_import_round_trip(tmp_path):
     source.put_sample(digest("space"), INPUT_SIG, '{"a":1}', graph(0))
     source.put_device(digest(IDENTITY), IDENTITY)
     exported = tmp_path / "dump.jsonl"
-    assert source.export_jsonl(exported) == {"device": 1, "sample": 1, "measurement": 5}
+    assert source.export_jsonl(exported) == {"device": 1, "sample": 1, "measurement": 5, "decision": 0}
     target = Cache(tmp_path / "b.sqlite")
-    assert target.import_jsonl(exported) == {"device": 1, "sample": 1, "measurement": 5}
-    assert target.import_jsonl(exported) == {"device": 0, "sample": 0, "measurement": 0}
+    assert target.import_jsonl(exported) == {"device": 1, "sample": 1, "measurement": 5, "decision": 0}
+    assert target.import_jsonl(exported) == {"device": 0, "sample": 0, "measurement": 0, "decision": 0}
     for i in range(5):
         assert target.get(key(i)) == source.get(key(i))
     assert target.lookup_sample(digest("space"), INPUT_SIG, '{"a":1}') == graph(0)
@@ -192,7 +195,7 @@ def test_a_malformed_import_names_the_line(tmp_path):
         target.import_jsonl(tmp_path / "other.jsonl")
     # A prediction is a row that fails its checks: skipped and named, the others go in.
     counts = target.import_jsonl(exported)
-    assert counts == {"device": 0, "sample": 0, "measurement": 2}
+    assert counts == {"device": 0, "sample": 0, "measurement": 2, "decision": 0}
     assert [(row.line, row.kind) for row in counts.skipped] == [(4, "measurement")]
     assert "predicted" in counts.skipped[0].reason
     assert target.get(key(2)) is None

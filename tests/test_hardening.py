@@ -282,7 +282,7 @@ def test_a_predictor_name_is_never_looked_up_in_the_current_folder(tmp_path, hom
     (planted / "fusion_rules.json").write_text("{}")
     (planted / "conv-bn-relu.pkl").write_bytes(calling(os.system.__module__, "system",
                                                        f"touch {proof}"))
-    user_home = tmp_path / "user"  # nn-Meter's data folder: ~/.nn_meter/data/predictor
+    user_home = tmp_path / "user"
     user_home.mkdir()
     env = dict(os.environ, HOME=str(user_home), PYTHONPATH=str(REPO), HARNESS_HOME=str(home))
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "harness.cli", "profile",
@@ -293,8 +293,10 @@ def test_a_predictor_name_is_never_looked_up_in_the_current_folder(tmp_path, hom
     assert not proof.exists(), "the planted predictor ran"
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
-    data_folder = user_home / ".nn_meter" / "data" / "predictor" / "cortexA76cpu_tflite21"
-    assert str(data_folder) in proc.stderr
+    # nn-Meter not set up by the user: its data folder is in harness's home (issue 31)
+    data_folder = home / "nn-meter" / ".nn_meter" / "data" / "predictor" / \
+        "cortexA76cpu_tflite21"
+    assert str(data_folder) in proc.stderr and list(user_home.iterdir()) == []
     assert "is not used for a predictor name" in proc.stderr and "./cortexA76cpu_tflite21" \
         in proc.stderr
 
@@ -395,7 +397,7 @@ def test_a_row_dated_in_the_future_is_skipped_and_never_wins_over_a_refresh(tiny
     before = counts_of(home)
     with Cache(home / "cache.sqlite") as cache:
         counts = cache.import_jsonl(write_export(tmp_path / "future.jsonl", [rows[0], future]))
-    assert counts == {"device": 0, "sample": 0, "measurement": 0}
+    assert counts == {"device": 0, "sample": 0, "measurement": 0, "decision": 0}
     assert [row.line for row in counts.skipped] == [2]
     assert counts.skipped[0].reason.startswith("dated in the future")
     assert counts_of(home) == before
@@ -445,7 +447,7 @@ def test_rows_whose_key_does_not_match_their_record_are_skipped(tmp_path, genuin
     with Cache(tmp_path / "target.sqlite") as cache:
         counts = cache.import_jsonl(write_export(tmp_path / "forged.jsonl",
                                                  [rows[0], *forged_rows, genuine_row]))
-        assert counts == {"device": 0, "sample": 0, "measurement": 1}  # the genuine one
+        assert counts == {"device": 0, "sample": 0, "measurement": 1, "decision": 0}  # the genuine one
         assert cache.stats()["measurements"] == 1
     reasons = [row.reason for row in counts.skipped]
     assert [row.line for row in counts.skipped] == list(range(2, 2 + len(forged_rows)))
@@ -477,7 +479,7 @@ def test_bad_sample_index_rows_are_skipped_and_later_profiles_work(tiny, home, t
     before = counts_of(home)
     with Cache(home / "cache.sqlite") as cache:
         counts = cache.import_jsonl(write_export(tmp_path / "samples.jsonl", [rows[0], *bad]))
-    assert counts == {"device": 0, "sample": 0, "measurement": 0}
+    assert counts == {"device": 0, "sample": 0, "measurement": 0, "decision": 0}
     assert [row.kind for row in counts.skipped] == ["sample"] * len(bad)
     assert counts_of(home) == before
     # A damaged row already stored (by an older import) no longer breaks the space either.
@@ -560,7 +562,8 @@ def test_a_genuine_export_round_trips_with_nothing_skipped(tmp_path, genuine):
     with Cache(tmp_path / "target.sqlite") as cache:
         counts = cache.import_jsonl(write_export(tmp_path / "genuine.jsonl", rows))
     assert counts.skipped == []
-    assert counts == {kind: number_of(rows, kind) for kind in ("device", "sample", "measurement")}
+    assert counts == {kind: number_of(rows, kind)
+                      for kind in ("device", "sample", "measurement", "decision")}
 
 
 # ================================================================ 5. bad input

@@ -391,3 +391,51 @@ def test_the_exec_upload_checks_the_hash_with_python_where_sha256sum_is_missing(
         assert done.returncode == code, done.stderr
         assert not list(target.parent.glob("*.part"))
     assert target.read_bytes() == tiny_model.read_bytes()
+
+
+def test_a_cut_connection_ends_the_old_worker_and_frees_the_device_lock(home, relayed,
+                                                                       tiny_model):
+    """The audit's cut connection: the agent left behind kept measuring, holding the device
+    lock, so the retry waited out its loop. Its HostWatch ends it once sshd hangs up."""
+    import fcntl
+    import json
+
+    from tests.conftest import AGENT
+
+    relay, workdir = relayed
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = Path(str(workdir) + ".lock")
+    transport = registry.open_transport("relayed", home)
+    worker = transport.spawn([sys.executable, "-u", str(AGENT), "worker"])
+    try:
+        assert json.loads(worker.read_line(60))["ready"]
+        endless = dict(FAST, min_runs=10**9, min_time_ms=600_000.0, max_time_ms=600_000.0)
+        worker.write_line(json.dumps({"op": "measure", "id": 1, "model": str(tiny_model),
+                                      "settings": endless, "lock": str(lock),
+                                      "lock_wait_s": 5}))
+
+        def held() -> bool:
+            descriptor = os.open(lock, os.O_RDONLY)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+                return False
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(descriptor)
+
+        deadline = time.monotonic() + 300
+        while not (lock.exists() and held()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert relay.cut() >= 1
+        deadline = time.monotonic() + 120  # its loop would run ten minutes
+        while held() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not held(), "the old worker kept the device locked"
+        status = Path(f"/proc/{worker.pid}/status")
+        assert not status.exists() or "\nState:\tZ" in status.read_text()  # it ended
+    finally:
+        transport.close()
+        testfarm.kill_all([worker.pid] if worker.pid else [])

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from devices.safe_files import replace_text
 from harness.predict.accuracy import accuracy_metrics, save_scatter
 from harness.predict.calibration import Calibration, calibrations_folder
 from harness.export.graph import DummyInput, export_sample
@@ -507,10 +508,10 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     shutil.rmtree(candidate, ignore_errors=True)
     calibration.save(destination)
     points = {name: list(zip(values, held_truth)) for name, values in series.items()}
-    (destination / "training.json").write_text(json.dumps(
+    replace_text(destination / "training.json", json.dumps(
         {"samples": [sample_key(subnet.sample) for subnet in train], "measured_ms": truth[:samples],
          "predicted_ms": raw[:samples]}, indent=1))
-    (destination / "holdout.json").write_text(json.dumps(
+    replace_text(destination / "holdout.json", json.dumps(
         {"samples": [sample_key(subnet.sample) for subnet in held], "measured_ms": held_truth,
          "predicted_ms": series}, indent=1))
     png = save_scatter(points, destination / "accuracy.png",

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import onnx
 
+from devices.safe_files import read_regular, replace_file, replace_text
 from harness.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ class PieceStore:
             return None
         model_path, record_path = folder / f"{key.digest}.onnx", folder / f"{key.digest}.json"
         try:
-            record_bytes = _read_regular(record_path, 2**20)
+            record_bytes = read_regular(record_path, 2**20)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -357,7 +357,7 @@ class PieceStore:
         if recorded_key != key.as_json():
             return self._reject(record_path, "its record names another block")
         try:
-            onnx_bytes = _read_regular(model_path, MAX_PIECE_BYTES)
+            onnx_bytes = read_regular(model_path, MAX_PIECE_BYTES)
         except OSError as exc:
             return self._reject(model_path, f"it cannot be read ({exc})")
         if hashlib.sha256(onnx_bytes).hexdigest() != recorded_sha:
@@ -383,39 +383,13 @@ class PieceStore:
             return
         record = {"key": key.as_json(), "sha256": hashlib.sha256(onnx_bytes).hexdigest()}
         try:
-            _write_atomically(folder / f"{key.digest}.onnx", onnx_bytes)
-            _write_atomically(folder / f"{key.digest}.json",
-                              json.dumps(record, sort_keys=True).encode())
+            replace_file(folder / f"{key.digest}.onnx", lambda out: out.write(onnx_bytes),
+                         mode=0o600, links=True)
+            replace_text(folder / f"{key.digest}.json", json.dumps(record, sort_keys=True),
+                         mode=0o600, links=True)
         except OSError as exc:
             log.warning("cannot store block piece %s in %s (%s): it is kept in memory only",
                         key.block_key, folder, exc)
-
-
-def _read_regular(path: Path, limit: int) -> bytes:
-    """The bytes of a regular file, never through a symbolic link (nor hanging on a FIFO)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(f"{path} is not a regular file")
-        if info.st_size > limit:
-            raise OSError(f"{path} is larger than {limit} bytes")
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read(limit + 1)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write a fresh file beside `path` (O_EXCL: never through a link) and rename it over."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 _STORES: Dict[Optional[Path], PieceStore] = {}

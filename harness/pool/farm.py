@@ -24,10 +24,12 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from devices.safe_files import replace_file, replace_text
 from harness.errors import HarnessError
 from harness.pool.ray_pool import (CONTROL_GROUP, HOST_ACTOR_PREFIX, NAMESPACE, RESOURCE_PREFIX,
                               TOKEN_FILE, FarmHost, HostStatus, auth_env, checked_token,
@@ -51,6 +53,7 @@ class ServedNode:
     devices: int       # devices with a kind this host serves
     started_at: float
     token: str         # the token file the node authenticates with
+    node_ip: str = ""  # the address it was asked to use (--node-ip); "" in older records
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class FarmStatus:
     nodes_alive: int
     hosts: Tuple[HostStatus, ...]
     silent: Tuple[str, ...]   # hosts whose actor did not answer
+    addresses: Tuple[str, ...] = ()  # the IP addresses of the farm's live Ray nodes
 
 
 def record_path(home: Path) -> Path:
@@ -126,18 +130,18 @@ def serve(home: Path, address: Optional[str], port: int = 26380,
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / "farm-serve.log"
-    with open(log_path, "ab") as log_file:
+    with open(log_path, "ab") as log_file, _shared_cluster_file_kept():
         code = subprocess.run(serve_command(resources, address, port, node_ip), env=env,
                               stdout=log_file, stderr=subprocess.STDOUT).returncode
     if code != 0:
         tail = log_path.read_bytes()[-2000:].decode("utf-8", "replace").strip().splitlines()
         raise HarnessError(f"'ray start' failed (exit {code}): "
                            + " / ".join(line.strip() for line in tail[-4:]),
-                           fix=f"read {log_path}; 'harness farm stop' (or 'ray stop --force') "
-                               f"ends a node left over from an earlier run")
+                           fix=f"read {log_path}; 'harness farm stop' ends a node left over "
+                               f"from an earlier run of this home")
     node = ServedNode(name, address or f"{node_ip}:{port}", head=not address, devices=devices,
-                      started_at=time.time(), token=str(token))
-    record_path(home).write_text(json.dumps(asdict(node), indent=1) + "\n")
+                      started_at=time.time(), token=str(token), node_ip=node_ip)
+    replace_text(record_path(home), json.dumps(asdict(node), indent=1) + "\n")
     if devices:
         try:
             _start_host_actor(ray, home, node)
@@ -164,6 +168,35 @@ def _start_host_actor(ray: Any, home: Path, node: ServedNode) -> None:
         ray.shutdown()
 
 
+def ray_cluster_file() -> Path:
+    """The file where 'ray start --head' records the newest cluster of the machine, for
+    every Ray user's 'ray.init()' to find (Ray's temporary folder: $RAY_TMPDIR or /tmp)."""
+    return Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+
+
+@contextmanager
+def _shared_cluster_file_kept(path: Optional[Path] = None) -> Iterator[None]:
+    """Leave Ray's machine-wide record of the current cluster as it was: a farm is reached
+    by its address, and must not become (nor, once stopped, stay) every other Ray user's
+    default cluster."""
+    path = path or ray_cluster_file()
+    try:
+        before: Optional[bytes] = path.read_bytes()
+    except OSError:
+        before = None
+    try:
+        yield
+    finally:
+        try:
+            if before is None:
+                path.unlink(missing_ok=True)
+            elif path.read_bytes() != before:
+                replace_file(path, lambda out: out.write(before))
+        except OSError as exc:
+            log.warning("could not restore Ray's %s (%s): other Ray programs of this machine "
+                        "may find the farm as their default cluster", path, exc)
+
+
 def _refuse_a_second_node(home: Path) -> None:
     node = read_record(home)
     if node is not None and _node_processes(node.name):
@@ -178,10 +211,14 @@ def read_record(home: Path) -> Optional[ServedNode]:
         return None
     try:
         data = json.loads(path.read_text())
-        return ServedNode(**{k: data[k] for k in ServedNode.__dataclass_fields__})
+        fields = ServedNode.__dataclass_fields__
+        return ServedNode(**{k: data[k] for k in fields if k in data or k != "node_ip"})
     except (ValueError, KeyError, TypeError) as exc:
         raise HarnessError(f"{path} is damaged ({exc})",
-                           fix=f"stop the node with 'ray stop --force' and remove {path}") \
+                           fix=f"move {path} aside, then end this home's node by its pids: its "
+                               f"processes carry {NODE_MARK} in their environment (ps eww -u "
+                               f"$USER | grep {NODE_MARK}); not 'ray stop --force', which ends "
+                               f"every Ray node of the machine, other users' included") \
             from None
 
 
@@ -303,10 +340,78 @@ def status(home: Path, address: Optional[str] = None) -> FarmStatus:
                 hosts.append(ray.get(ref, timeout=20.0))
             except Exception:
                 silent.append(name[len(HOST_ACTOR_PREFIX):])
-        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        live = [n for n in ray.nodes() if n.get("Alive")]
     finally:
         ray.shutdown()
-    return FarmStatus(address, alive, tuple(hosts), tuple(silent))
+    addresses = tuple(sorted({str(n.get("NodeManagerAddress")) for n in live
+                              if n.get("NodeManagerAddress")}))
+    return FarmStatus(address, len(live), tuple(hosts), tuple(silent), addresses)
+
+
+# Ray's workers listen on ports of this range (ray start's --min/--max-worker-port defaults).
+RAY_WORKER_PORTS = "10002-19999"
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """Where this host's farm node listens, and what of it lies beyond the address asked."""
+
+    asked: str                                  # the node's --node-ip
+    listening: Tuple[Tuple[str, int, str], ...]  # (address, port, process name)
+    beyond: Tuple[Tuple[str, int, str], ...]     # those on another address (or all: * / ::)
+
+    def lines(self, hosts: Sequence[str]) -> List[str]:
+        """For people: the sockets, a warning for those beyond the address asked, and an
+        nftables rule that lets only the farm's `hosts` reach the node's ports."""
+        shown = ", ".join(f"{_shown_address(a)}:{p} ({n})" for a, p, n in self.listening)
+        out = [f"farm node listens on: {shown or 'nothing found'}"]
+        if self.beyond:
+            out.append(f"WARNING: {len(self.beyond)} of them listen beyond {self.asked}: "
+                       + ", ".join(f"{_shown_address(a)}:{p}" for a, p, _ in self.beyond)
+                       + "; only the token keeps strangers out until a firewall does")
+        ports = sorted({p for _, p, _ in self.listening})
+        allowed = sorted(set(hosts) | {"127.0.0.1"})
+        out.append("limit them to the farm's hosts (nftables; add every host's address):\n"
+                   "  nft add table inet harness_farm\n"
+                   "  nft 'add chain inet harness_farm input { type filter hook input "
+                   "priority 0 ; policy accept ; }'\n"
+                   f"  nft add rule inet harness_farm input ip saddr != "
+                   f"{{ {', '.join(allowed)} }} tcp dport "
+                   f"{{ {', '.join([str(p) for p in ports] + [RAY_WORKER_PORTS])} }} drop")
+        return out
+
+
+def _shown_address(address: str) -> str:
+    return "*" if address in ("0.0.0.0", "::", "") else address
+
+
+def exposure(processes: Sequence[Any], asked: str) -> Exposure:
+    """The listening TCP sockets of `processes` (psutil), and those beyond `asked` and
+    loopback: Ray 2.60 binds its GCS and raylets to every interface whatever --node-ip says."""
+    import psutil
+
+    found = set()
+    for process in processes:
+        try:
+            name = process.name()
+            for conn in process.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr:
+                    found.add((conn.laddr.ip, conn.laddr.port, name))
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    listening = tuple(sorted(found))
+    return Exposure(asked, listening, tuple(s for s in listening
+                                            if s[0] != asked and s[0] not in LOOPBACK))
+
+
+def node_exposure(home: Path) -> Optional[Exposure]:
+    """Where the node this home serves listens (None when it serves none)."""
+    node = read_record(home)
+    if node is None:
+        return None
+    return exposure(_node_processes(node.name),
+                    node.node_ip or node.address.rpartition(":")[0])
 
 
 def head_message(node: ServedNode) -> str:

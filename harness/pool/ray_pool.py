@@ -41,6 +41,7 @@ from devices.agent_result import AgentResult
 from devices.errors import DeviceError, DeviceLost, MeasurementTimeout, error_from_agent
 from harness.pool.device_pool import (FAILOVER_ERRORS, DeviceIdentity, LocalPool, MeasureRequest,
                                  PoolOutcome, Tag)
+from devices.safe_files import create_file, replace_text
 from harness.errors import HarnessError, InvalidArgument
 from harness.export.graph import ExportedModel
 
@@ -87,17 +88,33 @@ def token_path(home: Path) -> Path:
 
 
 def ensure_token(home: Path) -> Path:
-    """The farm's token file, created (random, mode 0600) on first use by the head."""
+    """The farm's token file, created (random, mode 0600) on first use by the head. It
+    appears whole or not at all: written and fsynced under a temporary name, then linked
+    to its name only if none is there (kill -9 in between leaves no empty token). An empty
+    token of ours, left by an older harness killed while writing it, is replaced."""
     path = token_path(home)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
+        if os.lstat(path).st_size == 0 and _replace_empty_token(path):
+            return path
+    except FileNotFoundError:
+        pass
+    token = (secrets.token_hex(32) + "\n").encode()
+    if not create_file(path, lambda out: out.write(token), mode=0o600):  # one is there
         return checked_token(home)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(secrets.token_hex(32) + "\n")
     log.info("generated the farm's token in %s", path)
     return path
+
+
+def _replace_empty_token(path: Path) -> bool:
+    """Replace an empty token file of ours (regular, this user's) with a fresh token."""
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        return False
+    replace_text(path, secrets.token_hex(32) + "\n", mode=0o600)
+    log.warning("the farm token %s was empty (a serve killed while writing it): replaced it "
+                "with a new one; copy it to the farm's hosts again", path)
+    return True
 
 
 def checked_token(home: Path) -> Path:

@@ -6,12 +6,13 @@ profiler that calibrating uses.
 """
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from devices.safe_files import read_regular, replace_text
+from harness.store.import_checks import MAX_CLOCK_SKEW_S
 from harness.store.measurement import STATISTICS
 from harness.paths import harness_home
 from harness.predict.nn_meter import PredictorError
@@ -70,29 +71,97 @@ class Calibration:
                 "statistic": self.statistic, "rmspe": held_out.get("rmspe")}
 
     def save(self, folder: Path) -> Path:
+        """Write the file whole or not at all (devices.safe_files)."""
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / CALIBRATION_FILE
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
-        os.replace(temporary, path)
+        data = asdict(self)
+        # a metric that is not a number (Kendall's tau of constant latencies is NaN) is null:
+        # the file stays JSON, which NaN is not
+        data["report"] = {part: {name: value if not isinstance(value, float)
+                                 or math.isfinite(value) else None
+                                 for name, value in metrics.items()}
+                          for part, metrics in self.report.items()}
+        replace_text(path, json.dumps(data, indent=1, sort_keys=True, allow_nan=False))
         return path
 
 
+# The largest calibration file read (a real one is a few kB).
+MAX_CALIBRATION_BYTES = 2**20
+# A correction exp(a) * predicted^b within these bounds cannot overflow a float for any
+# prediction up to the agent's cap of 1e8 ms (|a| + |b| * log(1e8) stays far below 709).
+MAX_INTERCEPT = 50.0
+MAX_SLOPE = 10.0
+
+
+def _problem(data: Any) -> Optional[str]:
+    """What is wrong with a calibration file's content, or None: every field of the type
+    harness writes, numbers finite and within bounds (so a prediction can never overflow)."""
+    if not isinstance(data, dict):
+        return "it is not a JSON object"
+    fields = Calibration.__dataclass_fields__
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        return f"unknown fields {unknown}"
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value)
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    checks = {
+        "intercept": (lambda v: number(v) and abs(v) <= MAX_INTERCEPT,
+                      f"a finite number from -{MAX_INTERCEPT:g} to {MAX_INTERCEPT:g}"),
+        "slope": (lambda v: number(v) and abs(v) <= MAX_SLOPE,
+                  f"a finite number from -{MAX_SLOPE:g} to {MAX_SLOPE:g}"),
+        "n_train": (whole, "a whole number"), "n_holdout": (whole, "a whole number"),
+        "created_at": (lambda v: number(v) and 0 <= v <= time.time() + MAX_CLOCK_SKEW_S,
+                       "a date in seconds since 1970, not in the future"),
+        "format_version": (lambda v: v == FORMAT_VERSION, f"{FORMAT_VERSION}"),
+        "statistic": (lambda v: v in STATISTICS, f"one of {', '.join(STATISTICS)}"),
+        "input_signature": (lambda v: isinstance(v, list) and all(isinstance(i, dict)
+                                                                   for i in v),
+                            "a list of inputs"),
+        "report": (lambda v: isinstance(v, dict) and all(
+            isinstance(part, dict) and all(isinstance(k, str) and (number(x) or x is None)
+                                           for k, x in part.items())
+            for part in v.values()), "an object of objects of numbers"),
+    }
+    for name in fields:
+        if name not in data:
+            if fields[name].default is MISSING and fields[name].default_factory is MISSING:
+                return f"it has no {name}"
+            continue
+        value = data[name]
+        test, wanted = checks.get(name, (lambda v: isinstance(v, str), "a text"))
+        if not test(value):
+            return f"{name} is {json.dumps(value)[:80]}, not {wanted}"
+    return None
+
+
 def load_calibration(device: str, home: Union[str, Path, None] = None) -> Optional[Calibration]:
-    """The stored calibration of `device`, or None if it was never calibrated."""
+    """The stored calibration of `device`, or None if it was never calibrated. A file that
+    is not what harness writes (damaged, edited, of another version) is a PredictorError
+    naming the file, the field and the fix, never a wrong or crashing prediction later."""
     path = calibrations_folder(home) / device / CALIBRATION_FILE
     if not path.exists():
         return None
+    fix = f"run 'harness calibrate --device {device} ...' again (it replaces the file)"
     try:
-        data = json.loads(path.read_text())
-        calibration = Calibration(**data)
-        if calibration.format_version != FORMAT_VERSION:
-            raise ValueError(f"format version {calibration.format_version}")
-        float(calibration.intercept), float(calibration.slope)
-        if calibration.statistic not in STATISTICS:
-            raise ValueError(f"statistic {calibration.statistic!r}")
-    except (ValueError, TypeError) as exc:
-        raise PredictorError(f"calibration file {path} is unreadable ({exc})",
-                             fix=f"run 'harness calibrate --device {device} ...' again "
-                                 f"(it replaces the file)") from None
-    return calibration
+        data = json.loads(read_regular(path, MAX_CALIBRATION_BYTES),
+                          parse_constant=_no_constant)
+    except OSError as exc:
+        raise PredictorError(f"calibration file {path} is unreadable ({exc.strerror or exc})",
+                             fix=fix) from None
+    except ValueError as exc:
+        raise PredictorError(f"calibration file {path} is unreadable (not JSON: {exc})",
+                             fix=fix) from None
+    problem = _problem(data)
+    if problem is not None:
+        raise PredictorError(f"calibration file {path} is unreadable ({problem})", fix=fix)
+    return Calibration(**data)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")

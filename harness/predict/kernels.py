@@ -24,8 +24,14 @@ A kernel that none of this handles is a `KernelError` naming it.
 import dataclasses
 import logging
 import math
+import os
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -34,6 +40,11 @@ from onnx import helper, shape_inference
 from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
+
+NN_METER_INSTALL = ("pip install 'harness[nn-meter]' (nn-meter 2.0, and setuptools<81 for "
+                    "the pkg_resources it imports)")
+_NN_METER: Any = None  # the package, once imported (import_nn_meter)
+_NN_METER_LOCK = threading.Lock()
 
 GENERIC_PREFIX = "generic-"
 # The generic features, as nn-Meter builder config names: MFLOPs, millions of elements read
@@ -156,9 +167,55 @@ def _graph(model: onnx.ModelProto) -> _Graph:
                   producers, consumers, values)
 
 
+def import_nn_meter() -> Any:
+    """The nn_meter package, with its chatty stdout logger turned down to errors. Every use
+    of nn-Meter imports it through here first: importing it writes its configuration under
+    ~/.nn_meter, which is left to a user who set nn-Meter up; otherwise the import runs with
+    HOME pointed at $HARNESS_HOME/nn-meter, so its configuration and predictor downloads land
+    in harness's home and nothing is written outside it."""
+    global _NN_METER
+    if _NN_METER is not None:
+        return _NN_METER
+    with _NN_METER_LOCK:
+        if _NN_METER is None:
+            try:
+                with warnings.catch_warnings(), _nn_meter_home():
+                    # its pkg_resources import warns of a deprecation
+                    warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
+                    import nn_meter
+            except ImportError as exc:  # not installed, or setuptools >= 81 (no pkg_resources)
+                raise PredictorError(f"nn-Meter cannot be imported ({exc})",
+                                     fix=NN_METER_INSTALL) from None
+            if not log.isEnabledFor(logging.DEBUG):
+                logging.getLogger("nn-Meter").setLevel(logging.ERROR)
+            _NN_METER = nn_meter
+    return _NN_METER
+
+
+@contextmanager
+def _nn_meter_home() -> Iterator[None]:
+    """HOME as nn-Meter should see it while it is imported (it reads ~ then, once)."""
+    if "nn_meter" in sys.modules or Path("~/.nn_meter/config").expanduser().is_dir():
+        yield
+        return
+    from harness.paths import harness_home
+
+    own = harness_home() / "nn-meter"
+    before = os.environ.get("HOME")
+    os.environ["HOME"] = str(own)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = before
+
+
 def _converter(graph: _Graph) -> Any:
     """nn-Meter's ONNX converter over an already inferred graph: its own constructor infers
     shapes again and reads every tensor's shape from protobuf again (half of a detection)."""
+    import_nn_meter()
     from nn_meter.ir_converter.onnx_converter import OnnxConverter
 
     converter = OnnxConverter.__new__(OnnxConverter)
@@ -269,6 +326,7 @@ def detect_kernels(model: onnx.ModelProto, fusion_rules: str,
     """The kernels nn-Meter's detector finds in `model` (already cleaned by
     harness.predict.nn_meter.onnx_for_nn_meter) under the fusion rules file, with their features.
     Kernels for which `cut` says so also carry themselves as a one-kernel ONNX model."""
+    import_nn_meter()
     from harness.predict.fast_detector import kernel_detector
 
     try:
@@ -349,6 +407,7 @@ def _native_applies(info: Mapping[str, Any]) -> bool:
 
 
 def _native_features(info: Mapping[str, Any]) -> Optional[Tuple[str, List[float]]]:
+    import_nn_meter()
     from nn_meter.predictor.prediction.extract_feature import get_predict_features
     from nn_meter.predictor.prediction.utils import get_kernel_name
 
@@ -484,6 +543,7 @@ def build_generic_predictor(kernel_type: str, profiled: Dict[str, Any]) -> Any:
     """Fit a generic type's regressor with nn-Meter's builder pieces: its data reader
     (get_data_by_profiled_results) with the generic parser, and a RandomForestRegressor as its
     predictor library makes them (the hyper-parameters of its elementwise kernels)."""
+    import_nn_meter()
     from nn_meter.builder.kernel_predictor_builder.predictor_builder.extract_feature import \
         get_data_by_profiled_results
     from nn_meter.builder.kernel_predictor_builder.predictor_builder.utils import \

@@ -10,6 +10,7 @@ seen in fitting) set how wide an interval must be to cover a new subnet with the
 probability. With fewer measurements than that coverage needs, there is no interval (None),
 and a decision measures instead of trusting the model.
 """
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -19,7 +20,10 @@ import numpy as np
 
 from harness.spaces.additive import chosen_blocks, distinct_blocks
 from harness.export.graph import DummyInput, as_input_tuple
-from harness.spaces.space import ModelSpace, Sample, checked_search_space
+from harness.errors import InvalidSample
+from harness.spaces.space import ModelSpace, Sample, SampleValidator, checked_search_space
+
+log = logging.getLogger(__name__)
 
 MIN_MEASUREMENTS = 20   # fewer than this: the model does not fit, and says so
 CALIBRATION_SHARE = 0.5  # of the measurements, held out to calibrate the intervals
@@ -32,25 +36,30 @@ RANGE_FACTOR = 2.0
 
 def featurizer(space: ModelSpace, dummy_input: DummyInput,
                labels: Sequence[str]) -> Callable[[Sample], np.ndarray]:
-    """The cheap features of a sample: chosen blocks (additive spaces) or chosen values."""
+    """The cheap features of a sample: chosen blocks (additive spaces) or chosen values.
+    A sample that is not one of the space's (an imported sample-index row naming a choice
+    the space lacks) raises InvalidSample, never a KeyError from deep inside."""
     terms_of = getattr(space, "additive_terms", None)
     inputs = as_input_tuple(dummy_input)
+    choices = checked_search_space(space)
+    validate = SampleValidator(choices)
     if callable(terms_of) and len(inputs) == 1:
         terms = terms_of(tuple(inputs[0].shape))
         index = {block.key: i for i, block in enumerate(distinct_blocks(terms))}
 
         def blocks(sample: Sample) -> np.ndarray:
+            validate(sample)
             vector = np.zeros(len(index) + 1)
             vector[-1] = 1.0  # the fixed cost of a run
             for block in chosen_blocks(terms, sample):
                 vector[index[block.key]] += 1.0
             return vector
         return blocks
-    choices = checked_search_space(space)
     slots = {(label, repr(value)): i for i, (label, value) in enumerate(
         (label, value) for label in labels for value in choices[label])}
 
     def values(sample: Sample) -> np.ndarray:
+        validate(sample)
         vector = np.zeros(len(slots) + 1)
         vector[-1] = 1.0
         for label in labels:
@@ -84,7 +93,10 @@ class LatencyModel:
         return self.weights is not None
 
     def fit(self, samples: Sequence[Sample], medians_ms: Sequence[float], seed: int = 0) -> bool:
-        """Fit on measured medians; False (and not fitted) with fewer than MIN_MEASUREMENTS."""
+        """Fit on measured medians; False (and not fitted) with fewer than MIN_MEASUREMENTS.
+        Samples that are not the space's (imported rows naming choices it lacks) are left
+        out, with a warning."""
+        samples, medians_ms = self._of_the_space(samples, medians_ms)
         if len(samples) < MIN_MEASUREMENTS:
             self.weights, self.residuals, self.n_fit = None, [], len(samples)
             return False
@@ -104,6 +116,24 @@ class LatencyModel:
                                 for i in calibration)
         self.n_fit = len(samples)
         return True
+
+    def _of_the_space(self, samples: Sequence[Sample], medians_ms: Sequence[float]
+                      ) -> Tuple[List[Sample], List[float]]:
+        kept: Tuple[List[Sample], List[float]] = ([], [])
+        dropped = []
+        for sample, median in zip(samples, medians_ms):
+            try:
+                self.featurize(sample)
+            except InvalidSample as exc:
+                dropped.append(exc.message)
+                continue
+            kept[0].append(sample)
+            kept[1].append(median)
+        if dropped:
+            log.warning("left %d stored subnets out of the latency model: they are not the "
+                        "space's (first: %s); they come from an import or another version of "
+                        "the space", len(dropped), dropped[0])
+        return kept
 
     def _point(self, sample: Sample) -> float:
         assert self.weights is not None

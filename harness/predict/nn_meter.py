@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections import OrderedDict
@@ -32,7 +31,8 @@ import onnx
 from harness.export.compose import Piece, compose
 from harness.export.graph import DummyInput, ExportedModel, export_sample, input_signature
 from harness.predict.flat_forest import FlatForest
-from harness.predict.kernels import Kernel, PredictorError, detect_kernels
+from harness.predict.kernels import (Kernel, PredictorError, detect_kernels,
+                                     import_nn_meter)
 from harness.store.measurement import Measurement, Provenance
 from harness.metrics.profiler_base import Profiler
 from harness.predict.sklearn_pickle import LegacyPickleError, UnsafePickleError, load_kernel_predictor
@@ -40,29 +40,15 @@ from harness.spaces.space import ModelSpace, SampleValidator, checked_search_spa
 
 log = logging.getLogger(__name__)
 
-NN_METER_INSTALL = ("pip install 'harness[nn-meter]' (nn-meter 2.0, and setuptools<81 for "
-                    "the pkg_resources it imports)")
 FUSION_RULES = "fusion_rules.json"
 DETECT_MEMO_SIZE = 4096  # graphs whose kernels are kept (a few KB each)
 PIECE_CHECKS = 3  # composed subnets detected whole too, before their pieces are trusted
 
 
-def import_nn_meter() -> Any:
-    """The nn_meter package, with its chatty stdout logger turned down to errors."""
-    try:
-        with warnings.catch_warnings():  # its pkg_resources import warns of a deprecation
-            warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
-            import nn_meter
-    except ImportError as exc:  # not installed, or setuptools >= 81 (no pkg_resources)
-        raise PredictorError(f"nn-Meter cannot be imported ({exc})", fix=NN_METER_INSTALL) from None
-    if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("nn-Meter").setLevel(logging.ERROR)
-    return nn_meter
-
-
 def nn_meter_data_folder() -> Path:
     """Where nn-Meter keeps official predictors: `<data_folder>/predictor/<name>/`, with
-    data_folder from ~/.nn_meter/config/settings.yaml (default ~/.nn_meter/data). It must be
+    data_folder from nn-Meter's settings.yaml (~/.nn_meter/config if the user set nn-Meter up,
+    else $HARNESS_HOME/nn-meter/.nn_meter/config; its data folder beside it). It must be
     absolute: a relative one would be looked up in whatever folder harness runs in."""
     from nn_meter.utils import get_user_data_folder
 
@@ -71,8 +57,8 @@ def nn_meter_data_folder() -> Path:
     if not folder.is_absolute():
         raise PredictorError(f"nn-Meter's data folder {str(folder)!r} is a relative path, so "
                              f"it would name a folder under the current one",
-                             fix="set an absolute data_folder in "
-                                 "~/.nn_meter/config/settings.yaml")
+                             fix="set an absolute data_folder in nn-Meter's settings.yaml "
+                                 "(~/.nn_meter/config, or $HARNESS_HOME/nn-meter/.nn_meter/config)")
     return folder / "predictor"
 
 

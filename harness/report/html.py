@@ -54,6 +54,9 @@ SHORT_HASH = 10            # characters of a graph hash shown
 SHORT_ARCHITECTURE = 48    # characters of an architecture shown in a table (all in its tooltip)
 LOG_SCALE_RATIO = 20.0     # latencies spanning more than this factor are drawn on a log axis
 DPI = 100
+# A figure is at most this tall (inches, so 2400 pixels at DPI): rows per device would
+# otherwise grow without bound (301 devices drew a 122-megapixel PNG).
+MAX_FIGURE_HEIGHT = 24.0
 
 
 class ReportError(HarnessError):
@@ -521,6 +524,11 @@ def _pyplot() -> Any:
     return plt
 
 
+def _height(inches: float) -> float:
+    """A figure's height, capped at MAX_FIGURE_HEIGHT."""
+    return min(inches, MAX_FIGURE_HEIGHT)
+
+
 def _png(plt: Any, figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
@@ -600,7 +608,8 @@ def _across_devices(plt: Any, data: ReportData) -> Tuple[Optional[Figure], str]:
     chosen = _recent(data.user_results, shared, MAX_COMPARED_SUBNETS)
     subnets = _ordered_subnets(data.user_results, devices, chosen)
     colors = _colors(plt, devices)
-    figure, axes = plt.subplots(figsize=(9, 1.2 + 0.3 * len(subnets) * max(1, len(devices) / 2)))
+    figure, axes = plt.subplots(figsize=(9, _height(1.2 + 0.3 * len(subnets)
+                                                    * max(1, len(devices) / 2))))
     step = 0.7 / max(len(devices), 1)
     values: List[float] = []
     for d, device in enumerate(devices):
@@ -646,7 +655,8 @@ def _runs(plt: Any, data: ReportData) -> Tuple[Optional[Figure], str]:
     subnets = _ordered_subnets(data.user_results, devices, chosen)
     colors = _colors(plt, devices)
     row = {s: i for i, s in enumerate(subnets)}
-    figure, axes = plt.subplots(figsize=(9, 1.2 + 0.3 * len(subnets) * max(1, len(devices) / 2)))
+    figure, axes = plt.subplots(figsize=(9, _height(1.2 + 0.3 * len(subnets)
+                                                    * max(1, len(devices) / 2))))
     step = 0.7 / max(len(devices), 1)
     values: List[float] = []
     for d, device in enumerate(devices):
@@ -747,7 +757,7 @@ def _operators(plt: Any, data: ReportData) -> Optional[Figure]:
         totals[(cost.device, cost.operator)] = totals.get((cost.device, cost.operator), 0.0) + cost.ms
     operators = sorted({op for _, op in totals})
     devices = [d for d in data.device_names if any(k[0] == d for k in totals)]
-    figure, axes = plt.subplots(figsize=(9, 1.5 + 0.5 * len(devices)))
+    figure, axes = plt.subplots(figsize=(9, _height(1.5 + 0.5 * len(devices))))
     left = [0.0] * len(devices)
     for operator in operators:
         widths = [totals.get((device, operator), 0.0) for device in devices]

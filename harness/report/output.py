@@ -10,6 +10,7 @@ The CLI writes its results with these, and `harness report` shares the describer
 shortening and the dates, so a sample or a date reads the same in a table and in the page.
 """
 import csv
+import re
 import json
 import math
 import time
@@ -181,10 +182,31 @@ def write_jsonl(stream: IO[str], rows: Sequence[Mapping[str, Any]],
 
 CSV_DECIMALS = 6  # ms to the nanosecond: no float noise (3.9334065000000002) in a CSV
 
+# What a text from elsewhere (a model's node names, a file's name, an imported device name)
+# may not print raw: control characters (ESC clears a screen or sets a window title), and
+# the Unicode line and bidirectional-override characters that disguise what is shown.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# A spreadsheet runs a CSV cell that starts with one of these as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def printable(text: Any) -> str:
+    """`text` safe for a terminal: every control character shown as its escape (\x1b)."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], str(text))
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that no spreadsheet runs: a text starting like a formula gets a leading
+    apostrophe (OWASP's advice); numbers pass as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
 
 def write_csv(stream: IO[str], rows: Sequence[Mapping[str, Any]], raw: bool) -> None:
     """The flat fields as CSV (the sample as compact JSON, flags joined by '; ', raw per-run
-    times space-separated in a last column with `raw`)."""
+    times space-separated in a last column with `raw`); a text cell that a spreadsheet would
+    run as a formula is neutralised (csv_cell)."""
     fields = list(ROW_FIELDS) + (["samples_ms"] if raw else [])
     writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore",
                             lineterminator="\n")
@@ -196,7 +218,7 @@ def write_csv(stream: IO[str], rows: Sequence[Mapping[str, Any]], raw: bool) -> 
         if raw:
             cells["samples_ms"] = " ".join(f"{x:.6g}" for x in row["samples_ms"])
         writer.writerow({k: "" if v is None else round(v, CSV_DECIMALS) if isinstance(v, float)
-                         else v for k, v in cells.items()})
+                         else csv_cell(v) for k, v in cells.items()})
 
 
 def render_table(rows: Sequence[Mapping[str, Any]], statistic: str = "median",
@@ -245,7 +267,7 @@ def render_table(rows: Sequence[Mapping[str, Any]], statistic: str = "median",
             cells.append(row["pinned"] or "-")
         flags = "; ".join(row["flags"])
         cells += [row["source"], flags or ("prediction" if predicted else "ok")]
-        lines.append(cells)
+        lines.append([printable(cell) for cell in cells])
     numeric = {c for c, name in enumerate(header)
                if name.endswith("ms") or name in ("CV", "n", "temp C", "#", "peak MB")}
     widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
@@ -274,9 +296,9 @@ def render_ops(measurement: Measurement, top: int) -> str:
     lines = [["node", "op", "provider", "median ms", "share"]]
     for node in ops.top(top):
         share = node.median_ms / total if total > 0 else 0.0
-        lines.append([shortened(node.name, 60), node.op_type,
-                      node.provider.replace("ExecutionProvider", ""), f"{node.median_ms:.3f}",
-                      f"{share:.1%}"])
+        lines.append([printable(shortened(node.name, 60)), printable(node.op_type),
+                      printable(node.provider.replace("ExecutionProvider", "")),
+                      f"{node.median_ms:.3f}", f"{share:.1%}"])
     widths = [max(len(line[c]) for line in lines) for c in range(5)]
     out = ["  ".join(cell.rjust(w) if c >= 3 else cell.ljust(w)
                      for c, (cell, w) in enumerate(zip(line, widths))).rstrip()
@@ -285,13 +307,13 @@ def render_ops(measurement: Measurement, top: int) -> str:
     whole = measurement.median
     providers = ", ".join(f"{name.replace('ExecutionProvider', '')} {count}"
                           for name, count in sorted(ops.by_provider().items()))
-    out.append(f"{len(ops.nodes)} nodes ({providers}); sum of per-node medians {total:.3f} ms")
+    out.append(f"{len(ops.nodes)} nodes ({printable(providers)}); sum of per-node medians {total:.3f} ms")
     asked = str(measurement.settings.get("provider") or "CPUExecutionProvider")
     fell_back = [node for node in ops.nodes if node.provider != asked]
     if fell_back:  # the provider asked for could not run these: onnxruntime gave them the CPU
         out.append(f"{len(fell_back)} of {len(ops.nodes)} nodes did not run on {asked} "
                    f"({sum(node.median_ms for node in fell_back):.3f} ms): "
-                   + ", ".join(sorted({node.op_type for node in fell_back})))
+                   + printable(", ".join(sorted({node.op_type for node in fell_back}))))
     profiled = ops.run_median_ms
     if whole > 0 and profiled > 0:
         out.append(f"whole-graph median: {whole:.3f} ms in the timed runs, {profiled:.3f} ms in "

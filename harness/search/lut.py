@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from devices.safe_files import replace_text
 from harness.spaces.additive import AdditiveCost, AdditiveTerm, Shape, distinct_blocks
 from harness.errors import HarnessError
 from harness.export.graph import DummyInput, as_input_tuple
@@ -204,7 +205,8 @@ class LatencyLUT(Profiler):
                 "overhead_scale": self.overhead_scale, "fixed_ms": self.fixed_ms, "rows": rows}
 
     def save(self, path: Union[str, Path]) -> None:
-        Path(path).write_text(json.dumps(
+        """Write the table whole or not at all (devices.safe_files)."""
+        replace_text(path, json.dumps(
             {"device": self.device, "block_ms": self.block_ms,
              "overhead_ms": [[list(shape), ms] for shape, ms in sorted(self.overhead_ms.items())],
              "overhead_scale": self.overhead_scale},

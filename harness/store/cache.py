@@ -25,8 +25,10 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
 
+from devices.safe_files import NotARegularFile, replace_file
 from harness.errors import CacheError
 from harness.store.decisions import Decision
 from harness.store.import_checks import (EXPORT_FORMAT, MAX_CLOCK_SKEW_S, SCHEMA_VERSION,
@@ -110,8 +112,15 @@ class Cache:
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._check_file()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._check_file()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot open the cache {self.path}: {exc.strerror or exc} "
+                             f"({exc.filename or self.path.parent})",
+                             fix="point $HARNESS_HOME (or --cache) at a folder on a writable "
+                                 "disk, e.g. HARNESS_HOME=~/.harness; /proc, /sys and "
+                                 "read-only filesystems cannot hold it") from None
         with self._guard("open"):
             self._conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None,
                                          check_same_thread=False)
@@ -382,9 +391,20 @@ class Cache:
             raise ValueError(f"only measured decisions are stored, not {decision.source!r} ones")
         record = dict(decision.to_dict(), samples_ms=list(samples_ms))
         with self._write("store a decision") as conn:
-            conn.execute("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (*key.values(), decision.median_ms, canonical_json(record),
-                          decision.created_at))
+            self._insert_decision(conn, key, record)
+
+    @staticmethod
+    def _insert_decision(conn: sqlite3.Connection, key: MeasurementKey,
+                         record: Dict[str, Any]) -> int:
+        """Store a decision's record (with its samples_ms) unless the very same one is there
+        (an export imported twice adds nothing); 1 when it was added."""
+        text = canonical_json(record)
+        if conn.execute(f"SELECT 1 FROM decisions WHERE {_KEY_WHERE} AND record = ? LIMIT 1",
+                        (*key.values(), text)).fetchone():
+            return 0
+        conn.execute("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (*key.values(), record["median_ms"], text, record["created_at"]))
+        return 1
 
     def decisions(self, key: MeasurementKey) -> List[Decision]:
         """The decisions stored under `key`, newest first, as source="cached"."""
@@ -450,10 +470,12 @@ class Cache:
         }
 
     def export_jsonl(self, path: Union[str, Path]) -> Dict[str, int]:
-        """Write every row as JSON Lines (a header line first); returns counts per type.
-        The file appears whole or not at all: a target that is a folder, or in a folder that
-        does not exist, or a write that fails, raises CacheError and leaves nothing behind."""
-        counts = {"device": 0, "sample": 0, "measurement": 0}
+        """Write every row as JSON Lines (a header line first), decisions included; returns
+        counts per type. The file appears whole or not at all (devices.safe_files): a target
+        that is a folder, a device node (/dev/null, /dev/full) or anything else but a regular
+        file, a folder that does not exist, or a write that fails (a full disk), raises
+        CacheError and leaves nothing behind, an earlier export at that path untouched."""
+        counts = {"device": 0, "sample": 0, "measurement": 0, "decision": 0}
         target = Path(path)
         fix = "name a file in an existing folder, e.g. 'harness cache export ./cache.jsonl'"
         if target.is_dir():
@@ -462,40 +484,43 @@ class Cache:
             what = "is not a folder" if target.parent.exists() else "does not exist"
             raise CacheError(f"cannot export to {target}: {target.parent} {what}",
                              fix=f"create the folder {target.parent} first, or {fix}")
-        partial = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            self._export_rows(partial, counts)
-            partial.replace(target)
+            replace_file(target, lambda out: self._export_rows(out, counts))
+        except NotARegularFile as exc:
+            raise CacheError(f"cannot export to {target}: {exc.strerror}",
+                             fix=f"an export is a regular file: {fix}") from None
         except OSError as exc:
             raise CacheError(f"cannot write the export {target}: {exc.strerror or exc}",
                              fix="check the folder's permissions and free space, or " + fix) \
                 from None
-        finally:
-            partial.unlink(missing_ok=True)
         return counts
 
-    def _export_rows(self, partial: Path, counts: Dict[str, int]) -> None:
-        with self._lock, self._guard("export"), open(partial, "w") as out:
-            out.write(canonical_json({"type": EXPORT_FORMAT, "version": SCHEMA_VERSION}) + "\n")
+    def _export_rows(self, out: BinaryIO, counts: Dict[str, int]) -> None:
+        def line(row: Dict[str, Any]) -> None:
+            out.write((canonical_json(row) + "\n").encode("utf-8"))
+            counts[row["type"]] = counts.get(row["type"], 0) + 1
+
+        with self._lock, self._guard("export"):
+            out.write((canonical_json({"type": EXPORT_FORMAT, "version": SCHEMA_VERSION})
+                       + "\n").encode("utf-8"))
             for fp, identity, first_seen in self._conn.execute("SELECT * FROM devices"):
-                out.write(canonical_json({"type": "device", "fingerprint": fp,
-                                          "identity": json.loads(identity),
-                                          "first_seen": first_seen}) + "\n")
-                counts["device"] += 1
+                line({"type": "device", "fingerprint": fp, "identity": json.loads(identity),
+                      "first_seen": first_seen})
             for space_fp, input_sig, sample, graph_hash, created in self._conn.execute(
                     "SELECT * FROM samples"):
-                out.write(canonical_json({"type": "sample", "space_fp": space_fp,
-                                          "input_sig": input_sig, "sample": sample,
-                                          "graph_hash": graph_hash, "created_at": created}) + "\n")
-                counts["sample"] += 1
+                line({"type": "sample", "space_fp": space_fp, "input_sig": input_sig,
+                      "sample": sample, "graph_hash": graph_hash, "created_at": created})
             for row in self._conn.execute(
                     "SELECT uid, graph_hash, input_sig, settings_key, device_fp, agent_version, "
                     "record FROM measurements ORDER BY rowid"):
-                key = MeasurementKey(*row[1:6])
-                out.write(canonical_json({"type": "measurement", "uid": row[0],
-                                          "key": key.to_dict(),
-                                          "measurement": json.loads(row[6])}) + "\n")
-                counts["measurement"] += 1
+                line({"type": "measurement", "uid": row[0],
+                      "key": MeasurementKey(*row[1:6]).to_dict(),
+                      "measurement": json.loads(row[6])})
+            for row in self._conn.execute(
+                    "SELECT graph_hash, input_sig, settings_key, device_fp, agent_version, "
+                    "record FROM decisions ORDER BY rowid"):
+                line({"type": "decision", "key": MeasurementKey(*row[:5]).to_dict(),
+                      "decision": json.loads(row[5])})
 
     def import_jsonl(self, path: Union[str, Path]) -> "ImportCounts":
         """Read an export and add its rows in one transaction, in the file's order (so what
@@ -514,7 +539,7 @@ class Cache:
                     labels[space_fp] = found
         checker = ImportChecker(path, labels)
         entries = list(checker.read())
-        added = {"device": 0, "sample": 0, "measurement": 0}
+        added = {"device": 0, "sample": 0, "measurement": 0, "decision": 0}
         with self._write("import") as conn:
             for kind, entry in entries:
                 if kind == "device":
@@ -527,6 +552,8 @@ class Cache:
                                           (entry["space_fp"], entry["input_sig"], entry["sample"],
                                            entry["graph_hash"], entry["created_at"]))
                     added[kind] += cursor.rowcount
+                elif kind == "decision":
+                    added[kind] += self._insert_decision(conn, entry["key"], entry["record"])
                 else:
                     added[kind] += self._insert(conn, entry["uid"], entry["key"],
                                                 entry["measurement"])

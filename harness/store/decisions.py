@@ -28,14 +28,16 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Sequence, Tuple
 
-from agents.ort_agent import look_confidence, median_interval
+from agents.ort_agent import look_confidence, median_interval, plain_number
 from harness.errors import InvalidArgument
 
 DECISION_SOURCES = ("measured", "cached", "predicted")
 
 
 def check_limit(limit_ms: Any, confidence: Any) -> Tuple[float, float]:
-    """The limit and confidence of a decision, checked: InvalidArgument names the bad one."""
+    """The limit and confidence of a decision, checked (numpy scalars are numbers too):
+    InvalidArgument names the bad one."""
+    limit_ms, confidence = plain_number(limit_ms), plain_number(confidence)
     if not (isinstance(limit_ms, (int, float)) and not isinstance(limit_ms, bool)
             and math.isfinite(limit_ms) and limit_ms > 0):
         raise InvalidArgument(f"limit_ms must be a positive number of milliseconds, got {limit_ms!r}",
@@ -82,10 +84,19 @@ class Decision:
         return self.below
 
     def settles(self, limit_ms: float, confidence: float) -> bool:
-        """Whether this decision's evidence answers another limit at `confidence`."""
+        """Whether this decision's evidence answers another limit at `confidence`. Runs too
+        few for an interval of the median at its confidence (one run, say) settle nothing:
+        their interval_ms is only their range (min, max), which says nothing of the median."""
         low, high = self.interval_ms
         return self.source != "predicted" and confidence <= self.confidence and \
-            (high < limit_ms or low > limit_ms)
+            self.has_interval and (high < limit_ms or low > limit_ms)
+
+    @property
+    def has_interval(self) -> bool:
+        """Whether interval_ms is an interval of the median at `confidence`: enough runs
+        for one (a prediction's interval is the model's, and always one)."""
+        return self.source == "predicted" or median_interval(
+            range(self.runs), look_confidence(self.confidence, 1)) is not None
 
     def for_limit(self, limit_ms: float, confidence: float, source: str = "cached") -> "Decision":
         """This evidence, read against another limit (device time is not spent again)."""
@@ -127,6 +138,7 @@ def decision_from_samples(samples_ms: Sequence[float], limit_ms: float, confiden
     ordered = sorted(samples_ms)
     median = _median(ordered)
     interval = median_interval(ordered, look_confidence(confidence, max(looks, 1)))
+    # Too few runs for an interval: their range is shown, and settles nothing (has_interval)
     low, high = interval if interval is not None else (ordered[0], ordered[-1])
     settled = interval is not None and (high < limit_ms or low > limit_ms)
     return Decision(below=high < limit_ms if settled else median < limit_ms, settled=settled,

@@ -10,10 +10,14 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
 
+from agents.ort_agent import AgentError, parse_settings
+from devices.agent_result import MAX_SAMPLE_MS
+from devices.safe_files import LineTooLong, read_lines
 from harness.errors import CacheError
-from harness.store.key import MeasurementKey, canonical_json, digest
+from harness.store.decisions import Decision
+from harness.store.key import MeasurementKey, canonical_json, digest, settings_key
 from harness.store.measurement import Measurement
 
 SCHEMA_VERSION = 1  # of the cache file, and of its exports
@@ -23,6 +27,9 @@ EXPORT_FORMAT = "harness-cache-export"
 MAX_CLOCK_SKEW_S = 3600.0
 # Graph hashes and the digests in keys (settings, device) are sha256 hex digests.
 HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+# The longest line an import reads (a measurement with per-operator times is far shorter):
+# a longer one refuses the file, so a file of NUL bytes or /dev/zero cannot fill the memory.
+MAX_LINE_BYTES = 16 * 2**20
 
 
 def finite(value: Any) -> Optional[float]:
@@ -129,7 +136,7 @@ class ImportChecker:
             raise CacheError(f"cannot read {self.path}: {exc}", fix="check the path") from exc
         with handle:
             header = True
-            for number, raw in enumerate(handle, 1):
+            for number, raw in self._lines(handle):
                 if b"\0" in raw:
                     raise self._refuse(f"line {number} holds NUL bytes (a binary file)")
                 try:
@@ -150,6 +157,13 @@ class ImportChecker:
             if header:
                 raise self._refuse("the file is empty")
 
+    def _lines(self, handle: BinaryIO) -> Iterator[Tuple[int, bytes]]:
+        try:
+            yield from read_lines(handle, MAX_LINE_BYTES)
+        except LineTooLong as exc:
+            raise self._refuse(f"line {exc.line} is longer than {exc.limit // 2**20} MiB "
+                               f"(no export row is)") from None
+
     def _check_header(self, entry: Any) -> None:
         if not isinstance(entry, dict) or entry.get("type") != EXPORT_FORMAT:
             raise self._refuse(f"line 1 is no {EXPORT_FORMAT} header")
@@ -168,6 +182,8 @@ class ImportChecker:
             return kind, self._sample(entry)
         if kind == "measurement":
             return kind, self._measurement(entry)
+        if kind == "decision":
+            return kind, self._decision(entry)
         raise _Skip(f"unknown entry type: {kind!r}")
 
     # ---------------------------------------------------------------- field checks
@@ -250,28 +266,14 @@ class ImportChecker:
 
     def _measurement(self, entry: Dict[str, Any]) -> Dict[str, Any]:
         uid = self._text(entry, "uid")
-        key = self._object(entry, "key")
+        key = self._key(entry)
         record = self._object(entry, "measurement")
-        unknown = sorted(set(key) - set(MeasurementKey.__dataclass_fields__))
-        if unknown:
-            raise _Skip(f"bad key: unknown fields {unknown}")
-        graph_hash = self._hex(key, "graph_hash")
-        input_sig = self._input_sig(key)
-        settings_key = self._hex(key, "settings_key")
-        device_fp = self._hex(key, "device_fp")
-        agent_version = self._text(key, "agent_version")
+        graph_hash, input_sig, settings_digest, device_fp, agent_version = key.values()
 
         if record.get("source") != "measured":
             raise _Skip(f"not measured: source is {record.get('source')!r:.40}, only measured "
                         f"results are imported")
-        samples = self._field(record, "samples_ms")
-        if not isinstance(samples, list) or not samples:
-            raise _Skip(f"bad samples_ms: not a non-empty list of numbers ({samples!r:.80})")
-        for value in samples:
-            number = finite(value)
-            if number is None or number <= 0:
-                raise _Skip(f"bad samples_ms: holds {value!r:.40}, not a finite positive "
-                            f"number of milliseconds")
+        self._samples(record)
         self._text(record, "device")
         if self._hex(record, "graph_hash") != graph_hash:
             raise _Skip("key mismatch: the key's graph hash is not the measurement's")
@@ -283,9 +285,11 @@ class ImportChecker:
         if digest(self._object(record, "device_fingerprint")) != device_fp:
             raise _Skip("key mismatch: the key's device digest is not that of the "
                         "measurement's device fingerprint")
-        for name in ("settings", "provenance"):
-            if name in record:
-                self._object(record, name)
+        if settings_key(self._settings(record)) != settings_digest:
+            raise _Skip("key mismatch: the key's settings digest is not that of the "
+                        "measurement's settings")
+        if "provenance" in record:
+            self._object(record, "provenance")
         for name in ("load_ms", "first_run_ms"):
             self._optional_duration(record, name)
         self._date(record, "created_at")
@@ -293,6 +297,64 @@ class ImportChecker:
             measurement = Measurement.from_dict(record)
         except (TypeError, ValueError, KeyError) as exc:
             raise _Skip(f"bad measurement: {type(exc).__name__}: {exc}") from None
-        return {"uid": uid, "measurement": measurement,
-                "key": MeasurementKey(graph_hash, input_sig, settings_key, device_fp,
-                                      agent_version)}
+        return {"uid": uid, "measurement": measurement, "key": key}
+
+    def _samples(self, record: Dict[str, Any]) -> List[float]:
+        """samples_ms: a non-empty list of finite positive numbers no larger than the agent
+        path allows (devices.agent_result.MAX_SAMPLE_MS)."""
+        samples = self._field(record, "samples_ms")
+        if not isinstance(samples, list) or not samples:
+            raise _Skip(f"bad samples_ms: not a non-empty list of numbers ({samples!r:.80})")
+        for value in samples:
+            number = finite(value)
+            if number is None or not 0 < number <= MAX_SAMPLE_MS:
+                raise _Skip(f"bad samples_ms: holds {value!r:.40}, not a finite number of "
+                            f"milliseconds above 0 and at most {MAX_SAMPLE_MS:g}")
+        return samples
+
+    def _settings(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """The record's settings, checked as the agent checks a request's (one validation
+        for the command line, the API, the registry and imports)."""
+        settings = self._object(record, "settings")
+        try:
+            return parse_settings(settings)
+        except AgentError as exc:
+            raise _Skip(f"bad settings: {exc.message}") from None
+
+    def _key(self, entry: Dict[str, Any]) -> MeasurementKey:
+        key = self._object(entry, "key")
+        unknown = sorted(set(key) - set(MeasurementKey.__dataclass_fields__))
+        if unknown:
+            raise _Skip(f"bad key: unknown fields {unknown}")
+        return MeasurementKey(self._hex(key, "graph_hash"), self._input_sig(key),
+                              self._hex(key, "settings_key"), self._hex(key, "device_fp"),
+                              self._text(key, "agent_version"))
+
+    def _decision(self, entry: Dict[str, Any]) -> Dict[str, Any]:
+        """A stored limit decision with its evidence (the runs behind it)."""
+        key = self._key(entry)
+        record = self._object(entry, "decision")
+        if record.get("source") != "measured":
+            raise _Skip(f"not measured: source is {record.get('source')!r:.40}, only measured "
+                        f"decisions are imported")
+        samples = self._samples(record)
+        if record.get("graph_hash") != key.graph_hash:
+            raise _Skip("key mismatch: the key's graph hash is not the decision's")
+        for name in ("limit_ms", "median_ms", "device_s"):
+            value = finite(record.get(name))
+            if value is None or value < 0 or value > MAX_SAMPLE_MS:
+                raise _Skip(f"bad {name}: not a finite number from 0 to {MAX_SAMPLE_MS:g} "
+                            f"({record.get(name)!r:.40})")
+        interval = record.get("interval_ms")
+        if not isinstance(interval, list) or len(interval) != 2 or \
+                any(finite(v) is None for v in interval) or interval[0] > interval[1]:
+            raise _Skip(f"bad interval_ms: not two ordered finite numbers ({interval!r:.80})")
+        confidence = finite(record.get("confidence"))
+        if confidence is None or not 0 < confidence < 1:
+            raise _Skip(f"bad confidence: not between 0 and 1 ({record.get('confidence')!r:.40})")
+        self._date(record, "created_at")
+        try:
+            decision = Decision.from_dict({k: v for k, v in record.items() if k != "samples_ms"})
+        except (TypeError, ValueError, KeyError) as exc:
+            raise _Skip(f"bad decision: {type(exc).__name__}: {exc}") from None
+        return {"key": key, "record": dict(decision.to_dict(), samples_ms=samples)}
