@@ -1005,7 +1005,10 @@ class Timed(object):
             run()
             probe.append(clock() - started)
         self.run_s = max(min(probe), 1e-6)
-        self.k = int(min(max(math.ceil(block_ms / 1e3 / self.run_s), 1), 1000))
+        # k from a ladder, so that a few percent of noise in the probe rarely changes it
+        # between windows (the minimum of more runs is lower: k is part of what a ratio is)
+        needed = block_ms / 1e3 / self.run_s
+        self.k = next((k for k in BLOCK_RUNS if k >= needed), BLOCK_RUNS[-1])
         self.blocks = []
 
     def block(self, round_index, position, sequence, origin):
@@ -1034,9 +1037,10 @@ def interleave(models, reference, settings, clock):
     for round_index in range(settings["rounds"]):
         order = [name for name in round_order(sorted(models), settings["seed"], round_index)
                  if name not in failed]
-        sequence += 1
         since_ref = 0.0
-        reference.block(round_index, -1, sequence, loop_start)
+        if round_index == 0:  # later rounds open on the reference block that closed the last
+            sequence += 1
+            _reference_block(reference, round_index, -1, sequence, loop_start)
         for position, name in enumerate(order):
             sequence += 1
             try:
@@ -1048,7 +1052,7 @@ def interleave(models, reference, settings, clock):
             following = models[order[position + 1]] if position + 1 < len(order) else None
             if following is None or since_ref + following.run_s * (following.k + 1) > gap_s:
                 sequence += 1
-                reference.block(round_index, position, sequence, loop_start)
+                _reference_block(reference, round_index, position, sequence, loop_start)
                 since_ref = 0.0
         completed = round_index + 1
         if settings["stop"] == "ci" and completed >= settings["min_runs"] and _precise(
@@ -1060,6 +1064,15 @@ def interleave(models, reference, settings, clock):
             reason = "max_time"
             break
     return completed, clock() - loop_start, failed, reason
+
+
+def _reference_block(reference, round_index, position, sequence, origin):
+    """A block of the reference; its failure fails the window, naming the reference."""
+    try:
+        reference.block(round_index, position, sequence, origin)
+    except Exception as exc:
+        raise AgentError("RUNTIME", "the reference model failed in round %d: %s"
+                         % (round_index, _one_line(exc)))
 
 
 class _Loaded(Timed):
@@ -1091,6 +1104,7 @@ class _Loaded(Timed):
 
 
 SPEED_CHANGE = 0.10  # reference blocks around a candidate block this far apart: it is dropped
+BLOCK_RUNS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1000)
 
 
 def block_statistic(runs, statistic="min"):
@@ -1187,8 +1201,6 @@ def _measure_rounds(models, reference, settings):
         raise AgentError("USER", "a rounds request needs a reference {model, sha256}")
     ort, controlled = _prepare(settings)
     thermal_before = thermal_zones()
-    memory = MemoryWatch()
-    memory.start()
     try:
         ref = _Loaded(ort, "reference", reference.get("model"), reference.get("sha256"), settings)
     except AgentError as exc:
@@ -1199,20 +1211,20 @@ def _measure_rounds(models, reference, settings):
         try:
             loaded[name] = _Loaded(ort, name, entry.get("model"), entry.get("sha256"), settings)
         except AgentError as exc:
+            if exc.kind == "TRANSFER":  # a missing or damaged copy: the host sends it again
+                raise
             errors[name] = exc.to_json()["error"]
-    memory.end("load")
-    memory.start()
     state_before = cpu_state()
     completed, loop_s, failed, reason = interleave(loaded, ref, settings, time.perf_counter)
     state = _window_state(state_before, cpu_state(), loop_s)
-    memory.end("run")
     errors.update(failed)
     common = {"agent_version": AGENT_VERSION, "settings": settings, "controlled": controlled,
               "runtime": {"name": "onnxruntime", "version": ort.__version__,
                           "provider": settings["provider"]},
               "thermal_before": thermal_before, "thermal_after": thermal_zones(),
-              "fingerprint": fingerprint(), "memory": memory.report(reference.get("model")),
-              "loop_ms": loop_s * 1e3, "capped": reason == "max_time"}
+              "fingerprint": fingerprint(), "memory": None,  # the window's, not one model's
+              "loop_ms": loop_s * 1e3,
+              "capped": reason == "max_time" and settings["stop"] == "ci"}
     candidates_ms = sum(ms for model in loaded.values() for block in model.blocks
                         for ms in block[3])
     results = {}

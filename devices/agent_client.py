@@ -167,16 +167,22 @@ class AgentClient:
         them there in interleaved rounds (agents.ort_agent.measure_rounds): each model's
         result, and each model's own error (a model that failed to load or run). A failure
         of the reference or of the device is raised: no result of the window is kept."""
-        remote = {name: {"model": self._put(path, f"models/{sha}.onnx", force=False),
-                         "sha256": sha} for name, (path, sha) in models.items()}
-        reference_remote = {"model": self._put(reference[0], f"models/{reference[1]}.onnx",
-                                               force=False), "sha256": reference[1]}
+        files = dict(models, reference=reference)  # sent by content hash, once
+
+        def request_with(force: bool) -> Dict[str, Any]:
+            remote = {name: {"model": self._put(path, f"models/{sha}.onnx", force=force),
+                             "sha256": sha} for name, (path, sha) in files.items()}
+            return {"op": "rounds", "reference": remote.pop("reference"), "models": remote,
+                    "settings": dict(settings), "lock": control.lock_path,
+                    "lock_wait_s": max(deadline - time.monotonic() - 1.0, 0.0)}
+
         control = self.transport.control
-        request = {"op": "rounds", "models": remote, "reference": reference_remote,
-                   "settings": dict(settings), "lock": control.lock_path,
-                   "lock_wait_s": max(deadline - time.monotonic() - 1.0, 0.0)}
         prepared = control.prepare(deadline)
-        answer = self._call(request, deadline)  # an error of the window is raised there
+        try:  # an error of the window is raised by _call
+            answer = self._call(request_with(force=False), deadline)
+        except TransferError as exc:  # a damaged copy on the device (of the reference too)
+            log.warning("%s: %s; sending the window's models again", self.device, exc.message)
+            answer = self._call(request_with(force=True), deadline)
         results, errors = answer.get("results"), answer.get("errors")
         if not isinstance(results, dict) or not isinstance(errors, dict) or \
                 set(results) | set(errors) != set(models):

@@ -16,9 +16,18 @@ MAX_SAMPLE_MS = 1e8
 
 
 def is_ms(value: object) -> bool:
-    """A finite, non-negative time in milliseconds (bool is not a number here)."""
+    """A finite, non-negative time in milliseconds (bool is not a number here; an integer too
+    large for a float is not a time either)."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and 0 <= value <= MAX_SAMPLE_MS)
+            and finite(value) and 0 <= value <= MAX_SAMPLE_MS)
+
+
+def finite(value: object) -> bool:
+    """A number that is finite as a float (math.isfinite raises on ints beyond a float)."""
+    try:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -261,7 +270,7 @@ class RoundsRecord:
         state = data.get("state", {})
         if not isinstance(state, dict) or len(state) > 16 or not all(
                 isinstance(key, str) and isinstance(value, (int, float))
-                and not isinstance(value, bool) and math.isfinite(value)
+                and not isinstance(value, bool) and finite(value)
                 for key, value in state.items()):
             raise ValueError("rounds.state is not an object of finite numbers")
         return cls(counts[0], counts[1], counts[2], _blocks(data.get("blocks"), "blocks"),

@@ -5,26 +5,32 @@ devices so that a protocol's answers can be checked against a truth known exactl
 the device in interleaved rounds for a while and writes every run with its time (this
 module's file format, JSON). A simulated device with `noise_trace` in devices.toml replays
 it: a run of a graph whose true latency is L, at the device's virtual time t, takes
-L x factor(t), where factor(t) is the recorded reference run nearest to t (from an offset
-drawn from the device's seed, the trace wrapping around) over the reference's quiet level
-(a low quantile of its runs). Speed changes, bursts and per-run jitter are the recording's.
+L x level(t) x jitter, where level(t) is the recorded speed around t (a running median of the
+reference's runs over its quiet level, a low quantile of them; from an offset drawn from the
+device's seed, the trace wrapping around) and the jitter is drawn from the recorded runs'
+own jitter around that level, in blocks (block bootstrap). Speed changes, bursts and
+per-run jitter are the recording's; the truth, L at the quiet level, is known exactly.
 """
 import bisect
 import json
+import random
+import statistics
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
+from devices.agent_result import finite
 from devices.errors import FixableError
+from devices.safe_files import replace_text
 
 TRACE_FORMAT = "harness-noise-trace"
 TRACE_VERSION = 1
 MAX_TRACE_BYTES = 64 * 2 ** 20
 MAX_RUNS = 2_000_000
 QUIET_QUANTILE = 0.05  # the reference's quiet level: this quantile of its runs
+LEVEL_RUNS = 9         # the speed level: a running median over this many reference runs
+JITTER_BLOCK = 32      # a replay draws per-run jitter in blocks of this many recorded runs
 
 
 class NoiseTraceError(FixableError):
@@ -46,16 +52,38 @@ class NoiseTrace:
         self._times = [t for t, _ in reference]
         self._factors = [ms / self.quiet_ms for _, ms in reference]
         self.duration_s = max(self._times[-1] - self._times[0], 1e-3)
+        # the speed level (a running median over LEVEL_RUNS runs) and each run's jitter
+        # around it, which a replay draws in blocks (block bootstrap)
+        half = LEVEL_RUNS // 2
+        self._levels = [statistics.median(self._factors[max(i - half, 0):i + half + 1])
+                        for i in range(len(self._factors))]
+        self._residuals = [f / level for f, level in zip(self._factors, self._levels)]
 
-    def factor_at(self, t: float) -> float:
-        """How much slower than quiet the device ran at time t (s) of the recording, the
-        trace wrapping around: the nearest recorded reference run's factor."""
+    def _index(self, t: float) -> int:
+        """The recorded reference run nearest to time t (s), the trace wrapping around."""
         times = self._times
         t = times[0] + (t % self.duration_s)
         index = min(bisect.bisect_left(times, t), len(times) - 1)
         if index > 0 and t - times[index - 1] < times[index] - t:
             index -= 1
-        return self._factors[index]
+        return index
+
+    def factor_at(self, t: float) -> float:
+        """How much slower than quiet the recorded reference run nearest to t ran."""
+        return self._factors[self._index(t)]
+
+    def level_at(self, t: float) -> float:
+        """How much slower than quiet the device ran around t (the running median)."""
+        return self._levels[self._index(t)]
+
+    def jitter(self, draw: random.Random) -> Iterator[float]:
+        """Per-run jitter around the level, endlessly: blocks of JITTER_BLOCK consecutive
+        recorded residuals, each block from a place drawn by `draw` (block bootstrap)."""
+        residuals = self._residuals
+        while True:
+            start = draw.randrange(len(residuals))
+            for offset in range(JITTER_BLOCK):
+                yield residuals[(start + offset) % len(residuals)]
 
     def to_dict(self) -> Dict[str, Any]:
         return {"format": TRACE_FORMAT, "version": TRACE_VERSION, "device": self.device,
@@ -64,22 +92,13 @@ class NoiseTrace:
                          for name, runs in self.runs.items()}}
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write the trace to `path` (a temporary file renamed into place; an existing path
-        that is not a regular file is refused)."""
-        path = Path(path)
-        if path.exists() and not path.is_file():
-            raise NoiseTraceError(f"{path} exists and is not a regular file",
-                                  fix="name a new file for the trace")
-        descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        """Write the trace to `path` whole (devices.safe_files: a temporary file renamed into
+        place; an existing path that is not a regular file is refused)."""
         try:
-            with os.fdopen(descriptor, "w") as out:
-                json.dump(self.to_dict(), out, separators=(",", ":"))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
+            replace_text(path, json.dumps(self.to_dict(), separators=(",", ":")))
+        except OSError as exc:
+            raise NoiseTraceError(f"cannot write the noise trace {path}: {exc}",
+                                  fix="name a new regular file in a writable folder") from None
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "NoiseTrace":
@@ -97,7 +116,7 @@ class NoiseTrace:
             if path.stat().st_size > MAX_TRACE_BYTES:
                 raise refuse(f"is larger than {MAX_TRACE_BYTES // 2 ** 20} MiB")
             data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise refuse(f"cannot be read as JSON ({exc})") from None
         if not isinstance(data, dict) or data.get("format") != TRACE_FORMAT:
             raise refuse(f"is not a {TRACE_FORMAT} file")
@@ -123,8 +142,7 @@ class NoiseTrace:
 
 
 def _finite(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value) else 0.0
+    return float(value) if not isinstance(value, bool) and finite(value) else 0.0
 
 
 def _pairs(series: Sequence[Any], refuse: Any) -> Tuple[Tuple[float, float], ...]:
@@ -132,8 +150,8 @@ def _pairs(series: Sequence[Any], refuse: Any) -> Tuple[Tuple[float, float], ...
     last = -math.inf
     for item in series:
         if not (isinstance(item, list) and len(item) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                for v in item) and item[0] >= 0 and 0 < item[1] <= 1e8):
+                not isinstance(v, bool) and finite(v) for v in item)
+                and item[0] >= 0 and 0 < item[1] <= 1e8):
             raise refuse("holds a run that is not [time s >= 0, ms > 0]")
         if item[0] < last:
             raise refuse("holds runs out of time order")

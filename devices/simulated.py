@@ -28,9 +28,11 @@ from agents.ort_agent import (AGENT_VERSION, AgentError, Timed, interleave, pars
 from devices.agent_result import AgentResult, DeviceFacts
 from devices.errors import BadRequest, DeviceError, DeviceLost, MeasurementTimeout
 from devices.noise_trace import NoiseTrace
+from devices.safe_files import replace_text
 
 DOWN_FOLDER = "sim-down"
 JOURNAL_FOLDER = "sim-journal"
+CLOCK_FOLDER = "sim-clock"
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,13 @@ class SimulatedModel:
         graph_ms = self.graph_median_ms(sha256)
         draws = random.Random(f"{self.seed}:{sha256}:runs")  # equal on every rerun
         offset = random.Random(f"{self.seed}:trace").random() * 1e6  # where the trace starts
+        noise, jitter = self.noise, None
+        if noise is not None:
+            jitter = noise.jitter(random.Random(f"{self.seed}:{sha256}:{clock.now}"))
 
         def run() -> None:
-            if self.noise is not None:
-                factor = self.noise.factor_at(offset + clock.now)
+            if noise is not None and jitter is not None:
+                factor = noise.level_at(offset + clock.now) * next(jitter)
             else:
                 factor = max(draws.gauss(1.0, self.cv), 0.1)
             clock.now += graph_ms * factor / 1e3
@@ -123,10 +128,10 @@ class SimulatedClient:
         self.home = Path(home)
         self.lost_s = lost_s
         self.agent_version = AGENT_VERSION
-        # A device replaying a noise trace keeps its own virtual time across measurements
-        # (the trace goes on between them, from the moment the client was opened) and does
-        # not sleep: it is there for statistics.
-        self.clock = _VirtualClock(time.time())
+        # A device replaying a noise trace keeps its own virtual time across measurements and
+        # sessions (the trace goes on between them; kept in $HARNESS_HOME/sim-clock/NAME,
+        # so a rerun in a fresh home is the same) and does not sleep: it is for statistics.
+        self.clock = _VirtualClock(self._saved_clock())
 
     @property
     def device(self) -> str:
@@ -224,7 +229,18 @@ class SimulatedClient:
         return results, {}
 
     def close(self) -> None:
-        """Nothing runs anywhere for a simulated device."""
+        """Nothing runs anywhere for a simulated device; a replaying one keeps its clock."""
+        if self.spec.noise is not None:
+            (self.home / CLOCK_FOLDER).mkdir(parents=True, exist_ok=True)
+            replace_text(self.home / CLOCK_FOLDER / self.name, repr(self.clock.now))
+
+    def _saved_clock(self) -> float:
+        """The virtual time a replaying device stopped at in this home (0 at first)."""
+        try:
+            now = float((self.home / CLOCK_FOLDER / self.name).read_text())
+        except (OSError, ValueError):
+            return 0.0
+        return now if math.isfinite(now) and now >= 0 else 0.0
 
     def _identity(self) -> Dict[str, Any]:
         """The simulated model's identity plus this unit's name: each unit is its own device

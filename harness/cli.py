@@ -889,8 +889,12 @@ def _devices(args: argparse.Namespace) -> int:
         if report.median_ms is not None:
             print(f"{'tiny model':>12}: {report.median_ms:.3f} ms median")
         if report.ok:  # how noisy it is: a 5 s window of interleaved rounds
+            from devices.errors import BadRequest
             from harness.campaigns.noise import noise_level
-            print(f"{'noise':>12}: {noise_level(args.name, home=home)}")
+            try:
+                print(f"{'noise':>12}: {noise_level(args.name, home=home)}")
+            except BadRequest:  # a native tool (onnxruntime_perf_test): one model at a time
+                print(f"{'noise':>12}: not measured (it times one model at a time)")
         for problem in report.problems:
             print(f"problem: {problem}")
         print(f"{args.name}: {'ok' if report.ok else 'NOT ready'}")

@@ -52,7 +52,8 @@ class LatencyProfiler(Profiler):
     """Latency in milliseconds of samples of `space` on a real device.
 
     What: `space`, `dummy_input` (None, None: model files only, `measure_model`), `statistic`
-        (what `profile()` returns: median, mean, p90, p99, min, max), `precision` (fp32, fp16,
+        (what `profile()` returns: median, mean, p90, p99, min, max; with protocol "rounds",
+        quiet or ratio), `precision` (fp32, fp16,
         int8-dynamic, int8-static, with an .npz `calibration`), converted on the host, keyed.
     Where: `device` ("local", a registered name, "kind:K": every device of kind K), or a
         `pool` opened already (harness.pool); else `isolation` ("worker", "process"),
@@ -103,13 +104,13 @@ class LatencyProfiler(Profiler):
         self.pool = pool or open_pool(self.home, device, farm, isolation, max_strikes, quarantine_s)
         self.export = SampleExport(space, dummy_input, self._base_scope, self.cache,
                                    self.precision, self.home, self.counters)
+        self.reference = Reference(dummy_input, self.home, reference)  # for protocol "rounds"
         self.steps = MeasurementSteps(self.export, self.cache, self.key_scope, self.counters,
-                                      self.pool.isolation, refresh, self.request)
+                                      self.pool.isolation, refresh, self.request, self.reference)
         self.decider = LimitDecider(  # the device's latency model lives there
             space, dummy_input, cache=self.cache, scope=self.key_scope,
             base_scope=self._base_scope, export=self.export, request=self.request,
             counters=self.counters, device=device, devices=self.pool.devices or [device])
-        self.reference = Reference(dummy_input, self.home, reference)  # for protocol "rounds"
         self.fallback = PredictionFallback(
             config, space=space, dummy_input=dummy_input, device=device,
             devices=self.pool.devices, home=self.home, cache=self.cache,
@@ -158,9 +159,8 @@ class LatencyProfiler(Profiler):
             steps.cached(self.export.indexed(sample)) for sample in canonical]
         try:                                                            # steps 3-5, the rest
             if steps.request.settings["protocol"] == "rounds":  # together, beside a reference
-                answer_in_rounds(canonical, results, steps, pool=self.pool, request=steps.request,
-                                 reference=self.reference, what=f"profiling on {self.device}",
-                                 progress=progress)
+                answer_in_rounds(canonical, results, steps, pool=self.pool,
+                                 what=f"profiling on {self.device}", progress=progress)
             else:  # one model after another
                 answer_all(canonical, results, steps, pool=self.pool, request=steps.request,
                            what=f"profiling on {self.device}", progress=progress)

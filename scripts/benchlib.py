@@ -46,6 +46,12 @@ class Neighbour:
                 [sys.executable, str(ROOT / "scripts" / "neighbour.py"), "--cpus", self.cpus,
                  "--seed", str(self.seed), "--duration", str(self.duration_s)],
                 start_new_session=True, stdin=subprocess.DEVNULL)
+            try:  # a neighbour that cannot start (a CPU this machine lacks) is no condition
+                code = self.process.wait(timeout=1.0)
+                raise RuntimeError(f"the neighbour on CPUs {self.cpus} ended at once "
+                                   f"(exit {code})")
+            except subprocess.TimeoutExpired:
+                pass
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=3600.0, help="seconds at most")
     args = parser.parse_args(argv)
     cpus = parse_cpus(args.cpus)
+    if hasattr(os, "sched_getaffinity") and not set(cpus) <= os.sched_getaffinity(0):
+        parser.error(f"--cpus {args.cpus}: this machine runs on CPUs "
+                     f"{sorted(os.sched_getaffinity(0))}")
     parent = os.getppid()
     deadline = time.monotonic() + args.duration
     children = []
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
         children.append(pid)
 
     def stop(*_: object) -> None:
-        for child in children:
+        for child in children:  # one already gone is passed over
             try:
                 os.kill(child, signal.SIGTERM)
             except ProcessLookupError:
@@ -83,9 +86,9 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while time.monotonic() < deadline and os.getppid() == parent:
-        if all(os.waitpid(child, os.WNOHANG)[0] for child in children):
-            break
+    running = set(children)
+    while running and time.monotonic() < deadline and os.getppid() == parent:
+        running -= {child for child in running if os.waitpid(child, os.WNOHANG)[0]}
         time.sleep(0.2)
     stop()
     return 0

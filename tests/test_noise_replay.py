@@ -1,7 +1,9 @@
 """Recorded noise replayed on a simulated device, where the truth is known exactly: the
 interleaved protocol recovers it through a change of speed that the sequential loop does not
 survive; corrupt traces are refused by name."""
+import itertools
 import json
+import random
 
 import pytest
 import torch
@@ -140,3 +142,39 @@ def test_the_ci_rule_on_rounds_stops_once_every_ratio_is_known_within_rel_ci(tmp
         assert m.interleaved.relative_half_width <= 0.01
         truth = spec.graph_median_ms(m.provenance.model_sha256) / reference_ms
         assert abs(m.interleaved.ratio / truth - 1) < 0.01
+
+
+def test_a_replay_is_seeded_and_its_clock_goes_on_across_sessions(tmp_path):
+    trace = step_trace()
+    draws = [list(itertools.islice(trace.jitter(random.Random(5)), 40)) for _ in range(2)]
+    assert draws[0] == draws[1]  # seeded: the same draw, the same jitter
+    assert trace.level_at(0.5) == pytest.approx(1.0) and trace.level_at(1.5) == pytest.approx(2.0)
+    replaying_device(tmp_path, trace)
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    sample = random_samples(space, 1, seed=0)[0]
+    loop = {"min_runs": 20, "min_time_ms": 100.0, "warmup_runs": 1}
+    runs = []
+    for _ in range(2):
+        with LatencyProfiler(space, dummy, device="sim1", home=tmp_path, settings=loop,
+                             refresh=True) as profiler:
+            runs.append(profiler.measure(sample).samples_ms)
+    assert (tmp_path / "sim-clock" / "sim1").exists()
+    assert runs[0] != runs[1]  # the second session goes on where the first stopped
+    for trial in ("a", "b"):  # the same history in a fresh home gives the same runs
+        (tmp_path / trial).mkdir()
+        replaying_device(tmp_path / trial, trace)
+        with LatencyProfiler(space, dummy, device="sim1", home=tmp_path / trial, settings=loop,
+                             refresh=True) as profiler:
+            runs.append(profiler.measure(sample).samples_ms)
+    assert runs[2] == runs[3] == runs[0]
+
+
+def test_a_trace_with_huge_or_nested_numbers_is_refused(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('{"format": "harness-noise-trace", "version": 1, "runs": {"reference": '
+                    '[[0, 1.0], [1, 1' + "0" * 400 + ']]}}')
+    with pytest.raises(NoiseTraceError, match="not \\[time"):
+        NoiseTrace.load(path)
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(NoiseTraceError, match="cannot be read"):
+        NoiseTrace.load(path)

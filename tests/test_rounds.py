@@ -54,15 +54,18 @@ def test_the_agent_tags_every_block_and_brackets_each_candidate_with_references(
         assert [block[0] for block in record.blocks] == list(range(FAST["rounds"]))
         assert all(len(block[3]) == record.k for block in record.blocks)
         assert result["samples_ms"] == [ms for block in record.blocks for ms in block[3]]
+        ref_sequences = sorted(b[2] for b in references)
         for round_index, position, sequence, _, _ in record.blocks:
-            around = [b[2] for b in references if b[0] == round_index]
-            assert min(around) < sequence < max(around)  # a reference on either side
+            assert ref_sequences[0] < sequence < ref_sequences[-1]  # references on both sides
             order = ort_agent.round_order(["m1", "m2", "m3"], 3, round_index)
             assert order[position] == name  # the position is its place in the seeded order
     state = first["state"]  # what competed for the CPU, where the kernel says it
     if Path("/proc/pressure/cpu").exists():
         assert 0 <= state["pressure_share"] and "pressure_avg10" in state
     assert "load1" in state
+    # one reference block opens the window; every round closes on one, which opens the next
+    assert [b[1] for b in references].count(-1) == 1
+    assert {b[0] for b in references if b[1] == 2} == set(range(FAST["rounds"]))
     sequences = sorted([b[2] for b in references] + [
         b[2] for r in answer["results"].values() for b in r["rounds"]["blocks"]])
     assert sequences == list(range(1, len(sequences) + 1))  # one sequence, no gaps
@@ -233,3 +236,41 @@ def test_a_noisy_window_says_what_competed_for_the_cpu():
     noisy = Measurement(samples_ms=(5.0,), source="measured", device="d", graph_hash="g",
                         rounds=dict(window.to_dict(), state={"pressure_share": 0.4}))
     assert "noisy: tasks waited for a CPU 40% of the window (CPU pressure)" in noisy.flags
+
+
+def test_a_rounds_result_answers_only_beside_the_same_reference(tmp_path):
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    sample = random_samples(space, 1, seed=6)[0]
+    other = tmp_path / "other_reference.onnx"
+    other.write_bytes(export_sample(space, random_samples(space, 1, seed=9)[0], dummy,
+                                    home=tmp_path).onnx_bytes)
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as profiler:
+        first = profiler.measure(sample)
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as same:
+        assert same.measure(sample).source == "cached"
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST, reference=other) as moved:
+        again = moved.measure(sample)
+    assert again.source == "measured"  # a ratio is to its reference: measured beside the new one
+    assert again.rounds.reference_sha256 != first.rounds.reference_sha256
+
+
+def test_a_model_file_is_measured_in_its_own_window_under_rounds(tmp_path):
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(export_sample(space, random_samples(space, 1, seed=8)[0], dummy,
+                                   home=tmp_path).onnx_bytes)
+    with LatencyProfiler(None, None, home=tmp_path, settings=FAST,
+                         reference=tmp_path / "m.onnx") as profiler:
+        measured = profiler.measure_model(path)
+        assert measured.protocol == "rounds" and measured.rounds.candidates == 1
+        assert measured.interleaved.ratio == pytest.approx(1.0, rel=0.5)  # itself beside itself
+        assert profiler.measure_model(path).source == "cached"
+
+
+@pytest.mark.parametrize("field, value", [("state", {"load1": 10 ** 400}),
+                                          ("blocks", [[0, 0, 2, [10 ** 400], 0.0]]),
+                                          ("candidates_ms", 10 ** 400)])
+def test_huge_numbers_in_a_rounds_record_are_refused_not_a_crash(field, value):
+    good = record([5.0, 5.0], [(10.0, 10.0), (10.0, 10.0)]).to_dict()
+    with pytest.raises(ValueError):
+        RoundsRecord.from_dict(dict(good, **{field: value}))

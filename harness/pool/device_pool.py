@@ -90,7 +90,8 @@ class MeasureRequest:
             return False  # interleaved rounds asked, and it was timed one model at a time
         if self.settings["stop"] != "ci":
             return True
-        reach = cached.interleaved.relative_half_width if cached.interleaved is not None \
+        rounds = self.settings["protocol"] == "rounds" and cached.interleaved is not None
+        reach = cached.interleaved.relative_half_width if rounds and cached.interleaved \
             else cached.relative_half_width  # rounds: the ratio's interval, else the median's
         return reach <= self.settings["rel_ci"]
 

@@ -55,18 +55,7 @@ def answer_all(samples: Sequence[Sample], results: List[Optional[Any]], steps: A
     request = replace(request, still_needed=lambda graph: steps.cached(graph) is None)
     with ArchitectureBatch(results, what, progress) as batch:
 
-        def jobs() -> Iterator[Tuple[int, ExportedModel]]:
-            for index in batch.pending():
-                try:
-                    exported = steps.export(samples[index])
-                    answered = steps.cached(exported.graph_hash)
-                except Exception as exc:  # a broken subnet fails alone
-                    batch.fail(index, exc)
-                    continue
-                if batch.needs_measuring(index, exported.graph_hash, answered):
-                    yield index, exported
-
-        for outcome in pool.measure_many(jobs(), request):
+        for outcome in pool.measure_many(pending_exports(samples, batch, steps), request):
             try:
                 answer: Answer = steps.store(outcome.unwrap(), outcome.exported)
             except AnsweredMeanwhile as exc:  # measured elsewhere while this job waited
@@ -75,6 +64,21 @@ def answer_all(samples: Sequence[Sample], results: List[Optional[Any]], steps: A
                 answer = exc
             batch.answer(outcome.exported.graph_hash, answer)
     batch.raise_first_error()
+
+
+def pending_exports(samples: Sequence[Sample], batch: "ArchitectureBatch", steps: Answering
+                    ) -> Iterator[Tuple[int, ExportedModel]]:
+    """Each pending sample exported and looked up; (its index, its model) where it is the
+    one of its architecture to measure (a broken subnet fails alone)."""
+    for index in batch.pending():
+        try:
+            exported = steps.export(samples[index])
+            answered = steps.cached(exported.graph_hash)
+        except Exception as exc:
+            batch.fail(index, exc)
+            continue
+        if batch.needs_measuring(index, exported.graph_hash, answered):
+            yield index, exported
 
 
 class ArchitectureBatch:

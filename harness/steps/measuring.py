@@ -1,6 +1,8 @@
 """Steps 3-5 of a profiler's measurement, given what they use (the export step, the cache,
 the key scope, the counters, the request): what harness.steps.batch runs for each sample,
 and `one` for a model outside the space (a module, a model file)."""
+import time
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from devices.agent_result import AgentResult
@@ -16,6 +18,13 @@ from harness.store.key import MeasurementKey, canonical_json
 from harness.store.rounds import LEVEL_QUANTILE, block_statistic
 from harness.errors import InvalidArgument
 from harness.store.measurement import STATISTICS, Measurement
+
+
+def window_request(request: MeasureRequest, models: int) -> MeasureRequest:
+    """The request of a window of `models` candidates: max_time_ms and timeout_s are per
+    candidate, so the window's are that many times theirs."""
+    return replace(request.with_settings(max_time_ms=request.settings["max_time_ms"] * models),
+                   timeout_s=request.timeout_s * models, still_needed=request.still_needed)
 
 
 def check_statistic(statistic: str, settings: Mapping[str, Any]) -> None:
@@ -34,14 +43,15 @@ class MeasurementSteps:
     and `store` a device's result under the device that measured it."""
 
     def __init__(self, export: SampleExport, cache: Cache, scope: Callable[[], KeyScope],
-                 counters: Counters,
-                 isolation: str, refresh: bool, request: MeasureRequest):
+                 counters: Counters, isolation: str, refresh: bool, request: MeasureRequest,
+                 reference: Callable[[], ExportedModel]):
         self.export, self.cache, self.scope, self.counters = export, cache, scope, counters
         self.isolation, self.refresh, self.request = isolation, refresh, request
+        self.reference = reference  # timed beside the candidates with protocol "rounds"
 
     def for_request(self, request: MeasureRequest) -> "MeasurementSteps":
         return MeasurementSteps(self.export, self.cache, self.scope, self.counters,
-                                self.isolation, self.refresh, request)
+                                self.isolation, self.refresh, request, self.reference)
 
     def stored_statistics(self, scope: KeyScope, statistic: str, labels: Sequence[str]
                           ) -> Dict[tuple, float]:
@@ -63,10 +73,17 @@ class MeasurementSteps:
         for key in self.scope().lookup_keys(graph, input_sig=input_sig,
                                             settings_key=self.request.settings_key):
             cached = self.cache.get(key)  # one not as precise as asked is measured again
-            if cached is not None and self.request.accepts(cached):
+            if cached is not None and self.request.accepts(cached) and self._same_reference(cached):
                 self.counters.add(cache_hits=1)
                 return cached
         return None
+
+    def _same_reference(self, cached: Measurement) -> bool:
+        """A rounds request takes a result of rounds only beside the same reference model
+        (a ratio is to its reference); any other request, any result."""
+        if self.request.settings["protocol"] != "rounds" or cached.rounds is None:
+            return True
+        return cached.rounds.reference_sha256 == self.reference().sha256
 
     def store(self, result: AgentResult, exported: ExportedModel,
               signature: Optional[List[Dict[str, Any]]] = None) -> Measurement:
@@ -90,8 +107,10 @@ class MeasurementSteps:
         history (this window's reference blocks recorded first); else None."""
         if result.rounds is None:
             return None
-        window = f"{result.lease[0]:.6f}" if result.lease else f"{result.loop_ms}"
-        blocks = [(block[2], block_statistic(block[3])) for block in result.rounds.reference_blocks]
+        began = result.lease[0] if result.lease else time.time()  # the window's start
+        blocks = [(block[2], block_statistic(block[3]), began + block[4])
+                  for block in result.rounds.reference_blocks]
+        window = f"{began:.6f}"
         return self.cache.reference_level(key.device_fp, key.settings_key,
                                           result.rounds.reference_sha256, window, blocks,
                                           LEVEL_QUANTILE)
@@ -106,5 +125,12 @@ class MeasurementSteps:
         if cached is not None:
             return cached
         exported = precision.convert(exported, shapes)
-        return self.store(pool.measure(exported, self.request), exported, signature)
+        if self.request.settings["protocol"] != "rounds":
+            return self.store(pool.measure(exported, self.request), exported, signature)
+        # alone in a window beside the reference (the reference-paired window)
+        answer = pool.measure_rounds([exported], self.reference(), window_request(
+            self.request, 1))[exported.graph_hash]
+        if isinstance(answer, Exception):
+            raise answer
+        return self.store(answer, exported, signature)
 

@@ -9,13 +9,14 @@ fails is that model's error; a window whose device is lost fails over whole to a
 (nothing of it is stored); when no device is left, DeviceLost reaches the caller, whose
 fallback answers what is still open.
 """
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from devices.errors import AgentProtocolError, DeviceLost
 from harness.export.graph import ExportedModel
-from harness.pool.device_pool import DevicePool, MeasureRequest
+from harness.pool.device_pool import DevicePool
 from harness.spaces.space import Sample
-from harness.steps.batch import Answering, ArchitectureBatch
+from harness.steps.batch import ArchitectureBatch, pending_exports
+from harness.steps.measuring import MeasurementSteps, window_request
 
 # A loaded model takes about this many times its file's size on the device (weights, the
 # runtime's arena, the inputs and outputs); a window holds at most WINDOW_BUDGET_BYTES of it.
@@ -40,28 +41,20 @@ def windows(models: Sequence[ExportedModel], budget_bytes: int = WINDOW_BUDGET_B
     return cut
 
 
-def answer_in_rounds(samples: Sequence[Sample], results: List[Optional[Any]], steps: Answering,
-                     *, pool: DevicePool, request: MeasureRequest,
-                     reference: Callable[[], ExportedModel], what: str,
+def answer_in_rounds(samples: Sequence[Sample], results: List[Optional[Any]],
+                     steps: MeasurementSteps, *, pool: DevicePool, what: str,
                      progress: Optional[bool], budget_bytes: int = WINDOW_BUDGET_BYTES) -> None:
-    """Fill every None of `results` by windows of interleaved rounds (see the module
-    docstring). The first failure is raised once every other sample is answered."""
+    """Fill every None of `results` by windows of interleaved rounds beside `steps`'
+    reference, under `steps`' request (see the module docstring). The first failure is
+    raised once every other sample is answered."""
     if all(result is not None for result in results):
         return
     with ArchitectureBatch(results, what, progress) as batch:
-        pending: List[ExportedModel] = []
-        for index in batch.pending():
-            try:
-                exported = steps.export(samples[index])
-                answered = steps.cached(exported.graph_hash)
-            except Exception as exc:  # a broken subnet fails alone
-                batch.fail(index, exc)
-                continue
-            if batch.needs_measuring(index, exported.graph_hash, answered):
-                pending.append(exported)
+        pending = [exported for _, exported in pending_exports(samples, batch, steps)]
         for window in windows(pending, budget_bytes):
             try:
-                answers = pool.measure_rounds(window, reference(), request)
+                answers = pool.measure_rounds(window, steps.reference(),
+                                              window_request(steps.request, len(window)))
             except DeviceLost:
                 raise
             except Exception as exc:  # the window's own fault (its reference, its request)

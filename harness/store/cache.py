@@ -168,6 +168,8 @@ class Cache:
                                      fix="upgrade harness, or use another cache path")
             conn.execute(DECISIONS_SCHEMA)
             conn.execute(REFERENCE_SCHEMA)
+            conn.execute("CREATE INDEX IF NOT EXISTS reference_blocks_by_time ON "
+                         "reference_blocks (device_fp, settings_key, reference, created_at)")
             conn.execute("CREATE INDEX IF NOT EXISTS decisions_by_key ON decisions "
                          "(graph_hash, input_sig, settings_key, device_fp, agent_version)")
             conn.execute("COMMIT")
@@ -359,28 +361,34 @@ class Cache:
     # ------------------------------------------------------------ decisions
 
     def reference_level(self, device_fp: str, settings_key: str, reference: str, window: str,
-                        blocks: Sequence[Tuple[int, float]], quantile_q: float) -> float:
-        """Record a window's reference blocks ((sequence, statistic), once however many of
-        its candidates are stored) and return the `quantile_q` quantile of the newest
-        REFERENCE_HISTORY blocks of this device, settings and reference: its quiet level."""
-        now = time.time()
+                        blocks: Sequence[Tuple[int, float, float]], quantile_q: float) -> float:
+        """Record a window's reference blocks ((sequence, statistic ms, when), once however
+        many of its candidates are stored), keep the newest REFERENCE_HISTORY of this device,
+        settings and reference, and return their `quantile_q` quantile: its quiet level."""
+        scope = (device_fp, settings_key, reference)
         with self._write("record the reference's blocks") as conn:
             conn.executemany(
                 "INSERT OR IGNORE INTO reference_blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(device_fp, settings_key, reference, window, sequence, value, now)
-                 for sequence, value in blocks])
-        rows = self._query("read the reference's blocks",
-                           "SELECT value FROM reference_blocks WHERE device_fp = ? AND "
-                           "settings_key = ? AND reference = ? ORDER BY created_at DESC "
-                           f"LIMIT {REFERENCE_HISTORY}", (device_fp, settings_key, reference))
+                [(*scope, window, sequence, value, when) for sequence, value, when in blocks])
+            conn.execute("DELETE FROM reference_blocks WHERE device_fp = ? AND settings_key = ? "
+                         "AND reference = ? AND created_at < (SELECT MIN(created_at) FROM "
+                         "(SELECT created_at FROM reference_blocks WHERE device_fp = ? AND "
+                         "settings_key = ? AND reference = ? ORDER BY created_at DESC "
+                         f"LIMIT {REFERENCE_HISTORY}))", (*scope, *scope))
+            rows = conn.execute("SELECT value FROM reference_blocks WHERE device_fp = ? AND "
+                                "settings_key = ? AND reference = ?", scope).fetchall()
         return quantile([value for (value,) in rows], quantile_q)
 
     def reference_history(self, device_fp: str) -> List[Tuple[float, float]]:
-        """(when, reference block statistic in ms) of every recorded reference block of a
-        device, oldest first: how fast the device ran over time."""
-        rows = self._query("read the reference's blocks",
-                           "SELECT created_at, value FROM reference_blocks WHERE device_fp = ? "
-                           "ORDER BY created_at, window, sequence", (device_fp,))
+        """(when, reference block statistic in ms) of the recorded reference blocks of a
+        device under the settings and reference it used last, oldest first: how fast the
+        device ran over time."""
+        rows = self._query(
+            "read the reference's blocks",
+            "SELECT created_at, value FROM reference_blocks r WHERE device_fp = ? AND "
+            "(settings_key, reference) = (SELECT settings_key, reference FROM reference_blocks "
+            "WHERE device_fp = r.device_fp ORDER BY created_at DESC LIMIT 1) "
+            "ORDER BY created_at", (device_fp,))
         return [(float(when), float(value)) for when, value in rows]
 
     def put_decision(self, key: MeasurementKey, decision: Decision,

@@ -137,6 +137,11 @@ class Measurement:
             object.__setattr__(self, "ops", OpProfile.from_dict(self.ops))
         if isinstance(self.rounds, Mapping):
             object.__setattr__(self, "rounds", RoundsRecord.from_dict(dict(self.rounds)))
+        level = self.provenance.reference_level_ms
+        if level is not None and not (isinstance(level, (int, float)) and not isinstance(
+                level, bool) and math.isfinite(level) and 0 < level <= 1e8):
+            raise ValueError(f"provenance.reference_level_ms must be a positive time in ms, "
+                             f"got {level!r}")
 
     @classmethod
     def from_result(cls, result: AgentResult, graph_hash: str,
@@ -273,7 +278,9 @@ class Measurement:
     def fixed_loop_device_s(self) -> float:
         """About what this measurement would have cost with the fixed loop (at least 50 runs
         and 1 s, at most 20 s): its device time with the timed loop swapped for that one."""
-        return fixed_loop_estimate_s(self.median, self.device_s, self.provenance.loop_ms or 0.0)
+        shared_by = max(self.rounds.candidates, 1) if self.rounds is not None else 1
+        return fixed_loop_estimate_s(self.median, self.device_s,
+                                     (self.provenance.loop_ms or 0.0) / shared_by)
 
     @property
     def device_s(self) -> float:
@@ -289,7 +296,8 @@ class Measurement:
         harness.store.rounds), or None when it was timed one model at a time."""
         if self.rounds is None:
             return None
-        return summarise(self.rounds, level_ms=self.provenance.reference_level_ms)
+        return summarise(self.rounds, level_ms=self.provenance.reference_level_ms,
+                         confidence=float(self.settings.get("confidence", 0.95)))
 
     @property
     def protocol(self) -> str:
