@@ -41,26 +41,27 @@ HEADER = ("| condition | protocol | statistic | within 1% | within 2% | within 5
           "| error vs truth: within 2% | interval covers truth |")
 
 
-def settings_of(protocol: str, seconds: float, window: int) -> Dict[str, Any]:
-    """The agent's settings for a protocol at `seconds` of timed runs per subnet."""
+def settings_of(protocol: str, seconds: float, rounds: Dict[str, float]) -> Dict[str, Any]:
+    """The agent's settings for a protocol at `seconds` of timed runs per subnet (a window's
+    budget is its candidates' budgets together); `rounds`: block_ms and ref_gap_ms."""
     pinned = {"cpu_affinity": [0]}
     if protocol == "loop":
         return dict(pinned, min_time_ms=seconds * 1e3, max_time_ms=seconds * 1e3 * 4)
     if protocol == "ci":
         return dict(pinned, stop="ci", rel_ci=0.01, max_time_ms=seconds * 1e3)
-    models = 1 if protocol == "paired" else window
     return dict(pinned, protocol="rounds", rounds=100000, min_time_ms=0.0,
-                max_time_ms=seconds * 1e3 * models)
+                max_time_ms=seconds * 1e3, **rounds)
 
 
 def measure_pass(protocol: str, space: Any, dummy: Any, samples: List[dict], device: str,
-                 home: Path, seconds: float, window: int) -> List[Any]:
-    """One pass: every subnet measured anew under the protocol."""
+                 home: Path, seconds: float, rounds: Dict[str, float]) -> List[Any]:
+    """One pass: every subnet measured anew under the protocol, in a home of its own (no
+    pass reads another's measurements or reference history)."""
     from harness import LatencyProfiler
 
     with LatencyProfiler(space, dummy, device=device, home=home, refresh=True,
-                         settings=settings_of(protocol, seconds, window),
-                         timeout_s=max(600.0, seconds * window * 4)) as profiler:
+                         settings=settings_of(protocol, seconds, rounds),
+                         timeout_s=max(600.0, seconds * 4)) as profiler:
         if protocol == "paired":
             return [profiler.measure(sample) for sample in samples]
         return profiler.measure_many(samples, progress=False)
@@ -119,10 +120,14 @@ def emit(line: str, out: Path) -> None:
         table.write(line + "\n")
 
 
-def simulated_device(home: Path, trace: Path, sim_ms: float) -> str:
+def simulated_device(home: Path, trace: Path, sim_ms: float, start_s: float) -> str:
+    """A simulated device in `home` replaying `trace` from `start_s` s into it."""
     from devices import registry
+    from devices.simulated import CLOCK_FOLDER
 
     name = f"replay-{trace.stem}"
+    (home / CLOCK_FOLDER).mkdir(parents=True, exist_ok=True)
+    (home / CLOCK_FOLDER / name).write_text(repr(start_s))
     registry.add_device(home, registry.DeviceConfig(
         name=name, transport="sim", address=f"replay-{trace.stem}", sim_ms=sim_ms, sim_seed=7,
         noise_trace=str(trace.resolve())), replace=True)
@@ -145,7 +150,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="a typical subnet's latency on the simulated device")
     parser.add_argument("--home", type=Path, help="HARNESS_HOME (default: a new folder)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-ms", type=float, default=20.0, help="rounds: block length")
+    parser.add_argument("--ref-gap-ms", type=float, default=100.0,
+                        help="rounds: device time between reference blocks at most")
     args = parser.parse_args(argv)
+    rounds = {"block_ms": args.block_ms, "ref_gap_ms": args.ref_gap_ms}
 
     import torch
 
@@ -162,16 +171,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     window = len(windows([export_sample(space, s, dummy, home=home) for s in samples])[0])
     args.out.write_text("")
     emit(f"bench_noise: {len(samples)} subnets of {space_name}, {args.seconds:g} s of timed "
-         f"runs per subnet and pass, agent on CPU 0, windows of {window} ({time.ctime()})\n",
-         args.out)
+         f"runs per subnet and pass, agent on CPU 0, windows of {window}, blocks of "
+         f"{args.block_ms:g} ms, references at most {args.ref_gap_ms:g} ms apart "
+         f"({time.ctime()})\n", args.out)
     emit(HEADER, args.out)
     emit("|" + "---|" * (HEADER.count("|") - 1), args.out)
     raw: Dict[str, Any] = {}
     for condition in conditions:
         with Neighbour(CONDITIONS[condition], seed=args.seed):
             for protocol in protocols:
-                passes = [measure_pass(protocol, space, dummy, samples, "local", home,
-                                       args.seconds, window) for _ in range(2)]
+                passes = [measure_pass(protocol, space, dummy, samples, "local",
+                                       home / condition / protocol / str(n), args.seconds,
+                                       rounds) for n in range(2)]
                 for statistic in (("median",) if protocol in ("loop", "ci")
                                   else ("ratio", "quiet")):
                     emit(row(condition, protocol, statistic, *passes), args.out)
@@ -181,12 +192,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from devices.simulated import SimulatedModel
         from harness.steps.reference import reference_model
 
-        device = simulated_device(home, trace, args.sim_ms)
+        for n in range(2):  # each pass replays the trace from another place in it
+            for protocol in protocols:
+                device = simulated_device(home / trace.stem / protocol / str(n), trace,
+                                          args.sim_ms, start_s=997.0 * n)
         spec = SimulatedModel(f"replay-{trace.stem}", args.sim_ms, seed=7)
         reference_ms = spec.graph_median_ms(reference_model(dummy, home).sha256)
         for protocol in protocols:
-            passes = [measure_pass(protocol, space, dummy, samples, device, home, args.seconds,
-                                   window) for _ in range(2)]
+            passes = [measure_pass(protocol, space, dummy, samples, device,
+                                   home / trace.stem / protocol / str(n), args.seconds, rounds)
+                                   for n in range(2)]
             latency = [spec.graph_median_ms(m.provenance.model_sha256) for m in passes[1]]
             for statistic in (("median",) if protocol in ("loop", "ci") else ("ratio", "quiet")):
                 truth = [t / reference_ms for t in latency] if statistic == "ratio" else latency
