@@ -864,11 +864,15 @@ def stop_verdict(samples, settings, look):
     ordered = sorted(samples)
     median = _median_of(ordered)
     if settings["stop"] == "limit":
+        # one interval, at the decision's confidence for this look: it settles the limit, or
+        # it is precise (the limit within the noise of the median) by the same standard, so
+        # a tight interval is never reported unsettled by a laxer one
         interval = median_interval(ordered, look_confidence(settings["confidence"], look))
         if interval is not None and (interval[1] < settings["limit_ms"] / 1e3
                                      or interval[0] > settings["limit_ms"] / 1e3):
             return "settled"
-    interval = median_interval(ordered, 0.95)
+    else:
+        interval = median_interval(ordered, 0.95)
     if interval is not None and max(median - interval[0], interval[1] - median) \
             <= settings["rel_ci"] * median:
         return "precise"

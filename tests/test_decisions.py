@@ -259,3 +259,19 @@ def test_no_model_to_fall_back_on_is_a_typed_error_with_the_fix(tiny):
                          offline=True) as offline:
         with pytest.raises(PredictorError, match="at least 20"):
             offline.measure(random_samples(tiny, 1)[0])
+
+
+def test_a_limit_loop_is_precise_only_by_the_decisions_own_confidence():
+    # 20 runs whose 95% interval of the median reaches 0.54% but whose interval at the
+    # decision's confidence (99%, first look) reaches 0.82%: with rel_ci 0.7% the loop goes
+    # on (it used to stop "precise" on the laxer interval and report a decision unsettled)
+    import numpy as np
+
+    from agents.ort_agent import stop_verdict
+
+    runs = list(1.0 + np.random.default_rng(0).normal(0, 0.01, 20))
+    limit = parse_settings({"stop": "limit", "limit_ms": 1000.0, "confidence": 0.99,
+                            "rel_ci": 0.007})
+    assert stop_verdict(runs, limit, 1) is None
+    ci = parse_settings({"stop": "ci", "rel_ci": 0.007})
+    assert stop_verdict(runs, ci, 1) == "precise"  # the ci rule keeps its 95%
