@@ -1036,6 +1036,10 @@ def interleave(models, reference, settings, clock):
     failed mid-window}, why it stopped: "rounds", "max_time", or "precise" when stop is
     "ci" and every model's ratio is known within rel_ci)."""
     gap_s = settings["ref_gap_ms"] / 1e3
+    for model in models.values():
+        # every block of the window has the reference's k runs: the minimum of more runs is
+        # lower, so a ratio of minima over different k would carry a bias of its own
+        model.k = reference.k
     sequence, completed, failed, reason = 0, 0, {}, "rounds"
     loop_start = clock()
     for round_index in range(settings["rounds"]):
