@@ -77,7 +77,7 @@ DEFAULT_SETTINGS = {
     "protocol": "loop",        # the host's: "loop" (one model at a time) or "rounds"
     "rounds": 30,
     "block_ms": 20.0,
-    "ref_gap_ms": 100.0,
+    "ref_gap_ms": 150.0,
 }
 
 # Precisions the host converts models to before sending them (the agent only records it).

@@ -274,7 +274,7 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
                              "least this (default 20)")
     parser.add_argument("--ref-gap-ms", type=float,
                         help="with --protocol rounds: device time between two reference "
-                             "blocks at most (default 100)")
+                             "blocks at most (default 150)")
     parser.add_argument("--reference", metavar="FILE.onnx",
                         help="with --protocol rounds: the reference model (default: a fixed "
                              "subnet of the built-in space at the input size)")

@@ -151,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--home", type=Path, help="HARNESS_HOME (default: a new folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-ms", type=float, default=20.0, help="rounds: block length")
-    parser.add_argument("--ref-gap-ms", type=float, default=100.0,
+    parser.add_argument("--ref-gap-ms", type=float, default=150.0,
                         help="rounds: device time between reference blocks at most")
     args = parser.parse_args(argv)
     rounds = {"block_ms": args.block_ms, "ref_gap_ms": args.ref_gap_ms}
