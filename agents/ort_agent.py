@@ -1369,7 +1369,8 @@ def _one_line(exc):
 def model_folder(folder, limit_bytes=None, keep=()):
     """The models in `folder` (`*.onnx`, by content hash), least recently used first removed
     while they add up to more than `limit_bytes` (None: nothing removed), never one in `keep`.
-    A model's last use is its modification time, which the agent sets whenever it measures one.
+    A model's last use is its access time, which the agent sets whenever it measures one (its
+    modification time stays the time it was put there).
     Returns {"bytes", "models", "removed", "removed_bytes"} after the removal."""
     models = []
     try:
@@ -1383,7 +1384,7 @@ def model_folder(folder, limit_bytes=None, keep=()):
         except OSError:
             continue
         if name.endswith(".onnx") and os.path.isfile(path) and not os.path.islink(path):
-            models.append((stat.st_mtime, stat.st_size, path))
+            models.append((max(stat.st_atime, stat.st_mtime), stat.st_size, path))
     models.sort()
     total = sum(size for _, size, _ in models)
     kept = set(os.path.abspath(path) for path in keep)
@@ -1405,17 +1406,21 @@ def model_folder(folder, limit_bytes=None, keep=()):
 
 
 def _bounded_models(request):
-    """Before a measurement: mark its model used now, and keep its folder within the
-    request's `models_limit_bytes` (the host's setting for the device; absent: unbounded)."""
-    model, limit = request.get("model"), request.get("models_limit_bytes")
-    if not isinstance(model, str) or not os.path.isfile(model):
-        return
-    try:
-        os.utime(model, None)
-    except OSError:
-        pass
-    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
-        model_folder(os.path.dirname(model) or ".", limit, keep=(model,))
+    """Before a measurement (or a window of rounds): mark its models used now, and keep
+    their folder within the request's `models_limit_bytes` (the host's setting for the
+    device; absent: unbounded), never removing one of them."""
+    entries = [request] if request.get("op") == "measure" else \
+        [request.get("reference")] + list((request.get("models") or {}).values())
+    models = [entry.get("model") for entry in entries if isinstance(entry, dict)]
+    models = [model for model in models if isinstance(model, str) and os.path.isfile(model)]
+    for model in models:
+        try:  # the access time marks the use; the modification time stays its arrival
+            os.utime(model, (time.time(), os.stat(model).st_mtime))
+        except OSError:
+            pass
+    limit = request.get("models_limit_bytes")
+    if models and isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
+        model_folder(os.path.dirname(models[0]) or ".", limit, keep=models)
 
 
 # ---------------------------------------------------------------- entry points
@@ -1431,6 +1436,7 @@ def handle(request):
             result = measure(request.get("model"), request.get("sha256"), request.get("settings"),
                              request.get("lock"), float(request.get("lock_wait_s", 600.0)))
         elif op == "rounds":
+            _bounded_models(request)
             result = measure_rounds(request.get("models"), request.get("reference"),
                                     request.get("settings"), request.get("lock"),
                                     float(request.get("lock_wait_s", 600.0)))

@@ -174,7 +174,8 @@ class AgentClient:
                              "sha256": sha} for name, (path, sha) in files.items()}
             return {"op": "rounds", "reference": remote.pop("reference"), "models": remote,
                     "settings": dict(settings), "lock": control.lock_path,
-                    "lock_wait_s": max(deadline - time.monotonic() - 1.0, 0.0)}
+                    "lock_wait_s": max(deadline - time.monotonic() - 1.0, 0.0),
+                    "models_limit_bytes": self.models_limit_bytes}
 
         control = self.transport.control
         prepared = control.prepare(deadline)

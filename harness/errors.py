@@ -2,6 +2,8 @@
 
 Each names its cause and its fix, so a user reading a traceback knows what to do next.
 """
+from typing import Optional
+
 from devices.errors import FixableError
 
 
@@ -16,7 +18,14 @@ class InvalidSample(HarnessError, ValueError):
 
 class InvalidArgument(HarnessError, ValueError):
     """An argument of a call or a flag of a command is out of range or malformed (a limit, a
-    confidence, a precision, a setting): nothing was measured."""
+    confidence, a precision, a setting): nothing was measured. Its line starts USER, the kind
+    the agent gives a bad request, so the user's own mistakes read alike wherever caught."""
+
+    def __init__(self, message: str, fix: Optional[str] = None):
+        super().__init__(message, fix or "give the value in the range the message names")
+
+    def cause(self) -> str:
+        return f"USER: {self.message}"
 
 
 class ExportError(HarnessError):

@@ -155,9 +155,9 @@ class LatencyProfiler(Profiler):
         canonical = [self._validate(sample) for sample in samples]      # step 1
         if self.fallback.active():
             return [self.fallback.answer(sample, None) for sample in canonical]
-        results: List[Optional[Measurement]] = [                        # steps 3 and 4
-            steps.cached(self.export.indexed(sample)) for sample in canonical]
-        try:                                                            # steps 3-5, the rest
+        results: List[Optional[Measurement]] = [None] * len(canonical)
+        try:  # steps 3 and 4 (identifying the device), then 3-5 for the rest
+            results = [steps.cached(self.export.indexed(sample)) for sample in canonical]
             if steps.request.settings["protocol"] == "rounds":  # together, beside a reference
                 answer_in_rounds(canonical, results, steps, pool=self.pool,
                                  what=f"profiling on {self.device}", progress=progress)

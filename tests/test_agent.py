@@ -143,7 +143,7 @@ def test_worker_answers_line_by_line_and_survives_bad_requests(tiny_model, faili
         assert hello["ready"] is True and hello["pid"] == proc.pid
         assert ask("this is not json")["error"]["kind"] == "USER"
         assert ask(json.dumps({"op": "dance", "id": 1})) == {
-            "error": {"kind": "USER", "message": "unknown op 'dance'; ops: measure, "
+            "error": {"kind": "USER", "message": "unknown op 'dance'; ops: measure, rounds, "
                                                  "fingerprint, models, ping, exit"}, "id": 1}
         first = ask(json.dumps({"op": "measure", "id": 2, "model": str(tiny_model),
                                 "settings": FAST}))

@@ -141,15 +141,15 @@ def test_each_measurement_of_a_pool_records_its_own_export_time(tiny, home, pool
     devices, a Measurement must record the export of its own graph, not the latest one."""
     import dataclasses
 
-    import harness.profiler
+    import harness.steps.export_step
 
-    real_export = harness.profiler.export_sample
+    real_export = harness.steps.export_step.export_sample
 
     def export_with_known_time(space, sample, dummy_input, **options):
         exported = real_export(space, sample, dummy_input, **options)
         return dataclasses.replace(exported, export_ms=float(int(exported.graph_hash[:6], 16)))
 
-    monkeypatch.setattr(harness.profiler, "export_sample", export_with_known_time)
+    monkeypatch.setattr(harness.steps.export_step, "export_sample", export_with_known_time)
     with LatencyProfiler(tiny, tiny.dummy_input(), device="kind:testboard",
                          settings=STEADY) as profiler:
         measured = profiler.measure_many(random_samples(tiny, 6, seed=21))

@@ -343,8 +343,10 @@ def test_a_board_without_sftp_is_checked_profiled_and_cleaned_over_exec(tiny, ho
     sample = random_samples(tiny, 1, seed=12)[0]
     with profiler(tiny, "nosftp") as p:
         assert p.measure(sample).source == "measured"
-    models = sorted((nosftp / "models").iterdir())  # check's tiny model and the sample's
-    assert len(models) == 2 and all(m.suffix == ".onnx" and len(m.stem) == 64 for m in models)
+    # check's tiny model, the three of its noise window (the reference and two fixed
+    # subnets) and the sample's
+    models = sorted((nosftp / "models").iterdir())
+    assert len(models) == 5 and all(m.suffix == ".onnx" and len(m.stem) == 64 for m in models)
     assert len(list((nosftp / "agent").iterdir())) == 1
     stamp = [m.stat().st_mtime_ns for m in models]
     with profiler(tiny, "nosftp", refresh=True) as p:

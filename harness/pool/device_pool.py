@@ -74,7 +74,8 @@ class MeasureRequest:
             return cls(parse_settings(dict(overrides or {})), float(timeout_s),
                        dict(overrides or {}))
         except AgentError as exc:
-            raise InvalidArgument(exc.message) from None
+            raise InvalidArgument(exc.message, fix="give the setting a value in its range "
+                                  "(the defaults: agents.ort_agent.DEFAULT_SETTINGS)") from None
 
     def with_settings(self, **changes: Any) -> "MeasureRequest":
         """The same request with other settings (the stop rule's defaults apply anew)."""
