@@ -97,8 +97,11 @@ def _marked_processes(mark: str):
             if "\nState:\tZ" in Path(f"/proc/{entry}/status").read_text():
                 continue  # ended, not yet reaped
             command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
+        if parent == os.getpid() and b"multiprocessing.resource_tracker" in command:
+            continue  # Python's own helper of this process (torch, joblib): it ends with it
         found.append((int(entry), command.decode(errors="replace").strip()[:200]))
     return found
 
