@@ -309,6 +309,8 @@ class Measurement:
         """One of STATISTICS by name (what `LatencyProfiler(statistic=...)` reports)."""
         if name not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {name!r}")
+        if name == "quiet" and self.source == "predicted":
+            return self.median  # a prediction stands for the latency of an undisturbed device
         if name in ("quiet", "ratio"):
             summary = self.interleaved
             if summary is None:
