@@ -1201,7 +1201,7 @@ def measure_rounds(models, reference, settings=None, lock=None, lock_wait_s=600.
 
 
 def _measure_rounds(models, reference, settings):
-    settings = parse_settings(settings)
+    """measure_rounds under the device lock, with `settings` checked already."""
     if not isinstance(models, dict) or not models or not all(
             isinstance(entry, dict) for entry in models.values()):
         raise AgentError("USER", "models must map names to {model, sha256} objects")
