@@ -1408,7 +1408,9 @@ def model_folder(folder, limit_bytes=None, keep=()):
 def _bounded_models(request):
     """Before a measurement (or a window of rounds): mark its models used now, and keep
     their folder within the request's `models_limit_bytes` (the host's setting for the
-    device; absent: unbounded), never removing one of them."""
+    device; absent: unbounded), never removing one of them. Returns the folder's
+    {"bytes", "models"} after that (None when the request names no model file here), which
+    the answer carries so that the host can show the device's folder without asking."""
     entries = [request] if request.get("op") == "measure" else \
         [request.get("reference")] + list((request.get("models") or {}).values())
     models = [entry.get("model") for entry in entries if isinstance(entry, dict)]
@@ -1418,25 +1420,30 @@ def _bounded_models(request):
             os.utime(model, (time.time(), os.stat(model).st_mtime))
         except OSError:
             pass
+    if not models:
+        return None
     limit = request.get("models_limit_bytes")
-    if models and isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
-        model_folder(os.path.dirname(models[0]) or ".", limit, keep=models)
+    if not (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0):
+        limit = None
+    usage = model_folder(os.path.dirname(models[0]) or ".", limit, keep=models)
+    return {"bytes": usage["bytes"], "models": usage["models"]}
 
 
 # ---------------------------------------------------------------- entry points
 
 def handle(request):
     """Answer one worker request (a dict); failures come back as error objects."""
+    folder = None
     try:
         if not isinstance(request, dict):
             raise AgentError("USER", "a request must be a JSON object")
         op = request.get("op")
         if op == "measure":
-            _bounded_models(request)
+            folder = _bounded_models(request)
             result = measure(request.get("model"), request.get("sha256"), request.get("settings"),
                              request.get("lock"), float(request.get("lock_wait_s", 600.0)))
         elif op == "rounds":
-            _bounded_models(request)
+            folder = _bounded_models(request)
             result = measure_rounds(request.get("models"), request.get("reference"),
                                     request.get("settings"), request.get("lock"),
                                     float(request.get("lock_wait_s", 600.0)))
@@ -1458,6 +1465,8 @@ def handle(request):
     except Exception as exc:  # an agent bug must still answer in JSON
         result = AgentError("RUNTIME", "agent failure: %s: %s"
                             % (type(exc).__name__, _one_line(exc))).to_json()
+    if folder is not None and "error" not in result:
+        result["model_folder"] = folder
     if isinstance(request, dict) and "id" in request:
         result["id"] = request["id"]
     return result

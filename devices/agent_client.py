@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 import agents
 from agents.ort_agent import AGENT_VERSION
 from devices.agent_result import AgentResult, DeviceFacts
+from devices.folder_usage import remember
 from devices.line_channel import file_sha256
 from devices.errors import (AgentProtocolError, DeviceError, DeviceLost, MeasurementTimeout,
                             TransferError, error_from_agent)
@@ -107,7 +108,7 @@ class AgentClient:
     session; `"process"` starts a fresh one per request, so a crash cannot affect the next."""
 
     def __init__(self, transport: Transport, isolation: str = "worker",
-                 models_limit_bytes: Optional[int] = None):
+                 models_limit_bytes: Optional[int] = None, folder_file: Optional[Path] = None):
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
         self.transport = transport
@@ -115,6 +116,8 @@ class AgentClient:
         # the device's model folder is kept within this (least recently used models out,
         # by the agent before each measurement); None: unbounded
         self.models_limit_bytes = models_limit_bytes
+        # where the host remembers the folder's size each answer reports (None: nowhere)
+        self.folder_file = folder_file
         self.agent_version = AGENT_VERSION
         self._agent_path: Optional[str] = None
         self._worker: Optional[RemoteProcess] = None
@@ -157,6 +160,7 @@ class AgentClient:
             self._put(model_path, f"models/{sha}.onnx", force=True)
             answer = self._call(request, deadline)
         result = AgentResult.parse(answer, self.device, AGENT_VERSION, self._transport_facts())
+        self._remember_folder(answer.get("model_folder"))
         report = control.finish(prepared)
         return result if report is None else dataclasses.replace(result, control=report)
 
@@ -189,6 +193,7 @@ class AgentClient:
                 set(results) | set(errors) != set(models):
             raise AgentProtocolError("the agent's rounds answer does not account for every "
                                      "model it was sent", device=self.device)
+        self._remember_folder(answer.get("model_folder"))
         report = control.finish(prepared)
         parsed = {}
         for name, result in results.items():
@@ -209,8 +214,14 @@ class AgentClient:
         nothing removed), as `harness cache prune` asks."""
         answer = self._call({"op": "models", "folder": "models", "limit_bytes": limit_bytes},
                             deadline)
+        self._remember_folder(answer)
         return {key: int(answer.get(key, 0)) for key in ("bytes", "models", "removed",
                                                          "removed_bytes")}
+
+    def _remember_folder(self, usage: object) -> None:
+        """Keep the model folder's size an answer reported, for `devices list`."""
+        if self.folder_file is not None and isinstance(usage, dict):
+            remember(self.folder_file, usage)
 
     def close(self) -> None:
         """Stop the worker (politely, then by force) and close the transport."""

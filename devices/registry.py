@@ -49,6 +49,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
 from devices.adb import AdbTransport
 from devices.agent_client import AgentClient
 from devices.errors import BadRequest
+from devices.folder_usage import usage_path
 from devices.local import LocalTransport
 from devices.noise_trace import NoiseTrace
 from devices.perf_tool_client import PerfTestClient
@@ -329,6 +330,10 @@ def remove_device(home: Path, name: str) -> DeviceConfig:
                              fix="see 'harness devices list'")
         config = devices.pop(name)
         save_devices(home, devices)
+    try:  # what its folder held is no longer anyone's to show
+        usage_path(home, name).unlink()
+    except OSError:
+        pass
     return config
 
 
@@ -391,7 +396,8 @@ def open_client(name: str, home: Path, isolation: str = "worker"):
     transport = open_transport(name, home)
     if config is not None and config.agent == "perf-test":
         return PerfTestClient(transport, str(Path(config.perf_test or "").expanduser()))
-    return AgentClient(transport, isolation, models_limit_bytes=models_limit_bytes(name, home))
+    return AgentClient(transport, isolation, models_limit_bytes=models_limit_bytes(name, home),
+                       folder_file=usage_path(home, name))
 
 
 def known_hosts_files(home: Path) -> List[Path]:

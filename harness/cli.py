@@ -834,17 +834,15 @@ def _devices(args: argparse.Namespace) -> int:
         print(f"added {args.name} ({via} {args.ssh or args.adb or args.sim}); next: {first}"
               f"'harness devices check {args.name}'")
     elif args.action == "list":
-        from harness.pool.model_folders import local_usage
+        from harness.pool.model_folders import folder_states
         from harness.report.output import printable
 
-        local = local_usage(home)
+        folders = {state.device: _folder_text(state) for state in folder_states(home)}
         print(f"{'name':<16} {'transport':<9} {'address':<28} {'kind':<8} model folder")
-        print(f"{'local':<16} {'local':<9} {'this machine':<28} {'-':<8} "
-              f"{_mb(local['bytes'])} of {_mb(local['limit_bytes'])} ({local['models']} models)")
+        print(f"{'local':<16} {'local':<9} {'this machine':<28} {'-':<8} {folders['local']}")
         for config in registry.load_devices(home).values():
             via = f" via {config.jump}" if config.jump else ""
-            folder = ("-" if config.transport == "sim" else
-                      f"up to {_mb(registry.models_limit_bytes(config.name, home))}")
+            folder = folders.get(config.name, "-")
             print(printable(f"{config.name:<16} {config.transport:<9} "
                             f"{config.address + via:<28} {config.kind or '-':<8} {folder}"))
         print("model folders: least recently used models are removed past the limit "
@@ -992,6 +990,17 @@ def _mb(count: int) -> str:
     return f"{count / 1e6:.1f} MB"
 
 
+def _folder_text(state: Any) -> str:
+    """A device's model folder for people: '12.3 MB of 1024.0 MB (87 models)', with the age
+    of a remote device's figure (its agent's newest report), or its limit when none came."""
+    from harness.report.output import when
+
+    if state.bytes is None:
+        return f"up to {_mb(state.limit_bytes)} (no size reported yet)"
+    text = f"{_mb(state.bytes)} of {_mb(state.limit_bytes)} ({state.models} models)"
+    return text if state.at is None else f"{text}, as of {when(state.at)}"
+
+
 def _prune(args: argparse.Namespace) -> int:
     """`harness cache prune`: each device's model folder within its limit (or --limit-mb)."""
     from harness.paths import harness_home
@@ -1009,8 +1018,10 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from harness.paths import harness_home
-    from harness.pool.model_folders import local_usage
+    from harness.pool.model_folders import folder_states
     from harness.store.cache import Cache
     from harness.report.output import printable, when
 
@@ -1020,7 +1031,8 @@ def _cache(args: argparse.Namespace) -> int:
     with Cache(path) as cache:
         if args.action == "stats":
             stats = cache.stats()
-            stats["model_folders"] = {"local": local_usage(harness_home())}
+            folders = folder_states(harness_home())
+            stats["model_folders"] = {state.device: asdict(state) for state in folders}
             if args.json:
                 print(json.dumps(stats, indent=1))
                 return 0
@@ -1035,10 +1047,10 @@ def _cache(args: argparse.Namespace) -> int:
                        if row.get("odd_dates") else "")
                 print(f"    {printable(row['device'])}: {row['measurements']} measurements of "
                       f"{row['graphs']} graphs, latest {when(row['latest'])}{odd}")
-            local = stats["model_folders"]["local"]
-            print(f"  local model folder: {local['models']} models, {_mb(local['bytes'])} of "
-                  f"its {_mb(local['limit_bytes'])} limit (least recently used out past it; "
-                  f"'harness cache prune' trims now, 'harness devices list' shows every device)")
+            print("  model folders on the devices (least recently used models out past the "
+                  "limit; 'harness cache prune --device NAME' trims one now):")
+            for state in folders:
+                print(printable(f"    {state.device}: {_folder_text(state)}"))
         elif args.action == "export":
             counts = cache.export_jsonl(args.file)
             print(f"exported {counts['measurement']} measurements, {counts['sample']} samples, "

@@ -14,12 +14,14 @@ import pytest
 from agents.ort_agent import model_folder
 from devices import registry
 from devices.errors import BadRequest
+from devices.folder_usage import remembered, usage_path
 from harness.errors import InvalidArgument
 from harness import LatencyProfiler, random_samples
 from harness.pool.model_folders import local_models_path, local_usage, prune
 from harness.spaces import TinySpace
 
 from tests.conftest import FAST
+from tests.ssh_fixtures import client_key, loop, sshd  # noqa: F401 (pytest fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,10 +98,10 @@ def test_cache_stats_devices_list_and_prune(home):
     assert usage["models"] == 3
     stats = harness("cache", "stats", home=home)
     assert stats.returncode == 0, stats.stderr
-    assert f"local model folder: 3 models, {usage['bytes'] / 1e6:.1f} MB of its 2048.0 MB limit" \
+    assert f"local: {usage['bytes'] / 1e6:.1f} MB of 2048.0 MB (3 models)" \
         in stats.stdout and "harness cache prune" in stats.stdout
     as_json = json.loads(harness("cache", "stats", "--json", home=home).stdout)
-    assert as_json["model_folders"]["local"] == usage
+    assert as_json["model_folders"]["local"] == dict(usage, device="local", at=None)
     listed = harness("devices", "list", home=home)
     assert listed.returncode == 0, listed.stderr
     assert "(3 models)" in listed.stdout and "cache prune" in listed.stdout
@@ -118,3 +120,31 @@ def test_prune_refuses_a_device_without_our_agent(home):
                                                     sim_ms=5.0))
     with pytest.raises(InvalidArgument, match="runs no harness agent"):
         prune("sim1", home)
+
+
+def test_a_remote_devices_folder_is_shown_as_its_agent_last_reported_it(home, loop):
+    """Over a real sshd: each measurement's answer carries the device's folder size, which
+    `devices list` and `cache stats` show with its age, without connecting again."""
+    listed = harness("devices", "list", home=home)
+    assert "up to 1024.0 MB (no size reported yet)" in listed.stdout, listed.stdout
+    space = TinySpace()
+    with LatencyProfiler(space, space.dummy_input(), device="loop", settings=FAST) as profiler:
+        profiler.measure_many(random_samples(space, 2, seed=3), progress=False)
+    on_device = model_folder(str(loop / "models"))
+    assert on_device["models"] == 2
+    heard = remembered(usage_path(home, "loop"))
+    assert heard is not None and (heard.bytes, heard.models) == (on_device["bytes"], 2)
+    listed = harness("devices", "list", home=home)
+    assert f"{on_device['bytes'] / 1e6:.1f} MB of 1024.0 MB (2 models), as of " in listed.stdout
+    as_json = json.loads(harness("cache", "stats", "--json", home=home).stdout)
+    assert as_json["model_folders"]["loop"]["models"] == 2
+    pruned = harness("cache", "prune", "--device", "loop", "--limit-mb", "0", home=home)
+    assert pruned.returncode == 0, pruned.stderr
+    assert remembered(usage_path(home, "loop")).models == 0  # the prune's answer too
+    # garbage in the remembered file is "not known", never an error
+    usage_path(home, "loop").write_text('{"bytes": -1, "models": "many"}')
+    assert remembered(usage_path(home, "loop")) is None
+    listed = harness("devices", "list", home=home)
+    assert listed.returncode == 0 and "no size reported yet" in listed.stdout
+    registry.remove_device(home, "loop")
+    assert not usage_path(home, "loop").exists()

@@ -5,7 +5,9 @@ Every model a device measures is copied to its working folder under its content 
 variant: hundreds of MB an hour. The agent keeps the folder within the device's limit
 (`models_limit_mb` in devices.toml, $HARNESS_MODELS_LIMIT_MB, or the transport's default:
 devices.registry.MODELS_LIMIT_MB) before each measurement, least recently used models out.
-This module reports a folder's size and prunes it on demand (`harness cache prune`).
+This module reports a folder's size and prunes it on demand (`harness cache prune`). The
+local device's folder is read here directly; a remote device's is the size its agent reported
+with its newest measurement or prune (devices.folder_usage), shown with its age.
 
 A model removed while another process was about to measure it is sent again (the agent
 answers TRANSFER and the client puts it once more), so pruning loses no result.
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from agents.ort_agent import model_folder
 from harness.errors import InvalidArgument
@@ -38,6 +41,38 @@ def local_usage(home: Path) -> Dict[str, int]:
     usage = model_folder(str(local_models_path(home)))
     return {"bytes": usage["bytes"], "models": usage["models"],
             "limit_bytes": models_limit_bytes("local", home)}
+
+
+@dataclass(frozen=True)
+class FolderState:
+    """A device's model folder for people: its size (None: not heard of yet) and its limit.
+
+    at: when the device reported it (None: read just now, on this machine)."""
+
+    device: str
+    limit_bytes: int
+    bytes: Optional[int] = None
+    models: Optional[int] = None
+    at: Optional[float] = None
+
+
+def folder_states(home: Path) -> List[FolderState]:
+    """Every device's model folder: `local` read now, each registered device running our
+    agent as it last reported (simulated devices and onnxruntime_perf_test devices keep no
+    folder of ours and are left out)."""
+    from devices.folder_usage import remembered, usage_path
+    from devices.registry import load_devices, models_limit_bytes
+
+    local = local_usage(home)
+    states = [FolderState("local", local["limit_bytes"], local["bytes"], local["models"])]
+    for config in load_devices(home).values():
+        if config.transport == "sim" or config.agent == "perf-test":
+            continue
+        heard = remembered(usage_path(home, config.name))
+        limit = models_limit_bytes(config.name, home)
+        states.append(FolderState(config.name, limit) if heard is None else
+                      FolderState(config.name, limit, heard.bytes, heard.models, heard.at))
+    return states
 
 
 def prune(name: str, home: Path, limit_bytes: Optional[int] = None) -> Dict[str, int]:
