@@ -599,8 +599,6 @@ def _profile_space(args: argparse.Namespace, variants: List[_Variant],
     space's default variant (fp32 at its dummy_input()'s shapes)."""
     import torch
 
-    from harness.export.graph import export_sample
-    from harness.export.precision_check import precision_flag
     from harness.report.output import describe_sample, variant_name
 
     space, samples = _sampled(args)
@@ -625,11 +623,6 @@ def _profile_space(args: argparse.Namespace, variants: List[_Variant],
             results = profiler.measure_many(samples, progress=False if quiet else None,
                                             per_op=args.ops)
             counters.update(profiler.counters)
-        if variant.precision != "fp32":  # say what the provider ran in another precision
-            results = [m.with_flag(precision_flag(
-                export_sample(space, sample, dummy), variant.precision,
-                {f"input{i}": item["shape"] for i, item in enumerate(m.input_signature)},
-                args.calibration, args.provider)) for sample, m in zip(samples, results)]
         measured += [(i, sample, describe_sample(space, sample), m)
                      for i, (sample, m) in enumerate(zip(samples, results))]
     return measured, default
@@ -640,7 +633,6 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
     """Every variant of the --model file, through one profiler per precision; and its default
     variant (fp32 at its static shapes; None when an axis is dynamic: it has none)."""
     from harness.export.model_file import load_model
-    from harness.export.precision_check import precision_flag
     from harness.report.output import variant_name
 
     if args.samples != 8 or args.seed != 0 or args.fallback != "error" or args.offline:
@@ -659,9 +651,7 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
                     shape = _swept(given.get(item.name, item.dims), variant)
                     if all(isinstance(dim, int) for dim in shape):
                         shapes[item.name] = shape
-                result = profiler.measure_model(model, shapes, per_op=args.ops).with_flag(
-                    precision_flag(model.exported(), precision, shapes, args.calibration,
-                                   args.provider))
+                result = profiler.measure_model(model, shapes, per_op=args.ops)
                 measured.append((0, {"model": name}, name, result))
             counters.update(profiler.counters)
     static = all(isinstance(d, int) for item in model.inputs for d in item.dims)

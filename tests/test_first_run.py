@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import FAST
+
 ROOT = Path(__file__).resolve().parent.parent
+
 FAST_ARGS = ["--min-runs", "5", "--min-time-ms", "5"]
 
 
@@ -99,6 +102,21 @@ def test_precision_checks_count_what_the_cpu_provider_runs_in_fp32(tiny):
     dynamic = check_on_cpu(convert(exported, "int8-dynamic", shapes), "int8-dynamic")
     assert dynamic.other == 0 and dynamic.flag() is None  # every Conv is a ConvInteger
     assert check_on_cpu(exported, "fp32") is None
+
+
+def test_the_python_api_flags_a_precision_run_in_fp32_and_so_does_its_cached_answer(tiny):
+    from harness import LatencyProfiler
+    from harness.spaces.space import random_samples
+
+    sample = random_samples(tiny, 1, seed=4)[0]
+    with LatencyProfiler(tiny, tiny.dummy_input(), precision="fp16", settings=FAST) as profiler:
+        measured = profiler.measure(sample)
+        again = profiler.measure(sample)
+    assert measured.source == "measured" and again.source == "cached"
+    for result in (measured, again):
+        assert sum(flag.startswith("fp16 ran as fp32:") for flag in result.flags) == 1
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as profiler:
+        assert not any("fp32:" in flag for flag in profiler.measure(sample).flags)
 
 
 def test_the_table_and_json_flag_a_precision_run_in_fp32(tmp_path, home, tiny_model):

@@ -7,7 +7,9 @@ static (QDQ) model keeps in fp32 every Conv/MatMul/Gemm whose DequantizeLinear -
 QuantizeLinear pattern it cannot fuse into an integer kernel. A result that says "fp16" or
 "int8" without saying so misleads, so this module counts those nodes from the graph
 onnxruntime optimised for the CPU provider (on this host, with its onnxruntime: a device with
-another release may differ) and words it as a flag for the result.
+another release may differ) and words it as a flag for the result (stored with the
+measurement by harness.steps.measuring, so that the Python API, the CLI and a cached answer
+all say it).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional
 
 import onnx
 
@@ -104,18 +106,3 @@ def check_on_cpu(converted: ExportedModel, precision: str) -> Optional[Precision
     except Exception as exc:  # onnxruntime's own errors are plain exceptions
         log.debug("no precision check of %s: %s", converted.graph_hash[:12], exc)
         return None
-
-
-def precision_flag(exported: ExportedModel, precision: str, shapes: Mapping[str, Sequence[int]],
-                   calibration: Union[str, Path, None] = None,
-                   provider: Optional[str] = None) -> Optional[str]:
-    """A flag saying how many nodes the CPU provider runs in another precision than asked,
-    or None; `exported` is the fp32 model it was converted from (the conversion is made
-    again, as it was for the device). Other providers are not checked: this host may not
-    have them."""
-    from harness.export.model_file import convert
-
-    if precision == "fp32" or (provider or CPU) != CPU:
-        return None
-    check = check_on_cpu(convert(exported, precision, shapes, calibration), precision)
-    return check.flag() if check is not None else None

@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from devices.agent_result import AgentResult
 from harness.export.graph import ExportedModel
 from harness.export.model_file import Precision
+from harness.export.precision_check import CPU, check_on_cpu
 from harness.pool.device_pool import DevicePool, MeasureRequest
 from harness.spaces.space import values_by_sample
 from harness.steps.counters import Counters
@@ -95,12 +96,24 @@ class MeasurementSteps:
             result, exported.graph_hash, signature, export_ms=exported.export_ms,
             model_sha256=exported.sha256, model_bytes=len(exported.onnx_bytes),
             isolation=self.isolation, reference_level_ms=self.reference_level(key, result))
+        measured = measured.with_flag(self.precision_flag(exported))
         if key.device_fp != self.scope().device_fp:  # in a pool, devices of a kind may differ
             self.cache.put_device(key.device_fp, dict(result.facts.identity))
         self.cache.put(key, measured)
         self.counters.add(measurements=1, device_s=measured.device_s,  # and the fixed loop's
                           fixed_loop_s=measured.fixed_loop_device_s)
         return measured
+
+    def precision_flag(self, converted: ExportedModel) -> Optional[str]:
+        """How many nodes of an fp16 or int8 model the CPU provider runs in fp32 (None: all
+        at the precision asked, fp32 asked, or another provider, which this host may lack);
+        stored with the measurement, so a cached answer says it too."""
+        settings = self.request.settings
+        precision = settings.get("precision") or "fp32"
+        if precision == "fp32" or (settings.get("provider") or CPU) != CPU:
+            return None
+        check = check_on_cpu(converted, precision)
+        return None if check is None else check.flag()
 
     def reference_level(self, key: MeasurementKey, result: AgentResult) -> Optional[float]:
         """For a result of interleaved rounds, the reference's quiet level from the device's
