@@ -383,6 +383,15 @@ def open_transport(name: str, home: Path) -> Transport:
                         lock_path=config.lock or "/tmp/harness-device.lock")
 
 
+def measures_with_perf_test(name: str, home: Path) -> bool:
+    """Whether device `name` is timed by onnxruntime_perf_test (one model at a time) rather
+    than by our agent; an unknown name is not (opening it says what is wrong)."""
+    if name == "local":
+        return False
+    config = load_devices(home).get(name)
+    return config is not None and config.transport != "sim" and config.agent == "perf-test"
+
+
 def open_client(name: str, home: Path, isolation: str = "worker"):
     """What measures on the device: our agent, onnxruntime_perf_test (agent = "perf-test"),
     or nothing real (transport = "sim")."""

@@ -90,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument("--csv", action="store_true", help="the same rows as CSV")
     profile.add_argument("--raw", action="store_true",
                          help="with --json or --csv: every raw per-run time too")
-    profile.add_argument("--statistic", choices=STATISTICS, default="median",
-                         help="the statistic profile() returns and the table shows first")
+    profile.add_argument("--statistic", choices=STATISTICS,
+                         help="the statistic profile() returns and the table shows first "
+                              "(default: quiet with --protocol rounds, else median)")
     _add_timing_options(profile)
     profile.add_argument("--isolation", choices=("worker", "process"), default="worker",
                          help="persistent agent worker, or a fresh process per measurement")
@@ -145,9 +146,10 @@ def _parser() -> argparse.ArgumentParser:
                                 "when no kernel predictors are built)")
     calibrate.add_argument("--no-kernels", action="store_true",
                            help="only correct --predictor; do not build kernel predictors")
-    calibrate.add_argument("--statistic", choices=STATISTICS, default="median",
-                           help="what the calibration predicts of the device's runs (default "
-                                "median; min is steadier on a device shared with other work)")
+    calibrate.add_argument("--statistic", choices=STATISTICS,
+                           help="what the calibration predicts of the device's runs (default: "
+                                "quiet with --protocol rounds, else median; min is steadier "
+                                "than median on a device shared with other work)")
     calibrate.add_argument("--fresh", action="store_true",
                            help="measure every subnet and kernel anew instead of reusing the "
                                 "cache's measurements")
@@ -263,10 +265,11 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of the execution provider (repeat per option)")
     parser.add_argument("--protocol", choices=("loop", "rounds"),
-                        help="loop: one model after another (default); rounds: the batch "
-                             "together in interleaved rounds beside a reference model, whose "
-                             "ratios hold on a noisy device (--statistic quiet answers with "
-                             "the quiet-state latency)")
+                        help="rounds (the default where the device runs our agent and a "
+                             "reference fits the inputs): the batch together in interleaved "
+                             "rounds beside a reference model, whose ratios hold on a noisy "
+                             "device (--statistic quiet: the quiet-state latency); loop: one "
+                             "model after another")
     parser.add_argument("--rounds", type=int, help="with --protocol rounds: rounds at most "
                                                    "(default 30; --max-time-ms bounds them too)")
     parser.add_argument("--block-ms", type=float,
@@ -584,13 +587,16 @@ def _profiler(args: argparse.Namespace, space: Any, dummy: Any, variant: _Varian
     from harness.profiler import LatencyProfiler
 
     fallback = "nn-meter" if args.offline and args.fallback == "error" else args.fallback
-    return LatencyProfiler(space, dummy, device=args.device, statistic=args.statistic,
-                           settings=_settings(args), cache=args.cache,
-                           isolation=args.isolation, timeout_s=args.timeout,
-                           refresh=args.refresh, farm=args.farm, fallback=fallback,
-                           predictor=args.predictor, offline=args.offline,
-                           precision=variant.precision, calibration=args.calibration,
-                           reference=args.reference)
+    profiler = LatencyProfiler(space, dummy, device=args.device, statistic=args.statistic,
+                               settings=_settings(args), cache=args.cache,
+                               isolation=args.isolation, timeout_s=args.timeout,
+                               refresh=args.refresh, farm=args.farm, fallback=fallback,
+                               predictor=args.predictor, offline=args.offline,
+                               precision=variant.precision, calibration=args.calibration,
+                               reference=args.reference)
+    # what the table shows and the advice names: the library's choice where none was given
+    args.statistic, args.protocol = profiler.statistic, profiler.settings["protocol"]
+    return profiler
 
 
 def _profile_space(args: argparse.Namespace, variants: List[_Variant],

@@ -36,7 +36,7 @@ from harness.steps.export_step import SampleExport
 from harness.steps.fallback import Fallback, PredictionFallback
 from harness.steps.key_scope import KeyScope
 from harness.steps.measuring import MeasurementSteps, check_statistic
-from harness.steps.reference import Reference
+from harness.steps.reference import Reference, default_protocol
 from harness.steps.rounds import answer_in_rounds
 from harness.store.cache import Cache
 from harness.store.decisions import Decision, check_limit
@@ -53,13 +53,14 @@ class LatencyProfiler(Profiler):
 
     What: `space`, `dummy_input` (None, None: model files only, `measure_model`), `statistic`
         (what `profile()` returns: median, mean, p90, p99, min, max; with protocol "rounds",
-        quiet or ratio), `precision` (fp32, fp16,
+        quiet or ratio; None: quiet in rounds, else median), `precision` (fp32, fp16,
         int8-dynamic, int8-static, with an .npz `calibration`), converted on the host, keyed.
     Where: `device` ("local", a registered name, "kind:K": every device of kind K), or a
         `pool` opened already (harness.pool); else `isolation` ("worker", "process"),
         `max_strikes`, `quarantine_s` and `farm` (a Ray farm's address) open one.
-    How: `settings` (agents.ort_agent.DEFAULT_SETTINGS, stop rules included), `timeout_s`
-        (one measurement, from the lease of its device).
+    How: `settings` (agents.ort_agent.DEFAULT_SETTINGS, stop rules included; protocol
+        "rounds" by default where the pool interleaves and a reference fits the inputs, else
+        "loop": harness.steps.reference), `timeout_s` (one measurement, from the lease).
     Store and fallback: `cache` (a Cache, a path, None: $HARNESS_HOME/cache.sqlite), `refresh`
         (measure again; old results are kept), `fallback` (a harness.steps.fallback.Fallback,
         or its mode "error", "nn-meter", "model" with `predictor` and `offline`).
@@ -68,7 +69,7 @@ class LatencyProfiler(Profiler):
     """
 
     def __init__(self, space: Optional[ModelSpace], dummy_input: Optional[DummyInput],
-                 device: str = "local", statistic: str = "median", *,
+                 device: str = "local", statistic: Optional[str] = None, *,
                  settings: Optional[Mapping[str, Any]] = None, timeout_s: float = 300.0,
                  precision: str = "fp32", calibration: Union[str, Path, None] = None,
                  pool: Optional[DevicePool] = None, isolation: str = "worker",
@@ -82,13 +83,15 @@ class LatencyProfiler(Profiler):
         models_only = space is None or dummy_input is None  # measure_model only
         if space is None or dummy_input is None:  # no samples: a stand-in for the plumbing
             space, dummy_input = ModelFilesOnly(), torch.zeros(1)
-        self.space, self.device, self.statistic = space, device, statistic
-        self.home = harness_home(home)
+        self.space, self.device, self.home = space, device, harness_home(home)
         self.precision = Precision(precision, calibration)
-        self.request = MeasureRequest.checked(dict(settings or {}, **self.precision.settings()),
-                                              timeout_s)
+        overrides = MeasureRequest.checked(  # settings checked before a pool opens
+            dict(settings or {}, **self.precision.settings()), timeout_s).overrides
+        self.pool = pool or open_pool(self.home, device, farm, isolation, max_strikes, quarantine_s)
+        self.request = MeasureRequest.checked(default_protocol(
+            overrides, self.pool.interleaves, dummy_input, reference), timeout_s)
         self.settings, self.settings_key = self.request.settings, self.request.settings_key
-        check_statistic(statistic, self.settings)
+        self.statistic = check_statistic(statistic, self.settings)
         self._validate = NoSamples() if models_only else SampleValidator(checked_search_space(space))
         self.dummy_input = dummy_input
         self.input_signature = input_signature(dummy_input)
@@ -101,7 +104,6 @@ class LatencyProfiler(Profiler):
         self._scope: Optional[KeyScope] = None  # with the device's part, once identified
         self._identity: Optional[DeviceIdentity] = None
         self._identify_lock = threading.Lock()
-        self.pool = pool or open_pool(self.home, device, farm, isolation, max_strikes, quarantine_s)
         self.export = SampleExport(space, dummy_input, self._base_scope, self.cache,
                                    self.precision, self.home, self.counters)
         self.reference = Reference(dummy_input, self.home, reference)  # for protocol "rounds"
@@ -115,7 +117,7 @@ class LatencyProfiler(Profiler):
             config, space=space, dummy_input=dummy_input, device=device,
             devices=self.pool.devices, home=self.home, cache=self.cache,
             scope=self._base_scope, export=self.export, counters=self.counters,
-            refresh=refresh, model=self.decider.predicted_measurement, statistic=statistic)
+            refresh=refresh, model=self.decider.predicted_measurement, statistic=self.statistic)
 
     @property
     def refresh(self) -> bool:

@@ -17,7 +17,10 @@ from harness.spaces import TinySpace
 AGENT = Path(__file__).resolve().parent.parent / "agents" / "ort_agent.py"
 
 # Short timed loops: the tests check correctness, not precision.
-FAST = {"warmup_runs": 2, "min_runs": 5, "min_time_ms": 5.0, "max_time_ms": 2000.0}
+# one model after another (the loop), cut short: tests of what a measurement does, fast;
+# the interleaved rounds that are the default have tests of their own (tests/test_rounds.py)
+FAST = {"warmup_runs": 2, "min_runs": 5, "min_time_ms": 5.0, "max_time_ms": 2000.0,
+        "protocol": "loop"}
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ def harness(*args, home, check=True):
     return proc
 
 
-FAST_ARGS = ["--min-runs", "5", "--min-time-ms", "5"]
+FAST_ARGS = ["--min-runs", "5", "--min-time-ms", "5", "--protocol", "loop"]
 
 
 def json_lines(text):

@@ -12,7 +12,7 @@ from tests.conftest import FAST
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FAST_ARGS = ["--min-runs", "5", "--min-time-ms", "5"]
+FAST_ARGS = ["--min-runs", "5", "--min-time-ms", "5", "--protocol", "loop"]
 
 
 def console_script(tmp_path: Path) -> Path:

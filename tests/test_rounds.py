@@ -175,7 +175,7 @@ def test_a_profiler_measures_a_batch_in_rounds_and_serves_it_from_the_cache(tmp_
 def test_a_loop_measurement_answers_a_loop_request_and_is_measured_again_for_rounds(tmp_path):
     space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
     sample = random_samples(space, 1, seed=2)[0]
-    loop = {"min_runs": 5, "min_time_ms": 0.0, "warmup_runs": 1}
+    loop = {"min_runs": 5, "min_time_ms": 0.0, "warmup_runs": 1, "protocol": "loop"}
     with LatencyProfiler(space, dummy, home=tmp_path, settings=loop) as profiler:
         first = profiler.measure(sample)
         assert first.protocol == "loop" and first.interleaved is None
@@ -191,7 +191,8 @@ def test_a_loop_measurement_answers_a_loop_request_and_is_measured_again_for_rou
 def test_quiet_needs_rounds_and_a_bad_reference_stores_nothing(tmp_path):
     space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
     with pytest.raises(InvalidArgument, match="interleaved rounds"):
-        LatencyProfiler(space, dummy, home=tmp_path, statistic="quiet")
+        LatencyProfiler(space, dummy, home=tmp_path, statistic="quiet",
+                        settings={"protocol": "loop"})
     broken = tmp_path / "reference.onnx"
     broken.write_bytes(b"\x08\x07garbage")
     with pytest.raises(Exception) as refused:
@@ -201,6 +202,40 @@ def test_quiet_needs_rounds_and_a_bad_reference_stores_nothing(tmp_path):
     assert "reference" in str(refused.value) or str(broken) in str(refused.value)
     with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as profiler:
         assert profiler.cache.measurement_counts().get("measurements", 0) == 0
+
+
+def test_rounds_and_the_quiet_state_latency_are_the_default_wherever_they_can_run(tmp_path):
+    from devices import registry
+
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    short = {key: value for key, value in FAST.items() if key != "protocol"}
+    sample = random_samples(space, 1, seed=9)[0]
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=short) as profiler:
+        assert profiler.settings["protocol"] == "rounds" and profiler.statistic == "quiet"
+        measured = profiler.measure(sample)  # alone: the reference-paired window
+        assert measured.protocol == "rounds" and measured.rounds.reference_blocks
+        assert profiler.profile(sample) == measured.interleaved.quiet_ms
+        decision = profiler.decide(sample, measured.statistic("median") * 50)
+        assert decision.below and decision.source in ("measured", "cached")
+    # what cannot run rounds measures one model at a time, and answers with the median:
+    # inputs the default reference does not fit (unless a reference is named) ...
+    with LatencyProfiler(TinySpace(), torch.randn(1, 3, 32, 16), home=tmp_path,
+                         settings=short) as odd:
+        assert odd.settings["protocol"] == "loop" and odd.statistic == "median"
+    with LatencyProfiler(None, None, home=tmp_path, settings=short) as files:
+        assert files.settings["protocol"] == "loop"
+    # ... and a pool with a phone timed by onnxruntime_perf_test (one model at a time)
+    perf_test = tmp_path / "onnxruntime_perf_test"
+    perf_test.write_text("#!/bin/sh\n")
+    registry.add_device(tmp_path, registry.DeviceConfig(
+        name="phone", transport="adb", address="X1", agent="perf-test",
+        perf_test=str(perf_test)))
+    with LatencyProfiler(space, dummy, device="phone", home=tmp_path, settings=short) as phone:
+        assert phone.settings["protocol"] == "loop" and phone.statistic == "median"
+    # asked for, rounds are what a user gets (or a clear error where they cannot run)
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=dict(short, protocol="loop"),
+                         statistic="min") as asked:
+        assert asked.statistic == "min" and asked.settings["protocol"] == "loop"
 
 
 def test_the_default_reference_needs_an_image_input(tmp_path):

@@ -401,16 +401,17 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
               settings: Optional[Mapping[str, Any]] = None,
               home: Union[str, Path, None] = None, cache: Any = None,
               plot: bool = True, progress: Optional[bool] = None,
-              statistic: str = "median", fresh: bool = False,
+              statistic: Optional[str] = None, fresh: bool = False,
               on_progress: Optional[ProgressLine] = None) -> CalibrationResult:
     """Calibrate nn-Meter to `device` (see the module docstring); returns what was stored
     and whether it became the device's fallback. `statistic`: which statistic of the
-    device's runs the kernels and the correction are fitted to and predict (the median; the
-    minimum is the steadier one on a device that shares its CPU with other work, whose
-    interference only ever adds time). `fresh`: measure anew instead of reusing the cache.
+    device's runs the kernels and the correction are fitted to and predict (None: the
+    profiler's default, the quiet-state latency of interleaved rounds where the device runs
+    them, else the median; the minimum is steadier than the median on a device that shares
+    its CPU with other work, whose interference only ever adds time). `fresh`: measure anew instead of reusing the cache.
     `on_progress`: called with a line per step (for a log or a pipe, where no bar shows)."""
     import_nn_meter()
-    if statistic not in STATISTICS:
+    if statistic is not None and statistic not in STATISTICS:
         raise PredictorError(f"unknown statistic {statistic!r}",
                              fix=f"use one of {', '.join(STATISTICS)}")
     if samples < 2 or holdout < 2:
@@ -444,8 +445,9 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     # spends any time (a KernelError names the one that is not).
     jobs = plan_kernels([s.kernels["device"] for s in train]) if build_kernels else []
     candidate = folder / CANDIDATE
-    with LatencyProfiler(space, dummy_input, device, settings=settings, home=home,
+    with LatencyProfiler(space, dummy_input, device, statistic, settings=settings, home=home,
                          cache=cache, refresh=fresh) as profiler:
+        statistic = profiler.statistic  # the default resolved for its protocol
         measured: List[Measurement] = []
         # in tenths when progress lines are wanted, else at once (one bar, export ahead)
         chunk = max(1, math.ceil(len(subnets) / 10)) if on_progress else len(subnets)

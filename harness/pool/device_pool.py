@@ -30,7 +30,7 @@ from agents.ort_agent import AgentError, parse_settings
 from devices.agent_client import DeviceClient
 from devices.agent_result import AgentResult, DeviceFacts
 from devices.errors import AgentProtocolError, DeviceLost, MeasurementTimeout, ThermalError
-from devices.registry import devices_of_kind, open_client
+from devices.registry import devices_of_kind, measures_with_perf_test, open_client
 from harness.store.key import device_fingerprint, model_of, settings_key
 from harness.errors import InvalidArgument
 from harness.export.graph import ExportedModel
@@ -148,6 +148,7 @@ class DevicePool(Protocol):
     name: str           # what the user asked for: "local", "rpi4", "kind:K"
     isolation: str      # "worker" or "process" (how the agent runs on the device)
     devices: List[str]  # the registered devices it measures on from this host (a farm: none)
+    interleaves: bool   # whether it times models together in interleaved rounds
 
     def identify(self, timeout_s: float) -> DeviceIdentity:
         """Who the device is; in a pool, the first device that answers speaks for the kind."""
@@ -182,6 +183,9 @@ class LocalPool:
                         if device.startswith("kind:") else [device])
         self.health = DeviceHealth(self.devices, max_strikes=max_strikes,
                                    quarantine_s=quarantine_s)
+        # onnxruntime_perf_test times one model at a time: a pool with such a phone does too
+        self.interleaves = not any(measures_with_perf_test(name, self.home)
+                                   for name in self.devices)
         self._client_factory = client_factory
         self._clients: Dict[str, DeviceClient] = {}
         self._clients_lock = threading.Lock()

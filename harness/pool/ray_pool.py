@@ -408,6 +408,7 @@ class RayPool:
         self.name = f"kind:{kind}"
         self.kind = kind
         self.devices: List[str] = []  # the farm's devices are registered on its hosts
+        self.interleaves = False  # a farm job measures one model (rounds: this host's devices)
         self.address = address
         self.isolation = isolation
         from ray._private.authentication.authentication_utils import is_token_auth_enabled

@@ -124,8 +124,10 @@ class DecisionRound:
 
     def __init__(self, decider: LimitDecider, limit_ms: float, confidence: float):
         self.decider, self.limit_ms, self.confidence = decider, limit_ms, confidence
+        # the limit rule stops a loop as soon as the interval of the median settles the
+        # limit: decisions time one model at a time, whatever the profiler's protocol
         self.request = decider.request.with_settings(stop="limit", limit_ms=limit_ms,
-                                                     confidence=confidence)
+                                                     confidence=confidence, protocol="loop")
         self.export = decider.export
         self.audited: Dict[int, Prediction] = {}  # sample position -> the skipped prediction
 

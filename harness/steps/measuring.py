@@ -28,14 +28,18 @@ def window_request(request: MeasureRequest, models: int) -> MeasureRequest:
                    timeout_s=request.timeout_s * models, still_needed=request.still_needed)
 
 
-def check_statistic(statistic: str, settings: Mapping[str, Any]) -> None:
-    """A statistic a profiler can answer with under these settings; InvalidArgument if not
-    ("quiet" and "ratio" need interleaved rounds)."""
+def check_statistic(statistic: Optional[str], settings: Mapping[str, Any]) -> str:
+    """The statistic a profiler answers with under these settings: `statistic`, or by default
+    the quiet-state latency of interleaved rounds ("quiet") and the median of a loop;
+    InvalidArgument for one it cannot answer ("quiet" and "ratio" need interleaved rounds)."""
+    if statistic is None:
+        return "quiet" if settings["protocol"] == "rounds" else "median"
     if statistic not in STATISTICS:
         raise InvalidArgument(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     if statistic in ("quiet", "ratio") and settings["protocol"] != "rounds":
         raise InvalidArgument(f"the {statistic} statistic needs interleaved rounds",
                               fix="pass settings={'protocol': 'rounds'} (--protocol rounds)")
+    return statistic
 
 
 class MeasurementSteps:

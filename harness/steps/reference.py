@@ -6,7 +6,7 @@ the candidates and lasts about as long; a user names another model file instead 
 inputs static, or sized by the request). Exported once per profiler.
 """
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
@@ -14,6 +14,18 @@ from harness.errors import InvalidArgument
 from harness.export.graph import DummyInput, ExportedModel, export_sample
 from harness.export.model_file import load_model
 from harness.spaces.builtin import ProxylessSpace
+
+
+def default_protocol(settings: Mapping[str, Any], interleaves: bool, dummy_input: DummyInput,
+                     reference: Union[str, Path, bytes, None]) -> Dict[str, Any]:
+    """The settings with the protocol a profiler measures by, when they name none: "rounds"
+    (interleaved beside the reference, which holds on a noisy device) wherever it can run, that
+    is on a pool that `interleaves` with a reference for these inputs (the user's, or the
+    built-in one for an image input); else "loop", one model at a time."""
+    if settings.get("protocol") is not None:
+        return dict(settings)
+    rounds = interleaves and (reference is not None or _image_shape(dummy_input) is not None)
+    return dict(settings, protocol="rounds" if rounds else "loop")
 
 
 class Reference:
