@@ -408,7 +408,8 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     device's runs the kernels and the correction are fitted to and predict (None: the
     profiler's default, the quiet-state latency of interleaved rounds where the device runs
     them, else the median; the minimum is steadier than the median on a device that shares
-    its CPU with other work, whose interference only ever adds time). `fresh`: measure anew instead of reusing the cache.
+    its CPU with other work, whose interference only ever adds time). `fresh`: measure anew
+    instead of reusing the cache.
     `on_progress`: called with a line per step (for a log or a pipe, where no bar shows)."""
     import_nn_meter()
     if statistic is not None and statistic not in STATISTICS:
