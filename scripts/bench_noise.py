@@ -3,26 +3,30 @@
 twice, at equal device time, under each condition; the table says how often a subnet's second
 measurement agrees with its first.
 
-Protocols (each subnet gets about --seconds of timed runs per pass):
-- loop: one model after another, the fixed loop (today's default), its median;
+Protocols (the loop gets about --seconds of timed runs per subnet and pass; paired and
+rounds as much device time, of which the reference takes its share, so their candidates get
+--seconds less that share: REFERENCE_SHARE):
+- loop: one model after another, the fixed loop (the default before rounds), its median;
 - ci: one model after another until the 95% interval of the median is within 1%;
 - paired: one model at a time in its own window of interleaved rounds beside the reference
   (what a single profile() does with protocol "rounds"): its ratio to the reference, and its
   quiet-state latency;
 - rounds: the whole batch in windows of interleaved rounds: ratio and quiet-state latency.
 Conditions: idle, the seeded noisy neighbour (scripts/neighbour.py) on the other core
-(other-cores) or on the device's own core (same-core); the agent is pinned to CPU 0. With
---trace, a simulated device replaying each recorded trace too, where the truth is known:
-each protocol's error against it and how often the 95% interval covers it.
+(other-cores) or on the device's own core (same-core); the agent is pinned to CPU 0; arm64:
+an emulated arm64 board of the test farm (qemu-user, needs root) at --arm64-size px, idle.
+With --trace, a simulated device replaying each recorded trace too, where the truth is
+known: each protocol's error against it and how often the 95% interval covers it.
 
     python3 scripts/bench_noise.py --out bench_noise.md [--subnets 40] [--input-size 224]
-        [--conditions idle,other-cores,same-core] [--protocols loop,ci,paired,rounds]
+        [--conditions idle,other-cores,same-core,arm64] [--protocols loop,ci,paired,rounds]
         [--trace tests/fixtures/noise/loaded.json ...]
 
 Rows are printed as they are measured and appended to --out, so a run that dies still leaves
 its figures.
 """
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -32,10 +36,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from benchlib import Neighbour, space_at_input
+from benchlib import Arm64Board, Neighbour, space_at_input
 
-CONDITIONS = {"idle": None, "other-cores": "1", "same-core": "0"}
+CONDITIONS = {"idle": None, "other-cores": "1", "same-core": "0", "arm64": None}
 PROTOCOLS = ("loop", "ci", "paired", "rounds")
+# The share of a window's device time the reference takes (the figures of earlier runs,
+# rounded up): paired and rounds get the loop's device time less this, for their candidates.
+REFERENCE_SHARE = {"paired": 0.6, "rounds": 0.25}
 HEADER = ("| condition | protocol | statistic | within 1% | within 2% | within 5% | within 10% "
           "| median diff | Kendall tau | device-s per pass | dropped | reference share "
           "| error vs truth: within 2% | interval covers truth |")
@@ -46,9 +53,10 @@ def settings_of(protocol: str, seconds: float, rounds: Dict[str, float]) -> Dict
     budget is its candidates' budgets together); `rounds`: block_ms and ref_gap_ms."""
     pinned = {"cpu_affinity": [0]}
     if protocol == "loop":
-        return dict(pinned, min_time_ms=seconds * 1e3, max_time_ms=seconds * 1e3 * 4)
+        return dict(pinned, protocol="loop", min_time_ms=seconds * 1e3,
+                    max_time_ms=seconds * 1e3 * 4)
     if protocol == "ci":
-        return dict(pinned, stop="ci", rel_ci=0.01, max_time_ms=seconds * 1e3)
+        return dict(pinned, protocol="loop", stop="ci", rel_ci=0.01, max_time_ms=seconds * 1e3)
     return dict(pinned, protocol="rounds", rounds=100000, min_time_ms=0.0,
                 max_time_ms=seconds * 1e3, **rounds)
 
@@ -151,6 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--home", type=Path, help="HARNESS_HOME (default: a new folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-ms", type=float, default=20.0, help="rounds: block length")
+    parser.add_argument("--arm64-size", type=int, default=32,
+                        help="the arm64 condition's input size (an emulated board is slow)")
     parser.add_argument("--ref-gap-ms", type=float, default=150.0,
                         help="rounds: device time between reference blocks at most")
     args = parser.parse_args(argv)
@@ -164,6 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     space, space_name = space_at_input(parser, args.space, args.input_size)
     dummy = torch.randn(1, 3, args.input_size, args.input_size)
     samples = random_samples(space, args.subnets, seed=args.seed)
+    arm_space, _ = space_at_input(parser, args.space, args.arm64_size)
+    arm_dummy = torch.randn(1, 3, args.arm64_size, args.arm64_size)
+    arm_samples = random_samples(arm_space, args.subnets, seed=args.seed)
     home = args.home or Path(tempfile.mkdtemp(prefix="bench-noise-"))
     protocols = [p for p in args.protocols.split(",") if p]
     conditions = [c for c in args.conditions.split(",") if c]
@@ -178,11 +191,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     emit("|" + "---|" * (HEADER.count("|") - 1), args.out)
     raw: Dict[str, Any] = {}
     for condition in conditions:
-        with Neighbour(CONDITIONS[condition], seed=args.seed):
+        board: Any = Arm64Board() if condition == "arm64" else contextlib.nullcontext()
+        with Neighbour(CONDITIONS[condition], seed=args.seed), board:
+            where = (space, dummy, samples) if condition != "arm64" else \
+                (arm_space, arm_dummy, arm_samples)
             for protocol in protocols:
-                passes = [measure_pass(protocol, space, dummy, samples, "local",
-                                       home / condition / protocol / str(n), args.seconds,
-                                       rounds) for n in range(2)]
+                homes = [home / condition / protocol / str(n) for n in range(2)]
+                device = board.register(homes[0]) if condition == "arm64" else "local"
+                if condition == "arm64":
+                    board.register(homes[1])
+                seconds = args.seconds * (1 - REFERENCE_SHARE.get(protocol, 0.0))
+                passes = [measure_pass(protocol, *where, device, pass_home, seconds, rounds)
+                          for pass_home in homes]
                 for statistic in (("median",) if protocol in ("loop", "ci")
                                   else ("ratio", "quiet")):
                     emit(row(condition, protocol, statistic, *passes), args.out)
@@ -200,7 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reference_ms = spec.graph_median_ms(reference_model(dummy, home).sha256)
         for protocol in protocols:
             passes = [measure_pass(protocol, space, dummy, samples, device,
-                                   home / trace.stem / protocol / str(n), args.seconds, rounds)
+                                   home / trace.stem / protocol / str(n),
+                                   args.seconds * (1 - REFERENCE_SHARE.get(protocol, 0.0)), rounds)
                                    for n in range(2)]
             latency = [spec.graph_median_ms(m.provenance.model_sha256) for m in passes[1]]
             for statistic in (("median",) if protocol in ("loop", "ci") else ("ratio", "quiet")):

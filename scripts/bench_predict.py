@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchlib import load_testfarm, space_at_input  # noqa: E402
+from benchlib import Arm64Board, space_at_input  # noqa: E402
 from harness.predict.accuracy import accuracy_metrics, render_report  # noqa: E402
 from harness.campaigns.calibrate import calibrate  # noqa: E402
 from harness.export.graph import export_sample  # noqa: E402
@@ -48,26 +48,6 @@ from harness.spaces.space import random_samples  # noqa: E402
 TARGET_ACC10 = 0.95
 TARGET_TAU_GAP = 0.03
 TARGET_PREDICT_MS = 10.0
-ARM64_BOARD = 81  # network namespace hnb-181: apart from the tests' boards
-
-
-def start_arm64(home: Path) -> object:
-    """An emulated arm64 board, registered and trusted as device `arm64` in `home`."""
-    from devices import registry
-
-    testfarm = load_testfarm()
-    root = testfarm.arm64_root(log=lambda text: print(text, file=sys.stderr))
-    folder = Path(tempfile.mkdtemp(prefix="bench-arm64-"))
-    key = testfarm.make_client_key(folder / "client")
-    board = testfarm.Board(testfarm.ARM64_INDEX + ARM64_BOARD, folder, key, root=root).start()
-    registry.add_device(home, registry.DeviceConfig(
-        name="arm64", transport="ssh", address=f"root@{board.address}", key=str(key),
-        python="python3", workdir=board.workdir, kind="testboard", connect_timeout=10.0,
-        lock=board.workdir + ".lock"))
-    registry.trust_device(home, "arm64", lambda *_: True)
-    return board
-
-
 def prediction_costs(predictor: NnMeterProfiler, space: object, dummy: object,
                      seed: int) -> dict:
     """Median ms per subnet after export: never-seen subnets detected whole (what any
@@ -133,13 +113,10 @@ def main() -> int:
     if args.min_runs:
         settings.update(min_runs=args.min_runs, warmup_runs=min(args.min_runs, 3))
     home = Path(args.home or tempfile.mkdtemp(prefix="bench-predict-"))
-    board = start_arm64(home) if args.arm64 else None
-    device = "arm64" if args.arm64 else args.device
-    try:
-        return run(args, space, dummy, settings, home, device)
-    finally:
-        if board is not None:
-            board.destroy()  # type: ignore[attr-defined]
+    if not args.arm64:
+        return run(args, space, dummy, settings, home, args.device)
+    with Arm64Board() as board:
+        return run(args, space, dummy, settings, home, board.register(home))
 
 
 def run(args: argparse.Namespace, space: object, dummy: object, settings: dict, home: Path,

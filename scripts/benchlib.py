@@ -85,6 +85,45 @@ def load_testfarm() -> ModuleType:
     return module
 
 
+class Arm64Board:
+    """An emulated arm64 board of the test farm (scripts/testfarm; needs root), started in its
+    own network namespace, registered and trusted as device `name` in any home asked
+    (`register`), and destroyed on leaving (also on a failure)."""
+
+    INDEX = 81  # network namespace hnb-181: apart from the tests' boards
+
+    def __init__(self, name: str = "arm64"):
+        self.name, self.board, self.key = name, None, None
+
+    def __enter__(self) -> "Arm64Board":
+        import tempfile
+
+        testfarm = load_testfarm()
+        root = testfarm.arm64_root(log=lambda text: print(text, file=sys.stderr))
+        folder = Path(tempfile.mkdtemp(prefix="bench-arm64-"))
+        self.key = testfarm.make_client_key(folder / "client")
+        self.board = testfarm.Board(testfarm.ARM64_INDEX + self.INDEX, folder, self.key,
+                                    root=root).start()
+        return self
+
+    def register(self, home: Path) -> str:
+        """The board as a device of `home` (its registry and known hosts); its name."""
+        from devices import registry
+
+        registry.add_device(home, registry.DeviceConfig(
+            name=self.name, transport="ssh", address=f"root@{self.board.address}",
+            key=str(self.key), python="python3", workdir=self.board.workdir,
+            kind="testboard", connect_timeout=10.0, lock=self.board.workdir + ".lock"),
+            replace=True)
+        registry.trust_device(home, self.name, lambda *_: True)
+        return self.name
+
+    def __exit__(self, *exc: object) -> None:
+        if self.board is not None:
+            self.board.destroy()
+            self.board = None
+
+
 class SimFarm:
     """A Ray farm of simulated devices (devices.simulated) on this machine, driven as a user
     drives one: `harness farm serve` and `harness farm stop` in their own processes, one
