@@ -1209,8 +1209,9 @@ def _measure_rounds(models, reference, settings):
         raise AgentError("USER", "a rounds request needs a reference {model, sha256}")
     ort, controlled = _prepare(settings)
     thermal_before = thermal_zones()
-    try:
-        ref = _Loaded(ort, "reference", reference.get("model"), reference.get("sha256"), settings)
+    try:  # the reference's inputs are its own (input_shapes size the candidates' only)
+        ref = _Loaded(ort, "reference", reference.get("model"), reference.get("sha256"),
+                      dict(settings, input_shapes=None))
     except AgentError as exc:
         raise AgentError(exc.kind, "the reference model failed: %s" % exc.message)
     loaded, errors = {}, {}

@@ -22,7 +22,9 @@ from harness.predict.nn_meter import (KernelPredictors, NnMeterProfiler, load_pr
 from harness.spaces.space import enumerate_samples, random_samples  # noqa: E402
 from harness.spaces.mixed import MixedSpace  # noqa: E402
 
-SETTINGS = {"warmup_runs": 2, "min_runs": 5, "min_time_ms": 10.0, "max_time_ms": 2000.0}
+# interleaved rounds, the default, cut short: subnets in windows of rounds, each kernel cut
+# out of them in a window of its own beside the reference
+SETTINGS = {"warmup_runs": 1, "rounds": 4, "block_ms": 2.0, "ref_gap_ms": 6.0}
 
 
 @pytest.fixture
@@ -195,6 +197,8 @@ def test_calibration_on_the_mixed_space_and_resume_after_a_failure(mixed, home, 
                             progress=False, plot=False, seed=9)
     assert transferred.calibration.base_predictor == str(folder)
     assert transferred.report["calibrated"]["n"] == 3
+    # measured in rounds (the default), fitted to the quiet-state latency
+    assert result.calibration.statistic == transferred.calibration.statistic == "quiet"
 
 
 def test_generic_kernels_of_one_kernel_models_keep_their_features(rules):

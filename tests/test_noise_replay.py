@@ -79,7 +79,7 @@ def test_interleaved_rounds_recover_the_truth_through_speed_steps_the_loop_does_
     samples = random_samples(space, 8, seed=0)
     rounds = {"protocol": "rounds", "rounds": 20, "block_ms": 10.0, "ref_gap_ms": 30.0,
               "warmup_runs": 1, "max_time_ms": 60000.0}
-    loop = {"min_runs": 20, "min_time_ms": 150.0, "warmup_runs": 1}
+    loop = {"min_runs": 20, "min_time_ms": 150.0, "warmup_runs": 1, "protocol": "loop"}
     with LatencyProfiler(space, dummy, device="sim1", home=tmp_path, settings=rounds,
                          statistic="ratio") as profiler:
         measured = profiler.measure_many(samples, progress=False)
@@ -152,7 +152,7 @@ def test_a_replay_is_seeded_and_its_clock_goes_on_across_sessions(tmp_path):
     replaying_device(tmp_path, trace)
     space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
     sample = random_samples(space, 1, seed=0)[0]
-    loop = {"min_runs": 20, "min_time_ms": 100.0, "warmup_runs": 1}
+    loop = {"min_runs": 20, "min_time_ms": 100.0, "warmup_runs": 1, "protocol": "loop"}
     runs = []
     for _ in range(2):
         with LatencyProfiler(space, dummy, device="sim1", home=tmp_path, settings=loop,

@@ -36,7 +36,7 @@ OFFICIAL_KERNELS = {"conv-bn-relu": 7, "dwconv-bn-relu": 7, "fc": 4, "global-avg
                     "maxpool": 5, "avgpool": 5, "bn": 2, "bnrelu": 2, "channelshuffle": 2,
                     "concat": 6}
 CALIBRATION_SETTINGS = {"warmup_runs": 3, "min_runs": 10, "min_time_ms": 30.0,
-                        "max_time_ms": 3000.0}
+                        "max_time_ms": 3000.0, "protocol": "loop"}
 
 
 def forest(features: int, seed: int = 0) -> RandomForestRegressor:

@@ -302,6 +302,20 @@ def test_a_model_file_is_measured_in_its_own_window_under_rounds(tmp_path):
         assert profiler.measure_model(path).source == "cached"
 
 
+def test_input_shapes_size_the_candidate_not_the_reference(tmp_path, dynamic_model):
+    """A model file with a dynamic axis, sized by input_shapes, beside a static reference
+    (calibration times the kernels it cuts out of subnets this way)."""
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    reference = tmp_path / "reference.onnx"
+    reference.write_bytes(export_sample(space, random_samples(space, 1, seed=8)[0], dummy,
+                                        home=tmp_path).onnx_bytes)
+    with LatencyProfiler(None, None, home=tmp_path, settings=FAST,
+                         reference=reference) as profiler:
+        measured = profiler.measure_model(dynamic_model, {"x": [2, 4]})
+    assert measured.protocol == "rounds" and measured.rounds.reference_blocks
+    assert measured.input_signature[0]["shape"] == [2, 4]
+
+
 @pytest.mark.parametrize("field, value", [("state", {"load1": 10 ** 400}),
                                           ("blocks", [[0, 0, 2, [10 ** 400], 0.0]]),
                                           ("candidates_ms", 10 ** 400)])
