@@ -63,8 +63,9 @@ def settings_of(protocol: str, seconds: float, rounds: Dict[str, float]) -> Dict
 
 def measure_pass(protocol: str, space: Any, dummy: Any, samples: List[dict], device: str,
                  home: Path, seconds: float, rounds: Dict[str, float]) -> List[Any]:
-    """One pass: every subnet measured anew under the protocol, in a home of its own (no
-    pass reads another's measurements or reference history)."""
+    """One pass: every subnet measured anew under the protocol (refresh: no pass reads
+    another's measurements; passes in one home share the device's reference history, as a
+    user's second run does)."""
     from harness import LatencyProfiler
 
     with LatencyProfiler(space, dummy, device=device, home=home, refresh=True,
@@ -196,10 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             where = (space, dummy, samples) if condition != "arm64" else \
                 (arm_space, arm_dummy, arm_samples)
             for protocol in protocols:
-                homes = [home / condition / protocol / str(n) for n in range(2)]
+                homes = [home / condition / protocol] * 2  # the device's one home
                 device = board.register(homes[0]) if condition == "arm64" else "local"
-                if condition == "arm64":
-                    board.register(homes[1])
                 seconds = args.seconds * (1 - REFERENCE_SHARE.get(protocol, 0.0))
                 passes = [measure_pass(protocol, *where, device, pass_home, seconds, rounds)
                           for pass_home in homes]
