@@ -405,8 +405,9 @@ def open_client(name: str, home: Path, isolation: str = "worker"):
     transport = open_transport(name, home)
     if config is not None and config.agent == "perf-test":
         return PerfTestClient(transport, str(Path(config.perf_test or "").expanduser()))
+    # the local folder is read directly (harness.pool.model_folders): nothing to remember
     return AgentClient(transport, isolation, models_limit_bytes=models_limit_bytes(name, home),
-                       folder_file=usage_path(home, name))
+                       folder_file=None if name == "local" else usage_path(home, name))
 
 
 def known_hosts_files(home: Path) -> List[Path]:

@@ -2,7 +2,7 @@
 
     from harness import LatencyProfiler
     profiler = LatencyProfiler(space, torch.randn(1, 3, 224, 224), device="local")
-    profiler.profile(sample)        # median latency in ms
+    profiler.profile(sample)        # latency in ms (quiet-state, from interleaved rounds)
     profiler.measure(sample)        # Measurement: raw samples, statistics, provenance, source
 
 The names below are imported when first used (PEP 562), so that `import harness.cli` and

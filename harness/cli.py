@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="with --json or --csv: every raw per-run time too")
     profile.add_argument("--statistic", choices=STATISTICS,
                          help="the statistic profile() returns and the table shows first "
-                              "(default: quiet with --protocol rounds, else median)")
+                              "(default: quiet when measured in rounds, the default where "
+                              "they can run; else median)")
     _add_timing_options(profile)
     profile.add_argument("--isolation", choices=("worker", "process"), default="worker",
                          help="persistent agent worker, or a fresh process per measurement")
@@ -148,8 +149,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="only correct --predictor; do not build kernel predictors")
     calibrate.add_argument("--statistic", choices=STATISTICS,
                            help="what the calibration predicts of the device's runs (default: "
-                                "quiet with --protocol rounds, else median; min is steadier "
-                                "than median on a device shared with other work)")
+                                "quiet when measured in rounds, the default where they can "
+                                "run; else median; min is steadier than median on a device "
+                                "shared with other work)")
     calibrate.add_argument("--fresh", action="store_true",
                            help="measure every subnet and kernel anew instead of reusing the "
                                 "cache's measurements")
@@ -572,8 +574,9 @@ def _profile(args: argparse.Namespace) -> int:
     print(f"device time: {summary['device_s']:.1f} s for {summary['measurements']} "
           f"measurements (the fixed loop: about {summary['fixed_loop_s']:.1f} s)")
     if flagged:
-        advice = ("measure them again with --refresh --protocol rounds: interleaved beside a "
-                  "reference, they hold on a device shared with other work"
+        advice = ("measure them again with --refresh --protocol rounds where the device "
+                  "runs our agent (with --reference FILE.onnx for inputs other than an image): "
+                  "interleaved beside a reference, they hold on a device shared with other work"
                   if args.protocol != "rounds" else "raise --max-time-ms (more rounds) or "
                   "--ref-gap-ms lower (references nearer each candidate)")
         print(f"flagged: samples {', '.join(map(str, flagged))} (see flags); {advice}")
@@ -587,8 +590,11 @@ def _profiler(args: argparse.Namespace, space: Any, dummy: Any, variant: _Varian
     from harness.profiler import LatencyProfiler
 
     fallback = "nn-meter" if args.offline and args.fallback == "error" else args.fallback
+    settings = _settings(args)
+    if args.ops:  # per-operator times come from a loop of their own (rounds have none)
+        settings.setdefault("protocol", "loop")
     profiler = LatencyProfiler(space, dummy, device=args.device, statistic=args.statistic,
-                               settings=_settings(args), cache=args.cache,
+                               settings=settings, cache=args.cache,
                                isolation=args.isolation, timeout_s=args.timeout,
                                refresh=args.refresh, farm=args.farm, fallback=fallback,
                                predictor=args.predictor, offline=args.offline,

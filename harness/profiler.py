@@ -7,7 +7,8 @@ One `profile(sample)` call, top to bottom:
 4. the measurement under its key (steps.key_scope: graph hash, input shapes, runtime
    settings, device fingerprint, agent version): a hit answers without the device;
 5. otherwise the pool (harness.pool) leases a device and the agent times the model there;
-   the Measurement is stored and its statistic (median by default, ms) returned.
+   the Measurement is stored and its statistic (ms) returned: by default the quiet-state
+   latency of interleaved rounds beside a reference, else a loop's median.
 Steps 3-5 run for a whole batch at once (steps.batch) with steps.measuring's steps. When the
 device cannot be reached, the fallback (steps.fallback) answers. A failure raises a typed
 error and stores nothing.
@@ -27,7 +28,7 @@ from harness.export.model_file import (ModelFile, ModelFilesOnly, ModelSource, N
 from harness.metrics.profiler_base import Profiler
 from harness.paths import default_cache_path, harness_home
 from harness.pool.device_pool import DeviceIdentity, DevicePool, MeasureRequest
-from harness.pool.pools import open_pool
+from harness.pool.pools import open_pool, pool_interleaves
 from harness.spaces.space import ModelSpace, SampleValidator, checked_search_space
 from harness.steps.batch import answer_all
 from harness.steps.counters import Counters
@@ -85,11 +86,9 @@ class LatencyProfiler(Profiler):
             space, dummy_input = ModelFilesOnly(), torch.zeros(1)
         self.space, self.device, self.home = space, device, harness_home(home)
         self.precision = Precision(precision, calibration)
-        overrides = MeasureRequest.checked(  # settings checked before a pool opens
-            dict(settings or {}, **self.precision.settings()), timeout_s).overrides
-        self.pool = pool or open_pool(self.home, device, farm, isolation, max_strikes, quarantine_s)
-        self.request = MeasureRequest.checked(default_protocol(
-            overrides, self.pool.interleaves, dummy_input, reference), timeout_s)
+        self.request = MeasureRequest.checked(default_protocol(  # all checked before a pool opens
+            dict(settings or {}, **self.precision.settings()), pool_interleaves(
+                self.home, device, farm, isolation, pool), dummy_input, reference), timeout_s)
         self.settings, self.settings_key = self.request.settings, self.request.settings_key
         self.statistic = check_statistic(statistic, self.settings)
         self._validate = NoSamples() if models_only else SampleValidator(checked_search_space(space))
@@ -98,6 +97,7 @@ class LatencyProfiler(Profiler):
         self.space_fingerprint = exported_space_fingerprint(space, self.input_signature)
         self.cache = cache if isinstance(cache, Cache) else Cache(cache or default_cache_path(self.home))
         self.counters = Counters()  # exports, measurements, cache_hits, device_s, ...
+        self.pool = pool or open_pool(self.home, device, farm, isolation, max_strikes, quarantine_s)
         self._memo: Dict[tuple, float] = {}  # sample values in label order -> statistic
         self._base_scope = KeyScope(self.space_fingerprint, canonical_json(self.input_signature),
                                     self.settings_key)
@@ -152,8 +152,8 @@ class LatencyProfiler(Profiler):
         """measure() over many samples, in input order, with a progress bar on a terminal.
         Each result is stored as it completes (a sweep cut short resumes from the cache); the
         first failure is raised once the rest is done; a lost device's share falls back."""
-        steps = self.steps.for_request(self.request.with_settings(per_op=True)) if per_op \
-            else self.steps
+        steps = self.steps.for_request(self.request.with_settings(  # per-op times: a loop's
+            per_op=True, protocol="loop")) if per_op else self.steps
         canonical = [self._validate(sample) for sample in samples]      # step 1
         if self.fallback.active():
             return [self.fallback.answer(sample, None) for sample in canonical]
@@ -169,7 +169,8 @@ class LatencyProfiler(Profiler):
         except DeviceLost as exc:  # what the lost device left unanswered falls back
             results = [r or self.fallback.answer(s, exc) for r, s in zip(results, canonical)]
         self._memo.update((tuple(sample.values()), result.statistic(self.statistic))
-                          for sample, result in zip(canonical, results) if result is not None)
+                          for sample, result in zip(canonical, results)
+                          if result is not None and steps is self.steps)
         return results  # type: ignore[return-value]
 
     def decide(self, sample: Mapping[str, Any], limit_ms: float, confidence: float = 0.99) -> Decision:
@@ -208,8 +209,8 @@ class LatencyProfiler(Profiler):
         `input_shapes` ({name: shape}) sizes its dynamic axes: one left out is refused."""
         loaded = model if isinstance(model, ModelFile) else load_model(model)
         shapes = loaded.resolved_shapes(input_shapes)
-        steps = self.steps.for_request(self.request.with_settings(input_shapes=shapes,
-                                                                  per_op=per_op))
+        steps = self.steps.for_request(self.request.with_settings(
+            input_shapes=shapes, per_op=per_op, **({"protocol": "loop"} if per_op else {})))
         return steps.one(loaded.exported(), loaded.signature(shapes), shapes, self.pool,
                          self.precision)
 

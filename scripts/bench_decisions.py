@@ -58,7 +58,7 @@ def run_device(device: str, home: Path, folder: Path, index: Path, space: Any, d
                samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     def profiler(cache: Path, **settings: Any) -> LatencyProfiler:
         return LatencyProfiler(space, dummy, device=device, home=home, cache=cache,
-                               settings=settings)
+                               settings=dict({"protocol": "loop"}, **settings))
 
     out: Dict[str, Any] = {"device": device}
     with profiler(empty_copy(index, folder, f"{device}-fixed")) as p:

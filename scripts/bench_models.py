@@ -41,6 +41,7 @@ def main() -> int:
     args = parser.parse_args()
     settings = ({"min_runs": 5, "min_time_ms": 50.0, "warmup_runs": 2, "profile_runs": 5}
                 if args.quick else {"profile_runs": 20})
+    settings["protocol"] = "loop"  # its figures are the loop's (per-operator times, memory)
     space = ProxylessSpace()
     dummy = torch.randn(1, 3, args.size, args.size)
     samples = random_samples(space, args.samples, seed=args.seed)

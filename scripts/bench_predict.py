@@ -106,7 +106,7 @@ def main() -> int:
 
     space, args.space = space_at_input(parser, args.space, args.input_size)
     dummy = space.dummy_input()
-    settings = {"min_time_ms": args.min_time_ms,
+    settings = {"protocol": "loop", "min_time_ms": args.min_time_ms,
                 "max_time_ms": max(20000.0, 2 * args.min_time_ms)}
     if args.opt_level:
         settings["graph_optimization_level"] = args.opt_level

@@ -185,7 +185,10 @@ def test_a_loop_measurement_answers_a_loop_request_and_is_measured_again_for_rou
         again = rounds.measure(sample)
         assert again.source == "measured" and again.protocol == "rounds"
     with LatencyProfiler(space, dummy, home=tmp_path, settings=loop) as profiler:
-        assert profiler.measure(sample).source == "cached"  # the newest answers a loop request
+        # the loop's own result answers a loop request; the newer rounds result does not
+        answer = profiler.measure(sample)
+        assert answer.source == "cached" and answer.protocol == "loop"
+        assert answer.created_at == first.created_at
 
 
 def test_quiet_needs_rounds_and_a_bad_reference_stores_nothing(tmp_path):
@@ -236,7 +239,19 @@ def test_rounds_and_the_quiet_state_latency_are_the_default_wherever_they_can_ru
         perf_test=str(perf_test)))
     with LatencyProfiler(space, dummy, device="phone", home=tmp_path, settings=short) as phone:
         assert phone.settings["protocol"] == "loop" and phone.statistic == "median"
-    # asked for, rounds are what a user gets (or a clear error where they cannot run)
+    # ... and a fresh agent process per model, and what only a loop gives
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=short,
+                         isolation="process") as fresh:
+        assert fresh.settings["protocol"] == "loop"
+        assert fresh.measure(sample).protocol == "loop"
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=dict(
+            short, stop="limit", limit_ms=1.0)) as limited:
+        assert limited.settings["protocol"] == "loop"
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=short) as per_op:
+        with_ops = per_op.measure(sample, per_op=True)  # per-operator times: a loop's
+        assert with_ops.protocol == "loop" and with_ops.ops is not None
+        assert per_op.profile(sample) == measured.interleaved.quiet_ms  # rounds still answer
+    # asked for, a protocol is what a user gets
     with LatencyProfiler(space, dummy, home=tmp_path, settings=dict(short, protocol="loop"),
                          statistic="min") as asked:
         assert asked.statistic == "min" and asked.settings["protocol"] == "loop"

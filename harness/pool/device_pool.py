@@ -82,13 +82,14 @@ class MeasureRequest:
         return MeasureRequest.checked(dict(self.overrides, **changes), self.timeout_s)
 
     def accepts(self, cached: Measurement) -> bool:
-        """Whether a cached measurement answers this request: any does for the fixed loop;
-        for stop="ci" one whose interval of the median is as tight as rel_ci asks (a +-1%
-        result answers a +-2% request, not the reverse)."""
+        """Whether a cached measurement answers this request: one made by the same protocol
+        (a loop's median and a window of rounds are not the same quantity); for stop="ci"
+        one whose interval is as tight as rel_ci asks (a +-1% result answers a +-2% request,
+        not the reverse)."""
         if self.settings.get("per_op") and cached.ops is None:
             return False  # per-operator times asked, and the stored result has none
-        if self.settings["protocol"] == "rounds" and cached.rounds is None:
-            return False  # interleaved rounds asked, and it was timed one model at a time
+        if (self.settings["protocol"] == "rounds") != (cached.rounds is not None):
+            return False  # timed the other way: interleaved, or one model at a time
         if self.settings["stop"] != "ci":
             return True
         rounds = self.settings["protocol"] == "rounds" and cached.interleaved is not None
@@ -170,6 +171,14 @@ class DevicePool(Protocol):
         """Stop the agents on the devices and release temporary files."""
 
 
+def interleaves(home: Path, devices: Sequence[str], isolation: str) -> bool:
+    """Whether a pool of these devices times models together in interleaved rounds: not
+    with a fresh agent process per model (isolation "process": one model per process), nor
+    with a phone timed by onnxruntime_perf_test (one model at a time)."""
+    return isolation != "process" and not any(measures_with_perf_test(name, home)
+                                              for name in devices)
+
+
 class LocalPool:
     """One device, or every registered device of a kind, reached from this host."""
 
@@ -183,9 +192,7 @@ class LocalPool:
                         if device.startswith("kind:") else [device])
         self.health = DeviceHealth(self.devices, max_strikes=max_strikes,
                                    quarantine_s=quarantine_s)
-        # onnxruntime_perf_test times one model at a time: a pool with such a phone does too
-        self.interleaves = not any(measures_with_perf_test(name, self.home)
-                                   for name in self.devices)
+        self.interleaves = interleaves(self.home, self.devices, isolation)
         self._client_factory = client_factory
         self._clients: Dict[str, DeviceClient] = {}
         self._clients_lock = threading.Lock()

@@ -3,7 +3,22 @@ on a Ray farm (RayPool, an optional extra, imported only when a farm is asked fo
 from pathlib import Path
 from typing import Optional
 
-from harness.pool.device_pool import DevicePool, LocalPool
+from devices.registry import devices_of_kind
+from harness.pool.device_pool import DevicePool, LocalPool, interleaves
+
+
+def pool_interleaves(home: Path, device: str, farm: Optional[str], isolation: str,
+                     pool: Optional[DevicePool] = None) -> bool:
+    """Whether the pool a profiler measures on (`pool`, or the one open_pool would open)
+    times models together in interleaved rounds; known before any pool opens, so that
+    settings are checked whole first. A farm measures one model per job; a pool of the
+    user's own that does not say it interleaves does not."""
+    if pool is not None:
+        return bool(getattr(pool, "interleaves", False))
+    if farm is not None:
+        return False
+    kind = device[len("kind:"):] if device.startswith("kind:") else None
+    return interleaves(home, devices_of_kind(home, kind) if kind else [device], isolation)
 
 
 def open_pool(home: Path, device: str, farm: Optional[str] = None, isolation: str = "worker",

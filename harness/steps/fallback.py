@@ -109,7 +109,10 @@ class PredictionFallback:
             cached = self._cache.get(self._scope.key(
                 graph, unit=calibration.device_fingerprint,
                 agent_version=calibration.agent_version))
-            if cached is not None:
+            # a measurement answers when it has the profiler's statistic (quiet and ratio
+            # are a window of rounds')
+            if cached is not None and (cached.rounds is not None or
+                                       self._statistic not in ("quiet", "ratio")):
                 self._counters.add(cache_hits=1)
                 return cached
         predicted = predictor.predict_exported(exported or self._export(sample))

@@ -15,7 +15,7 @@ from harness.steps.counters import Counters
 from harness.steps.export_step import SampleExport
 from harness.steps.key_scope import KeyScope
 from harness.store.cache import Cache
-from harness.store.key import MeasurementKey, canonical_json
+from harness.store.key import MeasurementKey, canonical_json, settings_key
 from harness.store.rounds import LEVEL_QUANTILE, block_statistic
 from harness.errors import InvalidArgument
 from harness.store.measurement import STATISTICS, Measurement
@@ -77,8 +77,9 @@ class MeasurementSteps:
             return None
         for key in self.scope().lookup_keys(graph, input_sig=input_sig,
                                             settings_key=self.request.settings_key):
-            cached = self.cache.get(key)  # one not as precise as asked is measured again
-            if cached is not None and self.request.accepts(cached) and self._same_reference(cached):
+            cached = self.cache.newest(  # one not as precise as asked is measured again
+                key, lambda m: self.request.accepts(m) and self._same_reference(m))
+            if cached is not None:
                 self.counters.add(cache_hits=1)
                 return cached
         return None
@@ -128,7 +129,11 @@ class MeasurementSteps:
         blocks = [(block[2], block_statistic(block[3]), began + block[4])
                   for block in result.rounds.reference_blocks]
         window = f"{began:.6f}"
-        return self.cache.reference_level(key.device_fp, key.settings_key,
+        # the history of the reference as it ran: its own inputs, fp32, whatever the
+        # candidates' shapes and precision (one history for a device's every window)
+        ran_as = settings_key(dict(self.request.settings, input_shapes=None,
+                                   precision="fp32", calibration=None))
+        return self.cache.reference_level(key.device_fp, ran_as,
                                           result.rounds.reference_sha256, window, blocks,
                                           LEVEL_QUANTILE)
 

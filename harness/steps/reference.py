@@ -3,7 +3,8 @@
 By default a fixed subnet of the built-in ProxylessNAS-style space (the middle choice of
 every label) at the candidates' input size, so that it runs the same kinds of kernels as
 the candidates and lasts about as long; a user names another model file instead (its
-inputs static, or sized by the request). Exported once per profiler.
+inputs static: a request's input_shapes size the candidates only). Exported once per
+profiler. `default_protocol` says where rounds are the default.
 """
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -24,7 +25,9 @@ def default_protocol(settings: Mapping[str, Any], interleaves: bool, dummy_input
     built-in one for an image input); else "loop", one model at a time."""
     if settings.get("protocol") is not None:
         return dict(settings)
-    rounds = interleaves and (reference is not None or _image_shape(dummy_input) is not None)
+    # the limit rule and per-operator times are the loop's (rounds have neither)
+    rounds = interleaves and settings.get("stop") != "limit" and not settings.get("per_op") \
+        and (reference is not None or _image_shape(dummy_input) is not None)
     return dict(settings, protocol="rounds" if rounds else "loop")
 
 

@@ -25,8 +25,8 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import (Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
-                    Union)
+from typing import (Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
 from devices.safe_files import NotARegularFile, replace_file
 from harness.errors import CacheError
@@ -283,6 +283,19 @@ class Cache:
         if not rows:
             return None
         return self._decode(rows[0][0]).with_source("cached")
+
+    def newest(self, key: MeasurementKey, accepts: Callable[[Measurement], bool],
+               depth: int = 50) -> Optional[Measurement]:
+        """The newest of the last `depth` measurements under `key` that `accepts` takes (a
+        request of one protocol passes over the other's), as source="cached", or None."""
+        rows = self._query("read measurements",
+                           f"SELECT record FROM measurements WHERE {_KEY_WHERE} "
+                           "ORDER BY rowid DESC LIMIT ?", (*key.values(), depth))
+        for (record,) in rows:
+            measurement = self._decode(record)
+            if accepts(measurement):
+                return measurement.with_source("cached")
+        return None
 
     def history(self, key: MeasurementKey) -> List[Measurement]:
         """Every measurement under `key`, in the order they were stored."""
