@@ -1040,18 +1040,11 @@ def interleave(models, reference, settings, clock):
         # every block of the window has the reference's k runs: the minimum of more runs is
         # lower, so a ratio of minima over different k would carry a bias of its own
         model.k = reference.k
-    # A window of few candidates fills the gap between two references with several blocks of
-    # each (a lone candidate: about ref_gap_ms / block_ms of its own), so that the reference
-    # stays a small share of the device time; `rounds` and `completed` count every
-    # candidate's blocks, however many a round holds.
-    block_s = max([model.run_s * (model.k + 1) for model in models.values()] or [gap_s])
-    repeats = max(1, int(gap_s / (max(len(models), 1) * block_s)))
     sequence, completed, failed, reason = 0, 0, {}, "rounds"
     loop_start = clock()
-    for round_index in range(-(-settings["rounds"] // repeats)):
-        blocks_each = min(repeats, settings["rounds"] - completed)  # the last round: the rest
-        order = [name for name in round_order(sorted(models) * blocks_each, settings["seed"],
-                                              round_index) if name not in failed]
+    for round_index in range(settings["rounds"]):
+        order = [name for name in round_order(sorted(models), settings["seed"], round_index)
+                 if name not in failed]
         since_ref = 0.0
         if round_index == 0:  # later rounds open on the reference block that closed the last
             sequence += 1
@@ -1060,16 +1053,16 @@ def interleave(models, reference, settings, clock):
             sequence += 1
             try:
                 since_ref += models[name].block(round_index, position, sequence, loop_start)
-            except Exception as exc:
-                failed[name] = AgentError("RUNTIME", "inference failed in round %d: %s"
-                                          % (round_index, _one_line(exc))).to_json()["error"]
-                continue
+            except Exception as exc:  # that model's error; the round goes on, and its
+                failed[name] = AgentError(  # closing reference block still comes
+                    "RUNTIME", "inference failed in round %d: %s"
+                    % (round_index, _one_line(exc))).to_json()["error"]
             following = models[order[position + 1]] if position + 1 < len(order) else None
             if following is None or since_ref + following.run_s * (following.k + 1) > gap_s:
                 sequence += 1
                 _reference_block(reference, round_index, position, sequence, loop_start)
                 since_ref = 0.0
-        completed += blocks_each
+        completed = round_index + 1
         if settings["stop"] == "ci" and completed >= settings["min_runs"] and _precise(
                 {name: models[name] for name in models if name not in failed}, reference,
                 settings):
@@ -1195,8 +1188,7 @@ def round_order(names, seed, round_index):
 def measure_rounds(models, reference, settings=None, lock=None, lock_wait_s=600.0):
     """Load every model of `models` ({name: {"model": path, "sha256": hex}}) and the
     `reference` ({"model": path, "sha256": hex}), then time them in interleaved rounds: each
-    round runs every candidate's block once in a fresh seeded random order (a window of few
-    candidates, a lone one say, runs each several times: see interleave), with a block of
+    round runs every candidate's block once in a fresh seeded random order, with a block of
     the reference before the first candidate and again whenever ref_gap_ms of device time
     would otherwise pass, and at the round's end. Rounds run until `rounds` are done or
     max_time_ms is spent (a round is never cut short). A candidate that fails to load or run

@@ -4,8 +4,9 @@ twice, at equal device time, under each condition; the table says how often a su
 measurement agrees with its first.
 
 Protocols (the loop gets about --seconds of timed runs per subnet and pass; paired and
-rounds as much device time, of which the reference takes its share, so their candidates get
---seconds less that share: REFERENCE_SHARE):
+rounds a window budget, reference blocks included, of WINDOW_BUDGET x --seconds per
+candidate, so that with their loads and probes they spend no more device time than the
+loop: the device-s column says what each spent):
 - loop: one model after another, the fixed loop (the default before rounds), its median;
 - ci: one model after another until the 95% interval of the median is within 1%;
 - paired: one model at a time in its own window of interleaved rounds beside the reference
@@ -40,9 +41,10 @@ from benchlib import Arm64Board, Neighbour, space_at_input
 
 CONDITIONS = {"idle": None, "other-cores": "1", "same-core": "0", "arm64": None}
 PROTOCOLS = ("loop", "ci", "paired", "rounds")
-# The share of a window's device time the reference takes (the figures of earlier runs,
-# rounded up): paired and rounds get the loop's device time less this, for their candidates.
-REFERENCE_SHARE = {"paired": 0.6, "rounds": 0.25}
+# A window's time budget per candidate (max_time_ms, reference blocks included), as a share
+# of the loop's --seconds: what a window spends beyond it (loading its models and the
+# reference, probing k) is about what the loop spends on loading and warming each model.
+WINDOW_BUDGET = {"paired": 0.9, "rounds": 0.9}
 HEADER = ("| condition | protocol | statistic | within 1% | within 2% | within 5% | within 10% "
           "| median diff | Kendall tau | device-s per pass | dropped | reference share "
           "| error vs truth: within 2% | interval covers truth |")
@@ -199,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for protocol in protocols:
                 homes = [home / condition / protocol] * 2  # the device's one home
                 device = board.register(homes[0]) if condition == "arm64" else "local"
-                seconds = args.seconds * (1 - REFERENCE_SHARE.get(protocol, 0.0))
+                seconds = args.seconds * WINDOW_BUDGET.get(protocol, 1.0)
                 passes = [measure_pass(protocol, *where, device, pass_home, seconds, rounds)
                           for pass_home in homes]
                 for statistic in (("median",) if protocol in ("loop", "ci")
@@ -220,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for protocol in protocols:
             passes = [measure_pass(protocol, space, dummy, samples, device,
                                    home / trace.stem / protocol / str(n),
-                                   args.seconds * (1 - REFERENCE_SHARE.get(protocol, 0.0)), rounds)
+                                   args.seconds * WINDOW_BUDGET.get(protocol, 1.0), rounds)
                                    for n in range(2)]
             latency = [spec.graph_median_ms(m.provenance.model_sha256) for m in passes[1]]
             for statistic in (("median",) if protocol in ("loop", "ci") else ("ratio", "quiet")):

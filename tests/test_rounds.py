@@ -217,10 +217,9 @@ def test_rounds_and_the_quiet_state_latency_are_the_default_wherever_they_can_ru
         assert profiler.settings["protocol"] == "rounds" and profiler.statistic == "quiet"
         measured = profiler.measure(sample)  # alone: the reference-paired window
         assert measured.protocol == "rounds" and measured.rounds.reference_blocks
-        # a lone candidate fills the gap between references with blocks of its own (about
-        # ref_gap_ms / block_ms), so the reference takes a smaller share than one block in two
+        # one block of the candidate per round, each between two references
         assert len(measured.rounds.blocks) == FAST["rounds"] == measured.rounds.completed
-        assert len(measured.rounds.blocks) > len(measured.rounds.reference_blocks)
+        assert len(measured.rounds.reference_blocks) == FAST["rounds"] + 1
         assert profiler.profile(sample) == measured.interleaved.quiet_ms
         decision = profiler.decide(sample, measured.statistic("median") * 50)
         assert decision.below and decision.source in ("measured", "cached")
