@@ -1838,7 +1838,8 @@ MODEL_SUFFIXES = (".onnx", ".tflite", ".pte")
 
 def model_folder(folder, limit_bytes=None, keep=()):
     """The models in `folder` (`*.onnx`, `*.tflite`, `*.pte`, by content hash), least recently
-    used first removed while they add up to more than `limit_bytes` (None: nothing removed), never one in `keep`.
+    used first removed while they add up to more than `limit_bytes` (None: nothing removed),
+    never one in `keep`.
     A model's last use is its access time, which the agent sets whenever it measures one (its
     modification time stays the time it was put there).
     Returns {"bytes", "models", "removed", "removed_bytes"} after the removal."""

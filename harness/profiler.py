@@ -54,7 +54,8 @@ class LatencyProfiler(Profiler):
     What: `space`, `dummy_input` (None, None: model files only, `measure_model`), `statistic`
         (what `profile()` returns: median, mean, p90, p99, min, max; with protocol "rounds",
         quiet or ratio), `precision` (fp32, fp16,
-        int8-dynamic, int8-static, with an .npz `calibration`), converted on the host, keyed.
+        int8-dynamic, int8-static, with an .npz `calibration`), `runtime` (onnxruntime, litert,
+        executorch, openvino; else settings'), converted on the host, keyed.
     Where: `device` ("local", a registered name, "kind:K": every device of kind K), or a
         `pool` opened already (harness.pool); else `isolation` ("worker", "process"),
         `max_strikes`, `quarantine_s` and `farm` (a Ray farm's address) open one.
@@ -71,6 +72,7 @@ class LatencyProfiler(Profiler):
                  device: str = "local", statistic: str = "median", *,
                  settings: Optional[Mapping[str, Any]] = None, timeout_s: float = 300.0,
                  precision: str = "fp32", calibration: Union[str, Path, None] = None,
+                 runtime: Optional[str] = None,
                  pool: Optional[DevicePool] = None, isolation: str = "worker",
                  max_strikes: int = 3, quarantine_s: float = 60.0, farm: Optional[str] = None,
                  cache: Union[Cache, str, Path, None] = None, refresh: bool = False,
@@ -84,7 +86,7 @@ class LatencyProfiler(Profiler):
             space, dummy_input = ModelFilesOnly(), torch.zeros(1)
         self.space, self.device, self.statistic = space, device, statistic
         self.home = harness_home(home)
-        self.precision = Precision(precision, calibration)
+        self.precision = Precision.of(precision, calibration, runtime, settings)
         self.request = MeasureRequest.checked(dict(settings or {}, **self.precision.settings()),
                                               timeout_s)
         self.settings, self.settings_key = self.request.settings, self.request.settings_key
@@ -104,7 +106,7 @@ class LatencyProfiler(Profiler):
         self.pool = pool or open_pool(self.home, device, farm, isolation, max_strikes, quarantine_s)
         self.export = SampleExport(space, dummy_input, self._base_scope, self.cache,
                                    self.precision, self.home, self.counters)
-        self.reference = Reference(dummy_input, self.home, reference)  # for protocol "rounds"
+        self.reference = Reference(dummy_input, self.home, reference, self.precision)  # rounds
         self.steps = MeasurementSteps(self.export, self.cache, self.key_scope, self.counters,
                                       self.pool.isolation, refresh, self.request, self.reference)
         self.decider = LimitDecider(  # the device's latency model lives there
@@ -195,8 +197,8 @@ class LatencyProfiler(Profiler):
     def measure_module(self, module: torch.nn.Module, dummy_input: DummyInput) -> Measurement:
         """Latency of any module (a block of a lookup table, say) on this profiler's device,
         through the same cache, keyed by its own graph hash and input shapes."""
-        return self.steps.one(export_module(module.eval(), dummy_input),
-                              input_signature(dummy_input), None, self.pool, self.precision)
+        return self.steps.one(export_module(module.eval(), dummy_input), input_signature(
+            dummy_input), None, self.pool, self.precision, lambda: module, dummy_input)
 
     def measure_model(self, model: Union[ModelSource, ModelFile],
                       input_shapes: Optional[Mapping[str, List[int]]] = None,

@@ -303,7 +303,7 @@ class LocalPool:
         wall-clock window it took; the lease is released before this pool's waiting jobs are
         told the device is free. Strikes and clears the device's health."""
         name = lease.device
-        paths = [Path(self._staging.name) / f"{e.sha256}.{threading.get_ident()}.onnx"
+        paths = [Path(self._staging.name) / f"{e.sha256}.{threading.get_ident()}{e.suffix}"
                  for e in exported]
         with self._freed:
             self._busy.add(name)

@@ -93,6 +93,7 @@ class MeasurementSteps:
                                   settings_key=self.request.settings_key)
         measured = Measurement.from_result(
             result, exported.graph_hash, signature, export_ms=exported.export_ms,
+            convert_ms=exported.convert_ms,
             model_sha256=exported.sha256, model_bytes=len(exported.onnx_bytes),
             isolation=self.isolation, reference_level_ms=self.reference_level(key, result))
         if key.device_fp != self.scope().device_fp:  # in a pool, devices of a kind may differ
@@ -117,14 +118,15 @@ class MeasurementSteps:
 
     def one(self, exported: ExportedModel, signature: List[Dict[str, Any]],
             shapes: Optional[Mapping[str, List[int]]], pool: DevicePool,
-            precision: Precision) -> Measurement:
+            precision: Precision, module: Optional[Callable[[], Any]] = None,
+            dummy_input: Any = None) -> Measurement:
         """Steps 4-5 for one model outside the space: the cache, else the device (converted
         to the profiler's precision; `shapes`: its inputs', else the signature's), stored."""
         shapes = shapes or {f"input{i}": item["shape"] for i, item in enumerate(signature)}
         cached = self.cached(exported.graph_hash, canonical_json(signature))
         if cached is not None:
             return cached
-        exported = precision.convert(exported, shapes)
+        exported = precision.convert(exported, shapes, module, dummy_input, self.export.home)
         if self.request.settings["protocol"] != "rounds":
             return self.store(pool.measure(exported, self.request), exported, signature)
         # alone in a window beside the reference (the reference-paired window)
