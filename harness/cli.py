@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
+from agents.ort_agent import RUNTIMES
 from devices.errors import FixableError
 from harness import __version__
 from harness.errors import HarnessError, InvalidArgument
@@ -245,6 +246,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_timing_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runtime", choices=RUNTIMES,
+                        help="the runtime that times the models (default onnxruntime; a "
+                             "--model FILE.tflite or .pte picks litert or executorch); the host "
+                             "converts subnets to its format")
+    parser.add_argument("--backend", metavar="NAME",
+                        help="the runtime's backend: litert xnnpack|cpu|gpu, executorch "
+                             "xnnpack|portable, openvino CPU|GPU|AUTO|... (default: the first)")
+    parser.add_argument("--require-backend", action="store_true",
+                        help="a backend that leaves nodes to the CPU kernels is an error, "
+                             "not a record")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default 1)")
     parser.add_argument("--cpus", help="pin the agent to these CPUs, e.g. 1 or 4-7 or 0,2")
     parser.add_argument("--min-runs", type=int,
@@ -290,6 +301,12 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
                         ("ref_gap_ms", "ref_gap_ms")):
         if getattr(args, option) is not None:
             settings[key] = getattr(args, option)
+    if args.runtime:
+        settings["runtime"] = args.runtime
+    if args.backend:
+        settings["backend"] = args.backend
+    if args.require_backend:
+        settings["require_backend"] = True
     if args.cpus:
         settings["cpu_affinity"] = parse_cpus(args.cpus)
     if args.provider:
@@ -647,6 +664,7 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
         raise InvalidArgument("--model measures one model file: --samples, --seed, --fallback and "
                          "--offline are for spaces", fix="drop them, or use --space")
     model = load_model(args.model)
+    args.runtime = _runtime_of_model(args.model, args.runtime)
     given = dict(_shape(text) for text in args.input_shape)
     model.check_names(given)
     name = os.path.basename(args.model)
@@ -667,6 +685,24 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
     static = all(isinstance(d, int) for item in model.inputs for d in item.dims)
     default = variant_name("fp32", " ".join("x".join(map(str, item.dims)) for item in model.inputs))
     return measured, default if static else None
+
+
+def _runtime_of_model(path: str, asked: Optional[str]) -> Optional[str]:
+    """The runtime a --model file runs on: the one its extension names (.tflite: litert,
+    .pte: executorch), else --runtime's; InvalidArgument when --runtime names another."""
+    from harness.export.formats import runtime_of_file
+
+    follows = runtime_of_file(path)
+    if follows is None:
+        if asked in ("litert", "executorch"):
+            raise InvalidArgument(f"--runtime {asked} does not load ONNX ({path})",
+                                  fix="pass its .tflite or .pte file, or --runtime onnxruntime "
+                                      "or openvino")
+        return asked
+    if asked is not None and asked != follows:
+        raise InvalidArgument(f"{path} is a model for {follows}, not {asked}",
+                              fix=f"drop --runtime, or pass --runtime {follows}")
+    return follows
 
 
 def _trace_folder(args: argparse.Namespace) -> Path:
@@ -880,6 +916,9 @@ def _devices(args: argparse.Namespace) -> int:
                 print(f"{label:>12}: {identity.get(key) or 'missing'}")
         if identity and identity.get("providers"):
             print(f"{'providers':>12}: {', '.join(map(str, identity['providers']))}")
+        for runtime, line in report.runtimes.items():  # --runtime NAME measures there
+            if runtime != "onnxruntime":
+                print(f"{runtime:>12}: {line}")
         if report.governors:
             print(f"{'governors':>12}: {', '.join(report.governors)}")
         if report.hottest_c is not None:

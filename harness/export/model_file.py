@@ -146,7 +146,8 @@ def load_model(source: ModelSource) -> ModelFile:
         data = path.read_bytes()
     found = content_suffix(data)
     named = None if isinstance(source, bytes) else Path(source).suffix.lower()
-    if named in (".tflite", ".pte", ".onnx") and found != named:
+    if named in (".tflite", ".pte", ".onnx") and found != named and \
+            (found is not None or named != ".onnx"):  # unknown bytes in .onnx: onnx says why
         raise ExportError(f"model file {origin} is named {named} but its content is "
                           f"{found or 'no model format harness knows'}: refused",
                           fix=f"rename it to its format's extension, or pass the real {named} file")
