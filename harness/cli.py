@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from agents.ort_agent import RUNTIMES
 from devices.errors import FixableError
 from harness import __version__
 from harness.errors import HarnessError, InvalidArgument
+from harness.store.key import RUNTIMES
 from harness.store.measurement import STATISTICS
 from harness.paths import default_cache_path
 

@@ -1,6 +1,7 @@
 """Runtimes beside onnxruntime: LiteRT, ExecuTorch, OpenVINO, each through the real agent on
 `local`, with models converted on the host by the runtime's own converter."""
 import json
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -275,3 +276,63 @@ def test_agent_stays_importable_without_any_runtime():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------- the command line
+
+def cli(home, *args):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+                          text=True, timeout=600,
+                          env=dict(os.environ, HARNESS_HOME=str(home),
+                                   PYTHONPATH=str(Path(AGENT).parent.parent)))
+
+
+FAST_FLAGS = ["--min-runs", "5", "--min-time-ms", "5"]
+
+
+def test_cli_profiles_a_space_on_a_runtime_with_its_column(home):
+    if not installed("openvino"):
+        pytest.skip("pip install openvino")
+    proc = cli(home, "profile", "--space", "harness.spaces:TinySpace", "--samples", "2",
+               "--runtime", "openvino", *FAST_FLAGS)
+    assert proc.returncode == 0, proc.stderr
+    header = proc.stdout.splitlines()[0].split()
+    assert header[:3] == ["#", "device", "runtime"]
+    assert proc.stdout.count("openvino 2026") == 2 or "openvino" in proc.stdout
+    proc = cli(home, "profile", "--space", "harness.spaces:TinySpace", "--samples", "2",
+               "--runtime", "openvino", *FAST_FLAGS, "--json")
+    rows = [json.loads(line) for line in proc.stdout.splitlines()][:-1]
+    assert all(row["runtime"].startswith("openvino") and row["source"] == "cached"
+               for row in rows)
+
+
+def test_cli_model_file_picks_its_runtime_and_refuses_a_contradiction(home, files):
+    if not installed("litert"):
+        pytest.skip("pip install ai-edge-litert")
+    proc = cli(home, "profile", "--model", str(files["litert"]), *FAST_FLAGS, "--json")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout.splitlines()[0])
+    assert row["runtime"].startswith("litert") and row["settings"]["runtime"] == "litert"
+    proc = cli(home, "profile", "--model", str(files["litert"]), "--runtime", "openvino",
+               *FAST_FLAGS)
+    assert proc.returncode != 0 and "for litert, not openvino" in proc.stderr
+
+
+def test_cli_devices_check_lists_the_runtimes(home):
+    proc = cli(home, "devices", "check", "local")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for runtime in PACKAGES:
+        line = next(line for line in proc.stdout.splitlines()
+                    if line.strip().startswith(runtime + ":"))
+        if installed(runtime):
+            assert metadata.version(PACKAGES[runtime]) in line
+        else:
+            assert f"pip install {PACKAGES[runtime]}" in line
+
+
+def test_devices_check_says_when_python_is_too_old_for_a_runtime():
+    from devices.check import runtime_lines
+    lines = runtime_lines({"python": "CPython 3.9.2", "onnxruntime": "1.16.3"})
+    assert lines["onnxruntime"] == "1.16.3"
+    for runtime in PACKAGES:
+        assert "needs Python >= 3.10, the device has 3.9.2" in lines[runtime]

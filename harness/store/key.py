@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping
 
-from agents.ort_agent import DEFAULT_SETTINGS
+from agents.ort_agent import DEFAULT_SETTINGS, RUNTIMES  # noqa: F401 (the CLI's choices)
 
 # Settings that change what is measured (part of the cache key). The timing-loop settings
 # (warm-up, run counts and times, input seed) change only how precisely, and are recorded in
