@@ -86,7 +86,7 @@ def runtime_lines(identity: Dict[str, Any]) -> Dict[str, str]:
         python = None
     lines = {}
     for runtime in RUNTIMES:
-        facts = RUNTIME_FACTS[runtime]
+        facts: Dict[str, Any] = RUNTIME_FACTS[runtime]  # type: ignore[assignment]
         if runtime in versions:
             lines[runtime] = str(versions[runtime])
         elif python is not None and python < facts["python"]:

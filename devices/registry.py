@@ -15,7 +15,8 @@
     [devices.pixel7]
     transport = "adb"
     address = "2A1B0C3D"             # serial (or host:port for Wi-Fi ADB)
-    agent = "python"                 # "python" (e.g. Termux) or "perf-test"
+    agent = "python"                 # "python" (e.g. Termux), "perf-test", "benchmark-model"
+                                     # (LiteRT) or "executor-runner" (ExecuTorch)
     perf_test = "~/android/onnxruntime_perf_test"   # host path of an Android build (perf-test)
     max_temp_c = 45.0                # wait until the hottest CPU zone is below this
 
@@ -51,6 +52,8 @@ from devices.agent_client import AgentClient
 from devices.errors import BadRequest
 from devices.local import LocalTransport
 from devices.noise_trace import NoiseTrace
+from devices.native_bench_client import TOOLS as NATIVE_TOOLS
+from devices.native_bench_client import NativeBenchClient
 from devices.perf_tool_client import PerfTestClient
 from devices.safe_files import NotARegularFile, replace_text
 from devices.simulated import SimulatedClient, SimulatedModel
@@ -60,7 +63,7 @@ from devices.transport import Transport
 
 BUILTIN_DEVICES = ("local",)
 TRANSPORTS = ("ssh", "adb", "sim")
-AGENTS = ("python", "perf-test")
+AGENTS = ("python", "perf-test", "benchmark-model", "executor-runner")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -303,6 +306,12 @@ def add_device(home: Path, config: DeviceConfig, replace: bool = False) -> None:
         option = problem.split(" ", 1)[0].rstrip(":").replace("_", "-")
         raise BadRequest(f"device {config.name!r}: {problem}",
                          fix=f"correct --{option} (or the field of that name) and add it again")
+    if config.agent in NATIVE_TOOLS:
+        if not config.perf_test or not Path(config.perf_test).expanduser().is_file():
+            raise BadRequest(f"agent {config.agent!r} needs --perf-test PATH: the host path "
+                             f"of the tool's build for the device ({config.perf_test} is not "
+                             f"a file)", fix="build LiteRT's benchmark_model or ExecuTorch's "
+                                             "executor_runner for the device and give its path")
     if config.agent == "perf-test":
         if config.transport != "adb" or not config.perf_test:
             raise BadRequest("agent 'perf-test' needs an adb device and --perf-test PATH",
@@ -391,6 +400,9 @@ def open_client(name: str, home: Path, isolation: str = "worker"):
     transport = open_transport(name, home)
     if config is not None and config.agent == "perf-test":
         return PerfTestClient(transport, str(Path(config.perf_test or "").expanduser()))
+    if config is not None and config.agent in NATIVE_TOOLS:
+        return NativeBenchClient(transport, str(Path(config.perf_test or "").expanduser()),
+                                 config.agent)
     return AgentClient(transport, isolation, models_limit_bytes=models_limit_bytes(name, home))
 
 

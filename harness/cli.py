@@ -185,10 +185,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="simulated: median latency of a typical graph (20)")
     add.add_argument("--sim-seed", type=int, default=0, help="simulated: seed (0)")
     add.add_argument("--adb-port", type=int, default=5037, help="adb server port (5037)")
-    add.add_argument("--agent", choices=("python", "perf-test"), default="python",
-                     help="phones: our Python agent (e.g. Termux) or onnxruntime_perf_test")
-    add.add_argument("--perf-test", metavar="PATH",
-                     help="host path of an Android build of onnxruntime_perf_test")
+    add.add_argument("--agent", choices=("python", "perf-test", "benchmark-model",
+                                         "executor-runner"), default="python",
+                     help="our Python agent (e.g. Termux), or a runtime's own tool: "
+                          "onnxruntime_perf_test, LiteRT's benchmark_model, ExecuTorch's "
+                          "executor_runner")
+    add.add_argument("--perf-test", "--tool", metavar="PATH", dest="perf_test",
+                     help="host path of the tool's build for the device")
     add.add_argument("--max-temp", type=float, metavar="C",
                      help="phones: wait until the hottest CPU zone is below this")
     add.add_argument("--key", help="private key file (default: SSH agent and default keys)")
