@@ -863,7 +863,9 @@ class ExecuTorchModel(object):
         for block in inspector.event_blocks:
             for event in block.events:
                 times = getattr(event, "perf_data", None)
-                if times is None or event.name in ("Method::execute", "Program::load_method"):
+                # the method's and a delegate call's own events wrap the ops inside them
+                if times is None or event.name in ("Method::execute", "Program::load_method",
+                                                   "DELEGATE_CALL", "OPERATOR_CALL"):
                     continue
                 node = nodes.get(event.name)
                 if node is None:

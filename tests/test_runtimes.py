@@ -336,3 +336,30 @@ def test_devices_check_says_when_python_is_too_old_for_a_runtime():
     assert lines["onnxruntime"] == "1.16.3"
     for runtime in PACKAGES:
         assert "needs Python >= 3.10, the device has 3.9.2" in lines[runtime]
+
+
+@pytest.mark.parametrize("runtime", [pytest.param("openvino", marks=needs["openvino"]),
+                                     pytest.param("executorch", marks=needs["executorch"])])
+def test_per_operator_times_where_the_runtime_gives_them(runtime, home):
+    space = TinySpace()
+    sample = random_samples(space, 1, seed=8)[0]
+    with LatencyProfiler(space, space.dummy_input(), runtime=runtime, settings=FAST) as p:
+        measured = p.measure(sample, per_op=True)
+    ops = measured.ops
+    assert ops is not None and ops.runs == 20 and len(ops.nodes) >= 5
+    assert all(node.median_ms >= 0 and node.runs >= 1 for node in ops.nodes)
+    kinds = " ".join(node.op_type for node in ops.nodes)
+    assert "Conv" in kinds  # the subnet's convolutions, by the runtime's own names
+    if runtime == "openvino":
+        assert all(node.provider.startswith("CPU:") for node in ops.nodes)
+    else:
+        assert "DELEGATE_CALL" not in kinds  # the wrapper is not counted beside its ops
+        assert any(node.provider == "delegate" for node in ops.nodes)
+
+
+def test_litert_says_it_gives_no_per_operator_times(files):
+    if not installed("litert"):
+        pytest.skip("pip install ai-edge-litert")
+    answer = ort_agent.handle({"op": "measure", "model": str(files["litert"]),
+                               "settings": dict(FAST, runtime="litert", per_op=True)})
+    assert answer["error"]["kind"] == "USER" and "benchmark_model" in answer["error"]["message"]

@@ -328,7 +328,9 @@ def render_ops(measurement: Measurement, top: int) -> str:
                           for name, count in sorted(ops.by_provider().items()))
     out.append(f"{len(ops.nodes)} nodes ({printable(providers)}); sum of per-node medians {total:.3f} ms")
     asked = str(measurement.settings.get("provider") or "CPUExecutionProvider")
-    fell_back = [node for node in ops.nodes if node.provider != asked]
+    runtime = measurement.settings.get("runtime") or "onnxruntime"
+    fell_back = [node for node in ops.nodes  # other runtimes name their kernels, not providers
+                 if node.provider != asked and runtime == "onnxruntime"]
     if fell_back:  # the provider asked for could not run these: onnxruntime gave them the CPU
         out.append(f"{len(fell_back)} of {len(ops.nodes)} nodes did not run on {asked} "
                    f"({sum(node.median_ms for node in fell_back):.3f} ms): "
