@@ -472,7 +472,7 @@ RUNTIMES = ("onnxruntime", "litert", "executorch", "openvino")
 RUNTIME_FACTS = {
     "onnxruntime": {"package": "onnxruntime", "module": "onnxruntime", "python": (3, 8),
                     "suffixes": (".onnx",), "backends": None},
-    "litert": {"package": "ai-edge-litert", "module": "ai_edge_litert", "python": (3, 10),
+    "litert": {"package": "ai-edge-litert", "module": "ai_edge_litert", "python": (3, 9),
                "suffixes": (".tflite",), "backends": ("xnnpack", "cpu", "gpu")},
     "executorch": {"package": "executorch", "module": "executorch", "python": (3, 10),
                    "suffixes": (".pte",), "backends": ("xnnpack", "portable")},
