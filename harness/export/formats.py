@@ -16,15 +16,18 @@ kept. For ExecuTorch, the ops XNNPACK left to the portable kernels are counted, 
 against the runtime's operator registry here on the host, and refused with
 `require_backend`.
 """
+import contextlib
 import dataclasses
+import io
 import logging
 import os
 import re
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -150,11 +153,28 @@ def convert_module(module: torch.nn.Module, dummy_input: DummyInput,
     lowered to XNNPACK unless the backend is "portable")."""
     inputs = as_input_tuple(dummy_input)
     module = module.eval()
-    if target.runtime == "litert":
-        return _to_tflite(module, inputs)
-    if target.runtime == "executorch":
-        return _to_pte(module, inputs, target)
+    with _quiet(target.runtime):
+        if target.runtime == "litert":
+            return _to_tflite(module, inputs)
+        if target.runtime == "executorch":
+            return _to_pte(module, inputs, target)
     raise InvalidArgument(f"{target.runtime} reads ONNX; nothing to convert")
+
+
+@contextlib.contextmanager
+def _quiet(runtime: str) -> Iterator[None]:
+    """The converters' progress lines and warnings go to this module's debug log, not the
+    user's terminal (what their native code writes to the terminal itself stays there)."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        chatter = (out.getvalue() + err.getvalue()).strip()
+        if chatter:
+            log.debug("%s converter said: %s", runtime, chatter[-2000:])
 
 
 def _import_failure(runtime: str, exc: ImportError) -> ExportError:
