@@ -365,3 +365,30 @@ def test_litert_says_it_gives_no_per_operator_times(files):
     answer = ort_agent.handle({"op": "measure", "model": str(files["litert"]),
                                "settings": dict(FAST, runtime="litert", per_op=True)})
     assert answer["error"]["kind"] == "USER" and "benchmark_model" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("runtime", [pytest.param("litert", marks=needs["litert"]),
+                                     pytest.param("executorch", marks=needs["executorch"])])
+@pytest.mark.parametrize("precision", ["int8-static", "int8-dynamic"])
+def test_int8_through_the_runtimes_own_quantizer(runtime, precision, home, tmp_path):
+    space = TinySpace()
+    sample = random_samples(space, 1, seed=9)[0]
+    with LatencyProfiler(space, space.dummy_input(), runtime=runtime, precision=precision,
+                         settings=FAST) as profiler:
+        measured = profiler.measure(sample)
+    assert measured.settings["precision"] == precision
+    assert measured.provenance.runtime["name"] == runtime
+    kept = list((home / "converted").iterdir())
+    assert len(kept) == 1 and precision.replace("-", "") in kept[0].name.replace("-", "")
+    with LatencyProfiler(space, space.dummy_input(), runtime=runtime, settings=FAST) as fp32:
+        assert fp32.cache_key(measured.graph_hash) != profiler.cache_key(measured.graph_hash)
+
+
+def test_fp16_and_a_calibration_file_are_refused_for_the_converting_runtimes(tmp_path):
+    with pytest.raises(InvalidArgument, match="fp16"):
+        LatencyProfiler(None, None, runtime="litert", precision="fp16")
+    npz = tmp_path / "c.npz"
+    np.savez(npz, input0=np.zeros((1, 3, 32, 32), dtype=np.float32))
+    with pytest.raises(InvalidArgument, match="random inputs"):
+        LatencyProfiler(None, None, runtime="executorch", precision="int8-static",
+                        calibration=str(npz))

@@ -44,9 +44,14 @@ SUFFIXES: Dict[str, str] = {"onnxruntime": ".onnx", "openvino": ".onnx", "litert
 EXTRAS: Dict[str, str] = {"litert": "harness[litert] (litert-torch)",
                           "executorch": "harness[executorch] (executorch)"}
 CONVERTED_FOLDER = "converted"
-# Precisions each converter makes; the ONNX runtimes take every precision of
+# Precisions each converter makes (int8 through the runtime's own PT2E quantizer: LiteRT's
+# PT2EQuantizer, ExecuTorch's XNNPACKQuantizer; symmetric, per channel; static calibrated on
+# CALIBRATION_SAMPLES random inputs from seed 0); the ONNX runtimes take every precision of
 # harness.export.model_file.
-CONVERTER_PRECISIONS: Dict[str, Tuple[str, ...]] = {"litert": ("fp32",), "executorch": ("fp32",)}
+INT8 = ("int8-static", "int8-dynamic")
+CONVERTER_PRECISIONS: Dict[str, Tuple[str, ...]] = {"litert": ("fp32",) + INT8,
+                                                     "executorch": ("fp32",) + INT8}
+CALIBRATION_SAMPLES = 8
 
 
 class ConversionError(ExportError):
@@ -106,8 +111,8 @@ class FormatTarget:
         if made is not None and self.precision not in made:
             raise InvalidArgument(f"harness converts for {self.runtime} at {', '.join(made)} "
                                   f"only, not {self.precision}",
-                                  fix="--precision fp32, or --runtime onnxruntime|openvino "
-                                      "for the int8 variants")
+                                  fix="--precision fp32 (or int8-static, int8-dynamic), or "
+                                      "--runtime onnxruntime|openvino for fp16")
         return self
 
     def variant(self) -> str:
@@ -155,7 +160,7 @@ def convert_module(module: torch.nn.Module, dummy_input: DummyInput,
     module = module.eval()
     with _quiet(target.runtime):
         if target.runtime == "litert":
-            return _to_tflite(module, inputs)
+            return _to_tflite(module, inputs, target)
         if target.runtime == "executorch":
             return _to_pte(module, inputs, target)
     raise InvalidArgument(f"{target.runtime} reads ONNX; nothing to convert")
@@ -182,18 +187,42 @@ def _import_failure(runtime: str, exc: ImportError) -> ExportError:
                        fix=f"pip install {EXTRAS[runtime]}")
 
 
-def _to_tflite(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...]) -> Conversion:
+def _quantized(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], quantizer: object,
+               precision: str, fold: bool) -> torch.nn.Module:
+    """The module through PT2E quantization with the runtime's `quantizer`: prepared,
+    calibrated (int8-static: CALIBRATION_SAMPLES random normal inputs from seed 0; dynamic
+    quantization observes one run), converted."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    prepared = prepare_pt2e(torch.export.export(module, inputs).module(), quantizer)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(CALIBRATION_SAMPLES if precision == "int8-static" else 1):
+        prepared(*(torch.randn(t.shape, generator=generator).to(t.dtype) for t in inputs))
+    return convert_pt2e(prepared, fold_quantize=fold)
+
+
+def _to_tflite(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...],
+               target: FormatTarget) -> Conversion:
     try:
         import litert_torch
+        from litert_torch.quantize import pt2e_quantizer
+        from litert_torch.quantize.quant_config import QuantConfig
     except ImportError as exc:
         raise _import_failure("litert", exc) from None
     try:
+        config = None
+        if target.precision in INT8:
+            quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+                pt2e_quantizer.get_symmetric_quantization_config(
+                    is_per_channel=True, is_dynamic=target.precision == "int8-dynamic"))
+            module = _quantized(module, inputs, quantizer, target.precision, fold=False)
+            config = QuantConfig(pt2e_quantizer=quantizer)
         with torch.no_grad():
-            edge = litert_torch.convert(module, inputs)
+            edge = litert_torch.convert(module, inputs, quant_config=config)
         with tempfile.TemporaryDirectory(prefix="harness-tflite-") as folder:
-            target = os.path.join(folder, "model.tflite")
-            edge.export(target)
-            return Conversion(Path(target).read_bytes(), None)
+            written = os.path.join(folder, "model.tflite")
+            edge.export(written)
+            return Conversion(Path(written).read_bytes(), None)
     except Exception as exc:
         raise _conversion_failure("litert", "litert-torch", exc) from None
 
@@ -203,9 +232,15 @@ def _to_pte(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...],
     try:
         from executorch.exir import to_edge_transform_and_lower
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.backends.xnnpack.quantizer import xnnpack_quantizer
     except ImportError as exc:
         raise _import_failure("executorch", exc) from None
     try:
+        if target.precision in INT8:
+            quantizer = xnnpack_quantizer.XNNPACKQuantizer().set_global(
+                xnnpack_quantizer.get_symmetric_quantization_config(
+                    is_per_channel=True, is_dynamic=target.precision == "int8-dynamic"))
+            module = _quantized(module, inputs, quantizer, target.precision, fold=True)
         with torch.no_grad():
             program = torch.export.export(module, inputs)
         partitioners = [] if target.backend == "portable" else [XnnpackPartitioner()]
