@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""harness on-device agent: time ONNX inference with onnxruntime and report raw samples as JSON.
+"""harness on-device agent: time inference and report raw samples as JSON.
 
 This file is shipped to the device and run there on its own. It depends on the Python
-standard library, numpy and onnxruntime only, and runs on Python 3.8+ (edge boards run old
-Pythons), so it must not import harness or devices.
+standard library, numpy and the runtime a request asks for (setting "runtime": onnxruntime
+by default, or LiteRT, ExecuTorch, OpenVINO: RUNTIMES), imported only then, so a board with
+onnxruntime alone needs nothing else. It runs on Python 3.8+ (edge boards run old Pythons),
+so it must not import harness or devices.
 
 Three commands, each answering in JSON on stdout:
 
