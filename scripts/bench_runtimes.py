@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: the same subnets on the runtimes they ship on. ProxylessSpace subnets at
 --input-size px on `local`, each runtime measured in interleaved rounds beside its own
-reference (1 thread, pinned to CPU 0), then:
+reference (1 thread, pinned to --cpu, default 0), then:
 
 - conversion: the host's time per new subnet per format (ONNX export; .tflite through
   litert-torch; .pte through ExecuTorch lowered to XNNPACK), and what a subnet already
@@ -21,7 +21,6 @@ every conversion is new. Rows are printed as they are measured and appended to -
 """
 import argparse
 import itertools
-import os
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 from benchlib import ROOT, space_at_input  # noqa: F401  (the repository on sys.path)
 
 RUNTIMES = ("onnxruntime", "openvino", "litert", "executorch")
-PINNED = {"cpu_affinity": [0], "intra_op_threads": 1, "inter_op_threads": 1}
+PINNED: Dict[str, Any] = {"cpu_affinity": [0], "intra_op_threads": 1, "inter_op_threads": 1}
 
 
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
@@ -106,44 +105,99 @@ def measure_runtimes(space: Any, samples: List[Dict[str, Any]], runtimes: Sequen
     return medians
 
 
+# The in-process side: a plain Python process that loads the model with the runtime's own API
+# (through the agent's thin per-runtime classes, no protocol, no stop rule) and times its
+# runs in a loop, pinned to the agent's CPU. It is a process of its own so that this
+# script's torch (and its OpenMP threads, which spin after the host's exports) is not
+# timed alongside it.
+IN_PROCESS = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import ort_agent
+os.sched_setaffinity(0, {int(sys.argv[2])})
+model = None
+for line in sys.stdin:
+    request = json.loads(line)
+    if request["op"] == "load":
+        settings = ort_agent.parse_settings(request["settings"])
+        module = ort_agent.import_runtime(settings["runtime"])
+        model, _ = ort_agent.open_model(module, request["path"], settings)
+        model.make_inputs()
+        for _ in range(settings["warmup_runs"]):
+            model.run()
+        print(json.dumps({"loaded": True}), flush=True)
+    else:
+        times = []
+        for _ in range(request["runs"]):
+            begun = time.perf_counter()
+            model.run()
+            times.append((time.perf_counter() - begun) * 1e3)
+        print(json.dumps({"times": times}), flush=True)
+"""
+
+
+class InProcess:
+    """The in-process timer: a child process speaking one JSON line per request."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", IN_PROCESS, str(ROOT / "agents"), str(PINNED["cpu_affinity"][0])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+
+    def ask(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        import json
+
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError("the in-process timer died")
+        return json.loads(answer)
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
 def agent_vs_in_process(space: Any, samples: List[Dict[str, Any]], runtimes: Sequence[str],
                         home: Path, runs: int, repeats: int) -> Dict[str, List[float]]:
     """Per runtime and subnet: (agent median / in-process median - 1) over `repeats`
-    interleaved pairs of blocks of `runs` runs, both pinned to CPU 0 with 1 thread."""
-    from agents import ort_agent
+    interleaved pairs of blocks of `runs` runs (which goes first alternates), both pinned to
+    the --cpu with 1 thread, the same file and settings."""
     from harness import LatencyProfiler
 
-    os.sched_setaffinity(0, {0})
     gaps: Dict[str, List[float]] = {}
     settings = dict(PINNED, protocol="loop", warmup_runs=5, min_runs=runs, min_time_ms=0.0)
     for runtime in runtimes:
-        with LatencyProfiler(space, space.dummy_input(), runtime=runtime, home=home,
-                             settings=settings, refresh=True) as profiler, \
-                tempfile.TemporaryDirectory(prefix="bench-runtimes-") as folder:
-            module = ort_agent.import_runtime(runtime)
-            checked = ort_agent.parse_settings(dict(settings, runtime=runtime))
-            for index, sample in enumerate(samples):
-                exported = profiler.export(profiler._validate(sample))
-                path = Path(folder) / f"{index}{exported.suffix}"
-                path.write_bytes(exported.onnx_bytes)
-                loaded, _ = ort_agent.open_model(module, str(path), checked)
-                loaded.make_inputs()
-                for _ in range(5):
-                    loaded.run()
-                agent: List[float] = []
-                local: List[float] = []
-                for repeat in range(repeats):
-                    order = ("agent", "local") if repeat % 2 == 0 else ("local", "agent")
-                    for who in order:
-                        if who == "agent":
-                            agent.extend(profiler.measure(sample).samples_ms)
-                        else:
-                            for _ in range(runs):
-                                begun = time.perf_counter()
-                                loaded.run()
-                                local.append((time.perf_counter() - begun) * 1e3)
-                gaps.setdefault(runtime, []).append(
-                    statistics.median(agent) / statistics.median(local) - 1)
+        timer = InProcess()
+        try:
+            with LatencyProfiler(space, space.dummy_input(), runtime=runtime, home=home,
+                                 settings=settings, refresh=True) as profiler, \
+                    tempfile.TemporaryDirectory(prefix="bench-runtimes-") as folder:
+                for index, sample in enumerate(samples):
+                    exported = profiler.export(profiler._validate(sample))
+                    path = Path(folder) / f"{index}{exported.suffix}"
+                    path.write_bytes(exported.onnx_bytes)
+                    timer.ask({"op": "load", "path": str(path),
+                               "settings": dict(settings, runtime=runtime)})
+                    agent: List[float] = []
+                    local: List[float] = []
+                    for repeat in range(repeats):
+                        order = ("agent", "local") if repeat % 2 == 0 else ("local", "agent")
+                        for who in order:
+                            if who == "agent":
+                                agent.extend(profiler.measure(sample).samples_ms)
+                            else:
+                                local.extend(timer.ask({"op": "run", "runs": runs})["times"])
+                    gaps.setdefault(runtime, []).append(
+                        statistics.median(agent) / statistics.median(local) - 1)
+        finally:
+            timer.close()
         print(f"{runtime}: agent vs in-process median {statistics.median(gaps[runtime]):+.2%}",
               flush=True)
     return gaps
@@ -152,7 +206,7 @@ def agent_vs_in_process(space: Any, samples: List[Dict[str, Any]], runtimes: Seq
 def report(args: argparse.Namespace, name: str, converted: Dict[str, Tuple[List[float], List[float]]],
            medians: Dict[str, List[float]], gaps: Dict[str, List[float]]) -> str:
     n = len(next(iter(medians.values())))
-    lines = [f"### {name}, {n} subnets, `local` (1 thread, pinned to CPU 0), "
+    lines = [f"### {name}, {n} subnets, `local` (1 thread, pinned to CPU {args.cpu}), "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| format | conversion per new subnet (median ms) | max ms | subnet already "
              "converted (median ms) |", "|---|---|---|---|"]
@@ -187,12 +241,15 @@ def main() -> int:
                         help="subnets timed by the agent and in-process (default 8)")
     parser.add_argument("--compare-runs", type=int, default=30, help="runs per block (30)")
     parser.add_argument("--compare-repeats", type=int, default=4, help="block pairs (4)")
+    parser.add_argument("--cpu", type=int, default=0,
+                        help="the CPU the agent and the in-process timer are pinned to (0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--home", help="$HARNESS_HOME for the run (default: a fresh folder)")
     parser.add_argument("--out", help="markdown file the table is appended to")
     args = parser.parse_args()
     from harness import random_samples
 
+    PINNED["cpu_affinity"] = [args.cpu]
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     unknown = sorted(set(runtimes) - set(RUNTIMES))
     if unknown:
