@@ -19,6 +19,7 @@ against the runtime's operator registry here on the host, and refused with
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import os
 import re
@@ -141,15 +142,31 @@ def convert(exported: ExportedModel, target: FormatTarget, module: Callable[[], 
     path = _kept_path(home, exported.graph_hash, variant, target)
     data = _read_kept(path, target.suffix)
     convert_ms: Optional[float] = None
+    outside = _read_outside(path) if data is not None else None
     if data is None:
         started = time.perf_counter()
         made = convert_module(module(), dummy_input, target)
         convert_ms = (time.perf_counter() - started) * 1e3
         data = made.data
+        outside = made.outside_backend if target.runtime == "executorch" else None
         log.info("%s converted to %s in %.0f ms", exported.graph_hash[:12], variant, convert_ms)
         _keep(path, data)
+        if target.runtime == "executorch" and path is not None:  # what XNNPACK left, kept too
+            _keep(path.with_suffix(".outside.json"), json.dumps(list(outside)).encode())
     return dataclasses.replace(exported, onnx_bytes=data, variant=variant, suffix=target.suffix,
-                               convert_ms=convert_ms, pieces=())
+                               convert_ms=convert_ms, pieces=(),
+                               outside_backend=None if outside is None else tuple(outside))
+
+
+def _read_outside(path: Optional[Path]) -> Optional[Tuple[str, ...]]:
+    """The ops a kept .pte's backend left to the portable kernels (None: not recorded)."""
+    if path is None or not path.with_suffix(".outside.json").is_file():
+        return None
+    try:
+        ops = json.loads(path.with_suffix(".outside.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return tuple(str(op) for op in ops) if isinstance(ops, list) else None
 
 
 def convert_module(module: torch.nn.Module, dummy_input: DummyInput,

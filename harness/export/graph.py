@@ -78,6 +78,9 @@ class ExportedModel:
     # harness.export.formats) and how long converting took (None: no conversion, or kept)
     suffix: str = ".onnx"
     convert_ms: Optional[float] = None
+    # ExecuTorch: the ops its backend (XNNPACK) left to the portable kernels, as the host's
+    # lowering found them (None: not known, as for the other formats)
+    outside_backend: Optional[Tuple[str, ...]] = dataclasses.field(default=None, compare=False)
 
     @property
     def variant_key(self) -> str:

@@ -93,7 +93,7 @@ class MeasurementSteps:
                                   settings_key=self.request.settings_key)
         measured = Measurement.from_result(
             result, exported.graph_hash, signature, export_ms=exported.export_ms,
-            convert_ms=exported.convert_ms,
+            convert_ms=exported.convert_ms, outside_backend=exported.outside_backend,
             model_sha256=exported.sha256, model_bytes=len(exported.onnx_bytes),
             isolation=self.isolation, reference_level_ms=self.reference_level(key, result))
         if key.device_fp != self.scope().device_fp:  # in a pool, devices of a kind may differ
