@@ -16,6 +16,7 @@ from agents.ort_agent import RUNTIME_FACTS, RUNTIMES
 from devices.agent_client import AgentClient, PythonFacts, probe_python
 from devices.agent_result import hottest_zone_c, pinned_text
 from devices.errors import DeviceError
+from devices.native_bench_client import RUNTIME_OF_TOOL, SUFFIX_OF_TOOL, NativeBenchClient
 
 CHECK_SETTINGS = {"warmup_runs": 2, "min_runs": 10, "min_time_ms": 20.0, "max_time_ms": 2000.0}
 
@@ -116,6 +117,11 @@ def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
         report.identity = identity
         if runs_python:
             report.runtimes = runtime_lines(dict(identity))
+        native = isinstance(client, NativeBenchClient)
+        if native:  # its runtime is the tool's own build; it loads only its own format
+            report.runtimes = {RUNTIME_OF_TOOL[client.tool]: f"{client.tool} (sha256 "
+                               f"{identity.get('tool_sha256', '')[:12]}); the tiny ONNX model "
+                               f"is not run: the tool loads {SUFFIX_OF_TOOL[client.tool]} only"}
         report.governors = list(device_facts.state.get("governors") or []) or None
         missing = [p for p in (("numpy", "onnxruntime") if runs_python else ())
                    if identity.get(p) is None]
@@ -124,7 +130,7 @@ def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
                 f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
                 f"for {python} ({identity.get('python')}) on {client.device}; fix: "
                 f"{install_fix(python, missing, facts, client.device)}")
-        if report.ok:
+        if report.ok and not native:
             with tempfile.TemporaryDirectory() as folder:
                 model = tiny_model(Path(folder) / "check.onnx")
                 result = client.measure(str(model), CHECK_SETTINGS,

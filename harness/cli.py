@@ -920,7 +920,7 @@ def _devices(args: argparse.Namespace) -> int:
         if identity and identity.get("providers"):
             print(f"{'providers':>12}: {', '.join(map(str, identity['providers']))}")
         for runtime, line in report.runtimes.items():  # --runtime NAME measures there
-            if runtime != "onnxruntime":
+            if runtime != "onnxruntime" or "onnxruntime" not in (identity or {}):
                 print(f"{runtime:>12}: {line}")
         if report.governors:
             print(f"{'governors':>12}: {', '.join(report.governors)}")

@@ -119,3 +119,15 @@ def test_a_tool_refuses_what_it_cannot_measure(binary, name, runtime, models, tm
             client.measure(str(models[runtime]), settings, deadline)
     finally:
         client.close()
+
+
+def test_devices_check_on_a_tool_phone_names_its_runtime(tmp_path, models):
+    """A phone measured by a native tool: check runs no ONNX model there, and says why."""
+    if "litert" not in models:
+        pytest.skip("no LiteRT")
+    from devices.check import check_device
+    client = NativeBenchClient(LocalTransport(tmp_path / "device", lock_path=None),
+                               tool(tmp_path, "benchmark_model"), "benchmark-model")
+    report = check_device(client)
+    assert report.ok, report.problems
+    assert "benchmark-model" in report.runtimes["litert"] and ".tflite only" in report.runtimes["litert"]

@@ -152,7 +152,7 @@ def convert(exported: ExportedModel, target: FormatTarget, module: Callable[[], 
         log.info("%s converted to %s in %.0f ms", exported.graph_hash[:12], variant, convert_ms)
         _keep(path, data)
         if target.runtime == "executorch" and path is not None:  # what XNNPACK left, kept too
-            _keep(path.with_suffix(".outside.json"), json.dumps(list(outside)).encode())
+            _keep(path.with_suffix(".outside.json"), json.dumps(list(outside or ())).encode())
     return dataclasses.replace(exported, onnx_bytes=data, variant=variant, suffix=target.suffix,
                                convert_ms=convert_ms, pieces=(),
                                outside_backend=None if outside is None else tuple(outside))
