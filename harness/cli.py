@@ -554,6 +554,8 @@ def _profile(args: argparse.Namespace) -> int:
                "architectures": len({m.graph_hash for m in results}),
                "measured": sources["measured"], "cached": sources["cached"],
                "predicted": sources["predicted"], "exported": counters.get("exports", 0),
+               "converted": counters.get("conversions", 0),
+               "convert_s": round(counters.get("convert_s", 0.0), 3),
                "device": args.device, "elapsed_s": round(time.monotonic() - started, 3),
                "device_s": counters.get("device_s", 0.0),
                "measurements": counters.get("measurements", 0),
@@ -580,10 +582,12 @@ def _profile(args: argparse.Namespace) -> int:
                 print(output.render_ops(m, args.top))
                 print(f"Chrome trace (Perfetto, chrome://tracing): "
                       f"{trace or 'not written (see the warning)'}")
+    converted = (f", {summary['converted']} converted for the runtime "
+                 f"({summary['convert_s']:.1f} s)" if summary["converted"] else "")
     print(f"\n{summary['samples']} {'model file' if args.model else 'samples'}, "
           f"{summary['results']} results, {summary['architectures']} distinct architectures: "
           f"{summary['measured']} measured, {summary['cached']} from the cache, "
-          f"{summary['predicted']} predicted; {summary['exported']} exported; "
+          f"{summary['predicted']} predicted; {summary['exported']} exported{converted}; "
           f"{summary['elapsed_s']:.1f} s on {args.device}; input "
           f"{', '.join(summary['input_shapes']) or '-'}")
     print(f"device time: {summary['device_s']:.1f} s for {summary['measurements']} "

@@ -53,6 +53,9 @@ INT8 = ("int8-static", "int8-dynamic")
 CONVERTER_PRECISIONS: Dict[str, Tuple[str, ...]] = {"litert": ("fp32",) + INT8,
                                                      "executorch": ("fp32",) + INT8}
 CALIBRATION_SAMPLES = 8
+# Loggers of the converters' dependencies that warn at import about what they cannot use
+# here (torchao's CUDA kernels, triton; torch's pytree deprecations): quiet while converting.
+CHATTY_LOGGERS = ("torchao", "torch.utils._pytree", "absl")
 
 
 class ConversionError(ExportError):
@@ -188,12 +191,18 @@ def _quiet(runtime: str) -> Iterator[None]:
     """The converters' progress lines and warnings go to this module's debug log, not the
     user's terminal (what their native code writes to the terminal itself stays there)."""
     out, err = io.StringIO(), io.StringIO()
+    loggers = [logging.getLogger(name) for name in CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
     try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
         chatter = (out.getvalue() + err.getvalue()).strip()
         if chatter:
             log.debug("%s converter said: %s", runtime, chatter[-2000:])

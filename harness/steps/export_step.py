@@ -41,7 +41,10 @@ class SampleExport:
         self.counters.add(exports=1)
         self.cache.put_sample(self.scope.space_fingerprint, self.scope.input_sig,
                               sample_key(sample), exported.graph_hash)
-        return self.precision.convert(exported, self.shapes,
-                                      lambda: freeze(self.space, sample, self.dummy_input),
-                                      self.dummy_input, self.home)
+        converted = self.precision.convert(exported, self.shapes,
+                                           lambda: freeze(self.space, sample, self.dummy_input),
+                                           self.dummy_input, self.home)
+        if converted.convert_ms is not None:  # a new conversion for the runtime (not kept)
+            self.counters.add(conversions=1, convert_s=converted.convert_ms / 1e3)
+        return converted
 
