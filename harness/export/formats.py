@@ -229,6 +229,9 @@ def _quantized(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], quanti
 
 def _to_tflite(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...],
                target: FormatTarget) -> Conversion:
+    # its TensorFlow-based converter logs through C++ to the terminal unless told not to
+    # (a user's own TF_CPP_MIN_LOG_LEVEL stands)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         import litert_torch
         from litert_torch.quantize import pt2e_quantizer
