@@ -222,13 +222,14 @@ class Precision:
         not make that precision."""
         settings = settings or {}
         target = FormatTarget(runtime or settings.get("runtime") or "onnxruntime", name,
-                              settings.get("backend"), bool(settings.get("require_backend")))
+                              settings.get("backend"), bool(settings.get("require_backend"))
+                              ).check()
         if target.converts and calibration is not None:
             raise InvalidArgument(f"an int8-static calibration .npz is used by the ONNX "
                                   f"runtimes' quantizer; {target.runtime}'s quantizer calibrates "
                                   f"on random inputs from seed 0",
                                   fix="drop --calibration, or use --runtime onnxruntime|openvino")
-        return cls(name, calibration, target.check())
+        return cls(name, calibration, target)
 
     def settings(self) -> Dict[str, Any]:
         """The agent settings that record (and key) this precision and runtime;
