@@ -425,6 +425,11 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
                                      "(--predictor cortexA76cpu_tflite21, nn-Meter's TFLite CPU "
                                      "predictor)")
         build_kernels = False
+        if predictor is None:
+            raise PredictorError(f"calibrating on {runtime} corrects an official nn-Meter "
+                                 f"predictor, and none was given",
+                                 fix="pass --predictor cortexA76cpu_tflite21 (nn-Meter's TFLite "
+                                     "CPU predictor, placed in ~/.nn_meter)")
     if build_kernels is None:
         build_kernels = samples >= MIN_SUBNETS_FOR_KERNELS
     if not build_kernels and predictor is None:
