@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""harness on-device agent: time ONNX inference with onnxruntime and report raw samples as JSON.
+"""harness on-device agent: time inference and report raw samples as JSON.
 
 This file is shipped to the device and run there on its own. It depends on the Python
-standard library, numpy and onnxruntime only, and runs on Python 3.8+ (edge boards run old
-Pythons), so it must not import harness or devices.
+standard library, numpy and the runtime a request asks for (setting "runtime": onnxruntime
+by default, or LiteRT, ExecuTorch, OpenVINO: RUNTIMES), imported only then, so a board with
+onnxruntime alone needs nothing else. It runs on Python 3.8+ (edge boards run old Pythons),
+so it must not import harness or devices.
 
 Three commands, each answering in JSON on stdout:
 
@@ -50,6 +52,9 @@ ERROR_KINDS = ("TRANSFER", "LOAD", "RUNTIME", "TIMEOUT", "DEVICE_LOST", "THERMAL
 # Settings a request may carry, with their defaults. Timing defaults suit a NAS search:
 # one thread (stable, comparable across devices), enough runs for a sound median.
 DEFAULT_SETTINGS = {
+    "runtime": "onnxruntime",  # which runtime loads and times the model (RUNTIMES)
+    "backend": None,           # its backend: None is the runtime's default (DEFAULT_BACKENDS)
+    "require_backend": False,  # a backend that leaves nodes to the CPU is an error, not a record
     "intra_op_threads": 1,
     "inter_op_threads": 1,
     "graph_optimization_level": "all",
@@ -275,6 +280,9 @@ def fingerprint():
         "numpy": _package_version("numpy"),
         "providers": providers,
     }
+    runtimes = runtime_versions()
+    if runtimes:  # left out where only onnxruntime is installed: its keys stay as they were
+        identity["runtimes"] = runtimes
     try:
         load = list(os.getloadavg())
     except OSError:
@@ -327,6 +335,23 @@ def parse_settings(raw):
                          % (", ".join(unknown), ", ".join(sorted(DEFAULT_SETTINGS))))
     settings = dict(DEFAULT_SETTINGS)
     settings.update({key: plain_number(value) for key, value in raw.items()})
+    if settings["runtime"] not in RUNTIMES:
+        raise AgentError("USER", "setting runtime must be one of %s, got %r"
+                         % (", ".join(RUNTIMES), settings["runtime"]))
+    if settings["backend"] is not None and (not isinstance(settings["backend"], str)
+                                            or not settings["backend"]):
+        raise AgentError("USER", "setting backend must be a name, got %r" % (settings["backend"],))
+    backends = RUNTIME_FACTS[settings["runtime"]]["backends"]
+    if settings["backend"] is not None and backends is not None and \
+            settings["backend"] not in backends:
+        raise AgentError("USER", "setting backend must be one of %s for %s, got %r"
+                         % (", ".join(backends), settings["runtime"], settings["backend"]))
+    if settings["runtime"] == "onnxruntime" and settings["backend"] is not None:
+        raise AgentError("USER", "onnxruntime's backend is its execution provider: set "
+                         "provider, not backend")
+    if not isinstance(settings["require_backend"], bool):
+        raise AgentError("USER", "setting require_backend must be true or false, got %r"
+                         % (settings["require_backend"],))
     if settings["stop"] not in STOP_RULES:
         raise AgentError("USER", "setting stop must be one of %s, got %r"
                          % (", ".join(STOP_RULES), settings["stop"]))
@@ -429,32 +454,485 @@ def resolve_shape(name, model_dims, given):
 
 def make_inputs(session, settings):
     """Random inputs from a fixed seed for every graph input, shapes and dtypes from the model."""
-    import numpy
-
-    rng = numpy.random.RandomState(settings["seed"])
-    given = settings["input_shapes"] or {}
-    names = [i.name for i in session.get_inputs()]
-    stray = sorted(set(given) - set(names))
-    if stray:
-        raise AgentError("USER", "input_shapes names %s, but the model's inputs are %s"
-                         % (", ".join(stray), ", ".join(names)))
-    feeds = {}
-    described = []
+    specs = []
     for node in session.get_inputs():
         dtype = ORT_DTYPES.get(node.type)
         if dtype is None:
             raise AgentError("USER", "input %r has type %s, which the agent cannot generate"
                              % (node.name, node.type))
-        shape = resolve_shape(node.name, list(node.shape), given.get(node.name))
+        specs.append((node.name, list(node.shape), dtype))
+    return _random_feeds(specs, settings)
+
+
+# ---------------------------------------------------------------- runtimes
+
+RUNTIMES = ("onnxruntime", "litert", "executorch", "openvino")
+# Per runtime: the package to install on the device, the module the agent imports (only
+# when a request asks for that runtime), the oldest Python its wheels support, the model
+# file suffixes it loads, and its backends (None: whatever the runtime itself names; the
+# default is DEFAULT_BACKENDS').
+RUNTIME_FACTS = {
+    "onnxruntime": {"package": "onnxruntime", "module": "onnxruntime", "python": (3, 8),
+                    "suffixes": (".onnx",), "backends": None},
+    "litert": {"package": "ai-edge-litert", "module": "ai_edge_litert", "python": (3, 9),
+               "suffixes": (".tflite",), "backends": ("xnnpack", "cpu", "gpu")},
+    "executorch": {"package": "executorch", "module": "executorch", "python": (3, 10),
+                   "suffixes": (".pte",), "backends": ("xnnpack", "portable")},
+    "openvino": {"package": "openvino", "module": "openvino", "python": (3, 10),
+                 "suffixes": (".onnx", ".xml"), "backends": None},
+}
+DEFAULT_BACKENDS = {"onnxruntime": None, "litert": "xnnpack", "executorch": "xnnpack",
+                    "openvino": "CPU"}
+# What a model file's first bytes say it is (suffix -> format name).
+FORMAT_OF_SUFFIX = {".onnx": "ONNX", ".tflite": "TFLite (LiteRT)", ".pte": "ExecuTorch .pte",
+                    ".xml": "OpenVINO IR"}
+LITERT_GPU_DELEGATE = "libtensorflowlite_gpu_delegate.so"
+
+
+def content_format(path):
+    """The suffix a model file's content belongs to, from its first bytes: ".tflite" (the
+    flatbuffer identifier TFL3), ".pte" (ET and two digits), ".xml" (an XML document),
+    ".onnx" (a protobuf whose first field is ir_version); None when none of them."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except (OSError, IOError):
+        return None
+    if head[4:8] == b"TFL3":
+        return ".tflite"
+    if head[4:6] == b"ET" and head[6:8].isdigit():
+        return ".pte"
+    if head.lstrip().startswith(b"<?xml") or head.lstrip().startswith(b"<net"):
+        return ".xml"
+    if head[:1] == b"\x08":
+        return ".onnx"
+    return None
+
+
+def check_model_format(path, runtime):
+    """LOAD error naming the file when its content is not a format `runtime` loads (a
+    foreign or corrupt file), before the runtime sees it."""
+    found = content_format(path)
+    loads = RUNTIME_FACTS[runtime]["suffixes"]
+    if found not in loads:
+        raise AgentError("LOAD", "model file %s is %s, which %s does not load (it loads %s): "
+                         "the file is corrupt or for another runtime"
+                         % (path, FORMAT_OF_SUFFIX.get(found, "no model format the agent knows"),
+                            runtime, ", ".join(FORMAT_OF_SUFFIX[s] for s in loads)))
+
+
+def runtime_versions():
+    """{runtime: version} of the runtimes other than onnxruntime installed here, from their
+    package metadata (nothing is imported: a runtime is imported only when asked for)."""
+    versions = {}
+    try:
+        from importlib import metadata
+    except ImportError:  # Python < 3.8 never runs the agent
+        return versions
+    for name in RUNTIMES[1:]:
+        try:
+            versions[name] = metadata.version(RUNTIME_FACTS[name]["package"])
+        except Exception:  # not installed (or broken metadata): not offered
+            pass
+    return versions
+
+
+def import_runtime(runtime):
+    """The module of `runtime`, imported now; LOAD error naming the package to install
+    (and the Python it needs) when it is missing."""
+    if runtime == "onnxruntime":
+        return import_onnxruntime()
+    facts = RUNTIME_FACTS[runtime]
+    try:
+        import numpy  # noqa: F401
+        if runtime == "litert":
+            from ai_edge_litert import interpreter as module
+        elif runtime == "executorch":
+            import executorch.runtime as module
+        else:
+            import openvino as module
+    except ImportError as exc:
+        needs = ""
+        if sys.version_info[:2] < facts["python"]:
+            needs = "; it needs Python >= %d.%d, this device has %s" % (
+                facts["python"] + (platform.python_version(),))
+        raise AgentError("LOAD", "runtime %s is not installed on this device (%s, Python %s): "
+                         "install it with '%s -m pip install %s'%s"
+                         % (runtime, _one_line(exc), platform.python_version(),
+                            sys.executable, facts["package"], needs))
+    return module
+
+
+def check_backend(runtime, module, settings):
+    """The backend the request asks for, checked against what `runtime` offers here."""
+    backend = settings["backend"] or DEFAULT_BACKENDS[runtime]
+    offered = RUNTIME_FACTS[runtime]["backends"]
+    if runtime == "onnxruntime":
+        return settings["provider"]
+    if runtime == "openvino":
+        offered = tuple(module.Core().available_devices) + ("AUTO",)
+    if backend not in offered:
+        raise AgentError("USER", "%s has no backend %r on this device; it has %s"
+                         % (runtime, backend, ", ".join(offered)))
+    return backend
+
+
+def _random_feeds(specs, settings):
+    """Random inputs from a fixed seed for `specs` [(name, dims, numpy dtype name)]: dims
+    from the model, symbolic ones from settings input_shapes. ({name: array}, described)."""
+    import numpy
+
+    rng = numpy.random.RandomState(settings["seed"])
+    given = settings["input_shapes"] or {}
+    names = [name for name, _, _ in specs]
+    stray = sorted(set(given) - set(names))
+    if stray:
+        raise AgentError("USER", "input_shapes names %s, but the model's inputs are %s"
+                         % (", ".join(stray), ", ".join(names)))
+    feeds, described = {}, []
+    for name, dims, dtype in specs:
+        shape = resolve_shape(name, list(dims), given.get(name))
         if dtype.startswith("float"):
             value = rng.standard_normal(shape).astype(dtype)
         elif dtype == "bool":
             value = rng.random_sample(shape) < 0.5
         else:
             value = rng.randint(0, 2, size=shape).astype(dtype)
-        feeds[node.name] = value
-        described.append({"name": node.name, "shape": shape, "dtype": dtype})
+        feeds[name] = value
+        described.append({"name": name, "shape": shape, "dtype": dtype})
     return feeds, described
+
+
+class OrtModel(object):
+    """onnxruntime: an InferenceSession on the requested provider; per_op from its profiler."""
+
+    def __init__(self, ort, path, settings):
+        self.module, self.path, self.settings = ort, path, settings
+        self.session = _session(ort, path, session_options(ort, settings), settings)
+        self.info = {"name": "onnxruntime", "version": ort.__version__,
+                     "provider": settings["provider"]}
+
+    def make_inputs(self):
+        self.feeds, self.inputs = make_inputs(self.session, self.settings)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self):
+        self.session.run(self.outputs, self.feeds)
+
+    def outputs_now(self):
+        return self.session.run(self.outputs, self.feeds)
+
+    def per_op(self):
+        return per_op_profile(self.module, self.path, self.settings, self.feeds, self.outputs)
+
+
+class LiteRTModel(object):
+    """LiteRT's Interpreter: num_threads from intra_op_threads (0: its choice), XNNPACK (the
+    default delegate), the plain CPU kernels ("cpu") or the GPU delegate ("gpu"). How many
+    delegate partitions took the graph and how many nodes stayed outside them is recorded;
+    with require_backend, nodes left to the CPU kernels are an error."""
+
+    def __init__(self, module, path, settings):
+        self.settings = settings
+        backend = settings["backend"] or "xnnpack"
+        threads = settings["intra_op_threads"] or None
+        kwargs = {"model_path": path, "num_threads": threads}
+        if backend == "cpu":
+            kwargs["experimental_op_resolver_type"] = \
+                module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        try:
+            if backend == "gpu":
+                kwargs["experimental_op_resolver_type"] = \
+                    module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+                kwargs["experimental_delegates"] = [module.load_delegate(LITERT_GPU_DELEGATE)]
+            self.interpreter = module.Interpreter(**kwargs)
+            self.interpreter.allocate_tensors()
+        except Exception as exc:
+            raise AgentError("LOAD", "LiteRT %s cannot load %s with backend %s: %s"
+                             % (_litert_version(), path, backend, _one_line(exc)))
+        ops = [op.get("op_name") for op in self.interpreter._get_ops_details()]
+        partitions = ops.count("DELEGATE")
+        # a delegate node replaces the nodes it took; the interpreter still lists them
+        self.info = {"name": "litert", "version": _litert_version(), "backend": backend,
+                     "threads": settings["intra_op_threads"],
+                     "delegated": {"partitions": partitions, "nodes": len(ops) - partitions}}
+        if backend != "cpu" and partitions == 0:
+            self.info["delegated"]["fell_back"] = True
+            if settings["require_backend"]:
+                raise AgentError("LOAD", "LiteRT's %s delegate took none of the %d nodes of "
+                                 "%s: every node would run on the CPU kernels"
+                                 % (backend, len(ops), path))
+
+    def make_inputs(self):
+        import numpy
+        details = self.interpreter.get_input_details()
+        specs = [(d["name"], [int(x) for x in d["shape"]], numpy.dtype(d["dtype"]).name)
+                 for d in details]
+        self.feeds, self.inputs = _random_feeds(specs, self.settings)
+        for detail in details:
+            self.interpreter.set_tensor(detail["index"], self.feeds[detail["name"]])
+        self.output_details = self.interpreter.get_output_details()
+
+    def run(self):
+        self.interpreter.invoke()
+
+    def outputs_now(self):
+        self.interpreter.invoke()
+        return [self.interpreter.get_tensor(d["index"]) for d in self.output_details]
+
+    def per_op(self):
+        raise AgentError("USER", "LiteRT's Python API gives no per-operator times; measure "
+                         "without per_op, or run LiteRT's benchmark_model with "
+                         "--enable_op_profiling")
+
+
+def _litert_version():
+    try:
+        from importlib import metadata
+        return metadata.version("ai-edge-litert")
+    except Exception:
+        return "unknown"
+
+
+class OpenVINOModel(object):
+    """OpenVINO: the model read (ONNX or IR) and compiled for the device asked for (CPU by
+    default), INFERENCE_NUM_THREADS from intra_op_threads (0: its choice), fp32 inference
+    unless the host converted the model, and the devices it really runs on recorded."""
+
+    def __init__(self, module, path, settings):
+        self.module, self.path, self.settings = module, path, settings
+        self.backend = settings["backend"] or "CPU"
+        self.core = module.Core()
+        try:
+            self.model = self.core.read_model(path)
+            self.compiled = self._compile(False)
+        except Exception as exc:
+            raise AgentError("LOAD", "OpenVINO %s cannot load %s on %s: %s"
+                             % (module.__version__, path, self.backend, _one_line(exc)))
+        try:
+            devices = [str(d) for d in self.compiled.get_property("EXECUTION_DEVICES")]
+        except Exception:
+            devices = [self.backend]
+        self.info = {"name": "openvino", "version": module.__version__,
+                     "backend": self.backend, "execution_devices": devices,
+                     "threads": settings["intra_op_threads"]}
+        asked = self.backend.split(":")[0]
+        if asked not in ("AUTO", "MULTI", "HETERO") and not all(
+                d.split(".")[0] == asked for d in devices):
+            self.info["fell_back"] = True
+            if settings["require_backend"]:
+                raise AgentError("LOAD", "OpenVINO ran %s on %s, not only on %s"
+                                 % (path, ", ".join(devices), self.backend))
+
+    def _compile(self, profiling):
+        config = {}
+        if self.backend.split(":")[0] in ("CPU", "AUTO"):
+            if self.settings["intra_op_threads"]:
+                config["INFERENCE_NUM_THREADS"] = self.settings["intra_op_threads"]
+            if self.settings["precision"] == "fp32":  # no silent bf16 on AMX/AVX512-bf16
+                config["INFERENCE_PRECISION_HINT"] = "f32"
+            if self.settings["cpu_affinity"] is not None:
+                config["ENABLE_CPU_PINNING"] = True
+        if profiling:
+            config["PERF_COUNT"] = True
+        if self.backend.split(":")[0] != "CPU":
+            config = dict((k, v) for k, v in config.items()
+                          if k in ("PERF_COUNT", "INFERENCE_PRECISION_HINT"))
+        return self.core.compile_model(self.model, self.backend, config)
+
+    def make_inputs(self):
+        specs = []
+        for port in self.compiled.inputs:
+            shape = port.get_partial_shape()
+            dims = [d.get_length() if d.is_static else None for d in shape]
+            specs.append((port.get_any_name(), dims, port.get_element_type().to_dtype().name))
+        self.feeds, self.inputs = _random_feeds(specs, self.settings)
+        self.request = self.compiled.create_infer_request()
+        for port in self.compiled.inputs:
+            self.request.set_tensor(port, self.module.Tensor(self.feeds[port.get_any_name()]))
+
+    def run(self):
+        self.request.infer()
+
+    def outputs_now(self):
+        self.request.infer()
+        return [self.request.get_tensor(port).data.copy() for port in self.compiled.outputs]
+
+    def per_op(self):
+        """OpenVINO's per-layer performance counts, in a compiled model of their own."""
+        compiled = self._compile(True)
+        request = compiled.create_infer_request()
+        for port in compiled.inputs:
+            request.set_tensor(port, self.module.Tensor(self.feeds[port.get_any_name()]))
+        nodes, order, runs = {}, [], []
+        for index in range(PROFILE_WARMUP_RUNS + self.settings["profile_runs"]):
+            started = time.perf_counter()
+            request.infer()
+            elapsed = (time.perf_counter() - started) * 1e3
+            if index < PROFILE_WARMUP_RUNS:
+                continue
+            runs.append(elapsed)
+            for info in request.get_profiling_info():
+                status = str(info.status).rsplit(".", 1)[-1]
+                if status != "EXECUTED":
+                    continue
+                node = nodes.get(info.node_name)
+                if node is None:
+                    node = nodes[info.node_name] = {
+                        "name": info.node_name, "op_type": info.node_type,
+                        "provider": "%s:%s" % (self.backend, info.exec_type), "times": []}
+                    order.append(info.node_name)
+                node["times"].append(info.real_time.total_seconds() * 1e3)
+        return _op_records(nodes, order, runs)
+
+
+class ExecuTorchModel(object):
+    """ExecuTorch's Python runtime: the .pte's forward method, lowered on the host to the
+    backend asked for (XNNPACK by default: the backend is baked into the file, so the agent
+    checks the runtime has it registered). Threads: XNNPACK's pool is sized to
+    intra_op_threads where the runtime lets us (0: its choice). per_op: ETDump through
+    the devtools Inspector, where this build of the runtime records events."""
+
+    def __init__(self, module, path, settings):
+        self.module, self.path, self.settings = module, path, settings
+        backend = settings["backend"] or "xnnpack"
+        runtime = module.Runtime.get()
+        registered = list(runtime.backend_registry.registered_backend_names)
+        if backend == "xnnpack" and "XnnpackBackend" not in registered:
+            raise AgentError("USER", "this device's ExecuTorch has no XnnpackBackend (it has "
+                             "%s)" % (", ".join(registered) or "none"))
+        threads = _executorch_threads(settings["intra_op_threads"])
+        try:
+            self.program = runtime.load_program(path)
+            self.method = self.program.load_method("forward")
+        except Exception as exc:
+            raise AgentError("LOAD", "ExecuTorch %s cannot load %s: %s"
+                             % (_executorch_version(), path, _one_line(exc)))
+        if self.method is None:
+            raise AgentError("LOAD", "ExecuTorch program %s has no method 'forward'" % path)
+        self.info = {"name": "executorch", "version": _executorch_version(),
+                     "backend": backend, "threads": threads,
+                     "registered_backends": registered}
+
+    def make_inputs(self):
+        import torch
+        meta = self.method.metadata
+        specs = []
+        for index in range(meta.num_inputs()):
+            info = meta.input_tensor_meta(index)
+            dtype = EXECUTORCH_DTYPES.get(int(info.dtype()))
+            if dtype is None:
+                raise AgentError("USER", "input %d of %s has ExecuTorch scalar type %s, which "
+                                 "the agent cannot generate" % (index, self.path, info.dtype()))
+            specs.append(("input%d" % index, list(info.sizes()), dtype))
+        self.feeds, self.inputs = _random_feeds(specs, self.settings)
+        self.args = tuple(torch.from_numpy(self.feeds[name]) for name, _, _ in specs)
+
+    def run(self):
+        self.method.execute(self.args)
+
+    def outputs_now(self):
+        return [o.numpy() for o in self.method.execute(self.args)]
+
+    def per_op(self):
+        """Per-operator times from ETDump, read with the devtools Inspector."""
+        folder = tempfile.mkdtemp(prefix="harness-etdump-")
+        try:
+            program = self.module.Runtime.get().load_program(self.path, enable_etdump=True,
+                                                             debug_buffer_size=0)
+            method = program.load_method("forward")
+            runs = []
+            for index in range(PROFILE_WARMUP_RUNS + self.settings["profile_runs"]):
+                started = time.perf_counter()
+                method.execute(self.args)
+                if index >= PROFILE_WARMUP_RUNS:
+                    runs.append((time.perf_counter() - started) * 1e3)
+            etdump = os.path.join(folder, "run.etdp")
+            program.write_etdump_result_to_file(etdump, os.path.join(folder, "debug.bin"))
+            if not os.path.isfile(etdump) or os.path.getsize(etdump) == 0:
+                raise AgentError("USER", "this ExecuTorch runtime records no ETDump (it is "
+                                 "built without its event tracer); measure without per_op")
+            from executorch.devtools import Inspector
+            inspector = Inspector(etdump_path=etdump)
+        except AgentError:
+            raise
+        except Exception as exc:
+            raise AgentError("RUNTIME", "ExecuTorch's ETDump could not be read: %s"
+                             % _one_line(exc))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        nodes, order = {}, []
+        for block in inspector.event_blocks:
+            for event in block.events:
+                times = getattr(event, "perf_data", None)
+                # the method's and a delegate call's own events wrap the ops inside them
+                if times is None or event.name in ("Method::execute", "Program::load_method",
+                                                   "DELEGATE_CALL", "OPERATOR_CALL"):
+                    continue
+                node = nodes.get(event.name)
+                if node is None:
+                    node = nodes[event.name] = {
+                        "name": event.name, "op_type": event.name.split("#")[0].strip(),
+                        "provider": (getattr(event, "delegate_backend_name", None) or "delegate")
+                        if getattr(event, "is_delegated_op", False) else "portable",
+                        "times": []}
+                    order.append(event.name)
+                node["times"].extend(list(times.raw)[PROFILE_WARMUP_RUNS:])
+        return _op_records(nodes, order, runs)
+
+
+# ExecuTorch's ScalarType numbers -> numpy dtype names.
+EXECUTORCH_DTYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16",
+                     6: "float32", 7: "float64", 11: "bool"}
+
+
+def _executorch_threads(threads):
+    """Size ExecuTorch's thread pool (XNNPACK's) where its bindings let us (0: left as the
+    runtime chose); the size it runs with, None where the bindings do not say."""
+    try:
+        from executorch.extension.pybindings import portable_lib
+        if threads:
+            portable_lib._unsafe_reset_threadpool(threads)
+        return int(portable_lib._threadpool_get_thread_count())
+    except Exception:
+        return None  # not controllable with these bindings: recorded as such
+
+
+def _executorch_version():
+    try:
+        from importlib import metadata
+        return metadata.version("executorch")
+    except Exception:
+        return "unknown"
+
+
+def _op_records(nodes, order, runs):
+    """Per-node medians (ms), in the shape per_op_profile answers."""
+    if not runs:
+        raise AgentError("RUNTIME", "the per-operator profile holds no runs")
+    records = []
+    for name in order:
+        node = nodes[name]
+        times = sorted(node.pop("times"))
+        if times:
+            records.append(dict(node, median_ms=_median_of(times), runs=len(times)))
+    return {"runs": len(runs), "run_median_ms": _median_of(sorted(runs)), "nodes": records,
+            "trace": [], "arena": {}}
+
+
+RUNTIME_MODELS = {"onnxruntime": OrtModel, "litert": LiteRTModel,
+                  "executorch": ExecuTorchModel, "openvino": OpenVINOModel}
+
+
+def open_model(module, path, settings):
+    """The model at `path` loaded by the runtime of `settings` (its content checked first):
+    (model, load time in ms)."""
+    runtime = settings["runtime"]
+    if runtime != "onnxruntime":
+        check_model_format(path, runtime)
+    started = time.perf_counter()
+    model = RUNTIME_MODELS[runtime](module, path, settings)
+    return model, (time.perf_counter() - started) * 1e3
 
 
 # ---------------------------------------------------------------- measurement
@@ -917,10 +1395,12 @@ def timed_loop(run, settings, clock=time.perf_counter):
 
 
 def _prepare(settings):
-    """onnxruntime with the requested provider, and the process pinned as asked: (ort, what
-    was controlled)."""
-    ort = import_onnxruntime()
-    if settings["provider"] not in ort.get_available_providers():
+    """The runtime of `settings` (onnxruntime with the requested provider, or another with
+    its backend), and the process pinned as asked: (runtime module, what was controlled)."""
+    ort = import_runtime(settings["runtime"])
+    if settings["runtime"] != "onnxruntime":
+        check_backend(settings["runtime"], ort, settings)
+    elif settings["provider"] not in ort.get_available_providers():
         raise AgentError("USER", "execution provider %s is not available here; available: %s"
                          % (settings["provider"], ", ".join(ort.get_available_providers())))
     controlled = {"intra_op_threads": settings["intra_op_threads"],
@@ -944,28 +1424,23 @@ def _measure(model, sha256=None, settings=None):
 
     memory = MemoryWatch()
     memory.start()
-    started = time.perf_counter()
-    session = _session(ort, model, session_options(ort, settings), settings)
-    load_ms = (time.perf_counter() - started) * 1e3
+    loaded, load_ms = open_model(ort, model, settings)
     memory.end("load")
 
-    feeds, inputs = make_inputs(session, settings)
-    outputs = [o.name for o in session.get_outputs()]
+    loaded.make_inputs()
     clock = time.perf_counter
     try:
         memory.start()
         started = clock()
-        session.run(outputs, feeds)
+        loaded.run()
         first_run_ms = (clock() - started) * 1e3
         started = clock()
         for _ in range(settings["warmup_runs"]):
-            session.run(outputs, feeds)
+            loaded.run()
         warmup_ms = (clock() - started) * 1e3
-        samples, elapsed, stop = timed_loop(lambda: session.run(outputs, feeds), settings,
-                                            clock)
+        samples, elapsed, stop = timed_loop(loaded.run, settings, clock)
         memory.end("run")
-        ops = per_op_profile(ort, model, settings, feeds, outputs) if settings["per_op"] \
-            else None
+        ops = loaded.per_op() if settings["per_op"] else None
     except AgentError:
         raise
     except Exception as exc:
@@ -980,11 +1455,10 @@ def _measure(model, sha256=None, settings=None):
         "loop_ms": elapsed * 1e3,
         "capped": stop["reason"] == "max_time",
         "stop": stop,
-        "inputs": inputs,
+        "inputs": loaded.inputs,
         "settings": settings,
         "controlled": controlled,
-        "runtime": {"name": "onnxruntime", "version": ort.__version__,
-                    "provider": settings["provider"]},
+        "runtime": loaded.info,
         "thermal_before": thermal_before,
         "thermal_after": thermal_zones(),
         "fingerprint": fingerprint(),
@@ -1088,11 +1562,9 @@ class _Loaded(Timed):
 
     def __init__(self, ort, name, path, sha256, settings):
         check_model_file(path, sha256)
-        started = time.perf_counter()
-        self.session = _session(ort, path, session_options(ort, settings), settings)
-        self.load_ms = (time.perf_counter() - started) * 1e3
-        self.feeds, self.inputs = make_inputs(self.session, settings)
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.model, self.load_ms = open_model(ort, path, settings)
+        self.model.make_inputs()
+        self.inputs = self.model.inputs
         try:
             started = time.perf_counter()
             self._run()
@@ -1108,7 +1580,7 @@ class _Loaded(Timed):
             raise AgentError("RUNTIME", "inference failed: %s" % _one_line(exc))
 
     def _run(self):
-        self.session.run(self.outputs, self.feeds)
+        self.model.run()
 
 
 SPEED_CHANGE = 0.10  # reference blocks around a candidate block this far apart: it is dropped
@@ -1228,8 +1700,7 @@ def _measure_rounds(models, reference, settings):
     state = _window_state(state_before, cpu_state(), loop_s)
     errors.update(failed)
     common = {"agent_version": AGENT_VERSION, "settings": settings, "controlled": controlled,
-              "runtime": {"name": "onnxruntime", "version": ort.__version__,
-                          "provider": settings["provider"]},
+              "runtime": ref.model.info,
               "thermal_before": thermal_before, "thermal_after": thermal_zones(),
               "fingerprint": fingerprint(), "memory": None,  # the window's, not one model's
               "loop_ms": loop_s * 1e3,
@@ -1367,9 +1838,13 @@ def _one_line(exc):
 
 # ---------------------------------------------------------------- the model folder
 
+MODEL_SUFFIXES = (".onnx", ".tflite", ".pte")
+
+
 def model_folder(folder, limit_bytes=None, keep=()):
-    """The models in `folder` (`*.onnx`, by content hash), least recently used first removed
-    while they add up to more than `limit_bytes` (None: nothing removed), never one in `keep`.
+    """The models in `folder` (`*.onnx`, `*.tflite`, `*.pte`, by content hash), least recently
+    used first removed while they add up to more than `limit_bytes` (None: nothing removed),
+    never one in `keep`.
     A model's last use is its access time, which the agent sets whenever it measures one (its
     modification time stays the time it was put there).
     Returns {"bytes", "models", "removed", "removed_bytes"} after the removal."""
@@ -1384,7 +1859,7 @@ def model_folder(folder, limit_bytes=None, keep=()):
             stat = os.lstat(path)
         except OSError:
             continue
-        if name.endswith(".onnx") and os.path.isfile(path) and not os.path.islink(path):
+        if name.endswith(MODEL_SUFFIXES) and os.path.isfile(path) and not os.path.islink(path):
             models.append((max(stat.st_atime, stat.st_mtime), stat.st_size, path))
     models.sort()
     total = sum(size for _, size, _ in models)

@@ -10,6 +10,7 @@ retried, since it counts from the lease.
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,16 @@ PYTHON_PROBE = ("import os, sys, sysconfig; "
                 "marker = os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED'); "
                 "print('%d.%d.%d %d' % (tuple(sys.version_info[:3]) "
                 "+ (int(not venv and os.path.isfile(marker)),)))")
+
+
+MODEL_SUFFIXES = (".onnx", ".tflite", ".pte")
+
+
+def model_suffix(path: str) -> str:
+    """The suffix a model keeps on the device (.tflite, .pte; else .onnx): the agent checks
+    it against its content and the runtime."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    return suffix if suffix in MODEL_SUFFIXES else ".onnx"
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,7 @@ class AgentClient:
         answer, checked; a DeviceError subclass on any failure. `sha256` spares hashing the
         file again when the caller knows it."""
         sha = sha256 or file_sha256(model_path)
-        remote = self._put(model_path, f"models/{sha}.onnx", force=False)
+        remote = self._put(model_path, f"models/{sha}{model_suffix(model_path)}", force=False)
         control = self.transport.control
         request = {"op": "measure", "model": remote, "sha256": sha, "settings": dict(settings),
                    "lock": control.lock_path,
@@ -157,7 +168,7 @@ class AgentClient:
             answer = self._call(request, deadline)
         except TransferError as exc:
             log.warning("%s: %s; sending the model again", self.device, exc.message)
-            self._put(model_path, f"models/{sha}.onnx", force=True)
+            self._put(model_path, f"models/{sha}{model_suffix(model_path)}", force=True)
             answer = self._call(request, deadline)
         result = AgentResult.parse(answer, self.device, AGENT_VERSION, self._transport_facts())
         self._remember_folder(answer.get("model_folder"))
@@ -174,7 +185,8 @@ class AgentClient:
         files = dict(models, reference=reference)  # sent by content hash, once
 
         def request_with(force: bool) -> Dict[str, Any]:
-            remote = {name: {"model": self._put(path, f"models/{sha}.onnx", force=force),
+            remote = {name: {"model": self._put(path, f"models/{sha}{model_suffix(path)}",
+                                                force=force),
                              "sha256": sha} for name, (path, sha) in files.items()}
             return {"op": "rounds", "reference": remote.pop("reference"), "models": remote,
                     "settings": dict(settings), "lock": control.lock_path,

@@ -12,9 +12,11 @@ from typing import Any, Dict, List, Optional
 import onnx
 from onnx import TensorProto, helper
 
+from agents.ort_agent import RUNTIME_FACTS, RUNTIMES
 from devices.agent_client import AgentClient, PythonFacts, probe_python
 from devices.agent_result import hottest_zone_c, pinned_text
 from devices.errors import DeviceError
+from devices.native_bench_client import RUNTIME_OF_TOOL, SUFFIX_OF_TOOL, NativeBenchClient
 
 CHECK_SETTINGS = {"warmup_runs": 2, "min_runs": 10, "min_time_ms": 20.0, "max_time_ms": 2000.0}
 
@@ -29,6 +31,8 @@ class CheckReport:
     hottest_c: Optional[float] = None       # hottest thermal zone before the tiny run
     pinned: Optional[str] = None            # a phone's big-core mask
     governors: Optional[List[str]] = None   # CPU frequency governors
+    # every runtime the agent drives: its version here, or why the device lacks it
+    runtimes: Dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -69,6 +73,32 @@ def install_fix(python: str, missing: List[str], facts: Optional[PythonFacts],
             f"packages no onnxruntime): make a venv on the device ('{venv}') and {use_venv}")
 
 
+def runtime_lines(identity: Dict[str, Any]) -> Dict[str, str]:
+    """Each runtime the agent drives, as `devices check` shows it: its version on the
+    device, or that it is not installed and the package to install, or that the device's
+    Python is too old for its wheels."""
+    versions = dict(identity.get("runtimes") or {})
+    if identity.get("onnxruntime"):
+        versions["onnxruntime"] = identity["onnxruntime"]
+    words = str(identity.get("python") or "").split()
+    try:
+        python: Optional[tuple] = tuple(int(p) for p in words[-1].split(".")[:2])
+    except (ValueError, IndexError):
+        python = None
+    lines = {}
+    for runtime in RUNTIMES:
+        facts: Dict[str, Any] = RUNTIME_FACTS[runtime]  # type: ignore[assignment]
+        if runtime in versions:
+            lines[runtime] = str(versions[runtime])
+        elif python is not None and python < facts["python"]:
+            lines[runtime] = (f"not available: it needs Python >= "
+                              f"{'.'.join(map(str, facts['python']))}, the device has "
+                              f"{words[-1]}")
+        else:
+            lines[runtime] = f"not installed (pip install {facts['package']})"
+    return lines
+
+
 def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
     """Run the checks through an AgentClient or PerfTestClient; never raises for a device
     problem, reports it instead."""
@@ -85,6 +115,13 @@ def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
         device_facts = client.facts(deadline=time.monotonic() + timeout_s)
         identity = device_facts.identity
         report.identity = identity
+        if runs_python:
+            report.runtimes = runtime_lines(dict(identity))
+        native = isinstance(client, NativeBenchClient)
+        if native:  # its runtime is the tool's own build; it loads only its own format
+            report.runtimes = {RUNTIME_OF_TOOL[client.tool]: f"{client.tool} (sha256 "
+                               f"{identity.get('tool_sha256', '')[:12]}); the tiny ONNX model "
+                               f"is not run: the tool loads {SUFFIX_OF_TOOL[client.tool]} only"}
         report.governors = list(device_facts.state.get("governors") or []) or None
         missing = [p for p in (("numpy", "onnxruntime") if runs_python else ())
                    if identity.get(p) is None]
@@ -93,7 +130,7 @@ def check_device(client: Any, timeout_s: float = 120.0) -> CheckReport:
                 f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
                 f"for {python} ({identity.get('python')}) on {client.device}; fix: "
                 f"{install_fix(python, missing, facts, client.device)}")
-        if report.ok:
+        if report.ok and not native:
             with tempfile.TemporaryDirectory() as folder:
                 model = tiny_model(Path(folder) / "check.onnx")
                 result = client.measure(str(model), CHECK_SETTINGS,

@@ -15,7 +15,8 @@
     [devices.pixel7]
     transport = "adb"
     address = "2A1B0C3D"             # serial (or host:port for Wi-Fi ADB)
-    agent = "python"                 # "python" (e.g. Termux) or "perf-test"
+    agent = "python"                 # "python" (e.g. Termux), "perf-test", "benchmark-model"
+                                     # (LiteRT) or "executor-runner" (ExecuTorch)
     perf_test = "~/android/onnxruntime_perf_test"   # host path of an Android build (perf-test)
     max_temp_c = 45.0                # wait until the hottest CPU zone is below this
 
@@ -52,6 +53,8 @@ from devices.errors import BadRequest
 from devices.folder_usage import usage_path
 from devices.local import LocalTransport
 from devices.noise_trace import NoiseTrace
+from devices.native_bench_client import TOOLS as NATIVE_TOOLS
+from devices.native_bench_client import NativeBenchClient
 from devices.perf_tool_client import PerfTestClient
 from devices.safe_files import NotARegularFile, replace_text
 from devices.simulated import SimulatedClient, SimulatedModel
@@ -61,7 +64,7 @@ from devices.transport import Transport
 
 BUILTIN_DEVICES = ("local",)
 TRANSPORTS = ("ssh", "adb", "sim")
-AGENTS = ("python", "perf-test")
+AGENTS = ("python", "perf-test", "benchmark-model", "executor-runner")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -304,6 +307,12 @@ def add_device(home: Path, config: DeviceConfig, replace: bool = False) -> None:
         option = problem.split(" ", 1)[0].rstrip(":").replace("_", "-")
         raise BadRequest(f"device {config.name!r}: {problem}",
                          fix=f"correct --{option} (or the field of that name) and add it again")
+    if config.agent in NATIVE_TOOLS:
+        if not config.perf_test or not Path(config.perf_test).expanduser().is_file():
+            raise BadRequest(f"agent {config.agent!r} needs --perf-test PATH: the host path "
+                             f"of the tool's build for the device ({config.perf_test} is not "
+                             f"a file)", fix="build LiteRT's benchmark_model or ExecuTorch's "
+                                             "executor_runner for the device and give its path")
     if config.agent == "perf-test":
         if config.transport != "adb" or not config.perf_test:
             raise BadRequest("agent 'perf-test' needs an adb device and --perf-test PATH",
@@ -383,13 +392,15 @@ def open_transport(name: str, home: Path) -> Transport:
                         lock_path=config.lock or "/tmp/harness-device.lock")
 
 
-def measures_with_perf_test(name: str, home: Path) -> bool:
-    """Whether device `name` is timed by onnxruntime_perf_test (one model at a time) rather
-    than by our agent; an unknown name is not (opening it says what is wrong)."""
+def times_one_model_at_a_time(name: str, home: Path) -> bool:
+    """Whether device `name` is timed by a native tool (onnxruntime_perf_test, LiteRT's
+    benchmark_model, ExecuTorch's executor_runner: one model at a time) rather than by our
+    agent; an unknown name is not (opening it says what is wrong)."""
     if name == "local":
         return False
     config = load_devices(home).get(name)
-    return config is not None and config.transport != "sim" and config.agent == "perf-test"
+    return config is not None and config.transport != "sim" and \
+        (config.agent == "perf-test" or config.agent in NATIVE_TOOLS)
 
 
 def open_client(name: str, home: Path, isolation: str = "worker"):
@@ -405,6 +416,9 @@ def open_client(name: str, home: Path, isolation: str = "worker"):
     transport = open_transport(name, home)
     if config is not None and config.agent == "perf-test":
         return PerfTestClient(transport, str(Path(config.perf_test or "").expanduser()))
+    if config is not None and config.agent in NATIVE_TOOLS:
+        return NativeBenchClient(transport, str(Path(config.perf_test or "").expanduser()),
+                                 config.agent)
     # the local folder is read directly (harness.pool.model_folders): nothing to remember
     return AgentClient(transport, isolation, models_limit_bytes=models_limit_bytes(name, home),
                        folder_file=None if name == "local" else usage_path(home, name))

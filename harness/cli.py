@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 from devices.errors import FixableError
 from harness import __version__
 from harness.errors import HarnessError, InvalidArgument
+from harness.store.key import RUNTIMES
 from harness.store.measurement import STATISTICS
 from harness.paths import default_cache_path
 
@@ -188,10 +189,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="simulated: median latency of a typical graph (20)")
     add.add_argument("--sim-seed", type=int, default=0, help="simulated: seed (0)")
     add.add_argument("--adb-port", type=int, default=5037, help="adb server port (5037)")
-    add.add_argument("--agent", choices=("python", "perf-test"), default="python",
-                     help="phones: our Python agent (e.g. Termux) or onnxruntime_perf_test")
-    add.add_argument("--perf-test", metavar="PATH",
-                     help="host path of an Android build of onnxruntime_perf_test")
+    add.add_argument("--agent", choices=("python", "perf-test", "benchmark-model",
+                                         "executor-runner"), default="python",
+                     help="our Python agent (e.g. Termux), or a runtime's own tool: "
+                          "onnxruntime_perf_test, LiteRT's benchmark_model, ExecuTorch's "
+                          "executor_runner")
+    add.add_argument("--perf-test", "--tool", metavar="PATH", dest="perf_test",
+                     help="host path of the tool's build for the device")
     add.add_argument("--max-temp", type=float, metavar="C",
                      help="phones: wait until the hottest CPU zone is below this")
     add.add_argument("--key", help="private key file (default: SSH agent and default keys)")
@@ -249,6 +253,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_timing_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runtime", choices=RUNTIMES,
+                        help="the runtime that times the models (default onnxruntime; a "
+                             "--model FILE.tflite or .pte picks litert or executorch); the host "
+                             "converts subnets to its format")
+    parser.add_argument("--backend", metavar="NAME",
+                        help="the runtime's backend: litert xnnpack|cpu|gpu, executorch "
+                             "xnnpack|portable, openvino CPU|GPU|AUTO|... (default: the first)")
+    parser.add_argument("--require-backend", action="store_true",
+                        help="a backend that leaves nodes to the CPU kernels is an error, "
+                             "not a record")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default 1)")
     parser.add_argument("--cpus", help="pin the agent to these CPUs, e.g. 1 or 4-7 or 0,2")
     parser.add_argument("--min-runs", type=int,
@@ -295,6 +309,12 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
                         ("ref_gap_ms", "ref_gap_ms")):
         if getattr(args, option) is not None:
             settings[key] = getattr(args, option)
+    if args.runtime:
+        settings["runtime"] = args.runtime
+    if args.backend:
+        settings["backend"] = args.backend
+    if args.require_backend:
+        settings["require_backend"] = True
     if args.cpus:
         settings["cpu_affinity"] = parse_cpus(args.cpus)
     if args.provider:
@@ -539,6 +559,8 @@ def _profile(args: argparse.Namespace) -> int:
                "architectures": len({m.graph_hash for m in results}),
                "measured": sources["measured"], "cached": sources["cached"],
                "predicted": sources["predicted"], "exported": counters.get("exports", 0),
+               "converted": counters.get("conversions", 0),
+               "convert_s": round(counters.get("convert_s", 0.0), 3),
                "device": args.device, "elapsed_s": round(time.monotonic() - started, 3),
                "device_s": counters.get("device_s", 0.0),
                "measurements": counters.get("measurements", 0),
@@ -565,10 +587,12 @@ def _profile(args: argparse.Namespace) -> int:
                 print(output.render_ops(m, args.top))
                 print(f"Chrome trace (Perfetto, chrome://tracing): "
                       f"{trace or 'not written (see the warning)'}")
+    converted = (f", {summary['converted']} converted for the runtime "
+                 f"({summary['convert_s']:.1f} s)" if summary["converted"] else "")
     print(f"\n{summary['samples']} {'model file' if args.model else 'samples'}, "
           f"{summary['results']} results, {summary['architectures']} distinct architectures: "
           f"{summary['measured']} measured, {summary['cached']} from the cache, "
-          f"{summary['predicted']} predicted; {summary['exported']} exported; "
+          f"{summary['predicted']} predicted; {summary['exported']} exported{converted}; "
           f"{summary['elapsed_s']:.1f} s on {args.device}; input "
           f"{', '.join(summary['input_shapes']) or '-'}")
     print(f"device time: {summary['device_s']:.1f} s for {summary['measurements']} "
@@ -651,6 +675,7 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
         raise InvalidArgument("--model measures one model file: --samples, --seed, --fallback and "
                          "--offline are for spaces", fix="drop them, or use --space")
     model = load_model(args.model)
+    args.runtime = _runtime_of_model(args.model, args.runtime)
     given = dict(_shape(text) for text in args.input_shape)
     model.check_names(given)
     name = os.path.basename(args.model)
@@ -669,6 +694,24 @@ def _profile_model(args: argparse.Namespace, variants: List[_Variant],
     static = all(isinstance(d, int) for item in model.inputs for d in item.dims)
     default = variant_name("fp32", " ".join("x".join(map(str, item.dims)) for item in model.inputs))
     return measured, default if static else None
+
+
+def _runtime_of_model(path: str, asked: Optional[str]) -> Optional[str]:
+    """The runtime a --model file runs on: the one its extension names (.tflite: litert,
+    .pte: executorch), else --runtime's; InvalidArgument when --runtime names another."""
+    from harness.export.formats import runtime_of_file
+
+    follows = runtime_of_file(path)
+    if follows is None:
+        if asked in ("litert", "executorch"):
+            raise InvalidArgument(f"--runtime {asked} does not load ONNX ({path})",
+                                  fix="pass its .tflite or .pte file, or --runtime onnxruntime "
+                                      "or openvino")
+        return asked
+    if asked is not None and asked != follows:
+        raise InvalidArgument(f"{path} is a model for {follows}, not {asked}",
+                              fix=f"drop --runtime, or pass --runtime {follows}")
+    return follows
 
 
 def _trace_folder(args: argparse.Namespace) -> Path:
@@ -880,6 +923,9 @@ def _devices(args: argparse.Namespace) -> int:
                 print(f"{label:>12}: {identity.get(key) or 'missing'}")
         if identity and identity.get("providers"):
             print(f"{'providers':>12}: {', '.join(map(str, identity['providers']))}")
+        for runtime, line in report.runtimes.items():  # --runtime NAME measures there
+            if runtime != "onnxruntime" or "onnxruntime" not in (identity or {}):
+                print(f"{runtime:>12}: {line}")
         if report.governors:
             print(f"{'governors':>12}: {', '.join(report.governors)}")
         if report.hottest_c is not None:

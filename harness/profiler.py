@@ -21,8 +21,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 import torch
 
 from devices.errors import DeviceLost
-from harness.export.graph import (DummyInput, export_module,
-                                  exported_space_fingerprint, input_signature)
+from harness.export.graph import DummyInput, export_module, exported_space_fingerprint, input_signature
 from harness.export.model_file import (ModelFile, ModelFilesOnly, ModelSource, NoSamples,
                                        Precision, load_model)
 from harness.metrics.profiler_base import Profiler
@@ -55,7 +54,8 @@ class LatencyProfiler(Profiler):
     What: `space`, `dummy_input` (None, None: model files only, `measure_model`), `statistic`
         (what `profile()` returns: median, mean, p90, p99, min, max; with protocol "rounds",
         quiet or ratio; None: quiet in rounds, else median), `precision` (fp32, fp16,
-        int8-dynamic, int8-static, with an .npz `calibration`), converted on the host, keyed.
+        int8-dynamic, int8-static, with an .npz `calibration`), `runtime` (onnxruntime, litert,
+        executorch, openvino; else settings'), converted on the host, keyed.
     Where: `device` ("local", a registered name, "kind:K": every device of kind K), or a
         `pool` opened already (harness.pool); else `isolation` ("worker", "process"),
         `max_strikes`, `quarantine_s` and `farm` (a Ray farm's address) open one.
@@ -65,14 +65,14 @@ class LatencyProfiler(Profiler):
     Store and fallback: `cache` (a Cache, a path, None: $HARNESS_HOME/cache.sqlite), `refresh`
         (measure again; old results are kept), `fallback` (a harness.steps.fallback.Fallback,
         or its mode "error", "nn-meter", "model" with `predictor` and `offline`).
-    `reference`: the model file timed beside the candidates with settings protocol "rounds"
-        (default: a fixed subnet of the built-in space; harness.steps.reference).
+    `reference`: the model timed beside candidates in rounds (harness.steps.reference).
     """
 
     def __init__(self, space: Optional[ModelSpace], dummy_input: Optional[DummyInput],
                  device: str = "local", statistic: Optional[str] = None, *,
                  settings: Optional[Mapping[str, Any]] = None, timeout_s: float = 300.0,
                  precision: str = "fp32", calibration: Union[str, Path, None] = None,
+                 runtime: Optional[str] = None,
                  pool: Optional[DevicePool] = None, isolation: str = "worker",
                  max_strikes: int = 3, quarantine_s: float = 60.0, farm: Optional[str] = None,
                  cache: Union[Cache, str, Path, None] = None, refresh: bool = False,
@@ -85,7 +85,7 @@ class LatencyProfiler(Profiler):
         if space is None or dummy_input is None:  # no samples: a stand-in for the plumbing
             space, dummy_input = ModelFilesOnly(), torch.zeros(1)
         self.space, self.device, self.home = space, device, harness_home(home)
-        self.precision = Precision(precision, calibration)
+        self.precision = Precision.of(precision, calibration, runtime, settings)
         self.request = MeasureRequest.checked(default_protocol(  # all checked before a pool opens
             dict(settings or {}, **self.precision.settings()), pool_interleaves(
                 self.home, device, farm, isolation, pool), dummy_input, reference), timeout_s)
@@ -106,7 +106,7 @@ class LatencyProfiler(Profiler):
         self._identify_lock = threading.Lock()
         self.export = SampleExport(space, dummy_input, self._base_scope, self.cache,
                                    self.precision, self.home, self.counters)
-        self.reference = Reference(dummy_input, self.home, reference)  # for protocol "rounds"
+        self.reference = Reference(dummy_input, self.home, reference, self.precision)  # rounds
         self.steps = MeasurementSteps(self.export, self.cache, self.key_scope, self.counters,
                                       self.pool.isolation, refresh, self.request, self.reference)
         self.decider = LimitDecider(  # the device's latency model lives there
@@ -198,8 +198,8 @@ class LatencyProfiler(Profiler):
     def measure_module(self, module: torch.nn.Module, dummy_input: DummyInput) -> Measurement:
         """Latency of any module (a block of a lookup table, say) on this profiler's device,
         through the same cache, keyed by its own graph hash and input shapes."""
-        return self.steps.one(export_module(module.eval(), dummy_input),
-                              input_signature(dummy_input), None, self.pool, self.precision)
+        return self.steps.one(export_module(module.eval(), dummy_input), input_signature(
+            dummy_input), None, self.pool, self.precision, lambda: module, dummy_input)
 
     def measure_model(self, model: Union[ModelSource, ModelFile],
                       input_shapes: Optional[Mapping[str, List[int]]] = None,

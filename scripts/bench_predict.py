@@ -20,7 +20,12 @@ registers it as device `arm64` in the bench's HARNESS_HOME, calibrates on it and
 It is 100-500x slower than this machine: use a small input (--input-size 32) and short
 --min-time-ms / --min-runs.
 
+--runtime litert calibrates nn-Meter's TFLite CPU predictor (--predictor, default
+cortexA76cpu_tflite21) to LiteRT measurements, and reports how the raw and calibrated
+predictors rank the held-out subnets as measured on LiteRT and, beside, on onnxruntime.
+
 Usage: python scripts/bench_predict.py [--samples 100] [--holdout 100] [--device local]
+       [--runtime onnxruntime|litert|executorch|openvino] [--predictor NAME]
        [--space harness.spaces:ProxylessSpace] [--input-size PX] [--min-time-ms 1000]
        [--min-runs N]
        [--opt-level disabled|basic|extended|all] [--statistic median|min] [--arm64]
@@ -99,6 +104,14 @@ def main() -> int:
                         default="median",
                         help="what is calibrated to and compared of each subnet's runs "
                              "(min: steadier on a host shared with other work)")
+    parser.add_argument("--runtime", default="onnxruntime",
+                        choices=("onnxruntime", "litert", "executorch", "openvino"),
+                        help="the runtime the subnets are measured and calibrated on; with "
+                             "another than onnxruntime, the official --predictor is corrected "
+                             "(no device kernels: they are ONNX models), and the held-out "
+                             "subnets are measured on onnxruntime too, to rank them side by side")
+    parser.add_argument("--predictor", help="official nn-Meter predictor to correct (default "
+                                            "with --runtime litert: cortexA76cpu_tflite21)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--home", help="HARNESS_HOME to use (default: a new temporary folder, "
                                        "kept so the scatter PNG can be looked at)")
@@ -112,6 +125,9 @@ def main() -> int:
         settings["graph_optimization_level"] = args.opt_level
     if args.min_runs:
         settings.update(min_runs=args.min_runs, warmup_runs=min(args.min_runs, 3))
+    if args.runtime != "onnxruntime":
+        settings["runtime"] = args.runtime
+        args.predictor = args.predictor or "cortexA76cpu_tflite21"
     home = Path(args.home or tempfile.mkdtemp(prefix="bench-predict-"))
     if not args.arm64:
         return run(args, space, dummy, settings, home, args.device)
@@ -124,7 +140,8 @@ def run(args: argparse.Namespace, space: object, dummy: object, settings: dict, 
     started = time.monotonic()
     result = calibrate(space, dummy, device, args.samples, args.holdout,
                        space_name=args.space, seed=args.seed, settings=settings,
-                       home=home, progress=True, statistic=args.statistic)
+                       home=home, progress=True, statistic=args.statistic,
+                       predictor=args.predictor)
     calibrate_s = time.monotonic() - started
     costs = prediction_costs(NnMeterProfiler(space, dummy, calibration=result.calibration),
                              space, dummy, args.seed + 7)
@@ -138,6 +155,18 @@ def run(args: argparse.Namespace, space: object, dummy: object, settings: dict, 
     report = dict(result.report)
     report["re-measured (bound)"] = accuracy_metrics(
         [m.statistic(args.statistic) for m in again], held["measured_ms"])
+    if args.runtime != "onnxruntime":  # the same held-out subnets on onnxruntime: how the
+        # predictors rank them there against here (Kendall tau in the onnxruntime row)
+        ort_settings = {k: v for k, v in settings.items() if k != "runtime"}
+        with LatencyProfiler(space, dummy, device, settings=ort_settings, home=home) as ort:
+            on_ort = ort.measure_many([json.loads(s) for s in held["samples"]], progress=True)
+        predicted = [p for p, _ in result.holdout_points["calibrated"]]
+        raw_points = next(points for name, points in result.holdout_points.items()
+                          if name.startswith("nn-Meter"))
+        for label, points in (("calibrated vs onnxruntime", predicted),
+                              ("raw vs onnxruntime", [p for p, _ in raw_points])):
+            report[label] = accuracy_metrics(points, [m.statistic(args.statistic)
+                                                      for m in on_ort])
     calibrated = report["calibrated"]
     print(f"\nnn-Meter on {device}, {args.space}: calibrated on {args.samples} measured "
           f"subnets, evaluated on {args.holdout} held-out subnets measured in the same run "

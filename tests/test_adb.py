@@ -293,3 +293,25 @@ def test_the_testfarm_phone_checks_out_of_the_box_and_is_forgotten_when_stopped(
         assert "phone1" not in registry.load_devices(home), f"still registered after {stop}"
         assert f"127.0.0.1:{port}" not in adb("devices")
     assert not (home / "testfarm" / "state.json").exists()
+
+
+@needs_adb
+def test_a_phone_without_python_measures_litert_with_benchmark_model(tiny, home, phone,
+                                                                     tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("litert_torch")
+    fake = FIXTURES / "native_bench" / "benchmark_model"
+    tool = tmp_path / "benchmark_model"  # run by this interpreter, which has LiteRT
+    tool.write_text(fake.read_text().replace("#!/usr/bin/env python3", f"#!{sys.executable}", 1))
+    tool.chmod(0o755)
+    add_phone(home, phone, tmp_path, agent="benchmark-model", perf_test=str(tool))
+    with LatencyProfiler(tiny, tiny.dummy_input(), device="pixel", runtime="litert",
+                         settings=dict(FAST, min_runs=3)) as profiler:
+        measured = profiler.measure(random_samples(tiny, 1, seed=4)[0])
+    assert measured.n == 3 and measured.agent_version.startswith("benchmark-model-")
+    assert measured.provenance.runtime["name"] == "litert"
+    assert "input values" in " ".join(measured.provenance.controlled["not_controlled"])
+    assert measured.device_fingerprint["android_model"] == "Pixel 7 (emulated)"
+    with LatencyProfiler(tiny, tiny.dummy_input(), device="pixel", settings=FAST) as onnx:
+        with pytest.raises(Exception, match="--runtime litert"):
+            onnx.measure(random_samples(tiny, 1, seed=4)[0])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from devices.errors import MeasurementTimeout
+from devices.errors import LoadError, MeasurementTimeout
 from harness import Cache, LatencyProfiler, random_samples
 from tests.conftest import FAST
 from tests.ssh_fixtures import client_key, leftovers, needs_root, register, testfarm  # noqa: F401
@@ -80,3 +80,42 @@ def test_a_timeout_on_an_arm64_board_kills_the_agent_there(tiny, home, arm):
         assert time.monotonic() - started < 8.0 + 3.0
         assert leftovers(arm.workdir, seconds=10) == []
     assert measurements(home) == 0
+
+
+def board_has_litert(root) -> bool:
+    return (root / ".testfarm-litert").exists()
+
+
+def test_an_arm64_board_lists_its_runtimes(home, arm, arm64_root):
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "devices", "check", "arm"],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HARNESS_HOME=str(home)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {line.split(":")[0].strip(): line.split(":", 1)[1].strip()
+             for line in proc.stdout.splitlines() if ":" in line}
+    for runtime in ("executorch", "openvino"):  # their wheels need Python 3.10
+        assert lines[runtime].startswith("not available: it needs Python >= 3.10"), lines
+    if board_has_litert(arm64_root):
+        assert lines["litert"] == "1.4.0"
+    else:
+        assert "pip install ai-edge-litert" in lines["litert"]
+
+
+def test_an_arm64_board_measures_tflite_models_on_litert(tiny, home, arm, arm64_root):
+    if not board_has_litert(arm64_root):
+        pytest.skip("the arm64 root has no LiteRT (scripts/testfarm arm64-root adds it)")
+    pytest.importorskip("litert_torch")
+    sample = random_samples(tiny, 1, seed=23)[0]
+    with LatencyProfiler(tiny, tiny.dummy_input(), device="arm", runtime="litert",
+                         settings=FAST) as profiler:
+        measured = profiler.measure(sample)
+    assert measured.source == "measured" and measured.device == "arm"
+    assert measured.provenance.runtime["name"] == "litert"
+    assert measured.provenance.runtime["version"] == "1.4.0"
+    assert measured.device_fingerprint["machine"] == "aarch64"
+    assert measured.device_fingerprint["runtimes"] == {"litert": "1.4.0"}
+    assert any(path.suffix == ".tflite" for path in (arm.host_workdir / "models").iterdir())
+    with LatencyProfiler(tiny, tiny.dummy_input(), device="arm", runtime="openvino",
+                         settings=FAST) as profiler:
+        with pytest.raises(LoadError, match="needs Python >= 3.10"):
+            profiler.measure(sample)

@@ -429,3 +429,25 @@ def test_composed_subnets_are_predicted_from_their_pieces_as_from_their_whole_gr
     whole = predictor.predict_kernels(predictor.kernels(one.onnx_bytes))
     assert fresh.predict_exported(mixed).median == pytest.approx(whole, rel=1e-12)
     assert fresh._pieces_agree is False
+
+
+def test_calibrate_on_litert_corrects_the_tflite_predictor_beside_onnxruntimes(tiny, home,
+                                                                                 tmp_path):
+    pytest.importorskip("litert_torch")
+    from harness.errors import HarnessError
+    official = official_folder(tmp_path)
+    settings = dict(CALIBRATION_SETTINGS, runtime="litert")
+    with pytest.raises(HarnessError, match="--no-kernels"):
+        calibrate(tiny, tiny.dummy_input(), "local", samples=6, holdout=4,
+                  predictor=str(official), settings=settings, build_kernels=True,
+                  progress=False)
+    result = calibrate(tiny, tiny.dummy_input(), "local", samples=6, holdout=4,
+                       predictor=str(official), settings=settings, progress=False)
+    assert result.folder == home / "calibrations" / "local@litert"
+    stored = load_calibration("local", runtime="litert")
+    assert stored is not None and load_calibration("local") is None  # onnxruntime's apart
+    with LatencyProfiler(tiny, tiny.dummy_input(), "local", runtime="litert",
+                         settings=CALIBRATION_SETTINGS) as profiler:
+        assert stored.settings_key == profiler.settings_key
+        measured = profiler.measure(random_samples(tiny, 1, seed=0)[0])
+    assert measured.provenance.runtime["name"] == "litert"

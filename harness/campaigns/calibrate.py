@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from devices.safe_files import replace_text
 from harness.predict.accuracy import accuracy_metrics, save_scatter
-from harness.predict.calibration import Calibration, calibrations_folder
+from harness.predict.calibration import Calibration, calibration_name, calibrations_folder
 from harness.export.graph import DummyInput, export_sample
 from harness.predict.kernels import (GENERIC_FEATURES, GENERIC_PREFIX, Kernel, KernelError,
                              build_generic_predictor, detect_kernels)
@@ -418,6 +418,20 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     if samples < 2 or holdout < 2:
         raise PredictorError("calibration needs at least 2 training and 2 held-out subnets",
                              fix="pass --samples 100 --holdout 20, for example")
+    runtime = (settings or {}).get("runtime") or "onnxruntime"
+    if runtime != "onnxruntime":  # its kernels would be ONNX models: no converter takes them
+        if build_kernels:
+            raise PredictorError(f"device kernel predictors are built from ONNX kernels, which "
+                                 f"{runtime} does not load",
+                                 fix="pass --no-kernels and an official predictor to correct "
+                                     "(--predictor cortexA76cpu_tflite21, nn-Meter's TFLite CPU "
+                                     "predictor)")
+        build_kernels = False
+        if predictor is None:
+            raise PredictorError(f"calibrating on {runtime} corrects an official nn-Meter "
+                                 f"predictor, and none was given",
+                                 fix="pass --predictor cortexA76cpu_tflite21 (nn-Meter's TFLite "
+                                     "CPU predictor, placed in ~/.nn_meter)")
     if build_kernels is None:
         build_kernels = samples >= MIN_SUBNETS_FOR_KERNELS
     if not build_kernels and predictor is None:
@@ -428,7 +442,7 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
                                  "--predictor NAME_OR_FOLDER")
     steps = _Steps(on_progress)
     official = load_predictor(predictor) if predictor is not None else None
-    folder = calibrations_folder(home) / device
+    folder = calibrations_folder(home) / calibration_name(device, runtime)
     folder.mkdir(parents=True, exist_ok=True)
 
     steps.say(f"exporting {samples} training and {holdout} held-out subnets")

@@ -74,6 +74,13 @@ class ExportedModel:
     variant: str = ""
     # the pieces a composed model was spliced from, in order (harness.export.compose); else ()
     pieces: Tuple[Piece, ...] = dataclasses.field(default=(), compare=False, repr=False)
+    # the file suffix of the bytes' format (".tflite", ".pte" for a runtime's conversion,
+    # harness.export.formats) and how long converting took (None: no conversion, or kept)
+    suffix: str = ".onnx"
+    convert_ms: Optional[float] = None
+    # ExecuTorch: the ops its backend (XNNPACK) left to the portable kernels, as the host's
+    # lowering found them (None: not known, as for the other formats)
+    outside_backend: Optional[Tuple[str, ...]] = dataclasses.field(default=None, compare=False)
 
     @property
     def variant_key(self) -> str:

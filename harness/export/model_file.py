@@ -17,12 +17,14 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
 
 from harness.errors import ExportError, InvalidArgument
+from harness.export.formats import FormatTarget, content_suffix
+from harness.export.formats import convert as convert_format
 from harness.export.graph import ExportedModel, graph_hash
 from harness.spaces.space import Sample, SampleValidator
 
@@ -56,9 +58,10 @@ class ModelFile:
     graph_hash: str
     inputs: tuple
     origin: str
+    suffix: str = ".onnx"  # .tflite or .pte: a model for LiteRT or ExecuTorch as it is
 
     def exported(self) -> ExportedModel:
-        return ExportedModel(self.onnx_bytes, self.graph_hash)
+        return ExportedModel(self.onnx_bytes, self.graph_hash, suffix=self.suffix)
 
     def describe_inputs(self) -> str:
         """The inputs as a user reads them: each name with its dims, static ones as numbers
@@ -129,8 +132,9 @@ def example_shape(dims: Sequence[Union[int, str]]) -> str:
 
 
 def load_model(source: ModelSource) -> ModelFile:
-    """Read and check an ONNX model (a path or its bytes). ExportError names a file that is
-    missing, not ONNX, or fails onnx's checker."""
+    """Read and check a model (a path or its bytes): ONNX, or a .tflite / .pte file for
+    LiteRT / ExecuTorch. ExportError names a file that is missing, not ONNX, fails onnx's
+    checker, or whose extension and content disagree."""
     origin = "the model bytes" if isinstance(source, bytes) else str(source)
     if isinstance(source, bytes):
         data = source
@@ -138,8 +142,17 @@ def load_model(source: ModelSource) -> ModelFile:
         path = Path(source)
         if not path.is_file():
             raise ExportError(f"model file {path} does not exist or is not a file",
-                              fix="pass the path of an .onnx file")
+                              fix="pass the path of an .onnx, .tflite or .pte file")
         data = path.read_bytes()
+    found = content_suffix(data)
+    named = None if isinstance(source, bytes) else Path(source).suffix.lower()
+    if named in (".tflite", ".pte", ".onnx") and found != named and \
+            (found is not None or named != ".onnx"):  # unknown bytes in .onnx: onnx says why
+        raise ExportError(f"model file {origin} is named {named} but its content is "
+                          f"{found or 'no model format harness knows'}: refused",
+                          fix=f"rename it to its format's extension, or pass the real {named} file")
+    if found in (".tflite", ".pte"):  # its inputs are the runtime's to read, on the device
+        return ModelFile(data, "sha256:" + hashlib.sha256(data).hexdigest(), (), origin, found)
     try:
         model = onnx.load_model_from_string(data)
         onnx.checker.check_model(model)
@@ -198,15 +211,48 @@ class Precision:
 
     name: str = "fp32"
     calibration: Union[str, Path, None] = None  # int8-static: an .npz of inputs, or random
+    # the runtime the models are for, with its backend (harness.export.formats)
+    target: FormatTarget = FormatTarget()
+
+    @classmethod
+    def of(cls, name: str, calibration: Union[str, Path, None], runtime: Optional[str],
+           settings: Optional[Mapping[str, Any]]) -> "Precision":
+        """The precision of a profiler, for `runtime` (else its settings', else
+        onnxruntime); InvalidArgument when the runtime does not exist or its converter does
+        not make that precision."""
+        settings = settings or {}
+        target = FormatTarget(runtime or settings.get("runtime") or "onnxruntime", name,
+                              settings.get("backend"), bool(settings.get("require_backend"))
+                              ).check()
+        if target.converts and calibration is not None:
+            raise InvalidArgument(f"an int8-static calibration .npz is used by the ONNX "
+                                  f"runtimes' quantizer; {target.runtime}'s quantizer calibrates "
+                                  f"on random inputs from seed 0",
+                                  fix="drop --calibration, or use --runtime onnxruntime|openvino")
+        return cls(name, calibration, target)
 
     def settings(self) -> Dict[str, Any]:
-        """The agent settings that record (and key) this precision; InvalidArgument if unknown."""
-        return {"precision": check_precision(self.name),
+        """The agent settings that record (and key) this precision and runtime;
+        InvalidArgument if unknown."""
+        return {"precision": check_precision(self.name), "runtime": self.target.runtime,
                 "calibration": calibration_label(self.name, self.calibration)}
 
-    def convert(self, exported: ExportedModel, shapes: Mapping[str, Sequence[int]]
-                ) -> ExportedModel:
-        return convert(exported, self.name, shapes, self.calibration)
+    def convert(self, exported: ExportedModel, shapes: Mapping[str, Sequence[int]],
+                module: Optional[Callable[[], Any]] = None, dummy_input: Any = None,
+                home: Optional[Path] = None) -> ExportedModel:
+        """The model as the runtime loads it at this precision: ONNX converted by
+        onnxruntime's tools for the ONNX runtimes, else `module()` converted by the
+        runtime's converter (harness.export.formats); a model already in the runtime's
+        format passes as it is."""
+        if exported.suffix == self.target.suffix:
+            if not self.target.converts:
+                return convert(exported, self.name, shapes, self.calibration)
+            return exported
+        if exported.suffix != ".onnx" or module is None:
+            raise InvalidArgument(f"a {exported.suffix} model cannot be converted for "
+                                  f"{self.target.runtime}, which loads {self.target.suffix}",
+                                  fix=f"pass a {self.target.suffix} file, or a model space")
+        return convert_format(exported, self.target, module, dummy_input, home)
 
 
 def check_precision(precision: str) -> str:

@@ -30,7 +30,7 @@ from agents.ort_agent import AgentError, parse_settings
 from devices.agent_client import DeviceClient
 from devices.agent_result import AgentResult, DeviceFacts
 from devices.errors import AgentProtocolError, DeviceLost, MeasurementTimeout, ThermalError
-from devices.registry import devices_of_kind, measures_with_perf_test, open_client
+from devices.registry import devices_of_kind, times_one_model_at_a_time, open_client
 from harness.store.key import device_fingerprint, model_of, settings_key
 from harness.errors import InvalidArgument
 from harness.export.graph import ExportedModel
@@ -174,8 +174,8 @@ class DevicePool(Protocol):
 def interleaves(home: Path, devices: Sequence[str], isolation: str) -> bool:
     """Whether a pool of these devices times models together in interleaved rounds: not
     with a fresh agent process per model (isolation "process": one model per process), nor
-    with a phone timed by onnxruntime_perf_test (one model at a time)."""
-    return isolation != "process" and not any(measures_with_perf_test(name, home)
+    with a phone timed by a native tool (onnxruntime_perf_test, benchmark_model, ...)."""
+    return isolation != "process" and not any(times_one_model_at_a_time(name, home)
                                               for name in devices)
 
 
@@ -314,7 +314,7 @@ class LocalPool:
         wall-clock window it took; the lease is released before this pool's waiting jobs are
         told the device is free. Strikes and clears the device's health."""
         name = lease.device
-        paths = [Path(self._staging.name) / f"{e.sha256}.{threading.get_ident()}.onnx"
+        paths = [Path(self._staging.name) / f"{e.sha256}.{threading.get_ident()}{e.suffix}"
                  for e in exported]
         with self._freed:
             self._busy.add(name)

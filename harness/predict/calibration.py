@@ -140,11 +140,19 @@ def _problem(data: Any) -> Optional[str]:
     return None
 
 
-def load_calibration(device: str, home: Union[str, Path, None] = None) -> Optional[Calibration]:
-    """The stored calibration of `device`, or None if it was never calibrated. A file that
-    is not what harness writes (damaged, edited, of another version) is a PredictorError
-    naming the file, the field and the fix, never a wrong or crashing prediction later."""
-    path = calibrations_folder(home) / device / CALIBRATION_FILE
+def calibration_name(device: str, runtime: Optional[str] = None) -> str:
+    """The folder of a device's calibration under calibrations/: the device's name for
+    onnxruntime, `device@runtime` for another runtime (each runtime keeps its own)."""
+    return device if runtime in (None, "onnxruntime") else f"{device}@{runtime}"
+
+
+def load_calibration(device: str, home: Union[str, Path, None] = None,
+                     runtime: Optional[str] = None) -> Optional[Calibration]:
+    """The stored calibration of `device` (for `runtime`, default onnxruntime), or None if it
+    was never calibrated. A file that is not what harness writes (damaged, edited, of
+    another version) is a PredictorError naming the file, the field and the fix, never a
+    wrong or crashing prediction later."""
+    path = calibrations_folder(home) / calibration_name(device, runtime) / CALIBRATION_FILE
     if not path.exists():
         return None
     fix = f"run 'harness calibrate --device {device} ...' again (it replaces the file)"

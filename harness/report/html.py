@@ -418,7 +418,11 @@ def _describe_device(measurement: Measurement) -> str:
              if identity.get(key)]
     if identity.get("cpu_count"):
         parts.append(f"{identity['cpu_count']} cores")
-    if identity.get("onnxruntime"):
+    runtime = measurement.provenance.runtime or {}
+    if runtime.get("name") not in (None, "onnxruntime"):  # the runtime that measured, beside
+        parts.append(" ".join(str(runtime[k]) for k in ("name", "version", "backend")
+                              if runtime.get(k)))
+    elif identity.get("onnxruntime"):
         parts.append(f"onnxruntime {identity['onnxruntime']}")
     threads = measurement.settings.get("intra_op_threads")
     if threads:

@@ -22,7 +22,7 @@ from harness.store.measurement import Measurement
 DESCRIPTION_WIDTH = 48  # characters of the architecture's description in a table
 
 # The flat fields of a row, in the order of a CSV's columns.
-ROW_FIELDS = ("index", "device", "arch", "graph_hash", "variant", "source", "median_ms",
+ROW_FIELDS = ("index", "device", "runtime", "arch", "graph_hash", "variant", "source", "median_ms",
               "p90_ms", "p99_ms", "iqr_ms", "cv", "n", "interval_low_ms", "interval_high_ms",
               "load_ms", "peak_mb", "ops_sum_ms", "device_s", "hottest_c", "pinned", "stop",
               "flags", "sample")
@@ -138,7 +138,8 @@ def result_row(index: int, sample: Any, measurement: Measurement, arch: str) -> 
     predicted = m.source == "predicted"
     interval = interval_of(m)
     return {
-        "index": index, "device": m.device, "arch": arch, "graph_hash": m.graph_hash,
+        "index": index, "device": m.device, "runtime": runtime_of(m), "arch": arch,
+        "graph_hash": m.graph_hash,
         "source": m.source, "median_ms": m.median,
         "p90_ms": None if predicted else m.p90, "p99_ms": None if predicted else m.p99,
         "iqr_ms": None if predicted else m.iqr, "cv": None if predicted else m.cv,
@@ -152,6 +153,19 @@ def result_row(index: int, sample: Any, measurement: Measurement, arch: str) -> 
         "pinned": m.pinned_to(), "stop": (m.provenance.stop or {}).get("reason"),
         "flags": list(m.flags), "sample": sample,
     }
+
+
+def runtime_of(measurement: Measurement) -> str:
+    """The runtime that measured a result, as a person reads it: its name and version, and
+    its backend where it is not onnxruntime's CPU provider ("litert 2.3.0 xnnpack");
+    "-" for a prediction."""
+    info = measurement.provenance.runtime or {}
+    if not info.get("name"):
+        return "-"
+    backend = info.get("backend") or info.get("provider")
+    backend = None if backend == "CPUExecutionProvider" else backend
+    version = str(info.get("version") or "").split("-")[0]
+    return " ".join(str(part) for part in (info["name"], version, backend) if part)
 
 
 def json_row(row: Mapping[str, Any], measurement: Measurement, raw: bool) -> Dict[str, Any]:
@@ -240,7 +254,11 @@ def render_table(rows: Sequence[Mapping[str, Any]], statistic: str = "median",
         row.get("variant") != default_variant for row in rows)
     memory = any(row.get("peak_mb") is not None for row in rows)
     ops = any(row.get("ops_sum_ms") is not None for row in rows)
-    header = ["#", "device", "architecture", "graph"] + (["variant"] if variants else []) + \
+    # the runtime beside the device, when some result is not onnxruntime's
+    runtimes = any(not str(row.get("runtime") or "-").startswith(("onnxruntime", "-"))
+                   for row in rows)
+    header = ["#", "device"] + (["runtime"] if runtimes else []) + ["architecture", "graph"] + \
+        (["variant"] if variants else []) + \
         [f"{s} ms" for s in shown] + ["interval ms", "CV", "n", "load ms"] + \
         (["ops sum ms"] if ops else []) + (["peak MB"] if memory else []) + \
         (["temp C"] if thermal else []) + (["pinned"] if pinned else []) + ["source", "flags"]
@@ -248,7 +266,8 @@ def render_table(rows: Sequence[Mapping[str, Any]], statistic: str = "median",
     for row, value in zip(rows, values):
         predicted = row["source"] == "predicted"
         by_name = {"median": row["median_ms"], "p90": row["p90_ms"], "p99": row["p99_ms"]}
-        cells = [str(row["index"]), row["device"], shortened(row["arch"]),
+        cells = [str(row["index"]), row["device"]] + ([row["runtime"]] if runtimes else []) + [
+                 shortened(row["arch"]),
                  row["graph_hash"][:12] or "-"] + ([row.get("variant") or "-"] if variants else [])
         for name in shown:
             cells.append("-" if predicted and name != "median"
@@ -309,7 +328,9 @@ def render_ops(measurement: Measurement, top: int) -> str:
                           for name, count in sorted(ops.by_provider().items()))
     out.append(f"{len(ops.nodes)} nodes ({printable(providers)}); sum of per-node medians {total:.3f} ms")
     asked = str(measurement.settings.get("provider") or "CPUExecutionProvider")
-    fell_back = [node for node in ops.nodes if node.provider != asked]
+    runtime = measurement.settings.get("runtime") or "onnxruntime"
+    fell_back = [node for node in ops.nodes  # other runtimes name their kernels, not providers
+                 if node.provider != asked and runtime == "onnxruntime"]
     if fell_back:  # the provider asked for could not run these: onnxruntime gave them the CPU
         out.append(f"{len(fell_back)} of {len(ops.nodes)} nodes did not run on {asked} "
                    f"({sum(node.median_ms for node in fell_back):.3f} ms): "

@@ -9,7 +9,8 @@ precision, so the index serves every variant).
 from pathlib import Path
 from typing import Optional
 
-from harness.export.graph import DummyInput, ExportedModel, export_sample, input_signature
+from harness.export.graph import (DummyInput, ExportedModel, export_sample, freeze,
+                                  input_signature)
 from harness.export.model_file import Precision
 from harness.spaces.space import ModelSpace, Sample, sample_key
 from harness.steps.counters import Counters
@@ -34,10 +35,16 @@ class SampleExport:
 
     def __call__(self, sample: Sample) -> ExportedModel:
         """Freeze, export and hash; the index learns sample -> graph hash; converted to the
-        profiler's precision."""
+        profiler's precision and runtime (a conversion freezes the sample again, only when
+        $HARNESS_HOME/converted does not hold it)."""
         exported = export_sample(self.space, sample, self.dummy_input, home=self.home)
         self.counters.add(exports=1)
         self.cache.put_sample(self.scope.space_fingerprint, self.scope.input_sig,
                               sample_key(sample), exported.graph_hash)
-        return self.precision.convert(exported, self.shapes)
+        converted = self.precision.convert(exported, self.shapes,
+                                           lambda: freeze(self.space, sample, self.dummy_input),
+                                           self.dummy_input, self.home)
+        if converted.convert_ms is not None:  # a new conversion for the runtime (not kept)
+            self.counters.add(conversions=1, convert_s=converted.convert_ms / 1e3)
+        return converted
 

@@ -17,7 +17,8 @@ from typing import Callable, Dict, List, Optional, Union
 from devices.errors import DeviceLost
 from harness.errors import InvalidArgument
 from harness.export.graph import DummyInput
-from harness.predict.calibration import load_calibration
+from harness.predict.calibration import Calibration, load_calibration
+from harness.store.key import RUNTIMES
 from harness.predict.nn_meter import NnMeterProfiler, PredictorError
 from harness.spaces.space import ModelSpace, Sample
 from harness.steps.counters import Counters
@@ -139,11 +140,18 @@ class PredictionFallback:
         self._counters.add(predictions=1)
         return predicted
 
+    def _calibration(self) -> Optional[Calibration]:
+        """The devices' stored calibration: one fitted under this profiler's settings key
+        (its runtime's, calibrations/<device>@<runtime>) first, else the onnxruntime one."""
+        found = [(runtime, calibration) for name in self._devices for runtime in RUNTIMES
+                 for calibration in [load_calibration(name, self._home, runtime)] if calibration]
+        return next((c for _, c in found if c.settings_key == self._scope.settings_key),
+                    next((c for runtime, c in found if runtime == "onnxruntime"), None))
+
     def _nn_meter(self, cause: Optional[DeviceLost]) -> NnMeterProfiler:
         """The NnMeterProfiler of the fallback: calibrated for the device if it was."""
         if self._predictor is None:
-            calibration = next((found for found in (load_calibration(name, self._home)
-                                                    for name in self._devices) if found), None)
+            calibration = self._calibration()
             if calibration is not None and \
                     calibration.space_fingerprint != self._scope.space_fingerprint:
                 log.warning("the nn-Meter calibration of %s was fitted on another space or "

@@ -99,6 +99,7 @@ class MeasurementSteps:
                                   settings_key=self.request.settings_key)
         measured = Measurement.from_result(
             result, exported.graph_hash, signature, export_ms=exported.export_ms,
+            convert_ms=exported.convert_ms, outside_backend=exported.outside_backend,
             model_sha256=exported.sha256, model_bytes=len(exported.onnx_bytes),
             isolation=self.isolation, reference_level_ms=self.reference_level(key, result))
         measured = measured.with_flag(self.precision_flag(exported))
@@ -115,8 +116,9 @@ class MeasurementSteps:
         stored with the measurement, so a cached answer says it too."""
         settings = self.request.settings
         precision = settings.get("precision") or "fp32"
-        if precision == "fp32" or (settings.get("provider") or CPU) != CPU:
-            return None
+        if precision == "fp32" or (settings.get("provider") or CPU) != CPU or \
+                (settings.get("runtime") or "onnxruntime") != "onnxruntime":
+            return None  # other runtimes run their own quantized kernels (their backend says)
         check = check_on_cpu(converted, precision)
         return None if check is None else check.flag()
 
@@ -139,14 +141,15 @@ class MeasurementSteps:
 
     def one(self, exported: ExportedModel, signature: List[Dict[str, Any]],
             shapes: Optional[Mapping[str, List[int]]], pool: DevicePool,
-            precision: Precision) -> Measurement:
+            precision: Precision, module: Optional[Callable[[], Any]] = None,
+            dummy_input: Any = None) -> Measurement:
         """Steps 4-5 for one model outside the space: the cache, else the device (converted
         to the profiler's precision; `shapes`: its inputs', else the signature's), stored."""
         shapes = shapes or {f"input{i}": item["shape"] for i, item in enumerate(signature)}
         cached = self.cached(exported.graph_hash, canonical_json(signature))
         if cached is not None:
             return cached
-        exported = precision.convert(exported, shapes)
+        exported = precision.convert(exported, shapes, module, dummy_input, self.export.home)
         if self.request.settings["protocol"] != "rounds":
             return self.store(pool.measure(exported, self.request), exported, signature)
         # alone in a window beside the reference (the reference-paired window)

@@ -7,13 +7,14 @@ inputs static: a request's input_shapes size the candidates only). Exported once
 profiler. `default_protocol` says where rounds are the default.
 """
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
 from harness.errors import InvalidArgument
-from harness.export.graph import DummyInput, ExportedModel, export_sample
-from harness.export.model_file import load_model
+from harness.export.formats import FormatTarget
+from harness.export.graph import DummyInput, ExportedModel, export_sample, freeze
+from harness.export.model_file import Precision, load_model
 from harness.spaces.builtin import ProxylessSpace
 
 
@@ -35,13 +36,21 @@ class Reference:
     """The reference of one profiler, exported when first asked for and kept."""
 
     def __init__(self, dummy_input: DummyInput, home: Path,
-                 reference: Union[str, Path, bytes, None] = None):
+                 reference: Union[str, Path, bytes, None] = None,
+                 precision: Optional[Precision] = None):
         self.dummy_input, self.home, self.file = dummy_input, home, reference
+        # the reference runs on the candidates' runtime, at fp32
+        self.target = Precision(target=FormatTarget(precision.target.runtime)) \
+            if precision is not None else Precision()
         self._exported: Optional[ExportedModel] = None
 
     def __call__(self) -> ExportedModel:
         if self._exported is None:
-            self._exported = reference_model(self.dummy_input, self.home, self.file)
+            exported = reference_model(self.dummy_input, self.home, self.file)
+            if self.target.target.converts:
+                exported = self.target.convert(exported, {}, _reference_module(self.dummy_input),
+                                               self.dummy_input, self.home)
+            self._exported = exported
         return self._exported
 
 
@@ -59,10 +68,25 @@ def reference_model(dummy_input: DummyInput, home: Path,
                               "(N, 3, H, H); these candidates take another input",
                               fix="name a reference model of your own: reference=PATH.onnx "
                                   "(harness profile --reference PATH.onnx)")
-    space = ProxylessSpace(input_size=shape[2])
-    sample = {label: choices[len(choices) // 2]
-              for label, choices in space.search_space().items()}
+    space, sample = _reference_sample(shape)
     return export_sample(space, sample, torch.zeros(shape), home=home)
+
+
+def _reference_sample(shape: tuple) -> Tuple[ProxylessSpace, Dict[str, Any]]:
+    space = ProxylessSpace(input_size=shape[2])
+    return space, {label: choices[len(choices) // 2]
+                   for label, choices in space.search_space().items()}
+
+
+def _reference_module(dummy_input: DummyInput) -> Callable[[], torch.nn.Module]:
+    """The default reference as a module, for a runtime that converts from modules (a user's
+    reference file must be in the runtime's format already)."""
+    def make() -> torch.nn.Module:
+        shape = _image_shape(dummy_input)
+        assert shape is not None
+        space, sample = _reference_sample(shape)
+        return freeze(space, sample, torch.zeros(shape))
+    return make
 
 
 def _image_shape(dummy_input: DummyInput) -> Optional[tuple]:

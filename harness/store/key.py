@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping
 
-from agents.ort_agent import DEFAULT_SETTINGS
+from agents.ort_agent import DEFAULT_SETTINGS, RUNTIMES  # noqa: F401 (the CLI's choices)
 
 # Settings that change what is measured (part of the cache key). The timing-loop settings
 # (warm-up, run counts and times, input seed) change only how precisely, and are recorded in
@@ -21,13 +21,12 @@ RUNTIME_SETTINGS = ("intra_op_threads", "inter_op_threads", "graph_optimization_
 # Keyed too, but only when they differ from the agent's default, so that the keys of
 # results stored before they existed stay valid: the provider's options, and the precision
 # the host converted the model to (with where int8-static's calibration inputs came from).
-KEYED_WHEN_SET = ("provider_options", "precision", "calibration")
-
-
+KEYED_WHEN_SET = ("provider_options", "precision", "calibration", "backend", "require_backend")
 
 def settings_key(settings: Mapping[str, Any]) -> str:
-    """The digest of the settings that change what is measured (the cache key's part)."""
-    return digest({"runtime": "onnxruntime",
+    """The digest of the settings that change what is measured (the cache key's part): the
+    runtime (its version is in the device's identity), its backend and options."""
+    return digest({"runtime": settings.get("runtime") or "onnxruntime",
                    **{k: settings[k] for k in RUNTIME_SETTINGS},
                    **{k: settings[k] for k in KEYED_WHEN_SET  # {} is no option
                       if settings.get(k) and settings[k] != DEFAULT_SETTINGS[k]}})

@@ -79,6 +79,9 @@ class Provenance:
     wall_ms: Optional[float] = None
     lease: Optional[List[float]] = None
     export_ms: Optional[float] = None
+    convert_ms: Optional[float] = None  # converting it for its runtime (None: kept, or none)
+    # ExecuTorch: the ops XNNPACK left to the portable kernels when the host lowered it
+    outside_backend: Optional[List[str]] = None
     model_sha256: Optional[str] = None
     model_bytes: Optional[int] = None
     isolation: Optional[str] = None
@@ -146,6 +149,8 @@ class Measurement:
     @classmethod
     def from_result(cls, result: AgentResult, graph_hash: str,
                     input_signature: Sequence[Any], *, export_ms: Optional[float],
+                    convert_ms: Optional[float] = None,
+                    outside_backend: Optional[Sequence[str]] = None,
                     model_sha256: str, model_bytes: int, isolation: str,
                     reference_level_ms: Optional[float] = None) -> "Measurement":
         """A measured result from the device's checked answer (with the lease window its
@@ -169,7 +174,8 @@ class Measurement:
                 "pinned_mask": list(control.pinned_mask)},
             extra_flags=list(control.flags) if control is not None else [],
             wall_ms=(lease[1] - lease[0]) * 1e3 if lease else None,
-            lease=list(lease) if lease else None, export_ms=export_ms,
+            lease=list(lease) if lease else None, export_ms=export_ms, convert_ms=convert_ms,
+            outside_backend=None if outside_backend is None else list(outside_backend),
             model_sha256=model_sha256, model_bytes=model_bytes, isolation=isolation,
             host_pid=os.getpid(), farm_host=result.host, stop=dict(result.stop) or None,
             reference_level_ms=reference_level_ms)
