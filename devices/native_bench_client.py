@@ -34,6 +34,7 @@ from devices.agent_result import AgentResult, DeviceFacts, is_ms
 from devices.errors import (AgentProtocolError, BadRequest, DeviceError, InferenceError,
                             LoadError)
 from devices.line_channel import file_sha256
+from devices.perf_tool_client import native_identity
 from devices.transport import Transport
 
 TOOLS = ("benchmark-model", "executor-runner")
@@ -156,16 +157,8 @@ class NativeBenchClient:
 
     def facts(self, deadline: float) -> DeviceFacts:
         if self._identity is None:
-            code, out, _ = self.transport.run(
-                ["sh", "-c", 'uname -s; uname -m; uname -r; grep -c ^processor /proc/cpuinfo; '
-                             'grep -m1 -E "^(Hardware|model name)" /proc/cpuinfo | cut -d: -f2'],
-                timeout=max(deadline - time.monotonic(), 1.0))
-            lines = [line.strip() for line in out.splitlines()] + [""] * 5
-            self._identity = dict({"system": lines[0], "machine": lines[1], "kernel": lines[2],
-                                   "cpu_count": int(lines[3]) if lines[3].isdigit() else None,
-                                   "cpu_model": lines[4] or None,
-                                   "runtime": self.tool, "tool_sha256": self._binary_sha},
-                                  **self.transport.fingerprint())
+            self._identity = native_identity(self.transport, deadline, {
+                "runtime": self.tool, "tool_sha256": self._binary_sha})
         return DeviceFacts(identity=self._identity, state={})
 
     def measure_rounds(self, models: Mapping[str, Tuple[str, str]], reference: Tuple[str, str],

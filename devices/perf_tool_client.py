@@ -84,6 +84,24 @@ def parse_perf_test(stdout: str, result_file: str) -> Dict[str, Any]:
     }
 
 
+def native_identity(transport: Transport, deadline: float, tool: Mapping[str, Any]
+                    ) -> Dict[str, Any]:
+    """What a device without Python says of itself through its shell (system, machine,
+    kernel, CPU count and model), with `tool` (the native tool's name and file hash) and
+    what the transport adds: the identity a native tool's measurements are keyed under."""
+    _, out, _ = transport.run(
+        ["sh", "-c", 'uname -s; uname -m; uname -r; grep -c ^processor /proc/cpuinfo; '
+                     'grep -m1 -E "^(Hardware|model name)" /proc/cpuinfo | cut -d: -f2'],
+        timeout=max(deadline - time.monotonic(), 1.0))
+    lines = [line.strip() for line in out.splitlines()] + [""] * 5
+    identity: Dict[str, Any] = {"system": lines[0], "machine": lines[1], "kernel": lines[2],
+                                "cpu_count": int(lines[3]) if lines[3].isdigit() else None,
+                                "cpu_model": lines[4] or None}
+    identity.update(tool)
+    identity.update(transport.fingerprint())
+    return identity
+
+
 class PerfTestClient:
     """Measures with onnxruntime_perf_test on a device; same interface as AgentClient."""
 
@@ -101,17 +119,8 @@ class PerfTestClient:
 
     def facts(self, deadline: float) -> DeviceFacts:
         if self._identity is None:
-            code, out, _ = self.transport.run(
-                ["sh", "-c", 'uname -s; uname -m; uname -r; grep -c ^processor /proc/cpuinfo; '
-                             'grep -m1 -E "^(Hardware|model name)" /proc/cpuinfo | cut -d: -f2'],
-                timeout=max(deadline - time.monotonic(), 1.0))
-            lines = [line.strip() for line in out.splitlines()] + [""] * 5
-            self._identity = dict({"system": lines[0], "machine": lines[1], "kernel": lines[2],
-                                   "cpu_count": int(lines[3]) if lines[3].isdigit() else None,
-                                   "cpu_model": lines[4] or None,
-                                   "runtime": "onnxruntime_perf_test",
-                                   "perf_test_sha256": self._binary_sha},
-                                  **self.transport.fingerprint())
+            self._identity = native_identity(self.transport, deadline, {
+                "runtime": "onnxruntime_perf_test", "perf_test_sha256": self._binary_sha})
         return DeviceFacts(identity=self._identity, state={})
 
     def measure_rounds(self, models: Mapping[str, Tuple[str, str]], reference: Tuple[str, str],
