@@ -49,6 +49,8 @@ AGENT_VERSION = "1.1"
 
 ERROR_KINDS = ("TRANSFER", "LOAD", "RUNTIME", "TIMEOUT", "DEVICE_LOST", "THERMAL", "USER")
 
+INDIFFERENCE = 0.02  # the limit rule's indifference zone by default: +-2% of the limit
+
 # Settings a request may carry, with their defaults. Timing defaults suit a NAS search:
 # one thread (stable, comparable across devices), enough runs for a sound median.
 DEFAULT_SETTINGS = {
@@ -68,6 +70,13 @@ DEFAULT_SETTINGS = {
     "rel_ci": 0.01,
     "confidence": 0.95,
     "limit_ms": None,
+    # the limit rule's indifference zone: a subnet within +-indifference x limit_ms of the
+    # limit may be called either way (it stops the rule from running on where nothing can
+    # tell); a subnet outside it is called wrongly with probability at most 1 - confidence
+    "indifference": INDIFFERENCE,
+    # the reference's quiet level known to the host (rounds): the limit in units of the
+    # reference is limit_ms / this (None: the level this window's reference blocks show)
+    "reference_level_ms": None,
     "seed": 0,
     "input_shapes": None,
     "cpu_affinity": None,
@@ -91,8 +100,10 @@ PROFILE_WARMUP_RUNS = 3  # profiled runs dropped before the medians (caches, all
 
 # How the timed loop stops: "fixed" after min_runs runs and min_time_ms; "ci" once the 95%
 # interval of the median is within rel_ci of it; "limit" once the interval of the median (at
-# `confidence`, spent over the looks) excludes limit_ms, or else as "ci" does. Every rule
-# stops at max_time_ms, and the two adaptive ones never stop on drifting runs.
+# `confidence`, spent over the looks) says below or above limit_ms up to the indifference
+# zone (limit_verdict), or else as "ci" does. Every rule stops at max_time_ms, and the two
+# adaptive ones never stop on drifting runs. In interleaved rounds, "limit" looks at each
+# candidate's ratios to the reference as they grow (limit_look) and a decided one leaves.
 STOP_RULES = ("fixed", "ci", "limit")
 PROTOCOLS = ("loop", "rounds")
 MODE_DEFAULTS = {"fixed": {"min_runs": 50, "min_time_ms": 1000.0},
@@ -379,6 +390,14 @@ def parse_settings(raw):
         raise AgentError("USER", "setting limit_ms must be a positive number of ms%s, got %r"
                          % (" (stop 'limit' needs it)" if settings["stop"] == "limit" else "",
                             limit))
+    zone = settings["indifference"]
+    if not _finite_number(zone) or not 0 < zone < 0.5:
+        raise AgentError("USER", "setting indifference must lie strictly between 0 and 0.5 "
+                         "(a share of limit_ms), got %r" % (zone,))
+    level = settings["reference_level_ms"]
+    if level is not None and not (_finite_number(level) and level > 0):
+        raise AgentError("USER", "setting reference_level_ms must be a positive number of ms, "
+                         "got %r" % (level,))
     if settings["min_runs"] < 1:
         raise AgentError("USER", "setting min_runs must be at least 1")
     if settings["max_time_ms"] < settings["min_time_ms"]:
@@ -1334,9 +1353,26 @@ def look_confidence(confidence, look):
     return 1.0 - (1.0 - confidence) * 6.0 / (math.pi ** 2 * look ** 2)
 
 
+def limit_verdict(interval, median, limit, indifference):
+    """The three-way test of a median against a limit with an indifference zone of
+    +-indifference x limit: "below" when the interval lies under the zone's top, "above"
+    when it lies over the zone's bottom (both: the interval is inside the zone, and the
+    median says which side), None (undecided) otherwise. A true median outside the zone
+    lies outside an interval that answers wrongly, so with an interval that covers it with
+    probability `confidence` a call outside the zone errs with at most 1 - confidence."""
+    if interval is None:
+        return None
+    below = interval[1] < limit * (1.0 + indifference)
+    above = interval[0] > limit * (1.0 - indifference)
+    if below and above:
+        return "below" if median < limit else "above"
+    return "below" if below else "above" if above else None
+
+
 def stop_verdict(samples, settings, look):
-    """Why the loop may stop now ("settled": the interval of the median excludes the limit;
-    "precise": it is within rel_ci of the median), or None to keep running."""
+    """Why the loop may stop now ("settled": the interval of the median says below or above
+    the limit, limit_verdict; "precise": it is within rel_ci of the median), or None to
+    keep running."""
     if drifting(samples, settings["rel_ci"]):
         return None
     ordered = sorted(samples)
@@ -1346,8 +1382,8 @@ def stop_verdict(samples, settings, look):
         # it is precise (the limit within the noise of the median) by the same standard, so
         # a tight interval is never reported unsettled by a laxer one
         interval = median_interval(ordered, look_confidence(settings["confidence"], look))
-        if interval is not None and (interval[1] < settings["limit_ms"] / 1e3
-                                     or interval[0] > settings["limit_ms"] / 1e3):
+        if limit_verdict(interval, median, settings["limit_ms"] / 1e3,
+                         settings["indifference"]) is not None:
             return "settled"
     else:
         interval = median_interval(ordered, 0.95)
@@ -1488,6 +1524,9 @@ class Timed(object):
         needed = block_ms / 1e3 / self.run_s
         self.k = next((k for k in BLOCK_RUNS if k >= needed), BLOCK_RUNS[-1])
         self.blocks = []
+        self.verdict = None  # the limit rule's call on it (limit_look), once one is made
+        self.last_look = None  # the limit rule's last look at it, called or not
+        self.looks, self.looked_at, self.next_look = 0, 0, None  # its looks, kept at the last
 
     def block(self, round_index, position, sequence, origin):
         """One block: a discarded run, then k timed runs; its length (s)."""
@@ -1515,10 +1554,11 @@ def interleave(models, reference, settings, clock):
         # lower, so a ratio of minima over different k would carry a bias of its own
         model.k = reference.k
     sequence, completed, failed, reason = 0, 0, {}, "rounds"
+    deciding = settings["stop"] == "limit"
     loop_start = clock()
     for round_index in range(settings["rounds"]):
         order = [name for name in round_order(sorted(models), settings["seed"], round_index)
-                 if name not in failed]
+                 if name not in failed and models[name].verdict is None]
         since_ref = 0.0
         if round_index == 0:  # later rounds open on the reference block that closed the last
             sequence += 1
@@ -1537,6 +1577,13 @@ def interleave(models, reference, settings, clock):
                 _reference_block(reference, round_index, position, sequence, loop_start)
                 since_ref = 0.0
         completed = round_index + 1
+        if deciding:  # a look at each candidate still in that is due one; the decided leave
+            for name in order:
+                if name not in failed:
+                    limit_look(models[name], reference, settings, completed)
+            if all(name in failed or models[name].verdict is not None for name in models):
+                reason = "decided"
+                break
         if settings["stop"] == "ci" and completed >= settings["min_runs"] and _precise(
                 {name: models[name] for name in models if name not in failed}, reference,
                 settings):
@@ -1545,7 +1592,67 @@ def interleave(models, reference, settings, clock):
         if clock() - loop_start >= settings["max_time_ms"] / 1e3:
             reason = "max_time"
             break
+    if deciding:  # the undecided: one last look at what they have (it may call them)
+        for name, model in models.items():
+            if name not in failed and model.verdict is None:
+                limit_look(model, reference, settings, completed, last=True)
     return completed, clock() - loop_start, failed, reason
+
+
+LOOK_GROWTH = 1.25  # under the limit rule in rounds, looks come as the kept ratios grow 25%
+
+
+def limit_look(model, reference, settings, completed, last=False):
+    """The limit rule's look at a candidate of interleaved rounds, when one is due: the
+    interval of the median of its kept blocks' ratios to the reference, tested against the
+    limit in units of the reference (limit_ms over the reference's quiet level: the host's,
+    else this window's) with the indifference zone. Looks come when the count of kept ratios
+    reaches the next step (the first at the fewest that can give an interval at the
+    decision's confidence, and min_runs; then 25% more each), and at the `last` round; a
+    block is kept or dropped by its reference blocks alone, so the looks' times do not
+    depend on the candidate's values, and look k spends its share of the error
+    (look_confidence): every look together errs at most 1 - confidence. Sets the model's
+    `verdict` (a dict for the answer's "stop") once it is called, and `last_look`."""
+    kept = sorted(ratio for ratio, keep in block_ratios(model.blocks, reference.blocks)
+                  if keep)
+    due = model.next_look or max(settings["min_runs"], first_look_size(settings["confidence"]))
+    if len(kept) < due and not (last and (model.last_look is None or len(kept) > model.looked_at)):
+        return
+    model.looks += 1
+    model.looked_at = len(kept)
+    model.next_look = max(len(kept) + 1, int(math.ceil(len(kept) * LOOK_GROWTH)))
+    level = settings["reference_level_ms"] or quantile(
+        [block_statistic(block[3]) for block in reference.blocks], LEVEL_QUANTILE)
+    interval = median_interval(kept, look_confidence(settings["confidence"], model.looks))
+    ratio = _median_of(kept) if kept else None
+    outcome = limit_verdict(interval, ratio, settings["limit_ms"] / level,
+                            settings["indifference"])
+    model.last_look = {
+        "outcome": outcome, "looks": model.looks, "rounds": completed, "kept": len(kept),
+        "ratio": ratio, "ratio_interval": list(interval) if interval is not None else None,
+        "level_ms": level, "limit_ms": settings["limit_ms"],
+        "confidence": settings["confidence"], "indifference": settings["indifference"]}
+    if outcome is not None:
+        model.verdict = model.last_look
+
+
+def first_look_size(confidence):
+    """The fewest independent values whose median has an interval at the first look's
+    confidence (9 at 99%)."""
+    n = 2
+    while median_interval(range(n), look_confidence(confidence, 1)) is None:
+        n += 1
+    return n
+
+
+def rounds_stop(model, settings, completed, reason):
+    """How a candidate's rounds stopped, for its answer: the window's rule and why it
+    stopped; under the limit rule, its own call (limit_look) and why it left."""
+    stop = {"rule": {"ci": "rounds-ci", "limit": "rounds-limit"}.get(settings["stop"], "rounds"),
+            "reason": reason, "looks": completed, "rel_ci": settings["rel_ci"]}
+    if settings["stop"] == "limit" and model.last_look is not None:
+        stop.update(model.last_look, reason="settled" if model.verdict else reason)
+    return stop
 
 
 def _reference_block(reference, round_index, position, sequence, origin):
@@ -1584,7 +1691,17 @@ class _Loaded(Timed):
 
 
 SPEED_CHANGE = 0.10  # reference blocks around a candidate block this far apart: it is dropped
+LEVEL_QUANTILE = 0.10  # the reference's quiet level: this quantile of its block statistics
 BLOCK_RUNS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1000)
+
+
+def quantile(values, q):
+    """The q-quantile of values (linear between order statistics)."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(math.floor(position))
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def block_statistic(runs, statistic="min"):
@@ -1717,8 +1834,7 @@ def _measure_rounds(models, reference, settings):
             "warmup_runs": settings["warmup_runs"], "warmup_ms": model.warmup_ms,
             "samples_ms": [ms for block in model.blocks for ms in block[3]],
             "inputs": model.inputs,
-            "stop": {"rule": "rounds" if settings["stop"] != "ci" else "rounds-ci",
-                     "reason": reason, "looks": completed, "rel_ci": settings["rel_ci"]},
+            "stop": rounds_stop(model, settings, completed, reason),
             "rounds": {"completed": completed, "k": model.k, "reference_k": ref.k,
                        "blocks": model.blocks, "reference_blocks": ref.blocks,
                        "seed": settings["seed"], "ref_gap_ms": settings["ref_gap_ms"],

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from agents.ort_agent import (AGENT_VERSION, AgentError, Timed, interleave, parse_settings,
-                              timed_loop)
+                              rounds_stop, timed_loop)
 from devices.agent_result import AgentResult, DeviceFacts
 from devices.errors import BadRequest, DeviceError, DeviceLost, MeasurementTimeout
 from devices.noise_trace import NoiseTrace
@@ -216,7 +216,7 @@ class SimulatedClient:
                 "warmup_runs": checked["warmup_runs"], "warmup_ms": 0.0,
                 "samples_ms": [ms for block in model.blocks for ms in block[3]],
                 "loop_ms": loop_s * 1e3, "capped": reason == "max_time",
-                "stop": {"rule": "rounds", "reason": reason, "looks": completed},
+                "stop": rounds_stop(model, checked, completed, reason),
                 "settings": checked, "controlled": {},
                 "runtime": {"name": "simulated", "version": AGENT_VERSION,
                             "provider": checked["provider"]},

@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     limit.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     limit.add_argument("--confidence", type=float, default=0.99,
                        help="how sure each decision must be (default 0.99)")
+    limit.add_argument("--indifference", type=float, default=0.02,
+                       help="within +-this share of the limit either answer is right "
+                            "(default 0.02)")
     limit.add_argument("--no-model", action="store_true",
                        help="never answer from the device's latency model")
     limit.add_argument("--timeout", type=float, default=300.0,
@@ -764,7 +767,8 @@ def _filter(args: argparse.Namespace) -> int:
                          settings=_settings(args), cache=args.cache, timeout_s=args.timeout,
                          farm=args.farm, reference=args.reference) as profiler:
         profiler.decider.use_model = not args.no_model
-        decisions = profiler.decide_many(samples, args.limit_ms, args.confidence)
+        decisions = profiler.decide_many(samples, args.limit_ms, args.confidence,
+                                         indifference=args.indifference)
         model_note, audit = profiler.decider.model_note, profiler.decider.audit.report()
         fixed = profiler.counters.get("fixed_loop_s", 0.0)
     counts = summary(decisions)
@@ -777,8 +781,9 @@ def _filter(args: argparse.Namespace) -> int:
         return 0
     by_source = counts["by_source"]
     print(f"{len(decisions)} samples against {args.limit_ms:g} ms at {args.confidence:.1%}: "
-          f"{counts['below']} below, {counts['above']} not below ({counts['unsettled']} within "
-          f"the noise of the limit, measured to full precision)")
+          f"{counts['below']} below, {counts['above']} not below, {counts['undecided']} "
+          f"undecided (+-{args.indifference:.1%} of the limit is indifferent; the undecided "
+          "spent their budget and are listed by their point estimate)")
     print(f"answered by: {by_source['measured']} the device, {by_source['cached']} the cache, "
           f"{by_source['predicted']} the device's latency model")
     print(f"device time: {counts['device_s']:.1f} s (the fixed loop: about {fixed:.1f} s for "

@@ -16,12 +16,12 @@ error and stores nothing.
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from devices.errors import DeviceLost
-from harness.export.graph import DummyInput, export_module, exported_space_fingerprint, input_signature
+from harness.export.graph import DummyInput, exported_space_fingerprint, input_signature
 from harness.export.model_file import (ModelFile, ModelFilesOnly, ModelSource, NoSamples,
                                        Precision, load_model)
 from harness.metrics.profiler_base import Profiler
@@ -39,7 +39,7 @@ from harness.steps.measuring import MeasurementSteps, check_statistic
 from harness.steps.reference import Reference, default_protocol
 from harness.steps.rounds import answer_in_rounds
 from harness.store.cache import Cache
-from harness.store.decisions import Decision, check_limit
+from harness.store.decisions import INDIFFERENCE, Decision, check_limit
 from harness.store.key import MeasurementKey, canonical_json
 from harness.store.measurement import Measurement
 
@@ -110,23 +110,17 @@ class LatencyProfiler(Profiler):
         self.steps = MeasurementSteps(self.export, self.cache, self.key_scope, self.counters,
                                       self.pool.isolation, refresh, self.request, self.reference)
         self.decider = LimitDecider(  # the device's latency model lives there
-            space, dummy_input, cache=self.cache, scope=self.key_scope,
-            base_scope=self._base_scope, export=self.export, request=self.request,
-            counters=self.counters, device=device, devices=self.pool.devices or [device])
+            space, dummy_input, steps=self.steps, base_scope=self._base_scope,
+            statistic=self.statistic, device=device, devices=self.pool.devices or [device])
         self.fallback = PredictionFallback(
             config, space=space, dummy_input=dummy_input, device=device,
             devices=self.pool.devices, home=self.home, cache=self.cache,
             scope=self._base_scope, export=self.export, counters=self.counters,
             refresh=refresh, model=self.decider.predicted_measurement, statistic=self.statistic)
 
-    @property
-    def refresh(self) -> bool:
-        """Whether the cache is passed by (measured again; the old results are kept)."""
-        return self.steps.refresh
-
-    @refresh.setter
-    def refresh(self, value: bool) -> None:
-        self.steps.refresh = value
+    refresh = property(lambda self: self.steps.refresh,  # the steps' setting, set from here
+                       lambda self, value: setattr(self.steps, "refresh", value),
+                       doc="Whether the cache is passed by (measured again; old results kept).")
 
     # ------------------------------------------------------------ the public calls
 
@@ -173,33 +167,39 @@ class LatencyProfiler(Profiler):
                           if result is not None and steps is self.steps)
         return results  # type: ignore[return-value]
 
-    def decide(self, sample: Mapping[str, Any], limit_ms: float, confidence: float = 0.99) -> Decision:
-        """Is the sample's median latency below `limit_ms`? Measured only until the interval of
-        the median settles it (harness.store.decisions: how, and the error rate it guarantees)."""
-        return self.decide_many([sample], limit_ms, confidence, progress=False)[0]
+    def decide(self, sample: Mapping[str, Any], limit_ms: float, confidence: float = 0.99,
+               indifference: float = INDIFFERENCE) -> Decision:
+        """Is the sample's latency below `limit_ms`, up to +-indifference x the limit? Measured
+        until that is settled or its budget is spent (harness.store.decisions: the guarantee)."""
+        return self.decide_many([sample], limit_ms, confidence, False, indifference)[0]
 
     def decide_many(self, samples: Iterable[Mapping[str, Any]], limit_ms: float,
-                    confidence: float = 0.99, progress: Optional[bool] = None) -> List[Decision]:
-        """decide() over many samples, in input order, pipelined and pooled like measure_many;
-        the device's latency model refits between chunks as the measurements come in."""
-        decisions = self.decider.start(*check_limit(limit_ms, confidence))
+                    confidence: float = 0.99, progress: Optional[bool] = None,
+                    indifference: float = INDIFFERENCE) -> List[Decision]:
+        """decide() over many samples, in input order: in rounds where this profiler measures in
+        rounds (the decided leave them), else one at a time; the model refits between chunks."""
+        decisions = self.decider.start(*check_limit(limit_ms, confidence, indifference))
         canonical = [self._validate(sample) for sample in samples]
-        results: List[Any] = []
+        results: List[Optional[Decision]] = []
         for start in range(0, len(canonical), DECISION_CHUNK):  # cache and model, then device
             chunk = canonical[start:start + DECISION_CHUNK]
             answers = [decisions.known(start + i, s, self.export.indexed(s))
                        for i, s in enumerate(chunk)]
-            answer_all(chunk, answers, decisions, pool=self.pool, request=decisions.request,
-                       what=f"deciding on {self.device}", progress=progress)
+            decisions.answer(chunk, answers, self.pool, f"deciding on {self.device}", progress)
             results += answers
             self.decider.learn()
         return decisions.finish(results)
 
     def measure_module(self, module: torch.nn.Module, dummy_input: DummyInput) -> Measurement:
-        """Latency of any module (a block of a lookup table, say) on this profiler's device,
-        through the same cache, keyed by its own graph hash and input shapes."""
-        return self.steps.one(export_module(module.eval(), dummy_input), input_signature(
-            dummy_input), None, self.pool, self.precision, lambda: module, dummy_input)
+        """Latency of any module on this device, through the cache (its graph and inputs)."""
+        return self.measure_modules([(module, dummy_input)])[0]
+
+    def measure_modules(self, modules: Sequence[Tuple[torch.nn.Module, DummyInput]],
+                        samples: Iterable[Mapping[str, Any]] = ()) -> List[Measurement]:
+        """measure_module over many, and `samples`, together: in rounds, in the same windows
+        (a table's blocks and the wholes they add up to see one speed). Modules', samples'."""
+        return self.steps.together(modules, [self.export(self._validate(s)) for s in samples],
+                                   self.pool, self.precision)
 
     def measure_model(self, model: Union[ModelSource, ModelFile],
                       input_shapes: Optional[Mapping[str, List[int]]] = None,

@@ -12,12 +12,15 @@ Target: a new sample in at most 0.2 ms, at or under NNI.
 With --lut, also the latency lookup table's additivity error on 10 subnets: uncorrected,
 with the identity model's fixed cost subtracted, and with that cost scaled by the factor
 fitted on 8 other whole subnets (targets: mean <= 10% on TinySpace at 32 px, <= 5% on
-ProxylessSpace at 64 px), beside the same 10 subnets measured again against their first
-measurement (the device's noise: no table can do better). Measured on the `local` device in
-a new HARNESS_HOME.
+ProxylessSpace at 64 px). Blocks, fixed costs and the 18 whole subnets are measured together
+(in rounds: the same windows beside the reference, the quiet-state latency); the error is
+given against those wholes and against the truth (scripts/benchtruth.py: --truth-s of
+interleaved rounds per subnet, kept under --truth-dir), beside the truth's floor (a second
+campaign: no table can do better). With --protocol loop, each model one at a time and the
+floor the subnets measured again. On the `local` device in a new HARNESS_HOME.
 
 Usage: python scripts/bench_counting.py [--px 224] [--samples 20] [--spaces ...] [--lut]
-       [--statistic median|min]
+       [--protocol rounds|loop] [--statistic median|min|quiet] [--truth-s 10]
 """
 import argparse
 import statistics
@@ -26,9 +29,10 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchtruth
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -92,38 +96,57 @@ def bench_space(name: str, space: Any, px: int, count: int, seed: int,
     return row
 
 
-def bench_lut(spaces: List[str], statistic: str = "median") -> List[Dict[str, Any]]:
+def bench_lut(spaces: List[str], statistic: Optional[str], protocol: str, truth_s: float,
+              truth_dir: Path) -> List[Dict[str, Any]]:
+    """Each space's table on `local`: its additivity error against the whole subnets measured
+    in the same build, and (rounds) against the truth (scripts/benchtruth.py) beside the
+    truth's floor; a loop's floor is the subnets measured again."""
     import os
 
+    from benchtruth import campaign
     from harness.search.lut import LatencyLUT
     from harness.profiler import LatencyProfiler
     from harness.spaces.space import load_space
 
-    os.environ["HARNESS_HOME"] = tempfile.mkdtemp(prefix="bench-counting-")
+    home = Path(tempfile.mkdtemp(prefix="bench-counting-"))
+    os.environ["HARNESS_HOME"] = str(home)
     rows = []
     for spec, px in [(s.split("@")[0], int(s.split("@")[1])) for s in spaces]:
         space = load_space(spec)
         x = torch.randn(1, 3, px, px)
-        loop = {"protocol": "loop"}  # blocks and wholes one model at a time, their medians
-        with LatencyProfiler(space, x, statistic=statistic, settings=loop) as latency:
+        checks = random_samples(space, 10, seed=7)
+        with LatencyProfiler(space, x, statistic=statistic, settings={"protocol": protocol}
+                             ) as latency:  # blocks, fixed costs and wholes together
             lut = LatencyLUT.build(space, x, latency, progress=False,
-                                   fit_samples=random_samples(space, 8, seed=3))
-            report = lut.additivity_error(random_samples(space, 10, seed=7), latency)
-        with LatencyProfiler(space, x, statistic=statistic, settings=loop,
-                             refresh=True) as remeasure:  # the noise floor
-            again = [remeasure.profile(s) for s in random_samples(space, 10, seed=7)]
-        bound = statistics.mean(abs(a / row["measured_ms"] - 1)
-                                for a, row in zip(again, report["rows"]))
-        rows.append({"space": f"{spec.split(':')[-1]} {px}px", "fixed_ms": report["fixed_ms"],
-                     "scale": report["overhead_scale"],
-                     "mean_err_before": report["mean_abs_error_uncorrected"],
-                     "mean_err_identity": report["mean_abs_error_identity"],
-                     "mean_err_fitted": report["mean_abs_error"],
-                     "max_err_fitted": report["max_abs_error"],
-                     "signed_before": statistics.mean(r["uncorrected_error"]
-                                                      for r in report["rows"]),
-                     "signed_fitted": report["mean_signed_error"],
-                     "remeasured_err": bound})
+                                   fit_samples=random_samples(space, 8, seed=3),
+                                   check_samples=checks)
+            report = lut.additivity_error(checks, latency)
+            used = latency.statistic
+        row = {"space": f"{spec.split(':')[-1]} {px}px", "statistic": used,
+               "fixed_ms": report["fixed_ms"], "scale": report["overhead_scale"],
+               "mean_err_before": report["mean_abs_error_uncorrected"],
+               "mean_err_identity": report["mean_abs_error_identity"],
+               "mean_err_fitted": report["mean_abs_error"],
+               "max_err_fitted": report["max_abs_error"],
+               "signed_fitted": report["mean_signed_error"]}
+        if used == "quiet":  # against the truth, beside its floor
+            name = f"lut-{spec.split(':')[-1]}-{px}px-{truth_s:g}s"
+            truth = campaign(space, x, checks, device="local", home=home, seconds=truth_s,
+                             cache=truth_dir / f"truth-{name}.sqlite")
+            again = campaign(space, x, checks, device="local", home=home, seconds=truth_s,
+                             cache=truth_dir / f"floor-{name}.sqlite", seed=1)
+            row["err_vs_truth"] = statistics.mean(abs(lut.profile(s) / t.quiet_ms - 1)
+                                                  for s, t in zip(checks, truth))
+            row["truth_floor"] = statistics.mean(abs(b.quiet_ms / a.quiet_ms - 1)
+                                                 for a, b in zip(truth, again))
+        else:
+            with LatencyProfiler(space, x, statistic=statistic, settings={"protocol": protocol},
+                                 refresh=True) as remeasure:  # the noise floor
+                again_ms = [remeasure.profile(s) for s in checks]
+            row["remeasured_err"] = statistics.mean(abs(a / r["measured_ms"] - 1)
+                                                    for a, r in zip(again_ms, report["rows"]))
+        rows.append(row)
+        print_table(rows[-1:])
     return rows
 
 
@@ -149,8 +172,14 @@ def main() -> int:
     parser.add_argument("--lut", nargs="*", default=None, metavar="MODULE:SPACE@PX",
                         help="also the lookup table's fixed-cost correction (default spaces: "
                              "TinySpace@32 ProxylessSpace@64)")
-    parser.add_argument("--statistic", choices=("median", "min"), default="median",
-                        help="what the lookup table and the subnets are measured by")
+    parser.add_argument("--statistic", choices=("median", "min", "quiet"), default=None,
+                        help="what the lookup table and the subnets are measured by "
+                             "(default: quiet in rounds, the median in a loop)")
+    parser.add_argument("--protocol", choices=("rounds", "loop"), default="rounds")
+    parser.add_argument("--truth-s", type=float, default=10.0,
+                        help="device time per subnet of the truth campaign (default 10 s)")
+    parser.add_argument("--truth-dir", type=Path,
+                        default=Path.home() / ".cache" / "harness-bench")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", module="nni")
 
@@ -167,9 +196,13 @@ def main() -> int:
         print_table(rows)
     if args.lut is not None:
         lut = args.lut or ["harness.spaces:TinySpace@32", "harness.spaces:ProxylessSpace@64"]
-        print(f"\nLatency lookup table, additivity error on 10 subnets (local device, each "
-              f"{args.statistic} run)")
-        print_table(bench_lut(lut, args.statistic))
+        print(f"\nLatency lookup table, additivity error on 10 subnets (local device, "
+              f"{args.protocol}; against the truth: its quiet-state latency from "
+              f"{args.truth_s:g} s of interleaved rounds per subnet, beside the truth's floor)")
+        args.truth_dir.mkdir(parents=True, exist_ok=True)
+        rows = bench_lut(lut, args.statistic, args.protocol, args.truth_s, args.truth_dir)
+        print("\nall:")
+        print_table(rows)
     return 0
 
 

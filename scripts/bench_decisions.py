@@ -1,228 +1,266 @@
 #!/usr/bin/env python3
-"""Device time per decision, side by side in one run: the fixed loop, precision stopping
-(stop="ci"), limit-aware decisions, and limit-aware decisions with the device's latency model,
-on `local` and on a test-farm board (an SSH board in a network namespace; needs root).
+"""Limit decisions scored against a truth that holds, side by side in one run: the fixed
+loop, precision stopping (stop="ci"), limit-aware decisions in interleaved rounds, and the
+same with the device's latency model.
 
-Ground truth is today's fixed loop (>= 50 runs and >= 1 s) on every subnet. Limits sit at
-the population's p20, median and p80. Per device and strategy the table gives device-seconds
-over the whole sweep (3 limits), the speed-up over the fixed loop, agreement with the ground
-truth, and the worst disagreement's distance from the limit in units of the ground truth's
-own 95% interval of the median (<= 1: the limit lies inside it, the truth itself cannot tell).
-Then: the run-to-run CV of the median, pinned to one CPU, for fixed and ci-stopped loops; and
-the latency model's held-out coverage and cost per prediction.
+The truth (scripts/benchtruth.py) is each subnet's quiet-state latency from a long
+interleaved campaign (--truth-s of device time per subnet, in passes that load the models
+afresh), kept in caches under --truth-dir so a later run reuses it; its floor (a second
+campaign on every --floor-every-th subnet) is printed beside the figures. Every strategy
+starts from a cache holding the sample index and the truth campaign's reference history
+(as a device that has been measuring for a while has it), but no result. On the simulated
+device replaying a recorded trace the truth is exact. Limits sit at the truth's p20, median
+and p80.
 
-Every strategy starts from a cache holding the sample index but no measurement, so no
-strategy reads another's results.
+Per condition and strategy the table gives device-seconds over the sweep (3 limits), the
+speed-up over the fixed loop, and for candidates whose truth lies outside the indifference
+zone (+-2% of the limit): agreement of the decided ones, how many were called wrongly, how
+many calls inside the zone went either way, and the undecided share. The fixed and ci loops
+are also measured twice: their re-measurement agreement (answers equal in both passes).
 
-Usage: sudo python3 scripts/bench_decisions.py [--samples 300] [--size 64] [--no-board]
+Conditions: local (pinned to CPU 0, the benchmarks' noisy neighbour on CPU 1), replay (a
+simulated device replaying tests/fixtures/noise/loaded.json), arm64 (the emulated board of
+the test farm at --arm64-size px; needs root). Every row is printed as it comes and
+appended to --out, so a run that dies still leaves its figures.
+
+Usage: python3 scripts/bench_decisions.py --out bench_decisions.md [--samples 300]
+           [--size 64] [--conditions local,replay,arm64] [--truth-s 10]
 """
 import argparse
+import contextlib
 import shutil
 import sqlite3
-import statistics
-import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from benchlib import load_testfarm  # also puts the repository on sys.path
+from benchlib import ROOT, Arm64Board, Neighbour, simulated_device  # also sys.path
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from devices import registry  # noqa: E402
+from benchtruth import (Truth, campaign, exact_truth, floor, floor_text,  # noqa: E402
+                        pass_caches)
+from devices.noise_trace import NoiseTrace  # noqa: E402
+from devices.simulated import SimulatedModel  # noqa: E402
 from harness import LatencyProfiler, random_samples  # noqa: E402
-from harness.predict.latency_model import LatencyModel, featurizer  # noqa: E402
-from harness.spaces.space import SampleValidator, checked_search_space  # noqa: E402
 from harness.spaces import ProxylessSpace  # noqa: E402
 
 CONFIDENCE = 0.99
-PINNED = [1]
-CI_MAX_TIME_MS = 20000.0  # --ci-max-time-ms
-CV_SUBNETS = 5
+ZONE = 0.02
+TRACE = ROOT / "tests" / "fixtures" / "noise" / "loaded.json"
+SIM_MS = 10.0
 
 
-def empty_copy(index: Path, folder: Path, name: str) -> Path:
-    """A copy of the cache with its sample index and devices, but no result."""
+def empty_copy(index: Path, folder: Path, name: str, history: Sequence[Path] = ()) -> Path:
+    """A copy of the cache with its sample index and devices, but no result; with the
+    reference's history of the `history` caches (the truth campaign's), as a device that
+    has been measuring for a while has it."""
     path = folder / f"{name}.sqlite"
     shutil.copyfile(index, path)
     with sqlite3.connect(path) as conn:
-        conn.execute("DELETE FROM measurements")
-        conn.execute("DELETE FROM decisions")
+        for table in ("measurements", "decisions", "reference_blocks"):
+            conn.execute(f"DELETE FROM {table}")
+        for source in history:
+            conn.execute("ATTACH DATABASE ? AS history", (f"file:{source}?mode=ro",))
+            conn.execute("INSERT OR IGNORE INTO reference_blocks "
+                         "SELECT * FROM history.reference_blocks")
+            conn.commit()
+            conn.execute("DETACH DATABASE history")
     return path
 
 
-def run_device(device: str, home: Path, folder: Path, index: Path, space: Any, dummy: Any,
-               samples: List[Dict[str, Any]]) -> Dict[str, Any]:
-    def profiler(cache: Path, **settings: Any) -> LatencyProfiler:
-        return LatencyProfiler(space, dummy, device=device, home=home, cache=cache,
-                               settings=dict({"protocol": "loop"}, **settings))
+def emit(line: str, out: Path) -> None:
+    print(line, flush=True)
+    with open(out, "a") as table:
+        table.write(line + "\n")
 
-    out: Dict[str, Any] = {"device": device}
-    with profiler(empty_copy(index, folder, f"{device}-fixed")) as p:
-        truth = p.measure_many(samples, progress=False)
-    medians = np.array([m.median for m in truth])
-    halves = np.array([max(m.median - m.median_interval()[0], m.median_interval()[1] - m.median)
-                       for m in truth])
-    limits = [float(np.percentile(medians, q)) for q in (20, 50, 80)]
-    out["limits"] = limits
-    out["median_ms"] = float(np.median(medians))
-    fixed_s = sum(m.device_s for m in truth)
 
-    def score(name: str, device_s: float, below: List[List[bool]]) -> None:
-        agree, worst = 0, 0.0
-        for limit, answers in zip(limits, below):
-            for answer, median, half in zip(answers, medians, halves):
-                if answer == (median < limit):
-                    agree += 1
-                else:
-                    worst = max(worst, abs(median - limit) / max(half, 1e-9))
-        total = len(limits) * len(samples)
-        out.setdefault("rows", []).append((name, device_s, fixed_s / device_s, agree / total,
-                                           total - agree, worst))
+def score(truths: Sequence[Truth], limits: Sequence[float], answers: Sequence[Sequence[Any]]
+          ) -> Dict[str, float]:
+    """Answers (per limit, per subnet: (below, decided)) against the truth."""
+    outside = decided = agree = wrong_inside = inside = undecided = 0
+    for limit, per_subnet in zip(limits, answers):
+        for truth, (below, settled) in zip(truths, per_subnet):
+            within = abs(truth.quiet_ms / limit - 1) <= ZONE
+            undecided += not settled
+            if within:
+                inside += 1
+                wrong_inside += below != (truth.quiet_ms < limit)
+                continue
+            outside += 1
+            if settled:
+                decided += 1
+                agree += below == (truth.quiet_ms < limit)
+    total = len(limits) * len(truths)
+    return {"agree": agree / decided if decided else float("nan"), "wrong": decided - agree,
+            "outside": outside, "inside": inside, "either_way": wrong_inside,
+            "undecided": undecided / total}
 
-    score("fixed loop (ground truth)", fixed_s, [[m < limit for m in medians] for limit in limits])
-    with profiler(empty_copy(index, folder, f"{device}-ci"), stop="ci",
-                  max_time_ms=CI_MAX_TIME_MS) as p:
-        ci = p.measure_many(samples, progress=False)
-    score("stop=ci (+-1%)", sum(m.device_s for m in ci),
-          [[m.median < limit for m in ci] for limit in limits])
-    out["ci_runs"] = float(np.median([m.n for m in ci]))
-    out["fixed_runs"] = float(np.median([m.n for m in truth]))
-    out["fixed_rhw"] = float(np.median([m.relative_half_width for m in truth]))
-    out["ci_reasons"] = dict(Counter((m.provenance.stop or {}).get("reason") for m in ci))
-    out["ci_drift"] = sum(bool((m.provenance.stop or {}).get("drift")) for m in ci)
-    for name, use_model in (("limit-aware", False), ("limit-aware + model", True)):
-        with profiler(empty_copy(index, folder, f"{device}-{use_model}")) as p:
+
+def twice(answers: Sequence[Sequence[Any]], again: Sequence[Sequence[Any]]) -> float:
+    """Share of (limit, subnet) answers equal in two passes."""
+    pairs = [a[0] == b[0] for x, y in zip(answers, again) for a, b in zip(x, y)]
+    return float(np.mean(pairs))
+
+
+class Replay:
+    """What the replaying simulated device needs beside a real one: its exact truth, in the
+    units the profiler's decisions read it (the exact ratio to the reference times the quiet
+    level of the reference the device's history shows: the level is the device's, the
+    uncertainty a decision spends its error on is the ratio's), and its device time, which is
+    virtual (the device's clock, saved when a profiler closes)."""
+
+    def __init__(self, device: str, home: Path):
+        self.device, self.home = device, home
+        self.spec = SimulatedModel(device, SIM_MS, seed=7, noise=NoiseTrace.load(TRACE))
+
+    def clock_s(self) -> float:
+        from devices.simulated import CLOCK_FOLDER
+
+        return float((self.home / CLOCK_FOLDER / self.device).read_text())
+
+    def truth(self, profiler: LatencyProfiler, samples: Sequence[Dict[str, Any]]
+              ) -> Tuple[List[Truth], float]:
+        """The samples' truth as the profiler's decisions read it, and the level's share of
+        the trace's own quiet level."""
+        reference_ms = self.spec.graph_median_ms(profiler.reference().sha256)
+        level = profiler.steps.known_reference_level() or reference_ms
+        shas = [profiler.export(s).sha256 for s in samples]
+        return [Truth(t.quiet_ms * level / reference_ms, t.low_ms * level / reference_ms,
+                      t.high_ms * level / reference_ms) for t in exact_truth(self.spec, shas)
+                ], level / reference_ms
+
+
+def run_condition(condition: str, device: str, home: Path, folder: Path, index: Path,
+                  space: Any, dummy: Any, samples: List[Dict[str, Any]], truths: List[Truth],
+                  pinned: Dict[str, Any], out: Path, floor_line: str,
+                  replay: Optional[Replay], history: Sequence[Path]) -> None:
+    def profiler(name: str, **settings: Any) -> LatencyProfiler:
+        return LatencyProfiler(space, dummy, device=device, home=home,
+                               cache=empty_copy(index, folder, f"{condition}-{name}", history),
+                               settings=dict(pinned, **settings))
+
+    def device_s(spent: float, began: float) -> float:
+        """Device time: the leases' (a replay's: its virtual clock's)."""
+        return spent if replay is None else replay.clock_s() - began
+
+    values = np.array([t.quiet_ms for t in truths])
+    limits = [float(np.percentile(values, q)) for q in (20, 50, 80)]
+    emit(f"\n### {condition}: {len(samples)} subnets, limits {', '.join(f'{x:.3f}' for x in limits)}"
+         f" ms (truth p20, p50, p80); the truth's floor: {floor_line}\n", out)
+    emit("| strategy | device-s | speed-up | agree outside the zone | wrong outside | "
+         "inside the zone (either way) | undecided | same answer twice |", out)
+    emit("|---|---|---|---|---|---|---|---|", out)
+    fixed_s = None
+
+    def row(name: str, spent: float, answers: Any, repeat: str = "-") -> None:
+        nonlocal fixed_s
+        fixed_s = fixed_s or spent
+        s = score(truths, limits, answers)
+        emit(f"| {name} | {spent:.1f} | {fixed_s / spent:.1f}x | {s['agree']:.2%} of "
+             f"{s['outside']} | {s['wrong']} | {s['inside']} ({s['either_way']} either way) | "
+             f"{s['undecided']:.1%} | {repeat} |", out)
+
+    for name, settings in (("fixed loop", {"protocol": "loop"}),
+                           ("stop=ci (+-1%)", {"protocol": "loop", "stop": "ci"})):
+        passes, spent = [], 0.0
+        for n in range(2):
+            began = replay.clock_s() if replay else 0.0
+            with profiler(f"{name}-{n}", **settings) as p:
+                measured = p.measure_many(samples, progress=False)
+            passes.append([[(m.median < limit, True) for m in measured] for limit in limits])
+            spent = spent or device_s(sum(m.device_s for m in measured), began)
+        row(name, spent, passes[0], f"{twice(*passes):.1%}")
+    for name, use_model in (("limit-aware, rounds", False), ("limit-aware + model, rounds", True)):
+        began = replay.clock_s() if replay else 0.0
+        with profiler(name) as p:
             p.decider.use_model = use_model
             answers, spent = [], 0.0
             for limit in limits:
-                decisions = p.decide_many(samples, limit, CONFIDENCE, progress=False)
-                answers.append([d.below for d in decisions])
+                decisions = p.decide_many(samples, limit, CONFIDENCE, progress=False,
+                                          indifference=ZONE)
+                answers.append([(d.below, d.settled) for d in decisions])
                 spent += sum(d.device_s for d in decisions)
-            if use_model:
-                out["audit"] = p.decider.audit.report()
-                out["model_note"] = p.decider.model_note
-                out["predicted"] = sum(d.source == "predicted" for d in decisions)
-        score(name, spent, answers)
-    out["cv"] = run_to_run_cv(profiler, index, folder, device, samples[:CV_SUBNETS])
-    out["model"] = model_quality(space, dummy, samples, medians)
-    return out
+            note = f"{p.decider.model_note}; audit {p.decider.audit.report()}" if use_model else ""
+            if replay is not None:  # the truth in this profiler's own level
+                truths, share = replay.truth(p, samples)
+                note += f"; its reference level is {share:.1%} of the trace's quiet level"
+        row(name, device_s(spent, began), answers)
+        emit(f"\n{name}: {note}\n", out)
 
 
-def run_to_run_cv(profiler: Any, index: Path, folder: Path, device: str,
-                  samples: List[Dict[str, Any]], repeats: int = 5) -> Dict[str, float]:
-    """CV of the median over repeated measurements of the same subnets, pinned to one CPU."""
-    cvs: Dict[str, float] = {}
-    for rule in ("fixed", "ci"):
-        per_subnet = []
-        for sample in samples:
-            medians = []
-            for repeat in range(repeats):
-                with profiler(empty_copy(index, folder, f"{device}-cv-{rule}-{repeat}"),
-                              stop=rule, cpu_affinity=PINNED,
-                              max_time_ms=CI_MAX_TIME_MS if rule == "ci" else 20000.0) as p:
-                    medians.append(p.measure(sample).median)
-            per_subnet.append(statistics.stdev(medians) / statistics.mean(medians))
-        cvs[rule] = float(np.mean(per_subnet))
-    return cvs
-
-
-def model_quality(space: Any, dummy: Any, samples: List[Dict[str, Any]],
-                  medians: np.ndarray) -> Dict[str, float]:
-    """The latency model fitted on half the ground truth: coverage on the other half at 90%
-    and 95%, and the cost of one prediction."""
-    labels = SampleValidator(checked_search_space(space)).labels
-    half = len(samples) // 2
-    model = LatencyModel(featurizer(space, dummy, labels))
-    model.fit(samples[:half], list(medians[:half]))
-    quality: Dict[str, float] = {}
-    for coverage in (0.9, 0.95):
-        hits = [p.low_ms <= m <= p.high_ms for p, m in
-                ((model.predict(s, coverage), m) for s, m in zip(samples[half:], medians[half:]))
-                if p is not None]
-        quality[f"coverage@{coverage:.0%}"] = sum(hits) / len(hits) if hits else float("nan")
-    started = time.perf_counter()
-    for sample in samples[half:]:
-        model.predict(sample, 0.95)
-    quality["predict_ms"] = (time.perf_counter() - started) / (len(samples) - half) * 1e3
-    return quality
+def truth_for(condition: str, device: str, home: Path, space: Any, dummy: Any,
+              samples: List[Dict[str, Any]], args: argparse.Namespace, pinned: Dict[str, Any]
+              ) -> Tuple[List[Truth], str, List[Path]]:
+    """The condition's truth, its floor's line (exact on the replay), and the caches whose
+    reference history the strategies start from (the truth campaign's)."""
+    if condition == "replay":  # the level as a short history of rounds shows it
+        with LatencyProfiler(space, dummy, device=device, home=home,
+                             cache=home / "level.sqlite") as p:
+            p.measure_many(samples[:16], progress=False)
+            truths, share = Replay(device, home).truth(p, samples)
+        return truths, floor_text({}) + f"; reference level {share:.1%} of the trace's quiet", []
+    started = time.monotonic()
+    name = f"{condition}-{type(space).__name__}-{args.size}px-{args.truth_s:g}s"
+    truths = campaign(space, dummy, samples, device=device, home=home, seconds=args.truth_s,
+                      cache=args.truth_dir / f"truth-{name}.sqlite", settings=pinned)
+    subset = list(range(0, len(samples), args.floor_every))
+    again = campaign(space, dummy, [samples[i] for i in subset], device=device, home=home,
+                     seconds=args.truth_s, cache=args.truth_dir / f"floor-{name}.sqlite",
+                     seed=1, settings=pinned)
+    print(f"truth for {condition}: {time.monotonic() - started:.0f} s", flush=True)
+    return truths, floor_text(floor([truths[i] for i in subset], again)), pass_caches(
+        args.truth_dir / f"truth-{name}.sqlite")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the table (markdown) written")
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--size", type=int, default=64, help="input size in px (default 64)")
-    parser.add_argument("--no-board", action="store_true", help="local only (no root needed)")
-    parser.add_argument("--ci-max-time-ms", type=float, default=20000.0,
-                        help="cap of the ci-stopped loop (default 20000, as the fixed loop's)")
-    parser.add_argument("--cv-subnets", type=int, default=5)
+    parser.add_argument("--arm64-size", type=int, default=32)
+    parser.add_argument("--conditions", default="local,replay,arm64")
+    parser.add_argument("--truth-s", type=float, default=10.0,
+                        help="device time per subnet of the truth campaign (default 10 s)")
+    parser.add_argument("--floor-every", type=int, default=4,
+                        help="the floor campaign measures every Nth subnet again (default 4)")
+    parser.add_argument("--truth-dir", type=Path,
+                        default=Path.home() / ".cache" / "harness-bench")
     args = parser.parse_args()
-    global CI_MAX_TIME_MS, CV_SUBNETS
-    CI_MAX_TIME_MS, CV_SUBNETS = args.ci_max_time_ms, args.cv_subnets
+    args.truth_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="harness-bench-decisions-"))
-    home = folder / "home"
-    space, dummy = ProxylessSpace(), torch.randn(1, 3, args.size, args.size)
-    samples = random_samples(space, args.samples, seed=12)
     started = time.monotonic()
-    index = folder / "index.sqlite"
-    with LatencyProfiler(space, dummy, home=home, cache=index) as p:
-        for sample in samples:  # the sample index every strategy starts from
-            p.graph_hash(sample)
-    devices = ["local"]
-    board = None
-    if not args.no_board:
-        testfarm = load_testfarm()
-        key = testfarm.make_client_key(folder / "client")
-        board = testfarm.Board(30, folder, key).start()
-        registry.add_device(home, registry.DeviceConfig(
-            name="board30", transport="ssh", address=f"root@{board.address}", key=str(key),
-            python=sys.executable, workdir=board.workdir, lock=board.workdir + ".lock"))
-        registry.trust_device(home, "board30", lambda *_: True)
-        devices.append("board30")
-    results = []
-    try:
-        for device in devices:  # each device's table as soon as it is done
-            results.append(run_device(device, home, folder, index, space, dummy, samples))
-            print_results(results[-1:], args, started)
-    finally:
-        if board is not None:
-            board.destroy()
-    if len(results) > 1:
-        print_results(results, args, started)
-
-
-def print_results(results: List[Dict[str, Any]], args: argparse.Namespace,
-                  started: float) -> None:
-    print(f"{'device':<9}{'strategy':<27}{'device-s':>9}{'speed-up':>9}{'agree':>9}"
-          f"{'wrong':>6}{'worst/CI':>9}")
-    print("-" * 78)
-    for result in results:
-        for name, spent, speedup, agree, wrong, worst in result["rows"]:
-            print(f"{result['device']:<9}{name:<27}{spent:>9.1f}{speedup:>8.1f}x"
-                  f"{agree:>9.2%}{wrong:>6}{worst:>9.2f}")
-    print()
-    for result in results:
-        cv, model = result["cv"], result["model"]
-        print(f"{result['device']}: limits {', '.join(f'{x:.3f}' for x in result['limits'])} ms "
-              f"(p20, p50, p80); median runs per subnet: fixed {result['fixed_runs']:.0f}, "
-              f"ci {result['ci_runs']:.0f}")
-        print(f"  the fixed loop's own 95% interval of the median: +-{result['fixed_rhw']:.1%} "
-              f"(median over subnets); ci loops stopped by {result['ci_reasons']}, "
-              f"{result['ci_drift']} flagged drifting")
-        print(f"  run-to-run CV of the median, pinned to CPU {PINNED}: fixed "
-              f"{cv['fixed']:.2%}, ci {cv['ci']:.2%} (target: ci at most 0.5 points above)")
-        print(f"  latency model held out: coverage {model['coverage@90%']:.1%} at 90%, "
-              f"{model['coverage@95%']:.1%} at 95%; {model['predict_ms']:.3f} ms per prediction; "
-              f"in the sweep: {result['model_note']}, {result['predicted']} predicted at the "
-              f"last limit, audit {result['audit']}")
-    print(f"\n{args.samples} ProxylessSpace subnets at {args.size} px, confidence {CONFIDENCE}, "
-          f"ci loop capped at {CI_MAX_TIME_MS:.0f} ms; "
-          f"targets: ci >= 3x less device time than fixed; limit-aware + model >= 10x, >= 99.5% "
-          f"agreement, every disagreement within the truth's own interval (worst/CI <= 1); "
-          f"{time.monotonic() - started:.0f} s in all", flush=True)
+    emit(f"\n## bench_decisions {time.strftime('%Y-%m-%d %H:%M')}: {args.samples} "
+         f"ProxylessSpace subnets, confidence {CONFIDENCE}, indifference +-{ZONE:.0%}, truth "
+         f"{args.truth_s:g} s per subnet", args.out)
+    for condition in args.conditions.split(","):
+        size = args.arm64_size if condition == "arm64" else args.size
+        space, dummy = ProxylessSpace(input_size=size), torch.randn(1, 3, size, size)
+        samples = random_samples(space, args.samples, seed=12)
+        home = folder / condition
+        board: Any = Arm64Board() if condition == "arm64" else contextlib.nullcontext()
+        pinned = {"cpu_affinity": [0]} if condition == "local" else {}
+        with board, Neighbour("1" if condition == "local" else None, seed=3):
+            device = {"local": "local", "replay": None, "arm64": None}[condition]
+            if condition == "replay":
+                device = simulated_device(home, TRACE, SIM_MS, start_s=0.0)
+            elif condition == "arm64":
+                device = board.register(home)
+            index = folder / f"{condition}-index.sqlite"
+            with LatencyProfiler(space, dummy, device=device, home=home, cache=index) as p:
+                for sample in samples:  # the sample index every strategy starts from
+                    p.graph_hash(sample)
+            truths, floor_line, history = truth_for(condition, device, home, space, dummy,
+                                                    samples, args, pinned)
+            run_condition(condition, device, home, folder, index, space, dummy, samples,
+                          truths, pinned, args.out, floor_line,
+                          Replay(device, home) if condition == "replay" else None, history)
+    emit(f"\ntargets: limit-aware + model >= 10x less device time than the fixed loop, >= 99.5% "
+         f"agreement outside the zone, every wrong call inside it; stop=ci >= 3x less than "
+         f"fixed at a same-answer-twice share no worse; {time.monotonic() - started:.0f} s in "
+         "all", args.out)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from benchlib import Arm64Board, Neighbour, space_at_input
+from benchlib import Arm64Board, Neighbour, simulated_device, space_at_input
 
 CONDITIONS = {"idle": None, "other-cores": "1", "same-core": "0", "arm64": None}
 PROTOCOLS = ("loop", "ci", "paired", "rounds")
@@ -131,20 +131,6 @@ def emit(line: str, out: Path) -> None:
         table.write(line + "\n")
 
 
-def simulated_device(home: Path, trace: Path, sim_ms: float, start_s: float) -> str:
-    """A simulated device in `home` replaying `trace` from `start_s` s into it."""
-    from devices import registry
-    from devices.simulated import CLOCK_FOLDER
-
-    name = f"replay-{trace.stem}"
-    (home / CLOCK_FOLDER).mkdir(parents=True, exist_ok=True)
-    (home / CLOCK_FOLDER / name).write_text(repr(start_s))
-    registry.add_device(home, registry.DeviceConfig(
-        name=name, transport="sim", address=f"replay-{trace.stem}", sim_ms=sim_ms, sim_seed=7,
-        noise_trace=str(trace.resolve())), replace=True)
-    return name
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the table (markdown) written")
@@ -172,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from harness import random_samples
-    from harness.steps.rounds import windows
+    from harness.steps.measuring import windows
 
     space, space_name = space_at_input(parser, args.space, args.input_size)
     dummy = torch.randn(1, 3, args.input_size, args.input_size)

@@ -78,6 +78,20 @@ class Neighbour:
         self.process = None
 
 
+def simulated_device(home: Path, trace: Path, sim_ms: float, start_s: float) -> str:
+    """A simulated device in `home` replaying `trace` from `start_s` s into it."""
+    from devices import registry
+    from devices.simulated import CLOCK_FOLDER
+
+    name = f"replay-{trace.stem}"
+    (home / CLOCK_FOLDER).mkdir(parents=True, exist_ok=True)
+    (home / CLOCK_FOLDER / name).write_text(repr(start_s))
+    registry.add_device(home, registry.DeviceConfig(
+        name=name, transport="sim", address=f"replay-{trace.stem}", sim_ms=sim_ms, sim_seed=7,
+        noise_trace=str(trace.resolve())), replace=True)
+    return name
+
+
 def load_testfarm() -> ModuleType:
     loader = importlib.machinery.SourceFileLoader("testfarm", str(ROOT / "scripts" / "testfarm"))
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader("testfarm", loader))

@@ -619,7 +619,7 @@ def test_numpy_scalars_are_numbers_as_limits_and_settings(tiny):
     from agents.ort_agent import parse_settings
     from harness.store.decisions import check_limit
 
-    assert check_limit(np.float32(5.0), np.float64(0.99)) == (5.0, 0.99)
+    assert check_limit(np.float32(5.0), np.float64(0.99)) == (5.0, 0.99, 0.02)
     settings = parse_settings({"limit_ms": np.float32(5.0), "stop": "limit",
                                "min_runs": np.int64(7), "intra_op_threads": np.int32(1)})
     assert settings["limit_ms"] == 5.0 and type(settings["limit_ms"]) is float

@@ -90,9 +90,13 @@ def test_limit_rule_settles_fast_far_from_the_limit_and_measures_fully_at_it():
     far = parse_settings({"stop": "limit", "limit_ms": 15.0, "confidence": 0.99})
     samples, _, stop = timed_loop(clock.stable(), far, clock)
     assert stop["reason"] == "settled" and len(samples) <= 25
-    near = parse_settings({"stop": "limit", "limit_ms": 10.02, "confidence": 0.99})
+    # near the limit: inside a narrow zone it runs to full precision; a 2% zone settles it
+    near = parse_settings({"stop": "limit", "limit_ms": 10.02, "confidence": 0.99,
+                           "indifference": 0.001})
     samples, _, stop = timed_loop(clock.stable(), near, clock)
     assert stop["reason"] == "precise" and len(samples) > 10
+    zone = parse_settings({"stop": "limit", "limit_ms": 10.02, "confidence": 0.99})
+    assert timed_loop(clock.stable(), zone, clock)[2]["reason"] == "settled"
 
 
 @pytest.mark.parametrize("settings,name", [
@@ -107,7 +111,7 @@ def test_bad_stop_settings_are_user_errors_naming_the_setting(tiny, settings, na
 
 @pytest.mark.parametrize("limit,confidence,name", [
     (float("nan"), 0.99, "limit_ms"), (-1.0, 0.99, "limit_ms"), (float("inf"), 0.99, "limit_ms"),
-    (5.0, 1.0, "confidence"), (5.0, 0.0, "confidence")])
+    (5.0, 1.0, "confidence"), (5.0, 0.0, "confidence")])  # and in test_rounds_decisions
 def test_bad_limits_are_user_errors_naming_the_setting(tiny, limit, confidence, name):
     with LatencyProfiler(tiny, tiny.dummy_input(), settings=FAST) as profiler:
         with pytest.raises(InvalidArgument, match=name):
@@ -136,7 +140,7 @@ def test_decide_far_below_and_far_above_the_limit(tiny, reference):
     assert above.interval_ms[0] > median / 20
     # it stopped on its interval, long before a full measurement's time (a run count would
     # depend on the machine's speed: 323 runs of 0.03 ms were seen under load)
-    assert below.reason == "the interval of the median excludes the limit"
+    assert below.reason == "the interval of the median settles the limit"
     assert below.runs * below.median_ms < FAST["max_time_ms"] / 4
 
 
@@ -144,7 +148,7 @@ def test_decide_at_the_limit_measures_to_full_precision_and_says_so(tiny, refere
     sample, median = reference
     with LatencyProfiler(tiny, tiny.dummy_input(),
                          settings=dict(FAST, rel_ci=0.05, max_time_ms=3000.0)) as profiler:
-        decision = profiler.decide(sample, median, confidence=0.999)
+        decision = profiler.decide(sample, median, confidence=0.999, indifference=0.001)
     low, high = decision.interval_ms
     if decision.settled:  # the device drifted off the reference median: fine, but consistent
         assert decision.below == (high < median)
@@ -274,7 +278,7 @@ def test_a_limit_loop_is_precise_only_by_the_decisions_own_confidence():
 
     runs = list(1.0 + np.random.default_rng(0).normal(0, 0.01, 20))
     limit = parse_settings({"stop": "limit", "limit_ms": 1000.0, "confidence": 0.99,
-                            "rel_ci": 0.007})
+                            "rel_ci": 0.007, "indifference": 0.001})
     assert stop_verdict(runs, limit, 1) is None
     ci = parse_settings({"stop": "ci", "rel_ci": 0.007})
     assert stop_verdict(runs, ci, 1) == "precise"  # the ci rule keeps its 95%

@@ -106,16 +106,21 @@ def test_interleaved_rounds_recover_the_truth_through_speed_steps_the_loop_does_
     assert max(loop_errors) > 0.3, loop_errors
 
 
-def test_a_window_whose_device_is_lost_fails_over_whole_to_another(tmp_path):
+def two_replaying_devices_one_lost(home, trace):
+    """sim1 and sim2 of kind "replay", both replaying `trace`; sim1 is down."""
     from devices.simulated import down_path
 
-    step_trace().save(tmp_path / "trace.json")
+    trace.save(home / "trace.json")
     for name in ("sim1", "sim2"):
-        add_device(tmp_path, DeviceConfig(name=name, transport="sim", address="simboard",
-                                          kind="replay", sim_ms=SIM_MS, sim_seed=3,
-                                          noise_trace="trace.json"))
-    down_path(tmp_path, "sim1").parent.mkdir(parents=True, exist_ok=True)
-    down_path(tmp_path, "sim1").touch()  # sim1 is lost: its window goes to sim2
+        add_device(home, DeviceConfig(name=name, transport="sim", address="simboard",
+                                      kind="replay", sim_ms=SIM_MS, sim_seed=3,
+                                      noise_trace="trace.json"))
+    down_path(home, "sim1").parent.mkdir(parents=True, exist_ok=True)
+    down_path(home, "sim1").touch()
+
+
+def test_a_window_whose_device_is_lost_fails_over_whole_to_another(tmp_path):
+    two_replaying_devices_one_lost(tmp_path, step_trace())  # sim1's window goes to sim2
     space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
     settings = {"protocol": "rounds", "rounds": 8, "block_ms": 10.0, "warmup_runs": 1}
     with LatencyProfiler(space, dummy, device="kind:replay", home=tmp_path, settings=settings,

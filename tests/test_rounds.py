@@ -12,7 +12,7 @@ from harness import LatencyProfiler, random_samples
 from harness.errors import InvalidArgument
 from harness.export.graph import export_sample
 from harness.spaces import TinySpace
-from harness.steps.rounds import MEMORY_FACTOR, windows
+from harness.steps.measuring import MEMORY_FACTOR, windows
 from harness.store.rounds import quantile, summarise
 
 FAST = {"protocol": "rounds", "rounds": 6, "block_ms": 2.0, "ref_gap_ms": 6.0,

@@ -154,6 +154,27 @@ def test_latency_lookup_table_on_the_device(space):
     assert probs["stage1.block0.kernel"].grad is not None
 
 
+def test_a_lookup_table_in_rounds_times_blocks_and_wholes_in_the_same_windows(space):
+    """Under the rounds protocol, blocks, fixed costs and the whole subnets a table is fitted
+    and checked on are timed in the same windows beside the reference (quiet-state
+    latencies); additivity_error then reads the wholes from the cache."""
+    settings = {"protocol": "rounds", "rounds": 8, "block_ms": 2.0, "ref_gap_ms": 10.0,
+                "warmup_runs": 1}
+    checks = random_samples(space, 2, seed=11)
+    with LatencyProfiler(space, space.dummy_input(), settings=settings) as latency:
+        assert latency.statistic == "quiet"
+        lut = LatencyLUT.build(space, space.dummy_input(), latency,
+                               fit_samples=random_samples(space, 2, seed=3),
+                               check_samples=checks)
+        measured = latency.counters["measurements"]
+        windows = {tuple(m.provenance.lease) for _, m in latency.cache.newest_measurements()}
+        report = lut.additivity_error(checks, latency)
+        assert latency.counters["measurements"] == measured  # the wholes from the cache
+    assert measured == len(lut.block_ms) + len(lut.overhead_ms) + 4
+    assert len(windows) < measured / 10  # together, not one window each
+    assert report["samples"] == 2 and report["mean_abs_error"] >= 0
+
+
 def test_lut_counts_the_fixed_cost_of_a_run_once_not_once_per_block(space):
     """Each block's measurement pays the run's fixed cost (an identity model at its input
     shape): the table subtracts it per block and adds the identity at the subnet input once."""

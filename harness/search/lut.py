@@ -1,10 +1,12 @@
 """Per-choice latency lookup tables, measured on the device, for one-shot NAS.
 
 `LatencyLUT.build(space, dummy_input, profiler)` measures every candidate block of an additive
-space (harness.spaces.additive) alone on the profiler's device, at the input shape it has inside the
-subnet, plus the fixed parts (stem, head) once. A sample's latency is then the sum of its
-blocks' medians (microseconds to answer), and the expected latency under architecture
-probabilities is a differentiable torch expression (`expected`), for
+space (harness.spaces.additive) on the profiler's device as a model of its own, at the input
+shape it has inside the subnet, plus the fixed parts (stem, head) once; under the rounds
+protocol blocks, fixed costs and the whole subnets the table is fitted and checked on run in
+the same windows of interleaved rounds beside the reference. A sample's latency is then the
+sum of its blocks' values (microseconds to answer), and the expected latency under
+architecture probabilities is a differentiable torch expression (`expected`), for
 `ExpectationProfilerPenalty`.
 
 Every measured run also pays a fixed cost that does not depend on the block (the runtime's
@@ -107,26 +109,33 @@ class LatencyLUT(Profiler):
     @classmethod
     def build(cls, space: ModelSpace, dummy_input: DummyInput, profiler: LatencyProfiler,
               progress: Optional[bool] = None,
-              fit_samples: Sequence[Mapping[str, Any]] = ()) -> "LatencyLUT":
-        """Measure every candidate block on the profiler's device (cached like any model);
-        with `fit_samples`, also those whole subnets, to fit the scale of the fixed-cost
-        correction (a few are enough: it is one number)."""
-        from tqdm import tqdm
-
+              fit_samples: Sequence[Mapping[str, Any]] = (),
+              check_samples: Sequence[Mapping[str, Any]] = ()) -> "LatencyLUT":
+        """Measure every candidate block on the profiler's device (cached like any model),
+        the identity model at each input shape (the fixed cost of a run), and the whole
+        subnets of `fit_samples` (to fit the scale of the fixed-cost correction: a few are
+        enough, it is one number) and `check_samples` (for additivity_error, which then
+        reads them from the cache): all together, so under the rounds protocol they run in
+        the same windows of interleaved rounds and see the device at the same speed."""
         terms = _terms(space, dummy_input)
         blocks = list(distinct_blocks(terms))
         shapes = sorted({b.input_shape for b in blocks}
                         | {tuple(as_input_tuple(dummy_input)[0].shape)})
-        overhead_ms = {shape: profiler.measure_module(_Identity(), torch.randn(shape)).statistic(
-            profiler.statistic) for shape in shapes}
-        block_ms = {}
-        for block in tqdm(blocks, desc=f"lookup table on {profiler.device}", unit="block",
-                          disable=(not progress) if progress is not None else None, leave=False):
+        modules: List[Tuple[torch.nn.Module, torch.Tensor]] = [
+            (_Identity(), torch.randn(shape)) for shape in shapes]
+        for block in blocks:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                module = block.build()
-            measured = profiler.measure_module(module, torch.randn(block.input_shape))
-            block_ms[block.key] = measured.statistic(profiler.statistic)
+                modules.append((block.build(), torch.randn(block.input_shape)))
+        if progress:
+            log.info("lookup table on %s: %d blocks, %d fixed costs, %d whole subnets",
+                     profiler.device, len(blocks), len(shapes),
+                     len(fit_samples) + len(check_samples))
+        measured = profiler.measure_modules(modules, [*fit_samples, *check_samples])
+        values = [m.statistic(profiler.statistic) for m in measured]
+        overhead_ms = dict(zip(shapes, values[:len(shapes)]))
+        block_ms = {block.key: value for block, value in
+                    zip(blocks, values[len(shapes):len(shapes) + len(blocks)])}
         log.info("lookup table: %d blocks and %d fixed costs measured on %s", len(blocks),
                  len(overhead_ms), profiler.device)
         table = cls(space, dummy_input, block_ms, device=profiler.device, overhead_ms=overhead_ms,

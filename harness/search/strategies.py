@@ -323,20 +323,22 @@ class RangeProfilerFilter:
 
 
 class LatencyLimit:
-    """A ready predicate for searches: True when a sample's median latency is below `max_ms`
-    on the profiler's device, decided with `confidence` for as little device time as that
-    needs (LatencyProfiler.decide). Use it in our Filter, or in NNI's:
-    `Filter(lambda model: limit(model.sample))`. Every decision is kept in `decisions`, so a
-    search can report device time spent and the answers' sources."""
+    """A ready predicate for searches: True when a sample's latency is below `max_ms` on the
+    profiler's device (up to +-indifference x max_ms), decided with `confidence` for as little
+    device time as that needs (LatencyProfiler.decide; an undecided one by its estimate). Use
+    it in our Filter, or in NNI's: `Filter(lambda model: limit(model.sample))`. Every decision
+    is kept in `decisions`, so a search can report device time spent and the answers' sources."""
 
-    def __init__(self, profiler: Any, max_ms: float, confidence: float = 0.99):
+    def __init__(self, profiler: Any, max_ms: float, confidence: float = 0.99,
+                 indifference: float = 0.02):
         self.profiler = profiler
         self.max_ms = max_ms
         self.confidence = confidence
+        self.indifference = indifference
         self.decisions: List[Any] = []
 
     def __call__(self, sample: Mapping[str, Any]) -> bool:
-        decision = self.profiler.decide(sample, self.max_ms, self.confidence)
+        decision = self.profiler.decide(sample, self.max_ms, self.confidence, self.indifference)
         self.decisions.append(decision)
         return decision.below
 

@@ -1,27 +1,35 @@
 """How a profiler decides limits: cache first, then the device's latency model, then the
-device with the agent's "limit" stop rule (see harness.store.decisions for the guarantee).
+device with the agent's "limit" stop rule, in interleaved rounds where the profiler measures
+in rounds (candidates leave the rounds as they are decided), else one model at a time (see
+harness.store.decisions for the test and its guarantee).
 
-`LimitDecider` lives as long as its profiler: it keeps the device's latency model, refits it
-as measurements accumulate, and audits it (a share of the candidates the model would skip is
+`LimitDecider` lives as long as its profiler: it keeps the device's latency model (fitted on
+the profiler's statistic: the quiet-state latency under rounds), refits it as measurements
+accumulate, and audits it (a share of the candidates the model would skip is
 measured anyway; coverage and agreement are reported). A `DecisionRound` holds the steps of
-one decide_many call, which the profiler runs through the same pipeline as a measurement.
+one decide_many call, which the profiler runs through the same pipelines as a measurement.
 """
+import math
 import random
 from dataclasses import replace
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from devices.agent_result import AgentResult
+from devices.errors import AgentProtocolError
 from harness.export.graph import DummyInput, ExportedModel
-from harness.pool.device_pool import MeasureRequest
+from harness.pool.device_pool import DevicePool
 from harness.predict.latency_model import (MIN_MEASUREMENTS, LatencyModel, ModelAudit,
                                            Prediction, featurizer, training_data)
 from harness.spaces.space import ModelSpace, Sample, SampleValidator, checked_search_space
-from harness.steps.counters import Counters
-from harness.steps.export_step import SampleExport
+from harness.steps.batch import answer_all
 from harness.steps.key_scope import KeyScope
-from harness.store.cache import Cache
-from harness.store.decisions import Decision, decision_from_samples
+from harness.steps.measuring import MeasurementSteps
+from harness.steps.rounds import answer_in_rounds
+from harness.store.decisions import Decision, decision_from_rounds, decision_from_samples
 from harness.store.measurement import Measurement, Provenance, fixed_loop_estimate_s
+
+# In rounds, a decision's budget: at most this many rounds (max_time_ms bounds them too)
+DECISION_ROUNDS = 200
 
 
 class LimitDecider:
@@ -29,19 +37,19 @@ class LimitDecider:
     across calls, and `start` opens one round (a limit and a confidence) whose steps the
     profiler runs as it runs a measurement (see LatencyProfiler.decide_many).
 
-    It is given what it uses: the space and its inputs (the model's features), the cache,
-    the key scope (`scope()` identifies the device on first use; `base_scope` holds the
-    parts known before), the export step, the profiler's request and counters, and the
-    names of the devices (to find the identity they last measured with, offline)."""
+    It is given what it uses: the space and its inputs (the model's features), the
+    profiler's measurement steps (its cache, key scope, export step, request, counters and
+    reference; `steps.scope()` identifies the device on first use), `base_scope` (the key's
+    parts known before), the statistic the model is fitted on, and the names of the devices
+    (to find the identity they last measured with, offline)."""
 
-    def __init__(self, space: ModelSpace, dummy_input: DummyInput, *, cache: Cache,
-                 scope: Callable[[], KeyScope], base_scope: KeyScope, export: SampleExport,
-                 request: MeasureRequest, counters: Counters, device: str, devices: List[str],
+    def __init__(self, space: ModelSpace, dummy_input: DummyInput, *, steps: MeasurementSteps,
+                 base_scope: KeyScope, statistic: str, device: str, devices: List[str],
                  use_model: bool = True, model_coverage: float = 0.98,
                  audit_share: float = 0.05, seed: int = 0):
-        self.space, self.dummy_input, self.cache = space, dummy_input, cache
-        self.scope, self.base_scope, self.export = scope, base_scope, export
-        self.request, self.counters = request, counters
+        self.space, self.dummy_input, self.steps = space, dummy_input, steps
+        self.cache, self.scope, self.export = steps.cache, steps.scope, steps.export
+        self.counters, self.base_scope, self.statistic = steps.counters, base_scope, statistic
         self.device, self.devices = device, devices
         self.use_model = use_model
         self.model_coverage = model_coverage
@@ -53,9 +61,10 @@ class LimitDecider:
         self._rng = random.Random(seed)
 
     def refit(self, offline: bool = False) -> None:
-        """Fit the device's model on every median the cache holds for this space on it
-        (measurements, and decisions' medians). `offline`: without asking the device who it
-        is (it cannot be reached): under the identity it last measured with."""
+        """Fit the device's model on every value the cache holds for this space on it (the
+        statistic of measurements, and decisions' point estimates). `offline`: without asking
+        the device who it is (it cannot be reached): under the identity it last measured
+        with."""
         if offline:
             found = self.cache.last_identity(self.devices)
             if found is None:
@@ -69,7 +78,7 @@ class LimitDecider:
         keys = (base.space_fingerprint, base.input_sig, base.settings_key, device_fp,
                 agent_version)
         medians = dict(self.cache.decided_medians_by_sample(*keys))
-        medians.update(self.cache.statistics_by_sample(*keys, "median"))
+        medians.update(self.cache.statistics_by_sample(*keys, self.statistic))
         samples, values = training_data(medians, self.labels)
         model = LatencyModel(featurizer(self.space, self.dummy_input, self.labels))
         if model.fit(samples, values):
@@ -111,25 +120,43 @@ class LimitDecider:
         self.audit.skipped += 1
         return self._rng.random() < self.audit_share
 
-    def start(self, limit_ms: float, confidence: float) -> "DecisionRound":
+    def start(self, limit_ms: float, confidence: float, indifference: float) -> "DecisionRound":
         if self.use_model and self.model is None:
             self.refit()
-        return DecisionRound(self, limit_ms, confidence)
+        return DecisionRound(self, limit_ms, confidence, indifference)
 
 
 class DecisionRound:
     """One decide_many call's steps: `known` (cache, then model, before export), then the
     steps of a batch (harness.steps.batch.Answering): `export`, `cached` (by graph) and
-    `store` (the device's runs under `request`), and `finish` (the audit)."""
+    `store` (the device's runs under `request`), run by `answer` in interleaved rounds or
+    one at a time, and `finish` (the audit)."""
 
-    def __init__(self, decider: LimitDecider, limit_ms: float, confidence: float):
+    def __init__(self, decider: LimitDecider, limit_ms: float, confidence: float,
+                 indifference: float):
         self.decider, self.limit_ms, self.confidence = decider, limit_ms, confidence
-        # the limit rule stops a loop as soon as the interval of the median settles the
-        # limit: decisions time one model at a time, whatever the profiler's protocol
-        self.request = decider.request.with_settings(stop="limit", limit_ms=limit_ms,
-                                                     confidence=confidence, protocol="loop")
+        self.indifference = indifference
+        request = decider.steps.request
+        self.in_rounds = request.settings["protocol"] == "rounds"
+        self.request = request.with_settings(stop="limit", limit_ms=limit_ms,
+                                             confidence=confidence, indifference=indifference)
+        if self.in_rounds:  # the limit in units of the reference: by its known quiet level
+            self.request = self.request.with_settings(
+                rounds=max(request.settings["rounds"], DECISION_ROUNDS),
+                reference_level_ms=decider.steps.known_reference_level())
         self.export = decider.export
+        self.reference = decider.steps.reference
         self.audited: Dict[int, Prediction] = {}  # sample position -> the skipped prediction
+
+    def answer(self, samples: Sequence[Sample], results: List[Optional[Decision]],
+               pool: DevicePool, what: str, progress: Optional[bool]) -> None:
+        """Fill every None of `results` from the device: in interleaved rounds beside the
+        reference (a decided candidate leaves them), else one model at a time."""
+        if self.in_rounds:
+            answer_in_rounds(samples, results, self, pool=pool, what=what, progress=progress)
+        else:
+            answer_all(samples, results, self, pool=pool, request=self.request, what=what,
+                       progress=progress)
 
     def known(self, position: int, sample: Sample, graph: Optional[str]) -> Optional[Decision]:
         """What answers without the device: the cache, or a clear prediction of the model
@@ -156,42 +183,90 @@ class DecisionRound:
         cache = self.decider.cache
         key = self.decider.scope().key(graph)
         for stored in cache.decisions(key):
-            if stored.settles(self.limit_ms, self.confidence):
-                return stored.for_limit(self.limit_ms, self.confidence)
+            if stored.settles(self.limit_ms, self.confidence, self.indifference):
+                return stored.for_limit(self.limit_ms, self.confidence, self.indifference)
         measured = cache.get(key)
-        if measured is None:
+        if measured is None or measured.rounds is not None:  # a window's runs are no loop's
             return None
         return decision_from_samples(measured.samples_ms, self.limit_ms, self.confidence,
                                      source="cached", device_s=0.0, graph_hash=graph,
-                                     device=measured.device, reason="a stored measurement")
+                                     device=measured.device, reason="a stored measurement",
+                                     indifference=self.indifference)
 
     def store(self, result: AgentResult, exported: ExportedModel) -> Decision:
         """The device's runs as a decision, stored with them as evidence (never as a
         measurement)."""
+        if result.rounds is not None:
+            decision = self._from_rounds(result, exported)
+        else:
+            decision = self._from_loop(result, exported)
+        if decision.settled:  # an undecided result is evidence of nothing to keep
+            # stored under the device that measured, as measurements are
+            key = self.decider.scope().key_of(result, exported.graph_hash)
+            self.decider.cache.put_decision(key, decision, result.samples_ms)
+        timed_ms = result.loop_ms if result.rounds is None else sum(result.samples_ms)
+        self.decider.counters.add(decisions=1, device_s=decision.device_s,
+                                  fixed_loop_s=fixed_loop_estimate_s(
+                                      decision.median_ms, decision.device_s, timed_ms))
+        return decision
+
+    def _from_loop(self, result: AgentResult, exported: ExportedModel) -> Decision:
         lease = result.lease or (0.0, 0.0)
         looks = result.stop.get("looks")
         decision = decision_from_samples(
             result.samples_ms, self.limit_ms, self.confidence, source="measured",
             device_s=lease[1] - lease[0], graph_hash=exported.graph_hash, device=result.device,
-            reason="", looks=looks if isinstance(looks, int) else 1)
-        decision = replace(decision, reason="the interval of the median excludes the limit"
+            reason="", looks=looks if isinstance(looks, int) else 1,
+            indifference=self.indifference)
+        decision = replace(decision, reason="the interval of the median settles the limit"
                            if decision.settled else "the median sits within the noise of the "
                            "limit: measured to full precision" if result.stop.get("reason") ==
-                           "precise" else f"stopped by {result.stop.get('reason')} unsettled")
+                           "precise" else f"stopped by {result.stop.get('reason')}: undecided")
         if result.stop.get("drift"):
             decision = replace(decision, reason=decision.reason + "; the runs drift")
-        # stored under the device that measured, as measurements are
-        key = self.decider.scope().key_of(result, exported.graph_hash)
-        self.decider.cache.put_decision(key, decision, result.samples_ms)
-        self.decider.counters.add(decisions=1, device_s=decision.device_s,
-                                  fixed_loop_s=fixed_loop_estimate_s(
-                                      decision.median_ms, decision.device_s, result.loop_ms))
         return decision
 
-    def finish(self, results: Sequence[Decision]) -> List[Decision]:
-        """Record the audit of the model's skips that were measured anyway; the results."""
+    def _from_rounds(self, result: AgentResult, exported: ExportedModel) -> Decision:
+        """A candidate's decision from its window: its device time is the window's lease
+        shared by how long each candidate ran in it (a decided one left early)."""
+        assert result.rounds is not None
+        lease = result.lease or (0.0, 0.0)
+        share = sum(result.samples_ms) / max(result.rounds.candidates_ms, 1e-9)
+        if not _sound_verdict(result.stop):
+            raise AgentProtocolError(f"{result.device} answered a decision's rounds without "
+                                     "a sound verdict of the limit rule (its stop: "
+                                     f"{str(dict(result.stop))[:200]})")
+        self.decider.steps.reference_level(  # the window's reference blocks join the history
+            self.decider.scope().key_of(result, exported.graph_hash), result)
+        return decision_from_rounds(result.stop, len(result.samples_ms), source="measured",
+                                    device_s=(lease[1] - lease[0]) * share,
+                                    graph_hash=exported.graph_hash, device=result.device)
+
+    def finish(self, results: Sequence[Optional[Decision]]) -> List[Decision]:
+        """Record the audit of the model's skips that were measured anyway; the results (every
+        one answered: a failure was raised before)."""
+        decided = [result for result in results if result is not None]
+        assert len(decided) == len(results), "a decision was left unanswered"
         for position, prediction in self.audited.items():
-            measured = results[position]
+            measured = decided[position]
             self.decider.audit.record(prediction, measured.median_ms,
                                       agreed=measured.below == (prediction.high_ms < self.limit_ms))
-        return list(results)
+        return decided
+
+
+def _sound_verdict(stop: Mapping[str, Any]) -> bool:
+    """Whether an agent's stop record carries the limit rule's verdict as numbers: positive
+    finite level, limit and confidence, a finite ratio and ordered interval where given, an
+    outcome of below, above or none."""
+    def positive(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value) and value > 0
+
+    interval = stop.get("ratio_interval")
+    return stop.get("rule") == "rounds-limit" and \
+        all(positive(stop.get(k)) for k in ("level_ms", "limit_ms", "confidence",
+                                             "indifference", "looks", "rounds")) and \
+        stop.get("outcome") in ("below", "above", None) and \
+        (stop.get("ratio") is None or positive(stop.get("ratio"))) and \
+        (interval is None or (isinstance(interval, list) and len(interval) == 2 and
+                              all(positive(v) for v in interval) and interval[0] <= interval[1]))

@@ -1,12 +1,15 @@
 """Steps 3-5 of a profiler's measurement, given what they use (the export step, the cache,
 the key scope, the counters, the request): what harness.steps.batch runs for each sample,
-and `one` for a model outside the space (a module, a model file)."""
+`one` for a model outside the space (a module, a model file), and `together` for many such
+models timed in the same windows (a lookup table's blocks and wholes). `windows` cuts a
+batch for interleaved rounds by the device's memory."""
 import time
-from dataclasses import replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from devices.agent_result import AgentResult
-from harness.export.graph import ExportedModel
+from devices.errors import AgentProtocolError
+from harness.export.graph import ExportedModel, export_module, input_signature
 from harness.export.model_file import Precision
 from harness.export.precision_check import CPU, check_on_cpu
 from harness.pool.device_pool import DevicePool, MeasureRequest
@@ -19,6 +22,29 @@ from harness.store.key import MeasurementKey, canonical_json, settings_key
 from harness.store.rounds import LEVEL_QUANTILE, block_statistic
 from harness.errors import InvalidArgument
 from harness.store.measurement import STATISTICS, Measurement
+
+
+# A loaded model takes about this many times its file's size on the device (weights, the
+# runtime's arena, the inputs and outputs); a window holds at most WINDOW_BUDGET_BYTES of it.
+MEMORY_FACTOR = 4
+WINDOW_BUDGET_BYTES = 512 * 2 ** 20
+MAX_WINDOW_MODELS = 48
+
+
+def windows(models: Sequence[ExportedModel], budget_bytes: int = WINDOW_BUDGET_BYTES,
+            max_models: int = MAX_WINDOW_MODELS) -> List[List[ExportedModel]]:
+    """`models` cut, in order, into windows whose loaded size stays within the budget (a
+    model larger than the budget alone) and that hold at most `max_models` each."""
+    cut: List[List[ExportedModel]] = []
+    size = 0
+    for model in models:
+        need = MEMORY_FACTOR * len(model.onnx_bytes)
+        if not cut or size + need > budget_bytes or len(cut[-1]) >= max_models:
+            cut.append([])
+            size = 0
+        cut[-1].append(model)
+        size += need
+    return cut
 
 
 def window_request(request: MeasureRequest, models: int) -> MeasureRequest:
@@ -130,14 +156,69 @@ class MeasurementSteps:
         began = result.lease[0] if result.lease else time.time()  # the window's start
         blocks = [(block[2], block_statistic(block[3]), began + block[4])
                   for block in result.rounds.reference_blocks]
-        window = f"{began:.6f}"
-        # the history of the reference as it ran: its own inputs, fp32, whatever the
-        # candidates' shapes and precision (one history for a device's every window)
-        ran_as = settings_key(dict(self.request.settings, input_shapes=None,
-                                   precision="fp32", calibration=None))
-        return self.cache.reference_level(key.device_fp, ran_as,
-                                          result.rounds.reference_sha256, window, blocks,
-                                          LEVEL_QUANTILE)
+        return self.cache.reference_level(key.device_fp, self._reference_ran_as(),
+                                          result.rounds.reference_sha256, f"{began:.6f}",
+                                          blocks, LEVEL_QUANTILE)
+
+    def known_reference_level(self) -> Optional[float]:
+        """The reference's quiet level the device's history shows so far (None: no history),
+        recording nothing: what a decision's limit is read against before its window."""
+        return self.cache.known_reference_level(self.scope().device_fp,
+                                                self._reference_ran_as(),
+                                                self.reference().sha256, LEVEL_QUANTILE)
+
+    def _reference_ran_as(self) -> str:
+        """The settings key of the reference's history: the reference as it ran, with its
+        own inputs, at fp32, whatever the candidates' shapes and precision (one history for
+        a device's every window)."""
+        return settings_key(dict(self.request.settings, input_shapes=None, precision="fp32",
+                                 calibration=None))
+
+    def together(self, modules: Sequence[Tuple[Any, Any]], samples: Sequence[ExportedModel],
+                 pool: DevicePool, precision: Precision) -> List[Measurement]:
+        """Steps 4-5 for modules ((module, its dummy input): blocks, identities) and samples
+        exported already, together: each from the cache, else converted and, under the
+        rounds protocol, timed in the same windows beside the reference, so that blocks and
+        the wholes they add up to see the device at the same speed (one at a time in a
+        loop). The modules' results then the samples'; the first failure is raised once the
+        rest are stored."""
+        models = [ModelToTime.of_module(module, dummy) for module, dummy in modules] + [
+            ModelToTime(exported, self.export.signature, converted=True) for exported in samples]
+        if self.request.settings["protocol"] != "rounds":
+            return [self.one(m.exported, m.signature, None, pool, precision, m.module,
+                             m.dummy_input) if not m.converted else self._one_converted(m, pool)
+                    for m in models]
+        results: List[Any] = [self.cached(m.exported.graph_hash, canonical_json(m.signature))
+                              for m in models]
+        pending: Dict[Tuple[str, str], Tuple[ExportedModel, List[Dict[str, Any]]]] = {}
+        for model, result in zip(models, results):
+            if result is None:
+                pending.setdefault(model.key, (model.exported if model.converted else
+                                               precision.convert(model.exported, model.shapes,
+                                                                 model.module, model.dummy_input,
+                                                                 self.export.home),
+                                               model.signature))
+        answered: Dict[Tuple[str, str], Any] = {}
+        for window in windows_of(list(pending.items())):
+            answers = pool.measure_rounds([exported for _, (exported, _) in window],
+                                          self.reference(),
+                                          window_request(self.request, len(window)))
+            for key, (exported, signature) in window:
+                answer = answers.get(exported.graph_hash) or AgentProtocolError(
+                    f"the device did not answer for {exported.graph_hash[:12]}")
+                answered[key] = answer if isinstance(answer, Exception) else \
+                    self.store(answer, exported, signature)
+        results = [result if result is not None else answered[model.key]
+                   for model, result in zip(models, results)]
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    def _one_converted(self, model: "ModelToTime", pool: DevicePool) -> Measurement:
+        cached = self.cached(model.exported.graph_hash, canonical_json(model.signature))
+        return cached or self.store(pool.measure(model.exported, self.request), model.exported,
+                                    model.signature)
 
     def one(self, exported: ExportedModel, signature: List[Dict[str, Any]],
             shapes: Optional[Mapping[str, List[int]]], pool: DevicePool,
@@ -159,3 +240,39 @@ class MeasurementSteps:
             raise answer
         return self.store(answer, exported, signature)
 
+
+@dataclass(frozen=True)
+class ModelToTime:
+    """A model `MeasurementSteps.together` times: exported, its input signature, and how to
+    convert it (`module` builds it again for a runtime that converts from modules);
+    `converted`: in the profiler's precision and format already (a sample's export)."""
+
+    exported: ExportedModel
+    signature: List[Dict[str, Any]]
+    module: Optional[Callable[[], Any]] = None
+    dummy_input: Any = None
+    converted: bool = False
+
+    @classmethod
+    def of_module(cls, module: Any, dummy_input: Any) -> "ModelToTime":
+        return cls(export_module(module.eval(), dummy_input), input_signature(dummy_input),
+                   lambda: module, dummy_input)
+
+    @property
+    def key(self) -> Tuple[str, str]:
+        return self.exported.graph_hash, canonical_json(self.signature)
+
+    @property
+    def shapes(self) -> Dict[str, List[int]]:
+        return {f"input{i}": item["shape"] for i, item in enumerate(self.signature)}
+
+
+def windows_of(pending: List[Any]) -> List[List[Any]]:
+    """(key, (exported, signature)) pairs cut into windows by their models' loaded size
+    (`windows`)."""
+    cut = windows([exported for _, (exported, _) in pending])
+    out, at = [], 0
+    for window in cut:
+        out.append(pending[at:at + len(window)])
+        at += len(window)
+    return out

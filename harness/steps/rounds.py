@@ -9,40 +9,29 @@ fails is that model's error; a window whose device is lost fails over whole to a
 (nothing of it is stored); when no device is left, DeviceLost reaches the caller, whose
 fallback answers what is still open.
 """
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Protocol, Sequence
 
 from devices.errors import AgentProtocolError, DeviceLost
 from harness.export.graph import ExportedModel
-from harness.pool.device_pool import DevicePool
+from harness.pool.device_pool import DevicePool, MeasureRequest
 from harness.spaces.space import Sample
-from harness.steps.batch import ArchitectureBatch, pending_exports
-from harness.steps.measuring import MeasurementSteps, window_request
-
-# A loaded model takes about this many times its file's size on the device (weights, the
-# runtime's arena, the inputs and outputs); a window holds at most WINDOW_BUDGET_BYTES of it.
-MEMORY_FACTOR = 4
-WINDOW_BUDGET_BYTES = 512 * 2 ** 20
-MAX_WINDOW_MODELS = 48
+from harness.steps.batch import Answering, ArchitectureBatch, pending_exports
+from harness.steps.measuring import WINDOW_BUDGET_BYTES, window_request, windows
 
 
-def windows(models: Sequence[ExportedModel], budget_bytes: int = WINDOW_BUDGET_BYTES,
-            max_models: int = MAX_WINDOW_MODELS) -> List[List[ExportedModel]]:
-    """`models` cut, in order, into windows whose loaded size stays within the budget (a
-    model larger than the budget alone) and that hold at most `max_models` each."""
-    cut: List[List[ExportedModel]] = []
-    size = 0
-    for model in models:
-        need = MEMORY_FACTOR * len(model.onnx_bytes)
-        if not cut or size + need > budget_bytes or len(cut[-1]) >= max_models:
-            cut.append([])
-            size = 0
-        cut[-1].append(model)
-        size += need
-    return cut
+class AnsweringInRounds(Answering, Protocol):
+    """A batch's steps (harness.steps.batch.Answering) with the request the windows are
+    sent under and the reference they are timed beside: the profiler's measurement steps,
+    or a decision round."""
+
+    request: MeasureRequest
+
+    def reference(self) -> ExportedModel:
+        """The reference model, exported."""
 
 
 def answer_in_rounds(samples: Sequence[Sample], results: List[Optional[Any]],
-                     steps: MeasurementSteps, *, pool: DevicePool, what: str,
+                     steps: AnsweringInRounds, *, pool: DevicePool, what: str,
                      progress: Optional[bool], budget_bytes: int = WINDOW_BUDGET_BYTES) -> None:
     """Fill every None of `results` by windows of interleaved rounds beside `steps`'
     reference, under `steps`' request (see the module docstring). The first failure is

@@ -392,6 +392,16 @@ class Cache:
                                 "settings_key = ? AND reference = ?", scope).fetchall()
         return quantile([value for (value,) in rows], quantile_q)
 
+    def known_reference_level(self, device_fp: str, settings_key: str, reference: str,
+                              quantile_q: float) -> Optional[float]:
+        """The `quantile_q` quantile of the recorded reference blocks of this device,
+        settings and reference (its quiet level so far), or None when none is recorded."""
+        rows = self._query("read the reference's blocks",
+                           "SELECT value FROM reference_blocks WHERE device_fp = ? AND "
+                           "settings_key = ? AND reference = ?",
+                           (device_fp, settings_key, reference))
+        return quantile([value for (value,) in rows], quantile_q) if rows else None
+
     def reference_history(self, device_fp: str) -> List[Tuple[float, float]]:
         """(when, reference block statistic in ms) of the recorded reference blocks of a
         device under the settings and reference it used last, oldest first: how fast the

@@ -1,43 +1,58 @@
-"""Limit-aware decisions: is a subnet's median latency below a limit, at a stated confidence,
-for as little device time as that question needs.
+"""Limit-aware decisions: is a subnet's latency below a limit, at a stated confidence, for
+as little device time as that question needs.
 
 `Decision` is the answer with its evidence. How a decision is reached, cheapest first:
 
-1. a stored decision or measurement whose interval of the median already settles the limit
-   (an interval that excludes the limit answers every later limit it also excludes);
+1. a stored decision or measurement whose interval already settles the limit (an interval
+   that settles it answers every later limit it also settles);
 2. the device's latency model (harness.predict.latency_model), when its conformal prediction
    interval lies clearly on one side of the limit (source "predicted");
-3. the device itself, with the agent's "limit" stop rule: it runs until the interval of the
-   median excludes the limit, or, when the median sits within the noise of the limit, until
-   the median is known to `rel_ci` (the decision then says `settled=False`).
+3. the device itself, with the agent's "limit" stop rule. In interleaved rounds (the
+   default where a profiler measures in rounds) a batch of candidates is timed together
+   beside the reference; as each candidate's kept ratios to the reference grow, the interval
+   of its ratio, times the reference's quiet level, is tested against the limit, and a
+   decided candidate leaves the rounds. Timed one at a time (protocol "loop"), the interval of the
+   median of its runs is tested as the runs come.
+
+The test is three-way, with an indifference zone of +-`indifference` x the limit (2% by
+default): "below" once the interval lies under the zone's top, "above" once it lies over
+its bottom (agents.ort_agent.limit_verdict), undecided when the budget (rounds, max_time_ms)
+is spent first: `settled` is False and the decision says so, with its interval. A subnet
+whose true latency lies inside the zone may be called either way; one outside it is called
+wrongly only when the interval misses its latency.
 
 The error rate: the agent spends the allowed error 1 - confidence over its looks at the
 data (look k may err with probability (1 - confidence) * 6 / (pi^2 k^2), and these sum to
 1 - confidence), and the interval of the median is distribution-free (order statistics of
-independent runs); so a settled measured decision is wrong with probability at most
-1 - confidence, however many times it looked. Its interval is the one of its last look (at
-that look's stricter confidence): the true median lies outside it with probability at most
-1 - confidence whatever the limit, so a stored decision answers a later limit it excludes,
-at a confidence no higher than the one it was reached at. A predicted decision carries the
-model's split-conformal interval, whose coverage the model's audit reports.
+independent runs, or of independent rounds' ratios); so a settled measured decision on a
+subnet outside the zone is wrong with probability at most 1 - confidence, however many
+times it looked. Its interval is the one of its last look (at that look's stricter
+confidence): the true value lies outside it with probability at most 1 - confidence, so a
+stored decision answers a later limit it settles, at a confidence no higher than its own.
+A predicted decision carries the model's split-conformal interval, whose coverage the
+model's audit reports.
 
-A decision is never stored as a measurement, and a measurement is never made from one.
+A decision is never stored as a measurement, and a measurement is never made from one; an
+undecided result is returned, never stored.
 """
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
-from agents.ort_agent import look_confidence, median_interval, plain_number
+from agents.ort_agent import (INDIFFERENCE, limit_verdict, look_confidence,
+                              median_interval, plain_number)
 from harness.errors import InvalidArgument
 
 DECISION_SOURCES = ("measured", "cached", "predicted")
 
 
-def check_limit(limit_ms: Any, confidence: Any) -> Tuple[float, float]:
-    """The limit and confidence of a decision, checked (numpy scalars are numbers too):
-    InvalidArgument names the bad one."""
+def check_limit(limit_ms: Any, confidence: Any, indifference: Any = INDIFFERENCE
+                ) -> Tuple[float, float, float]:
+    """The limit, confidence and indifference zone of a decision, checked (numpy scalars are
+    numbers too): InvalidArgument names the bad one."""
     limit_ms, confidence = plain_number(limit_ms), plain_number(confidence)
+    indifference = plain_number(indifference)
     if not (isinstance(limit_ms, (int, float)) and not isinstance(limit_ms, bool)
             and math.isfinite(limit_ms) and limit_ms > 0):
         raise InvalidArgument(f"limit_ms must be a positive number of milliseconds, got {limit_ms!r}",
@@ -46,20 +61,28 @@ def check_limit(limit_ms: Any, confidence: Any) -> Tuple[float, float]:
             and 0 < confidence < 1):
         raise InvalidArgument(f"confidence must lie strictly between 0 and 1, got {confidence!r}",
                          fix="pass e.g. confidence=0.99")
-    return float(limit_ms), float(confidence)
+    if not (isinstance(indifference, (int, float)) and not isinstance(indifference, bool)
+            and 0 < indifference < 0.5):
+        raise InvalidArgument("indifference must lie strictly between 0 and 0.5 (a share of "
+                              f"the limit), got {indifference!r}",
+                              fix="pass e.g. indifference=0.02: within +-2% of the limit "
+                                  "either answer is right")
+    return float(limit_ms), float(confidence), float(indifference)
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether a subnet's median latency is below `limit_ms`, with the evidence.
+    """Whether a subnet's latency is below `limit_ms`, with the evidence.
 
-    below: the answer. settled: the interval excludes the limit (False: the median sits
-        within the noise of the limit; it was measured to full precision and `below` compares
-        that median with the limit).
-    interval_ms: the interval of the median at `confidence` (measured), or the model's
-        prediction interval (predicted). median_ms: the point estimate. runs: timed runs
-        behind it (0 for a prediction). device_s: device time this decision cost now (0 when
-        answered from the cache or the model). source: measured, cached or predicted.
+    below: the answer. settled: decided (False: undecided when its budget ran out; `below`
+        then compares its point estimate with the limit). indifference: the zone (a share of
+        the limit) within which either answer counts as right; 0 for a strict test.
+    interval_ms: the interval at `confidence` of the median (one model at a time) or of the
+        quiet-state latency (interleaved rounds: the ratio's interval times the reference's
+        quiet level), or the model's prediction interval (predicted). median_ms: the point
+        estimate. runs: timed runs behind it (0 for a prediction). device_s: device time this
+        decision cost now (0 when answered from the cache or the model; in rounds, its share
+        of the window). source: measured, cached or predicted.
     """
 
     below: bool
@@ -75,6 +98,7 @@ class Decision:
     device: str
     reason: str
     created_at: float = field(default_factory=time.time)
+    indifference: float = 0.0
 
     def __post_init__(self) -> None:
         if self.source not in DECISION_SOURCES:
@@ -83,13 +107,15 @@ class Decision:
     def __bool__(self) -> bool:
         return self.below
 
-    def settles(self, limit_ms: float, confidence: float) -> bool:
-        """Whether this decision's evidence answers another limit at `confidence`. Runs too
-        few for an interval of the median at its confidence (one run, say) settle nothing:
-        their interval_ms is only their range (min, max), which says nothing of the median."""
-        low, high = self.interval_ms
+    def settles(self, limit_ms: float, confidence: float, indifference: float = 0.0) -> bool:
+        """Whether this decision's evidence answers another limit at `confidence`, with that
+        indifference zone. Runs too few for an interval at its confidence (one run, say)
+        settle nothing: their interval_ms is only their range (min, max)."""
         return self.source != "predicted" and confidence <= self.confidence and \
-            self.has_interval and (high < limit_ms or low > limit_ms)
+            self.has_interval and self._verdict(limit_ms, indifference) is not None
+
+    def _verdict(self, limit_ms: float, indifference: float) -> Any:
+        return limit_verdict(self.interval_ms, self.median_ms, limit_ms, indifference)
 
     @property
     def has_interval(self) -> bool:
@@ -98,15 +124,17 @@ class Decision:
         return self.source == "predicted" or median_interval(
             range(self.runs), look_confidence(self.confidence, 1)) is not None
 
-    def for_limit(self, limit_ms: float, confidence: float, source: str = "cached") -> "Decision":
+    def for_limit(self, limit_ms: float, confidence: float, indifference: float = 0.0,
+                  source: str = "cached") -> "Decision":
         """This evidence, read against another limit (device time is not spent again)."""
-        low, high = self.interval_ms
-        return Decision(below=high < limit_ms if self.settles(limit_ms, confidence)
+        settled = self.settles(limit_ms, confidence, indifference)
+        return Decision(below=self._verdict(limit_ms, indifference) == "below" if settled
                         else self.median_ms < limit_ms,
-                        settled=self.settles(limit_ms, confidence), limit_ms=limit_ms,
+                        settled=settled, limit_ms=limit_ms,
                         confidence=self.confidence, interval_ms=self.interval_ms,
                         median_ms=self.median_ms, runs=self.runs, source=source, device_s=0.0,
-                        graph_hash=self.graph_hash, device=self.device, reason=self.reason)
+                        graph_hash=self.graph_hash, device=self.device, reason=self.reason,
+                        indifference=indifference)
 
     def with_source(self, source: str) -> "Decision":
         """The same evidence from another source; a cached copy cost no device time now."""
@@ -121,7 +149,7 @@ class Decision:
 
     def __repr__(self) -> str:
         word = "below" if self.below else "not below"
-        how = "" if self.settled else ", within the noise of the limit"
+        how = "" if self.settled else ", undecided: the point estimate says"
         return (f"Decision({word} {self.limit_ms:g} ms{how}: median {self.median_ms:.4g} ms in "
                 f"[{self.interval_ms[0]:.4g}, {self.interval_ms[1]:.4g}] at "
                 f"{self.confidence:.0%}, {self.source}, {self.runs} runs, {self.device_s:.2f} "
@@ -130,21 +158,50 @@ class Decision:
 
 def decision_from_samples(samples_ms: Sequence[float], limit_ms: float, confidence: float, *,
                           source: str, device_s: float, graph_hash: str, device: str,
-                          reason: str, looks: int = 1) -> Decision:
-    """A decision read from raw per-run times: settled when the interval of the median
-    excludes the limit. Runs the agent looked at `looks` times before it stopped give the
-    interval at the confidence of that last look (harness.store.decisions: the error rate), which
-    holds for any limit, this one or a later one."""
+                          reason: str, looks: int = 1, indifference: float = 0.0) -> Decision:
+    """A decision read from raw per-run times: settled when the interval of the median says
+    below or above the limit (with the indifference zone). Runs the agent looked at `looks`
+    times before it stopped give the interval at the confidence of that last look
+    (harness.store.decisions: the error rate), which holds for any limit."""
     ordered = sorted(samples_ms)
     median = _median(ordered)
     interval = median_interval(ordered, look_confidence(confidence, max(looks, 1)))
+    verdict = limit_verdict(interval, median, limit_ms, indifference)
     # Too few runs for an interval: their range is shown, and settles nothing (has_interval)
     low, high = interval if interval is not None else (ordered[0], ordered[-1])
-    settled = interval is not None and (high < limit_ms or low > limit_ms)
-    return Decision(below=high < limit_ms if settled else median < limit_ms, settled=settled,
-                    limit_ms=limit_ms, confidence=confidence, interval_ms=(low, high),
-                    median_ms=median, runs=len(ordered), source=source, device_s=device_s,
-                    graph_hash=graph_hash, device=device, reason=reason)
+    return Decision(below=verdict == "below" if verdict else median < limit_ms,
+                    settled=verdict is not None, limit_ms=limit_ms, confidence=confidence,
+                    interval_ms=(low, high), median_ms=median, runs=len(ordered),
+                    source=source, device_s=device_s, graph_hash=graph_hash, device=device,
+                    reason=reason, indifference=indifference)
+
+
+def decision_from_rounds(verdict: Mapping[str, Any], runs: int, *, source: str,
+                         device_s: float, graph_hash: str, device: str) -> Decision:
+    """A decision from the limit rule's last look at a candidate of interleaved rounds
+    (agents.ort_agent.limit_look): the interval of its ratio to the reference, times the
+    reference's quiet level the agent tested with, is the interval of its quiet-state
+    latency. Without an interval (too few rounds) its point estimate, unsettled (an
+    unsettled decision is never stored, so that point never settles a later limit)."""
+    level, limit = float(verdict["level_ms"]), float(verdict["limit_ms"])
+    ratio = verdict.get("ratio")
+    interval = verdict.get("ratio_interval")
+    quiet = float(ratio) * level if ratio is not None else math.nan
+    low, high = (float(interval[0]) * level, float(interval[1]) * level) \
+        if interval is not None else (quiet, quiet)
+    outcome = verdict.get("outcome")
+    reason = (f"the interval of the quiet-state latency says {outcome} (look "
+              f"{verdict['looks']}, round {verdict['rounds']})" if outcome else
+              f"undecided after {verdict['rounds']} rounds: the interval still reaches into "
+              "both sides of the indifference zone" if interval is not None else
+              f"undecided after {verdict['rounds']} rounds: too few kept for an interval (the "
+              "device changed speed around most blocks)")
+    return Decision(below=outcome == "below" if outcome else quiet < limit,
+                    settled=outcome is not None, limit_ms=limit,
+                    confidence=float(verdict["confidence"]), interval_ms=(low, high),
+                    median_ms=quiet, runs=runs, source=source, device_s=device_s,
+                    graph_hash=graph_hash, device=device, reason=reason,
+                    indifference=float(verdict["indifference"]))
 
 
 def _median(ordered: Sequence[float]) -> float:
@@ -154,9 +211,9 @@ def _median(ordered: Sequence[float]) -> float:
 
 def summary(decisions: Sequence[Decision]) -> Dict[str, Any]:
     """Counts and device time of a batch of decisions (for a CLI line or a search log)."""
-    return {"below": sum(d.below for d in decisions),
-            "above": sum(not d.below for d in decisions),
-            "unsettled": sum(not d.settled for d in decisions),
+    return {"below": sum(d.below and d.settled for d in decisions),
+            "above": sum(not d.below and d.settled for d in decisions),
+            "undecided": sum(not d.settled for d in decisions),
             "by_source": {s: sum(d.source == s for d in decisions) for s in DECISION_SOURCES},
             "device_s": sum(d.device_s for d in decisions)}
 

@@ -352,6 +352,9 @@ class ImportChecker:
         confidence = finite(record.get("confidence"))
         if confidence is None or not 0 < confidence < 1:
             raise _Skip(f"bad confidence: not between 0 and 1 ({record.get('confidence')!r:.40})")
+        zone = finite(record.get("indifference", 0.0))
+        if zone is None or not 0 <= zone < 0.5:
+            raise _Skip(f"bad indifference: not from 0 to 0.5 ({record.get('indifference')!r:.40})")
         self._date(record, "created_at")
         try:
             decision = Decision.from_dict({k: v for k, v in record.items() if k != "samples_ms"})

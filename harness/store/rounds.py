@@ -21,24 +21,15 @@ The reference's spread across the window is the device's noise level, reported b
 """
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from agents.ort_agent import SPEED_CHANGE, block_ratios, block_statistic, median_interval
+from agents.ort_agent import (LEVEL_QUANTILE, SPEED_CHANGE, block_ratios, block_statistic,
+                              median_interval, quantile)
 from devices.agent_result import RoundsRecord
 
 BLOCK_STATISTICS = ("min", "median")
-LEVEL_QUANTILE = 0.10   # the reference level: this quantile of its block statistics
 NOISY_DROPPED = 0.25    # flagged noisy when more of the blocks than this were dropped
 NOISY_INTERVAL = 0.02   # ... or when the ratio's interval is wider than +-2%
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """The q-quantile of values (linear between order statistics)."""
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 @dataclass(frozen=True)

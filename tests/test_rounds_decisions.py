@@ -1,0 +1,231 @@
+"""Limit decisions in interleaved rounds: the three-way test with its indifference zone, the
+always-valid error rate, candidates leaving the rounds once decided. Checked on the agent's
+own schedule over a virtual clock, and end to end on a simulated device replaying a noisy
+trace whose truth is known exactly: correctness only, no timing."""
+import math
+import random
+
+import pytest
+import torch
+
+from agents.ort_agent import (AgentError, Timed, interleave, limit_verdict, parse_settings,
+                              rounds_stop)
+from devices.noise_trace import NoiseTrace
+from devices.simulated import SimulatedModel, _VirtualClock
+from harness import LatencyProfiler, random_samples
+from harness.errors import InvalidArgument
+from harness.spaces import TinySpace
+from harness.store.cache import Cache
+from tests.test_noise_replay import replaying_device, two_replaying_devices_one_lost
+
+ROUNDS = {"protocol": "rounds", "block_ms": 10.0, "ref_gap_ms": 30.0, "warmup_runs": 1,
+          "max_time_ms": 20000.0}
+
+
+def busy_trace(seed=0, length_s=30.0, every_ms=2.0, spread=0.0):
+    """A shared device: its speed steps between levels every few seconds, and one run in five
+    is slowed by another tenant (noise only ever adds time, as on a real device); with
+    `spread`, every run is also off by that much either way."""
+    draw = random.Random(seed)
+    runs, t, level = [], 0.0, 1.0
+    while t < length_s:
+        if draw.random() < every_ms / 1e3 / 3.0:  # a change of speed every ~3 s
+            level = draw.choice((1.0, 1.0, 1.3, 1.8))
+        spike = 1.0 + draw.expovariate(3.0) if draw.random() < 0.2 else 1.0
+        runs.append((t, 3.0 * level * spike * math.exp(draw.gauss(0.0, spread))))
+        t += every_ms / 1e3
+    return NoiseTrace("busy", {"reference": tuple(runs)})
+
+
+# ---------------------------------------------------------------- the three-way test
+
+def test_the_three_way_test_calls_a_side_only_outside_the_indifference_zone():
+    assert limit_verdict((0.5, 0.9), 0.7, 1.0, 0.02) == "below"
+    assert limit_verdict((1.1, 1.3), 1.2, 1.0, 0.02) == "above"
+    assert limit_verdict((0.9, 1.1), 1.0, 1.0, 0.02) is None          # both sides open
+    assert limit_verdict((0.99, 1.015), 1.01, 1.0, 0.02) == "above"   # inside the zone:
+    assert limit_verdict((0.99, 1.015), 0.995, 1.0, 0.02) == "below"  # the median says
+    assert limit_verdict((0.95, 1.01), 0.97, 1.0, 0.02) == "below"    # under the zone's top
+    assert limit_verdict(None, 1.0, 1.0, 0.02) is None                # no interval yet
+
+
+@pytest.mark.parametrize("setting,value", [("indifference", 0.0), ("indifference", 0.5),
+                                           ("indifference", float("nan")),
+                                           ("reference_level_ms", -1.0)])
+def test_bad_indifference_or_level_settings_are_user_errors_naming_them(setting, value):
+    with pytest.raises(AgentError, match=setting):
+        parse_settings({setting: value})
+
+
+# ---------------------------------------------------------------- the agent's schedule
+
+def schedule(latencies_ms, limit_ms, trace=None, confidence=0.99, cv=0.1, **settings):
+    """The agent's rounds over simulated models of these true latencies beside a reference of
+    3 ms (its level known to be 3 ms) on one virtual clock, each run off by a spread `cv`, or
+    replaying `trace`: ({name: Timed}, why it stopped, the settings)."""
+    clock = _VirtualClock()
+    spec = SimulatedModel("board", 3.0, seed=1, noise=trace, cv=cv)
+    checked = parse_settings(dict({"stop": "limit", "limit_ms": limit_ms, "confidence":
+                                   confidence, "rounds": 400, "block_ms": 10.0,
+                                   "ref_gap_ms": 30.0, "max_time_ms": 600000.0,
+                                   "reference_level_ms": 3.0}, **settings))
+
+    def timed(name, true_ms):
+        run = spec.runner(name, clock)
+        return Timed(name, lambda: _scaled(run, clock, true_ms / spec.graph_median_ms(name)),
+                     clock, checked["block_ms"])
+
+    reference = timed("reference", 3.0)
+    models = {f"m{i}": timed(f"m{i}", ms) for i, ms in enumerate(latencies_ms)}
+    _, _, failed, reason = interleave(models, reference, checked, clock)
+    assert not failed
+    return models, reason, checked
+
+
+def _scaled(run, clock, scale):
+    began = clock.now
+    run()
+    clock.now = began + (clock.now - began) * scale
+
+
+def test_a_decided_candidate_leaves_the_rounds_and_the_undecided_stay():
+    models, reason, settings = schedule([1.0, 9.0, 3.0 * 1.05], limit_ms=3.0, cv=0.04)
+    rounds = {name: len({block[0] for block in model.blocks}) for name, model in models.items()}
+    assert models["m0"].verdict["outcome"] == "below"
+    assert models["m1"].verdict["outcome"] == "above"
+    # each ran in the rounds up to the one that decided it, and in none after; its looks
+    # came as its kept ratios grew (the first at min_runs of them)
+    for model in models.values():
+        assert rounds[model.name] == model.verdict["rounds"]
+        assert model.verdict["kept"] >= settings["min_runs"]
+        assert model.verdict["looks"] < model.verdict["kept"] - settings["min_runs"] + 1 or \
+            model.verdict["looks"] == 1
+    # far from the limit: decided at the first look; 5% above it, on runs 4% apart, it
+    # stays until its interval clears the zone's bottom
+    assert models["m0"].verdict["looks"] == models["m1"].verdict["looks"] == 1
+    assert max(rounds["m0"], rounds["m1"]) < rounds["m2"]
+    assert models["m2"].verdict["outcome"] == "above" and reason == "decided"
+    stop = rounds_stop(models["m0"], settings, 400, reason)
+    assert stop["rule"] == "rounds-limit" and stop["reason"] == "settled"
+    assert stop["rounds"] == rounds["m0"] and stop["looks"] == 1
+
+
+def test_a_candidate_at_the_limit_of_a_noisy_device_uses_the_budget_and_says_undecided():
+    models, reason, settings = schedule([3.0], limit_ms=3.0, rounds=40, confidence=0.999)
+    verdict = models["m0"].last_look
+    assert models["m0"].verdict is None  # never called
+    assert reason == "rounds" and verdict["outcome"] is None and verdict["rounds"] == 40
+    stop = rounds_stop(models["m0"], settings, 40, reason)
+    assert stop["reason"] == "rounds" and stop["outcome"] is None
+    assert stop["ratio_interval"] is not None  # undecided, with its interval
+
+
+def test_the_stated_error_rate_holds_over_many_seeded_decisions():
+    """Candidates whose truth lies outside the zone, decided at 90% on a device replaying a
+    noisy trace: at most 10% of the calls are wrong (each look spends its share)."""
+    trace = busy_trace(seed=4)
+    draw = random.Random(11)
+    calls = wrong = 0
+    for trial in range(12):
+        latencies = [3.0 * draw.uniform(0.8, 1.25) for _ in range(6)]
+        limit = 3.0 * draw.uniform(0.9, 1.1)
+        models, _, _ = schedule(latencies, limit, trace=trace, confidence=0.9, seed=trial)
+        for (name, model), truth in zip(sorted(models.items(), key=lambda m: int(m[0][1:])),
+                                        latencies):
+            if abs(truth / limit - 1) <= 0.02 or model.verdict is None:
+                continue
+            calls += 1
+            wrong += model.verdict["outcome"] != ("below" if truth < limit else "above")
+    assert calls >= 50 and wrong <= 0.10 * calls, (wrong, calls)
+
+
+# ---------------------------------------------------------------- end to end, replayed
+
+def test_decide_many_in_rounds_agrees_with_the_known_truth_outside_the_zone(tmp_path):
+    spec = replaying_device(tmp_path, busy_trace(seed=2))
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    samples = random_samples(space, 12, seed=5)
+    with LatencyProfiler(space, dummy, device="sim1", home=tmp_path, settings=ROUNDS) as profiler:
+        profiler.measure_many(samples[:2], progress=False)  # the reference's history begins
+        truths = [spec.graph_median_ms(profiler.export(s).sha256) for s in samples]
+        limit = sorted(truths)[len(truths) // 2] * 1.001
+        decisions = profiler.decide_many(samples, limit, confidence=0.99)
+        again = profiler.decide_many(samples, limit, confidence=0.99)
+        key = profiler.cache_key(decisions[-1].graph_hash)
+    for decision, truth in zip(decisions, truths):
+        assert decision.source in ("measured", "cached") and decision.indifference == 0.02
+        if decision.settled and abs(truth / limit - 1) > 0.02:
+            assert decision.below == (truth < limit), (decision, truth)
+    assert sum(d.settled for d in decisions) >= 10
+    measured = [d for d in decisions if d.source == "measured"]
+    assert measured and all(d.device_s > 0 for d in measured)
+    # decided answers are reused; nothing is served as a measurement
+    assert all(a.source == "cached" for a, d in zip(again, decisions) if d.settled)
+    with Cache(tmp_path / "cache.sqlite") as cache:
+        assert cache.get(key) is None or cache.get(key).source == "cached"
+
+
+def test_undecided_results_are_not_kept_as_decisions(tmp_path):
+    replaying_device(tmp_path, busy_trace(seed=3, spread=0.1))
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    sample = random_samples(space, 1, seed=1)[0]
+    settings = dict(ROUNDS, rounds=10, max_time_ms=100000.0)
+    with LatencyProfiler(space, dummy, device="sim1", home=tmp_path, settings=settings) as profiler:
+        quiet = profiler.measure(sample).statistic("quiet")
+        decision = profiler.decide(sample, quiet, confidence=0.999, indifference=0.001)
+        assert not decision.settled and "undecided" in decision.reason
+        assert not profiler.cache.decisions(profiler.cache_key(decision.graph_hash))
+
+
+@pytest.mark.parametrize("limit,confidence,indifference,name", [
+    (float("nan"), 0.99, 0.02, "limit_ms"), (0.0, 0.99, 0.02, "limit_ms"),
+    (5.0, 1.0, 0.02, "confidence"), (5.0, 0.9, 0.0, "indifference"),
+    (5.0, 0.9, 0.5, "indifference"), (5.0, 0.9, float("inf"), "indifference")])
+def test_bad_decision_arguments_are_user_errors_naming_them(tmp_path, limit, confidence,
+                                                            indifference, name):
+    replaying_device(tmp_path, busy_trace())
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    with LatencyProfiler(space, dummy, device="sim1", home=tmp_path, settings=ROUNDS) as profiler:
+        with pytest.raises(InvalidArgument, match=name):
+            profiler.decide(random_samples(space, 1)[0], limit, confidence, indifference)
+
+
+def test_decisions_in_rounds_on_this_machine_leave_when_decided(tiny):
+    """The real agent on `local`: far limits are called after few rounds, each candidate's
+    decision is evidence of its own window (never a measurement)."""
+    settings = {"protocol": "rounds", "block_ms": 2.0, "ref_gap_ms": 10.0, "warmup_runs": 1,
+                "rounds": 60, "max_time_ms": 5000.0}
+    samples = random_samples(tiny, 3, seed=4)
+    with LatencyProfiler(tiny, tiny.dummy_input(), settings=settings) as profiler:
+        quiet = [m.statistic("quiet") for m in profiler.measure_many(samples, progress=False)]
+        below = profiler.decide_many(samples, max(quiet) * 20, progress=False)
+        above = profiler.decide_many(samples, min(quiet) / 20, progress=False)
+        stored = profiler.cache.decisions(profiler.cache_key(below[0].graph_hash))
+    assert all(d.below and d.settled and d.source == "measured" for d in below)
+    assert all(not d.below and d.settled for d in above)
+    assert all("look 1," in d.reason for d in below)  # the first look called them
+    assert all(0 < d.device_s for d in below) and stored and stored[0].below
+
+
+def test_a_decision_window_whose_device_is_lost_fails_over_whole(tmp_path):
+    two_replaying_devices_one_lost(tmp_path, busy_trace(seed=6))  # sim1's goes to sim2
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    with LatencyProfiler(space, dummy, device="kind:replay", home=tmp_path, settings=ROUNDS,
+                         max_strikes=1) as profiler:
+        profiler.decider.use_model = False
+        decisions = profiler.decide_many(random_samples(space, 4, seed=1), 1000.0)
+    assert all(d.below and d.settled and d.device == "sim2" for d in decisions)
+
+
+@pytest.mark.parametrize("garbage", [
+    {"rule": "rounds"}, {"level_ms": float("nan")}, {"level_ms": -1.0}, {"outcome": "maybe"},
+    {"ratio_interval": [2.0, 1.0]}, {"ratio_interval": "wide"}, {"confidence": True},
+    {"ratio": "0.5"}])
+def test_an_agents_garbage_verdict_is_refused(garbage):
+    from harness.steps.decider import _sound_verdict
+
+    sound = {"rule": "rounds-limit", "level_ms": 3.0, "limit_ms": 4.0, "confidence": 0.99,
+             "indifference": 0.02, "looks": 2, "rounds": 14, "outcome": "below",
+             "ratio": 0.8, "ratio_interval": [0.78, 0.83]}
+    assert _sound_verdict(sound)
+    assert not _sound_verdict(dict(sound, **garbage))
