@@ -203,7 +203,7 @@ def truth_for(condition: str, device: str, home: Path, space: Any, dummy: Any,
             truths, share = Replay(device, home).truth(p, samples)
         return truths, floor_text({}) + f"; reference level {share:.1%} of the trace's quiet", []
     started = time.monotonic()
-    name = f"{condition}-{type(space).__name__}-{args.size}px-{args.truth_s:g}s"
+    name = f"{condition}-{type(space).__name__}-{dummy.shape[-1]}px-{args.truth_s:g}s"
     truths = campaign(space, dummy, samples, device=device, home=home, seconds=args.truth_s,
                       cache=args.truth_dir / f"truth-{name}.sqlite", settings=pinned)
     subset = list(range(0, len(samples), args.floor_every))
