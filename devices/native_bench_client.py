@@ -28,13 +28,13 @@ measurement.
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
-from devices.agent_result import AgentResult, DeviceFacts, is_ms
-from devices.errors import (AgentProtocolError, BadRequest, DeviceError, InferenceError,
+from devices.agent_result import AgentResult, is_ms
+from devices.errors import (AgentProtocolError, BadRequest, InferenceError,
                             LoadError)
 from devices.line_channel import file_sha256
-from devices.perf_tool_client import native_identity
+from devices.perf_tool_client import NativeToolClient
 from devices.transport import Transport
 
 TOOLS = ("benchmark-model", "executor-runner")
@@ -138,35 +138,14 @@ NOT_CONTROLLED = {
 }
 
 
-class NativeBenchClient:
+class NativeBenchClient(NativeToolClient):
     """Measures with LiteRT's benchmark_model or ExecuTorch's executor_runner on a device;
     the interface of AgentClient."""
 
     def __init__(self, transport: Transport, binary: str, tool: str):
         if tool not in TOOLS:
             raise BadRequest(f"unknown benchmark tool {tool!r}", fix=f"one of {', '.join(TOOLS)}")
-        self.transport, self.binary, self.tool = transport, binary, tool
-        self._binary_sha = file_sha256(binary)
-        self.agent_version = f"{tool}-{self._binary_sha[:16]}"
-        self._remote_binary: Optional[str] = None
-        self._identity: Optional[Dict[str, Any]] = None
-
-    @property
-    def device(self) -> str:
-        return self.transport.name
-
-    def facts(self, deadline: float) -> DeviceFacts:
-        if self._identity is None:
-            self._identity = native_identity(self.transport, deadline, {
-                "runtime": self.tool, "tool_sha256": self._binary_sha})
-        return DeviceFacts(identity=self._identity, state={})
-
-    def measure_rounds(self, models: Mapping[str, Tuple[str, str]], reference: Tuple[str, str],
-                       settings: Mapping[str, Any], deadline: float
-                       ) -> Tuple[Dict[str, AgentResult], Dict[str, DeviceError]]:
-        raise BadRequest(f"{self.device} is measured by {self.tool}, which times one model at "
-                         f"a time: it cannot run interleaved rounds", device=self.device,
-                         fix="use protocol='loop' (the default) on this device")
+        super().__init__(transport, binary, tool, tool, "tool_sha256")
 
     def _check(self, settings: Mapping[str, Any], model_path: str) -> None:
         runtime = RUNTIME_OF_TOOL[self.tool]
@@ -269,7 +248,3 @@ class NativeBenchClient:
         return (iterations[warmup:], parsed.load_ms or 0.0, iterations[0],
                 f"executor_runner --num_executions=warmup_runs+min_runs, the first "
                 f"{warmup} dropped")
-
-    def close(self) -> None:
-        self.transport.close()
-

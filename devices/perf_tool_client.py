@@ -102,14 +102,19 @@ def native_identity(transport: Transport, deadline: float, tool: Mapping[str, An
     return identity
 
 
-class PerfTestClient:
-    """Measures with onnxruntime_perf_test on a device; same interface as AgentClient."""
+class NativeToolClient:
+    """What every client of a native benchmark tool on a device without Python shares
+    (onnxruntime_perf_test here, LiteRT's and ExecuTorch's in devices.native_bench_client):
+    the tool's binary and its hash (the agent version it reports), the device's identity
+    through its shell (`native_identity`, with the tool's `identity` facts), no interleaved
+    rounds (the tool times one model per invocation), and the transport to close."""
 
-    def __init__(self, transport: Transport, binary: str):
-        self.transport = transport
-        self.binary = binary
+    def __init__(self, transport: Transport, binary: str, tool: str, version_prefix: str,
+                 sha_key: str):
+        self.transport, self.binary, self.tool = transport, binary, tool
         self._binary_sha = file_sha256(binary)
-        self.agent_version = f"perf_test-{self._binary_sha[:16]}"
+        self.agent_version = f"{version_prefix}-{self._binary_sha[:16]}"
+        self._sha_key = sha_key  # the identity's name for the tool's hash
         self._remote_binary: Optional[str] = None
         self._identity: Optional[Dict[str, Any]] = None
 
@@ -120,16 +125,27 @@ class PerfTestClient:
     def facts(self, deadline: float) -> DeviceFacts:
         if self._identity is None:
             self._identity = native_identity(self.transport, deadline, {
-                "runtime": "onnxruntime_perf_test", "perf_test_sha256": self._binary_sha})
+                "runtime": self.tool, self._sha_key: self._binary_sha})
         return DeviceFacts(identity=self._identity, state={})
 
     def measure_rounds(self, models: Mapping[str, Tuple[str, str]], reference: Tuple[str, str],
                        settings: Mapping[str, Any], deadline: float
                        ) -> Tuple[Dict[str, AgentResult], Dict[str, DeviceError]]:
-        """onnxruntime_perf_test times one model per invocation: no interleaved rounds."""
-        raise BadRequest(f"{self.device} is measured by onnxruntime_perf_test, which times one "
-                         "model at a time: it cannot run interleaved rounds", device=self.device,
+        """A native tool times one model per invocation: no interleaved rounds."""
+        raise BadRequest(f"{self.device} is measured by {self.tool}, which times one model at "
+                         "a time: it cannot run interleaved rounds", device=self.device,
                          fix="use protocol='loop' (the default) on this device")
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class PerfTestClient(NativeToolClient):
+    """Measures with onnxruntime_perf_test on a device; same interface as AgentClient."""
+
+    def __init__(self, transport: Transport, binary: str):
+        super().__init__(transport, binary, "onnxruntime_perf_test", "perf_test",
+                         "perf_test_sha256")
 
     def measure(self, model_path: str, settings: Mapping[str, Any], deadline: float,
                 sha256: Optional[str] = None) -> AgentResult:
@@ -183,6 +199,3 @@ class PerfTestClient:
             thermal_after=report.thermal_after if report else (), control=report,
             stop={"rule": "fixed", "reason": "fixed", "requested": settings.get("stop"),
                   "note": "onnxruntime_perf_test runs a fixed count of runs (min_runs)"})
-
-    def close(self) -> None:
-        self.transport.close()
