@@ -1613,9 +1613,11 @@ def limit_look(model, reference, settings, completed, last=False):
     depend on the candidate's values, and look k spends its share of the error
     (look_confidence): every look together errs at most 1 - confidence. Sets the model's
     `verdict` (a dict for the answer's "stop") once it is called, and `last_look`."""
+    due = model.next_look or max(settings["min_runs"], first_look_size(settings["confidence"]))
+    if len(model.blocks) < due and not last:
+        return  # fewer blocks than the look needs kept ratios: not due, nothing to read
     kept = sorted(ratio for ratio, keep in block_ratios(model.blocks, reference.blocks)
                   if keep)
-    due = model.next_look or max(settings["min_runs"], first_look_size(settings["confidence"]))
     if len(kept) < due and not (last and (model.last_look is None or len(kept) > model.looked_at)):
         return
     model.looks += 1

@@ -26,6 +26,7 @@ from harness.steps.key_scope import KeyScope
 from harness.steps.measuring import MeasurementSteps
 from harness.steps.rounds import answer_in_rounds
 from harness.store.decisions import Decision, decision_from_rounds, decision_from_samples
+from harness.store.key import MeasurementKey
 from harness.store.measurement import Measurement, Provenance, fixed_loop_estimate_s
 
 # In rounds, a decision's budget: at most this many rounds (max_time_ms bounds them too)
@@ -196,13 +197,12 @@ class DecisionRound:
     def store(self, result: AgentResult, exported: ExportedModel) -> Decision:
         """The device's runs as a decision, stored with them as evidence (never as a
         measurement)."""
+        key = self.decider.scope().key_of(result, exported.graph_hash)  # the device that measured
         if result.rounds is not None:
-            decision = self._from_rounds(result, exported)
+            decision = self._from_rounds(result, exported, key)
         else:
             decision = self._from_loop(result, exported)
         if decision.settled:  # an undecided result is evidence of nothing to keep
-            # stored under the device that measured, as measurements are
-            key = self.decider.scope().key_of(result, exported.graph_hash)
             self.decider.cache.put_decision(key, decision, result.samples_ms)
         timed_ms = result.loop_ms if result.rounds is None else sum(result.samples_ms)
         self.decider.counters.add(decisions=1, device_s=decision.device_s,
@@ -226,7 +226,8 @@ class DecisionRound:
             decision = replace(decision, reason=decision.reason + "; the runs drift")
         return decision
 
-    def _from_rounds(self, result: AgentResult, exported: ExportedModel) -> Decision:
+    def _from_rounds(self, result: AgentResult, exported: ExportedModel,
+                     key: MeasurementKey) -> Decision:
         """A candidate's decision from its window: its device time is the window's lease
         shared by how long each candidate ran in it (a decided one left early)."""
         assert result.rounds is not None
@@ -236,8 +237,7 @@ class DecisionRound:
             raise AgentProtocolError(f"{result.device} answered a decision's rounds without "
                                      "a sound verdict of the limit rule (its stop: "
                                      f"{str(dict(result.stop))[:200]})")
-        self.decider.steps.reference_level(  # the window's reference blocks join the history
-            self.decider.scope().key_of(result, exported.graph_hash), result)
+        self.decider.steps.reference_level(key, result)  # the window's blocks join the history
         return decision_from_rounds(result.stop, len(result.samples_ms), source="measured",
                                     device_s=(lease[1] - lease[0]) * share,
                                     graph_hash=exported.graph_hash, device=result.device)

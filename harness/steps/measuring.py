@@ -5,7 +5,8 @@ models timed in the same windows (a lookup table's blocks and wholes). `windows`
 batch for interleaved rounds by the device's memory."""
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar,
+                    cast)
 
 from devices.agent_result import AgentResult
 from devices.errors import AgentProtocolError
@@ -31,18 +32,24 @@ WINDOW_BUDGET_BYTES = 512 * 2 ** 20
 MAX_WINDOW_MODELS = 48
 
 
-def windows(models: Sequence[ExportedModel], budget_bytes: int = WINDOW_BUDGET_BYTES,
-            max_models: int = MAX_WINDOW_MODELS) -> List[List[ExportedModel]]:
-    """`models` cut, in order, into windows whose loaded size stays within the budget (a
-    model larger than the budget alone) and that hold at most `max_models` each."""
-    cut: List[List[ExportedModel]] = []
+T = TypeVar("T")
+
+
+def windows(items: Sequence[T], budget_bytes: int = WINDOW_BUDGET_BYTES,
+            max_models: int = MAX_WINDOW_MODELS,
+            model: Optional[Callable[[T], ExportedModel]] = None) -> List[List[T]]:
+    """`items` (models, or what `model` reads a model from) cut, in order, into windows
+    whose models' loaded size stays within the budget (a model larger than the budget
+    alone) and that hold at most `max_models` each."""
+    read = model or (lambda item: cast(ExportedModel, item))
+    cut: List[List[T]] = []
     size = 0
-    for model in models:
-        need = MEMORY_FACTOR * len(model.onnx_bytes)
+    for item in items:
+        need = MEMORY_FACTOR * len(read(item).onnx_bytes)
         if not cut or size + need > budget_bytes or len(cut[-1]) >= max_models:
             cut.append([])
             size = 0
-        cut[-1].append(model)
+        cut[-1].append(item)
         size += need
     return cut
 
@@ -186,8 +193,7 @@ class MeasurementSteps:
             ModelToTime(exported, self.export.signature, converted=True) for exported in samples]
         if self.request.settings["protocol"] != "rounds":
             return [self.one(m.exported, m.signature, None, pool, precision, m.module,
-                             m.dummy_input) if not m.converted else self._one_converted(m, pool)
-                    for m in models]
+                             m.dummy_input, converted=m.converted) for m in models]
         results: List[Any] = [self.cached(m.exported.graph_hash, canonical_json(m.signature))
                               for m in models]
         pending: Dict[Tuple[str, str], Tuple[ExportedModel, List[Dict[str, Any]]]] = {}
@@ -199,7 +205,7 @@ class MeasurementSteps:
                                                                  self.export.home),
                                                model.signature))
         answered: Dict[Tuple[str, str], Any] = {}
-        for window in windows_of(list(pending.items())):
+        for window in windows(list(pending.items()), model=lambda item: item[1][0]):
             answers = pool.measure_rounds([exported for _, (exported, _) in window],
                                           self.reference(),
                                           window_request(self.request, len(window)))
@@ -215,22 +221,20 @@ class MeasurementSteps:
                 raise result
         return results
 
-    def _one_converted(self, model: "ModelToTime", pool: DevicePool) -> Measurement:
-        cached = self.cached(model.exported.graph_hash, canonical_json(model.signature))
-        return cached or self.store(pool.measure(model.exported, self.request), model.exported,
-                                    model.signature)
-
     def one(self, exported: ExportedModel, signature: List[Dict[str, Any]],
             shapes: Optional[Mapping[str, List[int]]], pool: DevicePool,
             precision: Precision, module: Optional[Callable[[], Any]] = None,
-            dummy_input: Any = None) -> Measurement:
+            dummy_input: Any = None, converted: bool = False) -> Measurement:
         """Steps 4-5 for one model outside the space: the cache, else the device (converted
-        to the profiler's precision; `shapes`: its inputs', else the signature's), stored."""
+        to the profiler's precision unless `converted` already; `shapes`: its inputs', else
+        the signature's), stored."""
         shapes = shapes or {f"input{i}": item["shape"] for i, item in enumerate(signature)}
         cached = self.cached(exported.graph_hash, canonical_json(signature))
         if cached is not None:
             return cached
-        exported = precision.convert(exported, shapes, module, dummy_input, self.export.home)
+        if not converted:
+            exported = precision.convert(exported, shapes, module, dummy_input,
+                                         self.export.home)
         if self.request.settings["protocol"] != "rounds":
             return self.store(pool.measure(exported, self.request), exported, signature)
         # alone in a window beside the reference (the reference-paired window)
@@ -266,13 +270,3 @@ class ModelToTime:
     def shapes(self) -> Dict[str, List[int]]:
         return {f"input{i}": item["shape"] for i, item in enumerate(self.signature)}
 
-
-def windows_of(pending: List[Any]) -> List[List[Any]]:
-    """(key, (exported, signature)) pairs cut into windows by their models' loaded size
-    (`windows`)."""
-    cut = windows([exported for _, (exported, _) in pending])
-    out, at = [], 0
-    for window in cut:
-        out.append(pending[at:at + len(window)])
-        at += len(window)
-    return out
