@@ -5,20 +5,23 @@ devices so that a protocol's answers can be checked against a truth known exactl
 the device in interleaved rounds for a while and writes every run with its time (this
 module's file format, JSON). A simulated device with `noise_trace` in devices.toml replays
 it: a run of a graph whose true latency is L, at the device's virtual time t, takes
-L x level(t) x jitter, where level(t) is the recorded speed around t (a running median of the
-reference's runs over its quiet level, a low quantile of them; from an offset drawn from the
-device's seed, the trace wrapping around) and the jitter is drawn from the recorded runs'
-own jitter around that level, in blocks (block bootstrap). Speed changes, bursts and
-per-run jitter are the recording's; the truth, L at the quiet level, is known exactly.
+L x factor, where the factor is how much slower than quiet (a low quantile of the reference's
+runs) a recorded reference run near t ran: the run nearest to t (from an offset drawn from
+the device's seed, the trace wrapping around), shifted by a few runs drawn anew every
+JITTER_BLOCK runs (a local block bootstrap: runs of different graphs at one moment see
+different, nearby recorded runs). Speed changes, bursts and per-run jitter are the
+recording's, and so is its floor: no replayed run is faster than a recorded one. (Drawing the
+jitter from anywhere in the trace, apart from the speed around it, put runs 27% below the
+quiet level on the loaded trace, where no recorded run went.) The truth, L at the quiet
+level, is known exactly.
 """
 import bisect
 import json
 import random
-import statistics
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
 from devices.agent_result import finite
 from devices.errors import FixableError
@@ -29,8 +32,8 @@ TRACE_VERSION = 1
 MAX_TRACE_BYTES = 64 * 2 ** 20
 MAX_RUNS = 2_000_000
 QUIET_QUANTILE = 0.05  # the reference's quiet level: this quantile of its runs
-LEVEL_RUNS = 9         # the speed level: a running median over this many reference runs
-JITTER_BLOCK = 32      # a replay draws per-run jitter in blocks of this many recorded runs
+JITTER_BLOCK = 32      # a replay draws its shift from the recorded run anew after these runs
+LOCAL_RUNS = 16        # ... up to this many recorded runs before or after the nearest one
 
 
 class NoiseTraceError(FixableError):
@@ -52,13 +55,6 @@ class NoiseTrace:
         self._times = [t for t, _ in reference]
         self._factors = [ms / self.quiet_ms for _, ms in reference]
         self.duration_s = max(self._times[-1] - self._times[0], 1e-3)
-        # the speed level (a running median over LEVEL_RUNS runs) and each run's jitter
-        # around it, which a replay draws in blocks (block bootstrap)
-        half = LEVEL_RUNS // 2
-        self._levels = [statistics.median(self._factors[max(i - half, 0):i + half + 1])
-                        for i in range(len(self._factors))]
-        self._residuals = [f / level for f, level in zip(self._factors, self._levels)]
-
     def _index(self, t: float) -> int:
         """The recorded reference run nearest to time t (s), the trace wrapping around."""
         times = self._times
@@ -72,18 +68,15 @@ class NoiseTrace:
         """How much slower than quiet the recorded reference run nearest to t ran."""
         return self._factors[self._index(t)]
 
-    def level_at(self, t: float) -> float:
-        """How much slower than quiet the device ran around t (the running median)."""
-        return self._levels[self._index(t)]
-
-    def jitter(self, draw: random.Random) -> Iterator[float]:
-        """Per-run jitter around the level, endlessly: blocks of JITTER_BLOCK consecutive
-        recorded residuals, each block from a place drawn by `draw` (block bootstrap)."""
-        residuals = self._residuals
+    def factors(self, draw: random.Random, now: Callable[[], float]) -> Iterator[float]:
+        """The factors of a replay's runs, endlessly: for a run at time now() (s into the
+        trace), the recorded run nearest to it, shifted by up to LOCAL_RUNS runs; the shift is
+        drawn by `draw` anew every JITTER_BLOCK runs (a local block bootstrap)."""
+        factors = self._factors
         while True:
-            start = draw.randrange(len(residuals))
-            for offset in range(JITTER_BLOCK):
-                yield residuals[(start + offset) % len(residuals)]
+            shift = draw.randint(-LOCAL_RUNS, LOCAL_RUNS)
+            for _ in range(JITTER_BLOCK):
+                yield factors[(self._index(now()) + shift) % len(factors)]
 
     def to_dict(self) -> Dict[str, Any]:
         return {"format": TRACE_FORMAT, "version": TRACE_VERSION, "device": self.device,

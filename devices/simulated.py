@@ -68,13 +68,12 @@ class SimulatedModel:
         graph_ms = self.graph_median_ms(sha256)
         draws = random.Random(f"{self.seed}:{sha256}:runs")  # equal on every rerun
         offset = random.Random(f"{self.seed}:trace").random() * 1e6  # where the trace starts
-        noise, jitter = self.noise, None
-        if noise is not None:
-            jitter = noise.jitter(random.Random(f"{self.seed}:{sha256}:{clock.now}"))
+        replayed = None if self.noise is None else self.noise.factors(
+            random.Random(f"{self.seed}:{sha256}:{clock.now}"), lambda: offset + clock.now)
 
         def run() -> None:
-            if noise is not None and jitter is not None:
-                factor = noise.level_at(offset + clock.now) * next(jitter)
+            if replayed is not None:
+                factor = next(replayed)
             else:
                 factor = max(draws.gauss(1.0, self.cv), 0.1)
             clock.now += graph_ms * factor / 1e3

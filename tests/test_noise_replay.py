@@ -4,6 +4,7 @@ survive; corrupt traces are refused by name."""
 import itertools
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from harness import LatencyProfiler, random_samples
 from harness.spaces import TinySpace
 
 SIM_MS = 4.0
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "noise"
 
 
 def step_trace(period_s=1.0, slow=2.0, length_s=8.0, every_ms=2.0):
@@ -151,9 +153,10 @@ def test_the_ci_rule_on_rounds_stops_once_every_ratio_is_known_within_rel_ci(tmp
 
 def test_a_replay_is_seeded_and_its_clock_goes_on_across_sessions(tmp_path):
     trace = step_trace()
-    draws = [list(itertools.islice(trace.jitter(random.Random(5)), 40)) for _ in range(2)]
-    assert draws[0] == draws[1]  # seeded: the same draw, the same jitter
-    assert trace.level_at(0.5) == pytest.approx(1.0) and trace.level_at(1.5) == pytest.approx(2.0)
+    for at, factor in ((0.5, 1.0), (1.5, 2.0)):  # the recorded speed around the moment
+        draws = [list(itertools.islice(trace.factors(random.Random(5), lambda: at), 40))
+                 for _ in range(2)]
+        assert draws[0] == draws[1] == [factor] * 40  # seeded: the same draw, the same runs
     replaying_device(tmp_path, trace)
     space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
     sample = random_samples(space, 1, seed=0)[0]
@@ -172,6 +175,21 @@ def test_a_replay_is_seeded_and_its_clock_goes_on_across_sessions(tmp_path):
                              refresh=True) as profiler:
             runs.append(profiler.measure(sample).samples_ms)
     assert runs[2] == runs[3] == runs[0]
+
+
+def test_a_replay_runs_no_faster_than_the_recording_did():
+    """Its floor is the recording's: the loaded trace's jitter, drawn apart from the speed
+    around it, once replayed runs 27% below the quiet level, where no recorded run went."""
+    trace = NoiseTrace.load(FIXTURES / "loaded.json")
+    lowest = min(ms for _, ms in trace.runs["reference"]) / trace.quiet_ms
+    clock = [0.0]
+
+    def now() -> float:
+        clock[0] += 0.01
+        return clock[0]
+    replayed = sorted(itertools.islice(trace.factors(random.Random(1), now), 20000))
+    assert replayed[0] >= lowest
+    assert replayed[len(replayed) // 20] == pytest.approx(1.0, abs=0.01)  # its quiet level
 
 
 def test_a_trace_with_huge_or_nested_numbers_is_refused(tmp_path):
