@@ -5,23 +5,22 @@ devices so that a protocol's answers can be checked against a truth known exactl
 the device in interleaved rounds for a while and writes every run with its time (this
 module's file format, JSON). A simulated device with `noise_trace` in devices.toml replays
 it: a run of a graph whose true latency is L, at the device's virtual time t, takes
-L x factor, where the factor is how much slower than quiet (a low quantile of the reference's
-runs) a recorded reference run near t ran: the run nearest to t (from an offset drawn from
-the device's seed, the trace wrapping around), shifted by a few runs drawn anew every
-JITTER_BLOCK runs (a local block bootstrap: runs of different graphs at one moment see
-different, nearby recorded runs). Speed changes, bursts and per-run jitter are the
-recording's, and so is its floor: no replayed run is faster than a recorded one. (Drawing the
-jitter from anywhere in the trace, apart from the speed around it, put runs 27% below the
-quiet level on the loaded trace, where no recorded run went.) The truth, L at the quiet
-level, is known exactly.
+L x factor_at(t): how much slower than quiet (a low quantile of the reference's runs) the
+recorded reference run nearest to t ran (from an offset drawn from the device's seed, the
+trace wrapping around). The device's speed is a property of the moment, as on a real device:
+models run close in time see the same speed, and speed changes, bursts and per-run jitter
+are the recording's, floor included (no replayed run is faster than a recorded one). Drawing
+the jitter apart from the moment did neither: on the loaded trace it ran runs 27% below the
+quiet level, where no recorded run went, and models run side by side saw unrelated noise,
+which no real device shows (pairing with the nearest reference cancels it there). The truth,
+L at the quiet level, is known exactly.
 """
 import bisect
 import json
-import random
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 from devices.agent_result import finite
 from devices.errors import FixableError
@@ -32,8 +31,6 @@ TRACE_VERSION = 1
 MAX_TRACE_BYTES = 64 * 2 ** 20
 MAX_RUNS = 2_000_000
 QUIET_QUANTILE = 0.05  # the reference's quiet level: this quantile of its runs
-JITTER_BLOCK = 32      # a replay draws its shift from the recorded run anew after these runs
-LOCAL_RUNS = 16        # ... up to this many recorded runs before or after the nearest one
 
 
 class NoiseTraceError(FixableError):
@@ -67,16 +64,6 @@ class NoiseTrace:
     def factor_at(self, t: float) -> float:
         """How much slower than quiet the recorded reference run nearest to t ran."""
         return self._factors[self._index(t)]
-
-    def factors(self, draw: random.Random, now: Callable[[], float]) -> Iterator[float]:
-        """The factors of a replay's runs, endlessly: for a run at time now() (s into the
-        trace), the recorded run nearest to it, shifted by up to LOCAL_RUNS runs; the shift is
-        drawn by `draw` anew every JITTER_BLOCK runs (a local block bootstrap)."""
-        factors = self._factors
-        while True:
-            shift = draw.randint(-LOCAL_RUNS, LOCAL_RUNS)
-            for _ in range(JITTER_BLOCK):
-                yield factors[(self._index(now()) + shift) % len(factors)]
 
     def to_dict(self) -> Dict[str, Any]:
         return {"format": TRACE_FORMAT, "version": TRACE_VERSION, "device": self.device,

@@ -68,12 +68,11 @@ class SimulatedModel:
         graph_ms = self.graph_median_ms(sha256)
         draws = random.Random(f"{self.seed}:{sha256}:runs")  # equal on every rerun
         offset = random.Random(f"{self.seed}:trace").random() * 1e6  # where the trace starts
-        replayed = None if self.noise is None else self.noise.factors(
-            random.Random(f"{self.seed}:{sha256}:{clock.now}"), lambda: offset + clock.now)
+        noise = self.noise
 
         def run() -> None:
-            if replayed is not None:
-                factor = next(replayed)
+            if noise is not None:
+                factor = noise.factor_at(offset + clock.now)
             else:
                 factor = max(draws.gauss(1.0, self.cv), 0.1)
             clock.now += graph_ms * factor / 1e3
