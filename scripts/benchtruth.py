@@ -100,6 +100,8 @@ def _one_pass(space: Any, dummy: Any, samples: Sequence[Dict[str, Any]], *, devi
     rounds = max(int(math.ceil(seconds * 1e3 / BLOCK_MS)), 30)
     chosen = dict(TRUTH_SETTINGS, **(settings or {}), rounds=rounds, seed=seed,
                   max_time_ms=seconds * 4e3)
+    if chosen["max_time_ms"] < 1000.0:  # a short pass: below the agent's default min_time_ms
+        chosen["min_time_ms"] = 0.0
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)  # other companions in each window, pass by pass
     with LatencyProfiler(space, dummy, device=device, home=home, cache=cache,
