@@ -52,6 +52,7 @@ class NoiseTrace:
         self._times = [t for t, _ in reference]
         self._factors = [ms / self.quiet_ms for _, ms in reference]
         self.duration_s = max(self._times[-1] - self._times[0], 1e-3)
+
     def _index(self, t: float) -> int:
         """The recorded reference run nearest to time t (s), the trace wrapping around."""
         times = self._times
