@@ -345,3 +345,32 @@ def test_huge_numbers_in_a_rounds_record_are_refused_not_a_crash(field, value):
     good = record([5.0, 5.0], [(10.0, 10.0), (10.0, 10.0)]).to_dict()
     with pytest.raises(ValueError):
         RoundsRecord.from_dict(dict(good, **{field: value}))
+
+
+def test_a_workers_next_window_keeps_its_reference_loaded(tmp_path, tiny_model):
+    """A lone profile() is a window of its own: the reference is loaded, run and warmed up
+    once per worker, not per window; another file, a damaged copy or other session settings
+    load it anew, and a failed window keeps nothing."""
+    from agents import ort_agent
+
+    reference = tmp_path / "reference.onnx"
+    reference.write_bytes(tiny_model.read_bytes())
+    sha = ort_agent.file_sha256(str(reference))
+    models = {"a": {"model": str(tiny_model), "sha256": sha}}
+    settings = {"protocol": "rounds", "rounds": 3, "min_time_ms": 0.0, "block_ms": 1.0}
+
+    def window(**changes):
+        answer = ort_agent.measure_rounds(models, {"model": str(reference), "sha256": sha},
+                                          dict(settings, **changes))
+        assert answer["results"]["a"]["rounds"]["reference_blocks"]
+        return ort_agent.KEPT_REFERENCE["model"]
+
+    ort_agent.KEPT_REFERENCE.clear()
+    first = window()
+    assert window() is first                       # kept: no load, no first run
+    assert window(intra_op_threads=1, seed=1) is not first  # another session: loaded anew
+    reference.write_bytes(b"damaged")
+    with pytest.raises(ort_agent.AgentError, match="the reference model failed"):
+        window(seed=1)
+    assert ort_agent.KEPT_REFERENCE == {}
+    ort_agent.KEPT_REFERENCE.clear()
