@@ -1692,7 +1692,8 @@ def _reference_for(ort, reference, settings):
         kept.rewarm(settings)
     else:
         kept = _Loaded(ort, "reference", path, sha256, settings)
-    KEPT_REFERENCE.update(key=key, model=kept)
+    if sha256 is not None:  # without a hash a file replaced at the path cannot be told
+        KEPT_REFERENCE.update(key=key, model=kept)
     return kept
 
 

@@ -26,9 +26,10 @@ predictors rank the held-out subnets as measured on LiteRT and, beside, on onnxr
 
 Scored against the truth (scripts/benchtruth.py) too: the held-out subnets' quiet-state
 latency from a long interleaved campaign (--truth-s of device time per subnet, kept in
---truth-dir for later runs), in the calibration's own reference level (the truth's ratio to
-the reference times the level the calibration's measurements were read with: a level that
-drifts between the two campaigns is not a prediction error). Its floor, a second campaign on
+--truth-dir for later runs, measured with the same runtime and session settings), each in
+the reference level its calibration measurement was read with (the truth's ratio to the
+reference times that level: a level that drifts between the two campaigns is not a
+prediction error). Its floor, a second campaign on
 every 4th held-out subnet, is printed beside. Subnets are measured in interleaved rounds
 (the default protocol) and calibrated to the quiet-state latency unless --statistic says
 otherwise; --neighbour starts the benchmarks' noisy neighbour for the whole run.
@@ -162,19 +163,21 @@ def main() -> int:
 
 
 def truth_rows(args: argparse.Namespace, space: object, dummy: object, device: str,
-               home: Path, samples: list, level_ms: float, predicted: dict,
+               home: Path, samples: list, levels_ms: list, predicted: dict,
                pinned: dict) -> dict:
-    """Each predictor's accuracy against the held-out subnets' truth (in the calibration's
-    reference level), and the truth's floor line."""
+    """Each predictor's accuracy against the held-out subnets' truth (each in the reference
+    level its calibration measurement was read with), and the truth's floor line."""
+    session = "-".join(str(v) for v in pinned.values() if v is not None and not
+                       isinstance(v, list))  # runtime, optimisation level: another truth
     name = (f"predict-{'arm64' if args.arm64 else device}-{type(space).__name__}-"
-            f"{dummy.shape[-1]}px-{args.truth_s:g}s-{args.seed}")
+            f"{dummy.shape[-1]}px-{args.truth_s:g}s-{args.seed}{'-' + session if session else ''}")
     truths = campaign(space, dummy, samples, device=device, home=home, seconds=args.truth_s,
                       cache=args.truth_dir / f"truth-{name}.sqlite", settings=pinned)
     subset = list(range(0, len(samples), 4))
     again = campaign(space, dummy, [samples[i] for i in subset], device=device, home=home,
                      seconds=args.truth_s, cache=args.truth_dir / f"floor-{name}.sqlite", seed=1,
                      settings=pinned)
-    truth_ms = [t.quiet_ms / t.level_ms * level_ms for t in truths]
+    truth_ms = [t.quiet_ms / t.level_ms * level for t, level in zip(truths, levels_ms)]
     rows = {f"{label} vs truth": accuracy_metrics(points, truth_ms)
             for label, points in predicted.items()}
     floor_figures = floor([truths[i] for i in subset], again)
@@ -195,21 +198,28 @@ def run(args: argparse.Namespace, space: object, dummy: object, settings: dict, 
     # How well the device agrees with itself: the held-out subnets measured a second time.
     # No predictor can beat this bound on +-10% accuracy.
     held = json.loads((result.folder / "holdout.json").read_text())
+    held_samples = [json.loads(s) for s in held["samples"]]
+    levels_ms = None
+    if args.statistic == "quiet":  # the levels the calibration's held-out measurements were
+        # read with: its own results, from the cache, before they are measured again below
+        with LatencyProfiler(space, dummy, device, settings=settings, home=home) as profiler:
+            levels_ms = [m.provenance.reference_level_ms
+                         for m in profiler.measure_many(held_samples, progress=False)]
     with LatencyProfiler(space, dummy, device, settings=settings, home=home,
                          refresh=True) as profiler:
         again = profiler.measure_many([json.loads(s) for s in held["samples"]], progress=True)
-        level_ms = profiler.steps.known_reference_level() if args.statistic == "quiet" \
-            else None
+
     report = dict(result.report)
     report["re-measured (bound)"] = accuracy_metrics(
         [m.statistic(args.statistic) for m in again], held["measured_ms"])
     raw_points = next(points for name, points in result.holdout_points.items()
                       if name.startswith("nn-Meter"))
-    truth = truth_rows(args, space, dummy, device, home,
-                       [json.loads(s) for s in held["samples"]], level_ms,
+    truth = truth_rows(args, space, dummy, device, home, held_samples, levels_ms,
                        {"calibrated": [p for p, _ in result.holdout_points["calibrated"]],
                         "raw": [p for p, _ in raw_points]},
-                       {"cpu_affinity": settings.get("cpu_affinity")}) if level_ms else None
+                       {key: settings[key] for key in ("cpu_affinity", "runtime",
+                                                       "graph_optimization_level")
+                        if key in settings}) if levels_ms else None
     if truth:
         report.update(truth["rows"])
     if args.runtime != "onnxruntime":  # the same held-out subnets on onnxruntime: how the
@@ -262,11 +272,13 @@ def run(args: argparse.Namespace, space: object, dummy: object, settings: dict, 
         checks += [
             (f"+-10% of the truth >= {TARGET_ACC10:.0%}", against["acc10"] >= TARGET_ACC10,
              f"{against['acc10']:.1%}"),
-            (f"Kendall tau against the truth >= the truth's own - {TARGET_TAU_GAP}",
+            (f"Kendall tau against the truth >= the truth's own (its floor's "
+             f"{truth['floor']['subnets']:.0f} subnets) - {TARGET_TAU_GAP}",
              against["kendall_tau"] >= truth["floor"]["tau"] - TARGET_TAU_GAP,
              f"{against['kendall_tau']:.3f} vs {truth['floor']['tau']:.3f}")]
-        print(f"\nthe truth: {args.truth_s:g} s of device time per held-out subnet, in "
-              f"the calibration's reference level ({level_ms:.3f} ms); its floor: "
+        print(f"\nthe truth: {args.truth_s:g} s of device time per held-out subnet, each in "
+              f"the reference level its calibration measurement was read with "
+              f"({min(levels_ms):.3f}-{max(levels_ms):.3f} ms); its floor: "
               f"{truth['floor_text']}")
     print()
     for label, ok, value in checks:

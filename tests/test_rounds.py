@@ -134,6 +134,10 @@ def test_a_block_whose_references_disagree_is_dropped_and_counted():
     references = [(10.0, 10.0), (10.0, 10.0), (10.0, 14.0), (10.0, 10.0)]  # speed changed
     summary = summarise(record(candidate, references))
     assert summary.rounds == 3 and summary.dropped == 1 and summary.ratio == pytest.approx(0.5)
+    # the systematic term reads the same blocks by their median: one run per block gives
+    # the same ratios, so none, whatever the speed filter dropped
+    single = summarise(record(candidate, references, k=1))
+    assert single.dropped == 1 and single.systematic == 0.0
     alone = summarise(record([5.0], [(10.0, 14.0)]))  # nothing survives: all, flagged
     assert alone.unfiltered and alone.ratio == pytest.approx(5.0 / 12.0)
     assert any("changed speed around every block" in r for r in alone.noisy_reasons)
@@ -368,9 +372,12 @@ def test_a_workers_next_window_keeps_its_reference_loaded(tmp_path, tiny_model):
     ort_agent.KEPT_REFERENCE.clear()
     first = window()
     assert window() is first                       # kept: no load, no first run
-    assert window(intra_op_threads=1, seed=1) is not first  # another session: loaded anew
+    second = window(graph_optimization_level="basic")  # another session: loaded anew
+    assert second is not first
+    assert window(graph_optimization_level="basic", seed=1) is not second  # other inputs
     reference.write_bytes(b"damaged")
     with pytest.raises(ort_agent.AgentError, match="the reference model failed"):
-        window(seed=1)
+        window(graph_optimization_level="basic", seed=1)
     assert ort_agent.KEPT_REFERENCE == {}
-    ort_agent.KEPT_REFERENCE.clear()
+    ort_agent.measure_rounds(models, {"model": str(tiny_model), "sha256": None}, settings)
+    assert ort_agent.KEPT_REFERENCE == {}  # without a hash, nothing is kept

@@ -93,8 +93,11 @@ class MeasureRequest:
         if self.settings["stop"] != "ci":
             return True
         rounds = self.settings["protocol"] == "rounds" and cached.interleaved is not None
-        reach = cached.interleaved.relative_half_width if rounds and cached.interleaved \
-            else cached.relative_half_width  # rounds: the ratio's interval, else the median's
+        # rounds: the ratio's interval as the agent's ci rule read it (without the systematic
+        # term the summary adds, else a result that just met rel_ci is measured anew every
+        # time); a loop: the median's
+        reach = cached.interleaved.statistical_half_width if rounds and cached.interleaved \
+            else cached.relative_half_width
         return reach <= self.settings["rel_ci"]
 
     @property

@@ -64,6 +64,13 @@ class RoundsSummary:
         return (high - low) / 2 / self.ratio if self.ratio > 0 else math.inf
 
     @property
+    def statistical_half_width(self) -> float:
+        """relative_half_width without the systematic term: what the agent's ci rule (the
+        order-statistic interval of the median) stopped on."""
+        return self.relative_half_width - (self.systematic / self.ratio if self.ratio > 0
+                                           else 0.0)
+
+    @property
     def noisy_reasons(self) -> List[str]:
         """Why the window was noisy for this model; empty when it was not."""
         reasons = []
@@ -96,13 +103,13 @@ def summarise(record: RoundsRecord, statistic: str = "min", speed_change: float 
     kept = kept_ratios(record, statistic, speed_change)
     if kept is None:
         return None
-    ordered, dropped, unfiltered = kept
+    ordered, other, dropped, unfiltered = kept
     ratio = block_statistic(ordered, "median")
     # too few rounds for an interval at this confidence: the whole range, flagged as such
-    few = median_interval(ordered, confidence) is None
-    low, high = median_interval(ordered, confidence) or (ordered[0], ordered[-1])
-    other = kept_ratios(record, "median" if statistic == "min" else "min", speed_change)
-    systematic = abs(ratio - block_statistic(other[0], "median")) if other else 0.0
+    interval = median_interval(ordered, confidence)
+    few = interval is None
+    low, high = interval or (ordered[0], ordered[-1])
+    systematic = abs(ratio - block_statistic(other, "median"))  # the same blocks, read anew
     low, high = max(low - systematic, 0.0), high + systematic
     level = level_ms if level_ms is not None else quantile(ref_values, LEVEL_QUANTILE)
     mean_ref = sum(ref_values) / len(ref_values)
@@ -118,12 +125,18 @@ def summarise(record: RoundsRecord, statistic: str = "min", speed_change: float 
 
 
 def kept_ratios(record: RoundsRecord, statistic: str, speed_change: float
-                ) -> Optional[Tuple[List[float], int, bool]]:
-    """The candidate's block ratios kept (sorted), how many were dropped, and whether every
-    block saw a change of speed (then all are kept, flagged); None when no block gave one."""
+                ) -> Optional[Tuple[List[float], List[float], int, bool]]:
+    """The candidate's block ratios kept by `statistic` (sorted), the same blocks' ratios by
+    the other block statistic (sorted), how many blocks were dropped, and whether every block
+    saw a change of speed (then all are kept, flagged); None when no block gave a ratio."""
     paired = block_ratios(record.blocks, record.reference_blocks, statistic, speed_change)
     if not paired:
         return None
+    other = "median" if statistic == "min" else "min"
+    # the same blocks in the same order: which get a ratio depends on their sequence only
+    others = block_ratios(record.blocks, record.reference_blocks, other, math.inf)
     unfiltered = not any(keep for _, keep in paired)
-    kept = [ratio for ratio, keep in paired if keep or unfiltered]
-    return sorted(kept), len(paired) - len(kept), unfiltered
+    kept = [(ratio, again) for (ratio, keep), (again, _) in zip(paired, others)
+            if keep or unfiltered]
+    return (sorted(r for r, _ in kept), sorted(a for _, a in kept), len(paired) - len(kept),
+            unfiltered)
