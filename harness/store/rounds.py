@@ -20,8 +20,7 @@ times do not:
   cover the spread of the rounds, but not a bias of the block statistic itself (a burst
   over both references of a block, a candidate's block spanning another stretch of time
   than its references'). On the replayed traces, with the truth known, the plain interval
-  covered it for 81-94% of 120 subnets, and the widened one for 97-98%, at 25-40% more
-  width;
+  covered it for 81-94% of 120 subnets, and the widened one for 96-98%;
 - the reference level is a low quantile of the reference blocks' statistics (the device's
   speed when least disturbed); the quiet-state latency is ratio x level.
 The reference's spread across the window is the device's noise level, reported beside.
