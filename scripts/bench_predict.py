@@ -29,10 +29,10 @@ latency from a long interleaved campaign (--truth-s of device time per subnet, k
 --truth-dir for later runs, measured with the same runtime and session settings), each in
 the reference level its calibration measurement was read with (the truth's ratio to the
 reference times that level: a level that drifts between the two campaigns is not a
-prediction error). Its floor, a second campaign on
-every 4th held-out subnet, is printed beside. Subnets are measured in interleaved rounds
-(the default protocol) and calibrated to the quiet-state latency unless --statistic says
-otherwise; --neighbour starts the benchmarks' noisy neighbour for the whole run.
+prediction error). Its floor, a second campaign on every 4th held-out subnet, is printed
+beside. Subnets are measured in interleaved rounds (the default protocol) and calibrated to
+the quiet-state latency unless --statistic says otherwise; --neighbour starts the
+benchmarks' noisy neighbour for the whole run.
 
 Usage: python scripts/bench_predict.py [--samples 100] [--holdout 100] [--device local]
        [--runtime onnxruntime|litert|executorch|openvino] [--predictor NAME]
@@ -167,8 +167,8 @@ def truth_rows(args: argparse.Namespace, space: object, dummy: object, device: s
                pinned: dict) -> dict:
     """Each predictor's accuracy against the held-out subnets' truth (each in the reference
     level its calibration measurement was read with), and the truth's floor line."""
-    session = "-".join(str(v) for v in pinned.values() if v is not None and not
-                       isinstance(v, list))  # runtime, optimisation level: another truth
+    session = "-".join(str(pinned[key]) for key in ("runtime", "graph_optimization_level")
+                       if key in pinned)  # measured on another runtime or level: another truth
     name = (f"predict-{'arm64' if args.arm64 else device}-{type(space).__name__}-"
             f"{dummy.shape[-1]}px-{args.truth_s:g}s-{args.seed}{'-' + session if session else ''}")
     truths = campaign(space, dummy, samples, device=device, home=home, seconds=args.truth_s,
@@ -207,7 +207,7 @@ def run(args: argparse.Namespace, space: object, dummy: object, settings: dict, 
                          for m in profiler.measure_many(held_samples, progress=False)]
     with LatencyProfiler(space, dummy, device, settings=settings, home=home,
                          refresh=True) as profiler:
-        again = profiler.measure_many([json.loads(s) for s in held["samples"]], progress=True)
+        again = profiler.measure_many(held_samples, progress=True)
 
     report = dict(result.report)
     report["re-measured (bound)"] = accuracy_metrics(
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace, space: object, dummy: object, settings: dict, 
         # predictors rank them there against here (Kendall tau in the onnxruntime row)
         ort_settings = {k: v for k, v in settings.items() if k != "runtime"}
         with LatencyProfiler(space, dummy, device, settings=ort_settings, home=home) as ort:
-            on_ort = ort.measure_many([json.loads(s) for s in held["samples"]], progress=True)
+            on_ort = ort.measure_many(held_samples, progress=True)
         predicted = [p for p, _ in result.holdout_points["calibrated"]]
         for label, points in (("calibrated vs onnxruntime", predicted),
                               ("raw vs onnxruntime", [p for p, _ in raw_points])):
