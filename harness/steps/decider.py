@@ -18,8 +18,9 @@ from devices.agent_result import AgentResult
 from devices.errors import AgentProtocolError
 from harness.export.graph import DummyInput, ExportedModel
 from harness.pool.device_pool import DevicePool
-from harness.predict.latency_model import (MIN_MEASUREMENTS, LatencyModel, ModelAudit,
-                                           Prediction, featurizer, training_data)
+from harness.predict.latency_model import (MIN_MEASUREMENTS, Featurizer, LatencyModel,
+                                           ModelAudit, Prediction, featurizer,
+                                           training_data)
 from harness.spaces.space import ModelSpace, Sample, SampleValidator, checked_search_space
 from harness.steps.batch import answer_all
 from harness.steps.key_scope import KeyScope
@@ -60,6 +61,7 @@ class LimitDecider:
         self.model_note = "not fitted yet"
         self.labels = SampleValidator(checked_search_space(space)).labels
         self._rng = random.Random(seed)
+        self._featurize: Optional[Featurizer] = None
 
     def refit(self, offline: bool = False) -> None:
         """Fit the device's model on every value the cache holds for this space on it (the
@@ -81,7 +83,9 @@ class LimitDecider:
         medians = dict(self.cache.decided_medians_by_sample(*keys))
         medians.update(self.cache.statistics_by_sample(*keys, self.statistic))
         samples, values = training_data(medians, self.labels)
-        model = LatencyModel(featurizer(self.space, self.dummy_input, self.labels))
+        if self._featurize is None:  # counts every candidate block once: built on first use
+            self._featurize = featurizer(self.space, self.dummy_input, self.labels)
+        model = LatencyModel(self._featurize)
         if model.fit(samples, values):
             self.model = model
             self.model_note = f"fitted on {model.n_fit} measured subnets"

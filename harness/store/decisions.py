@@ -5,7 +5,7 @@ as little device time as that question needs.
 
 1. a stored decision or measurement whose interval already settles the limit (an interval
    that settles it answers every later limit it also settles);
-2. the device's latency model (harness.predict.latency_model), when its conformal prediction
+2. the device's latency model (harness.predict.latency_model), when its jackknife+ prediction
    interval lies clearly on one side of the limit (source "predicted");
 3. the device itself, with the agent's "limit" stop rule. In interleaved rounds (the
    default where a profiler measures in rounds) a batch of candidates is timed together
@@ -29,7 +29,7 @@ subnet outside the zone is wrong with probability at most 1 - confidence, howeve
 times it looked. Its interval is the one of its last look (at that look's stricter
 confidence): the true value lies outside it with probability at most 1 - confidence, so a
 stored decision answers a later limit it settles, at a confidence no higher than its own.
-A predicted decision carries the model's split-conformal interval, whose coverage the
+A predicted decision carries the model's jackknife+ interval, whose coverage the
 model's audit reports.
 
 A decision is never stored as a measurement, and a measurement is never made from one; an

@@ -252,7 +252,7 @@ class Measurement:
 
     def prediction_interval(self) -> Optional[Tuple[float, float]]:
         """A prediction's interval (ms), where its predictor gives one: the latency model's
-        split-conformal interval, or a calibrated nn-Meter prediction +-2 held-out RMSPE
+        jackknife+ interval, or a calibrated nn-Meter prediction +-2 held-out RMSPE
         (about 95%). None for a measurement and for an uncalibrated prediction."""
         if self.source != "predicted":
             return None
