@@ -116,9 +116,29 @@ class Arm64Board:
         root = testfarm.arm64_root(log=lambda text: print(text, file=sys.stderr))
         folder = Path(tempfile.mkdtemp(prefix="bench-arm64-"))
         self.key = testfarm.make_client_key(folder / "client")
-        self.board = testfarm.Board(testfarm.ARM64_INDEX + self.INDEX, folder, self.key,
-                                    root=root).start()
+        index = testfarm.ARM64_INDEX + self.INDEX
+        self._keep_host_key(testfarm, folder / f"board{index}" / "sshd")
+        self.board = testfarm.Board(index, folder, self.key, root=root).start()
         return self
+
+    @staticmethod
+    def _keep_host_key(testfarm: Any, sshd_folder: Path) -> None:
+        """Every start of the board serves one host key, kept in the test farm's cache: a
+        board's unit in its identity is the fingerprint of its host key, so a new key per
+        start made it a new device whose cached truth (an hour of device time) missed."""
+        import shutil
+        import subprocess
+
+        kept = testfarm.cache_folder() / "bench-arm64-host-key" / "ssh_host_ed25519_key"
+        if not kept.exists():
+            kept.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(kept)],
+                           check=True)
+        sshd_folder.mkdir(parents=True, exist_ok=True)
+        for suffix in ("", ".pub"):
+            target = sshd_folder / f"ssh_host_ed25519_key{suffix}"
+            shutil.copyfile(f"{kept}{suffix}", target)
+            target.chmod(0o600 if not suffix else 0o644)
 
     def register(self, home: Path) -> str:
         """The board as a device of `home` (its registry and known hosts); its name."""
