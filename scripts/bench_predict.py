@@ -30,7 +30,8 @@ latency from a long interleaved campaign (--truth-s of device time per subnet, k
 the reference level its calibration measurement was read with (the truth's ratio to the
 reference times that level: a level that drifts between the two campaigns is not a
 prediction error). Its floor, a second campaign on every 4th held-out subnet, is printed
-beside. Subnets are measured in interleaved rounds (the default protocol) and calibrated to
+beside; both are written to truth.json beside the held-out subnets (bench_transfer.py scores
+against it). Subnets are measured in interleaved rounds (the default protocol) and calibrated to
 the quiet-state latency unless --statistic says otherwise; --neighbour starts the
 benchmarks' noisy neighbour for the whole run.
 
@@ -54,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchlib import Arm64Board, Neighbour, space_at_input  # noqa: E402
 from benchtruth import campaign, floor, floor_text  # noqa: E402
+from devices.safe_files import replace_text  # noqa: E402
 from harness.predict.accuracy import accuracy_metrics, render_report  # noqa: E402
 from harness.campaigns.calibrate import calibrate  # noqa: E402
 from harness.export.graph import export_sample  # noqa: E402
@@ -181,7 +183,8 @@ def truth_rows(args: argparse.Namespace, space: object, dummy: object, device: s
     rows = {f"{label} vs truth": accuracy_metrics(points, truth_ms)
             for label, points in predicted.items()}
     floor_figures = floor([truths[i] for i in subset], again)
-    return {"rows": rows, "floor": floor_figures, "floor_text": floor_text(floor_figures)}
+    return {"rows": rows, "floor": floor_figures, "floor_text": floor_text(floor_figures),
+            "truth_ms": truth_ms}
 
 
 def run(args: argparse.Namespace, space: object, dummy: object, settings: dict, home: Path,
@@ -220,8 +223,15 @@ def run(args: argparse.Namespace, space: object, dummy: object, settings: dict, 
                        {key: settings[key] for key in ("cpu_affinity", "runtime",
                                                        "graph_optimization_level")
                         if key in settings}) if levels_ms else None
+    truth_file = result.folder / "truth.json"  # for bench_transfer.py to score against
+    truth_file.unlink(missing_ok=True)  # an earlier run's truth is no truth of this one
     if truth:
         report.update(truth["rows"])
+        replace_text(truth_file, json.dumps({
+            "samples": held["samples"], "truth_ms": truth["truth_ms"],
+            "floor_text": truth["floor_text"], "truth_s": args.truth_s, "device": device,
+            "statistic": args.statistic, "runtime": args.runtime,
+            "calibrated_vs_truth": truth["rows"]["calibrated vs truth"]}))
     if args.runtime != "onnxruntime":  # the same held-out subnets on onnxruntime: how the
         # predictors rank them there against here (Kendall tau in the onnxruntime row)
         ort_settings = {k: v for k, v in settings.items() if k != "runtime"}

@@ -15,6 +15,8 @@ kernel predictions are corrected two ways and scored on the target's held-out su
   the global scale (the shrinkage chosen by leave-one-out).
 Prints the table of medians over the draws (+-5% / +-10% accuracy, RMSPE, Kendall tau) and
 writes a PNG of +-10% accuracy against N. Target: >= 90% within +-10% after 20 measurements.
+Where bench_predict.py measured the target's truth (truth.json beside its held-out subnets),
+the held-out subnets are scored against it instead of their own measurements.
 
 Usage: python scripts/bench_transfer.py --source-home DIR --source local
            --target-home DIR --target arm64 [--space harness.spaces:TinySpace]
@@ -100,6 +102,14 @@ def main() -> int:
     train = json.loads((target / "training.json").read_text())
     held = json.loads((target / "holdout.json").read_text())
     own = json.loads((target / "calibration.json").read_text())["report"]["calibrated"]
+    truth = json.loads((target / "truth.json").read_text()) if (
+        target / "truth.json").exists() else None
+    if truth is not None and (truth.get("samples") != held["samples"]
+                              or truth.get("device") != args.target):
+        parser.error(f"{target / 'truth.json'} is the truth of other held-out subnets or of "
+                     "another device: run bench_predict.py for the target again")
+    if truth is not None:  # the target's own calibration, scored the same way
+        own = truth["calibrated_vs_truth"]
 
     def split_of(keys: Sequence[str]) -> List[Dict[str, float]]:
         rows = []
@@ -115,7 +125,9 @@ def main() -> int:
         return np.array([[row.get(t, 0.0) for t in types] for row in rows])
     x_train, x_held = matrix(train_split), matrix(held_split)
     y_train = np.array(train["measured_ms"], dtype=float)
-    y_held = np.array(held["measured_ms"], dtype=float)
+    # scored against the truth where bench_predict.py measured one (a long interleaved
+    # campaign, in each subnet's own reference level), else against the held-out measurements
+    y_held = np.array(truth["truth_ms"] if truth else held["measured_ms"], dtype=float)
     raw_held = x_held.sum(axis=1)
 
     rng = np.random.default_rng(args.seed)
@@ -138,7 +150,9 @@ def main() -> int:
     uncorrected = accuracy_metrics(raw_held, y_held)
     print(f"\ntransfer {source_name} -> {target_name} ({args.space}): {source_name}'s kernel "
           f"predictors corrected with N subnets measured on {target_name}; {len(y_held)} "
-          f"held-out subnets; median over {args.draws} draws of the N\n")
+          f"held-out subnets; median over {args.draws} draws of the N; scored against "
+          + (f"the truth ({truth['truth_s']:g} s of interleaved rounds per subnet; its floor: "
+             f"{truth['floor_text']})" if truth else "their measurements") + "\n")
     print(f"{'method':12} {'N':>4} {'+-5% acc':>9} {'+-10% acc':>10} {'RMSPE':>8} {'tau':>7}")
     print(f"{'uncorrected':12} {0:>4} {uncorrected['acc5']:>9.1%} {uncorrected['acc10']:>10.1%} "
           f"{uncorrected['rmspe']:>7.1f}% {uncorrected['kendall_tau']:>7.3f}")

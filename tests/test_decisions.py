@@ -261,6 +261,18 @@ def test_the_interval_comes_from_every_measurement_left_out_once():
     assert np.allclose(model.left_out[3], without.weights, rtol=0.05, atol=0.02)
 
 
+def test_a_measurement_alone_on_its_feature_gets_no_bounded_residual():
+    """Leave-one-out of a measurement that alone fixes a feature's weight (leverage 1) says
+    nothing about the error of a fit without it: its residual is unbounded, not zero."""
+    def features(sample):
+        return np.array([sample["a"], sample["b"], 1.0])
+
+    samples = [{"a": float(i % 5), "b": 0.0} for i in range(24)] + [{"a": 1.0, "b": 1.0}]
+    model = LatencyModel(features, np.zeros(3, dtype=bool))
+    assert model.fit(samples, [1 + s["a"] + 0.5 * s["b"] for s in samples])
+    assert math.isinf(model.residuals[-1]) and np.all(np.isfinite(model.residuals[:-1]))
+
+
 def test_an_additive_space_is_learned_from_its_blocks_physical_costs():
     """On an additive space the model's free features are the blocks' physical costs: a
     latency that follows them is learned from 30 subnets to within 1%, where one feature

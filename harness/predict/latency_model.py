@@ -18,8 +18,10 @@ leave-one-out models' predictions widened by those residuals, at the asked cover
 measurements both fit and calibrate (split-conformal held half of them out, and needed 98 to
 give a 98% interval; this needs 49). Jackknife+ guarantees at least 1 - 2(1 - coverage) in
 the worst case and holds the nominal coverage in practice (tests/test_decisions.py); the
-decider's audit measures it on the device. With fewer measurements than the coverage needs,
-there is no interval (None), and a decision measures instead of trusting the model.
+closed form keeps the full fit's feature scale, penalty and clamp range for every left-out
+fit (a leak of order 1/n), and the decider's audit measures the coverage on the device.
+With fewer measurements than the coverage needs, there is no interval (None), and a decision
+measures instead of trusting the model.
 """
 import logging
 import math
@@ -88,23 +90,24 @@ class Featurizer:
 
 def physical_costs(block: Block) -> np.ndarray:
     """One candidate block's multiply-accumulates (millions), parameters, input and output
-    elements (thousands) and 1 (a block), counted on the meta device; zeros where counting
-    fails (that block is then learned from its own feature alone)."""
+    elements (thousands) and 1 (a block); where counting fails, its input size and 1 only
+    (its cost is then learned from its own feature)."""
     from harness.metrics.flop_count import count_forward
 
-    try:
+    in_elements = float(np.prod(block.input_shape)) / 1e3
+    try:  # counted on the meta device where the block runs there, else on the CPU
         module = block.build()
-        counted = count_forward(module, (torch.zeros(block.input_shape, device="meta"),))
+        counted = count_forward(module, (torch.zeros(block.input_shape),))
         outputs = counted.output if isinstance(counted.output, (tuple, list)) else (
             counted.output,)
         out_elements = sum(int(np.prod(t.shape)) for t in outputs if isinstance(t, torch.Tensor))
         params = sum(p.numel() for p in module.parameters())
-        return np.array([counted.value / 1e6, params / 1e3,
-                         float(np.prod(block.input_shape)) / 1e3, out_elements / 1e3, 1.0])
-    except Exception as exc:  # a block the counter cannot run on the meta device
-        log.warning("cannot count block %s (%s); the latency model learns it from its own "
-                    "feature only", block.key, exc)
-        return np.zeros(len(PHYSICAL))
+        return np.array([counted.value / 1e6, params / 1e3, in_elements, out_elements / 1e3,
+                         1.0])
+    except Exception as exc:  # a block the counter cannot run
+        log.warning("cannot count block %s (%s); the latency model learns its cost from its "
+                    "own feature", block.key, exc)
+        return np.array([0.0, 0.0, in_elements, 0.0, 1.0])
 
 
 def featurizer(space: ModelSpace, dummy_input: DummyInput, labels: Sequence[str]) -> Featurizer:
@@ -170,12 +173,15 @@ class LatencyModel:
         errors = target - scaled @ weights
         spread = scaled @ inverse  # row i: (inverse @ x_i)^T
         leverage = np.einsum("ij,ij->i", spread, scaled)
-        moved = spread * (errors / np.maximum(1.0 - leverage, 1e-9))[:, None]
+        # a measurement that alone fixes a direction of the features (leverage 1) says
+        # nothing about how wrong a fit without it is: its residual is unbounded
+        alone = 1.0 - leverage < 1e-6
+        moved = spread * (errors / np.where(alone, 1.0, 1.0 - leverage))[:, None]
         self.weights = weights / scale
         self.left_out = (weights[None, :] - moved) / scale[None, :]
         self.range_ms = (float(target.min()) / RANGE_FACTOR, float(target.max()) * RANGE_FACTOR)
         left_out_points = self._clamped(np.einsum("ij,ij->i", self.left_out, features))
-        self.residuals = np.abs(np.log(target / left_out_points))
+        self.residuals = np.where(alone, np.inf, np.abs(np.log(target / left_out_points)))
         self.n_fit = len(samples)
         return True
 
