@@ -92,10 +92,6 @@ DEFAULT_SETTINGS = {
     "rounds": 30,
     "block_ms": 20.0,
     "ref_gap_ms": 150.0,
-    # how many sessions of each model (the reference's too) a window loads, its blocks taking
-    # them in turn: a loaded session's speed is a draw of its own (memory placement) that
-    # holds while it stays loaded, so a model's ratio averages over its sessions' draws
-    "sessions": 1,
 }
 
 # Precisions the host converts models to before sending them (the agent only records it).
@@ -450,10 +446,6 @@ def parse_settings(raw):
         if not _finite_number(value) or not 0 < value <= 60000:
             raise AgentError("USER", "setting %s must be a number of ms above 0 and at most "
                              "60000, got %r" % (key, value))
-    sessions = settings["sessions"]
-    if not isinstance(sessions, int) or isinstance(sessions, bool) or not 1 <= sessions <= 8:
-        raise AgentError("USER", "setting sessions must be a whole number from 1 to 8, got %r"
-                         % (sessions,))
     cpus = settings["cpu_affinity"]
     if cpus is not None and (not isinstance(cpus, list) or not cpus
                              or not all(isinstance(c, int) and c >= 0 for c in cpus)):
@@ -1536,14 +1528,8 @@ class Timed(object):
         self.last_look = None  # the limit rule's last look at it, called or not
         self.looks, self.looked_at, self.next_look = 0, 0, None  # its looks, kept at the last
 
-    def next_session(self):
-        """Before each block: a model loaded in several sessions takes the next (one
-        session here)."""
-
     def block(self, round_index, position, sequence, origin):
-        """One block (in the model's next session): a discarded run, then k timed runs; its
-        length (s)."""
-        self.next_session()
+        """One block: a discarded run, then k timed runs; its length (s)."""
         clock = self.clock
         started = clock()
         self.run()
@@ -1688,8 +1674,7 @@ KEPT_REFERENCE = {}
 # What a session is loaded as: a reference kept under other values is loaded anew.
 SESSION_SETTINGS = ("runtime", "backend", "require_backend", "intra_op_threads",
                     "inter_op_threads", "graph_optimization_level", "execution_mode",
-                    "provider", "provider_options", "input_shapes", "cpu_affinity", "seed",
-                    "sessions")
+                    "provider", "provider_options", "input_shapes", "cpu_affinity", "seed")
 REWARM_RUNS = 2  # runs of a kept reference before a window's probe (its caches are cold)
 
 
@@ -1713,27 +1698,20 @@ def _reference_for(ort, reference, settings):
 
 
 class _Loaded(Timed):
-    """One model of a rounds request, loaded in `sessions` sessions (its blocks take them in
-    turn), each run once and warmed up."""
+    """One model of a rounds request, loaded, run once and warmed up."""
 
     def __init__(self, ort, name, path, sha256, settings):
         check_model_file(path, sha256)
-        self.sessions, self.load_ms = [], 0.0
-        for _ in range(settings["sessions"]):
-            model, load_ms = open_model(ort, path, settings)
-            model.make_inputs()
-            self.sessions.append(model)
-            self.load_ms += load_ms
-        self.model, self.active = self.sessions[0], 0
+        self.model, self.load_ms = open_model(ort, path, settings)
+        self.model.make_inputs()
         self.inputs = self.model.inputs
         try:
             started = time.perf_counter()
             self._run()
             self.first_run_ms = (time.perf_counter() - started) * 1e3
             started = time.perf_counter()
-            for session in self.sessions:
-                for _ in range(settings["warmup_runs"]):
-                    session.run()
+            for _ in range(settings["warmup_runs"]):
+                self._run()
             self.warmup_ms = (time.perf_counter() - started) * 1e3
             Timed.__init__(self, name, self._run, time.perf_counter, settings["block_ms"])
         except AgentError:
@@ -1744,17 +1722,12 @@ class _Loaded(Timed):
     def _run(self):
         self.model.run()
 
-    def next_session(self):
-        self.active = (self.active + 1) % len(self.sessions)
-        self.model = self.sessions[self.active]
-
     def rewarm(self, settings):
         """Ready for another window: a few runs, then the blocks of a new Timed (k probed
         again: the device's speed may have changed since)."""
         try:
-            for session in self.sessions:
-                for _ in range(REWARM_RUNS):
-                    session.run()
+            for _ in range(REWARM_RUNS):
+                self._run()
             Timed.__init__(self, self.name, self._run, time.perf_counter, settings["block_ms"])
         except Exception as exc:
             raise AgentError("RUNTIME", "inference failed: %s" % _one_line(exc))

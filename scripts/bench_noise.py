@@ -152,12 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="the arm64 condition's input size (an emulated board is slow)")
     parser.add_argument("--ref-gap-ms", type=float, default=150.0,
                         help="rounds: device time between reference blocks at most")
-    parser.add_argument("--sessions", type=int, default=1,
-                        help="rounds: sessions of each model a window loads (their draws "
-                             "of speed averaged)")
     args = parser.parse_args(argv)
-    rounds = {"block_ms": args.block_ms, "ref_gap_ms": args.ref_gap_ms,
-              "sessions": args.sessions}
+    rounds = {"block_ms": args.block_ms, "ref_gap_ms": args.ref_gap_ms}
 
     import torch
 
@@ -179,8 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out.write_text("")
     emit(f"bench_noise: {len(samples)} subnets of {space_name}, {args.seconds:g} s of timed "
          f"runs per subnet and pass, agent on CPU 0, windows of {window}, blocks of "
-         f"{args.block_ms:g} ms, references at most {args.ref_gap_ms:g} ms apart, "
-         f"{args.sessions} session(s) per model "
+         f"{args.block_ms:g} ms, references at most {args.ref_gap_ms:g} ms apart "
          f"({time.ctime()})\n", args.out)
     emit(HEADER, args.out)
     emit("|" + "---|" * (HEADER.count("|") - 1), args.out)

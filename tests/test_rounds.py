@@ -88,8 +88,7 @@ def test_a_candidate_that_fails_is_its_own_error_and_a_bad_reference_fails_the_w
 
 @pytest.mark.parametrize("setting, value", [("rounds", 0), ("rounds", 1.5), ("block_ms", 0),
                                             ("block_ms", math.nan), ("ref_gap_ms", -1),
-                                            ("protocol", "sideways"), ("sessions", 0),
-                                            ("sessions", 9), ("sessions", True)])
+                                            ("protocol", "sideways")])
 def test_round_settings_out_of_range_are_refused_naming_the_setting(setting, value):
     with pytest.raises(InvalidArgument, match=setting):
         LatencyProfiler(TinySpace(), torch.randn(1, 3, 32, 32), settings={setting: value})
@@ -153,40 +152,6 @@ def test_windows_respect_the_memory_budget_and_keep_the_order(tmp_path):
     cut = windows(models, budget_bytes=MEMORY_FACTOR * 60, max_models=3)
     assert [[len(m.onnx_bytes) for m in w] for w in cut] == [[10, 20, 30], [40], [500], [5]]
     assert [m for w in cut for m in w] == models
-    two = windows(models[:3], budget_bytes=MEMORY_FACTOR * 60, max_models=3, sessions=2)
-    assert [[len(m.onnx_bytes) for m in w] for w in two] == [[10, 20], [30]]  # twice each
-
-
-def test_a_model_in_several_sessions_runs_its_blocks_in_each_in_turn(tmp_path, tiny_model):
-    """sessions=3: every model of the window (the reference too) is loaded three times, and
-    its blocks take the sessions in turn, so its ratio averages their draws of speed."""
-    from agents import ort_agent
-
-    sha = ort_agent.file_sha256(str(tiny_model))
-    used = []
-
-    class Spy(ort_agent.OrtModel):
-        def run(self):
-            used.append(id(self))
-            return ort_agent.OrtModel.run(self)
-
-    ort_agent.KEPT_REFERENCE.clear()
-    saved = ort_agent.RUNTIME_MODELS["onnxruntime"]
-    ort_agent.RUNTIME_MODELS["onnxruntime"] = Spy
-    try:
-        answer = ort_agent.measure_rounds(
-            {"a": {"model": str(tiny_model), "sha256": sha}},
-            {"model": str(tiny_model), "sha256": sha},
-            {"protocol": "rounds", "rounds": 4, "min_time_ms": 0.0, "block_ms": 1.0,
-             "sessions": 3})
-        loaded = ort_agent.KEPT_REFERENCE["model"]
-    finally:
-        ort_agent.RUNTIME_MODELS["onnxruntime"] = saved
-        ort_agent.KEPT_REFERENCE.clear()
-    assert len(loaded.sessions) == 3 and len({id(m) for m in loaded.sessions}) == 3
-    assert len(set(used)) == 6  # three sessions of the candidate, three of the reference
-    blocks = answer["results"]["a"]["rounds"]["blocks"]
-    assert len(blocks) == 4 and len(answer["results"]["a"]["rounds"]["reference_blocks"]) == 5
 
 
 def test_a_profiler_measures_a_batch_in_rounds_and_serves_it_from_the_cache(tmp_path):

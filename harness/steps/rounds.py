@@ -40,8 +40,7 @@ def answer_in_rounds(samples: Sequence[Sample], results: List[Optional[Any]],
         return
     with ArchitectureBatch(results, what, progress) as batch:
         pending = [exported for _, exported in pending_exports(samples, batch, steps)]
-        for window in windows(pending, budget_bytes,
-                              sessions=steps.request.settings.get("sessions", 1)):
+        for window in windows(pending, budget_bytes):
             try:
                 answers = pool.measure_rounds(window, steps.reference(),
                                               window_request(steps.request, len(window)))
