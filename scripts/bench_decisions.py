@@ -25,6 +25,9 @@ appended to --out, so a run that dies still leaves its figures.
 
 Usage: python3 scripts/bench_decisions.py --out bench_decisions.md [--samples 300]
            [--size 64] [--conditions local,replay,arm64] [--truth-s 10]
+           [--strategies fixed,ci,limit,model] [--fixed-s S]
+(--strategies runs some rows only; --fixed-s then gives the fixed loop's device-s of an
+earlier run for the speed-up column, which must say so.)
 """
 import argparse
 import contextlib
@@ -136,7 +139,9 @@ class Replay:
 def run_condition(condition: str, device: str, home: Path, folder: Path, index: Path,
                   space: Any, dummy: Any, samples: List[Dict[str, Any]], truths: List[Truth],
                   pinned: Dict[str, Any], out: Path, floor_line: str,
-                  replay: Optional[Replay], history: Sequence[Path]) -> None:
+                  replay: Optional[Replay], history: Sequence[Path],
+                  strategies: Sequence[str] = ("fixed", "ci", "limit", "model"),
+                  fixed_s: Optional[float] = None) -> None:
     def profiler(name: str, **settings: Any) -> LatencyProfiler:
         return LatencyProfiler(space, dummy, device=device, home=home,
                                cache=empty_copy(index, folder, f"{condition}-{name}", history),
@@ -153,7 +158,6 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
     emit("| strategy | device-s | speed-up | agree outside the zone | wrong outside | "
          "inside the zone (either way) | undecided | same answer twice |", out)
     emit("|---|---|---|---|---|---|---|---|", out)
-    fixed_s = None
 
     def row(name: str, spent: float, answers: Any, repeat: str = "-") -> None:
         nonlocal fixed_s
@@ -165,6 +169,8 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
 
     for name, settings in (("fixed loop", {"protocol": "loop"}),
                            ("stop=ci (+-1%)", {"protocol": "loop", "stop": "ci"})):
+        if name.split()[0].split("=")[-1] not in strategies:
+            continue
         passes, spent = [], 0.0
         for n in range(2):
             began = replay.clock_s() if replay else 0.0
@@ -174,6 +180,8 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
             spent = spent or device_s(sum(m.device_s for m in measured), began)
         row(name, spent, passes[0], f"{twice(*passes):.1%}")
     for name, use_model in (("limit-aware, rounds", False), ("limit-aware + model, rounds", True)):
+        if ("model" if use_model else "limit") not in strategies:
+            continue
         began = replay.clock_s() if replay else 0.0
         with profiler(name) as p:
             p.decider.use_model = use_model
@@ -228,6 +236,11 @@ def main() -> None:
                         help="the floor campaign measures every Nth subnet again (default 4)")
     parser.add_argument("--truth-dir", type=Path,
                         default=Path.home() / ".cache" / "harness-bench")
+    parser.add_argument("--strategies", default="fixed,ci,limit,model",
+                        help="which rows to run (fixed, ci, limit, model)")
+    parser.add_argument("--fixed-s", type=float,
+                        help="without the fixed row: its device-s from an earlier run, for "
+                             "the speed-up column (say so beside the table)")
     args = parser.parse_args()
     args.truth_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="harness-bench-decisions-"))
@@ -256,7 +269,8 @@ def main() -> None:
                                                     samples, args, pinned)
             run_condition(condition, device, home, folder, index, space, dummy, samples,
                           truths, pinned, args.out, floor_line,
-                          Replay(device, home) if condition == "replay" else None, history)
+                          Replay(device, home) if condition == "replay" else None, history,
+                          args.strategies.split(","), args.fixed_s)
     emit(f"\ntargets: limit-aware + model >= 10x less device time than the fixed loop, >= 99.5% "
          f"agreement outside the zone, every wrong call inside it; stop=ci >= 3x less than "
          f"fixed at a same-answer-twice share no worse; {time.monotonic() - started:.0f} s in "

@@ -170,8 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     protocols = [p for p in args.protocols.split(",") if p]
     conditions = [c for c in args.conditions.split(",") if c]
     from harness.export.graph import export_sample
-    window = len(windows([export_sample(space, s, dummy, home=home) for s in samples],
-                         sessions=args.sessions)[0])
+    window = len(windows([export_sample(space, s, dummy, home=home) for s in samples])[0])
     args.out.write_text("")
     emit(f"bench_noise: {len(samples)} subnets of {space_name}, {args.seconds:g} s of timed "
          f"runs per subnet and pass, agent on CPU 0, windows of {window}, blocks of "
