@@ -25,7 +25,7 @@ appended to --out, so a run that dies still leaves its figures.
 
 Usage: python3 scripts/bench_decisions.py --out bench_decisions.md [--samples 300]
            [--size 64] [--conditions local,replay,arm64] [--truth-s 10]
-           [--strategies fixed,ci,limit,model] [--fixed-s S]
+           [--strategies fixed,ci,limit,model] [--fixed-s S] [--block-ms MS]
 (--strategies runs some rows only; --fixed-s then gives the fixed loop's device-s of an
 earlier run for the speed-up column, which must say so.)
 """
@@ -141,7 +141,7 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
                   pinned: Dict[str, Any], out: Path, floor_line: str,
                   replay: Optional[Replay], history: Sequence[Path],
                   strategies: Sequence[str] = ("fixed", "ci", "limit", "model"),
-                  fixed_s: Optional[float] = None) -> None:
+                  fixed_s: Optional[float] = None, block_ms: Optional[float] = None) -> None:
     def profiler(name: str, **settings: Any) -> LatencyProfiler:
         return LatencyProfiler(space, dummy, device=device, home=home,
                                cache=empty_copy(index, folder, f"{condition}-{name}", history),
@@ -183,7 +183,9 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
         if ("model" if use_model else "limit") not in strategies:
             continue
         began = replay.clock_s() if replay else 0.0
-        with profiler(name) as p:
+        if block_ms is not None:
+            name += f", blocks of {block_ms:g} ms"
+        with profiler(name, **({"block_ms": block_ms} if block_ms else {})) as p:
             p.decider.use_model = use_model
             answers, spent = [], 0.0
             for limit in limits:
@@ -241,6 +243,9 @@ def main() -> None:
     parser.add_argument("--fixed-s", type=float,
                         help="without the fixed row: its device-s from an earlier run, for "
                              "the speed-up column (say so beside the table)")
+    parser.add_argument("--block-ms", type=float,
+                        help="the limit-aware rows: the rounds' block length (default the "
+                             "agent's, 20 ms)")
     args = parser.parse_args()
     args.truth_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="harness-bench-decisions-"))
@@ -270,7 +275,7 @@ def main() -> None:
             run_condition(condition, device, home, folder, index, space, dummy, samples,
                           truths, pinned, args.out, floor_line,
                           Replay(device, home) if condition == "replay" else None, history,
-                          args.strategies.split(","), args.fixed_s)
+                          args.strategies.split(","), args.fixed_s, args.block_ms)
     emit(f"\ntargets: limit-aware + model >= 10x less device time than the fixed loop, >= 99.5% "
          f"agreement outside the zone, every wrong call inside it; stop=ci >= 3x less than "
          f"fixed at a same-answer-twice share no worse; {time.monotonic() - started:.0f} s in "
