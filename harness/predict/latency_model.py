@@ -8,7 +8,7 @@ device), fitted freely, plus which candidate blocks it builds, fitted with a rid
 learned lookup table of each block's departure from what its physical costs say). For any
 other space: which choice each label takes, with the ridge penalty. The physical terms carry
 a space's latency from a few dozen measurements (on ProxylessSpace at 64 px, 60 subnets:
-leave-one-out errors of 0.5% median, 1.7% at the 98th percentile, against 5.5% and 18% for
+leave-one-out errors of 0.5% median, 1.8% at the 98th percentile, against 5.5% and 18% for
 the blocks alone); the blocks refine it as measurements accumulate.
 
 The interval is jackknife+ (Barber, Candes, Ramdas, Tibshirani, Ann. Statist. 2021): every
