@@ -27,6 +27,7 @@ TRANSFER, LOAD, RUNTIME, TIMEOUT, DEVICE_LOST, THERMAL, USER.
 """
 import argparse
 import bisect
+import contextlib
 import errno
 import glob
 import hashlib
@@ -1465,7 +1466,7 @@ def _measure(model, sha256=None, settings=None):
 
     loaded.make_inputs()
     clock = time.perf_counter
-    try:
+    with inference_errors():
         memory.start()
         started = clock()
         loaded.run()
@@ -1477,10 +1478,6 @@ def _measure(model, sha256=None, settings=None):
         samples, elapsed, stop = timed_loop(loaded.run, settings, clock)
         memory.end("run")
         ops = loaded.per_op() if settings["per_op"] else None
-    except AgentError:
-        raise
-    except Exception as exc:
-        raise AgentError("RUNTIME", "inference failed: %s" % _one_line(exc))
     return {
         "agent_version": AGENT_VERSION,
         "load_ms": load_ms,
@@ -1705,32 +1702,30 @@ class _Loaded(Timed):
         self.model, self.load_ms = open_model(ort, path, settings)
         self.model.make_inputs()
         self.inputs = self.model.inputs
-        try:
+        with inference_errors():
             started = time.perf_counter()
             self._run()
             self.first_run_ms = (time.perf_counter() - started) * 1e3
-            started = time.perf_counter()
-            for _ in range(settings["warmup_runs"]):
-                self._run()
-            self.warmup_ms = (time.perf_counter() - started) * 1e3
-            Timed.__init__(self, name, self._run, time.perf_counter, settings["block_ms"])
-        except AgentError:
-            raise
-        except Exception as exc:
-            raise AgentError("RUNTIME", "inference failed: %s" % _one_line(exc))
+        self.warmup_ms = self._ready(name, settings["warmup_runs"], settings["block_ms"])
 
     def _run(self):
         self.model.run()
 
-    def rewarm(self, settings):
-        """Ready for another window: a few runs, then the blocks of a new Timed (k probed
-        again: the device's speed may have changed since)."""
-        try:
-            for _ in range(REWARM_RUNS):
+    def _ready(self, name, runs, block_ms):
+        """`runs` warm-up runs, then the blocks of a new Timed (k probed anew: the device's
+        speed may have changed since the last window): the runs' ms."""
+        with inference_errors():
+            started = time.perf_counter()
+            for _ in range(runs):
                 self._run()
-            Timed.__init__(self, self.name, self._run, time.perf_counter, settings["block_ms"])
-        except Exception as exc:
-            raise AgentError("RUNTIME", "inference failed: %s" % _one_line(exc))
+            warmup_ms = (time.perf_counter() - started) * 1e3
+            Timed.__init__(self, name, self._run, time.perf_counter, block_ms)
+        return warmup_ms
+
+    def rewarm(self, settings):
+        """Ready for another window: REWARM_RUNS runs (its caches are cold), then new
+        blocks."""
+        self._ready(self.name, REWARM_RUNS, settings["block_ms"])
 
 
 SPEED_CHANGE = 0.10  # reference blocks around a candidate block this far apart: it is dropped
@@ -1996,6 +1991,18 @@ def _session(ort, model, options, settings):
     except Exception as exc:
         raise AgentError("LOAD", "onnxruntime %s cannot load %s on %s: %s"
                          % (ort.__version__, model, settings["provider"], _one_line(exc)))
+
+
+@contextlib.contextmanager
+def inference_errors():
+    """Within it, an exception from the runtime's inference is a RUNTIME error naming it (an
+    AgentError passes as it is)."""
+    try:
+        yield
+    except AgentError:
+        raise
+    except Exception as exc:
+        raise AgentError("RUNTIME", "inference failed: %s" % _one_line(exc))
 
 
 def _one_line(exc):
