@@ -167,9 +167,9 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
              f"{s['outside']} | {s['wrong']} | {s['inside']} ({s['either_way']} either way) | "
              f"{s['undecided']:.1%} | {repeat} |", out)
 
-    for name, settings in (("fixed loop", {"protocol": "loop"}),
-                           ("stop=ci (+-1%)", {"protocol": "loop", "stop": "ci"})):
-        if name.split()[0].split("=")[-1] not in strategies:
+    for strategy, name, settings in (("fixed", "fixed loop", {"protocol": "loop"}),
+                                     ("ci", "stop=ci (+-1%)", {"protocol": "loop", "stop": "ci"})):
+        if strategy not in strategies:
             continue
         passes, spent = [], 0.0
         for n in range(2):
@@ -179,13 +179,14 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
             passes.append([[(m.median < limit, True) for m in measured] for limit in limits])
             spent = spent or device_s(sum(m.device_s for m in measured), began)
         row(name, spent, passes[0], f"{twice(*passes):.1%}")
-    for name, use_model in (("limit-aware, rounds", False), ("limit-aware + model, rounds", True)):
-        if ("model" if use_model else "limit") not in strategies:
+    for strategy, name, use_model in (("limit", "limit-aware, rounds", False),
+                                      ("model", "limit-aware + model, rounds", True)):
+        if strategy not in strategies:
             continue
         began = replay.clock_s() if replay else 0.0
         if block_ms is not None:
             name += f", blocks of {block_ms:g} ms"
-        with profiler(name, **({"block_ms": block_ms} if block_ms else {})) as p:
+        with profiler(name, **({"block_ms": block_ms} if block_ms is not None else {})) as p:
             p.decider.use_model = use_model
             answers, spent = [], 0.0
             for limit in limits:

@@ -436,11 +436,11 @@ def test_imported_samples_beyond_the_agents_cap_are_skipped(tmp_path, profiled, 
 
 def test_a_stored_sample_the_space_lacks_is_left_out_of_the_latency_model(tiny):
     from harness.errors import InvalidSample
-    from harness.predict.latency_model import LatencyModel, featurizer
+    from harness.predict.latency_model import Featurizer, LatencyModel
     from harness.spaces.space import checked_search_space, random_samples
 
     labels = list(checked_search_space(tiny))
-    model = LatencyModel(featurizer(tiny, tiny.dummy_input(), labels))
+    model = LatencyModel(Featurizer(tiny, tiny.dummy_input(), labels))
     samples = random_samples(tiny, 30, seed=1)
     alien = dict(samples[0], **{labels[0]: 99})  # the audit's stage1.depth=99
     with pytest.raises(InvalidSample, match="not among the choices"):

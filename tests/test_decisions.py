@@ -224,7 +224,7 @@ def test_conformal_intervals_cover_at_the_nominal_rate():
         for seed in range(40):
             model = LatencyModel(featurize)
             train, medians = synthetic(200, rng)
-            assert model.fit(train, medians, seed=seed)
+            assert model.fit(train, medians)
             test, truth = synthetic(100, rng)
             for sample, value in zip(test, truth):
                 prediction = model.predict(sample, coverage)
@@ -277,11 +277,11 @@ def test_an_additive_space_is_learned_from_its_blocks_physical_costs():
     """On an additive space the model's free features are the blocks' physical costs: a
     latency that follows them is learned from 30 subnets to within 1%, where one feature
     per candidate block would need many more."""
-    from harness.predict.latency_model import PHYSICAL, featurizer
+    from harness.predict.latency_model import PHYSICAL, Featurizer
     from harness.spaces.space import checked_search_space
 
     space = ProxylessSpace(input_size=32)
-    featurize = featurizer(space, torch.zeros(1, 3, 32, 32), list(checked_search_space(space)))
+    featurize = Featurizer(space, torch.zeros(1, 3, 32, 32), list(checked_search_space(space)))
     assert featurize.penalized.sum() == len(featurize.penalized) - len(PHYSICAL) - 1
     samples = random_samples(space, 80, seed=5)
     truth = [0.2 + 0.01 * f[0] + 0.002 * f[3] for f in map(featurize, samples)]

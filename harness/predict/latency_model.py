@@ -110,11 +110,6 @@ def physical_costs(block: Block) -> np.ndarray:
         return np.array([0.0, 0.0, in_elements, 0.0, 1.0])
 
 
-def featurizer(space: ModelSpace, dummy_input: DummyInput, labels: Sequence[str]) -> Featurizer:
-    """The cheap features of a sample (see Featurizer)."""
-    return Featurizer(space, dummy_input, labels)
-
-
 @dataclass(frozen=True)
 class Prediction:
     """A predicted median (ms) and its interval at `coverage`."""
@@ -145,10 +140,10 @@ class LatencyModel:
     def fitted(self) -> bool:
         return self.weights is not None
 
-    def fit(self, samples: Sequence[Sample], medians_ms: Sequence[float], seed: int = 0) -> bool:
+    def fit(self, samples: Sequence[Sample], medians_ms: Sequence[float]) -> bool:
         """Fit on measured medians; False (and not fitted) with fewer than MIN_MEASUREMENTS.
         Samples that are not the space's (imported rows naming choices it lacks) are left
-        out, with a warning. `seed` is kept for callers; the fit is deterministic."""
+        out, with a warning. The fit is deterministic."""
         samples, medians_ms = self._of_the_space(samples, medians_ms)
         if len(samples) < MIN_MEASUREMENTS:
             self.weights, self.left_out, self.residuals = None, None, None

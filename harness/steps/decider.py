@@ -19,8 +19,7 @@ from devices.errors import AgentProtocolError
 from harness.export.graph import DummyInput, ExportedModel
 from harness.pool.device_pool import DevicePool
 from harness.predict.latency_model import (MIN_MEASUREMENTS, Featurizer, LatencyModel,
-                                           ModelAudit, Prediction, featurizer,
-                                           training_data)
+                                           ModelAudit, Prediction, training_data)
 from harness.spaces.space import ModelSpace, Sample, SampleValidator, checked_search_space
 from harness.steps.batch import answer_all
 from harness.steps.key_scope import KeyScope
@@ -84,7 +83,7 @@ class LimitDecider:
         medians.update(self.cache.statistics_by_sample(*keys, self.statistic))
         samples, values = training_data(medians, self.labels)
         if self._featurize is None:  # counts every candidate block once: built on first use
-            self._featurize = featurizer(self.space, self.dummy_input, self.labels)
+            self._featurize = Featurizer(self.space, self.dummy_input, self.labels)
         model = LatencyModel(self._featurize)
         if model.fit(samples, values):
             self.model = model
