@@ -51,6 +51,11 @@ AGENT_VERSION = "1.1"
 ERROR_KINDS = ("TRANSFER", "LOAD", "RUNTIME", "TIMEOUT", "DEVICE_LOST", "THERMAL", "USER")
 
 INDIFFERENCE = 0.02  # the limit rule's indifference zone by default: +-2% of the limit
+# The limit rule's between-window term by default: on this project's 2-core host, with a
+# neighbour on the other core, 98% of one window's ratios lay within 2.07% of a 5-pass truth
+# (every ratio of one worker's windows lay a common 0.5-1.5% off, and each load of a model
+# is a draw of its own); see limit_look.
+WINDOW_SPREAD = 0.02
 
 # Settings a request may carry, with their defaults. Timing defaults suit a NAS search:
 # one thread (stable, comparable across devices), enough runs for a sound median.
@@ -78,6 +83,9 @@ DEFAULT_SETTINGS = {
     # the reference's quiet level known to the host (rounds): the limit in units of the
     # reference is limit_ms / this (None: the level this window's reference blocks show)
     "reference_level_ms": None,
+    # the limit rule in rounds: how far one window's ratio of a model may lie from its value
+    # over many windows (a share; see limit_look): its interval is widened by this much
+    "window_spread": WINDOW_SPREAD,
     "seed": 0,
     "input_shapes": None,
     "cpu_affinity": None,
@@ -395,6 +403,10 @@ def parse_settings(raw):
     if not _finite_number(zone) or not 0 < zone < 0.5:
         raise AgentError("USER", "setting indifference must lie strictly between 0 and 0.5 "
                          "(a share of limit_ms), got %r" % (zone,))
+    spread = settings["window_spread"]
+    if not _finite_number(spread) or not 0 <= spread < 0.5:
+        raise AgentError("USER", "setting window_spread must be a share from 0 to below 0.5 "
+                         "(of a ratio to the reference), got %r" % (spread,))
     level = settings["reference_level_ms"]
     if level is not None and not (_finite_number(level) and level > 0):
         raise AgentError("USER", "setting reference_level_ms must be a positive number of ms, "
@@ -1521,7 +1533,7 @@ class Timed(object):
         needed = block_ms / 1e3 / self.run_s
         self.k = next((k for k in BLOCK_RUNS if k >= needed), BLOCK_RUNS[-1])
         self.blocks = []
-        self.verdict = None  # the limit rule's call on it (limit_look), once one is made
+        self.verdict = None  # the limit rule's look that ended its rounds (limit_look)
         self.last_look = None  # the limit rule's last look at it, called or not
         self.looks, self.looked_at, self.next_look = 0, 0, None  # its looks, kept at the last
 
@@ -1597,6 +1609,9 @@ def interleave(models, reference, settings, clock):
 
 
 LOOK_GROWTH = 1.25  # under the limit rule in rounds, looks come as the kept ratios grow 25%
+# under the limit rule in rounds, a cost cut-off: an undecided candidate leaves once its
+# rounds' interval is within this share of window_spread of its median (see limit_look)
+SPREAD_NARROW = 1.0
 
 
 def limit_look(model, reference, settings, completed, last=False):
@@ -1608,8 +1623,20 @@ def limit_look(model, reference, settings, completed, last=False):
     decision's confidence, and min_runs; then 25% more each), and at the `last` round; a
     block is kept or dropped by its reference blocks alone, so the looks' times do not
     depend on the candidate's values, and look k spends its share of the error
-    (look_confidence): every look together errs at most 1 - confidence. Sets the model's
-    `verdict` (a dict for the answer's "stop") once it is called, and `last_look`."""
+    (look_confidence): every look together errs at most 1 - confidence.
+
+    The window is one draw: the ratios of every model in it lie a common 0.5-1.5% from their
+    value over many windows (one worker's loads share it, and the device's mix of other work
+    moves), and each loaded model adds a draw of its own; no number of rounds of the same
+    window averages that away. So the interval is widened to hold the truth whenever the
+    window's ratio lies within window_spread of it (low / (1 + spread), high / (1 - spread))
+    before it is tested. A cost cut-off: a candidate still undecided once its rounds'
+    interval lies within SPREAD_NARROW x window_spread of its median leaves undecided
+    ("spread"). Its estimate is then within about the spread of the limit, where the
+    window's draw alone may put its truth on either side of the zone; settling it would take
+    many more rounds, only to narrow the part of the interval the draw does not move. The
+    cut-off never makes a call. Sets the model's `verdict` (a dict for the answer's "stop")
+    once it is called or leaves so, and `last_look`."""
     due = model.next_look or max(settings["min_runs"], first_look_size(settings["confidence"]))
     if len(model.blocks) < due and not last:
         return  # fewer blocks than the look needs kept ratios: not due, nothing to read
@@ -1622,16 +1649,22 @@ def limit_look(model, reference, settings, completed, last=False):
     model.next_look = max(len(kept) + 1, int(math.ceil(len(kept) * LOOK_GROWTH)))
     level = settings["reference_level_ms"] or quantile(
         [block_statistic(block[3]) for block in reference.blocks], LEVEL_QUANTILE)
-    interval = median_interval(kept, look_confidence(settings["confidence"], model.looks))
+    within = median_interval(kept, look_confidence(settings["confidence"], model.looks))
     ratio = _median_of(kept) if kept else None
+    spread = settings["window_spread"]
+    interval = None if within is None else (within[0] / (1.0 + spread),
+                                            within[1] / (1.0 - spread))
     outcome = limit_verdict(interval, ratio, settings["limit_ms"] / level,
                             settings["indifference"])
+    narrow = within is not None and spread > 0 and \
+        max(ratio - within[0], within[1] - ratio) <= SPREAD_NARROW * spread * ratio
     model.last_look = {
         "outcome": outcome, "looks": model.looks, "rounds": completed, "kept": len(kept),
         "ratio": ratio, "ratio_interval": list(interval) if interval is not None else None,
-        "level_ms": level, "limit_ms": settings["limit_ms"],
+        "window_spread": spread, "left": "settled" if outcome is not None else
+        "spread" if narrow else None, "level_ms": level, "limit_ms": settings["limit_ms"],
         "confidence": settings["confidence"], "indifference": settings["indifference"]}
-    if outcome is not None:
+    if outcome is not None or narrow:
         model.verdict = model.last_look
 
 
@@ -1650,7 +1683,7 @@ def rounds_stop(model, settings, completed, reason):
     stop = {"rule": {"ci": "rounds-ci", "limit": "rounds-limit"}.get(settings["stop"], "rounds"),
             "reason": reason, "looks": completed, "rel_ci": settings["rel_ci"]}
     if settings["stop"] == "limit" and model.last_look is not None:
-        stop.update(model.last_look, reason="settled" if model.verdict else reason)
+        stop.update(model.last_look, reason=model.last_look["left"] or reason)
     return stop
 
 

@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     limit.add_argument("--indifference", type=float, default=0.02,
                        help="within +-this share of the limit either answer is right "
                             "(default 0.02)")
+    limit.add_argument("--window-spread", type=float,
+                       help="in rounds: how far one window's ratios may lie from their value "
+                            "over many windows, added to each interval (default 0.02)")
     limit.add_argument("--no-model", action="store_true",
                        help="never answer from the device's latency model")
     limit.add_argument("--timeout", type=float, default=300.0,
@@ -763,8 +766,11 @@ def _filter(args: argparse.Namespace) -> int:
 
     space, samples = _sampled(args)
     started = time.monotonic()
+    settings = _settings(args)
+    if args.window_spread is not None:
+        settings["window_spread"] = args.window_spread
     with LatencyProfiler(space, space.dummy_input(), device=args.device,
-                         settings=_settings(args), cache=args.cache, timeout_s=args.timeout,
+                         settings=settings, cache=args.cache, timeout_s=args.timeout,
                          farm=args.farm, reference=args.reference) as profiler:
         profiler.decider.use_model = not args.no_model
         decisions = profiler.decide_many(samples, args.limit_ms, args.confidence,
@@ -783,7 +789,8 @@ def _filter(args: argparse.Namespace) -> int:
     print(f"{len(decisions)} samples against {args.limit_ms:g} ms at {args.confidence:.1%}: "
           f"{counts['below']} below, {counts['above']} not below, {counts['undecided']} "
           f"undecided (+-{args.indifference:.1%} of the limit is indifferent; the undecided "
-          "spent their budget and are listed by their point estimate)")
+          "spent their budget or lie within the device's between-window spread of the limit, "
+          "and are listed by their point estimate)")
     print(f"answered by: {by_source['measured']} the device, {by_source['cached']} the cache, "
           f"{by_source['predicted']} the device's latency model")
     print(f"device time: {counts['device_s']:.1f} s (the fixed loop: about {fixed:.1f} s for "

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchtruth import (Truth, campaign, exact_truth, floor, floor_text,  # noqa: E402
-                        pass_caches)
+                        pass_caches, recheck)
 from devices.noise_trace import NoiseTrace  # noqa: E402
 from devices.simulated import SimulatedModel  # noqa: E402
 from harness import LatencyProfiler, random_samples  # noqa: E402
@@ -222,7 +222,13 @@ def truth_for(condition: str, device: str, home: Path, space: Any, dummy: Any,
                      seconds=args.truth_s, cache=args.truth_dir / f"floor-{name}.sqlite",
                      seed=1, settings=pinned)
     print(f"truth for {condition}: {time.monotonic() - started:.0f} s", flush=True)
-    return truths, floor_text(floor([truths[i] for i in subset], again)), pass_caches(
+    line = floor_text(floor([truths[i] for i in subset], again))
+    if args.recheck_s > 0:
+        line += "; " + recheck(space, dummy, [samples[i] for i in subset],
+                               [truths[i] for i in subset], device=device, home=home,
+                               cache=home / "recheck.sqlite", seconds=args.recheck_s,
+                               settings=pinned)
+    return truths, line, pass_caches(
         args.truth_dir / f"truth-{name}.sqlite")
 
 
@@ -244,6 +250,10 @@ def main() -> None:
     parser.add_argument("--fixed-s", type=float,
                         help="without the fixed row: its device-s from an earlier run, for "
                              "the speed-up column (say so beside the table)")
+    parser.add_argument("--recheck-s", type=float, default=0.8,
+                        help="before the strategies, the floor's subnets again in one window "
+                             "of this many device-s each: how far one window lies from the "
+                             "truth now (0: not)")
     parser.add_argument("--block-ms", type=float,
                         help="the limit-aware rows: the rounds' block length (default the "
                              "agent's, 20 ms)")

@@ -132,6 +132,23 @@ def floor(first: Sequence[Truth], again: Sequence[Truth]) -> Dict[str, float]:
             "levels": again[0].level_ms / first[0].level_ms - 1 if first else 0.0}
 
 
+def recheck(space: Any, dummy: Any, samples: Sequence[Dict[str, Any]],
+            truths: Sequence[Truth], *, device: str, home: Path, cache: Path, seconds: float,
+            settings: Optional[Dict[str, Any]] = None) -> str:
+    """How far the truth lies from one window now (one pass of `seconds` per subnet, in a
+    worker of its own): the shift of each subnet's ratio to the reference, as a line for a
+    table. A truth measured hours before, and one window's draw of the device (a loaded
+    reference's speed, the device's mix of work), move every ratio of a window alike: a
+    decision made in one window cannot lie closer to the truth than this."""
+    now = _one_pass(space, dummy, samples, device=device, home=home, cache=cache,
+                    seconds=seconds, seed=7, settings=settings)
+    shifts = np.array([ratio / (t.quiet_ms / t.level_ms) - 1 for ratio, t in zip(now, truths)])
+    p10, p50, p90 = np.percentile(shifts, [10, 50, 90])
+    return (f"the truth re-checked now in one window per subnet ({len(shifts)} subnets, "
+            f"{seconds:g} s each): shift median {p50:+.2%} (p10 {p10:+.2%}, p90 {p90:+.2%}), "
+            f"{np.mean(abs(shifts) <= 0.02):.0%} within 2%")
+
+
 def exact_truth(spec: Any, sha256s: Sequence[str]) -> List[Truth]:
     """The truth on a simulated device (devices.simulated.SimulatedModel): exact."""
     return [Truth(v, v, v, 1.0) for v in (spec.graph_median_ms(sha) for sha in sha256s)]

@@ -154,3 +154,7 @@ def test_smaller_points_version_csv_dates_and_filter(tmp_path, home):
     assert done.returncode == 0, done.stderr
     assert "below 1000 ms: samples 0, 1, 2 (numbered from 0 in the order --seed 0 draws them" \
         in done.stdout
+    refused = run_harness("filter", "--space", "harness.spaces:TinySpace", "--device", "local",
+                          "--limit-ms", "1000", "--samples", "1", "--window-spread", "0.7",
+                          *FAST_ARGS, home=home, cwd=tmp_path)
+    assert refused.returncode != 0 and "window_spread must be a share" in refused.stderr

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from agents import ort_agent
 from agents.ort_agent import (AgentError, Timed, interleave, limit_verdict, parse_settings,
                               rounds_stop)
 from devices.noise_trace import NoiseTrace
@@ -51,7 +52,9 @@ def test_the_three_way_test_calls_a_side_only_outside_the_indifference_zone():
 
 @pytest.mark.parametrize("setting,value", [("indifference", 0.0), ("indifference", 0.5),
                                            ("indifference", float("nan")),
-                                           ("reference_level_ms", -1.0)])
+                                           ("reference_level_ms", -1.0),
+                                           ("window_spread", -0.01), ("window_spread", 0.5),
+                                           ("window_spread", float("inf"))])
 def test_bad_indifference_or_level_settings_are_user_errors_naming_them(setting, value):
     with pytest.raises(AgentError, match=setting):
         parse_settings({setting: value})
@@ -80,6 +83,63 @@ def schedule(latencies_ms, limit_ms, trace=None, confidence=0.99, cv=0.1, **sett
     _, _, failed, reason = interleave(models, reference, checked, clock)
     assert not failed
     return models, reason, checked
+
+
+def drawn_window(latencies_ms, limit_ms, reference_draw, **settings):
+    """schedule(), with this window's load of the reference running `reference_draw` times
+    its known level: every ratio in the window is off by the same share, as when a model
+    is loaded again on a real device."""
+    clock = _VirtualClock()
+    spec = SimulatedModel("board", 3.0, seed=1, cv=0.01)
+    checked = parse_settings(dict({"stop": "limit", "limit_ms": limit_ms, "confidence": 0.99,
+                                   "rounds": 400, "block_ms": 10.0, "ref_gap_ms": 30.0,
+                                   "max_time_ms": 600000.0, "reference_level_ms": 3.0},
+                                  **settings))
+
+    def timed(name, true_ms):
+        run = spec.runner(name, clock)
+        return Timed(name, lambda: _scaled(run, clock, true_ms / spec.graph_median_ms(name)),
+                     clock, checked["block_ms"])
+
+    reference = timed("reference", 3.0 * reference_draw)
+    models = {f"m{i}": timed(f"m{i}", ms) for i, ms in enumerate(latencies_ms)}
+    interleave(models, reference, checked, clock)
+    return models, checked
+
+
+def test_a_window_drawn_within_its_spread_calls_no_side_wrongly(monkeypatch):
+    """This window's reference runs 2.5% faster than its known level, so every ratio in it
+    reads 2.5% high: a candidate 2.2% below the limit (outside the zone) reads 0.25% above
+    it. Without the between-window term its tight interval lies inside the zone and the
+    median calls it, wrongly. With a spread that covers the draw (3%) it is never called
+    wrongly, however late the cost cut-off lets it leave; a candidate far below is still
+    called at the first look."""
+    limit = 3.0
+    latencies = [limit * 0.978, limit * 0.85]
+    plain, _ = drawn_window(latencies, limit, 1 / 1.025, window_spread=0.0)
+    assert plain["m0"].verdict["outcome"] == "above"  # wrong
+    for narrow in (1.0, 0.1):  # the cut-off as set, and one ten times later
+        monkeypatch.setattr(ort_agent, "SPREAD_NARROW", narrow)
+        spread, _ = drawn_window(latencies, limit, 1 / 1.025, window_spread=0.03)
+        assert spread["m0"].verdict is None or spread["m0"].verdict["outcome"] != "above"
+        assert spread["m0"].last_look["outcome"] != "above"
+        assert spread["m1"].verdict["outcome"] == "below"
+        assert spread["m1"].verdict["looks"] == 1
+
+
+def test_the_cost_cut_off_leaves_undecided_once_the_rounds_agree_within_the_spread():
+    """At the limit, a candidate's widened interval straddles the zone however many rounds
+    run: it leaves, undecided ("spread"), once its rounds' interval is within the spread of
+    its median, long before the budget; its interval carries the term on both sides."""
+    limit = 3.0
+    models, settings = drawn_window([limit], limit, 1.0)
+    assert settings["window_spread"] == 0.02  # the default
+    near = models["m0"].verdict
+    assert near["outcome"] is None and near["left"] == "spread" and near["rounds"] < 400
+    low, high = near["ratio_interval"]
+    assert low <= near["ratio"] / 1.02 and high >= near["ratio"] / 0.98
+    stop = rounds_stop(models["m0"], settings, near["rounds"], "decided")
+    assert stop["reason"] == "spread" and stop["outcome"] is None
 
 
 def _scaled(run, clock, scale):
@@ -113,7 +173,7 @@ def test_a_decided_candidate_leaves_the_rounds_and_the_undecided_stay():
 def test_a_candidate_at_the_limit_of_a_noisy_device_uses_the_budget_and_says_undecided():
     models, reason, settings = schedule([3.0], limit_ms=3.0, rounds=40, confidence=0.999)
     verdict = models["m0"].last_look
-    assert models["m0"].verdict is None  # never called
+    assert models["m0"].verdict is None  # never called, and never left
     assert reason == "rounds" and verdict["outcome"] is None and verdict["rounds"] == 40
     stop = rounds_stop(models["m0"], settings, 40, reason)
     assert stop["reason"] == "rounds" and stop["outcome"] is None
@@ -132,7 +192,8 @@ def test_the_stated_error_rate_holds_over_many_seeded_decisions():
         models, _, _ = schedule(latencies, limit, trace=trace, confidence=0.9, seed=trial)
         for (name, model), truth in zip(sorted(models.items(), key=lambda m: int(m[0][1:])),
                                         latencies):
-            if abs(truth / limit - 1) <= 0.02 or model.verdict is None:
+            if abs(truth / limit - 1) <= 0.02 or model.verdict is None or \
+                    model.verdict["outcome"] is None:  # undecided: no call
                 continue
             calls += 1
             wrong += model.verdict["outcome"] != ("below" if truth < limit else "above")
@@ -175,6 +236,29 @@ def test_undecided_results_are_not_kept_as_decisions(tmp_path):
         decision = profiler.decide(sample, quiet, confidence=0.999, indifference=0.001)
         assert not decision.settled and "undecided" in decision.reason
         assert not profiler.cache.decisions(profiler.cache_key(decision.graph_hash))
+
+
+def test_a_candidate_at_the_limit_leaves_undecided_within_the_window_spread(tmp_path):
+    """At its own quiet latency, a candidate's rounds soon agree within the device's
+    between-window spread: it leaves well before the budget, undecided, and says why; the
+    profiler's window_spread setting reaches the agent, and the interval carries it."""
+    replaying_device(tmp_path, busy_trace(seed=3, spread=0.05))
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    sample = random_samples(space, 1, seed=1)[0]
+    for spread in (0.02, 0.04):
+        with LatencyProfiler(space, dummy, device="sim1", home=tmp_path,
+                             cache=tmp_path / f"cache-{spread}.sqlite",
+                             settings=dict(ROUNDS, window_spread=spread)) as profiler:
+            quiet = profiler.measure(sample).statistic("quiet")
+            decision = profiler.decide(sample, quiet, confidence=0.99)
+            assert not decision.settled and "between-window spread" in decision.reason
+            assert f"+-{spread:.1%}" in decision.reason
+            assert not profiler.cache.decisions(profiler.cache_key(decision.graph_hash))
+            low, high = decision.interval_ms
+            point = decision.median_ms
+            assert low <= point / (1 + spread) * 1.000001 and high >= point / (1 - spread)
+            rounds = int(decision.reason.split(" rounds")[0].split()[-1])
+            assert rounds < 200  # the budget (DECISION_ROUNDS)
 
 
 @pytest.mark.parametrize("limit,confidence,indifference,name", [
@@ -220,12 +304,39 @@ def test_a_decision_window_whose_device_is_lost_fails_over_whole(tmp_path):
 @pytest.mark.parametrize("garbage", [
     {"rule": "rounds"}, {"level_ms": float("nan")}, {"level_ms": -1.0}, {"outcome": "maybe"},
     {"ratio_interval": [2.0, 1.0]}, {"ratio_interval": "wide"}, {"confidence": True},
+    {"window_spread": float("nan")}, {"window_spread": 0.5}, {"window_spread": None},
+    {"left": "bored"}, {"left": "spread"}, {"left": None}, {"outcome": None, "left": "settled"},
+    {"outcome": None, "left": "spread", "ratio_interval": None},
+    {"outcome": None, "left": "spread", "window_spread": 0.0},
     {"ratio": "0.5"}])
 def test_an_agents_garbage_verdict_is_refused(garbage):
     from harness.steps.decider import _sound_verdict
 
     sound = {"rule": "rounds-limit", "level_ms": 3.0, "limit_ms": 4.0, "confidence": 0.99,
              "indifference": 0.02, "looks": 2, "rounds": 14, "outcome": "below",
-             "ratio": 0.8, "ratio_interval": [0.78, 0.83]}
+             "ratio": 0.8, "ratio_interval": [0.78, 0.83], "window_spread": 0.02,
+             "left": "settled"}
     assert _sound_verdict(sound)
+    assert _sound_verdict(dict(sound, outcome=None, left="spread"))  # the cost cut-off
+    assert _sound_verdict(dict(sound, outcome=None, left=None))      # the budget ran out
     assert not _sound_verdict(dict(sound, **garbage))
+
+
+def test_a_stored_decision_answers_only_requests_that_allow_no_wider_window_spread():
+    """A decision made without the between-window term (an older one, or --window-spread 0)
+    has too narrow an interval for a request with the term: it is not served to it; one made
+    with the term answers a request that asks for as much or less; the term survives the
+    store's round trip, and an older record without it reads as 0."""
+    from harness.store.decisions import Decision
+
+    narrow = Decision(below=True, settled=True, limit_ms=10.0, confidence=0.99,
+                      interval_ms=(8.0, 9.0), median_ms=8.5, runs=40, source="measured",
+                      device_s=1.0, graph_hash="g", device="d", reason="", indifference=0.02)
+    assert narrow.settles(9.5, 0.99, 0.02) and not narrow.settles(9.5, 0.99, 0.02, 0.02)
+    assert not narrow.for_limit(9.5, 0.99, 0.02, window_spread=0.02).settled
+    wide = Decision.from_dict(dict(narrow.to_dict(), window_spread=0.02))
+    assert wide.settles(9.5, 0.99, 0.02, 0.02) and wide.settles(9.5, 0.99, 0.02, 0.01)
+    assert not wide.settles(9.5, 0.99, 0.02, 0.03)
+    assert wide.for_limit(9.5, 0.99, 0.02, window_spread=0.02).window_spread == 0.02
+    old = {k: v for k, v in wide.to_dict().items() if k != "window_spread"}
+    assert Decision.from_dict(old).window_spread == 0.0

@@ -148,6 +148,9 @@ class DecisionRound:
             self.request = self.request.with_settings(
                 rounds=max(request.settings["rounds"], DECISION_ROUNDS),
                 reference_level_ms=decider.steps.known_reference_level())
+        # the between-window term a stored decision's interval must carry to answer this one
+        self.window_spread = float(self.request.settings["window_spread"]) \
+            if self.in_rounds else 0.0
         self.export = decider.export
         self.reference = decider.steps.reference
         self.audited: Dict[int, Prediction] = {}  # sample position -> the skipped prediction
@@ -187,8 +190,10 @@ class DecisionRound:
         cache = self.decider.cache
         key = self.decider.scope().key(graph)
         for stored in cache.decisions(key):
-            if stored.settles(self.limit_ms, self.confidence, self.indifference):
-                return stored.for_limit(self.limit_ms, self.confidence, self.indifference)
+            if stored.settles(self.limit_ms, self.confidence, self.indifference,
+                              self.window_spread):
+                return stored.for_limit(self.limit_ms, self.confidence, self.indifference,
+                                        window_spread=self.window_spread)
         measured = cache.get(key)
         if measured is None or measured.rounds is not None:  # a window's runs are no loop's
             return None
@@ -260,13 +265,20 @@ class DecisionRound:
 def _sound_verdict(stop: Mapping[str, Any]) -> bool:
     """Whether an agent's stop record carries the limit rule's verdict as numbers: positive
     finite level, limit and confidence, a finite ratio and ordered interval where given, an
-    outcome of below, above or none."""
+    outcome of below, above or none, a window spread in [0, 0.5), and why the candidate left
+    that agrees with its outcome."""
     def positive(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and \
             math.isfinite(value) and value > 0
 
     interval = stop.get("ratio_interval")
-    return stop.get("rule") == "rounds-limit" and \
+    spread, left, outcome = stop.get("window_spread"), stop.get("left"), stop.get("outcome")
+    consistent = (left == "settled") == (outcome is not None) and (
+        left != "spread" or (positive(spread) and stop.get("ratio") is not None
+                             and interval is not None))
+    return stop.get("rule") == "rounds-limit" and consistent and \
+        isinstance(spread, (int, float)) and not isinstance(spread, bool) and \
+        0 <= spread < 0.5 and left in ("settled", "spread", None) and \
         all(positive(stop.get(k)) for k in ("level_ms", "limit_ms", "confidence",
                                              "indifference", "looks", "rounds")) and \
         stop.get("outcome") in ("below", "above", None) and \

@@ -21,14 +21,22 @@ is spent first: `settled` is False and the decision says so, with its interval. 
 whose true latency lies inside the zone may be called either way; one outside it is called
 wrongly only when the interval misses its latency.
 
+In rounds, the interval tested is the interval of the ratio widened by the device's
+between-window spread (the setting window_spread, 2% by default): one window is one draw
+(its worker's loads, the device's mix of work), which moves every ratio in it alike and
+which its rounds cannot average away. A cost cut-off: a candidate whose rounds already agree
+within that spread (agents.ort_agent.SPREAD_NARROW) leaves undecided, never called.
+
 The error rate: the agent spends the allowed error 1 - confidence over its looks at the
 data (look k may err with probability (1 - confidence) * 6 / (pi^2 k^2), and these sum to
 1 - confidence), and the interval of the median is distribution-free (order statistics of
 independent runs, or of independent rounds' ratios); so a settled measured decision on a
 subnet outside the zone is wrong with probability at most 1 - confidence, however many
-times it looked. Its interval is the one of its last look (at that look's stricter
-confidence): the true value lies outside it with probability at most 1 - confidence, so a
-stored decision answers a later limit it settles, at a confidence no higher than its own.
+times it looked, plus, in rounds, the chance that the window's draw lies beyond
+window_spread (on this project's host about 2% of single windows did). Its
+interval is the one of its last look (at that look's stricter confidence): the true value
+lies outside it with probability at most 1 - confidence, so a stored decision answers a
+later limit it settles, at a confidence no higher than its own.
 A predicted decision carries the model's jackknife+ interval, whose coverage the
 model's audit reports.
 
@@ -82,7 +90,9 @@ class Decision:
         quiet level), or the model's prediction interval (predicted). median_ms: the point
         estimate. runs: timed runs behind it (0 for a prediction). device_s: device time this
         decision cost now (0 when answered from the cache or the model; in rounds, its share
-        of the window). source: measured, cached or predicted.
+        of the window). source: measured, cached or predicted. window_spread: the
+        between-window term its interval carries (rounds; 0 for a loop's runs), so that a
+        stored decision answers only a request that allows no more.
     """
 
     below: bool
@@ -99,6 +109,7 @@ class Decision:
     reason: str
     created_at: float = field(default_factory=time.time)
     indifference: float = 0.0
+    window_spread: float = 0.0
 
     def __post_init__(self) -> None:
         if self.source not in DECISION_SOURCES:
@@ -107,11 +118,15 @@ class Decision:
     def __bool__(self) -> bool:
         return self.below
 
-    def settles(self, limit_ms: float, confidence: float, indifference: float = 0.0) -> bool:
+    def settles(self, limit_ms: float, confidence: float, indifference: float = 0.0,
+                window_spread: float = 0.0) -> bool:
         """Whether this decision's evidence answers another limit at `confidence`, with that
-        indifference zone. Runs too few for an interval at its confidence (one run, say)
-        settle nothing: their interval_ms is only their range (min, max)."""
+        indifference zone, for a request whose between-window term is `window_spread` (an
+        interval made with a smaller one is too narrow for it). Runs too few for an interval
+        at its confidence (one run, say) settle nothing: their interval_ms is only their
+        range (min, max)."""
         return self.source != "predicted" and confidence <= self.confidence and \
+            window_spread <= self.window_spread and \
             self.has_interval and self._verdict(limit_ms, indifference) is not None
 
     def _verdict(self, limit_ms: float, indifference: float) -> Any:
@@ -125,16 +140,16 @@ class Decision:
             range(self.runs), look_confidence(self.confidence, 1)) is not None
 
     def for_limit(self, limit_ms: float, confidence: float, indifference: float = 0.0,
-                  source: str = "cached") -> "Decision":
+                  source: str = "cached", window_spread: float = 0.0) -> "Decision":
         """This evidence, read against another limit (device time is not spent again)."""
-        settled = self.settles(limit_ms, confidence, indifference)
+        settled = self.settles(limit_ms, confidence, indifference, window_spread)
         return Decision(below=self._verdict(limit_ms, indifference) == "below" if settled
                         else self.median_ms < limit_ms,
                         settled=settled, limit_ms=limit_ms,
                         confidence=self.confidence, interval_ms=self.interval_ms,
                         median_ms=self.median_ms, runs=self.runs, source=source, device_s=0.0,
                         graph_hash=self.graph_hash, device=self.device, reason=self.reason,
-                        indifference=indifference)
+                        indifference=indifference, window_spread=self.window_spread)
 
     def with_source(self, source: str) -> "Decision":
         """The same evidence from another source; a cached copy cost no device time now."""
@@ -190,8 +205,15 @@ def decision_from_rounds(verdict: Mapping[str, Any], runs: int, *, source: str,
     low, high = (float(interval[0]) * level, float(interval[1]) * level) \
         if interval is not None else (quiet, quiet)
     outcome = verdict.get("outcome")
+    spread = float(verdict.get("window_spread") or 0.0)
     reason = (f"the interval of the quiet-state latency says {outcome} (look "
               f"{verdict['looks']}, round {verdict['rounds']})" if outcome else
+              f"undecided after {verdict['rounds']} rounds: its estimate lies within about "
+              f"the device's between-window spread (+-{spread:.1%}) of the limit, and its "
+              "interval, widened by that spread, still reaches into both sides of the "
+              "indifference zone (a cost cut-off: more rounds would narrow only the part the "
+              "window's draw does not move)"
+              if verdict.get("left") == "spread" else
               f"undecided after {verdict['rounds']} rounds: the interval still reaches into "
               "both sides of the indifference zone" if interval is not None else
               f"undecided after {verdict['rounds']} rounds: too few kept for an interval (the "
@@ -201,7 +223,7 @@ def decision_from_rounds(verdict: Mapping[str, Any], runs: int, *, source: str,
                     confidence=float(verdict["confidence"]), interval_ms=(low, high),
                     median_ms=quiet, runs=runs, source=source, device_s=device_s,
                     graph_hash=graph_hash, device=device, reason=reason,
-                    indifference=float(verdict["indifference"]))
+                    indifference=float(verdict["indifference"]), window_spread=spread)
 
 
 def _median(ordered: Sequence[float]) -> float:
