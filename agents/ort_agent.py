@@ -52,9 +52,9 @@ ERROR_KINDS = ("TRANSFER", "LOAD", "RUNTIME", "TIMEOUT", "DEVICE_LOST", "THERMAL
 
 INDIFFERENCE = 0.02  # the limit rule's indifference zone by default: +-2% of the limit
 # The limit rule's between-window term by default: on this project's 2-core host, with a
-# neighbour on the other core, 98% of one window's ratios lay within 2.07% of a 5-pass truth
-# (every ratio of one worker's windows lay a common 0.5-1.5% off, and each load of a model
-# is a draw of its own); see limit_look.
+# neighbour on the other core, 98% of one pass's ratios lay within 2.07% of a 5-pass truth,
+# and 88% of a window's hours later within 2% (every ratio one worker measures lies a common
+# 0-1% off, and each load of a model is a draw of its own); see limit_look.
 WINDOW_SPREAD = 0.02
 
 # Settings a request may carry, with their defaults. Timing defaults suit a NAS search:
@@ -1625,8 +1625,8 @@ def limit_look(model, reference, settings, completed, last=False):
     depend on the candidate's values, and look k spends its share of the error
     (look_confidence): every look together errs at most 1 - confidence.
 
-    The window is one draw: the ratios of every model in it lie a common 0.5-1.5% from their
-    value over many windows (one worker's loads share it, and the device's mix of other work
+    The window is one draw: the ratios of every model in it lie a common 0-1% from their
+    value over many workers (one worker's loads share it, and the device's mix of other work
     moves), and each loaded model adds a draw of its own; no number of rounds of the same
     window averages that away. So the interval is widened to hold the truth whenever the
     window's ratio lies within window_spread of it (low / (1 + spread), high / (1 - spread))

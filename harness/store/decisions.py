@@ -33,7 +33,7 @@ data (look k may err with probability (1 - confidence) * 6 / (pi^2 k^2), and the
 independent runs, or of independent rounds' ratios); so a settled measured decision on a
 subnet outside the zone is wrong with probability at most 1 - confidence, however many
 times it looked, plus, in rounds, the chance that the window's draw lies beyond
-window_spread (on this project's host about 2% of single windows did). Its
+window_spread (on this project's host 2-12% of single windows did). Its
 interval is the one of its last look (at that look's stricter confidence): the true value
 lies outside it with probability at most 1 - confidence, so a stored decision answers a
 later limit it settles, at a confidence no higher than its own.
