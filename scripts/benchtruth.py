@@ -137,9 +137,9 @@ def recheck(space: Any, dummy: Any, samples: Sequence[Dict[str, Any]],
             settings: Optional[Dict[str, Any]] = None) -> str:
     """How far the truth lies from one window now (one pass of `seconds` per subnet, in a
     worker of its own): the shift of each subnet's ratio to the reference, as a line for a
-    table. A truth measured hours before, and one window's draw of the device (a loaded
-    reference's speed, the device's mix of work), move every ratio of a window alike: a
-    decision made in one window cannot lie closer to the truth than this."""
+    table. A truth measured hours before, and one window's draw of the device (its
+    worker's loads, the device's mix of work), move every ratio of a window alike: a
+    decision made in one window lies about as far from the truth, in its own draw."""
     now = _one_pass(space, dummy, samples, device=device, home=home, cache=cache,
                     seconds=seconds, seed=7, settings=settings)
     shifts = np.array([ratio / (t.quiet_ms / t.level_ms) - 1 for ratio, t in zip(now, truths)])
