@@ -62,10 +62,14 @@ def test_bad_indifference_or_level_settings_are_user_errors_naming_them(setting,
 
 # ---------------------------------------------------------------- the agent's schedule
 
-def schedule(latencies_ms, limit_ms, trace=None, confidence=0.99, cv=0.1, **settings):
+def schedule(latencies_ms, limit_ms, trace=None, confidence=0.99, cv=0.1, reference_draw=1.0,
+             **settings):
     """The agent's rounds over simulated models of these true latencies beside a reference of
     3 ms (its level known to be 3 ms) on one virtual clock, each run off by a spread `cv`, or
-    replaying `trace`: ({name: Timed}, why it stopped, the settings)."""
+    replaying `trace`: ({name: Timed}, why it stopped, the settings). With `reference_draw`,
+    this window's load of the reference runs that many times its known level: every ratio
+    in the window is off by the same share, as when a model is loaded again on a real
+    device."""
     clock = _VirtualClock()
     spec = SimulatedModel("board", 3.0, seed=1, noise=trace, cv=cv)
     checked = parse_settings(dict({"stop": "limit", "limit_ms": limit_ms, "confidence":
@@ -78,7 +82,7 @@ def schedule(latencies_ms, limit_ms, trace=None, confidence=0.99, cv=0.1, **sett
         return Timed(name, lambda: _scaled(run, clock, true_ms / spec.graph_median_ms(name)),
                      clock, checked["block_ms"])
 
-    reference = timed("reference", 3.0)
+    reference = timed("reference", 3.0 * reference_draw)
     models = {f"m{i}": timed(f"m{i}", ms) for i, ms in enumerate(latencies_ms)}
     _, _, failed, reason = interleave(models, reference, checked, clock)
     assert not failed
@@ -86,24 +90,9 @@ def schedule(latencies_ms, limit_ms, trace=None, confidence=0.99, cv=0.1, **sett
 
 
 def drawn_window(latencies_ms, limit_ms, reference_draw, **settings):
-    """schedule(), with this window's load of the reference running `reference_draw` times
-    its known level: every ratio in the window is off by the same share, as when a model
-    is loaded again on a real device."""
-    clock = _VirtualClock()
-    spec = SimulatedModel("board", 3.0, seed=1, cv=0.01)
-    checked = parse_settings(dict({"stop": "limit", "limit_ms": limit_ms, "confidence": 0.99,
-                                   "rounds": 400, "block_ms": 10.0, "ref_gap_ms": 30.0,
-                                   "max_time_ms": 600000.0, "reference_level_ms": 3.0},
-                                  **settings))
-
-    def timed(name, true_ms):
-        run = spec.runner(name, clock)
-        return Timed(name, lambda: _scaled(run, clock, true_ms / spec.graph_median_ms(name)),
-                     clock, checked["block_ms"])
-
-    reference = timed("reference", 3.0 * reference_draw)
-    models = {f"m{i}": timed(f"m{i}", ms) for i, ms in enumerate(latencies_ms)}
-    interleave(models, reference, checked, clock)
+    """schedule() on runs 1% apart, its reference drawn `reference_draw`: (models, settings)."""
+    models, _, checked = schedule(latencies_ms, limit_ms, cv=0.01,
+                                  reference_draw=reference_draw, **settings)
     return models, checked
 
 

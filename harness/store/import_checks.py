@@ -352,13 +352,10 @@ class ImportChecker:
         confidence = finite(record.get("confidence"))
         if confidence is None or not 0 < confidence < 1:
             raise _Skip(f"bad confidence: not between 0 and 1 ({record.get('confidence')!r:.40})")
-        zone = finite(record.get("indifference", 0.0))
-        if zone is None or not 0 <= zone < 0.5:
-            raise _Skip(f"bad indifference: not from 0 to 0.5 ({record.get('indifference')!r:.40})")
-        spread = finite(record.get("window_spread", 0.0))
-        if spread is None or not 0 <= spread < 0.5:
-            raise _Skip("bad window_spread: not from 0 to 0.5 "
-                        f"({record.get('window_spread')!r:.40})")
+        for share in ("indifference", "window_spread"):  # shares of the limit, of a ratio
+            value = finite(record.get(share, 0.0))
+            if value is None or not 0 <= value < 0.5:
+                raise _Skip(f"bad {share}: not from 0 to 0.5 ({record.get(share)!r:.40})")
         self._date(record, "created_at")
         try:
             decision = Decision.from_dict({k: v for k, v in record.items() if k != "samples_ms"})
