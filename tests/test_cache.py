@@ -3,6 +3,7 @@ import hashlib
 import json
 import multiprocessing
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -103,6 +104,53 @@ def test_several_processes_write_at_once_and_nothing_is_lost(tmp_path):
         assert cache.get(key(3 * 1000 + 39)).median == pytest.approx(40.0)
     mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+
+
+def test_a_new_cache_waits_for_wal_while_another_process_writes(tmp_path, monkeypatch):
+    """The race CI met: a process switches a new file to WAL just as another takes its write
+    lock. SQLite answers "locked" at once there, without its busy timeout, so the switch must
+    wait for the lock, not fail the open."""
+    path = tmp_path / "new.sqlite"
+    other = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    held = []
+
+    def take_the_write_lock_at_the_switch(statement: str) -> None:
+        if "journal_mode = WAL" in statement and not held:
+            other.execute("BEGIN IMMEDIATE")
+            held.append(time.monotonic())
+            threading.Timer(0.3, other.execute, ("COMMIT",)).start()
+
+    real_connect = sqlite3.connect
+
+    def connect_with_trace(*args, **kwargs):
+        conn = real_connect(*args, **kwargs)
+        conn.set_trace_callback(take_the_write_lock_at_the_switch)
+        return conn
+
+    monkeypatch.setattr("harness.store.cache.sqlite3.connect", connect_with_trace)
+    with Cache(path) as cache:
+        cache.put(key(), measurement())
+    assert held, "the other process never took the lock at the switch"
+    assert time.monotonic() - held[0] >= 0.3
+    other.close()
+    assert sqlite3.connect(str(path)).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_lock_held_too_long_is_a_cache_error_that_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "held.sqlite"
+    Cache(path).close()
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    monkeypatch.setattr("harness.store.cache.BUSY_TIMEOUT_S", 0.3)
+    try:
+        with pytest.raises(CacheError, match="held its write lock") as caught:
+            Cache(path)
+        assert "fuser" in caught.value.fix
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with Cache(path) as cache:
+        assert cache.stats()["measurements"] == 0
 
 
 def test_a_file_that_is_not_a_database_is_refused_and_left_alone(tmp_path):

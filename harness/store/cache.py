@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS reference_blocks (
     created_at   REAL NOT NULL,
     PRIMARY KEY (device_fp, settings_key, reference, window, sequence)
 ) WITHOUT ROWID"""
+BUSY_TIMEOUT_S = 60.0  # how long a write waits for another process's write
 REFERENCE_HISTORY = 2000  # the newest reference blocks a quiet level is read from
 
 _KEY_WHERE = ("graph_hash = ? AND input_sig = ? AND settings_key = ? AND device_fp = ? "
@@ -122,10 +123,11 @@ class Cache:
                                  "disk, e.g. HARNESS_HOME=~/.harness; /proc, /sys and "
                                  "read-only filesystems cannot hold it") from None
         with self._guard("open"):
-            self._conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None,
-                                         check_same_thread=False)
-            self._conn.execute("PRAGMA busy_timeout = 60000")
+            self._conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S,
+                                         isolation_level=None, check_same_thread=False)
+            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             self._prepare()
+            self._use_wal()
 
     # ------------------------------------------------------------ opening safely
 
@@ -176,8 +178,24 @@ class Cache:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+
+    def _use_wal(self) -> None:
+        """Switch the file to WAL, once, when it is new.
+
+        SQLite answers "database is locked" at once, without its busy timeout, when the switch
+        meets another process's write transaction (several processes opening a new cache at
+        the same moment), so the switch is retried until the busy timeout has passed.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self._conn.execute("PRAGMA synchronous = NORMAL")
 
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:
@@ -191,6 +209,11 @@ class Cache:
                                  f"{what}; harness left it untouched",
                                  fix=f"move {self.path} aside and start a new cache, or try "
                                      f"'sqlite3 {self.path} .recover' to save its rows") from exc
+            if "locked" in text:
+                raise CacheError(f"cache {self.path} failed to {what}: another process held "
+                                 f"its write lock for over {BUSY_TIMEOUT_S:.0f} s",
+                                 fix=f"find the process that holds it ('fuser {self.path}') "
+                                     f"and let it finish, or use another cache path") from exc
             raise CacheError(f"cache {self.path} failed to {what}: {text}",
                              fix="check the file's permissions and free disk space") from exc
 
