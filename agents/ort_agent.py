@@ -1366,6 +1366,14 @@ def look_confidence(confidence, look):
     return 1.0 - (1.0 - confidence) * 6.0 / (math.pi ** 2 * look ** 2)
 
 
+def widened(interval, spread):
+    """An interval of one window's value, widened to hold the value over windows whenever
+    the window lies within `spread` of it (limit_look: the between-window term)."""
+    if interval is None:
+        return None
+    return (interval[0] / (1.0 + spread), interval[1] / (1.0 - spread))
+
+
 def limit_verdict(interval, median, limit, indifference):
     """The three-way test of a median against a limit with an indifference zone of
     +-indifference x limit: "below" when the interval lies under the zone's top, "above"
@@ -1652,8 +1660,7 @@ def limit_look(model, reference, settings, completed, last=False):
     within = median_interval(kept, look_confidence(settings["confidence"], model.looks))
     ratio = _median_of(kept) if kept else None
     spread = settings["window_spread"]
-    interval = None if within is None else (within[0] / (1.0 + spread),
-                                            within[1] / (1.0 - spread))
+    interval = widened(within, spread)
     outcome = limit_verdict(interval, ratio, settings["limit_ms"] / level,
                             settings["indifference"])
     narrow = within is not None and spread > 0 and \

@@ -329,3 +329,29 @@ def test_a_stored_decision_answers_only_requests_that_allow_no_wider_window_spre
     assert wide.for_limit(9.5, 0.99, 0.02, window_spread=0.02).window_spread == 0.02
     old = {k: v for k, v in wide.to_dict().items() if k != "window_spread"}
     assert Decision.from_dict(old).window_spread == 0.0
+
+
+def test_a_stored_loop_measurement_answers_a_rounds_decision_widened_by_the_term(tiny,
+                                                                                  tmp_path):
+    """A loop's window is one draw as a window of rounds is: a stored loop measurement that
+    answers a decision of a rounds request has its interval widened by the request's
+    between-window term, and a request without the term reads it as it is."""
+    from harness.store.decisions import decision_from_samples
+
+    sample = random_samples(tiny, 1, seed=5)[0]
+    loop = {"warmup_runs": 1, "min_runs": 20, "min_time_ms": 5.0, "max_time_ms": 2000.0,
+            "protocol": "loop"}
+    with LatencyProfiler(tiny, tiny.dummy_input(), home=tmp_path, settings=loop) as profiler:
+        measured = profiler.measure(sample)
+    limit = measured.median / 1.03
+    plain = decision_from_samples(measured.samples_ms, limit, 0.99, source="cached",
+                                  device_s=0.0, graph_hash="", device="", reason="",
+                                  indifference=0.02).interval_ms
+    for spread, interval in ((0.02, (plain[0] / 1.02, plain[1] / 0.98)), (0.0, plain)):
+        settings = dict(ROUNDS, window_spread=spread)
+        with LatencyProfiler(tiny, tiny.dummy_input(), home=tmp_path,
+                             settings=settings) as profiler:
+            decision = profiler.decide(sample, limit)
+        assert decision.source == "cached" and decision.reason == "a stored measurement"
+        assert decision.window_spread == spread
+        assert decision.interval_ms == pytest.approx(interval)

@@ -200,7 +200,8 @@ class DecisionRound:
         return decision_from_samples(measured.samples_ms, self.limit_ms, self.confidence,
                                      source="cached", device_s=0.0, graph_hash=graph,
                                      device=measured.device, reason="a stored measurement",
-                                     indifference=self.indifference)
+                                     indifference=self.indifference,
+                                     window_spread=self.window_spread)
 
     def store(self, result: AgentResult, exported: ExportedModel) -> Decision:
         """The device's runs as a decision, stored with them as evidence (never as a

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from agents.ort_agent import (INDIFFERENCE, limit_verdict, look_confidence,
-                              median_interval, plain_number)
+                              median_interval, plain_number, widened)
 from harness.errors import InvalidArgument
 
 DECISION_SOURCES = ("measured", "cached", "predicted")
@@ -173,14 +173,18 @@ class Decision:
 
 def decision_from_samples(samples_ms: Sequence[float], limit_ms: float, confidence: float, *,
                           source: str, device_s: float, graph_hash: str, device: str,
-                          reason: str, looks: int = 1, indifference: float = 0.0) -> Decision:
+                          reason: str, looks: int = 1, indifference: float = 0.0,
+                          window_spread: float = 0.0) -> Decision:
     """A decision read from raw per-run times: settled when the interval of the median says
     below or above the limit (with the indifference zone). Runs the agent looked at `looks`
     times before it stopped give the interval at the confidence of that last look
-    (harness.store.decisions: the error rate), which holds for any limit."""
+    (harness.store.decisions: the error rate), which holds for any limit. A request with a
+    between-window term (`window_spread`, rounds) widens the interval by it, as the agent's
+    limit rule does: a stored loop's window is one draw as a window of rounds is."""
     ordered = sorted(samples_ms)
     median = _median(ordered)
-    interval = median_interval(ordered, look_confidence(confidence, max(looks, 1)))
+    interval = widened(median_interval(ordered, look_confidence(confidence, max(looks, 1))),
+                       window_spread)
     verdict = limit_verdict(interval, median, limit_ms, indifference)
     # Too few runs for an interval: their range is shown, and settles nothing (has_interval)
     low, high = interval if interval is not None else (ordered[0], ordered[-1])
@@ -188,7 +192,7 @@ def decision_from_samples(samples_ms: Sequence[float], limit_ms: float, confiden
                     settled=verdict is not None, limit_ms=limit_ms, confidence=confidence,
                     interval_ms=(low, high), median_ms=median, runs=len(ordered),
                     source=source, device_s=device_s, graph_hash=graph_hash, device=device,
-                    reason=reason, indifference=indifference)
+                    reason=reason, indifference=indifference, window_spread=window_spread)
 
 
 def decision_from_rounds(verdict: Mapping[str, Any], runs: int, *, source: str,
