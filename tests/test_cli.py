@@ -96,7 +96,7 @@ def test_no_traceback_on_a_closed_pipe(home):
 
 
 def test_hints_are_flags():
-    from harness.cli import _parser, as_flags, option_names
+    from harness.cli.options import as_flags, build_parser as _parser, option_names
 
     options = option_names(_parser())
     assert as_flags("pass fallback='nn-meter' (calibrate first) or fallback='model'",
