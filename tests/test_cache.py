@@ -106,34 +106,70 @@ def test_several_processes_write_at_once_and_nothing_is_lost(tmp_path):
     assert mode == "wal"
 
 
-def test_a_new_cache_waits_for_wal_while_another_process_writes(tmp_path, monkeypatch):
-    """The race CI met: a process switches a new file to WAL just as another takes its write
-    lock. SQLite answers "locked" at once there, without its busy timeout, so the switch must
-    wait for the lock, not fail the open."""
-    path = tmp_path / "new.sqlite"
+def _lock_taken_at_the_wal_switch(monkeypatch, path, release_after_s=None):
+    """Another connection takes the write lock of the new file at `path` just as Cache()
+    switches it to WAL (a trace callback on Cache's connections sees the switch coming), and
+    gives it back after `release_after_s` (None: never). The other connection, when the lock
+    was taken, and the release timer are returned."""
     other = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    held = []
+    state = {"other": other, "taken_at": None, "timer": None}
 
-    def take_the_write_lock_at_the_switch(statement: str) -> None:
-        if "journal_mode = WAL" in statement and not held:
+    def take_the_lock(statement: str) -> None:
+        if "journal_mode = WAL" in statement and state["taken_at"] is None:
             other.execute("BEGIN IMMEDIATE")
-            held.append(time.monotonic())
-            threading.Timer(0.3, other.execute, ("COMMIT",)).start()
+            state["taken_at"] = time.monotonic()
+            if release_after_s is not None:
+                state["timer"] = threading.Timer(release_after_s, other.execute, ("COMMIT",))
+                state["timer"].start()
 
     real_connect = sqlite3.connect
 
     def connect_with_trace(*args, **kwargs):
         conn = real_connect(*args, **kwargs)
-        conn.set_trace_callback(take_the_write_lock_at_the_switch)
+        conn.set_trace_callback(take_the_lock)
         return conn
 
     monkeypatch.setattr("harness.store.cache.sqlite3.connect", connect_with_trace)
-    with Cache(path) as cache:
-        cache.put(key(), measurement())
-    assert held, "the other process never took the lock at the switch"
-    assert time.monotonic() - held[0] >= 0.3
-    other.close()
-    assert sqlite3.connect(str(path)).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    return state
+
+
+def test_a_new_cache_waits_for_wal_while_another_process_writes(tmp_path, monkeypatch):
+    """The race CI met: a process switches a new file to WAL just as another takes its write
+    lock. SQLite answers "locked" at once there, without its busy timeout, so the switch must
+    wait for the lock, not fail the open."""
+    path = tmp_path / "new.sqlite"
+    state = _lock_taken_at_the_wal_switch(monkeypatch, path, release_after_s=0.3)
+    try:
+        with Cache(path) as cache:
+            opened_at = time.monotonic()
+            cache.put(key(), measurement())
+        assert state["taken_at"] is not None, "the lock was never taken at the switch"
+        assert opened_at - state["taken_at"] >= 0.3  # it waited for the lock to go
+    finally:
+        if state["timer"] is not None:
+            state["timer"].join()
+        state["other"].close()
+    check = sqlite3.connect(str(path))
+    try:
+        assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        check.close()
+
+
+def test_a_wal_switch_that_never_gets_the_lock_is_a_cache_error(tmp_path, monkeypatch):
+    path = tmp_path / "new.sqlite"
+    state = _lock_taken_at_the_wal_switch(monkeypatch, path)
+    monkeypatch.setattr("harness.store.cache.BUSY_TIMEOUT_S", 0.3)
+    try:
+        with pytest.raises(CacheError, match="held its lock for over 0.3 s") as caught:
+            Cache(path)
+        assert state["taken_at"] is not None and "fuser" in caught.value.fix
+    finally:
+        state["other"].execute("ROLLBACK")
+        state["other"].close()
+    monkeypatch.undo()
+    with Cache(path) as cache:  # the file it made is a sound cache once the lock is gone
+        assert cache.stats()["measurements"] == 0
 
 
 def test_a_lock_held_too_long_is_a_cache_error_that_says_so(tmp_path, monkeypatch):
@@ -143,7 +179,7 @@ def test_a_lock_held_too_long_is_a_cache_error_that_says_so(tmp_path, monkeypatc
     holder.execute("BEGIN IMMEDIATE")
     monkeypatch.setattr("harness.store.cache.BUSY_TIMEOUT_S", 0.3)
     try:
-        with pytest.raises(CacheError, match="held its write lock") as caught:
+        with pytest.raises(CacheError, match="held its lock") as caught:
             Cache(path)
         assert "fuser" in caught.value.fix
     finally:

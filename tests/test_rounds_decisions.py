@@ -355,3 +355,5 @@ def test_a_stored_loop_measurement_answers_a_rounds_decision_widened_by_the_term
         assert decision.source == "cached" and decision.reason == "a stored measurement"
         assert decision.window_spread == spread
         assert decision.interval_ms == pytest.approx(interval)
+        called = limit_verdict(interval, decision.median_ms, limit, 0.02)
+        assert decision.settled == (called is not None)  # called on the widened interval

@@ -19,6 +19,7 @@ carry, well-formed sample-index rows); rows that fail are skipped and reported, 
 that is not a harness export is refused whole.
 """
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -37,6 +38,8 @@ from harness.store.import_checks import (EXPORT_FORMAT, MAX_CLOCK_SKEW_S, SCHEMA
 from harness.store.key import MeasurementKey, canonical_json, model_of
 from harness.store.measurement import STATISTICS, Measurement
 from harness.store.rounds import quantile
+
+log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x484E5331  # "HNS1" in the SQLite header marks a harness cache
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -125,9 +128,13 @@ class Cache:
         with self._guard("open"):
             self._conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S,
                                          isolation_level=None, check_same_thread=False)
-            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            self._prepare()
-            self._use_wal()
+            try:
+                self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                self._prepare()
+                self._use_wal()
+            except BaseException:
+                self._conn.close()  # a cache that failed to open holds no connection
+                raise
 
     # ------------------------------------------------------------ opening safely
 
@@ -180,21 +187,30 @@ class Cache:
             raise
 
     def _use_wal(self) -> None:
-        """Switch the file to WAL, once, when it is new.
+        """Put the file in WAL mode (a no-op, without any lock, once it is in it).
 
         SQLite answers "database is locked" at once, without its busy timeout, when the switch
-        meets another process's write transaction (several processes opening a new cache at
-        the same moment), so the switch is retried until the busy timeout has passed.
+        of a new file meets another process's write transaction (several processes opening a
+        new cache at the same moment), so the switch is retried, each try waiting at most
+        what is left of BUSY_TIMEOUT_S. A filesystem that keeps no WAL (some network ones)
+        leaves the file in its own mode, with a warning: it works, with less concurrency.
         """
         deadline = time.monotonic() + BUSY_TIMEOUT_S
         while True:
             try:
-                self._conn.execute("PRAGMA journal_mode = WAL")
+                mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 break
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
+                left = deadline - time.monotonic()
+                if "locked" not in str(exc) or left <= 0:
                     raise
-                time.sleep(0.05)
+                self._conn.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
+                time.sleep(min(0.05, left))
+        self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        if str(mode).lower() != "wal":
+            log.warning("cache %s stays in journal mode %s (its filesystem keeps no WAL): "
+                        "several processes writing at once wait longer for each other",
+                        self.path, mode)
         self._conn.execute("PRAGMA synchronous = NORMAL")
 
     @contextmanager
@@ -210,10 +226,12 @@ class Cache:
                                  fix=f"move {self.path} aside and start a new cache, or try "
                                      f"'sqlite3 {self.path} .recover' to save its rows") from exc
             if "locked" in text:
-                raise CacheError(f"cache {self.path} failed to {what}: another process held "
-                                 f"its write lock for over {BUSY_TIMEOUT_S:.0f} s",
+                raise CacheError(f"cache {self.path} failed to {what} ({text}): another "
+                                 f"process held its lock for over {BUSY_TIMEOUT_S:g} s, or "
+                                 f"its filesystem has no working locks",
                                  fix=f"find the process that holds it ('fuser {self.path}') "
-                                     f"and let it finish, or use another cache path") from exc
+                                     f"and let it finish, or put the cache on a local disk "
+                                     f"(--cache or $HARNESS_HOME)") from exc
             raise CacheError(f"cache {self.path} failed to {what}: {text}",
                              fix="check the file's permissions and free disk space") from exc
 
