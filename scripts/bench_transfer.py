@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.predict.accuracy import accuracy_metrics  # noqa: E402
-from harness.campaigns.calibrate import fit_correction  # noqa: E402
+from harness.campaigns.calibrate import NOT_ACTIVATED, fit_correction  # noqa: E402
 from harness.export.graph import export_sample  # noqa: E402
 from harness.predict.nn_meter import load_predictor  # noqa: E402
 from benchlib import space_at_input  # noqa: E402
@@ -76,6 +76,15 @@ def per_type_predictions(split: np.ndarray, measured: np.ndarray,
     return evaluate @ fit_type_scales(split, measured, best, prior)
 
 
+def calibration_folder(home: Path, device: str) -> Path:
+    """A device's stored calibration: the one in use, else the one calibrate() kept without
+    making it the fallback (worse than its raw predictor on the held-out subnets: its
+    kernels and measured subnets are what a transfer reads all the same)."""
+    folder = home / "calibrations" / device
+    kept = folder / NOT_ACTIVATED
+    return kept if not (folder / "calibration.json").exists() and kept.is_dir() else folder
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source-home", required=True)
@@ -97,8 +106,8 @@ def main() -> int:
 
     space, args.space = space_at_input(parser, args.space, args.input_size)
     dummy = space.dummy_input()
-    source = load_predictor(Path(args.source_home) / "calibrations" / args.source / "kernels")
-    target = Path(args.target_home) / "calibrations" / args.target
+    source = load_predictor(calibration_folder(Path(args.source_home), args.source) / "kernels")
+    target = calibration_folder(Path(args.target_home), args.target)
     train = json.loads((target / "training.json").read_text())
     held = json.loads((target / "holdout.json").read_text())
     own = json.loads((target / "calibration.json").read_text())["report"]["calibrated"]
