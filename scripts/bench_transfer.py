@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness.predict.accuracy import accuracy_metrics  # noqa: E402
 from harness.campaigns.calibrate import NOT_ACTIVATED, fit_correction  # noqa: E402
 from harness.export.graph import export_sample  # noqa: E402
+from harness.predict.calibration import CALIBRATION_FILE, calibrations_folder  # noqa: E402
 from harness.predict.nn_meter import load_predictor  # noqa: E402
 from benchlib import space_at_input  # noqa: E402
 
@@ -80,9 +81,9 @@ def calibration_folder(home: Path, device: str) -> Path:
     """A device's stored calibration: the one in use, else the one calibrate() kept without
     making it the fallback (worse than its raw predictor on the held-out subnets: its
     kernels and measured subnets are what a transfer reads all the same)."""
-    folder = home / "calibrations" / device
+    folder = calibrations_folder(home) / device
     kept = folder / NOT_ACTIVATED
-    return kept if not (folder / "calibration.json").exists() and kept.is_dir() else folder
+    return kept if not (folder / CALIBRATION_FILE).exists() and kept.is_dir() else folder
 
 
 def main() -> int:
@@ -110,7 +111,7 @@ def main() -> int:
     target = calibration_folder(Path(args.target_home), args.target)
     train = json.loads((target / "training.json").read_text())
     held = json.loads((target / "holdout.json").read_text())
-    own = json.loads((target / "calibration.json").read_text())["report"]["calibrated"]
+    own = json.loads((target / CALIBRATION_FILE).read_text())["report"]["calibrated"]
     truth = json.loads((target / "truth.json").read_text()) if (
         target / "truth.json").exists() else None
     if truth is not None and (truth.get("samples") != held["samples"]

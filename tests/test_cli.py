@@ -148,3 +148,14 @@ def test_corrupt_cache_is_reported_not_replaced(home, tmp_path):
 def test_console_script_is_installed():
     proc = subprocess.run(["harness", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "profile" in proc.stdout
+
+
+def test_every_subcommand_the_parser_offers_has_its_command():
+    import argparse
+
+    from harness.cli import COMMANDS
+    from harness.cli.options import build_parser
+
+    subcommands = next(action for action in build_parser()._actions
+                       if isinstance(action, argparse._SubParsersAction))
+    assert set(subcommands.choices) == set(COMMANDS)

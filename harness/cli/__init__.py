@@ -22,12 +22,18 @@ import os
 import select
 import sys
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 from devices.errors import FixableError
 from harness.cli.manage import cache_command, devices_command, farm_command, report_command
 from harness.cli.measure import calibrate_command, filter_command, profile_command
 from harness.cli.options import as_flags, build_parser, check_numbers, option_names
+
+# each subcommand of build_parser() and the function that runs it
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
+    "profile": profile_command, "calibrate": calibrate_command, "filter": filter_command,
+    "devices": devices_command, "farm": farm_command, "report": report_command,
+    "cache": cache_command}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -72,19 +78,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
     try:
         check_numbers(args)
-        if args.command == "profile":
-            return profile_command(args)
-        if args.command == "calibrate":
-            return calibrate_command(args)
-        if args.command == "filter":
-            return filter_command(args)
-        if args.command == "devices":
-            return devices_command(args)
-        if args.command == "farm":
-            return farm_command(args)
-        if args.command == "report":
-            return report_command(args)
-        return cache_command(args)
+        return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("harness: interrupted; what was measured is in the cache, so a rerun resumes",
               file=sys.stderr)
