@@ -23,8 +23,9 @@
     [devices.sim-000]
     transport = "sim"                # a simulated device (devices.simulated): no model runs
     address = "npu-sim"              # the simulated model's name
-    sim_ms = 20.0                    # median latency of a typical graph
-    sim_seed = 0
+    sim_ms = 20.0                    # median latency of a typical graph (graph costs: their
+    sim_seed = 0                     # scale: a run's fixed cost and an operator's are 5%)
+    sim_costs = "draw"               # or "graph": its operators' costs added up
     kind = "sim"
 """
 import difflib
@@ -57,6 +58,7 @@ from devices.native_bench_client import TOOLS as NATIVE_TOOLS
 from devices.native_bench_client import NativeBenchClient
 from devices.perf_tool_client import PerfTestClient
 from devices.safe_files import NotARegularFile, replace_text
+from devices.simulated import COSTS as SIM_COSTS
 from devices.simulated import SimulatedClient, SimulatedModel
 from devices.ssh import (Endpoint, HostKeyChanged, SSHConnection, SSHTransport, fetch_host_key,
                          host_entry, key_fingerprint)
@@ -90,6 +92,7 @@ class DeviceConfig:
     lock: Optional[str] = None      # device-wide lock file (default per transport)
     sim_ms: Optional[float] = None  # simulated devices: median latency of a typical graph
     sim_seed: Optional[int] = None  # simulated devices: the seed of their latencies
+    sim_costs: Optional[str] = None  # simulated devices: "draw" (default) or "graph"
     noise_trace: Optional[str] = None  # simulated devices: a recorded noise trace replayed
     models_limit_mb: Optional[float] = None  # the model folder's bound (default per transport)
 
@@ -126,6 +129,7 @@ FIELD_CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "pin_big_cores": (lambda v: isinstance(v, bool), "true or false"),
     "sim_ms": (lambda v: _number(v) and v > 0, "a positive number of ms"),
     "sim_seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "sim_costs": (lambda v: v in SIM_COSTS, "one of " + ", ".join(map(json.dumps, SIM_COSTS))),
     "noise_trace": (_text, "the path of a noise trace (harness devices record-noise)"),
     "models_limit_mb": (lambda v: _number(v) and v >= 0, "a number of MB (0 or more)"),
 }
@@ -411,7 +415,8 @@ def open_client(name: str, home: Path, isolation: str = "worker"):
         noise = None if config.noise_trace is None else NoiseTrace.load(
             Path(home) / Path(config.noise_trace).expanduser())  # relative: to the home
         return SimulatedClient(name, SimulatedModel(config.address, config.sim_ms or 20.0,
-                                                    seed=config.sim_seed or 0, noise=noise),
+                                                    seed=config.sim_seed or 0, noise=noise,
+                                                    costs=config.sim_costs or "draw"),
                                Path(home))
     transport = open_transport(name, home)
     if config is not None and config.agent == "perf-test":

@@ -3,7 +3,10 @@
 A simulated device (`transport = "sim"` in devices.toml) answers as our agent does, but runs
 no model: each graph has a median latency drawn from a seeded distribution (by the device's
 seed and the model's SHA-256, so every unit of one simulated model, and every rerun, gives
-the same numbers), each run a latency drawn around it, and the agent's own timed loop
+the same numbers), or, with `sim_costs = "graph"`, the sum of its operators' seeded costs
+and a fixed cost per run (so that blocks add up to the networks they make, as on a real
+device: lookup tables can be checked against an exact truth), each run a latency drawn
+around it, and the agent's own timed loop
 (agents.ort_agent.timed_loop, with its stop rules) runs on a virtual clock. The device then
 sleeps for the time the loop would have taken and spends no CPU, so hundreds of them can be
 served from a 2-core machine, and a farm's scheduling, leases, fail-over and bookkeeping
@@ -19,7 +22,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -33,13 +36,63 @@ from devices.safe_files import replace_text
 DOWN_FOLDER = "sim-down"
 JOURNAL_FOLDER = "sim-journal"
 CLOCK_FOLDER = "sim-clock"
+COSTS = ("draw", "graph")  # a graph's latency: one seeded draw, or its operators' costs added
+# "graph" costs, as shares of the model's median_ms: the fixed cost of a run, and a typical
+# operator with weights (one without, e.g. an activation or an addition, costs a fifth of
+# that); Identity and the other operators that do no work cost nothing
+FIXED_SHARE, OPERATOR_SHARE, LIGHT_FACTOR = 0.05, 0.05, 0.2
+FREE_OPERATORS = frozenset({"Identity", "Constant", "Shape", "Reshape", "Flatten", "Squeeze",
+                            "Unsqueeze"})
+
+
+def operators_cost_ms(onnx_bytes: bytes, median_ms: float, seed: int) -> float:
+    """A graph's latency under "graph" costs: the fixed cost of a run plus each operator's
+    cost, a seeded draw (from half to twice the typical one) by its type, its attributes and
+    the shapes of its float weights. A block exported alone and the same block inside a
+    network cost the same, so a network costs its blocks' costs plus one fixed cost.
+
+    The exporter shares initializers that happen to be equal (two all-zero biases) through
+    Identity nodes, across blocks too when a network is exported whole: such an Identity's
+    output is read as the weight it aliases (as harness.export.graph's hash reads it), so
+    the sharing changes no cost. A file that is not an ONNX graph is refused."""
+    import onnx
+
+    try:
+        graph = onnx.load_from_string(onnx_bytes).graph
+    except Exception as exc:  # onnx raises DecodeError and others on a file that is not ONNX
+        raise BadRequest(f"a simulated device with graph costs could not read the model "
+                         f"({type(exc).__name__}: {exc})") from None
+    if not graph.node or not graph.output:
+        raise BadRequest("a simulated device with graph costs was sent a model without "
+                         "operators or outputs: not an ONNX graph it could run")
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+              onnx.TensorProto.BFLOAT16}
+    weights = {init.name: tuple(init.dims) for init in graph.initializer
+               if init.data_type in floats}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in weights:
+            weights[node.output[0]] = weights[node.input[0]]
+    total = median_ms * FIXED_SHARE
+    for node in graph.node:
+        if node.op_type in FREE_OPERATORS:
+            continue
+        shapes = tuple(weights[name] for name in node.input if name in weights)
+        attributes = hashlib.sha256(b"".join(
+            attribute.SerializeToString(deterministic=True) for attribute in
+            sorted(node.attribute, key=lambda a: a.name))).hexdigest()
+        draw = random.Random(f"{seed}:{node.op_type}:{shapes}:{attributes}").random()
+        typical = median_ms * OPERATOR_SHARE * (1.0 if shapes else LIGHT_FACTOR)
+        total += typical * 2.0 ** (2.0 * draw - 1.0)
+    return total
 
 
 @dataclass(frozen=True)
 class SimulatedModel:
     """What a simulated device is: a name for its model, the median latency of a typical
-    graph (graphs spread from half to twice it), the spread of runs around a graph's median
-    (coefficient of variation), the load time, and the seed of all of it."""
+    graph (graphs spread from half to twice it; under "graph" costs, the scale of a run's
+    fixed cost and of its operators' costs, FIXED_SHARE and OPERATOR_SHARE of it), the spread
+    of runs around a graph's median (coefficient of variation), the load time, the seed of
+    all of it, the noise trace it replays, and how a graph's latency is made (`costs`)."""
 
     model: str
     median_ms: float = 20.0
@@ -47,8 +100,14 @@ class SimulatedModel:
     load_ms: float = 50.0
     seed: int = 0
     noise: Optional[NoiseTrace] = None  # a recorded trace replayed (devices.noise_trace)
+    costs: str = "draw"  # a graph's latency: "draw" (seeded by its hash) or "graph" (COSTS)
+    _known: Dict[str, float] = field(default_factory=dict, init=False, compare=False,
+                                     repr=False)  # graph costs read, by SHA-256
 
     def __post_init__(self) -> None:
+        if self.costs not in COSTS:
+            raise BadRequest(f"a simulated device's costs must be one of {', '.join(COSTS)}, "
+                             f"got {self.costs!r}")
         for name in ("median_ms", "load_ms"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -57,10 +116,24 @@ class SimulatedModel:
         if not (isinstance(self.cv, (int, float)) and 0 <= self.cv < 1):
             raise BadRequest(f"a simulated device's cv must be from 0 to 1, got {self.cv!r}")
 
-    def graph_median_ms(self, sha256: str) -> float:
-        """The median latency of one graph on this model: the same on every unit, every run."""
-        draw = random.Random(f"{self.seed}:{sha256}").random()
-        return self.median_ms * 2.0 ** (2.0 * draw - 1.0)
+    def graph_median_ms(self, sha256: str, onnx_bytes: Optional[bytes] = None) -> float:
+        """The median latency of one graph on this model: the same on every unit, every run.
+        Under "graph" costs it is read from the model (`onnx_bytes`, needed the first time
+        a graph is seen)."""
+        if self.costs == "draw":
+            draw = random.Random(f"{self.seed}:{sha256}").random()
+            return self.median_ms * 2.0 ** (2.0 * draw - 1.0)
+        if sha256 not in self._known:
+            if onnx_bytes is None:
+                raise BadRequest(f"graph {sha256[:12]} has not been seen by this simulated "
+                                 "device: its costs come from the model file")
+            self._known[sha256] = operators_cost_ms(onnx_bytes, self.median_ms, self.seed)
+        return self._known[sha256]
+
+    def read_costs(self, sha256: str, model_path: str) -> None:
+        """Read a model file's costs (under "graph" costs; nothing to read otherwise)."""
+        if self.costs == "graph" and sha256 not in self._known:
+            self.graph_median_ms(sha256, Path(model_path).read_bytes())
 
     def runner(self, sha256: str, clock: "_VirtualClock") -> Callable[[], None]:
         """One run of the graph on the virtual clock: its true latency times the noise (the
@@ -144,6 +217,7 @@ class SimulatedClient:
         """Run the agent's timed loop on a virtual clock, then sleep as long as it took."""
         self._check_up(deadline)
         sha = sha256 or hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
+        self.spec.read_costs(sha, model_path)
         try:
             checked = parse_settings(dict(settings))
         except AgentError as exc:
@@ -187,6 +261,16 @@ class SimulatedClient:
             checked = parse_settings(dict(settings))
         except AgentError as exc:
             raise BadRequest(exc.message) from None
+        self.spec.read_costs(reference[1], reference[0])  # the window's own fault if not
+        errors: Dict[str, DeviceError] = {}
+        for name, (path, sha) in models.items():
+            try:
+                self.spec.read_costs(sha, path)
+            except BadRequest as exc:  # that model's error; the others go on
+                errors[name] = exc
+        models = {name: model for name, model in models.items() if name not in errors}
+        if not models:
+            return {}, errors
         clock = self.clock if self.spec.noise is not None else _VirtualClock()
         began = clock.now
 
@@ -224,7 +308,7 @@ class SimulatedClient:
                            "candidates": len(models), "seed": checked["seed"],
                            "candidates_ms": candidates_ms, "reference_sha256": reference[1]}}
             results[name] = AgentResult.parse(answer, self.name, AGENT_VERSION)
-        return results, {}
+        return results, errors
 
     def close(self) -> None:
         """Nothing runs anywhere for a simulated device; a replaying one keeps its clock."""
@@ -245,7 +329,8 @@ class SimulatedClient:
         to the cache, as real boards are."""
         return {"system": "simulated", "model": self.spec.model,
                 "median_ms": self.spec.median_ms, "cv": self.spec.cv, "seed": self.spec.seed,
-                "unit": self.name}
+                "unit": self.name, **({"costs": self.spec.costs}
+                                      if self.spec.costs != "draw" else {})}
 
     def _journal(self, sha256: str, started: float) -> None:
         """One line per finished measurement in $HARNESS_HOME/sim-journal/NAME.jsonl: what

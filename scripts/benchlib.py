@@ -78,8 +78,10 @@ class Neighbour:
         self.process = None
 
 
-def simulated_device(home: Path, trace: Path, sim_ms: float, start_s: float) -> str:
-    """A simulated device in `home` replaying `trace` from `start_s` s into it."""
+def simulated_device(home: Path, trace: Path, sim_ms: float, start_s: float,
+                     costs: str = "draw") -> str:
+    """A simulated device in `home` replaying `trace` from `start_s` s into it; `costs`:
+    its graphs' latencies (devices.simulated.COSTS)."""
     from devices import registry
     from devices.simulated import CLOCK_FOLDER
 
@@ -88,7 +90,7 @@ def simulated_device(home: Path, trace: Path, sim_ms: float, start_s: float) -> 
     (home / CLOCK_FOLDER / name).write_text(repr(start_s))
     registry.add_device(home, registry.DeviceConfig(
         name=name, transport="sim", address=f"replay-{trace.stem}", sim_ms=sim_ms, sim_seed=7,
-        noise_trace=str(trace.resolve())), replace=True)
+        noise_trace=str(trace.resolve()), sim_costs=costs), replace=True)
     return name
 
 

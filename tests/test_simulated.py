@@ -5,7 +5,7 @@ import time
 import pytest
 
 from devices import registry
-from devices.errors import DeviceLost
+from devices.errors import BadRequest, DeviceLost
 from devices.simulated import SimulatedClient, SimulatedModel, down_path, simulated_names
 from harness import Cache, LatencyProfiler, random_samples
 
@@ -89,3 +89,87 @@ def test_the_registry_checks_simulated_entries(tmp_path):
         '[devices.s0]\ntransport = "sim"\naddress = "npu"\nsim_ms = -1\n')
     with pytest.raises(registry.RegistryError, match="sim_ms = -1 is not a positive number"):
         registry.load_devices(tmp_path)
+
+
+def test_graph_costs_add_up_blocks_to_the_network_they_make(tiny, tmp_path):
+    """Under "graph" costs a subnet costs its blocks (each exported alone) plus one fixed cost
+    of a run (the identity model's), exactly: what lets a lookup table be scored against an
+    exact truth on a replaying device."""
+    import torch
+
+    from harness.export.graph import export_module, export_sample
+    from harness.search.lut import _Identity
+    from harness.spaces.additive import chosen_blocks
+
+    spec = SimulatedModel("npu", median_ms=2.0, seed=3, costs="graph")
+    dummy = tiny.dummy_input()
+    identity = export_module(_Identity(), dummy)
+    fixed_ms = spec.graph_median_ms(identity.sha256, identity.onnx_bytes)
+    for sample in random_samples(tiny, 3, seed=1):
+        whole = export_sample(tiny, sample, dummy, home=tmp_path)
+        blocks = [export_module(block.build(), torch.randn(block.input_shape))
+                  for block in chosen_blocks(tiny.additive_terms(tuple(dummy.shape)), sample)]
+        parts = sum(spec.graph_median_ms(b.sha256, b.onnx_bytes) - fixed_ms for b in blocks)
+        assert spec.graph_median_ms(whole.sha256, whole.onnx_bytes) == \
+            pytest.approx(fixed_ms + parts, rel=1e-9)
+        assert parts > 0
+        # exported whole, the exporter shares equal weights (zero biases) across blocks
+        # through Identity nodes: read as the weights they alias, they change no cost
+        frozen = export_module(tiny.freeze(sample), dummy)
+        assert spec.graph_median_ms(frozen.sha256, frozen.onnx_bytes) == \
+            pytest.approx(fixed_ms + parts, rel=1e-9)
+    # a graph not yet read cannot be priced; a file that is not ONNX is the request's fault
+    with pytest.raises(BadRequest, match="not been seen"):
+        spec.graph_median_ms("f" * 64)
+    with pytest.raises(BadRequest, match="could not read the model"):
+        spec.graph_median_ms("e" * 64, b"not onnx")
+    with pytest.raises(BadRequest, match="without operators or outputs"):
+        spec.graph_median_ms("d" * 64, b"")  # parses as an empty protobuf
+    with pytest.raises(BadRequest, match="costs must be one of"):
+        SimulatedModel("npu", costs="guess")
+
+
+def test_a_replaying_device_with_graph_costs_measures_a_model_from_its_file(tiny, tmp_path):
+    registry.add_device(tmp_path, registry.DeviceConfig(
+        name="g0", transport="sim", address="npu-sim", sim_ms=2.0, sim_seed=3,
+        sim_costs="graph"))
+    with LatencyProfiler(tiny, tiny.dummy_input(), device="g0", home=tmp_path,
+                         settings=QUICK) as profiler:
+        sample = random_samples(tiny, 1, seed=2)[0]
+        measured = profiler.measure(sample)
+        exported = profiler.export(sample)
+    expected = SimulatedModel("npu-sim", 2.0, seed=3, costs="graph").graph_median_ms(
+        exported.sha256, exported.onnx_bytes)
+    assert measured.median == pytest.approx(expected, rel=0.05)  # runs drawn around it
+    assert measured.device_fingerprint["costs"] == "graph"
+    with pytest.raises(BadRequest, match='sim_costs = "guess" is not one of'):
+        registry.add_device(tmp_path, registry.DeviceConfig(
+            name="g1", transport="sim", address="npu-sim", sim_costs="guess"))
+
+
+def test_a_lookup_table_on_a_replaying_device_with_graph_costs_recovers_the_exact_truth(
+        tiny, tmp_path):
+    """The claim the lookup-table benchmark's replay rests on: built in rounds on a device
+    replaying a recorded trace, the table's ratios to the reference add up to the subnets'
+    exact ones (the trace's noise is all that stands between them)."""
+    from pathlib import Path
+
+    from harness.export.graph import export_sample
+    from harness.search.lut import LatencyLUT
+
+    trace = Path(__file__).parent / "fixtures" / "noise" / "idle.json"
+    registry.add_device(tmp_path, registry.DeviceConfig(
+        name="g0", transport="sim", address="npu-sim", sim_ms=2.0, sim_seed=3,
+        sim_costs="graph", noise_trace=str(trace)))
+    dummy = tiny.dummy_input()
+    checks = random_samples(tiny, 4, seed=5)
+    with LatencyProfiler(tiny, dummy, device="g0", home=tmp_path, statistic="ratio") as profiler:
+        lut = LatencyLUT.build(tiny, dummy, profiler, fit_samples=random_samples(tiny, 4, seed=6))
+        reference = profiler.reference()
+    spec = SimulatedModel("npu-sim", 2.0, seed=3, costs="graph")
+    reference_ms = spec.graph_median_ms(reference.sha256, reference.onnx_bytes)
+    for sample in checks:
+        whole = export_sample(tiny, sample, dummy, home=tmp_path)
+        truth = spec.graph_median_ms(whole.sha256, whole.onnx_bytes) / reference_ms
+        assert lut.profile(sample) == pytest.approx(truth, rel=0.03)
+    assert lut.overhead_scale == pytest.approx(1.0, abs=0.5)  # the identity is the fixed cost

@@ -31,7 +31,8 @@ def devices_command(args: argparse.Namespace) -> int:
             workdir=args.workdir, kind=args.kind, connect_timeout=args.connect_timeout,
             adb_port=args.adb_port, agent=args.agent, perf_test=args.perf_test,
             max_temp_c=args.max_temp, sim_ms=args.sim_ms if args.sim else None,
-            sim_seed=args.sim_seed if args.sim else None))
+            sim_seed=args.sim_seed if args.sim else None,
+            sim_costs=args.sim_costs if args.sim and args.sim_costs != "draw" else None))
         first = f"'harness devices trust {args.name}', then " if args.ssh else ""
         print(f"added {args.name} ({via} {args.ssh or args.adb or args.sim}); next: {first}"
               f"'harness devices check {args.name}'")

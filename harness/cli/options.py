@@ -161,8 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     via.add_argument("--sim", metavar="MODEL", help="a simulated device of this model (farms "
                                                     "at scale: no model runs, it sleeps)")
     add.add_argument("--sim-ms", type=float, default=20.0,
-                     help="simulated: median latency of a typical graph (20)")
+                     help="simulated: median latency of a typical graph (20); with "
+                          "--sim-costs graph, the scale of the costs")
     add.add_argument("--sim-seed", type=int, default=0, help="simulated: seed (0)")
+    add.add_argument("--sim-costs", choices=("draw", "graph"), default="draw",
+                     help="simulated: a graph's latency a seeded draw (draw), or its operators' "
+                          "costs added up, so blocks add up to networks (graph)")
     add.add_argument("--adb-port", type=int, default=5037, help="adb server port (5037)")
     add.add_argument("--agent", choices=("python", "perf-test", "benchmark-model",
                                          "executor-runner"), default="python",
