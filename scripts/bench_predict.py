@@ -258,8 +258,8 @@ def run(args: argparse.Namespace, space: object, dummy: object, settings: dict, 
     measured = [measured for _, measured in result.holdout_points["calibrated"]]
     print(f"\nheld-out subnets as measured ({args.statistic} run): {min(measured):.2f}-"
           f"{max(measured):.2f} ms (median {statistics.median(measured):.2f} ms)")
-    print(f"correction: {result.calibration.kind}, a={result.calibration.intercept:.4f}, "
-          f"b={result.calibration.slope:.4f}")
+    print(f"correction: {result.calibration.kind}: measured = "
+          f"{result.calibration.correction.formula()}")
     print(f"whole calibration {calibrate_s:.0f} s")
     print(f"\n{'prediction per subnet, after export':42} {'ms':>8}")
     for label, value in costs.items():

@@ -8,8 +8,11 @@ device's (its measured training and held-out subnets, `training.json` / `holdout
 its own calibration's held-out report, for reference). For N = 10, 20, 50, 100 subnets
 measured on the target (drawn from its training subnets, several draws each), the source's
 kernel predictions are corrected two ways and scored on the target's held-out subnets:
-- global: measured = exp(a) * predicted^b or a scale (harness.campaigns.calibrate.fit_correction), which
-  is what `harness calibrate --device T --predictor <source>/kernels --no-kernels` stores;
+- global: what `harness calibrate --device T --predictor <source>/kernels --no-kernels`
+  stores (harness.campaigns.calibrate.fit_correction, chosen by leave-one-out): a scale,
+  exp(a) * predicted^b, or a scale plus costs per kernel and per run ("overheads": a target
+  that pays a cost per operator call the source does not, as an emulated board does); and
+  the same without overheads (the correction before them);
 - per type: one scale per kernel type (a conv costs relatively more on one CPU, an
   elementwise op on another), fitted by least squares on relative errors and shrunk towards
   the global scale (the shrinkage chosen by leave-one-out).
@@ -29,7 +32,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -121,14 +124,17 @@ def main() -> int:
     if truth is not None:  # the target's own calibration, scored the same way
         own = truth["calibrated_vs_truth"]
 
-    def split_of(keys: Sequence[str]) -> List[Dict[str, float]]:
-        rows = []
+    def split_of(keys: Sequence[str]) -> Tuple[List[Dict[str, float]], np.ndarray]:
+        """Each subnet's source prediction by kernel type, and its number of kernels."""
+        rows, counts = [], []
         for key in keys:
             exported = export_sample(space, json.loads(key), dummy)
-            rows.append(source.predict_by_type(source.kernels(exported.onnx_bytes,
-                                                              exported.sha256)))
-        return rows
-    train_split, held_split = split_of(train["samples"]), split_of(held["samples"])
+            kernels = source.kernels(exported.onnx_bytes, exported.sha256)
+            rows.append(source.predict_by_type(kernels))
+            counts.append(len(kernels))
+        return rows, np.array(counts)
+    (train_split, n_train), (held_split, n_held) = split_of(train["samples"]), \
+        split_of(held["samples"])
     types = sorted({t for row in train_split + held_split for t in row})
 
     def matrix(rows: List[Dict[str, float]]) -> np.ndarray:
@@ -141,16 +147,20 @@ def main() -> int:
     raw_held = x_held.sum(axis=1)
 
     rng = np.random.default_rng(args.seed)
-    results: Dict[str, Dict[int, Dict[str, float]]] = {"global": {}, "per type": {}}
+    methods = ("global", "no overheads", "per type")
+    results: Dict[str, Dict[int, Dict[str, float]]] = {method: {} for method in methods}
     for count in COUNTS:
         if count > len(y_train):
             continue
         draws = 1 if count == len(y_train) else args.draws
-        scores: Dict[str, List[Dict[str, float]]] = {"global": [], "per type": []}
+        scores: Dict[str, List[Dict[str, float]]] = {method: [] for method in methods}
         for _ in range(draws):
             chosen = rng.choice(len(y_train), size=count, replace=False)
-            a, b, _ = fit_correction(x_train[chosen].sum(axis=1), y_train[chosen])
-            scores["global"].append(accuracy_metrics(np.exp(a) * raw_held ** b, y_held))
+            for method, counts in (("global", n_train[chosen]), ("no overheads", None)):
+                correction = fit_correction(x_train[chosen].sum(axis=1), y_train[chosen],
+                                            counts)
+                scores[method].append(accuracy_metrics(
+                    [correction.apply(p, int(k)) for p, k in zip(raw_held, n_held)], y_held))
             scores["per type"].append(accuracy_metrics(
                 per_type_predictions(x_train[chosen], y_train[chosen], x_held), y_held))
         for method, runs in scores.items():
@@ -173,8 +183,9 @@ def main() -> int:
     print(f"{'own kernels':12} {len(y_train):>4} "
           f"{own['acc5']:>9.1%} {own['acc10']:>10.1%} {own['rmspe']:>7.1f}% "
           f"{own['kendall_tau']:>7.3f}   ({target_name}'s own calibration, kernels measured)")
-    after20 = max(results[m][20]["acc10"] for m in results if 20 in results[m])
-    print(f"\ntarget >= {TARGET_ACC10:.0%} within +-10% after 20 measurements: "
+    after20 = results["global"][20]["acc10"] if 20 in results["global"] else math.nan
+    print(f"\ntarget >= {TARGET_ACC10:.0%} within +-10% after 20 measurements, by the "
+          f"correction calibrate stores (global): "
           f"{'met' if after20 >= TARGET_ACC10 else 'NOT met'} ({after20:.1%})")
 
     import matplotlib

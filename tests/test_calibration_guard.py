@@ -2,6 +2,7 @@
 than the raw predictor's is stored apart and never becomes the device's fallback (the one in
 use stays), with a warning naming both figures; progress lines for a pipe; the age of the
 measurements it reused; `fresh` measures anew. Real nn-Meter, real measurements on `local`."""
+import dataclasses
 import json
 import math
 
@@ -39,10 +40,12 @@ def test_a_calibration_worse_than_its_predictor_is_stored_but_not_activated(home
     previous = _previous(home)
     honest = calibrating.fit_correction
 
-    def hundredfold(predicted, measured):
+    def hundredfold(predicted, measured, kernels=None):
         """The honest fit, then a hundred times too slow: sure to make things worse."""
-        intercept, slope, kind = honest(predicted, measured)
-        return intercept + math.log(100.0), slope, kind
+        fitted = honest(predicted, measured, kernels)
+        return dataclasses.replace(fitted, intercept=fitted.intercept + math.log(100.0),
+                                   per_kernel_ms=100 * fitted.per_kernel_ms,
+                                   fixed_ms=100 * fitted.fixed_ms)
 
     monkeypatch.setattr(calibrating, "fit_correction", hundredfold)
     space = TinySpace()

@@ -185,7 +185,8 @@ def test_calibration_on_the_mixed_space_and_resume_after_a_failure(mixed, home, 
                              loaded.fusion_rules, loaded.digest)
     assert first.source == "predicted" and first.median > 0
     assert again.median == first.median
-    assert profiler.calibration.correct(fresh.predict(exported.onnx_bytes)) == \
+    assert profiler.calibration.correct(fresh.predict(exported.onnx_bytes),
+                                        len(fresh.kernels(exported.onnx_bytes))) == \
         pytest.approx(first.median, rel=1e-12)
     split = fresh.predict_by_type(fresh.kernels(exported.onnx_bytes))
     assert sum(split.values()) == pytest.approx(first.provenance.uncalibrated_ms, rel=1e-9)

@@ -19,7 +19,7 @@ from devices.errors import DeviceLost  # noqa: E402
 from harness.store.cache import Cache  # noqa: E402
 from harness.campaigns.calibrate import (ORT_CPU_FUSION_RULES, calibrate, fit_correction,  # noqa: E402
                                fit_log_linear)
-from harness.predict.calibration import load_calibration  # noqa: E402
+from harness.predict.calibration import KINDS, Calibration, load_calibration  # noqa: E402
 from harness.export.graph import export_sample  # noqa: E402
 from harness.predict.nn_meter import (NnMeterProfiler, PredictorError, load_predictor,  # noqa: E402
                              onnx_for_nn_meter)
@@ -170,18 +170,56 @@ def test_bad_files_in_a_predictor_folder(tmp_path, data_folder):
 def test_correction_fits_power_laws_and_shrugs_off_a_slow_minority():
     rng = np.random.default_rng(0)
     wide = rng.uniform(1, 100, size=30)
-    intercept, slope, kind = fit_correction(wide, 2.0 * wide ** 0.8)
-    assert kind == "log-linear" and slope == pytest.approx(0.8)
-    assert np.exp(intercept) == pytest.approx(2.0)
+    fitted = fit_correction(wide, 2.0 * wide ** 0.8)
+    assert fitted.kind == "log-linear" and fitted.slope == pytest.approx(0.8)
+    assert np.exp(fitted.intercept) == pytest.approx(2.0)
     # A quarter of the subnets measured while the device ran 25% faster: the scale follows
     # the majority, not the mean of the two.
     predicted = rng.uniform(10, 20, size=40)
     measured = 0.7 * predicted * np.where(np.arange(40) % 4 == 0, 0.75, 1.0)
     intercept, slope = fit_log_linear(predicted, measured, free_slope=False)
     assert slope == 1.0 and np.exp(intercept) == pytest.approx(0.7)
-    intercept, slope, kind = fit_correction(predicted, measured)
-    corrected = np.exp(intercept) * predicted ** slope
+    fitted = fit_correction(predicted, measured)
+    corrected = np.exp(fitted.intercept) * predicted ** fitted.slope
     assert np.mean(np.abs(corrected / measured - 1) <= 0.10) >= 0.75
+
+
+def test_a_device_with_other_costs_per_kernel_gets_an_overheads_correction(tmp_path):
+    """A target that pays its own cost per operator call and per run (an emulated board, a
+    slower runtime): a scale of the whole prediction misranks its models, a scale plus costs
+    per kernel and per run does not; chosen by leave-one-out only when given the counts."""
+    rng = np.random.default_rng(1)
+    predicted = rng.uniform(0.5, 0.8, size=20)
+    kernels = rng.integers(45, 80, size=20)
+    measured = 500 * predicted - 3.0 * kernels + 90.0  # per kernel less than the scale says
+    fitted = fit_correction(predicted, measured, kernels)
+    assert fitted.kind == "overheads"
+    assert np.exp(fitted.intercept) == pytest.approx(500)
+    assert fitted.per_kernel_ms == pytest.approx(-3.0) and fitted.fixed_ms == pytest.approx(90)
+    assert fitted.apply(0.6, 60) == pytest.approx(500 * 0.6 - 180 + 90)
+    assert fit_correction(predicted, measured).kind in ("scale", "log-linear")  # no counts
+    assert fit_correction(predicted[:5], measured[:5], kernels[:5]).kind != "overheads"
+    with pytest.raises(PredictorError, match="gives .* ms for a model of 400 kernels"):
+        fitted.apply(0.6, 400)  # far outside what it was fitted on: below 0 ms, refused
+    # stored and read back whole; a damaged overhead is refused with the field named
+    folder = tmp_path / "calibrations" / "board"
+    stored = Calibration(device="board", base_predictor=str(tmp_path), base_predictor_digest="",
+                         intercept=fitted.intercept, slope=1.0, kind="overheads",
+                         per_kernel_ms=fitted.per_kernel_ms, fixed_ms=fitted.fixed_ms,
+                         device_fingerprint="", agent_version="", settings_key="", space="s",
+                         space_fingerprint="", input_signature=[], n_train=20, n_holdout=0)
+    stored.save(folder)
+    loaded = load_calibration("board", tmp_path)
+    assert loaded == stored and loaded.correct(0.6, 60) == pytest.approx(fitted.apply(0.6, 60))
+    data = json.loads((folder / "calibration.json").read_text())
+    (folder / "calibration.json").write_text(json.dumps(dict(data, fixed_ms=1e300)))
+    with pytest.raises(PredictorError, match="fixed_ms is 1e"):
+        load_calibration("board", tmp_path)
+    # a file written before overheads existed has none, and reads as before
+    old = {k: v for k, v in data.items() if k not in ("per_kernel_ms", "fixed_ms")}
+    (folder / "calibration.json").write_text(json.dumps(dict(old, kind="scale")))
+    assert load_calibration("board", tmp_path).correct(2.0, 60) == \
+        pytest.approx(2.0 * np.exp(fitted.intercept))
 
 
 def test_calibration_on_local_beats_the_uncalibrated_predictor(tiny, home, tmp_path):
@@ -200,7 +238,7 @@ def test_calibration_on_local_beats_the_uncalibrated_predictor(tiny, home, tmp_p
     folder = home / "calibrations" / "local"
     assert result.folder == folder and (folder / "accuracy.png").stat().st_size > 10_000
     calibration = load_calibration("local")
-    assert calibration.kind in ("scale", "log-linear") and calibration.n_train == 14
+    assert calibration.kind in KINDS and calibration.n_train == 14
     from nn_meter.predictor.utils import loading_customized_predictor
     kernels, rules = loading_customized_predictor({
         "name": "local", "package_location": str(folder / "kernels"),
@@ -365,7 +403,8 @@ def test_calibrate_and_offline_profile_from_the_command_line(home):
     table = harness("calibrate", "--device", "local", "--space", "harness.spaces:TinySpace",
                     "--samples", "8", "--holdout", "3", "--min-runs", "10",
                     "--min-time-ms", "30")
-    assert "+-10% acc" in table and "Kendall tau" in table and "correction:" in table
+    assert "+-10% acc" in table and "Kendall tau" in table and "correction (" in table
+    assert calibrated["kind"] in KINDS and "per_kernel_ms" in calibrated
     lines = harness("profile", "--space", "harness.spaces:TinySpace", "--device", "local",
                     "--samples", "2", "--seed", "7", "--offline", "--json").splitlines()
     rows = [json.loads(line) for line in lines[:-1]]

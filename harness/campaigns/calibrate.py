@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 from devices.safe_files import replace_text
 from harness.predict.accuracy import accuracy_metrics, save_scatter
-from harness.predict.calibration import Calibration, calibration_name, calibrations_folder
+from harness.predict.calibration import (Calibration, Correction, calibration_name,
+                                        calibrations_folder)
 from harness.export.graph import DummyInput, export_sample
 from harness.predict.kernels import (GENERIC_FEATURES, GENERIC_PREFIX, Kernel, KernelError,
                              build_generic_predictor, detect_kernels)
@@ -93,28 +94,71 @@ def fit_log_linear(predicted: "Sequence[float] | np.ndarray", measured: "Sequenc
     return float(intercept), float(slope)
 
 
-def fit_correction(predicted: Sequence[float],
-                   measured: Sequence[float]) -> Tuple[float, float, str]:
-    """The correction for a device: (a, b, kind). A log-linear fit has two parameters, and
-    on few or noisy subnets its slope chases the noise; so both it and a scale factor are
-    scored by leave-one-out validation on the training subnets (+-10% accuracy, nn-Meter's
-    metric, then RMSPE), and the better one is kept."""
+# An "overheads" correction has three parameters: it is tried on this many subnets or more.
+MIN_SUBNETS_FOR_OVERHEADS = 8
+
+
+def fit_overheads(predicted: "Sequence[float] | np.ndarray", kernels: "Sequence[float] | np.ndarray",
+                  measured: "Sequence[float] | np.ndarray") -> Optional[Correction]:
+    """measured = s x predicted + o x kernels + c by least squares on relative errors, or
+    None when that is no correction (s <= 0, or a subnet it was fitted on corrected to 0
+    ms or less). o and c may be negative: the predictor's device pays a cost per kernel and
+    per run too, which the scale s multiplies along with the kernels' work; o and c set it
+    to the target's."""
+    x = np.asarray(predicted, dtype=float)
+    n = np.asarray(kernels, dtype=float)
+    y = np.asarray(measured, dtype=float)
+    design = np.c_[x, n, np.ones(len(y))]
+    (scale, per_kernel, fixed), *_ = np.linalg.lstsq(design / y[:, None], np.ones(len(y)),
+                                                     rcond=None)
+    if not (scale > 0 and math.isfinite(per_kernel) and math.isfinite(fixed)) or \
+            not np.all(design @ [scale, per_kernel, fixed] > 0):
+        return None
+    return Correction("overheads", math.log(scale), 1.0, float(per_kernel), float(fixed))
+
+
+def fit_correction(predicted: Sequence[float], measured: Sequence[float],
+                   kernels: Optional[Sequence[int]] = None) -> Correction:
+    """The correction for a device. A log-linear fit has two parameters, and on few or noisy
+    subnets its slope chases the noise; so it, a scale factor and (given each subnet's
+    number of kernels, on MIN_SUBNETS_FOR_OVERHEADS subnets or more) a scale plus costs per
+    kernel and per run are scored by leave-one-out validation on the training subnets
+    (+-10% accuracy, nn-Meter's metric, then RMSPE), and the best one is kept."""
     x = np.asarray(predicted, dtype=float)
     y = np.asarray(measured, dtype=float)
+    n = None if kernels is None or len(x) < MIN_SUBNETS_FOR_OVERHEADS \
+        else np.asarray(kernels, dtype=float)
+
+    def fit(keep: np.ndarray, kind: str) -> Optional[Correction]:
+        if kind == "overheads":
+            assert n is not None
+            return fit_overheads(x[keep], n[keep], y[keep])
+        a, b = fit_log_linear(x[keep], y[keep], kind == "log-linear")
+        return Correction(kind, a, b)
+
+    kinds = ("scale", "log-linear") + (("overheads",) if n is not None else ())
     scores = {}
-    for kind, free in (("scale", False), ("log-linear", True)):
+    for kind in kinds:
         errors = []
         for left_out in range(len(x)):
             keep = np.arange(len(x)) != left_out
-            a, b = fit_log_linear(x[keep], y[keep], free)
-            errors.append(math.exp(a) * x[left_out] ** b / y[left_out] - 1)
+            correction = fit(keep, kind)
+            try:
+                value = correction.apply(x[left_out], int(n[left_out]) if n is not None else 0) \
+                    if correction is not None else math.inf
+            except PredictorError:  # a non-positive value for the subnet left out
+                value = math.inf
+            errors.append(value / y[left_out] - 1)
         errors_array = np.abs(errors)
         scores[kind] = (-float(np.mean(errors_array <= 0.10)),
                         float(np.sqrt(np.mean(errors_array ** 2))))
-    kind = min(scores, key=scores.get)  # type: ignore[arg-type]
-    a, b = fit_log_linear(x, y, kind == "log-linear")
-    log.info("correction: leave-one-out (-acc10, RMSPE) %s; kept %s", scores, kind)
-    return a, b, kind
+    everything = np.ones(len(x), dtype=bool)
+    for kind in sorted(scores, key=scores.get):  # type: ignore[arg-type]
+        correction = fit(everything, kind)
+        if correction is not None:
+            log.info("correction: leave-one-out (-acc10, RMSPE) %s; kept %s", scores, kind)
+            return correction
+    raise AssertionError("a scale is always fitted")
 
 
 # ---------------------------------------------------------------- kernels as models
@@ -489,10 +533,13 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
         raise PredictorError(f"the predictor {base.name} predicts 0 ms for some subnets: it "
                              "has no regressor for their kernels",
                              fix="use a predictor built for this kind of model")
-    intercept, slope, kind = fit_correction(raw[:samples], truth[:samples])
+    kernels = [len(subnet.kernels[base_kernels]) for subnet in subnets]
+    correction = fit_correction(raw[:samples], truth[:samples], kernels[:samples])
     calibration = Calibration(
         device=device, base_predictor=str(base.folder), base_predictor_digest=base.digest,
-        intercept=intercept, slope=slope, kind=kind, device_fingerprint=identity.fingerprint,
+        intercept=correction.intercept, slope=correction.slope, kind=correction.kind,
+        per_kernel_ms=correction.per_kernel_ms, fixed_ms=correction.fixed_ms,
+        device_fingerprint=identity.fingerprint,
         agent_version=identity.agent_version, settings_key=profiler.settings_key, space=space_name,
         space_fingerprint=profiler.space_fingerprint,
         input_signature=[dict(x) for x in profiler.input_signature], n_train=samples,
@@ -504,7 +551,8 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
                                                for subnet in held]
     raw_name = f"nn-Meter {'device kernels' if build_kernels else base.name}"
     series[raw_name] = raw[samples:]
-    series["calibrated"] = [calibration.correct(value) for value in raw[samples:]]
+    series["calibrated"] = [calibration.correct(value, count)
+                            for value, count in zip(raw[samples:], kernels[samples:])]
     calibration.report = {name: accuracy_metrics(values, held_truth)
                           for name, values in series.items()}
     warning = None

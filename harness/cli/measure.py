@@ -4,7 +4,6 @@ and `harness calibrate`."""
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -353,7 +352,9 @@ def calibrate_command(args: argparse.Namespace) -> int:
     reused = result.reused or {}
     if args.json:
         print(json.dumps({"folder": str(result.folder), "report": result.report,
-                          "intercept": calibration.intercept, "slope": calibration.slope,
+                          "kind": calibration.kind, "intercept": calibration.intercept,
+                          "slope": calibration.slope, "per_kernel_ms": calibration.per_kernel_ms,
+                          "fixed_ms": calibration.fixed_ms,
                           "png": str(result.png) if result.png else None,
                           "activated": result.activated, "warning": result.warning,
                           "reused": reused}, indent=1))
@@ -365,9 +366,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
     print(f"accuracy on {args.holdout} held-out subnets of {args.space} measured on "
           f"{args.device}:\n")
     print(render_report(result.report))
-    print(f"\ncorrection: measured {calibration.statistic} = "
-          f"{math.exp(calibration.intercept):.4g} * predicted^{calibration.slope:.4f}, fitted "
-          f"on {args.samples} subnets")
+    print(f"\ncorrection ({calibration.kind}): measured {calibration.statistic} = "
+          f"{calibration.correction.formula()}, fitted on {args.samples} subnets")
     if result.activated:
         print(f"stored in {result.folder} (the nn-Meter fallback for {args.device} uses it)")
     else:

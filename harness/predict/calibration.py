@@ -25,17 +25,62 @@ def calibrations_folder(home: Union[str, Path, None] = None) -> Path:
     return harness_home(home) / "calibrations"
 
 
+KINDS = ("scale", "log-linear", "overheads")
+
+
+@dataclass(frozen=True)
+class Correction:
+    """How a device's latency follows from a predictor's: "scale" (exp(a) x predicted),
+    "log-linear" (exp(a) x predicted^b) or "overheads" (exp(a) x predicted + per_kernel_ms x
+    the model's kernels + fixed_ms: the predictor's device and this one pay different costs
+    per operator call and per run, which a scale of the whole prediction gets wrong; either
+    term may be negative, where the scale carries too much of the predictor's own)."""
+
+    kind: str
+    intercept: float             # a
+    slope: float = 1.0           # b (1 but for "log-linear")
+    per_kernel_ms: float = 0.0   # "overheads" only
+    fixed_ms: float = 0.0        # "overheads" only
+
+    def formula(self) -> str:
+        """The correction as a person reads it: measured = ..."""
+        if self.kind == "overheads":
+            return (f"{math.exp(self.intercept):.4g} * predicted {self.per_kernel_ms:+.4g} ms "
+                    f"per kernel {self.fixed_ms:+.4g} ms")
+        return f"{math.exp(self.intercept):.4g} * predicted^{self.slope:.4f}"
+
+    def apply(self, predicted_ms: float, kernels: int) -> float:
+        """The corrected prediction (ms) for a raw prediction of a model of `kernels`
+        kernels."""
+        if not predicted_ms > 0:
+            raise PredictorError(f"nn-Meter predicted {predicted_ms} ms; a correction needs "
+                                 "a positive prediction",
+                                 fix="the model's kernels are unknown to the predictor; "
+                                     "calibrate with a space that contains them")
+        if self.kind != "overheads":
+            return math.exp(self.intercept + self.slope * math.log(predicted_ms))
+        value = math.exp(self.intercept) * predicted_ms + self.per_kernel_ms * kernels \
+            + self.fixed_ms
+        if not value > 0:
+            raise PredictorError(f"the calibration's overheads correction gives {value:.4g} ms "
+                                 f"for a model of {kernels} kernels predicted at "
+                                 f"{predicted_ms:.4g} ms: it was fitted on other models",
+                                 fix="calibrate the device again with subnets like this one")
+        return value
+
+
 @dataclass
 class Calibration:
-    """A per-device correction of an nn-Meter predictor: predicted -> exp(a) * predicted^b,
-    with what it was fitted on (device identity, settings, space) and its held-out report."""
+    """A per-device correction of an nn-Meter predictor (a Correction's fields, kept flat
+    in the file), with what it was fitted on (device identity, settings, space) and its
+    held-out report."""
 
     device: str
     base_predictor: str          # folder of the corrected predictor
     base_predictor_digest: str
     intercept: float             # a
     slope: float                 # b
-    kind: str                    # "scale" (b = 1) or "log-linear"
+    kind: str                    # one of KINDS
     device_fingerprint: str      # digest of the device identity when calibrated
     agent_version: str
     settings_key: str
@@ -50,25 +95,30 @@ class Calibration:
     report: Dict[str, Dict[str, float]] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
+    per_kernel_ms: float = 0.0   # kind "overheads": the cost per kernel it adds
+    fixed_ms: float = 0.0        # kind "overheads": and per run
 
     @property
     def predictor_folder(self) -> Path:
         return Path(self.base_predictor)
 
-    def correct(self, predicted_ms: float) -> float:
-        """The corrected prediction (ms) for a raw nn-Meter prediction."""
-        if not predicted_ms > 0:
-            raise PredictorError(f"nn-Meter predicted {predicted_ms} ms; a log-linear "
-                                 "correction needs a positive prediction",
-                                 fix="the model's kernels are unknown to the predictor; "
-                                     "calibrate with a space that contains them")
-        return math.exp(self.intercept + self.slope * math.log(predicted_ms))
+    @property
+    def correction(self) -> Correction:
+        return Correction(self.kind, self.intercept, self.slope, self.per_kernel_ms,
+                          self.fixed_ms)
+
+    def correct(self, predicted_ms: float, kernels: int) -> float:
+        """The corrected prediction (ms) for a raw nn-Meter prediction of a model of
+        `kernels` kernels (what an "overheads" correction counts)."""
+        return self.correction.apply(predicted_ms, kernels)
 
     def describe(self) -> Dict[str, Any]:
         held_out = self.report.get("calibrated", {})
         return {"device": self.device, "kind": self.kind, "intercept": self.intercept,
-                "slope": self.slope, "created_at": self.created_at, "n_train": self.n_train,
-                "statistic": self.statistic, "rmspe": held_out.get("rmspe")}
+                "slope": self.slope, "per_kernel_ms": self.per_kernel_ms,
+                "fixed_ms": self.fixed_ms, "created_at": self.created_at,
+                "n_train": self.n_train, "statistic": self.statistic,
+                "rmspe": held_out.get("rmspe")}
 
     def save(self, folder: Path) -> Path:
         """Write the file whole or not at all (devices.safe_files)."""
@@ -91,6 +141,7 @@ MAX_CALIBRATION_BYTES = 2**20
 # prediction up to the agent's cap of 1e8 ms (|a| + |b| * log(1e8) stays far below 709).
 MAX_INTERCEPT = 50.0
 MAX_SLOPE = 10.0
+MAX_OVERHEAD_MS = 1e6  # an "overheads" correction's costs per kernel and per run
 
 
 def _problem(data: Any) -> Optional[str]:
@@ -115,6 +166,10 @@ def _problem(data: Any) -> Optional[str]:
                       f"a finite number from -{MAX_INTERCEPT:g} to {MAX_INTERCEPT:g}"),
         "slope": (lambda v: number(v) and abs(v) <= MAX_SLOPE,
                   f"a finite number from -{MAX_SLOPE:g} to {MAX_SLOPE:g}"),
+        "kind": (lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
+        **{name: (lambda v: number(v) and abs(v) <= MAX_OVERHEAD_MS,
+                  f"a finite number of ms from -{MAX_OVERHEAD_MS:g} to {MAX_OVERHEAD_MS:g}")
+           for name in ("per_kernel_ms", "fixed_ms")},
         "n_train": (whole, "a whole number"), "n_holdout": (whole, "a whole number"),
         "created_at": (lambda v: number(v) and 0 <= v <= time.time() + MAX_CLOCK_SKEW_S,
                        "a date in seconds since 1970, not in the future"),

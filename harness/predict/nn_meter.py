@@ -369,8 +369,10 @@ class NnMeterProfiler(Profiler):
 
     def predict_exported(self, exported: ExportedModel) -> Measurement:
         """The prediction for an already exported model."""
-        raw_ms = self.predictor.predict_kernels(self.kernels_of(exported))
-        value = raw_ms if self.calibration is None else self.calibration.correct(raw_ms)
+        kernels = self.kernels_of(exported)
+        raw_ms = self.predictor.predict_kernels(kernels)
+        value = raw_ms if self.calibration is None else \
+            self.calibration.correct(raw_ms, len(kernels))
         provenance = Provenance(predictor=self.predictor.describe(), uncalibrated_ms=raw_ms,
                                 calibration=None if self.calibration is None
                                 else self.calibration.describe())
