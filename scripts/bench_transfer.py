@@ -41,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness.predict.accuracy import accuracy_metrics  # noqa: E402
 from harness.campaigns.calibrate import NOT_ACTIVATED, fit_correction  # noqa: E402
 from harness.export.graph import export_sample  # noqa: E402
-from harness.predict.calibration import CALIBRATION_FILE, calibrations_folder  # noqa: E402
+from harness.predict.calibration import (CALIBRATION_FILE, Correction,  # noqa: E402
+                                         calibrations_folder)
+from harness.predict.nn_meter import PredictorError  # noqa: E402
 from harness.predict.nn_meter import load_predictor  # noqa: E402
 from benchlib import space_at_input  # noqa: E402
 
@@ -78,6 +80,15 @@ def per_type_predictions(split: np.ndarray, measured: np.ndarray,
         if error < best_error:
             best, best_error = shrink, error
     return evaluate @ fit_type_scales(split, measured, best, prior)
+
+
+def corrected(correction: Correction, predicted_ms: float, kernels: int) -> float:
+    """The corrected prediction; one the correction puts at 0 ms or less counts as a miss
+    (infinitely slow), as calibrate() would refuse it."""
+    try:
+        return correction.apply(predicted_ms, kernels)
+    except PredictorError:
+        return math.inf
 
 
 def calibration_folder(home: Path, device: str) -> Path:
@@ -148,6 +159,7 @@ def main() -> int:
 
     rng = np.random.default_rng(args.seed)
     methods = ("global", "no overheads", "per type")
+    formulas: Dict[str, str] = {}  # the corrections fitted on every training subnet
     results: Dict[str, Dict[int, Dict[str, float]]] = {method: {} for method in methods}
     for count in COUNTS:
         if count > len(y_train):
@@ -160,7 +172,10 @@ def main() -> int:
                 correction = fit_correction(x_train[chosen].sum(axis=1), y_train[chosen],
                                             counts)
                 scores[method].append(accuracy_metrics(
-                    [correction.apply(p, int(k)) for p, k in zip(raw_held, n_held)], y_held))
+                    [corrected(correction, p, int(k)) for p, k in zip(raw_held, n_held)],
+                    y_held))
+                if count == len(y_train):
+                    formulas[method] = correction.formula()
             scores["per type"].append(accuracy_metrics(
                 per_type_predictions(x_train[chosen], y_train[chosen], x_held), y_held))
         for method, runs in scores.items():
@@ -183,6 +198,8 @@ def main() -> int:
     print(f"{'own kernels':12} {len(y_train):>4} "
           f"{own['acc5']:>9.1%} {own['acc10']:>10.1%} {own['rmspe']:>7.1f}% "
           f"{own['kendall_tau']:>7.3f}   ({target_name}'s own calibration, kernels measured)")
+    for method, formula in formulas.items():
+        print(f"{method} on all {len(y_train)} training subnets: measured = {formula}")
     after20 = results["global"][20]["acc10"] if 20 in results["global"] else math.nan
     print(f"\ntarget >= {TARGET_ACC10:.0%} within +-10% after 20 measurements, by the "
           f"correction calibrate stores (global): "

@@ -5,7 +5,9 @@ ShuffleNet split/concat, Resize and a small multi-head attention block (MixedSpa
 Everything is real: nn-Meter 2.0's converter, detector and builder, onnxruntime running the
 kernels cut out of the subnets, measurements on this machine through the agent, SQLite.
 """
+import dataclasses
 import json
+import math
 
 import numpy as np
 import onnxruntime as ort
@@ -188,6 +190,19 @@ def test_calibration_on_the_mixed_space_and_resume_after_a_failure(mixed, home, 
     assert profiler.calibration.correct(fresh.predict(exported.onnx_bytes),
                                         len(fresh.kernels(exported.onnx_bytes))) == \
         pytest.approx(first.median, rel=1e-12)
+    # An overheads correction is applied with the model's own number of kernels (composed
+    # subnets predicted from their pieces count the whole graph's)
+    overheads = dataclasses.replace(result.calibration, kind="overheads", slope=1.0,
+                                    intercept=math.log(2.0), per_kernel_ms=0.5, fixed_ms=1.0)
+    whole_kernels = len(fresh.kernels(exported.onnx_bytes))
+    composed = export_sample(mixed, random_samples(mixed, 1, seed=4)[0], mixed.dummy_input())
+    for model in (exported, composed):
+        raw_ms = fresh.predict(model.onnx_bytes)
+        count = len(fresh.kernels(model.onnx_bytes))
+        assert NnMeterProfiler(mixed, mixed.dummy_input(), calibration=overheads
+                               ).predict_exported(model).median == \
+            pytest.approx(2.0 * raw_ms + 0.5 * count + 1.0, rel=1e-9)
+    assert whole_kernels > 1
     split = fresh.predict_by_type(fresh.kernels(exported.onnx_bytes))
     assert sum(split.values()) == pytest.approx(first.provenance.uncalibrated_ms, rel=1e-9)
     assert any(kind.startswith("generic-") and value > 0 for kind, value in split.items())

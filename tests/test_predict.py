@@ -4,6 +4,7 @@ and the offline fallback of LatencyProfiler.
 Everything is real: nn-Meter 2.0's kernel detector, predictor and builder, scikit-learn
 forests, onnxruntime measurements through our agent, OpenSSH for the unreachable device.
 """
+import dataclasses
 import json
 import logging
 import pickle
@@ -199,6 +200,10 @@ def test_a_device_with_other_costs_per_kernel_gets_an_overheads_correction(tmp_p
     assert fitted.apply(0.6, 60) == pytest.approx(500 * 0.6 - 180 + 90)
     assert fit_correction(predicted, measured).kind in ("scale", "log-linear")  # no counts
     assert fit_correction(predicted[:5], measured[:5], kernels[:5]).kind != "overheads"
+    # every subnet with as many kernels: a cost per kernel and one per run are not told
+    # apart, so no overheads are fitted (a least-squares split would be arbitrary)
+    same = np.full(20, 60)
+    assert fit_correction(predicted, 200 * predicted + 40, same).kind != "overheads"
     with pytest.raises(PredictorError, match="gives .* ms for a model of 400 kernels"):
         fitted.apply(0.6, 400)  # far outside what it was fitted on: below 0 ms, refused
     # stored and read back whole; a damaged overhead is refused with the field named
@@ -215,11 +220,18 @@ def test_a_device_with_other_costs_per_kernel_gets_an_overheads_correction(tmp_p
     (folder / "calibration.json").write_text(json.dumps(dict(data, fixed_ms=1e300)))
     with pytest.raises(PredictorError, match="fixed_ms is 1e"):
         load_calibration("board", tmp_path)
-    # a file written before overheads existed has none, and reads as before
+    # a file written before overheads existed has none, and reads as before; one of another
+    # kind with such costs is refused (they would be ignored)
     old = {k: v for k, v in data.items() if k not in ("per_kernel_ms", "fixed_ms")}
     (folder / "calibration.json").write_text(json.dumps(dict(old, kind="scale")))
     assert load_calibration("board", tmp_path).correct(2.0, 60) == \
         pytest.approx(2.0 * np.exp(fitted.intercept))
+    (folder / "calibration.json").write_text(json.dumps(dict(data, kind="scale")))
+    with pytest.raises(PredictorError, match="a scale correction has costs per kernel"):
+        load_calibration("board", tmp_path)
+    # a scale or power law is written without the two fields, as an older harness wrote it
+    dataclasses.replace(stored, kind="scale", per_kernel_ms=0.0, fixed_ms=0.0).save(folder)
+    assert "fixed_ms" not in json.loads((folder / "calibration.json").read_text())
 
 
 def test_calibration_on_local_beats_the_uncalibrated_predictor(tiny, home, tmp_path):
@@ -404,7 +416,9 @@ def test_calibrate_and_offline_profile_from_the_command_line(home):
                     "--samples", "8", "--holdout", "3", "--min-runs", "10",
                     "--min-time-ms", "30")
     assert "+-10% acc" in table and "Kendall tau" in table and "correction (" in table
-    assert calibrated["kind"] in KINDS and "per_kernel_ms" in calibrated
+    assert calibrated["kind"] in KINDS
+    assert calibrated["kind"] == "overheads" or calibrated["per_kernel_ms"] == 0 == \
+        calibrated["fixed_ms"]
     lines = harness("profile", "--space", "harness.spaces:TinySpace", "--device", "local",
                     "--samples", "2", "--seed", "7", "--offline", "--json").splitlines()
     rows = [json.loads(line) for line in lines[:-1]]

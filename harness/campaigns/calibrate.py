@@ -11,9 +11,10 @@ One calibration, step by step:
    ones and is measured cut out of its subnet (harness.predict.kernels), and every kernel is known
    to be measurable before the device spends any time;
 3. fit a correction of the base predictor (those kernel predictors, else the official
-   predictor given) on the training subnets: log(measured) = a + b log(predicted), or a pure
-   scale factor (b = 1, robust to outliers) when that scores better in leave-one-out
-   validation;
+   predictor given) on the training subnets: log(measured) = a + b log(predicted), a pure
+   scale factor (b = 1, robust to outliers), or a scale plus costs per kernel and per run
+   ("overheads"), whichever scores best in leave-one-out validation (overheads that would
+   put a held-out subnet at 0 ms or less give way to the best of the other two);
 4. report the accuracy on the held-out subnets before and after (harness.predict.accuracy), and store
    everything under $HARNESS_HOME/calibrations/<device>/, where the fallback of a
    LatencyProfiler for that device finds it. A calibration whose held-out RMSPE is worse than
@@ -45,8 +46,8 @@ from tqdm import tqdm
 
 from devices.safe_files import replace_text
 from harness.predict.accuracy import accuracy_metrics, save_scatter
-from harness.predict.calibration import (Calibration, Correction, calibration_name,
-                                        calibrations_folder)
+from harness.predict.calibration import (MAX_INTERCEPT, MAX_OVERHEAD_MS, Calibration,
+                                        Correction, calibration_name, calibrations_folder)
 from harness.export.graph import DummyInput, export_sample
 from harness.predict.kernels import (GENERIC_FEATURES, GENERIC_PREFIX, Kernel, KernelError,
                              build_generic_predictor, detect_kernels)
@@ -109,9 +110,12 @@ def fit_overheads(predicted: "Sequence[float] | np.ndarray", kernels: "Sequence[
     n = np.asarray(kernels, dtype=float)
     y = np.asarray(measured, dtype=float)
     design = np.c_[x, n, np.ones(len(y))]
+    if np.linalg.matrix_rank(design / y[:, None]) < 3:  # e.g. every subnet has as many
+        return None                                     # kernels: o and c not told apart
     (scale, per_kernel, fixed), *_ = np.linalg.lstsq(design / y[:, None], np.ones(len(y)),
                                                      rcond=None)
-    if not (scale > 0 and math.isfinite(per_kernel) and math.isfinite(fixed)) or \
+    if not (scale > 0 and abs(math.log(scale)) <= MAX_INTERCEPT
+            and abs(per_kernel) <= MAX_OVERHEAD_MS and abs(fixed) <= MAX_OVERHEAD_MS) or \
             not np.all(design @ [scale, per_kernel, fixed] > 0):
         return None
     return Correction("overheads", math.log(scale), 1.0, float(per_kernel), float(fixed))
@@ -535,6 +539,13 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
                              fix="use a predictor built for this kind of model")
     kernels = [len(subnet.kernels[base_kernels]) for subnet in subnets]
     correction = fit_correction(raw[:samples], truth[:samples], kernels[:samples])
+    try:  # overheads fitted on the training subnets may still fail a held-out one
+        for value, count in zip(raw, kernels):
+            correction.apply(value, count)
+    except PredictorError as exc:
+        log.warning("the overheads correction was dropped (%s); fitting a scale or a power "
+                    "law instead", exc.message)
+        correction = fit_correction(raw[:samples], truth[:samples])
     calibration = Calibration(
         device=device, base_predictor=str(base.folder), base_predictor_digest=base.digest,
         intercept=correction.intercept, slope=correction.slope, kind=correction.kind,

@@ -125,6 +125,8 @@ class Calibration:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / CALIBRATION_FILE
         data = asdict(self)
+        if self.kind != "overheads":  # a file an older harness (no overheads) still reads
+            del data["per_kernel_ms"], data["fixed_ms"]
         # a metric that is not a number (Kendall's tau of constant latencies is NaN) is null:
         # the file stays JSON, which NaN is not
         data["report"] = {part: {name: value if not isinstance(value, float)
@@ -183,6 +185,9 @@ def _problem(data: Any) -> Optional[str]:
                                            for k, x in part.items())
             for part in v.values()), "an object of objects of numbers"),
     }
+    if data.get("kind") != "overheads" and (data.get("per_kernel_ms", 0) != 0
+                                            or data.get("fixed_ms", 0) != 0):
+        return f"a {data.get('kind')} correction has costs per kernel or per run"
     for name in fields:
         if name not in data:
             if fields[name].default is MISSING and fields[name].default_factory is MISSING:

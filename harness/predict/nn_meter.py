@@ -370,6 +370,10 @@ class NnMeterProfiler(Profiler):
     def predict_exported(self, exported: ExportedModel) -> Measurement:
         """The prediction for an already exported model."""
         kernels = self.kernels_of(exported)
+        if exported.variant and getattr(self.calibration, "kind", None) == "overheads":
+            log.warning("the calibration's costs per kernel were fitted on float models; "
+                        "this %s variant has kernels of its own (quantize, cast), so its "
+                        "corrected prediction is rougher", exported.variant)
         raw_ms = self.predictor.predict_kernels(kernels)
         value = raw_ms if self.calibration is None else \
             self.calibration.correct(raw_ms, len(kernels))
