@@ -126,6 +126,7 @@ def bench_lut(spaces: List[str], statistic: Optional[str], protocol: str, truth_
     import os
 
     from benchlib import Arm64Board, Neighbour, simulated_device
+    from harness.spaces.space import load_space
 
     home = Path(tempfile.mkdtemp(prefix="bench-counting-"))
     os.environ["HARNESS_HOME"] = str(home)
@@ -142,10 +143,12 @@ def bench_lut(spaces: List[str], statistic: Optional[str], protocol: str, truth_
                 settings["cpu_affinity"] = [0]
             for spec, px in [(s.split("@")[0], int(s.split("@")[1])) for s in spaces]:
                 px = arm64_px if condition == "arm64" else px
-                truths = truth_ratios(spec, px, device, truth_s, truth_dir, home) \
-                    if in_rounds else None
+                space, x = load_space(spec), torch.randn(1, 3, px, px)
+                checks = random_samples(space, 10, seed=7)
+                truths = truth_ratios(spec, space, x, checks, device, truth_s, truth_dir,
+                                      home) if in_rounds else None
                 with Neighbour("1" if condition == "other-cores" else None, duration_s=6 * 3600):
-                    row = lut_row(spec, px, device, settings, statistic, truths, home)
+                    row = lut_row(spec, space, x, checks, device, settings, statistic, truths)
                 rows.append(dict({"condition": condition}, **row))
                 print_table(rows[-1:])
                 if out is not None:
@@ -153,21 +156,19 @@ def bench_lut(spaces: List[str], statistic: Optional[str], protocol: str, truth_
     return rows
 
 
-def truth_ratios(spec: str, px: int, device: str, truth_s: float, truth_dir: Path, home: Path
+def truth_ratios(spec: str, space: Any, x: torch.Tensor, checks: List[Dict[str, Any]],
+                 device: str, truth_s: float, truth_dir: Path, home: Path
                  ) -> Tuple[List[float], Optional[List[float]]]:
-    """The 10 check subnets' truth as ratios to the reference, and the floor's (a second
+    """The check subnets' truth as ratios to the reference, and the floor's (a second
     campaign; None where the truth is exact: a simulated device with graph costs and a
     space composed from its blocks, which the bench refuses otherwise)."""
     from benchtruth import campaign
     from devices import registry
     from devices.simulated import SimulatedModel
     from harness.export.graph import composable_terms, export_sample
-    from harness.spaces.space import load_space
     from harness.steps.reference import reference_model
 
-    space = load_space(spec)
-    x = torch.randn(1, 3, px, px)
-    checks = random_samples(space, 10, seed=7)
+    px = x.shape[-1]
     config = registry.load_devices(home).get(device)
     if config is not None and config.transport == "sim":
         if composable_terms(space, x) is None:
@@ -188,20 +189,16 @@ def truth_ratios(spec: str, px: int, device: str, truth_s: float, truth_dir: Pat
     return [t.quiet_ms / t.level_ms for t in truth], [t.quiet_ms / t.level_ms for t in again]
 
 
-def lut_row(spec: str, px: int, device: str, settings: Dict[str, Any],
-            statistic: Optional[str], truths: Optional[Tuple[List[float], Optional[List[float]]]],
-            home: Path) -> Dict[str, Any]:
+def lut_row(spec: str, space: Any, x: torch.Tensor, checks: List[Dict[str, Any]], device: str,
+            settings: Dict[str, Any], statistic: Optional[str],
+            truths: Optional[Tuple[List[float], Optional[List[float]]]]) -> Dict[str, Any]:
     """One space's table built on `device` and scored (see bench_lut): against `truths`
     (truth_ratios) in units of the reference, by a second table read from the same
     measurements as ratios (the quiet-state latency of each entry was converted with the
     reference level of its moment, which drifts), else against the subnets measured again."""
     from harness.profiler import LatencyProfiler
     from harness.search.lut import LatencyLUT
-    from harness.spaces.space import load_space
 
-    space = load_space(spec)
-    x = torch.randn(1, 3, px, px)
-    checks = random_samples(space, 10, seed=7)
     fits = random_samples(space, 8, seed=3)
     started = time.perf_counter()
     with LatencyProfiler(space, x, device=device, statistic=statistic, settings=settings,
@@ -212,7 +209,7 @@ def lut_row(spec: str, px: int, device: str, settings: Dict[str, Any],
         used = latency.statistic
         device_s = latency.counters["device_s"]
     row: Dict[str, Any] = {
-        "space": f"{spec.split(':')[-1]} {px}px", "statistic": used,
+        "space": f"{spec.split(':')[-1]} {x.shape[-1]}px", "statistic": used,
         "fixed_ms": report["fixed_ms"], "scale": report["overhead_scale"],
         "mean_err_before": report["mean_abs_error_uncorrected"],
         "mean_err_identity": report["mean_abs_error_identity"],

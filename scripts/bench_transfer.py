@@ -43,8 +43,7 @@ from harness.campaigns.calibrate import NOT_ACTIVATED, fit_correction  # noqa: E
 from harness.export.graph import export_sample  # noqa: E402
 from harness.predict.calibration import (CALIBRATION_FILE, Correction,  # noqa: E402
                                          calibrations_folder)
-from harness.predict.nn_meter import PredictorError  # noqa: E402
-from harness.predict.nn_meter import load_predictor  # noqa: E402
+from harness.predict.nn_meter import PredictorError, load_predictor  # noqa: E402
 from benchlib import space_at_input  # noqa: E402
 
 COUNTS = (10, 20, 50, 100)

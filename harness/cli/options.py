@@ -6,6 +6,7 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from devices.simulated import COSTS as SIM_COSTS
 from harness import __version__
 from harness.errors import HarnessError, InvalidArgument
 from harness.store.key import RUNTIMES
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="simulated: median latency of a typical graph (20); with "
                           "--sim-costs graph, the scale of the costs")
     add.add_argument("--sim-seed", type=int, default=0, help="simulated: seed (0)")
-    add.add_argument("--sim-costs", choices=("draw", "graph"), default="draw",
+    add.add_argument("--sim-costs", choices=SIM_COSTS, default="draw",
                      help="simulated: a graph's latency a seeded draw (draw), or its operators' "
                           "costs added up, so blocks add up to networks (graph)")
     add.add_argument("--adb-port", type=int, default=5037, help="adb server port (5037)")
