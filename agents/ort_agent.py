@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 
-AGENT_VERSION = "1.1"
+AGENT_VERSION = "1.2"
 
 ERROR_KINDS = ("TRANSFER", "LOAD", "RUNTIME", "TIMEOUT", "DEVICE_LOST", "THERMAL", "USER")
 
@@ -1525,11 +1525,12 @@ def _measure(model, sha256=None, settings=None):
 class Timed(object):
     """A model as the rounds schedule sees it: `run()` once, its blocks of k timed runs (k so
     that a block lasts at least block_ms), each tagged [round, position, sequence, runs in
-    ms, start in s since the window began]. The agent's models run onnxruntime; a simulated
-    device's run on a virtual clock (devices.simulated)."""
+    ms, start in s since the window began], and with a `cpu_clock` a sixth item: each run's
+    CPU time in ms by that clock (see run_cpu_clock). The agent's models run onnxruntime; a
+    simulated device's run on a virtual clock (devices.simulated)."""
 
-    def __init__(self, name, run, clock, block_ms, probe_runs=3):
-        self.name, self.run, self.clock = name, run, clock
+    def __init__(self, name, run, clock, block_ms, probe_runs=3, cpu_clock=None):
+        self.name, self.run, self.clock, self.cpu_clock = name, run, clock, cpu_clock
         probe = []
         for _ in range(probe_runs):
             started = clock()
@@ -1547,16 +1548,21 @@ class Timed(object):
 
     def block(self, round_index, position, sequence, origin):
         """One block: a discarded run, then k timed runs; its length (s)."""
-        clock = self.clock
+        clock, cpu_clock = self.clock, self.cpu_clock
         started = clock()
         self.run()
-        times = []
+        times, cpu_times = [], []
         for _ in range(self.k):
             begun = clock()
+            cpu_begun = cpu_clock() if cpu_clock is not None else 0.0
             self.run()
+            if cpu_clock is not None:
+                cpu_times.append(round((cpu_clock() - cpu_begun) * 1e3, 6))
             times.append(round((clock() - begun) * 1e3, 6))
-        self.blocks.append([round_index, position, sequence, times,
-                            round(started - origin, 6)])
+        block = [round_index, position, sequence, times, round(started - origin, 6)]
+        if cpu_clock is not None:
+            block.append(cpu_times)
+        self.blocks.append(block)
         return clock() - started
 
 
@@ -1656,7 +1662,7 @@ def limit_look(model, reference, settings, completed, last=False):
     model.looked_at = len(kept)
     model.next_look = max(len(kept) + 1, int(math.ceil(len(kept) * LOOK_GROWTH)))
     level = settings["reference_level_ms"] or quantile(
-        [block_statistic(block[3]) for block in reference.blocks], LEVEL_QUANTILE)
+        [block_statistic(block_times(block)) for block in reference.blocks], LEVEL_QUANTILE)
     within = median_interval(kept, look_confidence(settings["confidence"], model.looks))
     ratio = _median_of(kept) if kept else None
     spread = settings["window_spread"]
@@ -1746,12 +1752,12 @@ class _Loaded(Timed):
             started = time.perf_counter()
             self._run()
             self.first_run_ms = (time.perf_counter() - started) * 1e3
-        self.warmup_ms = self._ready(name, settings["warmup_runs"], settings["block_ms"])
+        self.warmup_ms = self._ready(name, settings["warmup_runs"], settings)
 
     def _run(self):
         self.model.run()
 
-    def _ready(self, name, runs, block_ms):
+    def _ready(self, name, runs, settings):
         """`runs` warm-up runs, then the blocks of a new Timed (k probed anew: the device's
         speed may have changed since the last window): the runs' ms."""
         with inference_errors():
@@ -1759,18 +1765,44 @@ class _Loaded(Timed):
             for _ in range(runs):
                 self._run()
             warmup_ms = (time.perf_counter() - started) * 1e3
-            Timed.__init__(self, name, self._run, time.perf_counter, block_ms)
+            Timed.__init__(self, name, self._run, time.perf_counter, settings["block_ms"],
+                           cpu_clock=run_cpu_clock(settings))
         return warmup_ms
 
     def rewarm(self, settings):
         """Ready for another window: REWARM_RUNS runs (its caches are cold), then new
         blocks."""
-        self._ready(self.name, REWARM_RUNS, settings["block_ms"])
+        self._ready(self.name, REWARM_RUNS, settings)
 
 
 SPEED_CHANGE = 0.10  # reference blocks around a candidate block this far apart: it is dropped
 LEVEL_QUANTILE = 0.10  # the reference's quiet level: this quantile of its block statistics
 BLOCK_RUNS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1000)
+
+
+def run_cpu_clock(settings):
+    """The clock that times a run's CPU time where every run of these settings computes on
+    the calling thread: onnxruntime's CPU provider with one intra-op thread, sequential
+    (then it starts no thread of its own). A run's time on that clock leaves out the time the
+    thread waited for the CPU while other work ran on its core (time-slicing), which the
+    wall clock counts. None where the runs may compute on other threads, or where this
+    system has no per-thread CPU clock."""
+    if not (settings["intra_op_threads"] == 1 and settings["inter_op_threads"] in (0, 1)
+            and settings["execution_mode"] == "sequential"
+            and settings["provider"] == "CPUExecutionProvider"
+            and settings.get("runtime", "onnxruntime") == "onnxruntime"):
+        return None
+    try:
+        time.thread_time()
+    except (AttributeError, OSError):
+        return None
+    return time.thread_time
+
+
+def block_times(block):
+    """The runs of a block that its statistic reads: their CPU times where the block has
+    them (a sixth item, see Timed), else their wall times."""
+    return block[5] if len(block) > 5 and block[5] else block[3]
 
 
 def quantile(values, q):
@@ -1795,7 +1827,7 @@ def block_ratios(blocks, reference_blocks, statistic="min", speed_change=SPEED_C
     more than `speed_change` (the device changed speed between them). A block without a
     reference on both sides gives none."""
     references = sorted(reference_blocks, key=lambda block: block[2])
-    values = [block_statistic(block[3], statistic) for block in references]
+    values = [block_statistic(block_times(block), statistic) for block in references]
     sequences = [block[2] for block in references]
     ratios = []
     for block in blocks:
@@ -1806,7 +1838,7 @@ def block_ratios(blocks, reference_blocks, statistic="min", speed_change=SPEED_C
         mean = (before_value + after_value) / 2
         if mean <= 0:
             continue
-        ratios.append((block_statistic(block[3], statistic) / mean,
+        ratios.append((block_statistic(block_times(block), statistic) / mean,
                        abs(before_value - after_value) / mean <= speed_change))
     return ratios
 
@@ -1926,6 +1958,7 @@ def _time_window(ort, controlled, thermal_before, models, ref, reference, settin
                        "seed": settings["seed"], "ref_gap_ms": settings["ref_gap_ms"],
                        "candidates": len(loaded), "candidates_ms": candidates_ms,
                        "reference_sha256": reference.get("sha256") or "",
+                       "clock": "thread_cpu" if ref.cpu_clock is not None else "wall",
                        "state": state}})
         results[name] = result
     return {"results": results, "errors": errors, "rounds": completed,

@@ -212,8 +212,10 @@ class MemoryUse:
         return max(peak - self.baseline_rss_mb, 0.0)
 
 
-# round, position, sequence number, runs (ms), start (s since the window began)
-Block = Tuple[int, int, int, Tuple[float, ...], float]
+# round, position, sequence number, runs (ms), start (s since the window began), and the
+# runs' CPU times (ms) where the agent timed them by the thread's CPU clock, else ()
+Block = Tuple[int, int, int, Tuple[float, ...], float, Tuple[float, ...]]
+CLOCKS = ("wall", "thread_cpu")  # what a window's block statistics read (RoundsRecord.clock)
 
 
 def _blocks(value: object, what: str) -> Tuple[Block, ...]:
@@ -222,15 +224,26 @@ def _blocks(value: object, what: str) -> Tuple[Block, ...]:
         raise ValueError(f"rounds.{what} is not a non-empty list of blocks")
     blocks = []
     for block in value:
-        if not (isinstance(block, list) and len(block) == 5
+        if not (isinstance(block, list) and len(block) in (5, 6)
                 and all(isinstance(n, int) and not isinstance(n, bool) for n in block[:3])
                 and isinstance(block[3], list) and block[3] and all(is_ms(s) for s in block[3])
-                and is_ms(block[4])):
+                and is_ms(block[4])
+                and (len(block) == 5 or (isinstance(block[5], list)
+                                         and len(block[5]) == len(block[3])
+                                         and all(is_ms(s) for s in block[5])))):
             raise ValueError(f"rounds.{what} holds a block that is not [round, position, "
-                             f"sequence, [runs in ms], start in s]")
+                             f"sequence, [runs in ms], start in s(, [their CPU times in ms] "
+                             f"as many)]")
+        cpu = tuple(float(s) for s in block[5]) if len(block) == 6 else ()
         blocks.append((block[0], block[1], block[2], tuple(float(s) for s in block[3]),
-                       float(block[4])))
+                       float(block[4]), cpu))
     return tuple(blocks)
+
+
+def _block_list(block: Block) -> list:
+    """A block as the agent sends it (the CPU times only where it has them)."""
+    listed = [block[0], block[1], block[2], list(block[3]), block[4]]
+    return listed + [list(block[5])] if block[5] else listed
 
 
 @dataclass(frozen=True)
@@ -251,6 +264,9 @@ class RoundsRecord:
     # what competed for the CPU during the window (agents.ort_agent.cpu_state): pressure,
     # steal, load, the lowest frequency; what the device exposes
     state: Mapping[str, float] = field(default_factory=dict)
+    # "thread_cpu": the blocks carry each run's CPU time too, and their statistics read it
+    # (agents.ort_agent.run_cpu_clock); "wall": the wall times
+    clock: str = "wall"
 
     @classmethod
     def from_dict(cls, data: object) -> "RoundsRecord":
@@ -273,18 +289,26 @@ class RoundsRecord:
                 and not isinstance(value, bool) and finite(value)
                 for key, value in state.items()):
             raise ValueError("rounds.state is not an object of finite numbers")
-        return cls(counts[0], counts[1], counts[2], _blocks(data.get("blocks"), "blocks"),
-                   _blocks(data.get("reference_blocks"), "reference_blocks"), counts[3],
-                   counts[4], float(candidates_ms), reference, dict(state))
+        clock = data.get("clock", "wall")
+        if clock not in CLOCKS:
+            raise ValueError(f"rounds.clock is not one of {', '.join(CLOCKS)}")
+        blocks = _blocks(data.get("blocks"), "blocks")
+        reference_blocks = _blocks(data.get("reference_blocks"), "reference_blocks")
+        timed = {bool(block[5]) for block in blocks + reference_blocks}
+        if timed != {clock == "thread_cpu"}:
+            raise ValueError(f"rounds.clock is {clock}, but not every block has its runs' "
+                             f"CPU times" if clock == "thread_cpu" else
+                             "rounds.clock is wall, but blocks carry CPU times")
+        return cls(counts[0], counts[1], counts[2], blocks, reference_blocks, counts[3],
+                   counts[4], float(candidates_ms), reference, dict(state), clock)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"completed": self.completed, "k": self.k, "reference_k": self.reference_k,
-                "blocks": [[r, p, s, list(runs), at] for r, p, s, runs, at in self.blocks],
-                "reference_blocks": [[r, p, s, list(runs), at] for r, p, s, runs, at in
-                                     self.reference_blocks],
+                "blocks": [_block_list(block) for block in self.blocks],
+                "reference_blocks": [_block_list(block) for block in self.reference_blocks],
                 "candidates": self.candidates, "seed": self.seed,
                 "candidates_ms": self.candidates_ms, "reference_sha256": self.reference_sha256,
-                "state": dict(self.state)}
+                "state": dict(self.state), "clock": self.clock}
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ import multiprocessing
 
 import pytest
 
+from agents.ort_agent import AGENT_VERSION
 from harness.errors import InvalidArgument
 from harness import (BadRequest, Cache, InvalidSample, LatencyProfiler, MeasurementTimeout,
                      Profiler, random_samples)
@@ -21,7 +22,7 @@ def test_miss_then_hit(profiler, tiny):
     sample = random_samples(tiny, 1, seed=1)[0]
     first = profiler.measure(sample)
     assert first.source == "measured" and first.n >= 5
-    assert first.device == "local" and first.agent_version == "1.1"
+    assert first.device == "local" and first.agent_version == AGENT_VERSION
     assert first.device_fingerprint["cpu_count"] >= 1
     assert first.provenance.model_sha256 and first.provenance.runtime["name"] == "onnxruntime"
     assert profiler.profile(sample) == first.median

@@ -54,8 +54,14 @@ def test_the_agent_tags_every_block_and_brackets_each_candidate_with_references(
         assert [block[0] for block in record.blocks] == list(range(FAST["rounds"]))
         assert all(len(block[3]) == record.k for block in record.blocks)
         assert result["samples_ms"] == [ms for block in record.blocks for ms in block[3]]
+        # one thread on the caller's: each run timed by the thread's CPU clock too, never
+        # longer than its wall time, and the statistics read those CPU times
+        assert record.clock == "thread_cpu"
+        assert all(len(block[5]) == len(block[3]) and all(
+            0 < cpu <= wall + 0.05 for cpu, wall in zip(block[5], block[3]))
+            for block in record.blocks + record.reference_blocks)
         ref_sequences = sorted(b[2] for b in references)
-        for round_index, position, sequence, _, _ in record.blocks:
+        for round_index, position, sequence, *_ in record.blocks:
             assert ref_sequences[0] < sequence < ref_sequences[-1]  # references on both sides
             order = ort_agent.round_order(["m1", "m2", "m3"], 3, round_index)
             assert order[position] == name  # the position is its place in the seeded order
@@ -141,6 +147,92 @@ def test_a_block_whose_references_disagree_is_dropped_and_counted():
     alone = summarise(record([5.0], [(10.0, 14.0)]))  # nothing survives: all, flagged
     assert alone.unfiltered and alone.ratio == pytest.approx(5.0 / 12.0)
     assert any("changed speed around every block" in r for r in alone.noisy_reasons)
+
+
+def test_blocks_are_read_by_their_cpu_times_where_the_agent_timed_them():
+    """A neighbour on the device's own core stretches a candidate's runs on the wall clock
+    (the thread waits for its core) and not on the thread's CPU clock: the ratio reads the
+    CPU times, so no burst between references moves it; the noise stays the wall's."""
+    plain = record([5.0] * 6, [(10.0, 10.0)] * 6).to_dict()
+    sliced = dict(plain, clock="thread_cpu")
+    for index, block in enumerate(sliced["blocks"]):  # every other block waited 60% longer
+        block.append(list(block[3]))
+        block[3] = [ms * 1.6 for ms in block[3]] if index % 2 else block[3]
+    for block in sliced["reference_blocks"]:
+        block.append(list(block[3]))
+    by_cpu = summarise(RoundsRecord.from_dict(sliced))
+    assert by_cpu.clock == "thread_cpu" and by_cpu.ratio == pytest.approx(0.5)
+    by_wall = summarise(RoundsRecord.from_dict(dict(sliced, clock="wall", blocks=[
+        block[:5] for block in sliced["blocks"]], reference_blocks=[
+        block[:5] for block in sliced["reference_blocks"]])))
+    assert by_wall.clock == "wall" and by_wall.ratio > 0.55  # the wall time's median moved
+    again = RoundsRecord.from_dict(RoundsRecord.from_dict(sliced).to_dict())
+    assert again == RoundsRecord.from_dict(sliced)  # CPU times and clock round-trip
+
+
+def cpu_block(good, **change):
+    """`good` (a thread_cpu record's dict) with its first block's CPU times changed."""
+    data = dict(good)
+    data["blocks"] = [list(block) for block in good["blocks"]]
+    data["blocks"][0] = data["blocks"][0][:5] + [change["cpu"]] if "cpu" in change \
+        else data["blocks"][0][:5]
+    return data
+
+
+@pytest.mark.parametrize("change", [{"cpu": [1.0]}, {"cpu": [1.0, "x", 2.0]},
+                                    {"cpu": [1.0, -2.0, 1.0]}, {}])
+def test_cpu_times_that_do_not_match_their_runs_are_refused(change):
+    good = record([5.0] * 2, [(10.0, 10.0)] * 2).to_dict()
+    for block in good["blocks"] + good["reference_blocks"]:
+        block.append(list(block[3]))
+    good["clock"] = "thread_cpu"
+    RoundsRecord.from_dict(good)
+    with pytest.raises(ValueError, match="CPU times|rounds.blocks"):
+        RoundsRecord.from_dict(cpu_block(good, **change))
+    with pytest.raises(ValueError, match="rounds.clock"):
+        RoundsRecord.from_dict(dict(good, clock="sundial"))
+    with pytest.raises(ValueError, match="rounds.clock is wall"):
+        RoundsRecord.from_dict(dict(good, clock="wall"))
+
+
+@pytest.mark.parametrize("change, clock", [
+    ({}, "thread_cpu"), ({"intra_op_threads": 2}, None), ({"inter_op_threads": 2}, None),
+    ({"execution_mode": "parallel"}, None), ({"provider": "XnnpackExecutionProvider"}, None)])
+def test_the_cpu_clock_times_runs_only_where_they_compute_on_the_calling_thread(change, clock):
+    settings = ort_agent.parse_settings(dict({"protocol": "rounds"}, **change))
+    chosen = ort_agent.run_cpu_clock(settings)
+    assert (chosen is not None) == (clock is not None)
+
+
+def test_the_schedule_reads_time_slicing_away_on_the_cpu_clock():
+    """The agent's own schedule on a virtual device whose core is shared: now and then a run
+    waits for its core (wall clock only). The ci rule and the ratios read the CPU clock."""
+    now = {"wall": 0.0, "cpu": 0.0, "runs": 0}
+
+    def runner(ms):
+        def run():
+            now["runs"] += 1
+            waited = 0.004 if now["runs"] % 11 < 5 else 0.0  # another task had the core
+            now["wall"] += ms / 1e3 + waited
+            now["cpu"] += ms / 1e3
+        return run
+
+    def timed(name, ms):
+        return ort_agent.Timed(name, runner(ms), lambda: now["wall"], 2.0,
+                               cpu_clock=lambda: now["cpu"])
+
+    models = {"a": timed("a", 1.0), "b": timed("b", 3.0)}
+    reference = timed("reference", 2.0)
+    settings = ort_agent.parse_settings({"protocol": "rounds", "rounds": 12, "block_ms": 2.0,
+                                         "ref_gap_ms": 6.0})
+    ort_agent.interleave(models, reference, settings, lambda: now["wall"])
+    for name, truth in (("a", 0.5), ("b", 1.5)):
+        ratios = [r for r, keep in ort_agent.block_ratios(models[name].blocks,
+                                                          reference.blocks)]
+        assert ratios and all(r == pytest.approx(truth) for r in ratios)
+        by_wall = ort_agent.block_ratios([block[:5] for block in models[name].blocks],
+                                         [block[:5] for block in reference.blocks])
+        assert any(abs(r / truth - 1) > 0.1 for r, _ in by_wall)  # the wall clock saw them
 
 
 def test_windows_respect_the_memory_budget_and_keep_the_order(tmp_path):

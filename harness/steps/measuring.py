@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar,
                     cast)
 
+from agents.ort_agent import AGENT_VERSION
 from devices.agent_result import AgentResult
 from devices.errors import AgentProtocolError
 from harness.export.graph import ExportedModel, export_module, input_signature
@@ -20,7 +21,7 @@ from harness.steps.export_step import SampleExport
 from harness.steps.key_scope import KeyScope
 from harness.store.cache import Cache
 from harness.store.key import MeasurementKey, canonical_json, settings_key
-from harness.store.rounds import LEVEL_QUANTILE, block_statistic
+from harness.store.rounds import LEVEL_QUANTILE, block_statistic, block_times
 from harness.errors import InvalidArgument
 from harness.store.measurement import STATISTICS, Measurement
 
@@ -161,7 +162,7 @@ class MeasurementSteps:
         if result.rounds is None:
             return None
         began = result.lease[0] if result.lease else time.time()  # the window's start
-        blocks = [(block[2], block_statistic(block[3]), began + block[4])
+        blocks = [(block[2], block_statistic(block_times(block)), began + block[4])
                   for block in result.rounds.reference_blocks]
         return self.cache.reference_level(key.device_fp, self._reference_ran_as(),
                                           result.rounds.reference_sha256, f"{began:.6f}",
@@ -177,9 +178,10 @@ class MeasurementSteps:
     def _reference_ran_as(self) -> str:
         """The settings key of the reference's history: the reference as it ran, with its
         own inputs, at fp32, whatever the candidates' shapes and precision (one history for
-        a device's every window)."""
+        a device's every window), and the agent's version (which decides, with the settings,
+        which clock the blocks are read by: agents.ort_agent.run_cpu_clock)."""
         return settings_key(dict(self.request.settings, input_shapes=None, precision="fp32",
-                                 calibration=None))
+                                 calibration=None, agent_version=AGENT_VERSION))
 
     def together(self, modules: Sequence[Tuple[Any, Any]], samples: Sequence[ExportedModel],
                  pool: DevicePool, precision: Precision) -> List[Measurement]:

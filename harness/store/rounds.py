@@ -8,7 +8,14 @@ the reference blocks next to it in time, so the ratio of the two holds still whe
 times do not:
 
 - each block is summarised by a statistic of its k runs: the minimum by default (within a
-  short block it is the run least disturbed by others), or the median;
+  short block it is the run least disturbed by others), or the median. Where the agent
+  timed each run by the thread's CPU clock too (`RoundsRecord.clock == "thread_cpu"`: one
+  thread computing on the caller's, agents.ort_agent.run_cpu_clock), the statistic reads
+  those CPU times: they leave out the time the thread waited while other work had its core,
+  which no reference corrects (a burst hits a candidate's block and not its references');
+  on this host, with a neighbour on the device's own core, that took the subnets
+  re-measured within 5% of themselves from 75-83% to 100%, and the blocks dropped for a
+  change of speed from half to a few;
 - a candidate block's ratio is its statistic over the mean of the statistics of its two
   nearest reference blocks (the one before and the one after it); when those two differ by
   more than `speed_change`, the device changed speed between them and the block is dropped
@@ -30,7 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from agents.ort_agent import (LEVEL_QUANTILE, SPEED_CHANGE, block_ratios, block_statistic,
-                              median_interval, quantile)
+                              block_times, median_interval, quantile)
 from devices.agent_result import RoundsRecord
 
 BLOCK_STATISTICS = ("min", "median")
@@ -55,6 +62,7 @@ class RoundsSummary:
     few_rounds: bool = False              # too few for a 95% interval: it is their range
     unfiltered: bool = False              # every block saw a change of speed: none dropped
     systematic: float = 0.0               # |ratio - the ratio by the other block statistic|
+    clock: str = "wall"                   # what the block statistics read (RoundsRecord)
 
     @property
     def relative_half_width(self) -> float:
@@ -98,7 +106,8 @@ def summarise(record: RoundsRecord, statistic: str = "min", speed_change: float 
     """The model's figures from its window; `level_ms`: a reference level known from a longer
     history (else this window's). None when no block gave a ratio."""
     references = sorted(record.reference_blocks, key=lambda block: block[2])
-    ref_values = [block_statistic(block[3], statistic) for block in references]
+    ref_values = [block_statistic(block_times(block), statistic) for block in references]
+    walls = [block_statistic(block[3], statistic) for block in references]
     kept = kept_ratios(record, statistic, speed_change)
     if kept is None:
         return None
@@ -111,8 +120,8 @@ def summarise(record: RoundsRecord, statistic: str = "min", speed_change: float 
     systematic = abs(ratio - block_statistic(other, "median"))  # the same blocks, read anew
     low, high = max(low - systematic, 0.0), high + systematic
     level = level_ms if level_ms is not None else quantile(ref_values, LEVEL_QUANTILE)
-    mean_ref = sum(ref_values) / len(ref_values)
-    spread = math.sqrt(sum((v - mean_ref) ** 2 for v in ref_values) / len(ref_values))
+    mean_ref = sum(walls) / len(walls)  # the device's noise: what its wall clock saw
+    spread = math.sqrt(sum((v - mean_ref) ** 2 for v in walls) / len(walls))
     ref_ms = sum(sum(block[3]) for block in references)
     window_ms = ref_ms + record.candidates_ms
     return RoundsSummary(
@@ -120,7 +129,7 @@ def summarise(record: RoundsRecord, statistic: str = "min", speed_change: float 
         quiet_ms=ratio * level, quiet_interval_ms=(low * level, high * level),
         rounds=len(ordered), dropped=dropped, noise=spread / mean_ref if mean_ref else 0.0,
         reference_share=ref_ms / window_ms if window_ms else 0.0, block_statistic=statistic,
-        few_rounds=few, unfiltered=unfiltered, systematic=systematic)
+        few_rounds=few, unfiltered=unfiltered, systematic=systematic, clock=record.clock)
 
 
 def kept_ratios(record: RoundsRecord, statistic: str, speed_change: float
