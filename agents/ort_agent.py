@@ -1534,8 +1534,13 @@ class Timed(object):
         probe = []
         for _ in range(probe_runs):
             started = clock()
+            cpu_started = cpu_clock() if cpu_clock is not None else 0.0
             run()
+            if cpu_clock is not None:
+                cpu_ms = (cpu_clock() - cpu_started) * 1e3
             probe.append(clock() - started)
+            if cpu_clock is not None and not cpu_time_plausible(cpu_ms, probe[-1] * 1e3):
+                self.cpu_clock = None  # a coarse or broken thread clock: the wall clock only
         self.run_s = max(min(probe), 1e-6)
         # k from a ladder, so that a few percent of noise in the probe rarely changes it
         # between windows (the minimum of more runs is lower: k is part of what a ratio is)
@@ -1574,8 +1579,10 @@ def interleave(models, reference, settings, clock):
     gap_s = settings["ref_gap_ms"] / 1e3
     for model in models.values():
         # every block of the window has the reference's k runs: the minimum of more runs is
-        # lower, so a ratio of minima over different k would carry a bias of its own
+        # lower, so a ratio of minima over different k would carry a bias of its own; and
+        # the reference's clocks, so that every block of the window is read by one clock
         model.k = reference.k
+        model.cpu_clock = reference.cpu_clock
     sequence, completed, failed, reason = 0, 0, {}, "rounds"
     deciding = settings["stop"] == "limit"
     loop_start = clock()
@@ -1797,6 +1804,13 @@ def run_cpu_clock(settings):
     except (AttributeError, OSError):
         return None
     return time.thread_time
+
+
+def cpu_time_plausible(cpu_ms, wall_ms):
+    """Whether a run's CPU time can be what the thread's CPU clock read over a run that
+    took wall_ms: above zero (a coarse clock reads 0 over a short run) and not above the wall
+    time (the CPU clock is read inside the wall clock's interval; 1% and 10 us of slack)."""
+    return 0.0 < cpu_ms <= wall_ms * 1.01 + 0.01
 
 
 def block_times(block):

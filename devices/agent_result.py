@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from agents.ort_agent import cpu_time_plausible
 from devices.errors import AgentProtocolError
 
 # A per-run time beyond this (about 28 hours) is garbage, not a latency: refusing it keeps
@@ -230,10 +231,11 @@ def _blocks(value: object, what: str) -> Tuple[Block, ...]:
                 and is_ms(block[4])
                 and (len(block) == 5 or (isinstance(block[5], list)
                                          and len(block[5]) == len(block[3])
-                                         and all(is_ms(s) for s in block[5])))):
+                                         and all(is_ms(s) and is_ms(w) and cpu_time_plausible(
+                                             s, w) for s, w in zip(block[5], block[3]))))):
             raise ValueError(f"rounds.{what} holds a block that is not [round, position, "
-                             f"sequence, [runs in ms], start in s(, [their CPU times in ms] "
-                             f"as many)]")
+                             f"sequence, [runs in ms], start in s(, [their CPU times in ms, "
+                             f"each above 0 and at most its run's wall time] as many)]")
         cpu = tuple(float(s) for s in block[5]) if len(block) == 6 else ()
         blocks.append((block[0], block[1], block[2], tuple(float(s) for s in block[3]),
                        float(block[4]), cpu))

@@ -46,8 +46,13 @@ class Truth:
 
 
 def pass_caches(cache: Path, passes: int = 5) -> List[Path]:
-    """The cache files of a campaign's passes."""
-    return [cache.with_name(f"{cache.stem}-pass{n}{cache.suffix}") for n in range(passes)]
+    """The cache files of a campaign's passes, named for the agent's version: one version's
+    measurements do not answer another's, and its reference blocks (which history_level
+    reads whatever their settings) must not mix with another's, read by another clock."""
+    from agents.ort_agent import AGENT_VERSION
+
+    return [cache.with_name(f"{cache.stem}-agent{AGENT_VERSION}-pass{n}{cache.suffix}")
+            for n in range(passes)]
 
 
 def campaign(space: Any, dummy: Any, samples: Sequence[Dict[str, Any]], *, device: str,

@@ -1,6 +1,7 @@
 """Interleaved rounds: the agent's schedule, the ratio arithmetic, and the protocol through a
 profiler on this machine (real agent, real onnxruntime, real SQLite)."""
 import math
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -158,10 +159,17 @@ def test_blocks_are_read_by_their_cpu_times_where_the_agent_timed_them():
     for index, block in enumerate(sliced["blocks"]):  # every other block waited 60% longer
         block.append(list(block[3]))
         block[3] = [ms * 1.6 for ms in block[3]] if index % 2 else block[3]
-    for block in sliced["reference_blocks"]:
+    walls = []
+    for index, block in enumerate(sliced["reference_blocks"]):  # so did a few references
         block.append(list(block[3]))
+        block[3] = [ms * (1.3 if index % 4 == 1 else 1.0) for ms in block[3]]
+        walls.append(min(block[3]))
     by_cpu = summarise(RoundsRecord.from_dict(sliced))
     assert by_cpu.clock == "thread_cpu" and by_cpu.ratio == pytest.approx(0.5)
+    assert by_cpu.reference_level_ms == pytest.approx(10.0)  # the level reads CPU times
+    mean = sum(walls) / len(walls)  # the noise level is what the wall clock saw
+    cv = (sum((w - mean) ** 2 for w in walls) / len(walls)) ** 0.5 / mean
+    assert cv > 0.05 and by_cpu.noise == pytest.approx(cv)
     by_wall = summarise(RoundsRecord.from_dict(dict(sliced, clock="wall", blocks=[
         block[:5] for block in sliced["blocks"]], reference_blocks=[
         block[:5] for block in sliced["reference_blocks"]])))
@@ -180,7 +188,8 @@ def cpu_block(good, **change):
 
 
 @pytest.mark.parametrize("change", [{"cpu": [1.0]}, {"cpu": [1.0, "x", 2.0]},
-                                    {"cpu": [1.0, -2.0, 1.0]}, {}])
+                                    {"cpu": [1.0, -2.0, 1.0]}, {"cpu": [0.0, 1.0, 1.0]},
+                                    {"cpu": [5.0, 9.0, 9.0]}, {}])
 def test_cpu_times_that_do_not_match_their_runs_are_refused(change):
     good = record([5.0] * 2, [(10.0, 10.0)] * 2).to_dict()
     for block in good["blocks"] + good["reference_blocks"]:
@@ -189,7 +198,7 @@ def test_cpu_times_that_do_not_match_their_runs_are_refused(change):
     RoundsRecord.from_dict(good)
     with pytest.raises(ValueError, match="CPU times|rounds.blocks"):
         RoundsRecord.from_dict(cpu_block(good, **change))
-    with pytest.raises(ValueError, match="rounds.clock"):
+    with pytest.raises(ValueError, match="not one of"):
         RoundsRecord.from_dict(dict(good, clock="sundial"))
     with pytest.raises(ValueError, match="rounds.clock is wall"):
         RoundsRecord.from_dict(dict(good, clock="wall"))
@@ -202,6 +211,23 @@ def test_the_cpu_clock_times_runs_only_where_they_compute_on_the_calling_thread(
     settings = ort_agent.parse_settings(dict({"protocol": "rounds"}, **change))
     chosen = ort_agent.run_cpu_clock(settings)
     assert (chosen is not None) == (clock is not None)
+    assert ort_agent.run_cpu_clock(dict(settings, runtime="litert")) is None  # its own threads
+
+
+@pytest.mark.parametrize("reads", [[0.0, 0.0], [0.0, 0.5]])  # a coarse clock; one that races
+def test_a_thread_clock_that_reads_nothing_sound_leaves_the_wall_clock_alone(reads):
+    """A thread clock whose probe reads 0 over a run, or more than the run's wall time, is
+    not used: the model's blocks carry wall times only."""
+    now = {"wall": 0.0, "cpu": iter(reads * 100)}
+
+    def run():
+        now["wall"] += 0.001
+
+    timed = ort_agent.Timed("m", run, lambda: now["wall"], 2.0,
+                            cpu_clock=lambda: next(now["cpu"]))
+    assert timed.cpu_clock is None
+    timed.block(0, 0, 1, 0.0)
+    assert len(timed.blocks[0]) == 5
 
 
 def test_the_schedule_reads_time_slicing_away_on_the_cpu_clock():
@@ -209,16 +235,16 @@ def test_the_schedule_reads_time_slicing_away_on_the_cpu_clock():
     waits for its core (wall clock only). The ci rule and the ratios read the CPU clock."""
     now = {"wall": 0.0, "cpu": 0.0, "runs": 0}
 
-    def runner(ms):
+    def runner(ms, always):
         def run():
             now["runs"] += 1
             waited = 0.004 if now["runs"] % 11 < 5 else 0.0  # another task had the core
-            now["wall"] += ms / 1e3 + waited
+            now["wall"] += ms / 1e3 * (1 + always) + waited  # ... and a share of every run
             now["cpu"] += ms / 1e3
         return run
 
-    def timed(name, ms):
-        return ort_agent.Timed(name, runner(ms), lambda: now["wall"], 2.0,
+    def timed(name, ms, always=0.0):
+        return ort_agent.Timed(name, runner(ms, always), lambda: now["wall"], 2.0,
                                cpu_clock=lambda: now["cpu"])
 
     models = {"a": timed("a", 1.0), "b": timed("b", 3.0)}
@@ -233,6 +259,21 @@ def test_the_schedule_reads_time_slicing_away_on_the_cpu_clock():
         by_wall = ort_agent.block_ratios([block[:5] for block in models[name].blocks],
                                          [block[:5] for block in reference.blocks])
         assert any(abs(r / truth - 1) > 0.1 for r, _ in by_wall)  # the wall clock saw them
+    # the ci rule is satisfied at once on the CPU times (every ratio exact), not on the wall
+    models = {"a": timed("a", 1.0), "b": timed("b", 3.0)}
+    reference = timed("reference", 2.0)
+    ci = dict(settings, stop="ci", rel_ci=0.005, rounds=40, min_runs=6)
+    assert ort_agent.interleave(models, reference, ci, lambda: now["wall"])[3] == "precise"
+    # the limit rule reads the ratios and the reference's level from the CPU times: 2.0 ms,
+    # where every reference run waited a quarter more on the wall clock
+    models = {"a": timed("a", 1.0), "b": timed("b", 3.0)}
+    reference = timed("reference", 2.0, always=0.25)
+    limit = dict(settings, stop="limit", limit_ms=2.0, rounds=40)
+    ort_agent.interleave(models, reference, limit, lambda: now["wall"])
+    for name, below in (("a", True), ("b", False)):
+        look = models[name].verdict
+        assert look["level_ms"] == pytest.approx(2.0) and look["ratio"] == pytest.approx(
+            0.5 if below else 1.5)
 
 
 def test_windows_respect_the_memory_budget_and_keep_the_order(tmp_path):
@@ -270,6 +311,14 @@ def test_a_profiler_measures_a_batch_in_rounds_and_serves_it_from_the_cache(tmp_
         assert {m.source for m in cached} == {"cached"}
         assert [m.interleaved.quiet_ms for m in cached] == [
             m.interleaved.quiet_ms for m in measured[:5]]
+    # the device's history of reference blocks holds their CPU minima, the clock the ratios
+    # read (their wall minima lie a few microseconds above)
+    assert {m.rounds.clock for m in measured} == {"thread_cpu"}
+    with sqlite3.connect(tmp_path / "cache.sqlite") as conn:
+        history = sorted(value for (value,) in conn.execute(
+            "SELECT value FROM reference_blocks").fetchall())
+    windows_timed = {m.rounds.reference_blocks for m in measured[:5]}
+    assert history == sorted(min(block[5]) for blocks in windows_timed for block in blocks)
 
 
 def test_a_loop_measurement_answers_a_loop_request_and_is_measured_again_for_rounds(tmp_path):

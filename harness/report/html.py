@@ -794,8 +794,10 @@ def _reference_levels(plt: Any, data: ReportData) -> Optional[Figure]:
     axes.legend(fontsize=8)
     figure.tight_layout()
     return Figure("reference.png", _png(plt, figure),
-                  "The reference model's blocks (the minimum of each block's runs) over time, "
-                  "per device: the device's speed while it measured in interleaved rounds; a "
+                  "The reference model's blocks (the minimum of each block's runs, by the "
+                  "clock the ratios read: the thread's CPU time where the agent timed it, so "
+                  "time-slicing by other work does not show) over time, per device: the "
+                  "device's speed while it measured in interleaved rounds; a "
                   "candidate's quiet-state latency is its ratio to the nearest of these, times "
                   "their low quantile.", "reference model blocks over time per device")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar,
                     cast)
 
-from agents.ort_agent import AGENT_VERSION
+from devices.agent_client import AGENT_VERSION
 from devices.agent_result import AgentResult
 from devices.errors import AgentProtocolError
 from harness.export.graph import ExportedModel, export_module, input_signature

@@ -14,8 +14,8 @@ times do not:
   those CPU times: they leave out the time the thread waited while other work had its core,
   which no reference corrects (a burst hits a candidate's block and not its references');
   on this host, with a neighbour on the device's own core, that took the subnets
-  re-measured within 5% of themselves from 75-83% to 100%, and the blocks dropped for a
-  change of speed from half to a few;
+  re-measured within 5% of themselves from 72% to 100%, and the blocks dropped for a change
+  of speed from 55-61% to 4% (README, "Measurements that hold on a noisy device");
 - a candidate block's ratio is its statistic over the mean of the statistics of its two
   nearest reference blocks (the one before and the one after it); when those two differ by
   more than `speed_change`, the device changed speed between them and the block is dropped
