@@ -1577,10 +1577,13 @@ def interleave(models, reference, settings, clock):
     failed mid-window}, why it stopped: "rounds", "max_time", or "precise" when stop is
     "ci" and every model's ratio is known within rel_ci)."""
     gap_s = settings["ref_gap_ms"] / 1e3
+    # every block of the window is read by one clock: the thread's CPU clock only where the
+    # probes of the reference and of every model found it sound (see Timed)
+    if any(model.cpu_clock is None for model in models.values()):
+        reference.cpu_clock = None
     for model in models.values():
         # every block of the window has the reference's k runs: the minimum of more runs is
-        # lower, so a ratio of minima over different k would carry a bias of its own; and
-        # the reference's clocks, so that every block of the window is read by one clock
+        # lower, so a ratio of minima over different k would carry a bias of its own
         model.k = reference.k
         model.cpu_clock = reference.cpu_clock
     sequence, completed, failed, reason = 0, 0, {}, "rounds"

@@ -162,7 +162,7 @@ def test_blocks_are_read_by_their_cpu_times_where_the_agent_timed_them():
     walls = []
     for index, block in enumerate(sliced["reference_blocks"]):  # so did a few references
         block.append(list(block[3]))
-        block[3] = [ms * (1.3 if index % 4 == 1 else 1.0) for ms in block[3]]
+        block[3] = [ms * (1.3 if index % 4 == 1 else 1.1) for ms in block[3]]
         walls.append(min(block[3]))
     by_cpu = summarise(RoundsRecord.from_dict(sliced))
     assert by_cpu.clock == "thread_cpu" and by_cpu.ratio == pytest.approx(0.5)
@@ -228,6 +228,24 @@ def test_a_thread_clock_that_reads_nothing_sound_leaves_the_wall_clock_alone(rea
     assert timed.cpu_clock is None
     timed.block(0, 0, 1, 0.0)
     assert len(timed.blocks[0]) == 5
+    # in a window, one model without a sound clock puts every block on the wall clock
+    sound = {"cpu": 0.0}
+
+    def counted():
+        now["wall"] += 0.001
+        sound["cpu"] += 0.0009
+
+    def model(name, cpu_clock):
+        return ort_agent.Timed(name, counted, lambda: now["wall"], 2.0, cpu_clock=cpu_clock)
+
+    models = {"good": model("good", lambda: sound["cpu"]),
+              "coarse": model("coarse", lambda: 0.0)}
+    reference = model("reference", lambda: sound["cpu"])
+    assert models["good"].cpu_clock is not None and models["coarse"].cpu_clock is None
+    ort_agent.interleave(models, reference, ort_agent.parse_settings(
+        {"protocol": "rounds", "rounds": 3, "block_ms": 2.0}), lambda: now["wall"])
+    assert {len(block) for m in list(models.values()) + [reference]
+            for block in m.blocks} == {5}
 
 
 def test_the_schedule_reads_time_slicing_away_on_the_cpu_clock():

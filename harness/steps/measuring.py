@@ -87,10 +87,14 @@ class MeasurementSteps:
         self.export, self.cache, self.scope, self.counters = export, cache, scope, counters
         self.isolation, self.refresh, self.request = isolation, refresh, request
         self.reference = reference  # timed beside the candidates with protocol "rounds"
+        # the clock the device's last window of rounds was read by (see _reference_ran_as)
+        self.last_clock = "thread_cpu"
 
     def for_request(self, request: MeasureRequest) -> "MeasurementSteps":
-        return MeasurementSteps(self.export, self.cache, self.scope, self.counters,
-                                self.isolation, self.refresh, request, self.reference)
+        steps = MeasurementSteps(self.export, self.cache, self.scope, self.counters,
+                                 self.isolation, self.refresh, request, self.reference)
+        steps.last_clock = self.last_clock
+        return steps
 
     def stored_statistics(self, scope: KeyScope, statistic: str, labels: Sequence[str]
                           ) -> Dict[tuple, float]:
@@ -164,6 +168,7 @@ class MeasurementSteps:
         began = result.lease[0] if result.lease else time.time()  # the window's start
         blocks = [(block[2], block_statistic(block_times(block)), began + block[4])
                   for block in result.rounds.reference_blocks]
+        self.last_clock = result.rounds.clock
         return self.cache.reference_level(key.device_fp, self._reference_ran_as(),
                                           result.rounds.reference_sha256, f"{began:.6f}",
                                           blocks, LEVEL_QUANTILE)
@@ -178,10 +183,16 @@ class MeasurementSteps:
     def _reference_ran_as(self) -> str:
         """The settings key of the reference's history: the reference as it ran, with its
         own inputs, at fp32, whatever the candidates' shapes and precision (one history for
-        a device's every window), and the agent's version (which decides, with the settings,
-        which clock the blocks are read by: agents.ort_agent.run_cpu_clock)."""
+        a device's every window); the agent's version; and the clock its blocks are read by
+        (agents.ort_agent.run_cpu_clock: the settings choose it, and a device whose thread
+        clock fails the agent's probe falls back to the wall), so that levels read by one
+        clock never mix with the other's. Before its first window, a profiler looks in the
+        history of the thread's CPU clock, the one a device uses wherever it can; a device
+        that answers by the wall then has no history there, and its window's own level
+        serves, as on a new device."""
         return settings_key(dict(self.request.settings, input_shapes=None, precision="fp32",
-                                 calibration=None, agent_version=AGENT_VERSION))
+                                 calibration=None, agent_version=AGENT_VERSION,
+                                 clock=self.last_clock))
 
     def together(self, modules: Sequence[Tuple[Any, Any]], samples: Sequence[ExportedModel],
                  pool: DevicePool, precision: Precision) -> List[Measurement]:

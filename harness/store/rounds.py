@@ -30,7 +30,8 @@ times do not:
   covered it for 81-94% of 120 subnets, and the widened one for 96-98%;
 - the reference level is a low quantile of the reference blocks' statistics (the device's
   speed when least disturbed); the quiet-state latency is ratio x level.
-The reference's spread across the window is the device's noise level, reported beside.
+The spread of the reference blocks' wall-clock minima across the window is the device's
+noise level, reported beside (what the device's users see, whichever clock the ratio reads).
 """
 import math
 from dataclasses import asdict, dataclass
@@ -56,7 +57,7 @@ class RoundsSummary:
     quiet_interval_ms: Tuple[float, float]
     rounds: int                           # blocks that gave a ratio
     dropped: int                          # blocks dropped for a speed change around them
-    noise: float                          # the reference blocks' coefficient of variation
+    noise: float                          # CV of the reference blocks' wall-clock minima
     reference_share: float                # the reference's share of the window's timed runs
     block_statistic: str
     few_rounds: bool = False              # too few for a 95% interval: it is their range
