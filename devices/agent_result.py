@@ -231,8 +231,8 @@ def _blocks(value: object, what: str) -> Tuple[Block, ...]:
                 and is_ms(block[4])
                 and (len(block) == 5 or (isinstance(block[5], list)
                                          and len(block[5]) == len(block[3])
-                                         and all(is_ms(s) and is_ms(w) and cpu_time_plausible(
-                                             s, w) for s, w in zip(block[5], block[3]))))):
+                                         and all(is_ms(s) and cpu_time_plausible(s, w)
+                                                 for s, w in zip(block[5], block[3]))))):
             raise ValueError(f"rounds.{what} holds a block that is not [round, position, "
                              f"sequence, [runs in ms], start in s(, [their CPU times in ms, "
                              f"each above 0 and at most its run's wall time] as many)]")

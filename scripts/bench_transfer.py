@@ -39,11 +39,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.predict.accuracy import accuracy_metrics  # noqa: E402
-from harness.campaigns.calibrate import NOT_ACTIVATED, fit_correction  # noqa: E402
+from harness.campaigns.calibrate import (NOT_ACTIVATED, corrected_or_miss,  # noqa: E402
+                                         fit_correction)
 from harness.export.graph import export_sample  # noqa: E402
-from harness.predict.calibration import (CALIBRATION_FILE, Correction,  # noqa: E402
-                                         calibrations_folder)
-from harness.predict.nn_meter import PredictorError, load_predictor  # noqa: E402
+from harness.predict.calibration import CALIBRATION_FILE, calibrations_folder  # noqa: E402
+from harness.predict.nn_meter import load_predictor  # noqa: E402
 from benchlib import space_at_input  # noqa: E402
 
 COUNTS = (10, 20, 50, 100)
@@ -79,15 +79,6 @@ def per_type_predictions(split: np.ndarray, measured: np.ndarray,
         if error < best_error:
             best, best_error = shrink, error
     return evaluate @ fit_type_scales(split, measured, best, prior)
-
-
-def corrected(correction: Correction, predicted_ms: float, kernels: int) -> float:
-    """The corrected prediction; one the correction puts at 0 ms or less counts as a miss
-    (infinitely slow), as calibrate() would refuse it."""
-    try:
-        return correction.apply(predicted_ms, kernels)
-    except PredictorError:
-        return math.inf
 
 
 def calibration_folder(home: Path, device: str) -> Path:
@@ -171,7 +162,7 @@ def main() -> int:
                 correction = fit_correction(x_train[chosen].sum(axis=1), y_train[chosen],
                                             counts)
                 scores[method].append(accuracy_metrics(
-                    [corrected(correction, p, int(k)) for p, k in zip(raw_held, n_held)],
+                    [corrected_or_miss(correction, p, int(k)) for p, k in zip(raw_held, n_held)],
                     y_held))
                 if count == len(y_train):
                     formulas[method] = correction.formula()

@@ -121,6 +121,19 @@ def fit_overheads(predicted: "Sequence[float] | np.ndarray", kernels: "Sequence[
     return Correction("overheads", math.log(scale), 1.0, float(per_kernel), float(fixed))
 
 
+def corrected_or_miss(correction: Optional[Correction], predicted_ms: float,
+                      kernels: int) -> float:
+    """A correction's prediction as scored: one it cannot give (no correction was fitted, or
+    it puts the model at 0 ms or less, which Correction.apply refuses) counts as a miss, an
+    infinitely slow prediction."""
+    if correction is None:
+        return math.inf
+    try:
+        return correction.apply(predicted_ms, kernels)
+    except PredictorError:
+        return math.inf
+
+
 def fit_correction(predicted: Sequence[float], measured: Sequence[float],
                    kernels: Optional[Sequence[int]] = None) -> Correction:
     """The correction for a device. A log-linear fit has two parameters, and on few or noisy
@@ -146,12 +159,8 @@ def fit_correction(predicted: Sequence[float], measured: Sequence[float],
         errors = []
         for left_out in range(len(x)):
             keep = np.arange(len(x)) != left_out
-            correction = fit(keep, kind)
-            try:
-                value = correction.apply(x[left_out], int(n[left_out]) if n is not None else 0) \
-                    if correction is not None else math.inf
-            except PredictorError:  # a non-positive value for the subnet left out
-                value = math.inf
+            value = corrected_or_miss(fit(keep, kind), x[left_out],
+                                      int(n[left_out]) if n is not None else 0)
             errors.append(value / y[left_out] - 1)
         errors_array = np.abs(errors)
         scores[kind] = (-float(np.mean(errors_array <= 0.10)),
