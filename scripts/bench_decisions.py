@@ -48,7 +48,10 @@ from benchtruth import (Truth, campaign, exact_truth, floor, floor_text,  # noqa
 from devices.noise_trace import NoiseTrace  # noqa: E402
 from devices.simulated import SimulatedModel  # noqa: E402
 from harness import LatencyProfiler, random_samples  # noqa: E402
+from harness.pool.device_pool import MeasureRequest  # noqa: E402
 from harness.spaces import ProxylessSpace  # noqa: E402
+from harness.steps.decider import DECISION_BLOCK_MS  # noqa: E402
+from harness.steps.measuring import reference_history_key  # noqa: E402
 
 CONFIDENCE = 0.99
 ZONE = 0.02
@@ -56,10 +59,13 @@ TRACE = ROOT / "tests" / "fixtures" / "noise" / "loaded.json"
 SIM_MS = 10.0
 
 
-def empty_copy(index: Path, folder: Path, name: str, history: Sequence[Path] = ()) -> Path:
+def empty_copy(index: Path, folder: Path, name: str, history: Sequence[Path] = (),
+               history_key: str = "") -> Path:
     """A copy of the cache with its sample index and devices, but no result; with the
-    reference's history of the `history` caches (the truth campaign's), as a device that
-    has been measuring for a while has it."""
+    reference's history of the `history` caches (the truth campaign's, its 20 ms blocks, as
+    a device that has been measuring for a while has it) under `history_key`, the key the
+    profiler reads its device's history by (a campaign measured by an older harness kept it
+    under another)."""
     path = folder / f"{name}.sqlite"
     shutil.copyfile(index, path)
     with sqlite3.connect(path) as conn:
@@ -67,8 +73,9 @@ def empty_copy(index: Path, folder: Path, name: str, history: Sequence[Path] = (
             conn.execute(f"DELETE FROM {table}")
         for source in history:
             conn.execute("ATTACH DATABASE ? AS history", (f"file:{source}?mode=ro",))
-            conn.execute("INSERT OR IGNORE INTO reference_blocks "
-                         "SELECT * FROM history.reference_blocks")
+            conn.execute("INSERT OR IGNORE INTO reference_blocks SELECT device_fp, ?, "
+                         "reference, window, sequence, value, created_at FROM "
+                         "history.reference_blocks", (history_key,))
             conn.commit()
             conn.execute("DETACH DATABASE history")
     return path
@@ -143,9 +150,11 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
                   strategies: Sequence[str] = ("fixed", "ci", "limit", "model"),
                   fixed_s: Optional[float] = None, block_ms: Optional[float] = None) -> None:
     def profiler(name: str, **settings: Any) -> LatencyProfiler:
-        return LatencyProfiler(space, dummy, device=device, home=home,
-                               cache=empty_copy(index, folder, f"{condition}-{name}", history),
-                               settings=dict(pinned, **settings))
+        chosen = dict(pinned, **settings)
+        key = reference_history_key(MeasureRequest.checked(chosen, 60.0).settings, "thread_cpu")
+        return LatencyProfiler(space, dummy, device=device, home=home, settings=chosen,
+                               cache=empty_copy(index, folder, f"{condition}-{name}", history,
+                                                key))
 
     def device_s(spent: float, began: float) -> float:
         """Device time: the leases' (a replay's: its virtual clock's)."""
@@ -184,10 +193,10 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
         if strategy not in strategies:
             continue
         began = replay.clock_s() if replay else 0.0
-        if block_ms is not None:
-            name += f", blocks of {block_ms:g} ms"
-        with profiler(name, **({"block_ms": block_ms} if block_ms is not None else {})) as p:
+        name += f", blocks of {block_ms or DECISION_BLOCK_MS:g} ms"
+        with profiler(name) as p:
             p.decider.use_model = use_model
+            p.decider.block_ms = block_ms or DECISION_BLOCK_MS
             answers, spent = [], 0.0
             for limit in limits:
                 decisions = p.decide_many(samples, limit, CONFIDENCE, progress=False,
@@ -255,8 +264,8 @@ def main() -> None:
                              "of this many device-s each: how far one window lies from the "
                              "truth now (0: not)")
     parser.add_argument("--block-ms", type=float,
-                        help="the limit-aware rows: the rounds' block length (default the "
-                             "agent's, 20 ms)")
+                        help="the limit-aware rows: a decision's block length (default "
+                             "harness.steps.decider.DECISION_BLOCK_MS; at least 3 runs)")
     args = parser.parse_args()
     args.truth_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="harness-bench-decisions-"))

@@ -540,3 +540,39 @@ def test_a_workers_next_window_keeps_its_reference_loaded(tmp_path, tiny_model):
     assert ort_agent.KEPT_REFERENCE == {}
     ort_agent.measure_rounds(models, {"model": str(tiny_model), "sha256": None}, settings)
     assert ort_agent.KEPT_REFERENCE == {}  # without a hash, nothing is kept
+
+
+def test_the_known_level_reads_the_newest_blocks_the_history_keeps(tmp_path):
+    """A decision reads the limit against the level the device's history keeps (its newest
+    REFERENCE_HISTORY blocks), also where a history was merged from several caches: an
+    older campaign's blocks beyond them (the device ran faster then) do not move it."""
+    from harness.store.cache import REFERENCE_HISTORY, Cache
+
+    scope = ("device", "settings", "reference")
+    with Cache(tmp_path / "cache.sqlite") as cache:
+        assert cache.known_reference_level(*scope, 0.1) is None
+        with cache._write("merge two campaigns' histories") as conn:
+            conn.executemany("INSERT INTO reference_blocks VALUES (?, ?, ?, ?, ?, ?, ?)", [
+                (*scope, "old" if n < 3000 else "new", n, 0.90 if n < 3000 else 1.00, n)
+                for n in range(3000 + REFERENCE_HISTORY)])
+        known = cache.known_reference_level(*scope, 0.1)
+        recorded = cache.reference_level(*scope, "next", [(1, 1.0, 9e9)], 0.1)
+    assert known == pytest.approx(1.00) and recorded == pytest.approx(1.00)
+
+
+def test_the_reference_history_is_kept_apart_by_clock_agent_version_and_block_length(
+        monkeypatch):
+    """Levels read one way never mix with another's: the history's key differs by the clock
+    the blocks were read by, the agent's version and the block length, and not by the
+    candidates' input shapes or precision (one history for a device's every window)."""
+    from harness.pool.device_pool import MeasureRequest
+    from harness.steps import measuring
+
+    settings = MeasureRequest.checked({"protocol": "rounds"}, 60.0).settings
+    key = measuring.reference_history_key(settings, "thread_cpu")
+    assert key != measuring.reference_history_key(settings, "wall")
+    assert key != measuring.reference_history_key(dict(settings, block_ms=5.0), "thread_cpu")
+    assert key == measuring.reference_history_key(
+        dict(settings, input_shapes={"input": [1, 3, 64, 64]}, precision="fp16"), "thread_cpu")
+    monkeypatch.setattr(measuring, "AGENT_VERSION", "9.9")
+    assert key != measuring.reference_history_key(settings, "thread_cpu")

@@ -215,6 +215,42 @@ def test_decide_many_in_rounds_agrees_with_the_known_truth_outside_the_zone(tmp_
         assert cache.get(key) is None or cache.get(key).source == "cached"
 
 
+def test_decisions_time_short_blocks_where_the_history_gives_the_level(tmp_path,
+                                                                       monkeypatch):
+    """A first look needs ten kept blocks whatever their length: where the device's history
+    gives the reference's level, a decision times short blocks (DECISION_BLOCK_MS, or three
+    runs of the reference if longer) and leaves the history to the measurements' 20 ms
+    blocks (a minimum of fewer runs lies higher); without a history the window's own level
+    needs the measurements' length; the decider's block_ms is kept."""
+    from harness.steps.decider import DECISION_BLOCK_MS, DECISION_BLOCK_RUNS
+
+    replaying_device(tmp_path, busy_trace(seed=2))
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    samples = random_samples(space, 6, seed=5)
+    settings = {"protocol": "rounds", "ref_gap_ms": 30.0, "warmup_runs": 1}
+
+    def history() -> int:
+        with Cache(tmp_path / "cache.sqlite") as cache:
+            return cache._query("count", "SELECT COUNT(*) FROM reference_blocks")[0][0]
+
+    sent = []
+    with LatencyProfiler(space, dummy, device="sim1", home=tmp_path, settings=settings) as profiler:
+        measure_rounds = profiler.pool.measure_rounds
+        monkeypatch.setattr(profiler.pool, "measure_rounds", lambda models, reference, request:
+                            sent.append(request.settings["block_ms"]) or
+                            measure_rounds(models, reference, request))
+        first = profiler.decide_many(samples[:2], 1000.0)  # no history yet
+        assert sent == [20.0] and history() > 0 and all(d.settled for d in first)
+        recorded, level = history(), profiler.steps.known_reference_level()
+        far = profiler.decide_many(samples[2:4], 1000.0)
+        assert sent[1] == pytest.approx(max(DECISION_BLOCK_MS, DECISION_BLOCK_RUNS * level))
+        assert sent[1] < 20.0 and history() == recorded and all(d.below for d in far)
+        assert all("(look 1, round 10)" in d.reason for d in far), [d.reason for d in far]
+        profiler.decider.block_ms = 15.0
+        profiler.decide_many(samples[4:], 1000.0)
+        assert sent[2] == 15.0
+
+
 def test_undecided_results_are_not_kept_as_decisions(tmp_path):
     replaying_device(tmp_path, busy_trace(seed=3, spread=0.1))
     space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)

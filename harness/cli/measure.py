@@ -291,6 +291,8 @@ def filter_command(args: argparse.Namespace) -> int:
                          settings=settings, cache=args.cache, timeout_s=args.timeout,
                          farm=args.farm, reference=args.reference) as profiler:
         profiler.decider.use_model = not args.no_model
+        if args.block_ms is not None:  # the decisions' blocks (and the measurements')
+            profiler.decider.block_ms = args.block_ms
         decisions = profiler.decide_many(samples, args.limit_ms, args.confidence,
                                          indifference=args.indifference)
         model_note, audit = profiler.decider.model_note, profiler.decider.audit.report()

@@ -31,6 +31,15 @@ from harness.store.measurement import Measurement, Provenance, fixed_loop_estima
 
 # In rounds, a decision's budget: at most this many rounds (max_time_ms bounds them too)
 DECISION_ROUNDS = 200
+# In rounds, a decision's blocks last this long (ms; LimitDecider.block_ms): the first look
+# needs as many kept blocks as the confidence and min_runs ask (10 at 99%) whatever their
+# length, and most candidates are called at it, so short blocks make a call cheap; a
+# measurement's 20 ms blocks re-measure steadier over its rounds. A block holds at least
+# DECISION_BLOCK_RUNS runs of the reference all the same: the first runs after a switch of
+# model run slower (at 224 px +18% and +10% for the first two), so a block of one run
+# would read a model's switch as much as its speed.
+DECISION_BLOCK_MS = 5.0
+DECISION_BLOCK_RUNS = 3
 
 
 class LimitDecider:
@@ -47,7 +56,8 @@ class LimitDecider:
     def __init__(self, space: ModelSpace, dummy_input: DummyInput, *, steps: MeasurementSteps,
                  base_scope: KeyScope, statistic: str, device: str, devices: List[str],
                  use_model: bool = True, model_coverage: float = 0.98,
-                 audit_share: float = 0.05, seed: int = 0):
+                 audit_share: float = 0.05, block_ms: float = DECISION_BLOCK_MS,
+                 seed: int = 0):
         self.space, self.dummy_input, self.steps = space, dummy_input, steps
         self.cache, self.scope, self.export = steps.cache, steps.scope, steps.export
         self.counters, self.base_scope, self.statistic = steps.counters, base_scope, statistic
@@ -55,6 +65,7 @@ class LimitDecider:
         self.use_model = use_model
         self.model_coverage = model_coverage
         self.audit_share = audit_share
+        self.block_ms = block_ms  # in rounds, a decision's blocks (see DECISION_BLOCK_MS)
         self.audit = ModelAudit()
         self.model: Optional[LatencyModel] = None
         self.model_note = "not fitted yet"
@@ -145,15 +156,31 @@ class DecisionRound:
         self.request = request.with_settings(stop="limit", limit_ms=limit_ms,
                                              confidence=confidence, indifference=indifference)
         if self.in_rounds:  # the limit in units of the reference: by its known quiet level
+            level = decider.steps.known_reference_level()
             self.request = self.request.with_settings(
                 rounds=max(request.settings["rounds"], DECISION_ROUNDS),
-                reference_level_ms=decider.steps.known_reference_level())
+                block_ms=self._block_ms(level, request.settings["block_ms"]),
+                reference_level_ms=level)
+        # the history holds blocks of the measurements' length only (_block_ms)
+        self.joins_history = self.in_rounds and \
+            self.request.settings["block_ms"] == request.settings["block_ms"]
         # the between-window term a stored decision's interval must carry to answer this one
         self.window_spread = float(self.request.settings["window_spread"]) \
             if self.in_rounds else 0.0
         self.export = decider.export
         self.reference = decider.steps.reference
         self.audited: Dict[int, Prediction] = {}  # sample position -> the skipped prediction
+
+    def _block_ms(self, level_ms: Optional[float], measured_block_ms: float) -> float:
+        """The length of this decision's blocks: the decider's (DECISION_BLOCK_MS), or the
+        time of DECISION_BLOCK_RUNS runs of the reference (its level is about one run) if
+        that is longer, up to the measurements' length. Short blocks only where the device's
+        history gives the level: it is a low quantile of the reference's block minima, and
+        the minimum of fewer runs lies higher, so a window's own level (a new device's)
+        needs the measurements' length, and a short block's level joins no history."""
+        if level_ms is None:
+            return measured_block_ms
+        return max(self.decider.block_ms, min(DECISION_BLOCK_RUNS * level_ms, measured_block_ms))
 
     def answer(self, samples: Sequence[Sample], results: List[Optional[Decision]],
                pool: DevicePool, what: str, progress: Optional[bool]) -> None:
@@ -246,7 +273,7 @@ class DecisionRound:
             raise AgentProtocolError(f"{result.device} answered a decision's rounds without "
                                      "a sound verdict of the limit rule (its stop: "
                                      f"{str(dict(result.stop))[:200]})")
-        self.decider.steps.reference_level(key, result)  # the window's blocks join the history
+        self.decider.steps.reference_level(key, result, record=self.joins_history)
         return decision_from_rounds(result.stop, len(result.samples_ms), source="measured",
                                     device_s=(lease[1] - lease[0]) * share,
                                     graph_hash=exported.graph_hash, device=result.device)

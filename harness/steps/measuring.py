@@ -20,7 +20,7 @@ from harness.steps.counters import Counters
 from harness.steps.export_step import SampleExport
 from harness.steps.key_scope import KeyScope
 from harness.store.cache import Cache
-from harness.store.key import MeasurementKey, canonical_json, settings_key
+from harness.store.key import MeasurementKey, canonical_json, digest, settings_key
 from harness.store.rounds import LEVEL_QUANTILE, block_statistic, block_times
 from harness.errors import InvalidArgument
 from harness.store.measurement import STATISTICS, Measurement
@@ -60,6 +60,20 @@ def window_request(request: MeasureRequest, models: int) -> MeasureRequest:
     candidate, so the window's are that many times theirs."""
     return replace(request.with_settings(max_time_ms=request.settings["max_time_ms"] * models),
                    timeout_s=request.timeout_s * models, still_needed=request.still_needed)
+
+
+def reference_history_key(settings: Mapping[str, Any], clock: str) -> str:
+    """The key a device's history of reference blocks is kept under: the reference as it
+    ran (the runtime settings, with its own inputs, at fp32, whatever the candidates' shapes
+    and precision: one history for a device's every window), the agent's version, the clock
+    its blocks are read by (agents.ort_agent.run_cpu_clock: the settings choose it, and a
+    device whose thread clock fails the agent's probe falls back to the wall), and the block
+    length (the level is a low quantile of block minima, and the minimum of fewer runs lies
+    higher), so that levels read one way never mix with another's."""
+    return digest({"settings": settings_key(dict(settings, input_shapes=None, precision="fp32",
+                                                 calibration=None)),
+                   "agent_version": AGENT_VERSION, "clock": clock,
+                   "block_ms": float(settings["block_ms"])})
 
 
 def check_statistic(statistic: Optional[str], settings: Mapping[str, Any]) -> str:
@@ -160,15 +174,19 @@ class MeasurementSteps:
         check = check_on_cpu(converted, precision)
         return None if check is None else check.flag()
 
-    def reference_level(self, key: MeasurementKey, result: AgentResult) -> Optional[float]:
+    def reference_level(self, key: MeasurementKey, result: AgentResult, record: bool = True
+                        ) -> Optional[float]:
         """For a result of interleaved rounds, the reference's quiet level from the device's
-        history (this window's reference blocks recorded first); else None."""
+        history (this window's reference blocks recorded first unless not `record`); else
+        None."""
         if result.rounds is None:
             return None
+        self.last_clock = result.rounds.clock
+        if not record:
+            return self.known_reference_level()
         began = result.lease[0] if result.lease else time.time()  # the window's start
         blocks = [(block[2], block_statistic(block_times(block)), began + block[4])
                   for block in result.rounds.reference_blocks]
-        self.last_clock = result.rounds.clock
         return self.cache.reference_level(key.device_fp, self._reference_ran_as(),
                                           result.rounds.reference_sha256, f"{began:.6f}",
                                           blocks, LEVEL_QUANTILE)
@@ -181,18 +199,12 @@ class MeasurementSteps:
                                                 self.reference().sha256, LEVEL_QUANTILE)
 
     def _reference_ran_as(self) -> str:
-        """The settings key of the reference's history: the reference as it ran, with its
-        own inputs, at fp32, whatever the candidates' shapes and precision (one history for
-        a device's every window); the agent's version; and the clock its blocks are read by
-        (agents.ort_agent.run_cpu_clock: the settings choose it, and a device whose thread
-        clock fails the agent's probe falls back to the wall), so that levels read by one
-        clock never mix with the other's. Before its first window, a profiler looks in the
-        history of the thread's CPU clock, the one a device uses wherever it can; a device
-        that answers by the wall then has no history there, and its window's own level
-        serves, as on a new device."""
-        return settings_key(dict(self.request.settings, input_shapes=None, precision="fp32",
-                                 calibration=None, agent_version=AGENT_VERSION,
-                                 clock=self.last_clock))
+        """The key of the reference's history under this profiler's request and the clock
+        its device's last window was read by (reference_history_key). Before its first
+        window, a profiler looks in the history of the thread's CPU clock, the one a device
+        uses wherever it can; a device that answers by the wall then has no history there,
+        and its window's own level serves, as on a new device."""
+        return reference_history_key(self.request.settings, self.last_clock)
 
     def together(self, modules: Sequence[Tuple[Any, Any]], samples: Sequence[ExportedModel],
                  pool: DevicePool, precision: Precision) -> List[Measurement]:

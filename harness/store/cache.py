@@ -435,12 +435,14 @@ class Cache:
 
     def known_reference_level(self, device_fp: str, settings_key: str, reference: str,
                               quantile_q: float) -> Optional[float]:
-        """The `quantile_q` quantile of the recorded reference blocks of this device,
-        settings and reference (its quiet level so far), or None when none is recorded."""
+        """The `quantile_q` quantile of the newest REFERENCE_HISTORY recorded reference
+        blocks of this device, settings and reference (its quiet level so far: the blocks
+        reference_level keeps, also where a history was merged from several caches), or
+        None when none is recorded."""
         rows = self._query("read the reference's blocks",
                            "SELECT value FROM reference_blocks WHERE device_fp = ? AND "
-                           "settings_key = ? AND reference = ?",
-                           (device_fp, settings_key, reference))
+                           "settings_key = ? AND reference = ? ORDER BY created_at DESC "
+                           f"LIMIT {REFERENCE_HISTORY}", (device_fp, settings_key, reference))
         return quantile([value for (value,) in rows], quantile_q) if rows else None
 
     def reference_history(self, device_fp: str) -> List[Tuple[float, float]]:
