@@ -193,7 +193,7 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
         if strategy not in strategies:
             continue
         began = replay.clock_s() if replay else 0.0
-        name += f", blocks of {block_ms or DECISION_BLOCK_MS:g} ms"
+        name += f", blocks of {block_ms or DECISION_BLOCK_MS:g} ms or 3 runs"
         with profiler(name) as p:
             p.decider.use_model = use_model
             p.decider.block_ms = block_ms or DECISION_BLOCK_MS

@@ -174,16 +174,18 @@ class MeasurementSteps:
         check = check_on_cpu(converted, precision)
         return None if check is None else check.flag()
 
-    def reference_level(self, key: MeasurementKey, result: AgentResult, record: bool = True
-                        ) -> Optional[float]:
+    def saw_window(self, result: AgentResult) -> None:
+        """Note the clock a device's window of rounds was read by: its history is looked up
+        under that clock from now on (_reference_ran_as)."""
+        if result.rounds is not None:
+            self.last_clock = result.rounds.clock
+
+    def reference_level(self, key: MeasurementKey, result: AgentResult) -> Optional[float]:
         """For a result of interleaved rounds, the reference's quiet level from the device's
-        history (this window's reference blocks recorded first unless not `record`); else
-        None."""
+        history (this window's reference blocks recorded first); else None."""
         if result.rounds is None:
             return None
-        self.last_clock = result.rounds.clock
-        if not record:
-            return self.known_reference_level()
+        self.saw_window(result)
         began = result.lease[0] if result.lease else time.time()  # the window's start
         blocks = [(block[2], block_statistic(block_times(block)), began + block[4])
                   for block in result.rounds.reference_blocks]
