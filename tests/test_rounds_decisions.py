@@ -218,15 +218,16 @@ def test_decide_many_in_rounds_agrees_with_the_known_truth_outside_the_zone(tmp_
 def test_decisions_time_short_blocks_where_the_history_gives_the_level(tmp_path,
                                                                        monkeypatch):
     """A first look needs ten kept blocks whatever their length: where the device's history
-    gives the reference's level, a decision times short blocks (DECISION_BLOCK_MS, or three
-    runs of the reference if longer) and leaves the history to the measurements' 20 ms
-    blocks (a minimum of fewer runs lies higher); without a history the window's own level
-    needs the measurements' length; the decider's block_ms is kept."""
-    from harness.steps.decider import DECISION_BLOCK_MS, DECISION_BLOCK_RUNS
+    holds enough reference blocks to give the level, a decision times short blocks
+    (DECISION_BLOCK_MS, or three runs of the reference if longer) and leaves the history to
+    the measurements' 20 ms blocks (a minimum of fewer runs lies higher); before that, it
+    times the measurements' length and its blocks join the history, so that no one window's
+    level is kept for good; the decider's block_ms is kept, up to the measurements'."""
+    from harness.steps import decider
 
     replaying_device(tmp_path, busy_trace(seed=2))
     space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
-    samples = random_samples(space, 6, seed=5)
+    samples = random_samples(space, 8, seed=5)
     settings = {"protocol": "rounds", "ref_gap_ms": 30.0, "warmup_runs": 1}
 
     def history() -> int:
@@ -241,14 +242,20 @@ def test_decisions_time_short_blocks_where_the_history_gives_the_level(tmp_path,
                             measure_rounds(models, reference, request))
         first = profiler.decide_many(samples[:2], 1000.0)  # no history yet
         assert sent == [20.0] and history() > 0 and all(d.settled for d in first)
+        monkeypatch.setattr(decider, "DECISION_HISTORY_BLOCKS", history() + 1)
+        profiler.decide_many(samples[2:4], 1000.0)  # one window's blocks: not enough
+        assert sent == [20.0, 20.0] and history() >= decider.DECISION_HISTORY_BLOCKS
         recorded, level = history(), profiler.steps.known_reference_level()
-        far = profiler.decide_many(samples[2:4], 1000.0)
-        assert sent[1] == pytest.approx(max(DECISION_BLOCK_MS, DECISION_BLOCK_RUNS * level))
-        assert sent[1] < 20.0 and history() == recorded and all(d.below for d in far)
+        far = profiler.decide_many(samples[4:6], 1000.0)
+        assert sent[2] == pytest.approx(max(decider.DECISION_BLOCK_MS,
+                                            decider.DECISION_BLOCK_RUNS * level))
+        assert sent[2] < 20.0 and history() == recorded and all(d.below for d in far)
         assert all("(look 1, round 10)" in d.reason for d in far), [d.reason for d in far]
         profiler.decider.block_ms = 15.0
-        profiler.decide_many(samples[4:], 1000.0)
-        assert sent[2] == 15.0
+        profiler.decide_many(samples[6:7], 1000.0)
+        profiler.decider.block_ms = 40.0
+        profiler.decide_many(samples[7:], 1000.0)
+        assert sent[3:] == [15.0, 20.0]
 
 
 def test_undecided_results_are_not_kept_as_decisions(tmp_path):

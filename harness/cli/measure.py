@@ -285,13 +285,14 @@ def filter_command(args: argparse.Namespace) -> int:
     space, samples = sampled(args)
     started = time.monotonic()
     settings = agent_settings(args)
+    settings.pop("block_ms", None)  # --block-ms is the decisions' (below), not the history's
     if args.window_spread is not None:
         settings["window_spread"] = args.window_spread
     with LatencyProfiler(space, space.dummy_input(), device=args.device,
                          settings=settings, cache=args.cache, timeout_s=args.timeout,
                          farm=args.farm, reference=args.reference) as profiler:
         profiler.decider.use_model = not args.no_model
-        if args.block_ms is not None:  # the decisions' blocks (and the measurements')
+        if args.block_ms is not None:
             profiler.decider.block_ms = args.block_ms
         decisions = profiler.decide_many(samples, args.limit_ms, args.confidence,
                                          indifference=args.indifference)

@@ -270,7 +270,7 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
                                                    "(default 30; --max-time-ms bounds them too)")
     parser.add_argument("--block-ms", type=float,
                         help="with --protocol rounds: a block of one model's runs lasts at "
-                             "least this (default 20; a decision's 5, at least 3 runs)")
+                             "least this (default 20; a decision's 5, or about 3 runs)")
     parser.add_argument("--ref-gap-ms", type=float,
                         help="with --protocol rounds: device time between two reference "
                              "blocks at most (default 150)")

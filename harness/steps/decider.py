@@ -34,12 +34,14 @@ DECISION_ROUNDS = 200
 # In rounds, a decision's blocks last this long (ms; LimitDecider.block_ms): the first look
 # needs as many kept blocks as the confidence and min_runs ask (10 at 99%) whatever their
 # length, and most candidates are called at it, so short blocks make a call cheap; a
-# measurement's 20 ms blocks re-measure steadier over its rounds. A block holds at least
+# measurement's 20 ms blocks re-measure steadier over its rounds. A block lasts about
 # DECISION_BLOCK_RUNS runs of the reference all the same: the first runs after a switch of
 # model run slower (at 224 px +18% and +10% for the first two), so a block of one run
-# would read a model's switch as much as its speed.
+# would read a model's switch as much as its speed. Short blocks need a history of at
+# least DECISION_HISTORY_BLOCKS reference blocks (see DecisionRound._block_ms).
 DECISION_BLOCK_MS = 5.0
 DECISION_BLOCK_RUNS = 3
+DECISION_HISTORY_BLOCKS = 500
 
 
 class LimitDecider:
@@ -157,9 +159,12 @@ class DecisionRound:
                                              confidence=confidence, indifference=indifference)
         if self.in_rounds:  # the limit in units of the reference: by its known quiet level
             level = decider.steps.known_reference_level()
+            short = level is not None and \
+                decider.steps.known_reference_blocks() >= DECISION_HISTORY_BLOCKS
             self.request = self.request.with_settings(
                 rounds=max(request.settings["rounds"], DECISION_ROUNDS),
-                block_ms=self._block_ms(level, request.settings["block_ms"]),
+                block_ms=self._block_ms(level if short else None,
+                                        request.settings["block_ms"]),
                 reference_level_ms=level)
         # the history holds blocks of the measurements' length only (_block_ms)
         self.joins_history = self.in_rounds and \
@@ -172,15 +177,20 @@ class DecisionRound:
         self.audited: Dict[int, Prediction] = {}  # sample position -> the skipped prediction
 
     def _block_ms(self, level_ms: Optional[float], measured_block_ms: float) -> float:
-        """The length of this decision's blocks: the decider's (DECISION_BLOCK_MS), or the
-        time of DECISION_BLOCK_RUNS runs of the reference (its level is about one run) if
-        that is longer, up to the measurements' length. Short blocks only where the device's
-        history gives the level: it is a low quantile of the reference's block minima, and
-        the minimum of fewer runs lies higher, so a window's own level (a new device's)
-        needs the measurements' length, and a short block's level joins no history."""
+        """The length of this decision's blocks: the decider's (DECISION_BLOCK_MS), or about
+        DECISION_BLOCK_RUNS runs of the reference (its level is one run's CPU time) if that
+        is longer, and never longer than the measurements' blocks. Short blocks only where
+        `level_ms` is given: where the device's history holds DECISION_HISTORY_BLOCKS
+        reference blocks. The level is a low quantile of the reference's block minima, and
+        the minimum of fewer runs lies higher, so a short block's window joins no history
+        and cannot read a level of its own: a new device's first decisions time the
+        measurements' blocks, which join its history, until it holds enough to stand on
+        (one window's level, kept for good, would put every later limit off by that
+        window's draw)."""
         if level_ms is None:
             return measured_block_ms
-        return max(self.decider.block_ms, min(DECISION_BLOCK_RUNS * level_ms, measured_block_ms))
+        return min(measured_block_ms,
+                   max(self.decider.block_ms, DECISION_BLOCK_RUNS * level_ms))
 
     def answer(self, samples: Sequence[Sample], results: List[Optional[Decision]],
                pool: DevicePool, what: str, progress: Optional[bool]) -> None:

@@ -200,6 +200,12 @@ class MeasurementSteps:
                                                 self._reference_ran_as(),
                                                 self.reference().sha256, LEVEL_QUANTILE)
 
+    def known_reference_blocks(self) -> int:
+        """How many reference blocks the device's history holds so far (its level's basis)."""
+        return self.cache.reference_history_size(self.scope().device_fp,
+                                                 self._reference_ran_as(),
+                                                 self.reference().sha256)
+
     def _reference_ran_as(self) -> str:
         """The key of the reference's history under this profiler's request and the clock
         its device's last window was read by (reference_history_key). Before its first

@@ -445,6 +445,15 @@ class Cache:
                            f"LIMIT {REFERENCE_HISTORY}", (device_fp, settings_key, reference))
         return quantile([value for (value,) in rows], quantile_q) if rows else None
 
+    def reference_history_size(self, device_fp: str, settings_key: str, reference: str) -> int:
+        """How many reference blocks of this device, settings and reference the history
+        holds (at most REFERENCE_HISTORY are read)."""
+        rows = self._query("count the reference's blocks",
+                           "SELECT COUNT(*) FROM (SELECT 1 FROM reference_blocks WHERE "
+                           "device_fp = ? AND settings_key = ? AND reference = ? "
+                           f"LIMIT {REFERENCE_HISTORY})", (device_fp, settings_key, reference))
+        return int(rows[0][0])
+
     def reference_history(self, device_fp: str) -> List[Tuple[float, float]]:
         """(when, reference block statistic in ms) of the recorded reference blocks of a
         device under the settings and reference it used last, oldest first: how fast the
