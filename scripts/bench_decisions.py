@@ -59,8 +59,8 @@ TRACE = ROOT / "tests" / "fixtures" / "noise" / "loaded.json"
 SIM_MS = 10.0
 
 
-def empty_copy(index: Path, folder: Path, name: str, history: Sequence[Path] = (),
-               history_key: str = "") -> Path:
+def empty_copy(index: Path, folder: Path, name: str, history: Sequence[Path],
+               history_key: str) -> Path:
     """A copy of the cache with its sample index and devices, but no result; with the
     reference's history of the `history` caches (the truth campaign's, its 20 ms blocks, as
     a device that has been measuring for a while has it) under `history_key`, the key the

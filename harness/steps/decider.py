@@ -158,13 +158,10 @@ class DecisionRound:
         self.request = request.with_settings(stop="limit", limit_ms=limit_ms,
                                              confidence=confidence, indifference=indifference)
         if self.in_rounds:  # the limit in units of the reference: by its known quiet level
-            level = decider.steps.known_reference_level()
-            short = level is not None and \
-                decider.steps.known_reference_blocks() >= DECISION_HISTORY_BLOCKS
+            level, blocks = decider.steps.known_reference()
             self.request = self.request.with_settings(
                 rounds=max(request.settings["rounds"], DECISION_ROUNDS),
-                block_ms=self._block_ms(level if short else None,
-                                        request.settings["block_ms"]),
+                block_ms=self._block_ms(level, blocks, request.settings["block_ms"]),
                 reference_level_ms=level)
         # the history holds blocks of the measurements' length only (_block_ms)
         self.joins_history = self.in_rounds and \
@@ -176,18 +173,19 @@ class DecisionRound:
         self.reference = decider.steps.reference
         self.audited: Dict[int, Prediction] = {}  # sample position -> the skipped prediction
 
-    def _block_ms(self, level_ms: Optional[float], measured_block_ms: float) -> float:
+    def _block_ms(self, level_ms: Optional[float], history_blocks: int,
+                  measured_block_ms: float) -> float:
         """The length of this decision's blocks: the decider's (DECISION_BLOCK_MS), or about
         DECISION_BLOCK_RUNS runs of the reference (its level is one run's CPU time) if that
         is longer, and never longer than the measurements' blocks. Short blocks only where
-        `level_ms` is given: where the device's history holds DECISION_HISTORY_BLOCKS
-        reference blocks. The level is a low quantile of the reference's block minima, and
+        the device's history gives the level from DECISION_HISTORY_BLOCKS reference blocks
+        or more. The level is a low quantile of the reference's block minima, and
         the minimum of fewer runs lies higher, so a short block's window joins no history
         and cannot read a level of its own: a new device's first decisions time the
         measurements' blocks, which join its history, until it holds enough to stand on
         (one window's level, kept for good, would put every later limit off by that
         window's draw)."""
-        if level_ms is None:
+        if level_ms is None or history_blocks < DECISION_HISTORY_BLOCKS:
             return measured_block_ms
         return min(measured_block_ms,
                    max(self.decider.block_ms, DECISION_BLOCK_RUNS * level_ms))

@@ -193,18 +193,16 @@ class MeasurementSteps:
                                           result.rounds.reference_sha256, f"{began:.6f}",
                                           blocks, LEVEL_QUANTILE)
 
-    def known_reference_level(self) -> Optional[float]:
-        """The reference's quiet level the device's history shows so far (None: no history),
-        recording nothing: what a decision's limit is read against before its window."""
-        return self.cache.known_reference_level(self.scope().device_fp,
-                                                self._reference_ran_as(),
-                                                self.reference().sha256, LEVEL_QUANTILE)
+    def known_reference(self) -> Tuple[Optional[float], int]:
+        """The reference's quiet level the device's history shows so far (None: no history)
+        and how many blocks it stands on, recording nothing: what a decision's limit is read
+        against before its window."""
+        return self.cache.known_reference(self.scope().device_fp, self._reference_ran_as(),
+                                          self.reference().sha256, LEVEL_QUANTILE)
 
-    def known_reference_blocks(self) -> int:
-        """How many reference blocks the device's history holds so far (its level's basis)."""
-        return self.cache.reference_history_size(self.scope().device_fp,
-                                                 self._reference_ran_as(),
-                                                 self.reference().sha256)
+    def known_reference_level(self) -> Optional[float]:
+        """known_reference's level alone."""
+        return self.known_reference()[0]
 
     def _reference_ran_as(self) -> str:
         """The key of the reference's history under this profiler's request and the clock

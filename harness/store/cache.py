@@ -433,26 +433,18 @@ class Cache:
                                 "settings_key = ? AND reference = ?", scope).fetchall()
         return quantile([value for (value,) in rows], quantile_q)
 
-    def known_reference_level(self, device_fp: str, settings_key: str, reference: str,
-                              quantile_q: float) -> Optional[float]:
+    def known_reference(self, device_fp: str, settings_key: str, reference: str,
+                        quantile_q: float) -> Tuple[Optional[float], int]:
         """The `quantile_q` quantile of the newest REFERENCE_HISTORY recorded reference
         blocks of this device, settings and reference (its quiet level so far: the blocks
         reference_level keeps, also where a history was merged from several caches), or
-        None when none is recorded."""
+        None when none is recorded; and how many blocks it stands on."""
         rows = self._query("read the reference's blocks",
                            "SELECT value FROM reference_blocks WHERE device_fp = ? AND "
                            "settings_key = ? AND reference = ? ORDER BY created_at DESC "
                            f"LIMIT {REFERENCE_HISTORY}", (device_fp, settings_key, reference))
-        return quantile([value for (value,) in rows], quantile_q) if rows else None
-
-    def reference_history_size(self, device_fp: str, settings_key: str, reference: str) -> int:
-        """How many reference blocks of this device, settings and reference the history
-        holds (at most REFERENCE_HISTORY are read)."""
-        rows = self._query("count the reference's blocks",
-                           "SELECT COUNT(*) FROM (SELECT 1 FROM reference_blocks WHERE "
-                           "device_fp = ? AND settings_key = ? AND reference = ? "
-                           f"LIMIT {REFERENCE_HISTORY})", (device_fp, settings_key, reference))
-        return int(rows[0][0])
+        level = quantile([value for (value,) in rows], quantile_q) if rows else None
+        return level, len(rows)
 
     def reference_history(self, device_fp: str) -> List[Tuple[float, float]]:
         """(when, reference block statistic in ms) of the recorded reference blocks of a
