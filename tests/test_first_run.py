@@ -158,3 +158,7 @@ def test_smaller_points_version_csv_dates_and_filter(tmp_path, home):
                           "--limit-ms", "1000", "--samples", "1", "--window-spread", "0.7",
                           *FAST_ARGS, home=home, cwd=tmp_path)
     assert refused.returncode != 0 and "window_spread must be a share" in refused.stderr
+    refused = run_harness("filter", "--space", "harness.spaces:TinySpace", "--device", "local",
+                          "--limit-ms", "1000", "--samples", "1", "--block-ms", "-1",
+                          *FAST_ARGS, home=home, cwd=tmp_path)
+    assert refused.returncode != 0 and "block_ms must be a number of ms above 0" in refused.stderr

@@ -279,21 +279,26 @@ def _write_traces(args: argparse.Namespace, rows: Sequence[Dict[str, Any]],
 
 def filter_command(args: argparse.Namespace) -> int:
     """`harness filter`: which sampled subnets are below a latency limit, at a confidence."""
+    from harness.pool.device_pool import MeasureRequest
     from harness.store.decisions import summary
     from harness.profiler import LatencyProfiler
 
     space, samples = sampled(args)
     started = time.monotonic()
     settings = agent_settings(args)
-    settings.pop("block_ms", None)  # --block-ms is the decisions' (below), not the history's
+    # --block-ms is the decisions' (below), not the history's; checked as the setting it was,
+    # though a decision uses it in rounds only
+    decision_block_ms = settings.pop("block_ms", None)
+    if decision_block_ms is not None:
+        MeasureRequest.checked({"block_ms": decision_block_ms}, args.timeout)
     if args.window_spread is not None:
         settings["window_spread"] = args.window_spread
     with LatencyProfiler(space, space.dummy_input(), device=args.device,
                          settings=settings, cache=args.cache, timeout_s=args.timeout,
                          farm=args.farm, reference=args.reference) as profiler:
         profiler.decider.use_model = not args.no_model
-        if args.block_ms is not None:
-            profiler.decider.block_ms = args.block_ms
+        if decision_block_ms is not None:
+            profiler.decider.block_ms = decision_block_ms
         decisions = profiler.decide_many(samples, args.limit_ms, args.confidence,
                                          indifference=args.indifference)
         model_note, audit = profiler.decider.model_note, profiler.decider.audit.report()
