@@ -15,7 +15,8 @@ and p80.
 Per condition and strategy the table gives device-seconds over the sweep (3 limits), the
 speed-up over the fixed loop, and for candidates whose truth lies outside the indifference
 zone (+-2% of the limit): agreement of the decided ones, how many were called wrongly, how
-many calls inside the zone went either way, and the undecided share. The fixed and ci loops
+many calls inside the zone went either way, and the undecided share (with how many of the
+undecided lie outside the zone: a cost cut-off may leave one there). The fixed and ci loops
 are also measured twice: their re-measurement agreement (answers equal in both passes).
 
 Conditions: local (pinned to CPU 0, the benchmarks' noisy neighbour on CPU 1), replay (a
@@ -90,11 +91,12 @@ def emit(line: str, out: Path) -> None:
 def score(truths: Sequence[Truth], limits: Sequence[float], answers: Sequence[Sequence[Any]]
           ) -> Dict[str, float]:
     """Answers (per limit, per subnet: (below, decided)) against the truth."""
-    outside = decided = agree = wrong_inside = inside = undecided = 0
+    outside = decided = agree = wrong_inside = inside = undecided = undecided_outside = 0
     for limit, per_subnet in zip(limits, answers):
         for truth, (below, settled) in zip(truths, per_subnet):
             within = abs(truth.quiet_ms / limit - 1) <= ZONE
             undecided += not settled
+            undecided_outside += not settled and not within
             if within:
                 inside += 1
                 wrong_inside += below != (truth.quiet_ms < limit)
@@ -106,7 +108,7 @@ def score(truths: Sequence[Truth], limits: Sequence[float], answers: Sequence[Se
     total = len(limits) * len(truths)
     return {"agree": agree / decided if decided else float("nan"), "wrong": decided - agree,
             "outside": outside, "inside": inside, "either_way": wrong_inside,
-            "undecided": undecided / total}
+            "undecided": undecided / total, "undecided_outside": undecided_outside}
 
 
 def twice(answers: Sequence[Sequence[Any]], again: Sequence[Sequence[Any]]) -> float:
@@ -165,7 +167,8 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
     emit(f"\n### {condition}: {len(samples)} subnets, limits {', '.join(f'{x:.3f}' for x in limits)}"
          f" ms (truth p20, p50, p80); the truth's floor: {floor_line}\n", out)
     emit("| strategy | device-s | speed-up | agree outside the zone | wrong outside | "
-         "inside the zone (either way) | undecided | same answer twice |", out)
+         "inside the zone (either way) | undecided (of them outside the zone) | "
+         "same answer twice |", out)
     emit("|---|---|---|---|---|---|---|---|", out)
 
     def row(name: str, spent: float, answers: Any, repeat: str = "-") -> None:
@@ -174,7 +177,7 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
         s = score(truths, limits, answers)
         emit(f"| {name} | {spent:.1f} | {fixed_s / spent:.1f}x | {s['agree']:.2%} of "
              f"{s['outside']} | {s['wrong']} | {s['inside']} ({s['either_way']} either way) | "
-             f"{s['undecided']:.1%} | {repeat} |", out)
+             f"{s['undecided']:.1%} ({s['undecided_outside']} outside) | {repeat} |", out)
 
     for strategy, name, settings in (("fixed", "fixed loop", {"protocol": "loop"}),
                                      ("ci", "stop=ci (+-1%)", {"protocol": "loop", "stop": "ci"})):
@@ -197,18 +200,24 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
         with profiler(name) as p:
             p.decider.use_model = use_model
             p.decider.block_ms = block_ms or DECISION_BLOCK_MS
-            answers, spent = [], 0.0
+            answers, spent, breakdown = [], 0.0, []
             for limit in limits:
                 decisions = p.decide_many(samples, limit, CONFIDENCE, progress=False,
                                           indifference=ZONE)
                 answers.append([(d.below, d.settled) for d in decisions])
                 spent += sum(d.device_s for d in decisions)
+                sources = {}
+                for d in decisions:
+                    sources[d.source] = sources.get(d.source, 0) + 1
+                breakdown.append(f"limit {limit:.3f} ms: {sum(d.device_s for d in decisions):.1f}"
+                                 f" device-s, " + ", ".join(f"{n} {source}" for source, n in
+                                                            sorted(sources.items())))
             note = f"{p.decider.model_note}; audit {p.decider.audit.report()}" if use_model else ""
             if replay is not None:  # the truth in this profiler's own level
                 truths, share = replay.truth(p, samples)
                 note += f"; its reference level is {share:.1%} of the trace's quiet level"
         row(name, device_s(spent, began), answers)
-        emit(f"\n{name}: {note}\n", out)
+        emit(f"\n{name}: {note}; " + "; ".join(breakdown) + "\n", out)
 
 
 def truth_for(condition: str, device: str, home: Path, space: Any, dummy: Any,
