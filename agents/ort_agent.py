@@ -1588,11 +1588,11 @@ def interleave(models, reference, settings, clock):
         model.cpu_clock = reference.cpu_clock
     sequence, completed, failed, reason = 0, 0, {}, "rounds"
     deciding = settings["stop"] == "limit"
-    since_ref = 0.0  # device time since the last reference block (s)
     loop_start = clock()
     for round_index in range(settings["rounds"]):
         order = [name for name in round_order(sorted(models), settings["seed"], round_index)
                  if name not in failed and models[name].verdict is None]
+        since_ref = 0.0
         if round_index == 0:  # later rounds open on the reference block that closed the last
             sequence += 1
             _reference_block(reference, round_index, -1, sequence, loop_start)
@@ -1604,15 +1604,8 @@ def interleave(models, reference, settings, clock):
                 failed[name] = AgentError(  # closing reference block still comes
                     "RUNTIME", "inference failed in round %d: %s"
                     % (round_index, _one_line(exc))).to_json()["error"]
-            still_in = [models[n] for n in order if n not in failed]
-            if position + 1 < len(order):
-                upcoming = [models[order[position + 1]]]
-            elif deciding and not closes_round(still_in, settings):
-                upcoming = still_in  # the next round opens on one of them
-            else:
-                upcoming = []  # the round closes on a reference block
-            if not upcoming or since_ref + max(
-                    model.run_s * (model.k + 1) for model in upcoming) > gap_s:
+            following = models[order[position + 1]] if position + 1 < len(order) else None
+            if following is None or since_ref + following.run_s * (following.k + 1) > gap_s:
                 sequence += 1
                 _reference_block(reference, round_index, position, sequence, loop_start)
                 since_ref = 0.0
@@ -1632,12 +1625,7 @@ def interleave(models, reference, settings, clock):
         if clock() - loop_start >= settings["max_time_ms"] / 1e3:
             reason = "max_time"
             break
-    if deciding:  # the undecided: one last look at what they have (it may call them),
-        undecided = [name for name in models  # their last blocks paired first
-                     if name not in failed and models[name].verdict is None]
-        if undecided and since_ref > 0:
-            sequence += 1
-            _reference_block(reference, completed - 1, len(models), sequence, loop_start)
+    if deciding:  # the undecided: one last look at what they have (it may call them)
         for name, model in models.items():
             if name not in failed and model.verdict is None:
                 limit_look(model, reference, settings, completed, last=True)
@@ -1648,8 +1636,8 @@ LOOK_GROWTH = 1.25  # under the limit rule in rounds, looks come as the kept rat
 # under the limit rule in rounds, a cost cut-off: an undecided candidate leaves once its
 # rounds' interval is within this share of window_spread of its median (see limit_look)
 SPREAD_NARROW = 1.0
-# and a second cut-off: an undecided candidate leaves once the interval of its rounds at this
-# confidence lies within indifference + window_spread of the limit (see limit_look)
+# and a second: an undecided candidate leaves once the interval of its rounds at this
+# confidence lies inside the indifference zone (see limit_look)
 NEAR_CONFIDENCE = 0.90
 
 
@@ -1674,14 +1662,16 @@ def limit_look(model, reference, settings, completed, last=False):
     ("spread"). Its estimate is then within about the spread of the limit, where the
     window's draw alone may put its truth on either side of the zone; settling it would take
     many more rounds, only to narrow the part of the interval the draw does not move. The
-    cut-off never makes a call. Nor does the second ("near"): a candidate leaves once the
-    interval of its rounds at NEAR_CONFIDENCE lies within indifference + window_spread of
-    the limit. A call there needs its interval narrower than its distance to the limit (the
-    widening takes the spread off the zone), so it would stay for most of the budget only to
-    leave undecided in the end: on this project's host a third of the device time of a sweep
-    went to such candidates. The cut-off spends none of the decision's error (it calls no
-    side), so it may read a laxer interval than the look's. Sets the model's `verdict` (a
-    dict for the answer's "stop") once it is called or leaves so, and `last_look`."""
+    cut-off never makes a call. Nor does the second: a candidate leaves undecided once the
+    interval of its rounds at NEAR_CONFIDENCE lies inside the indifference zone. Either
+    answer is right there, but the widening takes the spread off the zone, so a call would
+    need an interval narrower than the candidate's distance to the limit: most such
+    candidates stayed for many rounds and left undecided all the same (on this project's
+    host, undecided candidates took a third of a sweep's device time). A candidate outside
+    the zone leaves so only when that interval misses it (at most 1 - NEAR_CONFIDENCE); the
+    cut-off spends none of the decision's error, as it calls no side. Both cut-offs need a
+    window_spread above 0. Sets the model's `verdict` (a dict for the answer's "stop") once
+    it is called or leaves so, and `last_look`."""
     due = model.next_look or max(settings["min_runs"], first_look_size(settings["confidence"]))
     if len(model.blocks) < due and not last:
         return  # fewer blocks than the look needs kept ratios: not due, nothing to read
@@ -1703,8 +1693,8 @@ def limit_look(model, reference, settings, completed, last=False):
     rough = median_interval(kept, NEAR_CONFIDENCE)
     narrow = spread > 0 and within is not None and (  # the cost cut-offs: "spread"
         max(ratio - within[0], within[1] - ratio) <= SPREAD_NARROW * spread * ratio or
-        (rough is not None and limit * (1 - indifference - spread) <= rough[0] and
-         rough[1] <= limit * (1 + indifference + spread)))
+        (rough is not None and limit * (1 - indifference) <= rough[0] and
+         rough[1] <= limit * (1 + indifference)))
     model.last_look = {
         "outcome": outcome, "looks": model.looks, "rounds": completed, "kept": len(kept),
         "ratio": ratio, "ratio_interval": list(interval) if interval is not None else None,
@@ -1713,19 +1703,6 @@ def limit_look(model, reference, settings, completed, last=False):
         "confidence": settings["confidence"], "indifference": settings["indifference"]}
     if outcome is not None or narrow:
         model.verdict = model.last_look
-
-
-def closes_round(models, settings):
-    """Under the limit rule, whether a round ends on a reference block whatever the gap:
-    when a look is due for one of the candidates still in (`models`): a look reads ratios,
-    and a block is a ratio only once a reference block follows it. Between looks, a round of
-    few candidates runs on into the next until ref_gap_ms would pass (a candidate left alone
-    once timed a reference block for every block of its own), and the window's last blocks
-    get theirs before the last looks (interleave). Where a reference block falls depends on
-    block counts only, never on the candidates' values, as the looks' times do not
-    (limit_look)."""
-    first = max(settings["min_runs"], first_look_size(settings["confidence"]))
-    return any(len(model.blocks) >= (model.next_look or first) for model in models)
 
 
 def first_look_size(confidence):
@@ -1943,8 +1920,7 @@ def measure_rounds(models, reference, settings=None, lock=None, lock_wait_s=600.
     `reference` ({"model": path, "sha256": hex}), then time them in interleaved rounds: each
     round runs every candidate's block once in a fresh seeded random order, with a block of
     the reference before the first candidate and again whenever ref_gap_ms of device time
-    would otherwise pass, and at the round's end (under the limit rule only where a look is
-    due, see closes_round, and before the last looks). Rounds run until `rounds` are done or
+    would otherwise pass, and at the round's end. Rounds run until `rounds` are done or
     max_time_ms is spent (a round is never cut short). A candidate that fails to load or run
     is that candidate's error; the others go on. With `lock`, holds the device's lock. Thread
     settings above this device's cores are a USER error, before the lock is taken."""

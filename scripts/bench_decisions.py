@@ -217,7 +217,7 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
                 truths, share = replay.truth(p, samples)
                 note += f"; its reference level is {share:.1%} of the trace's quiet level"
         row(name, device_s(spent, began), answers)
-        emit(f"\n{name}: {note}; " + "; ".join(breakdown) + "\n", out)
+        emit(f"\n{name}: " + "; ".join(([note] if note else []) + breakdown) + "\n", out)
 
 
 def truth_for(condition: str, device: str, home: Path, space: Any, dummy: Any,

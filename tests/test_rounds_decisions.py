@@ -86,11 +86,7 @@ def schedule(latencies_ms, limit_ms, trace=None, confidence=0.99, cv=0.1, refere
     models = {f"m{i}": timed(f"m{i}", ms) for i, ms in enumerate(latencies_ms)}
     _, _, failed, reason = interleave(models, reference, checked, clock)
     assert not failed
-    SCHEDULED["reference"] = reference
     return models, reason, checked
-
-
-SCHEDULED = {}  # the reference of schedule()'s last window
 
 
 def drawn_window(latencies_ms, limit_ms, reference_draw, **settings):
@@ -135,22 +131,23 @@ def test_the_cost_cut_off_leaves_undecided_once_the_rounds_agree_within_the_spre
     assert stop["reason"] == "spread" and stop["outcome"] is None
 
 
-def test_a_candidate_near_the_limit_leaves_early_and_one_past_the_band_is_still_called():
+def test_a_candidate_whose_rounds_lie_inside_the_zone_leaves_early_and_one_outside_is_called(
+        monkeypatch):
     """The second cut-off: 1% off the limit, on runs 3% apart, a candidate leaves undecided
-    once its rounds' 90% interval lies within the zone and the spread of the limit (a few
-    looks), not after most of the budget as the first cut-off alone let it; one 6% above,
-    outside that band, is still called."""
+    once its rounds' 90% interval lies inside the zone, while the look's own
+    interval is still wider than the spread (the first cut-off alone kept it for several
+    times as many rounds); one 3% above the limit, outside the zone, is still called."""
     limit = 3.0
-    models, _, settings = schedule([limit * 1.01, limit * 1.06], limit_ms=limit, cv=0.03)
-    near, far = models["m0"].verdict, models["m1"].verdict
-    assert near["outcome"] is None and near["left"] == "spread" and near["looks"] <= 4
-    assert far["outcome"] == "above"
-    monkeypatch = pytest.MonkeyPatch()
-    try:  # the first cut-off alone
-        monkeypatch.setattr(ort_agent, "NEAR_CONFIDENCE", 1 - 1e-12)
-        alone, _, _ = schedule([limit * 1.01], limit_ms=limit, cv=0.03)
-    finally:
-        monkeypatch.undo()
+    models, _, settings = schedule([limit * 1.01, limit * 1.03], limit_ms=limit, cv=0.03)
+    near, outside = models["m0"].verdict, models["m1"].verdict
+    assert near["outcome"] is None and near["left"] == "spread"
+    low, high = near["ratio_interval"]  # the look's interval, widened by the spread
+    strict = (low * (1 + settings["window_spread"]), high * (1 - settings["window_spread"]))
+    assert max(near["ratio"] - strict[0], strict[1] - near["ratio"]) > \
+        settings["window_spread"] * near["ratio"]  # not the first cut-off's doing
+    assert outside["outcome"] == "above"
+    monkeypatch.setattr(ort_agent, "NEAR_CONFIDENCE", 1 - 1e-12)  # no 90% interval: later
+    alone, _, _ = schedule([limit * 1.01], limit_ms=limit, cv=0.03)
     assert alone["m0"].verdict["rounds"] > 2 * near["rounds"]
 
 
@@ -180,41 +177,6 @@ def test_a_decided_candidate_leaves_the_rounds_and_the_undecided_stay():
     stop = rounds_stop(models["m0"], settings, 400, reason)
     assert stop["rule"] == "rounds-limit" and stop["reason"] == "settled"
     assert stop["rounds"] == rounds["m0"] and stop["looks"] == 1
-
-
-def test_a_lone_candidate_times_a_reference_block_per_gap_and_before_each_look():
-    """Left alone near the limit, a candidate's rounds run on without a reference block of
-    their own until ref_gap_ms would pass or a look is due (it reads ratios, and a block is
-    one only once a reference follows it); every block is a ratio by the time it is read,
-    and the window's last blocks get their reference before the last look."""
-    models, reason, settings = schedule([3.0 * 1.01], limit_ms=3.0, cv=0.03, rounds=60,
-                                        ref_gap_ms=100.0)
-    reference_blocks = SCHEDULED["reference"].blocks
-    lone = models["m0"]
-    kinds = "".join(kind for kind, _ in sorted(
-        [("m", b[2]) for b in lone.blocks] + [("r", b[2]) for b in reference_blocks],
-        key=lambda item: item[1]))
-    assert kinds[0] == "r" and kinds[-1] == "r"  # opened and closed by the reference
-    assert "mm" in kinds  # rounds ran on into the next without one
-    assert len(reference_blocks) < 0.7 * len(lone.blocks)  # not one per block of its own
-    block_s = lone.run_s * (lone.k + 1)
-    assert max(len(run) for run in kinds.split("r")) <= settings["ref_gap_ms"] / 1e3 / block_s
-    # the last look read every block timed by then: each had its reference already
-    look = lone.verdict or lone.last_look
-    read = lone.blocks[:look["rounds"]]  # one block per round
-    before = [b for b in reference_blocks if b[2] < (lone.blocks + [[0, 0, 1e9]])[
-        look["rounds"]][2]]
-    ratios = ort_agent.block_ratios(read, before)
-    assert len(ratios) == len(read) and sum(keep for _, keep in ratios) == look["kept"]
-
-
-def test_a_measurements_rounds_still_close_on_a_reference_block():
-    """Outside the limit rule every round still ends on a reference block (the measurements'
-    schedule, which the truth campaigns use, is unchanged)."""
-    schedule([3.0], limit_ms=3.0, stop="fixed", rounds=12)
-    reference_blocks = SCHEDULED["reference"].blocks
-    ends = {block[0] for block in reference_blocks if block[1] >= 0}
-    assert ends == set(range(12))
 
 
 def test_a_candidate_at_the_limit_of_a_noisy_device_uses_the_budget_and_says_undecided():

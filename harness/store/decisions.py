@@ -25,8 +25,8 @@ In rounds, the interval tested is the interval of the ratio widened by the devic
 between-window spread (the setting window_spread, 2% by default): one window is one draw
 (its worker's loads, the device's mix of work), which moves every ratio in it alike and
 which its rounds cannot average away. Cost cut-offs: a candidate whose rounds already agree
-within that spread (agents.ort_agent.SPREAD_NARROW), or whose rounds' 90% interval lies within
-the zone plus that spread of the limit (NEAR_CONFIDENCE), leaves undecided, never called.
+within that spread (agents.ort_agent.SPREAD_NARROW), or whose rounds' 90% interval lies inside
+the indifference zone (NEAR_CONFIDENCE), leaves undecided, never called.
 
 The error rate: the agent spends the allowed error 1 - confidence over its looks at the
 data (look k may err with probability (1 - confidence) * 6 / (pi^2 k^2), and these sum to
@@ -214,7 +214,7 @@ def decision_from_rounds(verdict: Mapping[str, Any], runs: int, *, source: str,
     reason = (f"the interval of the quiet-state latency says {outcome} (look "
               f"{verdict['looks']}, round {verdict['rounds']})" if outcome else
               f"undecided after {verdict['rounds']} rounds: its estimate lies within about "
-              f"the indifference zone and the device's between-window spread "
+              f"the indifference zone or the device's between-window spread "
               f"(+-{spread:.1%}) of the limit, and its interval, widened by that spread, "
               "still reaches into both sides of the zone (a cost cut-off: more rounds would "
               "narrow only the part the window's draw does not move)"
