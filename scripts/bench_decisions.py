@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Limit decisions scored against a truth that holds, side by side in one run: the fixed
-loop, precision stopping (stop="ci"), limit-aware decisions in interleaved rounds, and the
-same with the device's latency model.
+loop, precision stopping (stop="ci", one model at a time and in interleaved rounds, the
+latter read by its quiet-state latency), limit-aware decisions in interleaved rounds, and
+the same with the device's latency model.
 
 The truth (scripts/benchtruth.py) is each subnet's quiet-state latency from a long
 interleaved campaign (--truth-s of device time per subnet, in passes that load the models
@@ -16,8 +17,9 @@ Per condition and strategy the table gives device-seconds over the sweep (3 limi
 speed-up over the fixed loop, and for candidates whose truth lies outside the indifference
 zone (+-2% of the limit): agreement of the decided ones, how many were called wrongly, how
 many calls inside the zone went either way, and the undecided share (with how many of the
-undecided lie outside the zone: a cost cut-off may leave one there). The fixed and ci loops
-are also measured twice: their re-measurement agreement (answers equal in both passes).
+undecided lie outside the zone: a cost cut-off may leave one there). The fixed loop and
+both stop=ci rows are measured twice: their re-measurement agreement (answers equal in both
+passes).
 
 Conditions: local (pinned to CPU 0, the benchmarks' noisy neighbour on CPU 1), replay (a
 simulated device replaying tests/fixtures/noise/loaded.json), arm64 (the emulated board of
@@ -26,7 +28,7 @@ appended to --out, so a run that dies still leaves its figures.
 
 Usage: python3 scripts/bench_decisions.py --out bench_decisions.md [--samples 300]
            [--size 64] [--conditions local,replay,arm64] [--truth-s 10]
-           [--strategies fixed,ci,limit,model] [--fixed-s S] [--block-ms MS]
+           [--strategies fixed,ci,ci-rounds,limit,model] [--fixed-s S] [--block-ms MS]
 (--strategies runs some rows only; --fixed-s then gives the fixed loop's device-s of an
 earlier run for the speed-up column, which must say so.)
 """
@@ -180,7 +182,8 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
              f"{s['undecided']:.1%} ({s['undecided_outside']} outside) | {repeat} |", out)
 
     for strategy, name, settings in (("fixed", "fixed loop", {"protocol": "loop"}),
-                                     ("ci", "stop=ci (+-1%)", {"protocol": "loop", "stop": "ci"})):
+                                     ("ci", "stop=ci (+-1%)", {"protocol": "loop", "stop": "ci"}),
+                                     ("ci-rounds", "stop=ci in rounds (+-1%)", {"stop": "ci"})):
         if strategy not in strategies:
             continue
         passes, spent = [], 0.0
@@ -188,7 +191,8 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
             began = replay.clock_s() if replay else 0.0
             with profiler(f"{name}-{n}", **settings) as p:
                 measured = p.measure_many(samples, progress=False)
-            passes.append([[(m.median < limit, True) for m in measured] for limit in limits])
+                values = [m.statistic(p.statistic) for m in measured]  # in rounds: quiet
+            passes.append([[(value < limit, True) for value in values] for limit in limits])
             spent = spent or device_s(sum(m.device_s for m in measured), began)
         row(name, spent, passes[0], f"{twice(*passes):.1%}")
     for strategy, name, use_model in (("limit", "limit-aware, rounds", False),
@@ -263,8 +267,8 @@ def main() -> None:
                         help="the floor campaign measures every Nth subnet again (default 4)")
     parser.add_argument("--truth-dir", type=Path,
                         default=Path.home() / ".cache" / "harness-bench")
-    parser.add_argument("--strategies", default="fixed,ci,limit,model",
-                        help="which rows to run (fixed, ci, limit, model)")
+    parser.add_argument("--strategies", default="fixed,ci,ci-rounds,limit,model",
+                        help="which rows to run (fixed, ci, ci-rounds, limit, model)")
     parser.add_argument("--fixed-s", type=float,
                         help="without the fixed row: its device-s from an earlier run, for "
                              "the speed-up column (say so beside the table)")
