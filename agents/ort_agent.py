@@ -1667,11 +1667,15 @@ def limit_look(model, reference, settings, completed, last=False):
     answer is right there, but the widening takes the spread off the zone, so a call would
     need an interval narrower than the candidate's distance to the limit: most such
     candidates stayed for many rounds and left undecided all the same (on this project's
-    host, undecided candidates took a third of a sweep's device time). A candidate outside
-    the zone leaves so only when that interval misses it (at most 1 - NEAR_CONFIDENCE); the
-    cut-off spends none of the decision's error, as it calls no side. Both cut-offs need a
-    window_spread above 0. Sets the model's `verdict` (a dict for the answer's "stop") once
-    it is called or leaves so, and `last_look`."""
+    host, undecided candidates took a third of a sweep's device time). At one look, a
+    candidate whose value in this window lies outside the zone leaves so with probability at
+    most (1 - NEAR_CONFIDENCE) / 2; over its looks more often (this error is not spent over
+    looks: up to about 16% at the zone's very edge over 14 looks), and one whose window
+    reads inside the zone, within the spread of its truth, may leave so however many rounds
+    run. Neither cut-off calls a side, so none of this is a wrong call: it is an undecided
+    answer outside the zone, which the benchmark counts. Both need a window_spread above 0.
+    Sets the model's `verdict` (a dict for the answer's "stop") once it is called or leaves
+    so, and `last_look`."""
     due = model.next_look or max(settings["min_runs"], first_look_size(settings["confidence"]))
     if len(model.blocks) < due and not last:
         return  # fewer blocks than the look needs kept ratios: not due, nothing to read

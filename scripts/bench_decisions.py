@@ -213,9 +213,11 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
                 sources = {}
                 for d in decisions:
                     sources[d.source] = sources.get(d.source, 0) + 1
+                undecided_s = sum(d.device_s for d in decisions if not d.settled)
                 breakdown.append(f"limit {limit:.3f} ms: {sum(d.device_s for d in decisions):.1f}"
-                                 f" device-s, " + ", ".join(f"{n} {source}" for source, n in
-                                                            sorted(sources.items())))
+                                 f" s of leases ({undecided_s:.1f} on the undecided), " +
+                                 ", ".join(f"{n} {source}" for source, n in
+                                           sorted(sources.items())))
             note = f"{p.decider.model_note}; audit {p.decider.audit.report()}" if use_model else ""
             if replay is not None:  # the truth in this profiler's own level
                 truths, share = replay.truth(p, samples)

@@ -17,6 +17,7 @@ from harness import LatencyProfiler, random_samples
 from harness.errors import InvalidArgument
 from harness.spaces import TinySpace
 from harness.store.cache import Cache
+from harness.store.decisions import decision_from_rounds
 from tests.test_noise_replay import replaying_device, two_replaying_devices_one_lost
 
 ROUNDS = {"protocol": "rounds", "block_ms": 10.0, "ref_gap_ms": 30.0, "warmup_runs": 1,
@@ -107,6 +108,8 @@ def test_a_window_drawn_within_its_spread_calls_no_side_wrongly(monkeypatch):
     latencies = [limit * 0.978, limit * 0.85]
     plain, _ = drawn_window(latencies, limit, 1 / 1.025, window_spread=0.0)
     assert plain["m0"].verdict["outcome"] == "above"  # wrong
+    # the second cut-off off (no 90% interval before 41 ratios): m0 leaves by the first
+    monkeypatch.setattr(ort_agent, "NEAR_CONFIDENCE", 1 - 1e-12)
     for narrow in (1.0, 0.1):  # the cut-off as set, and one ten times later
         monkeypatch.setattr(ort_agent, "SPREAD_NARROW", narrow)
         spread, _ = drawn_window(latencies, limit, 1 / 1.025, window_spread=0.03)
@@ -116,10 +119,13 @@ def test_a_window_drawn_within_its_spread_calls_no_side_wrongly(monkeypatch):
         assert spread["m1"].verdict["looks"] == 1
 
 
-def test_the_cost_cut_off_leaves_undecided_once_the_rounds_agree_within_the_spread():
+def test_the_cost_cut_off_leaves_undecided_once_the_rounds_agree_within_the_spread(
+        monkeypatch):
     """At the limit, a candidate's widened interval straddles the zone however many rounds
     run: it leaves, undecided ("spread"), once its rounds' interval is within the spread of
-    its median, long before the budget; its interval carries the term on both sides."""
+    its median, long before the budget; its interval carries the term on both sides (the
+    second cut-off, its 90% interval inside the zone, kept off)."""
+    monkeypatch.setattr(ort_agent, "NEAR_CONFIDENCE", 1 - 1e-12)
     limit = 3.0
     models, settings = drawn_window([limit], limit, 1.0)
     assert settings["window_spread"] == 0.02  # the default
@@ -146,9 +152,15 @@ def test_a_candidate_whose_rounds_lie_inside_the_zone_leaves_early_and_one_outsi
     assert max(near["ratio"] - strict[0], strict[1] - near["ratio"]) > \
         settings["window_spread"] * near["ratio"]  # not the first cut-off's doing
     assert outside["outcome"] == "above"
-    monkeypatch.setattr(ort_agent, "NEAR_CONFIDENCE", 1 - 1e-12)  # no 90% interval: later
+    assert "90% interval lies inside the indifference zone" in decision_from_rounds(
+        near, 10, source="measured", device_s=1.0, graph_hash="g", device="d").reason
+    # without it (no 90% interval before 41 ratios) the candidate stays for 3 times as long
+    monkeypatch.setattr(ort_agent, "NEAR_CONFIDENCE", 1 - 1e-12)
     alone, _, _ = schedule([limit * 1.01], limit_ms=limit, cv=0.03)
     assert alone["m0"].verdict["rounds"] > 2 * near["rounds"]
+    assert "agree within the device's between-window spread" in decision_from_rounds(
+        alone["m0"].verdict, 10, source="measured", device_s=1.0, graph_hash="g",
+        device="d").reason
 
 
 def _scaled(run, clock, scale):
@@ -303,8 +315,8 @@ def test_a_candidate_at_the_limit_leaves_undecided_within_the_window_spread(tmp_
                              settings=dict(ROUNDS, window_spread=spread)) as profiler:
             quiet = profiler.measure(sample).statistic("quiet")
             decision = profiler.decide(sample, quiet, confidence=0.99)
-            assert not decision.settled and "between-window spread" in decision.reason
-            assert f"+-{spread:.1%}" in decision.reason
+            assert not decision.settled and "a cost cut-off" in decision.reason
+            assert f"between-window spread (+-{spread:.1%})" in decision.reason
             assert not profiler.cache.decisions(profiler.cache_key(decision.graph_hash))
             low, high = decision.interval_ms
             point = decision.median_ms

@@ -211,13 +211,18 @@ def decision_from_rounds(verdict: Mapping[str, Any], runs: int, *, source: str,
         if interval is not None else (quiet, quiet)
     outcome = verdict.get("outcome")
     spread = float(verdict.get("window_spread") or 0.0)
+    zone = float(verdict["indifference"])
     reason = (f"the interval of the quiet-state latency says {outcome} (look "
               f"{verdict['looks']}, round {verdict['rounds']})" if outcome else
-              f"undecided after {verdict['rounds']} rounds: its estimate lies within about "
-              f"the indifference zone or the device's between-window spread "
-              f"(+-{spread:.1%}) of the limit, and its interval, widened by that spread, "
-              "still reaches into both sides of the zone (a cost cut-off: more rounds would "
-              "narrow only the part the window's draw does not move)"
+              f"undecided after {verdict['rounds']} rounds: its rounds agree within the "
+              f"device's between-window spread (+-{spread:.1%}), and its interval, widened "
+              "by that spread, still reaches into both sides of the indifference zone (a cost "
+              "cut-off: more rounds would narrow only the part the window's draw does not "
+              "move)" if verdict.get("left") == "spread" and _rounds_agree(verdict) else
+              f"undecided after {verdict['rounds']} rounds: its rounds' 90% interval lies "
+              f"inside the indifference zone (+-{zone:.1%} of the limit), where either answer "
+              f"is right, and its interval, widened by the device's between-window spread "
+              f"(+-{spread:.1%}), still reaches into both sides of the zone (a cost cut-off)"
               if verdict.get("left") == "spread" else
               f"undecided after {verdict['rounds']} rounds: the interval still reaches into "
               "both sides of the indifference zone" if interval is not None else
@@ -228,7 +233,17 @@ def decision_from_rounds(verdict: Mapping[str, Any], runs: int, *, source: str,
                     confidence=float(verdict["confidence"]), interval_ms=(low, high),
                     median_ms=quiet, runs=runs, source=source, device_s=device_s,
                     graph_hash=graph_hash, device=device, reason=reason,
-                    indifference=float(verdict["indifference"]), window_spread=spread)
+                    indifference=zone, window_spread=spread)
+
+
+def _rounds_agree(verdict: Mapping[str, Any]) -> bool:
+    """Whether the first cost cut-off let a candidate leave (agents.ort_agent.limit_look,
+    SPREAD_NARROW = 1): its rounds' interval (the tested one, unwidened) within the spread of
+    its ratio; else the second did (its 90% interval inside the zone)."""
+    spread, ratio = float(verdict["window_spread"]), float(verdict["ratio"])
+    low, high = verdict["ratio_interval"]
+    within = (float(low) * (1 + spread), float(high) * (1 - spread))
+    return max(ratio - within[0], within[1] - ratio) <= spread * ratio * (1 + 1e-9)
 
 
 def _median(ordered: Sequence[float]) -> float:
