@@ -154,7 +154,7 @@ def test_a_candidate_whose_rounds_lie_inside_the_zone_leaves_early_and_one_outsi
     assert outside["outcome"] == "above"
     assert "90% interval lies inside the indifference zone" in decision_from_rounds(
         near, 10, source="measured", device_s=1.0, graph_hash="g", device="d").reason
-    # without it (no 90% interval before 41 ratios) the candidate stays for 3 times as long
+    # without it (no 90% interval before 41 ratios) the candidate stays over twice as long
     monkeypatch.setattr(ort_agent, "NEAR_CONFIDENCE", 1 - 1e-12)
     alone, _, _ = schedule([limit * 1.01], limit_ms=limit, cv=0.03)
     assert alone["m0"].verdict["rounds"] > 2 * near["rounds"]
