@@ -38,6 +38,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -209,13 +210,12 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
                 decisions = p.decide_many(samples, limit, CONFIDENCE, progress=False,
                                           indifference=ZONE)
                 answers.append([(d.below, d.settled) for d in decisions])
-                spent += sum(d.device_s for d in decisions)
-                sources = {}
-                for d in decisions:
-                    sources[d.source] = sources.get(d.source, 0) + 1
+                leases_s = sum(d.device_s for d in decisions)
+                spent += leases_s
+                sources = Counter(d.source for d in decisions)
                 undecided_s = sum(d.device_s for d in decisions if not d.settled)
-                breakdown.append(f"limit {limit:.3f} ms: {sum(d.device_s for d in decisions):.1f}"
-                                 f" s of leases ({undecided_s:.1f} on the undecided), " +
+                breakdown.append(f"limit {limit:.3f} ms: {leases_s:.1f} s of leases "
+                                 f"({undecided_s:.1f} on the undecided), " +
                                  ", ".join(f"{n} {source}" for source, n in
                                            sorted(sources.items())))
             note = f"{p.decider.model_note}; audit {p.decider.audit.report()}" if use_model else ""
