@@ -233,6 +233,25 @@ def test_conformal_intervals_cover_at_the_nominal_rate():
         assert abs(hits / total - coverage) < 0.03, (coverage, hits / total)
 
 
+def test_the_models_call_reads_the_indifference_zone_as_the_devices_does():
+    """The model calls a side when its interval lies under the zone's top (below) or over its
+    bottom (above), not only when it lies clear of the limit; inside the zone, where either
+    answer is right, the point says which; an interval across the zone is no call."""
+    from harness.predict.latency_model import Prediction
+    from harness.steps.decider import model_verdict
+
+    def call(median, low, high, zone=0.02):
+        return model_verdict(Prediction(median, low, high, 0.98), 10.0, zone)
+
+    assert call(9.0, 8.5, 9.5) is True and call(11.0, 10.5, 11.5) is False  # clear of it
+    assert call(9.8, 9.5, 10.15) is True  # reaches into the zone from below: a call
+    assert call(10.2, 9.85, 10.5) is False  # from above
+    assert call(9.8, 9.5, 10.15, zone=0.0) is None  # without a zone: it measures
+    assert call(9.95, 9.85, 10.1) is True and call(10.05, 9.9, 10.15) is False  # inside it
+    assert call(10.0, 9.7, 10.3) is None  # across the zone
+    assert model_verdict(None, 10.0, 0.02) is None
+
+
 def test_the_model_does_not_fit_on_too_few_measurements_and_says_so():
     rng = np.random.default_rng(1)
     model = LatencyModel(featurize)

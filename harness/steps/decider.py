@@ -207,12 +207,13 @@ class DecisionRound:
         if cached is not None or not self.decider.use_model or self.decider.model is None:
             return cached
         prediction = self.decider.model.predict(sample, self.decider.model_coverage)
-        if prediction is None or prediction.low_ms <= self.limit_ms <= prediction.high_ms:
+        below = model_verdict(prediction, self.limit_ms, self.indifference)
+        if prediction is None or below is None:
             return None
         if self.decider.audits_skip():
             self.audited[position] = prediction
             return None
-        return Decision(below=prediction.high_ms < self.limit_ms, settled=True,
+        return Decision(below=below, settled=True,
                         limit_ms=self.limit_ms, confidence=prediction.coverage,
                         interval_ms=(prediction.low_ms, prediction.high_ms),
                         median_ms=prediction.median_ms, runs=0, source="predicted",
@@ -296,8 +297,28 @@ class DecisionRound:
         for position, prediction in self.audited.items():
             measured = decided[position]
             self.decider.audit.record(prediction, measured.median_ms,
-                                      agreed=measured.below == (prediction.high_ms < self.limit_ms))
+                                      agreed=measured.below == model_verdict(
+                                          prediction, self.limit_ms, self.indifference))
         return decided
+
+
+def model_verdict(prediction: Optional[Prediction], limit_ms: float, indifference: float
+                  ) -> Optional[bool]:
+    """The latency model's call (True: below the limit), or None where its interval does not
+    settle it: the device's three-way test (agents/ort_agent.py: limit_verdict) on the
+    prediction interval. Below when the interval lies under the zone's top, above when it
+    lies over its bottom; both (the interval inside the zone, where either answer is right):
+    the point prediction says which. A truth outside the zone lies outside an interval that
+    calls it wrongly, so a call errs at most as often as the interval misses; reading the
+    zone, the model also answers the candidates whose interval reaches into it from one
+    side, which it measured before (on the replayed trace, 1.5x less device time)."""
+    if prediction is None:
+        return None
+    below = prediction.high_ms < limit_ms * (1.0 + indifference)
+    above = prediction.low_ms > limit_ms * (1.0 - indifference)
+    if below and above:
+        return prediction.median_ms < limit_ms
+    return True if below else False if above else None
 
 
 def _sound_verdict(stop: Mapping[str, Any]) -> bool:
