@@ -29,6 +29,7 @@ appended to --out, so a run that dies still leaves its figures.
 Usage: python3 scripts/bench_decisions.py --out bench_decisions.md [--samples 300]
            [--size 64] [--conditions local,replay,arm64] [--truth-s 10]
            [--strategies fixed,ci,ci-rounds,limit,model] [--fixed-s S] [--block-ms MS]
+           [--decision-rounds N]
 (--strategies runs some rows only; --fixed-s then gives the fixed loop's device-s of an
 earlier run for the speed-up column, which must say so.)
 """
@@ -54,7 +55,7 @@ from devices.simulated import SimulatedModel  # noqa: E402
 from harness import LatencyProfiler, random_samples  # noqa: E402
 from harness.pool.device_pool import MeasureRequest  # noqa: E402
 from harness.spaces import ProxylessSpace  # noqa: E402
-from harness.steps.decider import DECISION_BLOCK_MS  # noqa: E402
+from harness.steps.decider import DECISION_BLOCK_MS, DECISION_ROUNDS  # noqa: E402
 from harness.steps.measuring import reference_history_key  # noqa: E402
 
 CONFIDENCE = 0.99
@@ -161,7 +162,8 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
                   pinned: Dict[str, Any], out: Path, floor_line: str,
                   replay: Optional[Replay], history: Sequence[Path],
                   strategies: Sequence[str] = ("fixed", "ci", "limit", "model"),
-                  fixed_s: Optional[float] = None, block_ms: Optional[float] = None) -> None:
+                  fixed_s: Optional[float] = None, block_ms: Optional[float] = None,
+                  budget_rounds: Optional[int] = None) -> None:
     def profiler(name: str, **settings: Any) -> LatencyProfiler:
         chosen = dict(pinned, **settings)
         key = reference_history_key(MeasureRequest.checked(chosen, 60.0).settings, "thread_cpu")
@@ -209,10 +211,12 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
         if strategy not in strategies:
             continue
         began = replay.clock_s() if replay else 0.0
-        name += f", blocks of {block_ms or DECISION_BLOCK_MS:g} ms or 3 runs"
+        name += f", blocks of {block_ms or DECISION_BLOCK_MS:g} ms or 3 runs" + (
+            f", at most {budget_rounds} rounds" if budget_rounds else "")
         with profiler(name) as p:
             p.decider.use_model = use_model
             p.decider.block_ms = block_ms or DECISION_BLOCK_MS
+            p.decider.budget_rounds = budget_rounds or DECISION_ROUNDS
             answers, spent, breakdown = [], 0.0, []
             for limit in limits:
                 decisions = p.decide_many(samples, limit, CONFIDENCE, progress=False,
@@ -289,6 +293,9 @@ def main() -> None:
     parser.add_argument("--block-ms", type=float,
                         help="the limit-aware rows: a decision's block length (default "
                              "harness.steps.decider.DECISION_BLOCK_MS; at least 3 runs)")
+    parser.add_argument("--decision-rounds", type=int,
+                        help="the limit-aware rows: a decision's budget in rounds (default "
+                             "harness.steps.decider.DECISION_ROUNDS)")
     args = parser.parse_args()
     args.truth_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="harness-bench-decisions-"))
@@ -318,7 +325,8 @@ def main() -> None:
             run_condition(condition, device, home, folder, index, space, dummy, samples,
                           truths, pinned, args.out, floor_line,
                           Replay(device, home) if condition == "replay" else None, history,
-                          args.strategies.split(","), args.fixed_s, args.block_ms)
+                          args.strategies.split(","), args.fixed_s, args.block_ms,
+                          args.decision_rounds)
     emit(f"\ntargets: limit-aware + model >= 10x less device time than the fixed loop, >= 99.5% "
          f"agreement outside the zone, every wrong call inside it; stop=ci >= 3x less than "
          f"fixed at a same-answer-twice share no worse; {time.monotonic() - started:.0f} s in "

@@ -302,6 +302,27 @@ def test_undecided_results_are_not_kept_as_decisions(tmp_path):
         assert not profiler.cache.decisions(profiler.cache_key(decision.graph_hash))
 
 
+def test_a_decisions_budget_in_rounds_is_the_deciders(tmp_path, monkeypatch):
+    """profiler.decider.budget_rounds bounds a decision's rounds (the request's rounds where
+    they are more): a candidate at the limit, with the cost cut-offs off, stays to that
+    budget and leaves undecided."""
+    replaying_device(tmp_path, busy_trace(seed=3, spread=0.1))
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    sample = random_samples(space, 1, seed=1)[0]
+    settings = dict(ROUNDS, rounds=5, window_spread=0.0, max_time_ms=100000.0)
+    with LatencyProfiler(space, dummy, device="sim1", home=tmp_path, settings=settings) as profiler:
+        quiet = profiler.measure(sample).statistic("quiet")
+        sent = []
+        measure_rounds = profiler.pool.measure_rounds
+        monkeypatch.setattr(profiler.pool, "measure_rounds", lambda models, reference, request:
+                            sent.append(request.settings["rounds"]) or
+                            measure_rounds(models, reference, request))
+        profiler.decider.budget_rounds = 25
+        decision = profiler.decide(sample, quiet, confidence=0.999, indifference=0.001)
+        assert sent == [25] and not decision.settled
+        assert "undecided after 25 rounds" in decision.reason, decision.reason
+
+
 def test_a_candidate_at_the_limit_leaves_undecided_within_the_window_spread(tmp_path):
     """At its own quiet latency, a candidate's rounds soon agree within the device's
     between-window spread: it leaves well before the budget, undecided, and says why; the

@@ -59,7 +59,7 @@ class LimitDecider:
                  base_scope: KeyScope, statistic: str, device: str, devices: List[str],
                  use_model: bool = True, model_coverage: float = 0.98,
                  audit_share: float = 0.05, block_ms: float = DECISION_BLOCK_MS,
-                 seed: int = 0):
+                 budget_rounds: int = DECISION_ROUNDS, seed: int = 0):
         self.space, self.dummy_input, self.steps = space, dummy_input, steps
         self.cache, self.scope, self.export = steps.cache, steps.scope, steps.export
         self.counters, self.base_scope, self.statistic = steps.counters, base_scope, statistic
@@ -68,6 +68,7 @@ class LimitDecider:
         self.model_coverage = model_coverage
         self.audit_share = audit_share
         self.block_ms = block_ms  # in rounds, a decision's blocks (see DECISION_BLOCK_MS)
+        self.budget_rounds = budget_rounds  # in rounds, a decision's budget (DECISION_ROUNDS)
         self.audit = ModelAudit()
         self.model: Optional[LatencyModel] = None
         self.model_note = "not fitted yet"
@@ -160,7 +161,7 @@ class DecisionRound:
         if self.in_rounds:  # the limit in units of the reference: by its known quiet level
             level, blocks = decider.steps.known_reference()
             self.request = self.request.with_settings(
-                rounds=max(request.settings["rounds"], DECISION_ROUNDS),
+                rounds=max(request.settings["rounds"], decider.budget_rounds),
                 block_ms=self._block_ms(level, blocks, request.settings["block_ms"]),
                 reference_level_ms=level)
         # the history holds blocks of the measurements' length only (_block_ms)
