@@ -252,6 +252,44 @@ def test_the_models_call_reads_the_indifference_zone_as_the_devices_does():
     assert model_verdict(None, 10.0, 0.02) is None
 
 
+def test_a_decision_round_answers_from_the_model_by_the_zone_and_audits_decided_calls():
+    """DecisionRound.known answers from the model where its interval reaches into the zone
+    from one side (the predicted decision carries the zone) and measures one across it; the
+    audit compares the model's call with the device's only where the device decided."""
+    from types import SimpleNamespace
+
+    from harness.predict.latency_model import ModelAudit, Prediction
+    from harness.steps.decider import DecisionRound
+    from harness.store.decisions import Decision
+
+    predictions = {"into": Prediction(9.8, 9.5, 10.15, 0.98),
+                   "across": Prediction(10.0, 9.7, 10.3, 0.98)}
+    audit, skips = ModelAudit(), iter([False, True, True])
+    decider = SimpleNamespace(
+        use_model=True, model_coverage=0.98, audit=audit, device="d", model_note="fitted",
+        model=SimpleNamespace(predict=lambda sample, coverage: predictions[sample["x"]]),
+        audits_skip=lambda: next(skips))
+    round_ = DecisionRound.__new__(DecisionRound)
+    round_.decider, round_.limit_ms, round_.indifference, round_.audited = decider, 10.0, 0.02, {}
+    called = round_.known(0, {"x": "into"}, None)
+    assert called.source == "predicted" and called.below and called.settled
+    assert called.indifference == 0.02 and called.interval_ms == (9.5, 10.15)
+    assert round_.known(1, {"x": "across"}, None) is None  # the device decides it
+    assert round_.known(2, {"x": "into"}, None) is None  # audited: measured anyway
+    assert round_.known(3, {"x": "into"}, None) is None
+    assert set(round_.audited) == {2, 3}
+
+    def measured(below, settled):
+        return Decision(below=below, settled=settled, limit_ms=10.0, confidence=0.99,
+                        interval_ms=(9.6, 10.0), median_ms=9.8, runs=30, source="measured",
+                        device_s=0.1, graph_hash="g", device="d", reason="")
+
+    round_.finish([called, measured(False, True), measured(True, True), measured(False, False)])
+    report = audit.report()
+    assert report["audited"] == 2 and report["compared"] == 1 and report["agreement"] == 1.0
+    assert report["coverage"] == 1.0
+
+
 def test_the_model_does_not_fit_on_too_few_measurements_and_says_so():
     rng = np.random.default_rng(1)
     model = LatencyModel(featurize)

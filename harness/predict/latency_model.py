@@ -228,23 +228,31 @@ class LatencyModel:
 
 @dataclass
 class ModelAudit:
-    """How a model's skips held up when measured anyway: coverage of its intervals and
-    agreement of its decisions with the device's."""
+    """How a model's skips held up when measured anyway: coverage of its intervals, and
+    agreement of its decisions with the device's where the device decided (`compared`: an
+    undecided measurement's side is its point estimate, no call to agree with)."""
 
     skipped: int = 0
     audited: int = 0
     covered: int = 0
+    compared: int = 0
     agreed: int = 0
 
-    def record(self, prediction: Prediction, measured_median_ms: float, agreed: bool) -> None:
+    def record(self, prediction: Prediction, measured_median_ms: float,
+               agreed: Optional[bool]) -> None:
+        """One audited skip: the device's value, and whether its call agreed with the
+        model's (None: the device left it undecided)."""
         self.audited += 1
         self.covered += prediction.low_ms <= measured_median_ms <= prediction.high_ms
-        self.agreed += agreed
+        if agreed is not None:
+            self.compared += 1
+            self.agreed += agreed
 
     def report(self) -> Dict[str, Any]:
         return {"skipped": self.skipped, "audited": self.audited,
                 "coverage": self.covered / self.audited if self.audited else None,
-                "agreement": self.agreed / self.audited if self.audited else None}
+                "compared": self.compared,
+                "agreement": self.agreed / self.compared if self.compared else None}
 
 
 def training_data(by_key: Mapping[str, float], labels: Sequence[str]

@@ -68,7 +68,8 @@ class LimitDecider:
         self.model_coverage = model_coverage
         self.audit_share = audit_share
         self.block_ms = block_ms  # in rounds, a decision's blocks (see DECISION_BLOCK_MS)
-        self.budget_rounds = budget_rounds  # in rounds, a decision's budget (DECISION_ROUNDS)
+        # in rounds, a decision's budget: this many rounds, or the request's if more
+        self.budget_rounds = budget_rounds
         self.audit = ModelAudit()
         self.model: Optional[LatencyModel] = None
         self.model_note = "not fitted yet"
@@ -219,7 +220,8 @@ class DecisionRound:
                         interval_ms=(prediction.low_ms, prediction.high_ms),
                         median_ms=prediction.median_ms, runs=0, source="predicted",
                         device_s=0.0, graph_hash=graph or "", device=self.decider.device,
-                        reason=f"model: {self.decider.model_note}")
+                        reason=f"model: {self.decider.model_note}",
+                        indifference=self.indifference)
 
     def cached(self, graph: str) -> Optional[Decision]:
         """A stored decision that settles this limit, or a stored measurement read against it
@@ -297,9 +299,10 @@ class DecisionRound:
         assert len(decided) == len(results), "a decision was left unanswered"
         for position, prediction in self.audited.items():
             measured = decided[position]
+            called = model_verdict(prediction, self.limit_ms, self.indifference)
             self.decider.audit.record(prediction, measured.median_ms,
-                                      agreed=measured.below == model_verdict(
-                                          prediction, self.limit_ms, self.indifference))
+                                      agreed=measured.below == called if measured.settled
+                                      else None)
         return decided
 
 
@@ -312,7 +315,9 @@ def model_verdict(prediction: Optional[Prediction], limit_ms: float, indifferenc
     the point prediction says which. A truth outside the zone lies outside an interval that
     calls it wrongly, so a call errs at most as often as the interval misses; reading the
     zone, the model also answers the candidates whose interval reaches into it from one
-    side, which it measured before (on the replayed trace, 1.5x less device time)."""
+    side, which it measured before (on the replayed trace, 1.5-1.7x less device time). The
+    interval is the model's, not widened by the device's between-window spread: its
+    jackknife+ residuals are measured values' departures, windows' draws included."""
     if prediction is None:
         return None
     below = prediction.high_ms < limit_ms * (1.0 + indifference)

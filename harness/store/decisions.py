@@ -6,7 +6,8 @@ as little device time as that question needs.
 1. a stored decision or measurement whose interval already settles the limit (an interval
    that settles it answers every later limit it also settles);
 2. the device's latency model (harness.predict.latency_model), when its jackknife+ prediction
-   interval lies clearly on one side of the limit (source "predicted");
+   interval settles the limit as the device's three-way test does: under the indifference
+   zone's top or over its bottom (source "predicted"; harness.steps.decider.model_verdict);
 3. the device itself, with the agent's "limit" stop rule. In interleaved rounds (the
    default where a profiler measures in rounds) a batch of candidates is timed together
    beside the reference; as each candidate's kept ratios to the reference grow, the interval
