@@ -148,10 +148,11 @@ class Replay:
         reference = profiler.reference()
         reference_ms = self.spec.graph_median_ms(reference.sha256, reference.onnx_bytes)
         level = profiler.steps.known_reference_level() or reference_ms
+        shas = []
         for sample in samples:  # graph costs are read from the model the first time
             exported = profiler.export(sample)
             self.spec.graph_median_ms(exported.sha256, exported.onnx_bytes)
-        shas = [profiler.export(s).sha256 for s in samples]
+            shas.append(exported.sha256)
         return [Truth(t.quiet_ms * level / reference_ms, t.low_ms * level / reference_ms,
                       t.high_ms * level / reference_ms) for t in exact_truth(self.spec, shas)
                 ], level / reference_ms
