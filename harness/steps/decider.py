@@ -14,6 +14,7 @@ import random
 from dataclasses import replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from agents.ort_agent import limit_verdict
 from devices.agent_result import AgentResult
 from devices.errors import AgentProtocolError
 from harness.export.graph import DummyInput, ExportedModel
@@ -309,7 +310,7 @@ class DecisionRound:
 def model_verdict(prediction: Optional[Prediction], limit_ms: float, indifference: float
                   ) -> Optional[bool]:
     """The latency model's call (True: below the limit), or None where its interval does not
-    settle it: the device's three-way test (agents/ort_agent.py: limit_verdict) on the
+    settle it: the device's own three-way test (agents.ort_agent.limit_verdict) on the
     prediction interval. Below when the interval lies under the zone's top, above when it
     lies over its bottom; both (the interval inside the zone, where either answer is right):
     the point prediction says which. A truth outside the zone lies outside an interval that
@@ -320,11 +321,9 @@ def model_verdict(prediction: Optional[Prediction], limit_ms: float, indifferenc
     jackknife+ residuals are measured values' departures, windows' draws included."""
     if prediction is None:
         return None
-    below = prediction.high_ms < limit_ms * (1.0 + indifference)
-    above = prediction.low_ms > limit_ms * (1.0 - indifference)
-    if below and above:
-        return prediction.median_ms < limit_ms
-    return True if below else False if above else None
+    outcome = limit_verdict((prediction.low_ms, prediction.high_ms), prediction.median_ms,
+                            limit_ms, indifference)
+    return None if outcome is None else outcome == "below"
 
 
 def _sound_verdict(stop: Mapping[str, Any]) -> bool:
