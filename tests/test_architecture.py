@@ -36,7 +36,8 @@ WINGS: Dict[str, Set[str]] = {
     "metrics": BASE | {"spaces", "export"},
     "pool": BASE | {"agents", "devices", "export", "store"},
     "predict": BASE | {"spaces", "export", "store", "metrics"},
-    "steps": BASE | {"devices", "spaces", "export", "store", "pool", "predict"},
+    # steps reads the agent's own rules (a limit's three-way verdict) as store and pool do
+    "steps": BASE | {"agents", "devices", "spaces", "export", "store", "pool", "predict"},
     "profiler": BASE | {"devices", "spaces", "export", "store", "metrics", "pool", "steps"},
     "campaigns": BASE | {"devices", "spaces", "export", "store", "metrics", "pool", "predict",
                          "steps", "profiler"},
