@@ -112,7 +112,8 @@ PROFILE_WARMUP_RUNS = 3  # profiled runs dropped before the medians (caches, all
 # `confidence`, spent over the looks) says below or above limit_ms up to the indifference
 # zone (limit_verdict), or else as "ci" does. Every rule stops at max_time_ms, and the two
 # adaptive ones never stop on drifting runs. In interleaved rounds, "limit" looks at each
-# candidate's ratios to the reference as they grow (limit_look) and a decided one leaves.
+# candidate's ratios to the reference as they grow (limit_look) and a decided one leaves;
+# under "ci" a model whose ratio is known within rel_ci leaves.
 STOP_RULES = ("fixed", "ci", "limit")
 PROTOCOLS = ("loop", "rounds")
 MODE_DEFAULTS = {"fixed": {"min_runs": 50, "min_time_ms": 1000.0},
@@ -1548,8 +1549,14 @@ class Timed(object):
         self.k = next((k for k in BLOCK_RUNS if k >= needed), BLOCK_RUNS[-1])
         self.blocks = []
         self.verdict = None  # the limit rule's look that ended its rounds (limit_look)
+        self.precise_at = None  # the ci rule: the round after which it was known and left
         self.last_look = None  # the limit rule's last look at it, called or not
         self.looks, self.looked_at, self.next_look = 0, 0, None  # its looks, kept at the last
+
+    def in_rounds(self):
+        """Whether it still runs in the window's rounds: neither called by the limit rule
+        nor known within rel_ci by the ci rule (either leaves)."""
+        return self.verdict is None and self.precise_at is None
 
     def block(self, round_index, position, sequence, origin):
         """One block: a discarded run, then k timed runs; its length (s)."""
@@ -1574,8 +1581,11 @@ class Timed(object):
 def interleave(models, reference, settings, clock):
     """The rounds schedule (see measure_rounds) over `models` ({name: Timed}) and the
     `reference` (Timed): (rounds completed, loop length in s, {name: error of a model that
-    failed mid-window}, why it stopped: "rounds", "max_time", or "precise" when stop is
-    "ci" and every model's ratio is known within rel_ci)."""
+    failed mid-window}, why it stopped: "rounds", "max_time", "decided" when stop is "limit"
+    and every candidate is called or left undecided, or "precise" when stop is "ci" and
+    every model's ratio is known within rel_ci). Under "ci" a model leaves the rounds once
+    its own ratio is known (after min_runs rounds at least): the window's device time goes
+    to the models still imprecise, not to the precise ones waiting for the last."""
     gap_s = settings["ref_gap_ms"] / 1e3
     # every block of the window is read by one clock: the thread's CPU clock only where the
     # probes of the reference and of every model found it sound (see Timed)
@@ -1591,7 +1601,7 @@ def interleave(models, reference, settings, clock):
     loop_start = clock()
     for round_index in range(settings["rounds"]):
         order = [name for name in round_order(sorted(models), settings["seed"], round_index)
-                 if name not in failed and models[name].verdict is None]
+                 if name not in failed and models[name].in_rounds()]
         since_ref = 0.0
         if round_index == 0:  # later rounds open on the reference block that closed the last
             sequence += 1
@@ -1617,11 +1627,13 @@ def interleave(models, reference, settings, clock):
             if all(name in failed or models[name].verdict is not None for name in models):
                 reason = "decided"
                 break
-        if settings["stop"] == "ci" and completed >= settings["min_runs"] and _precise(
-                {name: models[name] for name in models if name not in failed}, reference,
-                settings):
-            reason = "precise"
-            break
+        if settings["stop"] == "ci" and completed >= settings["min_runs"]:
+            for name in order:  # a model known within rel_ci leaves; the others run on
+                if name not in failed and _precise(models[name], reference, settings):
+                    models[name].precise_at = completed
+            if all(name in failed or not models[name].in_rounds() for name in models):
+                reason = "precise"
+                break
         if clock() - loop_start >= settings["max_time_ms"] / 1e3:
             reason = "max_time"
             break
@@ -1720,9 +1732,12 @@ def first_look_size(confidence):
 
 def rounds_stop(model, settings, completed, reason):
     """How a candidate's rounds stopped, for its answer: the window's rule and why it
-    stopped; under the limit rule, its own call (limit_look) and why it left."""
+    stopped; under the ci rule, the round it left at once known within rel_ci; under the
+    limit rule, its own call (limit_look) and why it left."""
     stop = {"rule": {"ci": "rounds-ci", "limit": "rounds-limit"}.get(settings["stop"], "rounds"),
             "reason": reason, "looks": completed, "rel_ci": settings["rel_ci"]}
+    if model.precise_at is not None:  # the ci rule: it left once known within rel_ci
+        stop.update(reason="precise", looks=model.precise_at)
     if settings["stop"] == "limit" and model.last_look is not None:
         stop.update(model.last_look, reason=model.last_look["left"] or reason)
     return stop
@@ -1878,19 +1893,15 @@ def block_ratios(blocks, reference_blocks, statistic="min", speed_change=SPEED_C
     return ratios
 
 
-def _precise(models, reference, settings):
-    """The ci rule on rounds: every model's ratio to the reference known within rel_ci (the
+def _precise(model, reference, settings):
+    """The ci rule on rounds: the model's ratio to the reference known within rel_ci (the
     distribution-free interval of the median of its kept blocks' ratios)."""
-    for model in models.values():
-        kept = sorted(ratio for ratio, keep in block_ratios(model.blocks, reference.blocks)
-                      if keep)
-        interval = median_interval(kept, settings["confidence"]) if kept else None
-        if interval is None:
-            return False
-        middle = _median_of(kept)
-        if max(middle - interval[0], interval[1] - middle) > settings["rel_ci"] * middle:
-            return False
-    return True
+    kept = sorted(ratio for ratio, keep in block_ratios(model.blocks, reference.blocks) if keep)
+    interval = median_interval(kept, settings["confidence"]) if kept else None
+    if interval is None:
+        return False
+    middle = _median_of(kept)
+    return max(middle - interval[0], interval[1] - middle) <= settings["rel_ci"] * middle
 
 
 def _window_state(before, after, seconds):
@@ -1925,8 +1936,9 @@ def measure_rounds(models, reference, settings=None, lock=None, lock_wait_s=600.
     round runs every candidate's block once in a fresh seeded random order, with a block of
     the reference before the first candidate and again whenever ref_gap_ms of device time
     would otherwise pass, and at the round's end. Rounds run until `rounds` are done or
-    max_time_ms is spent (a round is never cut short). A candidate that fails to load or run
-    is that candidate's error; the others go on. With `lock`, holds the device's lock. Thread
+    max_time_ms is spent (a round is never cut short); a candidate the stop rule has answered
+    (ci, limit) leaves them, and they end when none is left. A candidate that fails to load or
+    run is that candidate's error; the others go on. With `lock`, holds the device's lock. Thread
     settings above this device's cores are a USER error, before the lock is taken."""
     checked = parse_settings(settings)
     check_threads(checked, device_cores(), "this device's cores")
@@ -1973,8 +1985,7 @@ def _time_window(ort, controlled, thermal_before, models, ref, reference, settin
               "runtime": ref.model.info,
               "thermal_before": thermal_before, "thermal_after": thermal_zones(),
               "fingerprint": fingerprint(), "memory": None,  # the window's, not one model's
-              "loop_ms": loop_s * 1e3,
-              "capped": reason == "max_time" and settings["stop"] == "ci"}
+              "loop_ms": loop_s * 1e3}
     candidates_ms = sum(ms for model in loaded.values() for block in model.blocks
                         for ms in block[3])
     results = {}
@@ -1982,12 +1993,14 @@ def _time_window(ort, controlled, thermal_before, models, ref, reference, settin
         if name in failed:
             continue
         result = dict(common)
+        stop = rounds_stop(model, settings, completed, reason)
         result.update({
             "load_ms": model.load_ms, "first_run_ms": model.first_run_ms,
             "warmup_runs": settings["warmup_runs"], "warmup_ms": model.warmup_ms,
             "samples_ms": [ms for block in model.blocks for ms in block[3]],
-            "inputs": model.inputs,
-            "stop": rounds_stop(model, settings, completed, reason),
+            "inputs": model.inputs, "stop": stop,
+            # the ci rule ran out of time before this model was known (one that left is not)
+            "capped": settings["stop"] == "ci" and stop["reason"] == "max_time",
             "rounds": {"completed": completed, "k": model.k, "reference_k": ref.k,
                        "blocks": model.blocks, "reference_blocks": ref.blocks,
                        "seed": settings["seed"], "ref_gap_ms": settings["ref_gap_ms"],

@@ -292,13 +292,14 @@ class SimulatedClient:
         candidates_ms = sum(ms for m in timed_models.values() for b in m.blocks for ms in b[3])
         results = {}
         for name, model in timed_models.items():
+            stop = rounds_stop(model, checked, completed, reason)
             answer = {
                 "agent_version": AGENT_VERSION, "load_ms": self.spec.load_ms,
                 "first_run_ms": self.spec.graph_median_ms(models[name][1]),
                 "warmup_runs": checked["warmup_runs"], "warmup_ms": 0.0,
                 "samples_ms": [ms for block in model.blocks for ms in block[3]],
-                "loop_ms": loop_s * 1e3, "capped": reason == "max_time",
-                "stop": rounds_stop(model, checked, completed, reason),
+                "loop_ms": loop_s * 1e3, "capped": stop["reason"] == "max_time",
+                "stop": stop,
                 "settings": checked, "controlled": {},
                 "runtime": {"name": "simulated", "version": AGENT_VERSION,
                             "provider": checked["provider"]},

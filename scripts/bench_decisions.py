@@ -29,7 +29,7 @@ appended to --out, so a run that dies still leaves its figures.
 Usage: python3 scripts/bench_decisions.py --out bench_decisions.md [--samples 300]
            [--size 64] [--conditions local,replay,arm64] [--truth-s 10]
            [--strategies fixed,ci,ci-rounds,limit,model] [--fixed-s S] [--block-ms MS]
-           [--decision-rounds N]
+           [--decision-rounds N] [--rel-ci 0.01,0.02]
 (--strategies runs some rows only; --fixed-s then gives the fixed loop's device-s of an
 earlier run for the speed-up column, which must say so.)
 """
@@ -164,7 +164,8 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
                   replay: Optional[Replay], history: Sequence[Path],
                   strategies: Sequence[str] = ("fixed", "ci", "limit", "model"),
                   fixed_s: Optional[float] = None, block_ms: Optional[float] = None,
-                  budget_rounds: Optional[int] = None) -> None:
+                  budget_rounds: Optional[int] = None, rel_cis: Sequence[float] = (0.01,)
+                  ) -> None:
     def profiler(name: str, **settings: Any) -> LatencyProfiler:
         chosen = dict(pinned, **settings)
         key = reference_history_key(MeasureRequest.checked(chosen, 60.0).settings, "thread_cpu")
@@ -193,9 +194,11 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
              f"{s['outside']} | {s['wrong']} | {s['inside']} ({s['either_way']} either way) | "
              f"{s['undecided']:.1%} ({s['undecided_outside']} outside) | {repeat} |", out)
 
-    for strategy, name, settings in (("fixed", "fixed loop", {"protocol": "loop"}),
-                                     ("ci", "stop=ci (+-1%)", {"protocol": "loop", "stop": "ci"}),
-                                     ("ci-rounds", "stop=ci in rounds (+-1%)", {"stop": "ci"})):
+    repeated = [("fixed", "fixed loop", {"protocol": "loop"})] + [
+        (strategy, f"{name} (+-{rel * 100:g}%)", dict(settings, stop="ci", rel_ci=rel))
+        for rel in rel_cis for strategy, name, settings in (
+            ("ci", "stop=ci", {"protocol": "loop"}), ("ci-rounds", "stop=ci in rounds", {}))]
+    for strategy, name, settings in repeated:
         if strategy not in strategies:
             continue
         passes, spent = [], 0.0
@@ -294,6 +297,10 @@ def main() -> None:
     parser.add_argument("--block-ms", type=float,
                         help="the limit-aware rows: a decision's block length (default "
                              "harness.steps.decider.DECISION_BLOCK_MS; at least 3 runs)")
+    parser.add_argument("--rel-ci", default="0.01",
+                        help="the stop=ci rows: the interval's half-width they stop at, a "
+                             "share of the median; several, comma-separated, give a row each "
+                             "(default 0.01)")
     parser.add_argument("--decision-rounds", type=int,
                         help="the limit-aware rows: a decision's budget in rounds (default "
                              "harness.steps.decider.DECISION_ROUNDS)")
@@ -327,7 +334,8 @@ def main() -> None:
                           truths, pinned, args.out, floor_line,
                           Replay(device, home) if condition == "replay" else None, history,
                           args.strategies.split(","), args.fixed_s, args.block_ms,
-                          args.decision_rounds)
+                          args.decision_rounds,
+                          [float(rel) for rel in args.rel_ci.split(",")])
     emit(f"\ntargets: limit-aware + model >= 10x less device time than the fixed loop, >= 99.5% "
          f"agreement outside the zone, every wrong call inside it; stop=ci >= 3x less than "
          f"fixed at a same-answer-twice share no worse; {time.monotonic() - started:.0f} s in "

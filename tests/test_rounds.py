@@ -294,6 +294,46 @@ def test_the_schedule_reads_time_slicing_away_on_the_cpu_clock():
             0.5 if below else 1.5)
 
 
+def test_under_the_ci_rule_a_model_known_within_rel_ci_leaves_the_rounds():
+    """The agent's schedule on a virtual clock: a steady model is known after min_runs
+    rounds and leaves (its blocks stop there, its answer says when), a noisy one runs on
+    beside the reference until it is known too; the window ends when none is left."""
+    import random
+
+    now = {"wall": 0.0}
+    draw = random.Random(5)
+
+    def timed(name, ms, jitter):
+        def run():
+            now["wall"] += ms / 1e3 * (1 + draw.uniform(-jitter, jitter))
+        return ort_agent.Timed(name, run, lambda: now["wall"], 2.0)
+
+    models = {"steady": timed("steady", 1.0, 0.0), "noisy": timed("noisy", 3.0, 0.1)}
+    reference = timed("reference", 2.0, 0.0)
+    settings = ort_agent.parse_settings({"protocol": "rounds", "stop": "ci", "rel_ci": 0.02,
+                                         "min_runs": 8, "rounds": 400, "block_ms": 2.0})
+    completed, _, _, reason = ort_agent.interleave(models, reference, settings,
+                                                   lambda: now["wall"])
+    steady, noisy = models["steady"], models["noisy"]
+    assert reason == "precise" and steady.precise_at == 8 < noisy.precise_at == completed
+    assert len(steady.blocks) == 8 and len(noisy.blocks) == completed
+    assert len(reference.blocks) > completed  # the reference ran on beside the noisy one
+    stops = {name: ort_agent.rounds_stop(model, settings, completed, reason)
+             for name, model in models.items()}
+    assert stops["steady"]["reason"] == stops["noisy"]["reason"] == "precise"
+    assert (stops["steady"]["looks"], stops["noisy"]["looks"]) == (8, completed)
+    # a budget that ends first: the one still imprecise says so, the steady one does not
+    models = {"steady": timed("steady", 1.0, 0.0), "noisy": timed("noisy", 3.0, 0.1)}
+    short = dict(settings, rounds=10)
+    completed, _, _, reason = ort_agent.interleave(models, reference, short,
+                                                   lambda: now["wall"])
+    assert reason == "rounds" and models["noisy"].precise_at is None
+    assert ort_agent.rounds_stop(models["steady"], short, completed, reason)["reason"] == \
+        "precise"
+    assert ort_agent.rounds_stop(models["noisy"], short, completed, reason)["reason"] == \
+        "rounds"
+
+
 def test_windows_respect_the_memory_budget_and_keep_the_order(tmp_path):
     class Model:
         def __init__(self, size):
