@@ -1582,10 +1582,11 @@ def interleave(models, reference, settings, clock):
     """The rounds schedule (see measure_rounds) over `models` ({name: Timed}) and the
     `reference` (Timed): (rounds completed, loop length in s, {name: error of a model that
     failed mid-window}, why it stopped: "rounds", "max_time", "decided" when stop is "limit"
-    and every candidate is called or left undecided, or "precise" when stop is "ci" and
-    every model's ratio is known within rel_ci). Under "ci" a model leaves the rounds once
-    its own ratio is known (after min_runs rounds at least): the window's device time goes
-    to the models still imprecise, not to the precise ones waiting for the last."""
+    and every candidate is called or left undecided, or "precise" when stop is "ci" and the
+    ratio of every model that did not fail is known within rel_ci). Under "ci" a model
+    leaves the rounds once its own ratio is known (after min_runs rounds at least): the
+    window's device time goes to the models still imprecise, not to the precise ones
+    waiting for the last."""
     gap_s = settings["ref_gap_ms"] / 1e3
     # every block of the window is read by one clock: the thread's CPU clock only where the
     # probes of the reference and of every model found it sound (see Timed)

@@ -6,7 +6,7 @@ point the host works with these frozen values, never with the raw dicts.
 """
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from agents.ort_agent import cpu_time_plausible
 from devices.errors import AgentProtocolError
@@ -303,6 +303,14 @@ class RoundsRecord:
                              "rounds.clock is wall, but blocks carry CPU times")
         return cls(counts[0], counts[1], counts[2], blocks, reference_blocks, counts[3],
                    counts[4], float(candidates_ms), reference, dict(state), clock)
+
+    def share_of(self, samples_ms: Sequence[float]) -> float:
+        """The share of the window's device time that is one candidate's, given its timed
+        runs: those over every candidate's (a candidate that left the rounds early, decided
+        or known, took less), or an equal share where the record does not say (older rows)."""
+        if self.candidates_ms > 0:
+            return min(sum(samples_ms) / self.candidates_ms, 1.0)
+        return 1.0 / max(self.candidates, 1)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"completed": self.completed, "k": self.k, "reference_k": self.reference_k,

@@ -297,7 +297,9 @@ def test_the_schedule_reads_time_slicing_away_on_the_cpu_clock():
 def test_under_the_ci_rule_a_model_known_within_rel_ci_leaves_the_rounds():
     """The agent's schedule on a virtual clock: a steady model is known after min_runs
     rounds and leaves (its blocks stop there, its answer says when), a noisy one runs on
-    beside the reference until it is known too; the window ends when none is left."""
+    beside the reference until it is known too; the window ends when none is left. The
+    host reads from the blocks what the agent read (the reference blocks that came after a
+    model left change nothing of it), and shares the window's time by the runs each took."""
     import random
 
     now = {"wall": 0.0}
@@ -308,30 +310,42 @@ def test_under_the_ci_rule_a_model_known_within_rel_ci_leaves_the_rounds():
             now["wall"] += ms / 1e3 * (1 + draw.uniform(-jitter, jitter))
         return ort_agent.Timed(name, run, lambda: now["wall"], 2.0)
 
-    models = {"steady": timed("steady", 1.0, 0.0), "noisy": timed("noisy", 3.0, 0.1)}
-    reference = timed("reference", 2.0, 0.0)
-    settings = ort_agent.parse_settings({"protocol": "rounds", "stop": "ci", "rel_ci": 0.02,
-                                         "min_runs": 8, "rounds": 400, "block_ms": 2.0})
-    completed, _, _, reason = ort_agent.interleave(models, reference, settings,
-                                                   lambda: now["wall"])
+    def window(rounds):
+        models = {"steady": timed("steady", 1.0, 0.002), "noisy": timed("noisy", 3.0, 0.1)}
+        reference = timed("reference", 2.0, 0.002)
+        settings = ort_agent.parse_settings({"protocol": "rounds", "stop": "ci", "rel_ci": 0.02,
+                                             "min_runs": 8, "rounds": rounds,
+                                             "block_ms": 2.0})
+        completed, _, _, reason = ort_agent.interleave(models, reference, settings,
+                                                       lambda: now["wall"])
+        stops = {name: ort_agent.rounds_stop(model, settings, completed, reason)
+                 for name, model in models.items()}
+        every_ms = sum(ms for model in models.values() for block in model.blocks
+                       for ms in block[3])
+        records = {name: RoundsRecord.from_dict({
+            "completed": completed, "k": model.k, "reference_k": reference.k,
+            "blocks": model.blocks, "reference_blocks": reference.blocks, "candidates": 2,
+            "seed": 0, "candidates_ms": every_ms}) for name, model in models.items()}
+        return models, reference, completed, reason, stops, records
+
+    models, reference, completed, reason, stops, records = window(400)
     steady, noisy = models["steady"], models["noisy"]
     assert reason == "precise" and steady.precise_at == 8 < noisy.precise_at == completed
     assert len(steady.blocks) == 8 and len(noisy.blocks) == completed
     assert len(reference.blocks) > completed  # the reference ran on beside the noisy one
-    stops = {name: ort_agent.rounds_stop(model, settings, completed, reason)
-             for name, model in models.items()}
     assert stops["steady"]["reason"] == stops["noisy"]["reason"] == "precise"
     assert (stops["steady"]["looks"], stops["noisy"]["looks"]) == (8, completed)
+    for name, model in models.items():
+        summary = summarise(records[name])
+        assert summary is not None and summary.statistical_half_width <= 0.02
+    shares = {name: records[name].share_of([ms for block in model.blocks for ms in block[3]])
+              for name, model in models.items()}
+    assert shares["steady"] < 0.1 < shares["noisy"] and sum(shares.values()) == \
+        pytest.approx(1.0)
     # a budget that ends first: the one still imprecise says so, the steady one does not
-    models = {"steady": timed("steady", 1.0, 0.0), "noisy": timed("noisy", 3.0, 0.1)}
-    short = dict(settings, rounds=10)
-    completed, _, _, reason = ort_agent.interleave(models, reference, short,
-                                                   lambda: now["wall"])
-    assert reason == "rounds" and models["noisy"].precise_at is None
-    assert ort_agent.rounds_stop(models["steady"], short, completed, reason)["reason"] == \
-        "precise"
-    assert ort_agent.rounds_stop(models["noisy"], short, completed, reason)["reason"] == \
-        "rounds"
+    models, _, completed, reason, stops, _ = window(10)
+    assert reason == "rounds" and completed == 10 and models["noisy"].precise_at is None
+    assert (stops["steady"]["reason"], stops["noisy"]["reason"]) == ("precise", "rounds")
 
 
 def test_windows_respect_the_memory_budget_and_keep_the_order(tmp_path):

@@ -281,7 +281,7 @@ class DecisionRound:
         shared by how long each candidate ran in it (a decided one left early)."""
         assert result.rounds is not None
         lease = result.lease or (0.0, 0.0)
-        share = sum(result.samples_ms) / max(result.rounds.candidates_ms, 1e-9)
+        share = result.rounds.share_of(result.samples_ms)
         if not _sound_verdict(result.stop):
             raise AgentProtocolError(f"{result.device} answered a decision's rounds without "
                                      "a sound verdict of the limit rule (its stop: "

@@ -284,17 +284,20 @@ class Measurement:
     def fixed_loop_device_s(self) -> float:
         """About what this measurement would have cost with the fixed loop (at least 50 runs
         and 1 s, at most 20 s): its device time with the timed loop swapped for that one."""
-        shared_by = max(self.rounds.candidates, 1) if self.rounds is not None else 1
         return fixed_loop_estimate_s(self.median, self.device_s,
-                                     (self.provenance.loop_ms or 0.0) / shared_by)
+                                     (self.provenance.loop_ms or 0.0) * self._window_share())
 
     @property
     def device_s(self) -> float:
         """Device time this measurement took: the time its device was leased (in a window of
         interleaved rounds, its share of the window; 0 for a prediction)."""
         lease = self.provenance.lease
-        shared_by = max(self.rounds.candidates, 1) if self.rounds is not None else 1
-        return float(lease[1] - lease[0]) / shared_by if lease else 0.0
+        return float(lease[1] - lease[0]) * self._window_share() if lease else 0.0
+
+    def _window_share(self) -> float:
+        """Its share of its window of rounds (RoundsRecord.share_of: by its timed runs), or
+        1 when it was timed alone."""
+        return self.rounds.share_of(self.samples_ms) if self.rounds is not None else 1.0
 
     @cached_property
     def interleaved(self) -> Optional[RoundsSummary]:
