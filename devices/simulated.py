@@ -298,7 +298,8 @@ class SimulatedClient:
                 "first_run_ms": self.spec.graph_median_ms(models[name][1]),
                 "warmup_runs": checked["warmup_runs"], "warmup_ms": 0.0,
                 "samples_ms": [ms for block in model.blocks for ms in block[3]],
-                "loop_ms": loop_s * 1e3,  # as the agent says: the ci rule ran out of time
+                "loop_ms": loop_s * 1e3,
+                # as the agent says it: the ci rule ran out of time before this model was known
                 "capped": checked["stop"] == "ci" and stop["reason"] == "max_time",
                 "stop": stop,
                 "settings": checked, "controlled": {},
