@@ -44,13 +44,27 @@ def measurements(home) -> int:
         return cache.stats()["measurements"]
 
 
-def test_check_an_arm64_board(home, arm):
+def board_has_litert(root) -> bool:
+    return (root / ".testfarm-litert").exists()
+
+
+def test_check_an_arm64_board_and_the_runtimes_it_lists(home, arm, arm64_root):
+    """One `devices check` (a minute, emulated): the board's Python and onnxruntime, its tiny
+    model's time, and the runtimes it has or cannot have."""
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "devices", "check", "arm"],
                           capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, HARNESS_HOME=str(home)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "CPython 3.9" in proc.stdout and "onnxruntime: 1.19" in proc.stdout
     assert "tiny model:" in proc.stdout and "arm: ok" in proc.stdout
+    lines = {line.split(":")[0].strip(): line.split(":", 1)[1].strip()
+             for line in proc.stdout.splitlines() if ":" in line}
+    for runtime in ("executorch", "openvino"):  # their wheels need Python 3.10
+        assert lines[runtime].startswith("not available: it needs Python >= 3.10"), lines
+    if board_has_litert(arm64_root):
+        assert lines["litert"] == "1.4.0"
+    else:
+        assert "pip install ai-edge-litert" in lines["litert"]
 
 
 def test_profile_on_an_arm64_board(tiny, home, arm):
@@ -80,25 +94,6 @@ def test_a_timeout_on_an_arm64_board_kills_the_agent_there(tiny, home, arm):
         assert time.monotonic() - started < 8.0 + 3.0
         assert leftovers(arm.workdir, seconds=10) == []
     assert measurements(home) == 0
-
-
-def board_has_litert(root) -> bool:
-    return (root / ".testfarm-litert").exists()
-
-
-def test_an_arm64_board_lists_its_runtimes(home, arm, arm64_root):
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "devices", "check", "arm"],
-                          capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, HARNESS_HOME=str(home)))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = {line.split(":")[0].strip(): line.split(":", 1)[1].strip()
-             for line in proc.stdout.splitlines() if ":" in line}
-    for runtime in ("executorch", "openvino"):  # their wheels need Python 3.10
-        assert lines[runtime].startswith("not available: it needs Python >= 3.10"), lines
-    if board_has_litert(arm64_root):
-        assert lines["litert"] == "1.4.0"
-    else:
-        assert "pip install ai-edge-litert" in lines["litert"]
 
 
 def test_an_arm64_board_measures_tflite_models_on_litert(tiny, home, arm, arm64_root):
