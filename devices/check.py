@@ -9,9 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import onnx
-from onnx import TensorProto, helper
-
 from agents.ort_agent import RUNTIME_FACTS, RUNTIMES
 from devices.agent_client import AgentClient, PythonFacts, probe_python
 from devices.agent_result import hottest_zone_c, pinned_text
@@ -41,6 +38,9 @@ class CheckReport:
 
 def tiny_model(path: Path) -> Path:
     """A 3x3 convolution and a ReLU on a 1x3x16x16 input: loads and runs anywhere."""
+    import onnx  # here, not at the top: onnx takes ~1 s to import, and every `harness
+    from onnx import TensorProto, helper  # devices` command imports this module
+
     weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], [0.01] * 108)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
