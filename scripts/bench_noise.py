@@ -46,7 +46,8 @@ PROTOCOLS = ("loop", "ci", "paired", "rounds")
 # reference, probing k) is about what the loop spends on loading and warming each model.
 WINDOW_BUDGET = {"paired": 0.9, "rounds": 0.9}
 HEADER = ("| condition | protocol | statistic | within 1% | within 2% | within 5% | within 10% "
-          "| median diff | Kendall tau | device-s per pass | dropped | reference share "
+          "| median diff | Kendall tau | device-s per pass | dropped | blocks kept per subnet "
+          "| reference share "
           "| error vs truth: within 2% | interval covers truth |")
 
 
@@ -113,12 +114,16 @@ def row(condition: str, protocol: str, statistic: str, first: Sequence[Any],
     rounds = [m.interleaved for m in (*first, *second) if m.interleaved is not None]
     dropped = (sum(s.dropped for s in rounds) / max(sum(s.dropped + s.rounds for s in rounds), 1)
                if rounds else None)
+    # the blocks each ratio was read from (median over subnets and passes): a window whose
+    # budget buys one round on a slow device reads each ratio from one block, not a median
+    kept = statistics.median(s.rounds for s in rounds) if rounds else None
     share = statistics.fmean(s.reference_share for s in rounds) if rounds else None
     known = truth_figures(second, statistic, truth) if truth is not None else None
     cells = [condition, protocol, statistic,
              *(f"{figures[f'within {p}%']:.0%}" for p in (1, 2, 5, 10)),
              f"{figures['median']:.2%}", f"{figures['tau']:.3f}", f"{device_s:.1f}",
              "-" if dropped is None else f"{dropped:.0%}",
+             "-" if kept is None else f"{kept:g}",
              "-" if share is None else f"{share:.0%}",
              "-" if known is None else f"{known['within2']:.0%}",
              "-" if known is None or known["covered"] is None else f"{known['covered']:.0%}"]
