@@ -38,8 +38,10 @@ class CheckReport:
 
 def tiny_model(path: Path) -> Path:
     """A 3x3 convolution and a ReLU on a 1x3x16x16 input: loads and runs anywhere."""
-    import onnx  # here, not at the top: onnx takes ~1 s to import, and every `harness
-    from onnx import TensorProto, helper  # devices` command imports this module
+    # imported here, not at the top: every `harness devices` command imports this module,
+    # and onnx added about 0.5 s to each
+    import onnx
+    from onnx import TensorProto, helper
 
     weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], [0.01] * 108)
     graph = helper.make_graph(
