@@ -407,14 +407,14 @@ def test_calibrate_and_offline_profile_from_the_command_line(home):
         return done.stdout
 
     # few short rounds (the test is of the command line, not of the figures)
-    FEW_ROUNDS = ("--rounds", "4", "--block-ms", "2", "--ref-gap-ms", "6")
+    few_rounds = ("--rounds", "4", "--block-ms", "2", "--ref-gap-ms", "6")
     calibrated = json.loads(harness(
         "calibrate", "--device", "local", "--space", "harness.spaces:TinySpace",
-        "--samples", "8", "--holdout", "3", *FEW_ROUNDS, "--json"))
+        "--samples", "8", "--holdout", "3", *few_rounds, "--json"))
     assert set(calibrated["report"]) == {"nn-Meter device kernels", "calibrated"}
     assert calibrated["png"].endswith("accuracy.png")
     table = harness("calibrate", "--device", "local", "--space", "harness.spaces:TinySpace",
-                    "--samples", "8", "--holdout", "3", *FEW_ROUNDS)
+                    "--samples", "8", "--holdout", "3", *few_rounds)
     assert "+-10% acc" in table and "Kendall tau" in table and "correction (" in table
     assert calibrated["kind"] in KINDS
     assert calibrated["kind"] == "overheads" or calibrated["per_kernel_ms"] == 0 == \
