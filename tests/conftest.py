@@ -21,6 +21,9 @@ AGENT = Path(__file__).resolve().parent.parent / "agents" / "ort_agent.py"
 # the interleaved rounds that are the default have tests of their own (tests/test_rounds.py)
 FAST = {"warmup_runs": 2, "min_runs": 5, "min_time_ms": 5.0, "max_time_ms": 2000.0,
         "protocol": "loop"}
+# interleaved rounds, the default, cut short: 4 rounds of 2 ms blocks, a reference every 6 ms
+# (tests of what a campaign in rounds does, not of its figures)
+FEW_ROUNDS = {"rounds": 4, "block_ms": 2.0, "ref_gap_ms": 6.0}
 
 
 @pytest.fixture(autouse=True)

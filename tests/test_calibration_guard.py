@@ -13,10 +13,9 @@ pytest.importorskip("nn_meter", reason="nn-Meter runs from .venv-extras (scripts
 from harness.campaigns import calibrate as calibrating  # noqa: E402
 from harness.predict.calibration import Calibration, load_calibration  # noqa: E402
 from harness.spaces import TinySpace  # noqa: E402
+from tests.conftest import FEW_ROUNDS  # noqa: E402
 
-# few short rounds: the test is of the flow, not of the figures
-SETTINGS = {"warmup_runs": 2, "min_runs": 5, "min_time_ms": 5.0, "max_time_ms": 2000.0,
-            "rounds": 4, "block_ms": 2.0, "ref_gap_ms": 6.0}
+SETTINGS = dict(FEW_ROUNDS, warmup_runs=2, min_runs=5, min_time_ms=5.0, max_time_ms=2000.0)
 
 
 def test_worse_than_raw_compares_held_out_rmspe():

@@ -23,10 +23,11 @@ from harness.predict.nn_meter import (KernelPredictors, NnMeterProfiler, load_pr
                              onnx_for_nn_meter)
 from harness.spaces.space import enumerate_samples, random_samples  # noqa: E402
 from harness.spaces.mixed import MixedSpace  # noqa: E402
+from tests.conftest import FEW_ROUNDS  # noqa: E402
 
 # interleaved rounds, the default, cut short: subnets in windows of rounds, each kernel cut
 # out of them in a window of its own beside the reference
-SETTINGS = {"warmup_runs": 1, "rounds": 4, "block_ms": 2.0, "ref_gap_ms": 6.0}
+SETTINGS = dict(FEW_ROUNDS, warmup_runs=1)
 
 
 @pytest.fixture
