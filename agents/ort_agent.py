@@ -95,12 +95,15 @@ DEFAULT_SETTINGS = {
     "precision": "fp32",       # what the host converted the model to (recorded, keyed)
     "calibration": None,       # int8-static: where its calibration inputs came from
     # interleaved rounds (op "rounds"): how many rounds at most (max_time_ms bounds them
-    # too), how long a block of one model's runs lasts at least, and how much device time
-    # may pass between two blocks of the reference model
+    # too), how long a block of one model's runs lasts at least, how much device time may
+    # pass between two blocks of the reference model, and the most of the window's device
+    # time the reference may take (1: no bound; where it binds it wins over the gap, see
+    # interleave; unbounded by default: README, "The reference's share")
     "protocol": "loop",        # the host's: "loop" (one model at a time) or "rounds"
     "rounds": 30,
     "block_ms": 20.0,
     "ref_gap_ms": 150.0,
+    "ref_share": 1.0,
 }
 
 # Precisions the host converts models to before sending them (the agent only records it).
@@ -460,6 +463,10 @@ def parse_settings(raw):
         if not _finite_number(value) or not 0 < value <= 60000:
             raise AgentError("USER", "setting %s must be a number of ms above 0 and at most "
                              "60000, got %r" % (key, value))
+    share = settings["ref_share"]
+    if not _finite_number(share) or not 0 < share <= 1:
+        raise AgentError("USER", "setting ref_share must be a share of the window's device time "
+                         "above 0 and at most 1 (1: no bound), got %r" % (share,))
     cpus = settings["cpu_affinity"]
     if cpus is not None and (not isinstance(cpus, list) or not cpus
                              or not all(isinstance(c, int) and c >= 0 for c in cpus)):
@@ -1586,8 +1593,26 @@ def interleave(models, reference, settings, clock):
     ratio of every model that did not fail is known within rel_ci). Under "ci" a model
     leaves the rounds once its own ratio is known (after min_runs rounds at least): the
     window's device time goes to the models still imprecise, not to the precise ones
-    waiting for the last."""
+    waiting for the last.
+
+    A reference block is due before a candidate block that would take the device time since
+    the last one past ref_gap_ms, and at a round's end; it runs only if the candidate blocks
+    since the last reference block took at least (1 - ref_share) / ref_share times as long
+    as that one (3 times at 0.25; always at 1, the default), so that the reference takes at
+    most ref_share of the window's device time besides the block that opens the window.
+    Where blocks are long
+    against the gap (a slow board) the share wins: more candidates run between two
+    references, and a round may end without one, unless a stop rule (ci, limit) looks at
+    it: its looks read every block of the round, as the host reads them after the window.
+    And a candidate never has two blocks
+    between the same two references: a reference block comes before its second, whatever
+    the share. Blocks that share their references share their noise too, so that would buy
+    no precision for the device time it saves: a lone candidate in its window (and a few
+    beside a slower reference) alternates with the reference as before, and the bound holds
+    for windows of several candidates. The window always ends on a reference block, so that
+    every candidate block has one on either side."""
     gap_s = settings["ref_gap_ms"] / 1e3
+    share = settings["ref_share"]
     # every block of the window is read by one clock: the thread's CPU clock only where the
     # probes of the reference and of every model found it sound (see Timed)
     if any(model.cpu_clock is None for model in models.values()):
@@ -1600,26 +1625,37 @@ def interleave(models, reference, settings, clock):
     sequence, completed, failed, reason = 0, 0, {}, "rounds"
     deciding = settings["stop"] == "limit"
     loop_start = clock()
+    sequence += 1
+    last_reference = _reference_block(reference, 0, -1, sequence, loop_start)
+    since_ref, since_names = 0.0, set()  # the candidates' device time and names since then
+    round_index, position = 0, -1
     for round_index in range(settings["rounds"]):
         order = [name for name in round_order(sorted(models), settings["seed"], round_index)
                  if name not in failed and models[name].in_rounds()]
-        since_ref = 0.0
-        if round_index == 0:  # later rounds open on the reference block that closed the last
-            sequence += 1
-            _reference_block(reference, round_index, -1, sequence, loop_start)
         for position, name in enumerate(order):
+            if name in since_names:  # its second block since the last reference
+                sequence += 1
+                last_reference = _reference_block(reference, round_index, position - 1,
+                                                  sequence, loop_start)
+                since_ref, since_names = 0.0, set()
             sequence += 1
             try:
                 since_ref += models[name].block(round_index, position, sequence, loop_start)
+                since_names.add(name)
             except Exception as exc:  # that model's error; the round goes on, and its
                 failed[name] = AgentError(  # closing reference block still comes
                     "RUNTIME", "inference failed in round %d: %s"
                     % (round_index, _one_line(exc))).to_json()["error"]
             following = models[order[position + 1]] if position + 1 < len(order) else None
-            if following is None or since_ref + following.run_s * (following.k + 1) > gap_s:
+            due = following is None or since_ref + following.run_s * (following.k + 1) > gap_s
+            # a stop rule's looks at the round's end read every block of the round
+            looking = following is None and settings["stop"] in ("ci", "limit")
+            if due and since_ref > 0 and (
+                    looking or since_ref * share >= (1 - share) * last_reference):
                 sequence += 1
-                _reference_block(reference, round_index, position, sequence, loop_start)
-                since_ref = 0.0
+                last_reference = _reference_block(reference, round_index, position, sequence,
+                                                  loop_start)
+                since_ref, since_names = 0.0, set()
         completed = round_index + 1
         if deciding:  # a look at each candidate still in that is due one; the decided leave
             for name in order:
@@ -1638,6 +1674,9 @@ def interleave(models, reference, settings, clock):
         if clock() - loop_start >= settings["max_time_ms"] / 1e3:
             reason = "max_time"
             break
+    if since_ref > 0:  # the last candidate blocks' reference on their far side
+        sequence += 1
+        _reference_block(reference, round_index, position, sequence, loop_start)
     if deciding:  # the undecided: one last look at what they have (it may call them)
         for name, model in models.items():
             if name not in failed and model.verdict is None:
@@ -1745,9 +1784,10 @@ def rounds_stop(model, settings, completed, reason):
 
 
 def _reference_block(reference, round_index, position, sequence, origin):
-    """A block of the reference; its failure fails the window, naming the reference."""
+    """A block of the reference, its length (s); its failure fails the window, naming the
+    reference."""
     try:
-        reference.block(round_index, position, sequence, origin)
+        return reference.block(round_index, position, sequence, origin)
     except Exception as exc:
         raise AgentError("RUNTIME", "the reference model failed in round %d: %s"
                          % (round_index, _one_line(exc)))
@@ -1936,7 +1976,8 @@ def measure_rounds(models, reference, settings=None, lock=None, lock_wait_s=600.
     `reference` ({"model": path, "sha256": hex}), then time them in interleaved rounds: each
     round runs every candidate's block once in a fresh seeded random order, with a block of
     the reference before the first candidate and again whenever ref_gap_ms of device time
-    would otherwise pass, and at the round's end. Rounds run until `rounds` are done or
+    would otherwise pass, and at the round's end, while the reference takes at most
+    ref_share of the window's device time (see interleave). Rounds run until `rounds` are done or
     max_time_ms is spent (a round is never cut short); a candidate the stop rule has answered
     (ci, limit) leaves them, and they end when none is left. A candidate that fails to load or
     run is that candidate's error; the others go on. With `lock`, holds the device's lock. Thread

@@ -21,7 +21,12 @@ known: each protocol's error against it and how often the 95% interval covers it
 
     python3 scripts/bench_noise.py --out bench_noise.md [--subnets 40] [--input-size 224]
         [--conditions idle,other-cores,same-core,arm64] [--protocols loop,ci,paired,rounds]
-        [--trace tests/fixtures/noise/loaded.json ...]
+        [--ref-share 1[,0.25]] [--trace tests/fixtures/noise/loaded.json ...]
+
+With --ref-share 0.25,1, paired and rounds run once per share (the most of a window's device
+time the reference takes; 1: no bound), each row labelled with its share. Within a condition
+the first passes of every protocol run one after another, then the second passes in the same
+order, so that protocols compared in one table met the same load.
 
 Rows are printed as they are measured and appended to --out, so a run that dies still leaves
 its figures.
@@ -53,7 +58,7 @@ HEADER = ("| condition | protocol | statistic | within 1% | within 2% | within 5
 
 def settings_of(protocol: str, seconds: float, rounds: Dict[str, float]) -> Dict[str, Any]:
     """The agent's settings for a protocol at `seconds` of timed runs per subnet (a window's
-    budget is its candidates' budgets together); `rounds`: block_ms and ref_gap_ms."""
+    budget is its candidates' budgets together); `rounds`: block_ms, ref_gap_ms, ref_share."""
     pinned = {"cpu_affinity": [0]}
     if protocol == "loop":
         return dict(pinned, protocol="loop", min_time_ms=seconds * 1e3,
@@ -157,8 +162,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="the arm64 condition's input size (an emulated board is slow)")
     parser.add_argument("--ref-gap-ms", type=float, default=150.0,
                         help="rounds: device time between reference blocks at most")
+    parser.add_argument("--ref-share", default="1",
+                        help="rounds: the reference's most share of a window's device time; "
+                             "a comma list runs paired and rounds once per share")
     args = parser.parse_args(argv)
-    rounds = {"block_ms": args.block_ms, "ref_gap_ms": args.ref_gap_ms}
+    shares = [float(share) for share in args.ref_share.split(",") if share]
 
     import torch
 
@@ -173,13 +181,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arm_samples = random_samples(arm_space, args.subnets, seed=args.seed)
     home = args.home or Path(tempfile.mkdtemp(prefix="bench-noise-"))
     protocols = [p for p in args.protocols.split(",") if p]
+    # (label, protocol, rounds settings): paired and rounds once per reference share
+    variants = [(protocol if len(shares) == 1 or protocol not in WINDOW_BUDGET
+                 else f"{protocol}, ref_share {share:g}", protocol,
+                 {"block_ms": args.block_ms, "ref_gap_ms": args.ref_gap_ms, "ref_share": share})
+                for protocol in protocols
+                for share in (shares if protocol in WINDOW_BUDGET else shares[:1])]
     conditions = [c for c in args.conditions.split(",") if c]
     from harness.export.graph import export_sample
     window = len(windows([export_sample(space, s, dummy, home=home) for s in samples])[0])
     args.out.write_text("")
-    emit(f"bench_noise: {len(samples)} subnets of {space_name}, {args.seconds:g} s of timed "
-         f"runs per subnet and pass, agent on CPU 0, windows of {window}, blocks of "
-         f"{args.block_ms:g} ms, references at most {args.ref_gap_ms:g} ms apart "
+    bounded = [f"{share:g}" for share in shares if share < 1]
+    emit(f"bench_noise: {len(samples)} subnets of {space_name}"
+         f"{f' (arm64: {args.arm64_size} px)' if 'arm64' in conditions else ''}, "
+         f"{args.seconds:g} s of timed runs per subnet and pass, agent on CPU 0, windows of "
+         f"{window}, blocks of {args.block_ms:g} ms, references at most {args.ref_gap_ms:g} ms "
+         f"apart{f' (or at most {bounded[0]} of the device time)' if len(bounded) == 1 else ''} "
          f"({time.ctime()})\n", args.out)
     emit(HEADER, args.out)
     emit("|" + "---|" * (HEADER.count("|") - 1), args.out)
@@ -189,36 +206,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with Neighbour(CONDITIONS[condition], seed=args.seed), board:
             where = (space, dummy, samples) if condition != "arm64" else \
                 (arm_space, arm_dummy, arm_samples)
-            for protocol in protocols:
-                homes = [home / condition / protocol] * 2  # the device's one home
-                device = board.register(homes[0]) if condition == "arm64" else "local"
-                seconds = args.seconds * WINDOW_BUDGET.get(protocol, 1.0)
-                passes = [measure_pass(protocol, *where, device, pass_home, seconds, rounds)
-                          for pass_home in homes]
+            passes: Dict[str, List[Any]] = {label: [] for label, _, _ in variants}
+            for _ in range(2):  # every variant's first pass, then every variant's second
+                for label, protocol, rounds in variants:
+                    pass_home = home / condition / label  # the device's one home
+                    device = board.register(pass_home) if condition == "arm64" else "local"
+                    seconds = args.seconds * WINDOW_BUDGET.get(protocol, 1.0)
+                    passes[label].append(measure_pass(protocol, *where, device, pass_home,
+                                                      seconds, rounds))
+            for label, protocol, _ in variants:
                 for statistic in (("median",) if protocol in ("loop", "ci")
                                   else ("ratio", "quiet")):
-                    emit(row(condition, protocol, statistic, *passes), args.out)
-                    raw[f"{condition}/{protocol}/{statistic}"] = [
-                        values(p, statistic) for p in passes]
+                    emit(row(condition, label, statistic, *passes[label]), args.out)
+                    raw[f"{condition}/{label}/{statistic}"] = [
+                        values(p, statistic) for p in passes[label]]
     for trace in args.trace:
         from devices.simulated import SimulatedModel
         from harness.steps.reference import reference_model
 
         for n in range(2):  # each pass replays the trace from another place in it
-            for protocol in protocols:
-                device = simulated_device(home / trace.stem / protocol / str(n), trace,
+            for label, _, _ in variants:
+                device = simulated_device(home / trace.stem / label / str(n), trace,
                                           args.sim_ms, start_s=997.0 * n)
         spec = SimulatedModel(f"replay-{trace.stem}", args.sim_ms, seed=7)
         reference_ms = spec.graph_median_ms(reference_model(dummy, home).sha256)
-        for protocol in protocols:
-            passes = [measure_pass(protocol, space, dummy, samples, device,
-                                   home / trace.stem / protocol / str(n),
-                                   args.seconds * WINDOW_BUDGET.get(protocol, 1.0), rounds)
-                                   for n in range(2)]
-            latency = [spec.graph_median_ms(m.provenance.model_sha256) for m in passes[1]]
+        for label, protocol, rounds in variants:
+            replayed = [measure_pass(protocol, space, dummy, samples, device,
+                                     home / trace.stem / label / str(n),
+                                     args.seconds * WINDOW_BUDGET.get(protocol, 1.0), rounds)
+                        for n in range(2)]
+            latency = [spec.graph_median_ms(m.provenance.model_sha256) for m in replayed[1]]
             for statistic in (("median",) if protocol in ("loop", "ci") else ("ratio", "quiet")):
                 truth = [t / reference_ms for t in latency] if statistic == "ratio" else latency
-                emit(row(f"replay {trace.stem}", protocol, statistic, *passes, truth=truth),
+                emit(row(f"replay {trace.stem}", label, statistic, replayed[0], replayed[1], truth),
                      args.out)
     (args.out.with_suffix(".json")).write_text(json.dumps(raw))
     return 0

@@ -162,3 +162,7 @@ def test_smaller_points_version_csv_dates_and_filter(tmp_path, home):
                           "--limit-ms", "1000", "--samples", "1", "--block-ms", "-1",
                           *FAST_ARGS, home=home, cwd=tmp_path)
     assert refused.returncode != 0 and "block_ms must be a number of ms above 0" in refused.stderr
+    refused = run_harness("filter", "--space", "harness.spaces:TinySpace", "--device", "local",
+                          "--limit-ms", "1000", "--samples", "1", "--ref-share", "1.5",
+                          *FAST_ARGS, home=home, cwd=tmp_path)
+    assert refused.returncode != 0 and "ref_share must be a share" in refused.stderr

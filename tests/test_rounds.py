@@ -1,5 +1,6 @@
 """Interleaved rounds: the agent's schedule, the ratio arithmetic, and the protocol through a
 profiler on this machine (real agent, real onnxruntime, real SQLite)."""
+import bisect
 import math
 import sqlite3
 from pathlib import Path
@@ -70,12 +71,79 @@ def test_the_agent_tags_every_block_and_brackets_each_candidate_with_references(
     if Path("/proc/pressure/cpu").exists():
         assert 0 <= state["pressure_share"] and "pressure_avg10" in state
     assert "load1" in state
-    # one reference block opens the window; every round closes on one, which opens the next
-    assert [b[1] for b in references].count(-1) == 1
-    assert {b[0] for b in references if b[1] == 2} == set(range(FAST["rounds"]))
+    # one reference block opens the window and one closes it
+    assert sorted(references, key=lambda b: b[2])[0][:3] == [0, -1, 1]
     sequences = sorted([b[2] for b in references] + [
         b[2] for r in answer["results"].values() for b in r["rounds"]["blocks"]])
     assert sequences == list(range(1, len(sequences) + 1))  # one sequence, no gaps
+    assert max(b[2] for b in references) == sequences[-1]
+
+
+class VirtualClock:
+    """A device's clock that moves only when a simulated run takes its time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def model(self, name, run_ms, block_ms):
+        """A Timed model whose every run takes run_ms on this clock."""
+        def run():
+            self.now += run_ms / 1e3
+        return ort_agent.Timed(name, run, self, block_ms)
+
+
+@pytest.mark.parametrize("candidates, run_ms", [(1, 8.0), (6, 8.0), (3, 60.0)])
+@pytest.mark.parametrize("ref_share", [0.25, 1.0])
+def test_the_reference_takes_at_most_its_share_and_brackets_every_block(candidates, run_ms,
+                                                                         ref_share):
+    # the reference runs 10 ms: blocks of 3 runs (k=2) for a block_ms of 15, 30 ms each
+    clock = VirtualClock()
+    settings = ort_agent.parse_settings({"protocol": "rounds", "rounds": 40, "block_ms": 15.0,
+                                         "ref_gap_ms": 100.0, "ref_share": ref_share,
+                                         "max_time_ms": 1e9})
+    reference = clock.model("ref", 10.0, 15.0)
+    models = {f"m{i}": clock.model(f"m{i}", run_ms, 15.0) for i in range(candidates)}
+    completed, _, failed, reason = ort_agent.interleave(models, reference, settings, clock)
+    assert (completed, failed, reason) == (40, {}, "rounds")
+    blocks = [b for model in models.values() for b in model.blocks]
+    # every candidate block has a reference block on either side, and the window ends on one
+    for model in models.values():
+        assert len(ort_agent.block_ratios(model.blocks, reference.blocks)) == completed
+    assert max(b[2] for b in reference.blocks) > max(b[2] for b in blocks)
+    # no candidate has two blocks between the same two references
+    for model in models.values():
+        brackets = [bisect.bisect(sorted(b[2] for b in reference.blocks), b[2])
+                    for b in model.blocks]
+        assert len(set(brackets)) == len(brackets)
+    # a reference block came when the candidates since the last took 3 times its length
+    # (at a share of 0.25), or before a candidate's second block, or to close the window
+    timeline = sorted([(b[2], "ref", sum(b[3])) for b in reference.blocks] + [
+        (b[2], name, sum(b[3])) for name, model in models.items() for b in model.blocks])
+    since_ms, since_names, forced = 0.0, set(), 0
+    last_ms = timeline[0][2]
+    for index, (_, name, ms) in enumerate(timeline[1:], start=1):
+        if name != "ref":
+            since_ms, since_names = since_ms + ms, since_names | {name}
+            continue
+        following = timeline[index + 1][1] if index + 1 < len(timeline) else None
+        if following is not None and since_ms * ref_share < (1 - ref_share) * last_ms:
+            assert following in since_names
+            forced += 1
+        since_ms, since_names, last_ms = 0.0, set(), ms
+    between = sum(sum(b[3]) for b in sorted(reference.blocks, key=lambda b: b[2])[1:-1])
+    share = between / (between + sum(sum(b[3]) for b in blocks))
+    if ref_share == 1.0:  # no bound: each round closes on a reference, which opens the next
+        assert {b[0] for b in reference.blocks if b[1] == candidates - 1} == set(range(40))
+        assert forced == 0
+    elif candidates == 3:  # 180 ms blocks: a reference after each, at 14% of the time
+        assert forced == 0 and share < 0.15
+    elif candidates == 6:  # 24 ms blocks: about one reference per 4 blocks
+        assert 0 < forced < len(reference.blocks) / 2 and 0.2 < share <= 0.27
+    else:  # a lone candidate alternates with the reference all the same
+        assert len(reference.blocks) == completed + 1 == forced + 2
 
 
 def test_a_candidate_that_fails_is_its_own_error_and_a_bad_reference_fails_the_window(tmp_path):
@@ -95,7 +163,8 @@ def test_a_candidate_that_fails_is_its_own_error_and_a_bad_reference_fails_the_w
 
 @pytest.mark.parametrize("setting, value", [("rounds", 0), ("rounds", 1.5), ("block_ms", 0),
                                             ("block_ms", math.nan), ("ref_gap_ms", -1),
-                                            ("protocol", "sideways")])
+                                            ("ref_share", 0), ("ref_share", 1.5),
+                                            ("ref_share", math.nan), ("protocol", "sideways")])
 def test_round_settings_out_of_range_are_refused_naming_the_setting(setting, value):
     with pytest.raises(InvalidArgument, match=setting):
         LatencyProfiler(TinySpace(), torch.randn(1, 3, 32, 32), settings={setting: value})
@@ -332,7 +401,8 @@ def test_under_the_ci_rule_a_model_known_within_rel_ci_leaves_the_rounds():
     steady, noisy = models["steady"], models["noisy"]
     assert reason == "precise" and steady.precise_at == 8 < noisy.precise_at == completed
     assert len(steady.blocks) == 8 and len(noisy.blocks) == completed
-    assert len(reference.blocks) > completed  # the reference ran on beside the noisy one
+    # the reference ran on beside the noisy one, after the steady one left
+    assert sum(block[0] >= 8 for block in reference.blocks) > 1
     assert stops["steady"]["reason"] == stops["noisy"]["reason"] == "precise"
     assert (stops["steady"]["looks"], stops["noisy"]["looks"]) == (8, completed)
     for name, model in models.items():

@@ -126,7 +126,7 @@ def profile_command(args: argparse.Namespace) -> int:
                   "runs our agent (with --reference FILE.onnx for inputs other than an image): "
                   "interleaved beside a reference, they hold on a device shared with other work"
                   if args.protocol != "rounds" else "raise --max-time-ms (more rounds) or "
-                  "--ref-gap-ms lower (references nearer each candidate)")
+                  "--ref-gap-ms lower with --ref-share higher (references nearer each candidate)")
         print(f"flagged: samples {', '.join(map(str, flagged))} (see flags); {advice}")
     return 0
 

@@ -273,7 +273,12 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
                              "least this (default 20; a decision's 5, or about 3 runs)")
     parser.add_argument("--ref-gap-ms", type=float,
                         help="with --protocol rounds: device time between two reference "
-                             "blocks at most (default 150)")
+                             "blocks at most (default 150), unless the reference would "
+                             "then take more than --ref-share")
+    parser.add_argument("--ref-share", type=float,
+                        help="with --protocol rounds: the most of a window's device time the "
+                             "reference's blocks take (default 1: no bound; 0.25 on a board "
+                             "whose blocks outlast --ref-gap-ms)")
     parser.add_argument("--reference", metavar="FILE.onnx",
                         help="with --protocol rounds: the reference model (default: a fixed "
                              "subnet of the built-in space at the input size)")
@@ -286,7 +291,7 @@ def agent_settings(args: argparse.Namespace) -> Dict[str, Any]:
                         ("min_time_ms", "min_time_ms"), ("max_time_ms", "max_time_ms"),
                         ("stop", "stop"), ("rel_ci", "rel_ci"), ("protocol", "protocol"),
                         ("rounds", "rounds"), ("block_ms", "block_ms"),
-                        ("ref_gap_ms", "ref_gap_ms")):
+                        ("ref_gap_ms", "ref_gap_ms"), ("ref_share", "ref_share")):
         if getattr(args, option) is not None:
             settings[key] = getattr(args, option)
     if args.runtime:
