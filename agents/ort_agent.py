@@ -1596,21 +1596,22 @@ def interleave(models, reference, settings, clock):
     waiting for the last.
 
     A reference block is due before a candidate block that would take the device time since
-    the last one past ref_gap_ms, and at a round's end; it runs only if the candidate blocks
-    since the last reference block took at least (1 - ref_share) / ref_share times as long
-    as that one (3 times at 0.25; always at 1, the default), so that the reference takes at
-    most ref_share of the window's device time besides the block that opens the window.
-    Where blocks are long
+    the last one past ref_gap_ms, and at a round's end, once a candidate block ran since the
+    last (one that failed does not count). Below a ref_share of 1 (the default: no bound) it
+    also waits until the candidate blocks since the last reference block took at least
+    (1 - ref_share) / ref_share times as long as that one (3 times at 0.25): the blocks this
+    rule places take at most ref_share of the window's device time. Where blocks are long
     against the gap (a slow board) the share wins: more candidates run between two
-    references, and a round may end without one, unless a stop rule (ci, limit) looks at
-    it: its looks read every block of the round, as the host reads them after the window.
-    And a candidate never has two blocks
-    between the same two references: a reference block comes before its second, whatever
-    the share. Blocks that share their references share their noise too, so that would buy
-    no precision for the device time it saves: a lone candidate in its window (and a few
-    beside a slower reference) alternates with the reference as before, and the bound holds
-    for windows of several candidates. The window always ends on a reference block, so that
-    every candidate block has one on either side."""
+    references, and a round may end without one, unless a stop rule looks at it (ci from
+    min_runs rounds on, a limit always): its looks read every block of the round, as the
+    host reads them after the window. And a candidate never has two blocks between the same
+    two references: a reference block comes before its second, whatever the share. Blocks
+    that share their references share their noise too, so that would buy no precision for
+    the device time it saves. So a lone candidate in its window (and a few beside a slower
+    reference) alternates with the reference as before, and the bound holds for windows of
+    several candidates; the blocks that open and close the window, and those a stop rule's
+    looks bring, come on top. The window always ends on a reference block, so that every
+    candidate block has one on either side."""
     gap_s = settings["ref_gap_ms"] / 1e3
     share = settings["ref_share"]
     # every block of the window is read by one clock: the thread's CPU clock only where the
@@ -1649,8 +1650,9 @@ def interleave(models, reference, settings, clock):
             following = models[order[position + 1]] if position + 1 < len(order) else None
             due = following is None or since_ref + following.run_s * (following.k + 1) > gap_s
             # a stop rule's looks at the round's end read every block of the round
-            looking = following is None and settings["stop"] in ("ci", "limit")
-            if due and since_ref > 0 and (
+            looking = following is None and (deciding or settings["stop"] == "ci" and
+                                             round_index + 1 >= settings["min_runs"])
+            if due and since_names and (
                     looking or since_ref * share >= (1 - share) * last_reference):
                 sequence += 1
                 last_reference = _reference_block(reference, round_index, position, sequence,
@@ -1674,7 +1676,7 @@ def interleave(models, reference, settings, clock):
         if clock() - loop_start >= settings["max_time_ms"] / 1e3:
             reason = "max_time"
             break
-    if since_ref > 0:  # the last candidate blocks' reference on their far side
+    if since_names:  # the last candidate blocks' reference on their far side
         sequence += 1
         _reference_block(reference, round_index, position, sequence, loop_start)
     if deciding:  # the undecided: one last look at what they have (it may call them)

@@ -135,6 +135,11 @@ def row(condition: str, protocol: str, statistic: str, first: Sequence[Any],
     return "| " + " | ".join(cells) + " |"
 
 
+def folder(label: str) -> str:
+    """A variant's folder name: "rounds, ref_share 0.25" -> "rounds-ref_share0.25"."""
+    return label.replace(", ", "-").replace(" ", "")
+
+
 def emit(line: str, out: Path) -> None:
     print(line, flush=True)
     with open(out, "a") as table:
@@ -166,7 +171,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="rounds: the reference's most share of a window's device time; "
                              "a comma list runs paired and rounds once per share")
     args = parser.parse_args(argv)
-    shares = [float(share) for share in args.ref_share.split(",") if share]
+    try:
+        shares = [float(share) for share in args.ref_share.split(",") if share]
+    except ValueError:
+        parser.error(f"--ref-share takes shares like 0.25,1, got {args.ref_share!r}")
+    if not shares or len(set(shares)) != len(shares) or not all(0 < v <= 1 for v in shares):
+        parser.error(f"--ref-share takes distinct shares above 0 and at most 1, got "
+                     f"{args.ref_share!r}")
 
     import torch
 
@@ -191,12 +202,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from harness.export.graph import export_sample
     window = len(windows([export_sample(space, s, dummy, home=home) for s in samples])[0])
     args.out.write_text("")
-    bounded = [f"{share:g}" for share in shares if share < 1]
+    bounded = "" if shares == [1.0] else f" (or at most {shares[0]:g} of the device time)" \
+        if len(shares) == 1 else " (or at most the share each row names)"
     emit(f"bench_noise: {len(samples)} subnets of {space_name}"
          f"{f' (arm64: {args.arm64_size} px)' if 'arm64' in conditions else ''}, "
          f"{args.seconds:g} s of timed runs per subnet and pass, agent on CPU 0, windows of "
          f"{window}, blocks of {args.block_ms:g} ms, references at most {args.ref_gap_ms:g} ms "
-         f"apart{f' (or at most {bounded[0]} of the device time)' if len(bounded) == 1 else ''} "
+         f"apart{bounded} "
          f"({time.ctime()})\n", args.out)
     emit(HEADER, args.out)
     emit("|" + "---|" * (HEADER.count("|") - 1), args.out)
@@ -207,32 +219,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             where = (space, dummy, samples) if condition != "arm64" else \
                 (arm_space, arm_dummy, arm_samples)
             passes: Dict[str, List[Any]] = {label: [] for label, _, _ in variants}
-            for _ in range(2):  # every variant's first pass, then every variant's second
+            for n in range(2):  # every variant's first pass, then every variant's second
                 for label, protocol, rounds in variants:
-                    pass_home = home / condition / label  # the device's one home
+                    pass_home = home / condition / folder(label)  # the device's one home
                     device = board.register(pass_home) if condition == "arm64" else "local"
                     seconds = args.seconds * WINDOW_BUDGET.get(protocol, 1.0)
                     passes[label].append(measure_pass(protocol, *where, device, pass_home,
                                                       seconds, rounds))
-            for label, protocol, _ in variants:
-                for statistic in (("median",) if protocol in ("loop", "ci")
-                                  else ("ratio", "quiet")):
-                    emit(row(condition, label, statistic, *passes[label]), args.out)
-                    raw[f"{condition}/{label}/{statistic}"] = [
-                        values(p, statistic) for p in passes[label]]
+                    if n == 0:
+                        continue  # its rows as soon as its second pass is in
+                    for statistic in (("median",) if protocol in ("loop", "ci")
+                                      else ("ratio", "quiet")):
+                        emit(row(condition, label, statistic, *passes[label]), args.out)
+                        raw[f"{condition}/{label}/{statistic}"] = [
+                            values(p, statistic) for p in passes[label]]
     for trace in args.trace:
         from devices.simulated import SimulatedModel
         from harness.steps.reference import reference_model
 
         for n in range(2):  # each pass replays the trace from another place in it
             for label, _, _ in variants:
-                device = simulated_device(home / trace.stem / label / str(n), trace,
+                device = simulated_device(home / trace.stem / folder(label) / str(n), trace,
                                           args.sim_ms, start_s=997.0 * n)
         spec = SimulatedModel(f"replay-{trace.stem}", args.sim_ms, seed=7)
         reference_ms = spec.graph_median_ms(reference_model(dummy, home).sha256)
         for label, protocol, rounds in variants:
             replayed = [measure_pass(protocol, space, dummy, samples, device,
-                                     home / trace.stem / label / str(n),
+                                     home / trace.stem / folder(label) / str(n),
                                      args.seconds * WINDOW_BUDGET.get(protocol, 1.0), rounds)
                         for n in range(2)]
             latency = [spec.graph_median_ms(m.provenance.model_sha256) for m in replayed[1]]

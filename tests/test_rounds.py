@@ -71,12 +71,12 @@ def test_the_agent_tags_every_block_and_brackets_each_candidate_with_references(
     if Path("/proc/pressure/cpu").exists():
         assert 0 <= state["pressure_share"] and "pressure_avg10" in state
     assert "load1" in state
-    # one reference block opens the window and one closes it
-    assert sorted(references, key=lambda b: b[2])[0][:3] == [0, -1, 1]
+    # one reference block opens the window; every round closes on one, which opens the next
+    assert [b[1] for b in references].count(-1) == 1
+    assert {b[0] for b in references if b[1] == 2} == set(range(FAST["rounds"]))
     sequences = sorted([b[2] for b in references] + [
         b[2] for r in answer["results"].values() for b in r["rounds"]["blocks"]])
     assert sequences == list(range(1, len(sequences) + 1))  # one sequence, no gaps
-    assert max(b[2] for b in references) == sequences[-1]
 
 
 class VirtualClock:
@@ -95,14 +95,15 @@ class VirtualClock:
         return ort_agent.Timed(name, run, self, block_ms)
 
 
-@pytest.mark.parametrize("candidates, run_ms", [(1, 8.0), (6, 8.0), (3, 60.0)])
+@pytest.mark.parametrize("candidates, run_ms, gap_ms", [(1, 8.0, 100.0), (6, 8.0, 100.0),
+                                                     (6, 8.0, 130.0), (3, 60.0, 100.0)])
 @pytest.mark.parametrize("ref_share", [0.25, 1.0])
 def test_the_reference_takes_at_most_its_share_and_brackets_every_block(candidates, run_ms,
-                                                                         ref_share):
+                                                                         gap_ms, ref_share):
     # the reference runs 10 ms: blocks of 3 runs (k=2) for a block_ms of 15, 30 ms each
     clock = VirtualClock()
     settings = ort_agent.parse_settings({"protocol": "rounds", "rounds": 40, "block_ms": 15.0,
-                                         "ref_gap_ms": 100.0, "ref_share": ref_share,
+                                         "ref_gap_ms": gap_ms, "ref_share": ref_share,
                                          "max_time_ms": 1e9})
     reference = clock.model("ref", 10.0, 15.0)
     models = {f"m{i}": clock.model(f"m{i}", run_ms, 15.0) for i in range(candidates)}
@@ -135,13 +136,25 @@ def test_the_reference_takes_at_most_its_share_and_brackets_every_block(candidat
         since_ms, since_names, last_ms = 0.0, set(), ms
     between = sum(sum(b[3]) for b in sorted(reference.blocks, key=lambda b: b[2])[1:-1])
     share = between / (between + sum(sum(b[3]) for b in blocks))
+    # the gap: no reference came before the blocks since the last reached it
+    gaps, since_ms = [], 0.0
+    for _, name, ms in timeline[1:]:
+        if name == "ref":
+            gaps.append(since_ms)
+            since_ms = 0.0
+        else:
+            since_ms += ms
     if ref_share == 1.0:  # no bound: each round closes on a reference, which opens the next
         assert {b[0] for b in reference.blocks if b[1] == candidates - 1} == set(range(40))
         assert forced == 0
     elif candidates == 3:  # 180 ms blocks: a reference after each, at 14% of the time
         assert forced == 0 and share < 0.15
-    elif candidates == 6:  # 24 ms blocks: about one reference per 4 blocks
-        assert 0 < forced < len(reference.blocks) / 2 and 0.2 < share <= 0.27
+    elif candidates == 6:  # 24 ms blocks: a reference after 4 (5 with the wider gap) if not
+        # forced sooner (the gap and the share would both bring one after 4 at 100 ms)
+        assert 0 < forced < len(reference.blocks) / 2 and 0.15 < share <= 0.27
+        timed_ms = (4 if gap_ms == 100.0 else 5) * 16.0  # 2 timed runs of 8 ms per block
+        assert max(gaps) == pytest.approx(timed_ms)
+        assert sum(gap == pytest.approx(timed_ms) for gap in gaps) > len(gaps) / 2
     else:  # a lone candidate alternates with the reference all the same
         assert len(reference.blocks) == completed + 1 == forced + 2
 
@@ -363,7 +376,8 @@ def test_the_schedule_reads_time_slicing_away_on_the_cpu_clock():
             0.5 if below else 1.5)
 
 
-def test_under_the_ci_rule_a_model_known_within_rel_ci_leaves_the_rounds():
+@pytest.mark.parametrize("ref_share", [1.0, 0.25])
+def test_under_the_ci_rule_a_model_known_within_rel_ci_leaves_the_rounds(ref_share):
     """The agent's schedule on a virtual clock: a steady model is known after min_runs
     rounds and leaves (its blocks stop there, its answer says when), a noisy one runs on
     beside the reference until it is known too; the window ends when none is left. The
@@ -384,7 +398,7 @@ def test_under_the_ci_rule_a_model_known_within_rel_ci_leaves_the_rounds():
         reference = timed("reference", 2.0, 0.002)
         settings = ort_agent.parse_settings({"protocol": "rounds", "stop": "ci", "rel_ci": 0.02,
                                              "min_runs": 8, "rounds": rounds,
-                                             "block_ms": 2.0})
+                                             "block_ms": 2.0, "ref_share": ref_share})
         completed, _, _, reason = ort_agent.interleave(models, reference, settings,
                                                        lambda: now["wall"])
         stops = {name: ort_agent.rounds_stop(model, settings, completed, reason)
@@ -401,8 +415,19 @@ def test_under_the_ci_rule_a_model_known_within_rel_ci_leaves_the_rounds():
     steady, noisy = models["steady"], models["noisy"]
     assert reason == "precise" and steady.precise_at == 8 < noisy.precise_at == completed
     assert len(steady.blocks) == 8 and len(noisy.blocks) == completed
-    # the reference ran on beside the noisy one, after the steady one left
-    assert sum(block[0] >= 8 for block in reference.blocks) > 1
+    # the reference ran on beside the noisy one, after the steady one left (and with a
+    # bound on its share, closed every round the rule looked at)
+    last_of_round = {}  # the last block of each round: a reference's where the rule looked
+    for name, model in [("reference", reference)] + list(models.items()):
+        for block in model.blocks:
+            if block[2] > last_of_round.get(block[0], (0, ""))[0]:
+                last_of_round[block[0]] = (block[2], name)
+    looked = {r for r, (_, name) in last_of_round.items() if name == "reference"}
+    assert looked >= set(range(7, completed))
+    if ref_share == 1.0:
+        assert len(reference.blocks) > completed and looked == set(range(completed))
+    else:  # before the rule looks, the bound lets rounds end without one
+        assert not set(range(7)) <= looked
     assert stops["steady"]["reason"] == stops["noisy"]["reason"] == "precise"
     assert (stops["steady"]["looks"], stops["noisy"]["looks"]) == (8, completed)
     for name, model in models.items():
