@@ -29,7 +29,8 @@ the first passes of every protocol run one after another, then the second passes
 order, so that protocols compared in one table met the same load.
 
 Rows are printed as they are measured and appended to --out, so a run that dies still leaves
-its figures.
+its figures (a protocol's rows once its second pass is in: a run that dies during a
+condition's first passes leaves none of that condition's).
 """
 import argparse
 import contextlib

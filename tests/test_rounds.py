@@ -95,8 +95,9 @@ class VirtualClock:
         return ort_agent.Timed(name, run, self, block_ms)
 
 
-@pytest.mark.parametrize("candidates, run_ms, gap_ms", [(1, 8.0, 100.0), (6, 8.0, 100.0),
-                                                     (6, 8.0, 130.0), (3, 60.0, 100.0)])
+@pytest.mark.parametrize("candidates, run_ms, gap_ms", [(1, 8.0, 100.0), (6, 8.0, 60.0),
+                                                     (6, 8.0, 100.0), (6, 8.0, 130.0),
+                                                     (3, 60.0, 100.0)])
 @pytest.mark.parametrize("ref_share", [0.25, 1.0])
 def test_the_reference_takes_at_most_its_share_and_brackets_every_block(candidates, run_ms,
                                                                          gap_ms, ref_share):
@@ -144,19 +145,22 @@ def test_the_reference_takes_at_most_its_share_and_brackets_every_block(candidat
             since_ms = 0.0
         else:
             since_ms += ms
+    # 24 ms blocks (2 timed runs of 8 ms): the gap brings a reference after 2, 4 or 5 of
+    # them (60, 100, 130 ms); the share after 4 (3 x 30 ms), and wins over the 60 ms gap
+    per_gap = {60.0: 2, 100.0: 4, 130.0: 5}[gap_ms] if ref_share == 1.0 else \
+        {60.0: 4, 100.0: 4, 130.0: 5}[gap_ms]
     if ref_share == 1.0:  # no bound: each round closes on a reference, which opens the next
         assert {b[0] for b in reference.blocks if b[1] == candidates - 1} == set(range(40))
         assert forced == 0
     elif candidates == 3:  # 180 ms blocks: a reference after each, at 14% of the time
         assert forced == 0 and share < 0.15
-    elif candidates == 6:  # 24 ms blocks: a reference after 4 (5 with the wider gap) if not
-        # forced sooner (the gap and the share would both bring one after 4 at 100 ms)
+    elif candidates == 6:  # if not forced sooner, before a candidate's second block
         assert 0 < forced < len(reference.blocks) / 2 and 0.15 < share <= 0.27
-        timed_ms = (4 if gap_ms == 100.0 else 5) * 16.0  # 2 timed runs of 8 ms per block
-        assert max(gaps) == pytest.approx(timed_ms)
-        assert sum(gap == pytest.approx(timed_ms) for gap in gaps) > len(gaps) / 2
     else:  # a lone candidate alternates with the reference all the same
         assert len(reference.blocks) == completed + 1 == forced + 2
+    if candidates == 6:
+        assert max(gaps) == pytest.approx(per_gap * 16.0)
+        assert sum(gap == pytest.approx(per_gap * 16.0) for gap in gaps) > len(gaps) / 3
 
 
 def test_a_candidate_that_fails_is_its_own_error_and_a_bad_reference_fails_the_window(tmp_path):
@@ -426,8 +430,9 @@ def test_under_the_ci_rule_a_model_known_within_rel_ci_leaves_the_rounds(ref_sha
     assert looked >= set(range(7, completed))
     if ref_share == 1.0:
         assert len(reference.blocks) > completed and looked == set(range(completed))
-    else:  # before the rule looks, the bound lets rounds end without one
-        assert not set(range(7)) <= looked
+    else:  # before the rule looks, the bound lets rounds end without one (8 ms of
+        # candidate blocks per round, where it would need 12)
+        assert looked.isdisjoint(range(7))
     assert stops["steady"]["reason"] == stops["noisy"]["reason"] == "precise"
     assert (stops["steady"]["looks"], stops["noisy"]["looks"]) == (8, completed)
     for name, model in models.items():
@@ -441,6 +446,52 @@ def test_under_the_ci_rule_a_model_known_within_rel_ci_leaves_the_rounds(ref_sha
     models, _, completed, reason, stops, _ = window(10)
     assert reason == "rounds" and completed == 10 and models["noisy"].precise_at is None
     assert (stops["steady"]["reason"], stops["noisy"]["reason"]) == ("precise", "rounds")
+
+
+def test_with_a_bound_a_failed_block_brings_no_reference_and_a_limit_closes_every_round():
+    """A candidate that fails mid-window is its own error, and no reference block follows
+    a stretch of failed blocks alone; under the limit rule every round closes on a
+    reference block, whatever the bound, since each look reads the whole round."""
+    def breaking(clock, good_blocks):
+        calls = {"n": 0}
+
+        def run():  # its 3 probe runs, then good blocks of 3 runs (k=2), then it fails
+            calls["n"] += 1
+            if calls["n"] > 3 + 3 * good_blocks:
+                raise RuntimeError("device memory gone")
+            clock.now += 8e-3
+        return ort_agent.Timed("breaks", run, clock, 15.0)
+
+    for ref_share in (1.0, 0.25):
+        settings = ort_agent.parse_settings({"protocol": "rounds", "rounds": 12,
+                                             "block_ms": 15.0, "ref_gap_ms": 100.0,
+                                             "ref_share": ref_share, "max_time_ms": 1e9})
+        clock = VirtualClock()  # alone: a reference, its good block, a reference, the failure
+        reference = clock.model("ref", 10.0, 15.0)
+        alone = {"breaks": breaking(clock, 1)}
+        completed, _, failed, _ = ort_agent.interleave(alone, reference, settings, clock)
+        assert "device memory gone" in failed["breaks"]["message"]
+        assert len(alone["breaks"].blocks) == 1 and len(reference.blocks) == 2
+        clock = VirtualClock()  # beside another, which goes on to the end
+        reference = clock.model("ref", 10.0, 15.0)
+        models = {"breaks": breaking(clock, 3), "steady": clock.model("steady", 8.0, 15.0)}
+        completed, _, failed, _ = ort_agent.interleave(models, reference, settings, clock)
+        assert set(failed) == {"breaks"} and completed == 12
+        assert len(models["breaks"].blocks) == 3 and len(models["steady"].blocks) == 12
+        for model in models.values():  # every block that ran between two references
+            assert len(ort_agent.block_ratios(model.blocks, reference.blocks)) == \
+                len(model.blocks)
+
+    clock = VirtualClock()
+    limit = dict(settings, stop="limit", limit_ms=1e6, min_runs=3, confidence=0.9)
+    reference = clock.model("ref", 10.0, 15.0)
+    models = {f"m{i}": clock.model(f"m{i}", 8.0, 15.0) for i in range(6)}
+    completed, _, failed, reason = ort_agent.interleave(models, reference, limit, clock)
+    assert failed == {} and reason == "decided"
+    for round_index in range(completed):
+        last = max(b[2] for model in models.values() for b in model.blocks
+                   if b[0] == round_index)
+        assert any(r[2] == last + 1 for r in reference.blocks)
 
 
 def test_windows_respect_the_memory_budget_and_keep_the_order(tmp_path):
