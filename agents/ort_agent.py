@@ -1643,8 +1643,8 @@ def interleave(models, reference, settings, clock):
             try:
                 since_ref += models[name].block(round_index, position, sequence, loop_start)
                 since_names.add(name)
-            except Exception as exc:  # that model's error; the round goes on, and its
-                failed[name] = AgentError(  # closing reference block still comes
+            except Exception as exc:  # that model's error; the round goes on (a block
+                failed[name] = AgentError(  # that failed brings no reference after it)
                     "RUNTIME", "inference failed in round %d: %s"
                     % (round_index, _one_line(exc))).to_json()["error"]
             following = models[order[position + 1]] if position + 1 < len(order) else None
