@@ -136,6 +136,12 @@ def row(condition: str, protocol: str, statistic: str, first: Sequence[Any],
     return "| " + " | ".join(cells) + " |"
 
 
+def statistics_of(protocol: str) -> Sequence[str]:
+    """The statistics a protocol's rows report: a loop's median; a window's ratio and
+    quiet-state latency."""
+    return ("median",) if protocol in ("loop", "ci") else ("ratio", "quiet")
+
+
 def folder(label: str) -> str:
     """A variant's folder name: "rounds, ref_share 0.25" -> "rounds-ref_share0.25"."""
     return label.replace(", ", "-").replace(" ", "")
@@ -229,8 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                       seconds, rounds))
                     if n == 0:
                         continue  # its rows as soon as its second pass is in
-                    for statistic in (("median",) if protocol in ("loop", "ci")
-                                      else ("ratio", "quiet")):
+                    for statistic in statistics_of(protocol):
                         emit(row(condition, label, statistic, *passes[label]), args.out)
                         raw[f"{condition}/{label}/{statistic}"] = [
                             values(p, statistic) for p in passes[label]]
@@ -250,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      args.seconds * WINDOW_BUDGET.get(protocol, 1.0), rounds)
                         for n in range(2)]
             latency = [spec.graph_median_ms(m.provenance.model_sha256) for m in replayed[1]]
-            for statistic in (("median",) if protocol in ("loop", "ci") else ("ratio", "quiet")):
+            for statistic in statistics_of(protocol):
                 truth = [t / reference_ms for t in latency] if statistic == "ratio" else latency
                 emit(row(f"replay {trace.stem}", label, statistic, replayed[0], replayed[1], truth),
                      args.out)

@@ -124,7 +124,8 @@ def test_the_reference_takes_at_most_its_share_and_brackets_every_block(candidat
     # (at a share of 0.25), or before a candidate's second block, or to close the window
     timeline = sorted([(b[2], "ref", sum(b[3])) for b in reference.blocks] + [
         (b[2], name, sum(b[3])) for name, model in models.items() for b in model.blocks])
-    since_ms, since_names, forced = 0.0, set(), 0
+    # and the candidates' timed ms between two references (the gaps)
+    since_ms, since_names, forced, gaps = 0.0, set(), 0, []
     last_ms = timeline[0][2]
     for index, (_, name, ms) in enumerate(timeline[1:], start=1):
         if name != "ref":
@@ -134,21 +135,13 @@ def test_the_reference_takes_at_most_its_share_and_brackets_every_block(candidat
         if following is not None and since_ms * ref_share < (1 - ref_share) * last_ms:
             assert following in since_names
             forced += 1
+        gaps.append(since_ms)
         since_ms, since_names, last_ms = 0.0, set(), ms
     between = sum(sum(b[3]) for b in sorted(reference.blocks, key=lambda b: b[2])[1:-1])
     share = between / (between + sum(sum(b[3]) for b in blocks))
-    # the gap: no reference came before the blocks since the last reached it
-    gaps, since_ms = [], 0.0
-    for _, name, ms in timeline[1:]:
-        if name == "ref":
-            gaps.append(since_ms)
-            since_ms = 0.0
-        else:
-            since_ms += ms
     # 24 ms blocks (2 timed runs of 8 ms): the gap brings a reference after 2, 4 or 5 of
     # them (60, 100, 130 ms); the share after 4 (3 x 30 ms), and wins over the 60 ms gap
-    per_gap = {60.0: 2, 100.0: 4, 130.0: 5}[gap_ms] if ref_share == 1.0 else \
-        {60.0: 4, 100.0: 4, 130.0: 5}[gap_ms]
+    per_gap = {60.0: 2 if ref_share == 1.0 else 4, 100.0: 4, 130.0: 5}[gap_ms]
     if ref_share == 1.0:  # no bound: each round closes on a reference, which opens the next
         assert {b[0] for b in reference.blocks if b[1] == candidates - 1} == set(range(40))
         assert forced == 0
@@ -483,7 +476,10 @@ def test_with_a_bound_a_failed_block_brings_no_reference_and_a_limit_closes_ever
                 len(model.blocks)
 
     clock = VirtualClock()
-    limit = dict(settings, stop="limit", limit_ms=1e6, min_runs=3, confidence=0.9)
+    limit = ort_agent.parse_settings({"protocol": "rounds", "rounds": 12, "block_ms": 15.0,
+                                      "ref_gap_ms": 100.0, "ref_share": 0.25,
+                                      "max_time_ms": 1e9, "stop": "limit", "limit_ms": 1e6,
+                                      "min_runs": 3, "confidence": 0.9})
     reference = clock.model("ref", 10.0, 15.0)
     models = {f"m{i}": clock.model(f"m{i}", 8.0, 15.0) for i in range(6)}
     completed, _, failed, reason = ort_agent.interleave(models, reference, limit, clock)
