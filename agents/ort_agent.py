@@ -1589,8 +1589,9 @@ def interleave(models, reference, settings, clock):
     """The rounds schedule (see measure_rounds) over `models` ({name: Timed}) and the
     `reference` (Timed): (rounds completed, loop length in s, {name: error of a model that
     failed mid-window}, why it stopped: "rounds", "max_time", "decided" when stop is "limit"
-    and every candidate is called or left undecided, or "precise" when stop is "ci" and the
-    ratio of every model that did not fail is known within rel_ci). Under "ci" a model
+    and every candidate is called or left undecided, "precise" when stop is "ci" and the
+    ratio of every model that did not fail is known within rel_ci, or "failed" once every
+    candidate has failed). Under "ci" a model
     leaves the rounds once its own ratio is known (after min_runs rounds at least): the
     window's device time goes to the models still imprecise, not to the precise ones
     waiting for the last.
@@ -1659,6 +1660,9 @@ def interleave(models, reference, settings, clock):
                                                   loop_start)
                 since_ref, since_names = 0.0, set()
         completed = round_index + 1
+        if len(failed) == len(models):  # every candidate failed: nothing left to run
+            reason = "failed"
+            break
         if deciding:  # a look at each candidate still in that is due one; the decided leave
             for name in order:
                 if name not in failed:

@@ -29,7 +29,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from agents.ort_agent import (AGENT_VERSION, AgentError, Timed, interleave, parse_settings,
                               rounds_stop, timed_loop)
 from devices.agent_result import AgentResult, DeviceFacts
-from devices.errors import BadRequest, DeviceError, DeviceLost, MeasurementTimeout
+from devices.errors import (BadRequest, DeviceError, DeviceLost, MeasurementTimeout,
+                            error_from_agent)
 from devices.noise_trace import NoiseTrace
 from devices.safe_files import replace_text
 
@@ -282,7 +283,7 @@ class SimulatedClient:
 
         ref = timed("reference", reference[1])
         timed_models = {name: timed(name, sha) for name, (_, sha) in models.items()}
-        completed, loop_s, _, reason = interleave(timed_models, ref, checked, clock)
+        completed, loop_s, failed, reason = interleave(timed_models, ref, checked, clock)
         busy_s = clock.now - began + self.spec.load_ms * (len(models) + 1) / 1e3
         if busy_s > deadline - time.monotonic():
             raise MeasurementTimeout(f"the simulated window takes {busy_s:.1f} s, more than "
@@ -291,7 +292,11 @@ class SimulatedClient:
             time.sleep(busy_s)
         candidates_ms = sum(ms for m in timed_models.values() for b in m.blocks for ms in b[3])
         results = {}
+        for name, error in failed.items():  # as the agent answers a model failed mid-window
+            errors[name] = error_from_agent(error, self.name)
         for name, model in timed_models.items():
+            if name in failed:
+                continue
             stop = rounds_stop(model, checked, completed, reason)
             answer = {
                 "agent_version": AGENT_VERSION, "load_ms": self.spec.load_ms,

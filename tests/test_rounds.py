@@ -443,8 +443,9 @@ def test_under_the_ci_rule_a_model_known_within_rel_ci_leaves_the_rounds(ref_sha
 
 def test_with_a_bound_a_failed_block_brings_no_reference_and_a_limit_closes_every_round():
     """A candidate that fails mid-window is its own error, and no reference block follows
-    a stretch of failed blocks alone; under the limit rule every round closes on a
-    reference block, whatever the bound, since each look reads the whole round."""
+    a stretch of failed blocks alone; a window whose every candidate failed stops there;
+    under the limit rule every round closes on a reference block, whatever the bound,
+    since each look reads the whole round."""
     def breaking(clock, good_blocks):
         calls = {"n": 0}
 
@@ -462,9 +463,10 @@ def test_with_a_bound_a_failed_block_brings_no_reference_and_a_limit_closes_ever
         clock = VirtualClock()  # alone: a reference, its good block, a reference, the failure
         reference = clock.model("ref", 10.0, 15.0)
         alone = {"breaks": breaking(clock, 1)}
-        completed, _, failed, _ = ort_agent.interleave(alone, reference, settings, clock)
+        completed, _, failed, reason = ort_agent.interleave(alone, reference, settings, clock)
         assert "device memory gone" in failed["breaks"]["message"]
         assert len(alone["breaks"].blocks) == 1 and len(reference.blocks) == 2
+        assert (completed, reason) == (2, "failed")  # no empty rounds after its failure
         clock = VirtualClock()  # beside another, which goes on to the end
         reference = clock.model("ref", 10.0, 15.0)
         models = {"breaks": breaking(clock, 3), "steady": clock.model("steady", 8.0, 15.0)}

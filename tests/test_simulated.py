@@ -5,7 +5,7 @@ import time
 import pytest
 
 from devices import registry
-from devices.errors import BadRequest, DeviceLost
+from devices.errors import BadRequest, DeviceLost, InferenceError
 from devices.simulated import SimulatedClient, SimulatedModel, down_path, simulated_names
 from harness import Cache, LatencyProfiler, random_samples
 
@@ -173,3 +173,38 @@ def test_a_lookup_table_on_a_replaying_device_with_graph_costs_recovers_the_exac
         truth = spec.graph_median_ms(whole.sha256, whole.onnx_bytes) / reference_ms
         assert lut.profile(sample) == pytest.approx(truth, rel=0.03)
     assert lut.overhead_scale == pytest.approx(1.0, abs=0.5)  # the identity is the fixed cost
+
+
+def test_a_model_that_breaks_mid_window_is_its_own_error_and_the_others_go_on(
+        tmp_path, monkeypatch):
+    """As the agent answers: a simulated candidate whose runs fail mid-window is that
+    model's InferenceError (with the round), and the window's other candidate keeps its
+    result."""
+    client = SimulatedClient("s0", SimulatedModel("npu", median_ms=2.0), tmp_path)
+    steady = SimulatedModel.runner
+    calls = {"n": 0}
+
+    def runner(spec, sha256, clock):
+        run = steady(spec, sha256, clock)
+        if sha256 != "b" * 64:
+            return run
+
+        def breaking():  # its warm-up and probes, a few good blocks, then it fails
+            calls["n"] += 1
+            if calls["n"] > 30:
+                raise RuntimeError("device memory gone")
+            run()
+        return breaking
+
+    monkeypatch.setattr(SimulatedModel, "runner", runner)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not read")
+    settings = {"protocol": "rounds", "rounds": 20, "block_ms": 5.0, "max_time_ms": 1e6,
+                "warmup_runs": 1}
+    results, errors = client.measure_rounds(
+        {"good": (str(model), "a" * 64), "breaks": (str(model), "b" * 64)},
+        (str(model), "c" * 64), settings, time.monotonic() + 60)
+    assert set(results) == {"good"} and set(errors) == {"breaks"}
+    assert isinstance(errors["breaks"], InferenceError)
+    assert "device memory gone" in str(errors["breaks"]) and "round" in str(errors["breaks"])
+    assert results["good"].rounds is not None and results["good"].rounds.completed == 20
