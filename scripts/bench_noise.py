@@ -12,7 +12,9 @@ loop: the device-s column says what each spent):
 - paired: one model at a time in its own window of interleaved rounds beside the reference
   (what a single profile() does with protocol "rounds"): its ratio to the reference, and its
   quiet-state latency;
-- rounds: the whole batch in windows of interleaved rounds: ratio and quiet-state latency.
+- rounds: the whole batch in windows of interleaved rounds: ratio and quiet-state latency;
+- ci-rounds: the same windows under the ci rule: a candidate leaves its window once the 95%
+  interval of its ratio is within --rel-ci (after 10 rounds), the window's budget a cap.
 Conditions: idle, the seeded noisy neighbour (scripts/neighbour.py) on the other core
 (other-cores) or on the device's own core (same-core); the agent is pinned to CPU 0; arm64:
 an emulated arm64 board of the test farm (qemu-user, needs root) at --arm64-size px, idle.
@@ -20,7 +22,8 @@ With --trace, a simulated device replaying each recorded trace too, where the tr
 known: each protocol's error against it and how often the 95% interval covers it.
 
     python3 scripts/bench_noise.py --out bench_noise.md [--subnets 40] [--input-size 224]
-        [--conditions idle,other-cores,same-core,arm64] [--protocols loop,ci,paired,rounds]
+        [--conditions idle,other-cores,same-core,arm64]
+        [--protocols loop,ci,paired,rounds,ci-rounds] [--rel-ci 0.01]
         [--ref-share 1[,0.25]] [--trace tests/fixtures/noise/loaded.json ...]
 
 With --ref-share 0.25,1, paired and rounds run once per share (the most of a window's device
@@ -46,39 +49,43 @@ from typing import Any, Dict, List, Optional, Sequence
 from benchlib import Arm64Board, Neighbour, simulated_device, space_at_input
 
 CONDITIONS = {"idle": None, "other-cores": "1", "same-core": "0", "arm64": None}
-PROTOCOLS = ("loop", "ci", "paired", "rounds")
+PROTOCOLS = ("loop", "ci", "paired", "rounds", "ci-rounds")
 # A window's time budget per candidate (max_time_ms, reference blocks included), as a share
 # of the loop's --seconds: what a window spends beyond it (loading its models and the
 # reference, probing k) is about what the loop spends on loading and warming each model.
-WINDOW_BUDGET = {"paired": 0.9, "rounds": 0.9}
+WINDOW_BUDGET = {"paired": 0.9, "rounds": 0.9, "ci-rounds": 0.9}
 HEADER = ("| condition | protocol | statistic | within 1% | within 2% | within 5% | within 10% "
           "| median diff | Kendall tau | device-s per pass | dropped | blocks kept per subnet "
           "| reference share "
           "| error vs truth: within 2% | interval covers truth |")
 
 
-def settings_of(protocol: str, seconds: float, rounds: Dict[str, float]) -> Dict[str, Any]:
+def settings_of(protocol: str, seconds: float, rounds: Dict[str, float],
+                rel_ci: float = 0.01) -> Dict[str, Any]:
     """The agent's settings for a protocol at `seconds` of timed runs per subnet (a window's
-    budget is its candidates' budgets together); `rounds`: block_ms, ref_gap_ms, ref_share."""
+    budget is its candidates' budgets together); `rounds`: block_ms, ref_gap_ms, ref_share;
+    `rel_ci`: the ci rule's half-width (ci, ci-rounds)."""
     pinned = {"cpu_affinity": [0]}
     if protocol == "loop":
         return dict(pinned, protocol="loop", min_time_ms=seconds * 1e3,
                     max_time_ms=seconds * 1e3 * 4)
     if protocol == "ci":
-        return dict(pinned, protocol="loop", stop="ci", rel_ci=0.01, max_time_ms=seconds * 1e3)
+        return dict(pinned, protocol="loop", stop="ci", rel_ci=rel_ci, max_time_ms=seconds * 1e3)
+    stop = {"stop": "ci", "rel_ci": rel_ci} if protocol == "ci-rounds" else {}
     return dict(pinned, protocol="rounds", rounds=100000, min_time_ms=0.0,
-                max_time_ms=seconds * 1e3, **rounds)
+                max_time_ms=seconds * 1e3, **stop, **rounds)
 
 
 def measure_pass(protocol: str, space: Any, dummy: Any, samples: List[dict], device: str,
-                 home: Path, seconds: float, rounds: Dict[str, float]) -> List[Any]:
+                 home: Path, seconds: float, rounds: Dict[str, float],
+                 rel_ci: float) -> List[Any]:
     """One pass: every subnet measured anew under the protocol (refresh: no pass reads
     another's measurements; passes in one home share the device's reference history, as a
     user's second run does)."""
     from harness import LatencyProfiler
 
     with LatencyProfiler(space, dummy, device=device, home=home, refresh=True,
-                         settings=settings_of(protocol, seconds, rounds),
+                         settings=settings_of(protocol, seconds, rounds, rel_ci),
                          timeout_s=max(600.0, seconds * 4)) as profiler:
         if protocol == "paired":
             return [profiler.measure(sample) for sample in samples]
@@ -177,7 +184,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--ref-share", default="1",
                         help="rounds: the reference's most share of a window's device time; "
                              "a comma list runs paired and rounds once per share")
+    parser.add_argument("--rel-ci", type=float, default=0.01,
+                        help="ci and ci-rounds: the 95%% interval's half-width they stop at")
     args = parser.parse_args(argv)
+    if not 0 < args.rel_ci < 1:
+        parser.error(f"--rel-ci takes a share above 0 and below 1, got {args.rel_ci!r}")
     try:
         shares = [float(share) for share in args.ref_share.split(",") if share]
     except ValueError:
@@ -215,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
          f"{f' (arm64: {args.arm64_size} px)' if 'arm64' in conditions else ''}, "
          f"{args.seconds:g} s of timed runs per subnet and pass, agent on CPU 0, windows of "
          f"{window}, blocks of {args.block_ms:g} ms, references at most {args.ref_gap_ms:g} ms "
-         f"apart{bounded} "
+         f"apart{bounded}, ci rules at +-{args.rel_ci * 100:g}% "
          f"({time.ctime()})\n", args.out)
     emit(HEADER, args.out)
     emit("|" + "---|" * (HEADER.count("|") - 1), args.out)
@@ -232,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     device = board.register(pass_home) if condition == "arm64" else "local"
                     seconds = args.seconds * WINDOW_BUDGET.get(protocol, 1.0)
                     passes[label].append(measure_pass(protocol, *where, device, pass_home,
-                                                      seconds, rounds))
+                                                      seconds, rounds, args.rel_ci))
                     if n == 0:
                         continue  # its rows as soon as its second pass is in
                     for statistic in statistics_of(protocol):
@@ -252,7 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for label, protocol, rounds in variants:
             replayed = [measure_pass(protocol, space, dummy, samples, device,
                                      home / trace.stem / folder(label) / str(n),
-                                     args.seconds * WINDOW_BUDGET.get(protocol, 1.0), rounds)
+                                     args.seconds * WINDOW_BUDGET.get(protocol, 1.0), rounds,
+                                     args.rel_ci)
                         for n in range(2)]
             latency = [spec.graph_median_ms(m.provenance.model_sha256) for m in replayed[1]]
             for statistic in statistics_of(protocol):

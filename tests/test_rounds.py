@@ -460,13 +460,16 @@ def test_with_a_bound_a_failed_block_brings_no_reference_and_a_limit_closes_ever
         settings = ort_agent.parse_settings({"protocol": "rounds", "rounds": 12,
                                              "block_ms": 15.0, "ref_gap_ms": 100.0,
                                              "ref_share": ref_share, "max_time_ms": 1e9})
-        clock = VirtualClock()  # alone: a reference, its good block, a reference, the failure
-        reference = clock.model("ref", 10.0, 15.0)
-        alone = {"breaks": breaking(clock, 1)}
-        completed, _, failed, reason = ort_agent.interleave(alone, reference, settings, clock)
-        assert "device memory gone" in failed["breaks"]["message"]
-        assert len(alone["breaks"].blocks) == 1 and len(reference.blocks) == 2
-        assert (completed, reason) == (2, "failed")  # no empty rounds after its failure
+        for stop in ("fixed", "ci"):  # ci: it fails before min_runs, before any look
+            clock = VirtualClock()  # alone: a reference, its good block, a reference, the failure
+            reference = clock.model("ref", 10.0, 15.0)
+            alone = {"breaks": breaking(clock, 1)}
+            completed, _, failed, reason = ort_agent.interleave(
+                alone, reference, ort_agent.parse_settings(dict(settings, stop=stop,
+                                                                min_runs=None)), clock)
+            assert "device memory gone" in failed["breaks"]["message"]
+            assert len(alone["breaks"].blocks) == 1 and len(reference.blocks) == 2
+            assert (completed, reason) == (2, "failed")  # no empty rounds after its failure
         clock = VirtualClock()  # beside another, which goes on to the end
         reference = clock.model("ref", 10.0, 15.0)
         models = {"breaks": breaking(clock, 3), "steady": clock.model("steady", 8.0, 15.0)}

@@ -179,19 +179,19 @@ def test_a_model_that_breaks_mid_window_is_its_own_error_and_the_others_go_on(
         tmp_path, monkeypatch):
     """As the agent answers: a simulated candidate whose runs fail mid-window is that
     model's InferenceError (with the round), and the window's other candidate keeps its
-    result."""
+    result; a window whose every candidate broke answers with their errors alone."""
     client = SimulatedClient("s0", SimulatedModel("npu", median_ms=2.0), tmp_path)
     steady = SimulatedModel.runner
-    calls = {"n": 0}
+    calls: dict = {}
 
     def runner(spec, sha256, clock):
         run = steady(spec, sha256, clock)
-        if sha256 != "b" * 64:
+        if sha256[0] not in "bd":  # graphs b... and d... break
             return run
 
         def breaking():  # its warm-up and probes, a few good blocks, then it fails
-            calls["n"] += 1
-            if calls["n"] > 30:
+            calls[sha256] = calls.get(sha256, 0) + 1
+            if calls[sha256] > 30:
                 raise RuntimeError("device memory gone")
             run()
         return breaking
@@ -201,10 +201,17 @@ def test_a_model_that_breaks_mid_window_is_its_own_error_and_the_others_go_on(
     model.write_bytes(b"not read")
     settings = {"protocol": "rounds", "rounds": 20, "block_ms": 5.0, "max_time_ms": 1e6,
                 "warmup_runs": 1}
+    reference = (str(model), "c" * 64)
     results, errors = client.measure_rounds(
-        {"good": (str(model), "a" * 64), "breaks": (str(model), "b" * 64)},
-        (str(model), "c" * 64), settings, time.monotonic() + 60)
+        {"good": (str(model), "a" * 64), "breaks": (str(model), "b" * 64)}, reference,
+        settings, time.monotonic() + 60)
     assert set(results) == {"good"} and set(errors) == {"breaks"}
-    assert isinstance(errors["breaks"], InferenceError)
-    assert "device memory gone" in str(errors["breaks"]) and "round" in str(errors["breaks"])
+    assert isinstance(errors["breaks"], InferenceError) and errors["breaks"].device == "s0"
+    assert "device memory gone" in str(errors["breaks"]) and "in round " in str(errors["breaks"])
     assert results["good"].rounds is not None and results["good"].rounds.completed == 20
+    calls.clear()
+    results, errors = client.measure_rounds(
+        {"breaks": (str(model), "b" * 64), "breaks too": (str(model), "d" * 64)}, reference,
+        settings, time.monotonic() + 60)
+    assert results == {} and set(errors) == {"breaks", "breaks too"}
+    assert all(isinstance(error, InferenceError) for error in errors.values())
