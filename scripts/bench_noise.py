@@ -3,12 +3,13 @@
 twice, at equal device time, under each condition; the table says how often a subnet's second
 measurement agrees with its first.
 
-Protocols (the loop gets about --seconds of timed runs per subnet and pass; paired and
-rounds a window budget, reference blocks included, of WINDOW_BUDGET x --seconds per
+Protocols (the loop gets about --seconds of timed runs per subnet and pass; paired, rounds
+and ci-rounds a window budget, reference blocks included, of WINDOW_BUDGET x --seconds per
 candidate, so that with their loads and probes they spend no more device time than the
 loop: the device-s column says what each spent):
 - loop: one model after another, the fixed loop (the default before rounds), its median;
-- ci: one model after another until the 95% interval of the median is within 1%;
+- ci: one model after another until the 95% interval of the median is within --rel-ci
+  (default 1%);
 - paired: one model at a time in its own window of interleaved rounds beside the reference
   (what a single profile() does with protocol "rounds"): its ratio to the reference, and its
   quiet-state latency;
@@ -26,10 +27,11 @@ known: each protocol's error against it and how often the 95% interval covers it
         [--protocols loop,ci,paired,rounds,ci-rounds] [--rel-ci 0.01]
         [--ref-share 1[,0.25]] [--trace tests/fixtures/noise/loaded.json ...]
 
-With --ref-share 0.25,1, paired and rounds run once per share (the most of a window's device
-time the reference takes; 1: no bound), each row labelled with its share. Within a condition
-the first passes of every protocol run one after another, then the second passes in the same
-order, so that protocols compared in one table met the same load.
+With --ref-share 0.25,1, paired, rounds and ci-rounds run once per share (the most of a
+window's device time the reference takes; 1: no bound), each row labelled with its share.
+Within a condition the first passes of every protocol run one after another, then the
+second passes in the same order, so that protocols compared in one table met the same load.
+The defaults run every protocol, ci-rounds included (an extra pass per condition).
 
 Rows are printed as they are measured and appended to --out, so a run that dies still leaves
 its figures (a protocol's rows once its second pass is in: a run that dies during a
@@ -183,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="rounds: device time between reference blocks at most")
     parser.add_argument("--ref-share", default="1",
                         help="rounds: the reference's most share of a window's device time; "
-                             "a comma list runs paired and rounds once per share")
+                             "a comma list runs each windowed protocol once per share")
     parser.add_argument("--rel-ci", type=float, default=0.01,
                         help="ci and ci-rounds: the 95%% interval's half-width they stop at")
     args = parser.parse_args(argv)
@@ -210,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arm_samples = random_samples(arm_space, args.subnets, seed=args.seed)
     home = args.home or Path(tempfile.mkdtemp(prefix="bench-noise-"))
     protocols = [p for p in args.protocols.split(",") if p]
-    # (label, protocol, rounds settings): paired and rounds once per reference share
+    # (label, protocol, rounds settings): each windowed protocol once per reference share
     variants = [(protocol if len(shares) == 1 or protocol not in WINDOW_BUDGET
                  else f"{protocol}, ref_share {share:g}", protocol,
                  {"block_ms": args.block_ms, "ref_gap_ms": args.ref_gap_ms, "ref_share": share})
@@ -222,11 +224,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out.write_text("")
     bounded = "" if shares == [1.0] else f" (or at most {shares[0]:g} of the device time)" \
         if len(shares) == 1 else " (or at most the share each row names)"
+    ci_rules = f", ci rules at +-{args.rel_ci * 100:g}%" \
+        if {"ci", "ci-rounds"} & set(protocols) else ""
     emit(f"bench_noise: {len(samples)} subnets of {space_name}"
          f"{f' (arm64: {args.arm64_size} px)' if 'arm64' in conditions else ''}, "
          f"{args.seconds:g} s of timed runs per subnet and pass, agent on CPU 0, windows of "
          f"{window}, blocks of {args.block_ms:g} ms, references at most {args.ref_gap_ms:g} ms "
-         f"apart{bounded}, ci rules at +-{args.rel_ci * 100:g}% "
+         f"apart{bounded}{ci_rules} "
          f"({time.ctime()})\n", args.out)
     emit(HEADER, args.out)
     emit("|" + "---|" * (HEADER.count("|") - 1), args.out)
