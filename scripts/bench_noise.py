@@ -63,7 +63,7 @@ HEADER = ("| condition | protocol | statistic | within 1% | within 2% | within 5
 
 
 def settings_of(protocol: str, seconds: float, rounds: Dict[str, float],
-                rel_ci: float = 0.01) -> Dict[str, Any]:
+                rel_ci: float) -> Dict[str, Any]:
     """The agent's settings for a protocol at `seconds` of timed runs per subnet (a window's
     budget is its candidates' budgets together); `rounds`: block_ms, ref_gap_ms, ref_share;
     `rel_ci`: the ci rule's half-width (ci, ci-rounds)."""
