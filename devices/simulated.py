@@ -160,6 +160,7 @@ class SimulatedModel:
         device's, where it keeps one)."""
         clock = clock or _VirtualClock()
         run = self.runner(sha256, clock)
+        clock.now += self.load_ms / 1e3  # loading the model takes the device's time too
         began = clock.now
         for _ in range(settings["warmup_runs"] + 1):
             run()
@@ -274,6 +275,7 @@ class SimulatedClient:
             return {}, errors
         clock = self.clock if self.spec.noise is not None else _VirtualClock()
         began = clock.now
+        clock.now += self.spec.load_ms * (len(models) + 1) / 1e3  # loading them takes time too
 
         def timed(name: str, sha: str) -> Timed:
             run = self.spec.runner(sha, clock)
@@ -284,7 +286,7 @@ class SimulatedClient:
         ref = timed("reference", reference[1])
         timed_models = {name: timed(name, sha) for name, (_, sha) in models.items()}
         completed, loop_s, failed, reason = interleave(timed_models, ref, checked, clock)
-        busy_s = clock.now - began + self.spec.load_ms * (len(models) + 1) / 1e3
+        busy_s = clock.now - began
         if busy_s > deadline - time.monotonic():
             raise MeasurementTimeout(f"the simulated window takes {busy_s:.1f} s, more than "
                                      "the time left", device=self.name)

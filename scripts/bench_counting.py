@@ -148,7 +148,8 @@ def bench_lut(spaces: List[str], statistic: Optional[str], protocol: str, truth_
                 truths = truth_ratios(spec, space, x, checks, device, truth_s, truth_dir,
                                       home) if in_rounds else None
                 with Neighbour("1" if condition == "other-cores" else None, duration_s=6 * 3600):
-                    row = lut_row(spec, space, x, checks, device, settings, statistic, truths)
+                    row = lut_row(spec, space, x, checks, device, settings, statistic, truths,
+                                  clock_home=home if condition == "replay" else None)
                 rows.append(dict({"condition": condition}, **row))
                 print_table(rows[-1:])
                 if out is not None:
@@ -191,16 +192,21 @@ def truth_ratios(spec: str, space: Any, x: torch.Tensor, checks: List[Dict[str, 
 
 def lut_row(spec: str, space: Any, x: torch.Tensor, checks: List[Dict[str, Any]], device: str,
             settings: Dict[str, Any], statistic: Optional[str],
-            truths: Optional[Tuple[List[float], Optional[List[float]]]]) -> Dict[str, Any]:
+            truths: Optional[Tuple[List[float], Optional[List[float]]]],
+            clock_home: Optional[Path] = None) -> Dict[str, Any]:
     """One space's table built on `device` and scored (see bench_lut): against `truths`
     (truth_ratios) in units of the reference, by a second table read from the same
     measurements as ratios (the quiet-state latency of each entry was converted with the
-    reference level of its moment, which drifts), else against the subnets measured again."""
+    reference level of its moment, which drifts), else against the subnets measured again.
+    With `clock_home`, the device replays a trace and its device time is what its virtual
+    clock (kept in that home) moved: it sleeps for none of it."""
+    from benchlib import virtual_clock_s
     from harness.profiler import LatencyProfiler
     from harness.search.lut import LatencyLUT
 
     fits = random_samples(space, 8, seed=3)
     started = time.perf_counter()
+    began = virtual_clock_s(clock_home, device) if clock_home is not None else 0.0
     with LatencyProfiler(space, x, device=device, statistic=statistic, settings=settings,
                          timeout_s=1800.0) as latency:  # blocks, fixed costs and wholes together
         lut = LatencyLUT.build(space, x, latency, progress=False, fit_samples=fits,
@@ -208,6 +214,8 @@ def lut_row(spec: str, space: Any, x: torch.Tensor, checks: List[Dict[str, Any]]
         report = lut.additivity_error(checks, latency)
         used = latency.statistic
         device_s = latency.counters["device_s"]
+    if clock_home is not None:  # saved when the profiler closed
+        device_s = virtual_clock_s(clock_home, device) - began
     row: Dict[str, Any] = {
         "space": f"{spec.split(':')[-1]} {x.shape[-1]}px", "statistic": used,
         "fixed_ms": report["fixed_ms"], "scale": report["overhead_scale"],

@@ -18,8 +18,9 @@ speed-up over the fixed loop, and for candidates whose truth lies outside the in
 zone (+-2% of the limit): agreement of the decided ones, how many were called wrongly, how
 many calls inside the zone went either way, and the undecided share (with how many of the
 undecided lie outside the zone: a cost cut-off may leave one there). The fixed loop and
-both stop=ci rows are measured twice: their re-measurement agreement (answers equal in both
-passes).
+both stop=ci rows are measured twice: their device-s per pass, their answers of both passes
+scored against the truth ("of N": N counts both), and their re-measurement agreement
+(answers equal in both passes).
 
 Conditions: local (pinned to CPU 0, the benchmarks' noisy neighbour on CPU 1), replay (a
 simulated device replaying tests/fixtures/noise/loaded.json), arm64 (the emulated board of
@@ -31,7 +32,8 @@ Usage: python3 scripts/bench_decisions.py --out bench_decisions.md [--samples 30
            [--strategies fixed,ci,ci-rounds,limit,model] [--fixed-s S] [--block-ms MS]
            [--decision-rounds N] [--rel-ci 0.01,0.02]
 (--strategies runs some rows only; --fixed-s then gives the fixed loop's device-s of an
-earlier run for the speed-up column, which must say so.)
+earlier run for the speed-up column, which marks each speed-up so; without either, no
+speed-up is printed.)
 """
 import argparse
 import contextlib
@@ -43,7 +45,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from benchlib import ROOT, Arm64Board, Neighbour, simulated_device  # also sys.path
+from benchlib import (ROOT, Arm64Board, Neighbour, simulated_device,  # also sys.path
+                      virtual_clock_s)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -137,9 +140,7 @@ class Replay:
                                    costs="graph")
 
     def clock_s(self) -> float:
-        from devices.simulated import CLOCK_FOLDER
-
-        return float((self.home / CLOCK_FOLDER / self.device).read_text())
+        return virtual_clock_s(self.home, self.device)
 
     def truth(self, profiler: LatencyProfiler, samples: Sequence[Dict[str, Any]]
               ) -> Tuple[List[Truth], float]:
@@ -186,11 +187,17 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
          "same answer twice |", out)
     emit("|---|---|---|---|---|---|---|---|", out)
 
-    def row(name: str, spent: float, answers: Any, repeat: str = "-") -> None:
-        nonlocal fixed_s
-        fixed_s = fixed_s or spent
-        s = score(truths, limits, answers)
-        emit(f"| {name} | {spent:.1f} | {fixed_s / spent:.1f}x | {s['agree']:.2%} of "
+    def row(name: str, spent: float, answers: Any, repeat: str = "-", passes: int = 1) -> None:
+        """A strategy's row: `answers` per limit, per subnet of each of its `passes` (one
+        after another), scored against the truth; the speed-up over the fixed loop measured
+        here, else over --fixed-s (marked so), else none."""
+        nonlocal fixed_s, fixed_here
+        if name == "fixed loop":
+            fixed_s, fixed_here = spent, True
+        speed_up = "-" if not fixed_s else f"{fixed_s / spent:.1f}x" + (
+            "" if fixed_here else " (vs --fixed-s)")
+        s = score(list(truths) * passes, limits, answers)
+        emit(f"| {name} | {spent:.1f} | {speed_up} | {s['agree']:.2%} of "
              f"{s['outside']} | {s['wrong']} | {s['inside']} ({s['either_way']} either way) | "
              f"{s['undecided']:.1%} ({s['undecided_outside']} outside) | {repeat} |", out)
 
@@ -198,18 +205,21 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
         (strategy, f"{name} (+-{rel * 100:g}%)", dict(settings, stop="ci", rel_ci=rel))
         for rel in rel_cis for strategy, name, settings in (
             ("ci", "stop=ci", {"protocol": "loop"}), ("ci-rounds", "stop=ci in rounds", {}))]
+    fixed_here = False
     for strategy, name, settings in repeated:
         if strategy not in strategies:
             continue
-        passes, spent = [], 0.0
+        passes, spent = [], []
         for n in range(2):
             began = replay.clock_s() if replay else 0.0
             with profiler(f"{name}-{n}", **settings) as p:
                 measured = p.measure_many(samples, progress=False)
                 values = [m.statistic(p.statistic) for m in measured]  # in rounds: quiet
             passes.append([[(value < limit, True) for value in values] for limit in limits])
-            spent = spent or device_s(sum(m.device_s for m in measured), began)
-        row(name, spent, passes[0], f"{twice(*passes):.1%}")
+            spent.append(device_s(sum(m.device_s for m in measured), began))
+        # device-s per pass; agreement over both passes' answers (each against the truth)
+        row(name, float(np.mean(spent)), [a + b for a, b in zip(*passes)],
+            f"{twice(*passes):.1%}", passes=2)
     for strategy, name, use_model in (("limit", "limit-aware, rounds", False),
                                       ("model", "limit-aware + model, rounds", True)):
         if strategy not in strategies:
@@ -289,7 +299,7 @@ def main() -> None:
                         help="which rows to run (fixed, ci, ci-rounds, limit, model)")
     parser.add_argument("--fixed-s", type=float,
                         help="without the fixed row: its device-s from an earlier run, for "
-                             "the speed-up column (say so beside the table)")
+                             "the speed-up column (marked so)")
     parser.add_argument("--recheck-s", type=float, default=0.8,
                         help="before the strategies, the floor's subnets again in one window "
                              "of this many device-s each: how far one window lies from the "

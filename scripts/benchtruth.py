@@ -61,7 +61,9 @@ def campaign(space: Any, dummy: Any, samples: Sequence[Dict[str, Any]], *, devic
     """Each sample's truth, from `passes` campaigns of seconds / passes each (their caches
     beside `cache`; measured there first where they are not yet): the median over the
     passes of each subnet's ratio to the reference, times one reference level (the quiet
-    level of the reference blocks of every pass together, as a device's history gives it).
+    level of the newest reference blocks of the passes, as a device's history keeps them:
+    REFERENCE_HISTORY blocks, all from the last pass where it alone records that many; the
+    level a strategy starting from this history reads its limits by).
 
     Why passes: each pass loads every model afresh, and a loaded model's speed is a draw of
     its own that holds for as long as it stays loaded (memory placement: six sessions of one

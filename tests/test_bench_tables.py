@@ -1,5 +1,6 @@
-"""The decisions benchmark on the replaying simulated device: its table is written row by
-row, so a run that dies midway still leaves the figures it had (correctness, no timing)."""
+"""The benchmarks on the replaying simulated device (correctness, no timing): the decisions
+table is written row by row, so a run that dies midway still leaves the figures it had; the
+noise table scores every replayed pass against the exact truth."""
 import sys
 from pathlib import Path
 
@@ -43,3 +44,64 @@ def test_a_run_that_dies_leaves_the_rows_it_had(tmp_path, monkeypatch):
     text = out.read_text()
     assert "| fixed loop |" in text and "| stop=ci (+-1%) |" in text  # written as they came
     assert "limit-aware" not in text.split("|---|")[-1]
+
+
+def test_the_noise_table_replays_each_pair_of_passes_from_its_own_place_in_the_trace(
+        tmp_path):
+    """bench_noise on the replaying device: every pass of every pair is scored against the
+    exact truth (not the last pass alone), and its device time is the virtual clock's, which
+    moved from where the pass entered the trace."""
+    import bench_noise
+
+    out = tmp_path / "noise.md"
+    trace = ROOT / "tests" / "fixtures" / "noise" / "loaded.json"
+    assert bench_noise.main([
+        "--out", str(out), "--subnets", "3", "--input-size", "32", "--seconds", "0.3",
+        "--conditions", "", "--protocols", "loop,rounds", "--trace", str(trace),
+        "--replay-pairs", "2", "--home", str(tmp_path / "home")]) == 0
+    rows = [line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith("| replay loaded")]
+    assert [(r[1], r[2]) for r in rows] == [("loop", "median"), ("rounds", "ratio"),
+                                            ("rounds", "quiet")]
+    for cells in rows:
+        assert 0.2 < float(cells[9]) < 5  # device-s per pass: virtual, about 3 x 0.3 s
+        assert cells[13].endswith("%")  # error vs truth
+    passes = sorted(p.name for p in (tmp_path / "home" / "loaded" / "rounds").iterdir())
+    assert passes == ["0", "1", "2", "3"]
+    clocks = [float((tmp_path / "home" / "loaded" / "rounds" / n / "sim-clock" /
+                     "replay-loaded").read_text()) for n in passes]
+    starts = bench_noise.replay_starts(trace, 4)
+    assert starts[0] == 0 and starts[1] > 10  # spread over the 60 s trace
+    assert all(start < clock < start + 5 for start, clock in zip(starts, clocks))
+
+
+def test_the_noise_bench_refuses_no_pairs(tmp_path, capsys):
+    import bench_noise
+
+    with pytest.raises(SystemExit):
+        bench_noise.main(["--out", str(tmp_path / "n.md"), "--replay-pairs", "0"])
+    assert "--replay-pairs takes a count of at least 1" in capsys.readouterr().err
+
+
+class Timed:
+    """A measurement as bench_noise's rows read one: a value, its device time, no rounds."""
+
+    def __init__(self, value: float):
+        self.value, self.device_s, self.interleaved = value, 1.0, None
+
+    def statistic(self, name: str) -> float:
+        return self.value
+
+
+def test_a_noise_row_pools_its_pairs_and_scores_every_pass_against_the_truth():
+    import bench_noise
+
+    truth = [1.0, 2.0, 3.0, 4.0]
+    exact = [Timed(t) for t in truth]
+    off = [Timed(t * 1.10) for t in truth]  # 10% off the truth and off the exact pass
+    line = bench_noise.row("replay", "loop", "median", [(exact, exact), (exact, off)], truth)
+    cells = line.split(" | ")
+    assert cells[4] == "50%"  # within 2% of itself: one pair of two
+    assert cells[8] == "1.000"  # tau: both pairs rank alike
+    assert cells[9] == "4.0"  # device-s per pass: 4 subnets x 1 s
+    assert cells[13] == "75%"  # error vs truth: 3 exact passes of 4, not the last pass alone
