@@ -327,9 +327,9 @@ def test_a_candidate_at_the_limit_leaves_undecided_within_the_window_spread(tmp_
     """At its own quiet latency, a candidate's rounds soon agree within the device's
     between-window spread: it leaves well before the budget, undecided, and says why; the
     profiler's window_spread setting reaches the agent, and the interval carries it. The
-    indifference zone is too narrow for its own cut-off to fire, and the spreads are wider
-    than the runs' own 5%-per-run noise lets a short window agree within: at +-2% of each,
-    either cut-off may come first or neither, as the trace's draw falls."""
+    indifference zone is too narrow for its own cut-off to fire, and the spreads are wide
+    enough for a short window of these runs (5% noise each) to agree within. With +-2% for
+    both, either cut-off may fire first, or neither, as the trace's draw falls."""
     replaying_device(tmp_path, busy_trace(seed=3, spread=0.05))
     space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
     sample = random_samples(space, 1, seed=1)[0]
