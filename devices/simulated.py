@@ -192,6 +192,16 @@ def down_path(home: Path, name: str) -> Path:
     return Path(home) / DOWN_FOLDER / name
 
 
+def saved_clock_s(home: Path, name: str) -> float:
+    """The virtual time (s) replaying device `name` stopped at in `home` (0 at first): where
+    it goes on from, and what a benchmark reads its device time from."""
+    try:
+        now = float((Path(home) / CLOCK_FOLDER / name).read_text())
+    except (OSError, ValueError):
+        return 0.0
+    return now if math.isfinite(now) and now >= 0 else 0.0
+
+
 class SimulatedClient:
     """A DeviceClient (devices.agent_client) for a simulated device; see the module docstring."""
 
@@ -204,7 +214,7 @@ class SimulatedClient:
         # A device replaying a noise trace keeps its own virtual time across measurements and
         # sessions (the trace goes on between them; kept in $HARNESS_HOME/sim-clock/NAME,
         # so a rerun in a fresh home is the same) and does not sleep: it is for statistics.
-        self.clock = _VirtualClock(self._saved_clock())
+        self.clock = _VirtualClock(saved_clock_s(self.home, self.name))
 
     @property
     def device(self) -> str:
@@ -325,14 +335,6 @@ class SimulatedClient:
         if self.spec.noise is not None:
             (self.home / CLOCK_FOLDER).mkdir(parents=True, exist_ok=True)
             replace_text(self.home / CLOCK_FOLDER / self.name, repr(self.clock.now))
-
-    def _saved_clock(self) -> float:
-        """The virtual time a replaying device stopped at in this home (0 at first)."""
-        try:
-            now = float((self.home / CLOCK_FOLDER / self.name).read_text())
-        except (OSError, ValueError):
-            return 0.0
-        return now if math.isfinite(now) and now >= 0 else 0.0
 
     def _identity(self) -> Dict[str, Any]:
         """The simulated model's identity plus this unit's name: each unit is its own device

@@ -200,13 +200,13 @@ def lut_row(spec: str, space: Any, x: torch.Tensor, checks: List[Dict[str, Any]]
     reference level of its moment, which drifts), else against the subnets measured again.
     With `clock_home`, the device replays a trace and its device time is what its virtual
     clock (kept in that home) moved: it sleeps for none of it."""
-    from benchlib import virtual_clock_s
+    from devices.simulated import saved_clock_s
     from harness.profiler import LatencyProfiler
     from harness.search.lut import LatencyLUT
 
     fits = random_samples(space, 8, seed=3)
     started = time.perf_counter()
-    began = virtual_clock_s(clock_home, device) if clock_home is not None else 0.0
+    began = saved_clock_s(clock_home, device) if clock_home is not None else 0.0
     with LatencyProfiler(space, x, device=device, statistic=statistic, settings=settings,
                          timeout_s=1800.0) as latency:  # blocks, fixed costs and wholes together
         lut = LatencyLUT.build(space, x, latency, progress=False, fit_samples=fits,
@@ -215,7 +215,7 @@ def lut_row(spec: str, space: Any, x: torch.Tensor, checks: List[Dict[str, Any]]
         used = latency.statistic
         device_s = latency.counters["device_s"]
     if clock_home is not None:  # saved when the profiler closed
-        device_s = virtual_clock_s(clock_home, device) - began
+        device_s = saved_clock_s(clock_home, device) - began
     row: Dict[str, Any] = {
         "space": f"{spec.split(':')[-1]} {x.shape[-1]}px", "statistic": used,
         "fixed_ms": report["fixed_ms"], "scale": report["overhead_scale"],

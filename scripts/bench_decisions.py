@@ -45,8 +45,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from benchlib import (ROOT, Arm64Board, Neighbour, simulated_device,  # also sys.path
-                      virtual_clock_s)
+from benchlib import ROOT, Arm64Board, Neighbour, simulated_device  # also sys.path
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -54,7 +53,7 @@ import torch  # noqa: E402
 from benchtruth import (Truth, campaign, exact_truth, floor, floor_text,  # noqa: E402
                         pass_caches, recheck)
 from devices.noise_trace import NoiseTrace  # noqa: E402
-from devices.simulated import SimulatedModel  # noqa: E402
+from devices.simulated import SimulatedModel, saved_clock_s  # noqa: E402
 from harness import LatencyProfiler, random_samples  # noqa: E402
 from harness.pool.device_pool import MeasureRequest  # noqa: E402
 from harness.spaces import ProxylessSpace  # noqa: E402
@@ -140,7 +139,7 @@ class Replay:
                                    costs="graph")
 
     def clock_s(self) -> float:
-        return virtual_clock_s(self.home, self.device)
+        return saved_clock_s(self.home, self.device)
 
     def truth(self, profiler: LatencyProfiler, samples: Sequence[Dict[str, Any]]
               ) -> Tuple[List[Truth], float]:

@@ -23,7 +23,7 @@ With --trace, a simulated device replaying each recorded trace too, where the tr
 known: each protocol's error against it and how often the 95% interval covers it, over every
 pass of --replay-pairs pairs (default 4), the passes entering the trace at evenly spread
 places (a replay is cheap, and one pair's figures depend on where in the trace it fell: on
-the loaded trace one pair read 98% of ratios within 2% of the truth, eight passes 87%).
+the loaded trace one pair read 98% of ratios within 2% of the truth, eight passes 88%).
 Each replayed pass is a device of its own, its quiet-state latency read from its own
 windows' reference history (as on a new device); its device-s are the device's virtual
 seconds, loads included.
@@ -56,8 +56,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from benchlib import (Arm64Board, Neighbour, simulated_device, space_at_input,
-                      virtual_clock_s)
+from benchlib import Arm64Board, Neighbour, simulated_device, space_at_input
 
 CONDITIONS = {"idle": None, "other-cores": "1", "same-core": "0", "arm64": None}
 PROTOCOLS = ("loop", "ci", "paired", "rounds", "ci-rounds")
@@ -294,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         raw[f"{condition}/{label}/{statistic}"] = [
                             values(p, statistic) for p in passes[label]]
     for trace in args.trace:
-        from devices.simulated import SimulatedModel
+        from devices.simulated import SimulatedModel, saved_clock_s
         from harness.steps.reference import reference_model
 
         spec = SimulatedModel(f"replay-{trace.stem}", args.sim_ms, seed=7)
@@ -308,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 replayed.append(measure_pass(
                     protocol, space, dummy, samples, device, pass_home,
                     args.seconds * WINDOW_BUDGET.get(protocol, 1.0), rounds, args.rel_ci))
-                virtual_s.append(virtual_clock_s(pass_home, device) - start_s)
+                virtual_s.append(saved_clock_s(pass_home, device) - start_s)
             latency = [spec.graph_median_ms(m.provenance.model_sha256) for m in replayed[0]]
             pairs = list(zip(replayed[0::2], replayed[1::2]))
             for statistic in statistics_of(protocol):

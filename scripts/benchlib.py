@@ -94,14 +94,6 @@ def simulated_device(home: Path, trace: Path, sim_ms: float, start_s: float,
     return name
 
 
-def virtual_clock_s(home: Path, device: str) -> float:
-    """A simulated device's virtual clock (s), as its profiler saved it on closing: its
-    device time is what the clock moved."""
-    from devices.simulated import CLOCK_FOLDER
-
-    return float((home / CLOCK_FOLDER / device).read_text())
-
-
 def load_testfarm() -> ModuleType:
     loader = importlib.machinery.SourceFileLoader("testfarm", str(ROOT / "scripts" / "testfarm"))
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader("testfarm", loader))
