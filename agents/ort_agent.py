@@ -98,10 +98,13 @@ DEFAULT_SETTINGS = {
     # too), how long a block of one model's runs lasts at least, how much device time may
     # pass between two blocks of the reference model, and the most of the window's device
     # time the reference may take (1: no bound; where it binds it wins over the gap, see
-    # interleave; unbounded by default: README, "The reference's share")
+    # interleave; unbounded by default: README, "The reference's share"). Blocks of 10 ms
+    # re-measured steadier than 20 ms at equal device time on this project's machine and
+    # on the replayed traces (more blocks kept, a smaller share): README, "2026-12-07: blocks
+    # of 10 ms"; 40 rounds of them cost about what 30 of 20 ms did at 224 px.
     "protocol": "loop",        # the host's: "loop" (one model at a time) or "rounds"
-    "rounds": 30,
-    "block_ms": 20.0,
+    "rounds": 40,
+    "block_ms": 10.0,
     "ref_gap_ms": 150.0,
     "ref_share": 1.0,
 }

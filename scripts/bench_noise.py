@@ -31,11 +31,12 @@ seconds, loads included.
     python3 scripts/bench_noise.py --out bench_noise.md [--subnets 40] [--input-size 224]
         [--conditions idle,other-cores,same-core,arm64]
         [--protocols loop,ci,paired,rounds,ci-rounds] [--rel-ci 0.01]
-        [--ref-share 1[,0.25]] [--trace tests/fixtures/noise/loaded.json ...]
-        [--replay-pairs 4]
+        [--ref-share 1[,0.25]] [--block-ms 10[,20]]
+        [--trace tests/fixtures/noise/loaded.json ...] [--replay-pairs 4]
 
 With --ref-share 0.25,1, paired, rounds and ci-rounds run once per share (the most of a
-window's device time the reference takes; 1: no bound), each row labelled with its share.
+window's device time the reference takes; 1: no bound), each row labelled with its share;
+with --block-ms 10,20 once per block length, likewise.
 Within a condition the first passes of every protocol run one after another, then the
 second passes in the same order, so that protocols compared in one table met the same load.
 The defaults run every protocol, ci-rounds included (an extra pass per condition).
@@ -183,6 +184,27 @@ def statistics_of(protocol: str) -> Sequence[str]:
     return ("median",) if protocol in ("loop", "ci") else ("ratio", "quiet")
 
 
+def schedule_variants(protocols: Sequence[str], shares: Sequence[float],
+                      blocks: Sequence[float], ref_gap_ms: float
+                      ) -> List[Tuple[str, str, Dict[str, float]]]:
+    """(label, protocol, rounds settings) of every row group: each windowed protocol once
+    per reference share and block length, labelled with those that vary (a loop once)."""
+    variants = []
+    for protocol in protocols:
+        windowed = protocol in WINDOW_BUDGET
+        for share in shares if windowed else shares[:1]:
+            for block_ms in blocks if windowed else blocks[:1]:
+                label = protocol
+                if windowed and len(shares) > 1:
+                    label += f", ref_share {share:g}"
+                if windowed and len(blocks) > 1:
+                    label += f", blocks {block_ms:g} ms"
+                variants.append((label, protocol, {"block_ms": block_ms,
+                                                   "ref_gap_ms": ref_gap_ms,
+                                                   "ref_share": share}))
+    return variants
+
+
 def folder(label: str) -> str:
     """A variant's folder name: "rounds, ref_share 0.25" -> "rounds-ref_share0.25"."""
     return label.replace(", ", "-").replace(" ", "")
@@ -213,7 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="a typical subnet's latency on the simulated device")
     parser.add_argument("--home", type=Path, help="HARNESS_HOME (default: a new folder)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--block-ms", type=float, default=20.0, help="rounds: block length")
+    parser.add_argument("--block-ms", default="10",
+                        help="rounds: block length (ms); a comma list runs each windowed "
+                             "protocol once per length")
     parser.add_argument("--arm64-size", type=int, default=32,
                         help="the arm64 condition's input size (an emulated board is slow)")
     parser.add_argument("--ref-gap-ms", type=float, default=150.0,
@@ -235,6 +259,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not shares or len(set(shares)) != len(shares) or not all(0 < v <= 1 for v in shares):
         parser.error(f"--ref-share takes distinct shares above 0 and at most 1, got "
                      f"{args.ref_share!r}")
+    try:
+        blocks = [float(length) for length in args.block_ms.split(",") if length]
+    except ValueError:
+        parser.error(f"--block-ms takes lengths in ms like 10,20, got {args.block_ms!r}")
+    if not blocks or len(set(blocks)) != len(blocks) or \
+            not all(math.isfinite(v) and v > 0 for v in blocks):
+        parser.error(f"--block-ms takes distinct positive lengths in ms, got {args.block_ms!r}")
 
     import torch
 
@@ -249,12 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arm_samples = random_samples(arm_space, args.subnets, seed=args.seed)
     home = args.home or Path(tempfile.mkdtemp(prefix="bench-noise-"))
     protocols = [p for p in args.protocols.split(",") if p]
-    # (label, protocol, rounds settings): each windowed protocol once per reference share
-    variants = [(protocol if len(shares) == 1 or protocol not in WINDOW_BUDGET
-                 else f"{protocol}, ref_share {share:g}", protocol,
-                 {"block_ms": args.block_ms, "ref_gap_ms": args.ref_gap_ms, "ref_share": share})
-                for protocol in protocols
-                for share in (shares if protocol in WINDOW_BUDGET else shares[:1])]
+    variants = schedule_variants(protocols, shares, blocks, args.ref_gap_ms)
     conditions = [c for c in args.conditions.split(",") if c]
     from harness.export.graph import export_sample
     window = len(windows([export_sample(space, s, dummy, home=home) for s in samples])[0])
@@ -266,7 +292,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     emit(f"bench_noise: {len(samples)} subnets of {space_name}"
          f"{f' (arm64: {args.arm64_size} px)' if 'arm64' in conditions else ''}, "
          f"{args.seconds:g} s of timed runs per subnet and pass, agent on CPU 0, windows of "
-         f"{window}, blocks of {args.block_ms:g} ms, references at most {args.ref_gap_ms:g} ms "
+         f"{window}, blocks of {' or '.join(f'{b:g}' for b in blocks)} ms, references at most "
+         f"{args.ref_gap_ms:g} ms "
          f"apart{bounded}{ci_rules} "
          f"({time.ctime()})\n", args.out)
     emit(HEADER, args.out)

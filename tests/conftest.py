@@ -78,6 +78,25 @@ def python() -> str:
     return sys.executable
 
 
+# ---------------------------------------------------------------- two workers
+
+# scripts/test runs the suite on two pytest-xdist workers (--dist loadgroup): most tests wait
+# on processes, sockets and timeouts more than they compute. Each test file runs whole on
+# one worker (its module fixtures - an adb server, a Ray head, converted models - are made
+# once), and the files whose boards live in network namespaces of fixed names (hnb-5,
+# hnb-6, hnb-7, hnb-121) and whose Ray tests end every Ray node on the machine run on one
+# worker, one after another.
+SHARED_NAMESPACES = {"test_arm64", "test_farm", "test_model_profiling", "test_ray", "test_ssh"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
+        group = "network-namespaces" if module in SHARED_NAMESPACES else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 # ---------------------------------------------------------------- nothing left behind
 
 # Every process the suite starts (agents, sshd, Ray nodes, neighbours) inherits this mark in
@@ -87,6 +106,8 @@ LEFTOVER_GRACE_S = 10.0
 
 
 def pytest_sessionstart(session):
+    """A mark of this session's own (each xdist worker has its own: the processes a worker
+    starts are checked at that worker's end)."""
     os.environ[SESSION_MARK] = uuid.uuid4().hex
 
 
@@ -112,22 +133,44 @@ def _marked_processes(mark: str):
     return found
 
 
-def pytest_sessionfinish(session, exitstatus):
-    mark = os.environ.get(SESSION_MARK)
-    if not mark or not Path("/proc").is_dir():
-        return
+# what each xdist worker found left behind, gathered by the controller (which runs no test)
+REPORTED_BY_WORKERS: list = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    REPORTED_BY_WORKERS.extend(getattr(node, "workeroutput", {}).get("leftovers", []))
+
+
+def _left_behind(mark: str):
+    """This session's processes still alive after a grace period, killed now."""
     deadline = time.monotonic() + LEFTOVER_GRACE_S  # some are still on their way out
     left = _marked_processes(mark)
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
         left = _marked_processes(mark)
-    if not left:
-        return
     for pid, _ in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    return left
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a process the tests started outlived them. Under xdist each worker
+    checks its own and hands them to the controller, whose own mark its workers carry."""
+    mark = os.environ.get(SESSION_MARK)
+    if not mark or not Path("/proc").is_dir():
+        return
+    if session.config.pluginmanager.hasplugin("dsession"):  # the xdist controller
+        left = [tuple(found) for found in REPORTED_BY_WORKERS]
+    else:
+        left = _left_behind(mark)
+        if hasattr(session.config, "workeroutput"):  # an xdist worker: the controller reports
+            session.config.workeroutput["leftovers"] = [list(found) for found in left]
+    if not left:
+        return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line("processes the tests started were still alive (killed now): "

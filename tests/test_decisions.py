@@ -153,7 +153,11 @@ def test_decide_at_the_limit_measures_to_full_precision_and_says_so(tiny, refere
         decision = profiler.decide(sample, median, confidence=0.999, indifference=0.001)
     low, high = decision.interval_ms
     if decision.settled:  # the device drifted off the reference median: fine, but consistent
-        assert decision.below == (high < median)
+        # with the three-way test: an interval under the zone's top is below, even where it
+        # reaches past the limit itself (seen: [0.03327, 0.03374] below a limit of 0.033713)
+        from agents.ort_agent import limit_verdict
+        assert limit_verdict((low, high), decision.median_ms, median, 0.001) == \
+            ("below" if decision.below else "above")
     else:
         assert low <= median <= high and "noise of the limit" in decision.reason
         assert decision.below == (decision.median_ms < median)

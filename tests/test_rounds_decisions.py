@@ -252,7 +252,7 @@ def test_decisions_time_short_blocks_where_the_history_gives_the_level(tmp_path,
     """A first look needs ten kept blocks whatever their length: where the device's history
     holds enough reference blocks to give the level, a decision times short blocks
     (DECISION_BLOCK_MS, or three runs of the reference if longer) and leaves the history to
-    the measurements' 20 ms blocks (a minimum of fewer runs lies higher); before that, it
+    the measurements' blocks, 20 ms here (a minimum of fewer runs lies higher); before that, it
     times the measurements' length and its blocks join the history, so that no one window's
     level is kept for good; the decider's block_ms is kept, up to the measurements'."""
     from harness.steps import decider
@@ -260,7 +260,7 @@ def test_decisions_time_short_blocks_where_the_history_gives_the_level(tmp_path,
     replaying_device(tmp_path, busy_trace(seed=2))
     space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
     samples = random_samples(space, 8, seed=5)
-    settings = {"protocol": "rounds", "ref_gap_ms": 30.0, "warmup_runs": 1}
+    settings = {"protocol": "rounds", "ref_gap_ms": 30.0, "warmup_runs": 1, "block_ms": 20.0}
 
     def history() -> int:
         with Cache(tmp_path / "cache.sqlite") as cache:

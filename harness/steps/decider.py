@@ -34,8 +34,8 @@ from harness.store.measurement import Measurement, Provenance, fixed_loop_estima
 DECISION_ROUNDS = 200
 # In rounds, a decision's blocks last this long (ms; LimitDecider.block_ms): the first look
 # needs as many kept blocks as the confidence and min_runs ask (10 at 99%) whatever their
-# length, and most candidates are called at it, so short blocks make a call cheap; a
-# measurement's 20 ms blocks re-measure steadier over its rounds. A block lasts about
+# length, and most candidates are called at it, so short blocks make a call cheap (never
+# longer than a measurement's, 10 ms by default, whose history they then join). A block lasts about
 # DECISION_BLOCK_RUNS runs of the reference all the same: the first runs after a switch of
 # model run slower (at 224 px +18% and +10% for the first two), so a block of one run
 # would read a model's switch as much as its speed. Short blocks need a history of at
