@@ -50,7 +50,7 @@ from benchlib import ROOT, Arm64Board, Neighbour, simulated_device  # also sys.p
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchtruth import (Truth, campaign, exact_truth, floor, floor_text,  # noqa: E402
+from benchtruth import (BLOCK_MS, Truth, campaign, exact_truth, floor, floor_text,  # noqa: E402
                         pass_caches, recheck)
 from devices.noise_trace import NoiseTrace  # noqa: E402
 from devices.simulated import SimulatedModel, saved_clock_s  # noqa: E402
@@ -72,10 +72,12 @@ SIM_MS = 3.0
 def empty_copy(index: Path, folder: Path, name: str, history: Sequence[Path],
                history_key: str) -> Path:
     """A copy of the cache with its sample index and devices, but no result; with the
-    reference's history of the `history` caches (the truth campaign's, its 20 ms blocks, as
-    a device that has been measuring for a while has it) under `history_key`, the key the
-    profiler reads its device's history by (a campaign measured by an older harness kept it
-    under another)."""
+    reference's history of the `history` caches (the truth campaign's, its blocks of
+    benchtruth.BLOCK_MS, as a device that has been measuring for a while has it) under
+    `history_key`, the key the profiler reads its device's history by (a campaign measured
+    by an older harness kept it under another). The profilers measure with the campaign's
+    block length (run_condition), so that key is the campaign's own, and no level read from
+    one length is filed under another's."""
     path = folder / f"{name}.sqlite"
     shutil.copyfile(index, path)
     with sqlite3.connect(path) as conn:
@@ -167,7 +169,8 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
                   budget_rounds: Optional[int] = None, rel_cis: Sequence[float] = (0.01,)
                   ) -> None:
     def profiler(name: str, **settings: Any) -> LatencyProfiler:
-        chosen = dict(pinned, **settings)
+        # measurements in rounds with the truth campaign's blocks, whose history they read
+        chosen = dict(pinned, **{"block_ms": BLOCK_MS, **settings})
         key = reference_history_key(MeasureRequest.checked(chosen, 60.0).settings, "thread_cpu")
         return LatencyProfiler(space, dummy, device=device, home=home, settings=chosen,
                                cache=empty_copy(index, folder, f"{condition}-{name}", history,

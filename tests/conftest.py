@@ -85,8 +85,10 @@ def python() -> str:
 # one worker (its module fixtures - an adb server, a Ray head, converted models - are made
 # once), and the files whose boards live in network namespaces of fixed names (hnb-5,
 # hnb-6, hnb-7, hnb-121) and whose Ray tests end every Ray node on the machine run on one
-# worker, one after another.
-SHARED_NAMESPACES = {"test_arm64", "test_farm", "test_model_profiling", "test_ray", "test_ssh"}
+# worker, one after another; so do the emulated phone's (its shell reads timed out once
+# beside them) and the noisy neighbour's (it loads the cores on purpose).
+SHARED_NAMESPACES = {"test_arm64", "test_farm", "test_model_profiling", "test_ray", "test_ssh",
+                     "test_adb", "test_neighbour"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
@@ -105,10 +107,24 @@ SESSION_MARK = "HARNESS_TEST_SESSION"
 LEFTOVER_GRACE_S = 10.0
 
 
+# the marks the xdist controller gave its workers: scanned again at its end, so that a worker
+# that crashed before its own check leaves nothing unchecked
+WORKER_MARKS: list = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    mark = uuid.uuid4().hex
+    node.workerinput[SESSION_MARK] = mark
+    WORKER_MARKS.append(mark)
+
+
 def pytest_sessionstart(session):
-    """A mark of this session's own (each xdist worker has its own: the processes a worker
-    starts are checked at that worker's end)."""
-    os.environ[SESSION_MARK] = uuid.uuid4().hex
+    """A mark of this session's own (an xdist worker's is the one its controller gave it:
+    the processes a worker starts are checked at that worker's end, and again at the
+    controller's)."""
+    given = getattr(session.config, "workerinput", {}).get(SESSION_MARK)
+    os.environ[SESSION_MARK] = given or uuid.uuid4().hex
 
 
 def _marked_processes(mark: str):
@@ -142,13 +158,16 @@ def pytest_testnodedown(node, error):
     REPORTED_BY_WORKERS.extend(getattr(node, "workeroutput", {}).get("leftovers", []))
 
 
-def _left_behind(mark: str):
-    """This session's processes still alive after a grace period, killed now."""
+def _left_behind(marks):
+    """The processes carrying any of `marks` still alive after a grace period, killed now."""
+    def marked():
+        return [found for mark in marks for found in _marked_processes(mark)]
+
     deadline = time.monotonic() + LEFTOVER_GRACE_S  # some are still on their way out
-    left = _marked_processes(mark)
+    left = marked()
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        left = _marked_processes(mark)
+        left = marked()
     for pid, _ in left:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -159,14 +178,15 @@ def _left_behind(mark: str):
 
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run if a process the tests started outlived them. Under xdist each worker
-    checks its own and hands them to the controller, whose own mark its workers carry."""
+    checks its own and hands them to the controller, which looks once more for its workers'
+    marks (its own mark its workers carry themselves)."""
     mark = os.environ.get(SESSION_MARK)
     if not mark or not Path("/proc").is_dir():
         return
     if session.config.pluginmanager.hasplugin("dsession"):  # the xdist controller
-        left = [tuple(found) for found in REPORTED_BY_WORKERS]
+        left = [tuple(found) for found in REPORTED_BY_WORKERS] + _left_behind(WORKER_MARKS)
     else:
-        left = _left_behind(mark)
+        left = _left_behind([mark])
         if hasattr(session.config, "workeroutput"):  # an xdist worker: the controller reports
             session.config.workeroutput["leftovers"] = [list(found) for found in left]
     if not left:

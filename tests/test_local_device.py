@@ -36,7 +36,9 @@ def wait_gone(pid: int, seconds: float = 10.0) -> bool:
 
 @pytest.fixture
 def transport(tmp_path):
-    transport = LocalTransport(tmp_path / "device")
+    # its own lock: a measurement of another test file on the other xdist worker holds the
+    # machine-wide one, and a short deadline spent waiting for it is no timeout of a run
+    transport = LocalTransport(tmp_path / "device", lock_path=str(tmp_path / "device.lock"))
     yield transport
     transport.close()
 

@@ -267,10 +267,10 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
                              "device (--statistic quiet: the quiet-state latency); loop: one "
                              "model after another")
     parser.add_argument("--rounds", type=int, help="with --protocol rounds: rounds at most "
-                                                   "(default 30; --max-time-ms bounds them too)")
+                                                   "(default 40; --max-time-ms bounds them too)")
     parser.add_argument("--block-ms", type=float,
                         help="with --protocol rounds: a block of one model's runs lasts at "
-                             "least this (default 20; a decision's 5, or about 3 runs)")
+                             "least this (default 10; a decision's 5, or about 3 runs, at most this)")
     parser.add_argument("--ref-gap-ms", type=float,
                         help="with --protocol rounds: device time between two reference "
                              "blocks at most (default 150), unless the reference would "

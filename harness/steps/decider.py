@@ -36,9 +36,11 @@ DECISION_ROUNDS = 200
 # needs as many kept blocks as the confidence and min_runs ask (10 at 99%) whatever their
 # length, and most candidates are called at it, so short blocks make a call cheap (never
 # longer than a measurement's, 10 ms by default, whose history they then join). A block lasts about
-# DECISION_BLOCK_RUNS runs of the reference all the same: the first runs after a switch of
-# model run slower (at 224 px +18% and +10% for the first two), so a block of one run
-# would read a model's switch as much as its speed. Short blocks need a history of at
+# DECISION_BLOCK_RUNS runs of the reference all the same, up to a measurement's length: the
+# first runs after a switch of model run slower (at 224 px +18% and +10% for the first two),
+# and a block of one run reads the switch with the model (the reference's too, which the
+# ratio divides out: at 224 px a measurement's 10 ms blocks are one timed run, and they
+# re-measured steadier than 20 ms blocks of two). Short blocks need a history of at
 # least DECISION_HISTORY_BLOCKS reference blocks (see DecisionRound._block_ms).
 DECISION_BLOCK_MS = 5.0
 DECISION_BLOCK_RUNS = 3
