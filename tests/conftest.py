@@ -87,15 +87,15 @@ def python() -> str:
 # hnb-6, hnb-7, hnb-121) and whose Ray tests end every Ray node on the machine run on one
 # worker, one after another; so do the emulated phone's (its shell reads timed out once
 # beside them) and the noisy neighbour's (it loads the cores on purpose).
-SHARED_NAMESPACES = {"test_arm64", "test_farm", "test_model_profiling", "test_ray", "test_ssh",
-                     "test_adb", "test_neighbour"}
+ONE_AT_A_TIME = {"test_arm64", "test_farm", "test_model_profiling", "test_ray", "test_ssh",
+                 "test_adb", "test_neighbour"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
-        group = "network-namespaces" if module in SHARED_NAMESPACES else module
+        group = "one-at-a-time" if module in ONE_AT_A_TIME else module
         item.add_marker(pytest.mark.xdist_group(group))
 
 
@@ -107,8 +107,8 @@ SESSION_MARK = "HARNESS_TEST_SESSION"
 LEFTOVER_GRACE_S = 10.0
 
 
-# the marks the xdist controller gave its workers: scanned again at its end, so that a worker
-# that crashed before its own check leaves nothing unchecked
+# the marks the xdist controller gave its workers: it scans for them all at its end, once
+# every worker is down (a worker that crashed included)
 WORKER_MARKS: list = []
 
 
@@ -120,9 +120,8 @@ def pytest_configure_node(node):
 
 
 def pytest_sessionstart(session):
-    """A mark of this session's own (an xdist worker's is the one its controller gave it:
-    the processes a worker starts are checked at that worker's end, and again at the
-    controller's)."""
+    """A mark of this session's own (an xdist worker's is the one its controller gave it,
+    and the controller checks for it)."""
     given = getattr(session.config, "workerinput", {}).get(SESSION_MARK)
     os.environ[SESSION_MARK] = given or uuid.uuid4().hex
 
@@ -149,15 +148,6 @@ def _marked_processes(mark: str):
     return found
 
 
-# what each xdist worker found left behind, gathered by the controller (which runs no test)
-REPORTED_BY_WORKERS: list = []
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node, error):
-    REPORTED_BY_WORKERS.extend(getattr(node, "workeroutput", {}).get("leftovers", []))
-
-
 def _left_behind(marks):
     """The processes carrying any of `marks` still alive after a grace period, killed now."""
     def marked():
@@ -177,18 +167,14 @@ def _left_behind(marks):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Fail the run if a process the tests started outlived them. Under xdist each worker
-    checks its own and hands them to the controller, which looks once more for its workers'
-    marks (its own mark its workers carry themselves)."""
+    """Fail the run if a process the tests started outlived them. Under xdist the controller
+    checks for its workers' marks once they are all down (its own mark its workers carry
+    themselves); a worker leaves it to the controller."""
     mark = os.environ.get(SESSION_MARK)
-    if not mark or not Path("/proc").is_dir():
+    if not mark or not Path("/proc").is_dir() or hasattr(session.config, "workerinput"):
         return
-    if session.config.pluginmanager.hasplugin("dsession"):  # the xdist controller
-        left = [tuple(found) for found in REPORTED_BY_WORKERS] + _left_behind(WORKER_MARKS)
-    else:
-        left = _left_behind([mark])
-        if hasattr(session.config, "workeroutput"):  # an xdist worker: the controller reports
-            session.config.workeroutput["leftovers"] = [list(found) for found in left]
+    left = _left_behind(WORKER_MARKS if session.config.pluginmanager.hasplugin("dsession")
+                        else [mark])
     if not left:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
