@@ -1327,28 +1327,43 @@ def median_interval(ordered, confidence):
     """The distribution-free interval of the median of independent runs, from order
     statistics: (low, high) such that the true median lies inside with probability at
     least `confidence`; None when there are too few runs for that confidence. `ordered` is
-    sorted. Exact binomial tails up to 1000 runs, the normal approximation beyond."""
+    sorted."""
+    return quantile_interval(ordered, 0.5, confidence)
+
+
+def quantile_interval(ordered, q, confidence):
+    """The distribution-free interval of the q-quantile of independent values (sorted), from
+    order statistics: (low, high) such that the true quantile lies inside with probability
+    at least `confidence`; None when there are too few values for that confidence on either
+    side. Exact binomial tails up to 1000 values, the normal approximation beyond."""
     n = len(ordered)
-    alpha = 1.0 - confidence
     if n < 2:
         return None
-    if n <= 1000:
-        # k: how many order statistics to drop on each side; P(Bin(n, 1/2) < k) <= alpha/2
-        log_half_n = n * math.log(0.5)
-        tail, k = 0.0, 0
-        while k < n // 2:
-            term = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-                            + log_half_n)
-            if tail + term > alpha / 2:
-                break
-            tail += term
-            k += 1
-    else:
-        z = statistics.NormalDist().inv_cdf(1 - alpha / 2)
-        k = int(math.floor(n / 2.0 - z * math.sqrt(n) / 2.0))
-    if k < 1:
+    half_alpha = (1.0 - confidence) / 2
+    low_rank = _outside_ranks(n, q, half_alpha)         # the low-th value is below, ...
+    high_rank = _outside_ranks(n, 1.0 - q, half_alpha)  # ... the high-th from the top above
+    if low_rank < 1 or high_rank < 1:
         return None
-    return ordered[k - 1], ordered[n - k]
+    return ordered[low_rank - 1], ordered[n - high_rank]
+
+
+def _outside_ranks(n, q, half_alpha):
+    """The largest k (at most n*q) with P(Bin(n, q) < k) <= half_alpha: the k-th smallest of
+    n values lies above their q-quantile with probability at most half_alpha."""
+    most = int(math.floor(n * q))
+    if n > 1000:
+        z = statistics.NormalDist().inv_cdf(1 - half_alpha)
+        return min(most, int(math.floor(n * q - z * math.sqrt(n * q * (1 - q)))))
+    log_q, log_rest = math.log(q), math.log(1 - q)
+    tail, k = 0.0, 0
+    while k < most:
+        term = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                        + k * log_q + (n - k) * log_rest)
+        if tail + term > half_alpha:
+            break
+        tail += term
+        k += 1
+    return k
 
 
 def _median_of(ordered):

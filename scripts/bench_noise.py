@@ -68,7 +68,7 @@ WINDOW_BUDGET = {"paired": 0.9, "rounds": 0.9, "ci-rounds": 0.9}
 HEADER = ("| condition | protocol | statistic | within 1% | within 2% | within 5% | within 10% "
           "| median diff | Kendall tau | device-s per pass | dropped | blocks kept per subnet "
           "| reference share "
-          "| error vs truth: within 2% | interval covers truth |")
+          "| error vs truth: within 2% | interval covers truth (median half-width) |")
 
 
 def settings_of(protocol: str, seconds: float, rounds: Dict[str, float],
@@ -132,17 +132,21 @@ def agreement(pairs: Sequence[Tuple[Sequence[float], Sequence[float]]]) -> Dict[
 
 def truth_figures(measurements: Sequence[Any], statistic: str, truth: Sequence[float]
                   ) -> Dict[str, Optional[float]]:
-    """Error against the known truth and the interval's coverage (simulated devices)."""
+    """Error against the known truth, the interval's coverage and its median relative
+    half-width (simulated devices)."""
     errors = [abs(v / t - 1) for v, t in zip(values(measurements, statistic), truth)]
     covered: Optional[float] = None
+    half_width: Optional[float] = None
     if statistic in ("ratio", "quiet"):
-        inside = []
+        inside, widths = [], []
         for m, t in zip(measurements, truth):
             low, high = m.interleaved.ratio_interval if statistic == "ratio" \
                 else m.interleaved.quiet_interval_ms
             inside.append(low <= t <= high)
-        covered = sum(inside) / len(inside)
-    return {"within2": sum(e <= 0.02 for e in errors) / len(errors), "covered": covered}
+            widths.append((high - low) / 2 / m.statistic(statistic))
+        covered, half_width = sum(inside) / len(inside), statistics.median(widths)
+    return {"within2": sum(e <= 0.02 for e in errors) / len(errors), "covered": covered,
+            "half_width": half_width}
 
 
 def row(condition: str, protocol: str, statistic: str,
@@ -174,7 +178,8 @@ def row(condition: str, protocol: str, statistic: str,
              "-" if kept is None else f"{kept:g}",
              "-" if share is None else f"{share:.0%}",
              "-" if known is None else f"{known['within2']:.0%}",
-             "-" if known is None or known["covered"] is None else f"{known['covered']:.0%}"]
+             "-" if known is None or known["covered"] is None
+             else f"{known['covered']:.0%} (+-{known['half_width']:.1%})"]
     return "| " + " | ".join(cells) + " |"
 
 

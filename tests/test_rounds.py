@@ -2,7 +2,9 @@
 profiler on this machine (real agent, real onnxruntime, real SQLite)."""
 import bisect
 import math
+import random
 import sqlite3
+import statistics
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from harness.errors import InvalidArgument
 from harness.export.graph import export_sample
 from harness.spaces import TinySpace
 from harness.steps.measuring import MEMORY_FACTOR, windows
-from harness.store.rounds import quantile, summarise
+from harness.store.rounds import ReferenceLevel, quantile, summarise
 
 FAST = {"protocol": "rounds", "rounds": 6, "block_ms": 2.0, "ref_gap_ms": 6.0,
         "warmup_runs": 2}
@@ -212,7 +214,77 @@ def test_the_ratio_is_the_median_of_block_minima_over_their_nearest_references()
     reference_ms = 3 * 2 * 3 * 10.0 + 3 * 2 * 3 * 20.0  # rounds x blocks x runs x ms
     candidate_ms = 4.5 * (3 * 5.0 + 3 * 10.0)            # each block's runs: v, 1.5v, 2v
     assert summary.reference_share == pytest.approx(reference_ms / (reference_ms + candidate_ms))
-    assert summarise(record(candidate, references), level_ms=8.0).quiet_ms == pytest.approx(4.0)
+    assert summarise(record(candidate, references),
+                     level=ReferenceLevel.exact(8.0)).quiet_ms == pytest.approx(4.0)
+
+
+def test_the_interval_of_a_low_quantile_follows_the_binomial_and_covers_nominally():
+    """The reference's level is the 10% quantile of its blocks; its interval comes from order
+    statistics as the median's does (the same rule at q = 0.5)."""
+    values = list(range(1, 101))
+    assert ort_agent.quantile_interval(values, 0.5, 0.95) == ort_agent.median_interval(
+        values, 0.95) == (40, 61)
+    # n = 100, q = 0.1: P(Bin(100, 0.1) <= 4) = 0.024 <= 0.025 < P(<= 5), so the 5th value
+    # lies above the quantile with probability at most 2.5%; P(Bin >= 17) = 0.021 likewise
+    assert ort_agent.quantile_interval(values, 0.1, 0.95) == (5, 17)
+    # 0.9 ** 35 = 0.0250 > 0.025: below 36 values no value lies below the 10% quantile often
+    # enough
+    assert ort_agent.quantile_interval(values[:35], 0.1, 0.95) is None
+    assert ort_agent.quantile_interval(values[:36], 0.1, 0.95) == (1, 8)
+    rng = random.Random(7)
+    truth = math.exp(0.3 * statistics.NormalDist().inv_cdf(0.1))
+    for n, trials in ((40, 1500), (300, 800), (2000, 200)):
+        covered = 0
+        for _ in range(trials):
+            blocks = sorted(rng.lognormvariate(0.0, 0.3) for _ in range(n))
+            low, high = ort_agent.quantile_interval(blocks, 0.1, 0.95)
+            covered += low <= truth <= high
+        assert covered / trials >= 0.95 - 3 * math.sqrt(0.05 * 0.95 / trials), (n, covered)
+
+
+def test_the_quiet_state_latency_carries_the_levels_uncertainty_as_well_as_the_ratios():
+    """A lone window's ratio can be known to +-0.2% while the level it is multiplied by is
+    known to +-1%: the quiet interval must not be the ratio's alone."""
+    rng = random.Random(3)
+    spread = [10.0 * (1 + abs(rng.gauss(0, 0.05))) for _ in range(400)]
+    level = ReferenceLevel.of(spread)
+    low, high = level.interval_ms
+    assert low < level.level_ms < high and not level.few_blocks and level.blocks == 400
+    ordered = sorted(spread)
+    statistical = ort_agent.quantile_interval(ordered, 0.1, 0.95)
+    choice = level.level_ms - quantile(ordered, 0.05)  # which low quantile is quiet
+    assert choice > 0
+    assert (low, high) == (pytest.approx(statistical[0] - choice),
+                           pytest.approx(statistical[1] + choice))
+    # a tight low tail: a narrow interval
+    tight = ReferenceLevel.of([10.0] * 300 + [10.0 + n for n in range(100)])
+    assert tight.interval_ms == (pytest.approx(10.0), pytest.approx(10.0))
+    few = ReferenceLevel.of(spread[:10])  # too few for an interval: their range, flagged
+    assert few.few_blocks and few.interval_ms[1] >= max(spread[:10])
+
+    candidate = [5.0] * 12
+    window = record(candidate, [(10.0, 10.0)] * 12, k=1)
+    exact = summarise(window, level=ReferenceLevel.exact(level.level_ms))
+    assert exact.ratio_interval == (pytest.approx(0.5), pytest.approx(0.5))
+    assert exact.quiet_interval_ms == (pytest.approx(0.5 * level.level_ms),) * 2
+    carried = summarise(window, level=level)
+    assert carried.quiet_ms == exact.quiet_ms
+    assert carried.quiet_interval_ms == (pytest.approx(0.5 * low), pytest.approx(0.5 * high))
+    assert carried.level_blocks == 400 and not carried.few_level_blocks
+    # both uncertain: their relative half-widths add in quadrature, on each side
+    wobbly = record([5.0, 5.1, 4.9, 5.05, 4.95, 5.0, 5.2, 4.8, 5.0, 5.0, 5.1, 4.9],
+                    [(10.0, 10.0)] * 12, k=1)
+    both = summarise(wobbly, level=level)
+    ratio_low, ratio_high = both.ratio_interval
+    assert ratio_low < both.ratio < ratio_high
+    below = math.hypot(1 - ratio_low / both.ratio, 1 - low / level.level_ms)
+    above = math.hypot(ratio_high / both.ratio - 1, high / level.level_ms - 1)
+    assert both.quiet_interval_ms == (pytest.approx(both.quiet_ms * (1 - below)),
+                                      pytest.approx(both.quiet_ms * (1 + above)))
+    # the window's own level when no history is given: 24 blocks are too few, and it says so
+    alone = summarise(window)
+    assert alone.few_level_blocks and alone.level_blocks == 24
+    assert any("few reference blocks: 24" in reason for reason in alone.noisy_reasons)
 
 
 def test_a_block_whose_references_disagree_is_dropped_and_counted():
@@ -530,6 +602,15 @@ def test_a_profiler_measures_a_batch_in_rounds_and_serves_it_from_the_cache(tmp_
         assert {m.source for m in cached} == {"cached"}
         assert [m.interleaved.quiet_ms for m in cached] == [
             m.interleaved.quiet_ms for m in measured[:5]]
+        assert [m.interleaved.quiet_interval_ms for m in cached] == [
+            m.interleaved.quiet_interval_ms for m in measured[:5]]
+    # each stored the level it was read with, the level's interval and the blocks behind it:
+    # the device's history so far (every window's reference blocks), this one's included
+    levels = [m.provenance.reference_level() for m in measured[:5]]
+    assert all(level.interval_ms[0] <= level.level_ms <= level.interval_ms[1]
+               for level in levels)
+    assert [level.blocks for level in levels] == sorted(level.blocks for level in levels)
+    assert levels[0].blocks >= len(measured[0].rounds.reference_blocks)
     # the device's history of reference blocks holds their CPU minima, the clock the ratios
     # read (their wall minima lie a few microseconds above)
     assert {m.rounds.clock for m in measured} == {"thread_cpu"}
@@ -711,6 +792,32 @@ def test_huge_numbers_in_a_rounds_record_are_refused_not_a_crash(field, value):
         RoundsRecord.from_dict(dict(good, **{field: value}))
 
 
+@pytest.mark.parametrize("stored, problem", [
+    ({"reference_level_ms": -1.0}, "reference_level_ms"),
+    ({"reference_level_ms": 8.0, "reference_level_interval_ms": [8.5, 9.0],
+      "reference_level_blocks": 50}, "reference_level_interval_ms"),
+    ({"reference_level_ms": 8.0, "reference_level_interval_ms": [7.9, float("nan")],
+      "reference_level_blocks": 50}, "reference_level_interval_ms"),
+    ({"reference_level_ms": 8.0, "reference_level_interval_ms": "7.9,8.1",
+      "reference_level_blocks": 50}, "reference_level_interval_ms"),
+    ({"reference_level_ms": 8.0, "reference_level_interval_ms": [7.9, 8.1],
+      "reference_level_blocks": True}, "reference_level_blocks"),
+    ({"reference_level_ms": 8.0, "reference_level_interval_ms": [7.9, 8.1]},
+     "reference_level_blocks")])
+def test_a_stored_level_that_makes_no_sense_is_refused_naming_the_field(stored, problem):
+    from harness.store.measurement import Measurement
+
+    good = {"samples_ms": [4.0], "source": "measured", "device": "d", "graph_hash": "g",
+            "rounds": record([5.0] * 8, [(10.0, 10.0)] * 8).to_dict()}
+    with pytest.raises(ValueError, match=problem):
+        Measurement(**dict(good, provenance=stored))
+    # a level stored before 0.3 has no interval: read as exact, the ratio's interval alone
+    old = Measurement(**dict(good, provenance={"reference_level_ms": 8.0}))
+    assert old.interleaved.quiet_interval_ms == tuple(
+        8.0 * bound for bound in old.interleaved.ratio_interval)
+    assert old.interleaved.level_blocks == 0 and not old.interleaved.few_level_blocks
+
+
 def test_a_workers_next_window_keeps_its_reference_loaded(tmp_path, tiny_model):
     """A lone profile() is a window of its own: the reference is loaded, run and warmed up
     once per worker, not per window; another file, a damaged copy or other session settings
@@ -757,8 +864,9 @@ def test_the_known_level_reads_the_newest_blocks_the_history_keeps(tmp_path):
                 (*scope, "old" if n < 3000 else "new", n, 0.90 if n < 3000 else 1.00, n)
                 for n in range(3000 + REFERENCE_HISTORY)])
         known, blocks = cache.known_reference(*scope, 0.1)
-        recorded = cache.reference_level(*scope, "next", [(1, 1.0, 9e9)], 0.1)
-    assert known == pytest.approx(1.00) and recorded == pytest.approx(1.00)
+        recorded = cache.reference_level(*scope, "next", [(1, 1.0, 9e9)])
+    assert known == pytest.approx(1.00) and recorded.level_ms == pytest.approx(1.00)
+    assert recorded.interval_ms == pytest.approx((1.00, 1.00))
     assert blocks == REFERENCE_HISTORY
 
 

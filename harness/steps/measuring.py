@@ -21,7 +21,7 @@ from harness.steps.export_step import SampleExport
 from harness.steps.key_scope import KeyScope
 from harness.store.cache import Cache
 from harness.store.key import MeasurementKey, canonical_json, digest, settings_key
-from harness.store.rounds import LEVEL_QUANTILE, block_statistic, block_times
+from harness.store.rounds import LEVEL_QUANTILE, ReferenceLevel, block_statistic, block_times
 from harness.errors import InvalidArgument
 from harness.store.measurement import STATISTICS, Measurement
 
@@ -153,7 +153,7 @@ class MeasurementSteps:
             result, exported.graph_hash, signature, export_ms=exported.export_ms,
             convert_ms=exported.convert_ms, outside_backend=exported.outside_backend,
             model_sha256=exported.sha256, model_bytes=len(exported.onnx_bytes),
-            isolation=self.isolation, reference_level_ms=self.reference_level(key, result))
+            isolation=self.isolation, reference_level=self.reference_level(key, result))
         measured = measured.with_flag(self.precision_flag(exported))
         if key.device_fp != self.scope().device_fp:  # in a pool, devices of a kind may differ
             self.cache.put_device(key.device_fp, dict(result.facts.identity))
@@ -180,7 +180,8 @@ class MeasurementSteps:
         if result.rounds is not None:
             self.last_clock = result.rounds.clock
 
-    def reference_level(self, key: MeasurementKey, result: AgentResult) -> Optional[float]:
+    def reference_level(self, key: MeasurementKey, result: AgentResult
+                        ) -> Optional[ReferenceLevel]:
         """For a result of interleaved rounds, the reference's quiet level from the device's
         history (this window's reference blocks recorded first); else None."""
         if result.rounds is None:
@@ -191,7 +192,7 @@ class MeasurementSteps:
                   for block in result.rounds.reference_blocks]
         return self.cache.reference_level(key.device_fp, self._reference_ran_as(),
                                           result.rounds.reference_sha256, f"{began:.6f}",
-                                          blocks, LEVEL_QUANTILE)
+                                          blocks)
 
     def known_reference(self) -> Tuple[Optional[float], int]:
         """The reference's quiet level the device's history shows so far (None: no history)

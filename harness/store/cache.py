@@ -37,7 +37,7 @@ from harness.store.import_checks import (EXPORT_FORMAT, MAX_CLOCK_SKEW_S, SCHEMA
                                          ImportCounts, finite, is_json_object, sample_labels)
 from harness.store.key import MeasurementKey, canonical_json, model_of
 from harness.store.measurement import STATISTICS, Measurement
-from harness.store.rounds import quantile
+from harness.store.rounds import ReferenceLevel, quantile
 
 log = logging.getLogger(__name__)
 
@@ -415,10 +415,11 @@ class Cache:
     # ------------------------------------------------------------ decisions
 
     def reference_level(self, device_fp: str, settings_key: str, reference: str, window: str,
-                        blocks: Sequence[Tuple[int, float, float]], quantile_q: float) -> float:
+                        blocks: Sequence[Tuple[int, float, float]]) -> ReferenceLevel:
         """Record a window's reference blocks ((sequence, statistic ms, when), once however
         many of its candidates are stored), keep the newest REFERENCE_HISTORY of this device,
-        settings and reference, and return their `quantile_q` quantile: its quiet level."""
+        settings and reference, and return their quiet level (ReferenceLevel: a low quantile,
+        with its interval)."""
         scope = (device_fp, settings_key, reference)
         with self._write("record the reference's blocks") as conn:
             conn.executemany(
@@ -431,7 +432,7 @@ class Cache:
                          f"LIMIT {REFERENCE_HISTORY}))", (*scope, *scope))
             rows = conn.execute("SELECT value FROM reference_blocks WHERE device_fp = ? AND "
                                 "settings_key = ? AND reference = ?", scope).fetchall()
-        return quantile([value for (value,) in rows], quantile_q)
+        return ReferenceLevel.of([value for (value,) in rows])
 
     def known_reference(self, device_fp: str, settings_key: str, reference: str,
                         quantile_q: float) -> Tuple[Optional[float], int]:

@@ -17,9 +17,15 @@ import numpy as np
 from agents.ort_agent import median_interval
 from devices.agent_result import (AgentResult, MemoryUse, OpProfile, RoundsRecord,
                                   hottest_zone_c, pinned_text)
-from harness.store.rounds import RoundsSummary, summarise
+from harness.store.rounds import ReferenceLevel, RoundsSummary, summarise
 
 SOURCES = ("measured", "cached", "predicted")
+
+
+def _positive_ms(value: Any) -> bool:
+    """A positive, finite time in ms (a stored field read back)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value) and 0 < value <= 1e8
 
 # A result timed one model at a time is flagged unstable by robust spread: the middle half of
 # its runs spanning 10% of the median (torch.utils.benchmark warns at the same IQR/median), or
@@ -91,8 +97,33 @@ class Provenance:
     predictor: Optional[Dict[str, Any]] = None
     calibration: Optional[Dict[str, Any]] = None
     uncalibrated_ms: Optional[float] = None
-    # interleaved rounds: the reference's quiet level from the device's history
+    # interleaved rounds: the reference's quiet level from the device's history, its 95%
+    # interval and the blocks it stands on (harness.store.rounds.ReferenceLevel; a level
+    # stored before 0.3 has no interval and is read as exact)
     reference_level_ms: Optional[float] = None
+    reference_level_interval_ms: Optional[List[float]] = None
+    reference_level_blocks: Optional[int] = None
+
+    def reference_level(self) -> Optional[ReferenceLevel]:
+        """The stored level as a typed value, checked (ValueError names the bad field)."""
+        level, interval = self.reference_level_ms, self.reference_level_interval_ms
+        if level is None:
+            return None
+        if not _positive_ms(level):
+            raise ValueError(f"provenance.reference_level_ms must be a positive time in ms, "
+                             f"got {level!r}")
+        if interval is None:
+            return ReferenceLevel.exact(level)
+        blocks = self.reference_level_blocks
+        if not (isinstance(interval, (list, tuple)) and len(interval) == 2
+                and all(_positive_ms(v) or v == 0 for v in interval)
+                and interval[0] <= level <= interval[1]):
+            raise ValueError(f"provenance.reference_level_interval_ms must be [low, high] in "
+                             f"ms around the level {level!r}, got {interval!r}")
+        if not (isinstance(blocks, int) and not isinstance(blocks, bool) and blocks > 0):
+            raise ValueError(f"provenance.reference_level_blocks must be a positive count, "
+                             f"got {blocks!r}")
+        return ReferenceLevel.stored(level, (float(interval[0]), float(interval[1])), blocks)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -140,11 +171,7 @@ class Measurement:
             object.__setattr__(self, "ops", OpProfile.from_dict(self.ops))
         if isinstance(self.rounds, Mapping):
             object.__setattr__(self, "rounds", RoundsRecord.from_dict(dict(self.rounds)))
-        level = self.provenance.reference_level_ms
-        if level is not None and not (isinstance(level, (int, float)) and not isinstance(
-                level, bool) and math.isfinite(level) and 0 < level <= 1e8):
-            raise ValueError(f"provenance.reference_level_ms must be a positive time in ms, "
-                             f"got {level!r}")
+        self.provenance.reference_level()  # a stored level is checked as it loads
 
     @classmethod
     def from_result(cls, result: AgentResult, graph_hash: str,
@@ -152,7 +179,7 @@ class Measurement:
                     convert_ms: Optional[float] = None,
                     outside_backend: Optional[Sequence[str]] = None,
                     model_sha256: str, model_bytes: int, isolation: str,
-                    reference_level_ms: Optional[float] = None) -> "Measurement":
+                    reference_level: Optional[ReferenceLevel] = None) -> "Measurement":
         """A measured result from the device's checked answer (with the lease window its
         pool added) and what the host knows: the export and the model it sent."""
         lease = result.lease
@@ -178,7 +205,11 @@ class Measurement:
             outside_backend=None if outside_backend is None else list(outside_backend),
             model_sha256=model_sha256, model_bytes=model_bytes, isolation=isolation,
             host_pid=os.getpid(), farm_host=result.host, stop=dict(result.stop) or None,
-            reference_level_ms=reference_level_ms)
+            reference_level_ms=None if reference_level is None else reference_level.level_ms,
+            reference_level_interval_ms=list(reference_level.interval_ms)
+            if reference_level is not None and reference_level.blocks else None,
+            reference_level_blocks=reference_level.blocks
+            if reference_level is not None and reference_level.blocks else None)
         return cls(samples_ms=result.samples_ms, source="measured", device=result.device,
                    graph_hash=graph_hash, load_ms=result.load_ms,
                    first_run_ms=result.first_run_ms, input_signature=tuple(input_signature),
@@ -305,7 +336,7 @@ class Measurement:
         harness.store.rounds), or None when it was timed one model at a time."""
         if self.rounds is None:
             return None
-        return summarise(self.rounds, level_ms=self.provenance.reference_level_ms,
+        return summarise(self.rounds, level=self.provenance.reference_level(),
                          confidence=float(self.settings.get("confidence", 0.95)))
 
     @property

@@ -29,21 +29,69 @@ times do not:
   than its references'). On the replayed traces, with the truth known, the plain interval
   covered it for 81-94% of 120 subnets, and the widened one for 96-98%;
 - the reference level is a low quantile of the reference blocks' statistics (the device's
-  speed when least disturbed); the quiet-state latency is ratio x level.
+  speed when least disturbed; over the device's history where one is kept); the
+  quiet-state latency is ratio x level. The level is an estimate too (ReferenceLevel): its
+  95% interval is the order-statistic interval of that quantile, widened on each side by how
+  far the quantile of half the share lies below it (which low quantile is "quiet" is a
+  choice; on a device whose low tail is spread, the choice moves the level). The quiet-state
+  latency's interval carries both: their relative half-widths added in quadrature (two
+  estimates from different blocks). Before, it was the ratio's interval times the level, as
+  if the level were exact: on the replayed loaded trace a lone window's quiet interval then
+  covered the truth for 68% of subnets (README, "Measurements that hold on a noisy device").
 The spread of the reference blocks' wall-clock minima across the window is the device's
 noise level, reported beside (what the device's users see, whichever clock the ratio reads).
 """
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from agents.ort_agent import (LEVEL_QUANTILE, SPEED_CHANGE, block_ratios, block_statistic,
-                              block_times, median_interval, quantile)
+                              block_times, median_interval, quantile, quantile_interval)
 from devices.agent_result import RoundsRecord
 
 BLOCK_STATISTICS = ("min", "median")
 NOISY_DROPPED = 0.25    # flagged noisy when more of the blocks than this were dropped
 NOISY_INTERVAL = 0.02   # ... or when the ratio's interval is wider than +-2%
+# the fewest reference blocks that give the level a 95% interval (36 at the 10% quantile)
+LEVEL_BLOCKS_NEEDED = next(n for n in range(2, 10000)
+                           if quantile_interval(range(n), LEVEL_QUANTILE, 0.95) is not None)
+
+
+@dataclass(frozen=True)
+class ReferenceLevel:
+    """The reference's quiet level: the LEVEL_QUANTILE quantile of its block statistics
+    (over the device's history, or one window's), with its 95% interval (see the module
+    docstring; always 95%: the history's level is read before a request's confidence is
+    known)."""
+
+    level_ms: float
+    interval_ms: Tuple[float, float]
+    blocks: int                # the blocks it stands on
+    few_blocks: bool = False   # too few for a 95% interval: the interval is their range
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "ReferenceLevel":
+        """The level of these block statistics (ms; at least one)."""
+        ordered = sorted(values)
+        level = quantile(ordered, LEVEL_QUANTILE)
+        interval = quantile_interval(ordered, LEVEL_QUANTILE, 0.95)
+        low, high = interval or (ordered[0], ordered[-1])
+        choice = level - quantile(ordered, LEVEL_QUANTILE / 2)  # which low quantile is quiet
+        return cls(level_ms=level, interval_ms=(max(low - choice, 0.0), high + choice),
+                   blocks=len(ordered), few_blocks=interval is None)
+
+    @classmethod
+    def stored(cls, level_ms: float, interval_ms: Tuple[float, float], blocks: int
+               ) -> "ReferenceLevel":
+        """A level as a measurement stored it (Provenance.reference_level)."""
+        return cls(level_ms=level_ms, interval_ms=interval_ms, blocks=blocks,
+                   few_blocks=blocks < LEVEL_BLOCKS_NEEDED)
+
+    @classmethod
+    def exact(cls, level_ms: float) -> "ReferenceLevel":
+        """A level whose interval is unknown (stored by a version before 0.3, or set by the
+        user): taken as exact."""
+        return cls(level_ms=level_ms, interval_ms=(level_ms, level_ms), blocks=0)
 
 
 @dataclass(frozen=True)
@@ -54,7 +102,7 @@ class RoundsSummary:
     ratio_interval: Tuple[float, float]   # its 95% interval, systematic term included
     reference_level_ms: float             # a low quantile of the reference blocks
     quiet_ms: float                       # ratio x reference level
-    quiet_interval_ms: Tuple[float, float]
+    quiet_interval_ms: Tuple[float, float]  # the ratio's and the level's intervals together
     rounds: int                           # blocks that gave a ratio
     dropped: int                          # blocks dropped for a speed change around them
     noise: float                          # CV of the reference blocks' wall-clock minima
@@ -64,6 +112,8 @@ class RoundsSummary:
     unfiltered: bool = False              # every block saw a change of speed: none dropped
     systematic: float = 0.0               # |ratio - the ratio by the other block statistic|
     clock: str = "wall"                   # what the block statistics read (RoundsRecord)
+    level_blocks: int = 0                 # the reference blocks the level stands on (0: unknown)
+    few_level_blocks: bool = False        # too few of them for a 95% interval of the level
 
     @property
     def relative_half_width(self) -> float:
@@ -88,6 +138,10 @@ class RoundsSummary:
         if self.few_rounds:
             reasons.append(f"few rounds: {self.rounds} give no 95% interval of the ratio "
                            "(6 do)")
+        if self.few_level_blocks:
+            reasons.append(f"few reference blocks: {self.level_blocks} give no 95% interval "
+                           f"of the reference's quiet level ({LEVEL_BLOCKS_NEEDED} do); the "
+                           "quiet-state latency's interval spans their range")
         total = self.rounds + self.dropped
         if total and self.dropped / total > NOISY_DROPPED:
             reasons.append(f"noisy: {self.dropped} of {total} blocks dropped for a change of "
@@ -102,9 +156,9 @@ class RoundsSummary:
 
 
 def summarise(record: RoundsRecord, statistic: str = "min", speed_change: float = SPEED_CHANGE,
-              level_ms: Optional[float] = None, confidence: float = 0.95
+              level: Optional[ReferenceLevel] = None, confidence: float = 0.95
               ) -> Optional[RoundsSummary]:
-    """The model's figures from its window; `level_ms`: a reference level known from a longer
+    """The model's figures from its window; `level`: the reference's level from a longer
     history (else this window's). None when no block gave a ratio."""
     references = sorted(record.reference_blocks, key=lambda block: block[2])
     ref_values = [block_statistic(block_times(block), statistic) for block in references]
@@ -120,17 +174,33 @@ def summarise(record: RoundsRecord, statistic: str = "min", speed_change: float 
     low, high = interval or (ordered[0], ordered[-1])
     systematic = abs(ratio - block_statistic(other, "median"))  # the same blocks, read anew
     low, high = max(low - systematic, 0.0), high + systematic
-    level = level_ms if level_ms is not None else quantile(ref_values, LEVEL_QUANTILE)
+    if level is None:
+        level = ReferenceLevel.of(ref_values)
     mean_ref = sum(walls) / len(walls)  # the device's noise: what its wall clock saw
     spread = math.sqrt(sum((v - mean_ref) ** 2 for v in walls) / len(walls))
     ref_ms = sum(sum(block[3]) for block in references)
     window_ms = ref_ms + record.candidates_ms
     return RoundsSummary(
-        ratio=ratio, ratio_interval=(low, high), reference_level_ms=level,
-        quiet_ms=ratio * level, quiet_interval_ms=(low * level, high * level),
+        ratio=ratio, ratio_interval=(low, high), reference_level_ms=level.level_ms,
+        quiet_ms=ratio * level.level_ms,
+        quiet_interval_ms=product_interval(ratio, (low, high), level),
         rounds=len(ordered), dropped=dropped, noise=spread / mean_ref if mean_ref else 0.0,
         reference_share=ref_ms / window_ms if window_ms else 0.0, block_statistic=statistic,
-        few_rounds=few, unfiltered=unfiltered, systematic=systematic, clock=record.clock)
+        few_rounds=few, unfiltered=unfiltered, systematic=systematic, clock=record.clock,
+        level_blocks=level.blocks, few_level_blocks=level.few_blocks)
+
+
+def product_interval(ratio: float, ratio_interval: Tuple[float, float],
+                     level: ReferenceLevel) -> Tuple[float, float]:
+    """The interval of ratio x level (ms): on each side, the two intervals' relative
+    half-widths added in quadrature (independent estimates: the candidate's blocks against
+    their references, and the reference's low quantile over its own blocks)."""
+    quiet = ratio * level.level_ms
+    if ratio <= 0 or level.level_ms <= 0:
+        return ratio_interval[0] * level.interval_ms[0], ratio_interval[1] * level.interval_ms[1]
+    below = math.hypot(1 - ratio_interval[0] / ratio, 1 - level.interval_ms[0] / level.level_ms)
+    above = math.hypot(ratio_interval[1] / ratio - 1, level.interval_ms[1] / level.level_ms - 1)
+    return max(quiet * (1 - below), 0.0), quiet * (1 + above)
 
 
 def kept_ratios(record: RoundsRecord, statistic: str, speed_change: float
