@@ -800,6 +800,8 @@ def test_huge_numbers_in_a_rounds_record_are_refused_not_a_crash(field, value):
       "reference_level_blocks": 50}, "reference_level_interval_ms"),
     ({"reference_level_ms": 8.0, "reference_level_interval_ms": "7.9,8.1",
       "reference_level_blocks": 50}, "reference_level_interval_ms"),
+    ({"reference_level_ms": 8.0, "reference_level_interval_ms": [False, 8.1],
+      "reference_level_blocks": 50}, "reference_level_interval_ms"),
     ({"reference_level_ms": 8.0, "reference_level_interval_ms": [7.9, 8.1],
       "reference_level_blocks": True}, "reference_level_blocks"),
     ({"reference_level_ms": 8.0, "reference_level_interval_ms": [7.9, 8.1]},
@@ -811,7 +813,7 @@ def test_a_stored_level_that_makes_no_sense_is_refused_naming_the_field(stored, 
             "rounds": record([5.0] * 8, [(10.0, 10.0)] * 8).to_dict()}
     with pytest.raises(ValueError, match=problem):
         Measurement(**dict(good, provenance=stored))
-    # a level stored before 0.3 has no interval: read as exact, the ratio's interval alone
+    # a level stored before levels had intervals: read as exact, the ratio's interval alone
     old = Measurement(**dict(good, provenance={"reference_level_ms": 8.0}))
     assert old.interleaved.quiet_interval_ms == tuple(
         8.0 * bound for bound in old.interleaved.ratio_interval)

@@ -21,12 +21,6 @@ from harness.store.rounds import ReferenceLevel, RoundsSummary, summarise
 
 SOURCES = ("measured", "cached", "predicted")
 
-
-def _positive_ms(value: Any) -> bool:
-    """A positive, finite time in ms (a stored field read back)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value) and 0 < value <= 1e8
-
 # A result timed one model at a time is flagged unstable by robust spread: the middle half of
 # its runs spanning 10% of the median (torch.utils.benchmark warns at the same IQR/median), or
 # the 95% interval of its median reaching 5% from it. Not by the CV, which a few runs
@@ -56,6 +50,12 @@ def fixed_loop_estimate_s(median_ms: float, device_s: float, loop_ms: float) -> 
     most 20 s): its device time with its timed loop (`loop_ms`) swapped for that one."""
     fixed_loop_ms = min(max(50 * median_ms, 1000.0), 20000.0)
     return max(device_s - loop_ms / 1e3, 0.0) + fixed_loop_ms / 1e3
+
+
+def _positive_ms(value: Any) -> bool:
+    """A positive, finite time in ms (a stored field read back)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value) and 0 < value <= 1e8
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Provenance:
     uncalibrated_ms: Optional[float] = None
     # interleaved rounds: the reference's quiet level from the device's history, its 95%
     # interval and the blocks it stands on (harness.store.rounds.ReferenceLevel; a level
-    # stored before 0.3 has no interval and is read as exact)
+    # stored before levels had intervals, 2026-12-07, has none and is read as exact)
     reference_level_ms: Optional[float] = None
     reference_level_interval_ms: Optional[List[float]] = None
     reference_level_blocks: Optional[int] = None
@@ -116,7 +116,8 @@ class Provenance:
             return ReferenceLevel.exact(level)
         blocks = self.reference_level_blocks
         if not (isinstance(interval, (list, tuple)) and len(interval) == 2
-                and all(_positive_ms(v) or v == 0 for v in interval)
+                and all(_positive_ms(v) or (type(v) in (int, float) and v == 0)
+                        for v in interval)
                 and interval[0] <= level <= interval[1]):
             raise ValueError(f"provenance.reference_level_interval_ms must be [low, high] in "
                              f"ms around the level {level!r}, got {interval!r}")

@@ -89,8 +89,8 @@ class ReferenceLevel:
 
     @classmethod
     def exact(cls, level_ms: float) -> "ReferenceLevel":
-        """A level whose interval is unknown (stored by a version before 0.3, or set by the
-        user): taken as exact."""
+        """A level whose interval is unknown (stored before levels had intervals): taken as
+        exact."""
         return cls(level_ms=level_ms, interval_ms=(level_ms, level_ms), blocks=0)
 
 
