@@ -86,7 +86,9 @@ def python() -> str:
 # once), and the files whose boards live in network namespaces of fixed names (hnb-5,
 # hnb-6, hnb-7, hnb-121) and whose Ray tests end every Ray node on the machine run on one
 # worker, one after another; so do the emulated phone's (its shell reads timed out once
-# beside them) and the noisy neighbour's (it loads the cores on purpose).
+# beside them: a race in the emulator, which sent a shell's output before the OKAY that
+# opened its stream when the CPU was loaded; fixed in scripts/testfarm, _PhoneStream.begin)
+# and the noisy neighbour's (it loads the cores on purpose).
 ONE_AT_A_TIME = {"test_arm64", "test_farm", "test_model_profiling", "test_ray", "test_ssh",
                  "test_adb", "test_neighbour"}
 
