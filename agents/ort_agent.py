@@ -1335,7 +1335,10 @@ def quantile_interval(ordered, q, confidence):
     """The distribution-free interval of the q-quantile of independent values (sorted), from
     order statistics: (low, high) such that the true quantile lies inside with probability
     at least `confidence`; None when there are too few values for that confidence on either
-    side. Exact binomial tails up to 1000 values, the normal approximation beyond."""
+    side. Exact binomial tails up to 1000 values, the normal approximation beyond. q lies
+    strictly between 0 and 1."""
+    if not 0 < q < 1:
+        raise ValueError("a quantile's interval needs 0 < q < 1, got %r" % (q,))
     n = len(ordered)
     if n < 2:
         return None

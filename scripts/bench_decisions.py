@@ -171,7 +171,7 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
     def profiler(name: str, **settings: Any) -> LatencyProfiler:
         # measurements in rounds with the truth campaign's blocks, whose history they read;
         # without a campaign (the replay's truth is exact), the defaults a user gets
-        chosen = dict(pinned, **({"block_ms": BLOCK_MS} if history else {}), **settings)
+        chosen = dict(pinned, **{**({"block_ms": BLOCK_MS} if history else {}), **settings})
         key = reference_history_key(MeasureRequest.checked(chosen, 60.0).settings, "thread_cpu")
         return LatencyProfiler(space, dummy, device=device, home=home, settings=chosen,
                                cache=empty_copy(index, folder, f"{condition}-{name}", history,

@@ -231,6 +231,8 @@ def test_the_interval_of_a_low_quantile_follows_the_binomial_and_covers_nominall
     # enough
     assert ort_agent.quantile_interval(values[:35], 0.1, 0.95) is None
     assert ort_agent.quantile_interval(values[:36], 0.1, 0.95) == (1, 8)
+    with pytest.raises(ValueError, match="0 < q < 1"):
+        ort_agent.quantile_interval(values, 1.0, 0.95)
     rng = random.Random(7)
     truth = math.exp(0.3 * statistics.NormalDist().inv_cdf(0.1))
     for n, trials in ((40, 1500), (300, 800), (2000, 200)):
@@ -805,7 +807,14 @@ def test_huge_numbers_in_a_rounds_record_are_refused_not_a_crash(field, value):
     ({"reference_level_ms": 8.0, "reference_level_interval_ms": [7.9, 8.1],
       "reference_level_blocks": True}, "reference_level_blocks"),
     ({"reference_level_ms": 8.0, "reference_level_interval_ms": [7.9, 8.1]},
-     "reference_level_blocks")])
+     "reference_level_blocks"),
+    ({"reference_level_ms": 8.0, "reference_level_interval_ms": [7.9, 10 ** 400],
+      "reference_level_blocks": 50}, "reference_level_interval_ms"),
+    ({"reference_level_ms": 10 ** 400}, "reference_level_ms"),
+    ({"reference_level_ms": 8.0, "reference_level_interval_ms": [7.9, 8.1],
+      "reference_level_blocks": 10 ** 400}, "reference_level_blocks"),
+    ({"reference_level_interval_ms": [7.9, 8.1], "reference_level_blocks": 50},
+     "reference_level_ms beside them")])
 def test_a_stored_level_that_makes_no_sense_is_refused_naming_the_field(stored, problem):
     from harness.store.measurement import Measurement
 

@@ -55,7 +55,7 @@ def fixed_loop_estimate_s(median_ms: float, device_s: float, loop_ms: float) -> 
 def _positive_ms(value: Any) -> bool:
     """A positive, finite time in ms (a stored field read back)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value) and 0 < value <= 1e8
+        0 < value <= 1e8  # NaN and a huge integer compare False (isfinite would overflow)
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,9 @@ class Provenance:
         """The stored level as a typed value, checked (ValueError names the bad field)."""
         level, interval = self.reference_level_ms, self.reference_level_interval_ms
         if level is None:
+            if interval is not None or self.reference_level_blocks is not None:
+                raise ValueError("provenance.reference_level_interval_ms and _blocks need "
+                                 "provenance.reference_level_ms beside them")
             return None
         if not _positive_ms(level):
             raise ValueError(f"provenance.reference_level_ms must be a positive time in ms, "
@@ -120,10 +123,11 @@ class Provenance:
                         for v in interval)
                 and interval[0] <= level <= interval[1]):
             raise ValueError(f"provenance.reference_level_interval_ms must be [low, high] in "
-                             f"ms around the level {level!r}, got {interval!r}")
-        if not (isinstance(blocks, int) and not isinstance(blocks, bool) and blocks > 0):
+                             f"ms around the level {level!r}, got {str(interval)[:80]}")
+        if not (isinstance(blocks, int) and not isinstance(blocks, bool)
+                and 0 < blocks <= 10 ** 9):
             raise ValueError(f"provenance.reference_level_blocks must be a positive count, "
-                             f"got {blocks!r}")
+                             f"got {str(blocks)[:40]}")
         return ReferenceLevel.stored(level, (float(interval[0]), float(interval[1])), blocks)
 
     def to_dict(self) -> Dict[str, Any]:
