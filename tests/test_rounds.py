@@ -869,12 +869,12 @@ def test_the_known_level_reads_the_newest_blocks_the_history_keeps(tmp_path):
 
     scope = ("device", "settings", "reference")
     with Cache(tmp_path / "cache.sqlite") as cache:
-        assert cache.known_reference(*scope, 0.1) == (None, 0)
+        assert cache.known_reference(*scope) == (None, 0)
         with cache._write("merge two campaigns' histories") as conn:
             conn.executemany("INSERT INTO reference_blocks VALUES (?, ?, ?, ?, ?, ?, ?)", [
                 (*scope, "old" if n < 3000 else "new", n, 0.90 if n < 3000 else 1.00, n)
                 for n in range(3000 + REFERENCE_HISTORY)])
-        known, blocks = cache.known_reference(*scope, 0.1)
+        known, blocks = cache.known_reference(*scope)
         recorded = cache.reference_level(*scope, "next", [(1, 1.0, 9e9)])
     assert known == pytest.approx(1.00) and recorded.level_ms == pytest.approx(1.00)
     assert recorded.interval_ms == pytest.approx((1.00, 1.00))

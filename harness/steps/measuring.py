@@ -21,7 +21,7 @@ from harness.steps.export_step import SampleExport
 from harness.steps.key_scope import KeyScope
 from harness.store.cache import Cache
 from harness.store.key import MeasurementKey, canonical_json, digest, settings_key
-from harness.store.rounds import LEVEL_QUANTILE, ReferenceLevel, block_statistic, block_times
+from harness.store.rounds import ReferenceLevel, block_statistic, block_times
 from harness.errors import InvalidArgument
 from harness.store.measurement import STATISTICS, Measurement
 
@@ -199,7 +199,7 @@ class MeasurementSteps:
         and how many blocks it stands on, recording nothing: what a decision's limit is read
         against before its window."""
         return self.cache.known_reference(self.scope().device_fp, self._reference_ran_as(),
-                                          self.reference().sha256, LEVEL_QUANTILE)
+                                          self.reference().sha256)
 
     def known_reference_level(self) -> Optional[float]:
         """known_reference's level alone."""

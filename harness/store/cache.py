@@ -37,7 +37,7 @@ from harness.store.import_checks import (EXPORT_FORMAT, MAX_CLOCK_SKEW_S, SCHEMA
                                          ImportCounts, finite, is_json_object, sample_labels)
 from harness.store.key import MeasurementKey, canonical_json, model_of
 from harness.store.measurement import STATISTICS, Measurement
-from harness.store.rounds import ReferenceLevel, quantile
+from harness.store.rounds import LEVEL_QUANTILE, ReferenceLevel, quantile
 
 log = logging.getLogger(__name__)
 
@@ -434,17 +434,17 @@ class Cache:
                                 "settings_key = ? AND reference = ?", scope).fetchall()
         return ReferenceLevel.of([value for (value,) in rows])
 
-    def known_reference(self, device_fp: str, settings_key: str, reference: str,
-                        quantile_q: float) -> Tuple[Optional[float], int]:
-        """The `quantile_q` quantile of the newest REFERENCE_HISTORY recorded reference
-        blocks of this device, settings and reference (its quiet level so far: the blocks
+    def known_reference(self, device_fp: str, settings_key: str, reference: str
+                        ) -> Tuple[Optional[float], int]:
+        """The quiet level (ReferenceLevel's quantile) of the newest REFERENCE_HISTORY
+        recorded reference blocks of this device, settings and reference (the blocks
         reference_level keeps, also where a history was merged from several caches), or
         None when none is recorded; and how many blocks it stands on."""
         rows = self._query("read the reference's blocks",
                            "SELECT value FROM reference_blocks WHERE device_fp = ? AND "
                            "settings_key = ? AND reference = ? ORDER BY created_at DESC "
                            f"LIMIT {REFERENCE_HISTORY}", (device_fp, settings_key, reference))
-        level = quantile([value for (value,) in rows], quantile_q) if rows else None
+        level = quantile([value for (value,) in rows], LEVEL_QUANTILE) if rows else None
         return level, len(rows)
 
     def reference_history(self, device_fp: str) -> List[Tuple[float, float]]:

@@ -193,6 +193,9 @@ class Measurement:
         # read over adb around the run) or else the agent's, not the session's stale ones
         # in the device state; the control's flags only among the flags.
         thermal_before, thermal_after = result.thermal_before, result.thermal_after
+        # a level read from blocks keeps its interval; an exact one (none) is stored bare
+        estimated = reference_level if reference_level is not None and reference_level.blocks \
+            else None
         if control is not None and control.thermal_before:
             thermal_before, thermal_after = control.thermal_before, control.thermal_after
         provenance = Provenance(
@@ -211,10 +214,8 @@ class Measurement:
             model_sha256=model_sha256, model_bytes=model_bytes, isolation=isolation,
             host_pid=os.getpid(), farm_host=result.host, stop=dict(result.stop) or None,
             reference_level_ms=None if reference_level is None else reference_level.level_ms,
-            reference_level_interval_ms=list(reference_level.interval_ms)
-            if reference_level is not None and reference_level.blocks else None,
-            reference_level_blocks=reference_level.blocks
-            if reference_level is not None and reference_level.blocks else None)
+            reference_level_interval_ms=list(estimated.interval_ms) if estimated else None,
+            reference_level_blocks=estimated.blocks if estimated else None)
         return cls(samples_ms=result.samples_ms, source="measured", device=result.device,
                    graph_hash=graph_hash, load_ms=result.load_ms,
                    first_run_ms=result.first_run_ms, input_signature=tuple(input_signature),
