@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from benchlib import Arm64Board, Neighbour, simulated_device, space_at_input
 
@@ -190,24 +190,42 @@ def statistics_of(protocol: str) -> Sequence[str]:
 
 
 def schedule_variants(protocols: Sequence[str], shares: Sequence[float],
-                      blocks: Sequence[float], ref_gap_ms: float
+                      blocks: Sequence[float], gaps: Sequence[float]
                       ) -> List[Tuple[str, str, Dict[str, float]]]:
     """(label, protocol, rounds settings) of every row group: each windowed protocol once
-    per reference share and block length, labelled with those that vary (a loop once)."""
+    per reference share, block length and reference gap, labelled with those that vary (a
+    loop once)."""
     variants = []
     for protocol in protocols:
         windowed = protocol in WINDOW_BUDGET
         for share in shares if windowed else shares[:1]:
             for block_ms in blocks if windowed else blocks[:1]:
-                label = protocol
-                if windowed and len(shares) > 1:
-                    label += f", ref_share {share:g}"
-                if windowed and len(blocks) > 1:
-                    label += f", blocks {block_ms:g} ms"
-                variants.append((label, protocol, {"block_ms": block_ms,
-                                                   "ref_gap_ms": ref_gap_ms,
-                                                   "ref_share": share}))
+                for gap_ms in gaps if windowed else gaps[:1]:
+                    label = protocol
+                    if windowed and len(shares) > 1:
+                        label += f", ref_share {share:g}"
+                    if windowed and len(blocks) > 1:
+                        label += f", blocks {block_ms:g} ms"
+                    if windowed and len(gaps) > 1:
+                        label += f", ref_gap {gap_ms:g} ms"
+                    variants.append((label, protocol, {"block_ms": block_ms,
+                                                       "ref_gap_ms": gap_ms,
+                                                       "ref_share": share}))
     return variants
+
+
+def comma_list(parser: argparse.ArgumentParser, option: str, text: str,
+               valid: Callable[[float], bool], wanted: str) -> List[float]:
+    """A comma list of numbers given to `option`: distinct, finite and `valid`, or the
+    parser's error saying what it takes (`wanted`)."""
+    try:
+        numbers = [float(part) for part in text.split(",") if part]
+    except ValueError:
+        numbers = []
+    if not numbers or len(set(numbers)) != len(numbers) or \
+            not all(math.isfinite(v) and valid(v) for v in numbers):
+        parser.error(f"{option} takes {wanted}, got {text!r}")
+    return numbers
 
 
 def folder(label: str) -> str:
@@ -245,8 +263,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "protocol once per length")
     parser.add_argument("--arm64-size", type=int, default=32,
                         help="the arm64 condition's input size (an emulated board is slow)")
-    parser.add_argument("--ref-gap-ms", type=float, default=150.0,
-                        help="rounds: device time between reference blocks at most")
+    parser.add_argument("--ref-gap-ms", default="150",
+                        help="rounds: device time between reference blocks at most (ms); a "
+                             "comma list runs each windowed protocol once per gap")
     parser.add_argument("--ref-share", default="1",
                         help="rounds: the reference's most share of a window's device time; "
                              "a comma list runs each windowed protocol once per share")
@@ -257,20 +276,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--replay-pairs takes a count of at least 1, got {args.replay_pairs}")
     if not 0 < args.rel_ci < 1:
         parser.error(f"--rel-ci takes a share above 0 and below 1, got {args.rel_ci!r}")
-    try:
-        shares = [float(share) for share in args.ref_share.split(",") if share]
-    except ValueError:
-        parser.error(f"--ref-share takes shares like 0.25,1, got {args.ref_share!r}")
-    if not shares or len(set(shares)) != len(shares) or not all(0 < v <= 1 for v in shares):
-        parser.error(f"--ref-share takes distinct shares above 0 and at most 1, got "
-                     f"{args.ref_share!r}")
-    try:
-        blocks = [float(length) for length in args.block_ms.split(",") if length]
-    except ValueError:
-        parser.error(f"--block-ms takes lengths in ms like 10,20, got {args.block_ms!r}")
-    if not blocks or len(set(blocks)) != len(blocks) or \
-            not all(math.isfinite(v) and v > 0 for v in blocks):
-        parser.error(f"--block-ms takes distinct positive lengths in ms, got {args.block_ms!r}")
+    shares = comma_list(parser, "--ref-share", args.ref_share, lambda v: 0 < v <= 1,
+                        "distinct shares above 0 and at most 1, like 0.25,1")
+    blocks = comma_list(parser, "--block-ms", args.block_ms, lambda v: v > 0,
+                        "distinct positive lengths in ms, like 10,20")
+    gaps = comma_list(parser, "--ref-gap-ms", args.ref_gap_ms, lambda v: v > 0,
+                      "distinct positive gaps in ms, like 100,150")
 
     import torch
 
@@ -285,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arm_samples = random_samples(arm_space, args.subnets, seed=args.seed)
     home = args.home or Path(tempfile.mkdtemp(prefix="bench-noise-"))
     protocols = [p for p in args.protocols.split(",") if p]
-    variants = schedule_variants(protocols, shares, blocks, args.ref_gap_ms)
+    variants = schedule_variants(protocols, shares, blocks, gaps)
     conditions = [c for c in args.conditions.split(",") if c]
     from harness.export.graph import export_sample
     window = len(windows([export_sample(space, s, dummy, home=home) for s in samples])[0])
@@ -298,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
          f"{f' (arm64: {args.arm64_size} px)' if 'arm64' in conditions else ''}, "
          f"{args.seconds:g} s of timed runs per subnet and pass, agent on CPU 0, windows of "
          f"{window}, blocks of {' or '.join(f'{b:g}' for b in blocks)} ms, references at most "
-         f"{args.ref_gap_ms:g} ms "
+         f"{' or '.join(f'{g:g}' for g in gaps)} ms "
          f"apart{bounded}{ci_rules} "
          f"({time.ctime()})\n", args.out)
     emit(HEADER, args.out)

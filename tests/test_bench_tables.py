@@ -83,23 +83,29 @@ def test_the_noise_bench_refuses_no_pairs(tmp_path, capsys):
     assert "--replay-pairs takes a count of at least 1" in capsys.readouterr().err
 
 
-def test_the_noise_bench_runs_each_window_once_per_share_and_block_length(tmp_path, capsys):
-    """Lists of shares and block lengths label the windowed rows with what varies; a loop
-    runs once; a block length that is no positive number is refused, naming the option."""
+def test_the_noise_bench_runs_each_window_once_per_share_block_length_and_gap(tmp_path,
+                                                                              capsys):
+    """Lists of shares, block lengths and reference gaps label the windowed rows with what
+    varies; a loop runs once; a length or gap that is no positive number is refused, naming
+    the option."""
     import bench_noise
 
-    variants = bench_noise.schedule_variants(["loop", "rounds"], [1.0], [10.0, 20.0], 150.0)
+    variants = bench_noise.schedule_variants(["loop", "rounds"], [1.0], [10.0, 20.0], [150.0])
     assert [(label, rounds["block_ms"]) for label, _, rounds in variants] == [
         ("loop", 10.0), ("rounds, blocks 10 ms", 10.0), ("rounds, blocks 20 ms", 20.0)]
-    both = bench_noise.schedule_variants(["paired"], [0.25, 1.0], [10.0, 20.0], 100.0)
+    both = bench_noise.schedule_variants(["paired"], [0.25, 1.0], [10.0, 20.0], [100.0])
     assert [label for label, _, _ in both] == [
         "paired, ref_share 0.25, blocks 10 ms", "paired, ref_share 0.25, blocks 20 ms",
         "paired, ref_share 1, blocks 10 ms", "paired, ref_share 1, blocks 20 ms"]
     assert all(rounds["ref_gap_ms"] == 100.0 for _, _, rounds in both)
-    for bad in ("0", "nan", "10,10", "ten"):
-        with pytest.raises(SystemExit):
-            bench_noise.main(["--out", str(tmp_path / "n.md"), "--block-ms", bad])
-        assert "--block-ms takes" in capsys.readouterr().err
+    gaps = bench_noise.schedule_variants(["loop", "rounds"], [1.0], [10.0], [100.0, 150.0])
+    assert [(label, rounds["ref_gap_ms"]) for label, _, rounds in gaps] == [
+        ("loop", 100.0), ("rounds, ref_gap 100 ms", 100.0), ("rounds, ref_gap 150 ms", 150.0)]
+    for option in ("--block-ms", "--ref-gap-ms"):
+        for bad in ("0", "nan", "10,10", "ten", "-5"):
+            with pytest.raises(SystemExit):
+                bench_noise.main(["--out", str(tmp_path / "n.md"), option, bad])
+            assert f"{option} takes" in capsys.readouterr().err
 
 
 class Timed:
