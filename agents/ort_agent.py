@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 
-AGENT_VERSION = "1.3"
+AGENT_VERSION = "1.4"
 
 ERROR_KINDS = ("TRANSFER", "LOAD", "RUNTIME", "TIMEOUT", "DEVICE_LOST", "THERMAL", "USER")
 
@@ -1940,12 +1940,17 @@ def block_statistic(runs, statistic="min"):
 
 
 def block_ratios(blocks, reference_blocks, statistic="min", speed_change=SPEED_CHANGE):
-    """Each candidate block's statistic over the mean of the statistics of its two nearest
-    reference blocks (by sequence): [(ratio, kept)], kept False where those two differ by
-    more than `speed_change` (the device changed speed between them). A block without a
-    reference on both sides gives none."""
+    """Each candidate block's statistic over the reference's at that block's time: [(ratio,
+    kept)]. The reference's statistic is read off the straight line through its two nearest
+    blocks (by sequence), at the middle of the candidate block's timed runs (see
+    block_middle_s), so that a device whose speed moves between the two references is
+    divided out to first order; their plain mean (before agent 1.4) charged a block next to
+    one reference half the change. Kept False where those two differ by more than
+    `speed_change` (the device changed speed between them, no straight line). A block
+    without a reference on both sides gives none."""
     references = sorted(reference_blocks, key=lambda block: block[2])
     values = [block_statistic(block_times(block), statistic) for block in references]
+    middles = [block_middle_s(block) for block in references]
     sequences = [block[2] for block in references]
     ratios = []
     for block in blocks:
@@ -1956,9 +1961,20 @@ def block_ratios(blocks, reference_blocks, statistic="min", speed_change=SPEED_C
         mean = (before_value + after_value) / 2
         if mean <= 0:
             continue
-        ratios.append((block_statistic(block_times(block), statistic) / mean,
+        span = middles[after] - middles[after - 1]
+        weight = (block_middle_s(block) - middles[after - 1]) / span if span > 0 else 0.5
+        weight = min(max(weight, 0.0), 1.0)
+        at_block = before_value + weight * (after_value - before_value)
+        ratios.append((block_statistic(block_times(block), statistic) / at_block,
                        abs(before_value - after_value) / mean <= speed_change))
     return ratios
+
+
+def block_middle_s(block):
+    """When a block's timed runs were half done (s since its window began): its start, then
+    its discarded run (taken as long as a timed one), then half its timed runs (wall)."""
+    runs_ms = block[3]
+    return block[4] + (sum(runs_ms) / len(runs_ms) + sum(runs_ms) / 2) / 1e3
 
 
 def _precise(model, reference, settings):

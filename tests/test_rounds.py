@@ -289,6 +289,27 @@ def test_the_quiet_state_latency_carries_the_levels_uncertainty_as_well_as_the_r
     assert any("few reference blocks: 24" in reason for reason in alone.noisy_reasons)
 
 
+def test_the_reference_is_read_at_the_candidates_time_so_a_steady_drift_divides_out():
+    """A device slowing steadily: the reference runs 10.0 ms, then 10.8 ms; a candidate
+    block whose timed runs were half done a quarter of the way between the two references'
+    sees the reference at 10.2 ms, and its ratio is exact. The plain mean of the two (before
+    agent 1.4) read 10.4 ms, 2% off."""
+    def block(sequence, middle_s, run_ms):  # one timed run after the discarded one
+        return [0, 0, sequence, [run_ms], middle_s - 1.5 * run_ms / 1e3]
+
+    assert ort_agent.block_middle_s(block(0, 0.1, 10.0)) == pytest.approx(0.1)
+    references = [block(0, 0.100, 10.0), block(2, 0.200, 10.8)]
+    (ratio, kept), = ort_agent.block_ratios([block(1, 0.125, 5.1)], references)
+    assert kept and ratio == pytest.approx(0.5)
+    # references that share a middle (or a hostile order of times): their mean; a block
+    # outside their span is read at the nearer one, never extrapolated
+    (same, _), = ort_agent.block_ratios([block(1, 0.125, 5.2)],
+                                        [block(0, 0.1, 10.0), block(2, 0.1, 10.8)])
+    assert same == pytest.approx(0.5)
+    (outside, _), = ort_agent.block_ratios([block(1, 0.5, 5.4)], references)
+    assert outside == pytest.approx(0.5)
+
+
 def test_a_block_whose_references_disagree_is_dropped_and_counted():
     candidate = [5.0, 5.0, 7.0, 5.0]
     references = [(10.0, 10.0), (10.0, 10.0), (10.0, 14.0), (10.0, 10.0)]  # speed changed
@@ -299,7 +320,9 @@ def test_a_block_whose_references_disagree_is_dropped_and_counted():
     single = summarise(record(candidate, references, k=1))
     assert single.dropped == 1 and single.systematic == 0.0
     alone = summarise(record([5.0], [(10.0, 14.0)]))  # nothing survives: all, flagged
-    assert alone.unfiltered and alone.ratio == pytest.approx(5.0 / 12.0)
+    # the reference read at the candidate's middle: 0.339 of the way from 10 to 14
+    at_block = 10.0 + 4.0 * (0.04875 - 0.025) / (0.095 - 0.025)
+    assert alone.unfiltered and alone.ratio == pytest.approx(5.0 / at_block)
     assert any("changed speed around every block" in r for r in alone.noisy_reasons)
 
 

@@ -16,10 +16,12 @@ times do not:
   on this host, with a neighbour on the device's own core, that took the subnets
   re-measured within 5% of themselves from 72% to 100%, and the blocks dropped for a change
   of speed from 55-61% to 4% (README, "Measurements that hold on a noisy device");
-- a candidate block's ratio is its statistic over the mean of the statistics of its two
-  nearest reference blocks (the one before and the one after it); when those two differ by
-  more than `speed_change`, the device changed speed between them and the block is dropped
-  (counted, not hidden);
+- a candidate block's ratio is its statistic over the reference's at that block's time: the
+  straight line through the statistics of its two nearest reference blocks (the one before
+  and the one after it), read at the middle of its timed runs (agent 1.4; before, their
+  mean, which charged a block beside one reference half of a steady change of speed); when
+  those two differ by more than `speed_change`, the device changed speed between them and
+  the block is dropped (counted, not hidden);
 - the candidate's ratio is the median of its blocks' ratios over the rounds. Its 95%
   interval is the order-statistic interval of that median (distribution-free), widened on
   each side by a systematic term: how far the same ratio lies when the blocks are summarised
@@ -98,7 +100,7 @@ class ReferenceLevel:
 class RoundsSummary:
     """One model's figures from a window of interleaved rounds (see the module docstring)."""
 
-    ratio: float                          # median over rounds of block / nearest references
+    ratio: float                          # median over rounds: block / reference at its time
     ratio_interval: Tuple[float, float]   # its 95% interval, systematic term included
     reference_level_ms: float             # a low quantile of the reference blocks
     quiet_ms: float                       # ratio x reference level
