@@ -1958,13 +1958,13 @@ def block_ratios(blocks, reference_blocks, statistic="min", speed_change=SPEED_C
         if after == 0 or after == len(references):
             continue
         before_value, after_value = values[after - 1], values[after]
-        mean = (before_value + after_value) / 2
-        if mean <= 0:
-            continue
         span = middles[after] - middles[after - 1]
         weight = (block_middle_s(block) - middles[after - 1]) / span if span > 0 else 0.5
         weight = min(max(weight, 0.0), 1.0)
         at_block = before_value + weight * (after_value - before_value)
+        if at_block <= 0:  # a reference block of no time (a garbled record): no ratio
+            continue
+        mean = (before_value + after_value) / 2
         ratios.append((block_statistic(block_times(block), statistic) / at_block,
                        abs(before_value - after_value) / mean <= speed_change))
     return ratios

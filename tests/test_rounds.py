@@ -308,6 +308,9 @@ def test_the_reference_is_read_at_the_candidates_time_so_a_steady_drift_divides_
     assert same == pytest.approx(0.5)
     (outside, _), = ort_agent.block_ratios([block(1, 0.5, 5.4)], references)
     assert outside == pytest.approx(0.5)
+    # a reference block of no time (a garbled record) gives no ratio beside it, no crash
+    assert ort_agent.block_ratios([block(1, 0.1, 5.0)],
+                                  [block(0, 0.1, 0.0), block(2, 0.2, 10.0)]) == []
 
 
 def test_a_block_whose_references_disagree_is_dropped_and_counted():
