@@ -107,6 +107,14 @@ DEFAULT_SETTINGS = {
     "block_ms": 10.0,
     "ref_gap_ms": 150.0,
     "ref_share": 1.0,
+    # runs of a block run and thrown away before its timed runs (agent 1.4: none by default).
+    # Each block runs after another model, and the first run after a switch runs slow (at
+    # 224 px +18%, the second +10%), but so does the reference's, and the ratio divides it
+    # out: side by side on this project's machine a block without the discarded run kept
+    # 2-2.5x as many blocks per subnet at the same device time, and its subnets re-measured
+    # within 1% of themselves for 85-90% against 62-65% (README, "2026-12-07: no discarded
+    # run"); the two ways' ratios lay a median 0.3% apart.
+    "discard_runs": 0,
 }
 
 # Precisions the host converts models to before sending them (the agent only records it).
@@ -466,6 +474,10 @@ def parse_settings(raw):
         if not _finite_number(value) or not 0 < value <= 60000:
             raise AgentError("USER", "setting %s must be a number of ms above 0 and at most "
                              "60000, got %r" % (key, value))
+    discard = settings["discard_runs"]
+    if not isinstance(discard, int) or isinstance(discard, bool) or not 0 <= discard <= 10:
+        raise AgentError("USER", "setting discard_runs must be a whole number from 0 to 10, "
+                         "got %r" % (discard,))
     share = settings["ref_share"]
     if not _finite_number(share) or not 0 < share <= 1:
         raise AgentError("USER", "setting ref_share must be a share of the window's device time "
@@ -1552,14 +1564,17 @@ def _measure(model, sha256=None, settings=None):
 # ---------------------------------------------------------------- interleaved rounds
 
 class Timed(object):
-    """A model as the rounds schedule sees it: `run()` once, its blocks of k timed runs (k so
-    that a block lasts at least block_ms), each tagged [round, position, sequence, runs in
-    ms, start in s since the window began], and with a `cpu_clock` a sixth item: each run's
-    CPU time in ms by that clock (see run_cpu_clock). The agent's models run onnxruntime; a
-    simulated device's run on a virtual clock (devices.simulated)."""
+    """A model as the rounds schedule sees it: `run()` once, its blocks of `discard_runs`
+    runs thrown away then k timed runs (k so that a block lasts at least block_ms), each
+    tagged [round, position, sequence, runs in ms, when its timed runs began in s since the
+    window began], and with a `cpu_clock` a sixth item: each run's CPU time in ms by that
+    clock (see run_cpu_clock). The agent's models run onnxruntime; a simulated device's run
+    on a virtual clock (devices.simulated)."""
 
-    def __init__(self, name, run, clock, block_ms, probe_runs=3, cpu_clock=None):
+    def __init__(self, name, run, clock, block_ms, probe_runs=3, cpu_clock=None,
+                 discard_runs=0):
         self.name, self.run, self.clock, self.cpu_clock = name, run, clock, cpu_clock
+        self.discard_runs = discard_runs
         probe = []
         for _ in range(probe_runs):
             started = clock()
@@ -1587,10 +1602,12 @@ class Timed(object):
         return self.verdict is None and self.precise_at is None
 
     def block(self, round_index, position, sequence, origin):
-        """One block: a discarded run, then k timed runs; its length (s)."""
+        """One block: `discard_runs` runs thrown away, then k timed runs; its length (s)."""
         clock, cpu_clock = self.clock, self.cpu_clock
         started = clock()
-        self.run()
+        for _ in range(self.discard_runs):
+            self.run()
+        timed_from = clock()
         times, cpu_times = [], []
         for _ in range(self.k):
             begun = clock()
@@ -1599,7 +1616,7 @@ class Timed(object):
             if cpu_clock is not None:
                 cpu_times.append(round((cpu_clock() - cpu_begun) * 1e3, 6))
             times.append(round((clock() - begun) * 1e3, 6))
-        block = [round_index, position, sequence, times, round(started - origin, 6)]
+        block = [round_index, position, sequence, times, round(timed_from - origin, 6)]
         if cpu_clock is not None:
             block.append(cpu_times)
         self.blocks.append(block)
@@ -1877,7 +1894,8 @@ class _Loaded(Timed):
                 self._run()
             warmup_ms = (time.perf_counter() - started) * 1e3
             Timed.__init__(self, name, self._run, time.perf_counter, settings["block_ms"],
-                           cpu_clock=run_cpu_clock(settings))
+                           cpu_clock=run_cpu_clock(settings),
+                           discard_runs=settings["discard_runs"])
         return warmup_ms
 
     def rewarm(self, settings):
@@ -1971,10 +1989,10 @@ def block_ratios(blocks, reference_blocks, statistic="min", speed_change=SPEED_C
 
 
 def block_middle_s(block):
-    """When a block's timed runs were half done (s since its window began): its start, then
-    its discarded run (taken as long as a timed one), then half its timed runs (wall)."""
-    runs_ms = block[3]
-    return block[4] + (sum(runs_ms) / len(runs_ms) + sum(runs_ms) / 2) / 1e3
+    """When a block's timed runs were half done (s since its window began): when they began,
+    then half their wall time. (Agent 1.3 and before stamped a block before its discarded
+    run: its middle reads one run late, on references and candidates alike.)"""
+    return block[4] + sum(block[3]) / 2e3
 
 
 def _precise(model, reference, settings):

@@ -291,7 +291,8 @@ class SimulatedClient:
             run = self.spec.runner(sha, clock)
             for _ in range(checked["warmup_runs"] + 1):
                 run()
-            return Timed(name, run, clock, checked["block_ms"])
+            return Timed(name, run, clock, checked["block_ms"],
+                         discard_runs=checked["discard_runs"])
 
         ref = timed("reference", reference[1])
         timed_models = {name: timed(name, sha) for name, (_, sha) in models.items()}

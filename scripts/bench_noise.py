@@ -48,6 +48,7 @@ are in).
 """
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import statistics
@@ -71,7 +72,7 @@ HEADER = ("| condition | protocol | statistic | within 1% | within 2% | within 5
           "| error vs truth: within 2% | interval covers truth (median half-width) |")
 
 
-def settings_of(protocol: str, seconds: float, rounds: Dict[str, float],
+def settings_of(protocol: str, seconds: float, rounds: Dict[str, Any],
                 rel_ci: float) -> Dict[str, Any]:
     """The agent's settings for a protocol at `seconds` of timed runs per subnet (a window's
     budget is its candidates' budgets together); `rounds`: block_ms, ref_gap_ms, ref_share;
@@ -88,7 +89,7 @@ def settings_of(protocol: str, seconds: float, rounds: Dict[str, float],
 
 
 def measure_pass(protocol: str, space: Any, dummy: Any, samples: List[dict], device: str,
-                 home: Path, seconds: float, rounds: Dict[str, float],
+                 home: Path, seconds: float, rounds: Dict[str, Any],
                  rel_ci: float) -> List[Any]:
     """One pass: every subnet measured anew under the protocol (refresh: no pass reads
     another's measurements; passes in one home share the device's reference history, as a
@@ -190,27 +191,28 @@ def statistics_of(protocol: str) -> Sequence[str]:
 
 
 def schedule_variants(protocols: Sequence[str], shares: Sequence[float],
-                      blocks: Sequence[float], gaps: Sequence[float]
-                      ) -> List[Tuple[str, str, Dict[str, float]]]:
+                      blocks: Sequence[float], gaps: Sequence[float],
+                      discards: Sequence[float] = (0,)
+                      ) -> List[Tuple[str, str, Dict[str, Any]]]:
     """(label, protocol, rounds settings) of every row group: each windowed protocol once
-    per reference share, block length and reference gap, labelled with those that vary (a
-    loop once)."""
+    per reference share, block length, reference gap and discarded runs per block,
+    labelled with those that vary (a loop once)."""
     variants = []
     for protocol in protocols:
         windowed = protocol in WINDOW_BUDGET
-        for share in shares if windowed else shares[:1]:
-            for block_ms in blocks if windowed else blocks[:1]:
-                for gap_ms in gaps if windowed else gaps[:1]:
-                    label = protocol
-                    if windowed and len(shares) > 1:
-                        label += f", ref_share {share:g}"
-                    if windowed and len(blocks) > 1:
-                        label += f", blocks {block_ms:g} ms"
-                    if windowed and len(gaps) > 1:
-                        label += f", ref_gap {gap_ms:g} ms"
-                    variants.append((label, protocol, {"block_ms": block_ms,
-                                                       "ref_gap_ms": gap_ms,
-                                                       "ref_share": share}))
+        for share, block_ms, gap_ms, discard in itertools.product(
+                *[values if windowed else values[:1]
+                  for values in (shares, blocks, gaps, discards)]):
+            label = protocol
+            for values, name in ((shares, f"ref_share {share:g}"),
+                                 (blocks, f"blocks {block_ms:g} ms"),
+                                 (gaps, f"ref_gap {gap_ms:g} ms"),
+                                 (discards, f"discard {discard:g}")):
+                if windowed and len(values) > 1:
+                    label += f", {name}"
+            variants.append((label, protocol, {"block_ms": block_ms, "ref_gap_ms": gap_ms,
+                                               "ref_share": share,
+                                               "discard_runs": int(discard)}))
     return variants
 
 
@@ -266,6 +268,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--ref-gap-ms", default="150",
                         help="rounds: device time between reference blocks at most (ms); a "
                              "comma list runs each windowed protocol once per gap")
+    parser.add_argument("--discard-runs", default="0",
+                        help="rounds: runs a block throws away before its timed runs; a comma "
+                             "list runs each windowed protocol once per count")
     parser.add_argument("--ref-share", default="1",
                         help="rounds: the reference's most share of a window's device time; "
                              "a comma list runs each windowed protocol once per share")
@@ -282,6 +287,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "distinct positive lengths in ms, like 10,20")
     gaps = comma_list(parser, "--ref-gap-ms", args.ref_gap_ms, lambda v: v > 0,
                       "distinct positive gaps in ms, like 100,150")
+    discards = comma_list(parser, "--discard-runs", args.discard_runs,
+                          lambda v: v == int(v) and 0 <= v <= 10,
+                          "distinct whole numbers from 0 to 10, like 0,1")
 
     import torch
 
@@ -296,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arm_samples = random_samples(arm_space, args.subnets, seed=args.seed)
     home = args.home or Path(tempfile.mkdtemp(prefix="bench-noise-"))
     protocols = [p for p in args.protocols.split(",") if p]
-    variants = schedule_variants(protocols, shares, blocks, gaps)
+    variants = schedule_variants(protocols, shares, blocks, gaps, discards)
     conditions = [c for c in args.conditions.split(",") if c]
     from harness.export.graph import export_sample
     window = len(windows([export_sample(space, s, dummy, home=home) for s in samples])[0])

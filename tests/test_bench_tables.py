@@ -101,8 +101,11 @@ def test_the_noise_bench_runs_each_window_once_per_share_block_length_and_gap(tm
     gaps = bench_noise.schedule_variants(["loop", "rounds"], [1.0], [10.0], [100.0, 150.0])
     assert [(label, rounds["ref_gap_ms"]) for label, _, rounds in gaps] == [
         ("loop", 100.0), ("rounds, ref_gap 100 ms", 100.0), ("rounds, ref_gap 150 ms", 150.0)]
-    for option in ("--block-ms", "--ref-gap-ms"):
-        for bad in ("0", "nan", "10,10", "ten", "-5"):
+    discards = bench_noise.schedule_variants(["rounds"], [1.0], [10.0], [150.0], [0, 1])
+    assert [(label, rounds["discard_runs"]) for label, _, rounds in discards] == [
+        ("rounds, discard 0", 0), ("rounds, discard 1", 1)]
+    for option, zero in (("--block-ms", "0"), ("--ref-gap-ms", "0"), ("--discard-runs", "1.5")):
+        for bad in (zero, "nan", "10,10", "ten", "-5"):
             with pytest.raises(SystemExit):
                 bench_noise.main(["--out", str(tmp_path / "n.md"), option, bad])
             assert f"{option} takes" in capsys.readouterr().err

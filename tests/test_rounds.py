@@ -90,11 +90,12 @@ class VirtualClock:
     def __call__(self) -> float:
         return self.now
 
-    def model(self, name, run_ms, block_ms):
-        """A Timed model whose every run takes run_ms on this clock."""
+    def model(self, name, run_ms, block_ms, discard_runs=1):
+        """A Timed model whose every run takes run_ms on this clock (a block throws one run
+        away first unless told otherwise: the schedule's arithmetic below counts it)."""
         def run():
             self.now += run_ms / 1e3
-        return ort_agent.Timed(name, run, self, block_ms)
+        return ort_agent.Timed(name, run, self, block_ms, discard_runs=discard_runs)
 
 
 @pytest.mark.parametrize("candidates, run_ms, gap_ms", [(1, 8.0, 100.0), (6, 8.0, 60.0),
@@ -176,7 +177,9 @@ def test_a_candidate_that_fails_is_its_own_error_and_a_bad_reference_fails_the_w
 @pytest.mark.parametrize("setting, value", [("rounds", 0), ("rounds", 1.5), ("block_ms", 0),
                                             ("block_ms", math.nan), ("ref_gap_ms", -1),
                                             ("ref_share", 0), ("ref_share", 1.5),
-                                            ("ref_share", math.nan), ("protocol", "sideways")])
+                                            ("ref_share", math.nan), ("protocol", "sideways"),
+                                            ("discard_runs", -1), ("discard_runs", 1.0),
+                                            ("discard_runs", True), ("discard_runs", 11)])
 def test_round_settings_out_of_range_are_refused_naming_the_setting(setting, value):
     with pytest.raises(InvalidArgument, match=setting):
         LatencyProfiler(TinySpace(), torch.randn(1, 3, 32, 32), settings={setting: value})
@@ -294,8 +297,8 @@ def test_the_reference_is_read_at_the_candidates_time_so_a_steady_drift_divides_
     block whose timed runs were half done a quarter of the way between the two references'
     sees the reference at 10.2 ms, and its ratio is exact. The plain mean of the two (before
     agent 1.4) read 10.4 ms, 2% off."""
-    def block(sequence, middle_s, run_ms):  # one timed run after the discarded one
-        return [0, 0, sequence, [run_ms], middle_s - 1.5 * run_ms / 1e3]
+    def block(sequence, middle_s, run_ms):  # one timed run, stamped when it began
+        return [0, 0, sequence, [run_ms], middle_s - 0.5 * run_ms / 1e3]
 
     assert ort_agent.block_middle_s(block(0, 0.1, 10.0)) == pytest.approx(0.1)
     references = [block(0, 0.100, 10.0), block(2, 0.200, 10.8)]
@@ -323,8 +326,9 @@ def test_a_block_whose_references_disagree_is_dropped_and_counted():
     single = summarise(record(candidate, references, k=1))
     assert single.dropped == 1 and single.systematic == 0.0
     alone = summarise(record([5.0], [(10.0, 14.0)]))  # nothing survives: all, flagged
-    # the reference read at the candidate's middle: 0.339 of the way from 10 to 14
-    at_block = 10.0 + 4.0 * (0.04875 - 0.025) / (0.095 - 0.025)
+    # the reference read at the candidate's middle (its timed runs began at 30 ms and took
+    # 22.5): 0.398 of the way from 10 to 14 (the references' middles: 15 ms and 81 ms)
+    at_block = 10.0 + 4.0 * (0.04125 - 0.015) / (0.081 - 0.015)
     assert alone.unfiltered and alone.ratio == pytest.approx(5.0 / at_block)
     assert any("changed speed around every block" in r for r in alone.noisy_reasons)
 
@@ -554,7 +558,7 @@ def test_with_a_bound_a_failed_block_brings_no_reference_and_a_limit_closes_ever
             if calls["n"] > 3 + 3 * good_blocks:
                 raise RuntimeError("device memory gone")
             clock.now += 8e-3
-        return ort_agent.Timed("breaks", run, clock, 15.0)
+        return ort_agent.Timed("breaks", run, clock, 15.0, discard_runs=1)
 
     for ref_share in (1.0, 0.25):
         settings = ort_agent.parse_settings({"protocol": "rounds", "rounds": 12,
@@ -910,7 +914,8 @@ def test_the_known_level_reads_the_newest_blocks_the_history_keeps(tmp_path):
 def test_the_reference_history_is_kept_apart_by_clock_agent_version_and_block_length(
         monkeypatch):
     """Levels read one way never mix with another's: the history's key differs by the clock
-    the blocks were read by, the agent's version and the block length, and not by the
+    the blocks were read by, the agent's version, the block length and the runs a block
+    throws away, and not by the
     candidates' input shapes or precision (one history for a device's every window)."""
     from harness.pool.device_pool import MeasureRequest
     from harness.steps import measuring
@@ -919,6 +924,7 @@ def test_the_reference_history_is_kept_apart_by_clock_agent_version_and_block_le
     key = measuring.reference_history_key(settings, "thread_cpu")
     assert key != measuring.reference_history_key(settings, "wall")
     assert key != measuring.reference_history_key(dict(settings, block_ms=5.0), "thread_cpu")
+    assert key != measuring.reference_history_key(dict(settings, discard_runs=1), "thread_cpu")
     assert key == measuring.reference_history_key(
         dict(settings, input_shapes={"input": [1, 3, 64, 64]}, precision="fp16"), "thread_cpu")
     monkeypatch.setattr(measuring, "AGENT_VERSION", "9.9")

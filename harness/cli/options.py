@@ -279,6 +279,10 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
                         help="with --protocol rounds: the most of a window's device time the "
                              "reference's blocks take (default 1: no bound; 0.25 on a board "
                              "whose blocks outlast --ref-gap-ms)")
+    parser.add_argument("--discard-runs", type=int,
+                        help="with --protocol rounds: runs each block throws away before its "
+                             "timed runs (default 0: the reference's first run after a switch "
+                             "is as slow as the candidate's, and the ratio divides it out)")
     parser.add_argument("--reference", metavar="FILE.onnx",
                         help="with --protocol rounds: the reference model (default: a fixed "
                              "subnet of the built-in space at the input size)")
@@ -291,7 +295,8 @@ def agent_settings(args: argparse.Namespace) -> Dict[str, Any]:
                         ("min_time_ms", "min_time_ms"), ("max_time_ms", "max_time_ms"),
                         ("stop", "stop"), ("rel_ci", "rel_ci"), ("protocol", "protocol"),
                         ("rounds", "rounds"), ("block_ms", "block_ms"),
-                        ("ref_gap_ms", "ref_gap_ms"), ("ref_share", "ref_share")):
+                        ("ref_gap_ms", "ref_gap_ms"), ("ref_share", "ref_share"),
+                        ("discard_runs", "discard_runs")):
         if getattr(args, option) is not None:
             settings[key] = getattr(args, option)
     if args.runtime:

@@ -67,13 +67,15 @@ def reference_history_key(settings: Mapping[str, Any], clock: str) -> str:
     ran (the runtime settings, with its own inputs, at fp32, whatever the candidates' shapes
     and precision: one history for a device's every window), the agent's version, the clock
     its blocks are read by (agents.ort_agent.run_cpu_clock: the settings choose it, and a
-    device whose thread clock fails the agent's probe falls back to the wall), and the block
+    device whose thread clock fails the agent's probe falls back to the wall), the block
     length (the level is a low quantile of block minima, and the minimum of fewer runs lies
-    higher), so that levels read one way never mix with another's."""
+    higher) and the runs a block throws away first (the first run after a switch of model
+    runs slow), so that levels read one way never mix with another's."""
     return digest({"settings": settings_key(dict(settings, input_shapes=None, precision="fp32",
                                                  calibration=None)),
                    "agent_version": AGENT_VERSION, "clock": clock,
-                   "block_ms": float(settings["block_ms"])})
+                   "block_ms": float(settings["block_ms"]),
+                   "discard_runs": int(settings["discard_runs"])})
 
 
 def check_statistic(statistic: Optional[str], settings: Mapping[str, Any]) -> str:
