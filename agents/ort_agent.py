@@ -111,9 +111,9 @@ DEFAULT_SETTINGS = {
     # Each block runs after another model, and the first run after a switch runs slow (at
     # 224 px +18%, the second +10%), but so does the reference's, and the ratio divides it
     # out: side by side on this project's machine a block without the discarded run kept
-    # 2-2.5x as many blocks per subnet at the same device time, and its subnets re-measured
-    # within 1% of themselves for 85-90% against 62-65% (README, "2026-12-07: no discarded
-    # run"); the two ways' ratios lay a median 0.3% apart.
+    # 2-2.5x as many blocks per subnet at the same device time, and re-measured steadier in
+    # four of five pairs of runs (idle on a calm host, one run throwing one away did better:
+    # README, "2026-12-07: no discarded run"); the two ways' ratios lay a median 0.3% apart.
     "discard_runs": 0,
 }
 
