@@ -344,6 +344,14 @@ def _finite_number(value):
         and math.isfinite(value)
 
 
+def _check_whole_setting(settings, key, low, high):
+    """A setting that must be a whole number from low to high: AgentError USER naming it."""
+    value = settings[key]
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise AgentError("USER", "setting %s must be a whole number from %d to %d, got %r"
+                         % (key, low, high, value))
+
+
 def plain_number(value):
     """A number of another type (numpy's float32, int64...) as Python's own int or float, so
     that it passes the checks below and travels as JSON; anything else as it is."""
@@ -452,10 +460,7 @@ def parse_settings(raw):
     if not isinstance(settings["per_op"], bool):
         raise AgentError("USER", "setting per_op must be true or false, got %r"
                          % (settings["per_op"],))
-    runs = settings["profile_runs"]
-    if not isinstance(runs, int) or isinstance(runs, bool) or not 1 <= runs <= 10000:
-        raise AgentError("USER", "setting profile_runs must be a whole number from 1 to 10000, "
-                         "got %r" % (runs,))
+    _check_whole_setting(settings, "profile_runs", 1, 10000)
     if settings["precision"] not in PRECISIONS:
         raise AgentError("USER", "precision must be one of %s, got %r"
                          % (", ".join(PRECISIONS), settings["precision"]))
@@ -465,19 +470,13 @@ def parse_settings(raw):
     if settings["protocol"] not in PROTOCOLS:
         raise AgentError("USER", "setting protocol must be one of %s, got %r"
                          % (", ".join(PROTOCOLS), settings["protocol"]))
-    rounds = settings["rounds"]
-    if not isinstance(rounds, int) or isinstance(rounds, bool) or not 1 <= rounds <= 100000:
-        raise AgentError("USER", "setting rounds must be a whole number from 1 to 100000, got %r"
-                         % (rounds,))
+    _check_whole_setting(settings, "rounds", 1, 100000)
     for key in ("block_ms", "ref_gap_ms"):
         value = settings[key]
         if not _finite_number(value) or not 0 < value <= 60000:
             raise AgentError("USER", "setting %s must be a number of ms above 0 and at most "
                              "60000, got %r" % (key, value))
-    discard = settings["discard_runs"]
-    if not isinstance(discard, int) or isinstance(discard, bool) or not 0 <= discard <= 10:
-        raise AgentError("USER", "setting discard_runs must be a whole number from 0 to 10, "
-                         "got %r" % (discard,))
+    _check_whole_setting(settings, "discard_runs", 0, 10)
     share = settings["ref_share"]
     if not _finite_number(share) or not 0 < share <= 1:
         raise AgentError("USER", "setting ref_share must be a share of the window's device time "
