@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 
-AGENT_VERSION = "1.4"
+AGENT_VERSION = "1.5"
 
 ERROR_KINDS = ("TRANSFER", "LOAD", "RUNTIME", "TIMEOUT", "DEVICE_LOST", "THERMAL", "USER")
 
@@ -68,7 +68,7 @@ DEFAULT_SETTINGS = {
     "graph_optimization_level": "all",
     "execution_mode": "sequential",
     "provider": "CPUExecutionProvider",
-    "warmup_runs": 10,
+    "warmup_runs": None,     # 10 for the loop, 0 in rounds (WARMUP_RUNS)
     "stop": "fixed",
     "min_runs": None,        # 50 for the fixed loop, 10 for the other rules
     "min_time_ms": None,     # 1000 for the fixed loop, 0 for the other rules
@@ -130,6 +130,15 @@ PROFILE_WARMUP_RUNS = 3  # profiled runs dropped before the medians (caches, all
 # under "ci" a model whose ratio is known within rel_ci leaves.
 STOP_RULES = ("fixed", "ci", "limit")
 PROTOCOLS = ("loop", "rounds")
+# Runs after a model's first (its cold run, never timed) before it is timed, by protocol.
+# A loop times one model's runs back to back, and its warm-up brings the model's caches and
+# the core's speed to where its timed runs stay. In rounds (agent 1.5) every block follows
+# another model, so no warmed state outlives the first switch; the blocks that follow a
+# switch are timed beside a reference's that follow one too, and the ratio divides out what
+# they share. What lasts is the model's own first-run work (memory plans, allocations),
+# done by its first run and the three probe runs that choose its k. On a slow board ten
+# runs were seconds a model: README, "2026-12-07 (later): no warm-up in rounds".
+WARMUP_RUNS = {"loop": 10, "rounds": 0}
 MODE_DEFAULTS = {"fixed": {"min_runs": 50, "min_time_ms": 1000.0},
                  "ci": {"min_runs": 10, "min_time_ms": 0.0},
                  "limit": {"min_runs": 10, "min_time_ms": 0.0}}
@@ -401,6 +410,11 @@ def parse_settings(raw):
     for key, value in MODE_DEFAULTS[settings["stop"]].items():
         if settings[key] is None:
             settings[key] = value
+    if settings["protocol"] not in PROTOCOLS:
+        raise AgentError("USER", "setting protocol must be one of %s, got %r"
+                         % (", ".join(PROTOCOLS), settings["protocol"]))
+    if settings["warmup_runs"] is None:
+        settings["warmup_runs"] = WARMUP_RUNS[settings["protocol"]]
     for key in ("intra_op_threads", "inter_op_threads", "warmup_runs", "min_runs", "seed"):
         value = settings[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -467,9 +481,6 @@ def parse_settings(raw):
     if settings["calibration"] is not None and not isinstance(settings["calibration"], str):
         raise AgentError("USER", "calibration must be a text label, got %r"
                          % (settings["calibration"],))
-    if settings["protocol"] not in PROTOCOLS:
-        raise AgentError("USER", "setting protocol must be one of %s, got %r"
-                         % (", ".join(PROTOCOLS), settings["protocol"]))
     _check_whole_setting(settings, "rounds", 1, 100000)
     for key in ("block_ms", "ref_gap_ms"):
         value = settings[key]
@@ -1845,7 +1856,9 @@ KEPT_REFERENCE = {}
 SESSION_SETTINGS = ("runtime", "backend", "require_backend", "intra_op_threads",
                     "inter_op_threads", "graph_optimization_level", "execution_mode",
                     "provider", "provider_options", "input_shapes", "cpu_affinity", "seed")
-REWARM_RUNS = 2  # runs of a kept reference before a window's probe (its caches are cold)
+# runs of a kept reference before a window's probe (its caches are cold), at most the
+# window's warmup_runs (none in rounds by default: WARMUP_RUNS)
+REWARM_RUNS = 2
 
 
 def _reference_for(ort, reference, settings):
@@ -1868,7 +1881,8 @@ def _reference_for(ort, reference, settings):
 
 
 class _Loaded(Timed):
-    """One model of a rounds request, loaded, run once and warmed up."""
+    """One model of a rounds request, loaded, run once and warmed up (by warmup_runs:
+    none in rounds unless asked, see WARMUP_RUNS)."""
 
     def __init__(self, ort, name, path, sha256, settings):
         check_model_file(path, sha256)
@@ -1898,9 +1912,9 @@ class _Loaded(Timed):
         return warmup_ms
 
     def rewarm(self, settings):
-        """Ready for another window: REWARM_RUNS runs (its caches are cold), then new
-        blocks."""
-        self._ready(self.name, REWARM_RUNS, settings)
+        """Ready for another window: REWARM_RUNS runs (its caches are cold), or the window's
+        warm-up runs if fewer (none in rounds by default: WARMUP_RUNS), then new blocks."""
+        self._ready(self.name, min(REWARM_RUNS, settings["warmup_runs"]), settings)
 
 
 SPEED_CHANGE = 0.10  # reference blocks around a candidate block this far apart: it is dropped

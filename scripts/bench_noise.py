@@ -75,8 +75,9 @@ HEADER = ("| condition | protocol | statistic | within 1% | within 2% | within 5
 def settings_of(protocol: str, seconds: float, rounds: Dict[str, Any],
                 rel_ci: float) -> Dict[str, Any]:
     """The agent's settings for a protocol at `seconds` of timed runs per subnet (a window's
-    budget is its candidates' budgets together); `rounds`: block_ms, ref_gap_ms, ref_share;
-    `rel_ci`: the ci rule's half-width (ci, ci-rounds)."""
+    budget is its candidates' budgets together); `rounds`: block_ms, ref_gap_ms, ref_share,
+    discard_runs, warmup_runs (a loop warms up with the default); `rel_ci`: the ci rule's
+    half-width (ci, ci-rounds)."""
     pinned = {"cpu_affinity": [0]}
     if protocol == "loop":
         return dict(pinned, protocol="loop", min_time_ms=seconds * 1e3,
@@ -192,27 +193,31 @@ def statistics_of(protocol: str) -> Sequence[str]:
 
 def schedule_variants(protocols: Sequence[str], shares: Sequence[float],
                       blocks: Sequence[float], gaps: Sequence[float],
-                      discards: Sequence[float] = (0,)
+                      discards: Sequence[float] = (0,),
+                      warmups: Sequence[Optional[float]] = (None,)
                       ) -> List[Tuple[str, str, Dict[str, Any]]]:
     """(label, protocol, rounds settings) of every row group: each windowed protocol once
-    per reference share, block length, reference gap and discarded runs per block,
-    labelled with those that vary (a loop once)."""
+    per reference share, block length, reference gap, discarded runs per block and warm-up
+    runs per model (None: the agent's default for rounds), labelled with those that vary (a
+    loop once, with the loop's own warm-up)."""
     variants = []
     for protocol in protocols:
         windowed = protocol in WINDOW_BUDGET
-        for share, block_ms, gap_ms, discard in itertools.product(
+        for share, block_ms, gap_ms, discard, warmup in itertools.product(
                 *[values if windowed else values[:1]
-                  for values in (shares, blocks, gaps, discards)]):
+                  for values in (shares, blocks, gaps, discards, warmups)]):
             label = protocol
             for values, name in ((shares, f"ref_share {share:g}"),
                                  (blocks, f"blocks {block_ms:g} ms"),
                                  (gaps, f"ref_gap {gap_ms:g} ms"),
-                                 (discards, f"discard {discard:g}")):
+                                 (discards, f"discard {discard:g}"),
+                                 (warmups, f"warm-up {warmup or 0:g}")):
                 if windowed and len(values) > 1:
                     label += f", {name}"
-            variants.append((label, protocol, {"block_ms": block_ms, "ref_gap_ms": gap_ms,
-                                               "ref_share": share,
-                                               "discard_runs": int(discard)}))
+            variants.append((label, protocol, {
+                "block_ms": block_ms, "ref_gap_ms": gap_ms, "ref_share": share,
+                "discard_runs": int(discard),
+                **({} if warmup is None or not windowed else {"warmup_runs": int(warmup)})}))
     return variants
 
 
@@ -271,6 +276,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--discard-runs", default="0",
                         help="rounds: runs a block throws away before its timed runs; a comma "
                              "list runs each windowed protocol once per count")
+    parser.add_argument("--warmup-runs", default=None,
+                        help="rounds: runs each model warms up with after its first (default: "
+                             "the agent's, none in rounds); a comma list runs each windowed "
+                             "protocol once per count")
     parser.add_argument("--ref-share", default="1",
                         help="rounds: the reference's most share of a window's device time; "
                              "a comma list runs each windowed protocol once per share")
@@ -290,6 +299,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     discards = comma_list(parser, "--discard-runs", args.discard_runs,
                           lambda v: v == int(v) and 0 <= v <= 10,
                           "distinct whole numbers from 0 to 10, like 0,1")
+    warmups: Sequence[Optional[float]] = [None] if args.warmup_runs is None else comma_list(
+        parser, "--warmup-runs", args.warmup_runs, lambda v: v == int(v) and 0 <= v <= 1000,
+        "distinct whole numbers from 0 to 1000, like 0,10")
 
     import torch
 
@@ -304,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arm_samples = random_samples(arm_space, args.subnets, seed=args.seed)
     home = args.home or Path(tempfile.mkdtemp(prefix="bench-noise-"))
     protocols = [p for p in args.protocols.split(",") if p]
-    variants = schedule_variants(protocols, shares, blocks, gaps, discards)
+    variants = schedule_variants(protocols, shares, blocks, gaps, discards, warmups)
     conditions = [c for c in args.conditions.split(",") if c]
     from harness.export.graph import export_sample
     window = len(windows([export_sample(space, s, dummy, home=home) for s in samples])[0])

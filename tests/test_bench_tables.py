@@ -83,11 +83,11 @@ def test_the_noise_bench_refuses_no_pairs(tmp_path, capsys):
     assert "--replay-pairs takes a count of at least 1" in capsys.readouterr().err
 
 
-def test_the_noise_bench_runs_each_window_once_per_share_block_length_and_gap(tmp_path,
+def test_the_noise_bench_runs_each_window_once_per_value_of_each_schedule_list(tmp_path,
                                                                               capsys):
-    """Lists of shares, block lengths and reference gaps label the windowed rows with what
-    varies; a loop runs once; a length or gap that is no positive number is refused, naming
-    the option."""
+    """Lists of shares, block lengths, reference gaps, discarded runs and warm-up runs label
+    the windowed rows with what varies; a loop runs once; a value out of its list's range is
+    refused, naming the option."""
     import bench_noise
 
     variants = bench_noise.schedule_variants(["loop", "rounds"], [1.0], [10.0, 20.0], [150.0])
@@ -104,7 +104,13 @@ def test_the_noise_bench_runs_each_window_once_per_share_block_length_and_gap(tm
     discards = bench_noise.schedule_variants(["rounds"], [1.0], [10.0], [150.0], [0, 1])
     assert [(label, rounds["discard_runs"]) for label, _, rounds in discards] == [
         ("rounds, discard 0", 0), ("rounds, discard 1", 1)]
-    for option, zero in (("--block-ms", "0"), ("--ref-gap-ms", "0"), ("--discard-runs", "1.5")):
+    warmups = bench_noise.schedule_variants(["loop", "rounds"], [1.0], [10.0], [150.0], [0],
+                                            [2, 10])
+    assert [(label, rounds.get("warmup_runs")) for label, _, rounds in warmups] == [
+        ("loop", None), ("rounds, warm-up 2", 2), ("rounds, warm-up 10", 10)]
+    assert all("warmup_runs" not in rounds for _, _, rounds in variants)  # the agent's own
+    for option, zero in (("--block-ms", "0"), ("--ref-gap-ms", "0"), ("--discard-runs", "1.5"),
+                         ("--warmup-runs", "1.5")):
         for bad in (zero, "nan", "10,10", "ten", "-5"):
             with pytest.raises(SystemExit):
                 bench_noise.main(["--out", str(tmp_path / "n.md"), option, bad])

@@ -178,11 +178,33 @@ def test_a_candidate_that_fails_is_its_own_error_and_a_bad_reference_fails_the_w
                                             ("block_ms", math.nan), ("ref_gap_ms", -1),
                                             ("ref_share", 0), ("ref_share", 1.5),
                                             ("ref_share", math.nan), ("protocol", "sideways"),
+                                            ("protocol", ["rounds"]),
                                             ("discard_runs", -1), ("discard_runs", 1.0),
                                             ("discard_runs", True), ("discard_runs", 11)])
 def test_round_settings_out_of_range_are_refused_naming_the_setting(setting, value):
     with pytest.raises(InvalidArgument, match=setting):
         LatencyProfiler(TinySpace(), torch.randn(1, 3, 32, 32), settings={setting: value})
+
+
+def test_rounds_warm_a_model_up_with_no_runs_by_default_and_a_loop_with_ten(tmp_path):
+    """In rounds each block follows another model, so the window's models run their first
+    (cold) run and the probe runs only; a loop keeps its warm-up. A value given is kept, and
+    a request switched to the other protocol takes that protocol's default anew."""
+    assert ort_agent.parse_settings({"protocol": "rounds"})["warmup_runs"] == 0
+    assert ort_agent.parse_settings({})["warmup_runs"] == 10
+    assert ort_agent.parse_settings({"protocol": "rounds", "warmup_runs": 3})["warmup_runs"] == 3
+    profiler = LatencyProfiler(TinySpace(), torch.randn(1, 3, 32, 32),
+                               settings={"protocol": "rounds"})
+    assert profiler.request.settings["warmup_runs"] == 0
+    assert profiler.request.with_settings(protocol="loop").settings["warmup_runs"] == 10
+    models = tiny_models(tmp_path, 3)
+    reference = models.pop("m0")
+    settings = {key: value for key, value in FAST.items() if key != "warmup_runs"}
+    answer = ort_agent.handle({"op": "rounds", "models": models, "reference": reference,
+                               "settings": settings})
+    assert answer["errors"] == {} and set(answer["results"]) == {"m1", "m2"}
+    for result in answer["results"].values():
+        assert result["warmup_runs"] == 0 and result["warmup_ms"] < result["first_run_ms"]
 
 
 def record(candidate, references, k=3):

@@ -61,11 +61,11 @@ def _window(device: str, seconds: float, input_size: int,
     models = _fixed_subnets(input_size, home)
     pool = open_pool(home, device)
     try:
-        # 2 warm-up runs, not a measurement's 10: the three probe runs that choose k follow
-        # them, and on a slow board (an emulated one runs a 96 px subnet in about 2 s) ten
-        # runs of three models took a minute before the window's first block
+        # rounds warm a model up with no runs besides its cold run and the three probe runs
+        # (agent 1.5): on a slow board (an emulated one runs a 96 px subnet in about 2 s)
+        # ten warm-up runs of three models took a minute before the window's first block
         request = MeasureRequest.checked(
-            {"protocol": "rounds", "rounds": 100000, "block_ms": block_ms, "warmup_runs": 2,
+            {"protocol": "rounds", "rounds": 100000, "block_ms": block_ms,
              "max_time_ms": seconds * 1e3, "min_time_ms": 0.0}, timeout_s=seconds + 300)
         answers = pool.measure_rounds(list(models.values()), reference, request)
     finally:
