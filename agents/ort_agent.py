@@ -115,6 +115,14 @@ DEFAULT_SETTINGS = {
     # four of five pairs of runs (idle on a calm host, one run throwing one away did better:
     # README, "2026-12-07: no discarded run"); the two ways' ratios lay a median 0.3% apart.
     "discard_runs": 0,
+    # sessions the reference is loaded in, its blocks taken from each in turn. Each load of
+    # a model is a draw of its speed: at 224 px on this project's machine four sessions of
+    # the reference in one process read every candidate's ratio 0.3-1.0% apart, and one
+    # session moves all the ratios of its worker together. Against four in turn the ratios
+    # of two processes moved together by 0.19% instead of 0.46% (six processes), but at the
+    # default block length the benchmark did not show a gain (README, "The reference in
+    # several sessions"): one session unless asked.
+    "reference_sessions": 1,
 }
 
 # Precisions the host converts models to before sending them (the agent only records it).
@@ -488,6 +496,7 @@ def parse_settings(raw):
             raise AgentError("USER", "setting %s must be a number of ms above 0 and at most "
                              "60000, got %r" % (key, value))
     _check_whole_setting(settings, "discard_runs", 0, 10)
+    _check_whole_setting(settings, "reference_sessions", 1, 8)
     share = settings["ref_share"]
     if not _finite_number(share) or not 0 < share <= 1:
         raise AgentError("USER", "setting ref_share must be a share of the window's device time "
@@ -1866,54 +1875,79 @@ def _reference_for(ort, reference, settings):
     file (checked against its sha256 again) with the same session settings, re-warmed;
     else loaded now, and kept for the next window."""
     path, sha256 = reference.get("model"), reference.get("sha256")
-    key = json.dumps([path, sha256, [settings[name] for name in SESSION_SETTINGS]],
-                     sort_keys=True, default=str)
+    key = json.dumps([path, sha256, [settings[name] for name in SESSION_SETTINGS],
+                      settings["reference_sessions"]], sort_keys=True, default=str)
     kept = KEPT_REFERENCE.get("model") if KEPT_REFERENCE.get("key") == key else None
     KEPT_REFERENCE.clear()
     if kept is not None:
         check_model_file(path, sha256)
         kept.rewarm(settings)
     else:
-        kept = _Loaded(ort, "reference", path, sha256, settings)
+        kept = _Loaded(ort, "reference", path, sha256, settings,
+                       sessions=settings["reference_sessions"])
     if sha256 is not None:  # without a hash a file replaced at the path cannot be told
         KEPT_REFERENCE.update(key=key, model=kept)
     return kept
 
 
-class _Loaded(Timed):
-    """One model of a rounds request, loaded, run once and warmed up (by warmup_runs:
-    none in rounds unless asked, see WARMUP_RUNS)."""
+class _Session(object):
+    """A model loaded in one session of its runtime and run once (its cold run, timed)."""
 
-    def __init__(self, ort, name, path, sha256, settings):
-        check_model_file(path, sha256)
+    def __init__(self, ort, path, settings):
         self.model, self.load_ms = open_model(ort, path, settings)
         self.model.make_inputs()
-        self.inputs = self.model.inputs
         with inference_errors():
             started = time.perf_counter()
-            self._run()
+            self.model.run()
             self.first_run_ms = (time.perf_counter() - started) * 1e3
+
+
+class _Loaded(Timed):
+    """One model of a rounds request, loaded in `sessions` sessions of its runtime (a
+    candidate in one, the reference in reference_sessions), each run once and warmed up (by
+    warmup_runs: none in rounds unless asked, see WARMUP_RUNS); its blocks are taken from
+    each session in turn, so that its ratio reads the mean of their draws."""
+
+    def __init__(self, ort, name, path, sha256, settings, sessions=1):
+        check_model_file(path, sha256)
+        self.sessions = [_Session(ort, path, settings) for _ in range(sessions)]
+        self.model = self.sessions[0].model
+        self.inputs = self.model.inputs
+        self.load_ms = sum(session.load_ms for session in self.sessions)
+        self.first_run_ms = self.sessions[0].first_run_ms
+        self.turn = 0
         self.warmup_ms = self._ready(name, settings["warmup_runs"], settings)
 
     def _run(self):
-        self.model.run()
+        self.sessions[self.turn].model.run()
+
+    def block(self, round_index, position, sequence, origin):
+        """Timed.block on the session whose turn it is; the next block takes the next."""
+        try:
+            return Timed.block(self, round_index, position, sequence, origin)
+        finally:
+            self.turn = (self.turn + 1) % len(self.sessions)
 
     def _ready(self, name, runs, settings):
-        """`runs` warm-up runs, then the blocks of a new Timed (k probed anew: the device's
-        speed may have changed since the last window): the runs' ms."""
+        """`runs` warm-up runs of each session, then the blocks of a new Timed (k probed
+        anew on the first session: the device's speed may have changed since the last
+        window): the warm-up runs' ms."""
         with inference_errors():
             started = time.perf_counter()
-            for _ in range(runs):
-                self._run()
+            for session in self.sessions:
+                for _ in range(runs):
+                    session.model.run()
             warmup_ms = (time.perf_counter() - started) * 1e3
+            self.turn = 0
             Timed.__init__(self, name, self._run, time.perf_counter, settings["block_ms"],
                            cpu_clock=run_cpu_clock(settings),
                            discard_runs=settings["discard_runs"])
         return warmup_ms
 
     def rewarm(self, settings):
-        """Ready for another window: REWARM_RUNS runs (its caches are cold), or the window's
-        warm-up runs if fewer (none in rounds by default: WARMUP_RUNS), then new blocks."""
+        """Ready for another window: REWARM_RUNS runs of each session (their caches are
+        cold), or the window's warm-up runs if fewer (none in rounds by default:
+        WARMUP_RUNS), then new blocks."""
         self._ready(self.name, min(REWARM_RUNS, settings["warmup_runs"]), settings)
 
 

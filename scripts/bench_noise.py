@@ -194,30 +194,34 @@ def statistics_of(protocol: str) -> Sequence[str]:
 def schedule_variants(protocols: Sequence[str], shares: Sequence[float],
                       blocks: Sequence[float], gaps: Sequence[float],
                       discards: Sequence[float] = (0,),
-                      warmups: Sequence[Optional[float]] = (None,)
+                      warmups: Sequence[Optional[float]] = (None,),
+                      sessions: Sequence[Optional[float]] = (None,)
                       ) -> List[Tuple[str, str, Dict[str, Any]]]:
     """(label, protocol, rounds settings) of every row group: each windowed protocol once
-    per reference share, block length, reference gap, discarded runs per block and warm-up
-    runs per model (None: the agent's default for rounds), labelled with those that vary (a
-    loop once, with the loop's own warm-up)."""
+    per reference share, block length, reference gap, discarded runs per block, warm-up
+    runs per model and reference sessions (None: the agent's default), labelled with those
+    that vary (a loop once, with the loop's own warm-up)."""
     variants = []
     for protocol in protocols:
         windowed = protocol in WINDOW_BUDGET
-        for share, block_ms, gap_ms, discard, warmup in itertools.product(
+        for share, block_ms, gap_ms, discard, warmup, session in itertools.product(
                 *[values if windowed else values[:1]
-                  for values in (shares, blocks, gaps, discards, warmups)]):
+                  for values in (shares, blocks, gaps, discards, warmups, sessions)]):
             label = protocol
             for values, name in ((shares, f"ref_share {share:g}"),
                                  (blocks, f"blocks {block_ms:g} ms"),
                                  (gaps, f"ref_gap {gap_ms:g} ms"),
                                  (discards, f"discard {discard:g}"),
-                                 (warmups, f"warm-up {warmup or 0:g}")):
+                                 (warmups, f"warm-up {warmup or 0:g}"),
+                                 (sessions, f"reference sessions {session or 0:g}")):
                 if windowed and len(values) > 1:
                     label += f", {name}"
             variants.append((label, protocol, {
                 "block_ms": block_ms, "ref_gap_ms": gap_ms, "ref_share": share,
                 "discard_runs": int(discard),
-                **({} if warmup is None or not windowed else {"warmup_runs": int(warmup)})}))
+                **({} if warmup is None or not windowed else {"warmup_runs": int(warmup)}),
+                **({} if session is None or not windowed
+                   else {"reference_sessions": int(session)})}))
     return variants
 
 
@@ -280,6 +284,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="rounds: runs each model warms up with after its first (default: "
                              "the agent's, none in rounds); a comma list runs each windowed "
                              "protocol once per count")
+    parser.add_argument("--reference-sessions", default=None,
+                        help="rounds: sessions the reference is loaded in (default: the "
+                             "agent's, 1); a comma list runs each windowed protocol once per "
+                             "count")
     parser.add_argument("--ref-share", default="1",
                         help="rounds: the reference's most share of a window's device time; "
                              "a comma list runs each windowed protocol once per share")
@@ -302,6 +310,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warmups: Sequence[Optional[float]] = [None] if args.warmup_runs is None else comma_list(
         parser, "--warmup-runs", args.warmup_runs, lambda v: v == int(v) and 0 <= v <= 1000,
         "distinct whole numbers from 0 to 1000, like 0,10")
+    sessions: Sequence[Optional[float]] = [None] if args.reference_sessions is None else \
+        comma_list(parser, "--reference-sessions", args.reference_sessions,
+                   lambda v: v == int(v) and 1 <= v <= 8, "distinct whole numbers from 1 to 8, "
+                   "like 1,4")
 
     import torch
 
@@ -316,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arm_samples = random_samples(arm_space, args.subnets, seed=args.seed)
     home = args.home or Path(tempfile.mkdtemp(prefix="bench-noise-"))
     protocols = [p for p in args.protocols.split(",") if p]
-    variants = schedule_variants(protocols, shares, blocks, gaps, discards, warmups)
+    variants = schedule_variants(protocols, shares, blocks, gaps, discards, warmups, sessions)
     conditions = [c for c in args.conditions.split(",") if c]
     from harness.export.graph import export_sample
     window = len(windows([export_sample(space, s, dummy, home=home) for s in samples])[0])

@@ -85,9 +85,9 @@ def test_the_noise_bench_refuses_no_pairs(tmp_path, capsys):
 
 def test_the_noise_bench_runs_each_window_once_per_value_of_each_schedule_list(tmp_path,
                                                                               capsys):
-    """Lists of shares, block lengths, reference gaps, discarded runs and warm-up runs label
-    the windowed rows with what varies; a loop runs once; a value out of its list's range is
-    refused, naming the option."""
+    """Lists of shares, block lengths, reference gaps, discarded runs, warm-up runs and
+    reference sessions label the windowed rows with what varies; a loop runs once; a value
+    out of its list's range is refused, naming the option."""
     import bench_noise
 
     variants = bench_noise.schedule_variants(["loop", "rounds"], [1.0], [10.0, 20.0], [150.0])
@@ -109,8 +109,12 @@ def test_the_noise_bench_runs_each_window_once_per_value_of_each_schedule_list(t
     assert [(label, rounds.get("warmup_runs")) for label, _, rounds in warmups] == [
         ("loop", None), ("rounds, warm-up 2", 2), ("rounds, warm-up 10", 10)]
     assert all("warmup_runs" not in rounds for _, _, rounds in variants)  # the agent's own
+    sessions = bench_noise.schedule_variants(["loop", "rounds"], [1.0], [10.0], [150.0], [0],
+                                             [None], [1, 4])
+    assert [(label, rounds.get("reference_sessions")) for label, _, rounds in sessions] == [
+        ("loop", None), ("rounds, reference sessions 1", 1), ("rounds, reference sessions 4", 4)]
     for option, zero in (("--block-ms", "0"), ("--ref-gap-ms", "0"), ("--discard-runs", "1.5"),
-                         ("--warmup-runs", "1.5")):
+                         ("--warmup-runs", "1.5"), ("--reference-sessions", "0")):
         for bad in (zero, "nan", "10,10", "ten", "-5"):
             with pytest.raises(SystemExit):
                 bench_noise.main(["--out", str(tmp_path / "n.md"), option, bad])

@@ -180,7 +180,10 @@ def test_a_candidate_that_fails_is_its_own_error_and_a_bad_reference_fails_the_w
                                             ("ref_share", math.nan), ("protocol", "sideways"),
                                             ("protocol", ["rounds"]),
                                             ("discard_runs", -1), ("discard_runs", 1.0),
-                                            ("discard_runs", True), ("discard_runs", 11)])
+                                            ("discard_runs", True), ("discard_runs", 11),
+                                            ("reference_sessions", 0),
+                                            ("reference_sessions", 9),
+                                            ("reference_sessions", 2.0)])
 def test_round_settings_out_of_range_are_refused_naming_the_setting(setting, value):
     with pytest.raises(InvalidArgument, match=setting):
         LatencyProfiler(TinySpace(), torch.randn(1, 3, 32, 32), settings={setting: value})
@@ -881,25 +884,40 @@ def test_a_stored_level_that_makes_no_sense_is_refused_naming_the_field(stored, 
     assert old.interleaved.level_blocks == 0 and not old.interleaved.few_level_blocks
 
 
-def test_a_workers_next_window_keeps_its_reference_loaded(tmp_path, tiny_model):
-    """A lone profile() is a window of its own: the reference is loaded, run and warmed up
-    once per worker, not per window; another file, a damaged copy or other session settings
-    load it anew, and a failed window keeps nothing."""
+def reference_windows(tmp_path, tiny_model, rounds):
+    """A window runner over one candidate beside a copy of it as the reference, from a
+    worker that keeps no reference yet: window(**changes) -> (the candidate's result, the
+    kept reference); and the reference's file."""
     from agents import ort_agent
 
     reference = tmp_path / "reference.onnx"
     reference.write_bytes(tiny_model.read_bytes())
     sha = ort_agent.file_sha256(str(reference))
     models = {"a": {"model": str(tiny_model), "sha256": sha}}
-    settings = {"protocol": "rounds", "rounds": 3, "min_time_ms": 0.0, "block_ms": 1.0}
+    settings = {"protocol": "rounds", "rounds": rounds, "min_time_ms": 0.0, "block_ms": 1.0}
 
     def window(**changes):
         answer = ort_agent.measure_rounds(models, {"model": str(reference), "sha256": sha},
                                           dict(settings, **changes))
-        assert answer["results"]["a"]["rounds"]["reference_blocks"]
-        return ort_agent.KEPT_REFERENCE["model"]
+        return answer["results"]["a"], ort_agent.KEPT_REFERENCE["model"]
 
     ort_agent.KEPT_REFERENCE.clear()
+    return window, reference
+
+
+def test_a_workers_next_window_keeps_its_reference_loaded(tmp_path, tiny_model):
+    """A lone profile() is a window of its own: the reference is loaded, run and warmed up
+    once per worker, not per window; another file, a damaged copy or other session settings
+    load it anew, and a failed window keeps nothing."""
+    from agents import ort_agent
+
+    run_window, reference = reference_windows(tmp_path, tiny_model, rounds=3)
+
+    def window(**changes):
+        result, kept = run_window(**changes)
+        assert result["rounds"]["reference_blocks"]
+        return kept
+
     first = window()
     assert window() is first                       # kept: no load, no first run
     second = window(graph_optimization_level="basic")  # another session: loaded anew
@@ -909,8 +927,47 @@ def test_a_workers_next_window_keeps_its_reference_loaded(tmp_path, tiny_model):
     with pytest.raises(ort_agent.AgentError, match="the reference model failed"):
         window(graph_optimization_level="basic", seed=1)
     assert ort_agent.KEPT_REFERENCE == {}
-    ort_agent.measure_rounds(models, {"model": str(tiny_model), "sha256": None}, settings)
+    ort_agent.measure_rounds({"a": {"model": str(tiny_model), "sha256": None}},
+                             {"model": str(tiny_model), "sha256": None},
+                             {"protocol": "rounds", "rounds": 3, "min_time_ms": 0.0})
     assert ort_agent.KEPT_REFERENCE == {}  # without a hash, nothing is kept
+
+
+def test_the_reference_runs_in_its_sessions_in_turn_and_is_kept_with_them(tmp_path,
+                                                                          tiny_model):
+    """The reference is loaded in reference_sessions sessions of their own (one by
+    default), its blocks taken from each in turn, every session's after the first as well;
+    a kept reference with as many sessions serves the next window, another count loads it
+    anew."""
+    from agents import ort_agent
+
+    window, _ = reference_windows(tmp_path, tiny_model, rounds=7)
+    result, kept = window(reference_sessions=4)
+    assert ort_agent.parse_settings({})["reference_sessions"] == 1
+    assert len(kept.sessions) == 4
+    assert len({id(session.model) for session in kept.sessions}) == 4  # four loads
+    assert result["settings"]["reference_sessions"] == 4
+    blocks = {}  # session -> reference blocks it ran in the next window
+
+    def counted(index, run):
+        def run_counted():
+            blocks[index] = blocks.get(index, 0) + 1
+            run()
+        return run_counted
+
+    for index, session in enumerate(kept.sessions):
+        session.model.run = counted(index, session.model.run)
+    result, again = window(reference_sessions=4)
+    assert again is kept  # as many sessions: kept
+    references = len(result["rounds"]["reference_blocks"])
+    k = result["rounds"]["reference_k"]
+    probes = 3  # on the first session, before the window's first block
+    expected = {index: k * len(range(index, references, 4)) for index in range(4)}
+    expected[0] += probes
+    assert references >= 8 and blocks == expected
+    assert kept.turn == references % 4
+    _, single = window()
+    assert single is not kept and len(single.sessions) == 1  # another count: loaded anew
 
 
 def test_the_known_level_reads_the_newest_blocks_the_history_keeps(tmp_path):
@@ -936,8 +993,8 @@ def test_the_known_level_reads_the_newest_blocks_the_history_keeps(tmp_path):
 def test_the_reference_history_is_kept_apart_by_clock_agent_version_and_block_length(
         monkeypatch):
     """Levels read one way never mix with another's: the history's key differs by the clock
-    the blocks were read by, the agent's version, the block length and the runs a block
-    throws away, and not by the
+    the blocks were read by, the agent's version, the block length, the runs a block
+    throws away and the sessions the reference is loaded in, and not by the
     candidates' input shapes or precision (one history for a device's every window)."""
     from harness.pool.device_pool import MeasureRequest
     from harness.steps import measuring
@@ -947,6 +1004,8 @@ def test_the_reference_history_is_kept_apart_by_clock_agent_version_and_block_le
     assert key != measuring.reference_history_key(settings, "wall")
     assert key != measuring.reference_history_key(dict(settings, block_ms=5.0), "thread_cpu")
     assert key != measuring.reference_history_key(dict(settings, discard_runs=1), "thread_cpu")
+    assert key != measuring.reference_history_key(dict(settings, reference_sessions=4),
+                                                  "thread_cpu")
     assert key == measuring.reference_history_key(
         dict(settings, input_shapes={"input": [1, 3, 64, 64]}, precision="fp16"), "thread_cpu")
     monkeypatch.setattr(measuring, "AGENT_VERSION", "9.9")

@@ -283,6 +283,10 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
                         help="with --protocol rounds: runs each block throws away before its "
                              "timed runs (default 0: the reference's first run after a switch "
                              "is as slow as the candidate's, and the ratio divides it out)")
+    parser.add_argument("--reference-sessions", type=int,
+                        help="with --protocol rounds: sessions the reference is loaded in, "
+                             "its blocks taken from each in turn (default 1; each load is a "
+                             "draw of its speed, and every ratio divides by it)")
     parser.add_argument("--reference", metavar="FILE.onnx",
                         help="with --protocol rounds: the reference model (default: a fixed "
                              "subnet of the built-in space at the input size)")
@@ -296,7 +300,8 @@ def agent_settings(args: argparse.Namespace) -> Dict[str, Any]:
                         ("stop", "stop"), ("rel_ci", "rel_ci"), ("protocol", "protocol"),
                         ("rounds", "rounds"), ("block_ms", "block_ms"),
                         ("ref_gap_ms", "ref_gap_ms"), ("ref_share", "ref_share"),
-                        ("discard_runs", "discard_runs")):
+                        ("discard_runs", "discard_runs"),
+                        ("reference_sessions", "reference_sessions")):
         if getattr(args, option) is not None:
             settings[key] = getattr(args, option)
     if args.runtime:

@@ -69,13 +69,17 @@ def reference_history_key(settings: Mapping[str, Any], clock: str) -> str:
     its blocks are read by (agents.ort_agent.run_cpu_clock: the settings choose it, and a
     device whose thread clock fails the agent's probe falls back to the wall), the block
     length (the level is a low quantile of block minima, and the minimum of fewer runs lies
-    higher) and the runs a block throws away first (the first run after a switch of model
-    runs slow), so that levels read one way never mix with another's."""
+    higher), the runs a block throws away first (the first run after a switch of model
+    runs slow) and the sessions the reference is loaded in (its blocks are a mixture of
+    their draws), so that levels read one way never mix with another's."""
     return digest({"settings": settings_key(dict(settings, input_shapes=None, precision="fp32",
                                                  calibration=None)),
                    "agent_version": AGENT_VERSION, "clock": clock,
                    "block_ms": float(settings["block_ms"]),
-                   "discard_runs": int(settings["discard_runs"])})
+                   "discard_runs": int(settings["discard_runs"]),
+                   # keyed only when more than one, so that the histories kept before it stay
+                   **({"reference_sessions": int(settings["reference_sessions"])}
+                      if settings["reference_sessions"] != 1 else {})})
 
 
 def check_statistic(statistic: Optional[str], settings: Mapping[str, Any]) -> str:
