@@ -98,10 +98,10 @@ DEFAULT_SETTINGS = {
     # too), how long a block of one model's runs lasts at least, how much device time may
     # pass between two blocks of the reference model, and the most of the window's device
     # time the reference may take (1: no bound; where it binds it wins over the gap, see
-    # interleave; unbounded by default: README, "The reference's share"). Blocks of 10 ms
+    # interleave; unbounded by default: docs/benchmark-log.md, "The reference's share"). Blocks of 10 ms
     # re-measured steadier than 20 ms at equal device time on this project's machine and
-    # on the replayed traces (more blocks kept, a smaller share): README, "2026-12-07: blocks
-    # of 10 ms"; 40 rounds of them cost about what 30 of 20 ms did at 224 px.
+    # on the replayed traces (more blocks kept, a smaller share): docs/benchmark-log.md,
+    # "2026-12-07: blocks of 10 ms"; 40 rounds of them cost about what 30 of 20 ms did at 224 px.
     "protocol": "loop",        # the host's: "loop" (one model at a time) or "rounds"
     "rounds": 40,
     "block_ms": 10.0,
@@ -113,7 +113,8 @@ DEFAULT_SETTINGS = {
     # out: side by side on this project's machine a block without the discarded run kept
     # 2-2.5x as many blocks per subnet at the same device time, and re-measured steadier in
     # four of five pairs of runs (idle on a calm host, one run throwing one away did better:
-    # README, "2026-12-07: no discarded run"); the two ways' ratios lay a median 0.3% apart.
+    # docs/benchmark-log.md, "2026-12-07: no discarded run"); the two ways' ratios lay a
+    # median 0.3% apart.
     "discard_runs": 0,
     # sessions the reference is loaded in, its blocks taken from each in turn. Each load of
     # a model is a draw of its speed: at 224 px on this project's machine four sessions of
@@ -145,7 +146,8 @@ PROTOCOLS = ("loop", "rounds")
 # switch are timed beside a reference's that follow one too, and the ratio divides out what
 # they share. What lasts is the model's own first-run work (memory plans, allocations),
 # done by its first run and the three probe runs that choose its k. On a slow board ten
-# runs were seconds a model: README, "2026-12-07 (later): no warm-up in rounds".
+# runs were seconds a model: docs/benchmark-log.md, "2026-12-07 (later): no warm-up in
+# rounds".
 WARMUP_RUNS = {"loop": 10, "rounds": 0}
 MODE_DEFAULTS = {"fixed": {"min_runs": 50, "min_time_ms": 1000.0},
                  "ci": {"min_runs": 10, "min_time_ms": 0.0},
@@ -1590,12 +1592,11 @@ class Timed(object):
     clock (see run_cpu_clock). The agent's models run onnxruntime; a simulated device's run
     on a virtual clock (devices.simulated)."""
 
-    def __init__(self, name, run, clock, block_ms, probe_runs=3, cpu_clock=None,
-                 discard_runs=0):
+    def __init__(self, name, run, clock, block_ms, cpu_clock=None, discard_runs=0):
         self.name, self.run, self.clock, self.cpu_clock = name, run, clock, cpu_clock
         self.discard_runs = discard_runs
         probe = []
-        for _ in range(probe_runs):
+        for _ in range(PROBE_RUNS):
             started = clock()
             cpu_started = cpu_clock() if cpu_clock is not None else 0.0
             run()
@@ -1931,13 +1932,16 @@ class _Loaded(Timed):
     def _ready(self, name, runs, settings):
         """`runs` warm-up runs of each session, then the blocks of a new Timed (k probed
         anew on the first session: the device's speed may have changed since the last
-        window): the warm-up runs' ms."""
+        window; each other session runs as often, untimed): the warm-up runs' ms."""
         with inference_errors():
             started = time.perf_counter()
             for session in self.sessions:
                 for _ in range(runs):
                     session.model.run()
             warmup_ms = (time.perf_counter() - started) * 1e3
+            for session in self.sessions[1:]:  # the first session's probe runs, untimed:
+                for _ in range(PROBE_RUNS):     # each has done the same before its block
+                    session.model.run()
             self.turn = 0
             Timed.__init__(self, name, self._run, time.perf_counter, settings["block_ms"],
                            cpu_clock=run_cpu_clock(settings),
@@ -1954,6 +1958,7 @@ class _Loaded(Timed):
 SPEED_CHANGE = 0.10  # reference blocks around a candidate block this far apart: it is dropped
 LEVEL_QUANTILE = 0.10  # the reference's quiet level: this quantile of its block statistics
 BLOCK_RUNS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1000)
+PROBE_RUNS = 3  # runs of a model before its first block that choose its k (Timed)
 
 
 def run_cpu_clock(settings):

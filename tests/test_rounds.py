@@ -934,40 +934,53 @@ def test_a_workers_next_window_keeps_its_reference_loaded(tmp_path, tiny_model):
 
 
 def test_the_reference_runs_in_its_sessions_in_turn_and_is_kept_with_them(tmp_path,
-                                                                          tiny_model):
+                                                                          tiny_model,
+                                                                          monkeypatch):
     """The reference is loaded in reference_sessions sessions of their own (one by
-    default), its blocks taken from each in turn, every session's after the first as well;
-    a kept reference with as many sessions serves the next window, another count loads it
-    anew."""
+    default), its blocks taken from each in turn from the first in every window, each
+    session readied with the probe runs' count before it; a kept reference with as many
+    sessions serves the next window, another count loads it anew."""
     from agents import ort_agent
 
-    window, _ = reference_windows(tmp_path, tiny_model, rounds=7)
-    result, kept = window(reference_sessions=4)
-    assert ort_agent.parse_settings({})["reference_sessions"] == 1
-    assert len(kept.sessions) == 4
-    assert len({id(session.model) for session in kept.sessions}) == 4  # four loads
-    assert result["settings"]["reference_sessions"] == 4
-    blocks = {}  # session -> reference blocks it ran in the next window
+    loads = []  # the files opened in a session
+    open_model = ort_agent.open_model
 
-    def counted(index, run):
-        def run_counted():
-            blocks[index] = blocks.get(index, 0) + 1
-            run()
-        return run_counted
+    def counted_open(ort, path, settings):
+        loads.append(path)
+        return open_model(ort, path, settings)
 
-    for index, session in enumerate(kept.sessions):
-        session.model.run = counted(index, session.model.run)
-    result, again = window(reference_sessions=4)
-    assert again is kept  # as many sessions: kept
-    references = len(result["rounds"]["reference_blocks"])
-    k = result["rounds"]["reference_k"]
-    probes = 3  # on the first session, before the window's first block
-    expected = {index: k * len(range(index, references, 4)) for index in range(4)}
-    expected[0] += probes
-    assert references >= 8 and blocks == expected
-    assert kept.turn == references % 4
-    _, single = window()
-    assert single is not kept and len(single.sessions) == 1  # another count: loaded anew
+    monkeypatch.setattr(ort_agent, "open_model", counted_open)
+    window, reference = reference_windows(tmp_path, tiny_model, rounds=6)
+    try:
+        result, kept = window(reference_sessions=4)
+        assert ort_agent.parse_settings({})["reference_sessions"] == 1
+        assert loads.count(str(reference)) == 4 and len(kept.sessions) == 4
+        assert loads.count(str(tiny_model)) == 1  # a candidate: one session
+        assert result["settings"]["reference_sessions"] == 4
+        runs = {}  # session -> its runs in the next window
+
+        def counted(index, run):
+            def run_counted():
+                runs[index] = runs.get(index, 0) + 1
+                run()
+            return run_counted
+
+        for index, session in enumerate(kept.sessions):
+            session.model.run = counted(index, session.model.run)
+        result, again = window(reference_sessions=4)
+        assert again is kept and loads.count(str(reference)) == 4  # kept: not loaded again
+        references = len(result["rounds"]["reference_blocks"])
+        k = result["rounds"]["reference_k"]
+        # each session's PROBE_RUNS (the first's are the probes), then its blocks in turn
+        # from the first: a window of 7 reference blocks ends on the last session's turn
+        expected = {index: ort_agent.PROBE_RUNS + k * len(range(index, references, 4))
+                    for index in range(4)}
+        assert references == 7 and runs == expected
+        assert kept.turn == references % 4
+        _, single = window()
+        assert single is not kept and len(single.sessions) == 1  # another count: anew
+    finally:
+        ort_agent.KEPT_REFERENCE.clear()
 
 
 def test_the_known_level_reads_the_newest_blocks_the_history_keeps(tmp_path):

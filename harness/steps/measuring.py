@@ -77,7 +77,7 @@ def reference_history_key(settings: Mapping[str, Any], clock: str) -> str:
                    "agent_version": AGENT_VERSION, "clock": clock,
                    "block_ms": float(settings["block_ms"]),
                    "discard_runs": int(settings["discard_runs"]),
-                   # keyed only when more than one, so that the histories kept before it stay
+                   # keyed only when more than one: one session keys as it did before
                    **({"reference_sessions": int(settings["reference_sessions"])}
                       if settings["reference_sessions"] != 1 else {})})
 
