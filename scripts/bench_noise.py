@@ -76,8 +76,8 @@ def settings_of(protocol: str, seconds: float, rounds: Dict[str, Any],
                 rel_ci: float) -> Dict[str, Any]:
     """The agent's settings for a protocol at `seconds` of timed runs per subnet (a window's
     budget is its candidates' budgets together); `rounds`: block_ms, ref_gap_ms, ref_share,
-    discard_runs, warmup_runs (a loop warms up with the default); `rel_ci`: the ci rule's
-    half-width (ci, ci-rounds)."""
+    discard_runs, warmup_runs, reference_sessions (a loop warms up with the default);
+    `rel_ci`: the ci rule's half-width (ci, ci-rounds)."""
     pinned = {"cpu_affinity": [0]}
     if protocol == "loop":
         return dict(pinned, protocol="loop", min_time_ms=seconds * 1e3,
