@@ -98,10 +98,11 @@ DEFAULT_SETTINGS = {
     # too), how long a block of one model's runs lasts at least, how much device time may
     # pass between two blocks of the reference model, and the most of the window's device
     # time the reference may take (1: no bound; where it binds it wins over the gap, see
-    # interleave; unbounded by default: docs/benchmark-log.md, "The reference's share"). Blocks of 10 ms
-    # re-measured steadier than 20 ms at equal device time on this project's machine and
-    # on the replayed traces (more blocks kept, a smaller share): docs/benchmark-log.md,
-    # "2026-12-07: blocks of 10 ms"; 40 rounds of them cost about what 30 of 20 ms did at 224 px.
+    # interleave; unbounded by default: scripts/benchmark-log.md, "The reference's share").
+    # Blocks of 10 ms re-measured steadier than 20 ms at equal device time on this
+    # project's machine and on the replayed traces (more blocks kept, a smaller share):
+    # scripts/benchmark-log.md, "2026-12-07: blocks of 10 ms"; 40 rounds of them cost about
+    # what 30 of 20 ms did at 224 px.
     "protocol": "loop",        # the host's: "loop" (one model at a time) or "rounds"
     "rounds": 40,
     "block_ms": 10.0,
@@ -113,7 +114,7 @@ DEFAULT_SETTINGS = {
     # out: side by side on this project's machine a block without the discarded run kept
     # 2-2.5x as many blocks per subnet at the same device time, and re-measured steadier in
     # four of five pairs of runs (idle on a calm host, one run throwing one away did better:
-    # docs/benchmark-log.md, "2026-12-07: no discarded run"); the two ways' ratios lay a
+    # scripts/benchmark-log.md, "2026-12-07: no discarded run"); the two ways' ratios lay a
     # median 0.3% apart.
     "discard_runs": 0,
     # sessions the reference is loaded in, its blocks taken from each in turn. Each load of
@@ -146,7 +147,7 @@ PROTOCOLS = ("loop", "rounds")
 # switch are timed beside a reference's that follow one too, and the ratio divides out what
 # they share. What lasts is the model's own first-run work (memory plans, allocations),
 # done by its first run and the three probe runs that choose its k. On a slow board ten
-# runs were seconds a model: docs/benchmark-log.md, "2026-12-07 (later): no warm-up in
+# runs were seconds a model: scripts/benchmark-log.md, "2026-12-07 (later): no warm-up in
 # rounds".
 WARMUP_RUNS = {"loop": 10, "rounds": 0}
 MODE_DEFAULTS = {"fixed": {"min_runs": 50, "min_time_ms": 1000.0},
