@@ -125,6 +125,12 @@ DEFAULT_SETTINGS = {
     # default block length the benchmark did not show a gain (README, "The reference in
     # several sessions"): one session unless asked.
     "reference_sessions": 1,
+    # timed runs per block (k): 0 or None chooses them from the reference's probe runs (the
+    # fewest on BLOCK_RUNS that last block_ms), a whole number fixes them for every block of
+    # the window. The host sends the k the device's reference history was read at
+    # (harness.steps.measuring: MeasurementSteps.block_runs), so that a reference whose run
+    # lies near block_ms / k does not switch k between windows (None: the host's choice).
+    "block_runs": None,
 }
 
 # Precisions the host converts models to before sending them (the agent only records it).
@@ -500,6 +506,8 @@ def parse_settings(raw):
                              "60000, got %r" % (key, value))
     _check_whole_setting(settings, "discard_runs", 0, 10)
     _check_whole_setting(settings, "reference_sessions", 1, 8)
+    if settings["block_runs"] is not None:
+        _check_whole_setting(settings, "block_runs", 0, BLOCK_RUNS[-1])
     share = settings["ref_share"]
     if not _finite_number(share) or not 0 < share <= 1:
         raise AgentError("USER", "setting ref_share must be a share of the window's device time "
@@ -1587,7 +1595,8 @@ def _measure(model, sha256=None, settings=None):
 
 class Timed(object):
     """A model as the rounds schedule sees it: `run()` once, its blocks of `discard_runs`
-    runs thrown away then k timed runs (k so that a block lasts at least block_ms), each
+    runs thrown away then k timed runs (k so that a block lasts at least block_ms, unless
+    the request's block_runs fixes it: interleave), each
     tagged [round, position, sequence, runs in ms, when its timed runs began in s since the
     window began], and with a `cpu_clock` a sixth item: each run's CPU time in ms by that
     clock (see run_cpu_clock). The agent's models run onnxruntime; a simulated device's run
@@ -1678,6 +1687,8 @@ def interleave(models, reference, settings, clock):
     # probes of the reference and of every model found it sound (see Timed)
     if any(model.cpu_clock is None for model in models.values()):
         reference.cpu_clock = None
+    if settings["block_runs"]:  # fixed by the request, not by this window's probe
+        reference.k = settings["block_runs"]
     for model in models.values():
         # every block of the window has the reference's k runs: the minimum of more runs is
         # lower, so a ratio of minima over different k would carry a bias of its own

@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchtruth import (BLOCK_MS, Truth, campaign, exact_truth, floor, floor_text,  # noqa: E402
-                        pass_caches, recheck)
+                        history_block_runs, pass_caches, recheck)
 from devices.noise_trace import NoiseTrace  # noqa: E402
 from devices.simulated import SimulatedModel, saved_clock_s  # noqa: E402
 from harness import LatencyProfiler, random_samples  # noqa: E402
@@ -168,11 +168,14 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
                   fixed_s: Optional[float] = None, block_ms: Optional[float] = None,
                   budget_rounds: Optional[int] = None, rel_cis: Sequence[float] = (0.01,)
                   ) -> None:
+    history_runs = history_block_runs(history)  # the k the campaign's history was read at
+
     def profiler(name: str, **settings: Any) -> LatencyProfiler:
         # measurements in rounds with the truth campaign's blocks, whose history they read;
         # without a campaign (the replay's truth is exact), the defaults a user gets
         chosen = dict(pinned, **{**({"block_ms": BLOCK_MS} if history else {}), **settings})
-        key = reference_history_key(MeasureRequest.checked(chosen, 60.0).settings, "thread_cpu")
+        key = reference_history_key(MeasureRequest.checked(chosen, 60.0).settings, "thread_cpu",
+                                    history_runs)
         return LatencyProfiler(space, dummy, device=device, home=home, settings=chosen,
                                cache=empty_copy(index, folder, f"{condition}-{name}", history,
                                                 key))

@@ -31,20 +31,25 @@ seconds, loads included.
     python3 scripts/bench_noise.py --out bench_noise.md [--subnets 40] [--input-size 224]
         [--conditions idle,other-cores,same-core,arm64]
         [--protocols loop,ci,paired,rounds,ci-rounds] [--rel-ci 0.01]
-        [--ref-share 1[,0.25]] [--block-ms 10[,20]]
-        [--trace tests/fixtures/noise/loaded.json ...] [--replay-pairs 4]
+        [--ref-share 1[,0.25]] [--block-ms 10[,20]] [--block-runs kept[,0]]
+        [--passes 2] [--trace tests/fixtures/noise/loaded.json ...] [--replay-pairs 4]
 
 With --ref-share 0.25,1, paired, rounds and ci-rounds run once per share (the most of a
 window's device time the reference takes; 1: no bound), each row labelled with its share;
-with --block-ms 10,20 once per block length, likewise.
+with --block-ms 10,20 once per block length, likewise; with --block-runs kept,0 with the k
+of the device's history kept from window to window (the default) and probed in every window.
 Within a condition the first passes of every protocol run one after another, then the
-second passes in the same order, so that protocols compared in one table met the same load.
-The defaults run every protocol, ci-rounds included (an extra pass per condition).
+second passes in the same order (and so on, with --passes N), so that protocols compared in
+one table met the same load. The defaults run every protocol, ci-rounds included (an extra
+pass per condition). A row pools every pair of its passes; its last column, the pass shift,
+is the median over pairs of how far a pass moved as a whole (the median of its subnets'
+ratios to the other's): a shift all of a pass's subnets share is a draw of that pass (its
+reference's session, the host's state), and one pair of passes is one draw of it, so
+protocols that differ by their shifts are told apart by several passes, not by one pair.
 
 Rows are printed as they are measured and appended to --out, so a run that dies still leaves
-its figures (a protocol's rows once its second pass is in: a run that dies during a
-condition's first passes leaves none of that condition's; a replay's once all its passes
-are in).
+its figures (a protocol's rows once its last pass is in: a run that dies before leaves none
+of that condition's; a replay's once all its passes are in).
 """
 import argparse
 import contextlib
@@ -69,7 +74,8 @@ WINDOW_BUDGET = {"paired": 0.9, "rounds": 0.9, "ci-rounds": 0.9}
 HEADER = ("| condition | protocol | statistic | within 1% | within 2% | within 5% | within 10% "
           "| median diff | Kendall tau | device-s per pass | dropped | blocks kept per subnet "
           "| reference share "
-          "| error vs truth: within 2% | interval covers truth (median half-width) |")
+          "| error vs truth: within 2% | interval covers truth (median half-width) "
+          "| pass shift |")
 
 
 def settings_of(protocol: str, seconds: float, rounds: Dict[str, Any],
@@ -128,8 +134,14 @@ def agreement(pairs: Sequence[Tuple[Sequence[float], Sequence[float]]]) -> Dict[
     diffs = [abs(b / a - 1) for first, second in pairs for a, b in zip(first, second)]
     share = {f"within {p}%": sum(d <= p / 100 for d in diffs) / len(diffs) for p in (1, 2, 5, 10)}
     taus = [kendalltau(first, second).statistic for first, second in pairs if len(first) > 1]
+    # how far a pair's second pass moved as a whole (the median of its subnets' ratios):
+    # a shift every subnet shares is a draw of the pass (its reference's session, the
+    # host's state), the rest each subnet's own
+    shifts = [abs(statistics.median(b / a for a, b in zip(first, second)) - 1)
+              for first, second in pairs]
     return dict(share, median=statistics.median(diffs),
-                tau=statistics.fmean(taus) if taus else math.nan)
+                tau=statistics.fmean(taus) if taus else math.nan,
+                shift=statistics.median(shifts))
 
 
 def truth_figures(measurements: Sequence[Any], statistic: str, truth: Sequence[float]
@@ -181,7 +193,8 @@ def row(condition: str, protocol: str, statistic: str,
              "-" if share is None else f"{share:.0%}",
              "-" if known is None else f"{known['within2']:.0%}",
              "-" if known is None or known["covered"] is None
-             else f"{known['covered']:.0%} (+-{known['half_width']:.1%})"]
+             else f"{known['covered']:.0%} (+-{known['half_width']:.1%})",
+             f"{figures['shift']:.2%}"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -195,25 +208,27 @@ def schedule_variants(protocols: Sequence[str], shares: Sequence[float],
                       blocks: Sequence[float], gaps: Sequence[float],
                       discards: Sequence[float] = (0,),
                       warmups: Sequence[Optional[float]] = (None,),
-                      sessions: Sequence[Optional[float]] = (None,)
+                      sessions: Sequence[Optional[float]] = (None,),
+                      runs: Sequence[Optional[int]] = (None,)
                       ) -> List[Tuple[str, str, Dict[str, Any]]]:
     """(label, protocol, rounds settings) of every row group: each windowed protocol once
     per reference share, block length, reference gap, discarded runs per block, warm-up
-    runs per model and reference sessions (None: the agent's default), labelled with those
-    that vary (a loop once, with the loop's own warm-up)."""
+    runs per model, reference sessions and timed runs per block (None: the default),
+    labelled with those that vary (a loop once, with the loop's own warm-up)."""
     variants = []
     for protocol in protocols:
         windowed = protocol in WINDOW_BUDGET
-        for share, block_ms, gap_ms, discard, warmup, session in itertools.product(
+        for share, block_ms, gap_ms, discard, warmup, session, k in itertools.product(
                 *[values if windowed else values[:1]
-                  for values in (shares, blocks, gaps, discards, warmups, sessions)]):
+                  for values in (shares, blocks, gaps, discards, warmups, sessions, runs)]):
             label = protocol
             for values, name in ((shares, f"ref_share {share:g}"),
                                  (blocks, f"blocks {block_ms:g} ms"),
                                  (gaps, f"ref_gap {gap_ms:g} ms"),
                                  (discards, f"discard {discard:g}"),
                                  (warmups, f"warm-up {warmup or 0:g}"),
-                                 (sessions, f"reference sessions {session or 0:g}")):
+                                 (sessions, f"reference sessions {session or 0:g}"),
+                                 (runs, "k kept" if k is None else f"k {k or 'probed'}")):
                 if windowed and len(values) > 1:
                     label += f", {name}"
             variants.append((label, protocol, {
@@ -221,7 +236,8 @@ def schedule_variants(protocols: Sequence[str], shares: Sequence[float],
                 "discard_runs": int(discard),
                 **({} if warmup is None or not windowed else {"warmup_runs": int(warmup)}),
                 **({} if session is None or not windowed
-                   else {"reference_sessions": int(session)})}))
+                   else {"reference_sessions": int(session)}),
+                **({} if k is None or not windowed else {"block_runs": k})}))
     return variants
 
 
@@ -237,6 +253,24 @@ def comma_list(parser: argparse.ArgumentParser, option: str, text: str,
             not all(math.isfinite(v) and valid(v) for v in numbers):
         parser.error(f"{option} takes {wanted}, got {text!r}")
     return numbers
+
+
+def block_runs_list(parser: argparse.ArgumentParser, text: str) -> List[Optional[int]]:
+    """--block-runs' comma list: "kept" (None: the device's history's k) or whole numbers
+    from 0 to 1000, distinct; else the parser's error."""
+    values: List[Optional[int]] = []
+    for part in text.split(","):
+        if part == "kept":
+            values.append(None)
+        elif part.isdigit() and int(part) <= 1000:
+            values.append(int(part))
+        else:
+            values = []
+            break
+    if not values or len(set(values)) != len(values):
+        parser.error(f"--block-runs takes distinct values \"kept\" or whole numbers from 0 "
+                     f"to 1000, like kept,0, got {text!r}")
+    return values
 
 
 def folder(label: str) -> str:
@@ -265,6 +299,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--replay-pairs", type=int, default=4,
                         help="pairs of passes per protocol on each trace, each pass from "
                              "another place in it (default 4)")
+    parser.add_argument("--passes", type=int, default=2,
+                        help="passes per variant under each condition (default 2); the rows "
+                             "pool every pair of them")
     parser.add_argument("--sim-ms", type=float, default=10.0,
                         help="a typical subnet's latency on the simulated device")
     parser.add_argument("--home", type=Path, help="HARNESS_HOME (default: a new folder)")
@@ -288,12 +325,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="rounds: sessions the reference is loaded in (default: the "
                              "agent's, 1); a comma list runs each windowed protocol once per "
                              "count")
+    parser.add_argument("--block-runs", default=None,
+                        help="rounds: timed runs per block, \"kept\" (the default: the k of "
+                             "the device's history), 0 (probed in every window) or a count; a "
+                             "comma list runs each windowed protocol once per value")
     parser.add_argument("--ref-share", default="1",
                         help="rounds: the reference's most share of a window's device time; "
                              "a comma list runs each windowed protocol once per share")
     parser.add_argument("--rel-ci", type=float, default=0.01,
                         help="ci and ci-rounds: the 95%% interval's half-width they stop at")
     args = parser.parse_args(argv)
+    if args.passes < 2:
+        parser.error(f"--passes takes a count of at least 2, got {args.passes}")
     if args.replay_pairs < 1:
         parser.error(f"--replay-pairs takes a count of at least 1, got {args.replay_pairs}")
     if not 0 < args.rel_ci < 1:
@@ -314,6 +357,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         comma_list(parser, "--reference-sessions", args.reference_sessions,
                    lambda v: v == int(v) and 1 <= v <= 8, "distinct whole numbers from 1 to 8, "
                    "like 1,4")
+    runs: Sequence[Optional[int]] = [None] if args.block_runs is None else block_runs_list(
+        parser, args.block_runs)
 
     import torch
 
@@ -328,7 +373,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arm_samples = random_samples(arm_space, args.subnets, seed=args.seed)
     home = args.home or Path(tempfile.mkdtemp(prefix="bench-noise-"))
     protocols = [p for p in args.protocols.split(",") if p]
-    variants = schedule_variants(protocols, shares, blocks, gaps, discards, warmups, sessions)
+    variants = schedule_variants(protocols, shares, blocks, gaps, discards, warmups, sessions,
+                                 runs)
     conditions = [c for c in args.conditions.split(",") if c]
     from harness.export.graph import export_sample
     window = len(windows([export_sample(space, s, dummy, home=home) for s in samples])[0])
@@ -353,18 +399,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             where = (space, dummy, samples) if condition != "arm64" else \
                 (arm_space, arm_dummy, arm_samples)
             passes: Dict[str, List[Any]] = {label: [] for label, _, _ in variants}
-            for n in range(2):  # every variant's first pass, then every variant's second
+            for n in range(args.passes):  # every variant's first pass, then its second...
                 for label, protocol, rounds in variants:
                     pass_home = home / condition / folder(label)  # the device's one home
                     device = board.register(pass_home) if condition == "arm64" else "local"
                     seconds = args.seconds * WINDOW_BUDGET.get(protocol, 1.0)
                     passes[label].append(measure_pass(protocol, *where, device, pass_home,
                                                       seconds, rounds, args.rel_ci))
-                    if n == 0:
-                        continue  # its rows as soon as its second pass is in
+                    if n < args.passes - 1:
+                        continue  # its rows as soon as its last pass is in
                     for statistic in statistics_of(protocol):
-                        pair = (passes[label][0], passes[label][1])
-                        emit(row(condition, label, statistic, [pair]), args.out)
+                        pairs = list(itertools.combinations(passes[label], 2))
+                        emit(row(condition, label, statistic, pairs), args.out)
                         raw[f"{condition}/{label}/{statistic}"] = [
                             values(p, statistic) for p in passes[label]]
     for trace in args.trace:

@@ -99,6 +99,19 @@ def history_level(caches: Sequence[Path]) -> float:
     return quantile(newest, LEVEL_QUANTILE)
 
 
+def history_block_runs(caches: Sequence[Path]) -> int:
+    """The timed runs per block (k) the reference ran at in most of these caches' windows
+    (0 if none says): what the campaign's history is read at, as a profiler keys it
+    (harness.steps.measuring.reference_history_key)."""
+    runs: List[int] = []
+    for path in caches:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            runs += [int(k) for (k,) in conn.execute(
+                "SELECT json_extract(record, '$.rounds.reference_k') FROM measurements")
+                if k is not None]
+    return max(set(runs), key=runs.count) if runs else 0
+
+
 def _one_pass(space: Any, dummy: Any, samples: Sequence[Dict[str, Any]], *, device: str,
               home: Path, cache: Path, seconds: float, seed: int,
               settings: Optional[Dict[str, Any]]) -> List[float]:

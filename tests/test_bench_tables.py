@@ -1,6 +1,7 @@
 """The benchmarks on the replaying simulated device (correctness, no timing): the decisions
 table is written row by row, so a run that dies midway still leaves the figures it had; the
 noise table scores every replayed pass against the exact truth."""
+import argparse
 import sys
 from pathlib import Path
 
@@ -85,8 +86,8 @@ def test_the_noise_bench_refuses_no_pairs(tmp_path, capsys):
 
 def test_the_noise_bench_runs_each_window_once_per_value_of_each_schedule_list(tmp_path,
                                                                               capsys):
-    """Lists of shares, block lengths, reference gaps, discarded runs, warm-up runs and
-    reference sessions label the windowed rows with what varies; a loop runs once; a value
+    """Lists of shares, block lengths, reference gaps, discarded runs, warm-up runs,
+    reference sessions and runs per block label the windowed rows with what varies; a loop runs once; a value
     out of its list's range is refused, naming the option."""
     import bench_noise
 
@@ -113,8 +114,17 @@ def test_the_noise_bench_runs_each_window_once_per_value_of_each_schedule_list(t
                                              [None], [1, 4])
     assert [(label, rounds.get("reference_sessions")) for label, _, rounds in sessions] == [
         ("loop", None), ("rounds, reference sessions 1", 1), ("rounds, reference sessions 4", 4)]
+    runs = bench_noise.schedule_variants(["rounds"], [1.0], [10.0], [150.0], [0], [None],
+                                         [None], [None, 0, 3])
+    assert [(label, rounds.get("block_runs", "kept")) for label, _, rounds in runs] == [
+        ("rounds, k kept", "kept"), ("rounds, k probed", 0), ("rounds, k 3", 3)]
+    assert bench_noise.block_runs_list(argparse.ArgumentParser(), "kept,0,3") == [None, 0, 3]
+    with pytest.raises(SystemExit):
+        bench_noise.main(["--out", str(tmp_path / "n.md"), "--passes", "1"])
+    assert "--passes takes" in capsys.readouterr().err
     for option, zero in (("--block-ms", "0"), ("--ref-gap-ms", "0"), ("--discard-runs", "1.5"),
-                         ("--warmup-runs", "1.5"), ("--reference-sessions", "0")):
+                         ("--warmup-runs", "1.5"), ("--reference-sessions", "0"),
+                         ("--block-runs", "1001")):
         for bad in (zero, "nan", "10,10", "ten", "-5"):
             with pytest.raises(SystemExit):
                 bench_noise.main(["--out", str(tmp_path / "n.md"), option, bad])
@@ -143,3 +153,4 @@ def test_a_noise_row_pools_its_pairs_and_scores_every_pass_against_the_truth():
     assert cells[8] == "1.000"  # tau: both pairs rank alike
     assert cells[9] == "4.0"  # device-s per pass: 4 subnets x 1 s
     assert cells[13] == "75%"  # error vs truth: 3 exact passes of 4, not the last pass alone
+    assert line.endswith("| 5.00% |")  # pass shift: the median of the pairs' 0% and 10%

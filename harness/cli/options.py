@@ -287,6 +287,10 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
                         help="with --protocol rounds: sessions the reference is loaded in, "
                              "its blocks taken from each in turn (default 1; each load is a "
                              "draw of its speed, and every ratio divides by it)")
+    parser.add_argument("--block-runs", type=int,
+                        help="with --protocol rounds: timed runs per block (default: the k the "
+                             "device's reference history was read at, probed in its first "
+                             "window; 0 probes in every window)")
     parser.add_argument("--reference", metavar="FILE.onnx",
                         help="with --protocol rounds: the reference model (default: a fixed "
                              "subnet of the built-in space at the input size)")
@@ -301,7 +305,8 @@ def agent_settings(args: argparse.Namespace) -> Dict[str, Any]:
                         ("rounds", "rounds"), ("block_ms", "block_ms"),
                         ("ref_gap_ms", "ref_gap_ms"), ("ref_share", "ref_share"),
                         ("discard_runs", "discard_runs"),
-                        ("reference_sessions", "reference_sessions")):
+                        ("reference_sessions", "reference_sessions"),
+                        ("block_runs", "block_runs")):
         if getattr(args, option) is not None:
             settings[key] = getattr(args, option)
     if args.runtime:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar,
                     cast)
 
+from agents.ort_agent import BLOCK_RUNS
 from devices.agent_client import AGENT_VERSION
 from devices.agent_result import AgentResult
 from devices.errors import AgentProtocolError
@@ -55,27 +56,31 @@ def windows(items: Sequence[T], budget_bytes: int = WINDOW_BUDGET_BYTES,
     return cut
 
 
-def window_request(request: MeasureRequest, models: int) -> MeasureRequest:
+def window_request(request: MeasureRequest, models: int, block_runs: int) -> MeasureRequest:
     """The request of a window of `models` candidates: max_time_ms and timeout_s are per
-    candidate, so the window's are that many times theirs."""
-    return replace(request.with_settings(max_time_ms=request.settings["max_time_ms"] * models),
-                   timeout_s=request.timeout_s * models, still_needed=request.still_needed)
+    candidate, so the window's are that many times theirs; its blocks of `block_runs` timed
+    runs (0: the window's probe chooses; see MeasurementSteps.block_runs)."""
+    windowed = request.with_settings(max_time_ms=request.settings["max_time_ms"] * models,
+                                     block_runs=block_runs)
+    return replace(windowed, timeout_s=request.timeout_s * models,
+                   still_needed=request.still_needed)
 
 
-def reference_history_key(settings: Mapping[str, Any], clock: str) -> str:
+def reference_history_key(settings: Mapping[str, Any], clock: str, block_runs: int) -> str:
     """The key a device's history of reference blocks is kept under: the reference as it
     ran (the runtime settings, with its own inputs, at fp32, whatever the candidates' shapes
     and precision: one history for a device's every window), the agent's version, the clock
     its blocks are read by (agents.ort_agent.run_cpu_clock: the settings choose it, and a
     device whose thread clock fails the agent's probe falls back to the wall), the block
-    length (the level is a low quantile of block minima, and the minimum of fewer runs lies
-    higher), the runs a block throws away first (the first run after a switch of model
-    runs slow) and the sessions the reference is loaded in (its blocks are a mixture of
-    their draws), so that levels read one way never mix with another's."""
+    length and the timed runs per block (the level is a low quantile of block minima, and
+    the minimum of fewer runs lies higher), the runs a block throws away first (the first
+    run after a switch of model runs slow) and the sessions the reference is loaded in (its
+    blocks are a mixture of their draws), so that levels read one way never mix with
+    another's."""
     return digest({"settings": settings_key(dict(settings, input_shapes=None, precision="fp32",
                                                  calibration=None)),
                    "agent_version": AGENT_VERSION, "clock": clock,
-                   "block_ms": float(settings["block_ms"]),
+                   "block_ms": float(settings["block_ms"]), "block_runs": int(block_runs),
                    "discard_runs": int(settings["discard_runs"]),
                    # keyed only when more than one: one session keys as it did before
                    **({"reference_sessions": int(settings["reference_sessions"])}
@@ -196,28 +201,54 @@ class MeasurementSteps:
         began = result.lease[0] if result.lease else time.time()  # the window's start
         blocks = [(block[2], block_statistic(block_times(block)), began + block[4])
                   for block in result.rounds.reference_blocks]
-        return self.cache.reference_level(key.device_fp, self._reference_ran_as(),
-                                          result.rounds.reference_sha256, f"{began:.6f}",
-                                          blocks)
+        return self.cache.reference_level(
+            key.device_fp, self._reference_ran_as(result.rounds.reference_k),
+            result.rounds.reference_sha256, f"{began:.6f}", blocks)
 
     def known_reference(self) -> Tuple[Optional[float], int]:
         """The reference's quiet level the device's history shows so far (None: no history)
         and how many blocks it stands on, recording nothing: what a decision's limit is read
         against before its window."""
-        return self.cache.known_reference(self.scope().device_fp, self._reference_ran_as(),
+        runs = self.block_runs() or self.history_runs()
+        if not runs:
+            return None, 0
+        return self.cache.known_reference(self.scope().device_fp, self._reference_ran_as(runs),
                                           self.reference().sha256)
 
     def known_reference_level(self) -> Optional[float]:
         """known_reference's level alone."""
         return self.known_reference()[0]
 
-    def _reference_ran_as(self) -> str:
-        """The key of the reference's history under this profiler's request and the clock
-        its device's last window was read by (reference_history_key). Before its first
-        window, a profiler looks in the history of the thread's CPU clock, the one a device
-        uses wherever it can; a device that answers by the wall then has no history there,
-        and its window's own level serves, as on a new device."""
-        return reference_history_key(self.request.settings, self.last_clock)
+    def block_runs(self) -> int:
+        """The timed runs per block of this profiler's next window: the request's, if it
+        fixes them; else the k of the device's newest reference history under this request
+        and clock (0 before its first window: that window's probe chooses, and its k is
+        kept from then on). A probe in every window would switch k between windows wherever
+        the reference's run lies near block_ms / k, and a ratio of minima of 1 run reads
+        otherwise than one of 2: scripts/benchmark-log.md, "k kept for the device"."""
+        fixed = self.request.settings["block_runs"]
+        return int(fixed) if fixed is not None else self.history_runs()
+
+    def history_runs(self) -> int:
+        """The k of the device's newest reference history under this request and clock (0:
+        none yet)."""
+        keys = {self._reference_ran_as(k): k for k in BLOCK_RUNS}
+        newest = self.cache.newest_history(self.scope().device_fp, list(keys),
+                                           self.reference().sha256)
+        return keys[newest] if newest is not None else 0
+
+    def window_request(self, models: int) -> MeasureRequest:
+        """The request of this profiler's next window of `models` candidates."""
+        return window_request(self.request, models, self.block_runs())
+
+    def _reference_ran_as(self, block_runs: int) -> str:
+        """The key of the reference's history under this profiler's request, blocks of
+        `block_runs` timed runs and the clock its device's last window was read by
+        (reference_history_key). Before its first window, a profiler looks in the history of
+        the thread's CPU clock, the one a device uses wherever it can; a device that answers
+        by the wall then has no history there, and its window's own level serves, as on a
+        new device."""
+        return reference_history_key(self.request.settings, self.last_clock, block_runs)
 
     def together(self, modules: Sequence[Tuple[Any, Any]], samples: Sequence[ExportedModel],
                  pool: DevicePool, precision: Precision) -> List[Measurement]:
@@ -245,8 +276,7 @@ class MeasurementSteps:
         answered: Dict[Tuple[str, str], Any] = {}
         for window in windows(list(pending.items()), model=lambda item: item[1][0]):
             answers = pool.measure_rounds([exported for _, (exported, _) in window],
-                                          self.reference(),
-                                          window_request(self.request, len(window)))
+                                          self.reference(), self.window_request(len(window)))
             for key, (exported, signature) in window:
                 answer = answers.get(exported.graph_hash) or AgentProtocolError(
                     f"the device did not answer for {exported.graph_hash[:12]}")
@@ -276,8 +306,8 @@ class MeasurementSteps:
         if self.request.settings["protocol"] != "rounds":
             return self.store(pool.measure(exported, self.request), exported, signature)
         # alone in a window beside the reference (the reference-paired window)
-        answer = pool.measure_rounds([exported], self.reference(), window_request(
-            self.request, 1))[exported.graph_hash]
+        answer = pool.measure_rounds([exported], self.reference(),
+                                     self.window_request(1))[exported.graph_hash]
         if isinstance(answer, Exception):
             raise answer
         return self.store(answer, exported, signature)

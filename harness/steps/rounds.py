@@ -16,15 +16,16 @@ from harness.export.graph import ExportedModel
 from harness.pool.device_pool import DevicePool, MeasureRequest
 from harness.spaces.space import Sample
 from harness.steps.batch import Answering, ArchitectureBatch, pending_exports
-from harness.steps.measuring import WINDOW_BUDGET_BYTES, window_request, windows
+from harness.steps.measuring import WINDOW_BUDGET_BYTES, windows
 
 
 class AnsweringInRounds(Answering, Protocol):
-    """A batch's steps (harness.steps.batch.Answering) with the request the windows are
+    """A batch's steps (harness.steps.batch.Answering) with the request each window is
     sent under and the reference they are timed beside: the profiler's measurement steps,
     or a decision round."""
 
-    request: MeasureRequest
+    def window_request(self, models: int) -> MeasureRequest:
+        """The request of the next window, of `models` candidates."""
 
     def reference(self) -> ExportedModel:
         """The reference model, exported."""
@@ -34,7 +35,7 @@ def answer_in_rounds(samples: Sequence[Sample], results: List[Optional[Any]],
                      steps: AnsweringInRounds, *, pool: DevicePool, what: str,
                      progress: Optional[bool], budget_bytes: int = WINDOW_BUDGET_BYTES) -> None:
     """Fill every None of `results` by windows of interleaved rounds beside `steps`'
-    reference, under `steps`' request (see the module docstring). The first failure is
+    reference, under `steps`' window requests (see the module docstring). The first failure is
     raised once every other sample is answered."""
     if all(result is not None for result in results):
         return
@@ -43,7 +44,7 @@ def answer_in_rounds(samples: Sequence[Sample], results: List[Optional[Any]],
         for window in windows(pending, budget_bytes):
             try:
                 answers = pool.measure_rounds(window, steps.reference(),
-                                              window_request(steps.request, len(window)))
+                                              steps.window_request(len(window)))
             except DeviceLost:
                 raise
             except Exception as exc:  # the window's own fault (its reference, its request)

@@ -447,6 +447,21 @@ class Cache:
         level = quantile([value for (value,) in rows], LEVEL_QUANTILE) if rows else None
         return level, len(rows)
 
+    def newest_history(self, device_fp: str, settings_keys: Sequence[str], reference: str
+                       ) -> Optional[str]:
+        """Of `settings_keys`, the one this device's newest recorded block of the reference
+        is kept under (None: none of them holds a block): which of several ways of reading
+        the reference the device was read by last."""
+        if not settings_keys:
+            return None
+        marks = ", ".join("?" * len(settings_keys))
+        rows = self._query("read the reference's blocks",
+                           "SELECT settings_key FROM reference_blocks WHERE device_fp = ? AND "
+                           f"reference = ? AND settings_key IN ({marks}) "
+                           "ORDER BY created_at DESC LIMIT 1",
+                           (device_fp, reference, *settings_keys))
+        return str(rows[0][0]) if rows else None
+
     def reference_history(self, device_fp: str) -> List[Tuple[float, float]]:
         """(when, reference block statistic in ms) of the recorded reference blocks of a
         device under the settings and reference it used last, oldest first: how fast the
