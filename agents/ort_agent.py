@@ -126,8 +126,8 @@ DEFAULT_SETTINGS = {
     # several sessions"): one session unless asked.
     "reference_sessions": 1,
     # timed runs per block (k): 0 or None chooses them from the reference's probe runs (the
-    # fewest on BLOCK_RUNS that last block_ms), a whole number fixes them for every block of
-    # the window. The host sends the k the device's reference history was read at
+    # fewest on BLOCK_RUNS that last block_ms), a number on BLOCK_RUNS fixes them for every
+    # block of the window. The host sends the k the device's reference history was read at
     # (harness.steps.measuring: MeasurementSteps.block_runs), so that a reference whose run
     # lies near block_ms / k does not switch k between windows (None: the host's choice).
     "block_runs": None,
@@ -506,8 +506,11 @@ def parse_settings(raw):
                              "60000, got %r" % (key, value))
     _check_whole_setting(settings, "discard_runs", 0, 10)
     _check_whole_setting(settings, "reference_sessions", 1, 8)
-    if settings["block_runs"] is not None:
-        _check_whole_setting(settings, "block_runs", 0, BLOCK_RUNS[-1])
+    runs = settings["block_runs"]
+    if runs is not None and (not isinstance(runs, int) or isinstance(runs, bool)
+                             or runs not in (0,) + BLOCK_RUNS):
+        raise AgentError("USER", "setting block_runs must be 0 (chosen by the window's probe) "
+                         "or one of %s, got %r" % (", ".join(map(str, BLOCK_RUNS)), runs))
     share = settings["ref_share"]
     if not _finite_number(share) or not 0 < share <= 1:
         raise AgentError("USER", "setting ref_share must be a share of the window's device time "

@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchtruth import (BLOCK_MS, Truth, campaign, exact_truth, floor, floor_text,  # noqa: E402
-                        history_block_runs, pass_caches, recheck)
+                        history_block_runs, history_windows, pass_caches, recheck)
 from devices.noise_trace import NoiseTrace  # noqa: E402
 from devices.simulated import SimulatedModel, saved_clock_s  # noqa: E402
 from harness import LatencyProfiler, random_samples  # noqa: E402
@@ -70,24 +70,27 @@ SIM_MS = 3.0
 
 
 def empty_copy(index: Path, folder: Path, name: str, history: Sequence[Path],
-               history_key: str) -> Path:
+               history_key: str, history_runs: int) -> Path:
     """A copy of the cache with its sample index and devices, but no result; with the
     reference's history of the `history` caches (the truth campaign's, its blocks of
-    benchtruth.BLOCK_MS, as a device that has been measuring for a while has it) under
-    `history_key`, the key the profiler reads its device's history by (a campaign measured
-    by an older harness kept it under another). The profilers measure with the campaign's
-    block length (run_condition), so that key is the campaign's own, and no level read from
-    one length is filed under another's."""
+    benchtruth.BLOCK_MS, as a device that has been measuring for a while has it): the
+    blocks of its windows at `history_runs` per block, under `history_key`, the key the
+    profiler reads its device's history by (a campaign measured by an older harness kept it
+    under another). The profilers measure with the campaign's block length and k
+    (run_condition), so that key is the campaign's own, and no level read from one length
+    or k is filed under another's."""
     path = folder / f"{name}.sqlite"
     shutil.copyfile(index, path)
     with sqlite3.connect(path) as conn:
         for table in ("measurements", "decisions", "reference_blocks"):
             conn.execute(f"DELETE FROM {table}")
         for source in history:
+            windows = history_windows(source, history_runs)
             conn.execute("ATTACH DATABASE ? AS history", (f"file:{source}?mode=ro",))
-            conn.execute("INSERT OR IGNORE INTO reference_blocks SELECT device_fp, ?, "
-                         "reference, window, sequence, value, created_at FROM "
-                         "history.reference_blocks", (history_key,))
+            conn.executemany("INSERT OR IGNORE INTO reference_blocks SELECT device_fp, ?, "
+                             "reference, window, sequence, value, created_at FROM "
+                             "history.reference_blocks WHERE window = ?",
+                             [(history_key, window) for window in windows])
             conn.commit()
             conn.execute("DETACH DATABASE history")
     return path
@@ -178,7 +181,7 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
                                     history_runs)
         return LatencyProfiler(space, dummy, device=device, home=home, settings=chosen,
                                cache=empty_copy(index, folder, f"{condition}-{name}", history,
-                                                key))
+                                                key, history_runs))
 
     def device_s(spent: float, began: float) -> float:
         """Device time: the leases' (a replay's: its virtual clock's)."""

@@ -256,20 +256,22 @@ def comma_list(parser: argparse.ArgumentParser, option: str, text: str,
 
 
 def block_runs_list(parser: argparse.ArgumentParser, text: str) -> List[Optional[int]]:
-    """--block-runs' comma list: "kept" (None: the device's history's k) or whole numbers
-    from 0 to 1000, distinct; else the parser's error."""
+    """--block-runs' comma list: "kept" (None: the device's history's k), 0 (probed) or
+    counts of the agent's ladder (BLOCK_RUNS), distinct; else the parser's error."""
+    from agents.ort_agent import BLOCK_RUNS
+
     values: List[Optional[int]] = []
     for part in text.split(","):
         if part == "kept":
             values.append(None)
-        elif part.isdigit() and int(part) <= 1000:
+        elif part.isdigit() and int(part) in (0,) + BLOCK_RUNS:
             values.append(int(part))
         else:
             values = []
             break
     if not values or len(set(values)) != len(values):
-        parser.error(f"--block-runs takes distinct values \"kept\" or whole numbers from 0 "
-                     f"to 1000, like kept,0, got {text!r}")
+        parser.error(f"--block-runs takes distinct values \"kept\", 0 or counts of "
+                     f"{BLOCK_RUNS}, like kept,0, got {text!r}")
     return values
 
 
@@ -327,8 +329,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "count")
     parser.add_argument("--block-runs", default=None,
                         help="rounds: timed runs per block, \"kept\" (the default: the k of "
-                             "the device's history), 0 (probed in every window) or a count; a "
-                             "comma list runs each windowed protocol once per value")
+                             "the device's history), 0 (probed in every window) or a count of "
+                             "1, 2, 3, 4, 6, 8, 12...; a comma list runs each windowed protocol "
+                             "once per value")
     parser.add_argument("--ref-share", default="1",
                         help="rounds: the reference's most share of a window's device time; "
                              "a comma list runs each windowed protocol once per share")

@@ -85,31 +85,44 @@ def campaign(space: Any, dummy: Any, samples: Sequence[Dict[str, Any]], *, devic
     return out
 
 
-def history_level(caches: Sequence[Path]) -> float:
-    """The reference's quiet level over the newest blocks of these caches together, as
-    harness reads a device's history (harness.store.cache.Cache.reference_level)."""
-    from harness.store.cache import REFERENCE_HISTORY
-    from harness.store.rounds import LEVEL_QUANTILE, quantile
-
-    rows: List[Tuple[float, float]] = []
-    for path in caches:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-            rows += conn.execute("SELECT created_at, value FROM reference_blocks").fetchall()
-    newest = [value for _, value in sorted(rows)[-REFERENCE_HISTORY:]]
-    return quantile(newest, LEVEL_QUANTILE)
+def window_runs(cache: Path) -> Dict[str, int]:
+    """{window, as a cache's reference history names it (its lease's start): the k its
+    reference ran at} of a cache's measurements in rounds."""
+    with sqlite3.connect(f"file:{cache}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT json_extract(record, '$.provenance.lease[0]'), "
+                            "json_extract(record, '$.rounds.reference_k') FROM measurements")
+        return {f"{began:.6f}": int(k) for began, k in rows if began is not None and k is not None}
 
 
 def history_block_runs(caches: Sequence[Path]) -> int:
     """The timed runs per block (k) the reference ran at in most of these caches' windows
-    (0 if none says): what the campaign's history is read at, as a profiler keys it
+    (0 if none says): the part of the campaign's history a profiler reads, as it keys it
     (harness.steps.measuring.reference_history_key)."""
-    runs: List[int] = []
-    for path in caches:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-            runs += [int(k) for (k,) in conn.execute(
-                "SELECT json_extract(record, '$.rounds.reference_k') FROM measurements")
-                if k is not None]
+    runs = [k for cache in caches for k in window_runs(cache).values()]
     return max(set(runs), key=runs.count) if runs else 0
+
+
+def history_windows(cache: Path, block_runs: int) -> List[str]:
+    """The windows of a cache whose reference ran at `block_runs` per block."""
+    return [window for window, k in window_runs(cache).items() if k == block_runs]
+
+
+def history_level(caches: Sequence[Path]) -> float:
+    """The reference's quiet level over the newest blocks of these caches together, at the
+    k of most of their windows, as harness reads a device's history
+    (harness.store.cache.Cache.reference_level: one k's blocks)."""
+    from harness.store.cache import REFERENCE_HISTORY
+    from harness.store.rounds import LEVEL_QUANTILE, quantile
+
+    runs = history_block_runs(caches)
+    rows: List[Tuple[float, float]] = []
+    for path in caches:
+        windows = set(history_windows(path, runs))
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            rows += [(when, value) for window, when, value in conn.execute(
+                "SELECT window, created_at, value FROM reference_blocks") if window in windows]
+    newest = [value for _, value in sorted(rows)[-REFERENCE_HISTORY:]]
+    return quantile(newest, LEVEL_QUANTILE)
 
 
 def _one_pass(space: Any, dummy: Any, samples: Sequence[Dict[str, Any]], *, device: str,

@@ -185,7 +185,8 @@ def test_a_candidate_that_fails_is_its_own_error_and_a_bad_reference_fails_the_w
                                             ("reference_sessions", 9),
                                             ("reference_sessions", 2.0),
                                             ("block_runs", -1), ("block_runs", 1001),
-                                            ("block_runs", 2.5)])
+                                            ("block_runs", 2.5), ("block_runs", 5),
+                                            ("block_runs", True)])
 def test_round_settings_out_of_range_are_refused_naming_the_setting(setting, value):
     with pytest.raises(InvalidArgument, match=setting):
         LatencyProfiler(TinySpace(), torch.randn(1, 3, 32, 32), settings={setting: value})
@@ -1032,16 +1033,16 @@ def test_the_reference_history_is_kept_apart_by_clock_agent_version_and_block_le
 
 def test_a_request_fixes_the_runs_of_every_block_of_its_window(tmp_path):
     """block_runs sets k for the reference and so for every candidate, whatever the probe
-    would choose (at 2 ms blocks these tiny models would take one or two runs)."""
+    would choose (a tiny model runs far below the 2 ms a block lasts: several runs)."""
     models = tiny_models(tmp_path, 3)
     reference = models.pop("m0")
     answer = ort_agent.handle({"op": "rounds", "models": models, "reference": reference,
-                               "settings": dict(FAST, block_runs=5)})
+                               "settings": dict(FAST, block_runs=1)})
     assert answer["errors"] == {}
     for result in answer["results"].values():
         record = RoundsRecord.from_dict(result["rounds"])
-        assert record.k == record.reference_k == 5
-        assert {len(block[3]) for block in record.blocks + record.reference_blocks} == {5}
+        assert record.k == record.reference_k == 1
+        assert {len(block[3]) for block in record.blocks + record.reference_blocks} == {1}
 
 
 def test_a_device_keeps_the_runs_per_block_its_history_was_read_at(tmp_path):
@@ -1063,7 +1064,7 @@ def test_a_device_keeps_the_runs_per_block_its_history_was_read_at(tmp_path):
     def blocks_under(steps, k):
         with sqlite3.connect(tmp_path / "cache.sqlite") as conn:
             return conn.execute("SELECT COUNT(*) FROM reference_blocks WHERE settings_key = ?",
-                                (steps._reference_ran_as(k),)).fetchone()[0]
+                                (steps._reference_ran_as("thread_cpu", k),)).fetchone()[0]
 
     first, steps = batch(settings, samples[:2])
     probed = first[0].rounds.reference_k
@@ -1073,13 +1074,13 @@ def test_a_device_keeps_the_runs_per_block_its_history_was_read_at(tmp_path):
         device_fp, reference = conn.execute(
             "SELECT device_fp, reference FROM reference_blocks LIMIT 1").fetchone()
         conn.executemany("INSERT INTO reference_blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         [(device_fp, steps._reference_ran_as(1), reference, "later", n, 0.05,
-                           9e9 + n) for n in range(5)])
+                         [(device_fp, steps._reference_ran_as("thread_cpu", 1), reference,
+                           "later", n, 0.05, 9e9 + n) for n in range(5)])
     kept, steps = batch(settings, samples[2:4])
     assert {(m.rounds.k, m.rounds.reference_k) for m in kept} == {(1, 1)}
     assert blocks_under(steps, 1) == 5 + len(kept[0].rounds.reference_blocks)
     assert steps.known_reference()[1] == blocks_under(steps, 1)  # its level reads that one
-    fixed, steps = batch(dict(settings, block_runs=5), samples[4:5])
-    assert fixed[0].rounds.reference_k == 5 and blocks_under(steps, 5) > 0
+    fixed, steps = batch(dict(settings, block_runs=6), samples[4:5])
+    assert fixed[0].rounds.reference_k == 6 and blocks_under(steps, 6) > 0
     again, _ = batch(dict(settings, block_runs=0), samples[5:6])
     assert again[0].rounds.reference_k > 1  # probed, not the history's one run

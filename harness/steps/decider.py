@@ -296,7 +296,6 @@ class DecisionRound:
             raise AgentProtocolError(f"{result.device} answered a decision's rounds without "
                                      "a sound verdict of the limit rule (its stop: "
                                      f"{str(dict(result.stop))[:200]})")
-        self.decider.steps.saw_window(result)
         if self.joins_history:  # the window's blocks join the device's history
             self.decider.steps.reference_level(key, result)
         return decision_from_rounds(result.stop, len(result.samples_ms), source="measured",

@@ -10,7 +10,7 @@ from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tupl
 
 from agents.ort_agent import BLOCK_RUNS
 from devices.agent_client import AGENT_VERSION
-from devices.agent_result import AgentResult
+from devices.agent_result import CLOCKS, AgentResult
 from devices.errors import AgentProtocolError
 from harness.export.graph import ExportedModel, export_module, input_signature
 from harness.export.model_file import Precision
@@ -112,14 +112,10 @@ class MeasurementSteps:
         self.export, self.cache, self.scope, self.counters = export, cache, scope, counters
         self.isolation, self.refresh, self.request = isolation, refresh, request
         self.reference = reference  # timed beside the candidates with protocol "rounds"
-        # the clock the device's last window of rounds was read by (see _reference_ran_as)
-        self.last_clock = "thread_cpu"
 
     def for_request(self, request: MeasureRequest) -> "MeasurementSteps":
-        steps = MeasurementSteps(self.export, self.cache, self.scope, self.counters,
-                                 self.isolation, self.refresh, request, self.reference)
-        steps.last_clock = self.last_clock
-        return steps
+        return MeasurementSteps(self.export, self.cache, self.scope, self.counters,
+                                self.isolation, self.refresh, request, self.reference)
 
     def stored_statistics(self, scope: KeyScope, statistic: str, labels: Sequence[str]
                           ) -> Dict[tuple, float]:
@@ -185,35 +181,33 @@ class MeasurementSteps:
         check = check_on_cpu(converted, precision)
         return None if check is None else check.flag()
 
-    def saw_window(self, result: AgentResult) -> None:
-        """Note the clock a device's window of rounds was read by: its history is looked up
-        under that clock from now on (_reference_ran_as)."""
-        if result.rounds is not None:
-            self.last_clock = result.rounds.clock
-
     def reference_level(self, key: MeasurementKey, result: AgentResult
                         ) -> Optional[ReferenceLevel]:
         """For a result of interleaved rounds, the reference's quiet level from the device's
-        history (this window's reference blocks recorded first); else None."""
+        history under the clock and k its window was read by (this window's reference blocks
+        recorded first); else None."""
         if result.rounds is None:
             return None
-        self.saw_window(result)
         began = result.lease[0] if result.lease else time.time()  # the window's start
         blocks = [(block[2], block_statistic(block_times(block)), began + block[4])
                   for block in result.rounds.reference_blocks]
         return self.cache.reference_level(
-            key.device_fp, self._reference_ran_as(result.rounds.reference_k),
+            key.device_fp, self._reference_ran_as(result.rounds.clock, result.rounds.reference_k),
             result.rounds.reference_sha256, f"{began:.6f}", blocks)
 
     def known_reference(self) -> Tuple[Optional[float], int]:
         """The reference's quiet level the device's history shows so far (None: no history)
         and how many blocks it stands on, recording nothing: what a decision's limit is read
-        against before its window."""
-        runs = self.block_runs() or self.history_runs()
-        if not runs:
+        against before its window. The history is the newest one's clock (a device that
+        answers by the wall has no history under the thread's clock) at the k the next
+        window runs."""
+        newest = self._newest_history()
+        if newest is None:
             return None, 0
-        return self.cache.known_reference(self.scope().device_fp, self._reference_ran_as(runs),
-                                          self.reference().sha256)
+        clock, runs = newest
+        return self.cache.known_reference(
+            self.scope().device_fp, self._reference_ran_as(clock, self.block_runs() or runs),
+            self.reference().sha256)
 
     def known_reference_level(self) -> Optional[float]:
         """known_reference's level alone."""
@@ -221,34 +215,36 @@ class MeasurementSteps:
 
     def block_runs(self) -> int:
         """The timed runs per block of this profiler's next window: the request's, if it
-        fixes them; else the k of the device's newest reference history under this request
-        and clock (0 before its first window: that window's probe chooses, and its k is
-        kept from then on). A probe in every window would switch k between windows wherever
-        the reference's run lies near block_ms / k, and a ratio of minima of 1 run reads
-        otherwise than one of 2: scripts/benchmark-log.md, "k kept for the device"."""
+        fixes them; else the k of the device's newest reference history under this request,
+        whatever chose it (0 before the device's first window: that window's probe chooses,
+        and its k is kept from then on). A probe in every window would switch k between
+        windows wherever the reference's run lies near block_ms / k, and a ratio of minima
+        of 1 run reads otherwise than one of 2: scripts/benchmark-log.md, "k kept for the
+        device". In a pool, the device is the profiler's first (KeyScope.device_fp), whose
+        k every unit then takes."""
         fixed = self.request.settings["block_runs"]
-        return int(fixed) if fixed is not None else self.history_runs()
+        if fixed is not None:
+            return int(fixed)
+        newest = self._newest_history()
+        return newest[1] if newest is not None else 0
 
-    def history_runs(self) -> int:
-        """The k of the device's newest reference history under this request and clock (0:
-        none yet)."""
-        keys = {self._reference_ran_as(k): k for k in BLOCK_RUNS}
+    def _newest_history(self) -> Optional[Tuple[str, int]]:
+        """The clock and k of the device's newest reference history under this request and
+        reference (None: none yet)."""
+        keys = {self._reference_ran_as(clock, k): (clock, k)
+                for clock in CLOCKS for k in BLOCK_RUNS}
         newest = self.cache.newest_history(self.scope().device_fp, list(keys),
                                            self.reference().sha256)
-        return keys[newest] if newest is not None else 0
+        return keys[newest] if newest is not None else None
 
     def window_request(self, models: int) -> MeasureRequest:
         """The request of this profiler's next window of `models` candidates."""
         return window_request(self.request, models, self.block_runs())
 
-    def _reference_ran_as(self, block_runs: int) -> str:
-        """The key of the reference's history under this profiler's request, blocks of
-        `block_runs` timed runs and the clock its device's last window was read by
-        (reference_history_key). Before its first window, a profiler looks in the history of
-        the thread's CPU clock, the one a device uses wherever it can; a device that answers
-        by the wall then has no history there, and its window's own level serves, as on a
-        new device."""
-        return reference_history_key(self.request.settings, self.last_clock, block_runs)
+    def _reference_ran_as(self, clock: str, block_runs: int) -> str:
+        """The key of the reference's history under this profiler's request, a clock and
+        blocks of `block_runs` timed runs (reference_history_key)."""
+        return reference_history_key(self.request.settings, clock, block_runs)
 
     def together(self, modules: Sequence[Tuple[Any, Any]], samples: Sequence[ExportedModel],
                  pool: DevicePool, precision: Precision) -> List[Measurement]:
