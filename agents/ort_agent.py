@@ -127,9 +127,10 @@ DEFAULT_SETTINGS = {
     "reference_sessions": 1,
     # timed runs per block (k): 0 or None chooses them from the reference's probe runs (the
     # fewest on BLOCK_RUNS that last block_ms), a number on BLOCK_RUNS fixes them for every
-    # block of the window. The host sends the k the device's reference history was read at
-    # (harness.steps.measuring: MeasurementSteps.block_runs), so that a reference whose run
-    # lies near block_ms / k does not switch k between windows (None: the host's choice).
+    # block of the window. The host sends the k the reference's quiet level in the device's
+    # history implies (harness.steps.measuring: MeasurementSteps.block_runs), so that a
+    # reference whose run lies near block_ms / k does not switch k between windows (None:
+    # the host's choice).
     "block_runs": None,
 }
 
@@ -1619,10 +1620,7 @@ class Timed(object):
             if cpu_clock is not None and not cpu_time_plausible(cpu_ms, probe[-1] * 1e3):
                 self.cpu_clock = None  # a coarse or broken thread clock: the wall clock only
         self.run_s = max(min(probe), 1e-6)
-        # k from a ladder, so that a few percent of noise in the probe rarely changes it
-        # between windows (the minimum of more runs is lower: k is part of what a ratio is)
-        needed = block_ms / 1e3 / self.run_s
-        self.k = next((k for k in BLOCK_RUNS if k >= needed), BLOCK_RUNS[-1])
+        self.k = runs_per_block(block_ms, self.run_s * 1e3)
         self.blocks = []
         self.verdict = None  # the limit rule's look that ended its rounds (limit_look)
         self.precise_at = None  # the ci rule: the round after which it was known and left
@@ -1974,6 +1972,14 @@ SPEED_CHANGE = 0.10  # reference blocks around a candidate block this far apart:
 LEVEL_QUANTILE = 0.10  # the reference's quiet level: this quantile of its block statistics
 BLOCK_RUNS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1000)
 PROBE_RUNS = 3  # runs of a model before its first block that choose its k (Timed)
+
+
+def runs_per_block(block_ms, run_ms):
+    """k: the fewest runs of BLOCK_RUNS, a ladder (so that a few percent of noise in a run's
+    time rarely changes k; the minimum of more runs is lower: k is part of what a ratio is),
+    whose block of runs of run_ms lasts block_ms."""
+    needed = block_ms / max(run_ms, 1e-3)
+    return next((k for k in BLOCK_RUNS if k >= needed), BLOCK_RUNS[-1])
 
 
 def run_cpu_clock(settings):

@@ -37,7 +37,7 @@ seconds, loads included.
 With --ref-share 0.25,1, paired, rounds and ci-rounds run once per share (the most of a
 window's device time the reference takes; 1: no bound), each row labelled with its share;
 with --block-ms 10,20 once per block length, likewise; with --block-runs kept,0 with the k
-of the device's history kept from window to window (the default) and probed in every window.
+the device's history implies (the default) and probed in every window.
 Within a condition the first passes of every protocol run one after another, then the
 second passes in the same order (and so on, with --passes N), so that protocols compared in
 one table met the same load. The defaults run every protocol, ci-rounds included (an extra
@@ -256,8 +256,9 @@ def comma_list(parser: argparse.ArgumentParser, option: str, text: str,
 
 
 def block_runs_list(parser: argparse.ArgumentParser, text: str) -> List[Optional[int]]:
-    """--block-runs' comma list: "kept" (None: the device's history's k), 0 (probed) or
-    counts of the agent's ladder (BLOCK_RUNS), distinct; else the parser's error."""
+    """--block-runs' comma list: "kept" (None: the k the device's history implies), 0
+    (probed) or counts of the agent's ladder (BLOCK_RUNS), distinct; else the parser's
+    error."""
     from agents.ort_agent import BLOCK_RUNS
 
     values: List[Optional[int]] = []
@@ -328,8 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "agent's, 1); a comma list runs each windowed protocol once per "
                              "count")
     parser.add_argument("--block-runs", default=None,
-                        help="rounds: timed runs per block, \"kept\" (the default: the k of "
-                             "the device's history), 0 (probed in every window) or a count of "
+                        help="rounds: timed runs per block, \"kept\" (the default: the k the "
+                             "device's history implies), 0 (probed in every window) or a count of "
                              "1, 2, 3, 4, 6, 8, 12...; a comma list runs each windowed protocol "
                              "once per value")
     parser.add_argument("--ref-share", default="1",

@@ -206,17 +206,22 @@ def test_a_trace_with_huge_or_nested_numbers_is_refused(tmp_path):
 
 def test_a_device_read_by_the_wall_keeps_its_k_from_session_to_session(tmp_path):
     """A simulated device's blocks are read by the wall clock: a later session finds the
-    device's history under that clock, and sends its k instead of probing anew."""
+    device's history under that clock, and sends the k its level implies instead of
+    probing anew."""
+    from agents.ort_agent import runs_per_block
+
     replaying_device(tmp_path, step_trace())
     space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
     settings = {"protocol": "rounds", "rounds": 4, "block_ms": 10.0, "warmup_runs": 1}
-    sent = []
-    for sample in random_samples(space, 3, seed=5):
+    for session, sample in enumerate(random_samples(space, 3, seed=5)):
         with LatencyProfiler(space, dummy, device="sim1", home=tmp_path, settings=settings,
                              statistic="ratio") as profiler:
+            level, blocks = profiler.steps.known_reference()
             measured = profiler.measure(sample)
-            sent.append((measured.settings["block_runs"], measured.rounds.reference_k,
-                         measured.rounds.clock))
-            assert profiler.steps.known_reference()[1] > 0  # the wall clock's history
-    probed = sent[0][1]
-    assert sent == [(0, probed, "wall"), (probed, probed, "wall"), (probed, probed, "wall")]
+        assert measured.rounds.clock == "wall"
+        if session == 0:  # a new device: no history, its window probes
+            assert (level, blocks, measured.settings["block_runs"]) == (None, 0, 0)
+        else:  # the wall clock's history, and the k its level implies
+            assert blocks > 0
+            assert measured.settings["block_runs"] == measured.rounds.reference_k == \
+                runs_per_block(settings["block_ms"], level)

@@ -1046,14 +1046,17 @@ def test_a_request_fixes_the_runs_of_every_block_of_its_window(tmp_path):
 
 
 def test_a_device_keeps_the_runs_per_block_its_history_was_read_at(tmp_path):
-    """A profiler's windows take the k of the device's newest reference history (a probe in
-    every window would switch k where the reference's run lies near block_ms / k, and a
-    ratio of minima of one run reads otherwise than one of two): a history read at one run
-    makes the next window's blocks one run long and its blocks join that history; a request
-    that fixes block_runs, or asks for the probe (0), is obeyed, each window's blocks filed
-    under the k they ran at."""
+    """After a device's first window (its probe's k), a profiler's windows take the k whose
+    blocks last block_ms at the reference's quiet level in the device's newest history (a
+    probe of three runs in every window would switch k where the reference's run lies near
+    block_ms / k, and a ratio of minima of one run reads otherwise than one of two): a
+    newer history whose level is 0.3 ms makes 2 ms blocks eight runs long, and those blocks
+    join a history of their own; a request that fixes block_runs, or asks for the probe
+    (0), is obeyed, each window's blocks filed under the k they ran at."""
+    from harness.store.rounds import LEVEL_QUANTILE, quantile
+
     space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
-    samples = random_samples(space, 6, seed=4)
+    samples = random_samples(space, 7, seed=4)
     settings = dict(FAST, cpu_affinity=[0])
 
     def batch(chosen, picked):
@@ -1061,26 +1064,32 @@ def test_a_device_keeps_the_runs_per_block_its_history_was_read_at(tmp_path):
             measured = profiler.measure_many(picked, progress=False)
             return measured, profiler.steps
 
-    def blocks_under(steps, k):
+    def history(steps, k):
         with sqlite3.connect(tmp_path / "cache.sqlite") as conn:
-            return conn.execute("SELECT COUNT(*) FROM reference_blocks WHERE settings_key = ?",
-                                (steps._reference_ran_as("thread_cpu", k),)).fetchone()[0]
+            return [value for (value,) in conn.execute(
+                "SELECT value FROM reference_blocks WHERE settings_key = ?",
+                (steps._reference_ran_as("thread_cpu", k),))]
 
     first, steps = batch(settings, samples[:2])
     probed = first[0].rounds.reference_k
-    assert probed > 1  # a tiny model runs far below the 2 ms a block lasts: the probe's k
-    assert blocks_under(steps, probed) == len(first[0].rounds.reference_blocks)
-    with sqlite3.connect(tmp_path / "cache.sqlite") as conn:  # later, the device read at 1
+    assert first[0].settings["block_runs"] == 0  # the device's first window: its probe
+    assert len(history(steps, probed)) == len(first[0].rounds.reference_blocks)
+    level = quantile(history(steps, probed), LEVEL_QUANTILE)
+    second, steps = batch(settings, samples[2:3])
+    kept = ort_agent.runs_per_block(FAST["block_ms"], level)
+    assert second[0].settings["block_runs"] == second[0].rounds.reference_k == kept
+    with sqlite3.connect(tmp_path / "cache.sqlite") as conn:  # later, a faster device at 1
         device_fp, reference = conn.execute(
             "SELECT device_fp, reference FROM reference_blocks LIMIT 1").fetchone()
         conn.executemany("INSERT INTO reference_blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
                          [(device_fp, steps._reference_ran_as("thread_cpu", 1), reference,
-                           "later", n, 0.05, 9e9 + n) for n in range(5)])
-    kept, steps = batch(settings, samples[2:4])
-    assert {(m.rounds.k, m.rounds.reference_k) for m in kept} == {(1, 1)}
-    assert blocks_under(steps, 1) == 5 + len(kept[0].rounds.reference_blocks)
-    assert steps.known_reference()[1] == blocks_under(steps, 1)  # its level reads that one
-    fixed, steps = batch(dict(settings, block_runs=6), samples[4:5])
-    assert fixed[0].rounds.reference_k == 6 and blocks_under(steps, 6) > 0
-    again, _ = batch(dict(settings, block_runs=0), samples[5:6])
-    assert again[0].rounds.reference_k > 1  # probed, not the history's one run
+                           "later", n, 0.3, 9e9 + n) for n in range(5)])
+    assert steps.known_reference() == (pytest.approx(0.3), 5)  # the newest history's
+    faster, steps = batch(settings, samples[3:5])
+    assert {(m.rounds.k, m.rounds.reference_k) for m in faster} == {(8, 8)}
+    assert len(history(steps, 8)) == len(faster[0].rounds.reference_blocks)
+    assert len(history(steps, 1)) == 5  # a history of one k never takes another's blocks
+    fixed, steps = batch(dict(settings, block_runs=6), samples[5:6])
+    assert fixed[0].rounds.reference_k == 6 and len(history(steps, 6)) > 0
+    again, _ = batch(dict(settings, block_runs=0), samples[6:7])
+    assert again[0].settings["block_runs"] == 0  # asked for the probe: sent it

@@ -288,9 +288,10 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
                              "its blocks taken from each in turn (default 1; each load is a "
                              "draw of its speed, and every ratio divides by it)")
     parser.add_argument("--block-runs", type=int,
-                        help="with --protocol rounds: timed runs per block (default: the k the "
-                             "device's reference history was read at, probed in its first "
-                             "window; 0 probes in every window; 1, 2, 3, 4, 6, 8, 12... fix it)")
+                        help="with --protocol rounds: timed runs per block (default: probed in "
+                             "the device's first window, then the k whose blocks last "
+                             "--block-ms at the reference's quiet level; 0 probes in every "
+                             "window; 1, 2, 3, 4, 6, 8, 12... fix it)")
     parser.add_argument("--reference", metavar="FILE.onnx",
                         help="with --protocol rounds: the reference model (default: a fixed "
                              "subnet of the built-in space at the input size)")

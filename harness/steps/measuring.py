@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar,
                     cast)
 
-from agents.ort_agent import BLOCK_RUNS
+from agents.ort_agent import BLOCK_RUNS, runs_per_block
 from devices.agent_client import AGENT_VERSION
 from devices.agent_result import CLOCKS, AgentResult
 from devices.errors import AgentProtocolError
@@ -198,16 +198,15 @@ class MeasurementSteps:
     def known_reference(self) -> Tuple[Optional[float], int]:
         """The reference's quiet level the device's history shows so far (None: no history)
         and how many blocks it stands on, recording nothing: what a decision's limit is read
-        against before its window. The history is the newest one's clock (a device that
-        answers by the wall has no history under the thread's clock) at the k the next
-        window runs."""
+        against before its window. The history is the device's newest, by the clock and k it
+        was read at (a device that answers by the wall has no history under the thread's
+        clock)."""
         newest = self._newest_history()
         if newest is None:
             return None, 0
-        clock, runs = newest
-        return self.cache.known_reference(
-            self.scope().device_fp, self._reference_ran_as(clock, self.block_runs() or runs),
-            self.reference().sha256)
+        return self.cache.known_reference(self.scope().device_fp,
+                                          self._reference_ran_as(*newest),
+                                          self.reference().sha256)
 
     def known_reference_level(self) -> Optional[float]:
         """known_reference's level alone."""
@@ -215,18 +214,19 @@ class MeasurementSteps:
 
     def block_runs(self) -> int:
         """The timed runs per block of this profiler's next window: the request's, if it
-        fixes them; else the k of the device's newest reference history under this request,
-        whatever chose it (0 before the device's first window: that window's probe chooses,
-        and its k is kept from then on). A probe in every window would switch k between
-        windows wherever the reference's run lies near block_ms / k, and a ratio of minima
-        of 1 run reads otherwise than one of 2: scripts/benchmark-log.md, "k kept for the
-        device". In a pool, the device is the profiler's first (KeyScope.device_fp), whose
-        k every unit then takes."""
+        fixes them; else the k whose blocks last block_ms at the reference's quiet level in
+        the device's newest history (0 before the device's first window: that window's
+        probe chooses). Three probe runs in every window would switch k between windows
+        wherever the reference's run lies near block_ms / k, and a ratio of minima of 1 run
+        reads otherwise than one of 2; a level of many blocks moves by tenths of a percent,
+        so k stays put (scripts/benchmark-log.md, "k kept for the device"). In a pool, the
+        device is the profiler's first (KeyScope.device_fp), whose k every unit then
+        takes."""
         fixed = self.request.settings["block_runs"]
         if fixed is not None:
             return int(fixed)
-        newest = self._newest_history()
-        return newest[1] if newest is not None else 0
+        level, _ = self.known_reference()
+        return 0 if level is None else runs_per_block(self.request.settings["block_ms"], level)
 
     def _newest_history(self) -> Optional[Tuple[str, int]]:
         """The clock and k of the device's newest reference history under this request and
