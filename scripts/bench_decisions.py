@@ -76,9 +76,10 @@ def empty_copy(index: Path, folder: Path, name: str, history: Sequence[Path],
     benchtruth.BLOCK_MS, as a device that has been measuring for a while has it): the
     blocks of its windows at `history_runs` per block, under `history_key`, the key the
     profiler reads its device's history by (a campaign measured by an older harness kept it
-    under another). The profilers measure with the campaign's block length and k
-    (run_condition), so that key is the campaign's own, and no level read from one length
-    or k is filed under another's."""
+    under another). The profilers measure with the campaign's block length (run_condition)
+    and take k from that history's level (MeasurementSteps.block_runs): the campaign's own
+    k unless its level lies at a step of the ladder, where their windows start a history of
+    their own k. Either way no level read from one length or k is filed under another's."""
     path = folder / f"{name}.sqlite"
     shutil.copyfile(index, path)
     with sqlite3.connect(path) as conn:
