@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 
-AGENT_VERSION = "1.5"
+AGENT_VERSION = "1.6"
 
 ERROR_KINDS = ("TRANSFER", "LOAD", "RUNTIME", "TIMEOUT", "DEVICE_LOST", "THERMAL", "USER")
 
@@ -125,8 +125,13 @@ DEFAULT_SETTINGS = {
     # default block length the benchmark did not show a gain (README, "The reference in
     # several sessions"): one session unless asked.
     "reference_sessions": 1,
+    # sessions each candidate of a rounds window is loaded in, its blocks taken from each in
+    # turn, as the reference's: every load is a draw of the candidate's own speed too, which
+    # its ratio carries alone (the host's windows hold fewer candidates for the memory).
+    "model_sessions": 1,
     # timed runs per block (k): 0 or None chooses them from the reference's probe runs (the
-    # fewest on BLOCK_RUNS that last block_ms), a number on BLOCK_RUNS fixes them for every
+    # fewest on BLOCK_RUNS that last block_ms, two at least unless a run lasts twice
+    # block_ms: runs_per_block), a number on BLOCK_RUNS fixes them for every
     # block of the window. The host sends the k the reference's quiet level in the device's
     # history implies (harness.steps.measuring: MeasurementSteps.block_runs), so that a
     # reference whose run lies near block_ms / k does not switch k between windows (None:
@@ -507,6 +512,7 @@ def parse_settings(raw):
                              "60000, got %r" % (key, value))
     _check_whole_setting(settings, "discard_runs", 0, 10)
     _check_whole_setting(settings, "reference_sessions", 1, 8)
+    _check_whole_setting(settings, "model_sessions", 1, 8)
     runs = settings["block_runs"]
     if runs is not None and (not isinstance(runs, int) or isinstance(runs, bool)
                              or runs not in (0,) + BLOCK_RUNS):
@@ -1545,6 +1551,7 @@ def _prepare(settings):
         except (OSError, ValueError) as exc:
             raise AgentError("USER", "cannot pin to CPUs %r: %s" % (settings["cpu_affinity"], exc))
     controlled["affinity"] = _affinity()
+    controlled["address_layout"] = address_layout()
     return ort, controlled
 
 
@@ -1918,9 +1925,9 @@ class _Session(object):
 
 class _Loaded(Timed):
     """One model of a rounds request, loaded in `sessions` sessions of its runtime (a
-    candidate in one, the reference in reference_sessions), each run once and warmed up (by
-    warmup_runs: none in rounds unless asked, see WARMUP_RUNS); its blocks are taken from
-    each session in turn, so that its ratio reads the mean of their draws."""
+    candidate in model_sessions, the reference in reference_sessions), each run once and
+    warmed up (by warmup_runs: none in rounds unless asked, see WARMUP_RUNS); its blocks are
+    taken from each session in turn, so that its ratio reads the mean of their draws."""
 
     def __init__(self, ort, name, path, sha256, settings, sessions=1):
         check_model_file(path, sha256)
@@ -1971,14 +1978,21 @@ class _Loaded(Timed):
 SPEED_CHANGE = 0.10  # reference blocks around a candidate block this far apart: it is dropped
 LEVEL_QUANTILE = 0.10  # the reference's quiet level: this quantile of its block statistics
 BLOCK_RUNS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1000)
+LONG_RUN_BLOCKS = 2.0  # a run this many times block_ms long makes a block alone
 PROBE_RUNS = 3  # runs of a model before its first block that choose its k (Timed)
 
 
 def runs_per_block(block_ms, run_ms):
     """k: the fewest runs of BLOCK_RUNS, a ladder (so that a few percent of noise in a run's
     time rarely changes k; the minimum of more runs is lower: k is part of what a ratio is),
-    whose block of runs of run_ms lasts block_ms."""
+    whose block of runs of run_ms lasts block_ms, and at least two unless one run lasts
+    LONG_RUN_BLOCKS times block_ms. A block of one short run is the first run after another
+    model's (slow, and slow by a different amount each time: caches), and re-measured far
+    worse than two at the same device time (scripts/benchmark-log.md, "One run a block
+    against two"). A board whose runs last hundreds of ms keeps its one-run blocks."""
     needed = block_ms / max(run_ms, 1e-3)
+    if run_ms < LONG_RUN_BLOCKS * block_ms:
+        needed = max(needed, 2)
     return next((k for k in BLOCK_RUNS if k >= needed), BLOCK_RUNS[-1])
 
 
@@ -2148,7 +2162,8 @@ def _time_window(ort, controlled, thermal_before, models, ref, reference, settin
     for name in sorted(models):
         entry = models[name]
         try:
-            loaded[name] = _Loaded(ort, name, entry.get("model"), entry.get("sha256"), settings)
+            loaded[name] = _Loaded(ort, name, entry.get("model"), entry.get("sha256"), settings,
+                                   sessions=settings["model_sessions"])
         except AgentError as exc:
             if exc.kind == "TRANSFER":  # a missing or damaged copy: the host sends it again
                 raise
@@ -2419,6 +2434,101 @@ def handle(request):
     return result
 
 
+# ---------------------------------------------------------------- the address layout
+
+ADDR_NO_RANDOMIZE = 0x0040000  # Linux's personality flag (linux/personality.h)
+LAYOUT_ENV = "HARNESS_AGENT_LAYOUT"  # "randomized": keep address space randomization
+_LAYOUT_TRIED_ENV = "HARNESS_AGENT_LAYOUT_TRIED"  # set before the one re-exec: never twice
+
+
+def _personality(persona=0xffffffff):
+    """Linux's personality(2) by ctypes: the current persona (0xffffffff only asks), or
+    None where it cannot be called (another system, no ctypes, refused by a seccomp
+    filter)."""
+    try:
+        import ctypes
+        value = ctypes.CDLL(None, use_errno=True).personality(ctypes.c_ulong(persona))
+    except (ImportError, OSError, AttributeError, TypeError):
+        return None
+    return None if value == -1 else value
+
+
+def address_layout():
+    """"fixed" where this process runs without address space layout randomization (its
+    personality, or the system's randomize_va_space at 0), else "randomized": recorded with
+    every measurement (`controlled`) and in the worker's greeting. Read once: a process's
+    layout is set when it starts."""
+    if "layout" not in _LAYOUT:
+        persona = _personality()
+        fixed = (persona is not None and persona & ADDR_NO_RANDOMIZE) or \
+            _read("/proc/sys/kernel/randomize_va_space") == "0"
+        _LAYOUT["layout"] = "fixed" if fixed else "randomized"
+    return _LAYOUT["layout"]
+
+
+_LAYOUT = {}  # address_layout's answer, once read
+
+
+def _python_flags():
+    """The flags this Python was started with (-u always: the host starts the agent
+    unbuffered), to start it again the same way: a host may run it isolated, without site
+    packages (a bare board's test), optimized, with warnings or -X options."""
+    flags = ["-u"] + [flag for flag, on in (("-I", sys.flags.isolated),
+                                            ("-E", sys.flags.ignore_environment),
+                                            ("-s", sys.flags.no_user_site),
+                                            ("-S", sys.flags.no_site),
+                                            ("-B", sys.flags.dont_write_bytecode),
+                                            ("-P", getattr(sys.flags, "safe_path", False)))
+                      if on]
+    flags += ["-O"] * sys.flags.optimize + ["-b"] * sys.flags.bytes_warning
+    flags += ["-W%s" % option for option in sys.warnoptions]
+    xoptions = getattr(sys, "_xoptions", {})
+    flags += ["-X%s" % (name if value is True else "%s=%s" % (name, value))
+              for name, value in xoptions.items()]
+    return flags
+
+
+def fix_address_layout(script, args):
+    """Runs this agent (`script` with `args`) again, once, under the same pid, stdin and
+    stdout, without address space layout randomization where Linux allows it, unless
+    HARNESS_AGENT_LAYOUT=randomized is in its environment. Why: each process draws where
+    its libraries, heap and buffers lie, and that draw moved each candidate's ratio on its
+    own between workers (scripts/benchmark-log.md, "the address layout"). A trial start of
+    this Python with the flag comes first, so that a system that accepts the flag but cannot
+    run under it (an emulator, a filter that kills) leaves the agent as it was started.
+    Where the layout stays randomized, stderr says why and the measurements say
+    "randomized"."""
+    if os.environ.pop(_LAYOUT_TRIED_ENV, None) or os.environ.get(LAYOUT_ENV) == "randomized":
+        return  # run again already (the marker goes: nothing this agent starts inherits it)
+    persona = _personality()
+    if persona is None or persona & ADDR_NO_RANDOMIZE or not sys.executable:
+        return
+    if _personality(persona | ADDR_NO_RANDOMIZE) is None:
+        sys.stderr.write("agent: the address layout stays randomized: the system refused "
+                         "ADDR_NO_RANDOMIZE\n")
+        return
+    command = [sys.executable] + _python_flags()
+    import subprocess
+    try:
+        trial = subprocess.run(command + ["-c", "pass"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=60).returncode
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        trial = exc
+    if trial == 0:
+        os.environ[_LAYOUT_TRIED_ENV] = "1"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execv(sys.executable, command + [script] + list(args))
+        except (OSError, TypeError, ValueError) as exc:
+            trial = exc
+        os.environ.pop(_LAYOUT_TRIED_ENV, None)
+    _personality(persona)  # on as it was started
+    sys.stderr.write("agent: the address layout stays randomized: this Python did not start "
+                     "under ADDR_NO_RANDOMIZE (%s)\n" % (trial,))
+
+
 def _private_stdout():
     """Keep the real stdout for our JSON and send fd 1 to stderr, so stray prints from native
     libraries cannot corrupt the protocol."""
@@ -2437,6 +2547,7 @@ def serve(stdin, channel, watch=None):
     """Persistent worker: one JSON request per line in, one JSON answer per line out.
     `watch` (a HostWatch) is told while a request is being answered."""
     _emit(channel, {"ready": True, "agent_version": AGENT_VERSION, "pid": os.getpid(),
+                    "address_layout": address_layout(),
                     "python": platform.python_version()})
     for line in stdin:
         line = line.strip()
@@ -2460,7 +2571,8 @@ def serve(stdin, channel, watch=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ort_agent.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="ort_agent.py",  # no docstrings under python -OO
+                                     description=(__doc__ or "harness agent").split("\n")[0])
     commands = parser.add_subparsers(dest="command")
     one = commands.add_parser("measure", help="one measurement, one JSON object")
     one.add_argument("--model", required=True)
@@ -2510,4 +2622,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # the commands that time models, where Python ran this file as its program: no frame
+    # called this module's (not run by another program, as runpy runs it: that program
+    # would not run again)
+    if sys.argv[1:2] in (["worker"], ["measure"]) and hasattr(sys, "_getframe") and \
+            sys._getframe().f_back is None:
+        fix_address_layout(os.path.abspath(sys.argv[0]), sys.argv[1:])
     sys.exit(main())

@@ -285,7 +285,8 @@ class SimulatedClient:
             return {}, errors
         clock = self.clock if self.spec.noise is not None else _VirtualClock()
         began = clock.now
-        clock.now += self.spec.load_ms * (len(models) + 1) / 1e3  # loading them takes time too
+        loads = len(models) * checked["model_sessions"] + checked["reference_sessions"]
+        clock.now += self.spec.load_ms * loads / 1e3  # loading them takes time too
 
         def timed(name: str, sha: str) -> Timed:
             run = self.spec.runner(sha, clock)

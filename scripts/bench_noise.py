@@ -56,12 +56,13 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from benchlib import Arm64Board, Neighbour, simulated_device, space_at_input
 
@@ -103,12 +104,36 @@ def measure_pass(protocol: str, space: Any, dummy: Any, samples: List[dict], dev
     user's second run does)."""
     from harness import LatencyProfiler
 
-    with LatencyProfiler(space, dummy, device=device, home=home, refresh=True,
-                         settings=settings_of(protocol, seconds, rounds, rel_ci),
-                         timeout_s=max(600.0, seconds * 4)) as profiler:
+    layout = rounds.get("address_layout")  # the agent's environment, not a setting
+    rounds = {key: value for key, value in rounds.items() if key != "address_layout"}
+    with agent_layout(layout), \
+            LatencyProfiler(space, dummy, device=device, home=home, refresh=True,
+                            settings=settings_of(protocol, seconds, rounds, rel_ci),
+                            timeout_s=max(600.0, seconds * 4)) as profiler:
         if protocol == "paired":
             return [profiler.measure(sample) for sample in samples]
         return profiler.measure_many(samples, progress=False)
+
+
+@contextlib.contextmanager
+def agent_layout(layout: Optional[str]) -> Iterator[None]:
+    """The address layout a local agent started inside runs with (it inherits this process's
+    environment; agents.ort_agent.fix_address_layout): "randomized" keeps the randomization,
+    "fixed" is the agent's own default, None leaves the environment as it is."""
+    from agents.ort_agent import LAYOUT_ENV
+
+    before = os.environ.get(LAYOUT_ENV)
+    if layout == "randomized":
+        os.environ[LAYOUT_ENV] = "randomized"
+    elif layout == "fixed":
+        os.environ.pop(LAYOUT_ENV, None)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(LAYOUT_ENV, None)
+        else:
+            os.environ[LAYOUT_ENV] = before
 
 
 def replay_starts(trace: Path, passes: int) -> List[float]:
@@ -209,18 +234,22 @@ def schedule_variants(protocols: Sequence[str], shares: Sequence[float],
                       discards: Sequence[float] = (0,),
                       warmups: Sequence[Optional[float]] = (None,),
                       sessions: Sequence[Optional[float]] = (None,),
-                      runs: Sequence[Optional[int]] = (None,)
+                      runs: Sequence[Optional[int]] = (None,),
+                      layouts: Sequence[Optional[str]] = (None,),
+                      model_sessions: Sequence[Optional[float]] = (None,)
                       ) -> List[Tuple[str, str, Dict[str, Any]]]:
     """(label, protocol, rounds settings) of every row group: each windowed protocol once
     per reference share, block length, reference gap, discarded runs per block, warm-up
-    runs per model, reference sessions and timed runs per block (None: the default),
-    labelled with those that vary (a loop once, with the loop's own warm-up)."""
+    runs per model, reference sessions, timed runs per block, the agent's address layout and
+    each candidate's sessions (None: the default), labelled with those that vary (a loop
+    once, with the loop's own warm-up)."""
     variants = []
     for protocol in protocols:
         windowed = protocol in WINDOW_BUDGET
-        for share, block_ms, gap_ms, discard, warmup, session, k in itertools.product(
-                *[values if windowed else values[:1]
-                  for values in (shares, blocks, gaps, discards, warmups, sessions, runs)]):
+        for share, block_ms, gap_ms, discard, warmup, session, k, layout, loads in \
+                itertools.product(*[values if windowed else values[:1] for values in
+                                    (shares, blocks, gaps, discards, warmups, sessions, runs,
+                                     layouts, model_sessions)]):
             label = protocol
             for values, name in ((shares, f"ref_share {share:g}"),
                                  (blocks, f"blocks {block_ms:g} ms"),
@@ -228,7 +257,9 @@ def schedule_variants(protocols: Sequence[str], shares: Sequence[float],
                                  (discards, f"discard {discard:g}"),
                                  (warmups, f"warm-up {warmup or 0:g}"),
                                  (sessions, f"reference sessions {session or 0:g}"),
-                                 (runs, "k kept" if k is None else f"k {k or 'probed'}")):
+                                 (runs, "k kept" if k is None else f"k {k or 'probed'}"),
+                                 (layouts, f"layout {layout}"),
+                                 (model_sessions, f"model sessions {loads or 0:g}")):
                 if windowed and len(values) > 1:
                     label += f", {name}"
             variants.append((label, protocol, {
@@ -237,7 +268,9 @@ def schedule_variants(protocols: Sequence[str], shares: Sequence[float],
                 **({} if warmup is None or not windowed else {"warmup_runs": int(warmup)}),
                 **({} if session is None or not windowed
                    else {"reference_sessions": int(session)}),
-                **({} if k is None or not windowed else {"block_runs": k})}))
+                **({} if k is None or not windowed else {"block_runs": k}),
+                **({} if layout is None or not windowed else {"address_layout": layout}),
+                **({} if loads is None or not windowed else {"model_sessions": int(loads)})}))
     return variants
 
 
@@ -328,11 +361,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="rounds: sessions the reference is loaded in (default: the "
                              "agent's, 1); a comma list runs each windowed protocol once per "
                              "count")
+    parser.add_argument("--model-sessions", default=None,
+                        help="rounds: sessions each candidate is loaded in (default: the "
+                             "agent's, 1); a comma list runs each windowed protocol once per "
+                             "count")
     parser.add_argument("--block-runs", default=None,
                         help="rounds: timed runs per block, \"kept\" (the default: the k the "
                              "device's history implies), 0 (probed in every window) or a count of "
                              "1, 2, 3, 4, 6, 8, 12...; a comma list runs each windowed protocol "
                              "once per value")
+    parser.add_argument("--layout", default=None,
+                        help="rounds on local: the agent's address layout, \"fixed\" (its "
+                             "default) or \"randomized\"; a comma list runs each windowed "
+                             "protocol once per layout")
     parser.add_argument("--ref-share", default="1",
                         help="rounds: the reference's most share of a window's device time; "
                              "a comma list runs each windowed protocol once per share")
@@ -361,8 +402,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         comma_list(parser, "--reference-sessions", args.reference_sessions,
                    lambda v: v == int(v) and 1 <= v <= 8, "distinct whole numbers from 1 to 8, "
                    "like 1,4")
+    loads: Sequence[Optional[float]] = [None] if args.model_sessions is None else \
+        comma_list(parser, "--model-sessions", args.model_sessions,
+                   lambda v: v == int(v) and 1 <= v <= 8, "distinct whole numbers from 1 to 8, "
+                   "like 1,2")
     runs: Sequence[Optional[int]] = [None] if args.block_runs is None else block_runs_list(
         parser, args.block_runs)
+    layouts: Sequence[Optional[str]] = [None] if args.layout is None else \
+        args.layout.split(",")
+    if args.layout is not None and (len(set(layouts)) != len(layouts)
+                                    or not set(layouts) <= {"fixed", "randomized"}):
+        parser.error(f"--layout takes distinct layouts of fixed and randomized, like "
+                     f"fixed,randomized, got {args.layout!r}")
+    if args.layout is not None and ("arm64" in args.conditions.split(",") or args.trace):
+        parser.error("--layout reaches only an agent this process starts (local): leave it "
+                     "out with the arm64 condition and with --trace")
 
     import torch
 
@@ -378,10 +432,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     home = args.home or Path(tempfile.mkdtemp(prefix="bench-noise-"))
     protocols = [p for p in args.protocols.split(",") if p]
     variants = schedule_variants(protocols, shares, blocks, gaps, discards, warmups, sessions,
-                                 runs)
+                                 runs, layouts, loads)
     conditions = [c for c in args.conditions.split(",") if c]
     from harness.export.graph import export_sample
-    window = len(windows([export_sample(space, s, dummy, home=home) for s in samples])[0])
+    window = len(windows([export_sample(space, s, dummy, home=home) for s in samples],
+                         sessions=int(loads[0] or 1))[0])
     args.out.write_text("")
     bounded = "" if shares == [1.0] else f" (or at most {shares[0]:g} of the device time)" \
         if len(shares) == 1 else " (or at most the share each row names)"
@@ -390,7 +445,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     emit(f"bench_noise: {len(samples)} subnets of {space_name}"
          f"{f' (arm64: {args.arm64_size} px)' if 'arm64' in conditions else ''}, "
          f"{args.seconds:g} s of timed runs per subnet and pass, agent on CPU 0, windows of "
-         f"{window}, blocks of {' or '.join(f'{b:g}' for b in blocks)} ms, references at most "
+         f"{window}{' (fewer with more model sessions)' if len(loads) > 1 else ''}, "
+         f"blocks of {' or '.join(f'{b:g}' for b in blocks)} ms, references at most "
          f"{' or '.join(f'{g:g}' for g in gaps)} ms "
          f"apart{bounded}{ci_rules} "
          f"({time.ctime()})\n", args.out)

@@ -2,8 +2,12 @@
 import ast
 import hashlib
 import json
+import os
+import platform
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -168,6 +172,124 @@ def test_worker_exits_when_its_host_goes_away():
     assert json.loads(proc.stdout.readline())["ready"]
     proc.stdin.close()
     assert proc.wait(timeout=10) == 0
+
+
+def system_layout():
+    """The address layout this system lets a process run with: "fixed" where a process may
+    turn address space randomization off (util-linux's setarch -R; a container's seccomp
+    filter may refuse it), else "randomized"."""
+    if shutil.which("setarch") is None:
+        pytest.skip("needs util-linux's setarch to tell what the system allows")
+    setarch = subprocess.run(["setarch", platform.machine(), "-R", "true"],
+                             capture_output=True)
+    return "fixed" if setarch.returncode == 0 else "randomized"
+
+
+class Kernel:
+    """personality(2) as the agent calls it, on a process that starts randomized: `refuse`
+    refuses the flag (a seccomp filter)."""
+
+    def __init__(self, refuse=False):
+        self.persona, self.refuse, self.set = 0, refuse, []
+
+    def personality(self, persona=0xffffffff):
+        if persona == 0xffffffff:
+            return self.persona
+        if self.refuse:
+            return None
+        self.set.append(persona)
+        before, self.persona = self.persona, persona
+        return before
+
+
+@pytest.mark.parametrize("case", ["accepted", "refused", "trial fails", "exec fails",
+                                  "run again", "asked randomized"])
+def test_the_agent_runs_again_without_randomization_only_where_it_can(case, monkeypatch,
+                                                                       capfd):
+    """fix_address_layout: where the flag is accepted and a trial start of this Python runs
+    under it, the agent runs again with the same flags and arguments, a marker set; where
+    the flag is refused, the trial fails or the exec fails, it goes on as started (the
+    flag put back) and says why on stderr; run again already, or asked to keep the
+    randomization, it does nothing (and the marker goes, so nothing it starts inherits it)."""
+    from agents import ort_agent
+
+    kernel = Kernel(refuse=case == "refused")
+    monkeypatch.setattr(ort_agent, "_personality", kernel.personality)
+    monkeypatch.delenv("HARNESS_AGENT_LAYOUT", raising=False)
+    monkeypatch.delenv("HARNESS_AGENT_LAYOUT_TRIED", raising=False)
+    if case == "run again":
+        monkeypatch.setenv("HARNESS_AGENT_LAYOUT_TRIED", "1")
+    if case == "asked randomized":
+        monkeypatch.setenv("HARNESS_AGENT_LAYOUT", "randomized")
+    trials, execs = [], []
+
+    def trial(command, **_):
+        trials.append((command, kernel.persona))
+        return subprocess.CompletedProcess(command, 1 if case == "trial fails" else 0)
+
+    class Ran(Exception):
+        pass
+
+    def execv(path, argv):
+        execs.append((path, argv, os.environ.get("HARNESS_AGENT_LAYOUT_TRIED")))
+        if case == "exec fails":
+            raise OSError("exec format error")
+        raise Ran()  # the exec replaces the process: nothing after it runs
+
+    monkeypatch.setattr(subprocess, "run", trial)
+    monkeypatch.setattr(os, "execv", execv)
+    script = "/device/agent/ort_agent-0123.py"
+    if case == "accepted":
+        with pytest.raises(Ran):
+            ort_agent.fix_address_layout(script, ["worker"])
+        assert trials == [([sys.executable] + ort_agent._python_flags() + ["-c", "pass"],
+                           0x0040000)]  # the trial runs under the flag
+        assert execs == [(sys.executable,
+                          [sys.executable] + ort_agent._python_flags() + [script, "worker"],
+                          "1")]
+        return
+    ort_agent.fix_address_layout(script, ["worker"])
+    assert "HARNESS_AGENT_LAYOUT_TRIED" not in os.environ
+    assert kernel.persona == 0  # on as it was started: randomized
+    said = capfd.readouterr().err
+    if case in ("run again", "asked randomized"):
+        assert trials == [] and execs == [] and kernel.set == [] and said == ""
+    else:
+        assert "the address layout stays randomized" in said
+        assert len(execs) == (1 if case == "exec fails" else 0)
+
+
+@pytest.mark.parametrize("environment, wanted", [({}, None),
+                                                 ({"HARNESS_AGENT_LAYOUT": "randomized"},
+                                                  "randomized")])
+def test_the_agent_fixes_its_address_layout_where_the_system_allows(tiny_model, environment,
+                                                                    wanted):
+    """A worker (and a one-shot measurement) runs again once, under its own pid, without
+    address space randomization where the system allows it, says which layout it runs with,
+    and records it with every measurement; HARNESS_AGENT_LAYOUT=randomized keeps the
+    randomization."""
+    expected = wanted or system_layout()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HARNESS_AGENT")}
+    env.update(environment)
+    proc = subprocess.Popen([python(), "-u", str(AGENT), "worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        hello = json.loads(proc.stdout.readline())
+        assert hello["ready"] is True and hello["pid"] == proc.pid
+        assert hello["address_layout"] == expected
+        persona = int(Path(f"/proc/{proc.pid}/personality").read_text(), 16)
+        assert bool(persona & 0x0040000) == (expected == "fixed")
+        proc.stdin.write(json.dumps({"op": "measure", "model": str(tiny_model),
+                                     "settings": FAST}) + "\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["controlled"]["address_layout"] == expected
+    finally:
+        proc.kill()
+        proc.wait()
+    one_shot = subprocess.run([python(), str(AGENT), "measure", "--model", str(tiny_model),
+                               "--settings", json.dumps(FAST)], capture_output=True,
+                              text=True, timeout=120, env=env)
+    assert json.loads(one_shot.stdout)["controlled"]["address_layout"] == expected
 
 
 def test_stray_prints_cannot_corrupt_the_channel(tiny_model, tmp_path):

@@ -2,6 +2,7 @@
 table is written row by row, so a run that dies midway still leaves the figures it had; the
 noise table scores every replayed pass against the exact truth."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -87,8 +88,9 @@ def test_the_noise_bench_refuses_no_pairs(tmp_path, capsys):
 def test_the_noise_bench_runs_each_window_once_per_value_of_each_schedule_list(tmp_path,
                                                                               capsys):
     """Lists of shares, block lengths, reference gaps, discarded runs, warm-up runs,
-    reference sessions and runs per block label the windowed rows with what varies; a loop runs once; a value
-    out of its list's range is refused, naming the option."""
+    reference sessions, runs per block, address layouts and candidate sessions label the
+    windowed rows with what varies; a loop runs once; a value out of its list's range is
+    refused, naming the option."""
     import bench_noise
 
     variants = bench_noise.schedule_variants(["loop", "rounds"], [1.0], [10.0, 20.0], [150.0])
@@ -119,16 +121,36 @@ def test_the_noise_bench_runs_each_window_once_per_value_of_each_schedule_list(t
     assert [(label, rounds.get("block_runs", "kept")) for label, _, rounds in runs] == [
         ("rounds, k kept", "kept"), ("rounds, k probed", 0), ("rounds, k 3", 3)]
     assert bench_noise.block_runs_list(argparse.ArgumentParser(), "kept,0,3") == [None, 0, 3]
+    layouts = bench_noise.schedule_variants(["loop", "rounds"], [1.0], [10.0], [150.0], [0],
+                                            [None], [None], [None], ["fixed", "randomized"])
+    assert [(label, rounds.get("address_layout")) for label, _, rounds in layouts] == [
+        ("loop", None), ("rounds, layout fixed", "fixed"),
+        ("rounds, layout randomized", "randomized")]
+    loads = bench_noise.schedule_variants(["loop", "rounds"], [1.0], [10.0], [150.0], [0],
+                                          [None], [None], [None], [None], [1, 2])
+    assert [(label, rounds.get("model_sessions")) for label, _, rounds in loads] == [
+        ("loop", None), ("rounds, model sessions 1", 1), ("rounds, model sessions 2", 2)]
+    with bench_noise.agent_layout("randomized"):  # what a local agent started inside inherits
+        assert os.environ["HARNESS_AGENT_LAYOUT"] == "randomized"
+        with bench_noise.agent_layout("fixed"):
+            assert "HARNESS_AGENT_LAYOUT" not in os.environ
+        assert os.environ["HARNESS_AGENT_LAYOUT"] == "randomized"
+    assert "HARNESS_AGENT_LAYOUT" not in os.environ
     with pytest.raises(SystemExit):
         bench_noise.main(["--out", str(tmp_path / "n.md"), "--passes", "1"])
     assert "--passes takes" in capsys.readouterr().err
     for option, zero in (("--block-ms", "0"), ("--ref-gap-ms", "0"), ("--discard-runs", "1.5"),
                          ("--warmup-runs", "1.5"), ("--reference-sessions", "0"),
-                         ("--block-runs", "1001")):
+                         ("--block-runs", "1001"), ("--layout", "aslr"),
+                         ("--model-sessions", "0")):
         for bad in (zero, "nan", "10,10", "ten", "-5"):
             with pytest.raises(SystemExit):
                 bench_noise.main(["--out", str(tmp_path / "n.md"), option, bad])
             assert f"{option} takes" in capsys.readouterr().err
+    for elsewhere in (["--conditions", "arm64"], ["--trace", "loaded.json"]):
+        with pytest.raises(SystemExit):
+            bench_noise.main(["--out", str(tmp_path / "n.md"), "--layout", "fixed", *elsewhere])
+        assert "--layout reaches only" in capsys.readouterr().err
 
 
 class Timed:

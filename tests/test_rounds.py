@@ -184,6 +184,8 @@ def test_a_candidate_that_fails_is_its_own_error_and_a_bad_reference_fails_the_w
                                             ("reference_sessions", 0),
                                             ("reference_sessions", 9),
                                             ("reference_sessions", 2.0),
+                                            ("model_sessions", 0), ("model_sessions", 9),
+                                            ("model_sessions", 2.0),
                                             ("block_runs", -1), ("block_runs", 1001),
                                             ("block_runs", 2.5), ("block_runs", 5),
                                             ("block_runs", True)])
@@ -636,6 +638,8 @@ def test_windows_respect_the_memory_budget_and_keep_the_order(tmp_path):
     cut = windows(models, budget_bytes=MEMORY_FACTOR * 60, max_models=3)
     assert [[len(m.onnx_bytes) for m in w] for w in cut] == [[10, 20, 30], [40], [500], [5]]
     assert [m for w in cut for m in w] == models
+    twice = windows(models, budget_bytes=MEMORY_FACTOR * 60, max_models=3, sessions=2)
+    assert [[len(m.onnx_bytes) for m in w] for w in twice] == [[10, 20], [30], [40], [500], [5]]
 
 
 def test_a_profiler_measures_a_batch_in_rounds_and_serves_it_from_the_cache(tmp_path):
@@ -986,6 +990,44 @@ def test_the_reference_runs_in_its_sessions_in_turn_and_is_kept_with_them(tmp_pa
         ort_agent.KEPT_REFERENCE.clear()
 
 
+def test_a_candidate_runs_in_its_sessions_in_turn(tmp_path, tiny_model, monkeypatch):
+    """With model_sessions a candidate is loaded that many times (once by default), each
+    session run once and readied with the probe runs' count, and its blocks are taken from
+    each in turn: every load of a model is a draw of its speed, and its ratio reads their
+    mean."""
+    from agents import ort_agent
+
+    runs = []  # per load of the candidate: its runs
+    open_model = ort_agent.open_model
+
+    def counted_open(ort, path, settings):
+        model, load_ms = open_model(ort, path, settings)
+        if path == str(tiny_model):
+            index, run = len(runs), model.run
+            runs.append(0)
+
+            def run_counted():
+                runs[index] += 1
+                run()
+            model.run = run_counted
+        return model, load_ms
+
+    monkeypatch.setattr(ort_agent, "open_model", counted_open)
+    window, _ = reference_windows(tmp_path, tiny_model, rounds=6)
+    try:
+        assert ort_agent.parse_settings({})["model_sessions"] == 1
+        result, _ = window(model_sessions=2)
+        blocks, k = len(result["rounds"]["blocks"]), result["rounds"]["k"]
+        assert result["settings"]["model_sessions"] == 2 and blocks == 6
+        # each: its cold run, PROBE_RUNS (the first's are the probes), then every other block
+        assert runs == [1 + ort_agent.PROBE_RUNS + k * blocks // 2] * 2
+        runs.clear()
+        window()
+        assert len(runs) == 1  # one session by default
+    finally:
+        ort_agent.KEPT_REFERENCE.clear()
+
+
 def test_the_known_level_reads_the_newest_blocks_the_history_keeps(tmp_path):
     """A decision reads the limit against the level the device's history keeps (its newest
     REFERENCE_HISTORY blocks), also where a history was merged from several caches: an
@@ -1043,6 +1085,18 @@ def test_a_request_fixes_the_runs_of_every_block_of_its_window(tmp_path):
         record = RoundsRecord.from_dict(result["rounds"])
         assert record.k == record.reference_k == 1
         assert {len(block[3]) for block in record.blocks + record.reference_blocks} == {1}
+
+
+@pytest.mark.parametrize("run_ms, k", [
+    (9.85, 2), (10.3, 2), (19.9, 2),  # about block_ms: two runs, whichever side of it
+    (20.0, 1), (150.0, 1),  # twice block_ms and more (an emulated board): one run a block
+    (4.0, 3), (0.3, 48),  # short runs: as many as last block_ms, on the ladder
+])
+def test_a_block_of_short_runs_holds_two_runs_at_least(run_ms, k):
+    """k is the fewest runs on the ladder that last block_ms, and at least two unless one
+    run lasts twice block_ms: a block of one short run is the first run after a switch of
+    model (no run thrown away), whose minimum reads otherwise than a minimum of two."""
+    assert ort_agent.runs_per_block(10.0, run_ms) == k
 
 
 def test_a_device_keeps_the_runs_per_block_its_history_was_read_at(tmp_path):

@@ -287,6 +287,10 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
                         help="with --protocol rounds: sessions the reference is loaded in, "
                              "its blocks taken from each in turn (default 1; each load is a "
                              "draw of its speed, and every ratio divides by it)")
+    parser.add_argument("--model-sessions", type=int,
+                        help="with --protocol rounds: sessions each candidate is loaded in, "
+                             "its blocks taken from each in turn (default 1; each load is a "
+                             "draw of its speed; windows hold fewer candidates for the memory)")
     parser.add_argument("--block-runs", type=int,
                         help="with --protocol rounds: timed runs per block (default: probed in "
                              "the device's first window, then the k whose blocks last "
@@ -307,6 +311,7 @@ def agent_settings(args: argparse.Namespace) -> Dict[str, Any]:
                         ("ref_gap_ms", "ref_gap_ms"), ("ref_share", "ref_share"),
                         ("discard_runs", "discard_runs"),
                         ("reference_sessions", "reference_sessions"),
+                        ("model_sessions", "model_sessions"),
                         ("block_runs", "block_runs")):
         if getattr(args, option) is not None:
             settings[key] = getattr(args, option)

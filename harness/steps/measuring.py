@@ -39,15 +39,17 @@ T = TypeVar("T")
 
 def windows(items: Sequence[T], budget_bytes: int = WINDOW_BUDGET_BYTES,
             max_models: int = MAX_WINDOW_MODELS,
-            model: Optional[Callable[[T], ExportedModel]] = None) -> List[List[T]]:
+            model: Optional[Callable[[T], ExportedModel]] = None,
+            sessions: int = 1) -> List[List[T]]:
     """`items` (models, or what `model` reads a model from) cut, in order, into windows
-    whose models' loaded size stays within the budget (a model larger than the budget
-    alone) and that hold at most `max_models` each."""
+    whose models' loaded size, each loaded in `sessions` sessions (the agent's
+    model_sessions), stays within the budget (a model larger than the budget alone) and that
+    hold at most `max_models` each."""
     read = model or (lambda item: cast(ExportedModel, item))
     cut: List[List[T]] = []
     size = 0
     for item in items:
-        need = MEMORY_FACTOR * len(read(item).onnx_bytes)
+        need = MEMORY_FACTOR * sessions * len(read(item).onnx_bytes)
         if not cut or size + need > budget_bytes or len(cut[-1]) >= max_models:
             cut.append([])
             size = 0
@@ -270,7 +272,8 @@ class MeasurementSteps:
                                                                  self.export.home),
                                                model.signature))
         answered: Dict[Tuple[str, str], Any] = {}
-        for window in windows(list(pending.items()), model=lambda item: item[1][0]):
+        for window in windows(list(pending.items()), model=lambda item: item[1][0],
+                              sessions=self.request.settings["model_sessions"]):
             answers = pool.measure_rounds([exported for _, (exported, _) in window],
                                           self.reference(), self.window_request(len(window)))
             for key, (exported, signature) in window:

@@ -41,7 +41,8 @@ def answer_in_rounds(samples: Sequence[Sample], results: List[Optional[Any]],
         return
     with ArchitectureBatch(results, what, progress) as batch:
         pending = [exported for _, exported in pending_exports(samples, batch, steps)]
-        for window in windows(pending, budget_bytes):
+        sessions = steps.window_request(1).settings["model_sessions"]  # loads per candidate
+        for window in windows(pending, budget_bytes, sessions=sessions):
             try:
                 answers = pool.measure_rounds(window, steps.reference(),
                                               steps.window_request(len(window)))
