@@ -130,8 +130,8 @@ DEFAULT_SETTINGS = {
     # its ratio carries alone (the host's windows hold fewer candidates for the memory).
     "model_sessions": 1,
     # timed runs per block (k): 0 or None chooses them from the reference's probe runs (the
-    # fewest on BLOCK_RUNS that last block_ms, two at least unless a run lasts twice
-    # block_ms: runs_per_block), a number on BLOCK_RUNS fixes them for every
+    # fewest on BLOCK_RUNS that last block_ms: runs_per_block), a number on BLOCK_RUNS
+    # fixes them for every
     # block of the window. The host sends the k the reference's quiet level in the device's
     # history implies (harness.steps.measuring: MeasurementSteps.block_runs), so that a
     # reference whose run lies near block_ms / k does not switch k between windows (None:
@@ -1978,21 +1978,16 @@ class _Loaded(Timed):
 SPEED_CHANGE = 0.10  # reference blocks around a candidate block this far apart: it is dropped
 LEVEL_QUANTILE = 0.10  # the reference's quiet level: this quantile of its block statistics
 BLOCK_RUNS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1000)
-LONG_RUN_BLOCKS = 2.0  # a run this many times block_ms long makes a block alone
 PROBE_RUNS = 3  # runs of a model before its first block that choose its k (Timed)
 
 
 def runs_per_block(block_ms, run_ms):
     """k: the fewest runs of BLOCK_RUNS, a ladder (so that a few percent of noise in a run's
     time rarely changes k; the minimum of more runs is lower: k is part of what a ratio is),
-    whose block of runs of run_ms lasts block_ms, and at least two unless one run lasts
-    LONG_RUN_BLOCKS times block_ms. A block of one short run is the first run after another
-    model's (slow, and slow by a different amount each time: caches), and re-measured far
-    worse than two at the same device time (scripts/benchmark-log.md, "One run a block
-    against two"). A board whose runs last hundreds of ms keeps its one-run blocks."""
+    whose block of runs of run_ms lasts block_ms. (Two runs at least where a run is short
+    re-measured better, but doubled what a decision's rounds cost: block_runs=2 asks for
+    it; scripts/benchmark-log.md, "two runs a block at least, tried".)"""
     needed = block_ms / max(run_ms, 1e-3)
-    if run_ms < LONG_RUN_BLOCKS * block_ms:
-        needed = max(needed, 2)
     return next((k for k in BLOCK_RUNS if k >= needed), BLOCK_RUNS[-1])
 
 

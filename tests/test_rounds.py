@@ -1088,14 +1088,12 @@ def test_a_request_fixes_the_runs_of_every_block_of_its_window(tmp_path):
 
 
 @pytest.mark.parametrize("run_ms, k", [
-    (9.85, 2), (10.3, 2), (19.9, 2),  # about block_ms: two runs, whichever side of it
-    (20.0, 1), (150.0, 1),  # twice block_ms and more (an emulated board): one run a block
+    (9.85, 2), (10.3, 1), (19.9, 1), (150.0, 1),  # about block_ms and above: one or two
     (4.0, 3), (0.3, 48),  # short runs: as many as last block_ms, on the ladder
 ])
-def test_a_block_of_short_runs_holds_two_runs_at_least(run_ms, k):
-    """k is the fewest runs on the ladder that last block_ms, and at least two unless one
-    run lasts twice block_ms: a block of one short run is the first run after a switch of
-    model (no run thrown away), whose minimum reads otherwise than a minimum of two."""
+def test_a_block_holds_the_fewest_runs_of_the_ladder_that_last_block_ms(run_ms, k):
+    """k is the fewest runs on the ladder (1, 2, 3, 4, 6, 8, 12, ...) that last block_ms: two
+    runs at least for short runs cost a decision's rounds twice the device time."""
     assert ort_agent.runs_per_block(10.0, run_ms) == k
 
 
