@@ -288,6 +288,17 @@ def comma_list(parser: argparse.ArgumentParser, option: str, text: str,
     return numbers
 
 
+def session_counts(parser: argparse.ArgumentParser, option: str, text: Optional[str]
+                   ) -> Sequence[Optional[float]]:
+    """A sessions option's comma list (--reference-sessions, --model-sessions): whole
+    numbers from 1 to 8, as the agent takes them; [None] (the agent's default) if not
+    given."""
+    if text is None:
+        return [None]
+    return comma_list(parser, option, text, lambda v: v == int(v) and 1 <= v <= 8,
+                      "distinct whole numbers from 1 to 8, like 1,2")
+
+
 def block_runs_list(parser: argparse.ArgumentParser, text: str) -> List[Optional[int]]:
     """--block-runs' comma list: "kept" (None: the k the device's history implies), 0
     (probed) or counts of the agent's ladder (BLOCK_RUNS), distinct; else the parser's
@@ -398,14 +409,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warmups: Sequence[Optional[float]] = [None] if args.warmup_runs is None else comma_list(
         parser, "--warmup-runs", args.warmup_runs, lambda v: v == int(v) and 0 <= v <= 1000,
         "distinct whole numbers from 0 to 1000, like 0,10")
-    sessions: Sequence[Optional[float]] = [None] if args.reference_sessions is None else \
-        comma_list(parser, "--reference-sessions", args.reference_sessions,
-                   lambda v: v == int(v) and 1 <= v <= 8, "distinct whole numbers from 1 to 8, "
-                   "like 1,4")
-    loads: Sequence[Optional[float]] = [None] if args.model_sessions is None else \
-        comma_list(parser, "--model-sessions", args.model_sessions,
-                   lambda v: v == int(v) and 1 <= v <= 8, "distinct whole numbers from 1 to 8, "
-                   "like 1,2")
+    sessions = session_counts(parser, "--reference-sessions", args.reference_sessions)
+    loads = session_counts(parser, "--model-sessions", args.model_sessions)
     runs: Sequence[Optional[int]] = [None] if args.block_runs is None else block_runs_list(
         parser, args.block_runs)
     layouts: Sequence[Optional[str]] = [None] if args.layout is None else \

@@ -20,9 +20,11 @@ from harness.steps.measuring import WINDOW_BUDGET_BYTES, windows
 
 
 class AnsweringInRounds(Answering, Protocol):
-    """A batch's steps (harness.steps.batch.Answering) with the request each window is
-    sent under and the reference they are timed beside: the profiler's measurement steps,
-    or a decision round."""
+    """A batch's steps (harness.steps.batch.Answering) with their request, the request each
+    window is sent under and the reference they are timed beside: the profiler's
+    measurement steps, or a decision round."""
+
+    request: MeasureRequest
 
     def window_request(self, models: int) -> MeasureRequest:
         """The request of the next window, of `models` candidates."""
@@ -41,8 +43,8 @@ def answer_in_rounds(samples: Sequence[Sample], results: List[Optional[Any]],
         return
     with ArchitectureBatch(results, what, progress) as batch:
         pending = [exported for _, exported in pending_exports(samples, batch, steps)]
-        sessions = steps.window_request(1).settings["model_sessions"]  # loads per candidate
-        for window in windows(pending, budget_bytes, sessions=sessions):
+        for window in windows(pending, budget_bytes,
+                              sessions=steps.request.settings["model_sessions"]):
             try:
                 answers = pool.measure_rounds(window, steps.reference(),
                                               steps.window_request(len(window)))
