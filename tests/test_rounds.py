@@ -16,7 +16,8 @@ from harness import LatencyProfiler, random_samples
 from harness.errors import InvalidArgument
 from harness.export.graph import export_sample
 from harness.spaces import TinySpace
-from harness.steps.measuring import MEMORY_FACTOR, windows
+from harness.pool.device_pool import MeasureRequest
+from harness.steps.measuring import MEMORY_FACTOR, window_request, windows
 from harness.store.rounds import ReferenceLevel, quantile, summarise
 
 FAST = {"protocol": "rounds", "rounds": 6, "block_ms": 2.0, "ref_gap_ms": 6.0,
@@ -230,6 +231,22 @@ def record(candidate, references, k=3):
                                    "candidates_ms": sum(sum(b[3]) for b in blocks)})
 
 
+def test_the_ratios_interval_adds_the_rounds_spread_and_the_systematic_term_in_quadrature():
+    # 12 rounds whose block minima spread (ratios 0.40-0.62) at a steady reference: the
+    # order-statistic interval of their median, and the systematic term (the block medians
+    # read 1.5x the minima), each side the two's hypotenuse: wider than either, narrower
+    # than their sum
+    candidate = [4.0 + 0.2 * i for i in range(12)]
+    summary = summarise(record(candidate, [(10.0, 10.0)] * 12))
+    ratio, (low, high) = summary.ratio, summary.ratio_interval
+    plain_low, plain_high = summary.order_interval
+    assert plain_low < ratio < plain_high and summary.systematic == pytest.approx(ratio * 0.5)
+    assert ratio - low == pytest.approx(math.hypot(ratio - plain_low, summary.systematic))
+    assert high - ratio == pytest.approx(math.hypot(plain_high - ratio, summary.systematic))
+    assert high - ratio < plain_high - ratio + summary.systematic
+    assert summary.statistical_half_width == pytest.approx((plain_high - plain_low) / 2 / ratio)
+
+
 def test_the_ratio_is_the_median_of_block_minima_over_their_nearest_references():
     # the device slows down 2x halfway: raw times double, the ratio to the reference holds
     candidate = [5.0, 5.0, 5.0, 10.0, 10.0, 10.0]
@@ -241,6 +258,8 @@ def test_the_ratio_is_the_median_of_block_minima_over_their_nearest_references()
     # ratio is 0.75, 0.25 away
     assert summary.systematic == pytest.approx(0.25)
     assert summary.ratio_interval == (pytest.approx(0.25), pytest.approx(0.75))
+    assert summary.order_interval == (pytest.approx(0.5), pytest.approx(0.5))
+    assert summary.statistical_half_width == pytest.approx(0.0)
     assert summary.reference_level_ms == pytest.approx(quantile([10.0] * 6 + [20.0] * 6, 0.1))
     assert summary.quiet_ms == pytest.approx(0.5 * summary.reference_level_ms)
     assert summary.rounds == 6 and summary.dropped == 0
@@ -640,6 +659,26 @@ def test_windows_respect_the_memory_budget_and_keep_the_order(tmp_path):
     assert [m for w in cut for m in w] == models
     twice = windows(models, budget_bytes=MEMORY_FACTOR * 60, max_models=3, sessions=2)
     assert [[len(m.onnx_bytes) for m in w] for w in twice] == [[10, 20], [30], [40], [500], [5]]
+
+
+def test_a_window_asks_for_no_more_sessions_than_the_memory_budget_holds(caplog):
+    class Model:
+        def __init__(self, size):
+            self.onnx_bytes, self.graph_hash = b"x" * size, f"{size:064d}"
+
+    request = MeasureRequest.checked({"protocol": "rounds", "model_sessions": 4,
+                                      "min_time_ms": 50, "max_time_ms": 100},
+                                     timeout_s=10)
+    budget = MEMORY_FACTOR * 100
+    fits = window_request(request, [Model(10), Model(15)], block_runs=2, budget_bytes=budget)
+    assert fits.settings["model_sessions"] == 4 and fits.settings["block_runs"] == 2
+    assert fits.settings["max_time_ms"] == 200 and fits.timeout_s == 20
+    # a model that windows() put alone: in as many sessions as the budget holds, one at least
+    assert window_request(request, [Model(40)], 0, budget).settings["model_sessions"] == 2
+    with caplog.at_level("WARNING"):
+        alone = window_request(request, [Model(500)], 0, budget)
+    assert alone.settings["model_sessions"] == 1
+    assert "model_sessions=4" in caplog.text and "1 session(s)" in caplog.text
 
 
 def test_a_profiler_measures_a_batch_in_rounds_and_serves_it_from_the_cache(tmp_path):

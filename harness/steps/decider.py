@@ -24,7 +24,7 @@ from harness.predict.latency_model import (MIN_MEASUREMENTS, Featurizer, Latency
 from harness.spaces.space import ModelSpace, Sample, SampleValidator, checked_search_space
 from harness.steps.batch import answer_all
 from harness.steps.key_scope import KeyScope
-from harness.steps.measuring import MeasurementSteps, window_request
+from harness.steps.measuring import WINDOW_BUDGET_BYTES, MeasurementSteps, window_request
 from harness.steps.rounds import answer_in_rounds
 from harness.store.decisions import Decision, decision_from_rounds, decision_from_samples
 from harness.store.key import MeasurementKey
@@ -178,13 +178,14 @@ class DecisionRound:
         self.reference = decider.steps.reference
         self.audited: Dict[int, Prediction] = {}  # sample position -> the skipped prediction
 
-    def window_request(self, models: int) -> MeasureRequest:
-        """The request of this decision's next window of `models` candidates: its blocks of
+    def window_request(self, window: Sequence[ExportedModel],
+                       budget_bytes: int = WINDOW_BUDGET_BYTES) -> MeasureRequest:
+        """The request of this decision's next window, of these candidates: its blocks of
         the device's history's k where they join that history, else of the request's or the
         window's own probe's (MeasurementSteps.block_runs)."""
         runs = self.decider.steps.block_runs() if self.joins_history else \
             int(self.request.settings["block_runs"] or 0)
-        return window_request(self.request, models, runs)
+        return window_request(self.request, window, runs, budget_bytes)
 
     def _block_ms(self, level_ms: Optional[float], history_blocks: int,
                   measured_block_ms: float) -> float:

@@ -3,6 +3,7 @@ the key scope, the counters, the request): what harness.steps.batch runs for eac
 `one` for a model outside the space (a module, a model file), and `together` for many such
 models timed in the same windows (a lookup table's blocks and wholes). `windows` cuts a
 batch for interleaved rounds by the device's memory."""
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar,
@@ -26,6 +27,7 @@ from harness.store.rounds import ReferenceLevel, block_statistic, block_times
 from harness.errors import InvalidArgument
 from harness.store.measurement import STATISTICS, Measurement
 
+log = logging.getLogger(__name__)
 
 # A loaded model takes about this many times its file's size on the device (weights, the
 # runtime's arena, the inputs and outputs); a window holds at most WINDOW_BUDGET_BYTES of it.
@@ -58,12 +60,25 @@ def windows(items: Sequence[T], budget_bytes: int = WINDOW_BUDGET_BYTES,
     return cut
 
 
-def window_request(request: MeasureRequest, models: int, block_runs: int) -> MeasureRequest:
-    """The request of a window of `models` candidates: max_time_ms and timeout_s are per
-    candidate, so the window's are that many times theirs; its blocks of `block_runs` timed
-    runs (0: the window's probe chooses; see MeasurementSteps.block_runs)."""
+def window_request(request: MeasureRequest, window: Sequence[ExportedModel], block_runs: int,
+                   budget_bytes: int = WINDOW_BUDGET_BYTES) -> MeasureRequest:
+    """The request of a window of candidates (cut by `windows`): max_time_ms and timeout_s
+    are per candidate, so the window's are that many times theirs; its blocks of
+    `block_runs` timed runs (0: the window's probe chooses; see MeasurementSteps.block_runs);
+    each candidate in the request's model_sessions, or in as many as the budget holds (one
+    at least) where a model too large for them all goes alone, so that no window asks the
+    device for more memory than the budget when one session of it would fit."""
+    models = len(window)
+    sessions = int(request.settings["model_sessions"])
+    need = MEMORY_FACTOR * sum(len(model.onnx_bytes) for model in window)
+    fitting = sessions if need * sessions <= budget_bytes else max(1, budget_bytes // need)
+    if fitting < sessions:
+        log.warning("model %s needs about %.0f MiB loaded: timed in %d session(s) instead of "
+                    "model_sessions=%d, within the window's memory budget of %.0f MiB",
+                    ", ".join(model.graph_hash[:12] for model in window), need / 2 ** 20,
+                    fitting, sessions, budget_bytes / 2 ** 20)
     windowed = request.with_settings(max_time_ms=request.settings["max_time_ms"] * models,
-                                     block_runs=block_runs)
+                                     block_runs=block_runs, model_sessions=fitting)
     return replace(windowed, timeout_s=request.timeout_s * models,
                    still_needed=request.still_needed)
 
@@ -239,9 +254,10 @@ class MeasurementSteps:
                                            self.reference().sha256)
         return keys[newest] if newest is not None else None
 
-    def window_request(self, models: int) -> MeasureRequest:
-        """The request of this profiler's next window of `models` candidates."""
-        return window_request(self.request, models, self.block_runs())
+    def window_request(self, window: Sequence[ExportedModel],
+                       budget_bytes: int = WINDOW_BUDGET_BYTES) -> MeasureRequest:
+        """The request of this profiler's next window, of these candidates."""
+        return window_request(self.request, window, self.block_runs(), budget_bytes)
 
     def _reference_ran_as(self, clock: str, block_runs: int) -> str:
         """The key of the reference's history under this profiler's request, a clock and
@@ -274,8 +290,9 @@ class MeasurementSteps:
         answered: Dict[Tuple[str, str], Any] = {}
         for window in windows(list(pending.items()), model=lambda item: item[1][0],
                               sessions=self.request.settings["model_sessions"]):
-            answers = pool.measure_rounds([exported for _, (exported, _) in window],
-                                          self.reference(), self.window_request(len(window)))
+            candidates = [exported for _, (exported, _) in window]
+            answers = pool.measure_rounds(candidates, self.reference(),
+                                          self.window_request(candidates))
             for key, (exported, signature) in window:
                 answer = answers.get(exported.graph_hash) or AgentProtocolError(
                     f"the device did not answer for {exported.graph_hash[:12]}")
@@ -306,7 +323,7 @@ class MeasurementSteps:
             return self.store(pool.measure(exported, self.request), exported, signature)
         # alone in a window beside the reference (the reference-paired window)
         answer = pool.measure_rounds([exported], self.reference(),
-                                     self.window_request(1))[exported.graph_hash]
+                                     self.window_request([exported]))[exported.graph_hash]
         if isinstance(answer, Exception):
             raise answer
         return self.store(answer, exported, signature)

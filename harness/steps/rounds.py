@@ -26,8 +26,10 @@ class AnsweringInRounds(Answering, Protocol):
 
     request: MeasureRequest
 
-    def window_request(self, models: int) -> MeasureRequest:
-        """The request of the next window, of `models` candidates."""
+    def window_request(self, window: Sequence[ExportedModel],
+                       budget_bytes: int = WINDOW_BUDGET_BYTES) -> MeasureRequest:
+        """The request of the next window, of these candidates, within `budget_bytes` of the
+        device's memory (harness.steps.measuring.window_request)."""
 
     def reference(self) -> ExportedModel:
         """The reference model, exported."""
@@ -47,7 +49,7 @@ def answer_in_rounds(samples: Sequence[Sample], results: List[Optional[Any]],
                               sessions=steps.request.settings["model_sessions"]):
             try:
                 answers = pool.measure_rounds(window, steps.reference(),
-                                              steps.window_request(len(window)))
+                                              steps.window_request(window, budget_bytes))
             except DeviceLost:
                 raise
             except Exception as exc:  # the window's own fault (its reference, its request)
