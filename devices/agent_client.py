@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 
 import agents
-from agents.ort_agent import AGENT_VERSION
+from agents.ort_agent import AGENT_VERSION, LAYOUT_ENV
 from devices.agent_result import AgentResult, DeviceFacts
 from devices.folder_usage import remember
 from devices.line_channel import file_sha256
@@ -134,6 +134,10 @@ class AgentClient:
         self._worker: Optional[RemoteProcess] = None
         self._next_id = 0
         self._facts: Optional[Dict[str, Any]] = None
+        # set once a worker quit before its greeting: the agent's fixed address layout
+        # (agents.ort_agent.fix_address_layout) may be what it could not start under, so
+        # later workers keep the randomization (their measurements say "randomized")
+        self.layout_randomized = False
 
     @property
     def device(self) -> str:
@@ -311,14 +315,23 @@ class AgentClient:
 
     def _start_worker(self, deadline: float) -> RemoteProcess:
         argv = self._python() + ["-u", self._agent(), "worker"]
+        if self.layout_randomized:
+            argv = ["env", f"{LAYOUT_ENV}=randomized"] + argv
         worker = self.transport.spawn(argv)
         try:
             hello = self._parse(worker.read_line(self._remaining(deadline)), worker)
         except DeviceLost as exc:
             ended = worker.exit_code() is not None  # it ran and quit: the device is there
             worker.kill()
-            raise DeviceLost(f"the agent did not start: {exc.message}; stderr: "
-                             f"{worker.stderr_tail()[-1500:]!r}", device=self.device,
+            stderr = worker.stderr_tail()[-1500:]
+            if ended and not self.layout_randomized:
+                self.layout_randomized = True  # _call's retry starts the next one so
+                log.warning("%s: the agent quit before its greeting (stderr: %r); later "
+                            "workers keep address space randomization (%s=randomized), in "
+                            "case the fixed layout is what it could not start under",
+                            self.device, stderr, LAYOUT_ENV)
+            raise DeviceLost(f"the agent did not start: {exc.message}; stderr: {stderr!r}",
+                             device=self.device,
                              fix=self._runtime_fix(deadline) if ended else None) from None
         except DeviceError:
             worker.kill()

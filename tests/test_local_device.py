@@ -128,6 +128,29 @@ def test_a_damaged_model_on_the_device_is_sent_again(transport, tiny_model):
     assert file_sha256(str(damaged)) == sha
 
 
+def test_a_worker_that_quits_before_its_greeting_is_started_again_randomized(
+        tmp_path, tiny_model, caplog):
+    # a Python that cannot run the agent under a fixed address layout (as a system might
+    # whose emulator or filter breaks on it after the agent's trial start): it quits unless
+    # the agent is told to keep the randomization
+    program = ("import os, sys\n"
+               "if os.environ.get('HARNESS_AGENT_LAYOUT') != 'randomized':\n"
+               "    sys.exit('cannot run under this layout')\n"
+               "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n")
+    client = AgentClient(LocalTransport(tmp_path / "device",
+                                        python=[sys.executable, "-c", program]))
+    with caplog.at_level("WARNING"):
+        result = client.measure(str(tiny_model), FAST, later(60))
+    assert client.layout_randomized and len(result.samples_ms) >= 5
+    assert result.controlled["address_layout"] == "randomized"
+    assert "cannot run under this layout" in caplog.text and "randomization" in caplog.text
+    pid = client.worker_pid
+    assert client.measure(str(tiny_model), FAST, later(60)).controlled["address_layout"] \
+        == "randomized" and client.worker_pid == pid
+    client.close()
+    assert wait_gone(pid)
+
+
 @pytest.mark.parametrize("program, error, text", [
     # An agent printing garbage is a protocol error that quotes it.
     ("print('Welcome to BoardOS!')", AgentProtocolError, "Welcome to BoardOS!"),
