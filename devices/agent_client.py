@@ -114,6 +114,11 @@ class DeviceClient(Protocol):
 
 
 
+# exit codes that say the connection, not the agent, ended (paramiko's channel closed
+# without a status; ssh's own failure)
+TRANSPORT_LOST = (-1, 255)
+
+
 class AgentClient:
     """Runs the agent on one device. `isolation="worker"` keeps one agent process open for the
     session; `"process"` starts a fresh one per request, so a crash cannot affect the next."""
@@ -136,8 +141,10 @@ class AgentClient:
         self._facts: Optional[Dict[str, Any]] = None
         # set once a worker quit before its greeting: the agent's fixed address layout
         # (agents.ort_agent.fix_address_layout) may be what it could not start under, so
-        # later workers keep the randomization (their measurements say "randomized")
+        # the next worker keeps the randomization; kept for the session if that one greets
+        # (their measurements say "randomized"), taken back if it quits too (another cause)
         self.layout_randomized = False
+        self._layout_on_trial = False
 
     @property
     def device(self) -> str:
@@ -321,15 +328,18 @@ class AgentClient:
         try:
             hello = self._parse(worker.read_line(self._remaining(deadline)), worker)
         except DeviceLost as exc:
-            ended = worker.exit_code() is not None  # it ran and quit: the device is there
+            code = worker.exit_code()
+            ended = code is not None  # it ran and quit: the device is there
             worker.kill()
             stderr = worker.stderr_tail()[-1500:]
-            if ended and not self.layout_randomized:
-                self.layout_randomized = True  # _call's retry starts the next one so
-                log.warning("%s: the agent quit before its greeting (stderr: %r); later "
-                            "workers keep address space randomization (%s=randomized), in "
-                            "case the fixed layout is what it could not start under",
-                            self.device, stderr, LAYOUT_ENV)
+            if self._layout_on_trial:  # quit with the randomization too: not the layout
+                self.layout_randomized = self._layout_on_trial = False
+            elif ended and code not in TRANSPORT_LOST and not self.layout_randomized:
+                self.layout_randomized = self._layout_on_trial = True  # for _call's retry
+                log.warning("%s: the agent quit before its greeting (exit code %s, stderr: "
+                            "%r); the next worker keeps address space randomization "
+                            "(%s=randomized), in case the fixed layout is what it could not "
+                            "start under", self.device, code, stderr, LAYOUT_ENV)
             raise DeviceLost(f"the agent did not start: {exc.message}; stderr: {stderr!r}",
                              device=self.device,
                              fix=self._runtime_fix(deadline) if ended else None) from None
@@ -341,6 +351,10 @@ class AgentClient:
             raise AgentProtocolError(f"agent greeting was {str(hello)[:300]}, expected "
                                      f"ready with agent_version {AGENT_VERSION}",
                                      device=self.device)
+        if self._layout_on_trial:
+            self._layout_on_trial = False
+            log.warning("%s: the agent started with address space randomization kept; so "
+                        "do its later workers this session", self.device)
         log.debug("%s: agent worker %s started", self.device, worker.pid)
         return worker
 

@@ -149,6 +149,13 @@ def test_a_worker_that_quits_before_its_greeting_is_started_again_randomized(
         == "randomized" and client.worker_pid == pid
     client.close()
     assert wait_gone(pid)
+    # a Python that quits either way: the layout was not the cause, and is fixed again
+    quits = AgentClient(LocalTransport(tmp_path / "other",
+                                       python=[sys.executable, "-c", "import sys; sys.exit(3)"]))
+    with pytest.raises(DeviceLost):
+        quits.measure(str(tiny_model), FAST, later(30))
+    assert not quits.layout_randomized
+    quits.close()
 
 
 @pytest.mark.parametrize("program, error, text", [

@@ -132,8 +132,9 @@ class RoundsSummary:
     def statistical_half_width(self) -> float:
         """relative_half_width without the systematic term: what the agent's ci rule (the
         order-statistic interval of the median) stopped on."""
-        if self.order_interval is None:
-            return self.relative_half_width
+        if self.order_interval is None:  # made without it: the term taken off whole
+            return self.relative_half_width - (self.systematic / self.ratio if self.ratio > 0
+                                               else 0.0)
         low, high = self.order_interval
         return (high - low) / 2 / self.ratio if self.ratio > 0 else math.inf
 
