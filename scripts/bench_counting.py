@@ -33,7 +33,6 @@ Usage: python scripts/bench_counting.py [--px 224] [--samples 20] [--spaces ...]
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -125,10 +124,10 @@ def bench_lut(spaces: List[str], statistic: Optional[str], protocol: str, truth_
     import contextlib
     import os
 
-    from benchlib import Arm64Board, Neighbour, simulated_device
+    from benchlib import Arm64Board, Neighbour, simulated_device, temporary_folder
     from harness.spaces.space import load_space
 
-    home = Path(tempfile.mkdtemp(prefix="bench-counting-"))
+    home = temporary_folder("bench-counting-")
     os.environ["HARNESS_HOME"] = str(home)
     rows: List[Dict[str, Any]] = []
     in_rounds = protocol == "rounds" and statistic in (None, "quiet")

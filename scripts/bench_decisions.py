@@ -39,13 +39,13 @@ import argparse
 import contextlib
 import shutil
 import sqlite3
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from benchlib import ROOT, Arm64Board, Neighbour, simulated_device  # also sys.path
+from benchlib import (ROOT, Arm64Board, Neighbour, simulated_device,  # also sys.path
+                      temporary_folder)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -326,7 +326,7 @@ def main() -> None:
                              "harness.steps.decider.DECISION_ROUNDS)")
     args = parser.parse_args()
     args.truth_dir.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="harness-bench-decisions-"))
+    folder = temporary_folder("harness-bench-decisions-")
     started = time.monotonic()
     emit(f"\n## bench_decisions {time.strftime('%Y-%m-%d %H:%M')}: {args.samples} "
          f"ProxylessSpace subnets, confidence {CONFIDENCE}, indifference +-{ZONE:.0%}, truth "

@@ -22,12 +22,10 @@ Usage: sudo python3 scripts/bench_farm.py [--samples N]
 import argparse
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import List
 
-from benchlib import SimFarm, load_testfarm  # also puts the repository on sys.path
+from benchlib import SimFarm, load_testfarm, temporary_folder  # also sys.path
 
 from devices import registry  # noqa: E402
 from harness import LatencyProfiler, random_samples  # noqa: E402
@@ -57,7 +55,7 @@ def simulated(sizes: List[int], jobs_per_device: int, per_host: int) -> None:
     from harness.pool.ray_pool import RayPool, import_ray
 
     testfarm = load_testfarm()
-    folder = Path(tempfile.mkdtemp(prefix="harness-bench-simfarm-"))
+    folder = temporary_folder("harness-bench-simfarm-")
     farm = SimFarm(folder, testfarm.free_port())
     ray = import_ray()
     rows = []
@@ -114,7 +112,7 @@ def simulated(sizes: List[int], jobs_per_device: int, per_host: int) -> None:
 def boards(samples_count: int) -> None:
     """The test boards' table (see the module docstring)."""
     testfarm = load_testfarm()
-    folder = Path(tempfile.mkdtemp(prefix="harness-bench-farm-"))
+    folder = temporary_folder("harness-bench-farm-")
     key = testfarm.make_client_key(folder / "client")
     space = TinySpace()
     samples = random_samples(space, samples_count, seed=3)

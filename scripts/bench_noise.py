@@ -59,12 +59,12 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from benchlib import Arm64Board, Neighbour, simulated_device, space_at_input
+from benchlib import (Arm64Board, Neighbour, simulated_device, space_at_input,
+                      temporary_folder)
 
 CONDITIONS = {"idle": None, "other-cores": "1", "same-core": "0", "arm64": None}
 PROTOCOLS = ("loop", "ci", "paired", "rounds", "ci-rounds")
@@ -434,7 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arm_space, _ = space_at_input(parser, args.space, args.arm64_size)
     arm_dummy = torch.randn(1, 3, args.arm64_size, args.arm64_size)
     arm_samples = random_samples(arm_space, args.subnets, seed=args.seed)
-    home = args.home or Path(tempfile.mkdtemp(prefix="bench-noise-"))
+    home = args.home or temporary_folder("bench-noise-")
     protocols = [p for p in args.protocols.split(",") if p]
     variants = schedule_variants(protocols, shares, blocks, gaps, discards, warmups, sessions,
                                  runs, layouts, loads)

@@ -20,11 +20,12 @@ import hashlib
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import temporary_folder  # noqa: E402  (also the repository on sys.path)
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -83,7 +84,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="fidelity / CV rounds")
     parser.add_argument("--quick", action="store_true", help="shorter loops (smoke run)")
     args = parser.parse_args()
-    home = tempfile.mkdtemp(prefix="harness-bench-")
+    home = str(temporary_folder("harness-bench-"))
     rows = []
 
     proxyless, tiny = ProxylessSpace(), TinySpace()

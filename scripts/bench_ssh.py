@@ -11,11 +11,9 @@ Usage: sudo python3 scripts/bench_ssh.py [--rounds N]
 import argparse
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from benchlib import load_testfarm  # also puts the repository on sys.path
+from benchlib import load_testfarm, temporary_folder  # also sys.path
 
 from devices import registry  # noqa: E402
 from harness import LatencyProfiler, random_samples  # noqa: E402
@@ -36,7 +34,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     testfarm = load_testfarm()
-    folder = Path(tempfile.mkdtemp(prefix="harness-bench-ssh-"))
+    folder = temporary_folder("harness-bench-ssh-")
     home = folder / "home"
     key = testfarm.make_client_key(folder / "client")
     sshd = testfarm.Sshd(folder / "sshd", "127.0.0.1", testfarm.free_port(), key).start()

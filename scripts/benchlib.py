@@ -1,9 +1,13 @@
 """What the benchmarks share: the repository on sys.path, the test farm loaded as a module
-(scripts/testfarm is a command without a .py suffix), a space at a chosen input size."""
+(scripts/testfarm is a command without a .py suffix), a space at a chosen input size, a
+working folder removed when the run ends."""
 import argparse
+import atexit
 import importlib.machinery
 import importlib.util
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional, Tuple
@@ -11,6 +15,15 @@ from typing import Any, Optional, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def temporary_folder(prefix: str) -> Path:
+    """A new folder for one run's models, caches and devices, removed when the process ends
+    (also after a failure or Ctrl-C): a run leaves gigabytes there otherwise. A benchmark's
+    figures go to its --out file, its truths to their own folder."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def space_at_input(parser: argparse.ArgumentParser, spec: str,
@@ -112,11 +125,9 @@ class Arm64Board:
         self.name, self.board, self.key = name, None, None
 
     def __enter__(self) -> "Arm64Board":
-        import tempfile
-
         testfarm = load_testfarm()
         root = testfarm.arm64_root(log=lambda text: print(text, file=sys.stderr))
-        folder = Path(tempfile.mkdtemp(prefix="bench-arm64-"))
+        folder = temporary_folder("bench-arm64-")
         self.key = testfarm.make_client_key(folder / "client")
         index = testfarm.ARM64_INDEX + self.INDEX
         self._keep_host_key(testfarm, folder / f"board{index}" / "sshd")

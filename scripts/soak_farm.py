@@ -22,14 +22,12 @@ Usage: python3 scripts/soak_farm.py [--minutes 30] [--hosts 3] [--devices-per-ho
 import argparse
 import json
 import random
-import tempfile
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Dict, List
 
-from benchlib import SimFarm, load_testfarm  # also puts the repository on sys.path
+from benchlib import SimFarm, load_testfarm, temporary_folder  # also sys.path
 
 from devices.simulated import SimulatedModel, down_path, simulated_names  # noqa: E402
 from harness.pool.device_pool import MeasureRequest  # noqa: E402
@@ -121,7 +119,7 @@ def main() -> None:
     parser.add_argument("--jobs-per-round", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="harness-soak-"))
+    folder = temporary_folder("harness-soak-")
     farm = SimFarm(folder, load_testfarm().free_port())
     ray = import_ray()
     devices = {}
