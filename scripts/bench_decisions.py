@@ -170,8 +170,8 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
                   replay: Optional[Replay], history: Sequence[Path],
                   strategies: Sequence[str] = ("fixed", "ci", "limit", "model"),
                   fixed_s: Optional[float] = None, block_ms: Optional[float] = None,
-                  budget_rounds: Optional[int] = None, rel_cis: Sequence[float] = (0.01,)
-                  ) -> None:
+                  budget_rounds: Optional[int] = None, rel_cis: Sequence[float] = (0.01,),
+                  ci_min_runs: Sequence[Optional[int]] = (None,)) -> None:
     history_runs = history_block_runs(history)  # the k the campaign's history was read at
 
     def profiler(name: str, **settings: Any) -> LatencyProfiler:
@@ -212,8 +212,9 @@ def run_condition(condition: str, device: str, home: Path, folder: Path, index: 
              f"{s['undecided']:.1%} ({s['undecided_outside']} outside) | {repeat} |", out)
 
     repeated = [("fixed", "fixed loop", {"protocol": "loop"})] + [
-        (strategy, f"{name} (+-{rel * 100:g}%)", dict(settings, stop="ci", rel_ci=rel))
-        for rel in rel_cis for strategy, name, settings in (
+        (strategy, f"{name} (+-{rel * 100:g}%" + (f", first look at {runs}" if runs else "")
+         + ")", dict(settings, stop="ci", rel_ci=rel, **({"min_runs": runs} if runs else {})))
+        for rel in rel_cis for runs in ci_min_runs for strategy, name, settings in (
             ("ci", "stop=ci", {"protocol": "loop"}), ("ci-rounds", "stop=ci in rounds", {}))]
     fixed_here = False
     for strategy, name, settings in repeated:
@@ -321,6 +322,10 @@ def main() -> None:
                         help="the stop=ci rows: the interval's half-width they stop at, a "
                              "share of the median; several, comma-separated, give a row each "
                              "(default 0.01)")
+    parser.add_argument("--ci-min-runs", default="",
+                        help="the stop=ci rows: their first look (min_runs: runs of a loop, "
+                             "rounds in rounds); several, comma-separated, give a row each "
+                             "(default: the agent's, 10)")
     parser.add_argument("--decision-rounds", type=int,
                         help="the limit-aware rows: a decision's budget in rounds (default "
                              "harness.steps.decider.DECISION_ROUNDS)")
@@ -355,7 +360,8 @@ def main() -> None:
                           Replay(device, home) if condition == "replay" else None, history,
                           args.strategies.split(","), args.fixed_s, args.block_ms,
                           args.decision_rounds,
-                          [float(rel) for rel in args.rel_ci.split(",")])
+                          [float(rel) for rel in args.rel_ci.split(",")],
+                          [int(runs) if runs else None for runs in args.ci_min_runs.split(",")])
     emit(f"\ntargets: limit-aware + model >= 10x less device time than the fixed loop, >= 99.5% "
          f"agreement outside the zone, every wrong call inside it; stop=ci >= 3x less than "
          f"fixed at a same-answer-twice share no worse; {time.monotonic() - started:.0f} s in "
