@@ -4,6 +4,7 @@ noise table scores every replayed pass against the exact truth."""
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ def run(out: Path, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(sys, "argv", [
         "bench_decisions.py", "--out", str(out), "--samples", "6", "--size", "32",
         "--conditions", "replay", "--truth-dir", str(tmp_path / "truth")])
-    monkeypatch.setattr(bench_decisions.tempfile, "tempdir", str(tmp_path))  # its folder
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its folder (benchlib's)
     bench_decisions.main()
 
 
