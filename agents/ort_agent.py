@@ -131,11 +131,10 @@ DEFAULT_SETTINGS = {
     "model_sessions": 1,
     # timed runs per block (k): 0 or None chooses them from the reference's probe runs (the
     # fewest on BLOCK_RUNS that last block_ms: runs_per_block), a number on BLOCK_RUNS
-    # fixes them for every
-    # block of the window. The host sends the k the reference's quiet level in the device's
-    # history implies (harness.steps.measuring: MeasurementSteps.block_runs), so that a
-    # reference whose run lies near block_ms / k does not switch k between windows (None:
-    # the host's choice).
+    # fixes them for every block of the window. The host sends the k the reference's
+    # quiet level in the device's history implies (harness.steps.measuring:
+    # MeasurementSteps.block_runs), so that a reference whose run lies near block_ms / k
+    # does not switch k between windows (None: the host's choice).
     "block_runs": None,
 }
 

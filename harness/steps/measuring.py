@@ -39,6 +39,12 @@ MAX_WINDOW_MODELS = 48
 T = TypeVar("T")
 
 
+def loaded_bytes(model: ExportedModel) -> int:
+    """About how much of the device's memory one session of `model` takes (MEMORY_FACTOR
+    times its file)."""
+    return MEMORY_FACTOR * len(model.onnx_bytes)
+
+
 def windows(items: Sequence[T], budget_bytes: int = WINDOW_BUDGET_BYTES,
             max_models: int = MAX_WINDOW_MODELS,
             model: Optional[Callable[[T], ExportedModel]] = None,
@@ -51,7 +57,7 @@ def windows(items: Sequence[T], budget_bytes: int = WINDOW_BUDGET_BYTES,
     cut: List[List[T]] = []
     size = 0
     for item in items:
-        need = MEMORY_FACTOR * sessions * len(read(item).onnx_bytes)
+        need = sessions * loaded_bytes(read(item))
         if not cut or size + need > budget_bytes or len(cut[-1]) >= max_models:
             cut.append([])
             size = 0
@@ -70,7 +76,7 @@ def window_request(request: MeasureRequest, window: Sequence[ExportedModel], blo
     device for more memory than the budget when one session of it would fit."""
     models = len(window)
     sessions = int(request.settings["model_sessions"])
-    need = MEMORY_FACTOR * sum(len(model.onnx_bytes) for model in window)
+    need = sum(loaded_bytes(model) for model in window)
     fitting = sessions if need * sessions <= budget_bytes else max(1, budget_bytes // need)
     if fitting < sessions:
         log.warning("model %s needs about %.0f MiB loaded: timed in %d session(s) instead of "
