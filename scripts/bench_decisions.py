@@ -82,7 +82,9 @@ def empty_copy(index: Path, folder: Path, name: str, history: Sequence[Path],
     their own k. Either way no level read from one length or k is filed under another's."""
     path = folder / f"{name}.sqlite"
     shutil.copyfile(index, path)
-    with sqlite3.connect(path) as conn:
+    # closing(): a connection's own `with` commits but leaves it open, and an open
+    # connection keeps the caches' -wal and -shm files beside them
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         for table in ("measurements", "decisions", "reference_blocks"):
             conn.execute(f"DELETE FROM {table}")
         for source in history:
@@ -94,6 +96,7 @@ def empty_copy(index: Path, folder: Path, name: str, history: Sequence[Path],
                              [(history_key, window) for window in windows])
             conn.commit()
             conn.execute("DETACH DATABASE history")
+        conn.commit()
     return path
 
 

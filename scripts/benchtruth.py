@@ -15,6 +15,7 @@ level): `exact_truth` gives it, and no campaign is needed.
 import math
 import random
 import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -88,7 +89,7 @@ def campaign(space: Any, dummy: Any, samples: Sequence[Dict[str, Any]], *, devic
 def window_runs(cache: Path) -> Dict[str, int]:
     """{window, as a cache's reference history names it (its lease's start): the k its
     reference ran at} of a cache's measurements in rounds."""
-    with sqlite3.connect(f"file:{cache}?mode=ro", uri=True) as conn:
+    with closing(sqlite3.connect(f"file:{cache}?mode=ro", uri=True)) as conn:
         rows = conn.execute("SELECT json_extract(record, '$.provenance.lease[0]'), "
                             "json_extract(record, '$.rounds.reference_k') FROM measurements")
         return {f"{began:.6f}": int(k) for began, k in rows if began is not None and k is not None}
@@ -118,7 +119,7 @@ def history_level(caches: Sequence[Path]) -> float:
     rows: List[Tuple[float, float]] = []
     for path in caches:
         windows = set(history_windows(path, runs))
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
             rows += [(when, value) for window, when, value in conn.execute(
                 "SELECT window, created_at, value FROM reference_blocks") if window in windows]
     newest = [value for _, value in sorted(rows)[-REFERENCE_HISTORY:]]

@@ -17,7 +17,6 @@ The time a measurement may take (`MeasureRequest.timeout_s`) counts from the lea
 """
 import logging
 import math
-import tempfile
 import threading
 import time
 from collections import deque
@@ -35,6 +34,7 @@ from harness.store.key import device_fingerprint, model_of, settings_key
 from harness.errors import InvalidArgument
 from harness.export.graph import ExportedModel
 from harness.pool.leases import LEASE_WAIT_S, DeviceBusy, DeviceHealth, DeviceLease, try_lease
+from harness.pool.staging import StagingFolder
 from harness.store.measurement import Measurement
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class LocalPool:
         self._clients_lock = threading.Lock()
         self._busy: Set[str] = set()  # devices this pool's jobs hold or are leasing now
         self._freed = threading.Condition()  # one of them came free
-        self._staging = tempfile.TemporaryDirectory(prefix="harness-models-")
+        self._staging = StagingFolder(self.home)
 
     def client(self, device: str) -> DeviceClient:
         """The open client of one device of the pool (opened on first use)."""
@@ -317,7 +317,7 @@ class LocalPool:
         wall-clock window it took; the lease is released before this pool's waiting jobs are
         told the device is free. Strikes and clears the device's health."""
         name = lease.device
-        paths = [Path(self._staging.name) / f"{e.sha256}.{threading.get_ident()}{e.suffix}"
+        paths = [self._staging.path / f"{e.sha256}.{threading.get_ident()}{e.suffix}"
                  for e in exported]
         with self._freed:
             self._busy.add(name)
