@@ -31,6 +31,10 @@ TRACE_VERSION = 1
 MAX_TRACE_BYTES = 64 * 2 ** 20
 MAX_RUNS = 2_000_000
 QUIET_QUANTILE = 0.05  # the reference's quiet level: this quantile of its runs
+# A recorded run at most this many times slower than the quiet level: this machine's loaded
+# trace reaches 3x, a throttled phone about 10x; beyond it a "trace" describes no device,
+# and replaying it would only run every window into its timeout.
+MAX_SLOWDOWN = 1000.0
 
 
 class NoiseTraceError(FixableError):
@@ -51,6 +55,13 @@ class NoiseTrace:
         self.quiet_ms = ordered[int(QUIET_QUANTILE * (len(ordered) - 1))]  # its quiet level
         self._times = [t for t, _ in reference]
         self._factors = [ms / self.quiet_ms for _, ms in reference]
+        slowest = max(self._factors)
+        if not slowest <= MAX_SLOWDOWN:  # also NaN and inf (a run near 0 ms as the quiet)
+            raise NoiseTraceError(
+                f"holds a reference run {slowest:.3g} x as slow as its quiet level "
+                f"({self.quiet_ms:.3g} ms), more than the {MAX_SLOWDOWN:g} x a device shows",
+                fix="record a trace with 'harness devices record-noise NAME --minutes N "
+                    "--out FILE'")
         self.duration_s = max(self._times[-1] - self._times[0], 1e-3)
 
     def _index(self, t: float) -> int:

@@ -108,7 +108,8 @@ class LatencyProfiler(Profiler):
                                    self.precision, self.home, self.counters)
         self.reference = Reference(dummy_input, self.home, reference, self.precision)  # rounds
         self.steps = MeasurementSteps(self.export, self.cache, self.key_scope, self.counters,
-                                      self.pool.isolation, refresh, self.request, self.reference)
+                                      self.pool.isolation, refresh, self.request, self.reference,
+                                      old_way=self.statistic != "ratio")
         self.decider = LimitDecider(  # the device's latency model lives there
             space, dummy_input, steps=self.steps, base_scope=self._base_scope,
             statistic=self.statistic, device=device, devices=self.pool.devices or [device])

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchlib import Neighbour  # noqa: E402
-from devices.noise_trace import NoiseTrace  # noqa: E402
+from devices.noise_trace import NoiseTrace, NoiseTraceError  # noqa: E402
 
 
 def neighbour_pids():
@@ -83,3 +83,44 @@ def test_devices_check_prints_the_noise_level_and_record_noise_writes_a_trace(tm
                               "local", "--minutes", "0", "--out", str(out)],
                              capture_output=True, text=True, env=env, timeout=600)
     assert refused.returncode != 0 and "--minutes" in refused.stderr
+
+
+def test_record_noise_checks_where_it_writes_before_recording(tmp_path):
+    from harness.campaigns.noise import record_noise
+    from harness.errors import InvalidArgument
+
+    # the destination is checked before any device is asked for: a device that does not
+    # exist is never reached
+    with pytest.raises(NoiseTraceError, match="does not exist") as refused:
+        record_noise("no-such-device", 30, tmp_path / "missing" / "trace.json", home=tmp_path)
+    assert "nothing was recorded" in str(refused.value)
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(NoiseTraceError, match="not a regular file"):
+        record_noise("no-such-device", 30, tmp_path / "folder.json", home=tmp_path)
+    for minutes in (float("inf"), float("nan"), 0, -1):
+        with pytest.raises(InvalidArgument, match="minutes"):
+            record_noise("no-such-device", minutes, tmp_path / "trace.json", home=tmp_path)
+    env = dict(os.environ, HARNESS_HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    refused_cli = subprocess.run([sys.executable, "-m", "harness.cli", "devices", "record-noise",
+                                  "local", "--minutes", "inf", "--out", str(tmp_path / "t.json")],
+                                 capture_output=True, text=True, env=env, timeout=600)
+    assert refused_cli.returncode != 0 and "--minutes" in refused_cli.stderr
+
+
+def test_devices_check_reports_a_failed_noise_window_instead_of_aborting(monkeypatch, capsys,
+                                                                         tmp_path):
+    from devices.errors import MeasurementTimeout
+    from harness.campaigns import noise
+    from harness.cli import main
+
+    def fails(*args, **kwargs):
+        raise MeasurementTimeout("the window took too long", fix="raise timeout_s")
+
+    monkeypatch.setenv("HARNESS_HOME", str(tmp_path))
+    monkeypatch.setattr(noise, "noise_level", fails)
+    assert main(["devices", "check", "local"]) == 1
+    printed = capsys.readouterr().out
+    assert "noise: not measured" in printed
+    assert "problem: its window of interleaved rounds failed: TIMEOUT: the window took too long" \
+        in printed
+    assert printed.rstrip().endswith("local: NOT ready")

@@ -56,6 +56,11 @@ def test_a_trace_round_trips_and_replays_its_factors(tmp_path):
                  "runs": {"reference": [[1, 1.0], [0, 1.0]]}}), "out of time order"),
     (json.dumps({"format": "harness-noise-trace", "version": 1,
                  "runs": {"reference": [[0, 1.0]]}}), "at least two runs"),
+    # a quiet level near 0 ms: every replayed run would be infinitely slow
+    (json.dumps({"format": "harness-noise-trace", "version": 1,
+                 "runs": {"reference": [[0, 5e-324], [1, 1e8], [2, 3.0]]}}), "as slow as its quiet"),
+    (json.dumps({"format": "harness-noise-trace", "version": 1,
+                 "runs": {"reference": [[0, 1.0], [1, 1.0], [2, 5000.0]]}}), "as slow as its quiet"),
 ])
 def test_a_corrupt_or_hostile_trace_is_refused_naming_the_file(tmp_path, content, problem):
     path = tmp_path / "bad.json"

@@ -1,6 +1,7 @@
 """Interleaved rounds: the agent's schedule, the ratio arithmetic, and the protocol through a
 profiler on this machine (real agent, real onnxruntime, real SQLite)."""
 import bisect
+import logging
 import math
 import random
 import sqlite3
@@ -13,7 +14,7 @@ import torch
 from agents import ort_agent
 from devices.agent_result import RoundsRecord
 from harness import LatencyProfiler, random_samples
-from harness.errors import InvalidArgument
+from harness.errors import ExportError, InvalidArgument
 from harness.export.graph import export_sample
 from harness.spaces import TinySpace
 from harness.pool.device_pool import MeasureRequest
@@ -724,23 +725,46 @@ def test_a_profiler_measures_a_batch_in_rounds_and_serves_it_from_the_cache(tmp_
     assert history == sorted(min(block[5]) for blocks in windows_timed for block in blocks)
 
 
-def test_a_loop_measurement_answers_a_loop_request_and_is_measured_again_for_rounds(tmp_path):
+def test_a_loop_measurement_answers_rounds_from_the_cache_and_says_so(tmp_path, caplog):
     space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
     sample = random_samples(space, 1, seed=2)[0]
     loop = {"min_runs": 5, "min_time_ms": 0.0, "warmup_runs": 1, "protocol": "loop"}
     with LatencyProfiler(space, dummy, home=tmp_path, settings=loop) as profiler:
         first = profiler.measure(sample)
         assert first.protocol == "loop" and first.interleaved is None
-        with pytest.raises(ValueError, match="interleaved rounds"):
-            first.statistic("quiet")
-    with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as rounds:
-        again = rounds.measure(sample)
+        # no reference to read a quiet state by: its median stands for it; no ratio at all
+        assert first.statistic("quiet") == first.median
+        with pytest.raises(ValueError, match="timed one model at a time"):
+            first.statistic("ratio")
+    with caplog.at_level(logging.WARNING, logger="harness.steps.measuring"):
+        with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as rounds:
+            # made the old way, it answers a profiler of rounds from the cache, and says so
+            old = rounds.measure(sample)
+            assert old.source == "cached" and old.protocol == "loop"
+            assert old.created_at == first.created_at
+            assert rounds.profile(random_samples(space, 1, seed=2)[0]) == first.median
+            assert rounds.counters["old_way_answers"] == 1
+            assert rounds.counters["measurements"] == 0
+    warnings = [r.getMessage() for r in caplog.records if "one model at a time" in r.getMessage()]
+    assert len(warnings) == 1 and "refresh=True" in warnings[0]
+    # a profiler that answers with the ratio (which a loop has not) measures it in rounds,
+    # and so does refresh=True
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST, statistic="ratio") as ratio:
+        again = ratio.measure(sample)
         assert again.source == "measured" and again.protocol == "rounds"
     with LatencyProfiler(space, dummy, home=tmp_path, settings=loop) as profiler:
-        # the loop's own result answers a loop request; the newer rounds result does not
-        answer = profiler.measure(sample)
-        assert answer.source == "cached" and answer.protocol == "loop"
-        assert answer.created_at == first.created_at
+        later_loop = profiler.measure(sample)  # the loop's own, still
+        assert later_loop.source == "cached" and later_loop.protocol == "loop"
+        refreshed = LatencyProfiler(space, dummy, home=tmp_path, settings=loop, refresh=True)
+        with refreshed:
+            newer_loop = refreshed.measure(sample)  # a loop result newer than the rounds one
+        assert newer_loop.source == "measured"
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as rounds:
+        # a result of rounds, once stored, answers rounds before any loop result, newer or not
+        answer = rounds.measure(sample)
+        assert answer.source == "cached" and answer.protocol == "rounds"
+        assert answer.created_at == again.created_at
+        assert rounds.counters["old_way_answers"] == 0
 
 
 def test_quiet_needs_rounds_and_a_bad_reference_stores_nothing(tmp_path):
@@ -750,11 +774,17 @@ def test_quiet_needs_rounds_and_a_bad_reference_stores_nothing(tmp_path):
                         settings={"protocol": "loop"})
     broken = tmp_path / "reference.onnx"
     broken.write_bytes(b"\x08\x07garbage")
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(ExportError, match="the reference model") as refused:
         with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST,
                              reference=broken) as profiler:
             profiler.measure_many(random_samples(space, 2, seed=5), progress=False)
-    assert "reference" in str(refused.value) or str(broken) in str(refused.value)
+    assert str(broken) in str(refused.value)
+    # a reference that does not exist is refused whatever the protocol, also one that
+    # would never run it (one model at a time)
+    for settings in (FAST, {"protocol": "loop"}):
+        with pytest.raises(InvalidArgument, match="reference model .* does not exist"):
+            LatencyProfiler(space, dummy, home=tmp_path, settings=settings,
+                            reference=tmp_path / "nope.onnx")
     with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as profiler:
         assert profiler.cache.measurement_counts().get("measurements", 0) == 0
 

@@ -8,14 +8,18 @@ subnets of the built-in space (the smallest and the largest choice of every labe
 interleaved rounds, as a measurement in rounds does, and read the reference's blocks.
 """
 import logging
+import math
+import os
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Union
 
 import torch
 
-from devices.noise_trace import NoiseTrace, trace_from_blocks
+from devices.noise_trace import NoiseTrace, NoiseTraceError, trace_from_blocks
+from harness.errors import InvalidArgument
 from harness.export.graph import ExportedModel, export_sample
 from harness.paths import harness_home
 from harness.pool.device_pool import MeasureRequest
@@ -95,10 +99,41 @@ def noise_level(device: str, seconds: float = 5.0, input_size: int = 96,
 
 def record_noise(device: str, minutes: float, out: Union[str, Path], input_size: int = 224,
                  home: Union[str, Path, None] = None) -> NoiseTrace:
-    """Record the device's speed for `minutes` into the trace file `out`."""
+    """Record the device's speed for `minutes` into the trace file `out`. Where `out` goes
+    is checked before the device spends any time, and a recording that still cannot be
+    written there is kept in $HARNESS_HOME/noise-traces/ (the error says where)."""
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) \
+            or not (math.isfinite(minutes) and minutes > 0):
+        raise InvalidArgument(f"minutes must be a positive number, got {minutes!r}",
+                              fix="pass --minutes 1, for example")
+    _check_destination(Path(out))
     blocks = _window(device, minutes * 60.0, input_size, home, block_ms=20.0)
     trace = trace_from_blocks(device, blocks)
-    trace.save(out)
+    try:
+        trace.save(out)
+    except NoiseTraceError as exc:
+        kept = harness_home(home) / "noise-traces" / f"{device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        trace.save(kept)
+        raise NoiseTraceError(exc.message, fix=f"the recording is kept in {kept}; copy it "
+                              "where you want it") from None
     log.info("recorded %d reference runs over %.0f s of %s into %s",
              len(trace.runs["reference"]), trace.duration_s, device, out)
     return trace
+
+
+def _check_destination(out: Path) -> None:
+    """NoiseTraceError unless `out` can be written: a new or regular file (not a link) in an
+    existing, writable folder."""
+    folder = out.parent if str(out.parent) else Path(".")
+    problem = None
+    if not folder.is_dir():
+        problem = f"its folder {folder} does not exist"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"its folder {folder} is not writable"
+    elif out.is_symlink() or (out.exists() and not out.is_file()):
+        problem = "it exists and is not a regular file"
+    if problem is not None:
+        raise NoiseTraceError(f"cannot write the noise trace {out}: {problem}",
+                              fix="name a new regular file in a writable folder (--out); "
+                                  "nothing was recorded")

@@ -92,21 +92,27 @@ def devices_command(args: argparse.Namespace) -> int:
             print(f"{'pinned':>12}: {report.pinned} (the big cores)")
         if report.median_ms is not None:
             print(f"{'tiny model':>12}: {report.median_ms:.3f} ms median")
+        problems = list(report.problems)
         if report.ok:  # how noisy it is: a 5 s window of interleaved rounds
-            from devices.errors import BadRequest
+            from devices.errors import BadRequest, FixableError
             from harness.campaigns.noise import noise_level
             try:
                 print(f"{'noise':>12}: {noise_level(args.name, home=home)}")
             except BadRequest:  # a native tool (onnxruntime_perf_test): one model at a time
                 print(f"{'noise':>12}: not measured (it times one model at a time)")
-        for problem in report.problems:
+            except FixableError as exc:  # a check reports what is wrong; it does not abort
+                print(f"{'noise':>12}: not measured")
+                problems.append(f"its window of interleaved rounds failed: {exc}")
+        for problem in problems:
             print(f"problem: {problem}")
-        print(f"{args.name}: {'ok' if report.ok else 'NOT ready'}")
-        return 0 if report.ok else 1
+        ready = report.ok and len(problems) == len(report.problems)
+        print(f"{args.name}: {'ok' if ready else 'NOT ready'}")
+        return 0 if ready else 1
     elif args.action == "record-noise":
         from harness.campaigns.noise import record_noise
-        if not (args.minutes > 0 and args.input_size >= 8):
-            raise InvalidArgument("--minutes must be positive and --input-size at least 8",
+        if not (math.isfinite(args.minutes) and args.minutes > 0 and args.input_size >= 8):
+            raise InvalidArgument("--minutes must be a positive number and --input-size at "
+                                  "least 8",
                                   fix="pass --minutes 1 --input-size 224, for example")
         trace = record_noise(args.name, args.minutes, args.out, args.input_size, home)
         print(f"recorded {len(trace.runs['reference'])} reference runs over "

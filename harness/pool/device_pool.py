@@ -81,18 +81,24 @@ class MeasureRequest:
         """The same request with other settings (the stop rule's defaults apply anew)."""
         return MeasureRequest.checked(dict(self.overrides, **changes), self.timeout_s)
 
-    def accepts(self, cached: Measurement) -> bool:
+    def accepts(self, cached: Measurement, old_way: bool = False) -> bool:
         """Whether a cached measurement answers this request: one made by the same protocol
-        (a loop's median and a window of rounds are not the same quantity); for stop="ci"
+        (a loop's median and a window of rounds are not the same quantity), or with
+        `old_way` under rounds, one timed one model at a time (the fallback
+        MeasurementSteps.cached takes where no result of rounds is stored); for stop="ci"
         one whose interval is as tight as rel_ci asks (a +-1% result answers a +-2% request,
         not the reverse)."""
         if self.settings.get("per_op") and cached.ops is None:
             return False  # per-operator times asked, and the stored result has none
-        if (self.settings["protocol"] == "rounds") != (cached.rounds is not None):
+        rounds_asked = self.settings["protocol"] == "rounds"
+        if old_way:
+            if not rounds_asked or cached.rounds is not None:
+                return False
+        elif rounds_asked != (cached.rounds is not None):
             return False  # timed the other way: interleaved, or one model at a time
         if self.settings["stop"] != "ci":
             return True
-        rounds = self.settings["protocol"] == "rounds" and cached.interleaved is not None
+        rounds = rounds_asked and cached.interleaved is not None
         # rounds: the ratio's interval as the agent's ci rule read it (without the systematic
         # term the summary adds, else a result that just met rel_ci is measured anew every
         # time); a loop: the median's

@@ -17,3 +17,10 @@ class Counters(Counter):
         """Add each amount to its counter, all at once."""
         with self._lock:
             self.update(amounts)
+
+    def count_first(self, name: str, **amounts: Any) -> bool:
+        """Add 1 to `name` and each amount, all at once; whether this was `name`'s first."""
+        with self._lock:
+            first = not self[name]
+            self.update(amounts, **{name: 1})
+            return first

@@ -131,14 +131,18 @@ class MeasurementSteps:
 
     def __init__(self, export: SampleExport, cache: Cache, scope: Callable[[], KeyScope],
                  counters: Counters, isolation: str, refresh: bool, request: MeasureRequest,
-                 reference: Callable[[], ExportedModel]):
+                 reference: Callable[[], ExportedModel], old_way: bool = True):
         self.export, self.cache, self.scope, self.counters = export, cache, scope, counters
         self.isolation, self.refresh, self.request = isolation, refresh, request
         self.reference = reference  # timed beside the candidates with protocol "rounds"
+        # whether a result timed one model at a time answers a request of rounds where none
+        # of rounds is stored (not where the profiler answers with the ratio, which it has not)
+        self.old_way = old_way
 
     def for_request(self, request: MeasureRequest) -> "MeasurementSteps":
         return MeasurementSteps(self.export, self.cache, self.scope, self.counters,
-                                self.isolation, self.refresh, request, self.reference)
+                                self.isolation, self.refresh, request, self.reference,
+                                self.old_way)
 
     def stored_statistics(self, scope: KeyScope, statistic: str, labels: Sequence[str]
                           ) -> Dict[tuple, float]:
@@ -154,15 +158,32 @@ class MeasurementSteps:
         return known
 
     def cached(self, graph: Optional[str], input_sig: Optional[str] = None) -> Optional[Measurement]:
-        """Step 4: the newest stored measurement that answers the request, if any."""
+        """Step 4: the newest stored measurement that answers the request, if any. Under
+        rounds, where no result of rounds is stored, one timed one model at a time (made
+        before rounds, with protocol="loop", on a farm) answers as it is and says so: its
+        `protocol` is "loop", its quiet-state latency is its median (Measurement.statistic),
+        and the profiler's first such answer logs a warning; refresh=True measures anew."""
         if graph is None or self.refresh:
             return None
-        for key in self.scope().lookup_keys(graph, input_sig=input_sig,
-                                            settings_key=self.request.settings_key):
+        keys = self.scope().lookup_keys(graph, input_sig=input_sig,
+                                        settings_key=self.request.settings_key)
+        for key in keys:
             cached = self.cache.newest(  # one not as precise as asked is measured again
                 key, lambda m: self.request.accepts(m) and self._same_reference(m))
             if cached is not None:
                 self.counters.add(cache_hits=1)
+                return cached
+        if not self.old_way or self.request.settings["protocol"] != "rounds":
+            return None
+        for key in keys:
+            cached = self.cache.newest(key, lambda m: self.request.accepts(m, old_way=True))
+            if cached is not None:
+                if self.counters.count_first("old_way_answers", cache_hits=1):
+                    log.warning("answered from a measurement timed one model at a time (made "
+                                "before rounds, with protocol='loop' or on a farm; its "
+                                "Measurement.protocol says 'loop' and its median stands for "
+                                "the quiet-state latency); pass refresh=True (--refresh) to "
+                                "measure such samples again in rounds")
                 return cached
         return None
 

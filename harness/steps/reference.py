@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from harness.errors import InvalidArgument
+from harness.errors import ExportError, InvalidArgument
 from harness.export.formats import FormatTarget
 from harness.export.graph import DummyInput, ExportedModel, export_sample, freeze
 from harness.export.model_file import Precision, load_model
@@ -38,6 +38,13 @@ class Reference:
     def __init__(self, dummy_input: DummyInput, home: Path,
                  reference: Union[str, Path, bytes, None] = None,
                  precision: Optional[Precision] = None):
+        if isinstance(reference, (str, Path)) and not Path(reference).is_file():
+            # checked whatever the protocol: a reference named and never used (one model at a
+            # time) would otherwise pass unnoticed until a profiler of rounds needs it
+            raise InvalidArgument(f"the reference model {reference} does not exist or is not "
+                                  "a file",
+                                  fix="pass the path of an .onnx file (reference=PATH.onnx, "
+                                      "--reference PATH.onnx), or none for the built-in one")
         self.dummy_input, self.home, self.file = dummy_input, home, reference
         # the reference runs on the candidates' runtime, at fp32
         self.target = Precision(target=FormatTarget(precision.target.runtime)) \
@@ -59,8 +66,11 @@ def reference_model(dummy_input: DummyInput, home: Path,
     """The reference for candidates fed `dummy_input`: the model file `reference`, or the
     built-in space's fixed subnet at the same image size."""
     if reference is not None:
-        loaded = load_model(reference)
-        loaded.resolved_shapes(None)  # a reference needs static inputs: refused otherwise
+        try:
+            loaded = load_model(reference)
+            loaded.resolved_shapes(None)  # a reference needs static inputs: refused otherwise
+        except ExportError as exc:  # say that it is the reference that is wrong
+            raise ExportError(f"the reference model: {exc.message}", fix=exc.fix) from None
         return loaded.exported()
     shape = _image_shape(dummy_input)
     if shape is None:

@@ -355,13 +355,20 @@ class Measurement:
         """One of STATISTICS by name (what `LatencyProfiler(statistic=...)` reports)."""
         if name not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {name!r}")
-        if name == "quiet" and self.source == "predicted":
-            return self.median  # a prediction stands for the latency of an undisturbed device
+        if name == "quiet" and (self.source == "predicted" or self.rounds is None):
+            # a prediction stands for the latency of an undisturbed device; a result timed
+            # one model at a time (`protocol` "loop": made the old way, answering a profiler
+            # of rounds from the cache) has no reference to read a quiet state by, and says
+            # so in its protocol
+            return self.median
         if name in ("quiet", "ratio"):
             summary = self.interleaved
             if summary is None:
                 raise ValueError(f"the {name} statistic needs a measurement in interleaved "
-                                 f"rounds; this one was timed one model at a time")
+                                 f"rounds; this one "
+                                 + ("had no block with a reference block on both sides"
+                                    if self.rounds is not None else
+                                    "was timed one model at a time"))
             return summary.quiet_ms if name == "quiet" else summary.ratio
         return getattr(self, name)
 
