@@ -359,7 +359,21 @@ def fingerprint():
         "loadavg": load,
         "affinity": _affinity(),
     }
+    available = memory_available_kb()
+    if available is not None:  # what the host cuts its windows of models by
+        state["mem_available_kb"] = available
     return {"identity": identity, "state": state, "agent_version": AGENT_VERSION}
+
+
+def memory_available_kb():
+    """The memory the kernel says new work can take without swapping (MemAvailable in
+    /proc/meminfo, kB), or None where it does not say."""
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            parts = line.split()
+            if len(parts) > 1 and parts[1].isdigit():
+                return int(parts[1])
+    return None
 
 
 def _affinity():

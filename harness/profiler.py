@@ -35,7 +35,7 @@ from harness.steps.decider import LimitDecider
 from harness.steps.export_step import SampleExport
 from harness.steps.fallback import Fallback, PredictionFallback
 from harness.steps.key_scope import KeyScope
-from harness.steps.measuring import MeasurementSteps, check_statistic
+from harness.steps.measuring import MeasurementSteps, check_statistic, window_budget
 from harness.steps.reference import Reference, default_protocol
 from harness.steps.rounds import answer_in_rounds
 from harness.store.cache import Cache
@@ -92,8 +92,7 @@ class LatencyProfiler(Profiler):
         self.settings, self.settings_key = self.request.settings, self.request.settings_key
         self.statistic = check_statistic(statistic, self.settings)
         self._validate = NoSamples() if models_only else SampleValidator(checked_search_space(space))
-        self.dummy_input = dummy_input
-        self.input_signature = input_signature(dummy_input)
+        self.dummy_input, self.input_signature = dummy_input, input_signature(dummy_input)
         self.space_fingerprint = exported_space_fingerprint(space, self.input_signature)
         self.cache = cache if isinstance(cache, Cache) else Cache(cache or default_cache_path(self.home))
         self.counters = Counters()  # exports, measurements, cache_hits, device_s, ...
@@ -109,14 +108,14 @@ class LatencyProfiler(Profiler):
         self.reference = Reference(dummy_input, self.home, reference, self.precision)  # rounds
         self.steps = MeasurementSteps(self.export, self.cache, self.key_scope, self.counters,
                                       self.pool.isolation, refresh, self.request, self.reference,
-                                      old_way=self.statistic != "ratio")
+                                      old_way=self.statistic != "ratio",
+                                      budget=lambda: window_budget(self.identify().facts.state))
         self.decider = LimitDecider(  # the device's latency model lives there
             space, dummy_input, steps=self.steps, base_scope=self._base_scope,
             statistic=self.statistic, device=device, devices=self.pool.devices or [device])
         self.fallback = PredictionFallback(
-            config, space=space, dummy_input=dummy_input, device=device,
-            devices=self.pool.devices, home=self.home, cache=self.cache,
-            scope=self._base_scope, export=self.export, counters=self.counters,
+            config, space=space, dummy_input=dummy_input, device=device, home=self.home, cache=self.cache,
+            devices=self.pool.devices, scope=self._base_scope, export=self.export, counters=self.counters,
             refresh=refresh, model=self.decider.predicted_measurement, statistic=self.statistic)
 
     refresh = property(lambda self: self.steps.refresh,  # the steps' setting, set from here

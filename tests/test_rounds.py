@@ -6,6 +6,7 @@ import math
 import random
 import sqlite3
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from harness.errors import ExportError, InvalidArgument
 from harness.export.graph import export_sample
 from harness.spaces import TinySpace
 from harness.pool.device_pool import MeasureRequest
-from harness.steps.measuring import MEMORY_FACTOR, window_request, windows
+from harness.steps.measuring import (MEMORY_FACTOR, WINDOW_BUDGET_BYTES, window_budget,
+                                     window_request, windows)
 from harness.store.rounds import ReferenceLevel, quantile, summarise
 
 FAST = {"protocol": "rounds", "rounds": 6, "block_ms": 2.0, "ref_gap_ms": 6.0,
@@ -680,6 +682,32 @@ def test_a_window_asks_for_no_more_sessions_than_the_memory_budget_holds(caplog)
         alone = window_request(request, [Model(500)], 0, budget)
     assert alone.settings["model_sessions"] == 1
     assert "model_sessions=4" in caplog.text and "1 session(s)" in caplog.text
+
+
+def test_the_window_budget_follows_the_memory_the_device_has(tmp_path):
+    assert window_budget({}) == WINDOW_BUDGET_BYTES  # an agent that does not say
+    for garbage in (True, -5, 0, "lots", 1.5e9):
+        assert window_budget({"mem_available_kb": garbage}) == WINDOW_BUDGET_BYTES
+    assert window_budget({"mem_available_kb": 10 * 2 ** 20}) == WINDOW_BUDGET_BYTES  # 10 GiB
+    assert window_budget({"mem_available_kb": 400 * 1024}) == 200 * 2 ** 20  # a small board
+    # the agent says, where the kernel does
+    available = ort_agent.fingerprint()["state"]["mem_available_kb"]
+    assert isinstance(available, int) and available > 0
+
+    # a device that says it has little memory gets windows of fewer models
+    space, dummy = TinySpace(), torch.randn(1, 3, 32, 32)
+    samples = random_samples(space, 3, seed=11)
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as profiler:
+        identity = profiler.identify()
+        roomy = profiler.steps.window_budget()
+        assert roomy == window_budget(identity.facts.state) > 0
+        graphs = [profiler.graph_hash(sample) for sample in samples]
+        profiler._identity = replace(identity, facts=replace(
+            identity.facts, state=dict(identity.facts.state, mem_available_kb=1)))
+        assert profiler.steps.window_budget() == 512  # half of 1 kB: one model a window
+        measured = profiler.measure_many(samples, progress=False)
+    assert MEMORY_FACTOR * len(export_sample(space, samples[0], dummy).onnx_bytes) > 512
+    assert len({tuple(m.provenance.lease or ()) for m in measured}) == len(set(graphs)) == 3
 
 
 def test_a_profiler_measures_a_batch_in_rounds_and_serves_it_from_the_cache(tmp_path):

@@ -187,6 +187,10 @@ class DecisionRound:
             int(self.request.settings["block_runs"] or 0)
         return window_request(self.request, window, runs, budget_bytes)
 
+    def window_budget(self) -> int:
+        """The loaded bytes one of this decision's windows may hold on the device."""
+        return self.decider.steps.window_budget()
+
     def _block_ms(self, level_ms: Optional[float], history_blocks: int,
                   measured_block_ms: float) -> float:
         """The length of this decision's blocks: the decider's (DECISION_BLOCK_MS), or about

@@ -30,9 +30,13 @@ from harness.store.measurement import STATISTICS, Measurement
 log = logging.getLogger(__name__)
 
 # A loaded model takes about this many times its file's size on the device (weights, the
-# runtime's arena, the inputs and outputs); a window holds at most WINDOW_BUDGET_BYTES of it.
+# runtime's arena, the inputs and outputs); a window holds at most WINDOW_BUDGET_BYTES of it,
+# and at most WINDOW_MEMORY_SHARE of the memory the device said it had available
+# (window_budget): the worker, its runtime and the reference need the rest, and the agent
+# ends a worker that passes 90% of the device's RAM.
 MEMORY_FACTOR = 4
 WINDOW_BUDGET_BYTES = 512 * 2 ** 20
+WINDOW_MEMORY_SHARE = 0.5
 MAX_WINDOW_MODELS = 48
 
 
@@ -64,6 +68,16 @@ def windows(items: Sequence[T], budget_bytes: int = WINDOW_BUDGET_BYTES,
         cut[-1].append(item)
         size += need
     return cut
+
+
+def window_budget(state: Mapping[str, Any]) -> int:
+    """The loaded bytes a window may hold on a device whose state (DeviceFacts.state) is
+    `state`: WINDOW_BUDGET_BYTES, or WINDOW_MEMORY_SHARE of the memory the device said it had
+    available where that is less (an agent before 2026-12-07 does not say)."""
+    available = state.get("mem_available_kb")
+    if isinstance(available, bool) or not isinstance(available, int) or available <= 0:
+        return WINDOW_BUDGET_BYTES
+    return min(WINDOW_BUDGET_BYTES, int(WINDOW_MEMORY_SHARE * available * 1024))
 
 
 def window_request(request: MeasureRequest, window: Sequence[ExportedModel], block_runs: int,
@@ -131,18 +145,24 @@ class MeasurementSteps:
 
     def __init__(self, export: SampleExport, cache: Cache, scope: Callable[[], KeyScope],
                  counters: Counters, isolation: str, refresh: bool, request: MeasureRequest,
-                 reference: Callable[[], ExportedModel], old_way: bool = True):
+                 reference: Callable[[], ExportedModel], old_way: bool = True,
+                 budget: Optional[Callable[[], int]] = None):
         self.export, self.cache, self.scope, self.counters = export, cache, scope, counters
         self.isolation, self.refresh, self.request = isolation, refresh, request
         self.reference = reference  # timed beside the candidates with protocol "rounds"
         # whether a result timed one model at a time answers a request of rounds where none
         # of rounds is stored (not where the profiler answers with the ratio, which it has not)
         self.old_way = old_way
+        self.budget = budget  # the device's window budget (window_budget), once identified
 
     def for_request(self, request: MeasureRequest) -> "MeasurementSteps":
         return MeasurementSteps(self.export, self.cache, self.scope, self.counters,
                                 self.isolation, self.refresh, request, self.reference,
-                                self.old_way)
+                                self.old_way, self.budget)
+
+    def window_budget(self) -> int:
+        """The loaded bytes one window may hold on this device (window_budget)."""
+        return self.budget() if self.budget is not None else WINDOW_BUDGET_BYTES
 
     def stored_statistics(self, scope: KeyScope, statistic: str, labels: Sequence[str]
                           ) -> Dict[tuple, float]:
@@ -282,9 +302,11 @@ class MeasurementSteps:
         return keys[newest] if newest is not None else None
 
     def window_request(self, window: Sequence[ExportedModel],
-                       budget_bytes: int = WINDOW_BUDGET_BYTES) -> MeasureRequest:
-        """The request of this profiler's next window, of these candidates."""
-        return window_request(self.request, window, self.block_runs(), budget_bytes)
+                       budget_bytes: Optional[int] = None) -> MeasureRequest:
+        """The request of this profiler's next window, of these candidates (within the
+        device's window budget unless `budget_bytes` is given)."""
+        return window_request(self.request, window, self.block_runs(),
+                              self.window_budget() if budget_bytes is None else budget_bytes)
 
     def _reference_ran_as(self, clock: str, block_runs: int) -> str:
         """The key of the reference's history under this profiler's request, a clock and
@@ -315,7 +337,8 @@ class MeasurementSteps:
                                                                  self.export.home),
                                                model.signature))
         answered: Dict[Tuple[str, str], Any] = {}
-        for window in windows(list(pending.items()), model=lambda item: item[1][0],
+        for window in windows(list(pending.items()), self.window_budget(),
+                              model=lambda item: item[1][0],
                               sessions=self.request.settings["model_sessions"]):
             candidates = [exported for _, (exported, _) in window]
             answers = pool.measure_rounds(candidates, self.reference(),

@@ -34,15 +34,22 @@ class AnsweringInRounds(Answering, Protocol):
     def reference(self) -> ExportedModel:
         """The reference model, exported."""
 
+    def window_budget(self) -> int:
+        """The loaded bytes one window may hold on the device
+        (harness.steps.measuring.window_budget)."""
+
 
 def answer_in_rounds(samples: Sequence[Sample], results: List[Optional[Any]],
                      steps: AnsweringInRounds, *, pool: DevicePool, what: str,
-                     progress: Optional[bool], budget_bytes: int = WINDOW_BUDGET_BYTES) -> None:
+                     progress: Optional[bool], budget_bytes: Optional[int] = None) -> None:
     """Fill every None of `results` by windows of interleaved rounds beside `steps`'
-    reference, under `steps`' window requests (see the module docstring). The first failure is
+    reference, under `steps`' window requests, each window within `budget_bytes` (by
+    default the device's window budget) (see the module docstring). The first failure is
     raised once every other sample is answered."""
     if all(result is not None for result in results):
         return
+    if budget_bytes is None:
+        budget_bytes = steps.window_budget()
     with ArchitectureBatch(results, what, progress) as batch:
         pending = [exported for _, exported in pending_exports(samples, batch, steps)]
         for window in windows(pending, budget_bytes,
