@@ -793,6 +793,14 @@ def test_a_loop_measurement_answers_rounds_from_the_cache_and_says_so(tmp_path, 
         assert answer.source == "cached" and answer.protocol == "rounds"
         assert answer.created_at == again.created_at
         assert rounds.counters["old_way_answers"] == 0
+    # blocks and wholes measured together (a lookup table) take no loop's answer: they must
+    # see the device in the same rounds
+    other = random_samples(space, 2, seed=9)[1]
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=loop) as profiler:
+        assert profiler.measure(other).protocol == "loop"
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as rounds:
+        together = rounds.measure_modules([], [other])[0]
+        assert together.source == "measured" and together.protocol == "rounds"
 
 
 def test_quiet_needs_rounds_and_a_bad_reference_stores_nothing(tmp_path):

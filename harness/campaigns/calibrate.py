@@ -520,6 +520,7 @@ def calibrate(space: ModelSpace, dummy_input: DummyInput, device: str, samples: 
     with LatencyProfiler(space, dummy_input, device, statistic, settings=settings, home=home,
                          cache=cache, refresh=fresh) as profiler:
         statistic = profiler.statistic  # the default resolved for its protocol
+        profiler.steps.old_way = False  # fitted to the quiet state: no loop's median answers
         measured: List[Measurement] = []
         # in tenths when progress lines are wanted, else at once (one bar, export ahead)
         chunk = max(1, math.ceil(len(subnets) / 10)) if on_progress else len(subnets)

@@ -177,12 +177,15 @@ class MeasurementSteps:
                 scope.agent_version, statistic), labels))
         return known
 
-    def cached(self, graph: Optional[str], input_sig: Optional[str] = None) -> Optional[Measurement]:
+    def cached(self, graph: Optional[str], input_sig: Optional[str] = None,
+               old_way: bool = True) -> Optional[Measurement]:
         """Step 4: the newest stored measurement that answers the request, if any. Under
         rounds, where no result of rounds is stored, one timed one model at a time (made
         before rounds, with protocol="loop", on a farm) answers as it is and says so: its
         `protocol` is "loop", its quiet-state latency is its median (Measurement.statistic),
-        and the profiler's first such answer logs a warning; refresh=True measures anew."""
+        and the profiler's first such answer logs a warning; refresh=True measures anew.
+        Not with `old_way=False` (nor where the steps' `old_way` is off): blocks and the
+        wholes they add up to must see the device in the same rounds."""
         if graph is None or self.refresh:
             return None
         keys = self.scope().lookup_keys(graph, input_sig=input_sig,
@@ -193,7 +196,7 @@ class MeasurementSteps:
             if cached is not None:
                 self.counters.add(cache_hits=1)
                 return cached
-        if not self.old_way or self.request.settings["protocol"] != "rounds":
+        if not (self.old_way and old_way) or self.request.settings["protocol"] != "rounds":
             return None
         for key in keys:
             cached = self.cache.newest(key, lambda m: self.request.accepts(m, old_way=True))
@@ -326,8 +329,8 @@ class MeasurementSteps:
         if self.request.settings["protocol"] != "rounds":
             return [self.one(m.exported, m.signature, None, pool, precision, m.module,
                              m.dummy_input, converted=m.converted) for m in models]
-        results: List[Any] = [self.cached(m.exported.graph_hash, canonical_json(m.signature))
-                              for m in models]
+        results: List[Any] = [self.cached(m.exported.graph_hash, canonical_json(m.signature),
+                                          old_way=False) for m in models]
         pending: Dict[Tuple[str, str], Tuple[ExportedModel, List[Dict[str, Any]]]] = {}
         for model, result in zip(models, results):
             if result is None:
