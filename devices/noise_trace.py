@@ -53,6 +53,10 @@ class NoiseTrace:
         self.device, self.runs, self.recorded_at = device, dict(runs), recorded_at
         ordered = sorted(ms for _, ms in reference)
         self.quiet_ms = ordered[int(QUIET_QUANTILE * (len(ordered) - 1))]  # its quiet level
+        if not self.quiet_ms > 0:  # runs below the clock's resolution read 0 ms
+            raise NoiseTraceError("holds a quiet level of 0 ms: its reference's runs are "
+                                  "shorter than the device's clock resolves",
+                                  fix="record with a larger model (--input-size 224)")
         self._times = [t for t, _ in reference]
         self._factors = [ms / self.quiet_ms for _, ms in reference]
         slowest = max(self._factors)

@@ -96,6 +96,7 @@ class LatencyProfiler(Profiler):
         self.space_fingerprint = exported_space_fingerprint(space, self.input_signature)
         self.cache = cache if isinstance(cache, Cache) else Cache(cache or default_cache_path(self.home))
         self.counters = Counters()  # exports, measurements, cache_hits, device_s, ...
+        self.reference = Reference(dummy_input, self.home, reference, self.precision)  # rounds
         self.pool = pool or open_pool(self.home, device, farm, isolation, max_strikes, quarantine_s)
         self._memo: Dict[tuple, float] = {}  # sample values in label order -> statistic
         self._base_scope = KeyScope(self.space_fingerprint, canonical_json(self.input_signature),
@@ -105,7 +106,6 @@ class LatencyProfiler(Profiler):
         self._identify_lock = threading.Lock()
         self.export = SampleExport(space, dummy_input, self._base_scope, self.cache,
                                    self.precision, self.home, self.counters)
-        self.reference = Reference(dummy_input, self.home, reference, self.precision)  # rounds
         self.steps = MeasurementSteps(self.export, self.cache, self.key_scope, self.counters,
                                       self.pool.isolation, refresh, self.request, self.reference,
                                       old_way=self.statistic != "ratio",

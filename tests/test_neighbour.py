@@ -1,5 +1,6 @@
 """The benchmarks' noisy neighbour is never left running, and a device's noise is measured:
 `devices check` prints its noise level, `devices record-noise` writes a trace that loads."""
+import json
 import os
 import signal
 import subprocess
@@ -124,3 +125,21 @@ def test_devices_check_reports_a_failed_noise_window_instead_of_aborting(monkeyp
     assert "problem: its window of interleaved rounds failed: TIMEOUT: the window took too long" \
         in printed
     assert printed.rstrip().endswith("local: NOT ready")
+
+
+def test_a_recording_no_trace_can_stand_for_keeps_its_blocks(tmp_path, monkeypatch):
+    from harness.campaigns import noise
+
+    # [round, position, sequence, runs ms, start s]: one run 5000x the quiet level
+    blocks = {"reference": [[0, 0, 0, [1.0, 1.0], 0.0], [1, 0, 1, [5000.0], 1.0]],
+              "small": [[0, 1, 2, [0.5], 0.5]], "large": [[0, 2, 3, [2.0], 0.7]]}
+    monkeypatch.setattr(noise, "_window", lambda *args, **kwargs: blocks)
+    with pytest.raises(NoiseTraceError, match="as slow as its quiet") as refused:
+        noise.record_noise("local", 1, tmp_path / "trace.json", home=tmp_path)
+    kept = list((tmp_path / "noise-traces").iterdir())
+    assert len(kept) == 1 and str(kept[0]) in str(refused.value)
+    assert json.loads(kept[0].read_text()) == blocks
+    assert not (tmp_path / "trace.json").exists()
+    # runs below the clock's resolution: a typed error, not a division by zero
+    with pytest.raises(NoiseTraceError, match="quiet level of 0 ms"):
+        NoiseTrace("clock", {"reference": ((0.0, 0.0), (1.0, 0.0), (2.0, 1.0))})

@@ -690,6 +690,7 @@ def test_the_window_budget_follows_the_memory_the_device_has(tmp_path):
         assert window_budget({"mem_available_kb": garbage}) == WINDOW_BUDGET_BYTES
     assert window_budget({"mem_available_kb": 10 * 2 ** 20}) == WINDOW_BUDGET_BYTES  # 10 GiB
     assert window_budget({"mem_available_kb": 400 * 1024}) == 200 * 2 ** 20  # a small board
+    assert window_budget({"mem_available_kb": 2 ** 1100}) == WINDOW_BUDGET_BYTES  # no overflow
     # the agent says, where the kernel does
     available = ort_agent.fingerprint()["state"]["mem_available_kb"]
     assert isinstance(available, int) and available > 0
@@ -793,6 +794,14 @@ def test_a_loop_measurement_answers_rounds_from_the_cache_and_says_so(tmp_path, 
         assert answer.source == "cached" and answer.protocol == "rounds"
         assert answer.created_at == again.created_at
         assert rounds.counters["old_way_answers"] == 0
+    # a result of rounds beside another reference is measured anew, never answered by the
+    # loop's: the loop only answers where nothing was measured in rounds
+    custom = tmp_path / "custom-reference.onnx"
+    custom.write_bytes(export_sample(space, random_samples(space, 1, seed=4)[0], dummy).onnx_bytes)
+    with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST, reference=custom) as other_ref:
+        beside = other_ref.measure(sample)
+        assert beside.source == "measured" and beside.protocol == "rounds"
+        assert other_ref.counters["old_way_answers"] == 0
     # blocks and wholes measured together (a lookup table) take no loop's answer: they must
     # see the device in the same rounds
     other = random_samples(space, 2, seed=9)[1]
@@ -821,6 +830,7 @@ def test_quiet_needs_rounds_and_a_bad_reference_stores_nothing(tmp_path):
         with pytest.raises(InvalidArgument, match="reference model .* does not exist"):
             LatencyProfiler(space, dummy, home=tmp_path, settings=settings,
                             reference=tmp_path / "nope.onnx")
+    assert not list((tmp_path / "staging").glob("*"))  # refused before a pool opened
     with LatencyProfiler(space, dummy, home=tmp_path, settings=FAST) as profiler:
         assert profiler.cache.measurement_counts().get("measurements", 0) == 0
 

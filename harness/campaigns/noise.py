@@ -7,6 +7,7 @@ Both time the device's reference model (harness.steps.reference) and two other f
 subnets of the built-in space (the smallest and the largest choice of every label) in
 interleaved rounds, as a measurement in rounds does, and read the reference's blocks.
 """
+import json
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from typing import Dict, Union
 import torch
 
 from devices.noise_trace import NoiseTrace, NoiseTraceError, trace_from_blocks
+from devices.safe_files import replace_text
 from harness.errors import InvalidArgument
 from harness.export.graph import ExportedModel, export_sample
 from harness.paths import harness_home
@@ -108,18 +110,34 @@ def record_noise(device: str, minutes: float, out: Union[str, Path], input_size:
                               fix="pass --minutes 1, for example")
     _check_destination(Path(out))
     blocks = _window(device, minutes * 60.0, input_size, home, block_ms=20.0)
-    trace = trace_from_blocks(device, blocks)
+    try:
+        trace = trace_from_blocks(device, blocks)
+    except NoiseTraceError as exc:  # a recording no trace can stand for: its blocks kept
+        kept = _keep(json.dumps(blocks), device, home, "blocks")
+        raise NoiseTraceError(exc.message, fix=f"the recorded blocks are kept in {kept}"
+                              + (f"; {exc.fix}" if exc.fix else "")) from None
     try:
         trace.save(out)
     except NoiseTraceError as exc:
-        kept = harness_home(home) / "noise-traces" / f"{device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        trace.save(kept)
+        kept = _keep(json.dumps(trace.to_dict(), separators=(",", ":")), device, home, "trace")
         raise NoiseTraceError(exc.message, fix=f"the recording is kept in {kept}; copy it "
                               "where you want it") from None
     log.info("recorded %d reference runs over %.0f s of %s into %s",
              len(trace.runs["reference"]), trace.duration_s, device, out)
     return trace
+
+
+def _keep(text: str, device: str, home: Union[str, Path, None], what: str) -> str:
+    """Write a recording that could not go where it was asked into
+    $HARNESS_HOME/noise-traces/; where it went (or why it could not be kept either)."""
+    kept = harness_home(home) / "noise-traces" / \
+        f"{device}-{time.strftime('%Y%m%d-%H%M%S')}-{what}.json"
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        replace_text(kept, text)
+    except OSError as exc:
+        return f"nowhere: {kept} could not be written either ({exc})"
+    return str(kept)
 
 
 def _check_destination(out: Path) -> None:

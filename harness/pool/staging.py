@@ -47,7 +47,9 @@ class StagingFolder:
             log.info("removed %d staging folder(s) that killed processes left in %s",
                      removed, root)
         self.path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
-        self._lock: Optional[IO[str]] = _locked(self.path / LOCK_NAME, create=True)
+        # locked under another name, then named: a sweep never finds the lock file unlocked
+        self._lock: Optional[IO[str]] = _locked(self.path / (LOCK_NAME + ".new"), create=True)
+        os.rename(self.path / (LOCK_NAME + ".new"), self.path / LOCK_NAME)
 
     def cleanup(self) -> None:
         if self._lock is None:

@@ -77,6 +77,7 @@ def window_budget(state: Mapping[str, Any]) -> int:
     available = state.get("mem_available_kb")
     if isinstance(available, bool) or not isinstance(available, int) or available <= 0:
         return WINDOW_BUDGET_BYTES
+    available = min(available, WINDOW_BUDGET_BYTES)  # kB: so large a figure changes nothing
     return min(WINDOW_BUDGET_BYTES, int(WINDOW_MEMORY_SHARE * available * 1024))
 
 
@@ -198,6 +199,8 @@ class MeasurementSteps:
                 return cached
         if not (self.old_way and old_way) or self.request.settings["protocol"] != "rounds":
             return None
+        if any(self.cache.newest(key, lambda m: m.rounds is not None) for key in keys):
+            return None  # measured in rounds already (beside another reference, less precise)
         for key in keys:
             cached = self.cache.newest(key, lambda m: self.request.accepts(m, old_way=True))
             if cached is not None:
