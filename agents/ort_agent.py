@@ -359,17 +359,18 @@ def fingerprint():
         "loadavg": load,
         "affinity": _affinity(),
     }
-    available = memory_available_kb()
-    if available is not None:  # what the host cuts its windows of models by
+    # the memory new work can take without swapping: what the host cuts its windows by
+    available = meminfo_kb("MemAvailable")
+    if available is not None:
         state["mem_available_kb"] = available
     return {"identity": identity, "state": state, "agent_version": AGENT_VERSION}
 
 
-def memory_available_kb():
-    """The memory the kernel says new work can take without swapping (MemAvailable in
-    /proc/meminfo, kB), or None where it does not say."""
+def meminfo_kb(field):
+    """A field of /proc/meminfo (MemTotal, MemAvailable, ...) in kB, or None where the
+    kernel does not say."""
     for line in (_read("/proc/meminfo") or "").splitlines():
-        if line.startswith("MemAvailable:"):
+        if line.startswith(field + ":"):
             parts = line.split()
             if len(parts) > 1 and parts[1].isdigit():
                 return int(parts[1])
@@ -2244,10 +2245,8 @@ class HostWatch(object):
         self.busy = False
         self.parent = os.getppid()
         self.interval = interval
-        self.memory_cap_kb = None
-        for line in (_read("/proc/meminfo") or "").splitlines():
-            if line.startswith("MemTotal:"):
-                self.memory_cap_kb = int(int(line.split()[1]) * MEMORY_CAP_SHARE)
+        total = meminfo_kb("MemTotal")
+        self.memory_cap_kb = int(total * MEMORY_CAP_SHARE) if total is not None else None
         self.thread_cap = max_threads()
 
     def start(self):
